@@ -1,0 +1,143 @@
+//! Buffers that in-flight operations own.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+/// Memory that can be handed to the kernel for the duration of an I/O.
+///
+/// # Safety
+/// Implementors guarantee that the regions returned by [`IoBuf::iovecs`] stay valid, do not
+/// move and are not accessed by anyone else from the moment the buffer is moved into an
+/// [`crate::Op`] until the engine hands it back in a [`crate::Completion`]. Moving the owning
+/// value (e.g. `AlignedBuf`, a heap allocation) must not move the memory itself.
+pub unsafe trait IoBuf: Send + 'static {
+    /// The memory regions, in order (like `struct iovec` for preadv/pwritev).
+    fn iovecs(&mut self) -> &[libc::iovec];
+    /// Total length in bytes.
+    fn total_len(&self) -> usize;
+}
+
+/// A zero-initialised heap buffer with a chosen alignment (for O_DIRECT).
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+    iov: [libc::iovec; 1],
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively; the raw pointer is not shared.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: &AlignedBuf only gives shared (read-only) access to the bytes.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes aligned to `align` (a power of two; at least 1).
+    ///
+    /// # Panics
+    /// If `align` is not a power of two or the size overflows (programming errors).
+    pub fn new(len: usize, align: usize) -> AlignedBuf {
+        let align = align.max(1);
+        // A zero-sized allocation is not allowed: allocate at least one alignment unit.
+        let layout = Layout::from_size_align(len.max(1), align).expect("valid buffer layout");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            len,
+            layout,
+            iov: [libc::iovec {
+                iov_base: raw.cast(),
+                iov_len: len,
+            }],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn align(&self) -> usize {
+        self.layout.align()
+    }
+    /// Shrinks the visible length (the allocation stays). `len` must not exceed the capacity.
+    pub fn truncate(&mut self, len: usize) {
+        assert!(len <= self.layout.size());
+        self.len = len;
+        self.iov[0].iov_len = len;
+    }
+    /// Capacity of the allocation.
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+    /// Sets the visible length back up to at most the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        self.truncate(len)
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for `len` initialised (zeroed at allocation) bytes, owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+// SAFETY: the heap allocation does not move when the AlignedBuf value moves, and the owner of
+// an in-flight op cannot touch it (it was moved into the op).
+unsafe impl IoBuf for AlignedBuf {
+    fn iovecs(&mut self) -> &[libc::iovec] {
+        self.iov[0] = libc::iovec {
+            iov_base: self.ptr.as_ptr().cast(),
+            iov_len: self.len,
+        };
+        &self.iov
+    }
+    fn total_len(&self) -> usize {
+        self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        for align in [512usize, 4096, 65536] {
+            let mut b = AlignedBuf::new(12345, align);
+            assert_eq!(b.as_ptr() as usize % align, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            b[12344] = 7;
+            assert_eq!(b.iovecs()[0].iov_len, 12345);
+        }
+        let z = AlignedBuf::new(0, 4096);
+        assert!(z.is_empty());
+    }
+}

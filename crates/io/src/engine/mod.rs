@@ -1,0 +1,118 @@
+//! Asynchronous I/O engines: one per queue/thread, submission and completion without locks.
+//!
+//! An [`Op`] owns its buffer (any [`IoBuf`]) from `submit` until the engine returns it in a
+//! [`Completion`]; completions come back in any order, matched by `user_data`.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::time::Duration;
+
+use crate::buf::IoBuf;
+use crate::cache::AioKind;
+
+mod native;
+mod threads;
+mod uring;
+
+pub use native::NativeEngine;
+pub use threads::ThreadsEngine;
+pub use uring::UringEngine;
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// preadv at `offset` into the buffer's iovecs.
+    Read,
+    /// pwritev at `offset` from the buffer's iovecs.
+    Write,
+    /// fdatasync (the buffer is `None`).
+    Flush,
+    /// fallocate(mode, offset, len) (the buffer is `None`).
+    Fallocate { mode: i32, len: u64 },
+}
+
+/// One operation handed to an engine.
+pub struct Op<B: IoBuf> {
+    pub kind: OpKind,
+    pub fd: RawFd,
+    pub offset: u64,
+    pub buf: Option<B>,
+    /// Returned unchanged in the completion.
+    pub user_data: u64,
+}
+
+/// The result of one operation: bytes transferred (reads/writes) or 0, or the OS error.
+/// A short read or write is reported as is (`Ok(n)` with `n` less than the length); the
+/// caller decides (past EOF a short read is normal).
+pub struct Completion<B: IoBuf> {
+    pub user_data: u64,
+    pub result: io::Result<usize>,
+    pub buf: Option<B>,
+}
+
+/// How to build an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Maximum operations in flight (ring size / AIO context size / queue bound).
+    pub queue_depth: u32,
+    /// Worker threads of the `threads` engine.
+    pub threads: usize,
+    /// Files to register with io_uring (fixed files) where it helps; ops on other fds still work.
+    pub register_fds: Vec<RawFd>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            queue_depth: 128,
+            threads: 4,
+            register_fds: Vec::new(),
+        }
+    }
+}
+
+/// An asynchronous I/O engine.
+pub trait Engine<B: IoBuf>: Send {
+    /// The engine's name as QEMU spells it (`io_uring`, `native`, `threads`).
+    fn kind(&self) -> AioKind;
+    /// Queues an operation. It may not reach the kernel until [`Engine::commit`] (batching).
+    /// When `in_flight() == capacity()` the op is handed back with [`crate::Error::QueueFull`]
+    /// semantics (`io::ErrorKind::WouldBlock`).
+    fn submit(&mut self, op: Op<B>) -> Result<(), (Op<B>, io::Error)>;
+    /// Pushes queued operations to the kernel (one syscall for a batch where possible).
+    fn commit(&mut self) -> io::Result<()>;
+    /// Appends finished operations to `out`. Commits queued ops first. Waits until at least
+    /// `min` completions are available (0: do not wait) or `timeout` passes (None: no limit).
+    /// Returns the number appended.
+    fn reap(
+        &mut self,
+        out: &mut Vec<Completion<B>>,
+        min: usize,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize>;
+    /// An fd that becomes readable when completions may be available (for epoll loops).
+    fn event_fd(&self) -> RawFd;
+    /// Operations submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Maximum operations in flight.
+    fn capacity(&self) -> usize;
+}
+
+/// Builds the engine asked for. When io_uring is unavailable (disabled by
+/// `/proc/sys/kernel/io_uring_disabled`, refused by seccomp, too old a kernel) falls back to
+/// native AIO, then threads, with a log line, never an error. Returns the engine built.
+pub fn open_engine<B: IoBuf>(kind: AioKind, cfg: &EngineConfig) -> io::Result<Box<dyn Engine<B>>> {
+    if kind == AioKind::IoUring {
+        match UringEngine::new(cfg) {
+            Ok(e) => return Ok(Box::new(e)),
+            Err(e) => tracing::warn!("io_uring unavailable ({e}); falling back to native AIO"),
+        }
+    }
+    if matches!(kind, AioKind::IoUring | AioKind::Native) {
+        match NativeEngine::new(cfg) {
+            Ok(e) => return Ok(Box::new(e)),
+            Err(e) => tracing::warn!("native AIO unavailable ({e}); falling back to threads"),
+        }
+    }
+    Ok(Box::new(ThreadsEngine::new(cfg)?))
+}
