@@ -15,6 +15,77 @@ pub unsafe trait IoBuf: Send + 'static {
     fn iovecs(&mut self) -> &[libc::iovec];
     /// Total length in bytes.
     fn total_len(&self) -> usize;
+
+    /// Copies `src` into the buffer's memory starting `at` bytes in (across iovecs).
+    /// Panics if the range exceeds [`IoBuf::total_len`] (a caller bug).
+    fn copy_in(&mut self, at: usize, src: &[u8]) {
+        let mut pos = 0usize;
+        let mut done = 0usize;
+        for iov in self.iovecs() {
+            let (start, end) = (pos, pos + iov.iov_len);
+            pos = end;
+            if end <= at + done || done == src.len() {
+                continue;
+            }
+            let from = at + done - start;
+            let n = (iov.iov_len - from).min(src.len() - done);
+            // SAFETY: the IoBuf contract makes each iovec valid for writes of iov_len bytes
+            // while we hold &mut self; from + n <= iov_len.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src[done..].as_ptr(),
+                    (iov.iov_base as *mut u8).add(from),
+                    n,
+                )
+            };
+            done += n;
+        }
+        assert_eq!(done, src.len(), "copy_in past the end of the buffer");
+    }
+
+    /// Copies from the buffer's memory starting `at` bytes in into `dst`.
+    fn copy_out(&mut self, at: usize, dst: &mut [u8]) {
+        let mut pos = 0usize;
+        let mut done = 0usize;
+        for iov in self.iovecs() {
+            let (start, end) = (pos, pos + iov.iov_len);
+            pos = end;
+            if end <= at + done || done == dst.len() {
+                continue;
+            }
+            let from = at + done - start;
+            let n = (iov.iov_len - from).min(dst.len() - done);
+            // SAFETY: each iovec is valid for reads of iov_len bytes while we hold &mut self.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (iov.iov_base as *const u8).add(from),
+                    dst[done..].as_mut_ptr(),
+                    n,
+                )
+            };
+            done += n;
+        }
+        assert_eq!(done, dst.len(), "copy_out past the end of the buffer");
+    }
+
+    /// Zeroes `len` bytes starting `at` bytes in.
+    fn fill_zero(&mut self, at: usize, len: usize) {
+        let mut pos = 0usize;
+        let mut done = 0usize;
+        for iov in self.iovecs() {
+            let (start, end) = (pos, pos + iov.iov_len);
+            pos = end;
+            if end <= at + done || done == len {
+                continue;
+            }
+            let from = at + done - start;
+            let n = (iov.iov_len - from).min(len - done);
+            // SAFETY: each iovec is valid for writes of iov_len bytes while we hold &mut self.
+            unsafe { std::ptr::write_bytes((iov.iov_base as *mut u8).add(from), 0, n) };
+            done += n;
+        }
+        assert_eq!(done, len, "fill_zero past the end of the buffer");
+    }
 }
 
 /// A zero-initialised heap buffer with a chosen alignment (for O_DIRECT).
