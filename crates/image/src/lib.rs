@@ -1,1 +1,542 @@
+//! The xdisk image engine: a format-independent interface over raw and qcow2 images.
+//!
+//! Shape (built for the backend): one [`Image`] is opened once and shared (`Arc`) by several
+//! queues. Each queue runs an [`queue::ImageQueue`] with its own I/O engine. A request is first
+//! *mapped* ([`Image::map`]): metadata is resolved under the format's lock into [`Extent`]s
+//! (host data or zeroes) without waiting on disk I/O, and the data I/O runs on the queue's
+//! engine outside any lock. What cannot be mapped that way (metadata not cached, cluster
+//! allocation, copy-on-write, compressed clusters, unaligned I/O) takes the *slow path*: the
+//! blocking methods ([`Image::read_at`], [`Image::write_at`], ...) run on a worker thread, so
+//! a metadata miss delays only the requests that need it.
 
+pub mod qcow2;
+pub mod queue;
+pub mod raw;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use xdisk_io::{AioKind, CacheMode, ImageFile};
+
+/// Errors of the image engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("request at {offset}+{len} is outside the image ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("image is read-only")]
+    ReadOnly,
+    #[error("backing chain error: {0}")]
+    Backing(String),
+    #[error("no space: {0}")]
+    NoSpace(String),
+    #[error(transparent)]
+    Engine(#[from] xdisk_io::Error),
+}
+
+impl Error {
+    /// Wraps an io::Error with what we were doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Format> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(Error::Unsupported(format!(
+                "image format '{s}' (supported: raw, qcow2)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// The format; `None` probes it (qcow2 magic, else raw).
+    pub format: Option<Format>,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    /// Open the backing chain (false: unallocated clusters read as zeroes, like
+    /// `qemu-img -U`-less tools with `backing.driver=null`... used by check and info).
+    pub open_backing: bool,
+    /// Maximum backing chain depth (QEMU has no hard limit; a bound protects against
+    /// hostile chains).
+    pub max_backing_depth: usize,
+    /// Refuse dirty (lazy-refcount, crashed) qcow2 images instead of repairing them on open.
+    pub no_repair: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            read_only: false,
+            cache: CacheMode::None,
+            open_backing: true,
+            max_backing_depth: 64,
+            no_repair: false,
+        }
+    }
+}
+
+/// A piece of a mapped request (see [`Image::map`]).
+#[derive(Debug, Clone)]
+pub enum Extent {
+    /// `len` bytes at `offset` in `file`.
+    Data {
+        file: Arc<ImageFile>,
+        offset: u64,
+        len: u64,
+    },
+    /// `len` bytes that read as zeroes.
+    Zero { len: u64 },
+}
+
+impl Extent {
+    pub fn len(&self) -> u64 {
+        match self {
+            Extent::Data { len, .. } | Extent::Zero { len } => *len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Result of [`Image::map`].
+#[derive(Debug)]
+pub enum Mapping {
+    /// Every byte of the range is in `extents` (in order); do the I/O, then drop the guard.
+    Mapped(InFlight),
+    /// The range needs the slow path (blocking methods on a worker thread).
+    Slow,
+}
+
+/// Held by a caller for as long as I/O to extents handed out by [`Image::map`] is in flight.
+/// Formats that free host clusters (qcow2 discard) do not reuse them while any guard from
+/// before the free is alive, so a late write can never land in a reallocated cluster.
+#[derive(Debug)]
+pub struct InFlight {
+    pub(crate) tracker: Option<Arc<qcow2::InFlightTracker>>,
+    pub(crate) epoch: usize,
+}
+
+impl InFlight {
+    /// A guard that tracks nothing (raw images).
+    pub fn untracked() -> InFlight {
+        InFlight {
+            tracker: None,
+            epoch: 0,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tracker {
+            t.release(self.epoch);
+        }
+    }
+}
+
+/// Allocation status of a range (first run of equal status), composed over the chain.
+/// Field meanings follow `qemu-img map --output=json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatus {
+    pub len: u64,
+    /// Reads from host data (not known to be zero).
+    pub data: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Allocated in some layer of the chain.
+    pub present: bool,
+    /// The layer that answers: 0 = this image, 1 = its backing file, ...
+    pub depth: u32,
+    /// Host offset of the data, where it is stored uncompressed in a single file.
+    pub offset: Option<u64>,
+    pub compressed: bool,
+}
+
+/// What one layer says of a range (formats return this; [`Image::block_status`] composes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerStatus {
+    /// Host data at `offset` (None: compressed or otherwise not addressable).
+    Data {
+        len: u64,
+        offset: Option<u64>,
+        compressed: bool,
+    },
+    /// Allocated in this layer, reads as zeroes.
+    Zero { len: u64 },
+    /// Not allocated in this layer: ask the backing file (or zeroes without one).
+    Unallocated { len: u64 },
+}
+
+impl LayerStatus {
+    pub fn len(&self) -> u64 {
+        match *self {
+            LayerStatus::Data { len, .. }
+            | LayerStatus::Zero { len }
+            | LayerStatus::Unallocated { len } => len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An open image of any format.
+#[derive(Debug)]
+pub enum Image {
+    Raw(raw::RawImage),
+    Qcow2(qcow2::Qcow2Image),
+}
+
+/// Probes the format of a file from its first bytes.
+pub fn probe_format(file: &ImageFile) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    file.read_at(&mut magic, 0)
+        .map_err(|e| Error::io(format!("cannot read {}", file.path().display()), e))?;
+    Ok(if u32::from_be_bytes(magic) == qcow2::format::MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+impl Image {
+    /// Opens an image and (unless told not to) its backing chain.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<Image>> {
+        let mut chain = Vec::new();
+        Self::open_chain(path, opts, opts.format, &mut chain)
+    }
+
+    fn open_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        format: Option<Format>,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Arc<Image>> {
+        let canon = std::fs::canonicalize(path)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        if chain.contains(&canon) {
+            return Err(Error::Backing(format!(
+                "backing chain loops: {} appears twice",
+                canon.display()
+            )));
+        }
+        if chain.len() > opts.max_backing_depth {
+            return Err(Error::Backing(format!(
+                "backing chain deeper than {} images",
+                opts.max_backing_depth
+            )));
+        }
+        chain.push(canon);
+        // Backing files are always opened read-only.
+        let read_only = opts.read_only || chain.len() > 1;
+        let file = Arc::new(ImageFile::open(path, read_only, opts.cache).map_err(Error::Engine)?);
+        let format = match format {
+            Some(f) => f,
+            None => probe_format(&file)?,
+        };
+        let image = match format {
+            Format::Raw => Image::Raw(raw::RawImage::open(file)?),
+            Format::Qcow2 => {
+                let mut open_backing = |name: &str, fmt: Option<&str>| -> Result<Arc<Image>> {
+                    let bpath = resolve_backing(path, name);
+                    let bfmt = fmt.map(str::parse::<Format>).transpose()?;
+                    Self::open_chain(&bpath, opts, bfmt, chain)
+                };
+                let backing: Option<&mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>> =
+                    if opts.open_backing {
+                        Some(&mut open_backing)
+                    } else {
+                        None
+                    };
+                Image::Qcow2(qcow2::Qcow2Image::open(file, opts, read_only, backing)?)
+            }
+        };
+        Ok(Arc::new(image))
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            Image::Raw(_) => Format::Raw,
+            Image::Qcow2(_) => Format::Qcow2,
+        }
+    }
+
+    /// The host file of this layer.
+    pub fn file(&self) -> &Arc<ImageFile> {
+        match self {
+            Image::Raw(r) => r.file(),
+            Image::Qcow2(q) => q.file(),
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Image::Raw(r) => r.size(),
+            Image::Qcow2(q) => q.size(),
+        }
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.file().read_only()
+    }
+
+    /// The backing image, if any.
+    pub fn backing(&self) -> Option<&Arc<Image>> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Qcow2(q) => q.backing(),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only() {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)
+    }
+
+    /// Blocking read of `buf.len()` bytes at `offset` (the slow path; thread-safe).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        match self {
+            Image::Raw(r) => r.read_at(buf, offset),
+            Image::Qcow2(q) => q.read_at(buf, offset),
+        }
+    }
+
+    /// Blocking write (the slow path; thread-safe).
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_write(offset, buf.len() as u64)?;
+        match self {
+            Image::Raw(r) => r.write_at(buf, offset),
+            Image::Qcow2(q) => q.write_at(buf, offset),
+        }
+    }
+
+    /// Makes every completed write durable (metadata included).
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only() {
+            return Ok(());
+        }
+        match self {
+            Image::Raw(r) => r.flush(),
+            Image::Qcow2(q) => q.flush(),
+        }
+    }
+
+    /// Discards a range: afterwards it reads as zeroes (qcow2 v3, raw on filesystems that
+    /// punch holes) or from the backing file (qcow2 v2 without zero clusters: see qcow2 docs).
+    /// Host space is released where the format allows.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, len)?;
+        match self {
+            Image::Raw(r) => r.discard(offset, len),
+            Image::Qcow2(q) => q.discard(offset, len),
+        }
+    }
+
+    /// Makes a range read as zeroes; `unmap` allows releasing host space.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_write(offset, len)?;
+        match self {
+            Image::Raw(r) => r.write_zeroes(offset, len, unmap),
+            Image::Qcow2(q) => q.write_zeroes(offset, len, unmap),
+        }
+    }
+
+    /// Status of this layer only, for the first run starting at `offset` (at most `len`).
+    pub fn layer_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        self.check_range(offset, len)?;
+        match self {
+            Image::Raw(r) => r.layer_status(offset, len),
+            Image::Qcow2(q) => q.layer_status(offset, len),
+        }
+    }
+
+    /// Allocation status through the backing chain, for the first run starting at `offset`.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.check_range(offset, len)?;
+        let mut layer: &Image = self;
+        let mut depth = 0u32;
+        let mut len = len;
+        loop {
+            if offset >= layer.size() {
+                // Past the end of a shorter backing file: zeroes.
+                return Ok(BlockStatus {
+                    len,
+                    data: false,
+                    zero: true,
+                    present: false,
+                    depth,
+                    offset: None,
+                    compressed: false,
+                });
+            }
+            let l = layer.layer_status(offset, len.min(layer.size() - offset))?;
+            len = l.len();
+            match l {
+                LayerStatus::Data {
+                    offset: host,
+                    compressed,
+                    ..
+                } => {
+                    return Ok(BlockStatus {
+                        len,
+                        data: true,
+                        zero: false,
+                        present: true,
+                        depth,
+                        offset: host,
+                        compressed,
+                    })
+                }
+                LayerStatus::Zero { .. } => {
+                    return Ok(BlockStatus {
+                        len,
+                        data: false,
+                        zero: true,
+                        present: true,
+                        depth,
+                        offset: None,
+                        compressed: false,
+                    })
+                }
+                LayerStatus::Unallocated { .. } => match layer.backing() {
+                    Some(b) => {
+                        layer = b;
+                        depth += 1;
+                    }
+                    None => {
+                        return Ok(BlockStatus {
+                            len,
+                            data: false,
+                            zero: true,
+                            present: false,
+                            depth,
+                            offset: None,
+                            compressed: false,
+                        })
+                    }
+                },
+            }
+        }
+    }
+
+    /// Changes the virtual size. Growing exposes zeroes; shrinking drops data past the end.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        if self.read_only() {
+            return Err(Error::ReadOnly);
+        }
+        match self {
+            Image::Raw(r) => r.resize(new_size),
+            Image::Qcow2(q) => q.resize(new_size),
+        }
+    }
+
+    /// Fast-path mapping: resolves `[offset, offset+len)` into extents without waiting on
+    /// disk I/O, or answers [`Mapping::Slow`]. For writes (`write = true`) only ranges that
+    /// can be overwritten in place are mapped (allocated, not shared, not compressed).
+    pub fn map(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<Extent>,
+    ) -> Result<Mapping> {
+        if write {
+            self.check_write(offset, len)?;
+        } else {
+            self.check_range(offset, len)?;
+        }
+        match self {
+            Image::Raw(r) => r.map(offset, len, out),
+            Image::Qcow2(q) => q.map(offset, len, write, out),
+        }
+    }
+
+    /// Flushes and releases what the format keeps open (clears qcow2's dirty state). Also run
+    /// on drop, where errors can only be logged.
+    pub fn close(&self) -> Result<()> {
+        match self {
+            Image::Raw(_) => Ok(()),
+            Image::Qcow2(q) => q.close(),
+        }
+    }
+
+    /// Bytes used on the host by this layer's file.
+    pub fn actual_size(&self) -> Result<u64> {
+        self.file()
+            .allocated_bytes()
+            .map_err(|e| Error::io("cannot stat image", e))
+    }
+}
+
+/// Resolves a backing file name relative to the directory of the image that names it
+/// (as QEMU does), unless it is absolute.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    }
+}

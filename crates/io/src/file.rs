@@ -301,6 +301,17 @@ impl ImageFile {
         self.write_zeroes_by_writing(off, len)
     }
 
+    /// The next offset at or after `offset` that holds data (lseek SEEK_DATA); None when
+    /// there is none (ENXIO) or the file system cannot tell.
+    pub fn seek_data(&self, offset: u64) -> Option<u64> {
+        crate::sys::lseek(self.fd(), offset, libc::SEEK_DATA)
+    }
+
+    /// The next hole at or after `offset` (lseek SEEK_HOLE; EOF counts as a hole).
+    pub fn seek_hole(&self, offset: u64) -> Option<u64> {
+        crate::sys::lseek(self.fd(), offset, libc::SEEK_HOLE)
+    }
+
     /// Preallocates a range (fallocate mode 0), extending the file if needed.
     pub fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
         crate::sys::fallocate(self.fd(), 0, off, len)

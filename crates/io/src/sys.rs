@@ -85,3 +85,12 @@ pub(crate) fn statx_dio_align(fd: RawFd) -> Option<Alignment> {
         memory: stx.stx_dio_mem_align,
     })
 }
+
+/// lseek with SEEK_DATA/SEEK_HOLE; None on error (ENXIO: nothing after offset).
+pub(crate) fn lseek(fd: RawFd, offset: u64, whence: libc::c_int) -> Option<u64> {
+    let off = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: lseek only reads its scalar arguments; it moves the shared file offset, which
+    // nothing in xdisk relies on (all I/O is positional).
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    u64::try_from(r).ok()
+}

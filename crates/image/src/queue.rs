@@ -1,0 +1,1 @@
+//! Per-queue request execution (being written).
