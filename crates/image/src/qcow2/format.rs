@@ -739,6 +739,54 @@ pub fn parse_snapshots(
     Ok(out)
 }
 
+
+/// Reads refcount entry `idx` of a refcount block with `1 << order`-bit entries
+/// (section "Refcounts": big-endian for widths of 8 bits and more; narrower entries are packed
+/// into bytes starting at the least significant bit).
+pub fn refcount_get(block: &[u8], idx: usize, order: u32) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let byte = block[idx / per_byte];
+            let shift = (idx % per_byte) * bits;
+            u64::from((byte >> shift) & ((1u16 << bits) - 1) as u8)
+        }
+        3 => u64::from(block[idx]),
+        4 => u64::from(u16::from_be_bytes([block[2 * idx], block[2 * idx + 1]])),
+        5 => u64::from(be32(block, 4 * idx)),
+        _ => be64(block, 8 * idx),
+    }
+}
+
+/// Writes refcount entry `idx`; `value` must fit in `1 << order` bits (see [`refcount_max`]).
+pub fn refcount_set(block: &mut [u8], idx: usize, order: u32, value: u64) {
+    debug_assert!(value <= refcount_max(order));
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (idx % per_byte) * bits;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            let b = &mut block[idx / per_byte];
+            *b = (*b & !mask) | (((value as u8) << shift) & mask);
+        }
+        3 => block[idx] = value as u8,
+        4 => block[2 * idx..2 * idx + 2].copy_from_slice(&(value as u16).to_be_bytes()),
+        5 => block[4 * idx..4 * idx + 4].copy_from_slice(&(value as u32).to_be_bytes()),
+        _ => block[8 * idx..8 * idx + 8].copy_from_slice(&value.to_be_bytes()),
+    }
+}
+
+/// The largest refcount an entry of `1 << order` bits holds.
+pub fn refcount_max(order: u32) -> u64 {
+    if order >= 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,6 +852,27 @@ mod tests {
         }
         assert!(Header::parse(&good[..50], 1 << 20).is_err());
         assert!(Header::parse(&good, 100).is_err(), "tables past EOF");
+    }
+
+    #[test]
+    fn refcount_entries_every_width() {
+        for order in 0..=6u32 {
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 >> order;
+            let max = refcount_max(order);
+            for i in 0..n {
+                refcount_set(&mut block, i, order, (i as u64 * 7 + 3) & max);
+            }
+            for i in 0..n {
+                assert_eq!(refcount_get(&block, i, order), (i as u64 * 7 + 3) & max, "order {order} idx {i}");
+            }
+        }
+        // Sub-byte packing starts at the least significant bit.
+        let mut b = [0u8; 1];
+        refcount_set(&mut b, 0, 0, 1);
+        assert_eq!(b[0], 1);
+        refcount_set(&mut b, 1, 1, 1);
+        assert_eq!(b[0], 0b0000_0101 & 0b1111_1101 | 0b100);
     }
 
     #[test]
