@@ -739,7 +739,6 @@ pub fn parse_snapshots(
     Ok(out)
 }
 
-
 /// Reads refcount entry `idx` of a refcount block with `1 << order`-bit entries
 /// (section "Refcounts": big-endian for widths of 8 bits and more; narrower entries are packed
 /// into bytes starting at the least significant bit).
@@ -864,7 +863,11 @@ mod tests {
                 refcount_set(&mut block, i, order, (i as u64 * 7 + 3) & max);
             }
             for i in 0..n {
-                assert_eq!(refcount_get(&block, i, order), (i as u64 * 7 + 3) & max, "order {order} idx {i}");
+                assert_eq!(
+                    refcount_get(&block, i, order),
+                    (i as u64 * 7 + 3) & max,
+                    "order {order} idx {i}"
+                );
             }
         }
         // Sub-byte packing starts at the least significant bit.
