@@ -1,1 +1,589 @@
-//! Per-queue request execution (being written).
+//! Per-queue request execution: one [`ImageQueue`] per reactor thread, sharing one [`Image`].
+//!
+//! A request is mapped with [`Image::map`]; mapped requests become one engine operation per
+//! host extent (zero extents are filled in memory), submitted to the queue's own
+//! [`Engine`] with no lock held. Requests that cannot be mapped (metadata miss, allocation,
+//! copy-on-write, compressed data, discard, O_DIRECT-unaligned) go to a small pool of slow-path
+//! worker threads that call the image's blocking methods. Completions of both paths come back
+//! out of order, matched by `user_data`. The request's buffer is owned by the queue until its
+//! completion hands it back.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use xdisk_io::sys::{poll_readable, set_nonblocking, EventFd};
+use xdisk_io::{open_engine, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op, OpKind};
+
+use crate::{Error, Extent, Image, InFlight, Mapping, Result};
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Read `buf.total_len()` bytes at `offset` into the buffer.
+    Read,
+    /// Write the buffer at `offset`.
+    Write,
+    /// Make all completed writes durable.
+    Flush,
+    /// Discard `len` bytes at `offset`.
+    Discard { len: u64 },
+    /// Zero `len` bytes at `offset` (`unmap`: host space may be released).
+    WriteZeroes { len: u64, unmap: bool },
+}
+
+/// One request to an [`ImageQueue`].
+pub struct Request<B: IoBuf> {
+    pub kind: RequestKind,
+    pub offset: u64,
+    /// Data buffer of reads and writes (`None` for the others).
+    pub buf: Option<B>,
+    pub user_data: u64,
+}
+
+/// A finished request.
+pub struct Done<B: IoBuf> {
+    pub user_data: u64,
+    pub result: Result<()>,
+    pub buf: Option<B>,
+}
+
+/// How to build a queue.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub aio: AioKind,
+    /// Engine operations in flight at most.
+    pub queue_depth: u32,
+    /// Slow-path worker threads of this queue.
+    pub slow_threads: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            aio: AioKind::IoUring,
+            queue_depth: 128,
+            slow_threads: 2,
+        }
+    }
+}
+
+/// Counters of one queue (for `xdisk stat` and benchmarks).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueStats {
+    pub fast: u64,
+    pub slow: u64,
+    pub errors: u64,
+}
+
+struct Slot<B: IoBuf> {
+    user_data: u64,
+    buf: Option<B>,
+    /// Engine operations still outstanding.
+    pending: u32,
+    error: Option<Error>,
+    _guard: Option<InFlight>,
+    kind: RequestKind,
+    /// Where each sub-op's bytes start in the buffer (for zero-filling short reads).
+    starts: Vec<(u64, usize, usize)>,
+}
+
+/// One queue's engine and slow-path workers over a shared image.
+pub struct ImageQueue<B: IoBuf> {
+    image: Arc<Image>,
+    engine: Box<dyn Engine<IoSlice>>,
+    slots: Vec<Option<Slot<B>>>,
+    free: Vec<usize>,
+    backlog: VecDeque<Op<IoSlice>>,
+    extents: Vec<Extent>,
+    completions: Vec<Completion<IoSlice>>,
+    ready: VecDeque<Done<B>>,
+    slow: SlowPool<B>,
+    slow_in_flight: usize,
+    stats: QueueStats,
+}
+
+/// Bits of an engine op's user_data: slot index in the high half, sub-op index in the low.
+const SUB_BITS: u32 = 20;
+
+impl<B: IoBuf> ImageQueue<B> {
+    pub fn new(image: Arc<Image>, cfg: &QueueConfig) -> Result<ImageQueue<B>> {
+        let mut fds = vec![image.file().fd()];
+        let mut layer = image.backing();
+        while let Some(b) = layer {
+            fds.push(b.file().fd());
+            layer = b.backing();
+        }
+        let engine = open_engine::<IoSlice>(
+            cfg.aio,
+            &EngineConfig {
+                queue_depth: cfg.queue_depth,
+                threads: 4,
+                register_fds: fds,
+            },
+        )
+        .map_err(|e| Error::io("cannot create I/O engine", e))?;
+        set_nonblocking(engine.event_fd()).map_err(|e| Error::io("engine eventfd", e))?;
+        Ok(ImageQueue {
+            slow: SlowPool::new(image.clone(), cfg.slow_threads.max(1))?,
+            image,
+            engine,
+            slots: Vec::new(),
+            free: Vec::new(),
+            backlog: VecDeque::new(),
+            extents: Vec::new(),
+            completions: Vec::new(),
+            ready: VecDeque::new(),
+            slow_in_flight: 0,
+            stats: QueueStats::default(),
+        })
+    }
+
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    /// The engine actually in use (after any fallback).
+    pub fn aio(&self) -> AioKind {
+        self.engine.kind()
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// Requests submitted and not yet returned by [`ImageQueue::reap`].
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.slow_in_flight + self.ready.len()
+    }
+
+    /// Starts a request. Errors found before any I/O (out of range, read-only) complete the
+    /// request with that error; they are returned by `reap` like any other completion.
+    pub fn submit(&mut self, req: Request<B>) {
+        match self.try_fast(req) {
+            Ok(()) => {}
+            Err(req) => self.send_slow(req),
+        }
+    }
+
+    fn finish(&mut self, user_data: u64, result: Result<()>, buf: Option<B>) {
+        if result.is_err() {
+            self.stats.errors += 1;
+        }
+        self.ready.push_back(Done {
+            user_data,
+            result,
+            buf,
+        });
+    }
+
+    /// Maps and submits on the engine; gives the request back when it needs the slow path.
+    fn try_fast(&mut self, mut req: Request<B>) -> std::result::Result<(), Request<B>> {
+        let (write, len) = match req.kind {
+            RequestKind::Read => (false, req.buf.as_ref().map_or(0, |b| b.total_len())),
+            RequestKind::Write => (true, req.buf.as_ref().map_or(0, |b| b.total_len())),
+            RequestKind::Flush if self.image.format() == crate::Format::Raw => {
+                return self.submit_flush(req);
+            }
+            _ => return Err(req),
+        };
+        let Some(buf) = req.buf.as_mut() else {
+            self.finish(
+                req.user_data,
+                Err(Error::InvalidArgument("read/write without a buffer".into())),
+                None,
+            );
+            return Ok(());
+        };
+        if len == 0 {
+            self.finish(req.user_data, Ok(()), req.buf);
+            return Ok(());
+        }
+        self.extents.clear();
+        let guard = match self.image.map(req.offset, len as u64, write, &mut self.extents) {
+            Ok(Mapping::Mapped(g)) => g,
+            Ok(Mapping::Slow) => return Err(req),
+            Err(e) => {
+                self.finish(req.user_data, Err(e), req.buf);
+                return Ok(());
+            }
+        };
+        // Every data extent must suit O_DIRECT as is; otherwise the slow path bounces.
+        let iov_ok = |buf: &mut B, align: usize| {
+            buf.iovecs()
+                .iter()
+                .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+        };
+        let mut pos = 0u64;
+        let mut n_data = 0usize;
+        for e in &self.extents {
+            if let Extent::Data { file, offset, len } = e {
+                let a = file.alignment();
+                if !a.allows(*offset, *len as usize, 0)
+                    || !a.allows(pos, 0, 0)
+                    || !iov_ok(buf, a.memory.max(a.offset) as usize)
+                {
+                    return Err(req);
+                }
+                n_data += 1;
+            }
+            pos += e.len();
+        }
+        debug_assert_eq!(pos, len as u64);
+        if n_data >= 1 << SUB_BITS {
+            return Err(req);
+        }
+        let slot_idx = self.alloc_slot();
+        let mut starts = Vec::with_capacity(n_data);
+        let mut pos = 0usize;
+        let mut sub = 0u64;
+        let mut ops = Vec::with_capacity(n_data);
+        for e in self.extents.drain(..) {
+            let elen = e.len() as usize;
+            match e {
+                Extent::Zero { .. } => buf.fill_zero(pos, elen),
+                Extent::Data { file, offset, .. } => {
+                    // SAFETY: the slot keeps `buf` (and so its memory) alive and untouched
+                    // until every sub-op has completed; extents are disjoint ranges of it.
+                    let slice = unsafe { IoSlice::new(buf, pos, elen) };
+                    starts.push((offset, pos, elen));
+                    ops.push(Op {
+                        kind: if write { OpKind::Write } else { OpKind::Read },
+                        fd: file.fd(),
+                        offset,
+                        buf: Some(slice),
+                        user_data: ((slot_idx as u64) << SUB_BITS) | sub,
+                    });
+                    sub += 1;
+                }
+            }
+            pos += elen;
+        }
+        self.stats.fast += 1;
+        if ops.is_empty() {
+            self.free.push(slot_idx);
+            drop(guard);
+            self.finish(req.user_data, Ok(()), req.buf);
+            return Ok(());
+        }
+        self.slots[slot_idx] = Some(Slot {
+            user_data: req.user_data,
+            buf: req.buf.take(),
+            pending: ops.len() as u32,
+            error: None,
+            _guard: Some(guard),
+            kind: req.kind,
+            starts,
+        });
+        for op in ops {
+            self.push_op(op);
+        }
+        Ok(())
+    }
+
+    fn submit_flush(&mut self, req: Request<B>) -> std::result::Result<(), Request<B>> {
+        if !self.image.file().cache().honours_flush() || self.image.read_only() {
+            self.finish(req.user_data, Ok(()), req.buf);
+            return Ok(());
+        }
+        let slot_idx = self.alloc_slot();
+        self.slots[slot_idx] = Some(Slot {
+            user_data: req.user_data,
+            buf: req.buf,
+            pending: 1,
+            error: None,
+            _guard: None,
+            kind: req.kind,
+            starts: Vec::new(),
+        });
+        self.stats.fast += 1;
+        self.push_op(Op {
+            kind: OpKind::Flush,
+            fd: self.image.file().fd(),
+            offset: 0,
+            buf: None,
+            user_data: (slot_idx as u64) << SUB_BITS,
+        });
+        Ok(())
+    }
+
+    fn alloc_slot(&mut self) -> usize {
+        match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn push_op(&mut self, op: Op<IoSlice>) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(op);
+            return;
+        }
+        if let Err((op, e)) = self.engine.submit(op) {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.backlog.push_back(op);
+            } else {
+                self.complete_op(Completion {
+                    user_data: op.user_data,
+                    result: Err(e),
+                    buf: op.buf,
+                });
+            }
+        }
+    }
+
+    fn drain_backlog(&mut self) {
+        while let Some(op) = self.backlog.pop_front() {
+            if let Err((op, e)) = self.engine.submit(op) {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.backlog.push_front(op);
+                    return;
+                }
+                self.complete_op(Completion {
+                    user_data: op.user_data,
+                    result: Err(e),
+                    buf: op.buf,
+                });
+            }
+        }
+    }
+
+    fn send_slow(&mut self, req: Request<B>) {
+        self.stats.slow += 1;
+        self.slow_in_flight += 1;
+        self.slow.send(req);
+    }
+
+    fn complete_op(&mut self, c: Completion<IoSlice>) {
+        let slot_idx = (c.user_data >> SUB_BITS) as usize;
+        let sub = (c.user_data & ((1 << SUB_BITS) - 1)) as usize;
+        let Some(slot) = self.slots.get_mut(slot_idx).and_then(Option::as_mut) else {
+            tracing::error!(user_data = c.user_data, "completion for an unknown request");
+            return;
+        };
+        match c.result {
+            Ok(n) => {
+                if let Some(&(_, start, len)) = slot.starts.get(sub) {
+                    if n < len {
+                        if slot.kind == RequestKind::Read {
+                            // Past the end of the host file: reads as zeroes.
+                            if let Some(b) = slot.buf.as_mut() {
+                                b.fill_zero(start + n, len - n);
+                            }
+                        } else if slot.error.is_none() {
+                            slot.error = Some(Error::io(
+                                "short write",
+                                io::Error::new(io::ErrorKind::WriteZero, "short write"),
+                            ));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if slot.error.is_none() {
+                    slot.error = Some(Error::io(
+                        format!("{:?} at host offset", slot.kind),
+                        e,
+                    ));
+                }
+            }
+        }
+        slot.pending -= 1;
+        if slot.pending == 0 {
+            let slot = self.slots[slot_idx].take().expect("slot present");
+            self.free.push(slot_idx);
+            let result = match slot.error {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+            self.finish(slot.user_data, result, slot.buf);
+        }
+    }
+
+    /// Pushes queued operations to the kernel.
+    pub fn commit(&mut self) -> Result<()> {
+        self.drain_backlog();
+        self.engine
+            .commit()
+            .map_err(|e| Error::io("cannot submit I/O", e))
+    }
+
+    /// Appends finished requests to `out`: waits until at least `min` are available or
+    /// `timeout` passes (None: no limit). Returns the number appended.
+    pub fn reap(
+        &mut self,
+        out: &mut Vec<Done<B>>,
+        min: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let start_len = out.len();
+        loop {
+            self.commit()?;
+            let mut comps = std::mem::take(&mut self.completions);
+            self.engine
+                .reap(&mut comps, 0, None)
+                .map_err(|e| Error::io("cannot reap I/O", e))?;
+            for c in comps.drain(..) {
+                self.complete_op(c);
+            }
+            self.completions = comps;
+            while let Some((user_data, result, buf)) = self.slow.try_recv() {
+                self.slow_in_flight -= 1;
+                self.finish(user_data, result, buf);
+            }
+            self.drain_backlog();
+            out.extend(self.ready.drain(..));
+            let got = out.len() - start_len;
+            if got >= min || self.in_flight() == 0 {
+                return Ok(got);
+            }
+            let wait_ms = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(got);
+                    }
+                    (d - now).as_millis().min(i32::MAX as u128) as i32
+                }
+                None => -1,
+            };
+            self.wait(wait_ms)?;
+        }
+    }
+
+    /// Waits for an engine completion or a slow-path result.
+    fn wait(&mut self, timeout_ms: i32) -> Result<()> {
+        if self.engine.in_flight() > 0 && self.slow_in_flight == 0 {
+            // Only engine work outstanding: let the engine wait its own best way.
+            let mut comps = std::mem::take(&mut self.completions);
+            let t = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+            self.engine
+                .reap(&mut comps, 1, t)
+                .map_err(|e| Error::io("cannot reap I/O", e))?;
+            for c in comps.drain(..) {
+                self.complete_op(c);
+            }
+            self.completions = comps;
+            return Ok(());
+        }
+        let fds: [RawFd; 2] = [self.engine.event_fd(), self.slow.event.fd()];
+        let n = if self.engine.in_flight() > 0 { 2 } else { 1 };
+        let fds = &fds[2 - n..];
+        let r = poll_readable(fds, timeout_ms).map_err(|e| Error::io("poll", e))?;
+        if r.iter().any(|&x| x) {
+            self.slow.event.drain();
+            if n == 2 {
+                // Best effort: the engine's eventfd was made non-blocking at construction.
+                xdisk_io::sys::drain_eventfd(fds[0]);
+            }
+        }
+        Ok(())
+    }
+
+    /// An fd that becomes readable when completions may be available.
+    pub fn event_fds(&self) -> [RawFd; 2] {
+        [self.engine.event_fd(), self.slow.event.fd()]
+    }
+}
+
+type SlowResult<B> = (u64, Result<()>, Option<B>);
+
+/// Worker threads running the image's blocking methods.
+struct SlowPool<B: IoBuf> {
+    tx: Option<mpsc::Sender<Request<B>>>,
+    rx: mpsc::Receiver<SlowResult<B>>,
+    event: Arc<EventFd>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl<B: IoBuf> SlowPool<B> {
+    fn new(image: Arc<Image>, threads: usize) -> Result<SlowPool<B>> {
+        let (tx, work_rx) = mpsc::channel::<Request<B>>();
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        let (done_tx, rx) = mpsc::channel();
+        let event = Arc::new(EventFd::new().map_err(|e| Error::io("eventfd", e))?);
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            let event = event.clone();
+            let image = image.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("xdisk-slow-{i}"))
+                .spawn(move || loop {
+                    let req = {
+                        let rx = work_rx.lock().unwrap_or_else(|e| e.into_inner());
+                        rx.recv()
+                    };
+                    let Ok(mut req) = req else { return };
+                    let result = run_blocking(&image, &mut req);
+                    if done_tx.send((req.user_data, result, req.buf)).is_err() {
+                        return;
+                    }
+                    event.signal();
+                })
+                .map_err(|e| Error::io("cannot start slow-path thread", e))?;
+            workers.push(h);
+        }
+        Ok(SlowPool {
+            tx: Some(tx),
+            rx,
+            event,
+            workers,
+        })
+    }
+
+    fn send(&self, req: Request<B>) {
+        if let Some(tx) = &self.tx {
+            // Workers only exit when tx is dropped, so send cannot fail while we hold it.
+            let _ = tx.send(req);
+        }
+    }
+
+    fn try_recv(&self) -> Option<SlowResult<B>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl<B: IoBuf> Drop for SlowPool<B> {
+    fn drop(&mut self) {
+        self.tx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Runs one request with the image's blocking methods (the slow path).
+fn run_blocking<B: IoBuf>(image: &Image, req: &mut Request<B>) -> Result<()> {
+    match req.kind {
+        RequestKind::Read => {
+            let buf = req.buf.as_mut().ok_or_else(no_buf)?;
+            let mut tmp = vec![0u8; buf.total_len()];
+            image.read_at(&mut tmp, req.offset)?;
+            buf.copy_in(0, &tmp);
+            Ok(())
+        }
+        RequestKind::Write => {
+            let buf = req.buf.as_mut().ok_or_else(no_buf)?;
+            let mut tmp = vec![0u8; buf.total_len()];
+            buf.copy_out(0, &mut tmp);
+            image.write_at(&tmp, req.offset)
+        }
+        RequestKind::Flush => image.flush(),
+        RequestKind::Discard { len } => image.discard(req.offset, len),
+        RequestKind::WriteZeroes { len, unmap } => image.write_zeroes(req.offset, len, unmap),
+    }
+}
+
+fn no_buf() -> Error {
+    Error::InvalidArgument("read/write without a buffer".into())
+}

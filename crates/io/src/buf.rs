@@ -212,3 +212,54 @@ mod tests {
         assert!(z.is_empty());
     }
 }
+
+/// A view of part of another [`IoBuf`]'s memory, for splitting one request into several
+/// operations (one per host extent).
+pub struct IoSlice {
+    iov: Vec<libc::iovec>,
+    len: usize,
+}
+
+// SAFETY: an IoSlice is only raw pointers into memory that its creator keeps alive and
+// unaliased (see `IoSlice::new`); sending it to another thread moves no data.
+unsafe impl Send for IoSlice {}
+
+impl IoSlice {
+    /// Describes bytes `[start, start + len)` of `buf`.
+    ///
+    /// # Safety
+    /// The caller keeps the memory of `buf` alive and does not move it until every op that
+    /// carries this slice has completed, and does not access those bytes meanwhile (slices of
+    /// one buffer handed out at the same time must not overlap).
+    pub unsafe fn new<B: IoBuf + ?Sized>(buf: &mut B, start: usize, len: usize) -> IoSlice {
+        let mut iov = Vec::with_capacity(1);
+        let mut pos = 0usize;
+        let end = start + len;
+        for v in buf.iovecs() {
+            let (vs, ve) = (pos, pos + v.iov_len);
+            pos = ve;
+            if ve <= start || vs >= end {
+                continue;
+            }
+            let from = start.max(vs) - vs;
+            let to = end.min(ve) - vs;
+            iov.push(libc::iovec {
+                // SAFETY: from < iov_len, so the pointer stays inside the region.
+                iov_base: unsafe { (v.iov_base as *mut u8).add(from) }.cast(),
+                iov_len: to - from,
+            });
+        }
+        assert!(pos >= end, "slice past the end of the buffer");
+        IoSlice { iov, len }
+    }
+}
+
+// SAFETY: the memory is kept alive and unmoved by the creator (contract of `IoSlice::new`).
+unsafe impl IoBuf for IoSlice {
+    fn iovecs(&mut self) -> &[libc::iovec] {
+        &self.iov
+    }
+    fn total_len(&self) -> usize {
+        self.len
+    }
+}

@@ -17,9 +17,9 @@ pub mod buf;
 pub mod cache;
 pub mod engine;
 pub mod file;
-mod sys;
+pub mod sys;
 
-pub use buf::{AlignedBuf, IoBuf};
+pub use buf::{AlignedBuf, IoBuf, IoSlice};
 pub use cache::{AioKind, CacheMode};
 pub use engine::{open_engine, Completion, Engine, EngineConfig, Op, OpKind};
 pub use file::{Alignment, ImageFile};
