@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::buf::IoBuf;
 use crate::cache::AioKind;
 
+mod common;
 mod native;
 mod threads;
 mod uring;
@@ -91,7 +92,15 @@ pub trait Engine<B: IoBuf>: Send {
         timeout: Option<Duration>,
     ) -> io::Result<usize>;
     /// An fd that becomes readable when completions may be available (for epoll loops).
+    /// It is a non-blocking eventfd(2): the loop clears it ([`Engine::clear_event_fd`])
+    /// *before* calling [`Engine::reap`], so that a completion arriving during the reap makes
+    /// it readable again. Spurious readiness is possible (e.g. for completions a previous
+    /// `reap` already returned).
     fn event_fd(&self) -> RawFd;
+    /// Resets the [`Engine::event_fd`] counter; true if it was signalled.
+    fn clear_event_fd(&self) -> bool {
+        common::clear_event_fd(self.event_fd())
+    }
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
     /// Maximum operations in flight.
