@@ -1,1 +1,51 @@
-fn main() {}
+//! `xdisk`: the command-line tool. `xdisk img ...` is a qemu-img-like image tool; the Xen
+//! backend daemon and friends join it as they land.
+
+mod bench;
+mod img;
+mod size;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xdisk", version, about = "Userspace Xen disk backend and image tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Image tools in qemu-img's spelling (create, info, check, convert, map, resize,
+    /// compare, bench).
+    Img {
+        #[command(subcommand)]
+        cmd: img::ImgCommand,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XDISK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xdisk: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Command::Img { cmd } => img::run(cmd),
+    }
+}

@@ -1,0 +1,761 @@
+//! `xdisk img`: create, info, check, convert, map, resize, compare, bench — in qemu-img's
+//! spelling, with qemu-img's output formats and exit codes where scripts depend on them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use xdisk_image::qcow2::check::{check, Repair};
+use xdisk_image::qcow2::create::{create, create_raw, CreateOptions, Preallocation};
+use xdisk_image::qcow2::format::CompressionType;
+use xdisk_image::{CacheMode, Format, Image, OpenOptions};
+
+use crate::size::{human, parse_size};
+
+#[derive(Subcommand)]
+pub enum ImgCommand {
+    /// Create an image: `create [-f fmt] [-o options] [-b backing [-F backing_fmt]] file [size]`.
+    Create(CreateArgs),
+    /// Show information about an image (and its backing chain with --backing-chain).
+    Info(InfoArgs),
+    /// Check a qcow2 image for leaks and corruptions; `-r leaks|all` repairs.
+    Check(CheckArgs),
+    /// Convert an image to another format (sparse output).
+    Convert(ConvertArgs),
+    /// Print the allocation map of an image.
+    Map(MapArgs),
+    /// Change the virtual size of an image.
+    Resize(ResizeArgs),
+    /// Compare the guest-visible contents of two images.
+    Compare(CompareArgs),
+    /// Run a simple I/O benchmark, like `qemu-img bench`.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Image format (raw or qcow2).
+    #[arg(short = 'f', default_value = "raw")]
+    format: String,
+    /// Format options, comma separated: cluster_size, backing_file, backing_fmt,
+    /// preallocation (off|metadata|falloc|full), compression_type (zlib|zstd),
+    /// lazy_refcounts (on|off), compat (0.10|1.1|v2|v3), refcount_bits.
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Backing file.
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+    size: Option<String>,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[arg(short = 'f')]
+    format: Option<String>,
+    #[arg(long = "output", value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Accepted for compatibility with qemu-img (xdisk never locks images).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Repair: leaks or all.
+    #[arg(short = 'r')]
+    repair: Option<String>,
+    #[arg(long = "output", value_enum, default_value = "human")]
+    output: OutputFormat,
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format (probed if absent).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Output format options (as for create).
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Compressed output (not implemented yet: refused with a clear message).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Cache mode of the source (qemu-img's -T) and of the output (-t).
+    #[arg(short = 'T', default_value = "writeback")]
+    src_cache: String,
+    #[arg(short = 't', default_value = "writeback")]
+    cache: String,
+    /// Consecutive zero bytes needed to leave a hole in the output (qemu-img -S, default 4k;
+    /// 0 writes everything).
+    #[arg(short = 'S', default_value = "4k")]
+    sparse: String,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+#[derive(Args)]
+pub struct MapArgs {
+    #[arg(short = 'f')]
+    format: Option<String>,
+    #[arg(long = "output", value_enum, default_value = "human")]
+    output: OutputFormat,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ResizeArgs {
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Allow shrinking (data past the new end is lost).
+    #[arg(long)]
+    shrink: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+    /// New size, or +N / -N relative to the current size.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    #[arg(short = 'f')]
+    format1: Option<String>,
+    #[arg(short = 'F')]
+    format2: Option<String>,
+    /// Strict: images of different size are different.
+    #[arg(short = 's')]
+    strict: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    file1: PathBuf,
+    file2: PathBuf,
+}
+
+pub fn run(cmd: ImgCommand) -> Result<i32> {
+    match cmd {
+        ImgCommand::Create(a) => cmd_create(a),
+        ImgCommand::Info(a) => cmd_info(a),
+        ImgCommand::Check(a) => cmd_check(a),
+        ImgCommand::Convert(a) => cmd_convert(a),
+        ImgCommand::Map(a) => cmd_map(a),
+        ImgCommand::Resize(a) => cmd_resize(a),
+        ImgCommand::Compare(a) => cmd_compare(a),
+        ImgCommand::Bench(a) => crate::bench::run(a),
+    }
+}
+
+fn parse_format(s: Option<&str>) -> Result<Option<Format>> {
+    s.map(|f| f.parse::<Format>().map_err(|e| anyhow!("{e}")))
+        .transpose()
+}
+
+pub fn open(path: &Path, format: Option<&str>, read_only: bool, cache: CacheMode) -> Result<Arc<Image>> {
+    let opts = OpenOptions {
+        format: parse_format(format)?,
+        read_only,
+        cache,
+        ..OpenOptions::default()
+    };
+    Image::open(path, &opts).with_context(|| format!("could not open '{}'", path.display()))
+}
+
+fn parse_on_off(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => bail!("invalid value '{v}' for {key} (on/off)"),
+    }
+}
+
+/// Applies `-o key=value,...` options to create options.
+fn apply_options(opts: &mut CreateOptions, list: &[String]) -> Result<()> {
+    for group in list {
+        for kv in group.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow!("invalid option '{kv}' (expected key=value)"))?;
+            match k {
+                "size" => opts.size = parse_size(v)?,
+                "cluster_size" => opts.cluster_size = parse_size(v)?,
+                "backing_file" => opts.backing_file = Some(v.to_string()),
+                "backing_fmt" => opts.backing_format = Some(v.to_string()),
+                "preallocation" => {
+                    opts.preallocation = match v {
+                        "off" => Preallocation::Off,
+                        "metadata" => Preallocation::Metadata,
+                        "falloc" => Preallocation::Falloc,
+                        "full" => Preallocation::Full,
+                        _ => bail!("invalid preallocation '{v}' (off, metadata, falloc, full)"),
+                    }
+                }
+                "compression_type" => {
+                    opts.compression_type = match v {
+                        "zlib" => CompressionType::Zlib,
+                        "zstd" => CompressionType::Zstd,
+                        _ => bail!("invalid compression_type '{v}' (zlib, zstd)"),
+                    }
+                }
+                "lazy_refcounts" => opts.lazy_refcounts = parse_on_off(k, v)?,
+                "compat" => {
+                    opts.version = match v {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => bail!("invalid compat '{v}' (0.10 or 1.1)"),
+                    }
+                }
+                "refcount_bits" => {
+                    opts.refcount_bits = v
+                        .parse()
+                        .map_err(|_| anyhow!("invalid refcount_bits '{v}'"))?
+                }
+                _ => bail!("unsupported option '{k}'"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_create(a: CreateArgs) -> Result<i32> {
+    let format: Format = a.format.parse().map_err(|e| anyhow!("{e}"))?;
+    let mut opts = CreateOptions::default();
+    if let Some(s) = &a.size {
+        opts.size = parse_size(s)?;
+    }
+    apply_options(&mut opts, &a.options)?;
+    if a.backing.is_some() {
+        opts.backing_file = a.backing.clone();
+    }
+    if a.backing_fmt.is_some() {
+        opts.backing_format = a.backing_fmt.clone();
+    }
+    if let Some(b) = &opts.backing_file {
+        // Like qemu-img: the backing file must open, and gives the size when none is given.
+        let bpath = xdisk_image::resolve_backing(&a.file, b);
+        let backing = open(&bpath, opts.backing_format.as_deref(), true, CacheMode::WriteBack)
+            .with_context(|| format!("could not open backing file '{b}'"))?;
+        if opts.backing_format.is_none() {
+            opts.backing_format = Some(backing.format().to_string());
+        }
+        if a.size.is_none() && opts.size == 0 {
+            opts.size = backing.size();
+        }
+    } else if a.size.is_none() && opts.size == 0 {
+        bail!("image creation needs a size parameter");
+    }
+    // qemu-img rounds the size up to a multiple of 512.
+    opts.size = opts.size.div_ceil(512) * 512;
+    if !a.quiet {
+        let mut line = format!(
+            "Formatting '{}', fmt={} size={}",
+            a.file.display(),
+            format,
+            opts.size
+        );
+        if format == Format::Qcow2 {
+            if let Some(b) = &opts.backing_file {
+                line += &format!(" backing_file={b}");
+            }
+            if let Some(b) = &opts.backing_format {
+                line += &format!(" backing_fmt={b}");
+            }
+            line += &format!(
+                " cluster_size={} compression_type={} lazy_refcounts={} refcount_bits={}",
+                opts.cluster_size,
+                opts.compression_type.as_str(),
+                if opts.lazy_refcounts { "on" } else { "off" },
+                opts.refcount_bits
+            );
+        }
+        println!("{line}");
+    }
+    match format {
+        Format::Raw => {
+            if opts.backing_file.is_some() {
+                bail!("raw images cannot have a backing file");
+            }
+            create_raw(&a.file, opts.size, opts.preallocation)?
+        }
+        Format::Qcow2 => create(&a.file, &opts)?,
+    }
+    Ok(0)
+}
+
+fn info_json(path: &Path, img: &Image) -> Result<Value> {
+    let mut v = json!({
+        "filename": path.display().to_string(),
+        "format": img.format().as_str(),
+        "virtual-size": img.size(),
+        "actual-size": img.actual_size()?,
+        "dirty-flag": false,
+    });
+    if let Image::Qcow2(q) = img {
+        let h = q.header();
+        v["cluster-size"] = json!(h.cluster_size());
+        v["dirty-flag"] = json!(h.is_dirty());
+        let mut data = json!({
+            "compat": if h.version == 2 { "0.10" } else { "1.1" },
+            "refcount-bits": h.refcount_bits(),
+        });
+        if h.version >= 3 {
+            data["compression-type"] = json!(h.compression_type.as_str());
+            data["lazy-refcounts"] = json!(h.lazy_refcounts());
+            data["corrupt"] = json!(h.incompatible_features & xdisk_image::qcow2::format::incompat::CORRUPT != 0);
+            data["extended-l2"] = json!(false);
+        }
+        v["format-specific"] = json!({"type": "qcow2", "data": data});
+        if let Some(b) = &h.backing_file {
+            v["backing-filename"] = json!(b);
+            v["full-backing-filename"] =
+                json!(xdisk_image::resolve_backing(path, b).display().to_string());
+        }
+        if let Some(f) = &h.backing_format {
+            v["backing-filename-format"] = json!(f);
+        }
+        let snaps = q.snapshots();
+        if !snaps.is_empty() {
+            v["snapshots"] = Value::Array(
+                snaps
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                            "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                            "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                            "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                        })
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok(v)
+}
+
+fn info_human(v: &Value) -> String {
+    let mut s = String::new();
+    let g = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+    s += &format!("image: {}\n", g("filename").as_str().unwrap_or(""));
+    s += &format!("file format: {}\n", g("format").as_str().unwrap_or(""));
+    let vs = g("virtual-size").as_u64().unwrap_or(0);
+    s += &format!("virtual size: {} ({vs} bytes)\n", human(vs));
+    s += &format!("disk size: {}\n", human(g("actual-size").as_u64().unwrap_or(0)));
+    if let Some(cs) = g("cluster-size").as_u64() {
+        s += &format!("cluster_size: {cs}\n");
+    }
+    if let Some(b) = g("backing-filename").as_str() {
+        s += &format!("backing file: {b}\n");
+    }
+    if let Some(b) = g("backing-filename-format").as_str() {
+        s += &format!("backing file format: {b}\n");
+    }
+    if let Some(snaps) = g("snapshots").as_array() {
+        s += "Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n";
+        for sn in snaps {
+            s += &format!(
+                "{:<9} {:<17} {:>7} {:>20} {:>12}\n",
+                sn["id"].as_str().unwrap_or(""),
+                sn["name"].as_str().unwrap_or(""),
+                human(sn["vm-state-size"].as_u64().unwrap_or(0)),
+                sn["date-sec"].as_u64().unwrap_or(0),
+                sn["vm-clock-sec"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    if let Some(d) = v.pointer("/format-specific/data") {
+        s += "Format specific information:\n";
+        for (k, label) in [
+            ("compat", "compat"),
+            ("compression-type", "compression type"),
+            ("lazy-refcounts", "lazy refcounts"),
+            ("refcount-bits", "refcount bits"),
+            ("corrupt", "corrupt"),
+            ("extended-l2", "extended l2"),
+        ] {
+            if let Some(x) = d.get(k) {
+                let t = match x {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                s += &format!("    {label}: {t}\n");
+            }
+        }
+    }
+    s
+}
+
+fn cmd_info(a: InfoArgs) -> Result<i32> {
+    let _ = a.force_share;
+    let opts = OpenOptions {
+        format: parse_format(a.format.as_deref())?,
+        read_only: true,
+        cache: CacheMode::WriteBack,
+        open_backing: a.backing_chain,
+        ..OpenOptions::default()
+    };
+    let img = Image::open(&a.file, &opts)
+        .with_context(|| format!("could not open '{}'", a.file.display()))?;
+    let mut infos = vec![info_json(&a.file, &img)?];
+    if a.backing_chain {
+        let mut layer = img.backing().cloned();
+        while let Some(l) = layer {
+            infos.push(info_json(l.file().path(), &l)?);
+            layer = l.backing().cloned();
+        }
+    }
+    match a.output {
+        OutputFormat::Json => {
+            let v = if a.backing_chain {
+                Value::Array(infos)
+            } else {
+                infos.remove(0)
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        OutputFormat::Human => {
+            let texts: Vec<String> = infos.iter().map(info_human).collect();
+            print!("{}", texts.join("\n"));
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_check(a: CheckArgs) -> Result<i32> {
+    let _ = a.force_share;
+    let repair = match a.repair.as_deref() {
+        None => Repair::None,
+        Some("leaks") => Repair::Leaks,
+        Some("all") => Repair::All,
+        Some(r) => bail!("invalid repair mode '{r}' (leaks or all)"),
+    };
+    let file = xdisk_image::ImageFile::open(&a.file, repair == Repair::None, CacheMode::WriteBack)
+        .with_context(|| format!("could not open '{}'", a.file.display()))?;
+    let format = match parse_format(a.format.as_deref())? {
+        Some(f) => f,
+        None => xdisk_image::probe_format(&file)?,
+    };
+    if format != Format::Qcow2 {
+        eprintln!("xdisk: This image format does not support checks");
+        return Ok(63);
+    }
+    let report = match check(&file, repair) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("xdisk: Check failed: {e}");
+            return Ok(1);
+        }
+    };
+    match a.output {
+        OutputFormat::Json => {
+            let mut v = report.json();
+            v["filename"] = json!(a.file.display().to_string());
+            v["format"] = json!("qcow2");
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        OutputFormat::Human => {
+            if !a.quiet {
+                print!("{}", report.human());
+            }
+        }
+    }
+    Ok(report.exit_code())
+}
+
+fn parse_cache(s: &str) -> Result<CacheMode> {
+    s.parse::<CacheMode>().map_err(|e| anyhow!("{e}"))
+}
+
+fn cmd_convert(a: ConvertArgs) -> Result<i32> {
+    let _ = a.force_share;
+    if a.compress {
+        bail!("compressed output (-c) is not supported yet: xdisk reads compressed clusters but does not write them");
+    }
+    let src = open(&a.src, a.format.as_deref(), true, parse_cache(&a.src_cache)?)?;
+    let out_format: Format = a.out_format.parse().map_err(|e| anyhow!("{e}"))?;
+    let sparse = parse_size(&a.sparse)?;
+    let size = src.size();
+    let mut copts = CreateOptions {
+        size,
+        ..CreateOptions::default()
+    };
+    apply_options(&mut copts, &a.options)?;
+    copts.size = size;
+    if copts.backing_file.is_some() {
+        bail!("convert with a backing file for the output is not supported yet");
+    }
+    match out_format {
+        Format::Raw => create_raw(&a.dst, size, copts.preallocation)?,
+        Format::Qcow2 => create(&a.dst, &copts)?,
+    }
+    let dst = open(&a.dst, Some(out_format.as_str()), false, parse_cache(&a.cache)?)?;
+    const CHUNK: u64 = 2 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0u64;
+    let mut last_pct = u64::MAX;
+    let progress = |off: u64, last: &mut u64| {
+        let pct = if size == 0 { 100 } else { off * 100 / size };
+        if pct != *last {
+            *last = pct;
+            eprint!("\r    ({pct}.00/100%)");
+            let _ = std::io::stderr().flush();
+        }
+    };
+    while off < size {
+        let want = (size - off).min(CHUNK);
+        let st = src.block_status(off, want)?;
+        let n = st.len.max(1).min(want);
+        if st.zero && !st.data {
+            // Zero in the source: the fresh output already reads zero there.
+        } else {
+            let b = &mut buf[..n as usize];
+            src.read_at(b, off)?;
+            write_sparse(&dst, b, off, sparse)?;
+        }
+        off += n;
+        if a.progress {
+            progress(off, &mut last_pct);
+        }
+    }
+    dst.flush()?;
+    dst.close()?;
+    if a.progress {
+        eprintln!();
+    }
+    Ok(0)
+}
+
+/// Writes `data` at `off`, leaving runs of at least `min_zero` zero bytes unwritten (the
+/// destination was freshly created and reads zero there). `min_zero == 0`: write all.
+fn write_sparse(dst: &Image, data: &[u8], off: u64, min_zero: u64) -> Result<()> {
+    if min_zero == 0 {
+        dst.write_at(data, off)?;
+        return Ok(());
+    }
+    let step = min_zero.clamp(512, data.len() as u64) as usize;
+    let mut i = 0usize;
+    while i < data.len() {
+        let end = (i + step).min(data.len());
+        let chunk = &data[i..end];
+        if !chunk.iter().all(|&b| b == 0) {
+            // Extend over following non-zero chunks to write in one go.
+            let mut j = end;
+            while j < data.len() {
+                let e = (j + step).min(data.len());
+                if data[j..e].iter().all(|&b| b == 0) {
+                    break;
+                }
+                j = e;
+            }
+            dst.write_at(&data[i..j], off + i as u64)?;
+            i = j;
+        } else {
+            i = end;
+        }
+    }
+    Ok(())
+}
+
+fn cmd_map(a: MapArgs) -> Result<i32> {
+    let _ = a.force_share;
+    let img = open(&a.file, a.format.as_deref(), true, CacheMode::WriteBack)?;
+    let size = img.size();
+    let mut runs: Vec<(u64, xdisk_image::BlockStatus)> = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let st = img.block_status(off, size - off)?;
+        let len = st.len.max(1);
+        // Merge with the previous run when qemu-img would.
+        if let Some((start, prev)) = runs.last_mut() {
+            let contiguous = match (prev.offset, st.offset) {
+                (Some(p), Some(o)) => p + prev.len == o,
+                (None, None) => true,
+                _ => false,
+            };
+            if prev.data == st.data
+                && prev.zero == st.zero
+                && prev.present == st.present
+                && prev.depth == st.depth
+                && prev.compressed == st.compressed
+                && contiguous
+                && *start + prev.len == off
+            {
+                prev.len += len;
+                off += len;
+                continue;
+            }
+        }
+        runs.push((off, xdisk_image::BlockStatus { len, ..st }));
+        off += len;
+    }
+    // Which file each depth lives in.
+    let mut files = vec![img.file().path().display().to_string()];
+    let mut layer = img.backing().cloned();
+    while let Some(l) = layer {
+        files.push(l.file().path().display().to_string());
+        layer = l.backing().cloned();
+    }
+    match a.output {
+        OutputFormat::Json => {
+            let lines: Vec<String> = runs
+                .iter()
+                .map(|(start, s)| {
+                    let mut line = format!(
+                        "{{ \"start\": {start}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+                        s.len, s.depth, s.present, s.zero, s.data, s.compressed
+                    );
+                    if let Some(o) = s.offset {
+                        line += &format!(", \"offset\": {o}");
+                    }
+                    line + "}"
+                })
+                .collect();
+            println!("[{}]", lines.join(",\n"));
+        }
+        OutputFormat::Human => {
+            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            for (start, s) in &runs {
+                if let (true, Some(o)) = (s.data, s.offset) {
+                    println!(
+                        "{:<#16x}{:<#16x}{:<#16x}{}",
+                        start,
+                        s.len,
+                        o,
+                        files.get(s.depth as usize).map_or("", |f| f.as_str())
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_resize(a: ResizeArgs) -> Result<i32> {
+    let img = open(&a.file, a.format.as_deref(), false, CacheMode::WriteBack)?;
+    let cur = img.size();
+    let new = if let Some(d) = a.size.strip_prefix('+') {
+        cur.checked_add(parse_size(d)?)
+            .ok_or_else(|| anyhow!("size overflows"))?
+    } else if let Some(d) = a.size.strip_prefix('-') {
+        cur.checked_sub(parse_size(d)?)
+            .ok_or_else(|| anyhow!("new size would be negative"))?
+    } else {
+        parse_size(&a.size)?
+    };
+    if new < cur && !a.shrink {
+        bail!("Use the --shrink option to perform a shrink operation.\nWarning: shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
+    }
+    img.resize(new)?;
+    img.flush()?;
+    img.close()?;
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
+
+fn cmd_compare(a: CompareArgs) -> Result<i32> {
+    let _ = a.force_share;
+    let r = (|| -> Result<i32> {
+        let i1 = open(&a.file1, a.format1.as_deref(), true, CacheMode::WriteBack)?;
+        let i2 = open(&a.file2, a.format2.as_deref(), true, CacheMode::WriteBack)?;
+        let (s1, s2) = (i1.size(), i2.size());
+        if s1 != s2 {
+            if a.strict {
+                if !a.quiet {
+                    println!("Strict mode: Image size mismatch!");
+                }
+                return Ok(1);
+            }
+            if !a.quiet {
+                println!("Warning: Image size mismatch!");
+            }
+        }
+        const CHUNK: usize = 1 << 20;
+        let (mut b1, mut b2) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+        let common = s1.min(s2);
+        let mut off = 0u64;
+        while off < common {
+            let n = (common - off).min(CHUNK as u64) as usize;
+            let st1 = i1.block_status(off, n as u64)?;
+            let st2 = i2.block_status(off, n as u64)?;
+            let n = n.min(st1.len as usize).min(st2.len as usize).max(1);
+            if !(st1.zero && !st1.data && st2.zero && !st2.data) {
+                i1.read_at(&mut b1[..n], off)?;
+                i2.read_at(&mut b2[..n], off)?;
+                if let Some(p) = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y) {
+                    let at = (off + p as u64) / 512 * 512;
+                    if !a.quiet {
+                        println!("Content mismatch at offset {at}!");
+                    }
+                    return Ok(1);
+                }
+            }
+            off += n as u64;
+        }
+        // The longer image must read as zeroes past the shorter one's end.
+        let (longer, end) = if s1 > s2 { (&i1, s1) } else { (&i2, s2) };
+        while off < end {
+            let n = (end - off).min(CHUNK as u64) as usize;
+            longer.read_at(&mut b1[..n], off)?;
+            if let Some(p) = b1[..n].iter().position(|&x| x != 0) {
+                if !a.quiet {
+                    println!("Content mismatch at offset {}!", (off + p as u64) / 512 * 512);
+                }
+                return Ok(1);
+            }
+            off += n as u64;
+        }
+        if !a.quiet {
+            println!("Images are identical.");
+        }
+        Ok(0)
+    })();
+    match r {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            eprintln!("xdisk: {e:#}");
+            Ok(2)
+        }
+    }
+}
