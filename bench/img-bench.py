@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Image-engine benchmark: fio vs `xdisk img bench` vs `qemu-img bench`, in one run.
+
+Same workload, same file, alternating order per round; prints medians and ratios.
+
+  bench/img-bench.py [--size 1G] [--rounds 3] [--dir /var/tmp] [--quick]
+
+Workloads: 4k random read QD32, 4k random write QD32, 1M sequential read QD8 and 1M
+sequential write QD8. "Random" for the two bench tools (qemu-img bench has no random mode) is
+a large prime stride modulo the image (qemu-img bench's own wrap rule), so both tools visit the
+same offsets; fio uses its random generator. Anchors: fio (io_uring, O_DIRECT) on the raw file,
+qemu-img bench (-t none -i io_uring) on the raw file and on a fully allocated qcow2 copy.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STRIDE_4K = 4096 * 7919  # a prime number of 4k blocks: scatters like random I/O
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def xdisk_bin():
+    sh(["cargo", "build", "--release", "-q", "-p", "xdisk"], cwd=ROOT)
+    return os.path.join(ROOT, "target", "release", "xdisk")
+
+
+def bench_tool(tool, path, fmt, wl, count):
+    """Runs qemu-img bench or xdisk img bench; returns IOPS."""
+    bs, depth, write, step = wl["bs"], wl["depth"], wl["write"], wl["step"]
+    args = ["bench", "-f", fmt, "-t", "none", "-i", "io_uring", "-c", str(count),
+            "-d", str(depth), "-s", str(bs), "-S", str(step)]
+    if write:
+        args += ["-w", "--pattern", "0x5a" if tool == "qemu-img" else "90"]
+    cmd = ["qemu-img"] + args + [path] if tool == "qemu-img" else [XDISK, "img"] + args + [path]
+    out = sh(cmd)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    if not m:
+        raise RuntimeError(f"no result from {cmd}: {out}")
+    return count / float(m.group(1))
+
+
+def fio(path, wl, count):
+    rw = ("randwrite" if wl["write"] else "randread") if wl["random"] else ("write" if wl["write"] else "read")
+    cmd = ["fio", "--name=anchor", f"--filename={path}", "--direct=1", "--ioengine=io_uring",
+           f"--rw={rw}", f"--bs={wl['bs']}", f"--iodepth={wl['depth']}", f"--number_ios={count}",
+           "--norandommap", "--randrepeat=0", "--output-format=json", "--group_reporting"]
+    out = json.loads(sh(cmd))
+    job = out["jobs"][0]
+    side = job["write" if wl["write"] else "read"]
+    return side["iops"]
+
+
+WORKLOADS = [
+    {"name": "4k randread QD32", "bs": 4096, "depth": 32, "write": False, "random": True, "step": STRIDE_4K, "count": 150000},
+    {"name": "4k randwrite QD32", "bs": 4096, "depth": 32, "write": True, "random": True, "step": STRIDE_4K, "count": 100000},
+    {"name": "1M seq read QD8", "bs": 1 << 20, "depth": 8, "write": False, "random": False, "step": 1 << 20, "count": 1500},
+    {"name": "1M seq write QD8", "bs": 1 << 20, "depth": 8, "write": True, "random": False, "step": 1 << 20, "count": 1000},
+]
+
+
+def main():
+    global XDISK
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--quick", action="store_true", help="small counts (smoke run)")
+    ap.add_argument("--json", help="also write results to this file")
+    a = ap.parse_args()
+    for t in ("fio", "qemu-img"):
+        if not shutil.which(t):
+            sys.exit(f"{t} not found: run scripts/setup")
+    XDISK = xdisk_bin()
+    work = tempfile.mkdtemp(prefix="xdisk-bench-", dir=a.dir)
+    raw = os.path.join(work, "disk.raw")
+    qcow = os.path.join(work, "disk.qcow2")
+    try:
+        size = int(sh(["numfmt", "--from=iec", a.size.upper().rstrip("B")]).strip())
+        print(f"# preparing {a.size} raw file with random data and a fully allocated qcow2 copy in {work}")
+        with open(raw, "wb") as f, open("/dev/urandom", "rb") as r:
+            left = size
+            while left:
+                n = min(left, 16 << 20)
+                f.write(r.read(n))
+                left -= n
+        sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow])
+        runs = [
+            ("fio raw", lambda wl, c: fio(raw, wl, c)),
+            ("xdisk raw", lambda wl, c: bench_tool("xdisk", raw, "raw", wl, c)),
+            ("qemu-img raw", lambda wl, c: bench_tool("qemu-img", raw, "raw", wl, c)),
+            ("xdisk qcow2", lambda wl, c: bench_tool("xdisk", qcow, "qcow2", wl, c)),
+            ("qemu-img qcow2", lambda wl, c: bench_tool("qemu-img", qcow, "qcow2", wl, c)),
+        ]
+        results = {}
+        for wl in WORKLOADS:
+            count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
+            per = {name: [] for name, _ in runs}
+            for rnd in range(a.rounds):
+                order = runs if rnd % 2 == 0 else list(reversed(runs))
+                for name, fn in order:
+                    per[name].append(fn(wl, count))
+            med = {k: statistics.median(v) for k, v in per.items()}
+            results[wl["name"]] = {"median_iops": med, "samples": per}
+            unit = (lambda x: f"{x:9.0f} IOPS") if wl["bs"] == 4096 else (lambda x: f"{x * wl['bs'] / 1e6:7.0f} MB/s")
+            print(f"\n{wl['name']} (median of {a.rounds}, count {count})")
+            for k, v in med.items():
+                print(f"  {k:15s} {unit(v)}")
+            print(f"  ratio xdisk raw / fio          = {med['xdisk raw'] / med['fio raw']:.2f}")
+            print(f"  ratio xdisk qcow2 / xdisk raw  = {med['xdisk qcow2'] / med['xdisk raw']:.2f}")
+            print(f"  ratio xdisk raw / qemu-img raw = {med['xdisk raw'] / med['qemu-img raw']:.2f}")
+            print(f"  ratio xdisk qcow2 / qemu-img qcow2 = {med['xdisk qcow2'] / med['qemu-img qcow2']:.2f}")
+            sys.stdout.flush()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=2)
+        chk = subprocess.run(["qemu-img", "check", qcow], capture_output=True, text=True)
+        print(f"\nqemu-img check after the qcow2 writes: exit {chk.returncode}: {chk.stdout.strip().splitlines()[0] if chk.stdout else chk.stderr.strip()}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    XDISK = None
+    t0 = time.time()
+    main()
+    print(f"# total {time.time() - t0:.0f} s")
