@@ -560,6 +560,19 @@ fn errors(kind: AioKind, cache: CacheMode) {
         }
     }
 
+    // Flushing something that cannot be synced (a pipe): EINVAL (native AIO: io_submit
+    // refuses IOCB_CMD_FDSYNC, the fdatasync fallback fails the same way).
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let c = run(&mut e, op(OpKind::Flush, fds[0], 0, None, 17));
+    assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+    // SAFETY: both descriptors were created above and are closed once.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+
     // Writing to a read-only file.
     let ro = xdisk_io::ImageFile::open(fx.path(), true, cache).unwrap();
     let c = run(
