@@ -204,13 +204,27 @@ impl ImageFile {
         let _guard = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
         read_full(&self.file, &mut bounce, start)?;
         bounce[skip..skip + buf.len()].copy_from_slice(buf);
-        self.write_trimmed(&bounce, start)
+        self.write_trimmed(&bounce, start, off + buf.len() as u64)
     }
 
-    /// Writes an aligned bounce buffer, but never extends a regular file past the end the
-    /// caller asked for by more than the alignment padding (the tail block is written whole).
-    fn write_trimmed(&self, bounce: &AlignedBuf, start: u64) -> io::Result<()> {
-        self.file.write_all_at(bounce, start)
+    /// Writes an aligned bounce buffer whose caller-visible part ends at `end`. The tail block
+    /// is written whole, so a write that extends a regular file would leave it longer than a
+    /// buffered write does (up to the next alignment boundary): the file is then cut back to
+    /// `end` (or its previous size, if larger), so that O_DIRECT and buffered files end up
+    /// with the same size. Called under the RMW lock; an aligned write racing past the end of
+    /// the file at the same moment is the caller's problem, as with any concurrent extension.
+    fn write_trimmed(&self, bounce: &AlignedBuf, start: u64, end: u64) -> io::Result<()> {
+        let padded_end = start + bounce.len() as u64;
+        let old_size = if !self.block_device && padded_end > end {
+            Some(self.len()?)
+        } else {
+            None
+        };
+        self.file.write_all_at(bounce, start)?;
+        match old_size {
+            Some(old) if old < padded_end => self.file.set_len(old.max(end)),
+            _ => Ok(()),
+        }
     }
 
     /// Writes `len` zero bytes at `off` by plain writes (the fallback of `zero_range`).

@@ -84,7 +84,11 @@ pub trait Engine<B: IoBuf>: Send {
     fn commit(&mut self) -> io::Result<()>;
     /// Appends finished operations to `out`. Commits queued ops first. Waits until at least
     /// `min` completions are available (0: do not wait) or `timeout` passes (None: no limit).
-    /// Returns the number appended.
+    /// Returns the number appended (every completion available, possibly more than `min`).
+    ///
+    /// With no timeout, `min` is capped at the operations in flight (waiting for more could
+    /// never end); with a timeout it is not (like io_getevents(2), the call then sleeps until
+    /// the timeout).
     fn reap(
         &mut self,
         out: &mut Vec<Completion<B>>,
