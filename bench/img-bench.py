@@ -42,7 +42,7 @@ def bench_tool(tool, path, fmt, wl, count):
     args = ["bench", "-f", fmt, "-t", "none", "-i", "io_uring", "-c", str(count),
             "-d", str(depth), "-s", str(bs), "-S", str(step)]
     if write:
-        args += ["-w", "--pattern", "0x5a" if tool == "qemu-img" else "90"]
+        args += ["-w", "--pattern", "0x5a"]
     cmd = ["qemu-img"] + args + [path] if tool == "qemu-img" else [XDISK, "img"] + args + [path]
     out = sh(cmd)
     m = re.search(r"Run completed in ([0-9.]+) seconds", out)

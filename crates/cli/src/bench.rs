@@ -40,7 +40,7 @@ pub struct BenchArgs {
     #[arg(short = 'o', default_value = "0")]
     offset: String,
     /// Byte written by write requests.
-    #[arg(long = "pattern", default_value_t = 0)]
+    #[arg(long = "pattern", default_value = "0", value_parser = parse_pattern)]
     pattern: u8,
     /// Quiet.
     #[arg(short = 'q')]
@@ -195,4 +195,14 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     tracing::info!(aio = %q.aio(), fast = st.fast, slow = st.slow, "bench done");
     println!("Run completed in {secs:.3} seconds.");
     Ok(0)
+}
+
+/// A byte, decimal or 0x-hex (qemu-img parses it with strtol base 0).
+fn parse_pattern(s: &str) -> std::result::Result<u8, String> {
+    let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u8::from_str_radix(h, 16)
+    } else {
+        s.parse::<u8>()
+    };
+    v.map_err(|_| format!("invalid pattern '{s}' (a byte, 0..255 or 0x00..0xff)"))
 }

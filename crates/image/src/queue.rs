@@ -482,7 +482,7 @@ impl<B: IoBuf> ImageQueue<B> {
             self.slow.event.drain();
             if n == 2 {
                 // Best effort: the engine's eventfd was made non-blocking at construction.
-                xdisk_io::sys::drain_eventfd(fds[0]);
+                self.engine.clear_event_fd();
             }
         }
         Ok(())

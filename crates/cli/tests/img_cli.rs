@@ -1,0 +1,302 @@
+//! `xdisk img` against qemu-img as the oracle, both directions.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("xdisk-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+fn run(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} runs: {e}"))
+}
+
+fn ok(prog: &str, args: &[&str]) -> String {
+    let o = run(prog, args);
+    assert!(
+        o.status.success(),
+        "{prog} {args:?} failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn xdisk(args: &[&str]) -> String {
+    let mut a = vec!["img"];
+    a.extend_from_slice(args);
+    ok(XDISK, &a)
+}
+
+fn xdisk_out(args: &[&str]) -> Output {
+    let mut a = vec!["img"];
+    a.extend_from_slice(args);
+    run(XDISK, &a)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))
+}
+
+/// The qemu-img info fields that describe the image (not the host file).
+fn info_fields(v: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for k in ["virtual-size", "format", "cluster-size", "backing-filename", "backing-filename-format"] {
+        out.push((k.to_string(), v.get(k).cloned().unwrap_or(Value::Null)));
+    }
+    for k in ["compat", "refcount-bits", "lazy-refcounts", "compression-type", "corrupt"] {
+        out.push((
+            k.to_string(),
+            v.pointer(&format!("/format-specific/data/{k}")).cloned().unwrap_or(Value::Null),
+        ));
+    }
+    out
+}
+
+#[test]
+fn create_matches_qemu_img_create_and_passes_check() {
+    let d = tmp();
+    let base = d.path().join("base.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "32M"]);
+    let cases: &[&[&str]] = &[
+        &["-f", "qcow2"],
+        &["-f", "qcow2", "-o", "cluster_size=512"],
+        &["-f", "qcow2", "-o", "cluster_size=2M"],
+        &["-f", "qcow2", "-o", "compat=0.10"],
+        &["-f", "qcow2", "-o", "refcount_bits=1"],
+        &["-f", "qcow2", "-o", "refcount_bits=64,lazy_refcounts=on"],
+        &["-f", "qcow2", "-o", "compression_type=zstd"],
+        &["-f", "qcow2", "-o", "preallocation=metadata,cluster_size=4k"],
+        &["-f", "qcow2", "-o", "preallocation=falloc"],
+        &["-f", "qcow2", "-o", "preallocation=full"],
+        &["-f", "qcow2", "-b", "base.raw", "-F", "raw"],
+    ];
+    for (i, opts) in cases.iter().enumerate() {
+        let ours = d.path().join(format!("ours{i}.qcow2"));
+        let theirs = d.path().join(format!("theirs{i}.qcow2"));
+        let has_backing = opts.contains(&"-b");
+        let mut a: Vec<&str> = vec!["create", "-q"];
+        a.extend_from_slice(opts);
+        let mut x = a.clone();
+        x.push(s(&ours));
+        let mut q = a.clone();
+        q.push(s(&theirs));
+        if !has_backing {
+            x.push("64M");
+            q.push("64M");
+        }
+        // Relative backing names resolve against the image's directory.
+        let xo = Command::new(XDISK).arg("img").args(&x).current_dir(d.path()).output().unwrap();
+        assert!(xo.status.success(), "xdisk create {opts:?}: {}", String::from_utf8_lossy(&xo.stderr));
+        let qo = Command::new("qemu-img").args(&q).current_dir(d.path()).output().unwrap();
+        assert!(qo.status.success(), "qemu-img create {opts:?}");
+        ok("qemu-img", &["check", s(&ours)]);
+        let vi = json(&ok("qemu-img", &["info", "--output=json", s(&ours)]));
+        let vq = json(&ok("qemu-img", &["info", "--output=json", s(&theirs)]));
+        assert_eq!(info_fields(&vi), info_fields(&vq), "create {opts:?}");
+        // And xdisk's own info agrees with qemu-img's on both.
+        let xi = json(&xdisk(&["info", "--output=json", s(&theirs)]));
+        assert_eq!(info_fields(&xi), info_fields(&vq), "xdisk info {opts:?}");
+        // qemu-io can use what xdisk created.
+        ok("qemu-io", &["-c", "write -P 0x42 0 128k", "-c", "read -P 0x42 0 128k", s(&ours)]);
+        ok("qemu-img", &["check", s(&ours)]);
+    }
+    // Raw create.
+    let raw = d.path().join("r.raw");
+    xdisk(&["create", "-q", "-f", "raw", s(&raw), "10M"]);
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 10 << 20);
+}
+
+/// Images written by qemu-io in many shapes; xdisk convert -O raw must equal qemu-img's.
+#[test]
+fn convert_reads_qemu_images_byte_identically() {
+    let d = tmp();
+    let base = d.path().join("base.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    ok("qemu-io", &["-c", "write -P 0x11 0 3M", "-c", "write -P 0x12 5M 1M", s(&base)]);
+    let mut images: Vec<PathBuf> = vec![];
+    for (i, o) in [
+        "cluster_size=512",
+        "cluster_size=4096,refcount_bits=1",
+        "cluster_size=65536,refcount_bits=64",
+        "cluster_size=2M",
+        "compat=0.10",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = d.path().join(format!("img{i}.qcow2"));
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", o, "-b", s(&base), "-F", "qcow2", s(&p)]);
+        ok(
+            "qemu-io",
+            &[
+                "-c", "write -P 0x21 100k 300k",
+                "-c", "write -z 1M 512k",
+                "-c", "discard 2M 256k",
+                "-c", "write -P 0x22 7M 1000k",
+                s(&p),
+            ],
+        );
+        images.push(p);
+    }
+    // Compressed, zlib and zstd.
+    for ct in ["zlib", "zstd"] {
+        let p = d.path().join(format!("c-{ct}.qcow2"));
+        ok(
+            "qemu-img",
+            &["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ct}"), s(&base), s(&p)],
+        );
+        images.push(p);
+    }
+    for img in &images {
+        let ours = d.path().join("ours.raw");
+        let theirs = d.path().join("theirs.raw");
+        xdisk(&["convert", "-O", "raw", s(img), s(&ours)]);
+        ok("qemu-img", &["convert", "-O", "raw", s(img), s(&theirs)]);
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "{} reads differently",
+            img.display()
+        );
+        // And to qcow2: qemu-img check clean, qemu-img compare identical.
+        let q = d.path().join("ours.qcow2");
+        let _ = std::fs::remove_file(&q);
+        xdisk(&["convert", "-O", "qcow2", s(img), s(&q)]);
+        ok("qemu-img", &["check", s(&q)]);
+        ok("qemu-img", &["compare", s(img), s(&q)]);
+    }
+}
+
+/// Expands a map (list of runs) into per-4k-block (present, zero, data, depth) tuples.
+fn blocks(map: &Value, size: u64) -> Vec<(bool, bool, bool, u64)> {
+    let mut out = vec![(false, false, false, 0); (size / 4096) as usize];
+    for r in map.as_array().unwrap() {
+        let start = r["start"].as_u64().unwrap();
+        let len = r["length"].as_u64().unwrap();
+        for b in start / 4096..(start + len) / 4096 {
+            out[b as usize] = (
+                r["present"].as_bool().unwrap(),
+                r["zero"].as_bool().unwrap(),
+                r["data"].as_bool().unwrap(),
+                r["depth"].as_u64().unwrap(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn map_agrees_with_qemu_img_map() {
+    let d = tmp();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&base), "4M"]);
+    ok("qemu-io", &["-c", "write -P 1 0 1M", s(&base)]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", s(&base), "-F", "qcow2", s(&top)]);
+    ok("qemu-io", &["-c", "write -P 2 512k 1M", "-c", "write -z 2M 64k", s(&top)]);
+    let ours = json(&xdisk(&["map", "--output=json", s(&top)]));
+    let theirs = json(&ok("qemu-img", &["map", "--output=json", s(&top)]));
+    assert_eq!(blocks(&ours, 4 << 20), blocks(&theirs, 4 << 20));
+    let human = xdisk(&["map", s(&top)]);
+    assert!(human.starts_with("Offset"), "{human}");
+}
+
+#[test]
+fn check_resize_compare_exit_codes_like_qemu_img() {
+    let d = tmp();
+    let a = d.path().join("a.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "16M"]);
+    ok("qemu-io", &["-c", "write -P 7 1M 1M", s(&a)]);
+    // check: clean image, human and JSON.
+    let o = xdisk_out(&["check", s(&a)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("No errors were found on the image."));
+    let j = json(&xdisk(&["check", "--output=json", s(&a)]));
+    assert_eq!(j["corruptions"], 0);
+    assert_eq!(j["leaks"], 0);
+    // resize grow and shrink.
+    xdisk(&["resize", s(&a), "+16M"]);
+    ok("qemu-img", &["check", s(&a)]);
+    let v = json(&ok("qemu-img", &["info", "--output=json", s(&a)]));
+    assert_eq!(v["virtual-size"], 32 << 20);
+    assert_eq!(xdisk_out(&["resize", s(&a), "8M"]).status.code(), Some(1), "shrink needs --shrink");
+    xdisk(&["resize", "--shrink", s(&a), "8M"]);
+    ok("qemu-img", &["check", s(&a)]);
+    let v = json(&ok("qemu-img", &["info", "--output=json", s(&a)]));
+    assert_eq!(v["virtual-size"], 8 << 20);
+    ok("qemu-io", &["-c", "read -P 7 1M 1M", s(&a)]);
+    // compare: identical, then different at a known offset.
+    let b = d.path().join("b.raw");
+    ok("qemu-img", &["convert", "-O", "raw", s(&a), s(&b)]);
+    let o = xdisk_out(&["compare", s(&a), s(&b)]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 9 3m 512", s(&b)]);
+    let o = xdisk_out(&["compare", s(&a), s(&b)]);
+    assert_eq!(o.status.code(), Some(1));
+    let q = run("qemu-img", &["compare", s(&a), s(&b)]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&q.stdout),
+        "same message as qemu-img compare"
+    );
+    let o = xdisk_out(&["compare", s(&a), "/nonexistent"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn bench_runs_like_qemu_img_bench() {
+    let d = tmp();
+    let raw = d.path().join("b.raw");
+    let q = d.path().join("b.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "16M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&q), "16M"]);
+    for (img, fmt) in [(&raw, "raw"), (&q, "qcow2")] {
+        for aio in ["io_uring", "native", "threads"] {
+            for extra in [&["-w"][..], &[][..], &["-w", "--flush-interval=64", "-S", "1M"][..]] {
+                let mut a = vec!["bench", "-f", fmt, "-t", "none", "-i", aio, "-c", "2000", "-d", "32"];
+                a.extend_from_slice(extra);
+                a.push(s(img));
+                let out = xdisk(&a);
+                assert!(out.contains("Run completed in"), "{out}");
+                assert!(out.starts_with("Sending 2000 "), "{out}");
+            }
+        }
+    }
+    ok("qemu-img", &["check", s(&q)]);
+}
+
+#[test]
+fn hostile_or_missing_images_give_clear_errors() {
+    let d = tmp();
+    let junk = d.path().join("junk.qcow2");
+    let mut bytes = b"QFI\xfb".to_vec();
+    bytes.extend_from_slice(&[0xff; 508]);
+    std::fs::write(&junk, &bytes).unwrap();
+    for args in [
+        vec!["info", s(&junk)],
+        vec!["map", s(&junk)],
+        vec!["convert", "-O", "raw", s(&junk), "/dev/null"],
+        vec!["info", "/nonexistent/image"],
+    ] {
+        let o = xdisk_out(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.starts_with("xdisk: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
