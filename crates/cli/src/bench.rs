@@ -133,7 +133,10 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     while completed < a.count {
         while !flushing && in_flight < a.depth && submitted < a.count {
             let buf = free.pop().expect("a free buffer per slot");
-            if offset.checked_add(bufsize as u64).is_none_or(|e| e > image_size) {
+            if offset
+                .checked_add(bufsize as u64)
+                .is_none_or(|e| e > image_size)
+            {
                 bail!("request at offset {offset} of {bufsize} bytes is past the end of the image ({image_size} bytes)");
             }
             q.submit(Request {

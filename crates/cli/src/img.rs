@@ -191,7 +191,12 @@ fn parse_format(s: Option<&str>) -> Result<Option<Format>> {
         .transpose()
 }
 
-pub fn open(path: &Path, format: Option<&str>, read_only: bool, cache: CacheMode) -> Result<Arc<Image>> {
+pub fn open(
+    path: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    cache: CacheMode,
+) -> Result<Arc<Image>> {
     let opts = OpenOptions {
         format: parse_format(format)?,
         read_only,
@@ -273,8 +278,13 @@ fn cmd_create(a: CreateArgs) -> Result<i32> {
     if let Some(b) = &opts.backing_file {
         // Like qemu-img: the backing file must open, and gives the size when none is given.
         let bpath = xdisk_image::resolve_backing(&a.file, b);
-        let backing = open(&bpath, opts.backing_format.as_deref(), true, CacheMode::WriteBack)
-            .with_context(|| format!("could not open backing file '{b}'"))?;
+        let backing = open(
+            &bpath,
+            opts.backing_format.as_deref(),
+            true,
+            CacheMode::WriteBack,
+        )
+        .with_context(|| format!("could not open backing file '{b}'"))?;
         if opts.backing_format.is_none() {
             opts.backing_format = Some(backing.format().to_string());
         }
@@ -341,7 +351,8 @@ fn info_json(path: &Path, img: &Image) -> Result<Value> {
         if h.version >= 3 {
             data["compression-type"] = json!(h.compression_type.as_str());
             data["lazy-refcounts"] = json!(h.lazy_refcounts());
-            data["corrupt"] = json!(h.incompatible_features & xdisk_image::qcow2::format::incompat::CORRUPT != 0);
+            data["corrupt"] =
+                json!(h.incompatible_features & xdisk_image::qcow2::format::incompat::CORRUPT != 0);
             data["extended-l2"] = json!(false);
         }
         v["format-specific"] = json!({"type": "qcow2", "data": data});
@@ -380,7 +391,10 @@ fn info_human(v: &Value) -> String {
     s += &format!("file format: {}\n", g("format").as_str().unwrap_or(""));
     let vs = g("virtual-size").as_u64().unwrap_or(0);
     s += &format!("virtual size: {} ({vs} bytes)\n", human(vs));
-    s += &format!("disk size: {}\n", human(g("actual-size").as_u64().unwrap_or(0)));
+    s += &format!(
+        "disk size: {}\n",
+        human(g("actual-size").as_u64().unwrap_or(0))
+    );
     if let Some(cs) = g("cluster-size").as_u64() {
         s += &format!("cluster_size: {cs}\n");
     }
@@ -511,7 +525,12 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
     if a.compress {
         bail!("compressed output (-c) is not supported yet: xdisk reads compressed clusters but does not write them");
     }
-    let src = open(&a.src, a.format.as_deref(), true, parse_cache(&a.src_cache)?)?;
+    let src = open(
+        &a.src,
+        a.format.as_deref(),
+        true,
+        parse_cache(&a.src_cache)?,
+    )?;
     let out_format: Format = a.out_format.parse().map_err(|e| anyhow!("{e}"))?;
     let sparse = parse_size(&a.sparse)?;
     let size = src.size();
@@ -528,7 +547,12 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
         Format::Raw => create_raw(&a.dst, size, copts.preallocation)?,
         Format::Qcow2 => create(&a.dst, &copts)?,
     }
-    let dst = open(&a.dst, Some(out_format.as_str()), false, parse_cache(&a.cache)?)?;
+    let dst = open(
+        &a.dst,
+        Some(out_format.as_str()),
+        false,
+        parse_cache(&a.cache)?,
+    )?;
     const CHUNK: u64 = 2 << 20;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0u64;
@@ -740,7 +764,10 @@ fn cmd_compare(a: CompareArgs) -> Result<i32> {
             longer.read_at(&mut b1[..n], off)?;
             if let Some(p) = b1[..n].iter().position(|&x| x != 0) {
                 if !a.quiet {
-                    println!("Content mismatch at offset {}!", (off + p as u64) / 512 * 512);
+                    println!(
+                        "Content mismatch at offset {}!",
+                        (off + p as u64) / 512 * 512
+                    );
                 }
                 return Ok(1);
             }

@@ -9,7 +9,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xdisk", version, about = "Userspace Xen disk backend and image tools")]
+#[command(
+    name = "xdisk",
+    version,
+    about = "Userspace Xen disk backend and image tools"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,

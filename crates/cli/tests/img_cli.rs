@@ -56,13 +56,27 @@ fn json(text: &str) -> Value {
 /// The qemu-img info fields that describe the image (not the host file).
 fn info_fields(v: &Value) -> Vec<(String, Value)> {
     let mut out = Vec::new();
-    for k in ["virtual-size", "format", "cluster-size", "backing-filename", "backing-filename-format"] {
+    for k in [
+        "virtual-size",
+        "format",
+        "cluster-size",
+        "backing-filename",
+        "backing-filename-format",
+    ] {
         out.push((k.to_string(), v.get(k).cloned().unwrap_or(Value::Null)));
     }
-    for k in ["compat", "refcount-bits", "lazy-refcounts", "compression-type", "corrupt"] {
+    for k in [
+        "compat",
+        "refcount-bits",
+        "lazy-refcounts",
+        "compression-type",
+        "corrupt",
+    ] {
         out.push((
             k.to_string(),
-            v.pointer(&format!("/format-specific/data/{k}")).cloned().unwrap_or(Value::Null),
+            v.pointer(&format!("/format-specific/data/{k}"))
+                .cloned()
+                .unwrap_or(Value::Null),
         ));
     }
     out
@@ -81,7 +95,12 @@ fn create_matches_qemu_img_create_and_passes_check() {
         &["-f", "qcow2", "-o", "refcount_bits=1"],
         &["-f", "qcow2", "-o", "refcount_bits=64,lazy_refcounts=on"],
         &["-f", "qcow2", "-o", "compression_type=zstd"],
-        &["-f", "qcow2", "-o", "preallocation=metadata,cluster_size=4k"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata,cluster_size=4k",
+        ],
         &["-f", "qcow2", "-o", "preallocation=falloc"],
         &["-f", "qcow2", "-o", "preallocation=full"],
         &["-f", "qcow2", "-b", "base.raw", "-F", "raw"],
@@ -101,9 +120,22 @@ fn create_matches_qemu_img_create_and_passes_check() {
             q.push("64M");
         }
         // Relative backing names resolve against the image's directory.
-        let xo = Command::new(XDISK).arg("img").args(&x).current_dir(d.path()).output().unwrap();
-        assert!(xo.status.success(), "xdisk create {opts:?}: {}", String::from_utf8_lossy(&xo.stderr));
-        let qo = Command::new("qemu-img").args(&q).current_dir(d.path()).output().unwrap();
+        let xo = Command::new(XDISK)
+            .arg("img")
+            .args(&x)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            xo.status.success(),
+            "xdisk create {opts:?}: {}",
+            String::from_utf8_lossy(&xo.stderr)
+        );
+        let qo = Command::new("qemu-img")
+            .args(&q)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
         assert!(qo.status.success(), "qemu-img create {opts:?}");
         ok("qemu-img", &["check", s(&ours)]);
         let vi = json(&ok("qemu-img", &["info", "--output=json", s(&ours)]));
@@ -113,7 +145,16 @@ fn create_matches_qemu_img_create_and_passes_check() {
         let xi = json(&xdisk(&["info", "--output=json", s(&theirs)]));
         assert_eq!(info_fields(&xi), info_fields(&vq), "xdisk info {opts:?}");
         // qemu-io can use what xdisk created.
-        ok("qemu-io", &["-c", "write -P 0x42 0 128k", "-c", "read -P 0x42 0 128k", s(&ours)]);
+        ok(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 0x42 0 128k",
+                "-c",
+                "read -P 0x42 0 128k",
+                s(&ours),
+            ],
+        );
         ok("qemu-img", &["check", s(&ours)]);
     }
     // Raw create.
@@ -128,7 +169,16 @@ fn convert_reads_qemu_images_byte_identically() {
     let d = tmp();
     let base = d.path().join("base.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "8M"]);
-    ok("qemu-io", &["-c", "write -P 0x11 0 3M", "-c", "write -P 0x12 5M 1M", s(&base)]);
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x11 0 3M",
+            "-c",
+            "write -P 0x12 5M 1M",
+            s(&base),
+        ],
+    );
     let mut images: Vec<PathBuf> = vec![];
     for (i, o) in [
         "cluster_size=512",
@@ -141,14 +191,33 @@ fn convert_reads_qemu_images_byte_identically() {
     .enumerate()
     {
         let p = d.path().join(format!("img{i}.qcow2"));
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", o, "-b", s(&base), "-F", "qcow2", s(&p)]);
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                o,
+                "-b",
+                s(&base),
+                "-F",
+                "qcow2",
+                s(&p),
+            ],
+        );
         ok(
             "qemu-io",
             &[
-                "-c", "write -P 0x21 100k 300k",
-                "-c", "write -z 1M 512k",
-                "-c", "discard 2M 256k",
-                "-c", "write -P 0x22 7M 1000k",
+                "-c",
+                "write -P 0x21 100k 300k",
+                "-c",
+                "write -z 1M 512k",
+                "-c",
+                "discard 2M 256k",
+                "-c",
+                "write -P 0x22 7M 1000k",
                 s(&p),
             ],
         );
@@ -159,7 +228,16 @@ fn convert_reads_qemu_images_byte_identically() {
         let p = d.path().join(format!("c-{ct}.qcow2"));
         ok(
             "qemu-img",
-            &["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ct}"), s(&base), s(&p)],
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ct}"),
+                s(&base),
+                s(&p),
+            ],
         );
         images.push(p);
     }
@@ -205,10 +283,40 @@ fn map_agrees_with_qemu_img_map() {
     let d = tmp();
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&base), "4M"]);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&base),
+            "4M",
+        ],
+    );
     ok("qemu-io", &["-c", "write -P 1 0 1M", s(&base)]);
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", s(&base), "-F", "qcow2", s(&top)]);
-    ok("qemu-io", &["-c", "write -P 2 512k 1M", "-c", "write -z 2M 64k", s(&top)]);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-c", "write -P 2 512k 1M", "-c", "write -z 2M 64k", s(&top)],
+    );
     let ours = json(&xdisk(&["map", "--output=json", s(&top)]));
     let theirs = json(&ok("qemu-img", &["map", "--output=json", s(&top)]));
     assert_eq!(blocks(&ours, 4 << 20), blocks(&theirs, 4 << 20));
@@ -234,7 +342,11 @@ fn check_resize_compare_exit_codes_like_qemu_img() {
     ok("qemu-img", &["check", s(&a)]);
     let v = json(&ok("qemu-img", &["info", "--output=json", s(&a)]));
     assert_eq!(v["virtual-size"], 32 << 20);
-    assert_eq!(xdisk_out(&["resize", s(&a), "8M"]).status.code(), Some(1), "shrink needs --shrink");
+    assert_eq!(
+        xdisk_out(&["resize", s(&a), "8M"]).status.code(),
+        Some(1),
+        "shrink needs --shrink"
+    );
     xdisk(&["resize", "--shrink", s(&a), "8M"]);
     ok("qemu-img", &["check", s(&a)]);
     let v = json(&ok("qemu-img", &["info", "--output=json", s(&a)]));
@@ -244,7 +356,12 @@ fn check_resize_compare_exit_codes_like_qemu_img() {
     let b = d.path().join("b.raw");
     ok("qemu-img", &["convert", "-O", "raw", s(&a), s(&b)]);
     let o = xdisk_out(&["compare", s(&a), s(&b)]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     ok("qemu-io", &["-f", "raw", "-c", "write -P 9 3m 512", s(&b)]);
     let o = xdisk_out(&["compare", s(&a), s(&b)]);
     assert_eq!(o.status.code(), Some(1));
@@ -267,8 +384,14 @@ fn bench_runs_like_qemu_img_bench() {
     ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&q), "16M"]);
     for (img, fmt) in [(&raw, "raw"), (&q, "qcow2")] {
         for aio in ["io_uring", "native", "threads"] {
-            for extra in [&["-w"][..], &[][..], &["-w", "--flush-interval=64", "-S", "1M"][..]] {
-                let mut a = vec!["bench", "-f", fmt, "-t", "none", "-i", aio, "-c", "2000", "-d", "32"];
+            for extra in [
+                &["-w"][..],
+                &[][..],
+                &["-w", "--flush-interval=64", "-S", "1M"][..],
+            ] {
+                let mut a = vec![
+                    "bench", "-f", fmt, "-t", "none", "-i", aio, "-c", "2000", "-d", "32",
+                ];
                 a.extend_from_slice(extra);
                 a.push(s(img));
                 let out = xdisk(&a);

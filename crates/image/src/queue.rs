@@ -17,7 +17,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use xdisk_io::sys::{poll_readable, set_nonblocking, EventFd};
-use xdisk_io::{open_engine, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op, OpKind};
+use xdisk_io::{
+    open_engine, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op, OpKind,
+};
 
 use crate::{Error, Extent, Image, InFlight, Mapping, Result};
 
@@ -204,7 +206,10 @@ impl<B: IoBuf> ImageQueue<B> {
             return Ok(());
         }
         self.extents.clear();
-        let guard = match self.image.map(req.offset, len as u64, write, &mut self.extents) {
+        let guard = match self
+            .image
+            .map(req.offset, len as u64, write, &mut self.extents)
+        {
             Ok(Mapping::Mapped(g)) => g,
             Ok(Mapping::Slow) => return Err(req),
             Err(e) => {
@@ -388,10 +393,7 @@ impl<B: IoBuf> ImageQueue<B> {
             }
             Err(e) => {
                 if slot.error.is_none() {
-                    slot.error = Some(Error::io(
-                        format!("{:?} at host offset", slot.kind),
-                        e,
-                    ));
+                    slot.error = Some(Error::io(format!("{:?} at host offset", slot.kind), e));
                 }
             }
         }

@@ -69,13 +69,26 @@ fn crash_child_entry() {
 }
 
 fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img").args(args).output().expect("qemu-img runs")
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img runs")
 }
 
 fn read_image(path: &Path, dir: &Path) -> Vec<u8> {
     let flat = dir.join("flat.raw");
-    let out = qemu_img(&["convert", "-O", "raw", path.to_str().unwrap(), flat.to_str().unwrap()]);
-    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    let out = qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        path.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read(&flat).unwrap()
 }
 
@@ -92,22 +105,45 @@ fn run_crashes(backing: bool, rounds: u64) {
         rand::rngs::StdRng::seed_from_u64(99).fill(&mut data[..]);
         std::fs::write(&base, &data).unwrap();
         assert!(qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b",
-            base.to_str().unwrap(), "-F", "raw", img_s,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            img_s,
         ])
         .status
         .success());
     } else {
-        assert!(qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img_s, "8M"])
-            .status
-            .success());
+        assert!(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            img_s,
+            "8M"
+        ])
+        .status
+        .success());
     }
     let mut state = read_image(&img, dir.path());
     let mut rng = rand::rngs::StdRng::seed_from_u64(if backing { 2 } else { 1 });
     for round in 0..rounds {
         let seed = round + 1000 * backing as u64;
         let mut ch = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child_entry", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("XDISK_CRASH_CHILD", img_s)
             .env("XDISK_CRASH_SEED", seed.to_string())
             .stdout(Stdio::piped())

@@ -20,7 +20,10 @@ fn tmpdir() -> tempfile::TempDir {
 }
 
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img runs");
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img runs");
     assert!(
         out.status.success(),
         "qemu-img {args:?} failed: {}",
@@ -100,7 +103,10 @@ fn random_workload(image: Arc<Image>, model: &mut [u8], aio: AioKind, seed: u64,
                 8 => {
                     model[off as usize..(off + len) as usize].fill(0);
                     q.submit(Request {
-                        kind: RequestKind::WriteZeroes { len, unmap: rng.gen() },
+                        kind: RequestKind::WriteZeroes {
+                            len,
+                            unmap: rng.gen(),
+                        },
                         offset: off,
                         buf: None,
                         user_data: id,
@@ -156,7 +162,10 @@ fn queue_raw_every_engine_matches_model() {
             random_workload(img.clone(), &mut model, aio, 7, 1500);
             img.flush().unwrap();
             drop(img);
-            assert!(std::fs::read(&p).unwrap() == model, "file contents ({aio}, {cache})");
+            assert!(
+                std::fs::read(&p).unwrap() == model,
+                "file contents ({aio}, {cache})"
+            );
         }
     }
 }
@@ -176,8 +185,17 @@ fn queue_qcow2_every_engine_matches_model_and_qemu_img_check() {
                 std::fs::write(&b, &data).unwrap();
                 model.copy_from_slice(&data);
                 qemu_img(&[
-                    "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b",
-                    b.to_str().unwrap(), "-F", "raw", p.to_str().unwrap(),
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=4096",
+                    "-b",
+                    b.to_str().unwrap(),
+                    "-F",
+                    "raw",
+                    p.to_str().unwrap(),
                 ]);
             } else {
                 qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
@@ -189,7 +207,13 @@ fn queue_qcow2_every_engine_matches_model_and_qemu_img_check() {
             drop(img);
             qemu_img(&["check", p.to_str().unwrap()]);
             let flat = dir.path().join("flat.raw");
-            qemu_img(&["convert", "-O", "raw", p.to_str().unwrap(), flat.to_str().unwrap()]);
+            qemu_img(&[
+                "convert",
+                "-O",
+                "raw",
+                p.to_str().unwrap(),
+                flat.to_str().unwrap(),
+            ]);
             assert!(
                 std::fs::read(&flat).unwrap() == model,
                 "qemu-img sees what xdisk wrote ({aio}, backing {backing})"

@@ -114,7 +114,9 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
         }
         return Err(e);
     }
-    Ok(p.iter().map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0).collect())
+    Ok(p.iter()
+        .map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+        .collect())
 }
 
 /// A non-blocking eventfd: `signal` adds one, `drain` resets it.
