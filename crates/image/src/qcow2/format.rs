@@ -739,6 +739,26 @@ pub fn parse_snapshots(
     Ok(out)
 }
 
+/// Length in bytes of a snapshot table of `nb` entries at the start of `buf` (each entry is
+/// padded to a multiple of 8, section "Snapshots"); `None` if the buffer ends first.
+pub fn snapshot_table_len(buf: &[u8], nb: u32) -> Option<usize> {
+    let mut off = 0usize;
+    for _ in 0..nb {
+        if off.checked_add(40)? > buf.len() {
+            return None;
+        }
+        let id_len = u16::from_be_bytes([buf[off + 12], buf[off + 13]]) as usize;
+        let name_len = u16::from_be_bytes([buf[off + 14], buf[off + 15]]) as usize;
+        let extra_len = be32(buf, off + 36) as usize;
+        let end = off + 40 + extra_len + id_len + name_len;
+        if end > buf.len() {
+            return None;
+        }
+        off = end.next_multiple_of(8);
+    }
+    Some(off)
+}
+
 /// Reads refcount entry `idx` of a refcount block with `1 << order`-bit entries
 /// (section "Refcounts": big-endian for widths of 8 bits and more; narrower entries are packed
 /// into bytes starting at the least significant bit).
