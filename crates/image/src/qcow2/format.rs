@@ -910,7 +910,10 @@ mod tests {
                         L2Entry::Compressed { host: h2, len: l2 },
                     ) => {
                         assert_eq!(h1, h2);
-                        assert!(l2 >= l1, "decoded length covers the stream: cb {cb} {l1} {l2} raw {raw:#x}");
+                        assert!(
+                            l2 >= l1,
+                            "decoded length covers the stream: cb {cb} {l1} {l2} raw {raw:#x}"
+                        );
                     }
                     _ => assert_eq!(e, d),
                 }

@@ -2,6 +2,8 @@
 //!
 //! PLACEHOLDER ENGINE: the API below is fixed; the implementation is being written.
 
+pub mod check;
+pub mod create;
 pub mod format;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
