@@ -21,8 +21,10 @@
 //! (shared clusters are copied on write), not created or applied.
 
 mod cache;
+pub mod check;
 mod cluster;
 mod compress;
+pub mod create;
 pub mod format;
 mod io;
 mod meta;
