@@ -556,8 +556,6 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// The value an entry gets when it is dropped: reads as zeroes (v3 zero flag) or, in v2
-    /// images that have no zero flag, unallocated.
     /// What a repair does to a dropped L2 entry, for the messages.
     fn drop_note(&self) -> &'static str {
         match (self.fixing, self.h.version >= 3) {
@@ -567,6 +565,8 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// The value an entry gets when it is dropped: reads as zeroes (v3 zero flag) or, in v2
+    /// images that have no zero flag, unallocated.
     fn dropped_l2(&self) -> u64 {
         if self.h.version >= 3 {
             L2E_ZERO
