@@ -1046,6 +1046,36 @@ fn hostile_images_do_not_panic() {
     assert_eq!(r.exit_code(), 2);
 }
 
+#[test]
+fn huge_sparse_files_are_bounded() {
+    let dir = TempDir::new().unwrap();
+    let p = dir.path().join("big.qcow2");
+    create(
+        &p,
+        &CreateOptions {
+            size: 1 << 30,
+            cluster_size: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    qemu_io(&p, &["write -P 1 0 64k"]);
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    // 2^31 clusters of 512 bytes: qemu-img refuses ("File too large"); we check it quickly.
+    f.set_len(1 << 40).unwrap();
+    let t = Instant::now();
+    let r = xcheck(&p, Repair::None);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert_eq!(r.exit_code(), 0, "{:?}", r.messages);
+    assert!(r.image_end_offset <= len.next_multiple_of(512));
+    // Over 2^32 clusters: refused as a check error (exit code 1), like qemu-img.
+    f.set_len(3 << 40).unwrap();
+    let r = xcheck(&p, Repair::All);
+    assert_eq!(r.exit_code(), 1, "{:?}", r.messages);
+    assert_eq!(r.check_errors, 1);
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
@@ -1104,4 +1134,87 @@ mod fuzz {
             prop_assert!(t.elapsed() < Duration::from_secs(10));
         }
     }
+}
+
+/// Random damage to small images, repaired by us: whenever we call the result clean,
+/// qemu-img check must agree.
+#[test]
+fn repaired_images_pass_qemu_img_check() {
+    let dir = TempDir::new().unwrap();
+    let raw = dir.path().join("d.raw");
+    let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 13) as u8).collect();
+    std::fs::write(&raw, data).unwrap();
+    let mut bases = Vec::new();
+    for (name, opts) in [
+        ("c512", "cluster_size=512"),
+        ("c4k-rb8", "cluster_size=4096,refcount_bits=8"),
+        ("c64k-v2", "compat=0.10"),
+    ] {
+        let p = dir.path().join(format!("{name}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            s(&raw),
+            s(&p),
+        ]);
+        qemu_io(&p, &["write -P 1 0 8k", "write -P 3 100k 64k"]);
+        qemu_img(&["snapshot", "-c", "s", s(&p)]);
+        qemu_io(&p, &["write -P 2 4k 8k"]);
+        if !opts.contains("compat") {
+            qemu_img(&["bitmap", "--add", s(&p), "b0"]);
+        }
+        bases.push(std::fs::read(&p).unwrap());
+    }
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let q = dir.path().join("m.qcow2");
+    let mut clean = 0;
+    for case in 0..300 {
+        let bytes = &bases[case % bases.len()];
+        let mut b = bytes.clone();
+        for _ in 0..1 + next() % 12 {
+            // Half of the damage goes to the first clusters, where most metadata is.
+            let lim = if next() % 2 == 0 {
+                16384
+            } else {
+                b.len() as u64
+            };
+            let at = (next() % lim) as usize;
+            b[at] = next() as u8;
+        }
+        std::fs::write(&q, &b).unwrap();
+        let repair = if case % 4 == 0 {
+            Repair::Leaks
+        } else {
+            Repair::All
+        };
+        let f = ImageFile::open(&q, false, CacheMode::WriteBack).unwrap();
+        let Ok(r) = check(&f, repair) else {
+            continue;
+        };
+        drop(f);
+        if r.exit_code() != 0 {
+            continue;
+        }
+        clean += 1;
+        let (rc, out, err) = run("qemu-img", &["check", s(&q)]);
+        assert!(
+            rc == 0 || (rc == 1 && err.contains("Could not open")),
+            "case {case} ({repair:?}): we call it clean, qemu-img check says {rc}: {out}{err}\n\
+             our messages: {:?}",
+            r.messages
+        );
+    }
+    assert!(clean > 100, "{clean}");
 }

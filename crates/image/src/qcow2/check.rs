@@ -319,36 +319,59 @@ const MAX_MESSAGES: usize = 10_000;
 /// name and padding.
 const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 8;
 
-/// Expected refcounts: 16 bits per cluster, with the rare larger values on the side.
+/// Clusters per chunk of [`Refs`].
+const CHUNK_BITS: u32 = 16;
+const CHUNK: u64 = 1 << CHUNK_BITS;
+
+/// Expected refcounts: 16 bits per cluster, in chunks allocated on first use (memory follows
+/// what is referenced, not the file length: a huge sparse file costs little), with the rare
+/// values that do not fit in 16 bits on the side.
 #[derive(Debug, Default)]
 struct Refs {
-    v: Vec<u16>,
+    n: u64,
+    chunks: Vec<Option<Box<[u16]>>>,
     big: HashMap<u64, u64>,
 }
 
 impl Refs {
     fn new(n: u64) -> std::result::Result<Refs, String> {
-        let n = usize::try_from(n).map_err(|_| "too many clusters".to_string())?;
-        let mut v = Vec::new();
-        v.try_reserve_exact(n)
+        let nchunks = usize::try_from(n.div_ceil(CHUNK)).map_err(|_| "too many clusters")?;
+        let mut chunks = Vec::new();
+        chunks
+            .try_reserve_exact(nchunks)
             .map_err(|e| format!("cannot allocate the refcount array: {e}"))?;
-        v.resize(n, 0);
+        chunks.resize_with(nchunks, || None);
         Ok(Refs {
-            v,
+            n,
+            chunks,
             big: HashMap::new(),
         })
     }
     fn len(&self) -> u64 {
-        self.v.len() as u64
+        self.n
+    }
+    /// Whether no cluster of `i`'s chunk has a reference.
+    fn chunk_empty(&self, i: u64) -> bool {
+        self.chunks[(i >> CHUNK_BITS) as usize].is_none()
     }
     fn get(&self, i: u64) -> u64 {
-        match self.v[i as usize] {
+        debug_assert!(i < self.n);
+        let Some(c) = &self.chunks[(i >> CHUNK_BITS) as usize] else {
+            return 0;
+        };
+        match c[(i & (CHUNK - 1)) as usize] {
             u16::MAX => self.big.get(&i).copied().unwrap_or(u64::from(u16::MAX)),
             x => u64::from(x),
         }
     }
     fn set(&mut self, i: u64, val: u64) {
-        let slot = &mut self.v[i as usize];
+        debug_assert!(i < self.n);
+        let chunk = &mut self.chunks[(i >> CHUNK_BITS) as usize];
+        if chunk.is_none() && val == 0 {
+            return;
+        }
+        let c = chunk.get_or_insert_with(|| vec![0u16; CHUNK as usize].into_boxed_slice());
+        let slot = &mut c[(i & (CHUNK - 1)) as usize];
         if *slot == u16::MAX {
             self.big.remove(&i);
         }
@@ -362,6 +385,19 @@ impl Refs {
     fn add(&mut self, i: u64, n: u64) {
         let v = self.get(i).saturating_add(n);
         self.set(i, v);
+    }
+    /// The clusters with at least one reference, in order.
+    fn nonzero(&self) -> impl Iterator<Item = u64> + '_ {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(ci, c)| c.as_ref().map(|c| (ci as u64, c)))
+            .flat_map(|(ci, c)| {
+                c.iter()
+                    .enumerate()
+                    .filter(|(_, &x)| x != 0)
+                    .map(move |(j, _)| (ci << CHUNK_BITS) + j as u64)
+            })
     }
 }
 
@@ -395,6 +431,8 @@ struct Checker<'a> {
     refstruct_corruptions: u64,
     /// Metadata that must be referenced exactly once: (first cluster, last cluster, what).
     exclusive: Vec<(u64, u64, &'static str)>,
+    /// The same, by first cluster: (last cluster, what).
+    owners: BTreeMap<u64, (u64, &'static str)>,
     /// Entry repairs: file offset of an 8-byte table entry -> new value.
     fixes: BTreeMap<u64, u64>,
     /// The refcount structure must be rebuilt.
@@ -437,6 +475,7 @@ impl<'a> Checker<'a> {
             refstruct: Vec::new(),
             refstruct_corruptions: 0,
             exclusive: Vec::new(),
+            owners: BTreeMap::new(),
             fixes: BTreeMap::new(),
             rebuild: false,
             unfixable_refs: false,
@@ -517,6 +556,15 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// What a repair does to a dropped L2 entry, for the messages.
+    fn drop_note(&self) -> &'static str {
+        match (self.fixing, self.h.version >= 3) {
+            (false, _) => "",
+            (true, true) => " (entry dropped: the cluster now reads as zeroes)",
+            (true, false) => " (entry dropped: the cluster is now unallocated)",
+        }
+    }
+
     /// The value an entry gets when it is dropped: reads as zeroes (v3 zero flag) or, in v2
     /// images that have no zero flag, unallocated.
     fn dropped_l2(&self) -> u64 {
@@ -594,6 +642,21 @@ impl<'a> Checker<'a> {
                 "snapshot L1 table",
             );
         }
+        self.read_reftable();
+        if self.incomplete() {
+            return;
+        }
+        self.bitmaps();
+        if self.incomplete() {
+            return;
+        }
+        // Every structure whose place the header (or the snapshot table, or the bitmaps
+        // extension) fixes is known now: L1/L2 entries pointing into one are wrong.
+        self.owners = self
+            .exclusive
+            .iter()
+            .map(|&(first, last, what)| (first, (last, what)))
+            .collect();
         self.sweep_l1(&tables);
         if self.incomplete() {
             return;
@@ -609,13 +672,9 @@ impl<'a> Checker<'a> {
         if self.incomplete() {
             return;
         }
-        self.bitmaps();
-        if self.incomplete() {
-            return;
-        }
-        // Refcount structures last, as QEMU does, so that a refcount block shared with
-        // anything else shows up as referenced more than once.
-        self.refcount_structures();
+        // Refcount blocks last, as QEMU does, so that a refcount block shared with anything
+        // else shows up as referenced more than once (a rebuild then replaces it).
+        self.refcount_blocks();
         if self.incomplete() {
             return;
         }
@@ -668,10 +727,23 @@ impl<'a> Checker<'a> {
         snaps
     }
 
+    /// The structure with a fixed place (header, L1 tables, refcount table, snapshot table,
+    /// bitmap directory and tables) that holds `cluster`, if any.
+    fn owner(&self, cluster: u64) -> Option<&'static str> {
+        self.owners
+            .range(..=cluster)
+            .next_back()
+            .and_then(|(_, &(last, what))| (cluster <= last).then_some(what))
+    }
+
     /// The L2 table an L1 entry points to, if it is usable (allocated, aligned, in the file).
     fn l1_target(&self, raw: u64) -> Option<u64> {
         let off = raw & L1E_OFFSET_MASK;
-        (off != 0 && off & (self.cs - 1) == 0 && off / self.cs < self.nb_clusters).then_some(off)
+        (off != 0
+            && off & (self.cs - 1) == 0
+            && off / self.cs < self.nb_clusters
+            && self.owner(off / self.cs).is_none())
+        .then_some(off)
     }
 
     /// Visits every 8-byte slot covered by at least one L1 table exactly once, with the number
@@ -698,6 +770,15 @@ impl<'a> Checker<'a> {
             }
             let mut pos = start;
             while pos < end {
+                // Skip holes of sparse files (they read as zeroes: unallocated entries).
+                if let Some(d) = self.file.seek_data(pos) {
+                    if d > pos {
+                        pos = (d & !7).max(pos).min(end);
+                        if pos >= end {
+                            break;
+                        }
+                    }
+                }
                 let n = (end - pos).min(1 << 20);
                 buf.resize(n as usize, 0);
                 if !self.read(&mut buf, pos, "an L1 table") {
@@ -740,6 +821,11 @@ impl<'a> Checker<'a> {
             self.corrupt(format!(
                 "{p} l2_offset={off:x}: L2 table lies beyond the end of the image file; L1 \
                  entry corrupted"
+            ));
+            new = 0;
+        } else if let Some(what) = self.owner(off / self.cs) {
+            self.corrupt(format!(
+                "{p} l2_offset={off:x}: L2 table overlaps the {what}; L1 entry corrupted"
             ));
             new = 0;
         } else {
@@ -798,10 +884,19 @@ impl<'a> Checker<'a> {
             }
             // At most 2^(cluster_bits - 8) sectors, so no overflow.
             let len = (sectors + 1) * 512 - (host & 511);
-            if !self.count_range(host, len, n) {
+            let owner = (host / cs..=(host + len - 1) / cs).find_map(|c| self.owner(c));
+            if let Some(what) = owner {
+                self.corrupt(format!(
+                    "{p} coffset=0x{host:x}: compressed cluster overlaps the {what}; L2 entry \
+                     corrupted{}",
+                    self.drop_note()
+                ));
+                new = self.dropped_l2();
+            } else if !self.count_range(host, len, n) {
                 self.corrupt(format!(
                     "{p}: counting reference for region exceeding the end of the file by one \
-                     cluster or more: offset 0x{host:x} size 0x{len:x}"
+                     cluster or more: offset 0x{host:x} size 0x{len:x}{}",
+                    self.drop_note()
                 ));
                 new = self.dropped_l2();
             }
@@ -810,7 +905,7 @@ impl<'a> Checker<'a> {
             let reserved = raw & L2E_STD_RESERVED_MASK;
             if reserved != 0 {
                 self.corrupt(format!(
-                    "{p} L2 entry {raw:x} at offset {pos:#x} has reserved bits set"
+                    "{p} found l2 entry with reserved bits set: {raw:x}"
                 ));
                 new &= !reserved;
             }
@@ -818,10 +913,13 @@ impl<'a> Checker<'a> {
             let zero = raw & L2E_ZERO != 0;
             if off == 0 {
                 if !zero && raw & L2E_COPIED != 0 {
-                    self.corrupt(format!(
-                        "{p} L2 entry {raw:x} at offset {pos:#x} has the copied flag set but \
-                         no cluster offset"
-                    ));
+                    // (Reported once: with reserved bits set it already was.)
+                    if reserved == 0 {
+                        self.corrupt(format!(
+                            "{p} L2 entry {raw:x} at offset {pos:#x} has the copied flag set \
+                             but no cluster offset"
+                        ));
+                    }
                     new = 0;
                 }
             } else {
@@ -840,14 +938,23 @@ impl<'a> Checker<'a> {
                     } else {
                         self.corrupt(format!(
                             "{p} offset={off:x}: Data cluster is not properly aligned; L2 \
-                             entry corrupted."
+                             entry corrupted.{}",
+                            self.drop_note()
                         ));
                         new = self.dropped_l2();
                     }
                 } else if off / cs >= self.nb_clusters {
                     self.corrupt(format!(
                         "{p}: counting reference for region exceeding the end of the file by \
-                         one cluster or more: offset 0x{off:x} size 0x{cs:x}"
+                         one cluster or more: offset 0x{off:x} size 0x{cs:x}{}",
+                        self.drop_note()
+                    ));
+                    new = if zero { L2E_ZERO } else { self.dropped_l2() };
+                } else if let Some(what) = self.owner(off / cs) {
+                    self.corrupt(format!(
+                        "{p} offset={off:x}: data cluster overlaps the {what}; L2 entry \
+                         corrupted{}",
+                        self.drop_note()
                     ));
                     new = if zero { L2E_ZERO } else { self.dropped_l2() };
                 } else {
@@ -964,8 +1071,8 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// The refcount table and its blocks (QEMU's check_refblocks).
-    fn refcount_structures(&mut self) {
+    /// The refcount table.
+    fn read_reftable(&mut self) {
         let off = self.h.refcount_table_offset;
         let len = u64::from(self.h.refcount_table_clusters) * self.cs;
         let mut buf = vec![0u8; len as usize];
@@ -974,13 +1081,14 @@ impl<'a> Checker<'a> {
         }
         self.reftable = (0..(len / 8) as usize).map(|i| be64_at(&buf, i)).collect();
         drop(buf);
-        if self.count_range(off, len, 1) {
-            self.exclusive
-                .push((off / self.cs, (off + len - 1) / self.cs, "refcount table"));
-            for c in off / self.cs..=(off + len - 1) / self.cs {
-                self.refstruct.push(c);
-            }
-        }
+        // The header parser checked that the table lies inside the file.
+        self.count_exclusive(off, len, "refcount table");
+        self.refstruct
+            .extend(off / self.cs..=(off + len - 1) / self.cs);
+    }
+
+    /// The refcount blocks (QEMU's check_refblocks).
+    fn refcount_blocks(&mut self) {
         let p = self.pfx();
         for i in 0..self.reftable.len() {
             let raw = self.reftable[i];
@@ -1058,7 +1166,19 @@ impl<'a> Checker<'a> {
         let (mut corrupt, mut leaks) = (0, 0);
         let max = refcount_max(self.h.refcount_order);
         let mut highest = None;
-        for i in 0..self.refs.len() {
+        let per = self.per_block();
+        let n = self.refs.len();
+        let mut next = 0;
+        while next < n {
+            let i = next;
+            if self.refs.chunk_empty(i) && self.refblock(i / per).is_none() {
+                // Nothing referenced and no refcount block: skip to the next boundary.
+                let next_chunk = ((i >> CHUNK_BITS) + 1) << CHUNK_BITS;
+                let next_block = (i / per + 1) * per;
+                next = next_chunk.min(next_block).min(n);
+                continue;
+            }
+            next += 1;
             let r = self.refs.get(i);
             let rc = self.ondisk(i);
             if r > 0 || rc > 0 {
@@ -1170,9 +1290,8 @@ impl<'a> Checker<'a> {
             self.refs.set(c, v);
         }
         let n = self.nb_clusters;
-        let used_blocks: Vec<u64> = (0..n.div_ceil(per))
-            .filter(|&b| (b * per..((b + 1) * per).min(n)).any(|c| self.refs.get(c) > 0))
-            .collect();
+        let mut used_blocks: Vec<u64> = self.refs.nonzero().map(|c| c / per).collect();
+        used_blocks.dedup();
         // New clusters: the blocks, then the table; they must cover themselves.
         let mut k = 0u64;
         let (blocks, rt_clusters) = loop {

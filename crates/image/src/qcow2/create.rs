@@ -304,13 +304,15 @@ fn validate(opts: &CreateOptions) -> Result<u64> {
     round_size(opts.size)
 }
 
-/// Creates (or truncates) `path` as a qcow2 image. On failure the file is removed.
+/// Creates (or truncates) `path` as a qcow2 image. On failure a file this call created is
+/// removed again (an existing one is left as it is: it may be a device node).
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let size = validate(opts)?;
     let layout = Layout::compute(opts, size)?;
+    let existed = path.symlink_metadata().is_ok();
     let file = ImageFile::create(path, CacheMode::WriteBack).map_err(Error::Engine)?;
     let res = write_image(&file, opts, &layout);
-    if res.is_err() {
+    if res.is_err() && !existed {
         drop(file);
         let _ = std::fs::remove_file(path);
     }
@@ -433,6 +435,7 @@ pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Resul
         return Err(invalid("Unsupported preallocation mode: metadata"));
     }
     let size = round_size(size)?;
+    let existed = path.symlink_metadata().is_ok();
     let file = ImageFile::create(path, CacheMode::WriteBack).map_err(Error::Engine)?;
     let res = (|| -> Result<()> {
         match preallocation {
@@ -453,7 +456,7 @@ pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Resul
         }
         file.flush().map_err(io_ctx("flushing"))
     })();
-    if res.is_err() {
+    if res.is_err() && !existed {
         drop(file);
         let _ = std::fs::remove_file(path);
     }
