@@ -172,16 +172,18 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             in_flight -= 1;
             completed += 1;
             let remaining = a.count - completed;
-            if a.flush_interval != 0 && remaining % a.flush_interval == 0 && !flushing {
-                if in_flight == 0 || a.no_drain {
-                    q.submit(Request {
-                        kind: RequestKind::Flush,
-                        offset: 0,
-                        buf: None,
-                        user_data: FLUSH_TAG,
-                    });
-                    flushing = !a.no_drain;
-                }
+            if a.flush_interval != 0
+                && remaining.is_multiple_of(a.flush_interval)
+                && !flushing
+                && (in_flight == 0 || a.no_drain)
+            {
+                q.submit(Request {
+                    kind: RequestKind::Flush,
+                    offset: 0,
+                    buf: None,
+                    user_data: FLUSH_TAG,
+                });
+                flushing = !a.no_drain;
             }
         }
     }

@@ -558,7 +558,7 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
     let mut off = 0u64;
     let mut last_pct = u64::MAX;
     let progress = |off: u64, last: &mut u64| {
-        let pct = if size == 0 { 100 } else { off * 100 / size };
+        let pct = (off * 100).checked_div(size).unwrap_or(100);
         if pct != *last {
             *last = pct;
             eprint!("\r    ({pct}.00/100%)");
@@ -744,7 +744,8 @@ fn cmd_compare(a: CompareArgs) -> Result<i32> {
             let st1 = i1.block_status(off, n as u64)?;
             let st2 = i2.block_status(off, n as u64)?;
             let n = n.min(st1.len as usize).min(st2.len as usize).max(1);
-            if !(st1.zero && !st1.data && st2.zero && !st2.data) {
+            let both_zero = st1.zero && !st1.data && st2.zero && !st2.data;
+            if !both_zero {
                 i1.read_at(&mut b1[..n], off)?;
                 i2.read_at(&mut b2[..n], off)?;
                 if let Some(p) = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y) {

@@ -221,7 +221,7 @@ impl<B: IoBuf> ImageQueue<B> {
         let iov_ok = |buf: &mut B, align: usize| {
             buf.iovecs()
                 .iter()
-                .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+                .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len % align == 0)
         };
         let mut pos = 0u64;
         let mut n_data = 0usize;

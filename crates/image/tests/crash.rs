@@ -213,9 +213,9 @@ fn run_crashes(backing: bool, rounds: u64) {
                 later_touch[s as usize] = true;
             }
         }
-        for s in 0..(SIZE / SECTOR) as usize {
+        for (s, &touched) in later_touch.iter().enumerate() {
             let r = s * SECTOR as usize..(s + 1) * SECTOR as usize;
-            if !later_touch[s] {
+            if !touched {
                 assert!(
                     now[r.clone()] == expect[r.clone()],
                     "round {round}: sector {s} lost a flushed write (durable ops < {durable})"

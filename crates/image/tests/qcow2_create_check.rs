@@ -1034,11 +1034,11 @@ fn hostile_images_do_not_panic() {
     b.resize(b.len().max(3 * 65536 + 8192 * 8), 0);
     for i in 0..8192 {
         b[3 * 65536 + i * 8..3 * 65536 + i * 8 + 8]
-            .copy_from_slice(&((1u64 << 63) | 4 * 65536).to_be_bytes());
+            .copy_from_slice(&((1u64 << 63) | (4 * 65536)).to_be_bytes());
     }
     for i in 0..8192 {
         b[4 * 65536 + i * 8..4 * 65536 + i * 8 + 8]
-            .copy_from_slice(&((1u64 << 63) | 5 * 65536).to_be_bytes());
+            .copy_from_slice(&((1u64 << 63) | (5 * 65536)).to_be_bytes());
     }
     std::fs::write(&q, &b).unwrap();
     let f = ImageFile::open(&q, true, CacheMode::WriteBack).unwrap();

@@ -195,24 +195,6 @@ unsafe impl IoBuf for AlignedBuf {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aligned_buf_is_aligned_and_zeroed() {
-        for align in [512usize, 4096, 65536] {
-            let mut b = AlignedBuf::new(12345, align);
-            assert_eq!(b.as_ptr() as usize % align, 0);
-            assert!(b.iter().all(|&x| x == 0));
-            b[12344] = 7;
-            assert_eq!(b.iovecs()[0].iov_len, 12345);
-        }
-        let z = AlignedBuf::new(0, 4096);
-        assert!(z.is_empty());
-    }
-}
-
 /// A view of part of another [`IoBuf`]'s memory, for splitting one request into several
 /// operations (one per host extent).
 pub struct IoSlice {
@@ -261,5 +243,23 @@ unsafe impl IoBuf for IoSlice {
     }
     fn total_len(&self) -> usize {
         self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        for align in [512usize, 4096, 65536] {
+            let mut b = AlignedBuf::new(12345, align);
+            assert_eq!(b.as_ptr() as usize % align, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            b[12344] = 7;
+            assert_eq!(b.iovecs()[0].iov_len, 12345);
+        }
+        let z = AlignedBuf::new(0, 4096);
+        assert!(z.is_empty());
     }
 }

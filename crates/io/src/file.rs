@@ -27,9 +27,9 @@ impl Alignment {
     };
     /// Whether an I/O at `off` of `len` bytes from memory at `addr` can go to the file as is.
     pub fn allows(&self, off: u64, len: usize, addr: usize) -> bool {
-        off % self.offset as u64 == 0
-            && len % self.offset as usize == 0
-            && addr % self.memory as usize == 0
+        off.is_multiple_of(self.offset as u64)
+            && len.is_multiple_of(self.offset as usize)
+            && addr.is_multiple_of(self.memory as usize)
     }
     /// Alignment to use for buffers we allocate ourselves (at least 4096, the page size).
     pub fn buffer_align(&self) -> usize {
@@ -289,7 +289,7 @@ impl ImageFile {
             return Ok(());
         }
         let len = end - off;
-        let aligned = off % 4096 == 0 && len % 4096 == 0;
+        let aligned = off.is_multiple_of(4096) && len.is_multiple_of(4096);
         if aligned
             && crate::sys::fallocate(
                 self.fd(),

@@ -310,7 +310,7 @@ impl Driver {
                 self.reap(min);
             }
         }
-        if self.next_ud % 7 == 0 {
+        if self.next_ud.is_multiple_of(7) {
             // Push what is queued now and then without waiting (batches of varying size).
             self.e.commit().unwrap();
         }

@@ -129,12 +129,10 @@ impl Qcow2Image {
         file: Arc<ImageFile>,
         opts: &OpenOptions,
         read_only: bool,
-        open_backing: Option<&mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>>,
+        open_backing: Option<crate::OpenBacking<'_>>,
     ) -> Result<Qcow2Image> {
         let ctx = |what: &str| format!("{what} {}", file.path().display());
-        let file_len = file
-            .len()
-            .map_err(|e| Error::io(ctx("cannot size"), e))?;
+        let file_len = file.len().map_err(|e| Error::io(ctx("cannot size"), e))?;
         // "Header": the first cluster holds the header, its extensions and the backing name.
         let mut probe = [0u8; 24];
         file.read_at(&mut probe, 0)
@@ -180,11 +178,10 @@ impl Qcow2Image {
             hdr.autoclear_features = 0;
             file.write_at(&0u64.to_be_bytes(), 88)
                 .map_err(|e| Error::io(ctx("cannot write the header of"), e))?;
-            file.flush().map_err(|e| Error::io(ctx("cannot flush"), e))?;
+            file.flush()
+                .map_err(|e| Error::io(ctx("cannot flush"), e))?;
         }
-        let file_len = file
-            .len()
-            .map_err(|e| Error::io(ctx("cannot size"), e))?;
+        let file_len = file.len().map_err(|e| Error::io(ctx("cannot size"), e))?;
         let read_table = |off: u64, bytes: u64, what: &str| -> Result<Vec<u64>> {
             let mut buf = vec![0u8; bytes as usize];
             if bytes > 0 {
@@ -193,11 +190,7 @@ impl Qcow2Image {
             }
             Ok(decode_table(&buf))
         };
-        let l1 = read_table(
-            hdr.l1_table_offset,
-            u64::from(hdr.l1_size) * 8,
-            "L1 table",
-        )?;
+        let l1 = read_table(hdr.l1_table_offset, u64::from(hdr.l1_size) * 8, "L1 table")?;
         let reftable = read_table(
             hdr.refcount_table_offset,
             u64::from(hdr.refcount_table_clusters) * hdr.cluster_size(),
@@ -224,13 +217,13 @@ impl Qcow2Image {
         );
         for &e in &reftable {
             let off = e & format::REFT_OFFSET_MASK;
-            if off != 0 && off % cs == 0 {
+            if off != 0 && off.is_multiple_of(cs) {
                 meta_set.insert(off >> cb);
             }
         }
         for &e in &l1 {
             let off = e & format::L1E_OFFSET_MASK;
-            if off != 0 && off % cs == 0 {
+            if off != 0 && off.is_multiple_of(cs) {
                 meta_set.insert(off >> cb);
             }
         }
@@ -346,17 +339,22 @@ impl Drop for Qcow2Image {
 
 /// Reads the snapshot table (qcow2.txt, "Snapshots"): entries have variable length, so the
 /// read grows until `nb_snapshots` entries fit, bounded by the file and a hard limit.
-pub(crate) fn read_snapshot_table(file: &ImageFile, hdr: &Header, file_len: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_snapshot_table(
+    file: &ImageFile,
+    hdr: &Header,
+    file_len: u64,
+) -> Result<Vec<u8>> {
     let off = hdr.snapshots_offset;
-    let avail = file_len
-        .saturating_sub(off)
-        .min(MAX_SNAPSHOT_TABLE_BYTES);
+    let avail = file_len.saturating_sub(off).min(MAX_SNAPSHOT_TABLE_BYTES);
     let mut want = (u64::from(hdr.nb_snapshots) * 64).max(64 << 10).min(avail);
     loop {
         let mut buf = vec![0u8; want as usize];
         file.read_at(&mut buf, off).map_err(|e| {
             Error::io(
-                format!("cannot read the snapshot table of {}", file.path().display()),
+                format!(
+                    "cannot read the snapshot table of {}",
+                    file.path().display()
+                ),
                 e,
             )
         })?;
