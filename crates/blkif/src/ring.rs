@@ -193,9 +193,18 @@ impl Geometry {
             });
         }
         let bytes = PAGE_SIZE << order;
+        let nr_ents = const_ring_size(abi, bytes);
+        // Never true for a 4 KiB page and blkif entries (32 entries at
+        // least); slot_offset relies on it.
+        if nr_ents == 0 {
+            return Err(RingError::RegionTooSmall {
+                size: bytes,
+                need: sring::RING + abi.entry_size(),
+            });
+        }
         Ok(Geometry {
             abi,
-            nr_ents: const_ring_size(abi, bytes),
+            nr_ents,
             entry_size: abi.entry_size(),
             bytes,
         })

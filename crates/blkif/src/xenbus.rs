@@ -354,8 +354,9 @@ impl BackendFeatures {
                 .min(MAX_RING_PAGE_ORDER)
                 .to_string(),
         ));
-        if self.max_queues > 1 {
-            v.push((keys::MULTI_QUEUE_MAX_QUEUES, self.max_queues.to_string()));
+        let max_queues = self.limits().max_queues;
+        if max_queues > 1 {
+            v.push((keys::MULTI_QUEUE_MAX_QUEUES, max_queues.to_string()));
         }
         v
     }
@@ -364,7 +365,7 @@ impl BackendFeatures {
     pub fn limits(&self) -> ConnectLimits {
         ConnectLimits {
             max_ring_page_order: self.max_ring_page_order.min(MAX_RING_PAGE_ORDER),
-            max_queues: self.max_queues.max(1),
+            max_queues: self.max_queues.clamp(1, MAX_QUEUES_LIMIT),
         }
     }
 }
@@ -397,12 +398,17 @@ impl DeviceProperties {
     }
 }
 
+/// The most queues [`FrontendConnect::parse`] accepts whatever the backend
+/// advertised, bounding the work and memory a frontend can ask for.
+pub const MAX_QUEUES_LIMIT: u32 = 256;
+
 /// Bounds on what a frontend may ask for (what the backend advertised).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectLimits {
-    /// Advertised "max-ring-page-order".
+    /// Advertised "max-ring-page-order" (at most [`MAX_RING_PAGE_ORDER`]).
     pub max_ring_page_order: u32,
-    /// Advertised "multi-queue-max-queues" (1 if not advertised).
+    /// Advertised "multi-queue-max-queues" (1 if not advertised; at most
+    /// [`MAX_QUEUES_LIMIT`]).
     pub max_queues: u32,
 }
 
@@ -541,7 +547,7 @@ impl FrontendConnect {
             Some(p) => Abi::from_protocol(&p)?,
         };
 
-        let max_queues = limits.max_queues.max(1);
+        let max_queues = limits.max_queues.clamp(1, MAX_QUEUES_LIMIT);
         let nr_queues =
             parse_node(&mut read, keys::MULTI_QUEUE_NUM_QUEUES, parse_u32)?.unwrap_or(1);
         if nr_queues == 0 || nr_queues > max_queues {
