@@ -336,9 +336,10 @@ impl Indirect {
 
     /// Reads and validates all segments from the mapped indirect pages (one
     /// per entry of `indirect_grefs`, in order), and checks that the whole
-    /// sector range fits. Copy guest pages before calling this: each byte is
-    /// read once, but a page the guest can still write may change between
-    /// this check and the I/O.
+    /// sector range fits. The pages are private copies: copy each mapped
+    /// indirect page out of guest memory once (`SharedMem::copy_from` into
+    /// a `[u8; PAGE_SIZE]`) and parse that, never the live mapping, so the
+    /// guest cannot change a segment between this check and the I/O.
     pub fn parse_segments(
         &self,
         pages: &[&[u8; PAGE_SIZE]],
