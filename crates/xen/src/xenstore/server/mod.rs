@@ -1006,6 +1006,11 @@ impl Server {
         lock(&self.shared.state).conns.len()
     }
 
+    /// Number of watches set on all connections.
+    pub fn watch_count(&self) -> usize {
+        lock(&self.shared.state).conns.values().map(|c| c.watches.len()).sum()
+    }
+
     /// Reads a node directly (as dom0), bypassing the protocol.
     pub fn read_node(&self, path: &str) -> Option<Vec<u8>> {
         lock(&self.shared.state)
