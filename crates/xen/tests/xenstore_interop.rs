@@ -33,7 +33,10 @@ fn have_tools() -> bool {
         })
         .collect();
     if !missing.is_empty() {
-        println!("SKIPPED: xenstore tools missing ({}); install xenstore-utils (scripts/setup)", missing.join(", "));
+        println!(
+            "SKIPPED: xenstore tools missing ({}); install xenstore-utils (scripts/setup)",
+            missing.join(", ")
+        );
         return false;
     }
     true
@@ -58,7 +61,11 @@ fn tool(sock: &Path, name: &str, args: &[&str]) -> Output {
 
 fn ok(sock: &Path, name: &str, args: &[&str]) -> String {
     let out = tool(sock, name, args);
-    assert!(out.status.success(), "{name} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -80,7 +87,11 @@ fn xenstore_tools_read_write_ls_rm() {
     assert_eq!(server.read_node("/a/b").as_deref(), Some(&b"hello"[..]));
     assert_eq!(ok(&sock, "xenstore-read", &["/a/b"]), "hello\n");
 
-    ok(&sock, "xenstore-write", &["/a/c", "world", "/a/d/e", "deep"]);
+    ok(
+        &sock,
+        "xenstore-write",
+        &["/a/c", "world", "/a/d/e", "deep"],
+    );
     let ls = ok(&sock, "xenstore-ls", &["/a"]);
     assert!(ls.contains("b = \"hello\""), "{ls}");
     assert!(ls.contains("c = \"world\""), "{ls}");
@@ -111,7 +122,10 @@ fn xenstore_tools_chmod_and_perms() {
     ok(&sock, "xenstore-write", &["/vm/x", "secret"]);
     ok(&sock, "xenstore-chmod", &["/vm/x", "n0", "r5"]);
     let c = Client::connect_unix(&sock).unwrap();
-    assert_eq!(c.get_perms("/vm/x").unwrap(), vec![Perm::new(Access::None, 0), Perm::new(Access::Read, 5)]);
+    assert_eq!(
+        c.get_perms("/vm/x").unwrap(),
+        vec![Perm::new(Access::None, 0), Perm::new(Access::Read, 5)]
+    );
     let ls = ok(&sock, "xenstore-ls", &["-p", "/vm"]);
     assert!(ls.contains("n0,r5"), "{ls}");
 
@@ -125,7 +139,10 @@ fn xenstore_tools_chmod_and_perms() {
     // Recursive chmod.
     ok(&sock, "xenstore-write", &["/vm/y/z", "1"]);
     ok(&sock, "xenstore-chmod", &["-r", "/vm", "b7"]);
-    assert_eq!(c.get_perms("/vm/y/z").unwrap(), vec![Perm::new(Access::Both, 7)]);
+    assert_eq!(
+        c.get_perms("/vm/y/z").unwrap(),
+        vec![Perm::new(Access::Both, 7)]
+    );
 }
 
 #[test]
@@ -148,7 +165,10 @@ fn xenstore_tools_watch() {
     // Wait until the tool's watch is registered, then write below it.
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.watch_count() == 0 {
-        assert!(Instant::now() < deadline, "xenstore-watch never set its watch");
+        assert!(
+            Instant::now() < deadline,
+            "xenstore-watch never set its watch"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     c.write("/w/k", "v").unwrap();
@@ -158,7 +178,10 @@ fn xenstore_tools_watch() {
     }
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("xenstore-watch: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    println!(
+        "xenstore-watch: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success());
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines, vec!["/w", "/w/k"]);
@@ -173,7 +196,9 @@ fn xenstore_tools_list_long_directory() {
     let sock = dir.path().join("socket");
     // ~16 KiB of names: DIRECTORY answers E2BIG and libxenstore falls back to DIRECTORY_PART.
     let c = Client::connect_unix(&sock).unwrap();
-    let names: Vec<String> = (0..500).map(|i| format!("a-rather-long-child-name-{i:04}")).collect();
+    let names: Vec<String> = (0..500)
+        .map(|i| format!("a-rather-long-child-name-{i:04}"))
+        .collect();
     c.transaction(|tx| {
         for n in &names {
             tx.write(&format!("/big/{n}"), "")?;
@@ -195,8 +220,12 @@ fn xenstore_tools_errors() {
     let (dir, _server) = start();
     let sock = dir.path().join("socket");
     assert!(!tool(&sock, "xenstore-read", &["/missing"]).status.success());
-    assert!(!tool(&sock, "xenstore-write", &["/bad path", "x"]).status.success());
-    assert!(!tool(&sock, "xenstore-rm", &["/no/such/parent"]).status.success());
+    assert!(!tool(&sock, "xenstore-write", &["/bad path", "x"])
+        .status
+        .success());
+    assert!(!tool(&sock, "xenstore-rm", &["/no/such/parent"])
+        .status
+        .success());
     // Removing a missing node whose parent exists is fine.
     ok(&sock, "xenstore-write", &["/p", ""]);
     ok(&sock, "xenstore-rm", &["/p/missing"]);

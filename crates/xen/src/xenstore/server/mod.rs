@@ -65,9 +65,11 @@ pub struct Config {
     /// Bytes a domain's transaction may record (operations and paths it looked at); `ENOSPC`
     /// beyond.
     pub max_transaction_bytes: usize,
-    /// Messages (replies and watch events) queued for a connection that does not read them;
-    /// the connection is closed when the queue overflows.
+    /// Messages (replies and watch events) queued for a domain's connection that does not
+    /// read them; the connection is closed when the queue overflows.
     pub max_outstanding: usize,
+    /// The same for dom0 connections (trusted, but still bounded).
+    pub max_outstanding_dom0: usize,
     /// Simultaneous connections (socket and [`Server::connect_as`]); more are refused.
     pub max_connections: usize,
 }
@@ -81,7 +83,8 @@ impl Default for Config {
             max_watches_per_conn: 256,
             max_transactions_per_conn: 32,
             max_transaction_bytes: 1 << 20,
-            max_outstanding: 1024,
+            max_outstanding: 256,
+            max_outstanding_dom0: 65536,
             max_connections: 1024,
         }
     }
@@ -810,7 +813,12 @@ struct Shared {
 fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream, domid: DomId) -> io::Result<u64> {
     let reader = stream.try_clone()?;
     let mut writer = stream.try_clone()?;
-    let (out, rx) = mpsc::sync_channel::<Vec<u8>>(shared.cfg.max_outstanding.max(1));
+    let queue = if domid == 0 {
+        shared.cfg.max_outstanding_dom0
+    } else {
+        shared.cfg.max_outstanding
+    };
+    let (out, rx) = mpsc::sync_channel::<Vec<u8>>(queue.max(1));
     let cid = {
         let mut st = lock(&shared.state);
         if st.conns.len() >= shared.cfg.max_connections {
@@ -1008,7 +1016,11 @@ impl Server {
 
     /// Number of watches set on all connections.
     pub fn watch_count(&self) -> usize {
-        lock(&self.shared.state).conns.values().map(|c| c.watches.len()).sum()
+        lock(&self.shared.state)
+            .conns
+            .values()
+            .map(|c| c.watches.len())
+            .sum()
     }
 
     /// Reads a node directly (as dom0), bypassing the protocol.
