@@ -615,11 +615,11 @@ impl State {
                 tx.observe(parent, budget)?;
             }
         }
-        tx.view.apply(&op, actor, &lim, gen)?;
-        tx.bytes += op.cost();
-        if budget.is_some_and(|b| tx.bytes > b) {
+        if budget.is_some_and(|b| tx.bytes + op.cost() > b) {
             return Err(Errno::ENOSPC);
         }
+        tx.view.apply(&op, actor, &lim, gen)?;
+        tx.bytes += op.cost();
         tx.ops.push(op);
         Ok(Reply::ok())
     }
