@@ -239,7 +239,7 @@ fn malformed_requests_get_errors_and_the_connection_stays() {
         (MsgType::TransactionEnd, 0, b"maybe\0", Errno::EINVAL),
         (MsgType::Read, 4242, b"/\0", Errno::ENOENT), // unknown transaction
         (MsgType::Introduce, 0, b"1\0", Errno::EINVAL),
-        (MsgType::Introduce, 0, b"70000\01\01\0", Errno::EINVAL),
+        (MsgType::Introduce, 0, b"70000\x001\x001\x00", Errno::EINVAL),
         (MsgType::Control, 0, b"", Errno::EINVAL),
         (MsgType::Rm, 0, b"/\0", Errno::EINVAL),
     ];
