@@ -762,3 +762,88 @@ fn open_honours_xenstored_path() {
     c.write("/opened", "yes").unwrap();
     assert_eq!(c.read_string("/opened").unwrap(), "yes");
 }
+
+/// The shape of a PV block device handshake, as the backend tests will use it: the toolstack
+/// (dom0) lays out both directories with the usual permissions, the frontend (domain 5) and
+/// the backend (dom0) each watch the other's `state`.
+#[test]
+fn xenbus_handshake_simulation() {
+    let (_dir, s) = server();
+    let toolstack = s.client_as(0).unwrap();
+    let backend = s.client_as(0).unwrap();
+    let frontend = s.client_as(5).unwrap();
+    let fe = "/local/domain/5/device/vbd/768";
+    let be = "/local/domain/0/backend/vbd/5/768";
+    toolstack
+        .transaction(|tx| {
+            tx.mkdir("/local/domain/5")?;
+            tx.set_perms("/local/domain/5", &[p(Access::None, 5)])?;
+            tx.write(&format!("{fe}/backend"), be)?;
+            tx.write(&format!("{fe}/backend-id"), "0")?;
+            tx.write(&format!("{fe}/state"), "1")?;
+            tx.set_perms(fe, &[p(Access::None, 5), p(Access::Read, 0)])?;
+            tx.write(&format!("{be}/frontend"), fe)?;
+            tx.write(&format!("{be}/frontend-id"), "5")?;
+            tx.write(&format!("{be}/state"), "1")?;
+            for n in ["", "/frontend", "/frontend-id", "/state"] {
+                tx.set_perms(
+                    &format!("{be}{n}"),
+                    &[p(Access::None, 0), p(Access::Read, 5)],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    s.introduce_domain(5).unwrap();
+
+    let be_watch = backend.watch(&format!("{fe}/state"), "fe-state").unwrap();
+    let fe_watch = frontend.watch(&format!("{be}/state"), "be-state").unwrap();
+    assert_eq!(next(&be_watch).path, format!("{fe}/state"));
+    assert_eq!(next(&fe_watch).path, format!("{be}/state"));
+
+    // Backend: InitWait (2) with its features.
+    backend
+        .transaction(|tx| {
+            tx.write(&format!("{be}/feature-flush-cache"), "1")?;
+            tx.write(&format!("{be}/state"), "2")
+        })
+        .unwrap();
+    assert_eq!(next(&fe_watch).path, format!("{be}/state"));
+    assert_eq!(frontend.read_string(&format!("{be}/state")).unwrap(), "2");
+    assert_eq!(
+        frontend
+            .read_string(&format!("{be}/feature-flush-cache"))
+            .unwrap(),
+        "1"
+    );
+    assert_eq!(
+        errno(frontend.write(&format!("{be}/state"), "6")),
+        Errno::EACCES
+    );
+
+    // Frontend: ring details, then Initialised (3) - using relative paths, as guests do.
+    frontend
+        .transaction(|tx| {
+            tx.write("device/vbd/768/ring-ref", "8")?;
+            tx.write("device/vbd/768/event-channel", "12")?;
+            tx.write("device/vbd/768/state", "3")
+        })
+        .unwrap();
+    assert_eq!(next(&be_watch).path, format!("{fe}/state"));
+    assert_eq!(backend.read_string(&format!("{fe}/ring-ref")).unwrap(), "8");
+    assert_eq!(
+        toolstack.get_perms(&format!("{fe}/ring-ref")).unwrap(),
+        vec![p(Access::None, 5), p(Access::Read, 0)]
+    );
+
+    backend.write(&format!("{be}/state"), "4").unwrap();
+    assert_eq!(next(&fe_watch).path, format!("{be}/state"));
+    frontend.write("device/vbd/768/state", "4").unwrap();
+    assert_eq!(next(&be_watch).path, format!("{fe}/state"));
+    assert_eq!(backend.read_string(&format!("{fe}/state")).unwrap(), "4");
+
+    // Teardown: the toolstack removes the frontend directory; the backend's watch fires.
+    toolstack.rm("/local/domain/5/device").unwrap();
+    assert_eq!(next(&be_watch).path, format!("{fe}/state"));
+    s.release_domain(5).unwrap();
+}

@@ -537,7 +537,7 @@ pub fn check_path(path: &str) -> Result<(), Errno> {
 }
 
 /// Checks a watch path: a node path (see [`check_path`]) or `@<wspecial>` (xenstore.txt,
-/// "WATCH": "<wspecial> may have any syntax"; we still require UTF-8 and bound its length by
+/// "WATCH": "`<wspecial>` may have any syntax"; we still require UTF-8 and bound its length by
 /// [`XENSTORE_REL_PATH_MAX`], as xenstored does).
 pub fn check_watch_path(path: &str) -> Result<(), Errno> {
     if let Some(rest) = path.strip_prefix('@') {
@@ -549,9 +549,9 @@ pub fn check_watch_path(path: &str) -> Result<(), Errno> {
     check_path(path)
 }
 
-/// `true` if `child` is `parent` or below it (xenstore.txt: "two paths being <child> and
-/// <parent> ... if they're identical, or if <parent> is /, or if <parent>/ is an initial
-/// substring of <child>"). The root only contains absolute paths, not `@` names.
+/// `true` if `child` is `parent` or below it (xenstore.txt: "two paths being `<child>` and
+/// `<parent>` ... if they're identical, or if `<parent>` is /, or if `<parent>/` is an initial
+/// substring of `<child>`"). The root only contains absolute paths, not `@` names.
 pub fn is_child(child: &str, parent: &str) -> bool {
     if parent == "/" {
         return child.starts_with('/');

@@ -1,10 +1,17 @@
 //! A small in-process xenstored, for hosts without Xen and for tests.
 //!
 //! It listens on a unix socket chosen by the caller and speaks the wire protocol of
-//! [`wire`](super::wire), so libxenstore tools (`XENSTORED_PATH=<socket> xenstore-ls`) and
-//! [`Client`](super::Client) both work against it. Socket connections are dom0;
+//! [`super::wire`], so libxenstore tools (`XENSTORED_PATH=<socket> xenstore-ls`) and
+//! [`super::Client`] both work against it. Socket connections are dom0;
 //! [`Server::connect_as`] hands out connections that act as domain N, with xenstored's
-//! permission rules (see [`tree`](self) semantics below) and quotas ([`Config`]).
+//! permission rules and quotas ([`Config`]):
+//! - a node's first permission entry names its owner and the access of every domain not listed
+//!   after it; dom0 and the owner have full access; SET_PERMS needs ownership, and a domain may
+//!   not give a node away (`EPERM`).
+//! - a domain may only create nodes below a node it can write; new nodes inherit their
+//!   parent's permissions, and a domain owns the nodes it creates (dom0-created nodes keep the
+//!   parent's owner, as in xenstored).
+//! - a missing node below one the caller may not access reports `EACCES`, not `ENOENT`.
 //!
 //! What it implements (xenstore.txt sections):
 //! - READ, WRITE (creating missing parents), MKDIR, RM, DIRECTORY, DIRECTORY_PART, GET_PERMS,
@@ -539,19 +546,21 @@ impl State {
                 self.targets.insert(domid, target);
                 Ok(Reply::ok())
             }
-            Request::Control { args } => match args[0].as_slice() {
-                b"help" => Ok(Reply::data(b"check\nhelp\nprint\n\0".to_vec())),
-                b"check" => Ok(Reply::ok()),
-                b"print" => {
-                    let text = args
-                        .get(1)
-                        .map(|a| String::from_utf8_lossy(a).into_owned())
-                        .unwrap_or_default();
-                    tracing::info!(%text, "xenstored control print");
-                    Ok(Reply::ok())
+            Request::Control { args } => {
+                match args.first().map(Vec::as_slice).unwrap_or_default() {
+                    b"help" => Ok(Reply::data(b"check\nhelp\nprint\n\0".to_vec())),
+                    b"check" => Ok(Reply::ok()),
+                    b"print" => {
+                        let text = args
+                            .get(1)
+                            .map(|a| String::from_utf8_lossy(a).into_owned())
+                            .unwrap_or_default();
+                        tracing::info!(%text, "xenstored control print");
+                        Ok(Reply::ok())
+                    }
+                    _ => Err(Errno::EINVAL),
                 }
-                _ => Err(Errno::EINVAL),
-            },
+            }
         }
     }
 
