@@ -347,9 +347,9 @@ fn info_json(path: &Path, img: &Image) -> Result<Value> {
         let mut data = json!({
             "compat": if h.version == 2 { "0.10" } else { "1.1" },
             "refcount-bits": h.refcount_bits(),
+            "compression-type": h.compression_type.as_str(),
         });
         if h.version >= 3 {
-            data["compression-type"] = json!(h.compression_type.as_str());
             data["lazy-refcounts"] = json!(h.lazy_refcounts());
             data["corrupt"] =
                 json!(h.incompatible_features & xdisk_image::qcow2::format::incompat::CORRUPT != 0);

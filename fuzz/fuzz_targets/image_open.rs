@@ -1,0 +1,34 @@
+//! Opens arbitrary bytes as an image (qcow2 when the magic says so, raw otherwise) and reads
+//! it all, maps it and asks for its block status: errors are fine, panics and hangs are not.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use xdisk_image::{CacheMode, Image, OpenOptions};
+
+fuzz_target!(|data: &[u8]| {
+    let dir = std::env::temp_dir().join(format!("xdisk-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("image");
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let opts = OpenOptions {
+        read_only: true,
+        cache: CacheMode::WriteBack,
+        open_backing: false,
+        ..OpenOptions::default()
+    };
+    let Ok(img) = Image::open(&path, &opts) else { return };
+    // Bound the work: hostile headers may claim huge virtual sizes.
+    let size = img.size().min(4 << 20);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        let _ = img.read_at(&mut buf[..n], off);
+        let _ = img.block_status(off, n as u64);
+        let mut ext = Vec::new();
+        let _ = img.map(off, n as u64, false, &mut ext);
+        off += n as u64;
+    }
+});
