@@ -1,7 +1,7 @@
 //! qcow2 engine tests with QEMU as the oracle: images are made by `qemu-img`/`qemu-io`,
 //! read and written by xdisk, and checked with `qemu-img check` / `compare` / `convert`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -858,7 +858,7 @@ fn map_returns_host_extents_or_slow() {
     let img = d.path().join("m.qcow2");
     qimg(&[
         "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mb.raw", "-F", "raw",
-        img.to_str().unwrap(), "4M",
+        img.to_str().unwrap(), "16M",
     ]);
     qio(&img, &["write -P 0x41 0 64k".to_string(), "write -z 64k 8k".to_string()]);
     let want = raw_of(&img);
@@ -903,8 +903,9 @@ fn map_returns_host_extents_or_slow() {
     assert!(b.iter().all(|&v| v == 0x77));
     // Tiny cache: after touching many L2 tables the first is evicted -> slow.
     qcow2(&x).set_cache_limits(2, 2);
-    for i in 0..4u64 {
-        x.write_at(&[1], i * (512 << 10) + 4096 * 300).unwrap();
+    // (4 KiB clusters: one L2 table maps 2 MiB.)
+    for i in 1..6u64 {
+        x.write_at(&[1], (i << 21) + 4096 * 300).unwrap();
     }
     out.clear();
     assert!(matches!(x.map(0, 4096, false, &mut out).unwrap(), Mapping::Slow));
@@ -1077,6 +1078,7 @@ fn hostile_images_fail_cleanly() {
         let x = match Image::open(&p, &opts(CacheMode::WriteBack, false)) {
             Ok(x) => x,
             Err(e) => {
+                eprintln!("{name}: open: {e}");
                 assert!(matches!(e, Error::Corrupt(_) | Error::Unsupported(_)), "{name}: {e}");
                 continue;
             }
@@ -1088,6 +1090,7 @@ fn hostile_images_fail_cleanly() {
         let z = x.discard(0, 1 << 20);
         let _ = x.layer_status(0, 1 << 20);
         let _ = x.flush();
+        eprintln!("{name}: read {r:?} write {w:?} write2 {w2:?} discard {z:?}");
         let any_err = [r.is_err(), w.is_err(), w2.is_err(), z.is_err()].iter().any(|&e| e);
         assert!(any_err, "{name}: hostile image accepted everything");
         for res in [r, w, w2, z] {
@@ -1160,6 +1163,9 @@ fn crash_child() {
         _ => CacheMode::WriteBack,
     };
     let x = open(&path, cache, false);
+    if it.next() == Some("small") {
+        qcow2(&x).set_cache_limits(2, 2);
+    }
     let size = x.size();
     let mut r = StdRng::seed_from_u64(seed);
     for i in 0.. {
@@ -1171,7 +1177,10 @@ fn crash_child() {
         }
         if (i + 1) % FLUSH_EVERY == 0 {
             x.flush().unwrap();
-            println!("FLUSHED {}", i + 1);
+            // Explicitly flushed: stdout may be block-buffered on a pipe.
+            let mut so = std::io::stdout().lock();
+            writeln!(so, "FLUSHED {}", i + 1).unwrap();
+            so.flush().unwrap();
         }
     }
 }
@@ -1181,7 +1190,15 @@ fn kill_9_leaves_consistent_image() {
     let d = tmp();
     let exe = std::env::current_exe().unwrap();
     let mut r = StdRng::seed_from_u64(2024);
-    for round in 0..8u64 {
+    let rounds: u64 = std::env::var("XDISK_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let first: u64 = std::env::var("XDISK_CRASH_FIRST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for round in first..rounds {
         let (cs, compat, backing) = [
             (4096u64, "1.1", false),
             (512, "1.1", true),
@@ -1207,19 +1224,34 @@ fn kill_9_leaves_consistent_image() {
         let seed = round * 7 + 1;
         let mut child = Command::new(&exe)
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CRASH_ENV, format!("{},{seed},{cache}", img.display()))
+            .env(
+                CRASH_ENV,
+                format!(
+                    "{},{seed},{cache},{}",
+                    img.display(),
+                    if round % 3 == 0 { "small" } else { "normal" }
+                ),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(r.gen_range(150..900)));
+        let (lo, hi) = match std::env::var("XDISK_CRASH_SLEEP") {
+            Ok(v) => {
+                let (a, b) = v.split_once('-').unwrap();
+                (a.parse().unwrap(), b.parse().unwrap())
+            }
+            Err(_) => (100u64, 900u64),
+        };
+        std::thread::sleep(std::time::Duration::from_millis(r.gen_range(lo..hi)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let mut flushed = 0u64;
         for line in BufReader::new(child.stdout.take().unwrap()).lines() {
             let line = line.unwrap();
-            if let Some(n) = line.strip_prefix("FLUSHED ") {
-                flushed = n.trim().parse().unwrap();
+            // (The first may share a line with libtest's "test crash_child ... ".)
+            if let Some(at) = line.find("FLUSHED ") {
+                flushed = line[at + 8..].trim().parse().unwrap();
             }
         }
         check_consistent(&img);
@@ -1240,6 +1272,9 @@ fn kill_9_leaves_consistent_image() {
         let mut rr = StdRng::seed_from_u64(seed);
         for i in 0..flushed + FLUSH_EVERY {
             let (kind, off, len, fill) = crash_op(&mut rr, i, size);
+            if std::env::var("XDISK_CRASH_DEBUG").is_ok() && i < flushed + FLUSH_EVERY {
+                eprintln!("op {i}: kind {kind} off {off:#x} len {len:#x} fill {fill}");
+            }
             if i >= flushed {
                 // Partial-cluster edges of discards may also touch whole clusters' data.
                 let s = (off / cs * cs) as usize;
@@ -1256,6 +1291,9 @@ fn kill_9_leaves_consistent_image() {
         let got = raw_of(&img);
         for (i, (&g, &w)) in got.iter().zip(&m.data).enumerate() {
             if !uncertain[i] && g != w {
+                let keep = PathBuf::from("/var/tmp/xdisk-crash-fail.qcow2");
+                let _ = std::fs::copy(&img, &keep);
+                let _ = std::fs::copy(&base, keep.with_file_name(base.file_name().unwrap()));
                 panic!(
                     "round {round} ({cs} {compat} backing={backing} {cache}): flushed {flushed}, \
                      byte {i:#x} is {g:#x}, want {w:#x}"
