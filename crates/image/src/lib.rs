@@ -290,12 +290,11 @@ impl Image {
                     let bfmt = fmt.map(str::parse::<Format>).transpose()?;
                     Self::open_chain(&bpath, opts, bfmt, chain)
                 };
-                let backing: Option<&mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>> =
-                    if opts.open_backing {
-                        Some(&mut open_backing)
-                    } else {
-                        None
-                    };
+                let backing: Option<qcow2::OpenBacking<'_>> = if opts.open_backing {
+                    Some(&mut open_backing)
+                } else {
+                    None
+                };
                 Image::Qcow2(qcow2::Qcow2Image::open(file, opts, read_only, backing)?)
             }
         };

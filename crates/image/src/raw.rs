@@ -72,10 +72,13 @@ impl RawImage {
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        if unmap && !self.file.is_block_device() && offset % 4096 == 0 && len % 4096 == 0 {
-            if self.file.punch_hole(offset, len).is_ok() {
-                return Ok(());
-            }
+        if unmap
+            && !self.file.is_block_device()
+            && offset.is_multiple_of(4096)
+            && len.is_multiple_of(4096)
+            && self.file.punch_hole(offset, len).is_ok()
+        {
+            return Ok(());
         }
         self.file
             .zero_range(offset, len)

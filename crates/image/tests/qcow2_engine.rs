@@ -392,7 +392,13 @@ fn compressed_clusters_zlib_and_zstd() {
         let mut compressed = 0;
         while pos < size {
             let st = x.layer_status(pos, size - pos).unwrap();
-            if matches!(st, LayerStatus::Data { compressed: true, .. }) {
+            if matches!(
+                st,
+                LayerStatus::Data {
+                    compressed: true,
+                    ..
+                }
+            ) {
                 compressed += 1;
             }
             pos += st.len();
@@ -469,12 +475,19 @@ fn backing_chains_read_and_copy_on_write() {
         ]);
         qio(
             &ov,
-            &["write -P 0x71 4096 10000".to_string(), "write -P 0x72 3M 4096".to_string()],
+            &[
+                "write -P 0x71 4096 10000".to_string(),
+                "write -P 0x72 3M 4096".to_string(),
+            ],
         );
         let want = raw_of(&ov);
         let x = open(&ov, CacheMode::None, true);
         assert!(x.backing().is_some());
-        assert_same(&read_all(&x), &want, &format!("overlay {cs} {compat} {base_fmt}"));
+        assert_same(
+            &read_all(&x),
+            &want,
+            &format!("overlay {cs} {compat} {base_fmt}"),
+        );
         drop(x);
 
         // Writes: partial-cluster COW over the backing file, discards and zeroes.
@@ -756,8 +769,16 @@ fn resize_grow_and_shrink() {
     std::fs::write(&base, vec![0x99u8; 4 << 20]).unwrap();
     let ov = d.path().join("rov.qcow2");
     qimg(&[
-        "create", "-q", "-f", "qcow2", "-b", "rb.raw", "-F", "raw",
-        ov.to_str().unwrap(), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "rb.raw",
+        "-F",
+        "raw",
+        ov.to_str().unwrap(),
+        "1M",
     ]);
     {
         let x = open(&ov, CacheMode::None, false);
@@ -785,7 +806,12 @@ fn concurrent_writers_and_readers() {
         let o = format!("cluster_size={cs}");
         args.extend(["-o", &o]);
         if with_backing {
-            args.extend(["-b", base.file_name().unwrap().to_str().unwrap(), "-F", "raw"]);
+            args.extend([
+                "-b",
+                base.file_name().unwrap().to_str().unwrap(),
+                "-F",
+                "raw",
+            ]);
         }
         let ps = img.to_str().unwrap().to_string();
         args.push(&ps);
@@ -824,7 +850,10 @@ fn concurrent_writers_and_readers() {
                         if i % 5 == 0 {
                             let mut got = [0u8; 512];
                             x.read_at(&mut got, s * 512).unwrap();
-                            assert_eq!(&got[..], &mine[(s * 512) as usize..(s * 512 + 512) as usize]);
+                            assert_eq!(
+                                &got[..],
+                                &mine[(s * 512) as usize..(s * 512 + 512) as usize]
+                            );
                         }
                         if i % 97 == 0 {
                             x.flush().unwrap();
@@ -857,15 +886,34 @@ fn map_returns_host_extents_or_slow() {
     std::fs::write(&base, pattern(8, 1 << 20)).unwrap();
     let img = d.path().join("m.qcow2");
     qimg(&[
-        "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mb.raw", "-F", "raw",
-        img.to_str().unwrap(), "16M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "mb.raw",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        "16M",
     ]);
-    qio(&img, &["write -P 0x41 0 64k".to_string(), "write -z 64k 8k".to_string()]);
+    qio(
+        &img,
+        &[
+            "write -P 0x41 0 64k".to_string(),
+            "write -z 64k 8k".to_string(),
+        ],
+    );
     let want = raw_of(&img);
     let x = open(&img, CacheMode::None, false);
     let mut out = Vec::new();
     // Nothing cached yet: slow.
-    assert!(matches!(x.map(0, 8192, false, &mut out).unwrap(), Mapping::Slow));
+    assert!(matches!(
+        x.map(0, 8192, false, &mut out).unwrap(),
+        Mapping::Slow
+    ));
     assert!(out.is_empty());
     let mut buf = vec![0u8; 4096];
     x.read_at(&mut buf, 0).unwrap();
@@ -887,16 +935,24 @@ fn map_returns_host_extents_or_slow() {
         }
         pos += n;
     }
-    assert!(matches!(&out[0], Extent::Data { offset, len, .. } if *len >= 65536 && offset % 4096 == 0));
+    assert!(
+        matches!(&out[0], Extent::Data { offset, len, .. } if *len >= 65536 && offset % 4096 == 0)
+    );
     drop(g);
     // Writes: allocated COPIED clusters map, unallocated ones do not.
     out.clear();
-    assert!(matches!(x.map(4096, 8192, true, &mut out).unwrap(), Mapping::Mapped(_)));
+    assert!(matches!(
+        x.map(4096, 8192, true, &mut out).unwrap(),
+        Mapping::Mapped(_)
+    ));
     if let Extent::Data { file, offset, .. } = &out[0] {
         file.write_at(&[0x77; 8192], *offset).unwrap();
     }
     out.clear();
-    assert!(matches!(x.map(1 << 20, 4096, true, &mut out).unwrap(), Mapping::Slow));
+    assert!(matches!(
+        x.map(1 << 20, 4096, true, &mut out).unwrap(),
+        Mapping::Slow
+    ));
     assert!(out.is_empty());
     let mut b = vec![0u8; 8192];
     x.read_at(&mut b, 4096).unwrap();
@@ -908,7 +964,10 @@ fn map_returns_host_extents_or_slow() {
         x.write_at(&[1], (i << 21) + 4096 * 300).unwrap();
     }
     out.clear();
-    assert!(matches!(x.map(0, 4096, false, &mut out).unwrap(), Mapping::Slow));
+    assert!(matches!(
+        x.map(0, 4096, false, &mut out).unwrap(),
+        Mapping::Slow
+    ));
     x.close().unwrap();
     drop(x);
     check_clean(&img);
@@ -937,7 +996,13 @@ fn dirty_image_is_repaired_on_open() {
     let d = tmp();
     // 1. By hand: set the dirty bit and wreck the refcounts.
     let img = create(d.path(), "dirty.qcow2", 4 << 20, "cluster_size=65536");
-    qio(&img, &["write -P 0x51 0 1M".to_string(), "write -P 0x52 3M 100k".to_string()]);
+    qio(
+        &img,
+        &[
+            "write -P 0x51 0 1M".to_string(),
+            "write -P 0x52 3M 100k".to_string(),
+        ],
+    );
     qimg(&["snapshot", "-c", "snap", img.to_str().unwrap()]);
     qio(&img, &["write -P 0x53 64k 64k".to_string()]);
     let want = raw_of(&img);
@@ -957,7 +1022,10 @@ fn dirty_image_is_repaired_on_open() {
         },
     )
     .unwrap_err();
-    assert!(matches!(e, Error::Corrupt(ref m) if m.contains("dirty")), "{e}");
+    assert!(
+        matches!(e, Error::Corrupt(ref m) if m.contains("dirty")),
+        "{e}"
+    );
     let x = open(&img, CacheMode::None, true);
     assert_same(&read_all(&x), &want, "dirty, read-only");
     drop(x);
@@ -1011,7 +1079,10 @@ fn refusals_corrupt_bit_bitmaps_features() {
     let img = create(d.path(), "bm.qcow2", 1 << 20, "");
     qimg(&["bitmap", "--add", img.to_str().unwrap(), "b0"]);
     let e = Image::open(&img, &opts(CacheMode::None, false)).unwrap_err();
-    assert!(matches!(e, Error::Unsupported(ref m) if m.contains("bitmap")), "{e}");
+    assert!(
+        matches!(e, Error::Unsupported(ref m) if m.contains("bitmap")),
+        "{e}"
+    );
     open(&img, CacheMode::None, true);
 
     let img = create(d.path(), "cor.qcow2", 1 << 20, "");
@@ -1037,11 +1108,20 @@ fn hostile_images_fail_cleanly() {
     let d = tmp();
     let cs = 4096u64;
     let base_img = create(d.path(), "h.qcow2", 4 << 20, "cluster_size=4096");
-    qio(&base_img, &["write -P 0x11 0 64k".to_string(), "write -P 0x12 2M 8k".to_string()]);
+    qio(
+        &base_img,
+        &[
+            "write -P 0x11 0 64k".to_string(),
+            "write -P 0x12 2M 8k".to_string(),
+        ],
+    );
     let l1_off = be64(&read_bytes(&base_img, 40, 8));
     let l1e0 = be64(&read_bytes(&base_img, l1_off, 8)) & 0x00ff_ffff_ffff_fe00;
     let reft = be64(&read_bytes(&base_img, 48, 8));
-    let file_len = std::fs::metadata(&base_img).unwrap().len().next_multiple_of(cs);
+    let file_len = std::fs::metadata(&base_img)
+        .unwrap()
+        .len()
+        .next_multiple_of(cs);
     let l2e1 = be64(&read_bytes(&base_img, l1e0 + 8, 8)) & 0x00ff_ffff_ffff_fe00;
     assert_ne!(l2e1, 0);
 
@@ -1052,24 +1132,84 @@ fn hostile_images_fail_cleanly() {
         p
     };
     let cases = vec![
-        variant("l1-reserved", l1_off, (l1e0 | 1 << 60 | 1 << 63).to_be_bytes().to_vec()),
+        variant(
+            "l1-reserved",
+            l1_off,
+            (l1e0 | 1 << 60 | 1 << 63).to_be_bytes().to_vec(),
+        ),
         variant("l1-unaligned", l1_off, (l1e0 + 512).to_be_bytes().to_vec()),
-        variant("l1-past-eof", l1_off, ((file_len + cs * 100) | 1 << 63).to_be_bytes().to_vec()),
+        variant(
+            "l1-past-eof",
+            l1_off,
+            ((file_len + cs * 100) | 1 << 63).to_be_bytes().to_vec(),
+        ),
         variant("l1-self", l1_off, (l1_off | 1 << 63).to_be_bytes().to_vec()),
-        variant("l1-reftable", l1_off, (reft | 1 << 63).to_be_bytes().to_vec()),
-        variant("l2-compressed-header", l1e0, (1u64 << 62 | 100).to_be_bytes().to_vec()),
-        variant("l2-to-header", l1e0, (1u64 << 63 | 0x200).to_be_bytes().to_vec()),
-        variant("l2-to-reftable", l1e0, (1u64 << 63 | reft).to_be_bytes().to_vec()),
-        variant("l2-to-l1", l1e0, (1u64 << 63 | l1_off).to_be_bytes().to_vec()),
-        variant("l2-past-eof", l1e0, (1u64 << 63 | (file_len + cs * 8)).to_be_bytes().to_vec()),
-        variant("l2-reserved", l1e0 + 8, (1u64 << 63 | 1 << 57 | cs * 5).to_be_bytes().to_vec()),
+        variant(
+            "l1-reftable",
+            l1_off,
+            (reft | 1 << 63).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "l2-compressed-header",
+            l1e0,
+            (1u64 << 62 | 100).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "l2-to-header",
+            l1e0,
+            (1u64 << 63 | 0x200).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "l2-to-reftable",
+            l1e0,
+            (1u64 << 63 | reft).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "l2-to-l1",
+            l1e0,
+            (1u64 << 63 | l1_off).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "l2-past-eof",
+            l1e0,
+            (1u64 << 63 | (file_len + cs * 8)).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "l2-reserved",
+            l1e0 + 8,
+            (1u64 << 63 | 1 << 57 | (cs * 5)).to_be_bytes().to_vec(),
+        ),
         // Compressed entry with the largest sector count at a huge offset.
-        variant("l2-compressed-huge", l1e0, (1u64 << 62 | u64::MAX >> 2).to_be_bytes().to_vec()),
+        variant(
+            "l2-compressed-huge",
+            l1e0,
+            (1u64 << 62 | u64::MAX >> 2).to_be_bytes().to_vec(),
+        ),
         // Compressed entry pointing at garbage (the L1 table) with a long length.
-        variant("l2-compressed-garbage", l1e0, (1u64 << 62 | 15 << 58 | (l2e1 + 7)).to_be_bytes().to_vec()),
-        variant("l2-compressed-l1", l1e0, (1u64 << 62 | 15 << 58 | (l1_off + 7)).to_be_bytes().to_vec()),
-        variant("reft-past-eof", reft, (file_len + cs * 50).to_be_bytes().to_vec()),
-        variant("reft-reserved", reft, (be64(&read_bytes(&base_img, reft, 8)) | 3).to_be_bytes().to_vec()),
+        variant(
+            "l2-compressed-garbage",
+            l1e0,
+            (1u64 << 62 | 15 << 58 | (l2e1 + 7)).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "l2-compressed-l1",
+            l1e0,
+            (1u64 << 62 | 15 << 58 | (l1_off + 7))
+                .to_be_bytes()
+                .to_vec(),
+        ),
+        variant(
+            "reft-past-eof",
+            reft,
+            (file_len + cs * 50).to_be_bytes().to_vec(),
+        ),
+        variant(
+            "reft-reserved",
+            reft,
+            (be64(&read_bytes(&base_img, reft, 8)) | 3)
+                .to_be_bytes()
+                .to_vec(),
+        ),
         variant("l1-size-huge", 36, u32::MAX.to_be_bytes().to_vec()),
         variant("reft-clusters-huge", 56, u32::MAX.to_be_bytes().to_vec()),
     ];
@@ -1079,7 +1219,10 @@ fn hostile_images_fail_cleanly() {
             Ok(x) => x,
             Err(e) => {
                 eprintln!("{name}: open: {e}");
-                assert!(matches!(e, Error::Corrupt(_) | Error::Unsupported(_)), "{name}: {e}");
+                assert!(
+                    matches!(e, Error::Corrupt(_) | Error::Unsupported(_)),
+                    "{name}: {e}"
+                );
                 continue;
             }
         };
@@ -1091,7 +1234,9 @@ fn hostile_images_fail_cleanly() {
         let _ = x.layer_status(0, 1 << 20);
         let _ = x.flush();
         eprintln!("{name}: read {r:?} write {w:?} write2 {w2:?} discard {z:?}");
-        let any_err = [r.is_err(), w.is_err(), w2.is_err(), z.is_err()].iter().any(|&e| e);
+        let any_err = [r.is_err(), w.is_err(), w2.is_err(), z.is_err()]
+            .iter()
+            .any(|&e| e);
         assert!(any_err, "{name}: hostile image accepted everything");
         for res in [r, w, w2, z] {
             if let Err(e) = res {
@@ -1109,7 +1254,13 @@ fn hostile_images_fail_cleanly() {
 fn fuzzed_metadata_never_panics() {
     let d = tmp();
     let base_img = create(d.path(), "f.qcow2", 2 << 20, "cluster_size=512");
-    qio(&base_img, &["write -P 0x11 0 100k".to_string(), "write -P 0x12 1M 8k".to_string()]);
+    qio(
+        &base_img,
+        &[
+            "write -P 0x11 0 100k".to_string(),
+            "write -P 0x12 1M 8k".to_string(),
+        ],
+    );
     qimg(&["snapshot", "-c", "s", base_img.to_str().unwrap()]);
     let orig = std::fs::read(&base_img).unwrap();
     let meta_len = orig.len().min(64 << 10);

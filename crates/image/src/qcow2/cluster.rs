@@ -38,7 +38,7 @@ impl Meta {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs != 0 {
+        if !off.is_multiple_of(self.cs) {
             return Err(corrupt(format!(
                 "L1 entry {i} points to an unaligned L2 table ({off:#x})"
             )));

@@ -34,7 +34,11 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<()> {
             return Ok(());
         }
         let status = d
-            .decompress(&input[in_pos..], &mut out[out_pos..], FlushDecompress::Finish)
+            .decompress(
+                &input[in_pos..],
+                &mut out[out_pos..],
+                FlushDecompress::Finish,
+            )
             .map_err(|e| corrupt(format!("compressed cluster: bad deflate stream: {e}")))?;
         let produced = d.total_out() as usize;
         if produced == out.len() {
@@ -61,8 +65,7 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<()> {
 /// zstd compression type: one or more zstd frames; decode until the cluster is full.
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     use zstd::stream::raw::{DParameter, Decoder, Operation};
-    let mut d = Decoder::new()
-        .map_err(|e| Error::io("cannot create a zstd decoder", e))?;
+    let mut d = Decoder::new().map_err(|e| Error::io("cannot create a zstd decoder", e))?;
     // Bound the decoder's window (memory) by what a cluster of at most 2 MiB can need.
     d.set_parameter(DParameter::WindowLogMax(23))
         .map_err(|e| Error::io("cannot configure the zstd decoder", e))?;
@@ -102,8 +105,12 @@ mod tests {
         assert_eq!(out, data);
         // Truncated stream, wrong size.
         let mut small = vec![0u8; 65536 * 2];
-        assert!(decompress(CompressionType::Zlib, &stream[..stream.len() - 300], &mut small)
-            .is_err());
+        assert!(decompress(
+            CompressionType::Zlib,
+            &stream[..stream.len() - 300],
+            &mut small
+        )
+        .is_err());
         assert!(decompress(CompressionType::Zlib, &stream[..10], &mut out).is_err());
         assert!(decompress(CompressionType::Zlib, &[0xff; 100], &mut out).is_err());
     }
@@ -119,8 +126,12 @@ mod tests {
         assert_eq!(out, data);
         let mut big = vec![0u8; 8192];
         assert!(decompress(CompressionType::Zstd, &stream, &mut big).is_err());
-        assert!(decompress(CompressionType::Zstd, &[0x28, 0xb5, 0x2f, 0xfd, 0xff], &mut out)
-            .is_err());
+        assert!(decompress(
+            CompressionType::Zstd,
+            &[0x28, 0xb5, 0x2f, 0xfd, 0xff],
+            &mut out
+        )
+        .is_err());
         assert!(decompress(CompressionType::Zstd, &[], &mut out).is_err());
     }
 }

@@ -229,7 +229,8 @@ impl Header {
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 && h.header_length != 104 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) && h.header_length != 104
+            {
                 return Err(corrupt(format!(
                     "header_length {} invalid",
                     h.header_length
@@ -568,7 +569,7 @@ fn check_table(
     if may_be_empty && bytes == 0 {
         return Ok(());
     }
-    if offset == 0 || offset % cluster_size != 0 {
+    if offset == 0 || !offset.is_multiple_of(cluster_size) {
         return Err(corrupt(format!(
             "{what} offset {offset:#x} is not cluster-aligned"
         )));
@@ -847,21 +848,21 @@ mod tests {
         let mut h = sample();
         let good = h.serialize().unwrap();
         let cases: Vec<(usize, Vec<u8>)> = vec![
-            (20, 40u32.to_be_bytes().to_vec()),                // cluster_bits
-            (20, 8u32.to_be_bytes().to_vec()),                 // cluster_bits too small
-            (24, u64::MAX.to_be_bytes().to_vec()),             // size
-            (36, 0u32.to_be_bytes().to_vec()),                 // l1_size too small
-            (40, 0x1234u64.to_be_bytes().to_vec()),            // unaligned L1
-            (40, (u64::MAX & !0xffff).to_be_bytes().to_vec()), // L1 past the end / overflow
-            (48, (1u64 << 40).to_be_bytes().to_vec()),         // reftable past end
-            (56, u32::MAX.to_be_bytes().to_vec()),             // reftable clusters huge
-            (60, u32::MAX.to_be_bytes().to_vec()),             // snapshots
-            (96, 7u32.to_be_bytes().to_vec()),                 // refcount_order
-            (100, 4096u32.to_be_bytes().to_vec()), // header_length > buffer ok? < cluster
-            (100, 0u32.to_be_bytes().to_vec()),    // header_length too small
+            (20, 40u32.to_be_bytes().to_vec()),        // cluster_bits
+            (20, 8u32.to_be_bytes().to_vec()),         // cluster_bits too small
+            (24, u64::MAX.to_be_bytes().to_vec()),     // size
+            (36, 0u32.to_be_bytes().to_vec()),         // l1_size too small
+            (40, 0x1234u64.to_be_bytes().to_vec()),    // unaligned L1
+            (40, (!0xffffu64).to_be_bytes().to_vec()), // L1 past the end / overflow
+            (48, (1u64 << 40).to_be_bytes().to_vec()), // reftable past end
+            (56, u32::MAX.to_be_bytes().to_vec()),     // reftable clusters huge
+            (60, u32::MAX.to_be_bytes().to_vec()),     // snapshots
+            (96, 7u32.to_be_bytes().to_vec()),         // refcount_order
+            (100, 4096u32.to_be_bytes().to_vec()),     // header_length > buffer ok? < cluster
+            (100, 0u32.to_be_bytes().to_vec()),        // header_length too small
             (72, (1u64 << 40).to_be_bytes().to_vec()), // unknown incompatible bit
-            (8, 60000u64.to_be_bytes().to_vec()),  // backing name offset with size 0
-            (32, 1u32.to_be_bytes().to_vec()),     // encryption
+            (8, 60000u64.to_be_bytes().to_vec()),      // backing name offset with size 0
+            (32, 1u32.to_be_bytes().to_vec()),         // encryption
         ];
         for (off, bytes) in cases {
             let mut b = good.clone();
@@ -877,7 +878,7 @@ mod tests {
     fn refcount_entries_every_width() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             let max = refcount_max(order);
             for i in 0..n {
                 refcount_set(&mut block, i, order, (i as u64 * 7 + 3) & max);
@@ -930,7 +931,10 @@ mod tests {
                         L2Entry::Compressed { host: h2, len: l2 },
                     ) => {
                         assert_eq!(h1, h2);
-                        assert!(l2 >= l1, "decoded length covers the stream: cb {cb} {l1} {l2} raw {raw:#x}");
+                        assert!(
+                            l2 >= l1,
+                            "decoded length covers the stream: cb {cb} {l1} {l2} raw {raw:#x}"
+                        );
                     }
                     _ => assert_eq!(e, d),
                 }

@@ -149,7 +149,9 @@ impl Qcow2Image {
                     len: n,
                 },
                 L2Entry::Zero { .. } => RSeg::Zero { len: n },
-                L2Entry::Unallocated if self.backing.is_some() => RSeg::Backing { off: pos, len: n },
+                L2Entry::Unallocated if self.backing.is_some() => {
+                    RSeg::Backing { off: pos, len: n }
+                }
                 L2Entry::Unallocated => RSeg::Zero { len: n },
                 L2Entry::Compressed { host, len: clen } => RSeg::Compressed {
                     host,
@@ -253,10 +255,7 @@ impl Qcow2Image {
             let (g, in_off, n) = self.split_cluster(off, end);
             if m.inflight.contains(&g) {
                 if segs.is_empty() {
-                    m = self
-                        .alloc_done
-                        .wait(m)
-                        .unwrap_or_else(|e| e.into_inner());
+                    m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
                 break;
@@ -277,7 +276,11 @@ impl Qcow2Image {
                             at,
                             len: l,
                         }) if *h + *l as u64 == host && *at + *l == pos => *l += n,
-                        _ => segs.push(WSeg::InPlace { host, at: pos, len: n }),
+                        _ => segs.push(WSeg::InPlace {
+                            host,
+                            at: pos,
+                            len: n,
+                        }),
                     }
                 }
                 _ => {
@@ -432,7 +435,13 @@ impl Qcow2Image {
                 // precedes the next mapping write.
                 m.file_len = m.file_len.max(new + self.cs);
                 m.unsynced = true;
-                let r = m.set_entry(g, L2Entry::Normal { host: new, copied: true });
+                let r = m.set_entry(
+                    g,
+                    L2Entry::Normal {
+                        host: new,
+                        copied: true,
+                    },
+                );
                 match r {
                     Ok(()) => {
                         if !reuse {
@@ -569,10 +578,7 @@ impl Qcow2Image {
             let chunk_end = g1.min((g / l2e + 1) * l2e);
             while g < chunk_end {
                 if m.inflight.contains(&g) {
-                    m = self
-                        .alloc_done
-                        .wait(m)
-                        .unwrap_or_else(|e| e.into_inner());
+                    m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
                 if self.unallocated_is_target(mode) && m.l2_unallocated(g)? {
@@ -729,7 +735,13 @@ impl Qcow2Image {
 
     /// Fast-path mapping (see [`crate::Image::map`]): never waits on disk I/O or on a busy
     /// lock; anything not resolvable from cached metadata answers [`Mapping::Slow`].
-    pub fn map(&self, offset: u64, len: u64, write: bool, out: &mut Vec<Extent>) -> Result<Mapping> {
+    pub fn map(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<Extent>,
+    ) -> Result<Mapping> {
         // The guard first: a cluster freed after we looked it up is not reused before the
         // caller's I/O is done.
         let guard = self.tracker.enter();
@@ -787,10 +799,7 @@ impl Qcow2Image {
                     let h = h + in_off as u64;
                     let ours = out.len() > start;
                     if let Some(Extent::Data { file, offset, len }) = out.last_mut() {
-                        if ours
-                            && std::sync::Arc::ptr_eq(file, &self.file)
-                            && *offset + *len == h
-                        {
+                        if ours && std::sync::Arc::ptr_eq(file, &self.file) && *offset + *len == h {
                             *len += n as u64;
                             pos += n as u64;
                             continue;
@@ -855,10 +864,7 @@ impl Qcow2Image {
         }
         let mut m = self.lock();
         while !m.inflight.is_empty() {
-            m = self
-                .alloc_done
-                .wait(m)
-                .unwrap_or_else(|e| e.into_inner());
+            m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
         m.write_header_size(new_size)?;
         self.size.store(new_size, Ordering::Release);

@@ -94,6 +94,10 @@ impl InFlightTracker {
     }
 }
 
+/// Opens a backing file given its name as written in the header and its format (from the
+/// backing format extension, if present).
+pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>;
+
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2Image {
@@ -107,7 +111,8 @@ pub struct Qcow2Image {
     size: AtomicU64,
     snapshots: Vec<Snapshot>,
     tracker: Arc<InFlightTracker>,
-    meta: Mutex<Meta>,
+    /// Boxed: the state is large and `Image` is an enum over formats.
+    meta: Box<Mutex<Meta>>,
     /// Signalled when in-flight allocations of guest clusters complete.
     alloc_done: Condvar,
 }
@@ -127,12 +132,10 @@ impl Qcow2Image {
         file: Arc<ImageFile>,
         opts: &OpenOptions,
         read_only: bool,
-        open_backing: Option<&mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>>,
+        open_backing: Option<OpenBacking<'_>>,
     ) -> Result<Qcow2Image> {
         let ctx = |what: &str| format!("{what} {}", file.path().display());
-        let file_len = file
-            .len()
-            .map_err(|e| Error::io(ctx("cannot size"), e))?;
+        let file_len = file.len().map_err(|e| Error::io(ctx("cannot size"), e))?;
         // "Header": the first cluster holds the header, its extensions and the backing name.
         let mut probe = [0u8; 24];
         file.read_at(&mut probe, 0)
@@ -178,11 +181,10 @@ impl Qcow2Image {
             hdr.autoclear_features = 0;
             file.write_at(&0u64.to_be_bytes(), 88)
                 .map_err(|e| Error::io(ctx("cannot write the header of"), e))?;
-            file.flush().map_err(|e| Error::io(ctx("cannot flush"), e))?;
+            file.flush()
+                .map_err(|e| Error::io(ctx("cannot flush"), e))?;
         }
-        let file_len = file
-            .len()
-            .map_err(|e| Error::io(ctx("cannot size"), e))?;
+        let file_len = file.len().map_err(|e| Error::io(ctx("cannot size"), e))?;
         let read_table = |off: u64, bytes: u64, what: &str| -> Result<Vec<u64>> {
             let mut buf = vec![0u8; bytes as usize];
             if bytes > 0 {
@@ -191,11 +193,7 @@ impl Qcow2Image {
             }
             Ok(decode_table(&buf))
         };
-        let l1 = read_table(
-            hdr.l1_table_offset,
-            u64::from(hdr.l1_size) * 8,
-            "L1 table",
-        )?;
+        let l1 = read_table(hdr.l1_table_offset, u64::from(hdr.l1_size) * 8, "L1 table")?;
         let reftable = read_table(
             hdr.refcount_table_offset,
             u64::from(hdr.refcount_table_clusters) * hdr.cluster_size(),
@@ -222,13 +220,13 @@ impl Qcow2Image {
         );
         for &e in &reftable {
             let off = e & format::REFT_OFFSET_MASK;
-            if off != 0 && off % cs == 0 {
+            if off != 0 && off.is_multiple_of(cs) {
                 meta_set.insert(off >> cb);
             }
         }
         for &e in &l1 {
             let off = e & format::L1E_OFFSET_MASK;
-            if off != 0 && off % cs == 0 {
+            if off != 0 && off.is_multiple_of(cs) {
                 meta_set.insert(off >> cb);
             }
         }
@@ -280,7 +278,7 @@ impl Qcow2Image {
             size: AtomicU64::new(size),
             snapshots,
             tracker,
-            meta: Mutex::new(meta),
+            meta: Box::new(Mutex::new(meta)),
             alloc_done: Condvar::new(),
         })
     }
@@ -344,17 +342,22 @@ impl Drop for Qcow2Image {
 
 /// Reads the snapshot table (qcow2.txt, "Snapshots"): entries have variable length, so the
 /// read grows until `nb_snapshots` entries fit, bounded by the file and a hard limit.
-pub(crate) fn read_snapshot_table(file: &ImageFile, hdr: &Header, file_len: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_snapshot_table(
+    file: &ImageFile,
+    hdr: &Header,
+    file_len: u64,
+) -> Result<Vec<u8>> {
     let off = hdr.snapshots_offset;
-    let avail = file_len
-        .saturating_sub(off)
-        .min(MAX_SNAPSHOT_TABLE_BYTES);
+    let avail = file_len.saturating_sub(off).min(MAX_SNAPSHOT_TABLE_BYTES);
     let mut want = (u64::from(hdr.nb_snapshots) * 64).max(64 << 10).min(avail);
     loop {
         let mut buf = vec![0u8; want as usize];
         file.read_at(&mut buf, off).map_err(|e| {
             Error::io(
-                format!("cannot read the snapshot table of {}", file.path().display()),
+                format!(
+                    "cannot read the snapshot table of {}",
+                    file.path().display()
+                ),
                 e,
             )
         })?;

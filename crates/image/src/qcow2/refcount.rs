@@ -40,7 +40,7 @@ impl Meta {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs != 0 || off < self.cs {
+        if !off.is_multiple_of(self.cs) || off < self.cs {
             return Err(corrupt(format!(
                 "refcount block {i} at {off:#x} is unaligned or overlaps the header"
             )));
@@ -148,9 +148,8 @@ impl Meta {
                     .rb
                     .peek(off)
                     .ok_or_else(|| corrupt("refcount block vanished from the cache"))?;
-                (c..base + rbe).find(|&x| {
-                    refcount_get(b, (x - base) as usize, order) == 0 && self.usable(x)
-                })
+                (c..base + rbe)
+                    .find(|&x| refcount_get(b, (x - base) as usize, order) == 0 && self.usable(x))
             };
             match found {
                 Some(x) => {
@@ -229,7 +228,9 @@ impl Meta {
         let per_cluster = cs / 8;
         let old_n = self.reftable.len() as u64;
         let start = self.end_cluster();
-        let mut entries = (old_n + old_n / 2).max(need + 1).next_multiple_of(per_cluster);
+        let mut entries = (old_n + old_n / 2)
+            .max(need + 1)
+            .next_multiple_of(per_cluster);
         let (ranges, tab_clusters, end) = loop {
             let tab_clusters = entries / per_cluster;
             // New refcount blocks for the ranges of the new area that lack one (they go
@@ -487,11 +488,7 @@ pub(crate) fn rebuild_refcounts(
         Ok(())
     };
     inc_range(&mut counts, 0, cs)?;
-    inc_range(
-        &mut counts,
-        hdr.l1_table_offset,
-        u64::from(hdr.l1_size) * 8,
-    )?;
+    inc_range(&mut counts, hdr.l1_table_offset, u64::from(hdr.l1_size) * 8)?;
     if hdr.nb_snapshots > 0 {
         let len = snapshot_table_len(file, hdr, file_len)?;
         inc_range(&mut counts, hdr.snapshots_offset, len)?;
@@ -513,7 +510,7 @@ pub(crate) fn rebuild_refcounts(
             return Err(corrupt(format!("L1 entry {raw:#x} has reserved bits set")));
         }
         let off = raw & L1E_OFFSET_MASK;
-        if off != 0 && (off % cs != 0 || off >= file_len) {
+        if off != 0 && (!off.is_multiple_of(cs) || off >= file_len) {
             return Err(corrupt(format!("L1 entry {raw:#x} is invalid")));
         }
         Ok(off)
