@@ -973,6 +973,131 @@ fn map_returns_host_extents_or_slow() {
     check_clean(&img);
 }
 
+fn host_of(x: &Image, off: u64, cs: u64) -> Option<u64> {
+    match x.layer_status(off, cs).unwrap() {
+        LayerStatus::Data { offset, .. } => offset,
+        _ => None,
+    }
+}
+
+/// A host cluster freed by discard while a fast-path I/O mapped to it is in flight is not
+/// reused until that I/O is done.
+#[test]
+fn freed_clusters_are_quarantined_while_mapped_io_is_in_flight() {
+    let d = tmp();
+    let cs = 4096u64;
+    let img = create(d.path(), "q.qcow2", 4 << 20, "cluster_size=4096");
+    let x = open(&img, CacheMode::None, false);
+    x.write_at(&[5u8; 4096], 0).unwrap();
+    let h = host_of(&x, 0, cs).unwrap();
+    let mut out = Vec::new();
+    let guard = match x.map(0, cs, true, &mut out).unwrap() {
+        Mapping::Mapped(g) => g,
+        Mapping::Slow => panic!("allocated cluster not mapped"),
+    };
+    assert!(matches!(out[0], Extent::Data { offset, .. } if offset == h));
+    x.discard(0, cs).unwrap();
+    x.flush().unwrap(); // the free is applied: refcount 0, quarantined
+    for i in 1..20u64 {
+        x.write_at(&[i as u8; 4096], i * cs).unwrap();
+        assert_ne!(
+            host_of(&x, i * cs, cs),
+            Some(h),
+            "quarantined cluster reused"
+        );
+    }
+    // The late write of the mapped I/O lands in a cluster nobody else uses.
+    if let Extent::Data { file, offset, .. } = &out[0] {
+        file.write_at(&[0xee; 4096], *offset).unwrap();
+    }
+    drop(guard);
+    x.write_at(&[0x42; 4096], 100 * cs).unwrap();
+    assert_eq!(
+        host_of(&x, 100 * cs, cs),
+        Some(h),
+        "released cluster is reused first"
+    );
+    let mut want = vec![0u8; 4 << 20];
+    for i in 1..20usize {
+        want[i * 4096..(i + 1) * 4096].fill(i as u8);
+    }
+    want[100 * 4096..101 * 4096].fill(0x42);
+    assert_same(&read_all(&x), &want, "contents");
+    x.close().unwrap();
+    drop(x);
+    check_clean(&img);
+    compare_with(&img, &want);
+}
+
+/// QEMU's discard and zero semantics, per version and backing file.
+#[test]
+fn discard_and_zero_semantics() {
+    let d = tmp();
+    let cs = 65536u64;
+    let base = d.path().join("db.raw");
+    std::fs::write(&base, vec![0xbbu8; 1 << 20]).unwrap();
+    for compat in ["1.1", "0.10"] {
+        for backing in [false, true] {
+            let img = d.path().join(format!("ds-{compat}-{backing}.qcow2"));
+            let o = format!("cluster_size=65536,compat={compat}");
+            let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &o];
+            if backing {
+                args.extend(["-b", "db.raw", "-F", "raw"]);
+            }
+            let ps = img.to_str().unwrap().to_string();
+            args.extend([ps.as_str(), "1M"]);
+            qimg(&args);
+            let x = open(&img, CacheMode::None, false);
+            x.write_at(&vec![1u8; 6 * cs as usize], 0).unwrap();
+            let h1 = host_of(&x, cs, cs).unwrap();
+            // Discard clusters 1-2 plus half of cluster 0 and 3.
+            x.discard(cs / 2, 3 * cs).unwrap();
+            let st = x.layer_status(cs, 2 * cs).unwrap();
+            let mut got = vec![0u8; 4 * cs as usize];
+            x.read_at(&mut got, 0).unwrap();
+            if compat == "1.1" {
+                let want_st = if backing {
+                    LayerStatus::Zero { len: 2 * cs }
+                } else {
+                    LayerStatus::Unallocated { len: 2 * cs }
+                };
+                assert_eq!(st, want_st);
+                assert!(got[cs as usize / 2..(3 * cs + cs / 2) as usize]
+                    .iter()
+                    .all(|&b| b == 0));
+            } else if backing {
+                // v2: the backing file shows through whole clusters; partial ones untouched.
+                assert_eq!(st, LayerStatus::Unallocated { len: 2 * cs });
+                assert!(got[..cs as usize].iter().all(|&b| b == 1));
+                assert!(got[cs as usize..3 * cs as usize].iter().all(|&b| b == 0xbb));
+                assert!(got[3 * cs as usize..].iter().all(|&b| b == 1));
+            } else {
+                assert_eq!(st, LayerStatus::Unallocated { len: 2 * cs });
+                assert!(got[cs as usize / 2..(3 * cs + cs / 2) as usize]
+                    .iter()
+                    .all(|&b| b == 0));
+            }
+            // write_zeroes without unmap keeps an owned cluster preallocated (v3).
+            x.write_zeroes(4 * cs, cs, false).unwrap();
+            let st = x.layer_status(4 * cs, cs).unwrap();
+            if compat == "1.1" {
+                assert_eq!(st, LayerStatus::Zero { len: cs });
+            }
+            x.write_zeroes(5 * cs, cs, true).unwrap();
+            let mut z = vec![1u8; 2 * cs as usize];
+            x.read_at(&mut z, 4 * cs).unwrap();
+            assert!(z.iter().all(|&b| b == 0));
+            x.flush().unwrap();
+            // The discarded cluster is free again (after its quarantine): reused.
+            x.write_at(&vec![2u8; cs as usize], 8 * cs).unwrap();
+            assert_eq!(host_of(&x, 8 * cs, cs), Some(h1), "{compat} {backing}");
+            x.close().unwrap();
+            drop(x);
+            check_clean(&img);
+        }
+    }
+}
+
 // ---- dirty images, corrupt images, refusals --------------------------------------------
 
 fn patch(img: &Path, off: u64, bytes: &[u8]) {
@@ -1318,6 +1443,32 @@ fn crash_child() {
         qcow2(&x).set_cache_limits(2, 2);
     }
     let size = x.size();
+    if it.next() == Some("mt") {
+        // Several threads at once: only the consistency of the image is checked.
+        let hs: Vec<_> = (0..3u64)
+            .map(|t| {
+                let x = x.clone();
+                std::thread::spawn(move || {
+                    let mut r = StdRng::seed_from_u64(seed * 10 + t);
+                    for i in 0.. {
+                        let (kind, off, len, fill) = crash_op(&mut r, i, size);
+                        let len = len.min(40_000);
+                        match kind {
+                            0..=6 => x.write_at(&vec![fill; len as usize], off).unwrap(),
+                            7 => x.discard(off, len).unwrap(),
+                            _ => x.write_zeroes(off, len, kind == 8).unwrap(),
+                        }
+                        if i % 13 == 0 {
+                            x.flush().unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
     let mut r = StdRng::seed_from_u64(seed);
     for i in 0.. {
         let (kind, off, len, fill) = crash_op(&mut r, i, size);
@@ -1378,9 +1529,10 @@ fn kill_9_leaves_consistent_image() {
             .env(
                 CRASH_ENV,
                 format!(
-                    "{},{seed},{cache},{}",
+                    "{},{seed},{cache},{},{}",
                     img.display(),
-                    if round % 3 == 0 { "small" } else { "normal" }
+                    if round % 3 == 0 { "small" } else { "normal" },
+                    if round % 5 == 4 { "mt" } else { "st" }
                 ),
             )
             .stdout(Stdio::piped())
@@ -1406,6 +1558,15 @@ fn kill_9_leaves_consistent_image() {
             }
         }
         check_consistent(&img);
+        if round % 5 == 4 {
+            let x = open(&img, CacheMode::None, false);
+            x.write_at(&[3u8; 10000], 12345).unwrap();
+            x.close().unwrap();
+            drop(x);
+            check_consistent(&img);
+            eprintln!("crash round {round}: multi-threaded, consistent");
+            continue;
+        }
         // Replay: what was flushed must read back; bytes that later (unflushed) operations
         // touched may hold either version.
         let v3 = compat == "1.1";
