@@ -1165,6 +1165,27 @@ fn dirty_image_is_repaired_on_open() {
     want2[500_000..570_000].fill(9);
     compare_with(&img, &want2);
 
+    // A dirty image whose references exceed what refcount_bits=1 can count: refused.
+    let img = create(
+        d.path(),
+        "ovf.qcow2",
+        1 << 20,
+        "cluster_size=4096,refcount_bits=1",
+    );
+    qio(&img, &["write -P 0x51 0 8k".to_string()]);
+    let l1 = be64(&read_bytes(&img, 40, 8));
+    let l2 = be64(&read_bytes(&img, l1, 8)) & 0x00ff_ffff_ffff_fe00;
+    let e0 = read_bytes(&img, l2, 8);
+    patch(&img, l2 + 8, &e0);
+    let mut flags = read_bytes(&img, 72, 8);
+    flags[7] |= 1;
+    patch(&img, 72, &flags);
+    let e = Image::open(&img, &opts(CacheMode::None, false)).unwrap_err();
+    assert!(
+        matches!(e, Error::Corrupt(ref m) if m.contains("refcount_bits")),
+        "{e}"
+    );
+
     // 2. A real crash with lazy refcounts: qemu-io aborts before updating refcounts.
     let img = create(
         d.path(),
