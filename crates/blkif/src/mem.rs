@@ -69,7 +69,7 @@ pub fn check_bounds(offset: usize, len: usize, size: usize) -> Result<(), MemErr
 
 fn check_u32(offset: usize, size: usize) -> Result<(), MemError> {
     check_bounds(offset, 4, size)?;
-    if offset % 4 != 0 {
+    if !offset.is_multiple_of(4) {
         return Err(MemError::Unaligned(offset));
     }
     Ok(())

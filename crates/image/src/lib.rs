@@ -232,11 +232,8 @@ impl LayerStatus {
 #[derive(Debug)]
 pub enum Image {
     Raw(raw::RawImage),
-    Qcow2(Box<qcow2::Qcow2Image>),
+    Qcow2(qcow2::Qcow2Image),
 }
-
-/// Opens a backing file by name (as written in the image) and optional format.
-pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>;
 
 /// Probes the format of a file from its first bytes.
 pub fn probe_format(file: &ImageFile) -> Result<Format> {
@@ -293,14 +290,12 @@ impl Image {
                     let bfmt = fmt.map(str::parse::<Format>).transpose()?;
                     Self::open_chain(&bpath, opts, bfmt, chain)
                 };
-                let backing: Option<OpenBacking<'_>> = if opts.open_backing {
+                let backing: Option<qcow2::OpenBacking<'_>> = if opts.open_backing {
                     Some(&mut open_backing)
                 } else {
                     None
                 };
-                Image::Qcow2(Box::new(qcow2::Qcow2Image::open(
-                    file, opts, read_only, backing,
-                )?))
+                Image::Qcow2(qcow2::Qcow2Image::open(file, opts, read_only, backing)?)
             }
         };
         Ok(Arc::new(image))

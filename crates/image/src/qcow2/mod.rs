@@ -96,6 +96,10 @@ impl InFlightTracker {
     }
 }
 
+/// Opens a backing file given its name as written in the header and its format (from the
+/// backing format extension, if present).
+pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>;
+
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2Image {
@@ -109,7 +113,8 @@ pub struct Qcow2Image {
     size: AtomicU64,
     snapshots: Vec<Snapshot>,
     tracker: Arc<InFlightTracker>,
-    meta: Mutex<Meta>,
+    /// Boxed: the state is large and `Image` is an enum over formats.
+    meta: Box<Mutex<Meta>>,
     /// Signalled when in-flight allocations of guest clusters complete.
     alloc_done: Condvar,
 }
@@ -129,7 +134,7 @@ impl Qcow2Image {
         file: Arc<ImageFile>,
         opts: &OpenOptions,
         read_only: bool,
-        open_backing: Option<crate::OpenBacking<'_>>,
+        open_backing: Option<OpenBacking<'_>>,
     ) -> Result<Qcow2Image> {
         let ctx = |what: &str| format!("{what} {}", file.path().display());
         let file_len = file.len().map_err(|e| Error::io(ctx("cannot size"), e))?;
@@ -275,7 +280,7 @@ impl Qcow2Image {
             size: AtomicU64::new(size),
             snapshots,
             tracker,
-            meta: Mutex::new(meta),
+            meta: Box::new(Mutex::new(meta)),
             alloc_done: Condvar::new(),
         })
     }

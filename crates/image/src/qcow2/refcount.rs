@@ -466,7 +466,7 @@ pub(crate) fn rebuild_refcounts(
     let cb = hdr.cluster_bits;
     let cs = hdr.cluster_size();
     let nb = file_len.div_ceil(cs);
-    if nb > 1 << 30 {
+    if nb > 1 << 28 {
         return Err(Error::Unsupported(
             "image too large to rebuild its refcounts in memory".into(),
         ));
