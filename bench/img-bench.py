@@ -74,7 +74,7 @@ def main():
     global XDISK
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1G")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--quick", action="store_true", help="small counts (smoke run)")
     ap.add_argument("--json", help="also write results to this file")
@@ -96,6 +96,10 @@ def main():
                 f.write(r.read(n))
                 left -= n
         sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow])
+        # Let the kernel write back the freshly written files before measuring: background
+        # writeback of a GiB of dirty pages halves the first runs otherwise.
+        os.sync()
+        time.sleep(3)
         runs = [
             ("fio raw", lambda wl, c: fio(raw, wl, c)),
             ("xdisk raw", lambda wl, c: bench_tool("xdisk", raw, "raw", wl, c)),
