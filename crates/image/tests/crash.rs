@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use xdisk_image::{CacheMode, Image, OpenOptions};
 
+mod support;
+use support::{qemu_img, qemu_read_all, tmpdir};
+
 const SIZE: u64 = 8 << 20;
 const SECTOR: u64 = 512;
 
@@ -68,35 +71,8 @@ fn crash_child_entry() {
     }
 }
 
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs")
-}
-
-fn read_image(path: &Path, dir: &Path) -> Vec<u8> {
-    let flat = dir.join("flat.raw");
-    let out = qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        path.to_str().unwrap(),
-        flat.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "convert: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(&flat).unwrap()
-}
-
 fn run_crashes(backing: bool, rounds: u64) {
-    let dir = tempfile::Builder::new()
-        .prefix("xdisk-crash-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = tmpdir("xdisk-crash-");
     let img = dir.path().join("disk.qcow2");
     let img_s = img.to_str().unwrap();
     if backing {
@@ -133,7 +109,7 @@ fn run_crashes(backing: bool, rounds: u64) {
         .status
         .success());
     }
-    let mut state = read_image(&img, dir.path());
+    let mut state = qemu_read_all(&img, dir.path());
     let mut rng = rand::rngs::StdRng::seed_from_u64(if backing { 2 } else { 1 });
     for round in 0..rounds {
         let seed = round + 1000 * backing as u64;
@@ -177,7 +153,7 @@ fn run_crashes(backing: bool, rounds: u64) {
             "round {round}: qemu-img check found corruption (exit {code:?}):\n{}",
             String::from_utf8_lossy(&check.stdout)
         );
-        let now = read_image(&img, dir.path());
+        let now = qemu_read_all(&img, dir.path());
         // Per sector: the value after the last durable op must be present, unless a later
         // (possibly applied) op touched that sector.
         let mut expect = state.clone();
@@ -218,7 +194,9 @@ fn run_crashes(backing: bool, rounds: u64) {
             if !touched {
                 assert!(
                     now[r.clone()] == expect[r.clone()],
-                    "round {round}: sector {s} lost a flushed write (durable ops < {durable})"
+                    "round {round}: sector {s} lost a flushed write (durable ops < {durable}, next flush {next_flush}): now {:?} expected {:?}",
+                    &now[r.start..r.start + 8],
+                    &expect[r.start..r.start + 8]
                 );
             }
         }

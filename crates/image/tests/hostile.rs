@@ -8,29 +8,15 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use xdisk_image::{CacheMode, Error, Image, OpenOptions};
 
+mod support;
+use support::qemu_io;
+
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-hostile-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
+    support::tmpdir("xdisk-hostile-")
 }
 
 fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn qemu_io(path: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let o = c.arg(path).output().unwrap();
-    assert!(o.status.success());
+    support::qemu_img_ok(args);
 }
 
 /// A small valid image with data, an L2 table and a backing-free header.

@@ -3,11 +3,13 @@
 //! images stay clean for `qemu-img check` and read the same through qemu-img.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use xdisk_image::{CacheMode, Image, OpenOptions};
+
+mod support;
+use support::{qemu_img, qemu_read_all};
 
 const SIZE: u64 = 4 << 20;
 
@@ -44,13 +46,6 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| seed ^ ((off + i) as u8).wrapping_mul(31))
         .collect()
-}
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs")
 }
 
 fn open(path: &Path, cache: CacheMode) -> Arc<Image> {
@@ -142,26 +137,14 @@ fn qemu_agrees(path: &Path, model: &[u8], dir: &Path) {
         String::from_utf8_lossy(&chk.stdout),
         String::from_utf8_lossy(&chk.stderr)
     );
-    let flat = dir.join("flat.raw");
-    let out = qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        path.to_str().unwrap(),
-        flat.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
     assert!(
-        std::fs::read(&flat).unwrap() == model,
+        qemu_read_all(path, dir) == model,
         "qemu-img reads what the model says"
     );
 }
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-model-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
+    support::tmpdir("xdisk-model-")
 }
 
 proptest! {

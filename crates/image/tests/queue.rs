@@ -3,7 +3,6 @@
 //! file), checked against an in-memory model; qcow2 results also checked by qemu-img.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,24 +11,14 @@ use xdisk_image::queue::{Done, ImageQueue, QueueConfig, Request, RequestKind};
 use xdisk_image::{AioKind, CacheMode, Image, OpenOptions};
 use xdisk_io::AlignedBuf;
 
+mod support;
+
 fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-queue-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
+    support::tmpdir("xdisk-queue-")
 }
 
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    support::qemu_img_ok(args)
 }
 
 fn open(path: &Path, cache: CacheMode) -> Arc<Image> {

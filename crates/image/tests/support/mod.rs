@@ -1,0 +1,61 @@
+//! Helpers shared by the image crate's integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// A temporary directory on a filesystem that takes O_DIRECT (/var/tmp, not tmpfs).
+pub fn tmpdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .expect("temp dir in /var/tmp")
+}
+
+/// Runs qemu-img and returns its output, whatever the exit status.
+pub fn qemu_img(args: &[&str]) -> Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img runs")
+}
+
+/// Runs qemu-img, asserting success; returns stdout.
+pub fn qemu_img_ok(args: &[&str]) -> String {
+    let o = qemu_img(args);
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs qemu-io commands on an image, asserting success.
+pub fn qemu_io(path: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(path).output().expect("qemu-io runs");
+    assert!(
+        o.status.success(),
+        "qemu-io {cmds:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The guest-visible contents of an image, as qemu-img converts it to raw.
+pub fn qemu_read_all(path: &Path, scratch: &Path) -> Vec<u8> {
+    let flat = scratch.join("qemu-flat.raw");
+    qemu_img_ok(&[
+        "convert",
+        "-O",
+        "raw",
+        path.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    let data = std::fs::read(&flat).unwrap();
+    let _ = std::fs::remove_file(&flat);
+    data
+}
