@@ -38,11 +38,11 @@ pub const GTF_ACCEPT_TRANSFER: u16 = 2;
 pub const GTF_TRANSITIVE: u16 = 3;
 /// `GTF_type_mask`.
 pub const GTF_TYPE_MASK: u16 = 3;
-/// `GTF_readonly`: restrict `domid` to read-only mappings and accesses. [GST]
+/// `GTF_readonly`: restrict `domid` to read-only mappings and accesses. (set by the guest)
 pub const GTF_READONLY: u16 = 1 << 2;
-/// `GTF_reading`: the entry is currently mapped for reading by `domid`. [XEN]
+/// `GTF_reading`: the entry is currently mapped for reading by `domid`. (set by Xen)
 pub const GTF_READING: u16 = 1 << 3;
-/// `GTF_writing`: the entry is currently mapped for writing by `domid`. [XEN]
+/// `GTF_writing`: the entry is currently mapped for writing by `domid`. (set by Xen)
 pub const GTF_WRITING: u16 = 1 << 4;
 /// `GTF_sub_page` (v2 only; an entry with it is never valid here).
 pub const GTF_SUB_PAGE: u16 = 1 << 8;
