@@ -4,10 +4,10 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use xdisk_io::{open_engine, AioKind, Completion, EngineConfig, IoBuf, Op, OpKind};
@@ -487,12 +487,13 @@ fn guest_changing_entries_during_maps_never_crashes() {
     }
     let g: GrantRef = 50;
     let stop = Arc::new(AtomicBool::new(false));
+    let flips = Arc::new(AtomicU64::new(0));
     let flipper = {
         let guest = guest.clone();
         let stop = stop.clone();
+        let flips = flips.clone();
         thread::spawn(move || {
             let mut x: u32 = 12345;
-            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
                 let flags = match x % 5 {
@@ -505,15 +506,19 @@ fn guest_changing_entries_during_maps_never_crashes() {
                 let frame = (x >> 8) % 12; // sometimes past the end
                 guest.write_grant_entry_raw(g, flags, domid, frame).unwrap();
                 let _ = guest.end_grant(g);
-                n += 1;
+                flips.fetch_add(1, Ordering::Relaxed);
             }
-            n
         })
     };
     let mapper = xen.grant_mapper(BACKEND);
     let (mut ok, mut failed) = (0, 0);
-    for i in 0..3000 {
-        let writable = i % 2 == 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0u32;
+    // At least 3000 maps, and at least 1000 entry changes during them (the two threads share
+    // few cores).
+    while i < 3000 || (flips.load(Ordering::Relaxed) < 1000 && Instant::now() < deadline) {
+        i += 1;
+        let writable = i.is_multiple_of(2);
         match mapper.map(GUEST, &[g, g], writable) {
             Ok(r) => {
                 ok += 1;
@@ -540,9 +545,62 @@ fn guest_changing_entries_during_maps_never_crashes() {
         mapper.copy(&mut ops).unwrap();
     }
     stop.store(true, Ordering::Relaxed);
-    let flips = flipper.join().unwrap();
-    assert!(flips > 0);
-    assert!(ok + failed == 3000);
+    flipper.join().unwrap();
+    assert!(flips.load(Ordering::Relaxed) > 0);
+    assert_eq!(ok + failed, i);
+    assert_eq!(guest.grant_pin_count(g), 0);
+}
+
+#[test]
+fn end_grant_never_succeeds_while_mapped() {
+    let (xen, guest) = host(2);
+    let g: GrantRef = 60;
+    guest
+        .write_grant_entry_raw(g, GTF_PERMIT_ACCESS, BACKEND, 1)
+        .unwrap();
+    // Odd while the backend holds a mapping (set after map returns, cleared before unmap).
+    let epoch = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let backend = {
+        let (xen, epoch, stop) = (xen.clone(), epoch.clone(), stop.clone());
+        thread::spawn(move || {
+            let mapper = xen.grant_mapper(BACKEND);
+            let mut maps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(r) = mapper.map(GUEST, &[g], true) {
+                    epoch.fetch_add(1, Ordering::SeqCst);
+                    r.copy_to(0, &[1]).unwrap();
+                    epoch.fetch_add(1, Ordering::SeqCst);
+                    drop(r);
+                    maps += 1;
+                }
+            }
+            maps
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut revoked = 0u32;
+    let mut refused = 0u32;
+    while (revoked < 500 || refused < 50) && Instant::now() < deadline {
+        let e1 = epoch.load(Ordering::SeqCst);
+        let ended = guest.end_grant(g).unwrap();
+        let e2 = epoch.load(Ordering::SeqCst);
+        if ended {
+            assert!(
+                !(e1 == e2 && e1 % 2 == 1),
+                "end_grant succeeded while the backend held a mapping"
+            );
+            revoked += 1;
+            guest
+                .write_grant_entry_raw(g, GTF_PERMIT_ACCESS, BACKEND, 1)
+                .unwrap();
+        } else {
+            refused += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let maps = backend.join().unwrap();
+    assert!(revoked > 0 && maps > 0, "revoked {revoked}, maps {maps}");
     assert_eq!(guest.grant_pin_count(g), 0);
 }
 
@@ -1016,4 +1074,17 @@ proptest! {
             prop_assert_eq!(guest.grant_pin_count(g), 0);
         }
     }
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<SimXen>();
+    send_sync::<SimDomain>();
+    send_sync::<xdisk_xen::sim::SimGrantMapper>();
+    send_sync::<xdisk_xen::sim::SimEventChannels>();
+    send_sync::<xdisk_xen::sim::SimPort>();
+    send_sync::<xdisk_xen::foreign::MmapRegion>();
+    send::<GrantIoBuf>();
 }
