@@ -348,7 +348,8 @@ impl Hypervisor {
 /// domain's, garbage type, `GTF_sub_page`) or read-only for a write `PermissionDenied`; a
 /// frame outside the granting domain's memory, or an entry that keeps changing, `GeneralError`
 /// (real Xen reports `GNTST_general_error` for most of these; callers should treat every
-/// status but `Okay` as "not usable"); a copy past the page `BadCopyArg`.
+/// status but `Okay` as "not usable"); a copy past the page `BadCopyArg`. A map of no pages
+/// or of more than [`MAX_MAP_PAGES`] fails with [`PlatformError::TooLarge`].
 pub struct SimGrantMapper {
     hyp: Arc<Hypervisor>,
     domid: DomId,
