@@ -7,9 +7,15 @@
 //! - [`platform`]: grant mapping/copy and event channel interfaces the backend is written
 //!   against.
 //!
+//! - [`sim`]: a simulated Xen host in one process (memfd guest memory, a grant table in shared
+//!   memory, eventfd event channels, the in-process xenstored), with [`foreign`] holding the
+//!   memory mappings and the zero-copy I/O buffer over granted pages ([`foreign::GrantIoBuf`]).
+//!
 //! `unsafe` is denied crate-wide; only the modules that map foreign memory allow it.
 
 #![deny(unsafe_code)]
 
+pub mod foreign;
 pub mod platform;
+pub mod sim;
 pub mod xenstore;

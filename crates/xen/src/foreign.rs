@@ -1,0 +1,656 @@
+//! Foreign memory and the other small OS objects of the simulation: every `unsafe` block of
+//! this crate lives here, each with a `// SAFETY:` comment.
+//!
+//! - [`Memfd`]: a sealed memfd (its size can never change, so a mapping of it can never
+//!   `SIGBUS`), read and written with `pread`/`pwrite` or mapped.
+//! - [`MmapRegion`]: an `mmap` of pages of a [`Memfd`], possibly scattered pages made to appear
+//!   contiguous (a `PROT_NONE` reservation with each page `MAP_FIXED` into it, as gntdev maps
+//!   several grants into one VMA). It implements [`SharedMem`] with single atomic accesses
+//!   (never a Rust reference to the bytes: the other domain may change them at any moment) and
+//!   [`MappedRegion`].
+//! - [`GrantIoBuf`]: an [`IoBuf`] made of byte ranges of mapped regions, so that disk I/O goes
+//!   straight into guest pages, as blkback does.
+//! - [`EventFd`] and [`poll_readable`]: the event channel doorbells.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use xdisk_blkif::mem::check_bounds;
+use xdisk_io::IoBuf;
+
+use crate::platform::{MappedRegion, MemError, PlatformError, SharedMem};
+
+/// Size of a Xen page (`XEN_PAGE_SIZE`); grants are whole pages.
+pub const PAGE_SIZE: usize = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Memfd
+
+/// An anonymous shared memory file (memfd_create(2)) of a fixed size: sealed with
+/// `F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL` right after sizing, so that the pages of every
+/// mapping of it exist for the mapping's whole life.
+#[derive(Debug)]
+pub struct Memfd {
+    file: File,
+    size: u64,
+}
+
+impl Memfd {
+    /// A zero-filled memfd of `size` bytes named `name` (the name only shows in
+    /// `/proc/<pid>/maps`).
+    pub fn new(name: &CStr, size: u64) -> io::Result<Memfd> {
+        // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: memfd_create returned a new fd that nothing else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(size)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on an fd we own, with an integer argument.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Memfd { file, size })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of whole pages.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE as u64
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (pread(2)); fails past the end.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes `buf` at `offset` (pwrite(2)); fails past the end.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at {offset} are past the end of the {}-byte memfd",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    /// Maps `pages` consecutive pages starting at page `first` (MAP_SHARED).
+    pub fn map(&self, first: u64, pages: usize, writable: bool) -> io::Result<MmapRegion> {
+        let list: Vec<u64> = (0..pages as u64).map(|i| first.saturating_add(i)).collect();
+        self.map_pages(&list, writable)
+    }
+
+    /// Maps the pages `pages` (page indexes into the memfd, in any order, repeats allowed) so
+    /// that they appear contiguous, in order: a `PROT_NONE` reservation of the whole range,
+    /// then each page `MAP_FIXED | MAP_SHARED` into its slot.
+    pub fn map_pages(&self, pages: &[u64], writable: bool) -> io::Result<MmapRegion> {
+        if pages.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        let total = self.pages();
+        if let Some(bad) = pages.iter().find(|&&p| p >= total) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("page {bad} is past the end of the {total}-page memfd"),
+            ));
+        }
+        let len = pages
+            .len()
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "mapping too large"))?;
+        // SAFETY: a fresh anonymous PROT_NONE mapping chosen by the kernel; it overlaps nothing.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(base.cast::<u8>()).expect("mmap never returns NULL on success");
+        // From here on, dropping `region` unmaps the whole reservation (and whatever pages
+        // were already placed in it).
+        let region = MmapRegion { ptr, len, writable };
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        for (i, &page) in pages.iter().enumerate() {
+            let offset = page * PAGE_SIZE as u64;
+            let offset = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+            // SAFETY: the target `[base + i * PAGE_SIZE, +PAGE_SIZE)` lies inside the
+            // reservation we own (i < pages.len()), so MAP_FIXED replaces only our own
+            // PROT_NONE page; the file range exists (checked against the sealed size).
+            let r = unsafe {
+                libc::mmap(
+                    base.cast::<u8>().add(i * PAGE_SIZE).cast(),
+                    PAGE_SIZE,
+                    prot,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    self.file.as_raw_fd(),
+                    offset,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(region)
+    }
+}
+
+impl AsFd for Memfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MmapRegion
+
+/// A mapping of memfd pages (see [`Memfd::map_pages`]), unmapped on drop.
+///
+/// The bytes are memory another domain may read and write at any time, so they are only
+/// accessed through [`SharedMem`]: single relaxed atomic accesses, copied in or out; no
+/// `&[u8]` is ever formed over them. A read-only region (`PROT_READ`) refuses writes with
+/// [`MemError::OutOfBounds`] reporting a writable size of 0 instead of faulting.
+#[derive(Debug)]
+pub struct MmapRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the region owns its mapping; every access through it is atomic, so sharing and
+// sending it between threads cannot cause data races in this process.
+unsafe impl Send for MmapRegion {}
+// SAFETY: as above: `&MmapRegion` only allows atomic accesses.
+unsafe impl Sync for MmapRegion {}
+
+impl Drop for MmapRegion {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr+len` is a mapping this value created and owns; no reference into
+        // it outlives `self` (accessors only copy).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+impl MmapRegion {
+    /// Whether the mapping is `PROT_READ | PROT_WRITE`.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn check_write(&self, offset: usize, len: usize) -> Result<(), MemError> {
+        if self.writable {
+            check_bounds(offset, len, self.len)
+        } else {
+            Err(MemError::OutOfBounds {
+                offset,
+                len,
+                size: 0,
+            })
+        }
+    }
+
+    fn byte(&self, offset: usize) -> &AtomicU8 {
+        debug_assert!(offset < self.len);
+        // SAFETY: offset < len (checked by every caller), the mapping lives as long as `&self`,
+        // and AtomicU8 has alignment 1; atomics permit concurrent access by the other domain.
+        unsafe { AtomicU8::from_ptr(self.ptr.as_ptr().add(offset)) }
+    }
+
+    fn word64(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
+        // SAFETY: offset + 8 <= len and offset is 8-aligned from a page-aligned base (checked
+        // by every caller); the mapping lives as long as `&self`. On read-only mappings only
+        // relaxed loads are done, which std allows on read-only memory for sizes up to the
+        // pointer width (64-bit hosts: Xen backends are x86_64/aarch64).
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
+    }
+
+    fn word32(&self, offset: usize) -> &AtomicU32 {
+        debug_assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
+        // SAFETY: offset + 4 <= len and offset is 4-aligned from a page-aligned base (checked
+        // by every caller); the mapping lives as long as `&self`.
+        unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
+    }
+
+    /// The 64-bit word at `offset` (a multiple of 8) as an atomic, for read-modify-write
+    /// protocols on shared memory (the grant table's flag updates). Writable regions only.
+    pub(crate) fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64, MemError> {
+        self.check_write(offset, 8)?;
+        if !offset.is_multiple_of(8) {
+            return Err(MemError::Unaligned(offset));
+        }
+        Ok(self.word64(offset))
+    }
+}
+
+impl SharedMem for MmapRegion {
+    fn size(&self) -> usize {
+        self.len
+    }
+
+    fn read_u32_volatile(&self, offset: usize) -> Result<u32, MemError> {
+        check_bounds(offset, 4, self.len)?;
+        if !offset.is_multiple_of(4) {
+            return Err(MemError::Unaligned(offset));
+        }
+        Ok(u32::from_le(self.word32(offset).load(Ordering::Relaxed)))
+    }
+
+    fn write_u32_volatile(&self, offset: usize, value: u32) -> Result<(), MemError> {
+        self.check_write(offset, 4)?;
+        if !offset.is_multiple_of(4) {
+            return Err(MemError::Unaligned(offset));
+        }
+        self.word32(offset).store(value.to_le(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn copy_from(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
+        check_bounds(offset, dst.len(), self.len)?;
+        let mut i = 0;
+        while i < dst.len() {
+            let at = offset + i;
+            if at.is_multiple_of(8) && dst.len() - i >= 8 {
+                let w = self.word64(at).load(Ordering::Relaxed);
+                dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                i += 8;
+            } else {
+                dst[i] = self.byte(at).load(Ordering::Relaxed);
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_to(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
+        self.check_write(offset, src.len())?;
+        let mut i = 0;
+        while i < src.len() {
+            let at = offset + i;
+            if at.is_multiple_of(8) && src.len() - i >= 8 {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&src[i..i + 8]);
+                self.word64(at)
+                    .store(u64::from_ne_bytes(w), Ordering::Relaxed);
+                i += 8;
+            } else {
+                self.byte(at).store(src[i], Ordering::Relaxed);
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MappedRegion for MmapRegion {
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn io_base(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GrantIoBuf
+
+/// One byte range of a mapped region, part of a [`GrantIoBuf`]. Holding the `Arc` keeps the
+/// mapping alive.
+#[derive(Clone)]
+pub struct GrantSegment {
+    pub region: Arc<dyn MappedRegion>,
+    /// Byte offset inside the region.
+    pub offset: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl GrantSegment {
+    pub fn new(region: Arc<dyn MappedRegion>, offset: usize, len: usize) -> GrantSegment {
+        GrantSegment {
+            region,
+            offset,
+            len,
+        }
+    }
+}
+
+impl std::fmt::Debug for GrantSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantSegment")
+            .field("region_size", &self.region.size())
+            .field("writable", &self.region.writable())
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// An [`IoBuf`] over granted guest pages: the iovecs point straight into the mappings, so an
+/// engine's preadv/pwritev moves data between the disk and the guest's pages without a copy
+/// (what blkback does with its grant mappings).
+///
+/// Built with bounds checked against each region; a buffer that the device writes into (a
+/// guest *read* request, `for_device_read`) must consist of writable mappings only. The
+/// buffer holds the regions' `Arc`s, so the mappings outlive any in-flight operation.
+///
+/// [`IoBuf::copy_in`], [`IoBuf::copy_out`] and [`IoBuf::fill_zero`] go through
+/// [`SharedMem`] (atomic accesses), never through plain references to guest memory.
+pub struct GrantIoBuf {
+    segments: Vec<GrantSegment>,
+    iov: Vec<libc::iovec>,
+    len: usize,
+}
+
+// SAFETY: the iovecs are raw pointers into mappings owned by the `Arc<dyn MappedRegion>`s held
+// in `segments` (which are Send + Sync); moving the buffer to another thread moves no memory.
+unsafe impl Send for GrantIoBuf {}
+
+impl std::fmt::Debug for GrantIoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantIoBuf")
+            .field("segments", &self.segments)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl GrantIoBuf {
+    /// A buffer of `segments`, in order. Fails with [`PlatformError::Mem`] if a segment is not
+    /// inside its region, and with [`PlatformError::Io`] (`PermissionDenied`) if
+    /// `for_device_read` (the device writes into the buffer) and a region is read-only.
+    pub fn new(
+        segments: Vec<GrantSegment>,
+        for_device_read: bool,
+    ) -> Result<GrantIoBuf, PlatformError> {
+        let mut iov = Vec::with_capacity(segments.len());
+        let mut len = 0usize;
+        for (i, s) in segments.iter().enumerate() {
+            check_bounds(s.offset, s.len, s.region.size())?;
+            if for_device_read && !s.region.writable() {
+                return Err(PlatformError::Io {
+                    context: format!("segment {i} of a read buffer"),
+                    source: io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "read-only grant mapping as the destination of a read",
+                    ),
+                });
+            }
+            len = len.checked_add(s.len).ok_or(MemError::OutOfBounds {
+                offset: len,
+                len: s.len,
+                size: usize::MAX,
+            })?;
+            iov.push(libc::iovec {
+                // In bounds of the region (checked above); the pointer is never dereferenced
+                // here, only handed to the kernel.
+                iov_base: s.region.io_base().wrapping_add(s.offset).cast(),
+                iov_len: s.len,
+            });
+        }
+        Ok(GrantIoBuf { segments, iov, len })
+    }
+
+    /// The segments, in order.
+    pub fn segments(&self) -> &[GrantSegment] {
+        &self.segments
+    }
+
+    /// Gives the segments back (to unmap or reuse them).
+    pub fn into_segments(self) -> Vec<GrantSegment> {
+        self.segments
+    }
+
+    /// Calls `f(segment, start_in_segment, buf_range)` for each piece of `[at, at + len)`.
+    fn for_range(
+        &self,
+        at: usize,
+        len: usize,
+        mut f: impl FnMut(&GrantSegment, usize, std::ops::Range<usize>),
+    ) {
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{len} bytes at {at} are past the end of a {}-byte GrantIoBuf",
+                    self.len
+                )
+            });
+        let mut pos = 0usize;
+        for s in &self.segments {
+            let (ss, se) = (pos, pos + s.len);
+            pos = se;
+            if se <= at || ss >= end {
+                continue;
+            }
+            let from = at.max(ss);
+            let to = end.min(se);
+            f(s, s.offset + (from - ss), (from - at)..(to - at));
+        }
+    }
+}
+
+// SAFETY: the iovecs stay valid while the buffer lives: each points inside a mapping kept
+// alive by the `Arc` in `segments` (bounds checked in `new`), and mappings never move. The
+// memory is shared with the granting guest, which may touch it during the I/O exactly as it
+// may under blkback; the kernel treats it as plain bytes, and this process never forms Rust
+// references to it.
+unsafe impl IoBuf for GrantIoBuf {
+    fn iovecs(&mut self) -> &[libc::iovec] {
+        &self.iov
+    }
+
+    fn total_len(&self) -> usize {
+        self.len
+    }
+
+    fn copy_in(&mut self, at: usize, src: &[u8]) {
+        self.for_range(at, src.len(), |s, off, r| {
+            s.region
+                .copy_to(off, &src[r])
+                .expect("copy_in into a GrantIoBuf segment");
+        });
+    }
+
+    fn copy_out(&mut self, at: usize, dst: &mut [u8]) {
+        self.for_range(at, dst.len(), |s, off, r| {
+            s.region
+                .copy_from(off, &mut dst[r])
+                .expect("copy_out of a GrantIoBuf segment");
+        });
+    }
+
+    fn fill_zero(&mut self, at: usize, len: usize) {
+        const ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        self.for_range(at, len, |s, off, r| {
+            let mut done = 0;
+            while done < r.len() {
+                let n = (r.len() - done).min(PAGE_SIZE);
+                s.region
+                    .copy_to(off + done, &ZEROS[..n])
+                    .expect("fill_zero of a GrantIoBuf segment");
+                done += n;
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// EventFd, poll
+
+/// A non-blocking eventfd(2): the doorbell of one end of a simulated event channel.
+#[derive(Debug)]
+pub struct EventFd {
+    file: File,
+}
+
+impl EventFd {
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall with valid flags.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: eventfd returned a new fd that nothing else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(EventFd { file })
+    }
+
+    /// Adds 1 to the counter (makes the fd readable). A saturated counter (`EAGAIN`) is
+    /// already readable, so it counts as success.
+    pub fn signal(&self) -> io::Result<()> {
+        match (&self.file).write(&1u64.to_ne_bytes()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resets the counter; true if it was non-zero.
+    pub fn drain(&self) -> io::Result<bool> {
+        let mut v = [0u8; 8];
+        match (&self.file).read(&mut v) {
+            Ok(8) => Ok(u64::from_ne_bytes(v) > 0),
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// poll(2) for readability of `fd`: true if readable, false on timeout (`None`: wait without
+/// limit). `EINTR` counts as a timeout.
+pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
+    let ms = match timeout {
+        None => -1,
+        Some(t) => {
+            let ms = t.as_nanos().div_ceil(1_000_000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        }
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack; poll only reads `fd` as a number.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    if r > 0 && pfd.revents & libc::POLLNVAL != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    Ok(r > 0 && pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memfd_map_and_access() {
+        let m = Memfd::new(c"t", 4 * PAGE_SIZE as u64).unwrap();
+        m.write_at(PAGE_SIZE as u64 * 2 + 5, b"hello").unwrap();
+        let r = m.map_pages(&[2, 0], true).unwrap();
+        let mut b = [0u8; 5];
+        r.copy_from(5, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        r.copy_to(PAGE_SIZE + 3, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+            .unwrap();
+        let mut c = [0u8; 11];
+        m.read_at(3, &mut c).unwrap();
+        assert_eq!(c, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        r.write_u32_volatile(16, 0x0403_0201).unwrap();
+        assert_eq!(r.read_u32_volatile(16).unwrap(), 0x0403_0201);
+        let mut d = [0u8; 4];
+        m.read_at(PAGE_SIZE as u64 * 2 + 16, &mut d).unwrap();
+        assert_eq!(d, [1, 2, 3, 4]);
+        assert!(r.read_u32_volatile(2 * PAGE_SIZE - 2).is_err());
+        assert!(r.read_u32_volatile(6).is_err());
+        assert!(m.map_pages(&[4], false).is_err());
+        assert!(m.map_pages(&[], false).is_err());
+        assert!(m.read_at(4 * PAGE_SIZE as u64 - 1, &mut d).is_err());
+
+        let ro = m.map(2, 1, false).unwrap();
+        assert!(ro.copy_to(0, &[1]).is_err());
+        assert!(ro.write_u32_volatile(0, 1).is_err());
+        ro.copy_from(5, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+    }
+
+    #[test]
+    fn memfd_is_sealed() {
+        let m = Memfd::new(c"t", PAGE_SIZE as u64).unwrap();
+        assert!(m.file.set_len(0).is_err());
+        assert!(m.file.set_len(2 * PAGE_SIZE as u64).is_err());
+    }
+
+    #[test]
+    fn eventfd_signal_drain_poll() {
+        let e = EventFd::new().unwrap();
+        assert!(!e.drain().unwrap());
+        assert!(!poll_readable(e.as_raw_fd(), Some(Duration::ZERO)).unwrap());
+        e.signal().unwrap();
+        e.signal().unwrap();
+        assert!(poll_readable(e.as_raw_fd(), Some(Duration::from_secs(1))).unwrap());
+        assert!(e.drain().unwrap());
+        assert!(!e.drain().unwrap());
+    }
+}

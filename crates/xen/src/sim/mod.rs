@@ -1,0 +1,409 @@
+//! A simulated Xen host, all in one process, with Xen's isolation between domains: a frontend
+//! and a backend share nothing but granted pages, event channels and xenstore.
+//!
+//! - Guest memory is a memfd per domain ([`SimDomain::page`] is the guest's own view); a
+//!   backend only ever sees it through [`GrantMapper`] mappings of granted pages (mmaps of the
+//!   memfd) or grant copies.
+//! - Each domain's grant table is `grant_entry_v1` entries (xen/include/public/grant_table.h)
+//!   in its own shared memfd; the guest fills entries ([`SimDomain::grant`], or anything at
+//!   all with [`SimDomain::write_grant_entry_raw`]) and the "hypervisor" ([`SimGrantMapper`])
+//!   validates a single read of each entry, as Xen does. See [`grant`] for the protocol.
+//! - Event channels ([`evtchn`]) are eventfds, one per port, connected as
+//!   xen/include/public/event_channel.h describes.
+//! - Xenstore is the in-process xenstored ([`crate::xenstore::Server`]) on a unix socket in a
+//!   private temporary directory; [`SimXen::xenstore`] gives a connection with a domain's
+//!   permissions.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), xdisk_xen::sim::SimError> {
+//! use xdisk_xen::platform::SharedMem;
+//! use xdisk_xen::sim::SimXen;
+//! let xen = SimXen::new()?;
+//! let guest = xen.create_domain(1, 64)?;
+//! guest.page(3)?.copy_to(0, b"hello")?;
+//! let gref = guest.grant(3, 0, true)?;
+//! let region = xen.grant_mapper(0).map(1, &[gref], false)?;
+//! let mut buf = [0u8; 5];
+//! region.copy_from(0, &mut buf)?;
+//! # Ok(()) }
+//! ```
+
+pub mod evtchn;
+pub mod grant;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+
+use crate::platform::{DomId, EventChannels, GrantMapper, GrantRef, MappedRegion, PlatformError};
+use crate::xenstore::wire::DOMID_FIRST_RESERVED;
+use crate::xenstore::{Access, Client, Errno, Perm, Server};
+
+pub use evtchn::{SimEventChannels, SimPort, MAX_PORTS};
+pub use grant::{
+    GrantEntry, SimGrantMapper, DEFAULT_GRANT_ENTRIES, GNTTAB_NR_RESERVED_ENTRIES,
+    GTF_ACCEPT_TRANSFER, GTF_INVALID, GTF_PERMIT_ACCESS, GTF_READING, GTF_READONLY, GTF_SUB_PAGE,
+    GTF_TRANSITIVE, GTF_TYPE_MASK, GTF_WRITING, MAX_MAP_PAGES,
+};
+
+use evtchn::EvtchnHub;
+use grant::{DomainMem, Hypervisor};
+
+/// Errors of the simulation's management calls.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("domain {0} already exists")]
+    DomainExists(DomId),
+    #[error("no domain {0}")]
+    NoSuchDomain(DomId),
+    #[error("invalid domain id {0}")]
+    InvalidDomId(DomId),
+    #[error("page {page} is outside the domain's {pages} pages")]
+    BadPage { page: usize, pages: usize },
+    #[error("grant reference {gref} is outside the {entries}-entry grant table")]
+    BadGrantRef { gref: GrantRef, entries: u32 },
+    #[error("grant table of domain {0} is full")]
+    GrantTableFull(DomId),
+    #[error("xenstore: {0}")]
+    Xenstore(#[from] crate::xenstore::Error),
+    #[error("xenstore: {0}")]
+    Xs(#[from] Errno),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Mem(#[from] crate::platform::MemError),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SimError {
+    let context = context.into();
+    move |source| SimError::Io { context, source }
+}
+
+/// A private temporary directory, removed on drop.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<TempDir> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let p = base.join(format!("xdisk-sim-{}-{n}-{nanos:x}", std::process::id()));
+            match std::fs::create_dir(&p) {
+                Ok(()) => return Ok(TempDir(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One simulated Xen host: the hypervisor's domains and grant tables, event channels and
+/// xenstored. Dom0 (domid 0) exists from the start (no memory of its own: it is the usual
+/// backend domain). Dropping the last `Arc` stops xenstored.
+#[derive(Debug)]
+pub struct SimXen {
+    hyp: Arc<Hypervisor>,
+    evt: Arc<EvtchnHub>,
+    /// Dom0's toolstack connection.
+    admin: Client,
+    // Field order: the server stops before its directory is removed.
+    server: Server,
+    _dir: TempDir,
+}
+
+impl SimXen {
+    /// Starts xenstored on a unix socket in a new temporary directory and creates dom0
+    /// (`/local/domain/0/{name,domid}`).
+    pub fn new() -> Result<Arc<SimXen>, SimError> {
+        let dir = TempDir::new().map_err(io_err("creating the simulation directory"))?;
+        let sock = dir.0.join("xenstored.sock");
+        let server = Server::bind(&sock).map_err(io_err("starting xenstored"))?;
+        let admin = server.client_as(0)?;
+        admin.write("/local/domain/0/name", "Domain-0")?;
+        admin.write("/local/domain/0/domid", "0")?;
+        let evt = Arc::new(EvtchnHub::default());
+        evt.add_domain(0);
+        Ok(Arc::new(SimXen {
+            hyp: Arc::new(Hypervisor::default()),
+            evt,
+            admin,
+            server,
+            _dir: dir,
+        }))
+    }
+
+    /// The xenstored socket (connections there act as dom0; `XENSTORED_PATH` for xl tools).
+    pub fn xenstore_path(&self) -> &Path {
+        self.server
+            .socket_path()
+            .expect("the simulation's xenstored listens on a socket")
+    }
+
+    /// The in-process xenstored.
+    pub fn xenstore_server(&self) -> &Server {
+        &self.server
+    }
+
+    /// A new xenstore connection acting as `domid` (its permissions and quotas, relative paths
+    /// under `/local/domain/<domid>`).
+    pub fn xenstore(&self, domid: DomId) -> Result<Client, SimError> {
+        Ok(self.server.client_as(domid)?)
+    }
+
+    /// Creates domain `domid` with `pages` 4 KiB pages of zeroed memory and a grant table of
+    /// [`DEFAULT_GRANT_ENTRIES`] entries; writes `/local/domain/<domid>/{name,domid}` owned by
+    /// the domain and fires `@introduceDomain`.
+    pub fn create_domain(
+        self: &Arc<Self>,
+        domid: DomId,
+        pages: usize,
+    ) -> Result<Arc<SimDomain>, SimError> {
+        self.create_domain_with(domid, pages, DEFAULT_GRANT_ENTRIES)
+    }
+
+    /// [`SimXen::create_domain`] with a grant table of `grant_entries` entries.
+    pub fn create_domain_with(
+        self: &Arc<Self>,
+        domid: DomId,
+        pages: usize,
+        grant_entries: u32,
+    ) -> Result<Arc<SimDomain>, SimError> {
+        if domid == 0 || u32::from(domid) >= DOMID_FIRST_RESERVED {
+            return Err(SimError::InvalidDomId(domid));
+        }
+        if pages > u32::MAX as usize {
+            return Err(SimError::BadPage {
+                page: pages,
+                pages: u32::MAX as usize,
+            });
+        }
+        let mem = {
+            let mut doms = self
+                .hyp
+                .domains
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if doms.contains_key(&domid) {
+                return Err(SimError::DomainExists(domid));
+            }
+            let mem = Arc::new(
+                DomainMem::new(domid, pages, grant_entries)
+                    .map_err(io_err(format!("memory of domain {domid}")))?,
+            );
+            doms.insert(domid, mem.clone());
+            mem
+        };
+        self.evt.add_domain(domid);
+        let path = format!("/local/domain/{domid}");
+        let setup = || -> Result<(), SimError> {
+            self.admin.mkdir(&path)?;
+            self.admin
+                .set_perms(&path, &[Perm::new(Access::None, domid)])?;
+            self.admin
+                .write(&format!("{path}/name"), format!("sim-{domid}"))?;
+            self.admin
+                .write(&format!("{path}/domid"), domid.to_string())?;
+            self.server.introduce_domain(domid)?;
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            let _ = self.destroy_domain(domid);
+            return Err(e);
+        }
+        Ok(Arc::new(SimDomain {
+            mem,
+            xen: self.clone(),
+        }))
+    }
+
+    /// Destroys a domain: its event channels close (peers become unbound), its grants can no
+    /// longer be mapped or copied (`BadDomain`; existing mappings stay valid memory until
+    /// dropped, as with Xen), `/local/domain/<domid>` is removed and `@releaseDomain` fires.
+    pub fn destroy_domain(&self, domid: DomId) -> Result<(), SimError> {
+        let mem = self
+            .hyp
+            .domains
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&domid)
+            .ok_or(SimError::NoSuchDomain(domid))?;
+        mem.alive.store(false, Ordering::Release);
+        self.evt.remove_domain(domid);
+        let _ = self.admin.rm(&format!("/local/domain/{domid}"));
+        match self.server.release_domain(domid) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether `domid` exists (dom0 always does).
+    pub fn domain_exists(&self, domid: DomId) -> bool {
+        domid == 0 || self.hyp.domain(domid).is_some()
+    }
+
+    /// The grant mapper of backend domain `backend_domid` (maps grants made to that domain).
+    pub fn grant_mapper(&self, backend_domid: DomId) -> Arc<dyn GrantMapper> {
+        Arc::new(SimGrantMapper::new(self.hyp.clone(), backend_domid))
+    }
+
+    /// The event channel operations of `domid`.
+    pub fn event_channels(&self, domid: DomId) -> Arc<dyn EventChannels> {
+        Arc::new(SimEventChannels::new(self.evt.clone(), domid))
+    }
+
+    /// Open event channel ports of `domid` (for leak checks in tests).
+    pub fn event_channel_count(&self, domid: DomId) -> usize {
+        self.evt.port_count(domid)
+    }
+}
+
+/// A simulated guest: its memory, its grant table and its view of event channels and xenstore
+/// (what a frontend driver in that guest uses). Dropping it does not destroy the domain
+/// ([`SimXen::destroy_domain`] does).
+#[derive(Debug)]
+pub struct SimDomain {
+    mem: Arc<DomainMem>,
+    xen: Arc<SimXen>,
+}
+
+impl SimDomain {
+    pub fn domid(&self) -> DomId {
+        self.mem.domid
+    }
+
+    /// Number of 4 KiB pages of memory.
+    pub fn pages(&self) -> usize {
+        self.mem.pages
+    }
+
+    /// Number of grant table entries.
+    pub fn grant_entries(&self) -> u32 {
+        self.mem.entries
+    }
+
+    /// Whether the domain has not been destroyed.
+    pub fn is_alive(&self) -> bool {
+        self.mem.alive.load(Ordering::Acquire)
+    }
+
+    /// The simulated host.
+    pub fn xen(&self) -> &Arc<SimXen> {
+        &self.xen
+    }
+
+    /// The guest's own writable view of page `idx` (to fill or read buffers it grants).
+    pub fn page(&self, idx: usize) -> Result<Arc<dyn MappedRegion>, SimError> {
+        self.pages_region(idx, 1)
+    }
+
+    /// The guest's own writable view of pages `first..first + count`, contiguous.
+    pub fn pages_region(
+        &self,
+        first: usize,
+        count: usize,
+    ) -> Result<Arc<dyn MappedRegion>, SimError> {
+        let end = first
+            .checked_add(count)
+            .filter(|&e| e <= self.mem.pages && count > 0);
+        if end.is_none() {
+            return Err(SimError::BadPage {
+                page: first.saturating_add(count.max(1) - 1),
+                pages: self.mem.pages,
+            });
+        }
+        let region = self
+            .mem
+            .mem
+            .map(first as u64, count, true)
+            .map_err(io_err(format!("mapping pages of domain {}", self.domid())))?;
+        Ok(Arc::new(region))
+    }
+
+    /// Grants page `page_idx` to domain `to` (read-only or writable), like Linux's
+    /// `gnttab_grant_foreign_access`; returns the reference.
+    pub fn grant(&self, page_idx: usize, to: DomId, readonly: bool) -> Result<GrantRef, SimError> {
+        if page_idx >= self.mem.pages {
+            return Err(SimError::BadPage {
+                page: page_idx,
+                pages: self.mem.pages,
+            });
+        }
+        self.mem
+            .grant(page_idx as u32, to, readonly)
+            .ok_or(SimError::GrantTableFull(self.domid()))
+    }
+
+    /// Revokes a grant, like `gnttab_end_foreign_access_ref`: `Ok(false)` (and the grant
+    /// stays) while the entry is mapped or being copied (`GTF_reading`/`GTF_writing` set);
+    /// `Ok(true)` once revoked (the reference returns to the allocator).
+    pub fn end_grant(&self, gref: GrantRef) -> Result<bool, SimError> {
+        self.mem.end_grant(gref).ok_or_else(|| self.bad_ref(gref))
+    }
+
+    /// Reads a grant table entry (one atomic load).
+    pub fn grant_entry(&self, gref: GrantRef) -> Result<GrantEntry, SimError> {
+        self.mem.load_entry(gref).ok_or_else(|| self.bad_ref(gref))
+    }
+
+    /// Writes an arbitrary grant table entry (hostile guests): any flags, domid and frame,
+    /// including frames past the end of memory. Does not touch the reference allocator.
+    pub fn write_grant_entry_raw(
+        &self,
+        gref: GrantRef,
+        flags: u16,
+        domid: DomId,
+        frame: u32,
+    ) -> Result<(), SimError> {
+        if self.mem.store_entry(
+            gref,
+            GrantEntry {
+                flags,
+                domid,
+                frame,
+            },
+        ) {
+            Ok(())
+        } else {
+            Err(self.bad_ref(gref))
+        }
+    }
+
+    /// Pins the hypervisor holds on `gref` (mappings and copies in progress).
+    pub fn grant_pin_count(&self, gref: GrantRef) -> u32 {
+        self.mem.pin_count(gref)
+    }
+
+    /// The guest's event channel operations (`alloc_unbound` for a frontend).
+    pub fn events(&self) -> Arc<dyn EventChannels> {
+        self.xen.event_channels(self.domid())
+    }
+
+    /// A new xenstore connection as this domain.
+    pub fn xenstore(&self) -> Result<Client, SimError> {
+        self.xen.xenstore(self.domid())
+    }
+
+    fn bad_ref(&self, gref: GrantRef) -> SimError {
+        SimError::BadGrantRef {
+            gref,
+            entries: self.mem.entries,
+        }
+    }
+}
