@@ -2,7 +2,6 @@
 //! unbounded allocation. Images are made by qemu-img, then patched.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
