@@ -516,10 +516,12 @@ impl Frontend {
 
     /// Linux blkfront's `talk_to_blkback` and `blkfront_connect`.
     fn talk_to_backend(&mut self) -> Result<()> {
+        // A backend still Closed from a previous connection moves to InitWait once it sees
+        // our Initialising.
         self.wait_backend(
             "the backend's InitWait",
             |s| s == XenbusState::InitWait,
-            |s| matches!(s, XenbusState::Closing | XenbusState::Closed),
+            |s| s == XenbusState::Closing,
         )?;
         let max_order = self.be_u64(keys::MAX_RING_PAGE_ORDER, 0)?;
         let order = (self.cfg.max_ring_page_order as u64).min(max_order) as u32;
