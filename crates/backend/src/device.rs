@@ -217,7 +217,9 @@ impl Drop for Device {
 /// A running queue.
 struct RunningQueue {
     stop: Arc<Stop>,
-    thread: JoinHandle<Exit>,
+    /// Set by the thread when its reactor returns (before it wakes the control thread).
+    exit: Arc<Mutex<Option<Exit>>>,
+    thread: JoinHandle<()>,
 }
 
 /// The control thread's state.
@@ -592,13 +594,16 @@ impl Control {
         let mut error = None;
         let mut i = 0;
         while i < self.queues.len() {
-            if self.queues[i].thread.is_finished() {
-                let q = self.queues.swap_remove(i);
-                if let Ok(Exit::ProtocolError(e)) = q.thread.join() {
-                    error = Some(e);
+            let exit = lock(&self.queues[i].exit).take();
+            match exit {
+                Some(exit) => {
+                    let q = self.queues.swap_remove(i);
+                    let _ = q.thread.join();
+                    if let Exit::ProtocolError(e) = exit {
+                        error = Some(e);
+                    }
                 }
-            } else {
-                i += 1;
+                None => i += 1,
             }
         }
         if let Some(e) = error {
@@ -654,8 +659,10 @@ impl Control {
                 }
             }
         }
-        // As Linux blkback's connect(): device properties, then Connected.
+        // As Linux blkback's connect(): device properties, then Connected. The local state
+        // goes first: the frontend may act on the node as soon as it is written.
         let props = self.device_properties();
+        self.set_state_local(XenbusState::Connected);
         let be = self.be.clone();
         let r = self.xs.transaction(|tx| {
             for (k, v) in props.nodes() {
@@ -667,10 +674,10 @@ impl Control {
             )
         });
         if let Err(e) = r {
+            self.set_state_local(XenbusState::InitWait);
             self.disconnect();
             return Err(Error::xs(&be, e));
         }
-        self.set_state_local(XenbusState::Connected);
         add(&self.shared.counters.connects, 1);
         Ok(())
     }
@@ -703,16 +710,18 @@ impl Control {
         let wake = self.shared.wake.clone();
         let token = self.shared.tokens.queue.clone();
         let name = format!("xdisk-blkback-q{qid}");
+        let exit = Arc::new(Mutex::new(None));
+        let exit_slot = exit.clone();
         let spawn = |f: Box<dyn FnOnce() -> Exit + Send>| {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
-                    let exit = f();
+                    let e = f();
+                    *lock(&exit_slot) = Some(e);
                     let _ = wake.send(WatchEvent {
                         path: String::new(),
                         token,
                     });
-                    exit
                 })
                 .map_err(|e| Error::io("cannot start a queue thread", e))
         };
@@ -739,7 +748,7 @@ impl Control {
                 spawn(Box::new(move || r.run()))?
             }
         };
-        Ok(RunningQueue { stop, thread })
+        Ok(RunningQueue { stop, exit, thread })
     }
 
     fn resize(&mut self) -> Result<u64> {
