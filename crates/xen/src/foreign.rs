@@ -237,7 +237,9 @@ impl MmapRegion {
     fn word64(&self, offset: usize) -> &AtomicU64 {
         debug_assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
         // SAFETY: offset + 8 <= len and offset is 8-aligned from a page-aligned base (checked
-        // by every caller); the mapping lives as long as `&self`.
+        // by every caller); the mapping lives as long as `&self`. On read-only mappings only
+        // relaxed loads are done, which std allows on read-only memory for sizes up to the
+        // pointer width (64-bit hosts: Xen backends are x86_64/aarch64).
         unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
     }
 

@@ -38,11 +38,11 @@ pub const GTF_ACCEPT_TRANSFER: u16 = 2;
 pub const GTF_TRANSITIVE: u16 = 3;
 /// `GTF_type_mask`.
 pub const GTF_TYPE_MASK: u16 = 3;
-/// `GTF_readonly`: restrict `domid` to read-only mappings and accesses. [GST]
+/// `GTF_readonly`: restrict `domid` to read-only mappings and accesses. (set by the guest)
 pub const GTF_READONLY: u16 = 1 << 2;
-/// `GTF_reading`: the entry is currently mapped for reading by `domid`. [XEN]
+/// `GTF_reading`: the entry is currently mapped for reading by `domid`. (set by Xen)
 pub const GTF_READING: u16 = 1 << 3;
-/// `GTF_writing`: the entry is currently mapped for writing by `domid`. [XEN]
+/// `GTF_writing`: the entry is currently mapped for writing by `domid`. (set by Xen)
 pub const GTF_WRITING: u16 = 1 << 4;
 /// `GTF_sub_page` (v2 only; an entry with it is never valid here).
 pub const GTF_SUB_PAGE: u16 = 1 << 8;
@@ -348,7 +348,8 @@ impl Hypervisor {
 /// domain's, garbage type, `GTF_sub_page`) or read-only for a write `PermissionDenied`; a
 /// frame outside the granting domain's memory, or an entry that keeps changing, `GeneralError`
 /// (real Xen reports `GNTST_general_error` for most of these; callers should treat every
-/// status but `Okay` as "not usable"); a copy past the page `BadCopyArg`.
+/// status but `Okay` as "not usable"); a copy past the page `BadCopyArg`. A map of no pages
+/// or of more than [`MAX_MAP_PAGES`] fails with [`PlatformError::TooLarge`].
 pub struct SimGrantMapper {
     hyp: Arc<Hypervisor>,
     domid: DomId,
