@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use xdisk_blkif::wire::ParseLimits;
 use xdisk_blkif::xenbus::{
@@ -37,6 +38,9 @@ use crate::error::{Error, Result};
 use crate::reactor::{Exit, Features, QueueParts, Reactor, Stop};
 use crate::region::map_counted;
 use crate::stats::{add, Counters, DeviceStats};
+
+/// How often an idle device checks that its xenstore connection is alive.
+const LIVENESS_CHECK: Duration = Duration::from_secs(5);
 
 /// Commands from the handle to the control thread.
 enum Command {
@@ -270,8 +274,7 @@ impl Control {
         };
         let fe = match &cfg.frontend_dir {
             Some(f) => f.clone(),
-            None => read("frontend")?
-                .ok_or_else(|| node_err("frontend", "missing".into()))?,
+            None => read("frontend")?.ok_or_else(|| node_err("frontend", "missing".into()))?,
         };
         let fe = fe.trim_end_matches('/').to_owned();
         let fe_domid = match cfg.frontend_domid {
@@ -387,14 +390,14 @@ impl Control {
                 for (k, v) in &nodes {
                     tx.write(&format!("{be}/{k}"), v)?;
                 }
-                tx.write(&format!("{be}/{}", keys::STATE), XenbusState::InitWait.to_string())
+                tx.write(
+                    &format!("{be}/{}", keys::STATE),
+                    XenbusState::InitWait.to_string(),
+                )
             })
             .map_err(|e| Error::xs(&be, e))?;
         self.set_state_local(XenbusState::InitWait);
-        self.fe_introduced = self
-            .xs
-            .is_domain_introduced(self.fe_domid)
-            .unwrap_or(false);
+        self.fe_introduced = self.xs.is_domain_introduced(self.fe_domid).unwrap_or(false);
         let t = self.shared.tokens.clone();
         let fe_state = format!("{}/{}", self.fe, keys::STATE);
         let watches = [
@@ -439,7 +442,19 @@ impl Control {
         self.evaluate();
         let mut done = self.shared.finished.load(Ordering::SeqCst);
         while !done {
-            let Ok(ev) = self.rx.recv() else { break };
+            // The timeout only notices a lost xenstore connection (whose watches would never
+            // fire again); it costs one wake-up every few seconds.
+            let ev = match self.rx.recv_timeout(LIVENESS_CHECK) {
+                Ok(ev) => ev,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.xs.is_connected() {
+                        continue;
+                    }
+                    tracing::error!(be = %self.be, "xenstore connection lost");
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let t = &self.shared.tokens;
             if ev.token == t.command {
                 let cmds: Vec<Command> = lock(&self.shared.commands).drain(..).collect();
@@ -524,7 +539,10 @@ impl Control {
                 return !self.xs.is_connected();
             }
         };
-        let online = !matches!(self.xs.read_string(&self.path(keys::ONLINE)).as_deref(), Ok("0"));
+        let online = !matches!(
+            self.xs.read_string(&self.path(keys::ONLINE)).as_deref(),
+            Ok("0")
+        );
         if !online {
             // Unplug requested (libxl writes online=0, then waits for Closed).
             self.disconnect();
@@ -731,8 +749,9 @@ impl Control {
                     gnt: self.gnt.clone(),
                     domid: self.fe_domid,
                     counters: counters.clone(),
-                    cache: persistent
-                        .then(|| PersistentCache::new(self.cfg.max_persistent_grants, counters.clone())),
+                    cache: persistent.then(|| {
+                        PersistentCache::new(self.cfg.max_persistent_grants, counters.clone())
+                    }),
                 };
                 let iq = ImageQueue::new(self.image.clone(), &self.cfg.queue)?;
                 let r = Reactor::new(parts, data, iq);

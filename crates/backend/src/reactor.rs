@@ -315,9 +315,12 @@ impl<D: DataPath> Reactor<D> {
             RequestKind::Read(io) => {
                 self.start_rw(&req, Kind::Read, io.sector, io.segments.as_slice().to_vec())
             }
-            RequestKind::Write(io) => {
-                self.start_rw(&req, Kind::Write, io.sector, io.segments.as_slice().to_vec())
-            }
+            RequestKind::Write(io) => self.start_rw(
+                &req,
+                Kind::Write,
+                io.sector,
+                io.segments.as_slice().to_vec(),
+            ),
             RequestKind::Indirect(ind) => {
                 add(&self.counters.indirect_req, 1);
                 let kind = match ind.op {
@@ -422,7 +425,12 @@ impl<D: DataPath> Reactor<D> {
         let nsect: u64 = segs.iter().map(|s| u64::from(s.nr_sectors())).sum();
         self.count_kind(kind, nsect);
         if !self.in_range(sector, nsect) {
-            tracing::debug!(queue = self.qid, sector, nsect, "request past the end of the disk");
+            tracing::debug!(
+                queue = self.qid,
+                sector,
+                nsect,
+                "request past the end of the disk"
+            );
             self.answer(req.id, op, Status::Error);
             return;
         }
@@ -470,7 +478,11 @@ impl<D: DataPath> Reactor<D> {
         }
         self.submitted += 1;
         self.iq.submit(IoRequest {
-            kind: if disk_read { IoKind::Read } else { IoKind::Write },
+            kind: if disk_read {
+                IoKind::Read
+            } else {
+                IoKind::Write
+            },
             offset: sector * 512,
             buf: Some(buf),
             user_data: idx as u64,
@@ -622,9 +634,11 @@ impl<D: DataPath> Reactor<D> {
         drain_eventfd(a);
         drain_eventfd(b);
         let mut done = std::mem::take(&mut self.done);
-        let r = self
-            .iq
-            .reap(&mut done, usize::from(block), if block { None } else { Some(Duration::ZERO) });
+        let r = self.iq.reap(
+            &mut done,
+            usize::from(block),
+            if block { None } else { Some(Duration::ZERO) },
+        );
         let n = done.len();
         for d in done.drain(..) {
             self.completed(d);

@@ -33,7 +33,10 @@ fn exercise(p: &mut Pair, disk: &Disk, seed: u64) {
     }
     for &(sector, len) in &writes {
         let got = p.front.read(sector, (len / 512) as u64).expect("read");
-        assert_eq!(got, model[sector as usize * 512..sector as usize * 512 + len]);
+        assert_eq!(
+            got,
+            model[sector as usize * 512..sector as usize * 512 + len]
+        );
     }
     p.front.flush().expect("flush");
     let whole = p.front.read(0, sectors).expect("read all");
@@ -101,7 +104,12 @@ fn copy_path() {
 
 #[test]
 fn every_abi() {
-    for abi in [None, Some(Abi::X86_32), Some(Abi::X86_64), Some(Abi::Native)] {
+    for abi in [
+        None,
+        Some(Abi::X86_32),
+        Some(Abi::X86_64),
+        Some(Abi::Native),
+    ] {
         let host = host();
         let disk = raw_disk(2 * MIB);
         let image = open_image(&disk.path, false);
@@ -251,7 +259,10 @@ fn barrier_and_flush_not_advertised() {
         FrontConfig::default(),
     );
     assert!(!p.front.info().barrier && !p.front.info().flush && !p.front.info().discard);
-    assert_eq!(p.front.run(0, Op::Flush).unwrap().status, Status::EOpNotSupp);
+    assert_eq!(
+        p.front.run(0, Op::Flush).unwrap().status,
+        Status::EOpNotSupp
+    );
     let barrier = Op::Barrier {
         sector: 0,
         data: vec![1; 512],
@@ -329,7 +340,10 @@ fn read_only_device() {
     let image = open_image(&disk.path, true);
     let mut p = pair(&host, 1, 768, image, |_| {}, FrontConfig::default());
     let info = p.front.info().clone();
-    assert_eq!(info.info & xdisk_blkif::xenbus::VDISK_READONLY, xdisk_blkif::xenbus::VDISK_READONLY);
+    assert_eq!(
+        info.info & xdisk_blkif::xenbus::VDISK_READONLY,
+        xdisk_blkif::xenbus::VDISK_READONLY
+    );
     assert!(!info.discard);
     assert_eq!(p.front.read(0, 2048).unwrap(), pattern(7, MIB as usize));
     let w = Op::Write {
@@ -439,4 +453,45 @@ fn first_sect_offsets() {
         exercise(&mut p, &disk, u64::from(first));
         close(p, &host);
     }
+}
+
+/// A small persistent-grant cache: LRU eviction keeps it bounded, data stays right, and
+/// evicted grants are unmapped (the frontend can revoke everything at the end).
+#[test]
+fn persistent_grant_lru() {
+    let host = host();
+    let disk = raw_disk(4 * MIB);
+    let image = open_image(&disk.path, false);
+    let fe = FrontConfig {
+        max_queues: 1,
+        ..FrontConfig::default()
+    };
+    let mut p = pair(&host, 1, 768, image, |c| c.max_persistent_grants = 16, fe);
+    assert!(p.front.info().persistent);
+    let mut max_seen = 0;
+    for round in 0..6u64 {
+        // 64 KiB requests use 16 pages each; several in flight use more than the cache.
+        let mut tags = Vec::new();
+        for i in 0..4u64 {
+            let op = Op::Write {
+                sector: (round * 4 + i) * 128,
+                data: pattern(round * 10 + i, 64 * 1024),
+            };
+            tags.push(p.front.submit(0, op).unwrap());
+        }
+        for t in tags {
+            assert_eq!(p.front.wait(t).unwrap().status, Status::Okay);
+        }
+        max_seen = max_seen.max(p.device.stats().persistent_grants);
+    }
+    assert!(max_seen <= 16 && max_seen > 0, "{max_seen}");
+    for round in 0..6u64 {
+        for i in 0..4u64 {
+            let got = p.front.read((round * 4 + i) * 128, 128).unwrap();
+            assert_eq!(got, pattern(round * 10 + i, 64 * 1024));
+        }
+    }
+    // The frontend's pool is larger than the backend's cache.
+    assert!(p.front.persistent_grants() > 16);
+    close(p, &host);
 }

@@ -11,8 +11,8 @@ use common::*;
 use xdisk_blkfront::{Completion, FrontConfig, Frontend, Misbehave, Op};
 use xdisk_blkif::abi::SLOT_SIZE;
 use xdisk_blkif::wire::{
-    DirectIo, Indirect, IndirectGrefs, IndirectOp, Request, RequestKind, Segment, Segments,
-    Status, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
+    DirectIo, Indirect, IndirectGrefs, IndirectOp, Request, RequestKind, Segment, Segments, Status,
+    BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
 };
 use xdisk_blkif::XenbusState;
 
@@ -69,7 +69,10 @@ fn raw_response(f: &mut Frontend, id: u64) -> Completion {
                 return c;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no response to {id:#x}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no response to {id:#x}"
+        );
     }
 }
 
@@ -215,18 +218,24 @@ fn too_many_segments() {
 fn bad_sector_ranges_in_segments() {
     let mut w = world();
     let g = page(&mut w, false);
-    for (i, (first, last)) in [(3u8, 2u8), (0, 8), (8, 8), (255, 255)].into_iter().enumerate() {
+    for (i, (first, last)) in [(3u8, 2u8), (0, 8), (8, 8), (255, 255)]
+        .into_iter()
+        .enumerate()
+    {
         let id = (2 << 40) + i as u64;
-        let c = send_raw(&mut w, &read_req(id, 0, &[seg(g, 0, 7), seg(g, first, last)]));
+        let c = send_raw(
+            &mut w,
+            &read_req(id, 0, &[seg(g, 0, 7), seg(g, first, last)]),
+        );
         assert_eq!(c.status, Status::Error, "{first}..={last}");
     }
     let sectors = w.victim.front.info().sectors;
     let cases = [
-        sectors,         // just past the end
-        sectors - 7,     // straddles the end (8 sectors)
-        u64::MAX - 3,    // overflows
-        u64::MAX >> 9,   // byte offset overflows
-        1 << 60,         // far away
+        sectors,       // just past the end
+        sectors - 7,   // straddles the end (8 sectors)
+        u64::MAX - 3,  // overflows
+        u64::MAX >> 9, // byte offset overflows
+        1 << 60,       // far away
     ];
     for (i, sector) in cases.into_iter().enumerate() {
         let id = (3 << 40) + i as u64;
@@ -357,14 +366,26 @@ fn malformed_indirect() {
     let c = w
         .victim
         .front
-        .run(0, Op::Read { sector: 0, sectors: 256 })
+        .run(
+            0,
+            Op::Read {
+                sector: 0,
+                sectors: 256,
+            },
+        )
         .unwrap();
     assert_eq!((c.status, c.operation), (Status::Error, BLKIF_OP_READ));
     // Direct requests are unaffected.
     let c = w
         .victim
         .front
-        .run(0, Op::Read { sector: 0, sectors: 8 })
+        .run(
+            0,
+            Op::Read {
+                sector: 0,
+                sectors: 8,
+            },
+        )
         .unwrap();
     assert_eq!(c.status, Status::Okay);
     // Indirect page refs that are bad, revoked, or an indirect page count mismatch.
@@ -458,7 +479,7 @@ fn flood() {
     while done < total {
         while sent < total {
             let q = sent % queues;
-            let op = if sent % 3 == 0 {
+            let op = if sent.is_multiple_of(3) {
                 Op::Write {
                     sector: (sent as u64 * 8) % 4096,
                     data: vec![sent as u8; 4096],
@@ -533,14 +554,25 @@ fn bad_connect(mb: Misbehave) {
         timeout: Duration::from_secs(5),
         ..FrontConfig::default()
     };
-    let r = Frontend::connect(dom.xenstore().unwrap(), dom.clone(), &fe_dir(VICTIM, 768), fe);
+    let r = Frontend::connect(
+        dom.xenstore().unwrap(),
+        dom.clone(),
+        &fe_dir(VICTIM, 768),
+        fe,
+    );
     assert!(r.is_err(), "{mb:?}: connected");
     wait_until("victim closed", Duration::from_secs(10), || {
         device.state() == XenbusState::Closed
     });
-    assert!(host.read(&format!("{}/error", be_dir(VICTIM, 768))).is_some());
+    assert!(host
+        .read(&format!("{}/error", be_dir(VICTIM, 768)))
+        .is_some());
     let s = device.stats();
-    assert_eq!((s.mappings, s.queues, s.connects), (0, 0, 0), "{mb:?} {s:?}");
+    assert_eq!(
+        (s.mappings, s.queues, s.connects),
+        (0, 0, 0),
+        "{mb:?} {s:?}"
+    );
     let data = pattern(9, 8192);
     by.front.write(0, &data).unwrap();
     assert_eq!(by.front.read(0, 16).unwrap(), data);
@@ -572,7 +604,13 @@ fn garbage_event_channel() {
 
 #[test]
 fn garbage_protocol() {
-    for v in ["", "x86_16-abi", "arm-abi", "x86_64-abi\n", &"A".repeat(3000)] {
+    for v in [
+        "",
+        "x86_16-abi",
+        "arm-abi",
+        "x86_64-abi\n",
+        &"A".repeat(3000),
+    ] {
         bad_connect(Misbehave {
             protocol: Some(v.to_string()),
             ..Misbehave::default()
@@ -639,7 +677,10 @@ fn frontend_vanishes_mid_io() {
         wait_until("threads exit", Duration::from_secs(10), || {
             thread_count() < threads_before
         });
-        assert_eq!(host.xen.event_channel_count(0), bystander.front.info().queues);
+        assert_eq!(
+            host.xen.event_channel_count(0),
+            bystander.front.info().queues
+        );
         bystander.front.disconnect().unwrap();
         bystander.device.shutdown().unwrap();
     }
@@ -649,7 +690,10 @@ fn frontend_vanishes_mid_io() {
 fn online_zero_closes() {
     let mut w = world();
     let be = be_dir(VICTIM, 768);
-    w.host.toolstack.write(&format!("{be}/online"), "0").unwrap();
+    w.host
+        .toolstack
+        .write(&format!("{be}/online"), "0")
+        .unwrap();
     wait_until("backend Closing", Duration::from_secs(10), || {
         matches!(
             w.victim.device.state(),

@@ -16,11 +16,20 @@ fn never_connecting_frontend_costs_nothing() {
     let d = raw_disk(1 << 20);
     let _dom = host.xen.create_domain(VICTIM, 64).unwrap();
     host.add_vbd(VICTIM, 768, "w", &[]);
-    let device = start_device(&host, device_config(VICTIM, 768), open_image(&d.path, false));
+    let device = start_device(
+        &host,
+        device_config(VICTIM, 768),
+        open_image(&d.path, false),
+    );
     assert_eq!(host.be_state(VICTIM, 768), Some(XenbusState::InitWait));
     let ticks = || -> u64 {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     };
     let before = ticks();

@@ -17,14 +17,30 @@ const SECTORS: u64 = DISK / 512;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Read { sector: u64, sectors: u32 },
-    Write { sector: u64, sectors: u32, seed: u64 },
+    Read {
+        sector: u64,
+        sectors: u32,
+    },
+    Write {
+        sector: u64,
+        sectors: u32,
+        seed: u64,
+    },
     /// Discard of `units` discard-granularity units at unit `at`.
-    Discard { at: u64, units: u64 },
+    Discard {
+        at: u64,
+        units: u64,
+    },
     Flush,
-    Barrier { sector: u64, sectors: u32, seed: u64 },
+    Barrier {
+        sector: u64,
+        sectors: u32,
+        seed: u64,
+    },
     /// A request past the end of the disk (answered with an error).
-    PastEnd { over: u64 },
+    PastEnd {
+        over: u64,
+    },
     /// Wait for everything in flight.
     Sync,
 }
@@ -116,11 +132,7 @@ fn run(setup: Setup, steps: Vec<Step>) {
     let queues = p.front.info().queues;
     let mut q = 0usize;
 
-    fn drain(
-        p: &mut Pair,
-        model: &[u8],
-        in_flight: &mut Vec<(u64, (u64, u64), bool, Expect)>,
-    ) {
+    fn drain(p: &mut Pair, model: &[u8], in_flight: &mut Vec<(u64, (u64, u64), bool, Expect)>) {
         for (tag, _, _, expect) in in_flight.drain(..) {
             let c = p.front.wait(tag).expect("completion");
             match expect {
@@ -149,9 +161,9 @@ fn run(setup: Setup, steps: Vec<Step>) {
             Step::Flush | Step::PastEnd { .. } => ((0, 0), false),
             Step::Sync => ((0, 0), false),
         };
-        let conflict = in_flight.iter().any(|(_, (a, b), w, _)| {
-            (writes || *w) && range.0 < *b && *a < range.1
-        });
+        let conflict = in_flight
+            .iter()
+            .any(|(_, (a, b), w, _)| (writes || *w) && range.0 < *b && *a < range.1);
         // Barriers, and anything overlapping a write in flight, wait for the others (a
         // well-behaved guest does not race overlapping I/O).
         if conflict || matches!(s, Step::Sync | Step::Barrier { .. }) {

@@ -239,7 +239,11 @@ impl PageAlloc {
             return None;
         }
         for pass in 0..2 {
-            let (from, to) = if pass == 0 { (self.hint, len) } else { (0, len) };
+            let (from, to) = if pass == 0 {
+                (self.hint, len)
+            } else {
+                (0, len)
+            };
             let mut run = 0;
             for i in from..to {
                 if self.used[i] {
@@ -760,13 +764,18 @@ impl Frontend {
             Op::Flush | Op::Discard { .. } => (false, 0, 0, false),
         };
         if data_len % SECTOR_SIZE != 0 {
-            return Err(Error::Invalid(format!("{data_len} bytes is not whole sectors")));
+            return Err(Error::Invalid(format!(
+                "{data_len} bytes is not whole sectors"
+            )));
         }
         if matches!(op, Op::Read { .. } | Op::Write { .. }) && data_len == 0 {
             return Err(Error::Invalid("no data".into()));
         }
         let sectors = (data_len / SECTOR_SIZE) as u64;
-        let id = self.queues[queue].free_ids.pop().ok_or(Error::RingFull(queue))?;
+        let id = self.queues[queue]
+            .free_ids
+            .pop()
+            .ok_or(Error::RingFull(queue))?;
         let mut shadow = Shadow {
             tag,
             data: Vec::new(),
@@ -774,7 +783,16 @@ impl Frontend {
             indirect: Vec::new(),
             read: None,
         };
-        let built = self.build(queue, id, &op, kind_data, sector, sectors, is_read, &mut shadow);
+        let built = self.build(
+            queue,
+            id,
+            &op,
+            kind_data,
+            sector,
+            sectors,
+            is_read,
+            &mut shadow,
+        );
         let req = match built {
             Ok(r) => r,
             Err(e) => {
@@ -802,7 +820,10 @@ impl Frontend {
     fn release_shadow_local(&mut self, queue: usize, s: Shadow) {
         if s.persistent {
             self.queues[queue].pool.extend(s.data.iter().copied());
-            let s = Shadow { data: Vec::new(), ..s };
+            let s = Shadow {
+                data: Vec::new(),
+                ..s
+            };
             self.release_shadow(s);
         } else {
             self.release_shadow(s);
@@ -845,10 +866,12 @@ impl Frontend {
                 if let Some(d) = data {
                     let from = (done as usize) * SECTOR_SIZE;
                     let to = from + n as usize * SECTOR_SIZE;
-                    self.mem.copy_to(
-                        g.page * PAGE_SIZE + in_page as usize * SECTOR_SIZE,
-                        &d[from..to],
-                    ).map_err(PlatformError::from)?;
+                    self.mem
+                        .copy_to(
+                            g.page * PAGE_SIZE + in_page as usize * SECTOR_SIZE,
+                            &d[from..to],
+                        )
+                        .map_err(PlatformError::from)?;
                 }
                 segs.push(Segment {
                     gref: self.cfg.misbehave.bad_gref.unwrap_or(g.gref),
@@ -910,10 +933,14 @@ impl Frontend {
         is_read: bool,
         shadow: &mut Shadow,
     ) -> Result<Indirect> {
-        let nr = u16::try_from(segs.len()).map_err(|_| Error::Invalid("too many segments".into()))?;
+        let nr =
+            u16::try_from(segs.len()).map_err(|_| Error::Invalid("too many segments".into()))?;
         let pages = indirect_pages(nr);
         let mut grefs = Vec::with_capacity(pages);
-        for (i, chunk) in segs.chunks(xdisk_blkif::wire::SEGS_PER_INDIRECT_FRAME).enumerate() {
+        for (i, chunk) in segs
+            .chunks(xdisk_blkif::wire::SEGS_PER_INDIRECT_FRAME)
+            .enumerate()
+        {
             let page = self.alloc.alloc(1).ok_or(Error::NoMemory)?;
             let mut buf = [0u8; PAGE_SIZE];
             write_indirect_segments(chunk, &mut buf);
