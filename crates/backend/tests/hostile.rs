@@ -657,22 +657,24 @@ fn frontend_vanishes_mid_io() {
             }
         }
         // The guest dies with requests in flight.
-        w.host.xen.destroy_domain(VICTIM).unwrap();
-        wait_until("victim device finishes", Duration::from_secs(10), || {
-            w.victim.device.is_finished()
-        });
-        let s = w.victim.device.stats();
-        assert_eq!((s.mappings, s.queues, s.in_flight), (0, 0, 0), "{s:?}");
-        assert_eq!(s.persistent_grants, 0);
-        bystander_ok(&mut w, 4);
         let World {
             host,
             victim,
             mut bystander,
             _disks,
         } = w;
-        victim.device.wait().unwrap();
-        drop(victim.front);
+        let Pair { device, front, .. } = victim;
+        front.vanish().unwrap();
+        wait_until("victim device finishes", Duration::from_secs(10), || {
+            device.is_finished()
+        });
+        let s = device.stats();
+        assert_eq!((s.mappings, s.queues, s.in_flight), (0, 0, 0), "{s:?}");
+        assert_eq!(s.persistent_grants, 0);
+        device.wait().unwrap();
+        let data = pattern(4, 96 * 1024);
+        bystander.front.write(40, &data).unwrap();
+        assert!(bystander.front.read(40, 192).unwrap() == data);
         // Reactor threads (and their image queues' workers) are gone.
         wait_until("threads exit", Duration::from_secs(10), || {
             thread_count() < threads_before
@@ -709,4 +711,29 @@ fn online_zero_closes() {
     });
     assert_eq!(w.victim.device.state(), XenbusState::Closed);
     bystander_ok(&mut w, 8);
+}
+
+#[test]
+fn frontend_state_garbage_and_unknown() {
+    let mut w = world();
+    let fe = fe_dir(VICTIM, 768);
+    let xs = w.victim.front.xenstore();
+    for v in ["banana", "", "99", "-1", "4 "] {
+        xs.write(&format!("{fe}/state"), v).unwrap();
+    }
+    // Ignored: still connected and serving.
+    std::thread::sleep(Duration::from_millis(100));
+    victim_ok(&mut w);
+    // XenbusStateUnknown: the device goes away, as Linux blkback unregisters it.
+    w.victim
+        .front
+        .xenstore()
+        .write(&format!("{fe}/state"), "0")
+        .unwrap();
+    wait_until("device finished", Duration::from_secs(10), || {
+        w.victim.device.is_finished()
+    });
+    let s = w.victim.device.stats();
+    assert_eq!((s.mappings, s.queues), (0, 0));
+    bystander_ok(&mut w, 6);
 }

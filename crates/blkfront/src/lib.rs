@@ -1300,9 +1300,39 @@ impl Frontend {
         self.queues.get(queue).map_or(0, |q| q.ring.free_requests())
     }
 
+    /// The guest dies with whatever is in flight: the simulation destroys its domain (its
+    /// xenstore directory goes, `@releaseDomain` fires, its grants become unusable).
+    pub fn vanish(self) -> Result<()> {
+        let domid = self.dom.domid();
+        self.dom.xen().destroy_domain(domid)?;
+        Ok(())
+    }
+
     /// Notifies the backend on `queue`.
     pub fn kick(&self, queue: usize) -> Result<()> {
         let q = self.queues.get(queue).ok_or(Error::NotConnected)?;
         Ok(q.evtchn.notify()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_alloc() {
+        let mut a = PageAlloc::new(10);
+        assert_eq!(a.alloc(4), Some(0));
+        assert_eq!(a.alloc(4), Some(4));
+        assert_eq!(a.alloc(4), None);
+        assert_eq!(a.alloc(2), Some(8));
+        a.free(4, 4);
+        assert_eq!(a.alloc(1), Some(4));
+        assert_eq!(a.alloc(3), Some(5));
+        assert_eq!(a.alloc(1), None);
+        a.free(0, 10);
+        assert_eq!(a.alloc(10), Some(0));
+        assert_eq!(a.alloc(0), None);
+        assert_eq!(PageAlloc::new(3).alloc(4), None);
     }
 }
