@@ -522,8 +522,10 @@ impl Control {
         }
     }
 
-    /// Reacts to the current frontend state and `online`. Returns true when the device is
-    /// finished.
+    /// Reacts to the current frontend state and `online`, as Linux blkback's
+    /// `frontend_changed` (xen/io/xenbus.h: `Initialised` is "waiting for a connection from
+    /// the peer", `Closing` "the device is being closed due to an error or an unplug
+    /// event"). Returns true when the device is finished.
     fn evaluate(&mut self) -> bool {
         let fe_path = format!("{}/{}", self.fe, keys::STATE);
         let fe_state = match self.xs.read_string(&fe_path) {

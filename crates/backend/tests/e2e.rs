@@ -495,3 +495,42 @@ fn persistent_grant_lru() {
     assert!(p.front.persistent_grants() > 16);
     close(p, &host);
 }
+
+/// The largest request: 256 indirect segments (1 MiB), in one request each way.
+#[test]
+fn largest_indirect_request() {
+    for path in [DataPath::Map, DataPath::Copy] {
+        for persistent in [false, true] {
+            let host = host();
+            let disk = raw_disk(4 * MIB);
+            let image = open_image(&disk.path, false);
+            let fe = FrontConfig {
+                persistent,
+                ..FrontConfig::default()
+            };
+            let mut p = pair(&host, 1, 768, image, |c| c.data_path = path, fe);
+            assert_eq!(p.front.max_request_sectors(), 2048);
+            let data = pattern(11, MIB as usize);
+            let w = Op::Write {
+                sector: 100,
+                data: data.clone(),
+            };
+            assert_eq!(p.front.run(0, w).unwrap().status, Status::Okay);
+            let r = p
+                .front
+                .run(
+                    0,
+                    Op::Read {
+                        sector: 100,
+                        sectors: 2048,
+                    },
+                )
+                .unwrap();
+            assert_eq!(r.status, Status::Okay);
+            assert!(r.data.unwrap() == data);
+            let s = p.device.stats();
+            assert_eq!((s.indirect_req, s.rd_sect, s.wr_sect), (2, 2048, 2048));
+            close(p, &host);
+        }
+    }
+}
