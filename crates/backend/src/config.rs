@@ -1,0 +1,100 @@
+//! How a device is set up: what the backend advertises and how it moves data.
+
+use xdisk_blkif::wire::DEFAULT_MAX_INDIRECT_SEGMENTS;
+use xdisk_blkif::xenbus::Mode;
+use xdisk_image::queue::QueueConfig;
+use xdisk_xen::platform::DomId;
+
+/// How request data moves between guest pages and the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataPath {
+    /// Map the granted data pages into the backend ([`GrantMapper::map`]) and hand them to the
+    /// image engine as they are (zero copy). With persistent grants (when both ends offer
+    /// `feature-persistent`) mappings are cached per queue.
+    ///
+    /// [`GrantMapper::map`]: xdisk_xen::platform::GrantMapper::map
+    #[default]
+    Map,
+    /// Copy data through a bounce buffer with grant copies ([`GrantMapper::copy`]); nothing of
+    /// the guest stays mapped while the I/O runs. Persistent grants are not used.
+    ///
+    /// [`GrantMapper::copy`]: xdisk_xen::platform::GrantMapper::copy
+    Copy,
+}
+
+/// Linux blkback's default `max_persistent_grants` per ring (xen-blkback/blkback.c).
+pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
+
+/// Configuration of one device.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// The backend directory, e.g. `/local/domain/0/backend/vbd/5/768`. The toolstack has
+    /// written `frontend` and `frontend-id` there (and usually `mode`, `online`).
+    pub backend_dir: String,
+    /// Frontend domain; `None` reads the backend's `frontend-id` node.
+    pub frontend_domid: Option<DomId>,
+    /// Frontend directory; `None` reads the backend's `frontend` node.
+    pub frontend_dir: Option<String>,
+    /// Access mode; `None` reads the backend's `mode` node (missing: read-write, unless the
+    /// image is read-only).
+    pub mode: Option<Mode>,
+    /// Add `VDISK_REMOVABLE` to `info`.
+    pub removable: bool,
+    /// Advertised `multi-queue-max-queues` (1: node not written).
+    pub max_queues: u32,
+    /// Advertised `max-ring-page-order` (at most 4).
+    pub max_ring_page_order: u32,
+    /// Advertised `feature-max-indirect-segments` (0: no indirect requests).
+    pub max_indirect_segments: u16,
+    /// Advertise `feature-persistent` (used only with [`DataPath::Map`]).
+    pub persistent: bool,
+    /// Persistent grants kept mapped per queue (LRU beyond).
+    pub max_persistent_grants: usize,
+    /// How data moves.
+    pub data_path: DataPath,
+    /// Advertise `feature-flush-cache`.
+    pub flush: bool,
+    /// Advertise `feature-barrier`.
+    pub barrier: bool,
+    /// Offer discard (still subject to the toolstack's `discard-enable` and a writable image).
+    pub discard: bool,
+    /// Advertise `discard-secure` (secure discards become write-zeroes).
+    pub discard_secure: bool,
+    /// `physical-sector-size` to advertise; falls back to 512 when the disk size is not a
+    /// multiple of it.
+    pub physical_sector_size: u32,
+    /// I/O engine settings of each queue's [`xdisk_image::queue::ImageQueue`].
+    pub queue: QueueConfig,
+}
+
+impl DeviceConfig {
+    /// Defaults for a device whose backend directory is `backend_dir`.
+    pub fn new(backend_dir: impl Into<String>) -> DeviceConfig {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        DeviceConfig {
+            backend_dir: backend_dir.into(),
+            frontend_domid: None,
+            frontend_dir: None,
+            mode: None,
+            removable: false,
+            max_queues: cores.clamp(1, 4),
+            max_ring_page_order: xdisk_blkif::ring::MAX_RING_PAGE_ORDER,
+            max_indirect_segments: DEFAULT_MAX_INDIRECT_SEGMENTS,
+            persistent: true,
+            max_persistent_grants: DEFAULT_MAX_PERSISTENT_GRANTS,
+            data_path: DataPath::Map,
+            flush: true,
+            barrier: true,
+            discard: true,
+            discard_secure: false,
+            physical_sector_size: 4096,
+            queue: QueueConfig {
+                queue_depth: 128,
+                slow_threads: 1,
+                ..QueueConfig::default()
+            },
+        }
+    }
+}

@@ -1,0 +1,790 @@
+//! One device: the backend side of the xenbus handshake (xen/io/xenbus.h states, the
+//! negotiation of xen/io/blkif.h "Feature and Parameter Negotiation"), in the manner of Linux
+//! blkback's `xenbus.c` (`frontend_changed`, `connect_ring`, `connect`) and mirage-block-xen.
+//!
+//! A control thread owns the device. It publishes the features and device properties, goes
+//! `InitWait`, and then sleeps on xenstore watches (the frontend's `state`, the backend's
+//! `online`, `@releaseDomain`) and on commands from the [`Device`] handle: a frontend that
+//! never connects costs no CPU. When the frontend is `Initialised` or `Connected` it reads the
+//! frontend's nodes ([`FrontendConnect::parse`]), maps each queue's ring, binds its event
+//! channel and starts one reactor thread per queue ([`crate::reactor`]), then goes
+//! `Connected`. A frontend going `Closing`/`Closed`, `online` set to 0, the frontend's
+//! nodes vanishing (domain death) or a protocol error stops the reactors (each waits for its
+//! I/O in flight), which unmaps everything, and closes the device; a frontend coming back to
+//! `Initialising` after `Closed` (guest reboot, kexec) gets `InitWait` again.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use xdisk_blkif::wire::ParseLimits;
+use xdisk_blkif::xenbus::{
+    keys, parse_u32, BackendFeatures, DeviceProperties, DiscardParams, FrontendConnect, Mode,
+    VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE,
+};
+use xdisk_blkif::{BackRing, XenbusState};
+use xdisk_image::queue::ImageQueue;
+use xdisk_image::Image;
+use xdisk_xen::platform::{DomId, EventChannels, GrantMapper};
+use xdisk_xen::xenstore::wire::RELEASE_DOMAIN;
+use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
+
+use crate::config::{DataPath, DeviceConfig};
+use crate::datapath::{CopyPath, MapPath, PersistentCache};
+use crate::error::{Error, Result};
+use crate::reactor::{Exit, Features, QueueParts, Reactor, Stop};
+use crate::region::map_counted;
+use crate::stats::{add, Counters, DeviceStats};
+
+/// How often an idle device checks that its xenstore connection is alive.
+const LIVENESS_CHECK: Duration = Duration::from_secs(5);
+
+/// Commands from the handle to the control thread.
+enum Command {
+    Resize(Sender<Result<u64>>),
+    Shutdown,
+}
+
+/// State shared by the handle, the control thread and the reactors.
+struct Shared {
+    counters: Arc<Counters>,
+    sectors: Arc<AtomicU64>,
+    state: AtomicU32,
+    finished: AtomicBool,
+    commands: Mutex<VecDeque<Command>>,
+    /// Wakes the control thread (a synthetic watch event with the command token).
+    wake: Sender<WatchEvent>,
+    tokens: Tokens,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Watch tokens of one device (unique per device on a shared xenstore connection).
+#[derive(Clone)]
+struct Tokens {
+    frontend: String,
+    online: String,
+    release: String,
+    command: String,
+    queue: String,
+}
+
+impl Tokens {
+    fn new(be: &str) -> Tokens {
+        let t = |what: &str| format!("xdisk-backend:{what}:{be}");
+        Tokens {
+            frontend: t("frontend-state"),
+            online: t("online"),
+            release: t("release-domain"),
+            command: t("command"),
+            queue: t("queue-exit"),
+        }
+    }
+}
+
+/// A running backend device. Dropping the handle shuts the device down.
+pub struct Device {
+    shared: Arc<Shared>,
+    backend_dir: String,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("backend_dir", &self.backend_dir)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Device {
+    /// Starts the backend of one device: publishes its features and properties in
+    /// `cfg.backend_dir`, switches to `InitWait` and leaves a control thread to follow the
+    /// frontend. Errors in the toolstack's nodes or in xenstore are returned here; everything
+    /// the frontend does later is handled by the device itself.
+    pub fn run(
+        cfg: DeviceConfig,
+        xs: impl Into<Arc<Client>>,
+        gnt: Arc<dyn GrantMapper>,
+        evt: Arc<dyn EventChannels>,
+        image: Arc<Image>,
+    ) -> Result<Device> {
+        let xs = xs.into();
+        let be = cfg.backend_dir.trim_end_matches('/').to_owned();
+        let tokens = Tokens::new(&be);
+        let (wake, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            counters: Arc::new(Counters::default()),
+            sectors: Arc::new(AtomicU64::new(image.size() / 512)),
+            state: AtomicU32::new(XenbusState::Initialising.to_u32()),
+            finished: AtomicBool::new(false),
+            commands: Mutex::new(VecDeque::new()),
+            wake: wake.clone(),
+            tokens: tokens.clone(),
+        });
+        let mut ctl = Control::new(cfg, be.clone(), xs, gnt, evt, image, shared.clone(), rx)?;
+        ctl.start(wake)?;
+        let thread = std::thread::Builder::new()
+            .name("xdisk-blkback".into())
+            .spawn(move || ctl.run())
+            .map_err(|e| Error::io("cannot start the device thread", e))?;
+        Ok(Device {
+            shared,
+            backend_dir: be,
+            thread: Some(thread),
+        })
+    }
+
+    /// The backend directory.
+    pub fn backend_dir(&self) -> &str {
+        &self.backend_dir
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> DeviceStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The backend's xenbus state, as last written.
+    pub fn state(&self) -> XenbusState {
+        XenbusState::from_u32(self.shared.state.load(Ordering::SeqCst))
+            .unwrap_or(XenbusState::Unknown)
+    }
+
+    /// The disk size in 512-byte sectors, as published.
+    pub fn sectors(&self) -> u64 {
+        self.shared.sectors.load(Ordering::SeqCst)
+    }
+
+    /// True once the device has finished (frontend gone, unplugged, or shut down).
+    pub fn is_finished(&self) -> bool {
+        self.shared.finished.load(Ordering::SeqCst)
+    }
+
+    fn command(&self, cmd: Command) -> Result<()> {
+        if self.is_finished() {
+            return Err(Error::Stopped);
+        }
+        lock(&self.shared.commands).push_back(cmd);
+        self.shared
+            .wake
+            .send(WatchEvent {
+                path: String::new(),
+                token: self.shared.tokens.command.clone(),
+            })
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Online resize: after the image was resized, publishes the new `sectors` and re-writes
+    /// `state` in the same transaction so that a connected frontend notices (as Linux
+    /// blkback's `xen_vbd_resize`). Returns the new size in sectors.
+    pub fn resize(&self) -> Result<u64> {
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::Resize(tx))?;
+        rx.recv().map_err(|_| Error::Stopped)?
+    }
+
+    /// Disconnects the frontend (if connected), switches to `Closed` and stops the device.
+    pub fn shutdown(mut self) -> Result<()> {
+        let _ = self.command(Command::Shutdown);
+        self.join()
+    }
+
+    /// Waits until the device finishes by itself (frontend gone, or closed with `online` 0).
+    pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or(Err(Error::Stopped)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.command(Command::Shutdown);
+            let _ = self.join();
+        }
+    }
+}
+
+/// A running queue.
+struct RunningQueue {
+    stop: Arc<Stop>,
+    /// Set by the thread when its reactor returns (before it wakes the control thread).
+    exit: Arc<Mutex<Option<Exit>>>,
+    thread: JoinHandle<()>,
+}
+
+/// The control thread's state.
+struct Control {
+    cfg: DeviceConfig,
+    be: String,
+    fe: String,
+    fe_domid: DomId,
+    xs: Arc<Client>,
+    gnt: Arc<dyn GrantMapper>,
+    evt: Arc<dyn EventChannels>,
+    image: Arc<Image>,
+    shared: Arc<Shared>,
+    rx: Receiver<WatchEvent>,
+    mode: Mode,
+    features: BackendFeatures,
+    queues: Vec<RunningQueue>,
+    state: XenbusState,
+    /// Whether xenstore said the frontend domain was introduced (then a later "not
+    /// introduced" means it died).
+    fe_introduced: bool,
+    watching: bool,
+}
+
+impl Control {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: DeviceConfig,
+        be: String,
+        xs: Arc<Client>,
+        gnt: Arc<dyn GrantMapper>,
+        evt: Arc<dyn EventChannels>,
+        image: Arc<Image>,
+        shared: Arc<Shared>,
+        rx: Receiver<WatchEvent>,
+    ) -> Result<Control> {
+        let read = |key: &str| -> Result<Option<String>> {
+            let path = format!("{be}/{key}");
+            match xs.read_string(&path) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) if e.errno() == Some(Errno::ENOENT) => Ok(None),
+                Err(e) => Err(Error::xs(&path, e)),
+            }
+        };
+        let node_err = |node: &str, reason: String| Error::Node {
+            node: format!("{be}/{node}"),
+            reason,
+        };
+        let fe = match &cfg.frontend_dir {
+            Some(f) => f.clone(),
+            None => read("frontend")?.ok_or_else(|| node_err("frontend", "missing".into()))?,
+        };
+        let fe = fe.trim_end_matches('/').to_owned();
+        let fe_domid = match cfg.frontend_domid {
+            Some(d) => d,
+            None => {
+                let v = read("frontend-id")?
+                    .ok_or_else(|| node_err("frontend-id", "missing".into()))?;
+                parse_u32(&v)
+                    .ok()
+                    .and_then(|d| DomId::try_from(d).ok())
+                    .ok_or_else(|| node_err("frontend-id", format!("invalid value {v:?}")))?
+            }
+        };
+        let mode = match cfg.mode {
+            Some(m) => m,
+            None => match read(keys::MODE)? {
+                Some(v) => v
+                    .parse()
+                    .map_err(|e| node_err(keys::MODE, format!("{e}")))?,
+                None => Mode::ReadWrite,
+            },
+        };
+        let mode = if image.read_only() {
+            Mode::ReadOnly
+        } else {
+            mode
+        };
+        let discard_enable = read(keys::DISCARD_ENABLE)?.is_none_or(|v| v != "0");
+        let writable = mode == Mode::ReadWrite;
+        let discard = (cfg.discard && discard_enable && writable).then(|| DiscardParams {
+            granularity: match &*image {
+                Image::Qcow2(q) => u32::try_from(q.cluster_size()).unwrap_or(65536),
+                Image::Raw(_) => 4096,
+            },
+            alignment: 0,
+            secure: cfg.discard_secure,
+        });
+        let features = BackendFeatures {
+            flush_cache: cfg.flush,
+            barrier: cfg.barrier,
+            discard,
+            max_indirect_segments: cfg.max_indirect_segments,
+            persistent: cfg.persistent && cfg.data_path == DataPath::Map,
+            max_ring_page_order: cfg.max_ring_page_order,
+            max_queues: cfg.max_queues.max(1),
+        };
+        Ok(Control {
+            cfg,
+            be,
+            fe,
+            fe_domid,
+            xs,
+            gnt,
+            evt,
+            image,
+            shared,
+            rx,
+            mode,
+            features,
+            queues: Vec::new(),
+            state: XenbusState::Initialising,
+            fe_introduced: false,
+            watching: false,
+        })
+    }
+
+    fn path(&self, key: &str) -> String {
+        format!("{}/{key}", self.be)
+    }
+
+    fn device_properties(&self) -> DeviceProperties {
+        let sectors = self.shared.sectors.load(Ordering::SeqCst);
+        let pss = self.cfg.physical_sector_size;
+        // blkif.h: "sectors" * "sector-size" must be a multiple of "physical-sector-size".
+        let physical_sector_size = if pss >= 512
+            && pss.is_power_of_two()
+            && (sectors * 512).is_multiple_of(u64::from(pss))
+        {
+            pss
+        } else {
+            512
+        };
+        let mut info = 0;
+        if self.mode == Mode::ReadOnly {
+            info |= VDISK_READONLY;
+        }
+        if self.cfg.removable {
+            info |= VDISK_REMOVABLE;
+        }
+        // Linux blkback reads "device-type" from the frontend's directory.
+        if self
+            .xs
+            .read_string(&format!("{}/{}", self.fe, keys::DEVICE_TYPE))
+            .is_ok_and(|t| t == "cdrom")
+        {
+            info |= VDISK_CDROM | VDISK_REMOVABLE;
+        }
+        DeviceProperties {
+            sectors,
+            sector_size: 512,
+            physical_sector_size,
+            info,
+        }
+    }
+
+    /// Publishes features and properties, goes InitWait, sets the watches.
+    fn start(&mut self, wake: Sender<WatchEvent>) -> Result<()> {
+        let mut nodes = self.features.nodes();
+        nodes.extend(self.device_properties().nodes());
+        let be = self.be.clone();
+        self.xs
+            .transaction(|tx| {
+                for (k, v) in &nodes {
+                    tx.write(&format!("{be}/{k}"), v)?;
+                }
+                tx.write(
+                    &format!("{be}/{}", keys::STATE),
+                    XenbusState::InitWait.to_string(),
+                )
+            })
+            .map_err(|e| Error::xs(&be, e))?;
+        self.set_state_local(XenbusState::InitWait);
+        self.fe_introduced = self.xs.is_domain_introduced(self.fe_domid).unwrap_or(false);
+        let t = self.shared.tokens.clone();
+        let fe_state = format!("{}/{}", self.fe, keys::STATE);
+        let watches = [
+            (fe_state, &t.frontend),
+            (self.path(keys::ONLINE), &t.online),
+            (RELEASE_DOMAIN.to_owned(), &t.release),
+        ];
+        for (path, token) in watches {
+            if let Err(e) = self.xs.watch_with_sender(&path, token, wake.clone()) {
+                self.unwatch();
+                return Err(Error::xs(&path, e));
+            }
+        }
+        self.watching = true;
+        Ok(())
+    }
+
+    fn unwatch(&mut self) {
+        let t = self.shared.tokens.clone();
+        let _ = self
+            .xs
+            .unwatch(&format!("{}/{}", self.fe, keys::STATE), &t.frontend);
+        let _ = self.xs.unwatch(&self.path(keys::ONLINE), &t.online);
+        let _ = self.xs.unwatch(RELEASE_DOMAIN, &t.release);
+        self.watching = false;
+    }
+
+    fn set_state_local(&mut self, s: XenbusState) {
+        self.state = s;
+        self.shared.state.store(s.to_u32(), Ordering::SeqCst);
+    }
+
+    fn set_state(&mut self, s: XenbusState) {
+        tracing::debug!(be = %self.be, from = self.state.name(), to = s.name(), "backend state");
+        if let Err(e) = self.xs.write(&self.path(keys::STATE), s.to_string()) {
+            tracing::warn!(be = %self.be, "cannot write state {}: {e}", s.name());
+        }
+        self.set_state_local(s);
+    }
+
+    fn run(mut self) -> Result<()> {
+        self.evaluate();
+        let mut done = self.shared.finished.load(Ordering::SeqCst);
+        while !done {
+            // The timeout only notices a lost xenstore connection (whose watches would never
+            // fire again); it costs one wake-up every few seconds.
+            let ev = match self.rx.recv_timeout(LIVENESS_CHECK) {
+                Ok(ev) => ev,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.xs.is_connected() {
+                        continue;
+                    }
+                    tracing::error!(be = %self.be, "xenstore connection lost");
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let t = &self.shared.tokens;
+            if ev.token == t.command {
+                let cmds: Vec<Command> = lock(&self.shared.commands).drain(..).collect();
+                for c in cmds {
+                    match c {
+                        Command::Resize(reply) => {
+                            let _ = reply.send(self.resize());
+                        }
+                        Command::Shutdown => {
+                            self.disconnect();
+                            self.close();
+                            done = true;
+                        }
+                    }
+                }
+                if done {
+                    break;
+                }
+            } else if ev.token == t.queue {
+                self.reap_queues();
+            } else if ev.token == t.release {
+                if self.domain_dead() {
+                    tracing::info!(be = %self.be, domid = self.fe_domid, "frontend domain died");
+                    self.disconnect();
+                    self.set_state(XenbusState::Closed);
+                    break;
+                }
+                done = self.evaluate();
+            } else {
+                done = self.evaluate();
+            }
+        }
+        self.disconnect();
+        if self.watching {
+            self.unwatch();
+        }
+        self.shared.finished.store(true, Ordering::SeqCst);
+        // Refuse further commands whose replies would never come.
+        for c in lock(&self.shared.commands).drain(..) {
+            if let Command::Resize(reply) = c {
+                let _ = reply.send(Err(Error::Stopped));
+            }
+        }
+        Ok(())
+    }
+
+    fn domain_dead(&mut self) -> bool {
+        match self.xs.is_domain_introduced(self.fe_domid) {
+            Ok(true) => {
+                self.fe_introduced = true;
+                false
+            }
+            Ok(false) => self.fe_introduced,
+            Err(_) => false,
+        }
+    }
+
+    /// Closes the device from our side: Closing, then Closed.
+    fn close(&mut self) {
+        if self.state != XenbusState::Closed {
+            if self.state != XenbusState::Closing {
+                self.set_state(XenbusState::Closing);
+            }
+            self.set_state(XenbusState::Closed);
+        }
+    }
+
+    /// Reacts to the current frontend state and `online`, as Linux blkback's
+    /// `frontend_changed` (xen/io/xenbus.h: `Initialised` is "waiting for a connection from
+    /// the peer", `Closing` "the device is being closed due to an error or an unplug
+    /// event"). Returns true when the device is finished.
+    fn evaluate(&mut self) -> bool {
+        let fe_path = format!("{}/{}", self.fe, keys::STATE);
+        let fe_state = match self.xs.read_string(&fe_path) {
+            Ok(v) => v.parse::<XenbusState>().ok(),
+            Err(e) if e.errno() == Some(Errno::ENOENT) => {
+                tracing::info!(be = %self.be, "frontend {} vanished", self.fe);
+                self.disconnect();
+                self.set_state(XenbusState::Closed);
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(be = %self.be, "cannot read {fe_path}: {e}");
+                return !self.xs.is_connected();
+            }
+        };
+        let online = !matches!(
+            self.xs.read_string(&self.path(keys::ONLINE)).as_deref(),
+            Ok("0")
+        );
+        if !online {
+            // Unplug requested (libxl writes online=0, then waits for Closed).
+            self.disconnect();
+            if matches!(
+                fe_state,
+                Some(XenbusState::Connected | XenbusState::Initialised | XenbusState::Closing)
+            ) {
+                if !matches!(self.state, XenbusState::Closing | XenbusState::Closed) {
+                    self.set_state(XenbusState::Closing);
+                }
+                return false;
+            }
+            self.close();
+            return true;
+        }
+        let Some(fe_state) = fe_state else {
+            // Garbage in the frontend's state node: ignored, as an unknown transition.
+            return false;
+        };
+        match fe_state {
+            XenbusState::Initialising => {
+                if self.state == XenbusState::Closed {
+                    tracing::info!(be = %self.be, "frontend reconnecting");
+                    self.set_state(XenbusState::InitWait);
+                }
+            }
+            XenbusState::Initialised | XenbusState::Connected => {
+                if self.state == XenbusState::InitWait {
+                    if let Err(e) = self.connect() {
+                        tracing::warn!(be = %self.be, "cannot connect: {e}");
+                        self.fail(&e.to_string());
+                    }
+                }
+            }
+            XenbusState::Closing => {
+                self.disconnect();
+                if !matches!(self.state, XenbusState::Closing | XenbusState::Closed) {
+                    self.set_state(XenbusState::Closing);
+                }
+            }
+            XenbusState::Closed => {
+                self.disconnect();
+                self.close();
+            }
+            XenbusState::Unknown => {
+                // Linux blkback unregisters the device.
+                self.disconnect();
+                self.close();
+                return true;
+            }
+            XenbusState::InitWait | XenbusState::Reconfiguring | XenbusState::Reconfigured => {}
+        }
+        false
+    }
+
+    /// Disconnects after an error: writes `error`, goes Closing then Closed (xenbus_dev_fatal).
+    fn fail(&mut self, msg: &str) {
+        self.disconnect();
+        if let Err(e) = self.xs.write(&self.path("error"), msg) {
+            tracing::debug!(be = %self.be, "cannot write error node: {e}");
+        }
+        self.close();
+    }
+
+    /// Joins finished reactors; a protocol error disconnects the device.
+    fn reap_queues(&mut self) {
+        let mut error = None;
+        let mut i = 0;
+        while i < self.queues.len() {
+            let exit = lock(&self.queues[i].exit).take();
+            match exit {
+                Some(exit) => {
+                    let q = self.queues.swap_remove(i);
+                    let _ = q.thread.join();
+                    if let Exit::ProtocolError(e) = exit {
+                        error = Some(e);
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        if let Some(e) = error {
+            tracing::warn!(be = %self.be, "frontend protocol error: {e}");
+            add(&self.shared.counters.protocol_errors, 1);
+            self.fail(&format!("protocol error: {e}"));
+        }
+    }
+
+    /// Stops every queue (each waits for its I/O in flight), which unmaps everything.
+    fn disconnect(&mut self) {
+        for q in &self.queues {
+            q.stop.request();
+        }
+        for q in self.queues.drain(..) {
+            let _ = q.thread.join();
+        }
+    }
+
+    fn connect(&mut self) -> Result<()> {
+        self.disconnect();
+        let fe = self.fe.clone();
+        let xs = self.xs.clone();
+        let conn = FrontendConnect::parse(
+            |k| xs.read_string(&format!("{fe}/{k}")).ok(),
+            &self.features.limits(),
+        )?;
+        let features = Features {
+            flush: self.features.flush_cache,
+            barrier: self.features.barrier,
+            discard: self.features.discard.is_some(),
+            discard_secure: self.features.discard.is_some_and(|d| d.secure),
+            read_only: self.mode == Mode::ReadOnly,
+        };
+        let persistent = conn.persistent && self.features.persistent;
+        tracing::info!(
+            be = %self.be,
+            queues = conn.queues.len(),
+            order = conn.ring_page_order,
+            abi = ?conn.protocol,
+            persistent,
+            "connecting"
+        );
+        let limits = ParseLimits {
+            max_indirect_segments: self.features.max_indirect_segments,
+        };
+        for (qid, q) in conn.queues.iter().enumerate() {
+            match self.start_queue(qid as u32, q, &conn, limits, features, persistent) {
+                Ok(rq) => self.queues.push(rq),
+                Err(e) => {
+                    self.disconnect();
+                    return Err(e);
+                }
+            }
+        }
+        // As Linux blkback's connect(): device properties, then Connected. The local state
+        // goes first: the frontend may act on the node as soon as it is written.
+        let props = self.device_properties();
+        self.set_state_local(XenbusState::Connected);
+        let be = self.be.clone();
+        let r = self.xs.transaction(|tx| {
+            for (k, v) in props.nodes() {
+                tx.write(&format!("{be}/{k}"), v)?;
+            }
+            tx.write(
+                &format!("{be}/{}", keys::STATE),
+                XenbusState::Connected.to_string(),
+            )
+        });
+        if let Err(e) = r {
+            self.set_state_local(XenbusState::InitWait);
+            self.disconnect();
+            return Err(Error::xs(&be, e));
+        }
+        add(&self.shared.counters.connects, 1);
+        Ok(())
+    }
+
+    fn start_queue(
+        &self,
+        qid: u32,
+        q: &xdisk_blkif::xenbus::QueueConnect,
+        conn: &FrontendConnect,
+        limits: ParseLimits,
+        features: Features,
+        persistent: bool,
+    ) -> Result<RunningQueue> {
+        let counters = &self.shared.counters;
+        let region = map_counted(&*self.gnt, counters, self.fe_domid, &q.ring_refs, true)?;
+        let ring = BackRing::new(region, conn.protocol, conn.ring_page_order, limits)?;
+        let evtchn = self.evt.bind_interdomain(self.fe_domid, q.event_channel)?;
+        let stop = Arc::new(Stop::new().map_err(|e| Error::io("eventfd", e))?);
+        let parts = QueueParts {
+            qid,
+            domid: self.fe_domid,
+            ring,
+            evtchn,
+            gnt: self.gnt.clone(),
+            counters: counters.clone(),
+            sectors: self.shared.sectors.clone(),
+            features,
+            stop: stop.clone(),
+        };
+        let wake = self.shared.wake.clone();
+        let token = self.shared.tokens.queue.clone();
+        let name = format!("xdisk-blkback-q{qid}");
+        let exit = Arc::new(Mutex::new(None));
+        let exit_slot = exit.clone();
+        let spawn = |f: Box<dyn FnOnce() -> Exit + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let e = f();
+                    *lock(&exit_slot) = Some(e);
+                    let _ = wake.send(WatchEvent {
+                        path: String::new(),
+                        token,
+                    });
+                })
+                .map_err(|e| Error::io("cannot start a queue thread", e))
+        };
+        let thread = match self.cfg.data_path {
+            DataPath::Map => {
+                let data = MapPath {
+                    gnt: self.gnt.clone(),
+                    domid: self.fe_domid,
+                    counters: counters.clone(),
+                    cache: persistent.then(|| {
+                        PersistentCache::new(self.cfg.max_persistent_grants, counters.clone())
+                    }),
+                };
+                let iq = ImageQueue::new(self.image.clone(), &self.cfg.queue)?;
+                let r = Reactor::new(parts, data, iq);
+                spawn(Box::new(move || r.run()))?
+            }
+            DataPath::Copy => {
+                let data = CopyPath {
+                    gnt: self.gnt.clone(),
+                    domid: self.fe_domid,
+                };
+                let iq = ImageQueue::new(self.image.clone(), &self.cfg.queue)?;
+                let r = Reactor::new(parts, data, iq);
+                spawn(Box::new(move || r.run()))?
+            }
+        };
+        Ok(RunningQueue { stop, exit, thread })
+    }
+
+    fn resize(&mut self) -> Result<u64> {
+        let sectors = self.image.size() / 512;
+        self.shared.sectors.store(sectors, Ordering::SeqCst);
+        let be = self.be.clone();
+        let state = self.state;
+        // Linux blkback's xen_vbd_resize: "sectors", then the current state, in one
+        // transaction, so that a connected frontend re-reads the size.
+        self.xs
+            .transaction(|tx| {
+                tx.write(&format!("{be}/{}", keys::SECTORS), sectors.to_string())?;
+                tx.write(&format!("{be}/{}", keys::STATE), state.to_string())
+            })
+            .map_err(|e| Error::xs(&be, e))?;
+        Ok(sectors)
+    }
+}

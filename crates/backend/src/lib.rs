@@ -1,0 +1,33 @@
+//! The Xen PV block backend of xdisk, for one device at a time ([`Device`]).
+//!
+//! Protocol and I/O are kept apart: [`Device::run`] takes everything it touches as
+//! parameters — a xenstore [`Client`](xdisk_xen::xenstore::Client), a
+//! [`GrantMapper`](xdisk_xen::platform::GrantMapper), an
+//! [`EventChannels`](xdisk_xen::platform::EventChannels) and the
+//! [`Image`](xdisk_image::Image) — so the same code runs on the in-process simulation and on
+//! real Xen. There are no globals.
+//!
+//! * [`device`]: the xenbus state machine (xen/io/xenbus.h) and the negotiation of
+//!   xen/io/blkif.h, one control thread per device.
+//! * `reactor`: one thread per queue (ring): consumes requests, runs them on an
+//!   [`ImageQueue`](xdisk_image::queue::ImageQueue), answers them.
+//! * `datapath`: guest data by mapping (zero copy, persistent grants with an LRU cache) or by
+//!   grant copy through a bounce buffer ([`DataPath`]).
+//! * [`stats`]: counters ([`Device::stats`]).
+//!
+//! No `unsafe` here: guest memory is only reached through the platform traits.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod datapath;
+pub mod device;
+pub mod error;
+mod reactor;
+mod region;
+pub mod stats;
+
+pub use config::{DataPath, DeviceConfig, DEFAULT_MAX_PERSISTENT_GRANTS};
+pub use device::Device;
+pub use error::{Error, Result};
+pub use stats::DeviceStats;

@@ -1,0 +1,723 @@
+//! One queue (ring) of a connected device: a thread that consumes requests from the shared
+//! ring, runs them on an [`ImageQueue`] and answers them.
+//!
+//! The loop follows Linux blkback's `xen_blkif_schedule`/`do_block_io_op` and ring.h's rules:
+//! `req_prod` is read once per batch and checked against the ring size
+//! ([`BackRing::begin_batch`], ring.h `RING_REQUEST_PROD_OVERFLOW`), each slot is copied once
+//! and parsed from the copy, responses are published with
+//! `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` and the frontend is notified only when it asked,
+//! and the thread sleeps (poll) only after `RING_FINAL_CHECK_FOR_REQUESTS` found nothing.
+//! The ring bounds the work: a request holds its slot until answered, so at most `RING_SIZE`
+//! requests are in flight.
+//!
+//! Ordering: `BLKIF_OP_FLUSH_DISKCACHE` is started once every write consumed before it has
+//! completed; `BLKIF_OP_WRITE_BARRIER` stops consumption, waits until nothing is in flight,
+//! writes its data, flushes, answers, and only then consumption resumes (blkif.h: "the
+//! barrier ... ensures that all previous writes are complete ... before any subsequent write").
+
+use std::collections::{BTreeSet, VecDeque};
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use xdisk_blkif::ring::ParsedRequest;
+use xdisk_blkif::wire::{
+    DirectIo, Indirect, IndirectOp, Request, RequestKind, Response, Segment, Status, PAGE_SIZE,
+};
+use xdisk_blkif::{BackRing, RingError};
+use xdisk_image::queue::{Done, ImageQueue, Request as IoRequest, RequestKind as IoKind};
+use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
+use xdisk_xen::platform::{DomId, EventChannel, GrantMapper, MappedRegion};
+
+use crate::datapath::DataPath;
+use crate::region::map_counted;
+use crate::stats::{add, sub, Counters};
+
+/// What the reactor may do, fixed at connect time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Features {
+    pub flush: bool,
+    pub barrier: bool,
+    pub discard: bool,
+    pub discard_secure: bool,
+    pub read_only: bool,
+}
+
+/// A stop request for a reactor: a flag and an eventfd to wake its poll.
+pub(crate) struct Stop {
+    flag: AtomicBool,
+    event: EventFd,
+}
+
+impl Stop {
+    pub fn new() -> std::io::Result<Stop> {
+        Ok(Stop {
+            flag: AtomicBool::new(false),
+            event: EventFd::new()?,
+        })
+    }
+    pub fn request(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.event.signal();
+    }
+    fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// How a reactor ended.
+#[derive(Debug)]
+pub(crate) enum Exit {
+    /// Asked to stop.
+    Stopped,
+    /// The frontend broke the ring protocol: disconnect the device.
+    ProtocolError(String),
+}
+
+/// What a reactor needs.
+pub(crate) struct QueueParts {
+    pub qid: u32,
+    pub domid: DomId,
+    pub ring: BackRing<Arc<dyn MappedRegion>>,
+    pub evtchn: Box<dyn EventChannel>,
+    pub gnt: Arc<dyn GrantMapper>,
+    pub counters: Arc<Counters>,
+    pub sectors: Arc<AtomicU64>,
+    pub features: Features,
+    pub stop: Arc<Stop>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Barrier,
+    Discard { len: u64, secure: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not submitted yet (a flush waiting for earlier writes, a barrier waiting for the drain).
+    Waiting,
+    /// The data (or discard) operation is running.
+    Data,
+    /// The flush is running.
+    Flush,
+}
+
+/// A request consumed from the ring and not answered yet.
+struct Pending {
+    id: u64,
+    /// The operation to answer with.
+    op: u8,
+    kind: Kind,
+    stage: Stage,
+    sector: u64,
+    /// Sequence number of this request's write or discard (0: none).
+    wseq: u64,
+    /// Flushes and barriers: every write numbered below this must be complete first.
+    fseq: u64,
+    segs: Vec<Segment>,
+    has_data: bool,
+}
+
+pub(crate) struct Reactor<D: DataPath> {
+    qid: u32,
+    domid: DomId,
+    ring: BackRing<Arc<dyn MappedRegion>>,
+    evtchn: Box<dyn EventChannel>,
+    gnt: Arc<dyn GrantMapper>,
+    data: D,
+    iq: ImageQueue<D::Buf>,
+    counters: Arc<Counters>,
+    sectors: Arc<AtomicU64>,
+    feat: Features,
+    stop: Arc<Stop>,
+    slab: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    responses: Vec<Response>,
+    done: Vec<Done<D::Buf>>,
+    next_seq: u64,
+    /// Writes and discards submitted and not completed, by sequence number.
+    writes: BTreeSet<u64>,
+    /// Flushes waiting for earlier writes (slab indices), in order.
+    flushes: VecDeque<usize>,
+    /// The barrier that holds up consumption.
+    barrier: Option<usize>,
+    /// Requests submitted to the image queue and not completed.
+    submitted: usize,
+    stopping: bool,
+}
+
+fn io_status(r: &xdisk_image::Result<()>) -> Status {
+    match r {
+        Ok(()) => Status::Okay,
+        Err(xdisk_image::Error::Unsupported(_)) => Status::EOpNotSupp,
+        Err(_) => Status::Error,
+    }
+}
+
+impl<D: DataPath> Reactor<D> {
+    pub fn new(parts: QueueParts, data: D, iq: ImageQueue<D::Buf>) -> Reactor<D> {
+        add(&parts.counters.queues, 1);
+        Reactor {
+            qid: parts.qid,
+            domid: parts.domid,
+            ring: parts.ring,
+            evtchn: parts.evtchn,
+            gnt: parts.gnt,
+            data,
+            iq,
+            counters: parts.counters,
+            sectors: parts.sectors,
+            feat: parts.features,
+            stop: parts.stop,
+            slab: Vec::new(),
+            free: Vec::new(),
+            responses: Vec::new(),
+            done: Vec::new(),
+            next_seq: 1,
+            writes: BTreeSet::new(),
+            flushes: VecDeque::new(),
+            barrier: None,
+            submitted: 0,
+            stopping: false,
+        }
+    }
+
+    /// Runs until stopped or until the frontend breaks the protocol. Every request consumed
+    /// is answered, and all its I/O has completed, before this returns: dropping the reactor
+    /// afterwards unmaps nothing that the kernel still uses.
+    pub fn run(mut self) -> Exit {
+        let exit = self.event_loop();
+        self.stopping = true;
+        self.drain();
+        tracing::debug!(queue = self.qid, domid = self.domid, ?exit, "queue stopped");
+        exit
+    }
+
+    fn event_loop(&mut self) -> Exit {
+        loop {
+            if self.stop.requested() {
+                return Exit::Stopped;
+            }
+            let mut work = false;
+            if self.barrier.is_none() {
+                match self.consume() {
+                    Ok(n) => work |= n > 0,
+                    Err(e) => return Exit::ProtocolError(e.to_string()),
+                }
+            }
+            match self.complete(false) {
+                Ok(n) => work |= n > 0,
+                Err(e) => tracing::error!(queue = self.qid, "cannot reap I/O: {e}"),
+            }
+            self.run_deferred();
+            if let Err(e) = self.iq.commit() {
+                tracing::error!(queue = self.qid, "cannot submit I/O: {e}");
+            }
+            if let Err(e) = self.respond() {
+                return Exit::ProtocolError(e.to_string());
+            }
+            if work {
+                continue;
+            }
+            if self.barrier.is_none() {
+                match self.ring.final_check_for_requests() {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => return Exit::ProtocolError(e.to_string()),
+                }
+            }
+            self.sleep();
+        }
+    }
+
+    fn sleep(&mut self) {
+        let [a, b] = self.iq.event_fds();
+        let fds: [RawFd; 4] = [self.evtchn.fd(), a, b, self.stop.event.fd()];
+        match poll_readable(&fds, -1) {
+            Ok(ready) => {
+                if ready.first().copied().unwrap_or(false) {
+                    if let Err(e) = self.evtchn.clear() {
+                        tracing::warn!(queue = self.qid, "event channel: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(queue = self.qid, "poll: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Consumes one batch of requests; returns how many.
+    fn consume(&mut self) -> Result<u32, RingError> {
+        self.ring.begin_batch()?;
+        let mut got = 0;
+        while let Some(parsed) = self.ring.next_request()? {
+            got += 1;
+            add(&self.counters.in_flight, 1);
+            self.handle(parsed);
+            if self.barrier.is_some() {
+                break;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Queues the answer to one consumed request.
+    fn answer(&mut self, id: u64, op: u8, status: Status) {
+        match status {
+            Status::Okay => {}
+            Status::Error => add(&self.counters.errors, 1),
+            Status::EOpNotSupp => add(&self.counters.eopnotsupp, 1),
+        }
+        sub(&self.counters.in_flight, 1);
+        self.responses.push(Response {
+            id,
+            operation: op,
+            status,
+        });
+    }
+
+    /// Publishes the queued answers and notifies the frontend if it asked.
+    fn respond(&mut self) -> Result<(), RingError> {
+        if self.responses.is_empty() {
+            return Ok(());
+        }
+        let n = self.responses.len() as u64;
+        for rsp in self.responses.drain(..) {
+            self.ring.push_response(&rsp)?;
+        }
+        add(&self.counters.responses, n);
+        if self.ring.push_responses_and_check_notify()? {
+            if let Err(e) = self.evtchn.notify() {
+                tracing::debug!(queue = self.qid, "notify: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, parsed: ParsedRequest) {
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(queue = self.qid, "invalid request: {e}");
+                let rsp = e.response();
+                self.answer(rsp.id, rsp.operation, rsp.status);
+                return;
+            }
+        };
+        match req.kind {
+            RequestKind::Read(io) => {
+                self.start_rw(&req, Kind::Read, io.sector, io.segments.as_slice().to_vec())
+            }
+            RequestKind::Write(io) => self.start_rw(
+                &req,
+                Kind::Write,
+                io.sector,
+                io.segments.as_slice().to_vec(),
+            ),
+            RequestKind::Indirect(ind) => {
+                add(&self.counters.indirect_req, 1);
+                let kind = match ind.op {
+                    IndirectOp::Read => Kind::Read,
+                    IndirectOp::Write => Kind::Write,
+                };
+                match self.indirect_segments(&ind) {
+                    Ok(segs) => self.start_rw(&req, kind, ind.sector, segs),
+                    Err(e) => {
+                        tracing::debug!(queue = self.qid, id = req.id, "indirect request: {e}");
+                        self.count_kind(kind, 0);
+                        self.answer(req.id, req.response_operation(), Status::Error);
+                    }
+                }
+            }
+            RequestKind::Flush(io) => self.start_flush(&req, Kind::Flush, io),
+            RequestKind::WriteBarrier(io) => self.start_flush(&req, Kind::Barrier, io),
+            RequestKind::Discard {
+                sector,
+                nr_sectors,
+                secure,
+            } => self.start_discard(&req, sector, nr_sectors, secure),
+        }
+    }
+
+    fn count_kind(&self, kind: Kind, sectors: u64) {
+        let c = &self.counters;
+        let (req, sect) = match kind {
+            Kind::Read => (&c.rd_req, &c.rd_sect),
+            Kind::Write => (&c.wr_req, &c.wr_sect),
+            Kind::Flush => (&c.f_req, &c.wr_sect),
+            Kind::Barrier => (&c.barrier_req, &c.wr_sect),
+            Kind::Discard { .. } => (&c.ds_req, &c.ds_sect),
+        };
+        add(req, 1);
+        add(sect, sectors);
+    }
+
+    /// Maps the indirect pages read-only, copies each out once and parses the copies.
+    fn indirect_segments(&self, ind: &Indirect) -> Result<Vec<Segment>, String> {
+        let refs = ind.indirect_grefs.as_slice();
+        let region = map_counted(&*self.gnt, &self.counters, self.domid, refs, false)
+            .map_err(|e| e.to_string())?;
+        let mut pages = vec![[0u8; PAGE_SIZE]; refs.len()];
+        for (i, p) in pages.iter_mut().enumerate() {
+            region
+                .copy_from(i * PAGE_SIZE, p)
+                .map_err(|e| e.to_string())?;
+        }
+        drop(region);
+        let refs: Vec<&[u8; PAGE_SIZE]> = pages.iter().collect();
+        ind.parse_segments(&refs).map_err(|e| e.to_string())
+    }
+
+    /// Whether `sector .. sector + n` lies on the disk.
+    fn in_range(&self, sector: u64, n: u64) -> bool {
+        let size = self.sectors.load(Ordering::Relaxed);
+        sector.checked_add(n).is_some_and(|end| end <= size)
+    }
+
+    fn alloc(&mut self, p: Pending) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(p);
+                i
+            }
+            None => {
+                self.slab.push(Some(p));
+                self.slab.len() - 1
+            }
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn entry(&self, idx: usize) -> Option<&Pending> {
+        self.slab.get(idx).and_then(Option::as_ref)
+    }
+
+    fn entry_mut(&mut self, idx: usize) -> Option<&mut Pending> {
+        self.slab.get_mut(idx).and_then(Option::as_mut)
+    }
+
+    /// Answers entry `idx` and frees it.
+    fn finish_entry(&mut self, idx: usize, status: Status) {
+        let Some(p) = self.slab.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(idx);
+        if self.barrier == Some(idx) {
+            self.barrier = None;
+        }
+        self.answer(p.id, p.op, status);
+    }
+
+    fn start_rw(&mut self, req: &Request, kind: Kind, sector: u64, segs: Vec<Segment>) {
+        let op = req.response_operation();
+        let nsect: u64 = segs.iter().map(|s| u64::from(s.nr_sectors())).sum();
+        self.count_kind(kind, nsect);
+        if !self.in_range(sector, nsect) {
+            tracing::debug!(
+                queue = self.qid,
+                sector,
+                nsect,
+                "request past the end of the disk"
+            );
+            self.answer(req.id, op, Status::Error);
+            return;
+        }
+        if kind == Kind::Write && self.feat.read_only {
+            self.answer(req.id, op, Status::Error);
+            return;
+        }
+        let idx = self.alloc(Pending {
+            id: req.id,
+            op,
+            kind,
+            stage: Stage::Data,
+            sector,
+            wseq: 0,
+            fseq: 0,
+            segs,
+            has_data: true,
+        });
+        if !self.submit_data(idx) {
+            self.finish_entry(idx, Status::Error);
+        }
+    }
+
+    /// Prepares the buffer of entry `idx` and submits its read or write. False if the data
+    /// could not be reached (bad or revoked grant, read-only grant for a read).
+    fn submit_data(&mut self, idx: usize) -> bool {
+        let wseq = self.next_seq();
+        let Some(p) = self.slab.get(idx).and_then(Option::as_ref) else {
+            return false;
+        };
+        let disk_read = p.kind == Kind::Read;
+        let sector = p.sector;
+        let buf = match self.data.prepare(&p.segs, disk_read) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(queue = self.qid, id = p.id, "request data: {e}");
+                return false;
+            }
+        };
+        if !disk_read {
+            self.writes.insert(wseq);
+            if let Some(p) = self.entry_mut(idx) {
+                p.wseq = wseq;
+            }
+        }
+        self.submitted += 1;
+        self.iq.submit(IoRequest {
+            kind: if disk_read {
+                IoKind::Read
+            } else {
+                IoKind::Write
+            },
+            offset: sector * 512,
+            buf: Some(buf),
+            user_data: idx as u64,
+        });
+        true
+    }
+
+    fn submit_flush(&mut self, idx: usize) {
+        if let Some(p) = self.entry_mut(idx) {
+            p.stage = Stage::Flush;
+        }
+        self.submitted += 1;
+        self.iq.submit(IoRequest {
+            kind: IoKind::Flush,
+            offset: 0,
+            buf: None,
+            user_data: idx as u64,
+        });
+    }
+
+    fn start_flush(&mut self, req: &Request, kind: Kind, io: DirectIo) {
+        let op = req.response_operation();
+        let nsect = io.nr_sectors();
+        self.count_kind(kind, nsect);
+        let supported = match kind {
+            Kind::Barrier => self.feat.barrier,
+            _ => self.feat.flush,
+        };
+        if !supported {
+            self.answer(req.id, op, Status::EOpNotSupp);
+            return;
+        }
+        let has_data = !io.segments.is_empty();
+        if has_data && (self.feat.read_only || !self.in_range(io.sector, nsect)) {
+            self.answer(req.id, op, Status::Error);
+            return;
+        }
+        // Every write consumed before this request has a smaller number.
+        let fseq = self.next_seq();
+        let idx = self.alloc(Pending {
+            id: req.id,
+            op,
+            kind,
+            stage: Stage::Waiting,
+            sector: io.sector,
+            wseq: 0,
+            fseq,
+            segs: io.segments.as_slice().to_vec(),
+            has_data,
+        });
+        if kind == Kind::Barrier {
+            // Consumption stops until the barrier is answered; run_deferred starts it once
+            // everything before it has completed.
+            self.barrier = Some(idx);
+        } else if has_data {
+            // Write first (as Linux blkback's REQ_PREFLUSH write), then flush.
+            if let Some(p) = self.entry_mut(idx) {
+                p.stage = Stage::Data;
+            }
+            if !self.submit_data(idx) {
+                self.finish_entry(idx, Status::Error);
+            }
+        } else {
+            self.flushes.push_back(idx);
+        }
+    }
+
+    fn start_discard(&mut self, req: &Request, sector: u64, nr: u64, secure: bool) {
+        let op = req.response_operation();
+        self.count_kind(Kind::Discard { len: 0, secure }, nr);
+        if !self.feat.discard || self.feat.read_only {
+            self.answer(req.id, op, Status::EOpNotSupp);
+            return;
+        }
+        if !self.in_range(sector, nr) {
+            self.answer(req.id, op, Status::Error);
+            return;
+        }
+        if nr == 0 {
+            self.answer(req.id, op, Status::Okay);
+            return;
+        }
+        let wseq = self.next_seq();
+        // blkif.h: BLKIF_DISCARD_SECURE is "ignored if discard-secure=0".
+        let secure = secure && self.feat.discard_secure;
+        let len = nr * 512;
+        let idx = self.alloc(Pending {
+            id: req.id,
+            op,
+            kind: Kind::Discard { len, secure },
+            stage: Stage::Data,
+            sector,
+            wseq,
+            fseq: 0,
+            segs: Vec::new(),
+            has_data: false,
+        });
+        self.writes.insert(wseq);
+        self.submitted += 1;
+        self.iq.submit(IoRequest {
+            kind: if secure {
+                IoKind::WriteZeroes { len, unmap: true }
+            } else {
+                IoKind::Discard { len }
+            },
+            offset: sector * 512,
+            buf: None,
+            user_data: idx as u64,
+        });
+    }
+
+    /// Starts flushes whose earlier writes are done, and the barrier once nothing else runs.
+    fn run_deferred(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let mut i = 0;
+        while i < self.flushes.len() {
+            let idx = self.flushes[i];
+            let fseq = self.entry(idx).map_or(0, |p| p.fseq);
+            if self.writes.range(..fseq).next().is_none() {
+                self.flushes.remove(i);
+                self.submit_flush(idx);
+            } else {
+                i += 1;
+            }
+        }
+        let Some(idx) = self.barrier else { return };
+        let Some(p) = self.entry(idx) else { return };
+        if p.stage != Stage::Waiting || self.submitted > 0 || !self.flushes.is_empty() {
+            return;
+        }
+        if p.has_data {
+            if let Some(p) = self.entry_mut(idx) {
+                p.stage = Stage::Data;
+            }
+            if !self.submit_data(idx) {
+                self.finish_entry(idx, Status::Error);
+            }
+        } else {
+            self.submit_flush(idx);
+        }
+    }
+
+    /// Reaps completed I/O (waiting for at least one if `block`) and handles it.
+    fn complete(&mut self, block: bool) -> Result<usize, xdisk_image::Error> {
+        let [a, b] = self.iq.event_fds();
+        // Cleared before reaping, so that a completion arriving meanwhile wakes the poll.
+        drain_eventfd(a);
+        drain_eventfd(b);
+        let mut done = std::mem::take(&mut self.done);
+        let r = self.iq.reap(
+            &mut done,
+            usize::from(block),
+            if block { None } else { Some(Duration::ZERO) },
+        );
+        let n = done.len();
+        for d in done.drain(..) {
+            self.completed(d);
+        }
+        self.done = done;
+        r.map(|_| n)
+    }
+
+    fn completed(&mut self, d: Done<D::Buf>) {
+        self.submitted = self.submitted.saturating_sub(1);
+        let idx = d.user_data as usize;
+        let mut status = io_status(&d.result);
+        if let Err(e) = &d.result {
+            tracing::debug!(queue = self.qid, "I/O failed: {e}");
+        }
+        let Some(p) = self.entry(idx) else {
+            tracing::error!(queue = self.qid, idx, "completion of an unknown request");
+            return;
+        };
+        let (kind, stage, wseq) = (p.kind, p.stage, p.wseq);
+        if let Some(buf) = d.buf {
+            let segs = self
+                .entry_mut(idx)
+                .map(|p| std::mem::take(&mut p.segs))
+                .unwrap_or_default();
+            if let Err(e) = self
+                .data
+                .finish(buf, &segs, kind == Kind::Read, status == Status::Okay)
+            {
+                tracing::debug!(queue = self.qid, "request data: {e}");
+                status = Status::Error;
+            }
+        }
+        if stage == Stage::Data && wseq != 0 {
+            self.writes.remove(&wseq);
+        }
+        let next_flush = stage == Stage::Data
+            && matches!(kind, Kind::Flush | Kind::Barrier)
+            && status == Status::Okay
+            && !self.stopping;
+        if !next_flush {
+            self.finish_entry(idx, status);
+            return;
+        }
+        if kind == Kind::Barrier {
+            // Everything else is drained: flush right away.
+            self.submit_flush(idx);
+        } else {
+            if let Some(p) = self.entry_mut(idx) {
+                p.stage = Stage::Waiting;
+            }
+            self.flushes.push_back(idx);
+        }
+    }
+
+    /// Stops: answers what never started, waits for the I/O in flight, publishes everything.
+    fn drain(&mut self) {
+        for idx in std::mem::take(&mut self.flushes) {
+            self.finish_entry(idx, Status::Error);
+        }
+        if let Some(idx) = self.barrier {
+            if self.entry(idx).is_some_and(|p| p.stage == Stage::Waiting) {
+                self.finish_entry(idx, Status::Error);
+            }
+        }
+        while self.submitted > 0 {
+            if let Err(e) = self.complete(true) {
+                tracing::error!(queue = self.qid, "cannot reap I/O while stopping: {e}");
+                break;
+            }
+        }
+        if let Err(e) = self.respond() {
+            tracing::debug!(queue = self.qid, "final responses: {e}");
+        }
+    }
+}
+
+impl<D: DataPath> Drop for Reactor<D> {
+    fn drop(&mut self) {
+        sub(&self.counters.queues, 1);
+    }
+}

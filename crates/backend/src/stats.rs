@@ -1,0 +1,102 @@
+//! Per-device counters, in the spirit of Linux blkback's sysfs `statistics/` directory
+//! (`rd_req`, `wr_req`, `f_req`, `ds_req`, `rd_sect`, `wr_sect`, `oo_req`, ...).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a device's counters ([`crate::Device::stats`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Read requests (direct and indirect).
+    pub rd_req: u64,
+    /// Write requests (direct and indirect).
+    pub wr_req: u64,
+    /// `BLKIF_OP_FLUSH_DISKCACHE` requests.
+    pub f_req: u64,
+    /// `BLKIF_OP_WRITE_BARRIER` requests.
+    pub barrier_req: u64,
+    /// `BLKIF_OP_DISCARD` requests.
+    pub ds_req: u64,
+    /// `BLKIF_OP_INDIRECT` requests (also counted as reads or writes).
+    pub indirect_req: u64,
+    /// Sectors read.
+    pub rd_sect: u64,
+    /// Sectors written.
+    pub wr_sect: u64,
+    /// Sectors discarded.
+    pub ds_sect: u64,
+    /// Requests answered `BLKIF_RSP_ERROR`.
+    pub errors: u64,
+    /// Requests answered `BLKIF_RSP_EOPNOTSUPP`.
+    pub eopnotsupp: u64,
+    /// Requests consumed from the rings and not answered yet.
+    pub in_flight: u64,
+    /// Responses pushed.
+    pub responses: u64,
+    /// Grants currently mapped persistently (all queues).
+    pub persistent_grants: u64,
+    /// Grant mappings currently held by the backend (rings, persistent grants, data pages of
+    /// requests in flight).
+    pub mappings: u64,
+    /// Queues (reactor threads) currently running.
+    pub queues: u64,
+    /// Successful connections (the first and every reconnection).
+    pub connects: u64,
+    /// Disconnections forced by a protocol error of the frontend.
+    pub protocol_errors: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub rd_req: AtomicU64,
+    pub wr_req: AtomicU64,
+    pub f_req: AtomicU64,
+    pub barrier_req: AtomicU64,
+    pub ds_req: AtomicU64,
+    pub indirect_req: AtomicU64,
+    pub rd_sect: AtomicU64,
+    pub wr_sect: AtomicU64,
+    pub ds_sect: AtomicU64,
+    pub errors: AtomicU64,
+    pub eopnotsupp: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub responses: AtomicU64,
+    pub persistent_grants: AtomicU64,
+    pub mappings: AtomicU64,
+    pub queues: AtomicU64,
+    pub connects: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+pub(crate) fn sub(c: &AtomicU64, n: u64) {
+    c.fetch_sub(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> DeviceStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DeviceStats {
+            rd_req: g(&self.rd_req),
+            wr_req: g(&self.wr_req),
+            f_req: g(&self.f_req),
+            barrier_req: g(&self.barrier_req),
+            ds_req: g(&self.ds_req),
+            indirect_req: g(&self.indirect_req),
+            rd_sect: g(&self.rd_sect),
+            wr_sect: g(&self.wr_sect),
+            ds_sect: g(&self.ds_sect),
+            errors: g(&self.errors),
+            eopnotsupp: g(&self.eopnotsupp),
+            in_flight: g(&self.in_flight),
+            responses: g(&self.responses),
+            persistent_grants: g(&self.persistent_grants),
+            mappings: g(&self.mappings),
+            queues: g(&self.queues),
+            connects: g(&self.connects),
+            protocol_errors: g(&self.protocol_errors),
+        }
+    }
+}
