@@ -7,9 +7,13 @@
 //! - [`platform`]: grant mapping/copy and event channel interfaces the backend is written
 //!   against.
 //!
+//! - [`real`] (Linux): the platform on real Xen, over `/dev/xen/{gntdev,evtchn,gntalloc}`.
+//!
 //! `unsafe` is denied crate-wide; only the modules that map foreign memory allow it.
 
 #![deny(unsafe_code)]
 
 pub mod platform;
+#[cfg(target_os = "linux")]
+pub mod real;
 pub mod xenstore;
