@@ -59,8 +59,20 @@ apt_dep() {
   apt-cache depends "$1" 2>/dev/null | awk -v re="$2" '$1 == "Depends:" && $2 ~ re { print $2; exit }'
 }
 
-# Resolves, downloads (into $CACHE/debs, kept between runs) and unpacks the packages.
+# Resolves, downloads (into $CACHE/debs, kept between runs) and unpacks the packages, holding
+# a lock on the cache (several worktrees may run the lab at once).
 fetch_packages() {
+  local rc
+  mkdir -p "$CACHE"
+  exec 9> "$CACHE/.lock"
+  flock 9 || true
+  fetch_packages_locked
+  rc=$?
+  exec 9>&-
+  return $rc
+}
+
+fetch_packages_locked() {
   local kpkg xpkg
   kpkg=$(apt_dep linux-image-amd64 '^linux-image-[0-9]')
   xpkg=$(apt_dep xen-system-amd64 '^xen-hypervisor-[0-9]')

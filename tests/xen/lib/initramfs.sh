@@ -59,7 +59,7 @@ build_initramfs() {
 
   # Xen: all its tools and libraries (small), xenstore-* as links to the multi-call binary.
   mkdir -p "$r/usr/lib/xen-$XV"
-  cp -a "$ROOT/usr/lib/xen-$XV/." "$r/usr/lib/xen-$XV/"
+  cp -a "$ROOT/usr/lib/xen-$XV/bin" "$ROOT/usr/lib/xen-$XV/lib" "$r/usr/lib/xen-$XV/"
   cp -a "$ROOT"/usr/lib/x86_64-linux-gnu/lib* "$r/usr/lib/x86_64-linux-gnu/"
   cp "$ROOT/usr/bin/xenstore" "$r/usr/bin/"
   for a in read write ls list rm exists chmod watch; do ln -s xenstore "$r/usr/bin/xenstore-$a"; done
