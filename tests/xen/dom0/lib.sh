@@ -1,3 +1,4 @@
+# shellcheck shell=dash
 # Helpers for the lab's scenario scripts (sourced: `. /lab/lib.sh`). A scenario passes when
 # it exits 0; `fail WHY` ends it with a reason that tests/xen/run prints.
 

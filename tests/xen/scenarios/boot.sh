@@ -1,6 +1,7 @@
 #!/bin/sh
 # dom0 is up as Xen's control domain, xenstored answers, the Xen devices are there, and the
 # data disk takes O_DIRECT.
+# shellcheck source=../dom0/lib.sh
 . /lab/lib.sh
 [ -s /run/lab-setup-errors ] && fail "setup: $(tr '\n' ';' < /run/lab-setup-errors)"
 check "dom0 is the control domain" grep -q control_d /proc/xen/capabilities

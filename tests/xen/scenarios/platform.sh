@@ -1,5 +1,6 @@
 #!/bin/sh
 # The real-Xen platform of xdisk-xen (gntalloc -> gntdev maps, grant copy, unmap notify, evtchn).
+# shellcheck source=../dom0/lib.sh
 . /lab/lib.sh
 xdisk xen-selftest platform > /tmp/selftest.log 2>&1
 rc=$?

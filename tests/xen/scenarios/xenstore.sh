@@ -1,6 +1,7 @@
 #!/bin/sh
 # The Rust xenstore client against the C xenstored, over its socket and /dev/xen/xenbus; the
 # C tools then read what it left.
+# shellcheck source=../dom0/lib.sh
 . /lab/lib.sh
 xdisk xen-selftest xenstore --xenstore /run/xenstored/socket --xenstore /dev/xen/xenbus \
   > /tmp/selftest.log 2>&1
