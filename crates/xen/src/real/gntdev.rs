@@ -244,6 +244,40 @@ impl GntDevRegion {
     }
 }
 
+impl GntDevRegion {
+    /// Reads `len` bytes of `file` at `file_offset` straight into the region at `offset`
+    /// (`pread`; with an `O_DIRECT` file the device DMAs into the granted pages). Returns the
+    /// bytes read. Fails on a read-only region.
+    pub fn pread(
+        &self,
+        file: &impl AsFd,
+        file_offset: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<usize, PlatformError> {
+        sys_check(offset, len, self.size())?;
+        if !self.writable() {
+            return Err(PlatformError::Mem(read_only(offset, len)));
+        }
+        sys::pread_mapping(file.as_fd(), self.map(), offset, len, file_offset)
+            .map_err(|e| io_err("pread into a grant mapping", e))
+    }
+
+    /// Writes `len` bytes of the region at `offset` to `file` at `file_offset` (`pwrite`).
+    /// Returns the bytes written.
+    pub fn pwrite(
+        &self,
+        file: &impl AsFd,
+        file_offset: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<usize, PlatformError> {
+        sys_check(offset, len, self.size())?;
+        sys::pwrite_mapping(file.as_fd(), self.map(), offset, len, file_offset)
+            .map_err(|e| io_err("pwrite from a grant mapping", e))
+    }
+}
+
 fn sys_check(offset: usize, len: usize, size: usize) -> Result<(), MemError> {
     xdisk_blkif::mem::check_bounds(offset, len, size)
 }

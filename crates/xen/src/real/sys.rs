@@ -449,6 +449,59 @@ impl Mapping {
     }
 }
 
+/// `pread(fd, mapping + offset, len, file_offset)`: the kernel fills the mapping (no Rust
+/// reference to it is formed). Returns the bytes read.
+pub(crate) fn pread_mapping(
+    fd: BorrowedFd<'_>,
+    m: &Mapping,
+    offset: usize,
+    len: usize,
+    file_offset: u64,
+) -> io::Result<usize> {
+    m.check(offset, len);
+    m.check_writable();
+    let off = libc::off_t::try_from(file_offset)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: `offset..offset + len` is inside the mapping (checked), which is writable
+        // (checked) and stays mapped during the call; the kernel writes it like DMA would.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), m.as_ptr().add(offset).cast(), len, off) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `pwrite(fd, mapping + offset, len, file_offset)`: the kernel reads the mapping. Returns
+/// the bytes written.
+pub(crate) fn pwrite_mapping(
+    fd: BorrowedFd<'_>,
+    m: &Mapping,
+    offset: usize,
+    len: usize,
+    file_offset: u64,
+) -> io::Result<usize> {
+    m.check(offset, len);
+    let off = libc::off_t::try_from(file_offset)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: `offset..offset + len` is inside the mapping (checked), which stays mapped
+        // during the call; the kernel only reads it.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), m.as_ptr().add(offset).cast(), len, off) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are exactly what mmap returned, and no reference into the
