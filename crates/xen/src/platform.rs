@@ -54,7 +54,7 @@ pub enum GrantStatus {
     GeneralError,
     /// GNTST_bad_domain (-2)
     BadDomain,
-    /// GNTST_bad_gntref (-4)
+    /// GNTST_bad_gntref (-3)
     BadGntref,
     /// GNTST_bad_copy_arg (-10)
     BadCopyArg,
