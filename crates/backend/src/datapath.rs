@@ -39,6 +39,12 @@ pub(crate) trait DataPath: Send + 'static {
         disk_read: bool,
         ok: bool,
     ) -> Result<(), DataError>;
+    /// Copies the indirect pages `refs` (read-only access is enough) into `out`, one page each.
+    fn read_indirect(
+        &mut self,
+        refs: &[GrantRef],
+        out: &mut [[u8; PAGE_SIZE]],
+    ) -> Result<(), DataError>;
 }
 
 /// Total bytes of `segs`.
@@ -105,6 +111,33 @@ impl DataPath for CopyPath {
             self.copy(&mut buf, segs, true)?;
         }
         Ok(())
+    }
+
+    /// Grant copies (read-only access), no mapping.
+    fn read_indirect(
+        &mut self,
+        refs: &[GrantRef],
+        out: &mut [[u8; PAGE_SIZE]],
+    ) -> Result<(), DataError> {
+        let mut ops: Vec<GrantCopyOp<'_>> = refs
+            .iter()
+            .zip(out.iter_mut())
+            .map(|(&gref, page)| GrantCopyOp {
+                domid: self.domid,
+                gref,
+                offset: 0,
+                dir: CopyDir::FromForeign(&mut page[..]),
+                status: GrantStatus::Okay,
+            })
+            .collect();
+        self.gnt.copy(&mut ops)?;
+        match ops.iter().find(|op| op.status != GrantStatus::Okay) {
+            Some(op) => Err(DataError::Copy {
+                gref: op.gref,
+                status: op.status,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -225,6 +258,33 @@ impl DataPath for MapPath {
         _ok: bool,
     ) -> Result<(), DataError> {
         drop(buf);
+        Ok(())
+    }
+
+    /// With persistent grants, indirect pages go through the cache like data pages (Linux
+    /// blkback maps them with `xen_blkbk_map` and its persistent tree too); otherwise they are
+    /// mapped read-only for this request.
+    fn read_indirect(
+        &mut self,
+        refs: &[GrantRef],
+        out: &mut [[u8; PAGE_SIZE]],
+    ) -> Result<(), DataError> {
+        match self.cache.as_mut() {
+            Some(cache) => {
+                for (&gref, page) in refs.iter().zip(out.iter_mut()) {
+                    let r = cache.get(&*self.gnt, self.domid, gref, false)?;
+                    r.copy_from(0, page).map_err(PlatformError::from)?;
+                }
+            }
+            None => {
+                let region = map_counted(&*self.gnt, &self.counters, self.domid, refs, false)?;
+                for (i, page) in out.iter_mut().enumerate().take(refs.len()) {
+                    region
+                        .copy_from(i * PAGE_SIZE, page)
+                        .map_err(PlatformError::from)?;
+                }
+            }
+        }
         Ok(())
     }
 }

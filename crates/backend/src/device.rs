@@ -721,7 +721,6 @@ impl Control {
             domid: self.fe_domid,
             ring,
             evtchn,
-            gnt: self.gnt.clone(),
             counters: counters.clone(),
             sectors: self.shared.sectors.clone(),
             features,

@@ -23,15 +23,15 @@ use std::time::Duration;
 
 use xdisk_blkif::ring::ParsedRequest;
 use xdisk_blkif::wire::{
-    DirectIo, Indirect, IndirectOp, Request, RequestKind, Response, Segment, Status, PAGE_SIZE,
+    DirectIo, Indirect, IndirectOp, Request, RequestKind, Response, Segment, Status,
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE,
 };
 use xdisk_blkif::{BackRing, RingError};
 use xdisk_image::queue::{Done, ImageQueue, Request as IoRequest, RequestKind as IoKind};
 use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
-use xdisk_xen::platform::{DomId, EventChannel, GrantMapper, MappedRegion};
+use xdisk_xen::platform::{DomId, EventChannel, MappedRegion};
 
 use crate::datapath::DataPath;
-use crate::region::map_counted;
 use crate::stats::{add, sub, Counters};
 
 /// What the reactor may do, fixed at connect time.
@@ -81,7 +81,6 @@ pub(crate) struct QueueParts {
     pub domid: DomId,
     pub ring: BackRing<Arc<dyn MappedRegion>>,
     pub evtchn: Box<dyn EventChannel>,
-    pub gnt: Arc<dyn GrantMapper>,
     pub counters: Arc<Counters>,
     pub sectors: Arc<AtomicU64>,
     pub features: Features,
@@ -128,7 +127,6 @@ pub(crate) struct Reactor<D: DataPath> {
     domid: DomId,
     ring: BackRing<Arc<dyn MappedRegion>>,
     evtchn: Box<dyn EventChannel>,
-    gnt: Arc<dyn GrantMapper>,
     data: D,
     iq: ImageQueue<D::Buf>,
     counters: Arc<Counters>,
@@ -149,6 +147,8 @@ pub(crate) struct Reactor<D: DataPath> {
     /// Requests submitted to the image queue and not completed.
     submitted: usize,
     stopping: bool,
+    /// Copies of the indirect pages of the request being parsed.
+    indirect_pages: Vec<[u8; PAGE_SIZE]>,
 }
 
 fn io_status(r: &xdisk_image::Result<()>) -> Status {
@@ -167,7 +167,6 @@ impl<D: DataPath> Reactor<D> {
             domid: parts.domid,
             ring: parts.ring,
             evtchn: parts.evtchn,
-            gnt: parts.gnt,
             data,
             iq,
             counters: parts.counters,
@@ -184,6 +183,7 @@ impl<D: DataPath> Reactor<D> {
             barrier: None,
             submitted: 0,
             stopping: false,
+            indirect_pages: Vec::new(),
         }
     }
 
@@ -359,20 +359,23 @@ impl<D: DataPath> Reactor<D> {
         add(sect, sectors);
     }
 
-    /// Maps the indirect pages read-only, copies each out once and parses the copies.
-    fn indirect_segments(&self, ind: &Indirect) -> Result<Vec<Segment>, String> {
+    /// Copies each indirect page out once (through the data path: persistent mappings, a
+    /// read-only mapping or grant copies) and parses the copies.
+    fn indirect_segments(&mut self, ind: &Indirect) -> Result<Vec<Segment>, String> {
         let refs = ind.indirect_grefs.as_slice();
-        let region = map_counted(&*self.gnt, &self.counters, self.domid, refs, false)
-            .map_err(|e| e.to_string())?;
-        let mut pages = vec![[0u8; PAGE_SIZE]; refs.len()];
-        for (i, p) in pages.iter_mut().enumerate() {
-            region
-                .copy_from(i * PAGE_SIZE, p)
-                .map_err(|e| e.to_string())?;
+        if self.indirect_pages.len() < refs.len() {
+            self.indirect_pages.resize(refs.len(), [0u8; PAGE_SIZE]);
         }
-        drop(region);
-        let refs: Vec<&[u8; PAGE_SIZE]> = pages.iter().collect();
-        ind.parse_segments(&refs).map_err(|e| e.to_string())
+        let pages = &mut self.indirect_pages[..refs.len()];
+        self.data
+            .read_indirect(refs, pages)
+            .map_err(|e| e.to_string())?;
+        let mut prefs = [&[0u8; PAGE_SIZE]; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (p, page) in prefs.iter_mut().zip(pages.iter()) {
+            *p = page;
+        }
+        ind.parse_segments(&prefs[..refs.len()])
+            .map_err(|e| e.to_string())
     }
 
     /// Whether `sector .. sector + n` lies on the disk.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod img;
+mod ringbench;
 mod size;
 
 use anyhow::Result;
@@ -27,6 +28,9 @@ enum Command {
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
+    /// fio-like workloads through the blkif rings: a Rust frontend, the backend and the
+    /// image, on the shared-memory Xen simulation (fio's option spelling).
+    Bench(ringbench::RingBenchArgs),
 }
 
 fn main() {
@@ -51,5 +55,6 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Img { cmd } => img::run(cmd),
+        Command::Bench(a) => ringbench::run(a),
     }
 }
