@@ -30,7 +30,7 @@ enum Command {
     },
     /// fio-like workloads through the blkif rings: a Rust frontend, the backend and the
     /// image, on the shared-memory Xen simulation (fio's option spelling).
-    Bench(ringbench::RingBenchArgs),
+    Bench(Box<ringbench::RingBenchArgs>),
 }
 
 fn main() {
@@ -55,6 +55,6 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Img { cmd } => img::run(cmd),
-        Command::Bench(a) => ringbench::run(a),
+        Command::Bench(a) => ringbench::run(*a),
     }
 }

@@ -176,11 +176,6 @@ pub fn check(buf: &[u8], e: Expect) -> Result<(), VerifyError> {
     Ok(())
 }
 
-/// Whether `buf` starts with the verify magic (a block written by a verify run).
-pub fn has_magic(buf: &[u8]) -> bool {
-    buf.len() >= HEADER && rd32(buf, 0) == MAGIC
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,7 +223,6 @@ mod tests {
                 ),
                 Ok(())
             );
-            assert!(has_magic(&b));
         }
     }
 
@@ -269,7 +263,6 @@ mod tests {
             check(&[0u8; 4096], e),
             Err(VerifyError::Magic { .. })
         ));
-        assert!(!has_magic(&[0u8; 4096]));
         // Truncated.
         assert!(check(&good[..100], e).is_err());
     }
