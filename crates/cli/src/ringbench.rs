@@ -72,8 +72,8 @@ pub struct RingBenchArgs {
     /// Stop after this long (seconds; s, ms, m, h suffixes).
     #[arg(long)]
     runtime: Option<String>,
-    /// Stop each job after this many requests. With neither this nor --runtime, each job
-    /// covers --size once (fio's default).
+    /// Stop each job after this many requests. Like fio, a job also stops once it has done
+    /// --size worth of requests, unless --time_based.
     #[arg(long = "number_ios")]
     number_ios: Option<u64>,
     /// Jobs: each is a queue (ring) of the device with its own --iodepth.
@@ -119,8 +119,8 @@ pub struct RingBenchArgs {
     /// Accepted for fio compatibility (one report for all jobs).
     #[arg(long = "group_reporting", hide = true, num_args = 0..=1, default_missing_value = "1")]
     group_reporting: Option<String>,
-    /// Accepted for fio compatibility (--runtime alone already runs for that long).
-    #[arg(long = "time_based", hide = true, num_args = 0..=1, default_missing_value = "1")]
+    /// Run for --runtime even past --size worth of requests (wrapping around).
+    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1")]
     time_based: Option<String>,
     /// Testing: flip one data byte of the N-th write after its crc was computed (the run must
     /// then fail verification).
@@ -294,11 +294,18 @@ fn params(a: &RingBenchArgs, image_size: u64) -> Result<Params> {
         bail!("--verify tracks every block: use a larger --bs or a smaller --size");
     }
     let runtime = a.runtime.as_deref().map(parse_duration).transpose()?;
-    let ios_per_job = match (a.number_ios, runtime) {
+    let time_based = a.time_based.as_deref().is_some_and(|v| v != "0");
+    if time_based && runtime.is_none() {
+        bail!("--time_based needs --runtime");
+    }
+    // fio: a job ends after --size worth of I/O (or --number_ios, or --runtime, whichever
+    // comes first); --time_based keeps it going until --runtime.
+    let ios_per_job = match (a.number_ios, time_based) {
         (Some(0), _) => bail!("--number_ios must be positive"),
-        (Some(n), _) => Some(n),
-        (None, Some(_)) => None,
-        (None, None) => Some(blocks),
+        (Some(n), true) => Some(n),
+        (Some(n), false) => Some(n.min(blocks)),
+        (None, true) => None,
+        (None, false) => Some(blocks),
     };
     Ok(Params {
         name: a.name.clone(),
