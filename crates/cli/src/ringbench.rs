@@ -731,6 +731,8 @@ impl<'a> Bench<'a> {
         let deadline = self.p.runtime.map(|r| start + r);
         loop {
             let now = Instant::now();
+            // One notification per batch.
+            self.front.plug();
             for j in 0..self.jobs.len() {
                 while self.jobs[j].in_flight < self.p.iodepth && self.job_open(j, deadline, now) {
                     let Some((read, block)) = self.pick(j) else {
@@ -740,6 +742,7 @@ impl<'a> Bench<'a> {
                     self.jobs[j].issued += 1;
                 }
             }
+            self.front.unplug().context("publishing requests")?;
             if self.in_flight.is_empty() {
                 break;
             }
@@ -763,6 +766,7 @@ impl<'a> Bench<'a> {
         let mut next = written.iter();
         let mut exhausted = false;
         loop {
+            self.front.plug();
             for j in 0..self.jobs.len() {
                 while !exhausted && self.jobs[j].in_flight < self.p.iodepth {
                     match next.next() {
@@ -771,6 +775,7 @@ impl<'a> Bench<'a> {
                     }
                 }
             }
+            self.front.unplug().context("publishing requests")?;
             if self.in_flight.is_empty() {
                 break;
             }
@@ -1016,10 +1021,11 @@ fn side_text(label: &str, s: &Side, runtime: Duration) -> String {
     let iops = s.ios as f64 / secs;
     let bw = s.bytes as f64 / secs;
     let h = &s.clat;
-    // fio's unit choice: nsec below 10 us, usec below 10 ms, else msec.
-    let (unit, div) = if h.max() < 10_000 {
+    // Units by the mean: nsec below 10 us, usec below 10 ms, else msec.
+    let mean = h.mean();
+    let (unit, div) = if mean < 10_000.0 {
         ("nsec", 1.0)
-    } else if h.max() < 10_000_000 {
+    } else if mean < 10_000_000.0 {
         ("usec", 1e3)
     } else {
         ("msec", 1e6)
