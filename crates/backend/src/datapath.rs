@@ -3,6 +3,7 @@
 //! bounce buffer ([`CopyPath`]).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use xdisk_blkif::wire::{Segment, PAGE_SIZE};
@@ -141,11 +142,31 @@ impl DataPath for CopyPath {
     }
 }
 
+/// Hashes a grant reference with one multiplication (Fibonacci hashing): references are
+/// small integers chosen by the frontend, and a lookup per data page must be cheap. The
+/// cache's size is bounded, so a frontend choosing colliding references only slows itself.
+#[derive(Default)]
+struct GrefHasher(u64);
+
+impl Hasher for GrefHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// The per-queue cache of persistently mapped grants (blkif.h "feature-persistent"; Linux
 /// blkback's per-ring `persistent_gnts` tree with `max_pgrants` and LRU purging).
 pub(crate) struct PersistentCache {
     max: usize,
-    entries: HashMap<GrantRef, (Arc<dyn MappedRegion>, u64)>,
+    entries: HashMap<GrantRef, (Arc<dyn MappedRegion>, u64), BuildHasherDefault<GrefHasher>>,
     tick: u64,
     counters: Arc<Counters>,
 }
@@ -154,7 +175,7 @@ impl PersistentCache {
     pub fn new(max: usize, counters: Arc<Counters>) -> PersistentCache {
         PersistentCache {
             max,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             tick: 0,
             counters,
         }

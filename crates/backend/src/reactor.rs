@@ -204,20 +204,26 @@ impl<D: DataPath> Reactor<D> {
                 return Exit::Stopped;
             }
             let mut work = false;
+            // Completions first, answered before new I/O is submitted: the frontend refills
+            // its ring while this thread is in the kernel submitting.
+            match self.complete(false) {
+                Ok(n) => work |= n > 0,
+                Err(e) => tracing::error!(queue = self.qid, "cannot reap I/O: {e}"),
+            }
+            if let Err(e) = self.respond() {
+                return Exit::ProtocolError(e.to_string());
+            }
             if self.barrier.is_none() {
                 match self.consume() {
                     Ok(n) => work |= n > 0,
                     Err(e) => return Exit::ProtocolError(e.to_string()),
                 }
             }
-            match self.complete(false) {
-                Ok(n) => work |= n > 0,
-                Err(e) => tracing::error!(queue = self.qid, "cannot reap I/O: {e}"),
-            }
             self.run_deferred();
             if let Err(e) = self.iq.commit() {
                 tracing::error!(queue = self.qid, "cannot submit I/O: {e}");
             }
+            // Requests answered without I/O (invalid ones, say).
             if let Err(e) = self.respond() {
                 return Exit::ProtocolError(e.to_string());
             }
@@ -244,6 +250,15 @@ impl<D: DataPath> Reactor<D> {
                     if let Err(e) = self.evtchn.clear() {
                         tracing::warn!(queue = self.qid, "event channel: {e}");
                     }
+                }
+                // Cleared before the next reap, so that a completion arriving meanwhile
+                // wakes the next poll. Left set (not read every loop): at most one spurious
+                // wake-up instead of two reads per loop.
+                if ready.get(1).copied().unwrap_or(false) {
+                    drain_eventfd(a);
+                }
+                if ready.get(2).copied().unwrap_or(false) {
+                    drain_eventfd(b);
                 }
             }
             Err(e) => {
@@ -632,10 +647,6 @@ impl<D: DataPath> Reactor<D> {
 
     /// Reaps completed I/O (waiting for at least one if `block`) and handles it.
     fn complete(&mut self, block: bool) -> Result<usize, xdisk_image::Error> {
-        let [a, b] = self.iq.event_fds();
-        // Cleared before reaping, so that a completion arriving meanwhile wakes the poll.
-        drain_eventfd(a);
-        drain_eventfd(b);
         let mut done = std::mem::take(&mut self.done);
         let r = self.iq.reap(
             &mut done,
