@@ -107,6 +107,10 @@ pub struct RingBenchArgs {
     /// Persistent grants (1) or a grant per page and request (0).
     #[arg(long, default_value_t = 1)]
     persistent: u8,
+    /// CPUs the whole process (frontend, backend, I/O threads) may run on, as fio's
+    /// `--cpus_allowed`: a list of CPUs and ranges, e.g. `1` or `0-1,3`.
+    #[arg(long = "cpus_allowed")]
+    cpus_allowed: Option<String>,
     /// Seed of the random offsets.
     #[arg(long, default_value_t = 0x5eed)]
     randseed: u64,
@@ -787,6 +791,44 @@ impl<'a> Bench<'a> {
 
 // ---- CPU ----
 
+/// Parses fio's CPU list (`0-3,5`).
+fn parse_cpus(s: &str) -> Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let a: usize = a.trim().parse().map_err(|_| anyhow!("invalid CPU list '{s}'"))?;
+        let b: usize = b.trim().parse().map_err(|_| anyhow!("invalid CPU list '{s}'"))?;
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            bail!("invalid CPU range '{part}'");
+        }
+        cpus.extend(a..=b);
+    }
+    if cpus.is_empty() {
+        bail!("empty CPU list '{s}'");
+    }
+    Ok(cpus)
+}
+
+/// Restricts this thread, and so every thread it starts afterwards, to `cpus`.
+fn set_affinity(cpus: &[usize]) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it (each CPU is
+    // below CPU_SETSIZE, checked by parse_cpus); sched_setaffinity reads the set.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Usage {
     user: Duration,
@@ -1068,6 +1110,9 @@ fn side_text(label: &str, s: &Side, runtime: Duration) -> String {
 // ---- The command ----
 
 pub fn run(a: RingBenchArgs) -> Result<i32> {
+    if let Some(c) = &a.cpus_allowed {
+        set_affinity(&parse_cpus(c)?)?;
+    }
     let cache_probe = match a.direct {
         1 => CacheMode::None,
         _ => CacheMode::WriteBack,
@@ -1158,6 +1203,16 @@ mod tests {
         assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn cpu_lists_parse_like_fio() {
+        assert_eq!(parse_cpus("1").unwrap(), vec![1]);
+        assert_eq!(parse_cpus("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cpus("").is_err());
+        assert!(parse_cpus("3-1").is_err());
+        assert!(parse_cpus("x").is_err());
+        assert!(parse_cpus("99999").is_err());
     }
 
     #[test]
