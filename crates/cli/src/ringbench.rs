@@ -799,8 +799,14 @@ fn parse_cpus(s: &str) -> Result<Vec<usize>> {
             Some((a, b)) => (a, b),
             None => (part, part),
         };
-        let a: usize = a.trim().parse().map_err(|_| anyhow!("invalid CPU list '{s}'"))?;
-        let b: usize = b.trim().parse().map_err(|_| anyhow!("invalid CPU list '{s}'"))?;
+        let a: usize = a
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("invalid CPU list '{s}'"))?;
+        let b: usize = b
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("invalid CPU list '{s}'"))?;
         if a > b || b >= libc::CPU_SETSIZE as usize {
             bail!("invalid CPU range '{part}'");
         }
