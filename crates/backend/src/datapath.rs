@@ -242,13 +242,16 @@ pub(crate) struct MapPath {
     pub counters: Arc<Counters>,
     /// Persistent grants in use (both ends offered them).
     pub cache: Option<PersistentCache>,
+    /// Segment lists of finished buffers, for reuse.
+    pub spare: Vec<Vec<GrantSegment>>,
 }
 
 impl DataPath for MapPath {
     type Buf = GrantIoBuf;
 
     fn prepare(&mut self, segs: &[Segment], disk_read: bool) -> Result<GrantIoBuf, DataError> {
-        let mut parts: Vec<GrantSegment> = Vec::with_capacity(segs.len());
+        let mut parts = self.spare.pop().unwrap_or_default();
+        parts.reserve(segs.len());
         match self.cache.as_mut() {
             Some(cache) => {
                 for s in segs {
@@ -278,7 +281,12 @@ impl DataPath for MapPath {
         _disk_read: bool,
         _ok: bool,
     ) -> Result<(), DataError> {
-        drop(buf);
+        // Unmaps what is not cached (the segments hold the mappings), keeps the list.
+        let mut parts = buf.into_segments();
+        parts.clear();
+        if self.spare.len() < 1024 {
+            self.spare.push(parts);
+        }
         Ok(())
     }
 

@@ -149,6 +149,8 @@ pub(crate) struct Reactor<D: DataPath> {
     stopping: bool,
     /// Copies of the indirect pages of the request being parsed.
     indirect_pages: Vec<[u8; PAGE_SIZE]>,
+    /// Segment lists of finished requests, for reuse.
+    spare_segs: Vec<Vec<Segment>>,
 }
 
 fn io_status(r: &xdisk_image::Result<()>) -> Status {
@@ -184,6 +186,7 @@ impl<D: DataPath> Reactor<D> {
             submitted: 0,
             stopping: false,
             indirect_pages: Vec::new(),
+            spare_segs: Vec::new(),
         }
     }
 
@@ -328,14 +331,13 @@ impl<D: DataPath> Reactor<D> {
         };
         match req.kind {
             RequestKind::Read(io) => {
-                self.start_rw(&req, Kind::Read, io.sector, io.segments.as_slice().to_vec())
+                let segs = self.seg_vec(io.segments.as_slice());
+                self.start_rw(&req, Kind::Read, io.sector, segs)
             }
-            RequestKind::Write(io) => self.start_rw(
-                &req,
-                Kind::Write,
-                io.sector,
-                io.segments.as_slice().to_vec(),
-            ),
+            RequestKind::Write(io) => {
+                let segs = self.seg_vec(io.segments.as_slice());
+                self.start_rw(&req, Kind::Write, io.sector, segs)
+            }
             RequestKind::Indirect(ind) => {
                 add(&self.counters.indirect_req, 1);
                 let kind = match ind.op {
@@ -359,6 +361,14 @@ impl<D: DataPath> Reactor<D> {
                 secure,
             } => self.start_discard(&req, sector, nr_sectors, secure),
         }
+    }
+
+    /// A segment list for a request: a spare one refilled (no allocation per request).
+    fn seg_vec(&mut self, segs: &[Segment]) -> Vec<Segment> {
+        let mut v = self.spare_segs.pop().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(segs);
+        v
     }
 
     fn count_kind(&self, kind: Kind, sectors: u64) {
@@ -684,6 +694,9 @@ impl<D: DataPath> Reactor<D> {
             {
                 tracing::debug!(queue = self.qid, "request data: {e}");
                 status = Status::Error;
+            }
+            if self.spare_segs.len() < self.slab.len() {
+                self.spare_segs.push(segs);
             }
         }
         if stage == Stage::Data && wseq != 0 {
