@@ -3,6 +3,7 @@
 //! bounce buffer ([`CopyPath`]).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use xdisk_blkif::wire::{Segment, PAGE_SIZE};
@@ -38,6 +39,12 @@ pub(crate) trait DataPath: Send + 'static {
         segs: &[Segment],
         disk_read: bool,
         ok: bool,
+    ) -> Result<(), DataError>;
+    /// Copies the indirect pages `refs` (read-only access is enough) into `out`, one page each.
+    fn read_indirect(
+        &mut self,
+        refs: &[GrantRef],
+        out: &mut [[u8; PAGE_SIZE]],
     ) -> Result<(), DataError>;
 }
 
@@ -106,13 +113,60 @@ impl DataPath for CopyPath {
         }
         Ok(())
     }
+
+    /// Grant copies (read-only access), no mapping.
+    fn read_indirect(
+        &mut self,
+        refs: &[GrantRef],
+        out: &mut [[u8; PAGE_SIZE]],
+    ) -> Result<(), DataError> {
+        let mut ops: Vec<GrantCopyOp<'_>> = refs
+            .iter()
+            .zip(out.iter_mut())
+            .map(|(&gref, page)| GrantCopyOp {
+                domid: self.domid,
+                gref,
+                offset: 0,
+                dir: CopyDir::FromForeign(&mut page[..]),
+                status: GrantStatus::Okay,
+            })
+            .collect();
+        self.gnt.copy(&mut ops)?;
+        match ops.iter().find(|op| op.status != GrantStatus::Okay) {
+            Some(op) => Err(DataError::Copy {
+                gref: op.gref,
+                status: op.status,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Hashes a grant reference with one multiplication (Fibonacci hashing): references are
+/// small integers chosen by the frontend, and a lookup per data page must be cheap. The
+/// cache's size is bounded, so a frontend choosing colliding references only slows itself.
+#[derive(Default)]
+struct GrefHasher(u64);
+
+impl Hasher for GrefHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// The per-queue cache of persistently mapped grants (blkif.h "feature-persistent"; Linux
 /// blkback's per-ring `persistent_gnts` tree with `max_pgrants` and LRU purging).
 pub(crate) struct PersistentCache {
     max: usize,
-    entries: HashMap<GrantRef, (Arc<dyn MappedRegion>, u64)>,
+    entries: HashMap<GrantRef, (Arc<dyn MappedRegion>, u64), BuildHasherDefault<GrefHasher>>,
     tick: u64,
     counters: Arc<Counters>,
 }
@@ -121,7 +175,7 @@ impl PersistentCache {
     pub fn new(max: usize, counters: Arc<Counters>) -> PersistentCache {
         PersistentCache {
             max,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             tick: 0,
             counters,
         }
@@ -188,13 +242,16 @@ pub(crate) struct MapPath {
     pub counters: Arc<Counters>,
     /// Persistent grants in use (both ends offered them).
     pub cache: Option<PersistentCache>,
+    /// Segment lists of finished buffers, for reuse.
+    pub spare: Vec<Vec<GrantSegment>>,
 }
 
 impl DataPath for MapPath {
     type Buf = GrantIoBuf;
 
     fn prepare(&mut self, segs: &[Segment], disk_read: bool) -> Result<GrantIoBuf, DataError> {
-        let mut parts: Vec<GrantSegment> = Vec::with_capacity(segs.len());
+        let mut parts = self.spare.pop().unwrap_or_default();
+        parts.reserve(segs.len());
         match self.cache.as_mut() {
             Some(cache) => {
                 for s in segs {
@@ -224,7 +281,39 @@ impl DataPath for MapPath {
         _disk_read: bool,
         _ok: bool,
     ) -> Result<(), DataError> {
-        drop(buf);
+        // Unmaps what is not cached (the segments hold the mappings), keeps the list.
+        let mut parts = buf.into_segments();
+        parts.clear();
+        if self.spare.len() < 1024 {
+            self.spare.push(parts);
+        }
+        Ok(())
+    }
+
+    /// With persistent grants, indirect pages go through the cache like data pages (Linux
+    /// blkback maps them with `xen_blkbk_map` and its persistent tree too); otherwise they are
+    /// mapped read-only for this request.
+    fn read_indirect(
+        &mut self,
+        refs: &[GrantRef],
+        out: &mut [[u8; PAGE_SIZE]],
+    ) -> Result<(), DataError> {
+        match self.cache.as_mut() {
+            Some(cache) => {
+                for (&gref, page) in refs.iter().zip(out.iter_mut()) {
+                    let r = cache.get(&*self.gnt, self.domid, gref, false)?;
+                    r.copy_from(0, page).map_err(PlatformError::from)?;
+                }
+            }
+            None => {
+                let region = map_counted(&*self.gnt, &self.counters, self.domid, refs, false)?;
+                for (i, page) in out.iter_mut().enumerate().take(refs.len()) {
+                    region
+                        .copy_from(i * PAGE_SIZE, page)
+                        .map_err(PlatformError::from)?;
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -721,7 +721,6 @@ impl Control {
             domid: self.fe_domid,
             ring,
             evtchn,
-            gnt: self.gnt.clone(),
             counters: counters.clone(),
             sectors: self.shared.sectors.clone(),
             features,
@@ -754,6 +753,7 @@ impl Control {
                     cache: persistent.then(|| {
                         PersistentCache::new(self.cfg.max_persistent_grants, counters.clone())
                     }),
+                    spare: Vec::new(),
                 };
                 let iq = ImageQueue::new(self.image.clone(), &self.cfg.queue)?;
                 let r = Reactor::new(parts, data, iq);

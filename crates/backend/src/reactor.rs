@@ -23,15 +23,15 @@ use std::time::Duration;
 
 use xdisk_blkif::ring::ParsedRequest;
 use xdisk_blkif::wire::{
-    DirectIo, Indirect, IndirectOp, Request, RequestKind, Response, Segment, Status, PAGE_SIZE,
+    DirectIo, Indirect, IndirectOp, Request, RequestKind, Response, Segment, Status,
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE,
 };
 use xdisk_blkif::{BackRing, RingError};
 use xdisk_image::queue::{Done, ImageQueue, Request as IoRequest, RequestKind as IoKind};
 use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
-use xdisk_xen::platform::{DomId, EventChannel, GrantMapper, MappedRegion};
+use xdisk_xen::platform::{DomId, EventChannel, MappedRegion};
 
 use crate::datapath::DataPath;
-use crate::region::map_counted;
 use crate::stats::{add, sub, Counters};
 
 /// What the reactor may do, fixed at connect time.
@@ -81,7 +81,6 @@ pub(crate) struct QueueParts {
     pub domid: DomId,
     pub ring: BackRing<Arc<dyn MappedRegion>>,
     pub evtchn: Box<dyn EventChannel>,
-    pub gnt: Arc<dyn GrantMapper>,
     pub counters: Arc<Counters>,
     pub sectors: Arc<AtomicU64>,
     pub features: Features,
@@ -128,7 +127,6 @@ pub(crate) struct Reactor<D: DataPath> {
     domid: DomId,
     ring: BackRing<Arc<dyn MappedRegion>>,
     evtchn: Box<dyn EventChannel>,
-    gnt: Arc<dyn GrantMapper>,
     data: D,
     iq: ImageQueue<D::Buf>,
     counters: Arc<Counters>,
@@ -149,6 +147,10 @@ pub(crate) struct Reactor<D: DataPath> {
     /// Requests submitted to the image queue and not completed.
     submitted: usize,
     stopping: bool,
+    /// Copies of the indirect pages of the request being parsed.
+    indirect_pages: Vec<[u8; PAGE_SIZE]>,
+    /// Segment lists of finished requests, for reuse.
+    spare_segs: Vec<Vec<Segment>>,
 }
 
 fn io_status(r: &xdisk_image::Result<()>) -> Status {
@@ -167,7 +169,6 @@ impl<D: DataPath> Reactor<D> {
             domid: parts.domid,
             ring: parts.ring,
             evtchn: parts.evtchn,
-            gnt: parts.gnt,
             data,
             iq,
             counters: parts.counters,
@@ -184,6 +185,8 @@ impl<D: DataPath> Reactor<D> {
             barrier: None,
             submitted: 0,
             stopping: false,
+            indirect_pages: Vec::new(),
+            spare_segs: Vec::new(),
         }
     }
 
@@ -204,20 +207,26 @@ impl<D: DataPath> Reactor<D> {
                 return Exit::Stopped;
             }
             let mut work = false;
+            // Completions first, answered before new I/O is submitted: the frontend refills
+            // its ring while this thread is in the kernel submitting.
+            match self.complete(false) {
+                Ok(n) => work |= n > 0,
+                Err(e) => tracing::error!(queue = self.qid, "cannot reap I/O: {e}"),
+            }
+            if let Err(e) = self.respond() {
+                return Exit::ProtocolError(e.to_string());
+            }
             if self.barrier.is_none() {
                 match self.consume() {
                     Ok(n) => work |= n > 0,
                     Err(e) => return Exit::ProtocolError(e.to_string()),
                 }
             }
-            match self.complete(false) {
-                Ok(n) => work |= n > 0,
-                Err(e) => tracing::error!(queue = self.qid, "cannot reap I/O: {e}"),
-            }
             self.run_deferred();
             if let Err(e) = self.iq.commit() {
                 tracing::error!(queue = self.qid, "cannot submit I/O: {e}");
             }
+            // Requests answered without I/O (invalid ones, say).
             if let Err(e) = self.respond() {
                 return Exit::ProtocolError(e.to_string());
             }
@@ -244,6 +253,15 @@ impl<D: DataPath> Reactor<D> {
                     if let Err(e) = self.evtchn.clear() {
                         tracing::warn!(queue = self.qid, "event channel: {e}");
                     }
+                }
+                // Cleared before the next reap, so that a completion arriving meanwhile
+                // wakes the next poll. Left set (not read every loop): at most one spurious
+                // wake-up instead of two reads per loop.
+                if ready.get(1).copied().unwrap_or(false) {
+                    drain_eventfd(a);
+                }
+                if ready.get(2).copied().unwrap_or(false) {
+                    drain_eventfd(b);
                 }
             }
             Err(e) => {
@@ -313,14 +331,13 @@ impl<D: DataPath> Reactor<D> {
         };
         match req.kind {
             RequestKind::Read(io) => {
-                self.start_rw(&req, Kind::Read, io.sector, io.segments.as_slice().to_vec())
+                let segs = self.seg_vec(io.segments.as_slice());
+                self.start_rw(&req, Kind::Read, io.sector, segs)
             }
-            RequestKind::Write(io) => self.start_rw(
-                &req,
-                Kind::Write,
-                io.sector,
-                io.segments.as_slice().to_vec(),
-            ),
+            RequestKind::Write(io) => {
+                let segs = self.seg_vec(io.segments.as_slice());
+                self.start_rw(&req, Kind::Write, io.sector, segs)
+            }
             RequestKind::Indirect(ind) => {
                 add(&self.counters.indirect_req, 1);
                 let kind = match ind.op {
@@ -346,6 +363,14 @@ impl<D: DataPath> Reactor<D> {
         }
     }
 
+    /// A segment list for a request: a spare one refilled (no allocation per request).
+    fn seg_vec(&mut self, segs: &[Segment]) -> Vec<Segment> {
+        let mut v = self.spare_segs.pop().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(segs);
+        v
+    }
+
     fn count_kind(&self, kind: Kind, sectors: u64) {
         let c = &self.counters;
         let (req, sect) = match kind {
@@ -359,20 +384,23 @@ impl<D: DataPath> Reactor<D> {
         add(sect, sectors);
     }
 
-    /// Maps the indirect pages read-only, copies each out once and parses the copies.
-    fn indirect_segments(&self, ind: &Indirect) -> Result<Vec<Segment>, String> {
+    /// Copies each indirect page out once (through the data path: persistent mappings, a
+    /// read-only mapping or grant copies) and parses the copies.
+    fn indirect_segments(&mut self, ind: &Indirect) -> Result<Vec<Segment>, String> {
         let refs = ind.indirect_grefs.as_slice();
-        let region = map_counted(&*self.gnt, &self.counters, self.domid, refs, false)
-            .map_err(|e| e.to_string())?;
-        let mut pages = vec![[0u8; PAGE_SIZE]; refs.len()];
-        for (i, p) in pages.iter_mut().enumerate() {
-            region
-                .copy_from(i * PAGE_SIZE, p)
-                .map_err(|e| e.to_string())?;
+        if self.indirect_pages.len() < refs.len() {
+            self.indirect_pages.resize(refs.len(), [0u8; PAGE_SIZE]);
         }
-        drop(region);
-        let refs: Vec<&[u8; PAGE_SIZE]> = pages.iter().collect();
-        ind.parse_segments(&refs).map_err(|e| e.to_string())
+        let pages = &mut self.indirect_pages[..refs.len()];
+        self.data
+            .read_indirect(refs, pages)
+            .map_err(|e| e.to_string())?;
+        let mut prefs = [&[0u8; PAGE_SIZE]; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (p, page) in prefs.iter_mut().zip(pages.iter()) {
+            *p = page;
+        }
+        ind.parse_segments(&prefs[..refs.len()])
+            .map_err(|e| e.to_string())
     }
 
     /// Whether `sector .. sector + n` lies on the disk.
@@ -629,10 +657,6 @@ impl<D: DataPath> Reactor<D> {
 
     /// Reaps completed I/O (waiting for at least one if `block`) and handles it.
     fn complete(&mut self, block: bool) -> Result<usize, xdisk_image::Error> {
-        let [a, b] = self.iq.event_fds();
-        // Cleared before reaping, so that a completion arriving meanwhile wakes the poll.
-        drain_eventfd(a);
-        drain_eventfd(b);
         let mut done = std::mem::take(&mut self.done);
         let r = self.iq.reap(
             &mut done,
@@ -670,6 +694,9 @@ impl<D: DataPath> Reactor<D> {
             {
                 tracing::debug!(queue = self.qid, "request data: {e}");
                 status = Status::Error;
+            }
+            if self.spare_segs.len() < self.slab.len() {
+                self.spare_segs.push(segs);
             }
         }
         if stage == Stage::Data && wseq != 0 {

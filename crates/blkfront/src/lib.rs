@@ -270,19 +270,22 @@ impl PageAlloc {
     }
 }
 
-/// A granted data page.
+/// A granted data (or indirect) page.
 #[derive(Debug, Clone, Copy)]
 struct Grant {
     page: usize,
     gref: GrantRef,
+    /// From the queue's persistent pool (returned there, never revoked, after the request).
+    persistent: bool,
 }
 
 /// A request in flight.
 struct Shadow {
     tag: u64,
-    /// Data pages, in order, and whether each came from the persistent pool.
+    /// Data pages, in order.
     data: Vec<Grant>,
-    persistent: bool,
+    /// Indirect pages (from the persistent pool when persistent grants are in use, as Linux
+    /// blkfront's `get_indirect_grant`).
     indirect: Vec<Grant>,
     /// For reads: sectors, and offset of the data in the first page.
     read: Option<(u64, usize)>,
@@ -299,6 +302,8 @@ struct Queue {
     pool: Vec<Grant>,
     /// Persistent grants in total.
     pool_total: usize,
+    /// Requests pushed while plugged and not yet published.
+    unpublished: bool,
 }
 
 /// A connected (or disconnected) frontend.
@@ -319,7 +324,19 @@ pub struct Frontend {
     leaked: usize,
     connected: bool,
     abi: Abi,
+    /// Byte buffers for read data and write data, reused ([`Frontend::buffer`],
+    /// [`Frontend::recycle`]).
+    bufs: Vec<Vec<u8>>,
+    /// Spare `Shadow` page lists (no allocation per request).
+    spare_grants: Vec<Vec<Grant>>,
+    /// [`Frontend::plug`]ged: requests are published in batches.
+    plugged: bool,
 }
+
+/// Most byte buffers kept for reuse.
+const MAX_POOLED_BUFFERS: usize = 1024;
+/// Largest byte buffer kept for reuse.
+const MAX_POOLED_BUFFER: usize = 4 << 20;
 
 impl std::fmt::Debug for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -394,6 +411,9 @@ impl Frontend {
             leaked: 0,
             connected: false,
             abi,
+            bufs: Vec::new(),
+            spare_grants: Vec::new(),
+            plugged: false,
         };
         f.talk_to_backend()?;
         Ok(f)
@@ -665,6 +685,7 @@ impl Frontend {
             free_ids: (0..size as u64).rev().collect(),
             pool: Vec::new(),
             pool_total: 0,
+            unpublished: false,
         })
     }
 
@@ -700,14 +721,10 @@ impl Frontend {
         }
     }
 
+    /// Revokes every page of `s` (persistent ones too: the queue is going away).
     fn release_shadow(&mut self, s: Shadow) {
-        for g in s.indirect {
+        for g in s.indirect.into_iter().chain(s.data) {
             self.release(g);
-        }
-        if !s.persistent {
-            for g in s.data {
-                self.release(g);
-            }
         }
     }
 
@@ -725,14 +742,28 @@ impl Frontend {
             }
             if self.queues[qi].pool_total < self.cfg.max_persistent_grants {
                 let page = self.alloc.alloc(1).ok_or(Error::NoMemory)?;
-                let gref = self.dom.grant(page, self.be_domid, false)?;
+                let gref = match self.dom.grant(page, self.be_domid, false) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        self.alloc.free(page, 1);
+                        return Err(e.into());
+                    }
+                };
                 self.queues[qi].pool_total += 1;
-                return Ok(Grant { page, gref });
+                return Ok(Grant {
+                    page,
+                    gref,
+                    persistent: true,
+                });
             }
         }
         let page = self.alloc.alloc(1).ok_or(Error::NoMemory)?;
         match self.dom.grant(page, self.be_domid, readonly) {
-            Ok(gref) => Ok(Grant { page, gref }),
+            Ok(gref) => Ok(Grant {
+                page,
+                gref,
+                persistent: false,
+            }),
             Err(e) => {
                 self.alloc.free(page, 1);
                 Err(e.into())
@@ -778,9 +809,8 @@ impl Frontend {
             .ok_or(Error::RingFull(queue))?;
         let mut shadow = Shadow {
             tag,
-            data: Vec::new(),
-            persistent: false,
-            indirect: Vec::new(),
+            data: self.spare_grants.pop().unwrap_or_default(),
+            indirect: self.spare_grants.pop().unwrap_or_default(),
             read: None,
         };
         let built = self.build(
@@ -810,23 +840,84 @@ impl Frontend {
         let q = &mut self.queues[queue];
         q.ring.push_request(&req)?;
         q.shadow[id as usize] = Some(shadow);
-        if q.ring.push_requests_and_check_notify()? {
+        if self.plugged {
+            q.unpublished = true;
+        } else if q.ring.push_requests_and_check_notify()? {
             q.evtchn.notify()?;
+        }
+        if let Op::Write { data, .. } | Op::Barrier { data, .. } = op {
+            self.recycle(data);
         }
         Ok(tag)
     }
 
-    /// Returns a failed build's pages.
+    /// Returns the pages of a finished (or failed) request: persistent ones to the queue's
+    /// pool, the others revoked.
     fn release_shadow_local(&mut self, queue: usize, s: Shadow) {
-        if s.persistent {
-            self.queues[queue].pool.extend(s.data.iter().copied());
-            let s = Shadow {
-                data: Vec::new(),
-                ..s
-            };
-            self.release_shadow(s);
-        } else {
-            self.release_shadow(s);
+        let Shadow {
+            mut data,
+            mut indirect,
+            ..
+        } = s;
+        for list in [&mut data, &mut indirect] {
+            for g in list.drain(..) {
+                if g.persistent {
+                    self.queues[queue].pool.push(g);
+                } else {
+                    self.release(g);
+                }
+            }
+        }
+        self.spare_grants.push(data);
+        self.spare_grants.push(indirect);
+    }
+
+    /// Starts a batch: requests submitted from now on are written to their rings but only
+    /// published (and the backend notified, if it asked) by [`Frontend::unplug`] or the next
+    /// poll, so that a batch costs one notification (Linux blk-mq's plugging and `bd->last`).
+    pub fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    /// Ends a batch: publishes what was submitted since [`Frontend::plug`].
+    pub fn unplug(&mut self) -> Result<()> {
+        self.plugged = false;
+        self.publish_plugged()
+    }
+
+    /// Publishes the requests of every queue that has unpublished ones, notifying the backend
+    /// where it asked (`RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`).
+    fn publish_plugged(&mut self) -> Result<()> {
+        for q in self.queues.iter_mut().filter(|q| q.unpublished) {
+            q.unpublished = false;
+            if q.ring.push_requests_and_check_notify()? {
+                q.evtchn.notify()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A byte buffer of `len` bytes for [`Op::Write`] data: reused from earlier requests
+    /// (write data and read completions given back with [`Frontend::recycle`]), so its
+    /// contents are unspecified (zero only when newly allocated).
+    pub fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let i = self.bufs.iter().rposition(|b| b.capacity() >= len);
+        let mut v = match i {
+            Some(i) => self.bufs.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        v.resize(len, 0);
+        v
+    }
+
+    /// Gives a buffer back for reuse (the data of a read [`Completion`], say). Write data is
+    /// recycled by [`Frontend::submit`] itself.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.bufs.len() < MAX_POOLED_BUFFERS
+            && buf.capacity() > 0
+            && buf.capacity() <= MAX_POOLED_BUFFER
+        {
+            self.bufs.push(buf);
         }
     }
 
@@ -850,7 +941,6 @@ impl Frontend {
                 return Err(Error::TooLarge { sectors, max });
             }
             let persistent = self.info.persistent;
-            shadow.persistent = persistent;
             let readonly = !is_read || self.cfg.misbehave.readonly_grants_for_reads;
             let first = u64::from(self.cfg.first_sect.min(7));
             let data: Option<&[u8]> = match op {
@@ -918,16 +1008,18 @@ impl Frontend {
                         RequestKind::Write(io)
                     }
                 } else {
-                    RequestKind::Indirect(self.indirect(sector, &segs, is_read, shadow)?)
+                    RequestKind::Indirect(self.indirect(queue, sector, &segs, is_read, shadow)?)
                 }
             }
         };
         Ok(Request { id, handle, kind })
     }
 
-    /// Writes the segments into indirect pages, granted read-only.
+    /// Writes the segments into indirect pages: persistent ones when persistent grants are in
+    /// use, else pages granted read-only for this request.
     fn indirect(
         &mut self,
+        queue: usize,
         sector: u64,
         segs: &[Segment],
         is_read: bool,
@@ -936,31 +1028,27 @@ impl Frontend {
         let nr =
             u16::try_from(segs.len()).map_err(|_| Error::Invalid("too many segments".into()))?;
         let pages = indirect_pages(nr);
-        let mut grefs = Vec::with_capacity(pages);
+        let mut grefs = [0; xdisk_blkif::wire::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+        let persistent = self.info.persistent;
         for (i, chunk) in segs
             .chunks(xdisk_blkif::wire::SEGS_PER_INDIRECT_FRAME)
             .enumerate()
         {
-            let page = self.alloc.alloc(1).ok_or(Error::NoMemory)?;
+            let g = self.data_page(queue, persistent, true)?;
+            // Released with the shadow if anything below fails.
+            shadow.indirect.push(g);
             let mut buf = [0u8; PAGE_SIZE];
             write_indirect_segments(chunk, &mut buf);
             if self.cfg.misbehave.bogus_indirect && i == 0 {
                 // Segment 0: last_sect = 9.
                 buf[5] = 9;
             }
-            if let Err(e) = self.mem.copy_to(page * PAGE_SIZE, &buf) {
-                self.alloc.free(page, 1);
-                return Err(PlatformError::from(e).into());
-            }
-            let gref = match self.dom.grant(page, self.be_domid, true) {
-                Ok(g) => g,
-                Err(e) => {
-                    self.alloc.free(page, 1);
-                    return Err(e.into());
-                }
-            };
-            shadow.indirect.push(Grant { page, gref });
-            grefs.push(gref);
+            self.mem
+                .copy_to(g.page * PAGE_SIZE, &buf)
+                .map_err(PlatformError::from)?;
+            *grefs
+                .get_mut(i)
+                .ok_or_else(|| Error::Invalid(format!("{pages} indirect pages")))? = g.gref;
         }
         Ok(Indirect {
             op: if is_read {
@@ -970,23 +1058,35 @@ impl Frontend {
             },
             sector,
             nr_segments: nr,
-            indirect_grefs: IndirectGrefs::from_slice(&grefs).unwrap_or_default(),
+            indirect_grefs: IndirectGrefs::from_slice(&grefs[..pages.min(grefs.len())])
+                .unwrap_or_default(),
         })
     }
 
     /// Collects finished requests: waits up to `timeout` for at least one.
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<Completion>> {
-        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        self.poll_into(timeout, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Frontend::poll`] into `out` (appended); returns how many were added.
+    pub fn poll_into(&mut self, timeout: Duration, out: &mut Vec<Completion>) -> Result<usize> {
+        self.publish_plugged()?;
+        let mut deadline = None;
         loop {
             for qi in 0..self.queues.len() {
                 self.reap(qi)?;
             }
             if !self.ready.is_empty() {
-                return Ok(self.ready.drain(..).collect());
+                let n = self.ready.len();
+                out.extend(self.ready.drain(..));
+                return Ok(n);
             }
             let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + timeout);
             if now >= deadline || self.queues.is_empty() {
-                return Ok(Vec::new());
+                return Ok(0);
             }
             let fds: Vec<i32> = self.queues.iter().map(|q| q.evtchn.fd()).collect();
             let ms = (deadline - now).as_millis().min(100) as i32;
@@ -1001,6 +1101,7 @@ impl Frontend {
 
     /// Waits for the request `tag`.
     pub fn wait(&mut self, tag: u64) -> Result<Completion> {
+        self.publish_plugged()?;
         let deadline = Instant::now() + self.cfg.timeout;
         loop {
             for qi in 0..self.queues.len() {
@@ -1059,7 +1160,7 @@ impl Frontend {
         self.queues[qi].free_ids.push(rsp.id);
         let mut data = None;
         if let (Some((sectors, off)), Status::Okay) = (s.read, rsp.status) {
-            let mut out = vec![0u8; sectors as usize * SECTOR_SIZE];
+            let mut out = self.buffer(sectors as usize * SECTOR_SIZE);
             let mut pos = 0usize;
             let mut in_page = off;
             for g in &s.data {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod img;
+mod ringbench;
 mod size;
 mod xen_selftest;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Checks of the real-Xen platform and xenstore client, for the Xen lab (run in dom0).
     #[command(hide = true)]
     XenSelftest(xen_selftest::SelftestArgs),
+    /// fio-like workloads through the blkif rings: a Rust frontend, the backend and the
+    /// image, on the shared-memory Xen simulation (fio's option spelling).
+    Bench(Box<ringbench::RingBenchArgs>),
 }
 
 fn main() {
@@ -56,5 +60,6 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Img { cmd } => img::run(cmd),
         Command::XenSelftest(args) => xen_selftest::run(args),
+        Command::Bench(a) => ringbench::run(*a),
     }
 }

@@ -243,6 +243,19 @@ impl MmapRegion {
         unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) }
     }
 
+    /// `n` consecutive 64-bit words from `offset`, as atomics.
+    fn words64(&self, offset: usize, n: usize) -> &[AtomicU64] {
+        if n == 0 {
+            return &[];
+        }
+        assert!(offset.is_multiple_of(8) && offset + n * 8 <= self.len);
+        // SAFETY: the range is inside the mapping (asserted) and 8-aligned from a
+        // page-aligned base; the mapping lives as long as `&self`. AtomicU64 has the size and
+        // alignment of u64, and atomics permit concurrent access by the other domain. On
+        // read-only mappings only relaxed loads are done (see `word64`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset).cast(), n) }
+    }
+
     fn word32(&self, offset: usize) -> &AtomicU32 {
         debug_assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
         // SAFETY: offset + 4 <= len and offset is 4-aligned from a page-aligned base (checked
@@ -285,39 +298,49 @@ impl SharedMem for MmapRegion {
 
     fn copy_from(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
         check_bounds(offset, dst.len(), self.len)?;
-        let mut i = 0;
-        while i < dst.len() {
-            let at = offset + i;
-            if at.is_multiple_of(8) && dst.len() - i >= 8 {
-                let w = self.word64(at).load(Ordering::Relaxed);
-                dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
-                i += 8;
-            } else {
-                dst[i] = self.byte(at).load(Ordering::Relaxed);
-                i += 1;
-            }
+        let (head, body, tail) = split_words(offset, dst.len());
+        let (h, rest) = dst.split_at_mut(head);
+        let (b, t) = rest.split_at_mut(body * 8);
+        for (i, d) in h.iter_mut().enumerate() {
+            *d = self.byte(offset + i).load(Ordering::Relaxed);
+        }
+        for (d, w) in b.chunks_exact_mut(8).zip(self.words64(offset + head, body)) {
+            d.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        let at = offset + head + body * 8;
+        for (i, d) in t.iter_mut().enumerate().take(tail) {
+            *d = self.byte(at + i).load(Ordering::Relaxed);
         }
         Ok(())
     }
 
     fn copy_to(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
         self.check_write(offset, src.len())?;
-        let mut i = 0;
-        while i < src.len() {
-            let at = offset + i;
-            if at.is_multiple_of(8) && src.len() - i >= 8 {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&src[i..i + 8]);
-                self.word64(at)
-                    .store(u64::from_ne_bytes(w), Ordering::Relaxed);
-                i += 8;
-            } else {
-                self.byte(at).store(src[i], Ordering::Relaxed);
-                i += 1;
-            }
+        let (head, body, tail) = split_words(offset, src.len());
+        let (h, rest) = src.split_at(head);
+        let (b, t) = rest.split_at(body * 8);
+        for (i, &v) in h.iter().enumerate() {
+            self.byte(offset + i).store(v, Ordering::Relaxed);
+        }
+        for (v, w) in b.chunks_exact(8).zip(self.words64(offset + head, body)) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(v);
+            w.store(u64::from_ne_bytes(word), Ordering::Relaxed);
+        }
+        let at = offset + head + body * 8;
+        for (i, &v) in t.iter().enumerate().take(tail) {
+            self.byte(at + i).store(v, Ordering::Relaxed);
         }
         Ok(())
     }
+}
+
+/// Splits `[offset, offset + len)` into leading bytes up to an 8-byte boundary, whole 64-bit
+/// words, and trailing bytes: (head bytes, words, tail bytes).
+fn split_words(offset: usize, len: usize) -> (usize, usize, usize) {
+    let head = (offset.next_multiple_of(8) - offset).min(len);
+    let words = (len - head) / 8;
+    (head, words, len - head - words * 8)
 }
 
 impl MappedRegion for MmapRegion {
@@ -633,6 +656,40 @@ mod tests {
         assert!(ro.write_u32_volatile(0, 1).is_err());
         ro.copy_from(5, &mut b).unwrap();
         assert_eq!(&b, b"hello");
+    }
+
+    #[test]
+    fn copies_at_every_alignment() {
+        let m = Memfd::new(c"t", 2 * PAGE_SIZE as u64).unwrap();
+        let r = m.map_pages(&[0, 1], true).unwrap();
+        let src: Vec<u8> = (0..100u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+        for off in [
+            0usize,
+            1,
+            3,
+            7,
+            8,
+            9,
+            15,
+            PAGE_SIZE - 5,
+            2 * PAGE_SIZE - 100,
+        ] {
+            for len in [0usize, 1, 5, 8, 9, 16, 17, 63, 100] {
+                if off + len > 2 * PAGE_SIZE {
+                    continue;
+                }
+                r.copy_to(off, &vec![0xee; len]).unwrap();
+                r.copy_to(off, &src[..len]).unwrap();
+                let mut back = vec![0u8; len];
+                r.copy_from(off, &mut back).unwrap();
+                assert_eq!(back, src[..len], "offset {off}, length {len}");
+                let mut raw = vec![0u8; len];
+                m.read_at(off as u64, &mut raw).unwrap();
+                assert_eq!(raw, src[..len], "offset {off}, length {len}");
+            }
+        }
+        assert!(r.copy_from(2 * PAGE_SIZE - 3, &mut [0u8; 4]).is_err());
+        assert!(r.copy_to(2 * PAGE_SIZE - 3, &[0u8; 4]).is_err());
     }
 
     #[test]
