@@ -4,6 +4,7 @@
 mod bench;
 mod img;
 mod size;
+mod xen_selftest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ enum Command {
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
+    /// Checks of the real-Xen platform and xenstore client, for the Xen lab (run in dom0).
+    #[command(hide = true)]
+    XenSelftest(xen_selftest::SelftestArgs),
 }
 
 fn main() {
@@ -51,5 +55,6 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Img { cmd } => img::run(cmd),
+        Command::XenSelftest(args) => xen_selftest::run(args),
     }
 }

@@ -11,11 +11,15 @@
 //!   memory, eventfd event channels, the in-process xenstored), with [`foreign`] holding the
 //!   memory mappings and the zero-copy I/O buffer over granted pages ([`foreign::GrantIoBuf`]).
 //!
+//! - [`real`] (Linux): the platform on real Xen, over `/dev/xen/{gntdev,evtchn,gntalloc}`.
+//!
 //! `unsafe` is denied crate-wide; only the modules that map foreign memory allow it.
 
 #![deny(unsafe_code)]
 
 pub mod foreign;
 pub mod platform;
+#[cfg(target_os = "linux")]
+pub mod real;
 pub mod sim;
 pub mod xenstore;

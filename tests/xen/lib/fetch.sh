@@ -1,0 +1,134 @@
+# Sourced by tests/xen/run: host tools, the Xen and kernel packages, and the boot images.
+# Sets XV (Xen version), KVER (kernel release), ROOT (unpacked packages), XEN_ELF, VMLINUX.
+
+lab_log() { echo "xen-lab: $*" >&2; }
+
+# as_root CMD...: runs CMD as root (directly, or through sudo).
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else return 1; fi
+}
+
+APT_UPDATED=
+apt_update_once() {
+  [ -n "$APT_UPDATED" ] && return 0
+  APT_UPDATED=1
+  lab_log "apt-get update"
+  as_root apt-get update -qq >/dev/null
+}
+
+# Installs the host tools the lab needs. QEMU's absence after that is a skip, not a failure.
+ensure_host_tools() {
+  local need=()
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+  if ! [ -x /bin/busybox ] || ! file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
+    need+=(busybox-static)
+  fi
+  command -v file >/dev/null 2>&1 || need+=(file)
+  command -v cpio >/dev/null 2>&1 || need+=(cpio)
+  command -v depmod >/dev/null 2>&1 || [ -x /sbin/depmod ] || need+=(kmod)
+  command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+  command -v xz >/dev/null 2>&1 || need+=(xz-utils)
+  command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+  if [ ${#need[@]} -gt 0 ]; then
+    lab_log "installing ${need[*]}"
+    apt_update_once || true
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need[@]}" >/dev/null ||
+      lab_log "apt-get install ${need[*]} failed"
+  fi
+  export PATH="$PATH:/sbin:/usr/sbin"
+}
+
+# Whether QEMU can run here at all (prints the reason when not).
+qemu_usable() {
+  if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    echo "qemu-system-x86_64 is not installed and could not be installed"
+    return 1
+  fi
+  if ! qemu-system-x86_64 -version >/dev/null 2>&1; then
+    echo "qemu-system-x86_64 does not run: $(qemu-system-x86_64 -version 2>&1 | head -1)"
+    return 1
+  fi
+  if ! qemu-system-x86_64 -accel help 2>/dev/null | grep -qx tcg; then
+    echo "qemu-system-x86_64 has no TCG accelerator"
+    return 1
+  fi
+}
+
+# apt_dep PKG PATTERN: the first dependency of PKG matching PATTERN (an awk regex).
+apt_dep() {
+  apt-cache depends "$1" 2>/dev/null | awk -v re="$2" '$1 == "Depends:" && $2 ~ re { print $2; exit }'
+}
+
+# Resolves, downloads (into $CACHE/debs, kept between runs) and unpacks the packages, holding
+# a lock on the cache (several worktrees may run the lab at once).
+fetch_packages() {
+  local rc
+  mkdir -p "$CACHE"
+  exec 9> "$CACHE/.lock"
+  flock 9 || true
+  fetch_packages_locked
+  rc=$?
+  exec 9>&-
+  return $rc
+}
+
+fetch_packages_locked() {
+  local kpkg xpkg
+  kpkg=$(apt_dep linux-image-amd64 '^linux-image-[0-9]')
+  xpkg=$(apt_dep xen-system-amd64 '^xen-hypervisor-[0-9]')
+  if [ -z "$kpkg" ] || [ -z "$xpkg" ]; then
+    apt_update_once || true
+    kpkg=$(apt_dep linux-image-amd64 '^linux-image-[0-9]')
+    xpkg=$(apt_dep xen-system-amd64 '^xen-hypervisor-[0-9]')
+  fi
+  if [ -z "$kpkg" ]; then
+    # Offline: reuse whatever kernel the cache has.
+    kpkg=$(ls "$CACHE"/debs/linux-image-[0-9]*_amd64.deb 2>/dev/null | sed 's|.*/||; s|_.*||' | sort -V | tail -1)
+  fi
+  [ -n "$xpkg" ] || xpkg=$(ls "$CACHE"/debs/xen-hypervisor-[0-9]*.deb 2>/dev/null | sed 's|.*/||; s|_.*||' | tail -1)
+  [ -n "$kpkg" ] && [ -n "$xpkg" ] || { echo "cannot resolve the kernel/Xen package names (apt-cache)"; return 1; }
+  XV=${xpkg#xen-hypervisor-}; XV=${XV%-amd64}
+  KVER=${kpkg#linux-image-}
+  local pkgs=("$xpkg" "xen-utils-$XV" xen-utils-common xenstore-utils libxencall1 libxenevtchn1
+    libxenforeignmemory1 libxengnttab1 "libxenmisc$XV" libxenstore4 libxentoollog1 libyajl2 libxenhypfs1
+    libxendevicemodel1 libxentoolcore1 "$kpkg")
+  mkdir -p "$CACHE/debs"
+  local p missing=()
+  for p in "${pkgs[@]}"; do
+    compgen -G "$CACHE/debs/${p}_*.deb" >/dev/null || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    lab_log "downloading ${missing[*]}"
+    if ! (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err"); then
+      apt_update_once || true
+      (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err") ||
+        { echo "apt-get download failed: $(tail -3 "$CACHE/debs/download.err" | tr '\n' ' ')"; return 1; }
+    fi
+  fi
+  ROOT="$CACHE/root-xen$XV-$KVER"
+  local stamp debs=()
+  for p in "${pkgs[@]}"; do debs+=("$(ls "$CACHE"/debs/"${p}"_*.deb | sort -V | tail -1)"); done
+  stamp=$(printf '%s\n' "${debs[@]}" | xargs -n1 basename)
+  if [ "$(cat "$ROOT/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    lab_log "unpacking ${#debs[@]} packages into $ROOT"
+    rm -rf "$ROOT"; mkdir -p "$ROOT"
+    for p in "${debs[@]}"; do dpkg-deb -x "$p" "$ROOT" || { echo "dpkg-deb -x $p failed"; return 1; }; done
+    # The package leaves modules.dep to its postinst: make it here.
+    depmod -b "$ROOT" "$KVER" || { echo "depmod -b $ROOT $KVER failed"; return 1; }
+    echo "$stamp" > "$ROOT/.stamp"
+  fi
+  # Boot images: QEMU's multiboot loader wants Xen's ELF uncompressed, and decompressing the
+  # kernel or the initramfs under TCG costs many seconds, so both go in uncompressed.
+  XEN_ELF="$ROOT/.boot/xen"
+  VMLINUX="$ROOT/.boot/vmlinux"
+  if [ ! -s "$XEN_ELF" ] || [ ! -s "$VMLINUX" ]; then
+    mkdir -p "$ROOT/.boot"
+    zcat "$ROOT/boot/xen-$XV-amd64.gz" > "$XEN_ELF.tmp" || { echo "no $ROOT/boot/xen-$XV-amd64.gz"; return 1; }
+    local off
+    off=$(LC_ALL=C grep -abo -m1 $'\xfd7zXZ' "$ROOT/boot/vmlinuz-$KVER" | head -1 | cut -d: -f1)
+    [ -n "$off" ] || { echo "no xz payload in vmlinuz-$KVER"; return 1; }
+    tail -c +"$((off + 1))" "$ROOT/boot/vmlinuz-$KVER" | xz -dc --single-stream > "$VMLINUX.tmp" 2>/dev/null
+    file "$VMLINUX.tmp" | grep -q 'ELF 64-bit' || { echo "could not extract vmlinux from vmlinuz-$KVER"; return 1; }
+    mv "$XEN_ELF.tmp" "$XEN_ELF"; mv "$VMLINUX.tmp" "$VMLINUX"
+  fi
+}

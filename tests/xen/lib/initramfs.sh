@@ -1,0 +1,95 @@
+# Sourced by tests/xen/run: builds dom0's initramfs (an uncompressed newc cpio) from the
+# unpacked packages ($ROOT, $KVER, $XV), busybox, the xdisk binaries and tests/xen/{dom0,scenarios}.
+
+# Kernel modules dom0 loads (dependencies are added from modules.dep): the Xen devices and
+# backends, loop, and virtio-blk + ext4 for the data disk (tmpfs has no O_DIRECT).
+DOM0_MODULES="xenfs xen-privcmd xen-evtchn xen-gntdev xen-gntalloc xen-blkback xen-blkfront loop
+  virtio_pci virtio_blk ext4 crc32c_generic crc32c-intel"
+
+# copy_libs DEST BINARY...: the shared libraries BINARY needs (ldd), from the unpacked packages
+# or the host, at the same paths under DEST.
+copy_libs() {
+  local dest=$1 b l d
+  shift
+  for b in "$@"; do
+    LD_LIBRARY_PATH="$ROOT/usr/lib/x86_64-linux-gnu:$ROOT/usr/lib/xen-$XV/lib/x86_64-linux-gnu" ldd "$b" 2>/dev/null |
+      awk '/=> \// { print $3 } /^\t\/lib64/ { print $1 } /not found/ { print "MISSING " $1 }' |
+      while read -r l rest; do
+        if [ "$l" = MISSING ]; then lab_log "warning: $b needs $rest, not found"; continue; fi
+        d=${l#"$ROOT"}
+        [ -e "$dest$d" ] && continue
+        mkdir -p "$dest$(dirname "$d")" && cp -L "$l" "$dest$d"
+      done
+  done
+}
+
+# add_modules DEST NAME...: the modules and everything they depend on, then depmod.
+add_modules() {
+  local dest=$1 m f dep
+  shift
+  local mdir="$ROOT/lib/modules/$KVER"
+  for m in "$@"; do
+    f=$(grep -E "/$m\.ko(\.[a-z]+)?:" "$mdir/modules.dep" | head -1)
+    if [ -z "$f" ]; then
+      grep -qE "/$m\.ko" "$mdir/modules.builtin" || lab_log "warning: module $m not found"
+      continue
+    fi
+    for dep in ${f/:/}; do
+      mkdir -p "$dest/lib/modules/$KVER/$(dirname "$dep")"
+      cp "$mdir/$dep" "$dest/lib/modules/$KVER/$dep"
+    done
+  done
+  cp "$mdir"/modules.builtin* "$mdir/modules.order" "$dest/lib/modules/$KVER/" 2>/dev/null
+  depmod -b "$dest" "$KVER"
+}
+
+# build_initramfs OUT_CPIO PLAN_FILE XDISK_BIN [EXTRA_BIN...]
+build_initramfs() {
+  local out=$1 plan=$2 xdisk=$3
+  shift 3
+  local r="$OUT/dom0-root"
+  rm -rf "$r"
+  mkdir -p "$r"/{bin,sbin,etc,proc,sys,dev,run,tmp,var,data,usr/bin,usr/sbin,usr/local/bin,usr/lib/x86_64-linux-gnu,lab}
+  ln -s usr/lib "$r/lib"; ln -s usr/lib "$r/lib64"; ln -s ../run "$r/var/run"; ln -s ../run/lock "$r/var/lock"
+  cp /bin/busybox "$r/bin/busybox"
+  local a
+  for a in $(/bin/busybox --list); do [ -e "$r/bin/$a" ] || ln -s busybox "$r/bin/$a"; done
+  cp -L /lib64/ld-linux-x86-64.so.2 "$r/usr/lib/ld-linux-x86-64.so.2"
+  add_modules "$r" $DOM0_MODULES >/dev/null
+
+  # Xen: all its tools and libraries (small), xenstore-* as links to the multi-call binary.
+  mkdir -p "$r/usr/lib/xen-$XV"
+  cp -a "$ROOT/usr/lib/xen-$XV/bin" "$ROOT/usr/lib/xen-$XV/lib" "$r/usr/lib/xen-$XV/"
+  cp -a "$ROOT"/usr/lib/x86_64-linux-gnu/lib* "$r/usr/lib/x86_64-linux-gnu/"
+  cp "$ROOT/usr/bin/xenstore" "$r/usr/bin/"
+  for a in read write ls list rm exists chmod watch; do ln -s xenstore "$r/usr/bin/xenstore-$a"; done
+  ln -s "../lib/xen-$XV/bin/xl" "$r/usr/sbin/xl" 2>/dev/null || true
+  cp -a "$ROOT/etc/xen" "$r/etc/"
+  # bash and flock for libxl's hotplug scripts; libgcc_s for xl (pthread_cancel).
+  cp /usr/bin/bash /usr/bin/flock "$r/usr/bin/"
+  cp -L "$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/ { print $NF; exit }')" "$r/usr/lib/x86_64-linux-gnu/"
+  copy_libs "$r" "$ROOT/usr/lib/xen-$XV/bin/"{xenstored,xen-init-dom0,xenconsoled,xl,libxl-save-helper} \
+    "$ROOT/usr/bin/xenstore" /usr/bin/bash /usr/bin/flock
+  echo "root:x:0:0:root:/root:/bin/sh" > "$r/etc/passwd"
+  echo "root:x:0:" > "$r/etc/group"
+
+  # xdisk and any extra binaries, stripped of debug info (the initramfs is loaded by QEMU).
+  local b
+  for b in "$xdisk" "$@"; do
+    if command -v strip >/dev/null 2>&1; then
+      strip --strip-debug -o "$r/usr/local/bin/$(basename "$b")" "$b"
+    else
+      cp "$b" "$r/usr/local/bin/"
+    fi
+    copy_libs "$r" "$b"
+  done
+
+  # The lab itself: init, helpers, scenarios, the plan.
+  cp "$HERE/dom0/init" "$r/init"
+  cp "$HERE/dom0/lib.sh" "$r/lab/lib.sh"
+  cp -a "$HERE/scenarios" "$r/lab/scenarios"
+  cp "$plan" "$r/lab/plan"
+  chmod +x "$r/init" "$r"/lab/scenarios/*
+
+  (cd "$r" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$out"
+}
