@@ -2,7 +2,9 @@
 //! Rust blkfront ([`xdisk_blkfront::Frontend`]) for every vbd the toolstack gives it (a new
 //! `device/vbd/<devid>` in state Initialising), reads the first sector as a smoke test, and
 //! closes the device when its backend starts closing (detach) — what Linux's `xen-blkfront`
-//! does with a disk nobody uses.
+//! does with a disk nobody uses. One disk at a time: the Rust blkfront allocates its rings
+//! and buffers from all of the guest's memory, so a second disk waits until the first is
+//! closed.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,7 +99,12 @@ fn guest_loop(
     let mut threads: BTreeMap<u32, JoinHandle<()>> = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) && dom.is_alive() {
         threads.retain(|_, t| !t.is_finished());
+        // The Rust blkfront allocates from all of the domain's memory: one disk at a time.
+        let busy = !threads.is_empty();
         for d in xs.directory(&vbd).unwrap_or_default() {
+            if busy {
+                break;
+            }
             let Ok(devid) = d.parse::<u32>() else { continue };
             if threads.contains_key(&devid) {
                 continue;

@@ -138,6 +138,9 @@ impl Entry {
 
 const TOKEN_PREFIX: &str = "xdisk-supervisor";
 
+/// How many stopped devices [`Supervisor::stopped_devices`] remembers.
+pub const HISTORY: usize = 64;
+
 /// Internal wake-ups share the watch channel (their tokens never reach xenstore).
 enum Wake {
     Reap(Key),
@@ -150,6 +153,8 @@ struct Inner {
     /// `/local/domain/<own domid>/backend`.
     base: String,
     entries: Mutex<BTreeMap<Key, Arc<Entry>>>,
+    /// The last devices that stopped, newest last.
+    history: Mutex<std::collections::VecDeque<DeviceStatus>>,
     wake: Sender<WatchEvent>,
     pending: Mutex<Vec<Wake>>,
     tokens: Tokens,
@@ -207,6 +212,7 @@ impl Supervisor {
             platform,
             base,
             entries: Mutex::new(BTreeMap::new()),
+            history: Mutex::new(std::collections::VecDeque::new()),
             wake: wake.clone(),
             pending: Mutex::new(Vec::new()),
             tokens: tokens.clone(),
@@ -267,6 +273,13 @@ impl Supervisor {
     pub fn devices(&self) -> Vec<DeviceStatus> {
         let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
         entries.iter().map(|e| e.snapshot()).collect()
+    }
+
+    /// The last devices that stopped (at most [`HISTORY`]), oldest first, with their counters
+    /// as they were when the device finished (or, when the supervisor stopped it, just
+    /// before).
+    pub fn stopped_devices(&self) -> Vec<DeviceStatus> {
+        lock(&self.inner.history).iter().cloned().collect()
     }
 
     /// One device by name (`qdisk/5/51712`).
@@ -459,6 +472,11 @@ impl Inner {
         }
         if e.phase() != Phase::Failed {
             lock(&self.entries).remove(k);
+            let mut h = lock(&self.history);
+            h.push_back(lock(&e.status).clone());
+            while h.len() > HISTORY {
+                h.pop_front();
+            }
         }
     }
 
@@ -718,6 +736,7 @@ impl Inner {
             let r = if stopped { d.shutdown() } else { d.wait() };
             let mut s = lock(&entry.status);
             s.counters = Counters::from(last);
+            s.xenbus_state = Some(XenbusState::Closed.name().to_owned());
             if let Err(e) = r {
                 tracing::warn!(device = %key.name(), "device ended with: {e}");
             }
