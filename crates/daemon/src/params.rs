@@ -118,6 +118,7 @@ pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), P
         ("", params)
     } else {
         match params.split_once(':') {
+            Some(("", _)) => return Err(invalid(NODE, params, "empty format")),
             Some((tag, path)) => (tag, path),
             None => return Err(invalid(NODE, params, "not an absolute path")),
         }
