@@ -2,6 +2,7 @@
 //! backend daemon and friends join it as they land.
 
 mod bench;
+mod daemon;
 mod img;
 mod size;
 mod xen_selftest;
@@ -28,6 +29,18 @@ enum Command {
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
+    /// The backend daemon: serves every disk found under this domain's backend/<type>
+    /// directories in xenstore.
+    Serve(daemon::ServeArgs),
+    /// Attaches an image to this domain (dom0) through the daemon; prints its /dev/xvdX.
+    Attach(daemon::AttachArgs),
+    /// Detaches a disk attached with `xdisk attach`.
+    Detach(daemon::DetachArgs),
+    /// Per-device counters of the running daemon.
+    Stat(daemon::StatArgs),
+    /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
+    /// (device_model_override); serves that domain's disks and answers libxl's QMP.
+    QemuShim(daemon::QemuShimArgs),
     /// Checks of the real-Xen platform and xenstore client, for the Xen lab (run in dom0).
     #[command(hide = true)]
     XenSelftest(xen_selftest::SelftestArgs),
@@ -56,5 +69,10 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Img { cmd } => img::run(cmd),
         Command::XenSelftest(args) => xen_selftest::run(args),
+        Command::Serve(a) => daemon::serve(a),
+        Command::Attach(a) => daemon::attach(a),
+        Command::Detach(a) => daemon::detach(a),
+        Command::Stat(a) => daemon::stat(a),
+        Command::QemuShim(a) => daemon::qemu_shim(a),
     }
 }

@@ -41,7 +41,7 @@ pub enum Error {
     #[error("{0}")]
     Timeout(String),
     /// The daemon is not reachable on its control socket.
-    #[error("the xdisk daemon is not running (no answer on {path}: {source}); start it with `xdisk serve` or `systemctl start xdisk`")]
+    #[error("the xdisk daemon is not running (no answer on {path}); start it with `xdisk serve` or `systemctl start xdisk`")]
     NotRunning {
         path: PathBuf,
         #[source]

@@ -185,6 +185,13 @@ pub struct DaemonStatus {
     pub backend_types: Vec<String>,
     /// Frontend domains served (`None`: all).
     pub domains: Option<Vec<u16>>,
+    /// The frontend domain `xdisk attach` attaches to: 0 on Xen (dom0 itself); on the
+    /// simulation, a simulated guest playing dom0's blkfront.
+    #[serde(default)]
+    pub attach_frontend_domid: u16,
+    /// The xenstored to use when it is not the system's (the simulation's socket).
+    #[serde(default)]
+    pub xenstore_path: Option<String>,
     pub devices: Vec<DeviceStatus>,
 }
 

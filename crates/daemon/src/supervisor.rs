@@ -259,6 +259,11 @@ impl Supervisor {
         })
     }
 
+    /// False once the supervisor stopped by itself (its xenstore connection was lost).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// The platform served on.
     pub fn platform(&self) -> &Platform {
         &self.inner.platform
@@ -296,6 +301,13 @@ impl Supervisor {
             backend_domid: self.inner.platform.domid,
             backend_types: self.inner.cfg.backend_types.clone(),
             domains: self.inner.cfg.domains.clone(),
+            attach_frontend_domid: self.inner.platform.domid,
+            xenstore_path: self
+                .inner
+                .platform
+                .sim
+                .as_ref()
+                .map(|s| s.xenstore_path().display().to_string()),
             devices: self.devices(),
         }
     }
