@@ -147,7 +147,10 @@ fn sd_notify(msg: &str) {
 }
 
 /// Waits for SIGTERM/SIGINT/SIGHUP, or until `alive` says no (then returns false).
-fn wait_for_signal(mut alive: impl FnMut() -> bool, quit: Option<&mpsc::Receiver<()>>) -> Result<bool> {
+fn wait_for_signal(
+    mut alive: impl FnMut() -> bool,
+    quit: Option<&mpsc::Receiver<()>>,
+) -> Result<bool> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("signal handlers")?;
     loop {
         if let Some(sig) = signals.pending().next() {
@@ -305,7 +308,10 @@ pub fn attach(a: AttachArgs) -> Result<i32> {
         if node.exists() {
             println!("{}", node.display());
         } else {
-            println!("{vdev} (connected; {} has not appeared yet)", node.display());
+            println!(
+                "{vdev} (connected; {} has not appeared yet)",
+                node.display()
+            );
         }
     } else {
         println!(
@@ -385,7 +391,10 @@ pub fn stat(a: StatArgs) -> Result<i32> {
 pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
     let qa = QemuArgs::parse(&a.args)?;
     for u in &qa.unsupported {
-        tracing::warn!(domid = qa.domid, "ignored (not provided by the xdisk qemu-shim): {u}");
+        tracing::warn!(
+            domid = qa.domid,
+            "ignored (not provided by the xdisk qemu-shim): {u}"
+        );
     }
     let platform = Platform::xen().context("the qemu-shim runs in dom0 on real Xen")?;
     let own = platform.domid;

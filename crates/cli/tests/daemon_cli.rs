@@ -27,7 +27,10 @@ fn serve_attach_stat_detach_on_the_simulation() {
     let sock = dir.path().join("control.sock");
     let sock_s = sock.to_str().unwrap();
     let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     let img_s = img.to_str().unwrap();
 
     // Without a daemon: a clear message.
@@ -52,7 +55,10 @@ fn serve_attach_stat_detach_on_the_simulation() {
 
     let (ok, out, err) = run(&["stat", "--control", sock_s]);
     assert!(ok, "{err}");
-    assert!(out.contains("qdisk/1/51712 (xvda): running, Connected"), "{out}");
+    assert!(
+        out.contains("qdisk/1/51712 (xvda): running, Connected"),
+        "{out}"
+    );
     let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();

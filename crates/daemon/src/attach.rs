@@ -99,7 +99,10 @@ fn xs_err(path: &str) -> impl FnOnce(xdisk_xen::xenstore::Error) -> Error + '_ {
     move |e| Error::xs(path, e)
 }
 
-fn exists(tx: &Transaction<'_>, path: &str) -> std::result::Result<bool, xdisk_xen::xenstore::Error> {
+fn exists(
+    tx: &Transaction<'_>,
+    path: &str,
+) -> std::result::Result<bool, xdisk_xen::xenstore::Error> {
     match tx.read(path) {
         Ok(_) => Ok(true),
         Err(e) if e.errno() == Some(Errno::ENOENT) => Ok(false),
@@ -157,7 +160,10 @@ pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
     let meta = std::fs::metadata(&image)
         .map_err(|e| Error::io(format!("cannot open {}", image.display()), e))?;
     if meta.is_dir() {
-        return Err(Error::Invalid(format!("{} is a directory", image.display())));
+        return Err(Error::Invalid(format!(
+            "{} is a directory",
+            image.display()
+        )));
     }
     let image_str = image
         .to_str()
@@ -204,7 +210,13 @@ pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
             };
             let vdev = devid::name_of_devid(d).unwrap_or_default();
             tx.mkdir(&be)?;
-            tx.set_perms(&be, &[Perm::new(Access::None, be_dom), Perm::new(Access::Read, fe_dom)])?;
+            tx.set_perms(
+                &be,
+                &[
+                    Perm::new(Access::None, be_dom),
+                    Perm::new(Access::Read, fe_dom),
+                ],
+            )?;
             let mut nodes = vec![
                 ("frontend", fe.clone()),
                 ("frontend-id", fe_dom.to_string()),
@@ -217,7 +229,10 @@ pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
                 ("mode", if opts.read_only { "r" } else { "w" }.into()),
                 ("device-type", "disk".into()),
                 ("params", params.clone()),
-                ("discard-enable", if opts.discard { "1" } else { "0" }.into()),
+                (
+                    "discard-enable",
+                    if opts.discard { "1" } else { "0" }.into(),
+                ),
             ];
             if opts.direct_io_safe {
                 nodes.push(("direct-io-safe", "1".into()));
@@ -226,7 +241,13 @@ pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
                 tx.write(&format!("{be}/{k}"), v)?;
             }
             tx.mkdir(&fe)?;
-            tx.set_perms(&fe, &[Perm::new(Access::None, fe_dom), Perm::new(Access::Read, be_dom)])?;
+            tx.set_perms(
+                &fe,
+                &[
+                    Perm::new(Access::None, fe_dom),
+                    Perm::new(Access::Read, be_dom),
+                ],
+            )?;
             for (k, v) in [
                 ("backend", be.clone()),
                 ("backend-id", be_dom.to_string()),
@@ -355,7 +376,11 @@ pub fn wait_connected(xs: &Client, a: &Attached, timeout: Duration) -> Result<()
             return Err(Error::Device(format!(
                 "the backend closed the device (state {}){}",
                 state_name(bs),
-                if why.is_empty() { String::new() } else { format!(": {why}") }
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {why}")
+                }
             )));
         }
         if !w.wait(until) {
@@ -390,8 +415,9 @@ pub fn find(xs: &Client, frontend_domid: DomId, dev: &str) -> Result<Attached> {
     let d = devid::parse_device(dev)
         .ok_or_else(|| Error::Invalid(format!("{dev:?} is not a device number or xvd name")))?;
     let fe = frontend_path(frontend_domid, d);
-    let be = read_opt(xs, &format!("{fe}/backend"))?
-        .ok_or_else(|| Error::Invalid(format!("no disk {dev} attached to domain {frontend_domid}")))?;
+    let be = read_opt(xs, &format!("{fe}/backend"))?.ok_or_else(|| {
+        Error::Invalid(format!("no disk {dev} attached to domain {frontend_domid}"))
+    })?;
     Ok(Attached {
         devid: d,
         vdev: devid::name_of_devid(d),

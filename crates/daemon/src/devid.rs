@@ -50,9 +50,11 @@ pub fn name_of_index(index: u32) -> String {
 
 /// The disk index of an `xvd` name (`xvdb`, `/dev/xvdb`); partitions are refused.
 pub fn index_of_name(name: &str) -> Option<u32> {
-    let letters = name.strip_prefix("/dev/").unwrap_or(name).strip_prefix("xvd")?;
-    if letters.is_empty() || letters.len() > 5 || !letters.bytes().all(|b| b.is_ascii_lowercase())
-    {
+    let letters = name
+        .strip_prefix("/dev/")
+        .unwrap_or(name)
+        .strip_prefix("xvd")?;
+    if letters.is_empty() || letters.len() > 5 || !letters.bytes().all(|b| b.is_ascii_lowercase()) {
         return None;
     }
     let mut n: u64 = 0;
@@ -103,7 +105,16 @@ mod tests {
         assert_eq!(devid_of_index(16), Some(EXTENDED | (16 << 8)));
         assert_eq!(parse_device("/dev/xvdb"), Some(51728));
         assert_eq!(parse_device("51728"), Some(51728));
-        for bad in ["", "xvd", "xvdA", "xvda1", "sda", "xvdzzzzzz", "99999999999", "-1"] {
+        for bad in [
+            "",
+            "xvd",
+            "xvdA",
+            "xvda1",
+            "sda",
+            "xvdzzzzzz",
+            "99999999999",
+            "-1",
+        ] {
             assert_eq!(parse_device(bad), None, "{bad}");
         }
     }

@@ -234,7 +234,12 @@ mod tests {
         .unwrap();
         assert!(s.read_only && !s.discard && s.direct_io_safe);
         assert_eq!(s.cache, CacheMode::None);
-        let s = spec(&[("params", "aio:/a"), ("device-type", "cdrom"), ("mode", "w")]).unwrap();
+        let s = spec(&[
+            ("params", "aio:/a"),
+            ("device-type", "cdrom"),
+            ("mode", "w"),
+        ])
+        .unwrap();
         assert!(s.read_only, "a CD-ROM is read-only");
         assert_eq!(s.device_type, DeviceType::Cdrom);
         let m: HashMap<&str, String> = [("params", "aio:/a".to_string())].into();
@@ -251,7 +256,10 @@ mod tests {
     #[test]
     fn refused_clearly() {
         let e = spec(&[("params", "vhd:/a.vhd")]).unwrap_err();
-        assert!(e.to_string().contains("VHD images are not supported"), "{e}");
+        assert!(
+            e.to_string().contains("VHD images are not supported"),
+            "{e}"
+        );
         let e = spec(&[("params", "qcow:/a")]).unwrap_err();
         assert!(e.to_string().contains("not supported"), "{e}");
         assert_eq!(spec(&[]).unwrap_err(), ParamsError::Missing("params"));

@@ -94,7 +94,11 @@ impl QemuArgs {
         let mut it = args.iter().map(AsRef::as_ref);
         while let Some(arg) = it.next() {
             // QEMU accepts --opt as -opt.
-            let opt = if arg.starts_with("--") { &arg[1..] } else { arg };
+            let opt = if arg.starts_with("--") {
+                &arg[1..]
+            } else {
+                arg
+            };
             if !opt.starts_with('-') {
                 return Err(Error::Invalid(format!("unexpected argument {arg:?}")));
             }
@@ -126,15 +130,16 @@ impl QemuArgs {
                     }
                     let get = |k: &str| o.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
                     let Some(id) = get("id") else { continue };
-                    let ep = if let Some(p) = get("path") {
-                        QmpEndpoint::Path(PathBuf::from(p))
-                    } else if let Some(fd) = get("fd") {
-                        QmpEndpoint::Fd(fd.parse().map_err(|_| {
-                            Error::Invalid(format!("-chardev: invalid fd {fd:?}"))
-                        })?)
-                    } else {
-                        continue;
-                    };
+                    let ep =
+                        if let Some(p) = get("path") {
+                            QmpEndpoint::Path(PathBuf::from(p))
+                        } else if let Some(fd) = get("fd") {
+                            QmpEndpoint::Fd(fd.parse().map_err(|_| {
+                                Error::Invalid(format!("-chardev: invalid fd {fd:?}"))
+                            })?)
+                        } else {
+                            continue;
+                        };
                     chardevs.push((id.to_owned(), ep));
                 }
                 "-mon" => {
@@ -148,9 +153,22 @@ impl QemuArgs {
                 }
                 "-vnc" | "-display" | "-monitor" | "-serial" | "-parallel"
                     if matches!(val, "none" | "/dev/null") => {}
-                "-m" | "-D" | "-k" | "-smp" | "-runas" | "-chroot" | "-sandbox" | "-global"
-                | "-xen-domid-restrict" | "-trace" | "-d" | "-vnc" | "-display" | "-monitor"
-                | "-serial" | "-parallel" => {
+                "-m"
+                | "-D"
+                | "-k"
+                | "-smp"
+                | "-runas"
+                | "-chroot"
+                | "-sandbox"
+                | "-global"
+                | "-xen-domid-restrict"
+                | "-trace"
+                | "-d"
+                | "-vnc"
+                | "-display"
+                | "-monitor"
+                | "-serial"
+                | "-parallel" => {
                     if matches!(opt, "-vnc" | "-serial" | "-parallel") {
                         a.unsupported.push(format!("{opt} {val}"));
                     }
@@ -240,8 +258,7 @@ pub fn answer(state: &QmpState, msg: &Value) -> Option<Value> {
                 "cont" => state.paused.store(false, Ordering::SeqCst),
                 "stop" => state.paused.store(true, Ordering::SeqCst),
                 "quit" => {
-                    if let Some(tx) = state.quit.lock().unwrap_or_else(|e| e.into_inner()).take()
-                    {
+                    if let Some(tx) = state.quit.lock().unwrap_or_else(|e| e.into_inner()).take() {
                         let _ = tx.send(());
                     }
                 }
@@ -310,7 +327,9 @@ pub struct QmpServer {
 
 impl std::fmt::Debug for QmpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QmpServer").field("paths", &self.paths).finish()
+        f.debug_struct("QmpServer")
+            .field("paths", &self.paths)
+            .finish()
     }
 }
 
@@ -442,8 +461,8 @@ mod tests {
         let e = QemuArgs::parse(&["-xen-domid", "1", "-machine", "xenfv,max-ram-below-4g=1"])
             .unwrap_err();
         assert!(e.to_string().contains("PV guests only"), "{e}");
-        let a = QemuArgs::parse(&["-xen-domid", "1", "-vnc", "127.0.0.1:0", "-device", "x"])
-            .unwrap();
+        let a =
+            QemuArgs::parse(&["-xen-domid", "1", "-vnc", "127.0.0.1:0", "-device", "x"]).unwrap();
         assert_eq!(a.unsupported.len(), 2);
     }
 
@@ -467,7 +486,10 @@ mod tests {
         assert_eq!(g["QMP"]["version"]["qemu"]["major"], 7);
         for (cmd, check) in [
             ("qmp_capabilities", json!({})),
-            ("query-status", json!({"status": "prelaunch", "running": false, "singlestep": false})),
+            (
+                "query-status",
+                json!({"status": "prelaunch", "running": false, "singlestep": false}),
+            ),
             ("cont", json!({})),
             ("query-chardev", json!([])),
             ("query-vnc", json!({"enabled": false})),
@@ -479,9 +501,11 @@ mod tests {
             assert_eq!(v["id"], 42);
         }
         assert_eq!(state.status(), "running");
-        w.write_all(b"{\"execute\":\"device_add\",\"id\":1}").unwrap();
+        w.write_all(b"{\"execute\":\"device_add\",\"id\":1}")
+            .unwrap();
         assert_eq!(next(&mut r)["error"]["class"], "CommandNotFound");
-        w.write_all(b"{\"execute\":\"xen-save-devices-state\"}").unwrap();
+        w.write_all(b"{\"execute\":\"xen-save-devices-state\"}")
+            .unwrap();
         assert_eq!(next(&mut r)["error"]["class"], "GenericError");
         w.write_all(b"{\"execute\":\"quit\"}").unwrap();
         assert_eq!(next(&mut r)["return"], json!({}));

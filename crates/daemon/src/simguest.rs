@@ -105,7 +105,9 @@ fn guest_loop(
             if busy {
                 break;
             }
-            let Ok(devid) = d.parse::<u32>() else { continue };
+            let Ok(devid) = d.parse::<u32>() else {
+                continue;
+            };
             if threads.contains_key(&devid) {
                 continue;
             }
@@ -136,7 +138,10 @@ fn disk_thread(
     disks: Arc<Mutex<BTreeMap<u32, GuestDisk>>>,
 ) {
     let set = |s: GuestDisk| {
-        disks.lock().unwrap_or_else(|e| e.into_inner()).insert(devid, s);
+        disks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(devid, s);
     };
     set(GuestDisk::Connecting);
     let xs = match dom.xenstore() {
@@ -177,5 +182,8 @@ fn disk_thread(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    disks.lock().unwrap_or_else(|e| e.into_inner()).remove(&devid);
+    disks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&devid);
 }

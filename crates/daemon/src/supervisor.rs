@@ -382,8 +382,11 @@ impl Inner {
                     // A domain died: its devices notice by themselves; failed entries of
                     // removed directories are forgotten here.
                     rescan.extend(self.cfg.backend_types.iter().cloned());
-                } else if let Some((t, path, _)) =
-                    self.tokens.types.iter().find(|(_, _, tok)| *tok == ev.token)
+                } else if let Some((t, path, _)) = self
+                    .tokens
+                    .types
+                    .iter()
+                    .find(|(_, _, tok)| *tok == ev.token)
                 {
                     match parse_event_path(path, &ev.path) {
                         Some((dom, dev)) => {
@@ -540,10 +543,7 @@ impl Inner {
                 // waiting for a backend.
                 let fs = read_opt(xs, &format!("{fe}/state"))?
                     .and_then(|s| s.parse::<XenbusState>().ok());
-                matches!(
-                    fs,
-                    Some(XenbusState::Initialising | XenbusState::Closed)
-                )
+                matches!(fs, Some(XenbusState::Initialising | XenbusState::Closed))
             }
             _ => false,
         };
@@ -711,7 +711,13 @@ impl Inner {
             hook(&mut cfg, &spec);
         }
         let p = &self.platform;
-        let device = Device::run(cfg, p.xs.clone(), p.gnt.clone(), p.evt.clone(), image.clone())?;
+        let device = Device::run(
+            cfg,
+            p.xs.clone(),
+            p.gnt.clone(),
+            p.evt.clone(),
+            image.clone(),
+        )?;
         *lock(&entry.device) = Some(device);
         xs.write(&format!("{be}/hotplug-status"), "connected")
             .map_err(|e| Error::xs(be, e))?;

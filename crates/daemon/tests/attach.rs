@@ -56,12 +56,22 @@ fn attach_stat_detach() {
         assert_eq!(host.read(&format!("{be}/{k}")).as_deref(), Some(v), "{k}");
     }
     let params = host.read(&format!("{be}/params")).unwrap();
-    assert!(params.starts_with("qcow2:/"), "probed and written explicitly: {params}");
+    assert!(
+        params.starts_with("qcow2:/"),
+        "probed and written explicitly: {params}"
+    );
     let fe = &a.frontend_path;
-    for (k, v) in [("backend-id", "0"), ("virtual-device", "51712"), ("state", "4")] {
+    for (k, v) in [
+        ("backend-id", "0"),
+        ("virtual-device", "51712"),
+        ("state", "4"),
+    ] {
         assert_eq!(host.read(&format!("{fe}/{k}")).as_deref(), Some(v), "{k}");
     }
-    assert_eq!(host.read(&format!("{fe}/backend")).as_deref(), Some(be.as_str()));
+    assert_eq!(
+        host.read(&format!("{fe}/backend")).as_deref(),
+        Some(be.as_str())
+    );
     wait_until("guest sees the disk", T, || {
         matches!(guest.disks().get(&51712), Some(GuestDisk::Connected { .. }))
     });
@@ -86,7 +96,10 @@ fn attach_stat_detach() {
     attach::detach(&xs, &found, T, false).expect("detached");
     assert!(!host.exists(be));
     assert!(!host.exists(fe));
-    assert!(!host.exists("/local/domain/0/backend/xdisk"), "empty parents removed");
+    assert!(
+        !host.exists("/local/domain/0/backend/xdisk"),
+        "empty parents removed"
+    );
     assert!(!host.exists(&format!("/local/domain/{FE}/device")));
     wait_until("device stopped", T, || sup.devices().is_empty());
     assert_eq!(host.xen.event_channel_count(0), 0);
@@ -138,6 +151,9 @@ fn attach_times_out_clearly_without_a_backend() {
     let xs = host.xen.xenstore(0).unwrap();
     let e = attach::attach(&xs, &opts, Duration::from_millis(500)).unwrap_err();
     assert!(matches!(e, Error::Timeout(_)), "{e:?}");
-    assert!(e.to_string().contains("no backend picked the device up"), "{e}");
+    assert!(
+        e.to_string().contains("no backend picked the device up"),
+        "{e}"
+    );
     assert!(!host.exists("/local/domain/0/backend/xdisk/7/51712"));
 }

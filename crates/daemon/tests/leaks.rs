@@ -38,7 +38,9 @@ fn domain_destroy_tears_down() {
     assert_eq!(host.xen.event_channel_count(0), 0);
     // The toolstack then removes the backend directory: nothing is left.
     host.remove_disk("qdisk", 5, 51712);
-    wait_until("threads back to the baseline", T, || thread_count() <= baseline);
+    wait_until("threads back to the baseline", T, || {
+        thread_count() <= baseline
+    });
     assert!(!host.exists(&be_dir("qdisk", 5, 51712)));
     sup.shutdown();
 }
@@ -63,13 +65,16 @@ fn backend_removal_tears_down_without_leaks() {
     host.toolstack.rm(&be_dir("qdisk", 6, 51712)).unwrap();
     wait_until("device stopped", T, || sup.devices().is_empty());
     // What the stopping device wrote (its state) is removed again, with the empty parents.
-    wait_until("no leftovers", T, || !host.exists("/local/domain/0/backend/qdisk/6"));
+    wait_until("no leftovers", T, || {
+        !host.exists("/local/domain/0/backend/qdisk/6")
+    });
     assert_eq!(host.xen.event_channel_count(0), 0);
     // Every grant came back: the frontend can revoke all of them.
     let _ = front.disconnect();
     assert_eq!(front.leaked_grants(), 0);
     drop(front);
-    wait_until("threads back to the baseline", T, || thread_count() <= baseline);
+    wait_until("threads back to the baseline", T, || {
+        thread_count() <= baseline
+    });
     sup.shutdown();
 }
-

@@ -12,6 +12,8 @@ use xdisk_blkif::XenbusState;
 use xdisk_daemon::status::Phase;
 use xdisk_daemon::SupervisorConfig;
 
+type BadDisk = (u32, String, Vec<(&'static str, &'static str)>);
+
 fn params_of(d: &Disk, tag: &str) -> String {
     format!("{tag}:{}", d.path.display())
 }
@@ -27,7 +29,10 @@ fn serves_a_libxl_qdisk() {
     assert_eq!(front.info().sectors * 512, 8 * MIB);
     let writes = round_trip(&mut front, 1);
     let be = be_dir("qdisk", 1, 51712);
-    assert_eq!(host.read(&format!("{be}/hotplug-status")).as_deref(), Some("connected"));
+    assert_eq!(
+        host.read(&format!("{be}/hotplug-status")).as_deref(),
+        Some("connected")
+    );
     let st = sup.device("qdisk/1/51712").expect("listed");
     assert_eq!(st.phase, Phase::Running);
     assert_eq!(st.xenbus_state.as_deref(), Some("Connected"));
@@ -54,13 +59,22 @@ fn several_devices_and_domains() {
     let d2 = host.guest(2);
     let d3 = host.guest(3);
     host.add_qdisk(1, 51712, &params_of(&a, "aio"), &[]);
-    host.add_qdisk(2, 51728, &params_of(&b, "qcow2"), &[("direct-io-safe", "1")]);
+    host.add_qdisk(
+        2,
+        51728,
+        &params_of(&b, "qcow2"),
+        &[("direct-io-safe", "1")],
+    );
     // A plain path: probed.
     host.add_qdisk(3, 51712, &c.path.display().to_string(), &[]);
     // A second disk of domain 1 that its guest does not connect (the test blkfront drives
     // one disk per domain): served all the same, waiting in InitWait.
     host.add_qdisk(1, 51744, &params_of(&spare, "aio"), &[]);
-    let mut fronts = vec![connect(&d1, 51712), connect(&d2, 51728), connect(&d3, 51712)];
+    let mut fronts = vec![
+        connect(&d1, 51712),
+        connect(&d2, 51728),
+        connect(&d3, 51712),
+    ];
     let mut all = Vec::new();
     for (i, f) in fronts.iter_mut().enumerate() {
         all.push(round_trip(f, 10 + i as u64));
@@ -75,7 +89,10 @@ fn several_devices_and_domains() {
     assert_eq!(b_st.format.as_deref(), Some("qcow2"));
     // tmpfs would refuse O_DIRECT (then writeback); /var/tmp takes it.
     assert!(matches!(b_st.cache.as_deref(), Some("none" | "writeback")));
-    assert_eq!(sup.device("qdisk/3/51712").unwrap().format.as_deref(), Some("qcow2"));
+    assert_eq!(
+        sup.device("qdisk/3/51712").unwrap().format.as_deref(),
+        Some("qcow2")
+    );
     for f in &mut fronts {
         f.disconnect().unwrap();
         assert_eq!(f.leaked_grants(), 0);
@@ -97,7 +114,7 @@ fn a_bad_disk_fails_alone() {
     junk.extend(pattern(3, 4096));
     std::fs::write(&corrupt, junk).unwrap();
     let dom = host.guest(3);
-    let bad: Vec<(u32, String, Vec<(&str, &str)>)> = vec![
+    let bad: Vec<BadDisk> = vec![
         (51712, format!("qcow2:{}", corrupt.display()), vec![]),
         (51728, "aio:/nonexistent/disk.img".into(), vec![]),
         (51744, "vhd:/some/disk.vhd".into(), vec![]),
@@ -122,13 +139,17 @@ fn a_bad_disk_fails_alone() {
         assert_eq!(st.phase, Phase::Failed);
         assert_eq!(st.error.as_deref(), Some(err.as_str()));
     }
-    let vhd = host.read(&format!("{}/error", be_dir("qdisk", 3, 51744))).unwrap();
+    let vhd = host
+        .read(&format!("{}/error", be_dir("qdisk", 3, 51744)))
+        .unwrap();
     assert!(vhd.contains("VHD images are not supported"), "{vhd}");
     // The failed disks' frontends see a closed backend; the good one goes on.
     round_trip(&mut front, 6);
     // Removing a failed disk's nodes forgets it.
     host.remove_disk("qdisk", 3, 51728);
-    wait_until("failed device forgotten", T, || sup.device("qdisk/3/51728").is_none());
+    wait_until("failed device forgotten", T, || {
+        sup.device("qdisk/3/51728").is_none()
+    });
     front.disconnect().unwrap();
     sup.shutdown();
 }
@@ -157,7 +178,10 @@ fn a_panic_fails_only_that_device() {
         host.read(&format!("{be}/hotplug-status")).as_deref() == Some("error")
     });
     let err = host.read(&format!("{be}/error")).unwrap();
-    assert!(err.contains("panic") && err.contains("injected failure"), "{err}");
+    assert!(
+        err.contains("panic") && err.contains("injected failure"),
+        "{err}"
+    );
     // The daemon still serves new disks.
     let third = raw_disk(MIB);
     host.add_qdisk(1, 51744, &params_of(&third, "aio"), &[]);
@@ -236,15 +260,27 @@ fn only_configured_types_and_domains() {
     let d2 = host.guest(2);
     host.add_qdisk(2, 51712, &params_of(&disk, "aio"), &[]);
     host.add_disk("xdisk", 1, 51712, &params_of(&disk, "aio"), &[]);
-    host.add_disk("xdisk", 2, 51728, &params_of(&disk, "aio"), &[("mode", "r")]);
+    host.add_disk(
+        "xdisk",
+        2,
+        51728,
+        &params_of(&disk, "aio"),
+        &[("mode", "r")],
+    );
     let mut f = connect(&d2, 51728);
     assert_ne!(f.info().info & xdisk_blkif::xenbus::VDISK_READONLY, 0);
     f.read(0, 8).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let names: Vec<String> = sup.devices().into_iter().map(|d| d.name).collect();
     assert_eq!(names, vec!["xdisk/2/51728".to_string()]);
-    assert_eq!(host.be_state("qdisk", 2, 51712), Some(XenbusState::Initialising));
-    assert_eq!(host.be_state("xdisk", 1, 51712), Some(XenbusState::Initialising));
+    assert_eq!(
+        host.be_state("qdisk", 2, 51712),
+        Some(XenbusState::Initialising)
+    );
+    assert_eq!(
+        host.be_state("xdisk", 1, 51712),
+        Some(XenbusState::Initialising)
+    );
     f.disconnect().unwrap();
     sup.shutdown();
 }
@@ -292,7 +328,12 @@ fn status_renders_and_serializes() {
     assert!(d.matches("qdisk/1/51728") && d.matches("xvdb") && d.matches("51728"));
     assert!(d.matches("1/51728") && !d.matches("xvda"));
     let text = d.render();
-    for s in ["qdisk/1/51728 (xvdb): running, Connected", "rd_req", "wr_sect", "mappings"] {
+    for s in [
+        "qdisk/1/51728 (xvdb): running, Connected",
+        "rd_req",
+        "wr_sect",
+        "mappings",
+    ] {
         assert!(text.contains(s), "{s} missing in\n{text}");
     }
     front.disconnect().unwrap();

@@ -157,7 +157,11 @@ pub fn qcow2_disk(size: u64) -> Disk {
         .arg(size.to_string())
         .output()
         .expect("qemu-img runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Disk { dir, path }
 }
 
@@ -221,7 +225,10 @@ pub fn check_image(path: &Path, writes: &[(u64, Vec<u8>)]) {
     let c = contents(path);
     for (s, d) in writes {
         let o = *s as usize * 512;
-        assert!(&c[o..o + d.len()] == d.as_slice(), "image differs at sector {s}");
+        assert!(
+            &c[o..o + d.len()] == d.as_slice(),
+            "image differs at sector {s}"
+        );
     }
 }
 
