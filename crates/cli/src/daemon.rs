@@ -399,12 +399,28 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
     let platform = Platform::xen().context("the qemu-shim runs in dom0 on real Xen")?;
     let own = platform.domid;
     let xs = platform.xs.clone();
-    let cfg = SupervisorConfig {
-        backend_types: vec!["qdisk".into()],
-        domains: Some(vec![qa.domid]),
-        ..SupervisorConfig::default()
+    // XDISK_SHIM_SERVE=0: the disks are served by a central `xdisk serve` watching
+    // backend/qdisk for every domain; the shim only satisfies libxl.
+    let serve_here = std::env::var("XDISK_SHIM_SERVE").map_or(true, |v| v != "0");
+    let sup = if serve_here {
+        let cfg = SupervisorConfig {
+            backend_types: vec!["qdisk".into()],
+            domains: Some(vec![qa.domid]),
+            ..SupervisorConfig::default()
+        };
+        Some(Supervisor::start(cfg, platform)?)
+    } else {
+        let st = daemon_status(Path::new(DEFAULT_SOCKET))
+            .context("XDISK_SHIM_SERVE=0 needs a running `xdisk serve`")?;
+        if !st.serves("qdisk", qa.domid) {
+            bail!(
+                "XDISK_SHIM_SERVE=0, but the running daemon does not serve qdisk disks of \
+                 domain {}",
+                qa.domid
+            );
+        }
+        None
     };
-    let sup = Supervisor::start(cfg, platform)?;
     let (quit_tx, quit_rx) = mpsc::channel();
     let qmp = QmpServer::start(&qa.qmp, QmpState::new(qa.paused, Some(quit_tx)))?;
     if let Some(p) = &qa.pidfile {
@@ -417,9 +433,14 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
         xs.write(&p, "running").with_context(|| p.clone())?;
     }
     tracing::info!(domid = qa.domid, name = ?qa.name, "qemu-shim serving the domain's qdisk disks");
-    let clean = wait_for_signal(|| sup.is_running(), Some(&quit_rx))?;
+    let clean = wait_for_signal(
+        || sup.as_ref().is_none_or(|s| s.is_running()),
+        Some(&quit_rx),
+    )?;
     drop(qmp);
-    sup.shutdown();
+    if let Some(s) = sup {
+        s.shutdown();
+    }
     if let Some(p) = &qa.pidfile {
         let _ = std::fs::remove_file(p);
     }

@@ -169,9 +169,9 @@ fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
 
 /// Sends one request to the daemon at `path`.
 pub fn request(path: &Path, req: &Request) -> Result<Reply> {
-    let stream = UnixStream::connect(path).map_err(|source| Error::NotRunning {
+    let stream = UnixStream::connect(path).map_err(|error| Error::NotRunning {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     let ctl = |e: std::io::Error| Error::Control(e.to_string());
     stream

@@ -2,25 +2,27 @@
 
 use std::path::PathBuf;
 
-/// Errors of the daemon library.
+/// Errors of the daemon library. Each message is complete by itself (it is what a failed
+/// device's `error` node says), so the causes are part of the message, not a source chain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A xenstore operation failed.
-    #[error("xenstore {path}: {source}")]
+    #[error("xenstore {path}: {error}")]
     Xenstore {
         path: String,
-        #[source]
-        source: xdisk_xen::xenstore::Error,
+        error: xdisk_xen::xenstore::Error,
     },
+    /// No xenstore to talk to.
+    #[error("cannot connect to xenstore: {0}")]
+    Connect(xdisk_xen::xenstore::Error),
     /// A toolstack node is unusable (see [`crate::params::ParamsError`]).
     #[error(transparent)]
     Params(#[from] crate::params::ParamsError),
     /// The image could not be opened.
-    #[error("image {path}: {source}")]
+    #[error("image {path}: {error}")]
     Image {
         path: PathBuf,
-        #[source]
-        source: xdisk_image::Error,
+        error: xdisk_image::Error,
     },
     /// The backend device could not start.
     #[error(transparent)]
@@ -41,11 +43,10 @@ pub enum Error {
     #[error("{0}")]
     Timeout(String),
     /// The daemon is not reachable on its control socket.
-    #[error("the xdisk daemon is not running (no answer on {path}); start it with `xdisk serve` or `systemctl start xdisk`")]
+    #[error("the xdisk daemon is not running (no answer on {path}: {error}); start it with `xdisk serve` or `systemctl start xdisk`")]
     NotRunning {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The control protocol failed.
     #[error("control socket: {0}")]
@@ -54,11 +55,10 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
     /// System calls.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -66,14 +66,14 @@ impl Error {
     pub(crate) fn xs(path: &str, source: xdisk_xen::xenstore::Error) -> Error {
         Error::Xenstore {
             path: path.to_owned(),
-            source,
+            error: source,
         }
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 }

@@ -87,7 +87,7 @@ impl Platform {
     pub fn connect_xenstore(&self) -> Result<Client> {
         match &self.sim {
             Some(sim) => Ok(sim.xenstore(self.domid)?),
-            None => Client::open().map_err(|e| Error::xs("(connect)", e)),
+            None => Client::open().map_err(Error::Connect),
         }
     }
 }
@@ -103,7 +103,7 @@ pub fn own_domid(xs: &Client) -> DomId {
 #[cfg(target_os = "linux")]
 fn real_xen() -> Result<Platform> {
     use xdisk_xen::real::{EvtchnDev, GntDev};
-    let xs = Client::open().map_err(|e| Error::xs("(connect)", e))?;
+    let xs = Client::open().map_err(Error::Connect)?;
     let gnt = GntDev::open()?;
     let evt = EvtchnDev::open()?;
     let domid = own_domid(&xs);

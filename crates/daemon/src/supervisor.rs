@@ -799,12 +799,12 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
             }
             Err(_) => Err(Error::Image {
                 path: spec.path.clone(),
-                source: first,
+                error: first,
             }),
         },
         Err(e) => Err(Error::Image {
             path: spec.path.clone(),
-            source: e,
+            error: e,
         }),
     }
 }
