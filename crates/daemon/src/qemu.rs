@@ -76,6 +76,7 @@ const FLAGS: &[&str] = &[
     "-usb",
     "-enable-kvm",
     "-snapshot",
+    "-xen-domid-restrict",
 ];
 
 fn opts(s: &str) -> Vec<(&str, &str)> {
@@ -435,10 +436,11 @@ mod tests {
             ]
         );
         assert!(a.unsupported.is_empty(), "{:?}", a.unsupported);
-        // dm_restrict: a pre-opened descriptor and -S.
+        // dm_restrict: a pre-opened descriptor, -S and -xen-domid-restrict (a flag).
         let r = QemuArgs::parse(&[
             "-xen-domid",
             "3",
+            "-xen-domid-restrict",
             "-chardev",
             "socket,id=libxl-cmd,fd=19,server=on,wait=off",
             "-S",
