@@ -120,10 +120,13 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept loop; if the socket file was removed under us, nothing can, and
+        // the thread ends with the process.
+        let woke = UnixStream::connect(&self.path).is_ok();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if woke {
+                let _ = t.join();
+            }
         }
         let _ = std::fs::remove_file(&self.path);
     }

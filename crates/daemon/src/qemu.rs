@@ -390,11 +390,13 @@ impl QmpServer {
 impl Drop for QmpServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for p in &self.paths {
-            let _ = UnixStream::connect(p);
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        // Wake each accept loop with a connection. libxl removes the socket files when it
+        // destroys the domain: then nothing can wake that loop, and its thread is left to
+        // end with the process instead of being joined.
+        for (p, t) in self.paths.iter().zip(self.threads.drain(..)) {
+            if UnixStream::connect(p).is_ok() {
+                let _ = t.join();
+            }
         }
         for p in &self.paths {
             let _ = std::fs::remove_file(p);
@@ -514,5 +516,24 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
         drop(server);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn stops_when_libxl_removed_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp-libxl-9");
+        let server = QmpServer::start(
+            &[QmpEndpoint::Path(path.clone())],
+            QmpState::new(false, None),
+        )
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(server);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("dropping the server does not hang");
     }
 }
