@@ -41,6 +41,9 @@ check "data read back through $dev2" cmp /tmp/pat /tmp/back2
 xdisk stat --control "$sock"
 xdisk stat --json --control "$sock" > /tmp/stat.json || fail "xdisk stat --json"
 check "stat counts writes" grep -q '"wr_req": [1-9]' /tmp/stat.json
+check "stat counts flushes" grep -q '"f_req": [1-9]' /tmp/stat.json
+check "no request failed" sh -c "! grep -q '\"errors\": [1-9]' /tmp/stat.json"
+check "blkfront saw no failed operation" sh -c "! dmesg | grep -q 'op failed'"
 
 for d in "$dev" "$dev2"; do
   xdisk detach "$d" --control "$sock" || fail "detach $d: $(tail -3 /tmp/serve.log)"

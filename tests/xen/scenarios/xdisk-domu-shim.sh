@@ -71,7 +71,7 @@ rc=$?
 if [ $rc != 0 ]; then
   grep -v '^domainbuilder' /tmp/xl.log | tail -60
   echo "--- device model log"
-  cat /var/log/xen/qemu-dm-domu1.log 2>/dev/null | tail -30
+  tail -30 /var/log/xen/qemu-dm-domu1.log 2>/dev/null
   fail "xl create exited with $rc: $(grep -iE 'error|fault' /tmp/xl.log | tail -2 | tr '\n' ' ')"
 fi
 grep -v '^domainbuilder' /tmp/xl.log | tail -15
