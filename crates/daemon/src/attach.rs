@@ -373,6 +373,11 @@ pub fn wait_connected(xs: &Client, a: &Attached, timeout: Duration) -> Result<()
         }
         if matches!(bs, Some(XenbusState::Closing | XenbusState::Closed)) {
             let why = read_opt(xs, &format!("{be}/error"))?.unwrap_or_default();
+            // The daemon writes hotplug-status, error and state in one transaction: it may
+            // have landed between the reads above.
+            if read_opt(xs, &format!("{be}/hotplug-status"))?.as_deref() == Some("error") {
+                return Err(Error::Device(format!("the daemon refused the disk: {why}")));
+            }
             return Err(Error::Device(format!(
                 "the backend closed the device (state {}){}",
                 state_name(bs),

@@ -24,8 +24,8 @@ fn domain_destroy_tears_down() {
     let sup = supervisor(&host, SupervisorConfig::default());
     let disk = raw_disk(4 * MIB);
     let dom = host.guest(5);
-    host.add_qdisk(5, 51712, &params_of(&disk, "aio"), &[]);
     let baseline = thread_count();
+    host.add_qdisk(5, 51712, &params_of(&disk, "aio"), &[]);
     let mut front = connect(&dom, 51712);
     round_trip(&mut front, 3);
     // The guest dies with its rings up: its xenstore directory goes, @releaseDomain fires.
