@@ -1,8 +1,9 @@
 #!/bin/sh
 # A PV domU whose disk is backendtype=qdisk, with device_model_override pointing at
 # `xdisk qemu-shim`: libxl starts the shim as the domain's device model, the shim serves the
-# disk, the guest's xen-blkfront reads and writes it; after the guest powers off, libxl kills
-# the shim and nothing is left in xenstore.
+# disk, the guest's xen-blkfront reads and writes it, a second disk is hot-plugged with
+# `xl block-attach` and read; after the guest powers off, libxl kills the shim and nothing is
+# left in xenstore.
 # Needs a guest kernel in dom0: tests/xen/run with
 #   XDISK_XEN_EXTRA_BINS=$XDISK_XEN_CACHE/root-xen<XV>-<KVER>/.boot/vmlinux
 # shellcheck source=../dom0/lib.sh
@@ -32,6 +33,13 @@ if [ -b /dev/xvda ]; then
   dd if=/tmp/m of=/dev/xvda bs=512 seek=4096 conv=fsync 2>/dev/null && echo "DOMU: wrote"
 else
   echo "DOMU: no xvda"
+fi
+# A disk hot-plugged by dom0 (xl block-attach) while the guest runs.
+i=0; while [ ! -b /dev/xvdb ] && [ $i -lt 900 ]; do usleep 100000; i=$((i+1)); done
+if [ -b /dev/xvdb ]; then
+  echo "DOMU: xvdb md5=$(dd if=/dev/xvdb bs=1M count=1 2>/dev/null | md5sum | cut -d' ' -f1)"
+else
+  echo "DOMU: no xvdb"
 fi
 echo "DOMU: poweroff"
 poweroff -f
@@ -82,6 +90,15 @@ echo "device model pid $dmpid: $(tr '\0' ' ' < /proc/"$dmpid"/cmdline 2>/dev/nul
 check "device-model state running" test "$(xenstore-read /local/domain/0/device-model/"$domid"/state)" = running
 xenstore-ls -f "/local/domain/0/backend/qdisk/$domid" 2>&1 | head -30
 
+wait_for 120 grep -aq "DOMU: wrote" /var/log/xen/console/guest-domu1.log ||
+  fail "the guest did not write xvda: $(grep -a DOMU /var/log/xen/console/guest-domu1.log | tail -2)"
+# Hotplug: a second, read-only raw disk, served by the running shim.
+dd if=/dev/urandom of=/tmp/hot.raw bs=1M count=1 2>/dev/null
+dd if=/dev/zero of=/tmp/hot.raw bs=1M seek=8 count=0 2>/dev/null
+want_hot=$(dd if=/tmp/hot.raw bs=1M count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+cp /tmp/hot.raw "$LAB_DATA/hot.raw"
+xl block-attach domu1 "format=raw,vdev=xvdb,access=ro,backendtype=qdisk,target=$LAB_DATA/hot.raw" ||
+  fail "xl block-attach"
 wait_for 180 sh -c "! xl list domu1 >/dev/null 2>&1" || fail "domU still running after 180 s"
 echo "--- guest console"
 grep -a 'DOMU' /var/log/xen/console/guest-domu1.log
@@ -89,6 +106,8 @@ echo "--- device model log"
 tail -20 /var/log/xen/qemu-dm-domu1.log 2>/dev/null
 grep -aq "DOMU: xvda md5=$want" /var/log/xen/console/guest-domu1.log || fail "the guest did not read the disk's data"
 grep -aq "DOMU: wrote" /var/log/xen/console/guest-domu1.log || fail "the guest could not write"
+grep -aq "DOMU: xvdb md5=$want_hot" /var/log/xen/console/guest-domu1.log ||
+  fail "the guest did not read the hot-plugged disk"
 wait_for 20 sh -c "! kill -0 $dmpid 2>/dev/null" || fail "the shim (pid $dmpid) still runs after the domain died"
 check "no qdisk nodes left for the domain" sh -c "! xenstore-exists /local/domain/0/backend/qdisk/$domid"
 xdisk img check "$img" || fail "image not clean"
