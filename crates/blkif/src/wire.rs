@@ -625,7 +625,12 @@ fn parse_direct(
         let _ = segments.push(seg);
     }
     let sector = le_u64(slot, l.req_sector_number);
-    check_range(sector, segments.nr_sectors())?;
+    // An empty flush or barrier carries no range: Linux's blkfront sends the block layer's
+    // `blk_rq_pos()` of a data-less flush request, which is `(sector_t)-1`, and Linux blkback
+    // checks the range only when there are sectors (`xen_vbd_translate`).
+    if !segments.is_empty() {
+        check_range(sector, segments.nr_sectors())?;
+    }
     Ok(DirectIo { sector, segments })
 }
 
@@ -1065,6 +1070,29 @@ mod tests {
             near_end.parse_segments(&[&p0, &p1]),
             Err(InvalidRequest::SectorOverflow { .. })
         ));
+    }
+
+    #[test]
+    fn empty_flush_with_linux_sector() {
+        // Linux blkfront's empty flush: no segments, sector_number (sector_t)-1.
+        for abi in [Abi::Native, Abi::X86_32, Abi::X86_64] {
+            for op in [BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER] {
+                let mut s = [0u8; SLOT_SIZE];
+                let io = DirectIo {
+                    sector: u64::MAX,
+                    segments: Segments::new(),
+                };
+                Request {
+                    id: 9,
+                    handle: 0,
+                    kind: RequestKind::Flush(io),
+                }
+                .write(abi, &mut s);
+                s[0] = op;
+                let r = Request::parse(abi, &s).expect("an empty flush has no range to check");
+                assert_eq!(r.id, 9);
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! backend daemon and friends join it as they land.
 
 mod bench;
+mod daemon;
 mod img;
 mod ringbench;
 mod size;
@@ -29,6 +30,18 @@ enum Command {
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
+    /// The backend daemon: serves every disk found under this domain's backend/<type>
+    /// directories in xenstore.
+    Serve(daemon::ServeArgs),
+    /// Attaches an image to this domain (dom0) through the daemon; prints its /dev/xvdX.
+    Attach(daemon::AttachArgs),
+    /// Detaches a disk attached with `xdisk attach`.
+    Detach(daemon::DetachArgs),
+    /// Per-device counters of the running daemon.
+    Stat(daemon::StatArgs),
+    /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
+    /// (device_model_override); serves that domain's disks and answers libxl's QMP.
+    QemuShim(daemon::QemuShimArgs),
     /// Checks of the real-Xen platform and xenstore client, for the Xen lab (run in dom0).
     #[command(hide = true)]
     XenSelftest(xen_selftest::SelftestArgs),
@@ -61,5 +74,10 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Img { cmd } => img::run(cmd),
         Command::XenSelftest(args) => xen_selftest::run(args),
         Command::Bench(a) => ringbench::run(*a),
+        Command::Serve(a) => daemon::serve(a),
+        Command::Attach(a) => daemon::attach(a),
+        Command::Detach(a) => daemon::detach(a),
+        Command::Stat(a) => daemon::stat(a),
+        Command::QemuShim(a) => daemon::qemu_shim(a),
     }
 }

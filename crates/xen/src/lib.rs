@@ -10,6 +10,7 @@
 //! - [`sim`]: a simulated Xen host in one process (memfd guest memory, a grant table in shared
 //!   memory, eventfd event channels, the in-process xenstored), with [`foreign`] holding the
 //!   memory mappings and the zero-copy I/O buffer over granted pages ([`foreign::GrantIoBuf`]).
+//!
 //! - [`real`] (Linux): the platform on real Xen, over `/dev/xen/{gntdev,evtchn,gntalloc}`.
 //!
 //! `unsafe` is denied crate-wide; only the modules that map foreign memory allow it.

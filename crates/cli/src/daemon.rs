@@ -1,0 +1,448 @@
+//! `xdisk serve`, `xdisk attach`, `xdisk detach`, `xdisk stat` and `xdisk qemu-shim`: the
+//! command-line side of the xdisk-daemon crate.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use xdisk_daemon::attach::{self, AttachOptions};
+use xdisk_daemon::control::{self, ControlServer, DEFAULT_SOCKET};
+use xdisk_daemon::params::ParamsDefaults;
+use xdisk_daemon::platform::PlatformKind;
+use xdisk_daemon::qemu::{QemuArgs, QmpServer, QmpState};
+use xdisk_daemon::simguest::SimGuest;
+use xdisk_daemon::status::DaemonStatus;
+use xdisk_daemon::{Platform, Supervisor, SupervisorConfig};
+use xdisk_image::{CacheMode, Format};
+use xdisk_xen::sim::SimXen;
+use xdisk_xen::xenstore::Client;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// `xen`: this domain's xenstore, /dev/xen/gntdev and /dev/xen/evtchn. `sim`: an
+    /// all-in-one demo on the simulation (its own xenstored and simulated guests).
+    #[arg(long, default_value = "xen")]
+    platform: PlatformKind,
+    /// Backend type to serve, under /local/domain/<own domid>/backend/<type> (repeatable).
+    /// `qdisk` is what libxl writes for backendtype=qdisk; `xdisk` is private to
+    /// `xdisk attach`.
+    #[arg(long = "backend-type", default_values_t = vec!["qdisk".to_string()])]
+    backend_types: Vec<String>,
+    /// Serve only these frontend domains (repeatable; default: all). `--domain 0` replaces
+    /// the QEMU that Debian starts as dom0's disk backend.
+    #[arg(long = "domain")]
+    domains: Vec<u16>,
+    /// The control socket (for `xdisk stat`, `xdisk attach`).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+    /// Accepted for compatibility: xdisk never forks; it always runs in the foreground
+    /// (under systemd, `Type=notify`).
+    #[arg(long)]
+    foreground: bool,
+    /// Host cache mode for every disk, overriding `direct-io-safe` (none, directsync,
+    /// writethrough, writeback, unsafe).
+    #[arg(long)]
+    cache: Option<CacheMode>,
+    /// Queues (rings) offered per device.
+    #[arg(long)]
+    max_queues: Option<u32>,
+    /// On the simulation: guest domains to create, each with a blkfront that connects to
+    /// the disks given to it (the first one is where `xdisk attach` attaches).
+    #[arg(long = "sim-guest", default_values_t = vec![1u16])]
+    sim_guests: Vec<u16>,
+}
+
+#[derive(Args)]
+pub struct AttachArgs {
+    /// The image (raw or qcow2).
+    image: PathBuf,
+    /// The image format (default: probed once, here, and written explicitly).
+    #[arg(long)]
+    format: Option<Format>,
+    #[arg(long)]
+    read_only: bool,
+    /// Device number or name (51728, xvdb), or `auto` for the first free one.
+    #[arg(long, default_value = "auto")]
+    devid: String,
+    /// Backend type (default: `xdisk` if the daemon serves it, else `qdisk`).
+    #[arg(long)]
+    backend_type: Option<String>,
+    /// Write direct-io-safe=1: the daemon opens the image with O_DIRECT (cache=none).
+    #[arg(long)]
+    direct_io: bool,
+    /// Do not offer discard to the frontend.
+    #[arg(long)]
+    no_discard: bool,
+    /// Seconds to wait for the frontend to connect.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+    /// The frontend domain (default: what the daemon says, 0 on Xen).
+    #[arg(long, hide = true)]
+    frontend_domid: Option<u16>,
+}
+
+#[derive(Args)]
+pub struct DetachArgs {
+    /// The device: xvdb, /dev/xvdb or its number (51728).
+    device: String,
+    /// Seconds to wait for the backend to close.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Remove the nodes even if the backend does not close in time.
+    #[arg(long)]
+    force: bool,
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+    #[arg(long, hide = true)]
+    frontend_domid: Option<u16>,
+}
+
+#[derive(Args)]
+pub struct StatArgs {
+    /// One device: qdisk/5/51712, 5/51712, xvda, 51712 or its backend path.
+    device: Option<String>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct QemuShimArgs {
+    /// The QEMU command line libxl passes (-xen-domid N -chardev ... -machine xenpv ...).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// Tells systemd (Type=notify) something, if it listens.
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let r = (|| -> std::io::Result<()> {
+        let sock = UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(msg.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(msg.as_bytes(), &path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        tracing::warn!("sd_notify: {e}");
+    }
+}
+
+/// Waits for SIGTERM/SIGINT/SIGHUP, or until `alive` says no (then returns false).
+fn wait_for_signal(
+    mut alive: impl FnMut() -> bool,
+    quit: Option<&mpsc::Receiver<()>>,
+) -> Result<bool> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("signal handlers")?;
+    loop {
+        if let Some(sig) = signals.pending().next() {
+            tracing::info!(signal = sig, "stopping");
+            return Ok(true);
+        }
+        if quit.is_some_and(|q| q.try_recv().is_ok()) {
+            tracing::info!("QMP quit: stopping");
+            return Ok(true);
+        }
+        if !alive() {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn serve(a: ServeArgs) -> Result<i32> {
+    let _ = a.foreground;
+    let mut sim: Option<Arc<SimXen>> = None;
+    let mut guests = Vec::new();
+    let platform = match a.platform {
+        PlatformKind::Xen => Platform::xen().context(
+            "cannot use real Xen (run in dom0 with xenfs mounted, xenstored running and the \
+             xen-gntdev and xen-evtchn modules loaded; for a demo without Xen: --platform=sim)",
+        )?,
+        PlatformKind::Sim => {
+            let xen = SimXen::new().context("starting the simulation")?;
+            sim = Some(xen.clone());
+            Platform::sim(&xen, 0)?
+        }
+    };
+    let max_queues = a.max_queues;
+    let cfg = SupervisorConfig {
+        backend_types: a.backend_types.clone(),
+        domains: (!a.domains.is_empty()).then(|| a.domains.clone()),
+        params: ParamsDefaults {
+            cache_override: a.cache,
+        },
+        device_hook: max_queues.map(|q| {
+            Arc::new(move |c: &mut xdisk_backend::DeviceConfig, _: &_| c.max_queues = q)
+                as xdisk_daemon::supervisor::DeviceHook
+        }),
+        ..SupervisorConfig::default()
+    };
+    let sup = Arc::new(Supervisor::start(cfg, platform).context("starting the supervisor")?);
+    if let Some(xen) = &sim {
+        for &d in &a.sim_guests {
+            guests.push(SimGuest::start(xen, d).with_context(|| format!("sim guest {d}"))?);
+        }
+    }
+    let attach_domid = if sim.is_some() {
+        a.sim_guests.first().copied().unwrap_or(0)
+    } else {
+        sup.platform().domid
+    };
+    let s2 = sup.clone();
+    let status = Arc::new(move || {
+        let mut s = s2.status();
+        s.attach_frontend_domid = attach_domid;
+        s
+    });
+    let server = ControlServer::start(&a.control, status)?;
+    if let Some(xen) = &sim {
+        println!(
+            "xdisk serve: simulated Xen; xenstored {}; guests {:?}; control {}",
+            xen.xenstore_path().display(),
+            a.sim_guests,
+            a.control.display()
+        );
+    }
+    tracing::info!(control = %a.control.display(), platform = a.platform.as_str(), "serving");
+    sd_notify("READY=1");
+    let clean = wait_for_signal(|| sup.is_running(), None)?;
+    sd_notify("STOPPING=1");
+    drop(server);
+    drop(guests);
+    match Arc::try_unwrap(sup) {
+        Ok(s) => s.shutdown(),
+        Err(s) => drop(s),
+    }
+    drop(sim);
+    if clean {
+        Ok(0)
+    } else {
+        eprintln!("xdisk serve: the supervisor stopped (xenstore connection lost?)");
+        Ok(1)
+    }
+}
+
+fn daemon_status(control: &Path) -> Result<DaemonStatus> {
+    Ok(control::status(control)?)
+}
+
+fn xenstore_for(status: &DaemonStatus) -> Result<Client> {
+    match &status.xenstore_path {
+        Some(p) => Client::connect(p).with_context(|| format!("xenstore at {p}")),
+        None => Client::open().context("cannot reach xenstore"),
+    }
+}
+
+fn dev_node_exists(name: &str) -> bool {
+    Path::new("/dev").join(name).exists()
+}
+
+pub fn attach(a: AttachArgs) -> Result<i32> {
+    let status = daemon_status(&a.control)?;
+    let fe = a.frontend_domid.unwrap_or(status.attach_frontend_domid);
+    let t = match &a.backend_type {
+        Some(t) => t.clone(),
+        None if status.serves("xdisk", fe) => "xdisk".into(),
+        None => "qdisk".into(),
+    };
+    if !status.serves(&t, fe) {
+        bail!(
+            "the daemon (pid {}) does not serve backend type {t} for domain {fe} (it serves \
+             {:?}{}); restart it with --backend-type {t}",
+            status.pid,
+            status.backend_types,
+            status
+                .domains
+                .as_ref()
+                .map(|d| format!(" for domains {d:?}"))
+                .unwrap_or_default()
+        );
+    }
+    let devid = match a.devid.as_str() {
+        "auto" => None,
+        d => Some(
+            xdisk_daemon::devid::parse_device(d)
+                .ok_or_else(|| anyhow!("--devid {d:?}: expected a number, an xvd name or auto"))?,
+        ),
+    };
+    let real = status.platform == "xen";
+    let mut opts = AttachOptions::new(&a.image, t);
+    opts.format = a.format;
+    opts.read_only = a.read_only;
+    opts.devid = devid;
+    opts.backend_domid = status.backend_domid;
+    opts.frontend_domid = fe;
+    opts.direct_io_safe = a.direct_io;
+    opts.discard = !a.no_discard;
+    if real {
+        opts.skip = dev_node_exists;
+    }
+    let xs = xenstore_for(&status)?;
+    let att = attach::attach(&xs, &opts, Duration::from_secs(a.timeout))?;
+    let vdev = att.vdev.clone().unwrap_or_else(|| att.devid.to_string());
+    if real && fe == status.backend_domid {
+        let node = Path::new("/dev").join(&vdev);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !node.exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if node.exists() {
+            println!("{}", node.display());
+        } else {
+            println!(
+                "{vdev} (connected; {} has not appeared yet)",
+                node.display()
+            );
+        }
+    } else {
+        println!(
+            "{vdev} (devid {}): frontend {} Connected ({} platform: no /dev node here)",
+            att.devid, fe, status.platform
+        );
+    }
+    Ok(0)
+}
+
+pub fn detach(a: DetachArgs) -> Result<i32> {
+    let status = match daemon_status(&a.control) {
+        Ok(s) => s,
+        Err(e) if a.force => {
+            eprintln!("xdisk detach: {e:#}; removing the nodes anyway (--force)");
+            DaemonStatus {
+                pid: 0,
+                version: String::new(),
+                platform: "xen".into(),
+                backend_domid: 0,
+                backend_types: Vec::new(),
+                domains: None,
+                attach_frontend_domid: 0,
+                xenstore_path: None,
+                devices: Vec::new(),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let fe = a.frontend_domid.unwrap_or(status.attach_frontend_domid);
+    let xs = xenstore_for(&status)?;
+    let att = attach::find(&xs, fe, &a.device)?;
+    attach::detach(&xs, &att, Duration::from_secs(a.timeout), a.force)?;
+    println!(
+        "detached {}",
+        att.vdev.clone().unwrap_or_else(|| att.devid.to_string())
+    );
+    Ok(0)
+}
+
+pub fn stat(a: StatArgs) -> Result<i32> {
+    let mut status = daemon_status(&a.control)?;
+    if let Some(q) = &a.device {
+        status.devices.retain(|d| d.matches(q));
+        if status.devices.is_empty() {
+            bail!("no device {q:?} (xdisk stat lists them all)");
+        }
+    }
+    if a.json {
+        if a.device.is_some() {
+            println!("{}", serde_json::to_string_pretty(&status.devices)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        return Ok(0);
+    }
+    if a.device.is_none() {
+        println!(
+            "xdisk daemon pid {} ({} platform), backend domain {}, types {:?}, domains {}, {} device(s)",
+            status.pid,
+            status.platform,
+            status.backend_domid,
+            status.backend_types,
+            status
+                .domains
+                .as_ref()
+                .map_or("all".to_string(), |d| format!("{d:?}")),
+            status.devices.len()
+        );
+    }
+    for d in &status.devices {
+        print!("{}", d.render());
+    }
+    Ok(0)
+}
+
+pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
+    let qa = QemuArgs::parse(&a.args)?;
+    for u in &qa.unsupported {
+        tracing::warn!(
+            domid = qa.domid,
+            "ignored (not provided by the xdisk qemu-shim): {u}"
+        );
+    }
+    let platform = Platform::xen().context("the qemu-shim runs in dom0 on real Xen")?;
+    let own = platform.domid;
+    let xs = platform.xs.clone();
+    // XDISK_SHIM_SERVE=0: the disks are served by a central `xdisk serve` watching
+    // backend/qdisk for every domain; the shim only satisfies libxl.
+    let serve_here = std::env::var("XDISK_SHIM_SERVE").map_or(true, |v| v != "0");
+    let sup = if serve_here {
+        let cfg = SupervisorConfig {
+            backend_types: vec!["qdisk".into()],
+            domains: Some(vec![qa.domid]),
+            ..SupervisorConfig::default()
+        };
+        Some(Supervisor::start(cfg, platform)?)
+    } else {
+        let st = daemon_status(Path::new(DEFAULT_SOCKET))
+            .context("XDISK_SHIM_SERVE=0 needs a running `xdisk serve`")?;
+        if !st.serves("qdisk", qa.domid) {
+            bail!(
+                "XDISK_SHIM_SERVE=0, but the running daemon does not serve qdisk disks of \
+                 domain {}",
+                qa.domid
+            );
+        }
+        None
+    };
+    let (quit_tx, quit_rx) = mpsc::channel();
+    let qmp = QmpServer::start(&qa.qmp, QmpState::new(qa.paused, Some(quit_tx)))?;
+    if let Some(p) = &qa.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("pidfile {}", p.display()))?;
+    }
+    if !qa.paused {
+        // What QEMU writes once it runs; libxl waits for it.
+        let p = format!("/local/domain/{own}/device-model/{}/state", qa.domid);
+        xs.write(&p, "running").with_context(|| p.clone())?;
+    }
+    tracing::info!(domid = qa.domid, name = ?qa.name, "qemu-shim serving the domain's qdisk disks");
+    let clean = wait_for_signal(
+        || sup.as_ref().is_none_or(|s| s.is_running()),
+        Some(&quit_rx),
+    )?;
+    drop(qmp);
+    if let Some(s) = sup {
+        s.shutdown();
+    }
+    if let Some(p) = &qa.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(if clean { 0 } else { 1 })
+}

@@ -1,0 +1,92 @@
+//! `xdisk serve --platform=sim` with `xdisk attach`, `stat`, `detach` against it, as a user
+//! would run them.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn xdisk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xdisk"))
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = xdisk().args(args).output().expect("xdisk runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn serve_attach_stat_detach_on_the_simulation() {
+    let dir = tempfile::Builder::new()
+        .prefix("xdisk-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let sock = dir.path().join("control.sock");
+    let sock_s = sock.to_str().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let img_s = img.to_str().unwrap();
+
+    // Without a daemon: a clear message.
+    let (ok, _, err) = run(&["attach", img_s, "--control", sock_s]);
+    assert!(!ok);
+    assert!(err.contains("daemon is not running"), "{err}");
+
+    let mut serve = xdisk()
+        .args(["serve", "--platform=sim", "--control", sock_s])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !Path::new(&sock).exists() {
+        assert!(Instant::now() < until, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, out, err) = run(&["attach", img_s, "--control", sock_s, "--timeout", "20"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("xvda") && out.contains("Connected"), "{out}");
+
+    let (ok, out, err) = run(&["stat", "--control", sock_s]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("qdisk/1/51712 (xvda): running, Connected"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["format"], "raw");
+    assert_eq!(v[0]["phase"], "running");
+    assert!(v[0]["counters"]["rd_req"].as_u64().unwrap() >= 1);
+    let (ok, _, err) = run(&["stat", "xvdq", "--control", sock_s]);
+    assert!(!ok && err.contains("no device"), "{err}");
+
+    let (ok, out, err) = run(&["detach", "xvda", "--control", sock_s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("detached xvda"), "{out}");
+    let (_, out, _) = run(&["stat", "--control", sock_s]);
+    assert!(out.contains("0 device(s)"), "{out}");
+
+    let st = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = serve.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < until, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "the control socket is removed");
+}

@@ -1,0 +1,302 @@
+//! The toolstack's description of a disk, from its backend directory.
+//!
+//! What libxl writes for a `qdisk` vbd (tools/libs/light/libxl_disk.c, and the Xen lab's
+//! notes): `params` = `<format>:<path>` where the format is
+//! `libxl__device_disk_string_of_format` (`aio` for raw, `qcow2`, `qcow`, `vhd`, `qed`), `mode`
+//! `w` or `r`, `discard-enable` `0`/`1`, `direct-io-safe` `0`/`1` (only written when set),
+//! `device-type` `disk` or `cdrom`, plus `frontend`, `frontend-id`, `online`, `state`, `dev`,
+//! `type`, `removable`, `bootable`. QEMU's xen-block reads the same nodes: `aio` means raw,
+//! `vhd` means its `vpc` driver, a path without a known prefix is probed, and `direct-io-safe`
+//! chooses `cache.direct`.
+//!
+//! The backend directory is writable only by the backend domain and the toolstack, so these
+//! values are not guest-controlled; they are still parsed strictly (a mistake must fail one
+//! device with a clear `error` node, not do something surprising).
+
+use std::path::PathBuf;
+
+use xdisk_image::{CacheMode, Format};
+
+/// Longest `params` accepted (Linux PATH_MAX plus a format prefix).
+pub const MAX_PARAMS_LEN: usize = 4096 + 16;
+
+/// A backend node that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    #[error("node {0} is missing")]
+    Missing(&'static str),
+    #[error("node {node}: invalid value {value:?} ({why})")]
+    Invalid {
+        node: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The device type (`device-type` node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceType {
+    Disk,
+    Cdrom,
+}
+
+impl DeviceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceType::Disk => "disk",
+            DeviceType::Cdrom => "cdrom",
+        }
+    }
+}
+
+/// How a disk is to be opened and served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image (absolute path).
+    pub path: PathBuf,
+    /// The format; `None`: probe (a plain path in `params`).
+    pub format: Option<Format>,
+    /// The format as written in `params` (`aio`, `raw`, `qcow2`, or empty when probed).
+    pub format_tag: String,
+    /// Serve read-only (`mode` `r`, or a CD-ROM).
+    pub read_only: bool,
+    /// Offer discard (`discard-enable`, default on).
+    pub discard: bool,
+    /// Host cache mode (`direct-io-safe` 1: `none`, else `writeback`; or the daemon's
+    /// override).
+    pub cache: CacheMode,
+    /// Whether `direct-io-safe` was 1.
+    pub direct_io_safe: bool,
+    pub device_type: DeviceType,
+}
+
+/// Daemon-wide defaults that apply to every disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParamsDefaults {
+    /// Use this cache mode whatever `direct-io-safe` says.
+    pub cache_override: Option<CacheMode>,
+}
+
+fn invalid(node: &'static str, value: &str, why: impl Into<String>) -> ParamsError {
+    let mut v: String = value.chars().take(80).collect();
+    if value.chars().count() > 80 {
+        v.push('…');
+    }
+    ParamsError::Invalid {
+        node,
+        value: v,
+        why: why.into(),
+    }
+}
+
+fn parse_flag(node: &'static str, v: Option<String>, default: bool) -> Result<bool, ParamsError> {
+    match v.as_deref() {
+        None => Ok(default),
+        Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(invalid(node, other, "expected 0 or 1")),
+    }
+}
+
+/// Splits `params` into the format and the path, as libxl writes it and QEMU reads it.
+pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), ParamsError> {
+    const NODE: &str = "params";
+    if params.len() > MAX_PARAMS_LEN {
+        return Err(invalid(NODE, params, "too long"));
+    }
+    if params.chars().any(|c| c.is_control()) {
+        return Err(invalid(NODE, params, "control characters"));
+    }
+    if params.is_empty() {
+        return Err(ParamsError::Unsupported(
+            "params is empty: no medium (empty CD-ROM drives are not supported)".into(),
+        ));
+    }
+    let (tag, path) = if params.starts_with('/') {
+        ("", params)
+    } else {
+        match params.split_once(':') {
+            Some(("", _)) => return Err(invalid(NODE, params, "empty format")),
+            Some((tag, path)) => (tag, path),
+            None => return Err(invalid(NODE, params, "not an absolute path")),
+        }
+    };
+    let format = match tag {
+        "" => None,
+        "aio" | "raw" | "file" => Some(Format::Raw),
+        "qcow2" => Some(Format::Qcow2),
+        "vhd" | "vpc" => {
+            return Err(ParamsError::Unsupported(format!(
+                "VHD images are not supported ({params}); convert with \
+                 `xdisk img convert -O qcow2` or `qemu-img convert -O qcow2`"
+            )))
+        }
+        "qcow" | "qed" => {
+            return Err(ParamsError::Unsupported(format!(
+                "{tag} images are not supported ({params}); convert them to qcow2"
+            )))
+        }
+        "tap" | "tap2" | "phy" => {
+            return Err(ParamsError::Unsupported(format!(
+                "params {params:?} is for another backend (blktap or blkback), not qdisk"
+            )))
+        }
+        _ => return Err(invalid(NODE, params, format!("unknown format {tag:?}"))),
+    };
+    if path.is_empty() {
+        return Err(ParamsError::Unsupported(format!(
+            "params {params:?} names no image (empty CD-ROM drives are not supported)"
+        )));
+    }
+    if !path.starts_with('/') {
+        return Err(invalid(NODE, params, "the image path must be absolute"));
+    }
+    Ok((format, tag.to_owned(), PathBuf::from(path)))
+}
+
+/// Reads a disk's nodes through `read` (key relative to the backend directory; `None` when
+/// the node does not exist).
+pub fn parse(
+    read: impl Fn(&'static str) -> Option<String>,
+    defaults: &ParamsDefaults,
+) -> Result<DiskSpec, ParamsError> {
+    let params = read("params").ok_or(ParamsError::Missing("params"))?;
+    let (format, format_tag, path) = parse_params(&params)?;
+    let device_type = match read("device-type").as_deref() {
+        None | Some("disk") => DeviceType::Disk,
+        Some("cdrom") => DeviceType::Cdrom,
+        Some(other) => return Err(invalid("device-type", other, "expected disk or cdrom")),
+    };
+    let read_only = match read("mode").as_deref() {
+        None | Some("w") => false,
+        Some("r") => true,
+        Some(other) => return Err(invalid("mode", other, "expected r or w")),
+    } || device_type == DeviceType::Cdrom;
+    let discard = parse_flag("discard-enable", read("discard-enable"), true)?;
+    let direct_io_safe = parse_flag("direct-io-safe", read("direct-io-safe"), false)?;
+    let cache = defaults.cache_override.unwrap_or(if direct_io_safe {
+        CacheMode::None
+    } else {
+        CacheMode::WriteBack
+    });
+    Ok(DiskSpec {
+        path,
+        format,
+        format_tag,
+        read_only,
+        discard,
+        cache,
+        direct_io_safe,
+        device_type,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn spec(nodes: &[(&'static str, &str)]) -> Result<DiskSpec, ParamsError> {
+        let m: HashMap<&str, String> = nodes.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        parse(|k| m.get(k).cloned(), &ParamsDefaults::default())
+    }
+
+    #[test]
+    fn libxl_formats() {
+        let s = spec(&[("params", "qcow2:/var/lib/xen/a.qcow2"), ("mode", "w")]).unwrap();
+        assert_eq!(s.format, Some(Format::Qcow2));
+        assert_eq!(s.path, PathBuf::from("/var/lib/xen/a.qcow2"));
+        assert!(!s.read_only && s.discard && !s.direct_io_safe);
+        assert_eq!(s.cache, CacheMode::WriteBack);
+        let s = spec(&[("params", "aio:/tmp/disk2.raw")]).unwrap();
+        assert_eq!(s.format, Some(Format::Raw));
+        assert_eq!(s.format_tag, "aio");
+        let s = spec(&[("params", "raw:/x")]).unwrap();
+        assert_eq!(s.format, Some(Format::Raw));
+        let s = spec(&[("params", "/images/a:b.img")]).unwrap();
+        assert_eq!(s.format, None, "plain paths are probed");
+        assert_eq!(s.path, PathBuf::from("/images/a:b.img"));
+        // Only the first colon separates the format.
+        let s = spec(&[("params", "qcow2:/images/x:y.qcow2")]).unwrap();
+        assert_eq!(s.path, PathBuf::from("/images/x:y.qcow2"));
+    }
+
+    #[test]
+    fn flags() {
+        let s = spec(&[
+            ("params", "aio:/a"),
+            ("mode", "r"),
+            ("discard-enable", "0"),
+            ("direct-io-safe", "1"),
+        ])
+        .unwrap();
+        assert!(s.read_only && !s.discard && s.direct_io_safe);
+        assert_eq!(s.cache, CacheMode::None);
+        let s = spec(&[
+            ("params", "aio:/a"),
+            ("device-type", "cdrom"),
+            ("mode", "w"),
+        ])
+        .unwrap();
+        assert!(s.read_only, "a CD-ROM is read-only");
+        assert_eq!(s.device_type, DeviceType::Cdrom);
+        let m: HashMap<&str, String> = [("params", "aio:/a".to_string())].into();
+        let s = parse(
+            |k| m.get(k).cloned(),
+            &ParamsDefaults {
+                cache_override: Some(CacheMode::DirectSync),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.cache, CacheMode::DirectSync);
+    }
+
+    #[test]
+    fn refused_clearly() {
+        let e = spec(&[("params", "vhd:/a.vhd")]).unwrap_err();
+        assert!(
+            e.to_string().contains("VHD images are not supported"),
+            "{e}"
+        );
+        let e = spec(&[("params", "qcow:/a")]).unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+        assert_eq!(spec(&[]).unwrap_err(), ParamsError::Missing("params"));
+        assert!(matches!(
+            spec(&[("params", "")]).unwrap_err(),
+            ParamsError::Unsupported(_)
+        ));
+        assert!(matches!(
+            spec(&[("params", "aio:")]).unwrap_err(),
+            ParamsError::Unsupported(_)
+        ));
+    }
+
+    #[test]
+    fn hostile_values() {
+        let bad: &[&[(&'static str, &str)]] = &[
+            &[("params", "relative/path.img")],
+            &[("params", "aio:relative.img")],
+            &[("params", "qcow2:../../etc/shadow")],
+            &[("params", "nbd:/x")],
+            &[("params", ":/x")],
+            &[("params", "aio:/a\nb")],
+            &[("params", "aio:/a\0b")],
+            &[("params", "\u{1b}[31m/x")],
+            &[("params", "aio:/a"), ("mode", "rw")],
+            &[("params", "aio:/a"), ("mode", "w!")],
+            &[("params", "aio:/a"), ("mode", "")],
+            &[("params", "aio:/a"), ("discard-enable", "yes")],
+            &[("params", "aio:/a"), ("discard-enable", "01")],
+            &[("params", "aio:/a"), ("direct-io-safe", "-1")],
+            &[("params", "aio:/a"), ("device-type", "floppy")],
+        ];
+        for nodes in bad {
+            assert!(spec(nodes).is_err(), "{nodes:?} accepted");
+        }
+        let long = format!("aio:/{}", "a".repeat(MAX_PARAMS_LEN));
+        let e = spec(&[("params", &long)]).unwrap_err();
+        assert!(e.to_string().len() < 300, "error messages stay short: {e}");
+    }
+}

@@ -1,0 +1,125 @@
+//! The one place where the daemon's platform is chosen: real Xen (xenstored, gntdev, evtchn)
+//! or the in-process simulation.
+
+use std::sync::Arc;
+
+use xdisk_xen::platform::{DomId, EventChannels, GrantMapper};
+use xdisk_xen::sim::SimXen;
+use xdisk_xen::xenstore::Client;
+
+use crate::error::{Error, Result};
+
+/// Which platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformKind {
+    /// Real Xen: xenstore over `$XENSTORED_PATH`, `/run/xenstored/socket` or
+    /// `/dev/xen/xenbus`; grants through `/dev/xen/gntdev`; event channels through
+    /// `/dev/xen/evtchn`.
+    Xen,
+    /// The simulation of [`xdisk_xen::sim`], in this process.
+    Sim,
+}
+
+impl PlatformKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlatformKind::Xen => "xen",
+            PlatformKind::Sim => "sim",
+        }
+    }
+}
+
+impl std::str::FromStr for PlatformKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<PlatformKind, String> {
+        match s {
+            "xen" => Ok(PlatformKind::Xen),
+            "sim" => Ok(PlatformKind::Sim),
+            _ => Err(format!("unknown platform {s:?} (xen or sim)")),
+        }
+    }
+}
+
+/// What devices are served with: a xenstore connection, grant mapping and event channels,
+/// and the domain we run in.
+#[derive(Clone)]
+pub struct Platform {
+    pub kind: PlatformKind,
+    /// The daemon's xenstore connection, shared by the supervisor and its devices.
+    pub xs: Arc<Client>,
+    pub gnt: Arc<dyn GrantMapper>,
+    pub evt: Arc<dyn EventChannels>,
+    /// Our own domain (the backend domain).
+    pub domid: DomId,
+    /// The simulated host, kept alive while the platform is (simulation only).
+    pub sim: Option<Arc<SimXen>>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform")
+            .field("kind", &self.kind)
+            .field("domid", &self.domid)
+            .finish()
+    }
+}
+
+impl Platform {
+    /// The backend domain `domid` of a simulated host (normally 0), with a new xenstore
+    /// connection.
+    pub fn sim(xen: &Arc<SimXen>, domid: DomId) -> Result<Platform> {
+        Ok(Platform {
+            kind: PlatformKind::Sim,
+            xs: Arc::new(xen.xenstore(domid)?),
+            gnt: xen.grant_mapper(domid),
+            evt: xen.event_channels(domid),
+            domid,
+            sim: Some(xen.clone()),
+        })
+    }
+
+    /// Real Xen, from inside the backend domain (normally dom0).
+    pub fn xen() -> Result<Platform> {
+        real_xen()
+    }
+
+    /// A new xenstore connection on the same platform (for clients such as `xdisk attach`).
+    pub fn connect_xenstore(&self) -> Result<Client> {
+        match &self.sim {
+            Some(sim) => Ok(sim.xenstore(self.domid)?),
+            None => Client::open().map_err(Error::Connect),
+        }
+    }
+}
+
+/// Our domain id, as xenstored says (`domid` under our own domain path, relative).
+pub fn own_domid(xs: &Client) -> DomId {
+    xs.read_string("domid")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(target_os = "linux")]
+fn real_xen() -> Result<Platform> {
+    use xdisk_xen::real::{EvtchnDev, GntDev};
+    let xs = Client::open().map_err(Error::Connect)?;
+    let gnt = GntDev::open()?;
+    let evt = EvtchnDev::open()?;
+    let domid = own_domid(&xs);
+    Ok(Platform {
+        kind: PlatformKind::Xen,
+        xs: Arc::new(xs),
+        gnt: Arc::new(gnt),
+        evt: Arc::new(evt),
+        domid,
+        sim: None,
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn real_xen() -> Result<Platform> {
+    Err(Error::Unsupported(
+        "real Xen support (gntdev, evtchn) is only built on Linux".into(),
+    ))
+}

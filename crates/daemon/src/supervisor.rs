@@ -1,0 +1,862 @@
+//! The supervisor: finds devices in xenstore and runs one backend [`Device`] for each.
+//!
+//! It watches `/local/domain/<own domid>/backend/<type>` for every configured type (`qdisk` by
+//! default, which is what libxl writes for `backendtype=qdisk` disks and what QEMU's xen-block
+//! serves; `xdisk` is a private type for `xdisk attach`) and `@releaseDomain`. A device
+//! `backend/<type>/<frontend domid>/<devid>` is served when the toolstack has written it
+//! (`frontend`, `frontend-id`, `online` 1, `state` 1, as QEMU's xen-bus requires before it
+//! creates a backend) — or, after a restart of the daemon, when the backend is `Closed` with
+//! `online` 1 and the frontend is `Initialising` or `Closed` (a frontend reconnects when the
+//! backend goes `InitWait` again, as after a blkback reload).
+//!
+//! Each device lives in its own host thread, inside `catch_unwind`: it parses the nodes
+//! ([`crate::params`]), opens the image, starts the [`Device`] (which follows the frontend by
+//! itself: connect, close, reconnect, domain death) and writes `hotplug-status` `connected`.
+//! Whatever goes wrong — bad nodes, a bad image, a panic — fails that device only:
+//! `hotplug-status` `error`, an `error` node, `state` Closed. The device stops when its
+//! frontend goes away for good (the [`Device`] finishes), when the toolstack removes the
+//! backend directory (detach, domain destroy), or when the supervisor shuts down; what the
+//! stopping device wrote into a directory the toolstack had already removed is removed again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use xdisk_backend::{Device, DeviceConfig};
+use xdisk_blkif::xenbus::Mode;
+use xdisk_blkif::XenbusState;
+use xdisk_image::{CacheMode, Image, OpenOptions};
+use xdisk_xen::platform::DomId;
+use xdisk_xen::xenstore::wire::RELEASE_DOMAIN;
+use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
+
+use crate::error::{Error, Result};
+use crate::params::{self, DeviceType, DiskSpec, ParamsDefaults};
+use crate::platform::Platform;
+use crate::status::{Counters, DaemonStatus, DeviceStatus, Phase};
+
+/// A hook that adjusts each device's configuration before it starts.
+pub type DeviceHook = Arc<dyn Fn(&mut DeviceConfig, &DiskSpec) + Send + Sync>;
+
+/// What the supervisor serves.
+#[derive(Clone)]
+pub struct SupervisorConfig {
+    /// Backend types watched under `/local/domain/<own domid>/backend/`.
+    pub backend_types: Vec<String>,
+    /// Only these frontend domains (`None`: all).
+    pub domains: Option<Vec<DomId>>,
+    /// Daemon-wide overrides of the disks' nodes.
+    pub params: ParamsDefaults,
+    /// Adjusts each device's [`DeviceConfig`].
+    pub device_hook: Option<DeviceHook>,
+    /// How often a device's host thread checks whether its device finished by itself.
+    pub poll_interval: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            backend_types: vec!["qdisk".into()],
+            domains: None,
+            params: ParamsDefaults::default(),
+            device_hook: None,
+            poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+impl std::fmt::Debug for SupervisorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorConfig")
+            .field("backend_types", &self.backend_types)
+            .field("domains", &self.domains)
+            .field("params", &self.params)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A device's identity: `<type>/<frontend domid>/<devid>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub backend_type: String,
+    pub domid: DomId,
+    pub devid: u32,
+}
+
+impl Key {
+    pub fn name(&self) -> String {
+        format!("{}/{}/{}", self.backend_type, self.domid, self.devid)
+    }
+}
+
+/// One device known to the supervisor.
+struct Entry {
+    key: Key,
+    be: String,
+    status: Mutex<DeviceStatus>,
+    device: Mutex<Option<Device>>,
+    stop: Mutex<Option<Sender<()>>>,
+    host: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Entry {
+    fn phase(&self) -> Phase {
+        lock(&self.status).phase
+    }
+
+    fn set_phase(&self, p: Phase) {
+        lock(&self.status).phase = p;
+    }
+
+    fn request_stop(&self) {
+        if let Some(tx) = lock(&self.stop).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn snapshot(&self) -> DeviceStatus {
+        let mut s = lock(&self.status).clone();
+        let dev = lock(&self.device);
+        if let Some(d) = dev.as_ref() {
+            // A device whose threads are broken must not break the report of the others.
+            if let Ok((stats, state)) = catch_unwind(AssertUnwindSafe(|| (d.stats(), d.state()))) {
+                s.counters = Counters::from(stats);
+                s.xenbus_state = Some(state.name().to_owned());
+            }
+        }
+        s
+    }
+}
+
+const TOKEN_PREFIX: &str = "xdisk-supervisor";
+
+/// How many stopped devices [`Supervisor::stopped_devices`] remembers.
+pub const HISTORY: usize = 64;
+
+/// Internal wake-ups share the watch channel (their tokens never reach xenstore).
+enum Wake {
+    Reap(Key),
+    Shutdown,
+}
+
+struct Inner {
+    cfg: SupervisorConfig,
+    platform: Platform,
+    /// `/local/domain/<own domid>/backend`.
+    base: String,
+    entries: Mutex<BTreeMap<Key, Arc<Entry>>>,
+    /// The last devices that stopped, newest last.
+    history: Mutex<std::collections::VecDeque<DeviceStatus>>,
+    wake: Sender<WatchEvent>,
+    pending: Mutex<Vec<Wake>>,
+    tokens: Tokens,
+}
+
+#[derive(Clone)]
+struct Tokens {
+    wake: String,
+    release: String,
+    types: Vec<(String, String, String)>, // (type, path, token)
+}
+
+/// The supervisor of a backend domain's devices. Dropping it stops every device.
+pub struct Supervisor {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("base", &self.inner.base)
+            .field("cfg", &self.inner.cfg)
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// Sets the watches and starts serving (existing devices are picked up at once).
+    pub fn start(cfg: SupervisorConfig, platform: Platform) -> Result<Supervisor> {
+        static INSTANCE: AtomicU64 = AtomicU64::new(0);
+        let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
+        for t in &cfg.backend_types {
+            if t.is_empty() || t.contains('/') || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Error::Invalid(format!("invalid backend type {t:?}")));
+            }
+        }
+        if cfg.backend_types.is_empty() {
+            return Err(Error::Invalid("no backend type to watch".into()));
+        }
+        let base = format!("/local/domain/{}/backend", platform.domid);
+        let tok = |what: &str| format!("{TOKEN_PREFIX}:{}:{n}:{what}", std::process::id());
+        let tokens = Tokens {
+            wake: tok("wake"),
+            release: tok("release"),
+            types: cfg
+                .backend_types
+                .iter()
+                .map(|t| (t.clone(), format!("{base}/{t}"), tok(&format!("type:{t}"))))
+                .collect(),
+        };
+        let (wake, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            cfg,
+            platform,
+            base,
+            entries: Mutex::new(BTreeMap::new()),
+            history: Mutex::new(std::collections::VecDeque::new()),
+            wake: wake.clone(),
+            pending: Mutex::new(Vec::new()),
+            tokens: tokens.clone(),
+        });
+        let xs = inner.platform.xs.clone();
+        let mut set = Vec::new();
+        let mut watch = |path: &str, token: &str| -> Result<()> {
+            xs.watch_with_sender(path, token, wake.clone())
+                .map_err(|e| Error::xs(path, e))?;
+            set.push((path.to_owned(), token.to_owned()));
+            Ok(())
+        };
+        let r = (|| {
+            for (_, path, token) in &tokens.types {
+                watch(path, token)?;
+            }
+            watch(RELEASE_DOMAIN, &tokens.release)
+        })();
+        if let Err(e) = r {
+            for (p, t) in set {
+                let _ = xs.unwatch(&p, &t);
+            }
+            return Err(e);
+        }
+        let for_thread = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("xdisk-supervisor".into())
+            .spawn(move || {
+                for_thread.run(rx);
+                for (p, t) in set {
+                    let _ = for_thread.platform.xs.unwatch(&p, &t);
+                }
+            })
+            .map_err(|e| Error::io("cannot start the supervisor thread", e))?;
+        tracing::info!(
+            base = %inner.base,
+            types = ?inner.cfg.backend_types,
+            domains = ?inner.cfg.domains,
+            "supervisor started"
+        );
+        Ok(Supervisor {
+            inner,
+            thread: Some(thread),
+        })
+    }
+
+    /// False once the supervisor stopped by itself (its xenstore connection was lost).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// The platform served on.
+    pub fn platform(&self) -> &Platform {
+        &self.inner.platform
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SupervisorConfig {
+        &self.inner.cfg
+    }
+
+    /// Every device known (running, starting, stopping or failed), by name.
+    pub fn devices(&self) -> Vec<DeviceStatus> {
+        let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
+        entries.iter().map(|e| e.snapshot()).collect()
+    }
+
+    /// The last devices that stopped (at most [`HISTORY`]), oldest first, with their counters
+    /// as they were when the device finished (or, when the supervisor stopped it, just
+    /// before).
+    pub fn stopped_devices(&self) -> Vec<DeviceStatus> {
+        lock(&self.inner.history).iter().cloned().collect()
+    }
+
+    /// One device by name (`qdisk/5/51712`).
+    pub fn device(&self, name: &str) -> Option<DeviceStatus> {
+        self.devices().into_iter().find(|d| d.name == name)
+    }
+
+    /// The daemon's report.
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            platform: self.inner.platform.kind.as_str().to_owned(),
+            backend_domid: self.inner.platform.domid,
+            backend_types: self.inner.cfg.backend_types.clone(),
+            domains: self.inner.cfg.domains.clone(),
+            attach_frontend_domid: self.inner.platform.domid,
+            xenstore_path: self
+                .inner
+                .platform
+                .sim
+                .as_ref()
+                .map(|s| s.xenstore_path().display().to_string()),
+            devices: self.devices(),
+        }
+    }
+
+    /// Stops every device (each closes its frontend and unmaps everything) and the watches.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.inner.send_wake(Wake::Shutdown);
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads a node: `Ok(None)` when it does not exist.
+fn read_opt(xs: &Client, path: &str) -> Result<Option<String>> {
+    match xs.read_string(path) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.errno() == Some(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(Error::xs(path, e)),
+    }
+}
+
+impl Inner {
+    fn send_wake(&self, w: Wake) {
+        lock(&self.pending).push(w);
+        let _ = self.wake.send(WatchEvent {
+            path: String::new(),
+            token: self.tokens.wake.clone(),
+        });
+    }
+
+    fn xs(&self) -> &Client {
+        &self.platform.xs
+    }
+
+    fn run(self: &Arc<Self>, rx: Receiver<WatchEvent>) {
+        let mut shutdown = false;
+        while !shutdown {
+            let first = match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(ev) => Some(ev),
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.xs().is_connected() {
+                        tracing::error!("xenstore connection lost; stopping every device");
+                        break;
+                    }
+                    None
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut touched: BTreeSet<Key> = BTreeSet::new();
+            let mut rescan: BTreeSet<String> = BTreeSet::new();
+            let mut reaped = Vec::new();
+            let mut handle = |ev: WatchEvent, touched: &mut BTreeSet<Key>| {
+                if ev.token == self.tokens.wake {
+                    for w in lock(&self.pending).drain(..) {
+                        match w {
+                            Wake::Reap(k) => reaped.push(k),
+                            Wake::Shutdown => shutdown = true,
+                        }
+                    }
+                } else if ev.token == self.tokens.release {
+                    // A domain died: its devices notice by themselves; failed entries of
+                    // removed directories are forgotten here.
+                    rescan.extend(self.cfg.backend_types.iter().cloned());
+                } else if let Some((t, path, _)) = self
+                    .tokens
+                    .types
+                    .iter()
+                    .find(|(_, _, tok)| *tok == ev.token)
+                {
+                    match parse_event_path(path, &ev.path) {
+                        Some((dom, dev)) => {
+                            touched.insert(Key {
+                                backend_type: t.clone(),
+                                domid: dom,
+                                devid: dev,
+                            });
+                        }
+                        None => {
+                            rescan.insert(t.clone());
+                        }
+                    }
+                }
+            };
+            if let Some(ev) = first {
+                handle(ev, &mut touched);
+            }
+            while let Ok(ev) = rx.try_recv() {
+                handle(ev, &mut touched);
+            }
+            for k in reaped {
+                self.reap(&k);
+                touched.insert(k);
+            }
+            if shutdown {
+                break;
+            }
+            for t in &rescan {
+                touched.extend(self.scan_type(t));
+            }
+            if !rescan.is_empty() {
+                touched.extend(lock(&self.entries).keys().cloned());
+            }
+            for k in touched {
+                if let Err(e) = self.check(&k) {
+                    tracing::warn!(device = %k.name(), "{e}");
+                }
+            }
+        }
+        self.stop_all();
+    }
+
+    fn stop_all(&self) {
+        let entries: Vec<Arc<Entry>> = lock(&self.entries).values().cloned().collect();
+        for e in &entries {
+            e.request_stop();
+        }
+        for e in &entries {
+            if let Some(h) = lock(&e.host).take() {
+                let _ = h.join();
+            }
+        }
+        lock(&self.entries).clear();
+        tracing::info!("supervisor stopped");
+    }
+
+    /// Every device under `backend/<type>`.
+    fn scan_type(&self, t: &str) -> Vec<Key> {
+        let dir = format!("{}/{t}", self.base);
+        let mut keys = Vec::new();
+        let doms = self.xs().directory(&dir).unwrap_or_default();
+        for d in doms {
+            let Ok(domid) = d.parse::<DomId>() else {
+                continue;
+            };
+            for dev in self
+                .xs()
+                .directory(&format!("{dir}/{d}"))
+                .unwrap_or_default()
+            {
+                if let Ok(devid) = dev.parse::<u32>() {
+                    keys.push(Key {
+                        backend_type: t.to_owned(),
+                        domid,
+                        devid,
+                    });
+                }
+            }
+        }
+        keys
+    }
+
+    fn be_path(&self, k: &Key) -> String {
+        format!("{}/{}/{}/{}", self.base, k.backend_type, k.domid, k.devid)
+    }
+
+    fn wanted_domain(&self, domid: DomId) -> bool {
+        self.cfg.domains.as_ref().is_none_or(|d| d.contains(&domid))
+    }
+
+    /// Joins a finished host thread; failed devices stay listed until their directory goes.
+    fn reap(&self, k: &Key) {
+        let entry = lock(&self.entries).get(k).cloned();
+        let Some(e) = entry else { return };
+        if let Some(h) = lock(&e.host).take() {
+            let _ = h.join();
+        }
+        if e.phase() != Phase::Failed {
+            lock(&self.entries).remove(k);
+            let mut h = lock(&self.history);
+            h.push_back(lock(&e.status).clone());
+            while h.len() > HISTORY {
+                h.pop_front();
+            }
+        }
+    }
+
+    /// Starts, stops or forgets one device after a change.
+    fn check(self: &Arc<Self>, k: &Key) -> Result<()> {
+        let be = self.be_path(k);
+        let xs = self.xs();
+        let entry = lock(&self.entries).get(k).cloned();
+        if let Some(e) = entry {
+            match e.phase() {
+                Phase::Starting | Phase::Running => {
+                    if read_opt(xs, &format!("{be}/frontend"))?.is_none() {
+                        tracing::info!(device = %k.name(), "backend nodes removed; stopping");
+                        e.set_phase(Phase::Stopping);
+                        e.request_stop();
+                    }
+                }
+                Phase::Stopping => {}
+                Phase::Failed => {
+                    if read_opt(xs, &format!("{be}/frontend"))?.is_none() {
+                        lock(&self.entries).remove(k);
+                        cleanup_leftovers(xs, &be);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if !self.wanted_domain(k.domid) {
+            return Ok(());
+        }
+        let read = |n: &str| read_opt(xs, &format!("{be}/{n}"));
+        let Some(fe) = read("frontend")? else {
+            return Ok(());
+        };
+        if read("frontend-id")?.is_none() {
+            return Ok(());
+        }
+        if read("online")?.as_deref() != Some("1") {
+            return Ok(());
+        }
+        if read("hotplug-status")?.as_deref() == Some("error") {
+            return Ok(());
+        }
+        let state = read("state")?.and_then(|s| s.parse::<XenbusState>().ok());
+        let serve = match state {
+            Some(XenbusState::Initialising) => true,
+            Some(XenbusState::Closed) => {
+                // Left by a previous run of the daemon: serve again if the frontend is
+                // waiting for a backend.
+                let fs = read_opt(xs, &format!("{fe}/state"))?
+                    .and_then(|s| s.parse::<XenbusState>().ok());
+                matches!(fs, Some(XenbusState::Initialising | XenbusState::Closed))
+            }
+            _ => false,
+        };
+        if !serve {
+            if !matches!(state, Some(XenbusState::Closed) | None) {
+                tracing::debug!(device = %k.name(), ?state, "not served: backend state");
+            }
+            return Ok(());
+        }
+        self.spawn(k.clone(), be, fe);
+        Ok(())
+    }
+
+    fn spawn(self: &Arc<Self>, key: Key, be: String, fe: String) {
+        let (stop_tx, stop_rx) = mpsc::channel();
+        let status = DeviceStatus {
+            name: key.name(),
+            backend_type: key.backend_type.clone(),
+            frontend_domid: key.domid,
+            devid: key.devid,
+            vdev: crate::devid::name_of_devid(key.devid),
+            backend_path: be.clone(),
+            frontend_path: Some(fe),
+            image: None,
+            format: None,
+            read_only: false,
+            cache: None,
+            phase: Phase::Starting,
+            xenbus_state: None,
+            size: None,
+            error: None,
+            counters: Counters::default(),
+        };
+        let entry = Arc::new(Entry {
+            key: key.clone(),
+            be,
+            status: Mutex::new(status),
+            device: Mutex::new(None),
+            stop: Mutex::new(Some(stop_tx)),
+            host: Mutex::new(None),
+        });
+        lock(&self.entries).insert(key.clone(), entry.clone());
+        tracing::info!(device = %key.name(), "serving");
+        let inner = self.clone();
+        let e2 = entry.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("xdisk-dev-{}-{}", key.domid, key.devid))
+            .spawn(move || inner.host(e2, stop_rx));
+        match spawned {
+            Ok(h) => *lock(&entry.host) = Some(h),
+            Err(e) => {
+                let msg = format!("cannot start a thread: {e}");
+                self.fail(&entry, &msg);
+            }
+        }
+    }
+
+    /// The host thread of one device.
+    fn host(self: Arc<Self>, entry: Arc<Entry>, stop: Receiver<()>) {
+        let r = catch_unwind(AssertUnwindSafe(|| self.serve(&entry, &stop)));
+        // The device is gone whatever happened (a panic unwinding through `serve` dropped
+        // it, which shut it down).
+        if let Some(d) = lock(&entry.device).take() {
+            let _ = catch_unwind(AssertUnwindSafe(|| d.shutdown()));
+        }
+        match r {
+            Ok(Ok(())) => {
+                cleanup_leftovers(self.xs(), &entry.be);
+                tracing::info!(device = %entry.key.name(), "stopped");
+            }
+            Ok(Err(e)) => self.fail(&entry, &e.to_string()),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                self.fail(&entry, &format!("internal error (panic): {msg}"));
+            }
+        }
+        self.send_wake(Wake::Reap(entry.key.clone()));
+    }
+
+    /// Reports a failed device in xenstore (unless its directory is gone) and in the status.
+    fn fail(&self, entry: &Entry, msg: &str) {
+        tracing::error!(device = %entry.key.name(), "{msg}");
+        {
+            let mut s = lock(&entry.status);
+            s.phase = Phase::Failed;
+            s.error = Some(msg.to_owned());
+            s.xenbus_state = Some(XenbusState::Closed.name().to_owned());
+        }
+        let be = &entry.be;
+        let r = self.xs().transaction(|tx| {
+            match tx.read(&format!("{be}/frontend")) {
+                Ok(_) => {}
+                Err(e) if e.errno() == Some(Errno::ENOENT) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            tx.write(&format!("{be}/error"), msg)?;
+            tx.write(&format!("{be}/hotplug-status"), "error")?;
+            tx.write(&format!("{be}/state"), XenbusState::Closed.to_string())?;
+            Ok(true)
+        });
+        match r {
+            Ok(true) => {}
+            Ok(false) => {
+                // Removed meanwhile: nothing to report to, nothing to keep.
+                entry.set_phase(Phase::Stopping);
+            }
+            Err(e) => tracing::warn!(device = %entry.key.name(), "cannot report the error: {e}"),
+        }
+    }
+
+    fn serve(&self, entry: &Entry, stop: &Receiver<()>) -> Result<()> {
+        let xs = self.xs();
+        let be = &entry.be;
+        let key = &entry.key;
+        // The nodes are read once; xenstore errors other than a missing node fail the device.
+        let mut nodes = BTreeMap::new();
+        for n in [
+            "params",
+            "mode",
+            "discard-enable",
+            "direct-io-safe",
+            "device-type",
+            "frontend-id",
+            "removable",
+        ] {
+            if let Some(v) = read_opt(xs, &format!("{be}/{n}"))? {
+                nodes.insert(n, v);
+            }
+        }
+        let fe_id = nodes.get("frontend-id").cloned().unwrap_or_default();
+        if fe_id.parse::<DomId>().ok() != Some(key.domid) {
+            return Err(Error::Device(format!(
+                "frontend-id {fe_id:?} does not match the directory's domain {}",
+                key.domid
+            )));
+        }
+        let spec = params::parse(|n| nodes.get(n).cloned(), &self.cfg.params)?;
+        if stop.try_recv().is_ok() {
+            return Ok(());
+        }
+        let (image, cache) = open_image(&spec)?;
+        {
+            let mut s = lock(&entry.status);
+            s.image = Some(spec.path.display().to_string());
+            s.format = Some(image.format().as_str().to_owned());
+            s.read_only = image.read_only();
+            s.cache = Some(cache.to_string());
+            s.size = Some(image.size());
+        }
+        let mut cfg = DeviceConfig::new(be.clone());
+        cfg.frontend_domid = Some(key.domid);
+        cfg.mode = Some(if spec.read_only {
+            Mode::ReadOnly
+        } else {
+            Mode::ReadWrite
+        });
+        cfg.discard = spec.discard;
+        cfg.removable = spec.device_type == DeviceType::Cdrom
+            || nodes.get("removable").map(String::as_str) == Some("1");
+        if let Some(hook) = &self.cfg.device_hook {
+            hook(&mut cfg, &spec);
+        }
+        let p = &self.platform;
+        let device = Device::run(
+            cfg,
+            p.xs.clone(),
+            p.gnt.clone(),
+            p.evt.clone(),
+            image.clone(),
+        )?;
+        *lock(&entry.device) = Some(device);
+        xs.write(&format!("{be}/hotplug-status"), "connected")
+            .map_err(|e| Error::xs(be, e))?;
+        // A removal noticed while starting has already moved the phase to Stopping.
+        {
+            let mut s = lock(&entry.status);
+            if s.phase == Phase::Starting {
+                s.phase = Phase::Running;
+            }
+        }
+        tracing::info!(
+            device = %key.name(),
+            image = %spec.path.display(),
+            format = %image.format(),
+            read_only = image.read_only(),
+            %cache,
+            "device started"
+        );
+        let stopped = loop {
+            match stop.recv_timeout(self.cfg.poll_interval) {
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break true,
+                Err(RecvTimeoutError::Timeout) => {
+                    let finished = lock(&entry.device).as_ref().is_none_or(|d| d.is_finished());
+                    if finished {
+                        break false;
+                    }
+                }
+            }
+        };
+        entry.set_phase(Phase::Stopping);
+        let device = lock(&entry.device).take();
+        if let Some(d) = device {
+            let last = d.stats();
+            let r = if stopped { d.shutdown() } else { d.wait() };
+            let mut s = lock(&entry.status);
+            s.counters = Counters::from(last);
+            s.xenbus_state = Some(XenbusState::Closed.name().to_owned());
+            if let Err(e) = r {
+                tracing::warn!(device = %key.name(), "device ended with: {e}");
+            }
+        }
+        if let Err(e) = image.close() {
+            tracing::warn!(device = %key.name(), "closing the image: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// Opens a disk's image; a cache mode with O_DIRECT that the file system refuses (tmpfs)
+/// falls back to `writeback`, with a warning.
+fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
+    let open = |cache| {
+        Image::open(
+            &spec.path,
+            &OpenOptions {
+                format: spec.format,
+                read_only: spec.read_only,
+                cache,
+                ..OpenOptions::default()
+            },
+        )
+    };
+    if spec.format.is_none() {
+        tracing::warn!(
+            image = %spec.path.display(),
+            "params names no format: probing it (a raw image whose guest writes a qcow2 \
+             header would be misread; prefer aio: or qcow2:)"
+        );
+    }
+    match open(spec.cache) {
+        Ok(i) => Ok((i, spec.cache)),
+        Err(first) if spec.cache.direct() => match open(CacheMode::WriteBack) {
+            Ok(i) => {
+                tracing::warn!(
+                    image = %spec.path.display(),
+                    "cannot open with O_DIRECT ({first}); using cache=writeback"
+                );
+                Ok((i, CacheMode::WriteBack))
+            }
+            Err(_) => Err(Error::Image {
+                path: spec.path.clone(),
+                error: first,
+            }),
+        },
+        Err(e) => Err(Error::Image {
+            path: spec.path.clone(),
+            error: e,
+        }),
+    }
+}
+
+/// `<dom>/<dev>` of a watch event under `<watched>` (`None` for the type directory itself
+/// or a domain directory: rescan).
+fn parse_event_path(watched: &str, path: &str) -> Option<(DomId, u32)> {
+    let rest = path.strip_prefix(watched)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let dom = parts.next()?.parse().ok()?;
+    let dev = parts.next()?.parse().ok()?;
+    Some((dom, dev))
+}
+
+/// After a device stopped: if the toolstack has removed the backend directory (its
+/// `frontend` node is gone) but the stopping device wrote into it again (`state`), removes
+/// what was recreated, and the parents left empty, up to the backend directory.
+pub(crate) fn cleanup_leftovers(xs: &Client, be: &str) {
+    let r = xs.transaction(|tx| {
+        match tx.read(&format!("{be}/frontend")) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.errno() == Some(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        match tx.read(be) {
+            Ok(_) => crate::attach::rm_with_empty_parents(tx, be),
+            Err(e) if e.errno() == Some(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    if let Err(e) = r {
+        tracing::debug!(%be, "cleanup of a removed backend directory: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_paths() {
+        let w = "/local/domain/0/backend/qdisk";
+        assert_eq!(parse_event_path(w, w), None);
+        assert_eq!(parse_event_path(w, &format!("{w}/5")), None);
+        assert_eq!(parse_event_path(w, &format!("{w}/5/768")), Some((5, 768)));
+        assert_eq!(
+            parse_event_path(w, &format!("{w}/5/768/state")),
+            Some((5, 768))
+        );
+        assert_eq!(parse_event_path(w, &format!("{w}x/5/768")), None);
+        assert_eq!(parse_event_path(w, &format!("{w}/-1/768")), None);
+        assert_eq!(parse_event_path(w, &format!("{w}/99999/768")), None);
+        assert_eq!(parse_event_path(w, &format!("{w}/5/abc")), None);
+    }
+}
