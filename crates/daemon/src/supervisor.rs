@@ -6,8 +6,9 @@
 //! `backend/<type>/<frontend domid>/<devid>` is served when the toolstack has written it
 //! (`frontend`, `frontend-id`, `online` 1, `state` 1, as QEMU's xen-bus requires before it
 //! creates a backend) — or, after a restart of the daemon, when the backend is `Closed` with
-//! `online` 1 and the frontend is `Initialising` or `Closed` (a frontend reconnects when the
-//! backend goes `InitWait` again, as after a blkback reload).
+//! `online` 1 and the frontend is `Initialising` or `Closed`, for frontends that start over
+//! from `Initialising` (Linux 6.1's xen-blkfront does not: it stays `Closed`, see
+//! docs/xen.md).
 //!
 //! Each device lives in its own host thread, inside `catch_unwind`: it parses the nodes
 //! ([`crate::params`]), opens the image, starts the [`Device`] (which follows the frontend by

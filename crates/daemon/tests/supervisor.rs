@@ -298,8 +298,8 @@ fn restarted_daemon_serves_again() {
     sup.shutdown();
     assert_eq!(host.be_state("qdisk", 1, 51712), Some(XenbusState::Closed));
     let _ = front.disconnect();
-    // A new daemon picks the device up again; the frontend reconnects (as Linux's blkfront
-    // does when a Closed backend goes InitWait).
+    // A new daemon picks the device up again; a frontend that starts over from Initialising
+    // reconnects (Linux's blkfront does not: docs/xen.md).
     let sup = supervisor(&host, SupervisorConfig::default());
     front.reconnect().unwrap();
     for (s, d) in &writes {

@@ -1,5 +1,5 @@
 #!/bin/sh
-# xdisk serve as dom0's disk backend: `xdisk attach` a raw and a qcow2 image to dom0 itself,
+# xdisk serve as dom0's disk backend: `xdisk attach` a raw and a qcow2 image (O_DIRECT) to dom0,
 # dom0's own xen-blkfront connects, data goes through /dev/xvdX into the images, `xdisk stat`
 # counts it, `xdisk detach` leaves nothing in xenstore, the daemon stops on SIGTERM.
 # shellcheck source=../dom0/lib.sh
@@ -29,7 +29,8 @@ check "data read back through $dev" cmp /tmp/pat /tmp/back
 dd if="$raw" of=/tmp/img bs=1M count=4 2>/dev/null
 check "data landed in the raw image" cmp /tmp/pat /tmp/img
 
-dev2=$(xdisk attach "$qcow" --control "$sock" --timeout 60 2>/tmp/attach2.err) ||
+# O_DIRECT (direct-io-safe=1) on the ext4 data disk, format probed.
+dev2=$(xdisk attach "$qcow" --direct-io --control "$sock" --timeout 60 2>/tmp/attach2.err) ||
   fail "attach qcow2: $(cat /tmp/attach2.err) / $(tail -3 /tmp/serve.log)"
 echo "qcow2 image attached as $dev2"
 check "a second device name" test "$dev2" != "$dev"
@@ -42,6 +43,8 @@ xdisk stat --control "$sock"
 xdisk stat --json --control "$sock" > /tmp/stat.json || fail "xdisk stat --json"
 check "stat counts writes" grep -q '"wr_req": [1-9]' /tmp/stat.json
 check "stat counts flushes" grep -q '"f_req": [1-9]' /tmp/stat.json
+check "the qcow2 image runs with O_DIRECT" grep -q '"cache": "none"' /tmp/stat.json
+check "the probed format is qcow2" grep -q '"format": "qcow2"' /tmp/stat.json
 check "no request failed" sh -c "! grep -q '\"errors\": [1-9]' /tmp/stat.json"
 check "blkfront saw no failed operation" sh -c "! dmesg | grep -q 'op failed'"
 
