@@ -23,17 +23,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import prepare_images, sh, xdisk_bin
 STRIDE_4K = 4096 * 7919  # a prime number of 4k blocks: scatters like random I/O
 
 
-def sh(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
-
-
-def xdisk_bin():
-    sh(["cargo", "build", "--release", "-q", "-p", "xdisk"], cwd=ROOT)
-    return os.path.join(ROOT, "target", "release", "xdisk")
 
 
 def bench_tool(tool, path, fmt, wl, count):
@@ -87,19 +80,8 @@ def main():
     raw = os.path.join(work, "disk.raw")
     qcow = os.path.join(work, "disk.qcow2")
     try:
-        size = int(sh(["numfmt", "--from=iec", a.size.upper().rstrip("B")]).strip())
         print(f"# preparing {a.size} raw file with random data and a fully allocated qcow2 copy in {work}")
-        with open(raw, "wb") as f, open("/dev/urandom", "rb") as r:
-            left = size
-            while left:
-                n = min(left, 16 << 20)
-                f.write(r.read(n))
-                left -= n
-        sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow])
-        # Let the kernel write back the freshly written files before measuring: background
-        # writeback of a GiB of dirty pages halves the first runs otherwise.
-        os.sync()
-        time.sleep(3)
+        size = prepare_images(a.size, raw, qcow)
         runs = [
             ("fio raw", lambda wl, c: fio(raw, wl, c)),
             ("xdisk raw", lambda wl, c: bench_tool("xdisk", raw, "raw", wl, c)),

@@ -1,0 +1,34 @@
+"""Helpers shared by the benchmark scripts in bench/."""
+
+import os
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def xdisk_bin():
+    """Builds the release xdisk binary and returns its path."""
+    sh(["cargo", "build", "--release", "-q", "-p", "xdisk"], cwd=ROOT)
+    return os.path.join(ROOT, "target", "release", "xdisk")
+
+
+def prepare_images(size_str, raw, qcow):
+    """Writes a raw file of random data and a fully allocated qcow2 copy of it, then lets
+    the kernel write both back: background writeback of a GiB of dirty pages distorts the
+    first measurements otherwise. Returns the size in bytes."""
+    size = int(sh(["numfmt", "--from=iec", size_str.upper().rstrip("B")]).strip())
+    with open(raw, "wb") as f, open("/dev/urandom", "rb") as r:
+        left = size
+        while left:
+            n = min(left, 16 << 20)
+            f.write(r.read(n))
+            left -= n
+    sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow])
+    os.sync()
+    time.sleep(3)
+    return size
