@@ -24,6 +24,7 @@ ensure_host_tools() {
     need+=(busybox-static)
   fi
   command -v file >/dev/null 2>&1 || need+=(file)
+  command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
   command -v cpio >/dev/null 2>&1 || need+=(cpio)
   command -v depmod >/dev/null 2>&1 || [ -x /sbin/depmod ] || need+=(kmod)
   command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)

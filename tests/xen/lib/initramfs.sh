@@ -84,6 +84,14 @@ build_initramfs() {
     copy_libs "$r" "$b"
   done
 
+  # qemu-img, the oracle the scenarios check images with (the host's, with its libraries).
+  if command -v qemu-img >/dev/null 2>&1; then
+    cp "$(command -v qemu-img)" "$r/usr/bin/qemu-img"
+    copy_libs "$r" "$(command -v qemu-img)"
+  else
+    lab_log "warning: no qemu-img on the host; scenarios that need it will fail"
+  fi
+
   # The lab itself: init, helpers, scenarios, the plan.
   cp "$HERE/dom0/init" "$r/init"
   cp "$HERE/dom0/lib.sh" "$r/lab/lib.sh"
