@@ -14,6 +14,7 @@ use signal_hook::iterator::Signals;
 
 use xdisk_daemon::attach::{self, AttachOptions};
 use xdisk_daemon::control::{self, ControlServer, DEFAULT_SOCKET};
+use xdisk_daemon::dm;
 use xdisk_daemon::params::ParamsDefaults;
 use xdisk_daemon::platform::PlatformKind;
 use xdisk_daemon::qemu::{QemuArgs, QmpServer, QmpState};
@@ -57,6 +58,12 @@ pub struct ServeArgs {
     /// the disks given to it (the first one is where `xdisk attach` attaches).
     #[arg(long = "sim-guest", default_values_t = vec![1u16])]
     sim_guests: Vec<u16>,
+    /// Do not register as this domain's device model. By default, serving `qdisk` disks of
+    /// its own domain, xdisk writes /local/domain/<own domid>/image/device-model-pid (unless a
+    /// live process, e.g. a QEMU, is registered there): libxl's `xl block-attach 0
+    /// 'backendtype=qdisk,...'` refuses to add a disk without it.
+    #[arg(long)]
+    no_dm_registration: bool,
 }
 
 #[derive(Args)]
@@ -214,6 +221,35 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
         s
     });
     let server = ControlServer::start(&a.control, status)?;
+    let own = sup.platform().domid;
+    let serves_own_qdisk = a.backend_types.iter().any(|t| t == "qdisk")
+        && (a.domains.is_empty() || a.domains.contains(&own));
+    let dm_registration = if serves_own_qdisk && !a.no_dm_registration {
+        match dm::register(&sup.platform().xs, own, std::process::id()) {
+            Ok((dm::Outcome::Registered, reg)) => {
+                tracing::info!(
+                    path = dm::pid_path(own),
+                    "registered as this domain's device model (for xl block-attach {own} ... backendtype=qdisk)"
+                );
+                reg
+            }
+            Ok((dm::Outcome::Other(pid), _)) => {
+                tracing::warn!(
+                    pid,
+                    path = dm::pid_path(own),
+                    "another process is registered as this domain's device model (a QEMU?): \
+                     both may race for backend/qdisk/{own}"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not register as this domain's device model");
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let Some(xen) = &sim {
         println!(
             "xdisk serve: simulated Xen; xenstored {}; guests {:?}; control {}",
@@ -226,6 +262,11 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
     sd_notify("READY=1");
     let clean = wait_for_signal(|| sup.is_running(), None)?;
     sd_notify("STOPPING=1");
+    if let Some(r) = dm_registration {
+        if let Err(e) = r.release() {
+            tracing::warn!(error = %e, "could not remove the device-model registration");
+        }
+    }
     drop(server);
     drop(guests);
     match Arc::try_unwrap(sup) {

@@ -9,6 +9,8 @@
 //!   `xdisk stat` and `xdisk attach`).
 //! * [`attach`]: local attach/detach in the backend domain (dom0's own disks), as
 //!   `xl block-attach 0` would write them.
+//! * [`dm`]: registering as a domain's device model, so that libxl hot-plugs `qdisk` disks
+//!   of the daemon's own domain (`xl block-attach 0`).
 //! * [`qemu`]: what a stand-in for QEMU needs to satisfy libxl (its command line, QMP).
 //! * [`platform`]: the one place where the simulation or real Xen is chosen.
 //! * [`simguest`]: a simulated guest whose frontend connects to every disk given to it, for
@@ -21,6 +23,7 @@
 pub mod attach;
 pub mod control;
 pub mod devid;
+pub mod dm;
 pub mod error;
 pub mod params;
 pub mod platform;
