@@ -30,3 +30,13 @@ wait_for() {
 }
 
 up() { cut -d' ' -f1 /proc/uptime; }
+
+# report TEXT: a line for the lab's user (tests/xen/run --show prints these, without the "| ").
+report() {
+  echo "| $*"
+}
+
+# secs_since T0: seconds since T0 (a value of `up`), two decimals.
+secs_since() {
+  awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.2f", b - a }'
+}
