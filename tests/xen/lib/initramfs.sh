@@ -76,7 +76,9 @@ build_initramfs() {
   # xdisk and any extra binaries, stripped of debug info (the initramfs is loaded by QEMU).
   local b
   for b in "$xdisk" "$@"; do
-    if command -v strip >/dev/null 2>&1; then
+    # Only ELF files are stripped (a guest kernel's bzImage is also a PE file strip would
+    # rewrite).
+    if command -v strip >/dev/null 2>&1 && [ "$(head -c 4 "$b" | od -A n -t x1 | tr -d ' ')" = 7f454c46 ]; then
       strip --strip-debug -o "$r/usr/local/bin/$(basename "$b")" "$b"
     else
       cp "$b" "$r/usr/local/bin/"
