@@ -90,3 +90,46 @@ fn serve_attach_stat_detach_on_the_simulation() {
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "the control socket is removed");
 }
+
+/// dist/systemd/xdisk.service is `Type=notify`: the daemon tells systemd READY=1 once its
+/// control socket serves, and STOPPING=1 on SIGTERM, then exits 0.
+#[test]
+fn serve_speaks_sd_notify_for_the_systemd_unit() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::Builder::new()
+        .prefix("xdisk-notify-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let notify = dir.path().join("notify.sock");
+    let listener = UnixDatagram::bind(&notify).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let sock = dir.path().join("control.sock");
+    let mut serve = xdisk()
+        .args([
+            "serve",
+            "--platform=sim",
+            "--control",
+            sock.to_str().unwrap(),
+        ])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = listener.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(sock.exists(), "READY=1 before the control socket was there");
+    // systemd stops the unit with SIGTERM (KillSignal=SIGTERM).
+    let st = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let n = listener.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let status = serve.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -99,6 +99,7 @@ build_initramfs() {
   cp "$HERE/dom0/lib.sh" "$r/lab/lib.sh"
   cp -a "$HERE/scenarios" "$r/lab/scenarios"
   cp "$plan" "$r/lab/plan"
+  cp -a "$REPO/dist" "$r/lab/dist"
   chmod +x "$r/init" "$r"/lab/scenarios/*
 
   (cd "$r" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$out"

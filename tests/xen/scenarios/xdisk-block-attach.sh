@@ -1,7 +1,7 @@
 #!/bin/sh
 # Scenario 2 of the Xen lab: xdisk serve in the place of dom0's qdisk QEMU. libxl's own
 # `xl block-attach 0 'format=qcow2,...,backendtype=qdisk,...'` writes backend/qdisk/0/<devid>,
-# `xdisk serve` (backend type qdisk, as dist/systemd/xdisk.service runs it) serves it, dom0's
+# `xdisk serve` (started with dist/systemd/xdisk.service's ExecStart line) serves it, dom0's
 # xen-blkfront connects; data goes through; `xl block-list` shows it; `xl block-detach` tears it
 # down (nothing left in xenstore); qemu-img check is clean; then a raw disk read-only, which
 # refuses writes. xdisk registers as dom0's device model (image/device-model-pid), without which
@@ -17,8 +17,13 @@ qemu-img create -q -f qcow2 "$qcow" 48M || fail "qemu-img create"
 dd if=/dev/urandom of="$ro" bs=1M count=2 2>/dev/null
 dd if=/dev/zero of="$ro" bs=1M seek=16 count=0 2>/dev/null
 
-XDISK_LOG=info xdisk serve --platform=xen --backend-type qdisk --domain 0 --control "$sock" \
-  > /tmp/serve.log 2>&1 &
+# The daemon runs exactly as dist/systemd/xdisk.service starts it (its ExecStart line).
+cmd=$(sed -n 's|^ExecStart=/usr/bin/xdisk ||p' /lab/dist/systemd/xdisk.service)
+case $cmd in serve\ *--control\ "$sock"*) ;; *) fail "unexpected ExecStart in xdisk.service: $cmd" ;; esac
+echo "xdisk $cmd"
+mkdir -p /run/xdisk && chmod 0700 /run/xdisk # RuntimeDirectory=xdisk
+# shellcheck disable=SC2086 # the unit's arguments, split as systemd does (no quoting there)
+XDISK_LOG=info xdisk $cmd > /tmp/serve.log 2>&1 &
 pid=$!
 stop() { kill "$pid" 2>/dev/null; }
 trap stop EXIT
