@@ -200,6 +200,22 @@ pub struct BlockStatus {
     pub compressed: bool,
 }
 
+impl BlockStatus {
+    /// `len` bytes that read as zeroes without data: allocated as zeroes in layer `depth`
+    /// (`present`), or allocated nowhere down to `depth` (past the end or unallocated).
+    fn zeroes(len: u64, present: bool, depth: u32) -> BlockStatus {
+        BlockStatus {
+            len,
+            data: false,
+            zero: true,
+            present,
+            depth,
+            offset: None,
+            compressed: false,
+        }
+    }
+}
+
 /// What one layer says of a range (formats return this; [`Image::block_status`] composes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerStatus {
@@ -418,15 +434,7 @@ impl Image {
         loop {
             if offset >= layer.size() {
                 // Past the end of a shorter backing file: zeroes.
-                return Ok(BlockStatus {
-                    len,
-                    data: false,
-                    zero: true,
-                    present: false,
-                    depth,
-                    offset: None,
-                    compressed: false,
-                });
+                return Ok(BlockStatus::zeroes(len, false, depth));
             }
             let l = layer.layer_status(offset, len.min(layer.size() - offset))?;
             len = l.len();
@@ -446,33 +454,13 @@ impl Image {
                         compressed,
                     })
                 }
-                LayerStatus::Zero { .. } => {
-                    return Ok(BlockStatus {
-                        len,
-                        data: false,
-                        zero: true,
-                        present: true,
-                        depth,
-                        offset: None,
-                        compressed: false,
-                    })
-                }
+                LayerStatus::Zero { .. } => return Ok(BlockStatus::zeroes(len, true, depth)),
                 LayerStatus::Unallocated { .. } => match layer.backing() {
                     Some(b) => {
                         layer = b;
                         depth += 1;
                     }
-                    None => {
-                        return Ok(BlockStatus {
-                            len,
-                            data: false,
-                            zero: true,
-                            present: false,
-                            depth,
-                            offset: None,
-                            compressed: false,
-                        })
-                    }
+                    None => return Ok(BlockStatus::zeroes(len, false, depth)),
                 },
             }
         }

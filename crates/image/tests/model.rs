@@ -3,13 +3,12 @@
 //! images stay clean for `qemu-img check` and read the same through qemu-img.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use proptest::prelude::*;
-use xdisk_image::{CacheMode, Image, OpenOptions};
+use xdisk_image::CacheMode;
 
 mod support;
-use support::{qemu_img, qemu_read_all};
+use support::{open, qemu_img, qemu_read_all};
 
 const SIZE: u64 = 4 << 20;
 
@@ -46,17 +45,6 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| seed ^ ((off + i) as u8).wrapping_mul(31))
         .collect()
-}
-
-fn open(path: &Path, cache: CacheMode) -> Arc<Image> {
-    Image::open(
-        path,
-        &OpenOptions {
-            cache,
-            ..OpenOptions::default()
-        },
-    )
-    .expect("open")
 }
 
 /// Runs ops against the image at `path` (already created) and the model.

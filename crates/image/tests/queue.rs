@@ -12,6 +12,7 @@ use xdisk_image::{AioKind, CacheMode, Image, OpenOptions};
 use xdisk_io::AlignedBuf;
 
 mod support;
+use support::open;
 
 fn tmpdir() -> tempfile::TempDir {
     support::tmpdir("xdisk-queue-")
@@ -19,17 +20,6 @@ fn tmpdir() -> tempfile::TempDir {
 
 fn qemu_img(args: &[&str]) -> String {
     support::qemu_img_ok(args)
-}
-
-fn open(path: &Path, cache: CacheMode) -> Arc<Image> {
-    Image::open(
-        path,
-        &OpenOptions {
-            cache,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap()
 }
 
 /// Runs a random workload through an ImageQueue and checks every read against the model.

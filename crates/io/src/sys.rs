@@ -1,7 +1,8 @@
 //! Thin wrappers over Linux syscalls and ioctls that std does not offer.
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use crate::file::Alignment;
 
@@ -119,9 +120,11 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
         .collect())
 }
 
-/// A non-blocking eventfd: `signal` adds one, `drain` resets it.
+/// A non-blocking, close-on-exec eventfd(2): `signal` adds one to its counter (making it
+/// readable), `drain` resets it. The engines' completion notifier, the reactors' wake-up and
+/// the doorbell of a simulated event channel.
 #[derive(Debug)]
-pub struct EventFd(std::os::fd::OwnedFd);
+pub struct EventFd(OwnedFd);
 
 impl EventFd {
     pub fn new() -> io::Result<EventFd> {
@@ -131,21 +134,107 @@ impl EventFd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a freshly created descriptor that nothing else owns.
-        Ok(EventFd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
+
     pub fn fd(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+        self.0.as_raw_fd()
     }
+
+    /// Adds 1 to the counter (makes the fd readable); errors are ignored (see
+    /// [`EventFd::try_signal`]).
     pub fn signal(&self) {
+        let _ = self.try_signal();
+    }
+
+    /// Adds 1 to the counter (makes the fd readable). A saturated counter (`EAGAIN`) is
+    /// already readable, so it counts as success.
+    pub fn try_signal(&self) -> io::Result<()> {
         let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64; errors (counter overflow) are harmless.
-        unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+        // SAFETY: writes 8 bytes from a valid u64 on the stack; the fd is owned by self.
+        let r = unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
-    pub fn drain(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64; EAGAIN (nothing pending) is fine.
-        unsafe { libc::read(self.fd(), (&mut v as *mut u64).cast(), 8) };
+
+    /// Resets the counter; true if it was non-zero (an error counts as zero).
+    pub fn drain(&self) -> bool {
+        drain_eventfd(self.fd())
     }
+
+    /// Resets the counter; true if it was non-zero. Nothing pending (`EAGAIN`) is `Ok(false)`.
+    pub fn try_drain(&self) -> io::Result<bool> {
+        read_eventfd(self.fd())
+    }
+
+    /// Waits until the fd is readable (true) or `timeout` passes (false; `None`: no limit).
+    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        wait_readable(self.fd(), timeout)
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// Reads (and so resets) a non-blocking eventfd counter; true if it was non-zero, `Ok(false)`
+/// when nothing is pending (`EAGAIN`).
+fn read_eventfd(fd: RawFd) -> io::Result<bool> {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a valid u64 on the stack; the fd is only read, never
+    // closed.
+    let r = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(r == 8 && v > 0)
+}
+
+/// poll(2) for readability of one fd: true if readable, false on timeout (`None`: wait without
+/// limit). The timeout is rounded up to whole milliseconds, so that a short remaining time does
+/// not become a busy loop of 0 ms polls. `EINTR` counts as a timeout (callers loop on their own
+/// deadline); a closed fd (`POLLNVAL`) is `EBADF`.
+pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
+    let ms = match timeout {
+        None => -1,
+        Some(t) => i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack for the duration of the call, nfds = 1; poll only
+    // reads `fd` as a number.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    if r > 0 && pfd.revents & libc::POLLNVAL != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    Ok(r > 0 && pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
 }
 
 /// Makes an fd non-blocking (so that draining an engine's eventfd never blocks).
@@ -159,9 +248,34 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })
 }
 
-/// Reads (and so resets) a non-blocking eventfd owned by someone else; EAGAIN is fine.
-pub fn drain_eventfd(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads at most 8 bytes into a valid u64; the fd is only read, never closed.
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+/// Reads (and so resets) a non-blocking eventfd owned by someone else; true if it was
+/// non-zero. Errors (`EAGAIN`: nothing pending) count as zero.
+pub fn drain_eventfd(fd: RawFd) -> bool {
+    read_eventfd(fd).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_fd_signal_drain_wait() {
+        let e = EventFd::new().unwrap();
+        assert!(!e.try_drain().unwrap());
+        assert!(!e.wait(Some(Duration::ZERO)).unwrap());
+        assert!(!wait_readable(e.as_raw_fd(), Some(Duration::ZERO)).unwrap());
+        e.signal();
+        e.try_signal().unwrap();
+        assert!(e.wait(Some(Duration::ZERO)).unwrap());
+        assert!(wait_readable(e.as_fd().as_raw_fd(), Some(Duration::from_secs(1))).unwrap());
+        assert!(e.drain());
+        assert!(!e.drain());
+        assert!(!e.wait(Some(Duration::from_millis(1))).unwrap());
+        e.signal();
+        assert!(e.try_drain().unwrap());
+        assert!(!e.try_drain().unwrap());
+        e.signal();
+        assert!(drain_eventfd(e.fd()));
+        assert!(!drain_eventfd(e.fd()));
+    }
 }

@@ -10,22 +10,24 @@
 //!   [`MappedRegion`].
 //! - [`GrantIoBuf`]: an [`IoBuf`] made of byte ranges of mapped regions, so that disk I/O goes
 //!   straight into guest pages, as blkback does.
-//! - [`EventFd`] and [`poll_readable`]: the event channel doorbells.
+//! - [`EventFd`] and [`poll_readable`]: the event channel doorbells, re-exported from
+//!   [`xdisk_io::sys`] (`poll_readable` is [`xdisk_io::sys::wait_readable`]).
 
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use xdisk_blkif::mem::check_bounds;
 use xdisk_io::IoBuf;
+
+pub use xdisk_io::sys::{wait_readable as poll_readable, EventFd};
 
 use crate::platform::{MappedRegion, MemError, PlatformError, SharedMem};
 
@@ -538,91 +540,6 @@ unsafe impl IoBuf for GrantIoBuf {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// EventFd, poll
-
-/// A non-blocking eventfd(2): the doorbell of one end of a simulated event channel.
-#[derive(Debug)]
-pub struct EventFd {
-    file: File,
-}
-
-impl EventFd {
-    pub fn new() -> io::Result<EventFd> {
-        // SAFETY: plain syscall with valid flags.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: eventfd returned a new fd that nothing else owns.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        Ok(EventFd { file })
-    }
-
-    /// Adds 1 to the counter (makes the fd readable). A saturated counter (`EAGAIN`) is
-    /// already readable, so it counts as success.
-    pub fn signal(&self) -> io::Result<()> {
-        match (&self.file).write(&1u64.to_ne_bytes()) {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Resets the counter; true if it was non-zero.
-    pub fn drain(&self) -> io::Result<bool> {
-        let mut v = [0u8; 8];
-        match (&self.file).read(&mut v) {
-            Ok(8) => Ok(u64::from_ne_bytes(v) > 0),
-            Ok(_) => Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-impl AsRawFd for EventFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-}
-
-impl AsFd for EventFd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
-    }
-}
-
-/// poll(2) for readability of `fd`: true if readable, false on timeout (`None`: wait without
-/// limit). `EINTR` counts as a timeout.
-pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
-    let ms = match timeout {
-        None => -1,
-        Some(t) => {
-            let ms = t.as_nanos().div_ceil(1_000_000);
-            i32::try_from(ms).unwrap_or(i32::MAX)
-        }
-    };
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd on the stack; poll only reads `fd` as a number.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    if r > 0 && pfd.revents & libc::POLLNVAL != 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
-    }
-    Ok(r > 0 && pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -697,17 +614,5 @@ mod tests {
         let m = Memfd::new(c"t", PAGE_SIZE as u64).unwrap();
         assert!(m.file.set_len(0).is_err());
         assert!(m.file.set_len(2 * PAGE_SIZE as u64).is_err());
-    }
-
-    #[test]
-    fn eventfd_signal_drain_poll() {
-        let e = EventFd::new().unwrap();
-        assert!(!e.drain().unwrap());
-        assert!(!poll_readable(e.as_raw_fd(), Some(Duration::ZERO)).unwrap());
-        e.signal().unwrap();
-        e.signal().unwrap();
-        assert!(poll_readable(e.as_raw_fd(), Some(Duration::from_secs(1))).unwrap());
-        assert!(e.drain().unwrap());
-        assert!(!e.drain().unwrap());
     }
 }

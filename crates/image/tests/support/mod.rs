@@ -3,6 +3,9 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::Arc;
+
+use xdisk_image::{CacheMode, Image, OpenOptions};
 
 /// A temporary directory on a filesystem that takes O_DIRECT (/var/tmp, not tmpfs).
 pub fn tmpdir(prefix: &str) -> tempfile::TempDir {
@@ -58,4 +61,16 @@ pub fn qemu_read_all(path: &Path, scratch: &Path) -> Vec<u8> {
     let data = std::fs::read(&flat).unwrap();
     let _ = std::fs::remove_file(&flat);
     data
+}
+
+/// Opens an image read-write with the given cache mode (other options default).
+pub fn open(path: &Path, cache: CacheMode) -> Arc<Image> {
+    Image::open(
+        path,
+        &OpenOptions {
+            cache,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open")
 }

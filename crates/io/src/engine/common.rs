@@ -1,8 +1,7 @@
-//! Pieces shared by the engines: the in-flight slab, owned iovec arrays, the eventfd and
-//! small syscall helpers.
+//! Pieces shared by the engines: the in-flight slab, owned iovec arrays and small syscall
+//! helpers (the eventfd is [`crate::sys::EventFd`]).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
@@ -107,77 +106,6 @@ impl<T> Slab<T> {
     }
 }
 
-/// An eventfd(2), non-blocking, used as the engines' completion notifier.
-pub(crate) struct EventFd(OwnedFd);
-
-impl EventFd {
-    pub(crate) fn new() -> io::Result<EventFd> {
-        // SAFETY: eventfd takes two scalars and returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a freshly created descriptor that nothing else owns.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-    pub(crate) fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-    /// Adds 1 to the counter (makes the fd readable).
-    pub(crate) fn signal(&self) {
-        signal_event_fd(self.fd());
-    }
-    /// Resets the counter to 0; true if it was non-zero.
-    pub(crate) fn clear(&self) -> bool {
-        clear_event_fd(self.fd())
-    }
-    /// Waits until the fd is readable or `timeout` passes (None: no limit).
-    pub(crate) fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
-        poll_readable(self.fd(), timeout)
-    }
-}
-
-/// Adds 1 to an eventfd counter.
-pub(crate) fn signal_event_fd(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 on the stack. A full counter (EAGAIN) already
-    // means "readable", so the result does not matter.
-    let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-}
-
-/// Reads (and so resets) a non-blocking eventfd counter; true if it was non-zero.
-pub(crate) fn clear_event_fd(fd: RawFd) -> bool {
-    let mut v: u64 = 0;
-    // SAFETY: reads at most 8 bytes into a valid u64 on the stack.
-    let r = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
-    r == 8 && v > 0
-}
-
-/// poll(2) for readability; true if readable, false on timeout. EINTR counts as a timeout
-/// (the callers loop on their own deadline).
-pub(crate) fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
-    let ms = match timeout {
-        None => -1,
-        // Round up so that a short remaining time does not become a busy loop of 0 ms polls.
-        Some(t) => i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX),
-    };
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is a valid pollfd for the duration of the call, nfds = 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(r > 0)
-}
-
 /// Turns an optional timeout into an optional deadline.
 pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
     timeout.map(|t| Instant::now().checked_add(t).unwrap_or_else(far_future))
@@ -259,18 +187,6 @@ mod tests {
         assert_eq!(s.capacity(), 3);
         *s.get_mut(a).unwrap() = 9;
         assert_eq!(s.remove(a), Some(9));
-    }
-
-    #[test]
-    fn event_fd_signal_clear_wait() {
-        let e = EventFd::new().unwrap();
-        assert!(!e.wait(Some(Duration::ZERO)).unwrap());
-        e.signal();
-        e.signal();
-        assert!(e.wait(Some(Duration::ZERO)).unwrap());
-        assert!(e.clear());
-        assert!(!e.clear());
-        assert!(!e.wait(Some(Duration::from_millis(1))).unwrap());
     }
 
     #[test]

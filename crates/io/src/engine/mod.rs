@@ -103,7 +103,7 @@ pub trait Engine<B: IoBuf>: Send {
     fn event_fd(&self) -> RawFd;
     /// Resets the [`Engine::event_fd`] counter; true if it was signalled.
     fn clear_event_fd(&self) -> bool {
-        common::clear_event_fd(self.event_fd())
+        crate::sys::drain_eventfd(self.event_fd())
     }
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;

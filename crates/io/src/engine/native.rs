@@ -21,10 +21,11 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::time::Duration;
 
-use super::common::{self, EventFd, IovecArray, Slab};
+use super::common::{self, IovecArray, Slab};
 use super::{Completion, Engine, EngineConfig, Op, OpKind};
 use crate::buf::{AlignedBuf, IoBuf};
 use crate::cache::AioKind;
+use crate::sys::EventFd;
 
 /// `aio_context_t` (linux/aio_abi.h).
 type AioContext = libc::c_ulong;
@@ -473,7 +474,7 @@ mod tests {
         .map_err(|(_, e)| e)
         .unwrap();
         assert_eq!(e.in_flight(), 1);
-        assert!(common::poll_readable(e.event_fd(), Some(Duration::ZERO)).unwrap());
+        assert!(crate::sys::wait_readable(e.event_fd(), Some(Duration::ZERO)).unwrap());
         let mut out = Vec::new();
         assert_eq!(e.reap(&mut out, 0, None).unwrap(), 1);
         assert_eq!(out[0].user_data, 5);

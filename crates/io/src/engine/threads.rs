@@ -13,10 +13,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::common::{self, EventFd};
+use super::common;
 use super::{Completion, Engine, EngineConfig, Op, OpKind};
 use crate::buf::{AlignedBuf, IoBuf};
 use crate::cache::AioKind;
+use crate::sys::EventFd;
 
 struct WorkQueue<B: IoBuf> {
     jobs: VecDeque<Op<B>>,

@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
-use super::common::{self, EventFd, IovecArray, Slab};
+use super::common::{self, IovecArray, Slab};
 use super::{Completion, Engine, EngineConfig, Op, OpKind};
 use crate::buf::{AlignedBuf, IoBuf};
 use crate::cache::AioKind;
+use crate::sys::EventFd;
 
 /// `user_data` of the cancellation SQEs issued by `Drop` (never a slab key).
 const CANCEL_USER_DATA: u64 = u64::MAX;
@@ -305,7 +306,7 @@ impl<B: IoBuf> UringEngine<B> {
                 // No IORING_ENTER_EXT_ARG (Linux < 5.11): the eventfd is signalled on every
                 // CQE, so wait for it to become readable. Clearing it first makes the poll
                 // block instead of spinning; a CQE posted after the clear signals it again.
-                self.event.clear();
+                self.event.drain();
                 if self.ring.completion().is_empty() {
                     self.event.wait(Some(t))?;
                 }

@@ -110,19 +110,12 @@ impl GrantedPages {
     ) -> Result<(), PlatformError> {
         let offset = clear_byte.unwrap_or(0);
         xdisk_blkif::mem::check_bounds(offset, 1, self.size())?;
-        let mut action = 0;
-        if clear_byte.is_some() {
-            action |= super::abi::UNMAP_NOTIFY_CLEAR_BYTE;
-        }
-        if port.is_some() {
-            action |= super::abi::UNMAP_NOTIFY_SEND_EVENT;
-        }
         sys::set_unmap_notify(
             self.fd.as_fd(),
             true,
             self.index + offset as u64,
-            action,
-            port.unwrap_or(0),
+            clear_byte.is_some(),
+            port,
         )
         .map_err(|e| io_err("IOCTL_GNTALLOC_SET_UNMAP_NOTIFY", e))
     }

@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::abi::{self, PAGE_SIZE};
+use super::abi::PAGE_SIZE;
 use super::sys::{self, Mapping};
 use crate::platform::{
     CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, MemError,
@@ -226,19 +226,12 @@ impl GntDevRegion {
                 size: 0,
             }));
         }
-        let mut action = 0;
-        if clear_byte.is_some() {
-            action |= abi::UNMAP_NOTIFY_CLEAR_BYTE;
-        }
-        if port.is_some() {
-            action |= abi::UNMAP_NOTIFY_SEND_EVENT;
-        }
         sys::set_unmap_notify(
             self.fd.as_fd(),
             false,
             self.index + offset as u64,
-            action,
-            port.unwrap_or(0),
+            clear_byte.is_some(),
+            port,
         )
         .map_err(|e| io_err("IOCTL_GNTDEV_SET_UNMAP_NOTIFY", e))
     }

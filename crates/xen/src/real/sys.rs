@@ -88,18 +88,26 @@ pub(crate) fn gntdev_unmap_grant_ref(fd: BorrowedFd<'_>, index: u64, count: u32)
     unsafe { ioctl_raw(fd, abi::IOCTL_GNTDEV_UNMAP_GRANT_REF, (&raw mut arg).cast()) }.map(drop)
 }
 
-/// IOCTL_GNTDEV_SET_UNMAP_NOTIFY / IOCTL_GNTALLOC_SET_UNMAP_NOTIFY (same argument).
+/// IOCTL_GNTDEV_SET_UNMAP_NOTIFY / IOCTL_GNTALLOC_SET_UNMAP_NOTIFY (same argument): on unmap,
+/// zero the byte at `index` if `clear_byte`, and send an event on `port` if any.
 pub(crate) fn set_unmap_notify(
     fd: BorrowedFd<'_>,
     gntalloc: bool,
     index: u64,
-    action: u32,
-    port: u32,
+    clear_byte: bool,
+    port: Option<u32>,
 ) -> io::Result<()> {
+    let mut action = 0;
+    if clear_byte {
+        action |= abi::UNMAP_NOTIFY_CLEAR_BYTE;
+    }
+    if port.is_some() {
+        action |= abi::UNMAP_NOTIFY_SEND_EVENT;
+    }
     let mut arg = abi::UnmapNotify {
         index,
         action,
-        event_channel_port: port,
+        event_channel_port: port.unwrap_or(0),
     };
     let req = if gntalloc {
         abi::IOCTL_GNTALLOC_SET_UNMAP_NOTIFY
@@ -460,20 +468,12 @@ pub(crate) fn pread_mapping(
 ) -> io::Result<usize> {
     m.check(offset, len);
     m.check_writable();
-    let off = libc::off_t::try_from(file_offset)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    loop {
+    let off = file_off(file_offset)?;
+    retry_eintr(|| {
         // SAFETY: `offset..offset + len` is inside the mapping (checked), which is writable
         // (checked) and stays mapped during the call; the kernel writes it like DMA would.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), m.as_ptr().add(offset).cast(), len, off) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+        unsafe { libc::pread(fd.as_raw_fd(), m.as_ptr().add(offset).cast(), len, off) }
+    })
 }
 
 /// `pwrite(fd, mapping + offset, len, file_offset)`: the kernel reads the mapping. Returns
@@ -486,12 +486,23 @@ pub(crate) fn pwrite_mapping(
     file_offset: u64,
 ) -> io::Result<usize> {
     m.check(offset, len);
-    let off = libc::off_t::try_from(file_offset)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    loop {
+    let off = file_off(file_offset)?;
+    retry_eintr(|| {
         // SAFETY: `offset..offset + len` is inside the mapping (checked), which stays mapped
         // during the call; the kernel only reads it.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), m.as_ptr().add(offset).cast(), len, off) };
+        unsafe { libc::pwrite(fd.as_raw_fd(), m.as_ptr().add(offset).cast(), len, off) }
+    })
+}
+
+/// A file offset as `off_t` (`InvalidInput` past `off_t::MAX`).
+fn file_off(file_offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(file_offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Calls a `pread`/`pwrite`-like `call` until it is not interrupted (`EINTR`); its byte count.
+fn retry_eintr(mut call: impl FnMut() -> libc::ssize_t) -> io::Result<usize> {
+    loop {
+        let n = call();
         if n >= 0 {
             return Ok(n as usize);
         }

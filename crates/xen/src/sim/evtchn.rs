@@ -276,7 +276,7 @@ impl EventChannel for SimPort {
 
     fn notify(&self) -> Result<(), PlatformError> {
         if let Some(fd) = self.peer_fd()? {
-            fd.signal().map_err(|source| PlatformError::Io {
+            fd.try_signal().map_err(|source| PlatformError::Io {
                 context: "event channel notify".into(),
                 source,
             })?;
@@ -289,7 +289,7 @@ impl EventChannel for SimPort {
     }
 
     fn clear(&self) -> Result<bool, PlatformError> {
-        self.fd.drain().map_err(|source| PlatformError::Io {
+        self.fd.try_drain().map_err(|source| PlatformError::Io {
             context: "event channel clear".into(),
             source,
         })
