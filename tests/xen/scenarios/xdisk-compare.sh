@@ -30,7 +30,7 @@ sock=/run/xdisk/cmp.sock
 img_x=$LAB_DATA/cmp-xdisk.raw
 img_b=$LAB_DATA/cmp-blkback.raw
 img_q=$LAB_DATA/cmp-qdisk.raw
-serve_pid='' xdev='' loopdev='' qemu_pid=''
+serve_pid='' xdev='' loopdev='' qemu_pid='' dm_registered=''
 
 command -v fio >/dev/null || fail "no fio in dom0 (tests/xen/lib/initramfs.sh adds it for '# lab-needs: fio')"
 [ -x "$QEMU" ] || fail "no $QEMU in dom0 (qemu-system-xen could not be downloaded on the host?)"
@@ -43,6 +43,7 @@ cleanup() {
   xenstore-exists "/local/domain/0/device/vbd/$(devid "$VDEV_BB")" 2>/dev/null &&
     timeout 30 xl block-detach 0 "$VDEV_BB" >/dev/null 2>&1
   [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null
+  [ -n "$dm_registered" ] && xenstore-rm /local/domain/0/image/device-model-pid 2>/dev/null
   [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null
   [ -n "$loopdev" ] && "$LOSETUP" -d "$loopdev" 2>/dev/null
 }
@@ -54,15 +55,13 @@ devid() {
   awk -v l="${1#xvd}" 'BEGIN { print 202 * 256 + (index("abcdefghijklmnopqrstuvwxyz", l) - 1) * 16 }'
 }
 
-since() { awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }'; }
-
 # --- images: the same size, fully written (no holes, no unwritten extents) --------------------
 t0=$(up)
 rm -f "$img_x" "$img_b" "$img_q"
 for f in "$img_x" "$img_b" "$img_q"; do
   dd if=/dev/zero of="$f" bs=4M count=$((SIZE_MB / 4)) oflag=direct 2>/dev/null || fail "creating $f"
 done
-echo "images: 3 x $SIZE_MB MiB raw on $LAB_DATA in $(since "$t0")s"
+echo "images: 3 x $SIZE_MB MiB raw on $LAB_DATA in $(secs_since "$t0")s"
 
 # --- (a) xdisk -------------------------------------------------------------------------------
 t1=$(up)
@@ -74,31 +73,9 @@ xdev=$(xdisk attach "$img_x" --format raw --direct-io --control "$sock" --timeou
   fail "xdisk attach: $(cat /tmp/cmp-attach.err) / $(tail -3 /tmp/cmp-serve.log)"
 xdev=${xdev#/dev/}
 test -b "/dev/$xdev" || fail "xdisk attach printed $xdev, which is no block device"
-echo "xdisk: /dev/$xdev attached in $(since "$t1")s"
+echo "xdisk: /dev/$xdev attached in $(secs_since "$t1")s"
 
-# --- (b) blkback on a loop device with direct I/O ----------------------------------------------
-# libxl's hotplug script (/etc/xen/scripts/block, bash) takes its lock with
-# `stat -L /dev/stdin ...` and retries forever while that fails: devtmpfs has no /dev/stdin
-# (udev makes it on a normal system).
-for fd in 0:stdin 1:stdout 2:stderr; do
-  [ -e /dev/${fd#*:} ] || ln -s /proc/self/fd/${fd%%:*} /dev/${fd#*:}
-done
-[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
-t1=$(up)
-loopdev=$("$LOSETUP" --direct-io=on --show -f "$img_b" 2>/tmp/cmp-losetup.err) ||
-  fail "losetup --direct-io=on $img_b: $(cat /tmp/cmp-losetup.err)"
-loop_dio=$(cat "/sys/block/${loopdev#/dev/}/loop/dio" 2>/dev/null)
-[ "$loop_dio" = 1 ] || echo "warning: $loopdev runs without direct I/O (loop/dio=$loop_dio)"
-if ! timeout 60 xl -vvv block-attach 0 "format=raw,vdev=$VDEV_BB,access=rw,backendtype=phy,target=$loopdev" \
-  > /tmp/cmp-xl-bb.log 2>&1; then
-  tail -40 /tmp/cmp-xl-bb.log
-  tail -20 /var/log/xen/xen-hotplug.log 2>/dev/null
-  fail "xl block-attach 0 (phy $loopdev): $(grep error /tmp/cmp-xl-bb.log | tail -2 | tr '\n' ' ')"
-fi
-wait_for 30 test -b /dev/$VDEV_BB || fail "blkback: no /dev/$VDEV_BB 30 s after xl block-attach"
-echo "blkback: /dev/$VDEV_BB attached in $(since "$t1")s"
-
-# --- (c) QEMU's qdisk -------------------------------------------------------------------------
+# --- (b) QEMU's qdisk -------------------------------------------------------------------------
 # Debian's /etc/init.d/xen starts dom0's disk backend with the options below. A disk given to
 # it through xenstore with direct-io-safe (xl block-attach 0 '...,backendtype=qdisk,
 # direct-io-safe,...') makes QEMU open the image with cache.direct=on,aio=native, and Debian's
@@ -118,7 +95,45 @@ qemu_pid=$(cat /run/qemu-dom0.pid 2>/dev/null)
 kill -0 "$qemu_pid" 2>/dev/null || fail "qemu-system-xen is not running after -daemonize: $(tail -2 /tmp/qemu-dom0.log)"
 wait_for 30 test -b /dev/$VDEV_QD ||
   fail "qdisk: no /dev/$VDEV_QD 30 s after starting QEMU: $(tail -2 /tmp/qemu-dom0.log)"
-echo "qdisk: /dev/$VDEV_QD attached in $(since "$t1")s (QEMU started)"
+echo "qdisk: /dev/$VDEV_QD attached in $(secs_since "$t1")s (QEMU started)"
+# Dom0's QEMU is dom0's device model. libxl adds a disk to dom0 (any type) only if dom0 has a
+# registered device model (image/device-model-pid of a live process) whenever dom0's stored
+# config (/var/lib/xen/userdata-d.0.*.libxl-json) has a qdisk disk, and `xl block-detach 0`
+# leaves the disks it detached in that config: after one `xl block-attach 0 ...backendtype=qdisk`
+# (e.g. scenario xdisk-block-attach), every later `xl block-attach 0`, phy too, fails with
+# "device model required but not running". libxl records the pid for the QEMUs it spawns;
+# here the script does it for the one it started (unless a live one is registered).
+dm_node=/local/domain/0/image/device-model-pid
+dm_old=$(xenstore-read $dm_node 2>/dev/null)
+if [ -z "$dm_old" ] || ! kill -0 "$dm_old" 2>/dev/null; then
+  xenstore-write $dm_node "$qemu_pid" || fail "xenstore-write $dm_node"
+  dm_registered=1
+fi
+
+# --- (c) blkback on a loop device with direct I/O ----------------------------------------------
+# libxl's hotplug script (/etc/xen/scripts/block, bash) takes its lock with
+# `stat -L /dev/stdin ...` and retries forever while that fails: devtmpfs has no /dev/stdin
+# (udev makes it on a normal system).
+for fd in 0:stdin 1:stdout 2:stderr; do
+  [ -e /dev/${fd#*:} ] || ln -s /proc/self/fd/${fd%%:*} /dev/${fd#*:}
+done
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+t1=$(up)
+loopdev=$("$LOSETUP" --direct-io=on --show -f "$img_b" 2>/tmp/cmp-losetup.err) ||
+  fail "losetup --direct-io=on $img_b: $(cat /tmp/cmp-losetup.err)"
+loop_dio=$(cat "/sys/block/${loopdev#/dev/}/loop/dio" 2>/dev/null)
+[ "$loop_dio" = 1 ] || echo "warning: $loopdev runs without direct I/O (loop/dio=$loop_dio)"
+if ! timeout 60 xl -vvv block-attach 0 "format=raw,vdev=$VDEV_BB,access=rw,backendtype=phy,target=$loopdev" \
+  > /tmp/cmp-xl-bb.log 2>&1; then
+  grep -v 'debug:' /tmp/cmp-xl-bb.log | tail -20
+  tail -20 /var/log/xen/xen-hotplug.log 2>/dev/null
+  echo "--- xl block-list 0; dom0's stored libxl config:"
+  xl block-list 0
+  cat /var/lib/xen/userdata-d.0.*libxl-json 2>/dev/null | head -60
+  fail "xl block-attach 0 (phy $loopdev): $(grep error /tmp/cmp-xl-bb.log | tail -2 | tr '\n' ' ')"
+fi
+wait_for 30 test -b /dev/$VDEV_BB || fail "blkback: no /dev/$VDEV_BB 30 s after xl block-attach"
+echo "blkback: /dev/$VDEV_BB attached in $(secs_since "$t1")s"
 
 dev_of() { case $1 in xdisk) echo "$xdev" ;; blkback) echo $VDEV_BB ;; qdisk) echo $VDEV_QD ;; esac; }
 img_of() { case $1 in xdisk) echo "$img_x" ;; blkback) echo "$img_b" ;; qdisk) echo "$img_q" ;; esac; }
@@ -129,7 +144,7 @@ for b in xdisk blkback qdisk; do
     "max_segments $(cat "$q/max_segments"), max_sectors_kb $(cat "$q/max_sectors_kb")"
 done
 echo "images: xdisk cache=none (O_DIRECT, io_uring), blkback $loopdev dio=$loop_dio," \
-  "qdisk cache.direct=on,aio=threads; setup took $(since "$t0")s"
+  "qdisk cache.direct=on,aio=threads; setup took $(secs_since "$t0")s"
 
 # --- the workload --------------------------------------------------------------------------
 # run_round ROUND BACKEND...: one fio run (its start costs seconds under TCG) with a job per
@@ -170,7 +185,7 @@ while [ $r -le $ROUNDS ]; do
   if [ $((r % 2)) = 1 ]; then run_round $r xdisk blkback qdisk; else run_round $r qdisk blkback xdisk; fi
   r=$((r + 1))
 done
-echo "workload: $ROUNDS rounds in $(since "$t0")s"
+echo "workload: $ROUNDS rounds in $(secs_since "$t0")s"
 
 # --- data check: a write through each device reads back, and is in its image file ----------
 dd if=/dev/urandom of=/tmp/cmp-pat bs=1M count=1 2>/dev/null
@@ -187,8 +202,10 @@ done
 check "blkfront saw no failed operation" sh -c "! dmesg | grep -q 'op failed'"
 xdisk stat --control "$sock" | head -5
 
-# --- figures ---------------------------------------------------------------------------------
-awk -v rounds=$ROUNDS '
+# --- figures (report: tests/xen/run --show prints them) ----------------------------------------
+report "4k random I/O, fio libaio iodepth $IODEPTH direct=1, ${RUNTIME}s each, mean of $ROUNDS rounds" \
+  "(order alternating), raw images with O_DIRECT on ext4; IOPS, mean latency:"
+awk '
   { n[$1 " " $2]++; iops[$1 " " $2] += $4; lat[$1 " " $2] += $5; all[$1 " " $2] = all[$1 " " $2] " " $4 }
   END {
     for (i = 1; i <= 3; i++) {
@@ -200,7 +217,10 @@ awk -v rounds=$ROUNDS '
     printf "compare: read xdisk/blkback=%.2f xdisk/qdisk=%.2f write xdisk/blkback=%.2f xdisk/qdisk=%.2f\n",
       iops["xdisk randread"] / iops["blkback randread"], iops["xdisk randread"] / iops["qdisk randread"],
       iops["xdisk randwrite"] / iops["blkback randwrite"], iops["xdisk randwrite"] / iops["qdisk randwrite"]
-  }' /tmp/cmp.res
+  }' /tmp/cmp.res > /tmp/cmp-figures
+while IFS= read -r l; do report "$l"; done < /tmp/cmp-figures
+grep -q '^compare: read xdisk/blkback=[0-9.]* xdisk/qdisk=[0-9.]* write xdisk/blkback=[0-9.]* xdisk/qdisk=[0-9.]*$' \
+  /tmp/cmp-figures || fail "no complete compare: line (a backend without figures?)"
 
 # --- teardown --------------------------------------------------------------------------------
 xdisk detach "$xdev" --control "$sock" > /tmp/cmp-detach.log 2>&1 ||
@@ -211,6 +231,10 @@ timeout 60 xl block-detach 0 $VDEV_BB > /tmp/cmp-xl-detach.log 2>&1 ||
 kill "$qemu_pid"
 wait_for 15 sh -c "! kill -0 $qemu_pid 2>/dev/null" || fail "qemu-system-xen (pid $qemu_pid) still runs 15 s after SIGTERM"
 qemu_pid=''
+if [ -n "$dm_registered" ]; then
+  xenstore-rm $dm_node || fail "xenstore-rm $dm_node"
+  dm_registered=''
+fi
 wait_for 15 sh -c "! test -b /dev/$(dev_of xdisk) && ! test -b /dev/$VDEV_BB && ! test -b /dev/$VDEV_QD" ||
   fail "device nodes still there 15 s after the detaches (and QEMU's exit)"
 kill -TERM "$serve_pid"
