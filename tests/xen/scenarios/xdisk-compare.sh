@@ -225,7 +225,7 @@ grep -q '^compare: read xdisk/blkback=[0-9.]* xdisk/qdisk=[0-9.]* write xdisk/bl
 # --- teardown --------------------------------------------------------------------------------
 xdisk detach "$xdev" --control "$sock" > /tmp/cmp-detach.log 2>&1 ||
   fail "xdisk detach $xdev: $(tail -2 /tmp/cmp-detach.log) / $(tail -2 /tmp/cmp-serve.log)"
-xdev=''
+xname=$xdev xdev=''
 timeout 60 xl block-detach 0 $VDEV_BB > /tmp/cmp-xl-detach.log 2>&1 ||
   fail "xl block-detach 0 $VDEV_BB: $(tail -2 /tmp/cmp-xl-detach.log | tr '\n' ' ')"
 kill "$qemu_pid"
@@ -235,7 +235,7 @@ if [ -n "$dm_registered" ]; then
   xenstore-rm $dm_node || fail "xenstore-rm $dm_node"
   dm_registered=''
 fi
-wait_for 15 sh -c "! test -b /dev/$(dev_of xdisk) && ! test -b /dev/$VDEV_BB && ! test -b /dev/$VDEV_QD" ||
+wait_for 15 sh -c "! test -b /dev/$xname && ! test -b /dev/$VDEV_BB && ! test -b /dev/$VDEV_QD" ||
   fail "device nodes still there 15 s after the detaches (and QEMU's exit)"
 kill -TERM "$serve_pid"
 wait "$serve_pid"
