@@ -133,3 +133,52 @@ fetch_packages_locked() {
     mv "$XEN_ELF.tmp" "$XEN_ELF"; mv "$VMLINUX.tmp" "$VMLINUX"
   fi
 }
+
+# fetch_qemu_xen: Debian's qemu-system-xen (QEMU's Xen disk backend, qdisk, for the scenarios
+# that compare against it) and those of its library dependencies that neither the host nor the
+# Xen packages provide, downloaded into $CACHE/debs and unpacked into their own root (so the
+# Xen root above stays as it is for runs that do not need QEMU). Sets QEMU_XEN_ROOT and
+# QEMU_XEN (the binary). Run only when the plan needs it.
+fetch_qemu_xen() {
+  local rc
+  mkdir -p "$CACHE"
+  exec 9> "$CACHE/.lock"
+  flock 9 || true
+  fetch_qemu_xen_locked
+  rc=$?
+  exec 9>&-
+  return $rc
+}
+
+fetch_qemu_xen_locked() {
+  local pkgs=(qemu-system-xen) p missing=()
+  # Library dependencies (not the firmware and data packages: a xenpv machine needs none).
+  for p in $(apt-cache depends qemu-system-xen 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^lib/ { print $2 }'); do
+    case $p in libxen* | libyajl*) continue ;; esac # from the Xen packages ($ROOT)
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || pkgs+=("$p")
+  done
+  mkdir -p "$CACHE/debs"
+  for p in "${pkgs[@]}"; do
+    compgen -G "$CACHE/debs/${p}_*.deb" >/dev/null || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    lab_log "downloading ${missing[*]}"
+    if ! (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err"); then
+      apt_update_once || true
+      (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err") ||
+        { echo "apt-get download ${missing[*]} failed: $(tail -3 "$CACHE/debs/download.err" | tr '\n' ' ')"; return 1; }
+    fi
+  fi
+  local debs=() stamp
+  for p in "${pkgs[@]}"; do debs+=("$(ls "$CACHE"/debs/"${p}"_*.deb | sort -V | tail -1)"); done
+  stamp=$(printf '%s\n' "${debs[@]}" | xargs -n1 basename)
+  QEMU_XEN_ROOT="$CACHE/root-qemu-xen"
+  QEMU_XEN="$QEMU_XEN_ROOT/usr/libexec/xen-qemu-system-i386"
+  if [ "$(cat "$QEMU_XEN_ROOT/.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -x "$QEMU_XEN" ]; then
+    lab_log "unpacking ${#debs[@]} packages into $QEMU_XEN_ROOT"
+    rm -rf "$QEMU_XEN_ROOT"; mkdir -p "$QEMU_XEN_ROOT"
+    for p in "${debs[@]}"; do dpkg-deb -x "$p" "$QEMU_XEN_ROOT" || { echo "dpkg-deb -x $p failed"; return 1; }; done
+    [ -x "$QEMU_XEN" ] || { echo "no xen-qemu-system-i386 in qemu-system-xen"; return 1; }
+    echo "$stamp" > "$QEMU_XEN_ROOT/.stamp"
+  fi
+}

@@ -1,5 +1,8 @@
 # Sourced by tests/xen/run: builds dom0's initramfs (an uncompressed newc cpio) from the
 # unpacked packages ($ROOT, $KVER, $XV), busybox, the xdisk binaries and tests/xen/{dom0,scenarios}.
+# A scenario asks for more (fio, Debian's qemu-system-xen, ...) with a line
+# `# lab-needs: WORD...` in its script; that goes in only when the plan has the scenario
+# (see add_need).
 
 # Kernel modules dom0 loads (dependencies are added from modules.dep): the Xen devices and
 # backends, loop, and virtio-blk + ext4 for the data disk (tmpfs has no O_DIRECT).
@@ -12,11 +15,13 @@ copy_libs() {
   local dest=$1 b l d
   shift
   for b in "$@"; do
-    LD_LIBRARY_PATH="$ROOT/usr/lib/x86_64-linux-gnu:$ROOT/usr/lib/xen-$XV/lib/x86_64-linux-gnu" ldd "$b" 2>/dev/null |
+    LD_LIBRARY_PATH="$ROOT/usr/lib/x86_64-linux-gnu:$ROOT/usr/lib/xen-$XV/lib/x86_64-linux-gnu${QEMU_XEN_ROOT:+:$QEMU_XEN_ROOT/usr/lib/x86_64-linux-gnu}" \
+      ldd "$b" 2>/dev/null |
       awk '/=> \// { print $3 } /^\t\/lib64/ { print $1 } /not found/ { print "MISSING " $1 }' |
       while read -r l rest; do
         if [ "$l" = MISSING ]; then lab_log "warning: $b needs $rest, not found"; continue; fi
         d=${l#"$ROOT"}
+        [ -n "${QEMU_XEN_ROOT:-}" ] && d=${d#"$QEMU_XEN_ROOT"}
         [ -e "$dest$d" ] && continue
         mkdir -p "$dest$(dirname "$d")" && cp -L "$l" "$dest$d"
       done
@@ -67,6 +72,7 @@ build_initramfs() {
   cp -a "$ROOT/etc/xen" "$r/etc/"
   # bash and flock for libxl's hotplug scripts; libgcc_s for xl (pthread_cancel).
   cp /usr/bin/bash /usr/bin/flock "$r/usr/bin/"
+  ln -s ../usr/bin/bash "$r/bin/bash" # the scripts' #!/bin/bash (/bin is busybox's, not /usr/bin)
   cp -L "$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/ { print $NF; exit }')" "$r/usr/lib/x86_64-linux-gnu/"
   copy_libs "$r" "$ROOT/usr/lib/xen-$XV/bin/"{xenstored,xen-init-dom0,xenconsoled,xl,libxl-save-helper} \
     "$ROOT/usr/bin/xenstore" /usr/bin/bash /usr/bin/flock
@@ -94,6 +100,13 @@ build_initramfs() {
     lab_log "warning: no qemu-img on the host; scenarios that need it will fail"
   fi
 
+  # What the planned scenarios ask for ("# lab-needs: ..." in their scripts), only then: the
+  # comparison's fio and QEMU add ~100 MB that every other run would carry for nothing.
+  local need
+  for need in $(planned_needs "$plan"); do
+    add_need "$r" "$need" || lab_log "warning: could not add $need to dom0; the scenarios that need it will fail"
+  done
+
   # The lab itself: init, helpers, scenarios, the plan.
   cp "$HERE/dom0/init" "$r/init"
   cp "$HERE/dom0/lib.sh" "$r/lab/lib.sh"
@@ -103,4 +116,41 @@ build_initramfs() {
   chmod +x "$r/init" "$r"/lab/scenarios/*
 
   (cd "$r" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$out"
+}
+
+# planned_needs PLAN_FILE: the words of the "# lab-needs: WORD..." lines of the planned
+# scenarios' scripts, each once.
+planned_needs() {
+  local name _
+  while read -r name _; do
+    case $name in '' | '#'*) continue ;; esac
+    sed -n 's/^# lab-needs://p' "$HERE/scenarios/$name.sh" 2>/dev/null
+  done < "$1" | tr ' ' '\n' | awk 'NF && !seen[$0]++'
+}
+
+# add_need DEST WORD: `qemu-xen` is Debian's qemu-system-xen (downloaded, see fetch_qemu_xen),
+# at its Debian path /usr/libexec/xen-qemu-system-i386; any other word is a host command (e.g.
+# fio, losetup from util-linux, strace), installed with apt if missing (package of the same
+# name), copied to /usr/local/bin with its libraries. Busybox's sh runs its own applets before
+# PATH: call a command that is also an applet (losetup) by its full path.
+add_need() {
+  local dest=$1 need=$2 b why
+  if [ "$need" = qemu-xen ]; then
+    why=$(fetch_qemu_xen) || { lab_log "qemu-system-xen: $why"; return 1; }
+    # fetch_qemu_xen ran in a subshell: set its variables here too.
+    QEMU_XEN_ROOT="$CACHE/root-qemu-xen"
+    QEMU_XEN="$QEMU_XEN_ROOT/usr/libexec/xen-qemu-system-i386"
+    mkdir -p "$dest/usr/libexec"
+    cp "$QEMU_XEN" "$dest/usr/libexec/"
+    copy_libs "$dest" "$QEMU_XEN"
+    return 0
+  fi
+  if ! b=$(command -v "$need"); then
+    lab_log "installing $need"
+    apt_update_once || true
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$need" >/dev/null
+    b=$(command -v "$need") || return 1
+  fi
+  cp -L "$b" "$dest/usr/local/bin/$need"
+  copy_libs "$dest" "$b"
 }
