@@ -2,8 +2,9 @@
 # The README's demo (scripts/demo runs `tests/xen/run --show demo`): in dom0 of a real Xen, a
 # qcow2 image is attached through xdisk (`xdisk serve` + `xdisk attach`) and shows up as a
 # /dev/xvdX of dom0's own xen-blkfront: its size, a read of it (identical to qemu-img's view
-# of the image), xdisk's counters, and sequential read throughput against the kernel's blkback
-# serving the same data from a loop device. Lines for the user start with "| " (report).
+# of the image), xdisk's counters, and read speed (fio: 4k random, 1M sequential) against the
+# kernel's blkback serving the same data from a loop device. Lines for the user start with "| " (report).
+# lab-needs: fio losetup
 # shellcheck source=../dom0/lib.sh
 . /lab/lib.sh
 sock=/run/xdisk/control.sock
@@ -32,7 +33,7 @@ pid=$!
 loop=
 cleanup() {
   kill "$pid" 2>/dev/null
-  [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null
+  [ -n "$loop" ] && "$LOSETUP" -d "$loop" 2>/dev/null
 }
 trap cleanup EXIT
 wait_for 15 test -S "$sock" || fail "no control socket: $(tail -3 /tmp/serve.log)"
@@ -54,8 +55,10 @@ report "md5 of $dev: $dev_md5; of the image as qemu-img reads it: $img_md5"
 
 # blkback, the kernel's backend, on a loop device (O_DIRECT) over a raw copy of the same data,
 # attached to dom0 with the nodes libxl writes for a phy disk.
-loop=$(losetup -f) || fail "no free loop device"
-losetup --direct-io=on "$loop" "$raw" 2>/dev/null || losetup "$loop" "$raw" || fail "losetup"
+LOSETUP=/usr/local/bin/losetup # util-linux's (--direct-io); busybox sh would run its own applet
+loop=$("$LOSETUP" --direct-io=on --show -f "$raw" 2>/tmp/losetup.err) ||
+  fail "losetup --direct-io=on $raw: $(cat /tmp/losetup.err)"
+[ "$(cat /sys/block/"${loop#/dev/}"/loop/dio)" = 1 ] || fail "$loop runs without direct I/O"
 bdev=51904 # xvdm
 B=/local/domain/0/backend/vbd/0/$bdev
 F=/local/domain/0/device/vbd/$bdev
@@ -66,32 +69,35 @@ xenstore-write $B/frontend "$F" $B/frontend-id 0 $B/online 1 $B/removable 0 $B/b
   fail "writing blkback's nodes"
 wait_for 30 test -b /dev/xvdm || fail "blkback's /dev/xvdm did not appear"
 
-# read_mbs DEV: MB/s of reading the whole device with O_DIRECT, 1 MiB at a time.
-read_mbs() {
-  local t
-  t=$(up)
-  dd if="$1" of=/dev/null bs=1M iflag=direct 2>/dev/null || { echo 0; return; }
-  awk -v a="$t" -v b="$(up)" -v m="$SIZE_MB" 'BEGIN { d = b - a; if (d < 0.01) d = 0.01; printf "%.0f", m / d }'
+# fio_read DEV RW BS DEPTH: "IOPS MB/s" of fio reading DEV (libaio, O_DIRECT, 1 s ramp, 3 s).
+fio_read() {
+  fio --name=demo --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio --direct=1 \
+    --ramp_time=1 --runtime=3 --time_based --minimal 2>/dev/null |
+    awk -F';' '{ printf "%.0f %.0f", $8, $7 * 1024 / 1e6 }'
 }
+median() { echo "$@" | tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 # xdisk serving the raw copy too (the same file blkback's loop device reads).
 rdev=$(xdisk attach "$raw" --format raw --direct-io --control "$sock" --timeout 60 2>/tmp/attach.err) ||
   fail "xdisk attach $raw: $(cat /tmp/attach.err)"
 report ""
-report "sequential read, 1 MiB O_DIRECT, whole device, $ROUNDS rounds alternating:"
-report "  xdisk qcow2 = $dev, xdisk raw = $rdev, blkback = /dev/xvdm (loop device on the same raw file)"
-xq= xr= bb=
-i=0
-while [ $i -lt "$ROUNDS" ]; do
-  q=$(read_mbs "$dev"); r=$(read_mbs "$rdev"); b=$(read_mbs /dev/xvdm)
-  report "  round $((i + 1)): xdisk qcow2 $q MB/s, xdisk raw $r MB/s, blkback $b MB/s"
-  xq="$xq $q"; xr="$xr $r"; bb="$bb $b"
-  i=$((i + 1))
+report "read speed: fio, libaio, O_DIRECT, 3 s per run, $ROUNDS rounds in turn; median of the rounds"
+report "  xdisk qcow2 = $dev, xdisk raw = $rdev, blkback = /dev/xvdm (loop device, direct I/O, on the same raw file)"
+for w in "randread 4k 32 IOPS 1" "read 1M 8 MB/s 2"; do
+  set -- $w
+  xq= xr= bb=
+  i=0
+  while [ $i -lt "$ROUNDS" ]; do
+    q=$(fio_read "$dev" "$1" "$2" "$3" | cut -d' ' -f"$5")
+    r=$(fio_read "$rdev" "$1" "$2" "$3" | cut -d' ' -f"$5")
+    b=$(fio_read /dev/xvdm "$1" "$2" "$3" | cut -d' ' -f"$5")
+    xq="$xq $q"; xr="$xr $r"; bb="$bb $b"
+    i=$((i + 1))
+  done
+  mq=$(median $xq); mr=$(median $xr); mb=$(median $bb)
+  report "  $1 $2 QD$3: xdisk qcow2 $mq $4, xdisk raw $mr $4, blkback $mb $4  (rounds: xdisk qcow2$xq; raw$xr; blkback$bb)"
+  report "    xdisk-raw/blkback=$(ratio "$mr" "$mb") xdisk-qcow2/blkback=$(ratio "$mq" "$mb")"
 done
-median() { echo "$@" | tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
-mq=$(median $xq); mr=$(median $xr); mb=$(median $bb)
-report "median: xdisk qcow2 $mq MB/s, xdisk raw $mr MB/s, blkback $mb MB/s"
-report "ratio: xdisk-raw/blkback=$(ratio "$mr" "$mb") xdisk-qcow2/blkback=$(ratio "$mq" "$mb")"
 xdisk detach "$rdev" --control "$sock" >/dev/null || fail "xdisk detach $rdev"
 
 report ""

@@ -111,13 +111,7 @@ if [ -z "$dm_old" ] || ! kill -0 "$dm_old" 2>/dev/null; then
 fi
 
 # --- (c) blkback on a loop device with direct I/O ----------------------------------------------
-# libxl's hotplug script (/etc/xen/scripts/block, bash) takes its lock with
-# `stat -L /dev/stdin ...` and retries forever while that fails: devtmpfs has no /dev/stdin
-# (udev makes it on a normal system).
-for fd in 0:stdin 1:stdout 2:stderr; do
-  [ -e /dev/${fd#*:} ] || ln -s /proc/self/fd/${fd%%:*} /dev/${fd#*:}
-done
-[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+# (libxl's hotplug script, /etc/xen/scripts/block, needs /dev/stdin: dom0/init makes it.)
 t1=$(up)
 loopdev=$("$LOSETUP" --direct-io=on --show -f "$img_b" 2>/tmp/cmp-losetup.err) ||
   fail "losetup --direct-io=on $img_b: $(cat /tmp/cmp-losetup.err)"
