@@ -97,6 +97,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             aio,
             queue_depth: (a.depth as u32 * 2).next_power_of_two().max(8),
             slow_threads: 2,
+            ..QueueConfig::default()
         },
     )?;
     if !a.quiet {

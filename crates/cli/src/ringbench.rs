@@ -69,6 +69,10 @@ pub struct RingBenchArgs {
     /// Requests in flight per job (queue).
     #[arg(long, default_value_t = 1)]
     iodepth: usize,
+    /// The backend's I/O submission batch: requests it queues before pushing them to the
+    /// kernel (1: each at once).
+    #[arg(long = "iodepth_batch_submit", default_value_t = 1)]
+    iodepth_batch_submit: usize,
     /// Stop after this long (seconds; s, ms, m, h suffixes).
     #[arg(long)]
     runtime: Option<String>,
@@ -213,6 +217,7 @@ struct Params {
     read_pct: u32,
     bs: usize,
     iodepth: usize,
+    submit_batch: usize,
     jobs: usize,
     runtime: Option<Duration>,
     /// Requests per job.
@@ -317,6 +322,7 @@ fn params(a: &RingBenchArgs, image_size: u64) -> Result<Params> {
         read_pct: rw.read_pct(a.rwmixread),
         bs: bs as usize,
         iodepth: a.iodepth,
+        submit_batch: a.iodepth_batch_submit.max(1),
         jobs: a.numjobs as usize,
         runtime,
         ios_per_job,
@@ -403,6 +409,7 @@ fn setup(p: &Params, image: Arc<Image>) -> Result<Rig> {
         aio: p.aio,
         queue_depth: (p.iodepth as u32 * 2).next_power_of_two().max(64),
         slow_threads: 2,
+        submit_batch: p.submit_batch,
     };
     let device = Device::run(cfg, xs, xen.grant_mapper(0), xen.event_channels(0), image)
         .context("starting the backend")?;

@@ -32,6 +32,9 @@ fn random_workload(image: Arc<Image>, model: &mut [u8], aio: AioKind, seed: u64,
             aio,
             queue_depth: 64,
             slow_threads: 2,
+            // Both ways of pushing to the kernel: each request at once, and in batches (the
+            // rest of a batch goes at the next reap).
+            submit_batch: if seed.is_multiple_of(2) { 1 } else { 8 },
         },
     )
     .unwrap();
@@ -138,7 +141,7 @@ fn queue_raw_every_engine_matches_model() {
             let p = raw_image(dir.path(), size);
             let mut model = vec![0u8; size as usize];
             let img = open(&p, cache);
-            random_workload(img.clone(), &mut model, aio, 7, 1500);
+            random_workload(img.clone(), &mut model, aio, 8, 1500);
             img.flush().unwrap();
             drop(img);
             assert!(
