@@ -69,9 +69,9 @@ pub struct RingBenchArgs {
     /// Requests in flight per job (queue).
     #[arg(long, default_value_t = 1)]
     iodepth: usize,
-    /// The backend's I/O submission batch: requests it queues before pushing them to the
-    /// kernel (1: each at once).
-    #[arg(long = "iodepth_batch_submit", default_value_t = 1)]
+    /// The backend's QueueConfig::submit_batch: how many requests continuing one another it
+    /// holds back to push together (1: each at once).
+    #[arg(long = "iodepth_batch_submit", default_value_t = 32)]
     iodepth_batch_submit: usize,
     /// Stop after this long (seconds; s, ms, m, h suffixes).
     #[arg(long)]

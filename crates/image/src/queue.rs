@@ -62,11 +62,15 @@ pub struct QueueConfig {
     pub queue_depth: u32,
     /// Slow-path worker threads of this queue.
     pub slow_threads: usize,
-    /// Fast-path requests queued before they are pushed to the kernel (fio's
-    /// `iodepth_batch_submit`). 1, the default, starts each request at once: measured on a
-    /// virtio disk, 4k random reads at QD32 ran ~15% faster than with one push per batch of
-    /// requests (the device starts on the first request sooner), for one more syscall per
-    /// request. [`ImageQueue::commit`] and [`ImageQueue::reap`] push whatever is queued.
+    /// How many fast-path requests that continue one another (same direction, each starting
+    /// where the previous one ended) may be held back and pushed to the kernel together, so
+    /// that the block layer merges them (a sequential stream split into 128 KiB blkif
+    /// requests). A request that does not continue the held ones pushes them first and is
+    /// itself held only until the next submit, `commit` or `reap`: random I/O reaches the
+    /// device one request at a time, as early as possible. Measured: pushing each 4k random
+    /// request at once ran ~15% faster at QD32 on a virtio disk than one push per batch, while
+    /// 1 MiB sequential reads through real Xen (PV dom0 under TCG) lost 40% without merging.
+    /// 1 pushes every request at once (fio's `iodepth_batch_submit=1`).
     pub submit_batch: usize,
 }
 
@@ -76,7 +80,7 @@ impl Default for QueueConfig {
             aio: AioKind::IoUring,
             queue_depth: 128,
             slow_threads: 2,
-            submit_batch: 1,
+            submit_batch: 32,
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct ImageQueue<B: IoBuf> {
     /// Fast-path requests queued on the engine since the last push to the kernel.
     unpushed: usize,
     submit_batch: usize,
+    /// Where the last held request ended, and whether it wrote.
+    held_end: Option<(u64, bool)>,
 }
 
 /// Bits of an engine op's user_data: slot index in the high half, sub-op index in the low.
@@ -154,6 +160,7 @@ impl<B: IoBuf> ImageQueue<B> {
             stats: QueueStats::default(),
             unpushed: 0,
             submit_batch: cfg.submit_batch.max(1),
+            held_end: None,
         })
     }
 
@@ -178,18 +185,32 @@ impl<B: IoBuf> ImageQueue<B> {
     /// Starts a request. Errors found before any I/O (out of range, read-only) complete the
     /// request with that error; they are returned by `reap` like any other completion.
     pub fn submit(&mut self, req: Request<B>) {
+        let stream = match (&req.kind, &req.buf) {
+            (RequestKind::Read, Some(b)) => Some((req.offset, b.total_len() as u64, false)),
+            (RequestKind::Write, Some(b)) => Some((req.offset, b.total_len() as u64, true)),
+            _ => None,
+        };
+        let continues = stream.is_some_and(|(off, _, w)| self.held_end == Some((off, w)));
+        if self.unpushed > 0 && !continues {
+            self.push();
+        }
         match self.try_fast(req) {
             Ok(()) => {
                 self.unpushed += 1;
+                self.held_end = stream.and_then(|(off, len, w)| Some((off.checked_add(len)?, w)));
                 if self.unpushed >= self.submit_batch {
-                    // A failed push leaves the operations queued; the next commit or reap
-                    // retries it and reports the error.
-                    if let Err(e) = self.commit() {
-                        tracing::debug!(error = %e, "pushing I/O to the kernel failed; retried at the next reap");
-                    }
+                    self.push();
                 }
             }
             Err(req) => self.send_slow(req),
+        }
+    }
+
+    /// Pushes the held requests to the kernel. A failure leaves them queued: the next commit
+    /// or reap retries and reports it.
+    fn push(&mut self) {
+        if let Err(e) = self.commit() {
+            tracing::debug!(error = %e, "pushing I/O to the kernel failed; retried at the next reap");
         }
     }
 
@@ -433,6 +454,7 @@ impl<B: IoBuf> ImageQueue<B> {
     /// Pushes queued operations to the kernel.
     pub fn commit(&mut self) -> Result<()> {
         self.unpushed = 0;
+        self.held_end = None;
         self.drain_backlog();
         self.engine
             .commit()
