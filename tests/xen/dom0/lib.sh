@@ -40,3 +40,13 @@ report() {
 secs_since() {
   awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.2f", b - a }'
 }
+
+# stop_daemon PID LOG: SIGTERM, wait, show the log's tail; fails the scenario unless it exited 0.
+stop_daemon() {
+  local rc
+  kill -TERM "$1"
+  wait "$1"
+  rc=$?
+  tail -20 "$2"
+  [ $rc = 0 ] || fail "xdisk serve exited with $rc"
+}

@@ -55,6 +55,18 @@ qemu_usable() {
   fi
 }
 
+# download_debs PKG...: apt-get downloads the packages into $CACHE/debs (an apt-get update and
+# a retry if the first try fails); prints why and fails if it cannot.
+download_debs() {
+  [ $# -gt 0 ] || return 0
+  lab_log "downloading $*"
+  (cd "$CACHE/debs" && apt-get download -q "$@" >/dev/null 2>"$CACHE/debs/download.err") && return 0
+  apt_update_once || true
+  (cd "$CACHE/debs" && apt-get download -q "$@" >/dev/null 2>"$CACHE/debs/download.err") && return 0
+  echo "apt-get download $* failed: $(tail -3 "$CACHE/debs/download.err" | tr '\n' ' ')"
+  return 1
+}
+
 # apt_dep PKG PATTERN: the first dependency of PKG matching PATTERN (an awk regex).
 apt_dep() {
   apt-cache depends "$1" 2>/dev/null | awk -v re="$2" '$1 == "Depends:" && $2 ~ re { print $2; exit }'
@@ -98,14 +110,7 @@ fetch_packages_locked() {
   for p in "${pkgs[@]}"; do
     compgen -G "$CACHE/debs/${p}_*.deb" >/dev/null || missing+=("$p")
   done
-  if [ ${#missing[@]} -gt 0 ]; then
-    lab_log "downloading ${missing[*]}"
-    if ! (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err"); then
-      apt_update_once || true
-      (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err") ||
-        { echo "apt-get download failed: $(tail -3 "$CACHE/debs/download.err" | tr '\n' ' ')"; return 1; }
-    fi
-  fi
+  download_debs "${missing[@]}" || return 1
   ROOT="$CACHE/root-xen$XV-$KVER"
   local stamp debs=()
   for p in "${pkgs[@]}"; do debs+=("$(ls "$CACHE"/debs/"${p}"_*.deb | sort -V | tail -1)"); done
@@ -161,14 +166,7 @@ fetch_qemu_xen_locked() {
   for p in "${pkgs[@]}"; do
     compgen -G "$CACHE/debs/${p}_*.deb" >/dev/null || missing+=("$p")
   done
-  if [ ${#missing[@]} -gt 0 ]; then
-    lab_log "downloading ${missing[*]}"
-    if ! (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err"); then
-      apt_update_once || true
-      (cd "$CACHE/debs" && apt-get download -q "${missing[@]}" >/dev/null 2>"$CACHE/debs/download.err") ||
-        { echo "apt-get download ${missing[*]} failed: $(tail -3 "$CACHE/debs/download.err" | tr '\n' ' ')"; return 1; }
-    fi
-  fi
+  download_debs "${missing[@]}" || return 1
   local debs=() stamp
   for p in "${pkgs[@]}"; do debs+=("$(ls "$CACHE"/debs/"${p}"_*.deb | sort -V | tail -1)"); done
   stamp=$(printf '%s\n' "${debs[@]}" | xargs -n1 basename)

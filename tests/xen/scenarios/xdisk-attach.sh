@@ -131,8 +131,4 @@ check "the backing file is untouched" test "$(md5sum < "$base")" = "$base_md5"
 xdisk img check "$qcow" || fail "xdisk img check: the qcow2 image is not clean"
 
 trap - EXIT
-kill -TERM "$pid"
-wait "$pid"
-rc=$?
-tail -20 /tmp/serve.log
-[ $rc = 0 ] || fail "xdisk serve exited with $rc"
+stop_daemon "$pid" /tmp/serve.log

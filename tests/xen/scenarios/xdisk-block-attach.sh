@@ -79,9 +79,5 @@ xl -v block-detach 0 xvdc > /tmp/xl-detach.log 2>&1 || fail "xl block-detach xvd
 wait_for 20 sh -c "! xenstore-exists /local/domain/0/backend/qdisk/0/51744" || fail "xvdc nodes left"
 
 trap - EXIT
-kill -TERM "$pid"
-wait "$pid"
-rc=$?
-tail -15 /tmp/serve.log
-[ $rc = 0 ] || fail "xdisk serve exited with $rc"
+stop_daemon "$pid" /tmp/serve.log
 check "the device-model registration is gone" sh -c "! xenstore-exists $dmpid"

@@ -136,8 +136,4 @@ dd if=/tmp/ov.raw of=/tmp/ov-head bs=1M count=4 2>/dev/null
 check "the overlay's backing data is intact" cmp /tmp/ov-head "$D/base.raw"
 
 trap - EXIT
-kill -TERM "$pid"
-wait "$pid"
-rc=$?
-tail -20 /tmp/serve.log
-[ $rc = 0 ] || fail "xdisk serve exited with $rc"
+stop_daemon "$pid" /tmp/serve.log
