@@ -385,6 +385,27 @@ impl Image {
         }
     }
 
+    /// Writes guest cluster `cluster` whole and compressed (qcow2 only; see
+    /// [`qcow2::Qcow2Image::write_compressed_cluster`]). Returns whether it was stored
+    /// compressed (it is written uncompressed when that is not smaller or the cluster is
+    /// already allocated).
+    pub fn write_compressed_cluster(&self, cluster: u64, data: &[u8]) -> Result<bool> {
+        match self {
+            Image::Raw(_) => Err(Error::Unsupported(
+                "compressed writes need a qcow2 image (raw images cannot be compressed)".into(),
+            )),
+            Image::Qcow2(q) => q.write_compressed_cluster(cluster, data),
+        }
+    }
+
+    /// The cluster size of a qcow2 image (`None` for raw images).
+    pub fn cluster_size(&self) -> Option<u64> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Qcow2(q) => Some(q.cluster_size()),
+        }
+    }
+
     /// Makes every completed write durable (metadata included).
     pub fn flush(&self) -> Result<()> {
         if self.read_only() {

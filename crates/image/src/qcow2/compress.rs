@@ -1,5 +1,5 @@
-//! Decompression of compressed clusters (qcow2.txt, "Compressed Clusters Descriptor" and the
-//! header's `compression_type` field).
+//! Compression and decompression of compressed clusters (qcow2.txt, "Compressed Clusters
+//! Descriptor" and the header's `compression_type` field).
 //!
 //! A compressed cluster decompresses to exactly one cluster. The stored stream may be followed
 //! by unrelated bytes (the descriptor counts whole 512-byte sectors, and "another compressed
@@ -87,6 +87,67 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// Deflate window QEMU decompresses with (window bits -12): streams we write must not refer
+/// further back than this.
+const QEMU_DEFLATE_WINDOW: usize = 1 << 12;
+
+/// Compresses one whole cluster. `None` when the result would not be smaller than `limit`
+/// bytes (QEMU then writes the cluster uncompressed).
+pub(crate) fn compress(ty: CompressionType, input: &[u8], limit: usize) -> Result<Option<Vec<u8>>> {
+    let out = match ty {
+        CompressionType::Zlib => deflate_raw(input)?,
+        CompressionType::Zstd => zstd::bulk::compress(input, 0)
+            .map_err(|e| Error::io("cannot zstd-compress a cluster", e))?,
+    };
+    Ok((out.len() < limit).then_some(out))
+}
+
+/// zlib compression type: a raw deflate stream (no zlib header or trailer) whose back
+/// references stay within a 4 KiB window, so that QEMU's inflate with window bits -12 reads
+/// it. The deflate backend always uses a 32 KiB window, so the input is fed in 4 KiB pieces
+/// separated by full flushes, each of which makes the compressor forget its dictionary: no
+/// match can then reach back more than 4 KiB.
+fn deflate_raw(input: &[u8]) -> Result<Vec<u8>> {
+    use flate2::{Compress, Compression, FlushCompress, Status};
+    let mut c = Compress::new(Compression::default(), false);
+    let mut out: Vec<u8> = Vec::with_capacity(input.len() + input.len() / 64 + 1024);
+    let n_chunks = input.len().div_ceil(QEMU_DEFLATE_WINDOW).max(1);
+    for i in 0..n_chunks {
+        let chunk = &input[(i * QEMU_DEFLATE_WINDOW).min(input.len())
+            ..((i + 1) * QEMU_DEFLATE_WINDOW).min(input.len())];
+        let last = i + 1 == n_chunks;
+        let flush = if last {
+            FlushCompress::Finish
+        } else {
+            FlushCompress::Full
+        };
+        let start_in = c.total_in();
+        loop {
+            let consumed = (c.total_in() - start_in) as usize;
+            if out.capacity() - out.len() < 64 {
+                out.reserve(QEMU_DEFLATE_WINDOW);
+            }
+            let status = c
+                .compress_vec(&chunk[consumed..], &mut out, flush)
+                .map_err(|e| Error::io("cannot deflate a cluster", std::io::Error::other(e)))?;
+            let consumed = (c.total_in() - start_in) as usize;
+            let room_left = out.capacity() > out.len();
+            match status {
+                Status::StreamEnd => break,
+                _ if !last && consumed == chunk.len() && room_left => break,
+                Status::BufError if room_left => {
+                    return Err(Error::io(
+                        "cannot deflate a cluster",
+                        std::io::Error::other("the compressor made no progress"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +174,37 @@ mod tests {
         .is_err());
         assert!(decompress(CompressionType::Zlib, &stream[..10], &mut out).is_err());
         assert!(decompress(CompressionType::Zlib, &[0xff; 100], &mut out).is_err());
+    }
+
+    #[test]
+    fn compress_roundtrip_both_types() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for cs in [512usize, 4096, 65536, 2 << 20] {
+            let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog "
+                .iter()
+                .copied()
+                .cycle()
+                .take(cs)
+                .collect();
+            let mut mixed = text.clone();
+            rng.fill(&mut mixed[cs / 2..]);
+            let mut random = vec![0u8; cs];
+            rng.fill(&mut random[..]);
+            for ty in [CompressionType::Zlib, CompressionType::Zstd] {
+                let c = compress(ty, &text, cs).unwrap().expect("text compresses");
+                assert!(c.len() < cs / 8 + 64, "{ty:?} {cs}: {}", c.len());
+                let mut out = vec![0u8; cs];
+                decompress(ty, &c, &mut out).unwrap();
+                assert_eq!(out, text);
+                let c = compress(ty, &mixed, cs)
+                    .unwrap()
+                    .expect("half text compresses");
+                decompress(ty, &c, &mut out).unwrap();
+                assert_eq!(out, mixed);
+                assert!(compress(ty, &random, cs).unwrap().is_none(), "{ty:?} {cs}");
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::compress::decompress;
+use super::compress::{compress, decompress};
 use super::format::{L2Entry, MAX_VIRTUAL_SIZE};
 use super::meta::{HostCluster, Meta};
 use super::Qcow2Image;
@@ -462,6 +462,90 @@ impl Qcow2Image {
             return Err(e);
         }
         m.maybe_writeback()
+    }
+
+    // ---- compressed writes -----------------------------------------------------------
+
+    /// Writes guest cluster `g` whole, compressed with the image's compression type
+    /// (qcow2.txt, "Compressed Clusters Descriptor"), as `qemu-img convert -c` does. `data`
+    /// is the cluster's contents: exactly one cluster, or less for the last cluster of an
+    /// image whose size is not cluster-aligned (the rest is stored as zeroes).
+    ///
+    /// The cluster is written uncompressed (an ordinary write) when its compressed form is
+    /// not smaller than a cluster, or when the cluster is already allocated (only
+    /// unallocated clusters and zero clusters without a preallocated host cluster take
+    /// compressed data). Returns whether it was stored compressed. Callers skip all-zero
+    /// clusters themselves (they need no data at all).
+    pub fn write_compressed_cluster(&self, g: u64, data: &[u8]) -> Result<bool> {
+        self.check_writable()?;
+        let cs = self.cs as usize;
+        let start = g
+            .checked_mul(self.cs)
+            .filter(|&s| s < self.size())
+            .ok_or_else(|| Error::OutOfRange {
+                offset: g.saturating_mul(self.cs),
+                len: data.len() as u64,
+                size: self.size(),
+            })?;
+        let whole = data.len() == cs;
+        let last_partial = data.len() < cs && start + data.len() as u64 == self.size();
+        if data.is_empty() || !(whole || last_partial) {
+            return Err(Error::InvalidArgument(format!(
+                "a compressed write covers one whole cluster ({cs} bytes) or the image's \
+                 partial last cluster, not {} bytes at cluster {g}",
+                data.len()
+            )));
+        }
+        let padded;
+        let cluster = if whole {
+            data
+        } else {
+            let mut v = data.to_vec();
+            v.resize(cs, 0);
+            padded = v;
+            &padded[..]
+        };
+        // Compression runs without the lock. QEMU's rule: the compressed form must be
+        // smaller than the cluster, else the cluster is stored as is.
+        let Some(mut stream) = compress(self.compression, cluster, cs)? else {
+            self.write_at(data, start)?;
+            return Ok(false);
+        };
+        let len = stream.len() as u64;
+        let _guard = self.tracker.enter();
+        let mut m = self.lock();
+        while m.inflight.contains(&g) {
+            m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        match m.lookup(g)? {
+            L2Entry::Unallocated | L2Entry::Zero { prealloc: None, .. } => {}
+            _ => {
+                drop(m);
+                self.write_at(data, start)?;
+                return Ok(false);
+            }
+        }
+        let host = m.alloc_compressed(len)?;
+        // The stream is padded with zeroes to the end of its last 512-byte sector, so that
+        // the sectors the descriptor names lie inside the file ("compressed data that ends at
+        // the end of the image is padded"); the padding is free space the next stream packed
+        // behind this one overwrites.
+        stream.resize(
+            (host + len).next_multiple_of(512).saturating_sub(host) as usize,
+            0,
+        );
+        // Rule 2: the data goes to the file before the entry (write_meta marks the file
+        // unsynced, so the sync before the next mapping write covers it); rule 1: the
+        // refcounts taken above are written before the L2 table that uses them.
+        let r = m
+            .write_meta(&stream, host, "a compressed cluster")
+            .and_then(|()| m.set_entry(g, L2Entry::Compressed { host, len }));
+        if let Err(e) = r {
+            m.unref_compressed(host, len);
+            return Err(e);
+        }
+        m.maybe_writeback()?;
+        Ok(true)
     }
 
     // ---- discard and zeroes ----------------------------------------------------------

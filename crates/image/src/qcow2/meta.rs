@@ -72,6 +72,9 @@ pub(crate) struct Meta {
     pub alloc_end: u64,
     /// Lowest host cluster that may be free (QEMU's free_cluster_index).
     pub free_hint: u64,
+    /// Where the next compressed cluster may be packed: a byte offset inside the host cluster
+    /// that received the last compressed stream (QEMU's free_byte_offset); 0 when none.
+    pub compress_cursor: u64,
     /// Refcount decrements waiting for the reference removal to be durable (rule 3).
     pub pending_frees: Vec<HostCluster>,
     /// Clusters freed while fast-path I/O may still target them: (epoch, clusters).

@@ -16,8 +16,9 @@
 //!
 //! Not supported (refused at open): encryption, external data files, extended L2 entries,
 //! unknown incompatible features; writing to images that carry persistent bitmaps (they
-//! would go stale) or that are marked corrupt. Compressed clusters are read, never written
-//! (a write to one allocates a normal cluster). Internal snapshots are listed and preserved
+//! would go stale) or that are marked corrupt. Compressed clusters are read, and written only
+//! by [`Qcow2Image::write_compressed_cluster`] (whole unallocated clusters, as `convert -c`
+//! does); a guest write to a compressed cluster allocates a normal cluster. Internal snapshots are listed and preserved
 //! (shared clusters are copied on write), not created or applied.
 
 mod cache;
@@ -259,6 +260,7 @@ impl Qcow2Image {
             file_len,
             alloc_end: file_len.div_ceil(cs),
             free_hint: 1,
+            compress_cursor: 0,
             pending_frees: Vec::new(),
             quarantine: None,
             waiting: Vec::new(),

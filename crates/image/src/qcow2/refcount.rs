@@ -163,6 +163,80 @@ impl Meta {
         }
     }
 
+    /// Allocates room for one compressed stream of `len` bytes (at most a cluster) the way
+    /// QEMU's qcow2_alloc_bytes does: packed right after the previous stream (byte
+    /// granularity; the descriptor counts sectors, and "another compressed cluster may map to
+    /// the tail of the final sector") in the same host cluster when it fits, spilling into the next host cluster when that one
+    /// is the next one allocated, else at the start of a fresh cluster. Every host cluster
+    /// the stream touches gets one more reference (in the cache; rule 1 orders it before the
+    /// L2 entry). Returns the byte offset.
+    pub fn alloc_compressed(&mut self, len: u64) -> Result<u64> {
+        debug_assert!(len > 0 && len <= self.cs);
+        let mut off = self.compress_cursor;
+        if off != 0 {
+            let c = off >> self.cb;
+            let rc = self.refcount(HostCluster(c))?;
+            if rc == 0 || rc >= refcount_max(self.order()) || self.quarantined.contains(&c) {
+                off = 0;
+            }
+        }
+        let free_in_cluster = if off == 0 {
+            0
+        } else {
+            self.cs - (off & (self.cs - 1))
+        };
+        let start = if off == 0 || free_in_cluster < len {
+            let new = self.alloc_cluster()?; // refcount 1: this stream's reference
+            let new_off = new.0 << self.cb;
+            if off != 0 && off.next_multiple_of(self.cs) == new_off {
+                // The stream starts in the tail of the old cluster and spills into the new.
+                let c = HostCluster(off >> self.cb);
+                let rc = self.refcount(c)?;
+                if let Err(e) = self.set_refcount(c, rc + 1) {
+                    self.release_unused(new);
+                    return Err(e);
+                }
+                off
+            } else {
+                new_off
+            }
+        } else {
+            let c = HostCluster(off >> self.cb);
+            let rc = self.refcount(c)?;
+            self.set_refcount(c, rc + 1)?;
+            off
+        };
+        // The descriptor's offset field has x = 62 - (cluster_bits - 8) bits.
+        let x = 62 - (self.cb - 8);
+        if x < 64 && start + len > 1u64 << x {
+            self.unref_compressed(start, len);
+            return Err(Error::NoSpace(
+                "compressed data would lie past the descriptor's host offset range".into(),
+            ));
+        }
+        let end = start + len;
+        self.compress_cursor = if end.is_multiple_of(self.cs) { 0 } else { end };
+        self.note_alloc(end.div_ceil(self.cs));
+        Ok(start)
+    }
+
+    /// Undoes [`Meta::alloc_compressed`] for a stream that was never referenced.
+    pub fn unref_compressed(&mut self, start: u64, len: u64) {
+        for c in compressed_clusters(start, len, self.cb) {
+            let c = HostCluster(c);
+            let r = self.refcount(c).and_then(|rc| {
+                if rc <= 1 {
+                    self.free_hint = self.free_hint.min(c.0);
+                }
+                self.set_refcount(c, rc.saturating_sub(1))
+            });
+            if let Err(e) = r {
+                tracing::warn!("cannot release compressed space at {:#x}: {e}", c.0);
+            }
+        }
+        self.compress_cursor = 0;
+    }
+
     /// Allocates `n` contiguous clusters past the end of everything (for tables that must be
     /// contiguous: the L1 table).
     pub fn alloc_contiguous(&mut self, n: u64) -> Result<HostCluster> {
@@ -330,7 +404,12 @@ impl Meta {
     /// on disk points to it, so there is no ordering to respect and no I/O to drain).
     pub fn release_unused(&mut self, c: HostCluster) {
         match self.set_refcount(c, 0) {
-            Ok(()) => self.free_hint = self.free_hint.min(c.0),
+            Ok(()) => {
+                self.free_hint = self.free_hint.min(c.0);
+                if self.compress_cursor >> self.cb == c.0 {
+                    self.compress_cursor = 0;
+                }
+            }
             Err(e) => tracing::warn!("cannot release unused cluster {:#x}: {e}", c.0),
         }
     }
@@ -362,6 +441,9 @@ impl Meta {
             }
             if rc == 1 {
                 freed.push(c.0);
+                if self.compress_cursor >> self.cb == c.0 {
+                    self.compress_cursor = 0;
+                }
             }
         }
         freed.sort_unstable();
