@@ -155,10 +155,10 @@ fn sd_notify(msg: &str) {
 
 /// Waits for SIGTERM/SIGINT/SIGHUP, or until `alive` says no (then returns false).
 fn wait_for_signal(
+    signals: &mut Signals,
     mut alive: impl FnMut() -> bool,
     quit: Option<&mpsc::Receiver<()>>,
 ) -> Result<bool> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("signal handlers")?;
     loop {
         if let Some(sig) = signals.pending().next() {
             tracing::info!(signal = sig, "stopping");
@@ -175,8 +175,16 @@ fn wait_for_signal(
     }
 }
 
+/// The signals that stop the daemon, caught from the start: a SIGTERM that arrives while it
+/// starts (systemd stopping it right after READY=1, libxl destroying a domain) must still
+/// lead to a clean stop, not the default action.
+fn stop_signals() -> Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP]).context("signal handlers")
+}
+
 pub fn serve(a: ServeArgs) -> Result<i32> {
     let _ = a.foreground;
+    let mut signals = stop_signals()?;
     let mut sim: Option<Arc<SimXen>> = None;
     let mut guests = Vec::new();
     let platform = match a.platform {
@@ -260,7 +268,7 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
     }
     tracing::info!(control = %a.control.display(), platform = a.platform.as_str(), "serving");
     sd_notify("READY=1");
-    let clean = wait_for_signal(|| sup.is_running(), None)?;
+    let clean = wait_for_signal(&mut signals, || sup.is_running(), None)?;
     sd_notify("STOPPING=1");
     if let Some(r) = dm_registration {
         if let Err(e) = r.release() {
@@ -430,6 +438,7 @@ pub fn stat(a: StatArgs) -> Result<i32> {
 }
 
 pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
+    let mut signals = stop_signals()?;
     let qa = QemuArgs::parse(&a.args)?;
     for u in &qa.unsupported {
         tracing::warn!(
@@ -475,6 +484,7 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
     }
     tracing::info!(domid = qa.domid, name = ?qa.name, "qemu-shim serving the domain's qdisk disks");
     let clean = wait_for_signal(
+        &mut signals,
         || sup.as_ref().is_none_or(|s| s.is_running()),
         Some(&quit_rx),
     )?;
