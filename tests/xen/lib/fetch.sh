@@ -16,27 +16,12 @@ apt_update_once() {
   as_root apt-get update -qq >/dev/null
 }
 
-# Installs the host tools the lab needs. QEMU's absence after that is a skip, not a failure.
+# Installs the host tools the lab needs through the project's one installer (scripts/setup:
+# one apt transaction, QEMU and qemu-img of the same release, re-checked afterwards). QEMU's
+# absence after that is a skip, not a failure.
 ensure_host_tools() {
-  local need=()
-  command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-  if ! [ -x /bin/busybox ] || ! file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
-    need+=(busybox-static)
-  fi
-  command -v file >/dev/null 2>&1 || need+=(file)
-  command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
-  command -v cpio >/dev/null 2>&1 || need+=(cpio)
-  command -v depmod >/dev/null 2>&1 || [ -x /sbin/depmod ] || need+=(kmod)
-  command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
-  command -v xz >/dev/null 2>&1 || need+=(xz-utils)
-  command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
-  if [ ${#need[@]} -gt 0 ]; then
-    lab_log "installing ${need[*]}"
-    apt_update_once || true
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need[@]}" >/dev/null ||
-      lab_log "apt-get install ${need[*]} failed"
-  fi
   export PATH="$PATH:/sbin:/usr/sbin"
+  "$REPO/scripts/setup" >&2 || lab_log "scripts/setup failed; the checks below say what is missing"
 }
 
 # Whether QEMU can run here at all (prints the reason when not).
