@@ -1,0 +1,1 @@
+//! Finding what to boot: filesystems on the disk, configs on each, the chosen entry.

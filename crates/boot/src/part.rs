@@ -1,0 +1,1 @@
+//! Partition tables: MBR (primaries, then logical partitions in the extended chain), GPT.
