@@ -213,7 +213,10 @@ pub fn open(disk: Arc<dyn ReadAt>, limits: &Limits) -> Result<Option<Box<dyn Fil
         return Ok(Some(Box::new(ext4::Ext4Fs::open(disk, limits)?)));
     }
     if xfs::probe(&*disk) {
-        return Ok(Some(Box::new(Walk::new(xfs::Xfs::open(disk)?, limits.clone()))));
+        return Ok(Some(Box::new(Walk::new(
+            xfs::Xfs::open(disk)?,
+            limits.clone(),
+        ))));
     }
     if iso9660::probe(&*disk) {
         return Ok(Some(Box::new(Walk::new(
@@ -222,7 +225,10 @@ pub fn open(disk: Arc<dyn ReadAt>, limits: &Limits) -> Result<Option<Box<dyn Fil
         ))));
     }
     if fat::probe(&*disk) {
-        return Ok(Some(Box::new(Walk::new(fat::Fat::open(disk)?, limits.clone()))));
+        return Ok(Some(Box::new(Walk::new(
+            fat::Fat::open(disk)?,
+            limits.clone(),
+        ))));
     }
     Ok(None)
 }

@@ -1,0 +1,131 @@
+//! The bootloader's interactive menu on a VT100 terminal (what libxl gives the bootloader: a
+//! pty, TERM=vt100): the entries, the default highlighted, a countdown from the config's
+//! timeout; arrow keys (or j/k) move, Enter boots, any key stops the countdown.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use xdisk_boot::config::BootConfig;
+
+/// Countdown when the config sets no timeout.
+const DEFAULT_TIMEOUT: u32 = 5;
+
+/// Puts the terminal in raw mode until dropped.
+struct RawMode {
+    fd: i32,
+    saved: libc::termios,
+}
+
+impl RawMode {
+    fn enter(fd: i32) -> Option<RawMode> {
+        // SAFETY: termios is plain old data; tcgetattr fills it.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is our open stdin; t is a valid termios to fill.
+        if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+            return None;
+        }
+        let saved = t;
+        t.c_lflag &= !(libc::ICANON | libc::ECHO);
+        t.c_cc[libc::VMIN] = 0;
+        t.c_cc[libc::VTIME] = 1; // reads wait at most 0.1 s
+                                 // SAFETY: as above; t is a valid termios.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
+            return None;
+        }
+        Some(RawMode { fd, saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in enter() on the same fd.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+fn draw(
+    out: &mut impl Write,
+    cfg: &BootConfig,
+    sel: usize,
+    left: Option<u64>,
+) -> std::io::Result<()> {
+    let mut s = String::from("\x1b[2J\x1b[H    xdisk boot (pygrub-compatible)\r\n\r\n");
+    let first = sel.saturating_sub(15);
+    for (i, e) in cfg.entries.iter().enumerate().skip(first).take(16) {
+        let title: String = e
+            .title
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(70)
+            .collect();
+        if i == sel {
+            s.push_str(&format!("  \x1b[7m {title:<70}\x1b[0m\r\n"));
+        } else {
+            s.push_str(&format!("   {title:<70}\r\n"));
+        }
+    }
+    s.push_str("\r\n    Use the up and down keys to select an entry; Enter boots it.\r\n");
+    if let Some(n) = left {
+        s.push_str(&format!(
+            "    Will boot the selected entry in {n:2} seconds\r\n"
+        ));
+    }
+    out.write_all(s.as_bytes())?;
+    out.flush()
+}
+
+/// Shows the menu; returns the chosen entry's index.
+pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
+    let n = cfg.entries.len();
+    if n == 0 {
+        return Ok(default);
+    }
+    let stdin = std::io::stdin();
+    let Some(_raw) = RawMode::enter(stdin.as_raw_fd()) else {
+        return Ok(default);
+    };
+    let mut out = std::io::stderr();
+    let mut sel = default.min(n - 1);
+    let timeout = u64::from(cfg.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    let start = Instant::now();
+    let mut counting = true;
+    let mut input = stdin.lock();
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let left = counting.then(|| timeout.saturating_sub(start.elapsed().as_secs()));
+        if left == Some(0) {
+            break;
+        }
+        draw(&mut out, cfg, sel, left)?;
+        let mut buf = [0u8; 16];
+        let got = input.read(&mut buf).unwrap_or(0);
+        if got == 0 {
+            if counting {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            continue;
+        }
+        counting = false;
+        pending.extend_from_slice(&buf[..got]);
+        while !pending.is_empty() {
+            if pending.starts_with(b"\x1b[A") || pending[0] == b'k' {
+                sel = sel.saturating_sub(1);
+                pending.drain(..if pending[0] == b'k' { 1 } else { 3 });
+            } else if pending.starts_with(b"\x1b[B") || pending[0] == b'j' {
+                sel = (sel + 1).min(n - 1);
+                pending.drain(..if pending[0] == b'j' { 1 } else { 3 });
+            } else if pending[0] == b'\r' || pending[0] == b'\n' {
+                let _ = out.write_all(b"\x1b[2J\x1b[H");
+                return Ok(sel);
+            } else if pending[0] == 0x1b && pending.len() < 3 {
+                break; // an escape sequence still arriving
+            } else {
+                pending.remove(0);
+            }
+        }
+    }
+    let _ = out.write_all(b"\x1b[2J\x1b[H");
+    Ok(sel)
+}
