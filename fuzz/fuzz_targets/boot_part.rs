@@ -1,8 +1,31 @@
-//! Placeholder until the parser lands.
+//! Partition tables and the whole choice pipeline on arbitrary bytes: every place found lies
+//! inside the disk, and finding a kernel errs or succeeds, never panics or hangs.
 #![no_main]
 
+use std::sync::Arc;
+
 use libfuzzer_sys::fuzz_target;
+use xdisk_boot::disk::{MemDisk, ReadAt};
+use xdisk_boot::find::{choose, Request};
+use xdisk_boot::Limits;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = data;
+    let disk = MemDisk(data.to_vec());
+    let len = disk.size();
+    if let Ok(parts) = xdisk_boot::part::filesystems(&disk) {
+        for p in parts {
+            assert!(p.start.saturating_add(p.len) <= len);
+        }
+    }
+    let disk: Arc<dyn ReadAt> = Arc::new(disk);
+    let req = Request {
+        limits: Limits {
+            max_file: 1 << 20,
+            max_config: 64 << 10,
+            max_dir_entries: 256,
+            ..Limits::default()
+        },
+        ..Request::default()
+    };
+    let _ = choose(&disk, &req);
 });

@@ -135,6 +135,11 @@ planned_needs() {
 # PATH: call a command that is also an applet (losetup) by its full path.
 add_need() {
   local dest=$1 need=$2 b why
+  if [ "$need" = pvboot-image ]; then
+    # Not a dom0 binary: the guest disk goes onto the data disk (see boot_once).
+    build_pvboot_image "$OUT/data-seed"
+    return
+  fi
   if [ "$need" = qemu-xen ]; then
     why=$(fetch_qemu_xen) || { lab_log "qemu-system-xen: $why"; return 1; }
     # fetch_qemu_xen ran in a subshell: set its variables here too.
