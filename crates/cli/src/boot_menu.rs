@@ -45,21 +45,11 @@ impl Drop for RawMode {
     }
 }
 
-fn draw(
-    out: &mut impl Write,
-    cfg: &BootConfig,
-    sel: usize,
-    left: Option<u64>,
-) -> std::io::Result<()> {
+fn draw(out: &mut impl Write, cfg: &BootConfig, sel: usize) -> std::io::Result<()> {
     let mut s = String::from("\x1b[2J\x1b[H    xdisk boot (pygrub-compatible)\r\n\r\n");
     let first = sel.saturating_sub(15);
     for (i, e) in cfg.entries.iter().enumerate().skip(first).take(16) {
-        let title: String = e
-            .title
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(70)
-            .collect();
+        let title: String = e.title.chars().filter(|c| !c.is_control()).take(70).collect();
         if i == sel {
             s.push_str(&format!("  \x1b[7m {title:<70}\x1b[0m\r\n"));
         } else {
@@ -67,11 +57,17 @@ fn draw(
         }
     }
     s.push_str("\r\n    Use the up and down keys to select an entry; Enter boots it.\r\n");
-    if let Some(n) = left {
-        s.push_str(&format!(
-            "    Will boot the selected entry in {n:2} seconds\r\n"
-        ));
-    }
+    out.write_all(s.as_bytes())?;
+    out.flush()
+}
+
+/// Rewrites only the countdown line (few bytes: nobody may be reading the console, and a
+/// full pty must not block the countdown).
+fn draw_countdown(out: &mut impl Write, left: Option<u64>) -> std::io::Result<()> {
+    let s = match left {
+        Some(n) => format!("\r    Will boot the selected entry in {n:2} seconds"),
+        None => format!("\r{:60}\r", ""),
+    };
     out.write_all(s.as_bytes())?;
     out.flush()
 }
@@ -93,21 +89,31 @@ pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
     let mut counting = true;
     let mut input = stdin.lock();
     let mut pending: Vec<u8> = Vec::new();
+    let mut redraw = true;
+    let mut shown: Option<Option<u64>> = None;
     loop {
         let left = counting.then(|| timeout.saturating_sub(start.elapsed().as_secs()));
         if left == Some(0) {
             break;
         }
-        draw(&mut out, cfg, sel, left)?;
+        // Output errors (a console nobody reads) never stop the countdown.
+        if redraw {
+            let _ = draw(&mut out, cfg, sel);
+            redraw = false;
+            shown = None;
+        }
+        if shown != Some(left) {
+            let _ = draw_countdown(&mut out, left);
+            shown = Some(left);
+        }
         let mut buf = [0u8; 16];
         let got = input.read(&mut buf).unwrap_or(0);
         if got == 0 {
-            if counting {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            std::thread::sleep(Duration::from_millis(50));
             continue;
         }
         counting = false;
+        redraw = true;
         pending.extend_from_slice(&buf[..got]);
         while !pending.is_empty() {
             if pending.starts_with(b"\x1b[A") || pending[0] == b'k' {
@@ -117,7 +123,7 @@ pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
                 sel = (sel + 1).min(n - 1);
                 pending.drain(..if pending[0] == b'j' { 1 } else { 3 });
             } else if pending[0] == b'\r' || pending[0] == b'\n' {
-                let _ = out.write_all(b"\x1b[2J\x1b[H");
+                let _ = out.write_all(b"\r\n");
                 return Ok(sel);
             } else if pending[0] == 0x1b && pending.len() < 3 {
                 break; // an escape sequence still arriving
@@ -126,6 +132,6 @@ pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
             }
         }
     }
-    let _ = out.write_all(b"\x1b[2J\x1b[H");
+    let _ = out.write_all(b"\r\n");
     Ok(sel)
 }
