@@ -127,7 +127,12 @@ fn set(v: &[&str]) -> BTreeSet<String> {
 fn check_files(fs: &dyn FileSystem) {
     for (p, d) in files() {
         let got = fs.read_file(&format!("/{p}"), 16 << 20).unwrap();
-        assert!(got == d, "{p}: contents differ ({} vs {} bytes)", got.len(), d.len());
+        assert!(
+            got == d,
+            "{p}: contents differ ({} vs {} bytes)",
+            got.len(),
+            d.len()
+        );
         assert_eq!(fs.kind(&format!("/{p}")).unwrap(), Some(NodeKind::File));
     }
     assert_eq!(fs.kind("/isolinux").unwrap(), Some(NodeKind::Dir));
@@ -162,8 +167,14 @@ fn rock_ridge_and_joliet_round_trip_uses_rock_ridge_names() {
         set(&["initrd.img", "isolinux.cfg", "linux", "vmlinuz"])
     );
     assert_eq!(names(&*fs, "/long"), set(&[LONG, "MixedCase.Txt"]));
-    assert_eq!(fs.read_file(&format!("/long/{LONG}"), 100).unwrap(), b"long\n");
-    assert_eq!(fs.read_file("/long/MixedCase.Txt", 100).unwrap(), b"mixed\n");
+    assert_eq!(
+        fs.read_file(&format!("/long/{LONG}"), 100).unwrap(),
+        b"long\n"
+    );
+    assert_eq!(
+        fs.read_file("/long/MixedCase.Txt", 100).unwrap(),
+        b"mixed\n"
+    );
     // Rock Ridge names are exact.
     assert_eq!(fs.kind("/long/mixedcase.txt").unwrap(), None);
     assert_eq!(fs.kind("/ISOLINUX").unwrap(), None);
@@ -182,7 +193,10 @@ fn rock_ridge_symlinks_stay_inside() {
     assert_eq!(fs.read_file("/longlink", 1 << 20).unwrap(), kernel);
     assert_eq!(fs.kind("/boot").unwrap(), Some(NodeKind::Dir));
     assert_eq!(fs.kind("/dangling").unwrap(), None);
-    assert!(matches!(fs.read_file("/loop1", 100), Err(Error::SymlinkLoop(_))));
+    assert!(matches!(
+        fs.read_file("/loop1", 100),
+        Err(Error::SymlinkLoop(_))
+    ));
     assert!(matches!(fs.kind("/loop2/x"), Err(Error::SymlinkLoop(_))));
 }
 
@@ -200,7 +214,9 @@ fn rock_ridge_relocated_deep_directories_are_followed() {
     assert_eq!(names(&*fs, d8), set(&["d9"]));
     assert_eq!(fs.kind(&format!("{d8}/d9")).unwrap(), Some(NodeKind::Dir));
     // Entries marked RE (xorriso marks rr_moved itself) are hidden, as Linux does.
-    assert!(!names(&*fs, "/").iter().any(|n| n.eq_ignore_ascii_case("rr_moved")));
+    assert!(!names(&*fs, "/")
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case("rr_moved")));
 }
 
 #[test]
@@ -208,7 +224,10 @@ fn joliet_only_names_are_case_insensitive() {
     let fs = open(image(&["--norock", "-J"], true));
     check_files(&*fs);
     assert!(names(&*fs, "/long").contains("MixedCase.Txt"));
-    assert_eq!(fs.read_file("/long/mixedcase.txt", 100).unwrap(), b"mixed\n");
+    assert_eq!(
+        fs.read_file("/long/mixedcase.txt", 100).unwrap(),
+        b"mixed\n"
+    );
     assert_eq!(fs.read_file("/ISOLINUX/ISOLINUX.CFG", 100).unwrap(), CFG);
     assert_eq!(
         names(&*fs, "/isolinux"),
@@ -231,7 +250,10 @@ fn plain_iso_level1_upper_case_names_match_lower_case_paths() {
 fn plain_iso_level3_round_trip() {
     let fs = open(image(&["--norock", "-iso-level", "3"], true));
     check_files(&*fs);
-    assert_eq!(fs.read_file("/long/mixedcase.txt", 100).unwrap(), b"mixed\n");
+    assert_eq!(
+        fs.read_file("/long/mixedcase.txt", 100).unwrap(),
+        b"mixed\n"
+    );
 }
 
 #[test]
@@ -319,11 +341,15 @@ fn root_records(img: &[u8]) -> Vec<(usize, Vec<u8>)> {
 
 /// The record of `id` in the directory whose record is `dir` (an offset).
 fn record_in(img: &[u8], dir: usize, id: &[u8]) -> usize {
-    records(img, le32(img, dir + 2) as usize * 2048, le32(img, dir + 10) as usize)
-        .into_iter()
-        .find(|r| r.1 == id)
-        .unwrap_or_else(|| panic!("no record {}", String::from_utf8_lossy(id)))
-        .0
+    records(
+        img,
+        le32(img, dir + 2) as usize * 2048,
+        le32(img, dir + 10) as usize,
+    )
+    .into_iter()
+    .find(|r| r.1 == id)
+    .unwrap_or_else(|| panic!("no record {}", String::from_utf8_lossy(id)))
+    .0
 }
 
 fn open_err(img: Vec<u8>) -> Error {
@@ -422,7 +448,11 @@ fn record_crossing_a_sector_is_corrupt() {
     let mut pos = recs[1].0 + img[recs[1].0] as usize;
     let end = (pos / 2048 + 1) * 2048;
     while pos < end {
-        let len = if (end - pos) % 200 == 0 { 199 } else { 200 };
+        let len = if (end - pos).is_multiple_of(200) {
+            199
+        } else {
+            200
+        };
         img[pos..pos + len].fill(0);
         img[pos] = len as u8;
         img[pos + 32] = 1;
@@ -511,13 +541,22 @@ fn directory_cycle_is_bounded() {
     let fs = open(img);
     let deep = "/docs".repeat(300) + "/isolinux/isolinux.cfg";
     assert!(fs.read_file(&deep, 100).is_err());
-    assert_eq!(fs.read_file("/docs/docs/isolinux/isolinux.cfg", 100).unwrap(), CFG);
+    assert_eq!(
+        fs.read_file("/docs/docs/isolinux/isolinux.cfg", 100)
+            .unwrap(),
+        CFG
+    );
 }
 
 #[test]
 fn truncated_image_gives_errors() {
     let img = image(&["-R", "-J"], true);
-    for len in [0x8000 + 2048, 0x8000 + 6 * 2048, img.len() / 2, img.len() - 1] {
+    for len in [
+        0x8000 + 2048,
+        0x8000 + 6 * 2048,
+        img.len() / 2,
+        img.len() - 1,
+    ] {
         let disk = Arc::new(MemDisk(img[..len].to_vec()));
         if let Ok(Some(fs)) = fs::open(disk, &Limits::default()) {
             read_everything(&*fs);

@@ -114,6 +114,9 @@ struct Entry {
     node: Node,
 }
 
+/// A parsed directory: its byte offset, its size, its entries.
+type CachedDir = (u64, u64, Arc<Vec<Entry>>);
+
 /// An ISO 9660 filesystem; turn it into a [`super::FileSystem`] with [`super::Walk`].
 pub struct Iso9660 {
     disk: Arc<dyn ReadAt>,
@@ -122,7 +125,7 @@ pub struct Iso9660 {
     names: Names,
     root: Node,
     /// Parsed directories, most recently used first, keyed by their byte offset and size.
-    cache: Mutex<Vec<(u64, u64, Arc<Vec<Entry>>)>>,
+    cache: Mutex<Vec<CachedDir>>,
 }
 
 /// The fields of one directory record (ECMA-119 9.1) that we use.
@@ -360,8 +363,7 @@ impl Iso9660 {
             return Ok(None);
         };
         let su = r.system_use;
-        if r.id == [0] && su.len() >= 7 && &su[0..4] == b"SP\x07\x01" && su[4..6] == [0xBE, 0xEF]
-        {
+        if r.id == [0] && su.len() >= 7 && &su[0..4] == b"SP\x07\x01" && su[4..6] == [0xBE, 0xEF] {
             return Ok(Some(usize::from(su[6])));
         }
         Ok(None)
@@ -374,8 +376,8 @@ impl Iso9660 {
             Some(end) if end <= size => {}
             _ => {
                 return Err(corrupt(format!(
-                    "extent of {len} bytes at byte {start} is past the end of the image ({size} bytes)"
-                )))
+                "extent of {len} bytes at byte {start} is past the end of the image ({size} bytes)"
+            )))
             }
         }
         let n = usize::try_from(len).map_err(|_| corrupt("extent too large"))?;
@@ -508,7 +510,11 @@ impl Iso9660 {
             return Ok(None);
         }
         let is_dir = r.flags & FLAG_DIR != 0;
-        let mut kind = if is_dir { NodeKind::Dir } else { NodeKind::File };
+        let mut kind = if is_dir {
+            NodeKind::Dir
+        } else {
+            NodeKind::File
+        };
         let mut link = Vec::new();
         let mut extent = (r.start, r.size);
         let (name, exact) = match self.names {
@@ -608,15 +614,13 @@ impl Iso9660 {
                             u64::from(le32(body, 16)),
                         ))
                     }
-                    b"NM" if !body.is_empty() => {
-                        // RRIP 4.1.4: flags CURRENT (1) / PARENT (2) name "." / "..";
-                        // CONTINUE (0) says the next NM continues this one: we concatenate.
-                        if body[0] & 0x06 == 0 {
-                            let name = rr.name.get_or_insert_with(Vec::new);
-                            name.extend_from_slice(&body[1..]);
-                            if name.len() > MAX_NAME {
-                                return Err(corrupt(format!("name over {MAX_NAME} bytes")));
-                            }
+                    // RRIP 4.1.4: flags CURRENT (1) / PARENT (2) name "." / ".." (ignored);
+                    // CONTINUE (0) says the next NM continues this one: we concatenate.
+                    b"NM" if !body.is_empty() && body[0] & 0x06 == 0 => {
+                        let name = rr.name.get_or_insert_with(Vec::new);
+                        name.extend_from_slice(&body[1..]);
+                        if name.len() > MAX_NAME {
+                            return Err(corrupt(format!("name over {MAX_NAME} bytes")));
                         }
                     }
                     b"PX" if body.len() >= 8 => rr.mode = Some(le32(body, 0)),
@@ -719,7 +723,9 @@ impl Inodes for Iso9660 {
                     "file extent of {len} bytes at byte {start} is past the end of the image ({disk_size} bytes)"
                 )));
             }
-            let n = usize::try_from(len - off).unwrap_or(usize::MAX).min(buf.len());
+            let n = usize::try_from(len - off)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             let at = start + off;
             self.disk
                 .read_exact_at(&mut buf[..n], at)
