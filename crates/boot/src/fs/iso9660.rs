@@ -18,6 +18,7 @@
 //! and parsed directories are cached (a few of them) so that path walks through symbolic
 //! link loops do not re-read the same directory again and again.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{Inodes, NodeKind};
@@ -49,6 +50,10 @@ const MAX_LINK: usize = 4096;
 const MAX_EXTENTS: usize = 1024;
 /// Parsed directories kept.
 const DIR_CACHE: usize = 4;
+/// Most directory bytes parsed (cache misses) over the life of one [`Iso9660`]: a walk that
+/// keeps missing the cache (symbolic links cycling through many large directories) ends
+/// with an error instead of re-reading them for minutes.
+pub const MAX_DIR_BYTES_TOTAL: u64 = 512 << 20;
 
 /// File flags of a directory record (ECMA-119 9.1.6).
 const FLAG_DIR: u8 = 0x02;
@@ -126,6 +131,19 @@ pub struct Iso9660 {
     root: Node,
     /// Parsed directories, most recently used first, keyed by their byte offset and size.
     cache: Mutex<Vec<CachedDir>>,
+    /// Directory bytes parsed so far (bounded by [`MAX_DIR_BYTES_TOTAL`]).
+    dir_bytes: AtomicU64,
+}
+
+/// A multi-extent file being assembled (ECMA-119 6.5.1, 9.1.6 bit 7).
+struct MultiExtent {
+    /// The raw identifier every record of the file repeats.
+    id: Vec<u8>,
+    extents: Vec<(u64, u64)>,
+    size: u64,
+    interleaved: bool,
+    /// From the first record; `None` when the file is not listed (an associated file).
+    entry: Option<Entry>,
 }
 
 /// The fields of one directory record (ECMA-119 9.1) that we use.
@@ -318,13 +336,17 @@ impl Iso9660 {
             names: Names::Plain,
             root: Self::root_node(&pvd, block)?,
             cache: Mutex::new(Vec::new()),
+            dir_bytes: AtomicU64::new(0),
         };
-        if let Some(skip) = fs.rock_ridge_skip()? {
+        if let Some(skip) = fs.rock_ridge_skip() {
             fs.names = Names::RockRidge { skip };
         } else if let Some(svd) = joliet {
+            // A Joliet tree we cannot use leaves us with the plain names.
             if u64::from(le16(&svd, 128)) == block {
-                fs.root = Self::root_node(&svd, block)?;
-                fs.names = Names::Joliet;
+                if let Ok(root) = Self::root_node(&svd, block) {
+                    fs.root = root;
+                    fs.names = Names::Joliet;
+                }
             }
         }
         Ok(fs)
@@ -347,38 +369,32 @@ impl Iso9660 {
     }
 
     /// Whether the primary tree has Rock Ridge: an SP entry at the start of the system use
-    /// field of the root's "." record (SUSP 5.3). Returns SP's LEN_SKP.
-    fn rock_ridge_skip(&self) -> Result<Option<usize>> {
+    /// field of the root's "." record (SUSP 5.3). Returns SP's LEN_SKP. A root that cannot be
+    /// read has no Rock Ridge (and gives its error when it is listed).
+    fn rock_ridge_skip(&self) -> Option<usize> {
         let (start, size) = self.root.extents.first().copied().unwrap_or((0, 0));
         let len = size.min(SECTOR - start % SECTOR);
         if len < 34 {
-            return Ok(None);
+            return None;
         }
-        let buf = self.read_extent(start, len)?;
-        let len_dr = usize::from(buf[0]);
-        let Some(rec) = buf.get(..len_dr) else {
-            return Ok(None);
-        };
-        let Ok(r) = Record::parse(rec, self.block) else {
-            return Ok(None);
-        };
+        let buf = self.read_extent(start, len).ok()?;
+        let rec = buf.get(..usize::from(buf[0]))?;
+        let r = Record::parse(rec, self.block).ok()?;
         let su = r.system_use;
         if r.id == [0] && su.len() >= 7 && &su[0..4] == b"SP\x07\x01" && su[4..6] == [0xBE, 0xEF] {
-            return Ok(Some(usize::from(su[6])));
+            return Some(usize::from(su[6]));
         }
-        Ok(None)
+        None
     }
 
     /// Reads `len` bytes at `start` after checking that they are inside the image.
     fn read_extent(&self, start: u64, len: u64) -> Result<Vec<u8>> {
         let size = self.disk.size();
-        match start.checked_add(len) {
-            Some(end) if end <= size => {}
-            _ => {
-                return Err(corrupt(format!(
-                "extent of {len} bytes at byte {start} is past the end of the image ({size} bytes)"
-            )))
-            }
+        if start.checked_add(len).is_none_or(|end| end > size) {
+            let what = format!("extent of {len} bytes at byte {start}");
+            return Err(corrupt(format!(
+                "{what} is past the end of the image ({size} bytes)"
+            )));
         }
         let n = usize::try_from(len).map_err(|_| corrupt("extent too large"))?;
         let mut buf = vec![0u8; n];
@@ -417,13 +433,17 @@ impl Iso9660 {
                 "iso9660: directory of {size} bytes (the limit is {MAX_DIR_BYTES})"
             )));
         }
+        let total = self.dir_bytes.fetch_add(size, Ordering::Relaxed);
+        if total.saturating_add(size) > MAX_DIR_BYTES_TOTAL {
+            return Err(Error::Unsupported(format!(
+                "iso9660: over {MAX_DIR_BYTES_TOTAL} bytes of directories read"
+            )));
+        }
         let data = self.read_extent(start, size)?;
         let mut out = Vec::new();
         let mut parsed = 0usize;
         let mut ce_budget = MAX_DIR_CE_BYTES;
-        // A multi-extent file being assembled: its raw identifier and its entry (None when
-        // the file is not listed, e.g. an associated file).
-        let mut pending: Option<(Vec<u8>, Option<Entry>)> = None;
+        let mut pending: Option<MultiExtent> = None;
         let mut pos = 0usize;
         while pos < data.len() {
             // 6.8.1.1: records do not cross a logical sector; the rest of a sector after the
@@ -450,49 +470,52 @@ impl Iso9660 {
                 continue;
             }
             // 9.1.6 bit 7: the file continues in the next record (same identifier).
-            if let Some((id, mut entry)) = pending.take() {
-                if r.id != id.as_slice() {
+            if let Some(mut p) = pending.take() {
+                if r.id != p.id.as_slice() {
                     return Err(corrupt("multi-extent file continues with another name"));
                 }
-                if let Some(e) = entry.as_mut() {
-                    let mut extents = e.node.extents.to_vec();
-                    if extents.len() >= MAX_EXTENTS {
-                        return Err(Error::Unsupported(format!(
-                            "iso9660: file of more than {MAX_EXTENTS} extents"
-                        )));
-                    }
-                    extents.push((r.start, r.size));
-                    e.node.extents = Arc::from(extents);
-                    e.node.size = e
-                        .node
-                        .size
-                        .checked_add(r.size)
-                        .ok_or_else(|| corrupt("multi-extent file size overflows"))?;
-                    e.node.interleaved |= r.interleaved;
+                if p.extents.len() >= MAX_EXTENTS {
+                    return Err(Error::Unsupported(format!(
+                        "iso9660: file of more than {MAX_EXTENTS} extents"
+                    )));
                 }
+                p.extents.push((r.start, r.size));
+                p.size = p
+                    .size
+                    .checked_add(r.size)
+                    .ok_or_else(|| corrupt("multi-extent file size overflows"))?;
+                p.interleaved |= r.interleaved;
+                parsed = parsed.saturating_add(16);
                 if r.flags & FLAG_MULTI_EXTENT != 0 {
-                    pending = Some((id, entry));
-                } else if let Some(e) = entry {
+                    pending = Some(p);
+                } else if let Some(mut e) = p.entry {
+                    e.node.extents = Arc::from(p.extents);
+                    e.node.size = p.size;
+                    e.node.interleaved = p.interleaved;
                     out.push(e);
                 }
                 continue;
             }
             let entry = self.entry(&r, &mut ce_budget)?;
             if let Some(e) = &entry {
-                parsed = parsed
-                    .saturating_add(e.name.len() + e.node.link.len() + 64)
-                    .saturating_add(e.node.extents.len() * 16);
-                if parsed > MAX_DIR_PARSED || out.len() >= MAX_DIR_ENTRIES {
-                    return Err(Error::Unsupported(format!(
-                        "iso9660: directory of more than {MAX_DIR_ENTRIES} entries or {MAX_DIR_PARSED} bytes of names"
-                    )));
-                }
+                parsed = parsed.saturating_add(e.name.len() + e.node.link.len() + 64);
+            }
+            if parsed > MAX_DIR_PARSED || out.len() >= MAX_DIR_ENTRIES {
+                return Err(Error::Unsupported(format!(
+                    "iso9660: directory of more than {MAX_DIR_ENTRIES} entries or {MAX_DIR_PARSED} bytes of names"
+                )));
             }
             if r.flags & FLAG_MULTI_EXTENT != 0 {
-                if matches!(&entry, Some(e) if e.node.kind == NodeKind::Dir) {
-                    return Err(corrupt("multi-extent directory"));
+                if matches!(&entry, Some(e) if e.node.kind != NodeKind::File) {
+                    return Err(corrupt("multi-extent record of a directory or link"));
                 }
-                pending = Some((r.id.to_vec(), entry));
+                pending = Some(MultiExtent {
+                    id: r.id.to_vec(),
+                    extents: vec![(r.start, r.size)],
+                    size: r.size,
+                    interleaved: r.interleaved,
+                    entry,
+                });
             } else if let Some(e) = entry {
                 out.push(e);
             }
