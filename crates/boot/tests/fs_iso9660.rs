@@ -641,3 +641,25 @@ proptest! {
         prop_assert!(started.elapsed().as_secs() < 2);
     }
 }
+
+#[test]
+fn relocation_to_the_root_or_to_garbage_is_bounded() {
+    let img = image(&["-R", "-rr_reloc_dir", "rr_moved"], true);
+    // d8 is at ISO level 9: relocated, d7 has the CL entry.
+    let cl = img.windows(4).position(|w| w == b"CL\x0c\x01").unwrap();
+    let d8 = "/d1/d2/d3/d4/d5/d6/d7/d8";
+    // CL pointing at the root: a directory cycle.
+    let mut looped = img.clone();
+    put_both32(&mut looped, cl + 4, le32(&img, ROOT + 2));
+    let fs = open(looped);
+    let cfg = format!("{d8}/isolinux/isolinux.cfg");
+    assert_eq!(fs.read_file(&cfg, 100).unwrap(), CFG);
+    let deep = d8.repeat(40) + "/isolinux/isolinux.cfg";
+    assert!(fs.read_file(&deep, 100).is_err());
+    // CL pointing at file data (not a "." record), and past the end.
+    for block in [le32(&img, ROOT + 2) + 40, 0x00ff_ffff] {
+        let mut bad = img.clone();
+        put_both32(&mut bad, cl + 4, block);
+        assert!(is_corrupt(open(bad).read_dir("/d1/d2/d3/d4/d5/d6/d7")));
+    }
+}
