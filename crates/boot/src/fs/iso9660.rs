@@ -762,3 +762,44 @@ impl Inodes for Iso9660 {
         Ok(node.link.to_vec())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(entries: &[&[u8]]) -> Result<Vec<u8>> {
+        let mut l = LinkBuilder::default();
+        for e in entries {
+            l.push_components(e)?;
+        }
+        Ok(l.target)
+    }
+
+    #[test]
+    fn sl_components_build_targets() {
+        // ROOT, "boot", then "vmlinuz" split over two records (CONTINUE) in two SL entries.
+        let t = link(&[b"\x08\x00\x00\x04boot\x01\x03vml", b"\x00\x04inuz"]).unwrap();
+        assert_eq!(t, b"/boot/vmlinuz");
+        // PARENT, CURRENT, "x"
+        assert_eq!(link(&[b"\x04\x00\x02\x00\x00\x01x"]).unwrap(), b".././x");
+        // A component longer than its entry.
+        assert!(link(&[b"\x00\x09abc"]).is_err());
+        // A target over the limit.
+        let big = [b"\x00\xff".as_slice(), &[b'a'; 255]].concat();
+        let many: Vec<&[u8]> = std::iter::repeat_n(big.as_slice(), 20).collect();
+        assert!(link(&many).is_err());
+    }
+
+    #[test]
+    fn names_lose_version_and_trailing_dot() {
+        assert_eq!(strip_version(b"VMLINUZ.;1".to_vec()), b"VMLINUZ");
+        assert_eq!(strip_version(b"ISOLINUX.CFG;1".to_vec()), b"ISOLINUX.CFG");
+        assert_eq!(strip_version(b"DIR".to_vec()), b"DIR");
+        assert_eq!(strip_version(b";1".to_vec()), b"");
+        assert_eq!(joliet_name(b"\x00a\x00.\x00b\x00;\x001"), b"a.b;1");
+        assert_eq!(joliet_name(b"\xd8\x00\x00x"), "\u{fffd}x".as_bytes());
+        assert!(eq_ignore_case(b"isolinux.cfg", b"ISOLINUX.CFG"));
+        assert!(eq_ignore_case("ÉTÉ".as_bytes(), "été".as_bytes()));
+        assert!(!eq_ignore_case(b"a", b"b"));
+    }
+}
