@@ -10,13 +10,20 @@ fn tool(cmd: &mut Command, pkg: &str) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{cmd:?}: {e} (install Debian's {pkg})"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn sfdisk(script: &str, size_mib: u64) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk");
-    std::fs::File::create(&img).unwrap().set_len(size_mib << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(size_mib << 20)
+        .unwrap();
     let mut child = Command::new("sfdisk")
         .arg("-q")
         .arg(&img)
@@ -25,7 +32,12 @@ fn sfdisk(script: &str, size_mib: u64) -> Vec<u8> {
         .spawn()
         .expect("sfdisk (Debian's fdisk)");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success());
     std::fs::read(&img).unwrap()
 }
@@ -55,7 +67,12 @@ fn mbr_primaries_in_table_order_then_logical_partitions() {
     // The bootable flag does not reorder (pygrub 4.17 under Python 3 never does).
     assert_eq!(
         starts(&parts),
-        vec![(1, 2048 * 512), (2, 8192 * 512), (5, 14336 * 512), (6, 18432 * 512)]
+        vec![
+            (1, 2048 * 512),
+            (2, 8192 * 512),
+            (5, 14336 * 512),
+            (6, 18432 * 512)
+        ]
     );
     assert_eq!(parts[0].len, 4096 * 512);
     assert_eq!(parts[1].kind, PartType::Mbr(0x0c));
@@ -65,10 +82,22 @@ fn mbr_primaries_in_table_order_then_logical_partitions() {
 fn gpt_entries_in_order_and_empty_ones_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk");
-    std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
     tool(
         Command::new("sgdisk")
-            .args(["-n", "1:2048:+4M", "-t", "1:ef02", "-n", "3:20480:+8M", "-n", "2:12288:+2M"])
+            .args([
+                "-n",
+                "1:2048:+4M",
+                "-t",
+                "1:ef02",
+                "-n",
+                "3:20480:+8M",
+                "-n",
+                "2:12288:+2M",
+            ])
             .arg(&img),
         "gdisk",
     );
