@@ -1,0 +1,397 @@
+//! `xdisk boot`'s interactive menu as libxl runs it: on a pty that is the session's controlling
+//! terminal and its stdin, stdout and stderr (libxl's login_tty), with TERM=vt100 and nothing
+//! else in the environment (no PATH), the result in a pre-created `--output` file in the
+//! simple format. A small python3 script (scripts/setup installs python3) holds the pty's
+//! master side: tests must not use unsafe, so no openpty here.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
+
+/// The pty driver. argv[1] is a JSON object: `argv` (the program and its arguments, run with
+/// the environment {TERM: vt100} only), `keys` (hex strings, each written to the master after
+/// the menu's help line has appeared, 0.3 s apart), `deadline` (seconds before SIGKILL).
+/// Prints one JSON object: `status` (exit code, or -signal), `elapsed` (seconds from fork to
+/// exit), `menu_at` (seconds until the help line appeared, or null), `bytes` (total read
+/// from the master), `output` (all of it, latin-1), `killed`.
+const PTY_DRIVER: &str = r#"
+import json, os, pty, select, signal, sys, time, tty
+p = json.loads(sys.argv[1])
+t0 = time.monotonic()
+pid, master = pty.fork()
+if pid == 0:
+    try:
+        os.execve(p["argv"][0], p["argv"], {"TERM": "vt100"})
+    finally:
+        os._exit(127)
+try:
+    tty.setraw(master)  # libxl: cfmakeraw on the master
+except Exception:
+    pass
+out = bytearray()
+menu_at = None
+keys = [bytes.fromhex(k) for k in p["keys"]]
+next_key = None
+killed = False
+status = None
+while True:
+    now = time.monotonic()
+    if now - t0 > p["deadline"] and not killed:
+        os.kill(pid, signal.SIGKILL)
+        killed = True
+    if menu_at is None and b"Use the up and down keys" in out:
+        menu_at = now - t0
+        next_key = now
+    if keys and next_key is not None and now >= next_key:
+        os.write(master, keys.pop(0))
+        next_key = now + 0.3
+    r, _, _ = select.select([master], [], [], 0.05)
+    if r:
+        try:
+            b = os.read(master, 65536)
+        except OSError:
+            b = b""
+        if not b:
+            break
+        out += b
+    if status is None:
+        w, st = os.waitpid(pid, os.WNOHANG)
+        if w == pid:
+            status = st
+            elapsed = time.monotonic() - t0
+if status is None:
+    _, status = os.waitpid(pid, 0)
+    elapsed = time.monotonic() - t0
+code = os.waitstatus_to_exitcode(status)
+print(json.dumps({"status": code, "elapsed": elapsed, "menu_at": menu_at, "bytes": len(out),
+                  "output": out.decode("latin-1"), "killed": killed}))
+"#;
+
+/// What the pty driver saw.
+#[derive(Debug)]
+struct PtyRun {
+    status: i64,
+    elapsed: f64,
+    menu_at: Option<f64>,
+    bytes: u64,
+    output: String,
+    killed: bool,
+}
+
+/// Runs `argv` on a pty as libxl does, typing `keys` once the menu is up.
+fn on_pty(argv: &[String], keys: &[&[u8]], deadline: f64) -> PtyRun {
+    let hex = |k: &[u8]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let params = serde_json::json!({
+        "argv": argv,
+        "keys": keys.iter().map(|k| hex(k)).collect::<Vec<_>>(),
+        "deadline": deadline,
+    });
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(PTY_DRIVER)
+        .arg(params.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("python3: {e} (install Debian's python3)"));
+    assert!(
+        out.status.success(),
+        "pty driver: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("pty driver JSON");
+    PtyRun {
+        status: v["status"].as_i64().expect("status"),
+        elapsed: v["elapsed"].as_f64().expect("elapsed"),
+        menu_at: v["menu_at"].as_f64(),
+        bytes: v["bytes"].as_u64().expect("bytes"),
+        output: v["output"].as_str().expect("output").to_string(),
+        killed: v["killed"].as_bool().unwrap_or(false),
+    }
+}
+
+fn run(cmd: &mut Command, pkg: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (install Debian's {pkg})"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Deterministic pseudo-random bytes (a fake kernel or ramdisk with a recognisable content).
+fn blob(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn mkfs_ext4(root: &Path, out: &Path, mib: u64) {
+    std::fs::File::create(out)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(root)
+            .arg(out),
+        "e2fsprogs",
+    );
+}
+
+/// An MBR disk with one Linux partition at sector 2048 holding `fs`.
+fn mbr_disk(dir: &Path, fs: &Path, mib: u64) -> PathBuf {
+    let img = dir.join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let sectors = std::fs::metadata(fs).unwrap().len() / 512;
+    let mut child = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&img)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sfdisk (Debian's fdisk)");
+    let script = format!("label: dos\nstart=2048, size={sectors}, type=83\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk {script}");
+    run(
+        Command::new("dd")
+            .arg(format!("if={}", fs.display()))
+            .arg(format!("of={}", img.display()))
+            .args(["bs=512", "conv=notrunc,sparse", "status=none", "seek=2048"]),
+        "coreutils",
+    );
+    img
+}
+
+const KVER: &str = "6.1.0-99-amd64";
+const ARGS0: &str = "root=UUID=1234 ro quiet";
+const ARGS1: &str = "root=/dev/xvda2 ro console=hvc0";
+const ARGS2: &str = "root=/dev/xvda2 ro single";
+
+/// A Debian-shaped grub.cfg: default 0, the given timeout, two entries and a submenu.
+fn grub_cfg(timeout: u32) -> String {
+    format!(
+        "if [ -s $prefix/grubenv ]; then\n  load_env\nfi\n\
+         if [ \"${{next_entry}}\" ] ; then\n   set default=\"${{next_entry}}\"\nelse\n   set default=\"0\"\nfi\n\
+         function load_video {{\n  insmod all_video\n}}\n\
+         if [ \"${{recordfail}}\" = 1 ] ; then\n  set timeout=30\nelse\n  set timeout={timeout}\nfi\n\
+         menuentry 'Debian GNU/Linux' --class debian $menuentry_id_option 'gnulinux-simple-x' {{\n\
+         \tload_video\n\tset root='hd0,msdos1'\n\tlinux\t/boot/vmlinuz-{KVER} {ARGS0}\n\tinitrd\t/boot/initrd.img-{KVER}\n}}\n\
+         menuentry 'Debian GNU/Linux, second' --class debian {{\n\
+         \tlinux\t/boot/vmlinuz-{KVER} {ARGS1}\n\tinitrd\t/boot/initrd.img-{KVER}\n}}\n\
+         submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-advanced-x' {{\n\
+         \tmenuentry 'Debian GNU/Linux, with Linux {KVER} (recovery mode)' {{\n\
+         \t\tlinux\t/boot/vmlinuz-{KVER} {ARGS2}\n\t\tinitrd\t/boot/initrd.img-{KVER}\n\t}}\n}}\n"
+    )
+}
+
+/// A Debian-like MBR disk whose grub.cfg sets `timeout`; returns the disk, kernel, ramdisk.
+fn debian_disk(dir: &Path, timeout: u32) -> (PathBuf, Vec<u8>, Vec<u8>) {
+    let (k, r) = (blob(1, 200_000), blob(2, 60_000));
+    let root = dir.join("tree");
+    for (p, data) in [
+        (format!("boot/vmlinuz-{KVER}"), k.clone()),
+        (format!("boot/initrd.img-{KVER}"), r.clone()),
+        ("boot/grub/grub.cfg".to_string(), grub_cfg(timeout).into_bytes()),
+        ("etc/fstab".to_string(), b"# nothing\n".to_vec()),
+    ] {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, data).unwrap();
+    }
+    let fs = dir.join("root.ext4");
+    mkfs_ext4(&root, &fs, 16);
+    (mbr_disk(dir, &fs, 20), k, r)
+}
+
+/// libxl's command line: the result in a pre-created file, simple format.
+fn libxl_argv(disk: &Path, out_dir: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    std::fs::write(output, b"").unwrap();
+    let mut v = vec![
+        XDISK.to_string(),
+        "boot".to_string(),
+        format!("--output={}", output.display()),
+        "--output-format=simple".to_string(),
+        format!("--output-directory={}", out_dir.display()),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push(disk.display().to_string());
+    v
+}
+
+/// The simple-format result: (kernel bytes, ramdisk bytes, args); removes the files.
+fn read_result(output: &Path) -> (Vec<u8>, Option<Vec<u8>>, Option<String>) {
+    let text = std::fs::read_to_string(output).unwrap();
+    let (mut k, mut r, mut a) = (Vec::new(), None, None);
+    for line in text.split('\n') {
+        if let Some(p) = line.strip_prefix("kernel ") {
+            k = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+            std::fs::remove_file(p).unwrap();
+        } else if let Some(p) = line.strip_prefix("ramdisk ") {
+            r = Some(std::fs::read(p).unwrap());
+            std::fs::remove_file(p).unwrap();
+        } else if let Some(s) = line.strip_prefix("args ") {
+            a = Some(s.to_string());
+        }
+    }
+    assert!(text.ends_with("\n\n"), "simple format ends with an empty item: {text:?}");
+    (k, r, a)
+}
+
+#[test]
+fn nobody_typing_boots_the_default_entry_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, k, r) = debian_disk(dir.path(), 1);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let output = dir.path().join("result");
+    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 20.0);
+    assert!(!run.killed, "still running after 20 s: {run:?}");
+    assert_eq!(run.status, 0, "{run:?}");
+    assert!(run.menu_at.is_some(), "no menu on the pty: {:?}", run.output);
+    assert!(run.output.contains("Debian GNU/Linux, second"), "{:?}", run.output);
+    // It waited for the countdown (1 s), and not much more.
+    let shown = run.elapsed - run.menu_at.unwrap();
+    assert!(
+        (0.8..5.0).contains(&shown),
+        "menu shown for {shown:.2} s (total {:.2} s)",
+        run.elapsed
+    );
+    assert!(run.elapsed < 10.0, "took {:.2} s", run.elapsed);
+    let (kb, rb, args) = read_result(&output);
+    assert_eq!(kb, k);
+    assert_eq!(rb.as_deref(), Some(&r[..]));
+    assert_eq!(args.as_deref(), Some(ARGS0));
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+    // The result went to the file, not to the console.
+    assert!(!run.output.contains("kernel "), "{:?}", run.output);
+}
+
+#[test]
+fn down_arrow_then_enter_boots_the_next_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, k, r) = debian_disk(dir.path(), 5);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let output = dir.path().join("result");
+    let argv = libxl_argv(&img, &out_dir, &output, &[]);
+    let run = on_pty(&argv, &[b"\x1b[B", b"\r"], 20.0);
+    assert!(!run.killed, "still running after 20 s: {run:?}");
+    assert_eq!(run.status, 0, "{run:?}");
+    // Enter answered at once, not after the 5 s countdown.
+    let shown = run.elapsed - run.menu_at.expect("menu shown");
+    assert!(shown < 3.0, "menu shown for {shown:.2} s");
+    let (kb, rb, args) = read_result(&output);
+    assert_eq!(kb, k);
+    assert_eq!(rb.as_deref(), Some(&r[..]));
+    assert_eq!(args.as_deref(), Some(ARGS1));
+
+    // Twice down reaches the submenu's entry; down past the end stays on the last one; up
+    // comes back (VT100 cursor keys, and vi's j/k).
+    let run = on_pty(&argv, &[b"\x1b[B\x1b[B\x1b[B\x1b[B", b"\r"], 20.0);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(read_result(&output).2.as_deref(), Some(ARGS2));
+    let run = on_pty(&argv, &[b"jjj", b"\x1b[A", b"k", b"j", b"\r"], 20.0);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(read_result(&output).2.as_deref(), Some(ARGS2));
+    // A key stops the countdown: the menu then waits for Enter past the timeout.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (img1, _, _) = debian_disk(dir2.path(), 1);
+    let argv1 = libxl_argv(&img1, &out_dir, &output, &[]);
+    let wait: Vec<&[u8]> = vec![b"\x1b[B", b"x", b"x", b"x", b"x", b"x", b"x", b"\r"];
+    let run = on_pty(&argv1, &wait, 20.0);
+    assert_eq!(run.status, 0, "{run:?}");
+    let shown = run.elapsed - run.menu_at.expect("menu shown");
+    assert!(shown > 1.8, "booted after {shown:.2} s, before Enter");
+    assert_eq!(read_result(&output).2.as_deref(), Some(ARGS1));
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+}
+
+#[test]
+fn the_menu_writes_little_to_the_console_during_the_countdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _, _) = debian_disk(dir.path(), 2);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let output = dir.path().join("result");
+    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 20.0);
+    assert_eq!(run.status, 0, "{run:?}");
+    let shown = run.elapsed - run.menu_at.expect("menu shown");
+    assert!(shown > 1.8, "countdown of 2 s lasted {shown:.2} s");
+    // One full draw (a few hundred bytes) and one short line per second, not a redraw per
+    // tick of the input poll.
+    assert!(
+        run.bytes < 3 * 1024,
+        "{} bytes written to the pty over a 2 s countdown: {:?}",
+        run.bytes,
+        run.output
+    );
+    assert_eq!(
+        run.output.matches("\x1b[2J").count(),
+        1,
+        "the screen was cleared more than once: {:?}",
+        run.output
+    );
+    assert!(run.output.contains("in  2 seconds") && run.output.contains("in  1 seconds"));
+    assert_eq!(read_result(&output).2.as_deref(), Some(ARGS0));
+}
+
+#[test]
+fn runas_with_an_interactive_menu_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _, _) = debian_disk(dir.path(), 1);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let output = dir.path().join("result");
+    // pygrub's rule: --runas needs -q or --entry (no menu once privileges are dropped).
+    let run = on_pty(
+        &libxl_argv(&img, &out_dir, &output, &["--runas=65534"]),
+        &[],
+        20.0,
+    );
+    assert_eq!(run.status, 1, "{run:?}");
+    assert!(
+        run.output
+            .contains("In order to use --runas, you must also set --entry or -q"),
+        "{:?}",
+        run.output
+    );
+    assert!(run.menu_at.is_none(), "a menu was shown: {:?}", run.output);
+    assert_eq!(std::fs::read(&output).unwrap(), b"");
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+    // With --entry (or -q) there is no menu: --runas is accepted. As root it boots as that
+    // user in an empty root directory; otherwise dropping privileges fails, for another reason.
+    let run = on_pty(
+        &libxl_argv(&img, &out_dir, &output, &["--entry=1", "--runas=65534"]),
+        &[],
+        20.0,
+    );
+    assert!(!run.output.contains("In order to use --runas"), "{run:?}");
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+        assert_eq!(run.status, 0, "{run:?}");
+        assert_eq!(read_result(&output).2.as_deref(), Some(ARGS1));
+    }
+}
