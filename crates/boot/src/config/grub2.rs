@@ -83,7 +83,8 @@ impl Word {
     }
 }
 
-/// Splits one line into commands (separated by unquoted `;`), each a list of words. A `#` at
+/// Splits one line into commands (separated by unquoted `;`, and after a bare `{`), each a
+/// list of words. A `#` at
 /// the start of a word starts a comment that runs to the end of the line (GRUB's lexer, as
 /// in sh). An unterminated quote runs to the end of the line.
 fn tokenize(line: &str) -> Vec<Vec<Word>> {
@@ -164,11 +165,12 @@ fn tokenize(line: &str) -> Vec<Vec<Word>> {
                 }
             }
         }
-        current.push(Word {
-            text,
-            end,
-            quoted,
-        });
+        let opens = !quoted && text == "{";
+        current.push(Word { text, end, quoted });
+        // A bare `{` ends the command that opens a block (`menuentry 'x' { linux /k; }`).
+        if opens {
+            commands.push(std::mem::take(&mut current));
+        }
     }
     if !current.is_empty() {
         commands.push(current);
