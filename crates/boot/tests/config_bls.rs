@@ -32,7 +32,8 @@ grub_class rhel
 ";
 
 /// The rescue entry (the `0-rescue` id sorts oldest).
-const RHEL9_RESCUE: &str = "title Red Hat Enterprise Linux (0-rescue-6d3d4b4b4a7c4e0d9a6f1c2b3a4d5e6f) 9.0 (Plow)
+const RHEL9_RESCUE: &str =
+    "title Red Hat Enterprise Linux (0-rescue-6d3d4b4b4a7c4e0d9a6f1c2b3a4d5e6f) 9.0 (Plow)
 version 0-rescue-6d3d4b4b4a7c4e0d9a6f1c2b3a4d5e6f
 linux /vmlinuz-0-rescue-6d3d4b4b4a7c4e0d9a6f1c2b3a4d5e6f
 initrd /initramfs-0-rescue-6d3d4b4b4a7c4e0d9a6f1c2b3a4d5e6f.img
@@ -112,7 +113,9 @@ fn saved_entry_picks_the_default_by_id() {
     let env = rhel9_env(&format!("{MACHINE}-0-rescue"));
     assert_eq!(bls::parse(&entries(), &env).unwrap().default, 2);
     // By title, or by number, as GRUB's default allows.
-    let env = rhel9_env("Red Hat Enterprise Linux (0-rescue-6d3d4b4b4a7c4e0d9a6f1c2b3a4d5e6f) 9.0 (Plow)");
+    let env = rhel9_env(
+        "Red Hat Enterprise Linux (0-rescue-6d3d4b4b4a7c4e0d9a6f1c2b3a4d5e6f) 9.0 (Plow)",
+    );
     assert_eq!(bls::parse(&entries(), &env).unwrap().default, 2);
     let env = rhel9_env("1");
     assert_eq!(bls::parse(&entries(), &env).unwrap().default, 1);
@@ -152,7 +155,10 @@ fn fedora_entries_with_tuned_params_and_missing_fields() {
     // rpm order: 6.6.0 > 6.5.10 > 6.5.6.
     assert_eq!(cfg.entries[0].title, "abc-6.6.0-0.rc1.fc40.x86_64");
     assert_eq!(cfg.entries[1].title, "6.5.10-300.fc39.x86_64");
-    assert_eq!(cfg.entries[2].title, "Fedora Linux (6.5.6-300.fc39.x86_64) 39 (Cloud Edition)");
+    assert_eq!(
+        cfg.entries[2].title,
+        "Fedora Linux (6.5.6-300.fc39.x86_64) 39 (Cloud Edition)"
+    );
     assert_eq!(
         cfg.entries[2].args,
         "root=UUID=1234 ro rootflags=subvol=root   skew_tick=1"
@@ -166,8 +172,11 @@ fn fedora_entries_with_tuned_params_and_missing_fields() {
 #[test]
 fn equal_versions_keep_one_entry_and_no_entries_is_fine() {
     let e = |n: &str| (n.to_string(), "linux /k\n".to_string());
-    let cfg = bls::parse(&[e("a-1.0-1.conf"), e("a-1_0-1.conf"), e("a-2-1.conf")], &GrubEnv::new())
-        .unwrap();
+    let cfg = bls::parse(
+        &[e("a-1.0-1.conf"), e("a-1_0-1.conf"), e("a-2-1.conf")],
+        &GrubEnv::new(),
+    )
+    .unwrap();
     assert_eq!(cfg.entries.len(), 2);
     let cfg = bls::parse(&[], &GrubEnv::new()).unwrap();
     assert!(cfg.entries.is_empty());
@@ -181,7 +190,12 @@ fn hostile_entry_count_is_bounded() {
         .collect();
     assert!(bls::parse(&many, &GrubEnv::new()).is_err());
     let ok: Vec<(String, String)> = (0..4096)
-        .map(|i| (format!("x-1.{i}-{}.conf", 4096 - i), "linux /k\n".to_string()))
+        .map(|i| {
+            (
+                format!("x-1.{i}-{}.conf", 4096 - i),
+                "linux /k\n".to_string(),
+            )
+        })
         .collect();
     let cfg = bls::parse(&ok, &GrubEnv::new()).unwrap();
     assert_eq!(cfg.entries.len(), 4096);

@@ -116,7 +116,14 @@ fn debian_isolinux_vesamenu_uses_menu_default_and_moves_initrd_out_of_append() {
     let titles: Vec<&str> = cfg.entries.iter().map(|e| e.title.as_str()).collect();
     assert_eq!(
         titles,
-        ["help", "install", "installgui", "mainmenu", "expert", "rescue"]
+        [
+            "help",
+            "install",
+            "installgui",
+            "mainmenu",
+            "expert",
+            "rescue"
+        ]
     );
     assert_eq!(cfg.default, 2);
     // `timeout 0`: wait for the user.
@@ -139,7 +146,10 @@ fn mboot_c32_takes_the_kernel_after_xen() {
     assert_eq!(cfg.timeout, Some(5));
     let linux = &cfg.entries[0];
     assert_eq!(linux.kernel.as_deref(), Some("/boot/syslinux/vmlinuz-6.1"));
-    assert_eq!(linux.initrd.as_deref(), Some("/boot/syslinux/initrd.img-6.1"));
+    assert_eq!(
+        linux.initrd.as_deref(),
+        Some("/boot/syslinux/initrd.img-6.1")
+    );
     assert_eq!(linux.args, "root=/dev/xvda1 ro");
     let xen = &cfg.entries[1];
     assert_eq!(xen.kernel.as_deref(), Some("/boot/syslinux/vmlinuz-6.1"));
@@ -157,12 +167,12 @@ fn default_rules() {
     for (head, want) in [
         ("DEFAULT c\n", 2),
         ("default=c\n", 2),
-        ("DEFAULT b\n", 1),           // case-insensitive fallback
-        ("DEFAULT c extra=1\n", 2),   // DEFAULT is a command line: its first word
+        ("DEFAULT b\n", 1),         // case-insensitive fallback
+        ("DEFAULT c extra=1\n", 2), // DEFAULT is a command line: its first word
         ("DEFAULT nope\n", 0),
         ("DEFAULT vesamenu.c32\n", 1), // menu module: MENU DEFAULT
         ("UI menu.c32\nDEFAULT c\n", 1),
-        ("", 0),                       // no menu module: MENU DEFAULT is not read
+        ("", 0), // no menu module: MENU DEFAULT is not read
     ] {
         let cfg = extlinux::parse(&format!("{head}{body}"), "/").unwrap();
         assert_eq!(cfg.default, want, "{head:?}");
@@ -173,8 +183,11 @@ fn default_rules() {
     let cfg = extlinux::parse("label q\nkernel /q z\nappend -\n", "/").unwrap();
     assert_eq!(cfg.entries[0].args, "");
     // Quoted values lose their quotes; INITRD applies when APPEND has no initrd=.
-    let cfg =
-        extlinux::parse("label q\nlinux \"/q\"\ninitrd i1,i2\nappend \"a  b\"\n", "/x").unwrap();
+    let cfg = extlinux::parse(
+        "label q\nlinux \"/q\"\ninitrd i1,i2\nappend \"a  b\"\n",
+        "/x",
+    )
+    .unwrap();
     assert_eq!(cfg.entries[0].kernel.as_deref(), Some("/q"));
     assert_eq!(cfg.entries[0].initrd.as_deref(), Some("/x/i1"));
     assert_eq!(cfg.entries[0].args, "a  b");

@@ -571,7 +571,10 @@ fn ubuntu_saved_entry_submenu_path_from_grubenv() {
     let cfg = grub2::parse(UBUNTU2204, &env).unwrap();
     assert_eq!(cfg.default, 4);
     assert_eq!(cfg.entries[4].title, "Memory test (memtest86+.bin)");
-    assert_eq!(cfg.entries[4].kernel.as_deref(), Some("/boot/memtest86+.bin"));
+    assert_eq!(
+        cfg.entries[4].kernel.as_deref(),
+        Some("/boot/memtest86+.bin")
+    );
     // Naming the submenu alone: its first entry.
     let env = GrubEnv::parse("saved_entry=1\n");
     assert_eq!(grub2::parse(UBUNTU2204, &env).unwrap().default, 1);
@@ -612,7 +615,9 @@ fn rhel7_device_prefixes_stripped_and_saved_entry_by_title() {
         e.initrd.as_deref(),
         Some("/initramfs-3.10.0-1160.el7.x86_64.img")
     );
-    assert!(e.args.starts_with("root=/dev/mapper/centos-root ro crashkernel=auto"));
+    assert!(e
+        .args
+        .starts_with("root=/dev/mapper/centos-root ro crashkernel=auto"));
     assert!(e.args.ends_with("LANG=en_US.UTF-8"));
     let env = GrubEnv::parse(
         "# GRUB Environment Block\nsaved_entry=CentOS Linux (0-rescue-3f1bd1b5c4d14a2d9b1c5f0c4a0b6f2e) 7 (Core)\n",
@@ -627,7 +632,10 @@ fn xen_multiboot_entry_uses_first_module_as_kernel() {
     let xen = &cfg.entries[0];
     assert_eq!(xen.kernel.as_deref(), Some("/boot/vmlinuz-6.1.0-13-amd64"));
     assert_eq!(xen.args, "placeholder root=UUID=6a3b ro  quiet");
-    assert_eq!(xen.initrd.as_deref(), Some("/boot/initrd.img-6.1.0-13-amd64"));
+    assert_eq!(
+        xen.initrd.as_deref(),
+        Some("/boot/initrd.img-6.1.0-13-amd64")
+    );
     assert_eq!(cfg.default, 1);
 }
 
@@ -642,7 +650,10 @@ fn several_initrds_take_the_first_and_bare_titles_and_efi_commands_work() {
     assert_eq!(bare.kernel.as_deref(), Some("/vmlinuz"));
     assert_eq!(bare.initrd.as_deref(), Some("/initrd.img"));
     // Quotes kept verbatim in the args.
-    assert_eq!(bare.args, r#""console=ttyS0,115200n8"  init="/sbin/my init""#);
+    assert_eq!(
+        bare.args,
+        r#""console=ttyS0,115200n8"  init="/sbin/my init""#
+    );
     // `--id=bare` is an id.
     let env = GrubEnv::parse("x=1\n");
     let with_default = format!("{XEN_AND_ARCH}\nset default=bare\n");
@@ -706,7 +717,10 @@ fn hostile_nesting_and_entry_count_are_bounded() {
     let many = "menuentry x { linux /k; }\n".repeat(5000);
     assert!(grub2::parse(&many, &GrubEnv::new()).is_err());
     let ok = "menuentry x { linux /k; }\n".repeat(4096);
-    assert_eq!(grub2::parse(&ok, &GrubEnv::new()).unwrap().entries.len(), 4096);
+    assert_eq!(
+        grub2::parse(&ok, &GrubEnv::new()).unwrap().entries.len(),
+        4096
+    );
     // Stray closing braces, unterminated quotes, a huge line: no panic, no error.
     let junk = format!(
         "}}\n}}}}\nmenuentry 'unterminated {{\nlinux \"/x\n{}\n",
@@ -720,9 +734,11 @@ fn hostile_nesting_and_entry_count_are_bounded() {
 fn arb_args() -> impl Strategy<Value = String> {
     // Kernel arguments as they appear in grub.cfg: words (with `=`, quotes, `$vars`, commas)
     // separated by runs of blanks. No `;` or `#` at a word start (GRUB syntax, not args).
-    let word = prop::string::string_regex(r#"[A-Za-z0-9_./,:=+@${}-]{1,12}|"[a-z =/]{0,8}"|'[a-z $]{0,6}'"#)
-        .unwrap()
-        .prop_filter("a bare brace is GRUB syntax", |w| w != "{" && w != "}");
+    let word = prop::string::string_regex(
+        r#"[A-Za-z0-9_./,:=+@${}-]{1,12}|"[a-z =/]{0,8}"|'[a-z $]{0,6}'"#,
+    )
+    .unwrap()
+    .prop_filter("a bare brace is GRUB syntax", |w| w != "{" && w != "}");
     let sep = prop::string::string_regex("[ \t]{1,3}").unwrap();
     prop::collection::vec((word, sep), 0..8).prop_map(|parts| {
         let mut s = String::new();

@@ -98,7 +98,9 @@ fn centos6_grub_conf() {
         Some("/initramfs-2.6.32-754.35.1.el6.x86_64.img")
     );
     // Verbatim: the double spaces stay.
-    assert!(e.args.starts_with("ro root=/dev/mapper/VolGroup-lv_root rd_NO_LUKS"));
+    assert!(e
+        .args
+        .starts_with("ro root=/dev/mapper/VolGroup-lv_root rd_NO_LUKS"));
     assert!(e.args.contains("rd_NO_MD  SYSFONT"));
     assert!(e.args.ends_with("rhgb quiet"));
 }
@@ -110,12 +112,24 @@ fn xen_multiboot_menu_lst_boots_the_dom0_kernel_module() {
     assert_eq!(cfg.default, 1);
     assert_eq!(cfg.timeout, Some(10));
     let xen = &cfg.entries[0];
-    assert_eq!(xen.kernel.as_deref(), Some("/boot/vmlinuz-2.6.32-5-xen-amd64"));
+    assert_eq!(
+        xen.kernel.as_deref(),
+        Some("/boot/vmlinuz-2.6.32-5-xen-amd64")
+    );
     assert_eq!(xen.args, "root=/dev/xvda1 ro console=hvc0  quiet");
-    assert_eq!(xen.initrd.as_deref(), Some("/boot/initrd.img-2.6.32-5-xen-amd64"));
+    assert_eq!(
+        xen.initrd.as_deref(),
+        Some("/boot/initrd.img-2.6.32-5-xen-amd64")
+    );
     let plain = &cfg.entries[1];
-    assert_eq!(plain.kernel.as_deref(), Some("/boot/vmlinuz-2.6.32-5-amd64"));
-    assert_eq!(plain.initrd.as_deref(), Some("/boot/initrd.img-2.6.32-5-amd64"));
+    assert_eq!(
+        plain.kernel.as_deref(),
+        Some("/boot/vmlinuz-2.6.32-5-amd64")
+    );
+    assert_eq!(
+        plain.initrd.as_deref(),
+        Some("/boot/initrd.img-2.6.32-5-amd64")
+    );
     // Entries without a kernel are kept.
     assert_eq!(cfg.entries[2].title, "Other operating systems:");
     assert_eq!(cfg.entries[2].kernel, None);
@@ -130,7 +144,10 @@ fn debian_lenny_default_saved_is_zero() {
     assert_eq!(cfg.entries.len(), 1);
     let e = &cfg.entries[0];
     assert_eq!(e.title, "Debian GNU/Linux, kernel 2.6.26-2-xen-amd64");
-    assert_eq!(e.kernel.as_deref(), Some("/boot/vmlinuz-2.6.26-2-xen-amd64"));
+    assert_eq!(
+        e.kernel.as_deref(),
+        Some("/boot/vmlinuz-2.6.26-2-xen-amd64")
+    );
     assert_eq!(e.args, "root=/dev/xvda2 ro console=hvc0");
 }
 
@@ -162,7 +179,10 @@ fn default_values_out_of_range_or_odd_give_zero() {
 fn hostile_entry_count_and_lines_are_bounded() {
     let many = "title x\nkernel /k\n".repeat(5000);
     assert!(legacy::parse(&many).is_err());
-    let junk = format!("title {}\nkernel (hd0\ninitrd ()\n\0\u{feff}\n", "t".repeat(100_000));
+    let junk = format!(
+        "title {}\nkernel (hd0\ninitrd ()\n\0\u{feff}\n",
+        "t".repeat(100_000)
+    );
     let cfg = legacy::parse(&junk).unwrap();
     assert_eq!(cfg.entries.len(), 0); // the over-long title line is skipped
     let cfg = legacy::parse("title t\nkernel (hd0\ninitrd ()\n").unwrap();

@@ -166,11 +166,9 @@ pub fn expand(value: &str, env: &GrubEnv) -> String {
     // After an empty expansion, blanks that follow are dropped when a blank precedes.
     let mut drop_blank = false;
     while let Some(c) = rest.chars().next() {
-        if drop_blank && (c == ' ' || c == '\t') {
-            if out.is_empty() || out.ends_with([' ', '\t']) {
-                rest = rest.get(1..).unwrap_or("");
-                continue;
-            }
+        if drop_blank && (c == ' ' || c == '\t') && (out.is_empty() || out.ends_with([' ', '\t'])) {
+            rest = rest.get(1..).unwrap_or("");
+            continue;
         }
         drop_blank = false;
         if c == '$' {
@@ -186,8 +184,10 @@ pub fn expand(value: &str, env: &GrubEnv) -> String {
                     .unwrap_or(after.len());
                 (after.get(..n).unwrap_or(""), n + 1)
             };
-            let valid =
-                !name.is_empty() && name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
             if valid {
                 let v = env.get(name).unwrap_or("").trim();
                 if v.is_empty() {
@@ -271,10 +271,8 @@ fn parse_one(file_name: &str, text: &str) -> Parsed {
             "version" => first(&mut p.version),
             "linux" => first(&mut p.linux),
             "options" => first(&mut p.options),
-            "initrd" => {
-                if p.initrd.is_none() {
-                    p.initrd = non_empty(split_first_word(value).0);
-                }
+            "initrd" if p.initrd.is_none() => {
+                p.initrd = non_empty(split_first_word(value).0);
             }
             _ => {}
         }
@@ -319,10 +317,7 @@ pub fn parse(entries: &[(String, String)], env: &GrubEnv) -> Result<BootConfig> 
         .map(|p| {
             let options = p.options.as_deref().or(default_kernelopts).unwrap_or("");
             BootEntry {
-                title: p
-                    .title
-                    .or(p.version)
-                    .unwrap_or_else(|| p.id.clone()),
+                title: p.title.or(p.version).unwrap_or_else(|| p.id.clone()),
                 kernel: p.linux,
                 initrd: p.initrd,
                 args: expand(options, env),
@@ -370,7 +365,10 @@ mod tests {
         assert_eq!(vercmp("5.14.0-70.el9", "5.14.0-162.el9"), Less);
         assert_eq!(vercmp("001", "1"), Equal);
         assert_eq!(
-            bls_cmp("abc-5.14.0-70.el9.x86_64", "abc-5.14.0-162.6.1.el9_1.x86_64"),
+            bls_cmp(
+                "abc-5.14.0-70.el9.x86_64",
+                "abc-5.14.0-162.6.1.el9_1.x86_64"
+            ),
             Less
         );
         assert_eq!(bls_cmp("abc-6.0.0-1.fc37", "abc-5.19.0-1.fc37"), Greater);

@@ -193,11 +193,7 @@ pub fn parse(text: &str, config_dir: &str) -> Result<BootConfig> {
                     ..Label::default()
                 });
             }
-            "text" => {
-                if split_first_word(arg).0.eq_ignore_ascii_case("help") {
-                    in_text = true;
-                }
-            }
+            "text" if split_first_word(arg).0.eq_ignore_ascii_case("help") => in_text = true,
             "default" => default = Some(unquote(arg).to_string()),
             "ui" => menu_ui = true,
             "timeout" => {
@@ -221,7 +217,11 @@ pub fn parse(text: &str, config_dir: &str) -> Result<BootConfig> {
             "append" => {
                 if let Some(l) = current.as_mut() {
                     let a = unquote(arg);
-                    l.append = Some(if a == "-" { String::new() } else { a.to_string() });
+                    l.append = Some(if a == "-" {
+                        String::new()
+                    } else {
+                        a.to_string()
+                    });
                 }
             }
             "menu" => {
@@ -251,10 +251,11 @@ pub fn parse(text: &str, config_dir: &str) -> Result<BootConfig> {
         menu_ui = true;
     }
     let by_name = |name: &str| -> Option<usize> {
-        labels
-            .iter()
-            .position(|l| l.name == name)
-            .or_else(|| labels.iter().position(|l| l.name.eq_ignore_ascii_case(name)))
+        labels.iter().position(|l| l.name == name).or_else(|| {
+            labels
+                .iter()
+                .position(|l| l.name.eq_ignore_ascii_case(name))
+        })
     };
     let menu_default = labels.iter().position(|l| l.menu_default);
     let default_index = match (menu_ui, menu_default) {
@@ -291,7 +292,10 @@ mod tests {
         let (args, initrd) = take_initrd("vga=788 initrd=/a.gz,/b.gz  --- quiet initrd=/c");
         assert_eq!(args, "vga=788  --- quiet");
         assert_eq!(initrd.as_deref(), Some("/a.gz"));
-        assert_eq!(absolute("/boot/extlinux", "vmlinuz"), "/boot/extlinux/vmlinuz");
+        assert_eq!(
+            absolute("/boot/extlinux", "vmlinuz"),
+            "/boot/extlinux/vmlinuz"
+        );
         assert_eq!(absolute("/", "vmlinuz"), "/vmlinuz");
         assert_eq!(absolute("/boot", "/vmlinuz"), "/vmlinuz");
     }

@@ -238,9 +238,11 @@ impl EntryState {
             None => {
                 let mut modules = self.modules.into_iter();
                 match modules.next() {
-                    Some((path, args)) => {
-                        (non_empty(&path), args, modules.next().and_then(|m| non_empty(&m.0)))
-                    }
+                    Some((path, args)) => (
+                        non_empty(&path),
+                        args,
+                        modules.next().and_then(|m| non_empty(&m.0)),
+                    ),
                     None => (None, String::new(), self.initrd),
                 }
             }
@@ -391,14 +393,14 @@ impl Parser<'_> {
         }
 
         let opens = words.last().is_some_and(|w| w.is_bare("{"));
-        let cmd = if first.quoted { "" } else { first.text.as_str() };
+        let cmd = if first.quoted {
+            ""
+        } else {
+            first.text.as_str()
+        };
 
         // Inside a function body or another skipped block: only braces matter.
-        if self
-            .stack
-            .iter()
-            .any(|f| matches!(f, Frame::Skip))
-        {
+        if self.stack.iter().any(|f| matches!(f, Frame::Skip)) {
             if opens {
                 self.push(Frame::Skip)?;
             }
@@ -522,7 +524,11 @@ impl Parser<'_> {
                 resolve_default(&self.top, value.as_deref().unwrap_or(""))
             }
         };
-        let default = if default < self.entries.len() { default } else { 0 };
+        let default = if default < self.entries.len() {
+            default
+        } else {
+            0
+        };
         Ok(BootConfig {
             kind: ConfigKind::Grub2,
             entries: self.entries,

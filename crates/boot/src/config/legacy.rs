@@ -29,12 +29,12 @@
 //! Limits: more than [`MAX_ENTRIES`] entries is an error; lines longer than [`MAX_LINE`]
 //! are skipped.
 
+#[cfg(doc)]
+use super::MAX_LINE;
 use super::{
     lines, non_empty, split_directive, split_first_word, strip_device, BootConfig, BootEntry,
     ConfigKind, MAX_ENTRIES,
 };
-#[cfg(doc)]
-use super::MAX_LINE;
 use crate::{Error, Result};
 
 #[derive(Default)]
@@ -113,10 +113,8 @@ pub fn parse(text: &str) -> Result<BootConfig> {
                     let (path, _) = split_first_word(arg);
                     e.initrd = non_empty(strip_device(path));
                 }
-                "module" | "modulenounzip" => {
-                    if e.modules.len() < 2 {
-                        e.modules.push(path_and_args(arg));
-                    }
+                "module" | "modulenounzip" if e.modules.len() < 2 => {
+                    e.modules.push(path_and_args(arg));
                 }
                 _ => {}
             },
