@@ -20,7 +20,9 @@
 //!   inside the body does not end it early; pygrub stops at the first line starting `}`).
 //! - Inside an entry: `linux`/`linux16`/`linuxefi PATH ARGS…` (kernel; ARGS are the rest of
 //!   the command verbatim: inner spacing, quotes and `$variables` kept, ends trimmed —
-//!   pygrub's rule, since pygrub does not expand variables either); `initrd`/`initrd16`/
+//!   pygrub's rule, since pygrub does not expand variables either). A command ends at an
+//!   unquoted `;` and a word starting with `#` starts a comment (GRUB's lexer, as in sh), so
+//!   neither is part of the args; pygrub keeps the whole rest of the line. `initrd`/`initrd16`/
 //!   `initrdefi FILE…` (the first file; pygrub takes the whole argument string as one path,
 //!   which fails when there are several, e.g. a microcode image before the initramfs). The
 //!   last such line of an entry wins (pygrub: the last assignment wins). A `(hd0,msdos1)` or

@@ -22,6 +22,9 @@ pub enum ConfigKind {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BootEntry {
     pub title: String,
+    /// `None` when the entry has no kernel line (a GRUB `fwsetup` or chainloader entry, a
+    /// syslinux `LOCALBOOT` label, ...). Such entries are kept so that indexes match the menu
+    /// (and pygrub's `--entry=N`); choosing one is the caller's error to report.
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     /// The kernel command line (verbatim per the format's rules).
