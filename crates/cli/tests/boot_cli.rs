@@ -575,3 +575,42 @@ fn hostile_disks_give_one_line_errors_and_write_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
 }
+
+/// `--runas`: the disk and the output files are opened first, then everything that reads
+/// guest data runs as that user in an empty root; the result is the same.
+#[test]
+fn runas_drops_privileges_and_still_extracts() {
+    if unsafe_free_is_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, r) = (blob(21, 50_000), blob(22, 5_000));
+        let root = tree(
+            dir.path(),
+            &[
+                ("/boot/vmlinuz", k.clone()),
+                ("/boot/initrd", r.clone()),
+                ("/boot/grub/grub.cfg", b"menuentry 'x' {\n linux /boot/vmlinuz ro\n initrd /boot/initrd\n}\n".to_vec()),
+            ],
+            &[],
+        );
+        let img = dir.path().join("fs.ext4");
+        mkfs_ext("ext4", &root, &img, 8);
+        let b = xdisk_boot(&img, &["--runas=65534"]);
+        assert_eq!(b.kernel, k);
+        assert_eq!(b.ramdisk.as_deref(), Some(&r[..]));
+        assert_eq!(b.args.as_deref(), Some("ro"));
+    } else {
+        eprintln!("not root: --runas needs root to chroot and change user");
+    }
+    // Interactive + --runas is refused (pygrub's rule).
+    let out = Command::new(XDISK)
+        .args(["boot", "--runas=65534", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+fn unsafe_free_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}

@@ -22,6 +22,9 @@ pub enum ConfigKind {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BootEntry {
     pub title: String,
+    /// `None` when the entry has no kernel line (a GRUB `fwsetup` or chainloader entry, a
+    /// syslinux `LOCALBOOT` label, ...). Such entries are kept so that indexes match the menu
+    /// (and pygrub's `--entry=N`); choosing one is the caller's error to report.
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     /// The kernel command line (verbatim per the format's rules).
@@ -39,4 +42,74 @@ pub struct BootConfig {
     pub default: usize,
     /// Menu timeout in seconds, if the config sets one.
     pub timeout: Option<u32>,
+}
+
+/// Most entries one config may define; more is an error (no real config comes near).
+pub const MAX_ENTRIES: usize = 4096;
+/// Deepest nesting of blocks (`submenu`, `menuentry`, `function`, braces) in a GRUB 2 config.
+pub const MAX_DEPTH: usize = 32;
+/// Longest line the parsers look at; longer lines are skipped as if they were comments
+/// (Linux's command line is at most a few KiB, so nothing useful is lost).
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Strips a GRUB device prefix such as `(hd0,msdos1)` or `($root)` from a path, as pygrub's
+/// `GrubConf.get_path` does: when the path starts with `(`, everything up to the first `)`
+/// goes. A `(` without `)` is kept as is (pygrub raises an error; the path then simply does
+/// not exist in the filesystem).
+pub fn strip_device(path: &str) -> &str {
+    if path.starts_with('(') {
+        if let Some(close) = path.find(')') {
+            return path.get(close + 1..).unwrap_or("");
+        }
+    }
+    path
+}
+
+/// Splits `s` (already trimmed) into its first whitespace-separated word and the rest, the
+/// rest with leading whitespace removed and its inner spacing kept (Python's
+/// `s.split(None, 1)`, which pygrub uses for `kernel`/`linux` lines).
+pub fn split_first_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.find(char::is_whitespace) {
+        Some(i) => {
+            let (a, b) = s.split_at(i);
+            (a, b.trim_start())
+        }
+        None => (s, ""),
+    }
+}
+
+/// pygrub's `grub_split(s, 1)`: a directive and its argument are separated by the first `=`
+/// when it comes before the first space or tab (`default=0`), else by whitespace
+/// (`default 0`). The argument is trimmed.
+pub fn split_directive(line: &str) -> (&str, &str) {
+    let line = line.trim();
+    let ws = line.find([' ', '\t']);
+    match line.find('=') {
+        Some(eq) if ws.is_none_or(|w| eq < w) => {
+            let cmd = line.get(..eq).unwrap_or("");
+            let arg = line.get(eq + 1..).unwrap_or("");
+            (cmd.trim(), arg.trim())
+        }
+        _ => {
+            let (a, b) = split_first_word(line);
+            (a, b.trim())
+        }
+    }
+}
+
+/// A path or string of `kernel`/`initrd` values, empty → `None`.
+pub(crate) fn non_empty(s: &str) -> Option<String> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s.to_string())
+    }
+}
+
+/// Lines of `text`, each trimmed, over-long ones dropped (see [`MAX_LINE`]).
+pub(crate) fn lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split('\n')
+        .filter(|l| l.len() <= MAX_LINE)
+        .map(|l| l.trim())
 }
