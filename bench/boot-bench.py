@@ -389,7 +389,8 @@ def main():
             runs.append(("pygrub raw", cmd([PYGRUB], raw)))
         else:
             print("# pygrub-oracle does not run here: no comparison with Xen's pygrub")
-        print("# pygrub reads raw images only (no qcow2 support): it runs on the raw image alone")
+        print("# pygrub reads raw images only (no qcow2 support): it runs on the raw image alone,"
+              " through tests/boot/pygrub-oracle (a bash wrapper, then python3)")
         wall = {n: [] for n, _ in runs}
         cpu = {n: [] for n, _ in runs}
         args = {}
