@@ -346,6 +346,12 @@ fn hand_made_corruptions_give_clean_errors() {
         fs::open(Arc::new(MemDisk(bad)), &Limits::default()),
         Err(Error::Corrupt { .. })
     ));
+    // A root directory of garbage (0xFF: long-name pieces and odd entries everywhere).
+    let mut bad = img.clone();
+    bad[g.root..g.data].fill(0xFF);
+    let fs = open_mem(bad);
+    let _ = fs.read_dir("/");
+    assert!(fs.read_file("/boot/initrd.img", lim).is_err());
     // Truncated image: data past the end.
     let short = img[..g.data + 4 * g.spc * g.bps].to_vec();
     let fs = open_mem(short);

@@ -170,7 +170,7 @@ impl Fat {
         let spc = u64::from(bpb.sec_per_clus);
         let overflow = || corrupt("BPB values overflow");
         // RootDirSectors = ((BPB_RootEntCnt * 32) + (BPB_BytsPerSec - 1)) / BPB_BytsPerSec
-        let root_dir_sectors = (u64::from(bpb.root_ent_cnt) * 32 + (bps - 1)) / bps;
+        let root_dir_sectors = (u64::from(bpb.root_ent_cnt) * 32).div_ceil(bps);
         let fat_sz = if bpb.fat_sz16 != 0 {
             u64::from(bpb.fat_sz16)
         } else {
