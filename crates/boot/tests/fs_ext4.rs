@@ -417,3 +417,107 @@ proptest! {
         read_everything(img);
     }
 }
+
+/// An image whose /victim (one 4 KiB block) has an extent tree of `depth` levels where every
+/// index entry of a level points to the same block and the leaf holds 340 zero-length
+/// extents: 4 * 340^depth extents to go through before ext4-view finds the file's block.
+fn extent_bomb(depth: u16) -> Vec<u8> {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("victim"), [1u8; 4096]).unwrap();
+    let path = tmp.path().join("img");
+    run(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-b", "4096"])
+            .args(["-O", "^has_journal,^metadata_csum", "-d"])
+            .arg(&src)
+            .arg(&path)
+            .arg("16M"),
+        "e2fsprogs",
+    );
+    let imap = debugfs(&path, "imap /victim");
+    let block: usize = imap
+        .split("block ")
+        .nth(2)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("imap: {imap}"));
+    let off = imap
+        .split("offset 0x")
+        .nth(1)
+        .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+        .expect("imap offset");
+    let mut img = std::fs::read(&path).unwrap();
+    let inode = block * 4096 + off;
+    // Free blocks at the end of the 4096-block filesystem, one per level.
+    let level_block = |level: u16| 4000 + level as usize;
+    let header = |entries: u16, depth: u16| {
+        let mut h = Vec::new();
+        h.extend_from_slice(&0xF30Au16.to_le_bytes());
+        h.extend_from_slice(&entries.to_le_bytes());
+        h.extend_from_slice(&entries.to_le_bytes());
+        h.extend_from_slice(&depth.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h
+    };
+    let index = |child: usize| {
+        let mut e = Vec::new();
+        e.extend_from_slice(&0u32.to_le_bytes());
+        e.extend_from_slice(&(child as u32).to_le_bytes());
+        e.extend_from_slice(&[0u8; 4]);
+        e
+    };
+    // Root in the inode's i_block (offset 40, 60 bytes): 4 index entries.
+    let mut root = header(4, depth);
+    for _ in 0..4 {
+        root.extend(index(level_block(depth - 1)));
+    }
+    img[inode + 40..inode + 100].copy_from_slice(&root);
+    for level in (0..depth).rev() {
+        let mut node = header(340, level);
+        for _ in 0..340 {
+            if level == 0 {
+                // Zero-length extent at file block 0, starting at some block.
+                let mut e = Vec::new();
+                e.extend_from_slice(&0u32.to_le_bytes());
+                e.extend_from_slice(&0u16.to_le_bytes());
+                e.extend_from_slice(&0u16.to_le_bytes());
+                e.extend_from_slice(&100u32.to_le_bytes());
+                node.extend(e);
+            } else {
+                node.extend(index(level_block(level - 1)));
+            }
+        }
+        let at = level_block(level) * 4096;
+        img[at..at + node.len()].copy_from_slice(&node);
+    }
+    img
+}
+
+/// Guards the call sites of ext4-view against its extent walk's worst case; depth 2 is
+/// 462 400 zero-length extents and must finish.
+#[test]
+fn extent_tree_of_zero_length_extents_small_finishes() {
+    let fs = open(extent_bomb(2));
+    let t = std::time::Instant::now();
+    let r = fs.read_file("/victim", 1 << 20);
+    eprintln!("depth 2: {:?} in {:?}", r.as_ref().map(|v| v.len()), t.elapsed());
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// Known hazard of ext4-view 1.0.0 (reported to the lead): a depth-5 tree is 4 * 340^5
+/// zero-length extents, each skipped without yielding a block: read_bytes runs for hours.
+#[test]
+#[ignore = "ext4-view 1.0.0 walks every zero-length extent of a shared-node extent tree (hang)"]
+fn extent_tree_of_zero_length_extents_deep_hangs_in_ext4_view() {
+    let fs = open(extent_bomb(5));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fs.read_file("/victim", 1 << 20).is_err());
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(20)).is_ok(),
+        "read_file did not finish in 20 s"
+    );
+}
