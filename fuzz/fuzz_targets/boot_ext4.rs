@@ -1,4 +1,4 @@
-//! Opens arbitrary bytes as ext2/3/4 (through ext4-view and our path walk) and lists and
+//! Opens arbitrary bytes as ext2/3/4 and lists and
 //! reads everything, with small limits: errors are fine, panics and hangs are not.
 #![no_main]
 
