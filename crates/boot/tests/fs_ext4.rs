@@ -328,6 +328,49 @@ fn hand_made_corruptions_give_clean_errors() {
         .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
         .expect("imap offset");
     let at = (block * 1024 + off) as usize;
+    // The file's first extent (i_block at +40: header, then ee_block, ee_len, ee_start_hi,
+    // ee_start_lo) moved past the end of the filesystem.
+    let mut bad = img.clone();
+    bad[at + 40 + 12 + 6..at + 40 + 12 + 12].copy_from_slice(&[0xFF; 6]);
+    let r = open(bad).read_file("/boot/vmlinuz", 1 << 30);
+    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+    // An extent tree claiming depth 7.
+    let mut bad = img.clone();
+    bad[at + 40 + 6..at + 40 + 8].copy_from_slice(&7u16.to_le_bytes());
+    let r = open(bad).read_file("/boot/vmlinuz", 1 << 30);
+    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+    // /boot's first directory block: a zero record length; then an entry naming inode
+    // 0xFFFFFFF0.
+    let boot_block: usize = debugfs(&path, "bmap /boot 0")
+        .trim()
+        .parse()
+        .expect("bmap /boot");
+    let d = boot_block * 1024;
+    let mut bad = img.clone();
+    bad[d + 4..d + 6].copy_from_slice(&0u16.to_le_bytes());
+    let fs = open(bad);
+    assert!(matches!(fs.read_dir("/boot"), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs.read_file("/boot/vmlinuz", 1 << 30),
+        Err(Error::Corrupt { .. })
+    ));
+    let mut bad = img.clone();
+    let e = d + bad[d..d + 1024]
+        .windows(7)
+        .position(|w| w == b"vmlinuz")
+        .unwrap()
+        - 8;
+    bad[e..e + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    let r = open(bad).read_file("/boot/vmlinuz", 1 << 30);
+    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+    // Features we do not read (meta_bg, compression): unsupported, not misread.
+    for bit in [0x10u32, 0x1] {
+        let mut bad = img.clone();
+        let f = u32::from_le_bytes(bad[1024 + 0x60..1024 + 0x64].try_into().unwrap());
+        bad[1024 + 0x60..1024 + 0x64].copy_from_slice(&(f | bit).to_le_bytes());
+        let r = fs::open(Arc::new(MemDisk(bad)), &Limits::default());
+        assert!(matches!(r, Err(Error::Unsupported(_))), "{:?}", r.err());
+    }
     let mut huge = img.clone();
     // 64 GiB (a size over 2^32 blocks is refused by ext4-view itself as corrupt).
     huge[at + 4..at + 8].copy_from_slice(&0u32.to_le_bytes());
@@ -356,9 +399,11 @@ fn hand_made_corruptions_give_clean_errors() {
     assert!(fs.read_file("/boot/vmlinuz", 1 << 30).is_err());
 }
 
-fn small_image() -> &'static [u8] {
-    static IMG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    IMG.get_or_init(|| {
+/// Small images for the random corruption: ext4 (extents, no checksums so that corruption
+/// reaches the structures) and ext2 (block maps), 1 KiB blocks.
+fn small_images() -> &'static [Vec<u8>] {
+    static IMGS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    IMGS.get_or_init(|| {
         let tmp = tempfile::TempDir::new().unwrap();
         let src = tmp.path().join("src");
         std::fs::create_dir_all(src.join("boot/grub")).unwrap();
@@ -366,28 +411,25 @@ fn small_image() -> &'static [u8] {
         std::fs::write(src.join("boot/grub/grub.cfg"), b"menuentry x {}\n").unwrap();
         std::os::unix::fs::symlink("boot/vmlinuz", src.join("vmlinuz")).unwrap();
         std::os::unix::fs::symlink(SLOW_TARGET, src.join("slow")).unwrap();
-        let img = tmp.path().join("img");
-        run(
-            Command::new("mke2fs")
-                .args([
-                    "-q",
-                    "-F",
-                    "-t",
-                    "ext4",
-                    "-b",
-                    "1024",
-                    "-N",
-                    "32",
-                    "-O",
-                    "^has_journal,^metadata_csum",
-                    "-d",
-                ])
-                .arg(&src)
-                .arg(&img)
-                .arg("256K"),
-            "e2fsprogs",
-        );
-        std::fs::read(img).unwrap()
+        [
+            ("ext4", "^has_journal,^metadata_csum"),
+            ("ext2", "^resize_inode"),
+        ]
+        .iter()
+        .map(|(kind, features)| {
+            let img = tmp.path().join(kind);
+            run(
+                Command::new("mke2fs")
+                    .args(["-q", "-F", "-t", kind, "-b", "1024", "-N", "32"])
+                    .args(["-O", features, "-d"])
+                    .arg(&src)
+                    .arg(&img)
+                    .arg("256K"),
+                "e2fsprogs",
+            );
+            std::fs::read(img).unwrap()
+        })
+        .collect()
     })
 }
 
@@ -416,15 +458,16 @@ fn read_everything(img: Vec<u8>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     /// Random overwrites anywhere in the metadata-heavy first 64 KiB, or spread over the image.
     #[test]
     fn corrupted_image_never_panics(
+        which in 0usize..2,
         edits in proptest::collection::vec((0usize..(256 << 10), any::<u8>()), 1..40),
         low in any::<bool>(),
     ) {
-        let mut img = small_image().to_vec();
+        let mut img = small_images()[which].clone();
         for (at, b) in edits {
             let at = if low { at % (64 << 10) } else { at };
             if let Some(x) = img.get_mut(at) {
@@ -527,5 +570,22 @@ fn extent_tree_of_shared_nodes_and_empty_extents_reads_at_once() {
         );
         // No extent covers block 0: a hole.
         assert_eq!(r.unwrap(), vec![0u8; 4096]);
+    }
+}
+
+/// The images the random corruption starts from are read whole when intact.
+#[test]
+fn corruption_fixtures_read_cleanly() {
+    for img in small_images() {
+        let fs = open(img.clone());
+        assert_eq!(
+            fs.read_file("/vmlinuz", 1 << 20).unwrap(),
+            pattern(20_000, 3)
+        );
+        assert_eq!(
+            fs.read_file("/slow", 1 << 20).err().map(|e| e.to_string()),
+            Some("/slow: no such file or directory".into())
+        );
+        assert_eq!(fs.read_dir("/boot/grub").unwrap(), ["grub.cfg"]);
     }
 }

@@ -27,8 +27,8 @@ const FS: &str = "ext4";
 
 /// Largest directory (in bytes) we search or list. A directory with 100 000 entries of
 /// 20-character names is about 3 MiB; the bound keeps a hostile directory (huge size, holes
-/// or blocks repeated) from making us read gigabytes.
-pub const MAX_DIR_BYTES: u64 = 64 << 20;
+/// or blocks repeated) from making each lookup of a path read more than that.
+pub const MAX_DIR_BYTES: u64 = 16 << 20;
 
 /// Longest symlink target we read (Linux's PATH_MAX).
 pub const MAX_LINK: u64 = 4096;
