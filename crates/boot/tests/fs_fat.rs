@@ -45,6 +45,11 @@ fn mtools(img: &Path, args: &[&str]) {
 /// The tree put into every image, with a fragmented file: `frag` is written after every
 /// other small file was deleted, so its clusters are not contiguous.
 fn make_image(fat_bits: u32, kib: u32, big_dir: bool) -> Vec<u8> {
+    make_image_with(fat_bits, kib, big_dir, &["-s", "1"])
+}
+
+/// [`make_image`] with other mkfs.fat options (sector and cluster sizes).
+fn make_image_with(fat_bits: u32, kib: u32, big_dir: bool, mkfs: &[&str]) -> Vec<u8> {
     let tmp = tempfile::TempDir::new().unwrap();
     let src = tmp.path().join("src");
     let w = |p: &str, data: &[u8]| {
@@ -71,7 +76,8 @@ fn make_image(fat_bits: u32, kib: u32, big_dir: bool) -> Vec<u8> {
     let img = tmp.path().join("img");
     run(
         Command::new("mkfs.fat")
-            .args(["-C", "-F", &fat_bits.to_string(), "-s", "1"])
+            .args(["-C", "-F", &fat_bits.to_string()])
+            .args(mkfs)
             .arg(&img)
             .arg(kib.to_string()),
         "dosfstools",
@@ -210,6 +216,28 @@ fn fat16_round_trip_with_large_directory() {
 #[test]
 fn fat32_round_trip_with_large_directory() {
     check_tree(&*open_mem(make_image(32, 36 * 1024, true)), true);
+}
+
+#[test]
+fn other_sector_and_cluster_sizes_round_trip() {
+    // 2 KiB sectors; 4 KiB sectors; 512-byte sectors in 4-sector clusters.
+    check_tree(
+        &*open_mem(make_image_with(
+            16,
+            20480,
+            false,
+            &["-S", "2048", "-s", "1"],
+        )),
+        false,
+    );
+    check_tree(
+        &*open_mem(make_image_with(12, 8192, false, &["-S", "4096", "-s", "1"])),
+        false,
+    );
+    check_tree(
+        &*open_mem(make_image_with(12, 4096, false, &["-s", "4"])),
+        false,
+    );
 }
 
 #[test]
@@ -386,6 +414,19 @@ fn non_fat_boot_sectors_are_not_claimed() {
     let mut b = img.clone();
     b[0] = 0;
     assert!(none(b));
+    // exFAT and NTFS boot sectors (their BPB fields are zero where FAT needs them).
+    let mut exfat = vec![0u8; 1 << 20];
+    exfat[..11].copy_from_slice(b"\xEB\x76\x90EXFAT   ");
+    exfat[510..512].copy_from_slice(&[0x55, 0xAA]);
+    assert!(none(exfat));
+    let mut ntfs = vec![0u8; 1 << 20];
+    ntfs[..11].copy_from_slice(b"\xEB\x52\x90NTFS    ");
+    ntfs[11..14].copy_from_slice(&[0x00, 0x02, 0x08]); // 512-byte sectors, 8 per cluster
+    ntfs[21] = 0xF8;
+    ntfs[24..26].copy_from_slice(&63u16.to_le_bytes());
+    ntfs[40..48].copy_from_slice(&2047u64.to_le_bytes());
+    ntfs[510..512].copy_from_slice(&[0x55, 0xAA]);
+    assert!(none(ntfs));
     // An MBR made by sfdisk (0x55AA, partition table, no BPB) is not FAT.
     let tmp = tempfile::TempDir::new().unwrap();
     let disk = tmp.path().join("disk");
