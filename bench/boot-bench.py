@@ -10,9 +10,11 @@ pseudo-random bytes), /boot/initrd.img-X (30 MiB pseudo-random), a Debian-shaped
 times, in alternating order over the rounds, what libxl runs (`-q --output-format=simple
 --output=FILE --output-directory=DIR`): `xdisk boot` on the three images and Xen 4.17's pygrub
 (tests/boot/pygrub-oracle) on the raw one (pygrub cannot read qcow2). Every run's kernel,
-ramdisk and args are checked against the source tree, then removed. The page cache is dropped
-before every run when /proc/sys/vm/drop_caches can be written (root), else the runs are warm;
---warm keeps the cache in any case. Prints medians (wall and CPU time) and ratios.
+ramdisk and args are checked against the source tree, then removed. When
+/proc/sys/vm/drop_caches can be written (root), a first series drops the page cache before
+every run (cold: reading the image counts) and a second keeps it (warm: CPU work counts);
+otherwise, or with --warm, only the warm series runs. Prints medians (wall and CPU time of the
+process and its children) and ratios.
 """
 
 import argparse
@@ -369,9 +371,13 @@ def main():
                     " (the kernel and initrd are incompressible, as on a real system)"
             print(f"#   {name:9s} {allocated(path) / 2**20:7.0f} MiB allocated{extra}")
         cold = not a.warm and can_drop_caches()
-        cache = "cold cache (page cache dropped before every run)" if cold else \
-            ("warm cache (--warm)" if a.warm else "warm cache (cannot write /proc/sys/vm/drop_caches)")
-        print(f"# {cache}; {rounds} rounds, alternating order")
+        if cold:
+            modes = [("cold", "cold cache (page cache dropped before every run)"),
+                     ("warm", "warm cache (after one untimed run of each)")]
+        else:
+            modes = [("warm", "warm cache (--warm)" if a.warm else
+                      "warm cache (cannot write /proc/sys/vm/drop_caches)")]
+        print(f"# {' then '.join(m[1] for m in modes)}; {rounds} rounds each, alternating order")
         outdir = os.path.join(work, "out")
         os.mkdir(outdir)
         result = os.path.join(work, "result")
@@ -391,41 +397,54 @@ def main():
             print("# pygrub-oracle does not run here: no comparison with Xen's pygrub")
         print("# pygrub reads raw images only (no qcow2 support): it runs on the raw image alone,"
               " through tests/boot/pygrub-oracle (a bash wrapper, then python3)")
-        wall = {n: [] for n, _ in runs}
-        cpu = {n: [] for n, _ in runs}
         args = {}
-        for rnd in range(rounds):
-            order = runs if rnd % 2 == 0 else list(reversed(runs))
-            for name, c in order:
-                with open(result, "w"):
-                    pass  # libxl pre-creates the output file
-                if cold:
-                    drop_caches()
-                w, u, rc, err = timed(c)
-                if rc != 0:
-                    raise RuntimeError(f"{name} failed (exit {rc}): {' '.join(c)}\n{err}")
-                args.setdefault(name, set()).add(check_result(name, result, outdir, kernel, initrd))
-                wall[name].append(w)
-                cpu[name].append(u)
+
+        def one(name, c, drop):
+            with open(result, "w"):
+                pass  # libxl pre-creates the output file
+            if drop:
+                drop_caches()
+            w, u, rc, err = timed(c)
+            if rc != 0:
+                raise RuntimeError(f"{name} failed (exit {rc}): {' '.join(c)}\n{err}")
+            args.setdefault(name, set()).add(check_result(name, result, outdir, kernel, initrd))
+            return w, u
+
+        report = {}
+        for mode, desc in modes:
+            if mode == "warm":
+                for name, c in runs:
+                    one(name, c, False)
+            wall = {n: [] for n, _ in runs}
+            cpu = {n: [] for n, _ in runs}
+            for rnd in range(rounds):
+                order = runs if rnd % 2 == 0 else list(reversed(runs))
+                for name, c in order:
+                    w, u = one(name, c, mode == "cold")
+                    wall[name].append(w)
+                    cpu[name].append(u)
+            med = {n: statistics.median(v) for n, v in wall.items()}
+            medc = {n: statistics.median(v) for n, v in cpu.items()}
+            print(f"\nxdisk boot -q vs pygrub -q, {desc} (median of {rounds}; wall, CPU user+sys)")
+            for n in wall:
+                print(f"  {n:15s} {med[n] * 1000:8.1f} ms  {medc[n] * 1000:8.1f} ms CPU"
+                      f"   (wall min {min(wall[n]) * 1000:.1f}, max {max(wall[n]) * 1000:.1f} ms)")
+            if "pygrub raw" in med:
+                print(f"  ratio xdisk raw / pygrub raw      = {med['xdisk raw'] / med['pygrub raw']:.3f}"
+                      f" wall, {medc['xdisk raw'] / medc['pygrub raw']:.3f} CPU")
+            print(f"  ratio xdisk qcow2 / xdisk raw    = {med['xdisk qcow2'] / med['xdisk raw']:.2f}")
+            print(f"  ratio xdisk qcow2 -c / xdisk raw = {med['xdisk qcow2 -c'] / med['xdisk raw']:.2f}")
+            sys.stdout.flush()
+            report[mode] = {"cache": desc, "wall": wall, "cpu": cpu,
+                            "median_wall": med, "median_cpu": medc}
         all_args = set().union(*args.values())
         if len(all_args) != 1:
             raise RuntimeError(f"the runs disagree on the command line: {args}")
-        med = {n: statistics.median(v) for n, v in wall.items()}
-        medc = {n: statistics.median(v) for n, v in cpu.items()}
-        print(f"\nxdisk boot -q vs pygrub -q (median of {rounds}; wall / CPU user+sys)")
-        for n in wall:
-            print(f"  {n:15s} {med[n] * 1000:8.1f} ms  {medc[n] * 1000:8.1f} ms CPU"
-                  f"   (min {min(wall[n]) * 1000:.1f}, max {max(wall[n]) * 1000:.1f} ms)")
-        if "pygrub raw" in med:
-            print(f"  ratio xdisk raw / pygrub raw      = {med['xdisk raw'] / med['pygrub raw']:.3f}"
-                  f" wall, {medc['xdisk raw'] / medc['pygrub raw']:.3f} CPU")
-        print(f"  ratio xdisk qcow2 / xdisk raw    = {med['xdisk qcow2'] / med['xdisk raw']:.2f}")
-        print(f"  ratio xdisk qcow2 -c / xdisk raw = {med['xdisk qcow2 -c'] / med['xdisk raw']:.2f}")
-        print(f"  every run extracted byte-identical kernel and ramdisk, args {all_args.pop()!r}")
+        print(f"\nevery run extracted byte-identical kernel and ramdisk (compared with the source"
+              f" files, then removed), with the same args {all_args.pop()!r}")
         if a.json:
             with open(a.json, "w") as f:
-                json.dump({"cache": cache, "rounds": rounds, "wall": wall, "cpu": cpu,
-                           "median_wall": med, "median_cpu": medc}, f, indent=2)
+                json.dump({"rounds": rounds, "results": report}, f, indent=2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
