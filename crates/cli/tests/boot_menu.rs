@@ -227,15 +227,17 @@ fn grub_cfg(timeout: u32) -> String {
 
 /// A Debian-like MBR disk whose grub.cfg sets `timeout`; returns the disk, kernel, ramdisk.
 fn debian_disk(dir: &Path, timeout: u32) -> (PathBuf, Vec<u8>, Vec<u8>) {
+    disk_with_cfg(dir, &grub_cfg(timeout))
+}
+
+/// The same disk with another grub.cfg.
+fn disk_with_cfg(dir: &Path, cfg: &str) -> (PathBuf, Vec<u8>, Vec<u8>) {
     let (k, r) = (blob(1, 200_000), blob(2, 60_000));
     let root = dir.join("tree");
     for (p, data) in [
         (format!("boot/vmlinuz-{KVER}"), k.clone()),
         (format!("boot/initrd.img-{KVER}"), r.clone()),
-        (
-            "boot/grub/grub.cfg".to_string(),
-            grub_cfg(timeout).into_bytes(),
-        ),
+        ("boot/grub/grub.cfg".to_string(), cfg.as_bytes().to_vec()),
         ("etc/fstab".to_string(), b"# nothing\n".to_vec()),
     ] {
         let f = root.join(p);
@@ -461,6 +463,36 @@ fn runas_with_an_interactive_menu_is_refused() {
         assert_eq!(run.status, 0, "{run:?}");
         assert_eq!(read_result(&output).2.as_deref(), Some(ARGS1));
     }
+}
+
+/// Entry titles come from the guest: their control characters (ESC, BEL, C1 controls such as
+/// U+009B CSI) must not reach the console of the dom0 admin, where they could set the window
+/// title, clear the screen or worse.
+#[test]
+fn guest_titles_cannot_send_escape_sequences_to_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "set default=0\nset timeout=5\n\
+         menuentry 'Evil \x1b]2;pwned\x07 \x1b[2J\x1b[31m \u{9b}1m \r fake' {{\n\
+         \tlinux\t/boot/vmlinuz-{KVER} {ARGS0}\n\tinitrd\t/boot/initrd.img-{KVER}\n}}\n\
+         menuentry 'Plain' {{\n\tlinux\t/boot/vmlinuz-{KVER} {ARGS1}\n}}\n"
+    );
+    let (img, _, _) = disk_with_cfg(dir.path(), &cfg);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let output = dir.path().join("result");
+    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[b"\r"], 20.0);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert!(run.output.contains("Evil"), "{:?}", run.output);
+    for bad in ["\x1b]", "\x07", "\x1b[31m", "\u{9b}", "\r fake"] {
+        assert!(
+            !run.output.contains(bad),
+            "{bad:?} reached the console: {:?}",
+            run.output
+        );
+    }
+    assert_eq!(run.output.matches("\x1b[2J").count(), 1, "{:?}", run.output);
+    assert_eq!(read_result(&output).2.as_deref(), Some(ARGS0));
 }
 
 /// An Escape typed alone (a user giving up on a choice) must not eat the next keys: Enter
