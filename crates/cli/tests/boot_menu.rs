@@ -279,7 +279,7 @@ fn pygrub_on_pty(disk: &Path, out_dir: &Path, output: &Path, keys: &[&[u8]]) -> 
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v)))
         .collect();
-    let run = pty_run(&argv, keys, 30.0, &env, "Use the");
+    let run = pty_run(&argv, keys, 60.0, &env, "Use the");
     assert_eq!(run.status, 0, "pygrub: {run:?}");
     assert!(run.menu_at.is_some(), "no pygrub menu: {:?}", run.output);
     Some(read_result(output))
@@ -316,8 +316,8 @@ fn nobody_typing_boots_the_default_entry_after_the_timeout() {
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let output = dir.path().join("result");
-    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 20.0);
-    assert!(!run.killed, "still running after 20 s: {run:?}");
+    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 60.0);
+    assert!(!run.killed, "still running after 60 s: {run:?}");
     assert_eq!(run.status, 0, "{run:?}");
     assert!(
         run.menu_at.is_some(),
@@ -332,11 +332,11 @@ fn nobody_typing_boots_the_default_entry_after_the_timeout() {
     // It waited for the countdown (1 s), and not much more.
     let shown = run.elapsed - run.menu_at.unwrap();
     assert!(
-        (0.8..5.0).contains(&shown),
+        (0.8..15.0).contains(&shown),
         "menu shown for {shown:.2} s (total {:.2} s)",
         run.elapsed
     );
-    assert!(run.elapsed < 10.0, "took {:.2} s", run.elapsed);
+    assert!(run.elapsed < 20.0, "took {:.2} s", run.elapsed);
     let (kb, rb, args) = read_result(&output);
     assert_eq!(kb, k);
     assert_eq!(rb.as_deref(), Some(&r[..]));
@@ -353,17 +353,17 @@ fn nobody_typing_boots_the_default_entry_after_the_timeout() {
 #[test]
 fn down_arrow_then_enter_boots_the_next_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let (img, k, r) = debian_disk(dir.path(), 5);
+    let (img, k, r) = debian_disk(dir.path(), 30);
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let output = dir.path().join("result");
     let argv = libxl_argv(&img, &out_dir, &output, &[]);
-    let run = on_pty(&argv, &[b"\x1b[B", b"\r"], 20.0);
-    assert!(!run.killed, "still running after 20 s: {run:?}");
+    let run = on_pty(&argv, &[b"\x1b[B", b"\r"], 60.0);
+    assert!(!run.killed, "still running after 60 s: {run:?}");
     assert_eq!(run.status, 0, "{run:?}");
-    // Enter answered at once, not after the 5 s countdown.
+    // Enter answered at once, not after the 30 s countdown.
     let shown = run.elapsed - run.menu_at.expect("menu shown");
-    assert!(shown < 3.0, "menu shown for {shown:.2} s");
+    assert!(shown < 20.0, "menu shown for {shown:.2} s");
     let (kb, rb, args) = read_result(&output);
     assert_eq!(kb, k);
     assert_eq!(rb.as_deref(), Some(&r[..]));
@@ -378,21 +378,23 @@ fn down_arrow_then_enter_boots_the_next_entry() {
 
     // Down twice reaches the submenu's entry (every entry counts); down past the end stays on
     // the last one; up comes back (VT100 cursor keys, and vi's j/k): 2, 2, 1, 0, 1.
-    let run = on_pty(&argv, &[b"\x1b[B\x1b[B\x1b[B\x1b[B", b"\r"], 20.0);
+    let run = on_pty(&argv, &[b"\x1b[B\x1b[B\x1b[B\x1b[B", b"\r"], 60.0);
     assert_eq!(run.status, 0, "{run:?}");
     assert_eq!(read_result(&output).2.as_deref(), Some(ARGS2));
-    let run = on_pty(&argv, &[b"jjj", b"\x1b[A", b"k", b"j", b"\r"], 20.0);
+    let run = on_pty(&argv, &[b"jjj", b"\x1b[A", b"k", b"j", b"\r"], 60.0);
     assert_eq!(run.status, 0, "{run:?}");
     assert_eq!(read_result(&output).2.as_deref(), Some(ARGS1));
     // A key stops the countdown: the menu then waits for Enter past the timeout.
     let dir2 = tempfile::tempdir().unwrap();
-    let (img1, _, _) = debian_disk(dir2.path(), 1);
+    let (img1, _, _) = debian_disk(dir2.path(), 2);
     let argv1 = libxl_argv(&img1, &out_dir, &output, &[]);
-    let wait: Vec<&[u8]> = vec![b"\x1b[B", b"x", b"x", b"x", b"x", b"x", b"x", b"\r"];
+    let mut wait: Vec<&[u8]> = vec![b"\x1b[B"];
+    wait.extend([&b"x"[..]; 12]); // 3.6 s of ignored keys, then Enter
+    wait.push(b"\r");
     let run = on_pty(&argv1, &wait, 20.0);
     assert_eq!(run.status, 0, "{run:?}");
     let shown = run.elapsed - run.menu_at.expect("menu shown");
-    assert!(shown > 1.8, "booted after {shown:.2} s, before Enter");
+    assert!(shown > 3.4, "booted after {shown:.2} s, before Enter");
     assert_eq!(read_result(&output).2.as_deref(), Some(ARGS1));
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
 }
@@ -404,7 +406,7 @@ fn the_menu_writes_little_to_the_console_during_the_countdown() {
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let output = dir.path().join("result");
-    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 20.0);
+    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 60.0);
     assert_eq!(run.status, 0, "{run:?}");
     let shown = run.elapsed - run.menu_at.expect("menu shown");
     assert!(shown > 1.8, "countdown of 2 s lasted {shown:.2} s");
@@ -438,7 +440,7 @@ fn runas_with_an_interactive_menu_is_refused() {
     let run = on_pty(
         &libxl_argv(&img, &out_dir, &output, &["--runas=65534"]),
         &[],
-        20.0,
+        60.0,
     );
     assert_eq!(run.status, 1, "{run:?}");
     assert!(
@@ -455,7 +457,7 @@ fn runas_with_an_interactive_menu_is_refused() {
     let run = on_pty(
         &libxl_argv(&img, &out_dir, &output, &["--entry=1", "--runas=65534"]),
         &[],
-        20.0,
+        60.0,
     );
     assert!(!run.output.contains("In order to use --runas"), "{run:?}");
     use std::os::unix::fs::MetadataExt;
@@ -481,7 +483,7 @@ fn guest_titles_cannot_send_escape_sequences_to_the_console() {
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let output = dir.path().join("result");
-    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[b"\r"], 20.0);
+    let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[b"\r"], 60.0);
     assert_eq!(run.status, 0, "{run:?}");
     assert!(run.output.contains("Evil"), "{:?}", run.output);
     for bad in ["\x1b]", "\x07", "\x1b[31m", "\u{9b}", "\r fake"] {
