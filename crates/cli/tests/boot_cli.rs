@@ -505,7 +505,7 @@ fn outputs_are_pygrubs_formats() {
     assert_eq!(out.status.code(), Some(1));
     // -l lists every entry.
     let out = run(Command::new(XDISK).args(["boot", "-l"]).arg(&img), "");
-    assert!(String::from_utf8(out.stdout).unwrap().starts_with("title: it's\n"));
+    assert!(String::from_utf8(out.stdout).unwrap().starts_with("title: its\n"));
 }
 
 #[test]
