@@ -239,6 +239,14 @@ fn ext4_1k_64bit_round_trip_with_htree() {
 }
 
 #[test]
+fn ext4_bigalloc_and_64k_blocks_round_trip() {
+    let img = make_image("ext4", 4096, &["-O", "bigalloc", "-C", "16384"], false);
+    check_tree(&*open(img), false);
+    let img = make_image("ext4", 65536, &["-O", "^has_journal"], false);
+    check_tree(&*open(img), false);
+}
+
+#[test]
 fn ext3_block_maps_round_trip() {
     let img = make_image("ext3", 1024, &[], false);
     check_tree(&*open(img), false);
