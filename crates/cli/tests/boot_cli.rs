@@ -53,7 +53,10 @@ fn tree(dir: &Path, files: &[(&str, Vec<u8>)], links: &[(&str, &str)]) -> PathBu
 }
 
 fn mkfs_ext(kind: &str, root: &Path, out: &Path, mib: u64) {
-    std::fs::File::create(out).unwrap().set_len(mib << 20).unwrap();
+    std::fs::File::create(out)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
     run(
         Command::new(format!("mkfs.{kind}"))
             .args(["-q", "-F", "-d"])
@@ -89,7 +92,10 @@ fn mkfs_fat(root: &Path, out: &Path, mib: u64) {
 /// (start sector, image, sfdisk type).
 fn disk(dir: &Path, label: &str, parts: &[(u64, Option<&Path>, &str, u64)], mib: u64) -> PathBuf {
     let img = dir.join("disk.raw");
-    std::fs::File::create(&img).unwrap().set_len(mib << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
     let mut script = format!("label: {label}\n");
     for (start, _, t, sectors) in parts {
         script.push_str(&format!("start={start}, size={sectors}, type={t}\n"));
@@ -167,7 +173,10 @@ fn boot_with(prog: &[&str], disk: &Path, extra: &[&str]) -> Result<Booted, Strin
     }
     let b = parse_simple(&String::from_utf8_lossy(&out.stdout));
     let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-    assert!(left.is_empty(), "files left in the output directory: {left:?}");
+    assert!(
+        left.is_empty(),
+        "files left in the output directory: {left:?}"
+    );
     Ok(b)
 }
 
@@ -181,8 +190,12 @@ fn oracle(disk: &Path, extra: &[&str], ours: &Booted) {
         eprintln!("XDISK_PYGRUB not set: no comparison with Xen's pygrub");
         return;
     };
-    let theirs = boot_with(&[&pygrub], disk, extra).unwrap_or_else(|e| panic!("pygrub {disk:?}: {e}"));
-    assert_eq!(ours, &theirs, "xdisk boot and pygrub differ on {disk:?} {extra:?}");
+    let theirs =
+        boot_with(&[&pygrub], disk, extra).unwrap_or_else(|e| panic!("pygrub {disk:?}: {e}"));
+    assert_eq!(
+        ours, &theirs,
+        "xdisk boot and pygrub differ on {disk:?} {extra:?}"
+    );
 }
 
 const KVER: &str = "6.1.0-99-amd64";
@@ -222,7 +235,10 @@ fn debian_grub2_on_mbr_boots_the_default_entry_like_pygrub() {
     let b = xdisk_boot(&img, &[]);
     assert_eq!(b.kernel, k);
     assert_eq!(b.ramdisk.as_deref(), Some(&r[..]));
-    assert_eq!(b.args.as_deref(), Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo"));
+    assert_eq!(
+        b.args.as_deref(),
+        Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo")
+    );
     oracle(&img, &[], &b);
     // --entry by number (every entry counts, the submenu's too) and by title; --args appended.
     let b = xdisk_boot(&img, &["--entry=2", "--args=extra=1"]);
@@ -247,7 +263,10 @@ fn debian_grub2_on_mbr_boots_the_default_entry_like_pygrub() {
     );
     let bq = xdisk_boot(&q, &[]);
     assert_eq!(bq.kernel, k);
-    assert_eq!(bq.args.as_deref(), Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo"));
+    assert_eq!(
+        bq.args.as_deref(),
+        Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo")
+    );
 }
 
 #[test]
@@ -270,7 +289,12 @@ fn gpt_with_a_separate_boot_partition() {
         "gpt",
         &[
             (2048, None, "21686148-6449-6E6F-744E-656564454649", 2048),
-            (4096, Some(&fs), "0FC63DAF-8483-4772-8E79-3D69D8477DE4", 32768),
+            (
+                4096,
+                Some(&fs),
+                "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+                32768,
+            ),
         ],
         24,
     );
@@ -403,7 +427,10 @@ fn qcow2_overlay_changes_the_config_of_its_backing_file() {
     assert_eq!(cfg_a.len(), cfg_b.len());
     let root = tree(
         dir.path(),
-        &[("/boot/vmlinuz", k.clone()), ("/boot/grub/grub.cfg", cfg_a.as_bytes().to_vec())],
+        &[
+            ("/boot/vmlinuz", k.clone()),
+            ("/boot/grub/grub.cfg", cfg_a.as_bytes().to_vec()),
+        ],
         &[],
     );
     let base = dir.path().join("base.raw");
@@ -430,7 +457,10 @@ fn qcow2_overlay_changes_the_config_of_its_backing_file() {
             .arg(&over),
         "qemu-utils",
     );
-    assert_eq!(xdisk_boot(&base, &[]).args.as_deref(), Some("marker=from-base"));
+    assert_eq!(
+        xdisk_boot(&base, &[]).args.as_deref(),
+        Some("marker=from-base")
+    );
     let b = xdisk_boot(&over, &["--format=qcow2"]);
     assert_eq!(b.kernel, k);
     assert_eq!(b.args.as_deref(), Some("marker=from-over"));
@@ -448,7 +478,8 @@ fn outputs_are_pygrubs_formats() {
             ("/boot/initrd", blob(20, 1000)),
             (
                 "/boot/grub/grub.cfg",
-                b"menuentry 'it''s' {\n linux /boot/vmlinuz a='b c' d\n initrd /boot/initrd\n}\n".to_vec(),
+                b"menuentry 'it''s' {\n linux /boot/vmlinuz a='b c' d\n initrd /boot/initrd\n}\n"
+                    .to_vec(),
             ),
         ],
         &[],
@@ -465,8 +496,10 @@ fn outputs_are_pygrubs_formats() {
         "",
     );
     let s = String::from_utf8(out.stdout).unwrap();
-    let re_ok = s.starts_with(&format!("linux (kernel '{}/boot_kernel.", out_dir.display()))
-        && s.contains(&format!(")(ramdisk '{}/boot_ramdisk.", out_dir.display()))
+    let re_ok = s.starts_with(&format!(
+        "linux (kernel '{}/boot_kernel.",
+        out_dir.display()
+    )) && s.contains(&format!(")(ramdisk '{}/boot_ramdisk.", out_dir.display()))
         && s.ends_with(")(args \"a='b c' d\")");
     assert!(re_ok, "{s}");
     // simple0 through --output (libxl pre-creates the file), and -n extracts nothing.
@@ -505,7 +538,9 @@ fn outputs_are_pygrubs_formats() {
     assert_eq!(out.status.code(), Some(1));
     // -l lists every entry.
     let out = run(Command::new(XDISK).args(["boot", "-l"]).arg(&img), "");
-    assert!(String::from_utf8(out.stdout).unwrap().starts_with("title: its\n"));
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .starts_with("title: its\n"));
 }
 
 #[test]
@@ -524,7 +559,11 @@ fn hostile_disks_give_one_line_errors_and_write_nothing() {
         assert_eq!(out.status.code(), Some(1), "{img:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{img:?}: {err}");
         assert!(err.contains(want), "{img:?}: {err}");
-        assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "{img:?} left files");
+        assert_eq!(
+            std::fs::read_dir(&out_dir).unwrap().count(),
+            0,
+            "{img:?} left files"
+        );
     };
     // Zeros: no filesystem.
     let z = dir.path().join("zeros");
@@ -572,7 +611,12 @@ fn hostile_disks_give_one_line_errors_and_write_nothing() {
         .arg(&q)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
 }
 
@@ -588,7 +632,10 @@ fn runas_drops_privileges_and_still_extracts() {
             &[
                 ("/boot/vmlinuz", k.clone()),
                 ("/boot/initrd", r.clone()),
-                ("/boot/grub/grub.cfg", b"menuentry 'x' {\n linux /boot/vmlinuz ro\n initrd /boot/initrd\n}\n".to_vec()),
+                (
+                    "/boot/grub/grub.cfg",
+                    b"menuentry 'x' {\n linux /boot/vmlinuz ro\n initrd /boot/initrd\n}\n".to_vec(),
+                ),
             ],
             &[],
         );
@@ -611,6 +658,9 @@ fn runas_drops_privileges_and_still_extracts() {
 
 fn unsafe_free_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
