@@ -664,3 +664,54 @@ fn unsafe_free_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Paths in configs and symlinks stay inside the guest filesystem: `..` at its root stays at
+/// its root, absolute links start from its root, never dom0's.
+#[test]
+fn guest_paths_never_reach_dom0_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = blob(23, 10_000);
+    let root = tree(
+        dir.path(),
+        &[
+            ("/vmlinuz", k.clone()),
+            (
+                "/boot/grub/grub.cfg",
+                b"menuentry 'up' {\n linux /boot/../../../../../vmlinuz ro\n}\n\
+                  menuentry 'passwd' {\n linux /boot/passwd\n initrd /boot/shadow\n}\n"
+                    .to_vec(),
+            ),
+        ],
+        &[
+            ("/boot/passwd", "/etc/passwd"),
+            ("/boot/shadow", "../../../../etc/shadow"),
+        ],
+    );
+    let img = dir.path().join("fs.ext4");
+    mkfs_ext("ext4", &root, &img, 8);
+    let b = xdisk_boot(&img, &[]);
+    assert_eq!(
+        b.kernel, k,
+        "the guest's /vmlinuz, reached through ../ at its root"
+    );
+    let err = boot_with(&[XDISK, "boot"], &img, &["--entry=1"]).unwrap_err();
+    assert!(err.contains("not found"), "{err}");
+}
+
+/// A config larger than the 1 MiB limit is refused with a clear message, not read.
+#[test]
+fn huge_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b"menuentry 'x' {\n linux /vmlinuz\n}\n".to_vec();
+    cfg.resize(2 << 20, b'#');
+    let root = tree(
+        dir.path(),
+        &[("/vmlinuz", blob(24, 100)), ("/boot/grub/grub.cfg", cfg)],
+        &[],
+    );
+    let img = dir.path().join("fs.ext4");
+    mkfs_ext("ext4", &root, &img, 16);
+    let err = boot_with(&[XDISK, "boot"], &img, &[]).unwrap_err();
+    assert!(err.contains("over the limit"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
