@@ -21,7 +21,10 @@ fn tool(name: &str) -> Command {
     let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
         .any(|d| Path::new(d).join(name).exists());
-    assert!(found, "{name} is missing: install the Debian package xfsprogs");
+    assert!(
+        found,
+        "{name} is missing: install the Debian package xfsprogs"
+    );
     Command::new(name)
 }
 
@@ -116,7 +119,9 @@ fn open_file(img: &Path) -> Box<dyn FileSystem> {
     let f = fs::File::open(img).unwrap();
     let size = f.metadata().unwrap().len();
     let disk: Arc<dyn ReadAt> = Arc::new(FileDisk::new(f, size));
-    let fs = bfs::open(disk, &Limits::default()).unwrap().expect("xfs found");
+    let fs = bfs::open(disk, &Limits::default())
+        .unwrap()
+        .expect("xfs found");
     assert_eq!(fs.fs_type(), "xfs");
     fs
 }
@@ -199,17 +204,32 @@ fn check_tree(fs: &dyn FileSystem, t: &Tree) {
     assert_eq!(fs.read_file("/boot/long", max).unwrap(), t.vmlinuz);
     assert_eq!(fs.read_file("/boot/abs", max).unwrap(), cfg);
     assert_eq!(fs.read_file("/boot/escape", max).unwrap(), t.vmlinuz);
-    assert!(matches!(fs.read_file("/boot/outside", max), Err(Error::NotFound(_))));
+    assert!(matches!(
+        fs.read_file("/boot/outside", max),
+        Err(Error::NotFound(_))
+    ));
     assert_eq!(fs.kind("/boot/outside").unwrap(), None);
-    assert!(matches!(fs.read_file("/loop1", max), Err(Error::SymlinkLoop(_))));
-    assert_eq!(fs.read_file("/../../boot/./grub2/../vmlinuz", max).unwrap(), t.vmlinuz);
+    assert!(matches!(
+        fs.read_file("/loop1", max),
+        Err(Error::SymlinkLoop(_))
+    ));
+    assert_eq!(
+        fs.read_file("/../../boot/./grub2/../vmlinuz", max).unwrap(),
+        t.vmlinuz
+    );
     // Kinds and lookups are exact.
     assert_eq!(fs.kind("/boot").unwrap(), Some(NodeKind::Dir));
     assert_eq!(fs.kind("/boot/short").unwrap(), Some(NodeKind::File));
     assert_eq!(fs.kind("/BOOT").unwrap(), None);
     assert_eq!(fs.kind("/boot/vmlinu").unwrap(), None);
-    assert!(matches!(fs.read_file("/boot", max), Err(Error::NotAFile(_))));
-    assert!(matches!(fs.read_dir("/boot/vmlinuz"), Err(Error::NotADirectory(_))));
+    assert!(matches!(
+        fs.read_file("/boot", max),
+        Err(Error::NotAFile(_))
+    ));
+    assert!(matches!(
+        fs.read_dir("/boot/vmlinuz"),
+        Err(Error::NotADirectory(_))
+    ));
     // The size limit is checked before reading.
     match fs.read_file("/boot/initrd", 1000) {
         Err(Error::TooLarge { size, limit, .. }) => assert_eq!((size, limit), (1 << 20, 1000)),
@@ -244,17 +264,50 @@ fn check_tree(fs: &dyn FileSystem, t: &Tree) {
     }
 }
 
+/// The form of a directory as xfs_db sees it: the data fork format, then the magic of the
+/// block at the leaf offset (32 GiB): a single leaf ("leaf") or a da-btree node ("node").
+fn dir_form(img: &Path, ino: u64) -> &'static str {
+    let out = xfs_db(
+        img,
+        false,
+        &[format!("inode {ino}"), "p core.format".into()],
+    );
+    if out.contains("local") {
+        return "shortform";
+    }
+    let sb = xfs_db(img, false, &["sb".into(), "p blocksize".into()]);
+    let bs: u64 = sb
+        .trim()
+        .trim_start_matches("blocksize = ")
+        .parse()
+        .unwrap();
+    let leaf = (32u64 << 30) / bs;
+    if !bmap(img, ino).iter().any(|e| e.0 >= leaf) {
+        return "block";
+    }
+    let out = xfs_db(
+        img,
+        false,
+        &[format!("inode {ino}"), format!("dblock {leaf}"), "p".into()],
+    );
+    if out.contains("lhdr.info.hdr.magic") || out.contains("hdr.info.magic = 0xd2f1") {
+        "leaf"
+    } else if out.contains("nhdr.info.hdr.magic") || out.contains("hdr.info.magic = 0xfebe") {
+        "node"
+    } else {
+        panic!("directory {ino}: {out}")
+    }
+}
+
 fn round_trip(name: &str, opts: &[&str]) {
     let tmp = TempDir::new().unwrap();
     let (t, proto) = make_tree(&tmp.path().join("src"));
     let img = mkfs(tmp.path(), name, &proto, opts);
     // The directories are in the forms we want to cover (xfs_db's view).
-    let d3 = ino_of(&img, "/", "d3");
-    let d5000 = ino_of(&img, "/", "d5000");
-    let fmt = |ino: u64| xfs_db(&img, false, &[format!("inode {ino}"), "p core.format".into()]);
-    assert!(fmt(d3).contains("local"), "{}", fmt(d3));
-    assert!(fmt(d5000).contains("extents") || fmt(d5000).contains("btree"));
-    assert!(bmap(&img, d5000).iter().any(|e| e.0 >= (32 << 30) / 4096 / 4));
+    for (dir, form) in [("d3", "shortform"), ("d60", "block"), ("d400", "leaf")] {
+        assert_eq!(dir_form(&img, ino_of(&img, "/", dir)), form, "{dir}");
+    }
+    assert_eq!(dir_form(&img, ino_of(&img, "/", "d5000")), "node");
     check_tree(&*open_file(&img), &t);
 }
 
@@ -282,8 +335,12 @@ fn v4_1k_blocks_256_byte_inodes_round_trip() {
 }
 
 /// An image with `/big` (64 blocks of a pattern) and `/spare` (one block we may overwrite).
-fn remap_image(tmp: &TempDir, opts: &[&str]) -> (PathBuf, Vec<u8>, u64, u64) {
-    let bs = if opts.contains(&"size=1024") { 1024 } else { 4096 };
+fn remap_image(tmp: &TempDir, opts: &[&str]) -> (PathBuf, Vec<u8>, u64) {
+    let bs = if opts.contains(&"size=1024") {
+        1024
+    } else {
+        4096
+    };
     let big = pattern(7, 64 * bs);
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).unwrap();
@@ -295,7 +352,7 @@ fn remap_image(tmp: &TempDir, opts: &[&str]) -> (PathBuf, Vec<u8>, u64, u64) {
         src.join("spare").display()
     );
     let img = mkfs(tmp.path(), "remap.img", &proto, opts);
-    (img, big, bs as u64, 0)
+    (img, big, bs as u64)
 }
 
 /// The expected contents of `/big` once mapped by `recs` (logical block, index of the
@@ -327,17 +384,23 @@ fn scrambled(n: u64) -> Vec<(u64, u64, u64, bool)> {
 #[test]
 fn extent_list_with_holes_and_unwritten_extents_maps_offsets() {
     let tmp = TempDir::new().unwrap();
-    let (img, big, bs, _) = remap_image(&tmp, &["-b", "size=1024"]);
+    let (img, big, bs) = remap_image(&tmp, &["-b", "size=1024"]);
     let ino = ino_of(&img, "/", "big");
     let start = bmap(&img, ino)[0].1;
     // 12 extents: fits the inode's literal area (extents format).
-    let recs: Vec<_> = scrambled(24).into_iter().collect();
-    let mut cmds = vec![format!("inode {ino}"), format!("write core.nextents {}", recs.len())];
+    let recs = scrambled(24);
+    let mut cmds = vec![
+        format!("inode {ino}"),
+        format!("write core.nextents {}", recs.len()),
+    ];
     for (i, (off, src, count, unwritten)) in recs.iter().enumerate() {
         cmds.push(format!("write u3.bmx[{i}].startoff {off}"));
         cmds.push(format!("write u3.bmx[{i}].startblock {}", start + src));
         cmds.push(format!("write u3.bmx[{i}].blockcount {count}"));
-        cmds.push(format!("write u3.bmx[{i}].extentflag {}", u8::from(*unwritten)));
+        cmds.push(format!(
+            "write u3.bmx[{i}].extentflag {}",
+            u8::from(*unwritten)
+        ));
     }
     // The file ends at logical block 24 (later blocks are not mapped any more).
     cmds.push(format!("write core.size {}", 24 * bs));
@@ -356,7 +419,7 @@ fn extent_list_with_holes_and_unwritten_extents_maps_offsets() {
 /// block, the root into the inode (written with xfs_db, which places the pointers).
 fn btree_maps_offsets(opts: &[&str], v5: bool) {
     let tmp = TempDir::new().unwrap();
-    let (img, big, bs, _) = remap_image(&tmp, opts);
+    let (img, big, bs) = remap_image(&tmp, opts);
     let ino = ino_of(&img, "/", "big");
     let start = bmap(&img, ino)[0].1;
     let leaf = bmap(&img, ino_of(&img, "/", "spare"))[0].1;
@@ -445,7 +508,11 @@ fn small_image() -> (Vec<u8>, Vec<(u64, u64)>, u64) {
     let rootino: u64 = out.trim().trim_start_matches("rootino = ").parse().unwrap();
     let root = byte_of_inode(&img, rootino);
     let data = fs::read(&img).unwrap();
-    (data, vec![(0, 512), (root, 64 * 512), (root + 64 * 512, 256 << 10)], root)
+    (
+        data,
+        vec![(0, 512), (root, 64 * 512), (root + 64 * 512, 256 << 10)],
+        root,
+    )
 }
 
 fn walk_everything(fs: &dyn FileSystem) {
@@ -505,7 +572,10 @@ proptest! {
 }
 
 fn open_mem(data: Vec<u8>) -> xdisk_boot::Result<Walk<Xfs>> {
-    Ok(Walk::new(Xfs::open(Arc::new(MemDisk(data)))?, small_limits()))
+    Ok(Walk::new(
+        Xfs::open(Arc::new(MemDisk(data)))?,
+        small_limits(),
+    ))
 }
 
 #[test]
@@ -532,15 +602,18 @@ fn unknown_incompat_feature_is_unsupported() {
 fn absurd_geometry_is_corrupt() {
     let (data, _, _) = small_image();
     for (at, bytes) in [
-        (4usize, vec![0, 0, 0, 3]),   // block size 3
-        (88, vec![0, 0, 0, 0]),       // no AGs
-        (104, vec![0xff, 0xff]),      // inode size
-        (124, vec![60]),              // agblklog
-        (192, vec![12]),              // directory blocks of 2^22 bytes
+        (4usize, vec![0, 0, 0, 3]), // block size 3
+        (88, vec![0, 0, 0, 0]),     // no AGs
+        (104, vec![0xff, 0xff]),    // inode size
+        (124, vec![60]),            // agblklog
+        (192, vec![12]),            // directory blocks of 2^22 bytes
     ] {
         let mut d = data.clone();
         d[at..at + bytes.len()].copy_from_slice(&bytes);
-        assert!(matches!(open_mem(d), Err(Error::Corrupt { .. })), "byte {at}");
+        assert!(
+            matches!(open_mem(d), Err(Error::Corrupt { .. })),
+            "byte {at}"
+        );
     }
 }
 
@@ -548,7 +621,10 @@ fn absurd_geometry_is_corrupt() {
 fn truncated_image_gives_io_errors() {
     let (data, _, root) = small_image();
     // The superblock alone: the root inode is past the end.
-    assert!(matches!(open_mem(data[..4096].to_vec()), Err(Error::Io { .. })));
+    assert!(matches!(
+        open_mem(data[..4096].to_vec()),
+        Err(Error::Io { .. })
+    ));
     // Up to the inodes: file data past the end.
     let cut = root as usize + 64 * 512;
     let fs = open_mem(data[..cut].to_vec()).unwrap();
@@ -558,7 +634,7 @@ fn truncated_image_gives_io_errors() {
 #[test]
 fn hostile_inode_fields_give_clean_errors() {
     let tmp = TempDir::new().unwrap();
-    let (img, _, bs, _) = remap_image(&tmp, &[]);
+    let (img, _, bs) = remap_image(&tmp, &[]);
     let ino = ino_of(&img, "/", "big");
     let at = byte_of_inode(&img, ino);
     let pristine = fs::read(&img).unwrap();
@@ -572,27 +648,51 @@ fn hostile_inode_fields_give_clean_errors() {
     };
     // A huge size is refused before anything is read.
     let fs = with(&[(56, &(1u64 << 40).to_be_bytes())]);
-    assert!(matches!(fs.read_file("/big", 1 << 20), Err(Error::TooLarge { .. })));
+    assert!(matches!(
+        fs.read_file("/big", 1 << 20),
+        Err(Error::TooLarge { .. })
+    ));
     // A negative size.
     let fs = with(&[(56, &u64::MAX.to_be_bytes())]);
-    assert!(matches!(fs.read_file("/big", 1 << 20), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs.read_file("/big", 1 << 20),
+        Err(Error::Corrupt { .. })
+    ));
     // More extents than the fork holds.
     let fs = with(&[(76, &1000u32.to_be_bytes())]);
-    assert!(matches!(fs.read_file("/big", 1 << 20), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs.read_file("/big", 1 << 20),
+        Err(Error::Corrupt { .. })
+    ));
     // An extent past the end of its AG (startblock bits all set, count 2^21-1).
     let fs = with(&[(176, &[0x7f; 16])]);
-    assert!(matches!(fs.read_file("/big", 1 << 20), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs.read_file("/big", 1 << 20),
+        Err(Error::Corrupt { .. })
+    ));
     // A B+tree root of absurd depth.
     let fs = with(&[(5, &[3]), (176, &[0, 9, 0, 1])]);
-    assert!(matches!(fs.read_file("/big", 1 << 20), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs.read_file("/big", 1 << 20),
+        Err(Error::Corrupt { .. })
+    ));
     // Bad inode magic.
     let fs = with(&[(0, b"XX")]);
-    assert!(matches!(fs.read_file("/big", 1 << 20), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs.read_file("/big", 1 << 20),
+        Err(Error::Corrupt { .. })
+    ));
     // An attribute fork offset past the inode.
     let fs = with(&[(82, &[0xff])]);
-    assert!(matches!(fs.read_file("/big", 1 << 20), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs.read_file("/big", 1 << 20),
+        Err(Error::Corrupt { .. })
+    ));
     // The untouched image reads fine.
-    assert_eq!(with(&[]).read_file("/big", 1 << 20).unwrap().len(), 64 * bs as usize);
+    assert_eq!(
+        with(&[]).read_file("/big", 1 << 20).unwrap().len(),
+        64 * bs as usize
+    );
 }
 
 #[test]
@@ -621,10 +721,13 @@ fn hostile_directories_give_clean_errors() {
     bad[blk + hdr + 8] = 255;
     let fs3 = open_mem(bad.clone()).unwrap();
     let _ = fs3.read_dir("/boot/d"); // a clean result or error, no panic
-    // A free region of length 0 (would never advance).
+                                     // A free region of length 0 (would never advance).
     bad[blk + hdr..blk + hdr + 4].copy_from_slice(&[0xff, 0xff, 0, 0]);
     let fs4 = open_mem(bad).unwrap();
-    assert!(matches!(fs4.read_dir("/boot/d"), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        fs4.read_dir("/boot/d"),
+        Err(Error::Corrupt { .. })
+    ));
 }
 
 #[test]
@@ -638,8 +741,17 @@ fn v5_remote_symlink_with_header_is_read() {
     let target = "../boot/".repeat(50) + "vmlinuz";
     // mkfs.xfs 6.1 wrote the bare target (no header); we read that too.
     assert_eq!(&data[blk..blk + target.len()], target.as_bytes());
-    let want = open_mem(data.clone()).unwrap().read_file("/boot/vmlinuz", 1 << 20).unwrap();
-    assert_eq!(open_mem(data.clone()).unwrap().read_file("/boot/l1", 1 << 20).unwrap(), want);
+    let want = open_mem(data.clone())
+        .unwrap()
+        .read_file("/boot/vmlinuz", 1 << 20)
+        .unwrap();
+    assert_eq!(
+        open_mem(data.clone())
+            .unwrap()
+            .read_file("/boot/l1", 1 << 20)
+            .unwrap(),
+        want
+    );
     // The kernel's layout: xfs_dsymlink_hdr (magic, offset, bytes, crc, uuid, owner,
     // blkno, lsn: 56 bytes), then the target.
     let mut block = vec![0u8; 1024];
@@ -648,7 +760,13 @@ fn v5_remote_symlink_with_header_is_read() {
     block[32..40].copy_from_slice(&ino.to_be_bytes());
     block[56..56 + target.len()].copy_from_slice(target.as_bytes());
     data[blk..blk + 1024].copy_from_slice(&block);
-    assert_eq!(open_mem(data.clone()).unwrap().read_file("/boot/l1", 1 << 20).unwrap(), want);
+    assert_eq!(
+        open_mem(data.clone())
+            .unwrap()
+            .read_file("/boot/l1", 1 << 20)
+            .unwrap(),
+        want
+    );
     // A symlink longer than 1024 bytes is corrupt.
     let at = byte_of_inode(&img, ino) as usize;
     data[at + 56..at + 64].copy_from_slice(&5000u64.to_be_bytes());

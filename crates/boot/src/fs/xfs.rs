@@ -205,14 +205,20 @@ impl Geometry {
                 "inode size {inode_size} ({inopblock} per block)"
             )));
         }
-        if ag_count == 0 || ag_blocks == 0 || ag_blk_log > 31 || u64::from(ag_blocks) > 1u64 << ag_blk_log
+        if ag_count == 0
+            || ag_blocks == 0
+            || ag_blk_log > 31
+            || u64::from(ag_blocks) > 1u64 << ag_blk_log
         {
             return Err(corrupt(format!(
                 "allocation groups: {ag_count} of {ag_blocks} blocks"
             )));
         }
         if block_log + dir_blk_log > 16 {
-            return Err(corrupt(format!("directory block size 2^{}", block_log + dir_blk_log)));
+            return Err(corrupt(format!(
+                "directory block size 2^{}",
+                block_log + dir_blk_log
+            )));
         }
         Ok(Geometry {
             v5,
@@ -232,7 +238,9 @@ impl Geometry {
     /// Byte offset of AG-relative block `agbno` of AG `agno` (both checked).
     fn ag_byte(&self, agno: u64, agbno: u64) -> Result<u64> {
         if agno >= u64::from(self.ag_count) || agbno >= u64::from(self.ag_blocks) {
-            return Err(corrupt(format!("block {agbno} of AG {agno} is outside the filesystem")));
+            return Err(corrupt(format!(
+                "block {agbno} of AG {agno} is outside the filesystem"
+            )));
         }
         agno.checked_mul(u64::from(self.ag_blocks))
             .and_then(|b| b.checked_add(agbno))
@@ -243,7 +251,10 @@ impl Geometry {
     /// Splits an AG-encoded filesystem block number (agno << agblklog | agbno), section
     /// "Data Extents".
     fn split_fsb(&self, fsb: u64) -> (u64, u64) {
-        (fsb >> self.ag_blk_log, fsb & ((1u64 << self.ag_blk_log) - 1))
+        (
+            fsb >> self.ag_blk_log,
+            fsb & ((1u64 << self.ag_blk_log) - 1),
+        )
     }
 
     fn fsb_byte(&self, fsb: u64) -> Result<u64> {
@@ -259,7 +270,9 @@ impl Geometry {
         let agbno = (ino >> self.inop_blog) & ((1u64 << self.ag_blk_log) - 1);
         let index = ino & ((1u64 << self.inop_blog) - 1);
         if ino == 0 || agno >= u64::from(self.ag_count) || agbno >= u64::from(self.ag_blocks) {
-            return Err(corrupt(format!("inode number {ino} is outside the filesystem")));
+            return Err(corrupt(format!(
+                "inode number {ino} is outside the filesystem"
+            )));
         }
         self.ag_byte(agno, agbno)?
             .checked_add(index * u64::from(self.inode_size))
@@ -288,7 +301,11 @@ pub struct XfsNode {
 
 impl std::fmt::Debug for XfsNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "XfsNode({}, {:?}, {} bytes)", self.ino, self.kind, self.size)
+        write!(
+            f,
+            "XfsNode({}, {:?}, {} bytes)",
+            self.ino, self.kind, self.size
+        )
     }
 }
 
@@ -359,7 +376,9 @@ impl Xfs {
         let mut nextents = u64::from(b.u32(76)?);
         if version == 3 {
             if b.u64(152)? != ino {
-                return Err(corrupt(format!("inode {ino}: records another inode number")));
+                return Err(corrupt(format!(
+                    "inode {ino}: records another inode number"
+                )));
             }
             if b.u64(120)? & DIFLAG2_NREXT64 != 0 {
                 nextents = b.u64(24)?;
@@ -371,7 +390,9 @@ impl Xfs {
         let literal = buf.len().saturating_sub(core);
         let fork_len = if forkoff == 0 { literal } else { forkoff * 8 };
         if fork_len > literal {
-            return Err(corrupt(format!("inode {ino}: attribute fork offset {forkoff}")));
+            return Err(corrupt(format!(
+                "inode {ino}: attribute fork offset {forkoff}"
+            )));
         }
         let fork = b.slice(core, fork_len)?.to_vec();
         let kind = match mode & S_IFMT {
@@ -489,12 +510,16 @@ impl Xfs {
             (BMAP_MAGIC, BTREE_LBLOCK_LEN)
         };
         if b.u32(0)? != magic {
-            return Err(corrupt(format!("inode {ino}: bad B+tree block magic at {fsb}")));
+            return Err(corrupt(format!(
+                "inode {ino}: bad B+tree block magic at {fsb}"
+            )));
         }
         let numrecs = usize::from(b.u16(6)?);
         let maxrecs = (buf.len() - hdr) / 16;
         if b.u16(4)? != level || numrecs > maxrecs {
-            return Err(corrupt(format!("inode {ino}: B+tree block {fsb} out of place")));
+            return Err(corrupt(format!(
+                "inode {ino}: B+tree block {fsb} out of place"
+            )));
         }
         if level == 0 {
             if out.len().saturating_add(numrecs) > MAX_EXTENTS {
@@ -582,7 +607,10 @@ impl Xfs {
         match dir.inode.format {
             FMT_LOCAL => self.shortform_entries(dir, f),
             FMT_EXTENTS | FMT_BTREE => self.block_entries(dir, f),
-            fmt => Err(corrupt(format!("directory {}: data fork format {fmt}", dir.ino))),
+            fmt => Err(corrupt(format!(
+                "directory {}: data fork format {fmt}",
+                dir.ino
+            ))),
         }
     }
 
@@ -703,7 +731,9 @@ impl Xfs {
                 // xfs_dir2_data_unused: freetag, length, ..., tag.
                 let len = usize::from(b.u16(p + 2)?);
                 if len < 8 || len % 8 != 0 || len > end - p {
-                    return Err(corrupt(format!("directory {ino}: free space of {len} bytes")));
+                    return Err(corrupt(format!(
+                        "directory {ino}: free space of {len} bytes"
+                    )));
                 }
                 p += len;
                 continue;
@@ -713,7 +743,9 @@ impl Xfs {
             let namelen = usize::from(b.u8(p + 8)?);
             let len = (8 + 1 + namelen + extra + 2 + 7) & !7;
             if namelen == 0 || len > end - p {
-                return Err(corrupt(format!("directory {ino}: entry of {namelen} bytes")));
+                return Err(corrupt(format!(
+                    "directory {ino}: entry of {namelen} bytes"
+                )));
             }
             let name = b.slice(p + 9, namelen)?;
             p += len;
@@ -809,7 +841,10 @@ impl Inodes for Xfs {
             return Err(corrupt(format!("inode {} is not a symlink", node.ino)));
         }
         if node.size == 0 || node.size > SYMLINK_MAXLEN {
-            return Err(corrupt(format!("symlink {}: length {}", node.ino, node.size)));
+            return Err(corrupt(format!(
+                "symlink {}: length {}",
+                node.ino, node.size
+            )));
         }
         let len = node.size as usize;
         if node.inode.format == FMT_LOCAL {
