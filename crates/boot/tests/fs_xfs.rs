@@ -334,7 +334,8 @@ fn v4_1k_blocks_256_byte_inodes_round_trip() {
     );
 }
 
-/// An image with `/big` (64 blocks of a pattern) and `/spare` (one block we may overwrite).
+/// An image with `/big` (64 blocks of a pattern) and `/spare` (two blocks we may
+/// overwrite).
 fn remap_image(tmp: &TempDir, opts: &[&str]) -> (PathBuf, Vec<u8>, u64) {
     let bs = if opts.contains(&"size=1024") {
         1024
@@ -345,7 +346,7 @@ fn remap_image(tmp: &TempDir, opts: &[&str]) -> (PathBuf, Vec<u8>, u64) {
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("big"), &big).unwrap();
-    fs::write(src.join("spare"), vec![0u8; bs]).unwrap();
+    fs::write(src.join("spare"), vec![0u8; 2 * bs]).unwrap();
     let proto = format!(
         "x\n0 0\nd--755 0 0\nbig ---644 0 0 {}\nspare ---644 0 0 {}\n$\n$\n",
         src.join("big").display(),
@@ -415,34 +416,60 @@ fn extent_list_with_holes_and_unwritten_extents_maps_offsets() {
     assert_eq!(fs.read_file("/big", 1 << 30).unwrap(), want);
 }
 
-/// Builds a one-leaf extent B+tree for `/big` by hand: the leaf goes into `/spare`'s
-/// block, the root into the inode (written with xfs_db, which places the pointers).
+/// A long-format B+tree block header ("BMA3" on v5, "BMAP" on v4); returns its length.
+fn bmbt_header(
+    block: &mut [u8],
+    v5: bool,
+    level: u16,
+    numrecs: usize,
+    fsb: u64,
+    ino: u64,
+) -> usize {
+    block[0..4].copy_from_slice(if v5 { b"BMA3" } else { b"BMAP" });
+    block[4..6].copy_from_slice(&level.to_be_bytes());
+    block[6..8].copy_from_slice(&(numrecs as u16).to_be_bytes());
+    block[8..24].fill(0xff); // no siblings
+    if !v5 {
+        return 24;
+    }
+    let sectors = fsb * block.len() as u64 / 512;
+    block[24..32].copy_from_slice(&sectors.to_be_bytes());
+    block[56..64].copy_from_slice(&ino.to_be_bytes());
+    72
+}
+
+/// Builds a two-level extent B+tree for `/big` by hand: the root in the inode (written
+/// with xfs_db, which places the pointers), a node block and a leaf block in `/spare`'s
+/// blocks.
 fn btree_maps_offsets(opts: &[&str], v5: bool) {
     let tmp = TempDir::new().unwrap();
     let (img, big, bs) = remap_image(&tmp, opts);
     let ino = ino_of(&img, "/", "big");
     let start = bmap(&img, ino)[0].1;
-    let leaf = bmap(&img, ino_of(&img, "/", "spare"))[0].1;
+    let spare = bmap(&img, ino_of(&img, "/", "spare"));
+    assert_eq!(spare[0].2, 2, "{spare:?}");
+    let (node, leaf) = (spare[0].1, spare[0].1 + 1);
     let recs = scrambled(64); // 31 extents: more than the inode holds
-    let mut block = vec![0u8; bs as usize];
-    let hdr = if v5 { 72 } else { 24 };
-    block[0..4].copy_from_slice(if v5 { b"BMA3" } else { b"BMAP" });
-    block[4..6].copy_from_slice(&0u16.to_be_bytes());
-    block[6..8].copy_from_slice(&(recs.len() as u16).to_be_bytes());
-    block[8..24].fill(0xff); // no siblings
-    if v5 {
-        block[24..32].copy_from_slice(&(leaf * bs / 512).to_be_bytes());
-        block[56..64].copy_from_slice(&ino.to_be_bytes());
-    }
+
+    let mut leaf_block = vec![0u8; bs as usize];
+    let hdr = bmbt_header(&mut leaf_block, v5, 0, recs.len(), leaf, ino);
     for (i, &(off, src, count, unwritten)) in recs.iter().enumerate() {
         let sb = start + src; // AG 0: the AG-encoded block is the block
         let l0 = (u64::from(unwritten) << 63) | (off << 9) | (sb >> 43);
         let l1 = (sb << 21) | count;
         let at = hdr + i * 16;
-        block[at..at + 8].copy_from_slice(&l0.to_be_bytes());
-        block[at + 8..at + 16].copy_from_slice(&l1.to_be_bytes());
+        leaf_block[at..at + 8].copy_from_slice(&l0.to_be_bytes());
+        leaf_block[at + 8..at + 16].copy_from_slice(&l1.to_be_bytes());
     }
-    poke(&img, leaf * bs, &block);
+    poke(&img, leaf * bs, &leaf_block);
+    // The node: one key (startoff 0) and, after room for all keys, one pointer.
+    let mut node_block = vec![0u8; bs as usize];
+    let hdr = bmbt_header(&mut node_block, v5, 1, 1, node, ino);
+    let maxrecs = (bs as usize - hdr) / 16;
+    let ptr_at = hdr + maxrecs * 8;
+    node_block[ptr_at..ptr_at + 8].copy_from_slice(&leaf.to_be_bytes());
+    poke(&img, node * bs, &node_block);
+
     let fork = if v5 { "u3" } else { "u" };
     xfs_db(
         &img,
@@ -452,10 +479,10 @@ fn btree_maps_offsets(opts: &[&str], v5: bool) {
             "write core.format 3".into(),
             format!("write core.nextents {}", recs.len()),
             format!("inode {ino}"),
-            format!("write {fork}.bmbt.level 1"),
+            format!("write {fork}.bmbt.level 2"),
             format!("write {fork}.bmbt.numrecs 1"),
             format!("write {fork}.bmbt.keys[1].startoff 0"),
-            format!("write {fork}.bmbt.ptrs[1] {leaf}"),
+            format!("write {fork}.bmbt.ptrs[1] {node}"),
         ],
     );
     let want_recs: Vec<_> = recs
@@ -465,11 +492,25 @@ fn btree_maps_offsets(opts: &[&str], v5: bool) {
     let want = expected(&big, bs as usize, &want_recs);
     let fs = open_file(&img);
     assert_eq!(fs.read_file("/big", 1 << 30).unwrap(), want);
+    // xfs_db walks the hand-made tree to the same extents.
+    let theirs = bmap(&img, ino);
+    let ours: Vec<_> = recs
+        .iter()
+        .map(|&(o, src, c, u)| (o, start + src, c, u64::from(u)))
+        .collect();
+    assert_eq!(theirs, ours);
 
-    // A leaf pointing at itself as a child (a cycle) is refused, not followed.
-    let mut cyclic = block.clone();
-    cyclic[4..6].copy_from_slice(&1u16.to_be_bytes());
-    poke(&img, leaf * bs, &cyclic);
+    // A node pointing at itself (a cycle) is refused, not followed.
+    let mut cyclic = node_block.clone();
+    cyclic[ptr_at..ptr_at + 8].copy_from_slice(&node.to_be_bytes());
+    poke(&img, node * bs, &cyclic);
+    assert!(matches!(
+        open_file(&img).read_file("/big", 1 << 30),
+        Err(Error::Corrupt { .. })
+    ));
+    // A leaf claiming more records than fit in a block.
+    poke(&img, node * bs, &node_block);
+    poke(&img, leaf * bs + 6, &u16::MAX.to_be_bytes());
     assert!(matches!(
         open_file(&img).read_file("/big", 1 << 30),
         Err(Error::Corrupt { .. })
@@ -774,4 +815,9 @@ fn v5_remote_symlink_with_header_is_read() {
         open_mem(data).unwrap().read_file("/boot/l1", 1 << 20),
         Err(Error::Corrupt { .. })
     ));
+}
+
+#[test]
+fn v5_nrext64_round_trip() {
+    round_trip("v5-nrext64.img", &["-i", "nrext64=1"]);
 }
