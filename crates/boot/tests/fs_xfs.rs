@@ -821,3 +821,56 @@ fn v5_remote_symlink_with_header_is_read() {
 fn v5_nrext64_round_trip() {
     round_trip("v5-nrext64.img", &["-i", "nrext64=1"]);
 }
+
+/// A shortform directory with 8-byte inode numbers (i8count != 0), which needs inode
+/// numbers above 2^32 to appear naturally: `/boot` of the small image rewritten in that
+/// form, checked with xfs_db, then read.
+#[test]
+fn shortform_directory_with_8_byte_inode_numbers() {
+    let (data, _, _) = small_image();
+    let tmp = TempDir::new().unwrap();
+    let img = tmp.path().join("i");
+    fs::write(&img, &data).unwrap();
+    let ino = ino_of(&img, "/", "boot");
+    let at = byte_of_inode(&img, ino) as usize;
+    let fork = at + 176;
+    let size = u64::from_be_bytes(data[at + 56..at + 64].try_into().unwrap()) as usize;
+    let old = &data[fork..fork + size];
+    assert_eq!(old[1], 0, "already 8-byte");
+    let count = old[0];
+    // Header: count, i8count, parent; entries: namelen, offset, name, ftype, inode.
+    let mut new = vec![count, count];
+    new.extend_from_slice(
+        &u64::from(u32::from_be_bytes(old[2..6].try_into().unwrap())).to_be_bytes(),
+    );
+    let mut p = 6;
+    for _ in 0..count {
+        let len = old[p] as usize;
+        new.extend_from_slice(&old[p..p + 3 + len + 1]);
+        let q = p + 3 + len + 1;
+        let e = u32::from_be_bytes(old[q..q + 4].try_into().unwrap());
+        new.extend_from_slice(&u64::from(e).to_be_bytes());
+        p = q + 4;
+    }
+    assert_eq!(p, size);
+    poke(&img, fork as u64, &new);
+    poke(&img, at as u64 + 56, &(new.len() as u64).to_be_bytes());
+    let out = xfs_db(&img, false, &[format!("inode {ino}"), "p".into()]);
+    assert!(
+        out.contains(&format!("u3.sfdir3.hdr.i8count = {count}")),
+        "{out}"
+    );
+    assert!(out.contains("u3.sfdir3.list[0].inumber.i8"), "{out}");
+    let fs = open_mem(fs::read(&img).unwrap()).unwrap();
+    let names: BTreeSet<String> = fs.read_dir("/boot").unwrap().into_iter().collect();
+    let want: BTreeSet<String> = ["vmlinuz", "l1", "l2", "d"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(names, want);
+    assert_eq!(
+        fs.read_file("/boot/vmlinuz", 1 << 20).unwrap(),
+        pattern(3, 20_000)
+    );
+    assert_eq!(fs.read_dir("/boot/d").unwrap().len(), 80);
+}
