@@ -715,3 +715,100 @@ fn huge_config_is_refused() {
     assert!(err.contains("over the limit"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// mkfs.xfs from a tree described as a protofile (xfsprogs cannot copy a directory as mkfs.ext4
+/// -d can). Small filesystems need the fstests escape hatch (TEST_DIR, TEST_DEV, QA_CHECK_FS).
+fn mkfs_xfs(dir: &Path, files: &[(String, Vec<u8>)], out: &Path) {
+    use std::collections::BTreeMap;
+    // directory -> (files, subdirectories), from the paths.
+    #[derive(Default)]
+    struct D {
+        files: Vec<(String, PathBuf)>,
+        dirs: BTreeMap<String, D>,
+    }
+    let mut root = D::default();
+    for (i, (p, data)) in files.iter().enumerate() {
+        let src = dir.join(format!("src-{i}"));
+        std::fs::write(&src, data).unwrap();
+        let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+        let mut d = &mut root;
+        for c in &parts[..parts.len() - 1] {
+            d = d.dirs.entry(c.to_string()).or_default();
+        }
+        d.files.push((parts[parts.len() - 1].to_string(), src));
+    }
+    fn emit(d: &D, s: &mut String) {
+        for (name, src) in &d.files {
+            s.push_str(&format!("{name} ---644 0 0 {}\n", src.display()));
+        }
+        for (name, sub) in &d.dirs {
+            s.push_str(&format!("{name} d--755 0 0\n"));
+            emit(sub, s);
+            s.push_str("$\n");
+        }
+    }
+    let mut proto = String::from("xdisk-test\n0 0\nd--755 0 0\n");
+    emit(&root, &mut proto);
+    proto.push_str("$\n");
+    let proto_path = dir.join("proto");
+    std::fs::write(&proto_path, proto).unwrap();
+    run(
+        Command::new("mkfs.xfs")
+            .env("TEST_DIR", dir)
+            .env("TEST_DEV", "none")
+            .env("QA_CHECK_FS", "1")
+            .args(["-q", "-f", "-p"])
+            .arg(&proto_path)
+            .arg("-d")
+            .arg(format!("file,name={},size=32m", out.display())),
+        "xfsprogs",
+    );
+}
+
+/// RHEL 9 / Fedora: a separate XFS /boot, grub.cfg hands the menu to BLS entries (`blscfg`),
+/// grubenv's saved_entry picks an older kernel and holds `kernelopts`.
+#[test]
+fn rhel_bls_entries_on_an_xfs_boot_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k, r) = (blob(25, 90_000), blob(26, 20_000));
+    let mid = "8d3a5b1f2c6e4f0a9b7c1d2e3f405162";
+    let new = "5.14.0-162.6.1.el9_1.x86_64";
+    let old = "5.14.0-70.13.1.el9_0.x86_64";
+    let entry = |v: &str| {
+        format!(
+            "title Red Hat Enterprise Linux ({v}) 9.1 (Plow)\nversion {v}\nlinux /vmlinuz-{v}\ninitrd /initramfs-{v}.img $tuned_initrd\n\
+             options root=/dev/mapper/rhel-root ro $kernelopts $tuned_params\ngrub_users $grub_users\ngrub_arg --unrestricted\ngrub_class rhel\n"
+        )
+        .into_bytes()
+    };
+    let mut env = format!(
+        "# GRUB Environment Block\nsaved_entry={mid}-{old}\nkernelopts=root=/dev/mapper/rhel-root ro crashkernel=1G-4G:192M resume=/dev/mapper/rhel-swap console=hvc0\nboot_success=0\n"
+    )
+    .into_bytes();
+    env.resize(1024, b'#');
+    let files = vec![
+        ("/grub2/grub.cfg".to_string(), b"set pager=1\nif [ -f ${config_directory}/grubenv ]; then\n  load_env -f ${config_directory}/grubenv\nelif [ -s $prefix/grubenv ]; then\n  load_env\nfi\nif [ \"${next_entry}\" ] ; then\n   set default=\"${next_entry}\"\n   set next_entry=\nelse\n   set default=\"${saved_entry}\"\nfi\nset timeout=5\ninsmod blscfg\nblscfg\n".to_vec()),
+        ("/grub2/grubenv".to_string(), env),
+        (format!("/loader/entries/{mid}-{new}.conf"), entry(new)),
+        (format!("/loader/entries/{mid}-{old}.conf"), entry(old)),
+        (format!("/vmlinuz-{new}"), blob(27, 1000)),
+        (format!("/initramfs-{new}.img"), blob(28, 1000)),
+        (format!("/vmlinuz-{old}"), k.clone()),
+        (format!("/initramfs-{old}.img"), r.clone()),
+    ];
+    let fs = dir.path().join("boot.xfs");
+    mkfs_xfs(dir.path(), &files, &fs);
+    let img = disk(dir.path(), "dos", &[(2048, Some(&fs), "83", 65536)], 40);
+    let b = xdisk_boot(&img, &[]);
+    assert_eq!(b.kernel, k);
+    assert_eq!(b.ramdisk.as_deref(), Some(&r[..]));
+    assert_eq!(
+        b.args.as_deref(),
+        Some("root=/dev/mapper/rhel-root ro root=/dev/mapper/rhel-root ro crashkernel=1G-4G:192M resume=/dev/mapper/rhel-swap console=hvc0")
+    );
+    // -l: newest first, as GRUB's blscfg sorts them.
+    let out = run(Command::new(XDISK).args(["boot", "-l"]).arg(&img), "");
+    let list = String::from_utf8(out.stdout).unwrap();
+    let first = list.lines().next().unwrap();
+    assert!(first.contains(new), "{list}");
+}
