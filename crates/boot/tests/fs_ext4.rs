@@ -239,6 +239,14 @@ fn ext4_1k_64bit_round_trip_with_htree() {
 }
 
 #[test]
+fn ext4_bigalloc_and_64k_blocks_round_trip() {
+    let img = make_image("ext4", 4096, &["-O", "bigalloc", "-C", "16384"], false);
+    check_tree(&*open(img), false);
+    let img = make_image("ext4", 65536, &["-O", "^has_journal"], false);
+    check_tree(&*open(img), false);
+}
+
+#[test]
 fn ext3_block_maps_round_trip() {
     let img = make_image("ext3", 1024, &[], false);
     check_tree(&*open(img), false);
@@ -400,7 +408,7 @@ fn hand_made_corruptions_give_clean_errors() {
 }
 
 /// Small images for the random corruption: ext4 (extents, no checksums so that corruption
-/// reaches the structures) and ext2 (block maps), 1 KiB blocks.
+/// reaches the structures), ext2 (block maps) and ext4 with inline data, 1 KiB blocks.
 fn small_images() -> &'static [Vec<u8>] {
     static IMGS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
     IMGS.get_or_init(|| {
@@ -414,13 +422,17 @@ fn small_images() -> &'static [Vec<u8>] {
         [
             ("ext4", "^has_journal,^metadata_csum"),
             ("ext2", "^resize_inode"),
+            ("ext4", "^has_journal,^metadata_csum,inline_data"),
         ]
         .iter()
-        .map(|(kind, features)| {
-            let img = tmp.path().join(kind);
+        .enumerate()
+        .map(|(i, (kind, features))| {
+            let img = tmp.path().join(format!("{kind}-{i}"));
             run(
                 Command::new("mke2fs")
-                    .args(["-q", "-F", "-t", kind, "-b", "1024", "-N", "32"])
+                    .args([
+                        "-q", "-F", "-t", kind, "-b", "1024", "-N", "32", "-I", "256",
+                    ])
                     .args(["-O", features, "-d"])
                     .arg(&src)
                     .arg(&img)
@@ -463,7 +475,7 @@ proptest! {
     /// Random overwrites anywhere in the metadata-heavy first 64 KiB, or spread over the image.
     #[test]
     fn corrupted_image_never_panics(
-        which in 0usize..2,
+        which in 0usize..3,
         edits in proptest::collection::vec((0usize..(256 << 10), any::<u8>()), 1..40),
         low in any::<bool>(),
     ) {
@@ -588,4 +600,67 @@ fn corruption_fixtures_read_cleanly() {
         );
         assert_eq!(fs.read_dir("/boot/grub").unwrap(), ["grub.cfg"]);
     }
+}
+
+/// inline_data: small files and directories kept in the inode (i_block and the
+/// "system.data" attribute).
+#[test]
+fn inline_data_files_and_directories_read() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("boot/loader/entries")).unwrap();
+    std::fs::write(src.join("boot/small.cfg"), b"tiny\n").unwrap();
+    // Over 60 bytes: continues in the extended attribute.
+    std::fs::write(src.join("boot/medium.cfg"), pattern(100, 4)).unwrap();
+    std::fs::write(src.join("boot/loader/entries/a.conf"), b"title A\n").unwrap();
+    std::fs::write(src.join("big"), pattern(10_000, 5)).unwrap();
+    std::os::unix::fs::symlink("boot/small.cfg", src.join("link")).unwrap();
+    let img = tmp.path().join("img");
+    run(
+        Command::new("mke2fs")
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-I",
+                "256",
+                "-O",
+                "inline_data",
+                "-d",
+            ])
+            .arg(&src)
+            .arg(&img)
+            .arg("8M"),
+        "e2fsprogs",
+    );
+    // /boot is inline (in i_block: mke2fs moves a directory to a block rather than into the
+    // attribute), /boot/medium.cfg continues in the attribute.
+    for (p, min) in [("/boot", 1), ("/boot/medium.cfg", 61)] {
+        let st = debugfs(&img, &format!("stat {p}"));
+        let inline: u32 = st
+            .split("Size of inline data: ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{p} is not inline: {st}"));
+        assert!(inline >= min, "{p}: {inline} bytes inline");
+    }
+    let fs = open(std::fs::read(&img).unwrap());
+    let lim = 1 << 20;
+    assert_eq!(fs.read_file("/big", lim).unwrap(), pattern(10_000, 5));
+    assert_eq!(fs.read_file("/boot/small.cfg", lim).unwrap(), b"tiny\n");
+    assert_eq!(
+        fs.read_file("/boot/medium.cfg", lim).unwrap(),
+        pattern(100, 4)
+    );
+    assert_eq!(fs.read_file("/link", lim).unwrap(), b"tiny\n");
+    assert_eq!(
+        fs.read_file("/boot/loader/entries/a.conf", lim).unwrap(),
+        b"title A\n"
+    );
+    let mut boot = fs.read_dir("/boot").unwrap();
+    boot.sort();
+    assert_eq!(boot, ["loader", "medium.cfg", "small.cfg"]);
+    assert_eq!(fs.read_dir("/boot/loader/entries").unwrap(), ["a.conf"]);
 }

@@ -45,7 +45,7 @@ fn mtools(img: &Path, args: &[&str]) {
 /// The tree put into every image, with a fragmented file: `frag` is written after every
 /// other small file was deleted, so its clusters are not contiguous.
 fn make_image(fat_bits: u32, kib: u32, big_dir: bool) -> Vec<u8> {
-    make_image_with(fat_bits, kib, big_dir, &["-s", "1"])
+    make_image_with(fat_bits, kib, big_dir, &["-s", "1", "-n", "BOOTVOL"])
 }
 
 /// [`make_image`] with other mkfs.fat options (sector and cluster sizes).
@@ -384,6 +384,36 @@ fn hand_made_corruptions_give_clean_errors() {
     let short = img[..g.data + 4 * g.spc * g.bps].to_vec();
     let fs = open_mem(short);
     assert!(fs.read_file("/boot/vmlinuz-6.1.0-amd64", lim).is_err());
+}
+
+/// A long name whose checksum does not match its 8.3 entry is dropped: the entry is seen
+/// (listed and found) by its 8.3 name.
+#[test]
+fn broken_long_name_falls_back_to_the_short_name() {
+    let mut img = make_image(12, 2048, false);
+    // The 8.3 alias of "vmlinuz-6.1.0-amd64" (mtools: VMLINU~1.0-A), in /boot.
+    let e = find_entry(&img, b"VMLINU~10-A");
+    // The long-name entries just before it: change their checksum (byte 13).
+    let mut lfn = e - 32;
+    while img[lfn + 11] == 0x0F {
+        img[lfn + 13] ^= 0x55;
+        if img[lfn] & 0x40 != 0 {
+            break;
+        }
+        lfn -= 32;
+    }
+    let fs = open_mem(img);
+    let mut boot = fs.read_dir("/boot").unwrap();
+    boot.sort();
+    assert_eq!(boot, ["VMLINU~1.0-A", "initrd.img"]);
+    assert!(matches!(
+        fs.read_file("/boot/vmlinuz-6.1.0-amd64", 1 << 30),
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(
+        fs.read_file("/boot/vmlinu~1.0-a", 1 << 30).unwrap(),
+        pattern(BIG, 1)
+    );
 }
 
 #[test]

@@ -49,7 +49,12 @@ fn draw(out: &mut impl Write, cfg: &BootConfig, sel: usize) -> std::io::Result<(
     let mut s = String::from("\x1b[2J\x1b[H    xdisk boot (pygrub-compatible)\r\n\r\n");
     let first = sel.saturating_sub(15);
     for (i, e) in cfg.entries.iter().enumerate().skip(first).take(16) {
-        let title: String = e.title.chars().filter(|c| !c.is_control()).take(70).collect();
+        let title: String = e
+            .title
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(70)
+            .collect();
         if i == sel {
             s.push_str(&format!("  \x1b[7m {title:<70}\x1b[0m\r\n"));
         } else {

@@ -5,6 +5,7 @@ mod bench;
 mod boot;
 mod boot_menu;
 mod daemon;
+mod gen_docs;
 mod img;
 mod privs;
 mod ringbench;
@@ -14,10 +15,18 @@ mod xen_selftest;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// `xdisk --version`: the crate version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("XDISK_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "xdisk",
-    version,
+    version = VERSION,
     about = "Userspace Xen disk backend and image tools"
 )]
 struct Cli {
@@ -29,30 +38,49 @@ struct Cli {
 enum Command {
     /// Image tools in qemu-img's spelling (create, info, check, convert, map, resize,
     /// compare, bench).
+    #[command(
+        after_long_help = "Examples:\n  xdisk img create -f qcow2 -o cluster_size=64k -b base.raw -F raw disk.qcow2 10G\n  xdisk img info --output=json disk.qcow2\n  xdisk img check -r leaks disk.qcow2\n  xdisk img convert -p -O qcow2 disk.raw disk.qcow2\n  xdisk img convert -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2\n  xdisk img map --output=json disk.qcow2\n  xdisk img resize disk.qcow2 +1G\n  xdisk img compare a.qcow2 b.raw\n  xdisk img bench -t none -i io_uring -c 100000 -d 32 disk.qcow2"
+    )]
     Img {
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
     /// The backend daemon: serves every disk found under this domain's backend/<type>
     /// directories in xenstore.
+    #[command(
+        after_long_help = "Examples:\n  xdisk serve --platform=xen --backend-type qdisk --backend-type xdisk --domain 0 \\\n      --control /run/xdisk/control.sock --foreground   # dom0's disk backend (the systemd unit)\n  xdisk serve --platform=xen --backend-type qdisk        # every domain's qdisk disks"
+    )]
     Serve(daemon::ServeArgs),
     /// Attaches an image to this domain (dom0) through the daemon; prints its /dev/xvdX.
+    #[command(
+        after_long_help = "Examples:\n  xdisk attach /var/lib/images/tools.qcow2     # prints /dev/xvdX\n  xdisk attach --format raw --direct-io disk.raw"
+    )]
     Attach(daemon::AttachArgs),
     /// Detaches a disk attached with `xdisk attach`.
     Detach(daemon::DetachArgs),
     /// Per-device counters of the running daemon.
+    #[command(after_long_help = "Examples:\n  xdisk stat\n  xdisk stat xvda --json")]
     Stat(daemon::StatArgs),
     /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
     /// (device_model_override); serves that domain's disks and answers libxl's QMP.
     QemuShim(daemon::QemuShimArgs),
+    /// Writes the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenDocs(gen_docs::GenDocsArgs),
     /// Checks of the real-Xen platform and xenstore client, for the Xen lab (run in dom0).
     #[command(hide = true)]
     XenSelftest(xen_selftest::SelftestArgs),
     /// pygrub-compatible PV bootloader: extracts the kernel, ramdisk and command line from a
     /// guest's raw or qcow2 disk (also installed as `pygrub`, for libxl's `bootloader=`).
+    #[command(
+        after_long_help = "Examples:\n  xdisk boot -l disk.qcow2                  # the entries of the config it finds\n  xdisk boot -q -n disk.qcow2               # what it would boot, extracting nothing\n  xdisk boot -q --output-format=simple --output-directory=/tmp/b disk.qcow2\n  xdisk boot --entry=2 --args=single --output-directory=/tmp/b /dev/xvdb\n\nAs libxl's bootloader (a symlink named pygrub to the xdisk binary):\n  bootloader = \"/usr/lib/xdisk/pygrub\""
+    )]
     Boot(boot::BootArgs),
     /// fio-like workloads through the blkif rings: a Rust frontend, the backend and the
     /// image, on the shared-memory Xen simulation (fio's option spelling).
+    #[command(
+        after_long_help = "Examples:\n  xdisk bench --filename=disk.qcow2 --rw=randread --bs=4k --iodepth=32 --runtime=10 --time_based\n  xdisk bench --filename=disk.raw --rw=write --bs=1M --iodepth=8 --verify=crc32c"
+    )]
     Bench(Box<ringbench::RingBenchArgs>),
 }
 
@@ -112,6 +140,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::XenSelftest(args) => xen_selftest::run(args),
         Command::Bench(a) => ringbench::run(*a),
         Command::Boot(a) => boot::run(a),
+        Command::GenDocs(a) => gen_docs::run::<Cli>(a),
         Command::Serve(a) => daemon::serve(a),
         Command::Attach(a) => daemon::attach(a),
         Command::Detach(a) => daemon::detach(a),

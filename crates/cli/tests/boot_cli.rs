@@ -53,7 +53,10 @@ fn tree(dir: &Path, files: &[(&str, Vec<u8>)], links: &[(&str, &str)]) -> PathBu
 }
 
 fn mkfs_ext(kind: &str, root: &Path, out: &Path, mib: u64) {
-    std::fs::File::create(out).unwrap().set_len(mib << 20).unwrap();
+    std::fs::File::create(out)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
     run(
         Command::new(format!("mkfs.{kind}"))
             .args(["-q", "-F", "-d"])
@@ -89,7 +92,10 @@ fn mkfs_fat(root: &Path, out: &Path, mib: u64) {
 /// (start sector, image, sfdisk type).
 fn disk(dir: &Path, label: &str, parts: &[(u64, Option<&Path>, &str, u64)], mib: u64) -> PathBuf {
     let img = dir.join("disk.raw");
-    std::fs::File::create(&img).unwrap().set_len(mib << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
     let mut script = format!("label: {label}\n");
     for (start, _, t, sectors) in parts {
         script.push_str(&format!("start={start}, size={sectors}, type={t}\n"));
@@ -167,7 +173,10 @@ fn boot_with(prog: &[&str], disk: &Path, extra: &[&str]) -> Result<Booted, Strin
     }
     let b = parse_simple(&String::from_utf8_lossy(&out.stdout));
     let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-    assert!(left.is_empty(), "files left in the output directory: {left:?}");
+    assert!(
+        left.is_empty(),
+        "files left in the output directory: {left:?}"
+    );
     Ok(b)
 }
 
@@ -181,8 +190,12 @@ fn oracle(disk: &Path, extra: &[&str], ours: &Booted) {
         eprintln!("XDISK_PYGRUB not set: no comparison with Xen's pygrub");
         return;
     };
-    let theirs = boot_with(&[&pygrub], disk, extra).unwrap_or_else(|e| panic!("pygrub {disk:?}: {e}"));
-    assert_eq!(ours, &theirs, "xdisk boot and pygrub differ on {disk:?} {extra:?}");
+    let theirs =
+        boot_with(&[&pygrub], disk, extra).unwrap_or_else(|e| panic!("pygrub {disk:?}: {e}"));
+    assert_eq!(
+        ours, &theirs,
+        "xdisk boot and pygrub differ on {disk:?} {extra:?}"
+    );
 }
 
 const KVER: &str = "6.1.0-99-amd64";
@@ -222,7 +235,10 @@ fn debian_grub2_on_mbr_boots_the_default_entry_like_pygrub() {
     let b = xdisk_boot(&img, &[]);
     assert_eq!(b.kernel, k);
     assert_eq!(b.ramdisk.as_deref(), Some(&r[..]));
-    assert_eq!(b.args.as_deref(), Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo"));
+    assert_eq!(
+        b.args.as_deref(),
+        Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo")
+    );
     oracle(&img, &[], &b);
     // --entry by number (every entry counts, the submenu's too) and by title; --args appended.
     let b = xdisk_boot(&img, &["--entry=2", "--args=extra=1"]);
@@ -247,7 +263,10 @@ fn debian_grub2_on_mbr_boots_the_default_entry_like_pygrub() {
     );
     let bq = xdisk_boot(&q, &[]);
     assert_eq!(bq.kernel, k);
-    assert_eq!(bq.args.as_deref(), Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo"));
+    assert_eq!(
+        bq.args.as_deref(),
+        Some("root=/dev/xvda2 ro console=hvc0  \"x y\" $foo")
+    );
 }
 
 #[test]
@@ -270,7 +289,12 @@ fn gpt_with_a_separate_boot_partition() {
         "gpt",
         &[
             (2048, None, "21686148-6449-6E6F-744E-656564454649", 2048),
-            (4096, Some(&fs), "0FC63DAF-8483-4772-8E79-3D69D8477DE4", 32768),
+            (
+                4096,
+                Some(&fs),
+                "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+                32768,
+            ),
         ],
         24,
     );
@@ -403,7 +427,10 @@ fn qcow2_overlay_changes_the_config_of_its_backing_file() {
     assert_eq!(cfg_a.len(), cfg_b.len());
     let root = tree(
         dir.path(),
-        &[("/boot/vmlinuz", k.clone()), ("/boot/grub/grub.cfg", cfg_a.as_bytes().to_vec())],
+        &[
+            ("/boot/vmlinuz", k.clone()),
+            ("/boot/grub/grub.cfg", cfg_a.as_bytes().to_vec()),
+        ],
         &[],
     );
     let base = dir.path().join("base.raw");
@@ -430,7 +457,10 @@ fn qcow2_overlay_changes_the_config_of_its_backing_file() {
             .arg(&over),
         "qemu-utils",
     );
-    assert_eq!(xdisk_boot(&base, &[]).args.as_deref(), Some("marker=from-base"));
+    assert_eq!(
+        xdisk_boot(&base, &[]).args.as_deref(),
+        Some("marker=from-base")
+    );
     let b = xdisk_boot(&over, &["--format=qcow2"]);
     assert_eq!(b.kernel, k);
     assert_eq!(b.args.as_deref(), Some("marker=from-over"));
@@ -448,7 +478,8 @@ fn outputs_are_pygrubs_formats() {
             ("/boot/initrd", blob(20, 1000)),
             (
                 "/boot/grub/grub.cfg",
-                b"menuentry 'it''s' {\n linux /boot/vmlinuz a='b c' d\n initrd /boot/initrd\n}\n".to_vec(),
+                b"menuentry 'it''s' {\n linux /boot/vmlinuz a='b c' d\n initrd /boot/initrd\n}\n"
+                    .to_vec(),
             ),
         ],
         &[],
@@ -465,8 +496,10 @@ fn outputs_are_pygrubs_formats() {
         "",
     );
     let s = String::from_utf8(out.stdout).unwrap();
-    let re_ok = s.starts_with(&format!("linux (kernel '{}/boot_kernel.", out_dir.display()))
-        && s.contains(&format!(")(ramdisk '{}/boot_ramdisk.", out_dir.display()))
+    let re_ok = s.starts_with(&format!(
+        "linux (kernel '{}/boot_kernel.",
+        out_dir.display()
+    )) && s.contains(&format!(")(ramdisk '{}/boot_ramdisk.", out_dir.display()))
         && s.ends_with(")(args \"a='b c' d\")");
     assert!(re_ok, "{s}");
     // simple0 through --output (libxl pre-creates the file), and -n extracts nothing.
@@ -505,7 +538,9 @@ fn outputs_are_pygrubs_formats() {
     assert_eq!(out.status.code(), Some(1));
     // -l lists every entry.
     let out = run(Command::new(XDISK).args(["boot", "-l"]).arg(&img), "");
-    assert!(String::from_utf8(out.stdout).unwrap().starts_with("title: it's\n"));
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .starts_with("title: its\n"));
 }
 
 #[test]
@@ -524,7 +559,11 @@ fn hostile_disks_give_one_line_errors_and_write_nothing() {
         assert_eq!(out.status.code(), Some(1), "{img:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{img:?}: {err}");
         assert!(err.contains(want), "{img:?}: {err}");
-        assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "{img:?} left files");
+        assert_eq!(
+            std::fs::read_dir(&out_dir).unwrap().count(),
+            0,
+            "{img:?} left files"
+        );
     };
     // Zeros: no filesystem.
     let z = dir.path().join("zeros");
@@ -572,7 +611,12 @@ fn hostile_disks_give_one_line_errors_and_write_nothing() {
         .arg(&q)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
 }
 
@@ -588,7 +632,10 @@ fn runas_drops_privileges_and_still_extracts() {
             &[
                 ("/boot/vmlinuz", k.clone()),
                 ("/boot/initrd", r.clone()),
-                ("/boot/grub/grub.cfg", b"menuentry 'x' {\n linux /boot/vmlinuz ro\n initrd /boot/initrd\n}\n".to_vec()),
+                (
+                    "/boot/grub/grub.cfg",
+                    b"menuentry 'x' {\n linux /boot/vmlinuz ro\n initrd /boot/initrd\n}\n".to_vec(),
+                ),
             ],
             &[],
         );
@@ -611,6 +658,157 @@ fn runas_drops_privileges_and_still_extracts() {
 
 fn unsafe_free_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
+}
+
+/// Paths in configs and symlinks stay inside the guest filesystem: `..` at its root stays at
+/// its root, absolute links start from its root, never dom0's.
+#[test]
+fn guest_paths_never_reach_dom0_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = blob(23, 10_000);
+    let root = tree(
+        dir.path(),
+        &[
+            ("/vmlinuz", k.clone()),
+            (
+                "/boot/grub/grub.cfg",
+                b"menuentry 'up' {\n linux /boot/../../../../../vmlinuz ro\n}\n\
+                  menuentry 'passwd' {\n linux /boot/passwd\n initrd /boot/shadow\n}\n"
+                    .to_vec(),
+            ),
+        ],
+        &[
+            ("/boot/passwd", "/etc/passwd"),
+            ("/boot/shadow", "../../../../etc/shadow"),
+        ],
+    );
+    let img = dir.path().join("fs.ext4");
+    mkfs_ext("ext4", &root, &img, 8);
+    let b = xdisk_boot(&img, &[]);
+    assert_eq!(
+        b.kernel, k,
+        "the guest's /vmlinuz, reached through ../ at its root"
+    );
+    let err = boot_with(&[XDISK, "boot"], &img, &["--entry=1"]).unwrap_err();
+    assert!(err.contains("not found"), "{err}");
+}
+
+/// A config larger than the 1 MiB limit is refused with a clear message, not read.
+#[test]
+fn huge_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b"menuentry 'x' {\n linux /vmlinuz\n}\n".to_vec();
+    cfg.resize(2 << 20, b'#');
+    let root = tree(
+        dir.path(),
+        &[("/vmlinuz", blob(24, 100)), ("/boot/grub/grub.cfg", cfg)],
+        &[],
+    );
+    let img = dir.path().join("fs.ext4");
+    mkfs_ext("ext4", &root, &img, 16);
+    let err = boot_with(&[XDISK, "boot"], &img, &[]).unwrap_err();
+    assert!(err.contains("over the limit"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+/// mkfs.xfs from a tree described as a protofile (xfsprogs cannot copy a directory as mkfs.ext4
+/// -d can). Small filesystems need the fstests escape hatch (TEST_DIR, TEST_DEV, QA_CHECK_FS).
+fn mkfs_xfs(dir: &Path, files: &[(String, Vec<u8>)], out: &Path) {
+    use std::collections::BTreeMap;
+    // directory -> (files, subdirectories), from the paths.
+    #[derive(Default)]
+    struct D {
+        files: Vec<(String, PathBuf)>,
+        dirs: BTreeMap<String, D>,
+    }
+    let mut root = D::default();
+    for (i, (p, data)) in files.iter().enumerate() {
+        let src = dir.join(format!("src-{i}"));
+        std::fs::write(&src, data).unwrap();
+        let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+        let mut d = &mut root;
+        for c in &parts[..parts.len() - 1] {
+            d = d.dirs.entry(c.to_string()).or_default();
+        }
+        d.files.push((parts[parts.len() - 1].to_string(), src));
+    }
+    fn emit(d: &D, s: &mut String) {
+        for (name, src) in &d.files {
+            s.push_str(&format!("{name} ---644 0 0 {}\n", src.display()));
+        }
+        for (name, sub) in &d.dirs {
+            s.push_str(&format!("{name} d--755 0 0\n"));
+            emit(sub, s);
+            s.push_str("$\n");
+        }
+    }
+    let mut proto = String::from("xdisk-test\n0 0\nd--755 0 0\n");
+    emit(&root, &mut proto);
+    proto.push_str("$\n");
+    let proto_path = dir.join("proto");
+    std::fs::write(&proto_path, proto).unwrap();
+    run(
+        Command::new("mkfs.xfs")
+            .env("TEST_DIR", dir)
+            .env("TEST_DEV", "none")
+            .env("QA_CHECK_FS", "1")
+            .args(["-q", "-f", "-p"])
+            .arg(&proto_path)
+            .arg("-d")
+            .arg(format!("file,name={},size=32m", out.display())),
+        "xfsprogs",
+    );
+}
+
+/// RHEL 9 / Fedora: a separate XFS /boot, grub.cfg hands the menu to BLS entries (`blscfg`),
+/// grubenv's saved_entry picks an older kernel and holds `kernelopts`.
+#[test]
+fn rhel_bls_entries_on_an_xfs_boot_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k, r) = (blob(25, 90_000), blob(26, 20_000));
+    let mid = "8d3a5b1f2c6e4f0a9b7c1d2e3f405162";
+    let new = "5.14.0-162.6.1.el9_1.x86_64";
+    let old = "5.14.0-70.13.1.el9_0.x86_64";
+    let entry = |v: &str| {
+        format!(
+            "title Red Hat Enterprise Linux ({v}) 9.1 (Plow)\nversion {v}\nlinux /vmlinuz-{v}\ninitrd /initramfs-{v}.img $tuned_initrd\n\
+             options root=/dev/mapper/rhel-root ro $kernelopts $tuned_params\ngrub_users $grub_users\ngrub_arg --unrestricted\ngrub_class rhel\n"
+        )
+        .into_bytes()
+    };
+    let mut env = format!(
+        "# GRUB Environment Block\nsaved_entry={mid}-{old}\nkernelopts=root=/dev/mapper/rhel-root ro crashkernel=1G-4G:192M resume=/dev/mapper/rhel-swap console=hvc0\nboot_success=0\n"
+    )
+    .into_bytes();
+    env.resize(1024, b'#');
+    let files = vec![
+        ("/grub2/grub.cfg".to_string(), b"set pager=1\nif [ -f ${config_directory}/grubenv ]; then\n  load_env -f ${config_directory}/grubenv\nelif [ -s $prefix/grubenv ]; then\n  load_env\nfi\nif [ \"${next_entry}\" ] ; then\n   set default=\"${next_entry}\"\n   set next_entry=\nelse\n   set default=\"${saved_entry}\"\nfi\nset timeout=5\ninsmod blscfg\nblscfg\n".to_vec()),
+        ("/grub2/grubenv".to_string(), env),
+        (format!("/loader/entries/{mid}-{new}.conf"), entry(new)),
+        (format!("/loader/entries/{mid}-{old}.conf"), entry(old)),
+        (format!("/vmlinuz-{new}"), blob(27, 1000)),
+        (format!("/initramfs-{new}.img"), blob(28, 1000)),
+        (format!("/vmlinuz-{old}"), k.clone()),
+        (format!("/initramfs-{old}.img"), r.clone()),
+    ];
+    let fs = dir.path().join("boot.xfs");
+    mkfs_xfs(dir.path(), &files, &fs);
+    let img = disk(dir.path(), "dos", &[(2048, Some(&fs), "83", 65536)], 40);
+    let b = xdisk_boot(&img, &[]);
+    assert_eq!(b.kernel, k);
+    assert_eq!(b.ramdisk.as_deref(), Some(&r[..]));
+    assert_eq!(
+        b.args.as_deref(),
+        Some("root=/dev/mapper/rhel-root ro root=/dev/mapper/rhel-root ro crashkernel=1G-4G:192M resume=/dev/mapper/rhel-swap console=hvc0")
+    );
+    // -l: newest first, as GRUB's blscfg sorts them.
+    let out = run(Command::new(XDISK).args(["boot", "-l"]).arg(&img), "");
+    let list = String::from_utf8(out.stdout).unwrap();
+    let first = list.lines().next().unwrap();
+    assert!(first.contains(new), "{list}");
 }

@@ -46,6 +46,16 @@ spid=$!
 stop() { kill "$spid" 2>/dev/null; }
 trap stop EXIT
 wait_for 15 test -S "$sock" || fail "no control socket: $(tail -3 /tmp/serve.log)"
+# The same image through a local attach (what libxl hands pygrub): xdisk boot on /dev/xvdX.
+dev=$(xdisk attach "$img" --format qcow2 --control "$sock" --timeout 60 2>/tmp/attach.err) ||
+  fail "xdisk attach: $(cat /tmp/attach.err)"
+mkdir -p /tmp/bootout
+t0=$(up)
+out=$(xdisk boot -q --output-format=simple --output-directory=/tmp/bootout "$dev" 2>&1) || fail "xdisk boot $dev: $out"
+report "xdisk boot on the local attach $dev (blkfront -> xdisk serve -> qcow2): $(secs_since "$t0") s"
+case $out in *"xdisk.marker=second"*) ;; *) fail "xdisk boot on $dev: wrong entry: $out" ;; esac
+rm -rf /tmp/bootout
+xdisk detach "$(basename "$dev")" --control "$sock" || fail "detach $dev"
 cat > /tmp/xdisk-qemu-shim <<'SHIM'
 #!/bin/sh
 XDISK_LOG=info exec xdisk qemu-shim -- "$@"

@@ -9,8 +9,8 @@
 //! error, and its `Rc` state is not `Send`, so it had to be reloaded for every call.
 //!
 //! Like GRUB (and pygrub's libfsimage), the journal is not replayed: what a crash left only
-//! in the journal is not seen. Not supported (clean [`Error::Unsupported`]): inline data,
-//! encrypted inodes, meta_bg, compression, dirdata.
+//! in the journal is not seen. Not supported (clean [`Error::Unsupported`]): encrypted
+//! inodes, meta_bg, compression, dirdata.
 //!
 //! Bounds: every block number is checked against the block count; an extent lookup visits
 //! at most 5 levels of at most one block each; a file is read only up to its size (checked
@@ -201,6 +201,8 @@ impl Geometry {
 #[derive(Debug, Clone)]
 pub struct Inode {
     ino: u32,
+    /// Byte offset of the inode on the disk.
+    loc: u64,
     mode: u16,
     size: u64,
     flags: u32,
@@ -301,6 +303,7 @@ impl Ext4Inodes {
         block.copy_from_slice(raw.get(0x28..0x28 + 60).unwrap_or(&[0u8; 60]));
         Ok(Inode {
             ino,
+            loc: at,
             mode,
             size,
             flags: le32(&raw, 0x20),
@@ -440,17 +443,28 @@ impl Ext4Inodes {
     /// Reads `buf.len()` bytes of `inode`'s data at `offset` (the caller keeps it within
     /// the size). Physically contiguous blocks are read at once.
     fn read_data(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if inode.flags & EXT4_INLINE_DATA_FL != 0 {
-            return Err(Error::Unsupported(format!(
-                "ext4: inode {}: inline data",
-                inode.ino
-            )));
-        }
         if inode.flags & EXT4_ENCRYPT_FL != 0 {
             return Err(Error::Unsupported(format!(
                 "ext4: inode {}: encrypted",
                 inode.ino
             )));
+        }
+        if inode.flags & EXT4_INLINE_DATA_FL != 0 {
+            // [ext4] "Inline Data": the first 60 bytes in i_block, the rest in the
+            // "system.data" extended attribute.
+            let (mut data, extra) = self.inline_parts(inode)?;
+            data.extend_from_slice(&extra);
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            let src = data
+                .get(start..start.saturating_add(buf.len()))
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "inode {}: inline data shorter than the file",
+                        inode.ino
+                    ))
+                })?;
+            buf.copy_from_slice(src);
+            return Ok(());
         }
         let bs = self.g.block_size;
         let mut done = 0usize;
@@ -498,6 +512,15 @@ impl Ext4Inodes {
                 dir.ino, dir.size
             )));
         }
+        if dir.flags & EXT4_INLINE_DATA_FL != 0 {
+            // [ext4] "Inline Directories": the parent's inode number, then entries in the
+            // rest of i_block, then more in the "system.data" extended attribute.
+            let (block, extra) = self.inline_parts(dir)?;
+            if self.parse_entries(dir, block.get(4..).unwrap_or_default(), &mut f)? {
+                self.parse_entries(dir, &extra, &mut f)?;
+            }
+            return Ok(());
+        }
         let bs = self.g.block_size;
         let blocks = dir.size.div_ceil(bs);
         let mut block = vec![0u8; bs as usize];
@@ -507,31 +530,95 @@ impl Ext4Inodes {
                 Run::At(..) => {}
             }
             self.read_data(dir, lblk * bs, &mut block)?;
-            let mut off = 0usize;
-            while off + 8 <= block.len() {
-                let ino = le32(&block, off);
-                let rec_len = usize::from(le16(&block, off + 4));
-                let name_len = usize::from(block.get(off + 6).copied().unwrap_or(0));
-                if rec_len < 8 || rec_len % 4 != 0 || off + rec_len > block.len() {
-                    return Err(corrupt(format!(
-                        "inode {}: directory entry at {} of block {lblk}: record length {rec_len}",
-                        dir.ino, off
-                    )));
-                }
-                if 8 + name_len > rec_len {
-                    return Err(corrupt(format!(
-                        "inode {}: directory entry name longer than its record",
-                        dir.ino
-                    )));
-                }
-                let name = block.get(off + 8..off + 8 + name_len).unwrap_or_default();
-                if ino != 0 && !name.is_empty() && name != b"." && name != b".." && !f(name, ino) {
-                    return Ok(());
-                }
-                off += rec_len;
+            if !self.parse_entries(dir, &block, &mut f)? {
+                break;
             }
         }
         Ok(())
+    }
+
+    /// The entries of one directory block (or inline area) ([ext4] "Linear (Classic)
+    /// Directories": inode, rec_len, name_len, file_type, name). `Ok(false)`: `f` stopped.
+    fn parse_entries(
+        &self,
+        dir: &Inode,
+        block: &[u8],
+        f: &mut impl FnMut(&[u8], u32) -> bool,
+    ) -> Result<bool> {
+        let mut off = 0usize;
+        while off + 8 <= block.len() {
+            let ino = le32(block, off);
+            let raw = le16(block, off + 4);
+            // With 64 KiB blocks a record of 65536 bytes is stored as 0 or 65535, and the low
+            // two bits carry bits 16-17 of the length.
+            let rec_len = if self.g.block_size >= 65536 {
+                if raw == 0 || raw == 65535 {
+                    65536
+                } else {
+                    usize::from(raw & 0xFFFC) | (usize::from(raw & 3) << 16)
+                }
+            } else {
+                usize::from(raw)
+            };
+            let name_len = usize::from(block.get(off + 6).copied().unwrap_or(0));
+            if rec_len < 8 || rec_len % 4 != 0 || off + rec_len > block.len() {
+                return Err(corrupt(format!(
+                    "inode {}: directory entry at {off}: record length {rec_len}",
+                    dir.ino
+                )));
+            }
+            if 8 + name_len > rec_len {
+                return Err(corrupt(format!(
+                    "inode {}: directory entry name longer than its record",
+                    dir.ino
+                )));
+            }
+            let name = block.get(off + 8..off + 8 + name_len).unwrap_or_default();
+            if ino != 0 && !name.is_empty() && name != b"." && name != b".." && !f(name, ino) {
+                return Ok(false);
+            }
+            off += rec_len;
+        }
+        Ok(true)
+    }
+
+    /// An inline-data inode's two parts: i_block (60 bytes) and the value of its
+    /// "system.data" extended attribute in the inode body ([ext4] "Inline Data", "Extended
+    /// Attributes": after the 128-byte inode and i_extra_isize, the magic 0xEA020000 and
+    /// entries e_name_len, e_name_index, e_value_offs, e_value_inum, e_value_size, e_hash,
+    /// name (padded to 4), values at e_value_offs from the first entry).
+    fn inline_parts(&self, inode: &Inode) -> Result<(Vec<u8>, Vec<u8>)> {
+        let bad = |what: &str| corrupt(format!("inode {}: inline data: {what}", inode.ino));
+        let mut raw = vec![0u8; self.g.inode_size as usize];
+        self.disk
+            .read_exact_at(&mut raw, inode.loc)
+            .map_err(|e| io("inode", e))?;
+        let block = inode.block.to_vec();
+        let extra = usize::from(le16(&raw, 0x80));
+        let hdr = 128 + extra;
+        if raw.len() <= 128 || hdr + 4 > raw.len() || le32(&raw, hdr) != 0xEA02_0000 {
+            // No in-inode attributes: everything is in i_block.
+            return Ok((block, Vec::new()));
+        }
+        let first = hdr + 4;
+        let mut off = first;
+        // Each entry is at least 16 bytes: a bounded walk.
+        while off + 16 <= raw.len() && le32(&raw, off) != 0 {
+            let name_len = usize::from(raw.get(off).copied().unwrap_or(0));
+            let index = raw.get(off + 1).copied().unwrap_or(0);
+            let value_offs = usize::from(le16(&raw, off + 2));
+            let value_size = le32(&raw, off + 8) as usize;
+            let name = raw.get(off + 16..off + 16 + name_len).unwrap_or_default();
+            if index == 7 && name == b"data" {
+                let start = first + value_offs;
+                let value = raw
+                    .get(start..start.saturating_add(value_size))
+                    .ok_or_else(|| bad("value outside the inode"))?;
+                return Ok((block, value.to_vec()));
+            }
+            off += (16 + name_len).next_multiple_of(4);
+        }
+        Ok((block, Vec::new()))
     }
 
     fn check_dir(&self, dir: &Inode) -> Result<()> {

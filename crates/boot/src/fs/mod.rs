@@ -6,10 +6,11 @@
 //!   filesystem. Paths never leave it: `..` at the root stays at the root, symbolic links are
 //!   followed inside it (absolute ones from its root), and loops end with
 //!   [`Error::SymlinkLoop`].
-//! - [`Inodes`]: node-level access for the filesystems read by our own code (FAT, ISO9660,
-//!   XFS). [`Walk`] turns one into a [`FileSystem`] with the path rules above, so each format
-//!   only implements lookup, read, readdir and readlink. ext2/3/4 goes through the ext4-view
-//!   crate, which has its own path walk.
+//! - [`Inodes`]: node-level access; every filesystem here (ext2/3/4, FAT, ISO9660, XFS) is
+//!   read by our own code, bounded for hostile images. [`Walk`] turns one into a
+//!   [`FileSystem`] with the path rules above, so each format only implements lookup, read,
+//!   readdir and readlink. (ext4-view was tried for ext2/3/4 and dropped: a crafted extent
+//!   tree of shared index blocks makes it walk for hours; see fs/ext4.rs.)
 //!
 //! [`open`] probes a disk (or partition) for each known filesystem.
 
