@@ -377,7 +377,8 @@ def main():
         else:
             modes = [("warm", "warm cache (--warm)" if a.warm else
                       "warm cache (cannot write /proc/sys/vm/drop_caches)")]
-        print(f"# {' then '.join(m[1] for m in modes)}; {rounds} rounds each, alternating order")
+        print(f"# {' then '.join(m[1] for m in modes)}; {rounds} rounds each, alternating order;"
+              f" load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         outdir = os.path.join(work, "out")
         os.mkdir(outdir)
         result = os.path.join(work, "result")
@@ -440,7 +441,8 @@ def main():
         all_args = set().union(*args.values())
         if len(all_args) != 1:
             raise RuntimeError(f"the runs disagree on the command line: {args}")
-        print(f"\nevery run extracted byte-identical kernel and ramdisk (compared with the source"
+        print(f"\n# load average at the end {os.getloadavg()[0]:.2f}")
+        print(f"every run extracted byte-identical kernel and ramdisk (compared with the source"
               f" files, then removed), with the same args {all_args.pop()!r}")
         if a.json:
             with open(a.json, "w") as f:
