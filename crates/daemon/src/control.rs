@@ -79,25 +79,13 @@ impl ControlServer {
                     .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
             }
         }
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => {
-                if UnixStream::connect(path).is_ok() {
-                    return Err(Error::Invalid(format!(
-                        "another xdisk daemon already listens on {}",
-                        path.display()
-                    )));
-                }
-                // A stale socket: replaced by the rename below.
-            }
-            Ok(_) => {
-                return Err(Error::Invalid(format!(
-                    "{} exists and is not a socket: refusing to replace it",
-                    path.display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("cannot inspect {}", path.display()), e)),
+        if check_socket_path(path)? && UnixStream::connect(path).is_ok() {
+            return Err(Error::Invalid(format!(
+                "another xdisk daemon already listens on {}",
+                path.display()
+            )));
         }
+        // A stale socket is replaced by the rename in bind_private.
         let listener = bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -144,10 +132,24 @@ impl Drop for ControlServer {
     }
 }
 
+/// Whether a socket exists at `path`; an error if something else does (it is never
+/// replaced).
+pub(crate) fn check_socket_path(path: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => Ok(true),
+        Ok(_) => Err(Error::Invalid(format!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format!("cannot inspect {}", path.display()), e)),
+    }
+}
+
 /// Binds the socket at `path` without a moment where others could connect: it is bound in
 /// a fresh directory of mode 0700 next to `path`, restricted to 0600 there, and renamed into
 /// place (the daemon cannot change its umask: no `unsafe` here, and it is process-wide).
-fn bind_private(path: &Path) -> Result<UnixListener> {
+pub(crate) fn bind_private(path: &Path) -> Result<UnixListener> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
     let name = path
