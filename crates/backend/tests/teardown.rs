@@ -312,3 +312,98 @@ fn grant_mappings_are_capped_per_device() {
     let _ = front.disconnect();
     s.device.shutdown().unwrap();
 }
+
+/// The lab's case measured on a real file: raw, cache=writeback, a write loop leaving GBs of
+/// dirty page cache, a flush in flight, then a detach. Prints how long the backend took to
+/// reach Closed (run by hand: `cargo test -p xdisk-backend --test teardown -- --ignored
+/// --nocapture`; it writes a few GB to /var/tmp).
+#[test]
+#[ignore]
+fn detach_after_heavy_writeback_measure() {
+    let host = host();
+    let dir = tmpdir();
+    let path = dir.path().join("big.raw");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let image = Image::open(
+        &path,
+        &OpenOptions {
+            cache: CacheMode::WriteBack,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let dom = host.xen.create_domain(VICTIM, GUEST_PAGES).unwrap();
+    host.add_vbd(VICTIM, 768, "w", &[]);
+    let device = Device::run(
+        device_config(VICTIM, 768),
+        host.xs.clone(),
+        host.xen.grant_mapper(0),
+        host.xen.event_channels(0),
+        image,
+    )
+    .unwrap();
+    let mut front = Frontend::connect(
+        dom.xenstore().unwrap(),
+        dom.clone(),
+        &fe_dir(VICTIM, 768),
+        FrontConfig {
+            timeout: Duration::from_secs(120),
+            ..FrontConfig::default()
+        },
+    )
+    .unwrap();
+    let nq = front.info().queues;
+    let data = pattern(1, 1 << 20);
+    let t = Instant::now();
+    let mut written = 0u64;
+    let mut i = 0u64;
+    while t.elapsed() < Duration::from_secs(6) {
+        let mut tags = Vec::new();
+        for k in 0..16u64 {
+            let op = xdisk_blkfront::Op::Write {
+                sector: ((i * 16 + k) % 8000) * 2048,
+                data: data.clone(),
+            };
+            tags.push(front.submit((k as usize) % nq, op).unwrap());
+        }
+        for tag in tags {
+            front.wait(tag).unwrap();
+        }
+        written += 16;
+        i += 1;
+    }
+    let dirty = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Dirty:"))
+        .unwrap_or_default()
+        .to_owned();
+    // A flush in flight on every queue, then the detach.
+    for q in 0..nq {
+        front.submit(q, xdisk_blkfront::Op::Flush).unwrap();
+    }
+    let _ = front.unplug();
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    detach(&host);
+    dom.xenstore()
+        .unwrap()
+        .write(&format!("{}/state", fe_dir(VICTIM, 768)), "6")
+        .unwrap();
+    wait_until("backend Closed", Duration::from_secs(300), || {
+        host.be_state(VICTIM, 768) == Some(XenbusState::Closed)
+    });
+    let closed = t.elapsed();
+    let st = device.stats();
+    eprintln!(
+        "wrote {written} MiB in 6 s ({dirty}); detach with a flush in flight: Closed after \
+         {closed:?} (lingering queues {})",
+        st.lingering_queues
+    );
+    let t = Instant::now();
+    device.shutdown().unwrap();
+    eprintln!("shutdown (waits for the lingering I/O) took {:?}", t.elapsed());
+}
