@@ -405,5 +405,8 @@ fn detach_after_heavy_writeback_measure() {
     );
     let t = Instant::now();
     device.shutdown().unwrap();
-    eprintln!("shutdown (waits for the lingering I/O) took {:?}", t.elapsed());
+    eprintln!(
+        "shutdown (waits for the lingering I/O) took {:?}",
+        t.elapsed()
+    );
 }
