@@ -410,3 +410,83 @@ fn detach_after_heavy_writeback_measure() {
         t.elapsed()
     );
 }
+
+/// A frontend node the backend may not read (EACCES, here through a driver domain's
+/// connection) is an error, not an absent node selecting a default (FrontendConnect::parse's
+/// contract): the connection fails with an `error` node instead of going on with the
+/// default `protocol`.
+#[test]
+fn unreadable_frontend_node_fails_the_connection() {
+    use xdisk_xen::xenstore::{Access, Perm};
+    const DRIVER: u16 = 9;
+    let host = host();
+    let disk = raw_disk(4 * MIB);
+    let _driver = host.xen.create_domain(DRIVER, 64).unwrap();
+    let dom = host.xen.create_domain(VICTIM, GUEST_PAGES).unwrap();
+    let fe = fe_dir(VICTIM, 768);
+    let be = format!("/local/domain/{DRIVER}/backend/vbd/{VICTIM}/768");
+    let fe_perms = [
+        Perm::new(Access::None, VICTIM),
+        Perm::new(Access::Read, DRIVER),
+    ];
+    let be_perms = [
+        Perm::new(Access::None, DRIVER),
+        Perm::new(Access::Read, VICTIM),
+    ];
+    host.toolstack
+        .transaction(|tx| {
+            tx.mkdir(&fe)?;
+            tx.set_perms(&fe, &fe_perms)?;
+            tx.write(&format!("{fe}/backend"), &be)?;
+            tx.write(&format!("{fe}/backend-id"), DRIVER.to_string())?;
+            tx.write(&format!("{fe}/virtual-device"), "768")?;
+            tx.write(&format!("{fe}/state"), "1")?;
+            tx.mkdir(&be)?;
+            tx.set_perms(&be, &be_perms)?;
+            tx.write(&format!("{be}/frontend"), &fe)?;
+            tx.write(&format!("{be}/frontend-id"), VICTIM.to_string())?;
+            tx.write(&format!("{be}/online"), "1")?;
+            tx.write(&format!("{be}/mode"), "w")?;
+            tx.write(&format!("{be}/state"), "1")
+        })
+        .unwrap();
+    let xs = Arc::new(host.xen.xenstore(DRIVER).unwrap());
+    let device = Device::run(
+        DeviceConfig::new(be.clone()),
+        xs,
+        host.xen.grant_mapper(DRIVER),
+        host.xen.event_channels(DRIVER),
+        open_image(&disk.path, false),
+    )
+    .unwrap();
+    let gxs = dom.xenstore().unwrap();
+    let mut front = Frontend::connect(
+        dom.xenstore().unwrap(),
+        dom.clone(),
+        &fe,
+        FrontConfig::default(),
+    )
+    .unwrap();
+    front.write(0, &pattern(1, 4096)).unwrap();
+    front.disconnect().unwrap();
+    // The guest hides its `protocol` node from the backend and connects again with its
+    // old nodes.
+    gxs.write(&format!("{fe}/protocol"), "x86_64-abi").unwrap();
+    gxs.set_perms(
+        &format!("{fe}/protocol"),
+        &[Perm::new(Access::None, VICTIM)],
+    )
+    .unwrap();
+    let host_be_state = |s: &str| host.read(&format!("{be}/state")).as_deref() == Some(s);
+    gxs.write(&format!("{fe}/state"), "1").unwrap();
+    wait_until("InitWait", Duration::from_secs(10), || host_be_state("2"));
+    gxs.write(&format!("{fe}/state"), "3").unwrap();
+    wait_until("backend reacts", Duration::from_secs(10), || {
+        host_be_state("4") || host_be_state("6")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(device.state(), XenbusState::Closed);
+    let err = host.read(&format!("{be}/error")).unwrap_or_default();
+    assert!(err.contains("protocol"), "error node: {err:?}");
+    device.shutdown().unwrap();
+}
