@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// 'backendtype=qdisk,...'` refuses to add a disk without it.
     #[arg(long)]
     no_dm_registration: bool,
+    /// Backing files of served images must lie in one of these directories (comma
+    /// separated; symbolic links resolved). Default: anywhere (regular files and block
+    /// devices outside /proc and /sys; a probed image never opens one).
+    #[arg(long = "backing-dirs", value_delimiter = ',')]
+    backing_dirs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -204,6 +209,7 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
         domains: (!a.domains.is_empty()).then(|| a.domains.clone()),
         params: ParamsDefaults {
             cache_override: a.cache,
+            backing_dirs: a.backing_dirs.clone(),
         },
         device_hook: max_queues.map(|q| {
             Arc::new(move |c: &mut xdisk_backend::DeviceConfig, _: &_| c.max_queues = q)

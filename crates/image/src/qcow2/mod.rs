@@ -98,8 +98,8 @@ impl InFlightTracker {
 }
 
 /// Opens a backing file given its name as written in the header and its format (from the
-/// backing format extension, if present).
-pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>;
+/// backing format extension, if present). `Ok(None)`: leave the chain closed there.
+pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Option<Arc<Image>>>;
 
 /// An open qcow2 image.
 #[derive(Debug)]
@@ -241,7 +241,7 @@ impl Qcow2Image {
             add_range(&mut meta_set, s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
         let backing = match (&hdr.backing_file, open_backing) {
-            (Some(name), Some(open)) => Some(open(name, hdr.backing_format.as_deref())?),
+            (Some(name), Some(open)) => open(name, hdr.backing_format.as_deref())?,
             _ => None,
         };
         let tracker = Arc::new(InFlightTracker::default());
