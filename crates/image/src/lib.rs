@@ -111,7 +111,14 @@ pub struct OpenOptions {
     /// resolving symbolic links); others are refused. Empty: any regular file or block
     /// device outside /proc and /sys (see [`check_backing_file`]).
     pub backing_dirs: Vec<PathBuf>,
+    /// The most memory (bytes) the refcount rebuild of a dirty qcow2 image may use (counts
+    /// of every cluster of the file, the list of L2 tables, the L1 entries it walks). A
+    /// rebuild that would need more is refused before anything is written.
+    pub repair_memory_limit: u64,
 }
+
+/// Default of [`OpenOptions::repair_memory_limit`].
+pub const DEFAULT_REPAIR_MEMORY_LIMIT: u64 = 256 << 20;
 
 impl Default for OpenOptions {
     fn default() -> Self {
@@ -123,6 +130,7 @@ impl Default for OpenOptions {
             max_backing_depth: 64,
             no_repair: false,
             backing_dirs: Vec::new(),
+            repair_memory_limit: DEFAULT_REPAIR_MEMORY_LIMIT,
         }
     }
 }
