@@ -75,7 +75,8 @@ pub struct ServeArgs {
 pub struct AttachArgs {
     /// The image (raw or qcow2).
     image: PathBuf,
-    /// The image format (default: probed once, here, and written explicitly).
+    /// The image format (default: probed once, here, and written explicitly; a probed qcow2
+    /// that names a backing file is refused: give --format qcow2).
     #[arg(long)]
     format: Option<Format>,
     #[arg(long)]
