@@ -605,7 +605,7 @@ pub(crate) fn rebuild_refcounts(
     let too_much = |need: u64| {
         Error::Unsupported(format!(
             "the refcount rebuild of dirty image {} needs {} MiB, over the limit of {} MiB; \
-             repair it with qemu-img check -r all (or raise the repair memory limit)",
+             the image was left as it is; repair it with qemu-img check -r all",
             file.path().display(),
             mib(need),
             mib(memory_limit)
