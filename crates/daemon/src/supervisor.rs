@@ -781,6 +781,7 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
                 format: spec.format,
                 read_only: spec.read_only,
                 cache,
+                backing_dirs: spec.backing_dirs.clone(),
                 ..OpenOptions::default()
             },
         )
@@ -789,7 +790,8 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
         tracing::warn!(
             image = %spec.path.display(),
             "params names no format: probing it (a raw image whose guest writes a qcow2 \
-             header would be misread; prefer aio: or qcow2:)"
+             header would be misread, and a probed image never opens a backing file; prefer \
+             aio: or qcow2:)"
         );
     }
     match open(spec.cache) {
