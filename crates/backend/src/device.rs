@@ -619,17 +619,21 @@ impl Control {
                 Some(exit) => {
                     let q = self.queues.swap_remove(i);
                     let _ = q.thread.join();
-                    if let Exit::ProtocolError(e) = exit {
-                        error = Some(e);
+                    match exit {
+                        Exit::ProtocolError(e) => error = Some(format!("protocol error: {e}")),
+                        Exit::IoStuck(e) => error = Some(stuck_io(&self.be, &e)),
+                        Exit::Stopped => {}
                     }
                 }
                 None => i += 1,
             }
         }
         if let Some(e) = error {
-            tracing::warn!(be = %self.be, "frontend protocol error: {e}");
-            add(&self.shared.counters.protocol_errors, 1);
-            self.fail(&format!("protocol error: {e}"));
+            if e.starts_with("protocol error") {
+                tracing::warn!(be = %self.be, "frontend {e}");
+                add(&self.shared.counters.protocol_errors, 1);
+            }
+            self.fail(&e);
         }
     }
 
@@ -638,8 +642,18 @@ impl Control {
         for q in &self.queues {
             q.stop.request();
         }
+        let mut stuck = None;
         for q in self.queues.drain(..) {
             let _ = q.thread.join();
+            if let Some(Exit::IoStuck(e)) = lock(&q.exit).take() {
+                stuck = Some(stuck_io(&self.be, &e));
+            }
+        }
+        if let Some(msg) = stuck {
+            // Loudly: the device cannot be trusted any more (see `stuck_io`).
+            if let Err(e) = self.xs.write(&self.path("error"), &msg) {
+                tracing::debug!(be = %self.be, "cannot write error node: {e}");
+            }
         }
     }
 
@@ -787,4 +801,11 @@ impl Control {
             .map_err(|e| Error::xs(&be, e))?;
         Ok(sectors)
     }
+}
+
+/// Logs (as an error) and describes I/O that a queue could not wait out when it stopped:
+/// the kernel may still use the guest pages of those requests, so they stay mapped (leaked).
+fn stuck_io(be: &str, e: &str) -> String {
+    tracing::error!(be = %be, "I/O engine failure, device failed: {e}");
+    format!("I/O engine failure: {e}")
 }
