@@ -101,8 +101,9 @@ struct Slot<B: IoBuf> {
     error: Option<Error>,
     _guard: Option<InFlight>,
     kind: RequestKind,
-    /// Where each sub-op's bytes start in the buffer (for zero-filling short reads).
-    starts: Vec<(u64, usize, usize)>,
+    /// Each sub-op's host offset, where its bytes start in the buffer and how many, and its
+    /// file (for reading the rest of a short read).
+    starts: Vec<(u64, usize, usize, RawFd)>,
 }
 
 /// One queue's engine and slow-path workers over a shared image.
@@ -306,7 +307,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     // SAFETY: the slot keeps `buf` (and so its memory) alive and untouched
                     // until every sub-op has completed; extents are disjoint ranges of it.
                     let slice = unsafe { IoSlice::new(buf, pos, elen) };
-                    starts.push((offset, pos, elen));
+                    starts.push((offset, pos, elen, file.fd()));
                     ops.push(Op {
                         kind: if write { OpKind::Write } else { OpKind::Read },
                         fd: file.fd(),
@@ -435,9 +436,28 @@ impl<B: IoBuf> ImageQueue<B> {
         };
         match c.result {
             Ok(n) => {
-                if let Some(&(_, start, len)) = slot.starts.get(sub) {
+                if let Some(&(host, start, len, fd)) = slot.starts.get(sub) {
                     if n < len {
-                        if slot.kind == RequestKind::Read {
+                        if slot.kind == RequestKind::Read && n > 0 && slot.error.is_none() {
+                            // A short read is not necessarily the end of the file (io_uring
+                            // and the threads engine return what one call read): read the
+                            // rest; only a read of 0 bytes means EOF (as QEMU's io_uring).
+                            if let Some(b) = slot.buf.as_mut() {
+                                slot.starts[sub] = (host + n as u64, start + n, len - n, fd);
+                                // SAFETY: the slot keeps `b` alive and untouched until every
+                                // sub-op has completed; this range belonged to the sub-op that
+                                // just completed and overlaps no other in flight.
+                                let rest = unsafe { IoSlice::new(b, start + n, len - n) };
+                                self.push_op(Op {
+                                    kind: OpKind::Read,
+                                    fd,
+                                    offset: host + n as u64,
+                                    buf: Some(rest),
+                                    user_data: c.user_data,
+                                });
+                                return;
+                            }
+                        } else if slot.kind == RequestKind::Read {
                             // Past the end of the host file: reads as zeroes.
                             if let Some(b) = slot.buf.as_mut() {
                                 b.fill_zero(start + n, len - n);
@@ -575,19 +595,25 @@ impl<B: IoBuf> ImageQueue<B> {
                 io::Error::from_raw_os_error(libc::EIO),
             ));
         }
-        while let Some(op) = self.backlog.pop_front() {
-            self.complete_op(Completion {
-                user_data: op.user_data,
-                result: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
-                buf: op.buf,
-            });
-        }
-        let mut comps = std::mem::take(&mut self.completions);
-        let r = self.engine.settle(&mut comps);
-        for c in comps.drain(..) {
-            self.complete_op(c);
-        }
-        self.completions = comps;
+        let r = loop {
+            while let Some(op) = self.backlog.pop_front() {
+                self.complete_op(Completion {
+                    user_data: op.user_data,
+                    result: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+                    buf: op.buf,
+                });
+            }
+            let mut comps = std::mem::take(&mut self.completions);
+            let r = self.engine.settle(&mut comps);
+            for c in comps.drain(..) {
+                // May queue the rest of a short read: settled by the next round.
+                self.complete_op(c);
+            }
+            self.completions = comps;
+            if r.is_err() || (self.engine.in_flight() == 0 && self.backlog.is_empty()) {
+                break r;
+            }
+        };
         match r {
             Ok(()) => Ok(()),
             Err(e) => {
