@@ -523,3 +523,133 @@ impl<B: IoBuf> Drop for FaultyEngine<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::AlignedBuf;
+    use crate::engine::ThreadsEngine;
+    use crate::{CacheMode, EngineConfig, ImageFile};
+    use std::os::fd::AsRawFd;
+
+    fn engine(plan: &Arc<FaultPlan>) -> FaultyEngine<AlignedBuf> {
+        let inner = ThreadsEngine::<AlignedBuf>::new(&EngineConfig::default()).unwrap();
+        FaultyEngine::new(Box::new(inner), Arc::clone(plan))
+    }
+
+    fn op(kind: OpKind, fd: RawFd, len: usize, user_data: u64) -> Op<AlignedBuf> {
+        let mut buf = AlignedBuf::new(len, 4096);
+        buf.fill(0x11);
+        Op {
+            kind,
+            fd,
+            offset: 0,
+            buf: (len > 0).then_some(buf),
+            user_data,
+        }
+    }
+
+    fn one(e: &mut FaultyEngine<AlignedBuf>, o: Op<AlignedBuf>) -> Completion<AlignedBuf> {
+        e.submit(o).map_err(|(_, e)| e).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(e.reap(&mut out, 1, None).unwrap(), 1);
+        out.pop().unwrap()
+    }
+
+    #[test]
+    fn faults_apply_in_order_then_stop() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(65536).unwrap();
+        let fd = f.as_raw_fd();
+        let plan = FaultPlan::new();
+        plan.add(FaultOn::Write, 1, 1, Fault::Errno(libc::ENOSPC));
+        plan.fail_next(FaultOn::Read, Fault::Short);
+        let mut e = engine(&plan);
+        // The first write passes, the second fails without writing, the third passes.
+        assert_eq!(
+            *one(&mut e, op(OpKind::Write, fd, 4096, 1))
+                .result
+                .as_ref()
+                .unwrap(),
+            4096
+        );
+        let c = one(&mut e, op(OpKind::Write, fd, 4096, 2));
+        assert_eq!(c.user_data, 2);
+        assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert!(c.buf.is_some(), "the buffer comes back");
+        assert_eq!(
+            *one(&mut e, op(OpKind::Write, fd, 4096, 3))
+                .result
+                .as_ref()
+                .unwrap(),
+            4096
+        );
+        // A short read reports half and leaves garbage past it.
+        let c = one(&mut e, op(OpKind::Read, fd, 4096, 4));
+        assert_eq!(*c.result.as_ref().unwrap(), 2048);
+        let b = c.buf.unwrap();
+        assert!(b[..2048].iter().all(|&x| x == 0x11));
+        assert!(b[2048..].iter().all(|&x| x == 0xa5));
+        assert_eq!(
+            *one(&mut e, op(OpKind::Read, fd, 4096, 5))
+                .result
+                .as_ref()
+                .unwrap(),
+            4096
+        );
+        assert_eq!(plan.injected(), 2);
+    }
+
+    #[test]
+    fn held_completions_make_waits_and_settle_fail() {
+        let f = tempfile::tempfile().unwrap();
+        let fd = f.as_raw_fd();
+        let plan = FaultPlan::new();
+        plan.fail_next(FaultOn::Write, Fault::Hold);
+        let mut e = engine(&plan);
+        e.submit(op(OpKind::Write, fd, 4096, 1))
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let mut out = Vec::new();
+        assert!(e.reap(&mut out, 1, None).is_err());
+        assert_eq!(
+            e.reap(&mut out, 1, Some(Duration::from_millis(10)))
+                .unwrap(),
+            0
+        );
+        assert_eq!(e.in_flight(), 1);
+        assert_eq!(e.held(), 1);
+        assert!(e.settle(&mut out).is_err());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_failed_flush_breaks_the_file_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 8192]).unwrap();
+        let file = ImageFile::open(&path, false, CacheMode::WriteBack).unwrap();
+        let plan = FaultPlan::new();
+        file.inject_faults(&plan);
+        file.write_at(&[1; 512], 0).unwrap();
+        plan.fail_next(FaultOn::Flush, Fault::Errno(libc::EIO));
+        assert_eq!(file.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert!(file.is_broken());
+        for r in [
+            file.flush(),
+            file.write_at(&[2; 512], 0),
+            file.zero_range(0, 4096),
+            file.punch_hole(0, 4096),
+            file.set_len(4096),
+        ] {
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+        }
+        let mut b = [0u8; 512];
+        file.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [1; 512]);
+        drop(file);
+        let file = ImageFile::open(&path, false, CacheMode::WriteBack).unwrap();
+        file.write_at(&[3; 512], 0).unwrap();
+        file.flush().unwrap();
+    }
+}
