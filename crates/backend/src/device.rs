@@ -609,9 +609,10 @@ impl Control {
         self.close();
     }
 
-    /// Joins finished reactors; a protocol error disconnects the device.
+    /// Joins finished reactors; a protocol error or stuck I/O fails the device.
     fn reap_queues(&mut self) {
         let mut error = None;
+        let mut stuck = None;
         let mut i = 0;
         while i < self.queues.len() {
             let exit = lock(&self.queues[i].exit).take();
@@ -620,20 +621,23 @@ impl Control {
                     let q = self.queues.swap_remove(i);
                     let _ = q.thread.join();
                     match exit {
-                        Exit::ProtocolError(e) => error = Some(format!("protocol error: {e}")),
-                        Exit::IoStuck(e) => error = Some(stuck_io(&self.be, &e)),
+                        Exit::ProtocolError(e) => error = Some(e),
+                        Exit::IoStuck(e) => stuck = Some(stuck_io(&self.be, &e)),
                         Exit::Stopped => {}
                     }
                 }
                 None => i += 1,
             }
         }
-        if let Some(e) = error {
-            if e.starts_with("protocol error") {
-                tracing::warn!(be = %self.be, "frontend {e}");
-                add(&self.shared.counters.protocol_errors, 1);
-            }
-            self.fail(&e);
+        if let Some(e) = &error {
+            tracing::warn!(be = %self.be, "frontend protocol error: {e}");
+            add(&self.shared.counters.protocol_errors, 1);
+        }
+        // Stuck I/O is the graver news for the operator: it names the error node.
+        match (stuck, error) {
+            (Some(msg), _) => self.fail(&msg),
+            (None, Some(e)) => self.fail(&format!("protocol error: {e}")),
+            (None, None) => {}
         }
     }
 
