@@ -835,11 +835,12 @@ impl Control {
         self.close();
     }
 
-    /// Joins finished reactors; a protocol error disconnects the device.
+    /// Joins finished reactors; a protocol error or stuck I/O fails the device.
     fn reap_queues(&mut self) {
         self.reap_lingering();
         let mut error = None;
         let mut panic = None;
+        let mut stuck = None;
         let mut i = 0;
         while i < self.queues.len() {
             let exit = lock(&self.queues[i].exit).take();
@@ -849,6 +850,7 @@ impl Control {
                     let _ = q.thread.join();
                     match exit {
                         QueueEnd::Exit(Exit::ProtocolError(e)) => error = Some(e),
+                        QueueEnd::Exit(Exit::IoStuck(e)) => stuck = Some(stuck_io(&self.be, &e)),
                         QueueEnd::Exit(Exit::Stopped) => {}
                         QueueEnd::Panicked(m) => panic = Some(m),
                     }
@@ -861,10 +863,15 @@ impl Control {
             self.fail(&format!("internal error: a queue panicked: {m}"));
             return;
         }
-        if let Some(e) = error {
+        if let Some(e) = &error {
             tracing::warn!(be = %self.be, "frontend protocol error: {e}");
             add(&self.shared.counters.protocol_errors, 1);
-            self.fail(&format!("protocol error: {e}"));
+        }
+        // Stuck I/O is the graver news for the operator: it names the error node.
+        match (stuck, error) {
+            (Some(msg), _) => self.fail(&msg),
+            (None, Some(e)) => self.fail(&format!("protocol error: {e}")),
+            (None, None) => {}
         }
     }
 
@@ -880,6 +887,7 @@ impl Control {
         for q in &self.queues {
             q.stop.request();
         }
+        let mut stuck = None;
         let deadline = Instant::now() + self.cfg.teardown_timeout;
         loop {
             let mut i = 0;
@@ -887,6 +895,10 @@ impl Control {
                 if self.queues[i].thread.is_finished() {
                     let q = self.queues.swap_remove(i);
                     let _ = q.thread.join();
+                    let end = lock(&q.exit).take();
+                    if let Some(QueueEnd::Exit(Exit::IoStuck(e))) = end {
+                        stuck = Some(stuck_io(&self.be, &e));
+                    }
                 } else {
                     i += 1;
                 }
@@ -915,6 +927,12 @@ impl Control {
                 .shared
                 .events
                 .wait(ev::QUEUE, (deadline - now).min(Duration::from_millis(50)));
+        }
+        if let Some(msg) = stuck {
+            // Loudly: the device cannot be trusted any more (see `stuck_io`).
+            if let Err(e) = self.xs.write(&self.path("error"), &msg) {
+                tracing::debug!(be = %self.be, "cannot write error node: {e}");
+            }
         }
     }
 
@@ -1094,4 +1112,11 @@ impl Drop for Control {
         }
         self.shared.finished.store(true, Ordering::SeqCst);
     }
+}
+
+/// Logs (as an error) and describes I/O that a queue could not wait out when it stopped:
+/// the kernel may still use the guest pages of those requests, so they stay mapped (leaked).
+fn stuck_io(be: &str, e: &str) -> String {
+    tracing::error!(be = %be, "I/O engine failure, device failed: {e}");
+    format!("I/O engine failure: {e}")
 }

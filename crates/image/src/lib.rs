@@ -441,6 +441,14 @@ impl Image {
         if self.read_only() {
             return Err(Error::ReadOnly);
         }
+        if self.file().is_broken() {
+            // A flush failed: acknowledged writes may be lost, nothing more may be written
+            // (fast-path writes go to the engine without ImageFile::write_at's own check).
+            return Err(Error::io(
+                format!("write to {}", self.file().path().display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.check_range(offset, len)
     }
 
