@@ -1,5 +1,7 @@
 //! How a device is set up: what the backend advertises and how it moves data.
 
+use std::time::Duration;
+
 use xdisk_blkif::wire::DEFAULT_MAX_INDIRECT_SEGMENTS;
 use xdisk_blkif::xenbus::Mode;
 use xdisk_image::queue::QueueConfig;
@@ -65,7 +67,24 @@ pub struct DeviceConfig {
     pub physical_sector_size: u32,
     /// I/O engine settings of each queue's [`xdisk_image::queue::ImageQueue`].
     pub queue: QueueConfig,
+    /// Connections allowed in a row before the rate limit applies.
+    pub connect_burst: u32,
+    /// Then one connection per this interval: a frontend cycling Closed -> Initialising ->
+    /// Initialised faster is held back (XSA-349 class).
+    pub connect_interval: Duration,
+    /// How long a disconnection waits for the queues' I/O in flight before the device moves
+    /// on (Closing/Closed) and leaves them to finish in the background. libxl gives a backend
+    /// 10 s to close.
+    pub teardown_timeout: Duration,
+    /// Grant mappings (pages: rings, persistent grants, data of requests in flight) the
+    /// device may hold at once; a request that would exceed it is answered with an error.
+    pub max_mapped_grants: u64,
 }
+
+/// Default [`DeviceConfig::max_mapped_grants`]: room for 4 queues of order-4 rings with
+/// their persistent grants and 128 in-flight requests of 11 segments each, several times
+/// over (64 Ki pages: 256 MiB of guest memory).
+pub const DEFAULT_MAX_MAPPED_GRANTS: u64 = 65536;
 
 impl DeviceConfig {
     /// Defaults for a device whose backend directory is `backend_dir`.
@@ -95,6 +114,10 @@ impl DeviceConfig {
                 slow_threads: 1,
                 ..QueueConfig::default()
             },
+            connect_burst: 8,
+            connect_interval: Duration::from_secs(1),
+            teardown_timeout: Duration::from_secs(2),
+            max_mapped_grants: DEFAULT_MAX_MAPPED_GRANTS,
         }
     }
 }

@@ -13,12 +13,14 @@
 //! I/O in flight), which unmaps everything, and closes the device; a frontend coming back to
 //! `Initialising` after `Closed` (guest reboot, kexec) gets `InitWait` again.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use xdisk_blkif::wire::ParseLimits;
 use xdisk_blkif::xenbus::{
@@ -30,7 +32,7 @@ use xdisk_image::queue::ImageQueue;
 use xdisk_image::Image;
 use xdisk_xen::platform::{DomId, EventChannels, GrantMapper};
 use xdisk_xen::xenstore::wire::RELEASE_DOMAIN;
-use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
+use xdisk_xen::xenstore::{Client, Errno, WatchCallback, WatchEvent};
 
 use crate::config::{DataPath, DeviceConfig};
 use crate::datapath::{CopyPath, MapPath, PersistentCache};
@@ -41,6 +43,104 @@ use crate::stats::{add, Counters, DeviceStats};
 
 /// How often an idle device checks that its xenstore connection is alive.
 const LIVENESS_CHECK: Duration = Duration::from_secs(5);
+
+/// State evaluations (two xenstore reads each, on the connection every device shares) allowed
+/// in a burst, and per second after it: a frontend rewriting its `state` in a loop gets at
+/// most this many (a connection takes about four).
+const EVAL_BURST: f64 = 64.0;
+const EVAL_PER_SEC: f64 = 100.0;
+
+/// What woke the control thread. Watch events and wake-ups are coalesced into these bits
+/// (the latest state wins: the control thread reads the nodes anew), so whatever a peer does
+/// the queue holds at most one entry of each kind.
+mod ev {
+    pub const FRONTEND: u8 = 1;
+    pub const ONLINE: u8 = 2;
+    pub const RELEASE: u8 = 4;
+    pub const COMMAND: u8 = 8;
+    pub const QUEUE: u8 = 16;
+}
+
+/// The control thread's wake-ups: a set of pending bits and a condition variable.
+struct Events {
+    pending: Mutex<u8>,
+    cv: Condvar,
+    counters: Arc<Counters>,
+}
+
+impl Events {
+    fn raise(&self, bits: u8) {
+        let mut p = lock(&self.pending);
+        *p |= bits;
+        let n = u64::from(p.count_ones());
+        drop(p);
+        self.counters
+            .events_pending_max
+            .fetch_max(n, Ordering::Relaxed);
+        self.cv.notify_all();
+    }
+
+    /// Waits until one of `mask` is pending (or `timeout`), takes and returns those bits.
+    fn wait(&self, mask: u8, timeout: Duration) -> u8 {
+        let deadline = Instant::now() + timeout;
+        let mut p = lock(&self.pending);
+        while *p & mask == 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            p = self
+                .cv
+                .wait_timeout(p, deadline - now)
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
+        }
+        let got = *p & mask;
+        *p &= !mask;
+        got
+    }
+
+    /// A watch callback raising `bits`.
+    fn callback(self: &Arc<Self>, bits: u8) -> WatchCallback {
+        let me = self.clone();
+        Arc::new(move |_ev: WatchEvent| {
+            add(&me.counters.events, 1);
+            me.raise(bits);
+        })
+    }
+}
+
+/// A token bucket: `burst` actions at once, then `per_sec` a second.
+struct TokenBucket {
+    burst: f64,
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(burst: f64, per_sec: f64) -> TokenBucket {
+        TokenBucket {
+            burst: burst.max(1.0),
+            per_sec: per_sec.max(0.001),
+            tokens: burst.max(1.0),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> std::result::Result<(), Duration> {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+        }
+    }
+}
 
 /// Commands from the handle to the control thread.
 enum Command {
@@ -55,9 +155,8 @@ struct Shared {
     state: AtomicU32,
     finished: AtomicBool,
     commands: Mutex<VecDeque<Command>>,
-    /// Wakes the control thread (a synthetic watch event with the command token).
-    wake: Sender<WatchEvent>,
-    tokens: Tokens,
+    /// Wakes the control thread.
+    events: Arc<Events>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,8 +169,6 @@ struct Tokens {
     frontend: String,
     online: String,
     release: String,
-    command: String,
-    queue: String,
 }
 
 impl Tokens {
@@ -81,8 +178,6 @@ impl Tokens {
             frontend: t("frontend-state"),
             online: t("online"),
             release: t("release-domain"),
-            command: t("command"),
-            queue: t("queue-exit"),
         }
     }
 }
@@ -117,22 +212,46 @@ impl Device {
     ) -> Result<Device> {
         let xs = xs.into();
         let be = cfg.backend_dir.trim_end_matches('/').to_owned();
-        let tokens = Tokens::new(&be);
-        let (wake, rx) = mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        counters
+            .max_mappings
+            .store(cfg.max_mapped_grants, Ordering::Relaxed);
         let shared = Arc::new(Shared {
-            counters: Arc::new(Counters::default()),
+            counters: counters.clone(),
             sectors: Arc::new(AtomicU64::new(image.size() / 512)),
             state: AtomicU32::new(XenbusState::Initialising.to_u32()),
             finished: AtomicBool::new(false),
             commands: Mutex::new(VecDeque::new()),
-            wake: wake.clone(),
-            tokens: tokens.clone(),
+            events: Arc::new(Events {
+                pending: Mutex::new(0),
+                cv: Condvar::new(),
+                counters,
+            }),
         });
-        let mut ctl = Control::new(cfg, be.clone(), xs, gnt, evt, image, shared.clone(), rx)?;
-        ctl.start(wake)?;
+        let mut ctl = Control::new(cfg, be.clone(), xs.clone(), gnt, evt, image, shared.clone())?;
+        ctl.start()?;
+        let (shared2, be2) = (shared.clone(), be.clone());
         let thread = std::thread::Builder::new()
             .name("xdisk-blkback".into())
-            .spawn(move || ctl.run())
+            .spawn(move || {
+                // A panic must not leave the device Connected with nobody following the
+                // frontend: the Control's drop stops its queues and marks it finished; the
+                // error is reported as any fatal one (xenbus_dev_fatal).
+                catch_unwind(AssertUnwindSafe(move || ctl.run())).unwrap_or_else(|p| {
+                    let msg = panic_message(&*p);
+                    tracing::error!(be = %be2, "device control thread panicked: {msg}");
+                    let _ = xs.write(&format!("{be2}/error"), format!("internal error: {msg}"));
+                    let _ = xs.write(
+                        &format!("{be2}/{}", keys::STATE),
+                        XenbusState::Closed.to_string(),
+                    );
+                    shared2
+                        .state
+                        .store(XenbusState::Closed.to_u32(), Ordering::SeqCst);
+                    shared2.finished.store(true, Ordering::SeqCst);
+                    Err(Error::Panicked(msg))
+                })
+            })
             .map_err(|e| Error::io("cannot start the device thread", e))?;
         Ok(Device {
             shared,
@@ -172,13 +291,8 @@ impl Device {
             return Err(Error::Stopped);
         }
         lock(&self.shared.commands).push_back(cmd);
-        self.shared
-            .wake
-            .send(WatchEvent {
-                path: String::new(),
-                token: self.shared.tokens.command.clone(),
-            })
-            .map_err(|_| Error::Stopped)
+        self.shared.events.raise(ev::COMMAND);
+        Ok(())
     }
 
     /// Online resize: after the image was resized, publishes the new `sectors` and re-writes
@@ -218,11 +332,25 @@ impl Drop for Device {
     }
 }
 
+/// The text of a panic payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// How a queue thread ended.
+enum QueueEnd {
+    Exit(Exit),
+    Panicked(String),
+}
+
 /// A running queue.
 struct RunningQueue {
     stop: Arc<Stop>,
     /// Set by the thread when its reactor returns (before it wakes the control thread).
-    exit: Arc<Mutex<Option<Exit>>>,
+    exit: Arc<Mutex<Option<QueueEnd>>>,
     thread: JoinHandle<()>,
 }
 
@@ -237,10 +365,20 @@ struct Control {
     evt: Arc<dyn EventChannels>,
     image: Arc<Image>,
     shared: Arc<Shared>,
-    rx: Receiver<WatchEvent>,
+    tokens: Tokens,
     mode: Mode,
     features: BackendFeatures,
     queues: Vec<RunningQueue>,
+    /// Queues that were asked to stop and did not within the teardown bound (their I/O in
+    /// flight keeps them, and the guest pages it uses, alive); joined once they end.
+    lingering: Vec<RunningQueue>,
+    /// Rate limits (XSA-349 class): connections, and state evaluations.
+    connect_bucket: TokenBucket,
+    eval_bucket: TokenBucket,
+    /// A held-back evaluation is due at this time.
+    deferred: Option<Instant>,
+    /// Whether the connect rate limit was logged since the last connection.
+    throttle_logged: bool,
     state: XenbusState,
     /// Whether xenstore said the frontend domain was introduced (then a later "not
     /// introduced" means it died).
@@ -258,7 +396,6 @@ impl Control {
         evt: Arc<dyn EventChannels>,
         image: Arc<Image>,
         shared: Arc<Shared>,
-        rx: Receiver<WatchEvent>,
     ) -> Result<Control> {
         let read = |key: &str| -> Result<Option<String>> {
             let path = format!("{be}/{key}");
@@ -321,6 +458,11 @@ impl Control {
             max_ring_page_order: cfg.max_ring_page_order,
             max_queues: cfg.max_queues.max(1),
         };
+        let tokens = Tokens::new(&be);
+        let connect_bucket = TokenBucket::new(
+            f64::from(cfg.connect_burst),
+            1.0 / cfg.connect_interval.as_secs_f64().max(0.001),
+        );
         Ok(Control {
             cfg,
             be,
@@ -331,10 +473,15 @@ impl Control {
             evt,
             image,
             shared,
-            rx,
+            tokens,
             mode,
             features,
             queues: Vec::new(),
+            lingering: Vec::new(),
+            connect_bucket,
+            eval_bucket: TokenBucket::new(EVAL_BURST, EVAL_PER_SEC),
+            deferred: None,
+            throttle_logged: false,
             state: XenbusState::Initialising,
             fe_introduced: false,
             watching: false,
@@ -381,7 +528,7 @@ impl Control {
     }
 
     /// Publishes features and properties, goes InitWait, sets the watches.
-    fn start(&mut self, wake: Sender<WatchEvent>) -> Result<()> {
+    fn start(&mut self) -> Result<()> {
         let mut nodes = self.features.nodes();
         nodes.extend(self.device_properties().nodes());
         let be = self.be.clone();
@@ -398,15 +545,16 @@ impl Control {
             .map_err(|e| Error::xs(&be, e))?;
         self.set_state_local(XenbusState::InitWait);
         self.fe_introduced = self.xs.is_domain_introduced(self.fe_domid).unwrap_or(false);
-        let t = self.shared.tokens.clone();
+        let t = self.tokens.clone();
         let fe_state = format!("{}/{}", self.fe, keys::STATE);
         let watches = [
-            (fe_state, &t.frontend),
-            (self.path(keys::ONLINE), &t.online),
-            (RELEASE_DOMAIN.to_owned(), &t.release),
+            (fe_state, &t.frontend, ev::FRONTEND),
+            (self.path(keys::ONLINE), &t.online, ev::ONLINE),
+            (RELEASE_DOMAIN.to_owned(), &t.release, ev::RELEASE),
         ];
-        for (path, token) in watches {
-            if let Err(e) = self.xs.watch_with_sender(&path, token, wake.clone()) {
+        for (path, token, bit) in watches {
+            let cb = self.shared.events.callback(bit);
+            if let Err(e) = self.xs.watch_with_callback(&path, token, cb) {
                 self.unwatch();
                 return Err(Error::xs(&path, e));
             }
@@ -416,7 +564,7 @@ impl Control {
     }
 
     fn unwatch(&mut self) {
-        let t = self.shared.tokens.clone();
+        let t = self.tokens.clone();
         let _ = self
             .xs
             .unwatch(&format!("{}/{}", self.fe, keys::STATE), &t.frontend);
@@ -439,24 +587,19 @@ impl Control {
     }
 
     fn run(mut self) -> Result<()> {
-        self.evaluate();
+        self.evaluate_limited();
         let mut done = self.shared.finished.load(Ordering::SeqCst);
         while !done {
             // The timeout only notices a lost xenstore connection (whose watches would never
-            // fire again); it costs one wake-up every few seconds.
-            let ev = match self.rx.recv_timeout(LIVENESS_CHECK) {
-                Ok(ev) => ev,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if self.xs.is_connected() {
-                        continue;
-                    }
-                    tracing::error!(be = %self.be, "xenstore connection lost");
-                    break;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            // fire again), or runs an evaluation held back by the rate limit.
+            let timeout = match self.deferred {
+                Some(at) => at
+                    .saturating_duration_since(Instant::now())
+                    .min(LIVENESS_CHECK),
+                None => LIVENESS_CHECK,
             };
-            let t = &self.shared.tokens;
-            if ev.token == t.command {
+            let bits = self.shared.events.wait(u8::MAX, timeout);
+            if bits & ev::COMMAND != 0 {
                 let cmds: Vec<Command> = lock(&self.shared.commands).drain(..).collect();
                 for c in cmds {
                     match c {
@@ -473,18 +616,22 @@ impl Control {
                 if done {
                     break;
                 }
-            } else if ev.token == t.queue {
+            }
+            if bits & ev::QUEUE != 0 {
                 self.reap_queues();
-            } else if ev.token == t.release {
-                if self.domain_dead() {
-                    tracing::info!(be = %self.be, domid = self.fe_domid, "frontend domain died");
-                    self.disconnect();
-                    self.set_state(XenbusState::Closed);
-                    break;
-                }
-                done = self.evaluate();
-            } else {
-                done = self.evaluate();
+            }
+            if bits & ev::RELEASE != 0 && self.domain_dead() {
+                tracing::info!(be = %self.be, domid = self.fe_domid, "frontend domain died");
+                self.disconnect();
+                self.set_state(XenbusState::Closed);
+                break;
+            }
+            let due = self.deferred.is_some_and(|at| Instant::now() >= at);
+            if bits & (ev::FRONTEND | ev::ONLINE | ev::RELEASE) != 0 || due {
+                done = self.evaluate_limited();
+            } else if bits == 0 && !self.xs.is_connected() {
+                tracing::error!(be = %self.be, "xenstore connection lost");
+                break;
             }
         }
         self.disconnect();
@@ -498,7 +645,37 @@ impl Control {
                 let _ = reply.send(Err(Error::Stopped));
             }
         }
+        // The device is Closed in xenstore; the queues that outlived the teardown bound
+        // still hold guest pages for their I/O in flight: wait for them before the image
+        // is released.
+        for q in self.lingering.drain(..) {
+            let _ = q.thread.join();
+        }
         Ok(())
+    }
+
+    /// [`Control::evaluate`], at most [`EVAL_PER_SEC`] a second after a burst: the rest are
+    /// coalesced into one evaluation when the next token is there.
+    fn evaluate_limited(&mut self) -> bool {
+        match self.eval_bucket.take() {
+            Ok(()) => {
+                self.deferred = None;
+                self.evaluate()
+            }
+            Err(wait) => {
+                if self.deferred.is_none() {
+                    add(&self.shared.counters.throttled, 1);
+                }
+                self.deferred = Some(Instant::now() + wait);
+                false
+            }
+        }
+    }
+
+    /// Holds an evaluation back for `wait`.
+    fn defer(&mut self, wait: Duration) {
+        let at = Instant::now() + wait;
+        self.deferred = Some(self.deferred.map_or(at, |d| d.min(at)));
     }
 
     fn domain_dead(&mut self) -> bool {
@@ -573,6 +750,9 @@ impl Control {
             }
             XenbusState::Initialised | XenbusState::Connected => {
                 if self.state == XenbusState::InitWait {
+                    if !self.may_connect() {
+                        return false;
+                    }
                     if let Err(e) = self.connect() {
                         tracing::warn!(be = %self.be, "cannot connect: {e}");
                         self.fail(&e.to_string());
@@ -600,6 +780,52 @@ impl Control {
         false
     }
 
+    /// Whether a connection may start now: not while queues of the last one still finish
+    /// their I/O (threads stay bounded), and not more than `connect_burst` in a row, then one
+    /// per `connect_interval` (a frontend cycling Closed -> Initialising -> Initialised costs
+    /// a full connect and disconnect each time). Otherwise the evaluation is held back.
+    fn may_connect(&mut self) -> bool {
+        self.reap_lingering();
+        if !self.lingering.is_empty() {
+            self.defer(Duration::from_millis(50));
+            return false;
+        }
+        match self.connect_bucket.take() {
+            Ok(()) => {
+                self.throttle_logged = false;
+                true
+            }
+            Err(wait) => {
+                add(&self.shared.counters.throttled, 1);
+                if !self.throttle_logged {
+                    self.throttle_logged = true;
+                    tracing::warn!(
+                        be = %self.be,
+                        "frontend reconnects too often: connections held back ({} at once, \
+                         then one per {:?})",
+                        self.cfg.connect_burst,
+                        self.cfg.connect_interval
+                    );
+                }
+                self.defer(wait);
+                false
+            }
+        }
+    }
+
+    /// Joins the lingering queues that have ended.
+    fn reap_lingering(&mut self) {
+        let mut i = 0;
+        while i < self.lingering.len() {
+            if self.lingering[i].thread.is_finished() {
+                let q = self.lingering.swap_remove(i);
+                let _ = q.thread.join();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// Disconnects after an error: writes `error`, goes Closing then Closed (xenbus_dev_fatal).
     fn fail(&mut self, msg: &str) {
         self.disconnect();
@@ -609,9 +835,12 @@ impl Control {
         self.close();
     }
 
-    /// Joins finished reactors; a protocol error disconnects the device.
+    /// Joins finished reactors; a protocol error or stuck I/O fails the device.
     fn reap_queues(&mut self) {
+        self.reap_lingering();
         let mut error = None;
+        let mut panic = None;
+        let mut stuck = None;
         let mut i = 0;
         while i < self.queues.len() {
             let exit = lock(&self.queues[i].exit).take();
@@ -619,27 +848,91 @@ impl Control {
                 Some(exit) => {
                     let q = self.queues.swap_remove(i);
                     let _ = q.thread.join();
-                    if let Exit::ProtocolError(e) = exit {
-                        error = Some(e);
+                    match exit {
+                        QueueEnd::Exit(Exit::ProtocolError(e)) => error = Some(e),
+                        QueueEnd::Exit(Exit::IoStuck(e)) => stuck = Some(stuck_io(&self.be, &e)),
+                        QueueEnd::Exit(Exit::Stopped) => {}
+                        QueueEnd::Panicked(m) => panic = Some(m),
                     }
                 }
                 None => i += 1,
             }
         }
-        if let Some(e) = error {
+        if let Some(m) = panic {
+            tracing::error!(be = %self.be, "a queue thread panicked: {m}");
+            self.fail(&format!("internal error: a queue panicked: {m}"));
+            return;
+        }
+        if let Some(e) = &error {
             tracing::warn!(be = %self.be, "frontend protocol error: {e}");
             add(&self.shared.counters.protocol_errors, 1);
-            self.fail(&format!("protocol error: {e}"));
+        }
+        // Stuck I/O is the graver news for the operator: it names the error node.
+        match (stuck, error) {
+            (Some(msg), _) => self.fail(&msg),
+            (None, Some(e)) => self.fail(&format!("protocol error: {e}")),
+            (None, None) => {}
         }
     }
 
-    /// Stops every queue (each waits for its I/O in flight), which unmaps everything.
+    /// Stops every queue (each waits for its I/O in flight, then unmaps everything). Bounded
+    /// by `teardown_timeout`: a queue whose I/O is still in flight then (a flush of a loaded
+    /// disk in writeback mode can take long) is left to finish in the background, keeping
+    /// what its I/O uses mapped, and the device moves on (Linux blkback's
+    /// `xen_blkif_disconnect` also lets the state go on while I/O is in flight).
     fn disconnect(&mut self) {
+        if self.queues.is_empty() {
+            return;
+        }
         for q in &self.queues {
             q.stop.request();
         }
-        for q in self.queues.drain(..) {
-            let _ = q.thread.join();
+        let mut stuck = None;
+        let deadline = Instant::now() + self.cfg.teardown_timeout;
+        loop {
+            let mut i = 0;
+            while i < self.queues.len() {
+                if self.queues[i].thread.is_finished() {
+                    let q = self.queues.swap_remove(i);
+                    let _ = q.thread.join();
+                    let end = lock(&q.exit).take();
+                    if let Some(QueueEnd::Exit(Exit::IoStuck(e))) = end {
+                        stuck = Some(stuck_io(&self.be, &e));
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            if self.queues.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    be = %self.be,
+                    queues = self.queues.len(),
+                    "I/O still in flight {:?} after the disconnection: the queues finish it in \
+                     the background",
+                    self.cfg.teardown_timeout
+                );
+                add(
+                    &self.shared.counters.lingering_queues,
+                    self.queues.len() as u64,
+                );
+                self.lingering.append(&mut self.queues);
+                break;
+            }
+            // Queue threads raise QUEUE as they end; other wake-ups stay pending.
+            let _ = self
+                .shared
+                .events
+                .wait(ev::QUEUE, (deadline - now).min(Duration::from_millis(50)));
+        }
+        if let Some(msg) = stuck {
+            // Loudly: the device cannot be trusted any more (see `stuck_io`).
+            if let Err(e) = self.xs.write(&self.path("error"), &msg) {
+                tracing::debug!(be = %self.be, "cannot write error node: {e}");
+            }
         }
     }
 
@@ -647,10 +940,27 @@ impl Control {
         self.disconnect();
         let fe = self.fe.clone();
         let xs = self.xs.clone();
+        // FrontendConnect::parse takes `None` as "absent, use the default": only ENOENT is
+        // that; any other read error fails the connection.
+        let read_error = RefCell::new(None);
         let conn = FrontendConnect::parse(
-            |k| xs.read_string(&format!("{fe}/{k}")).ok(),
+            |k| {
+                let path = format!("{fe}/{k}");
+                match xs.read_string(&path) {
+                    Ok(v) => Some(v),
+                    Err(e) if e.errno() == Some(Errno::ENOENT) => None,
+                    Err(e) => {
+                        read_error.borrow_mut().get_or_insert(Error::xs(&path, e));
+                        None
+                    }
+                }
+            },
             &self.features.limits(),
-        )?;
+        );
+        if let Some(e) = read_error.into_inner() {
+            return Err(e);
+        }
+        let conn = conn?;
         let features = Features {
             flush: self.features.flush_cache,
             barrier: self.features.barrier,
@@ -726,8 +1036,7 @@ impl Control {
             features,
             stop: stop.clone(),
         };
-        let wake = self.shared.wake.clone();
-        let token = self.shared.tokens.queue.clone();
+        let events = self.shared.events.clone();
         let name = format!("xdisk-blkback-q{qid}");
         let exit = Arc::new(Mutex::new(None));
         let exit_slot = exit.clone();
@@ -735,12 +1044,14 @@ impl Control {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
-                    let e = f();
+                    // A panicking reactor (its drop ran while unwinding) must not leave the
+                    // device Connected with a dead queue: the control thread fails it.
+                    let e = match catch_unwind(AssertUnwindSafe(f)) {
+                        Ok(e) => QueueEnd::Exit(e),
+                        Err(p) => QueueEnd::Panicked(panic_message(&*p)),
+                    };
                     *lock(&exit_slot) = Some(e);
-                    let _ = wake.send(WatchEvent {
-                        path: String::new(),
-                        token,
-                    });
+                    events.raise(ev::QUEUE);
                 })
                 .map_err(|e| Error::io("cannot start a queue thread", e))
         };
@@ -787,4 +1098,25 @@ impl Control {
             .map_err(|e| Error::xs(&be, e))?;
         Ok(sectors)
     }
+}
+
+impl Drop for Control {
+    /// Also runs when the control thread panics: the queues are told to stop (not waited
+    /// for) and the device is marked finished, so that its owner notices.
+    fn drop(&mut self) {
+        for q in self.queues.iter().chain(&self.lingering) {
+            q.stop.request();
+        }
+        if self.watching {
+            self.unwatch();
+        }
+        self.shared.finished.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Logs (as an error) and describes I/O that a queue could not wait out when it stopped:
+/// the kernel may still use the guest pages of those requests, so they stay mapped (leaked).
+fn stuck_io(be: &str, e: &str) -> String {
+    tracing::error!(be = %be, "I/O engine failure, device failed: {e}");
+    format!("I/O engine failure: {e}")
 }

@@ -39,6 +39,9 @@ pub enum Error {
     /// The device's control thread is gone.
     #[error("the device has stopped")]
     Stopped,
+    /// The device's control thread panicked (the device was closed with an error).
+    #[error("internal error (panic): {0}")]
+    Panicked(String),
 }
 
 impl Error {

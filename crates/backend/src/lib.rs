@@ -27,7 +27,9 @@ mod reactor;
 mod region;
 pub mod stats;
 
-pub use config::{DataPath, DeviceConfig, DEFAULT_MAX_PERSISTENT_GRANTS};
+pub use config::{
+    DataPath, DeviceConfig, DEFAULT_MAX_MAPPED_GRANTS, DEFAULT_MAX_PERSISTENT_GRANTS,
+};
 pub use device::Device;
 pub use error::{Error, Result};
 pub use stats::DeviceStats;

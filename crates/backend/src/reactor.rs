@@ -73,6 +73,9 @@ pub(crate) enum Exit {
     Stopped,
     /// The frontend broke the ring protocol: disconnect the device.
     ProtocolError(String),
+    /// I/O in flight could not be waited out: its buffers (guest mappings) are leaked, never
+    /// unmapped, and the device must be failed.
+    IoStuck(String),
 }
 
 /// What a reactor needs.
@@ -196,7 +199,15 @@ impl<D: DataPath> Reactor<D> {
     pub fn run(mut self) -> Exit {
         let exit = self.event_loop();
         self.stopping = true;
-        self.drain();
+        if let Err(e) = self.drain() {
+            tracing::error!(
+                queue = self.qid,
+                domid = self.domid,
+                ?exit,
+                "queue stopped: {e}"
+            );
+            return Exit::IoStuck(e);
+        }
         tracing::debug!(queue = self.qid, domid = self.domid, ?exit, "queue stopped");
         exit
     }
@@ -722,7 +733,12 @@ impl<D: DataPath> Reactor<D> {
     }
 
     /// Stops: answers what never started, waits for the I/O in flight, publishes everything.
-    fn drain(&mut self) {
+    /// A reap error is retried; if it persists, the image queue is told to cancel and settle
+    /// its engine. Err: I/O is still in flight that nothing can wait for (its buffers are
+    /// leaked by the image queue, never unmapped): the device must be failed.
+    fn drain(&mut self) -> Result<(), String> {
+        /// Consecutive reap errors before the engine is settled by force.
+        const REAP_ATTEMPTS: u32 = 3;
         for idx in std::mem::take(&mut self.flushes) {
             self.finish_entry(idx, Status::Error);
         }
@@ -731,15 +747,43 @@ impl<D: DataPath> Reactor<D> {
                 self.finish_entry(idx, Status::Error);
             }
         }
+        let mut failures = 0;
+        let mut result = Ok(());
         while self.submitted > 0 {
-            if let Err(e) = self.complete(true) {
-                tracing::error!(queue = self.qid, "cannot reap I/O while stopping: {e}");
-                break;
+            match self.complete(true) {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(
+                        queue = self.qid,
+                        "cannot reap I/O while stopping (attempt {failures}): {e}"
+                    );
+                    if failures < REAP_ATTEMPTS {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    // Cancel what can be, wait for the rest; the requests settled are
+                    // answered by the reap below.
+                    let settled = self.iq.settle();
+                    if let Err(e) = self.complete(false) {
+                        tracing::debug!(queue = self.qid, "reap after settling: {e}");
+                    }
+                    if let Err(e) = settled {
+                        result = Err(format!(
+                            "{} requests of domain {} are stuck in the I/O engine ({e}); \
+                             their guest pages stay mapped",
+                            self.submitted, self.domid
+                        ));
+                        break;
+                    }
+                    failures = 0;
+                }
             }
         }
         if let Err(e) = self.respond() {
             tracing::debug!(queue = self.qid, "final responses: {e}");
         }
+        result
     }
 }
 

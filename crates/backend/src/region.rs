@@ -1,5 +1,6 @@
 //! Grant mappings the backend holds, counted.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use xdisk_blkif::mem::{MemError, SharedMem};
@@ -57,6 +58,21 @@ pub(crate) fn map_counted(
     refs: &[GrantRef],
     writable: bool,
 ) -> Result<Arc<dyn MappedRegion>, PlatformError> {
+    // The per-device cap (DeviceConfig::max_mapped_grants; 0: none), checked before mapping.
+    let max = counters.max_mappings.load(Ordering::Relaxed);
+    let want = refs.len() as u64;
+    if max != 0
+        && counters
+            .mappings
+            .load(Ordering::Relaxed)
+            .saturating_add(want)
+            > max
+    {
+        return Err(PlatformError::Io {
+            context: format!("the device already holds its limit of {max} grant mappings"),
+            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+        });
+    }
     let inner = gnt.map(domid, refs, writable)?;
     let pages = (inner.size() / PAGE_SIZE) as u64;
     add(&counters.mappings, pages);

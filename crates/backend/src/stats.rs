@@ -43,6 +43,16 @@ pub struct DeviceStats {
     pub connects: u64,
     /// Disconnections forced by a protocol error of the frontend.
     pub protocol_errors: u64,
+    /// Most distinct wake-ups ever waiting for the control thread at once (frontend state,
+    /// `online`, domain death, commands, queue exits are coalesced: at most 5).
+    pub events_pending_max: u64,
+    /// Watch events received (before coalescing).
+    pub events: u64,
+    /// Connections or state evaluations held back by the rate limits.
+    pub throttled: u64,
+    /// Queues that did not stop within the teardown bound and finished after the device had
+    /// moved on (their I/O in flight kept them, and their mappings, alive).
+    pub lingering_queues: u64,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +75,12 @@ pub(crate) struct Counters {
     pub queues: AtomicU64,
     pub connects: AtomicU64,
     pub protocol_errors: AtomicU64,
+    pub events_pending_max: AtomicU64,
+    pub events: AtomicU64,
+    pub throttled: AtomicU64,
+    pub lingering_queues: AtomicU64,
+    /// The cap on `mappings` (0: none); not a counter.
+    pub max_mappings: AtomicU64,
 }
 
 pub(crate) fn add(c: &AtomicU64, n: u64) {
@@ -97,6 +113,10 @@ impl Counters {
             queues: g(&self.queues),
             connects: g(&self.connects),
             protocol_errors: g(&self.protocol_errors),
+            events_pending_max: g(&self.events_pending_max),
+            events: g(&self.events),
+            throttled: g(&self.throttled),
+            lingering_queues: g(&self.lingering_queues),
         }
     }
 }

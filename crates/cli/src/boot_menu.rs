@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use xdisk_boot::config::BootConfig;
@@ -77,6 +77,39 @@ fn draw_countdown(out: &mut impl Write, left: Option<u64>) -> std::io::Result<()
     out.flush()
 }
 
+/// What waiting for input found.
+enum Input {
+    Ready,
+    Timeout,
+    /// The terminal went away (hang-up or error): nobody can choose any more.
+    Gone,
+}
+
+/// Waits up to `ms` milliseconds for input on `fd`.
+fn wait_input(fd: i32, ms: i32) -> Input {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd we pass, for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    if n < 0 {
+        return if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            Input::Timeout
+        } else {
+            Input::Gone
+        };
+    }
+    if n == 0 {
+        Input::Timeout
+    } else if p.revents & libc::POLLIN != 0 {
+        Input::Ready
+    } else {
+        Input::Gone
+    }
+}
+
 /// Shows the menu; returns the chosen entry's index.
 pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
     let n = cfg.entries.len();
@@ -92,6 +125,7 @@ pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
     let timeout = u64::from(cfg.timeout.unwrap_or(DEFAULT_TIMEOUT));
     let start = Instant::now();
     let mut counting = true;
+    let fd = stdin.as_raw_fd();
     let mut input = stdin.lock();
     let mut pending: Vec<u8> = Vec::new();
     let mut redraw = true;
@@ -112,11 +146,19 @@ pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
             shown = Some(left);
         }
         let mut buf = [0u8; 16];
-        let got = input.read(&mut buf).unwrap_or(0);
-        if got == 0 {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
+        // Wait for input with poll(), not with the terminal's VMIN/VTIME: libxl makes the pty
+        // raw (cfmakeraw: VMIN=1) from its side after starting us, which would turn a timed
+        // read into one that blocks until a key arrives, and the countdown would never end.
+        match wait_input(fd, 100) {
+            Input::Ready => {}
+            Input::Timeout => continue,
+            Input::Gone => break,
         }
+        let got = match input.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) | Err(_) => break, // end of input: boot what is selected
+            Ok(n) => n,
+        };
         counting = false;
         redraw = true;
         pending.extend_from_slice(&buf[..got]);

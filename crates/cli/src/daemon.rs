@@ -64,13 +64,19 @@ pub struct ServeArgs {
     /// 'backendtype=qdisk,...'` refuses to add a disk without it.
     #[arg(long)]
     no_dm_registration: bool,
+    /// Backing files of served images must lie in one of these directories (comma
+    /// separated; symbolic links resolved). Default: anywhere (regular files and block
+    /// devices outside /proc and /sys; a probed image never opens one).
+    #[arg(long = "backing-dirs", value_delimiter = ',')]
+    backing_dirs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
 pub struct AttachArgs {
     /// The image (raw or qcow2).
     image: PathBuf,
-    /// The image format (default: probed once, here, and written explicitly).
+    /// The image format (default: probed once, here, and written explicitly; a probed qcow2
+    /// that names a backing file is refused: give --format qcow2).
     #[arg(long)]
     format: Option<Format>,
     #[arg(long)]
@@ -204,6 +210,7 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
         domains: (!a.domains.is_empty()).then(|| a.domains.clone()),
         params: ParamsDefaults {
             cache_override: a.cache,
+            backing_dirs: a.backing_dirs.clone(),
         },
         device_hook: max_queues.map(|q| {
             Arc::new(move |c: &mut xdisk_backend::DeviceConfig, _: &_| c.max_queues = q)

@@ -78,6 +78,10 @@ pub struct InfoArgs {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     file: PathBuf,
+    /// Backing files must lie in one of these directories (comma separated; symbolic links
+    /// resolved). Default: anywhere (regular files and block devices outside /proc, /sys).
+    #[arg(long = "backing-dirs", value_delimiter = ',')]
+    backing_dirs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -129,6 +133,10 @@ pub struct ConvertArgs {
     quiet: bool,
     src: PathBuf,
     dst: PathBuf,
+    /// Backing files must lie in one of these directories (comma separated; symbolic links
+    /// resolved). Default: anywhere (regular files and block devices outside /proc, /sys).
+    #[arg(long = "backing-dirs", value_delimiter = ',')]
+    backing_dirs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -140,6 +148,10 @@ pub struct MapArgs {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     file: PathBuf,
+    /// Backing files must lie in one of these directories (comma separated; symbolic links
+    /// resolved). Default: anywhere (regular files and block devices outside /proc, /sys).
+    #[arg(long = "backing-dirs", value_delimiter = ',')]
+    backing_dirs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -155,6 +167,10 @@ pub struct ResizeArgs {
     /// New size, or +N / -N relative to the current size.
     #[arg(allow_hyphen_values = true)]
     size: String,
+    /// Backing files must lie in one of these directories (comma separated; symbolic links
+    /// resolved). Default: anywhere (regular files and block devices outside /proc, /sys).
+    #[arg(long = "backing-dirs", value_delimiter = ',')]
+    backing_dirs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -172,6 +188,10 @@ pub struct CompareArgs {
     force_share: bool,
     file1: PathBuf,
     file2: PathBuf,
+    /// Backing files must lie in one of these directories (comma separated; symbolic links
+    /// resolved). Default: anywhere (regular files and block devices outside /proc, /sys).
+    #[arg(long = "backing-dirs", value_delimiter = ',')]
+    backing_dirs: Vec<PathBuf>,
 }
 
 pub fn run(cmd: ImgCommand) -> Result<i32> {
@@ -198,10 +218,22 @@ pub fn open(
     read_only: bool,
     cache: CacheMode,
 ) -> Result<Arc<Image>> {
+    open_in(path, format, read_only, cache, &[])
+}
+
+/// [`open`] with backing files confined to `backing_dirs` (if not empty).
+pub fn open_in(
+    path: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    cache: CacheMode,
+    backing_dirs: &[PathBuf],
+) -> Result<Arc<Image>> {
     let opts = OpenOptions {
         format: parse_format(format)?,
         read_only,
         cache,
+        backing_dirs: backing_dirs.to_vec(),
         ..OpenOptions::default()
     };
     Image::open(path, &opts).with_context(|| format!("could not open '{}'", path.display()))
@@ -400,10 +432,16 @@ fn info_human(v: &Value) -> String {
         s += &format!("cluster_size: {cs}\n");
     }
     if let Some(b) = g("backing-filename").as_str() {
-        s += &format!("backing file: {b}\n");
+        match g("full-backing-filename").as_str() {
+            Some(full) if full != b => s += &format!("backing file: {b} (actual path: {full})\n"),
+            _ => s += &format!("backing file: {b}\n"),
+        }
     }
     if let Some(b) = g("backing-filename-format").as_str() {
         s += &format!("backing file format: {b}\n");
+    }
+    if let Some(why) = g("backing-refused").as_str() {
+        s += &format!("backing file not opened: {why}\n");
     }
     if let Some(snaps) = g("snapshots").as_array() {
         s += "Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n";
@@ -447,9 +485,13 @@ fn cmd_info(a: InfoArgs) -> Result<i32> {
         read_only: true,
         cache: CacheMode::WriteBack,
         open_backing: a.backing_chain,
+        backing_dirs: a.backing_dirs.clone(),
         ..OpenOptions::default()
     };
-    let img = Image::open(&a.file, &opts)
+    // The chain is opened as far as it may be: a backing file that is refused (or fails to
+    // open) ends it, and is shown with the reason, so that an operator sees what the image
+    // would open.
+    let (img, refusal) = Image::open_for_inspection(&a.file, &opts)
         .with_context(|| format!("could not open '{}'", a.file.display()))?;
     let mut infos = vec![info_json(&a.file, &img)?];
     if a.backing_chain {
@@ -458,6 +500,9 @@ fn cmd_info(a: InfoArgs) -> Result<i32> {
             infos.push(info_json(l.file().path(), &l)?);
             layer = l.backing().cloned();
         }
+    }
+    if let (Some(r), Some(last)) = (&refusal, infos.last_mut()) {
+        last["backing-refused"] = json!(r.error.to_string());
     }
     match a.output {
         OutputFormat::Json => {
@@ -523,11 +568,12 @@ fn parse_cache(s: &str) -> Result<CacheMode> {
 
 fn cmd_convert(a: ConvertArgs) -> Result<i32> {
     let _ = a.force_share;
-    let src = open(
+    let src = open_in(
         &a.src,
         a.format.as_deref(),
         true,
         parse_cache(&a.src_cache)?,
+        &a.backing_dirs,
     )?;
     let out_format: Format = a.out_format.parse().map_err(|e| anyhow!("{e}"))?;
     if a.compress && out_format != Format::Qcow2 {
@@ -647,7 +693,13 @@ fn write_sparse(dst: &Image, data: &[u8], off: u64, min_zero: u64) -> Result<()>
 
 fn cmd_map(a: MapArgs) -> Result<i32> {
     let _ = a.force_share;
-    let img = open(&a.file, a.format.as_deref(), true, CacheMode::WriteBack)?;
+    let img = open_in(
+        &a.file,
+        a.format.as_deref(),
+        true,
+        CacheMode::WriteBack,
+        &a.backing_dirs,
+    )?;
     let size = img.size();
     let mut runs: Vec<(u64, xdisk_image::BlockStatus)> = Vec::new();
     let mut off = 0u64;
@@ -720,7 +772,13 @@ fn cmd_map(a: MapArgs) -> Result<i32> {
 }
 
 fn cmd_resize(a: ResizeArgs) -> Result<i32> {
-    let img = open(&a.file, a.format.as_deref(), false, CacheMode::WriteBack)?;
+    let img = open_in(
+        &a.file,
+        a.format.as_deref(),
+        false,
+        CacheMode::WriteBack,
+        &a.backing_dirs,
+    )?;
     let cur = img.size();
     let new = if let Some(d) = a.size.strip_prefix('+') {
         cur.checked_add(parse_size(d)?)
@@ -746,8 +804,21 @@ fn cmd_resize(a: ResizeArgs) -> Result<i32> {
 fn cmd_compare(a: CompareArgs) -> Result<i32> {
     let _ = a.force_share;
     let r = (|| -> Result<i32> {
-        let i1 = open(&a.file1, a.format1.as_deref(), true, CacheMode::WriteBack)?;
-        let i2 = open(&a.file2, a.format2.as_deref(), true, CacheMode::WriteBack)?;
+        let d = &a.backing_dirs;
+        let i1 = open_in(
+            &a.file1,
+            a.format1.as_deref(),
+            true,
+            CacheMode::WriteBack,
+            d,
+        )?;
+        let i2 = open_in(
+            &a.file2,
+            a.format2.as_deref(),
+            true,
+            CacheMode::WriteBack,
+            d,
+        )?;
         let (s1, s2) = (i1.size(), i2.size());
         if s1 != s2 {
             if a.strict {

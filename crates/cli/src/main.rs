@@ -7,6 +7,7 @@ mod boot_menu;
 mod daemon;
 mod gen_docs;
 mod img;
+mod logging;
 mod privs;
 mod ringbench;
 mod size;
@@ -30,6 +31,10 @@ const VERSION: &str = concat!(
     about = "Userspace Xen disk backend and image tools"
 )]
 struct Cli {
+    /// Log format: auto (journald under systemd, else text), text, json or journald. Also
+    /// XDISK_LOG_FORMAT; the level is XDISK_LOG (default warn).
+    #[arg(long = "log-format", global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -85,15 +90,17 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("XDISK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: logs go to files and journald too.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // --log-format is read before clap parses the rest (logging must be up first).
+    let args: Vec<String> = std::env::args().skip(1).take_while(|a| a != "--").collect();
+    let asked = args.iter().enumerate().find_map(|(i, a)| {
+        let v = match a.strip_prefix("--log-format=") {
+            Some(v) => v,
+            None if a == "--log-format" => args.get(i + 1)?.as_str(),
+            None => return None,
+        };
+        <logging::LogFormat as clap::ValueEnum>::from_str(v, true).ok()
+    });
+    logging::init(logging::resolve(asked));
     // Installed under pygrub's name (libxl's `bootloader=` runs it with pygrub's options).
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if std::path::Path::new(&argv0)

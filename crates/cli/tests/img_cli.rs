@@ -244,7 +244,8 @@ fn convert_reads_qemu_images_byte_identically() {
     for img in &images {
         let ours = d.path().join("ours.raw");
         let theirs = d.path().join("theirs.raw");
-        xdisk(&["convert", "-O", "raw", s(img), s(&ours)]);
+        // The format is given: a probed image does not open its backing file.
+        xdisk(&["convert", "-f", "qcow2", "-O", "raw", s(img), s(&ours)]);
         ok("qemu-img", &["convert", "-O", "raw", s(img), s(&theirs)]);
         assert!(
             std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
@@ -254,7 +255,7 @@ fn convert_reads_qemu_images_byte_identically() {
         // And to qcow2: qemu-img check clean, qemu-img compare identical.
         let q = d.path().join("ours.qcow2");
         let _ = std::fs::remove_file(&q);
-        xdisk(&["convert", "-O", "qcow2", s(img), s(&q)]);
+        xdisk(&["convert", "-f", "qcow2", "-O", "qcow2", s(img), s(&q)]);
         ok("qemu-img", &["check", s(&q)]);
         ok("qemu-img", &["compare", s(img), s(&q)]);
     }
@@ -317,10 +318,10 @@ fn map_agrees_with_qemu_img_map() {
         "qemu-io",
         &["-c", "write -P 2 512k 1M", "-c", "write -z 2M 64k", s(&top)],
     );
-    let ours = json(&xdisk(&["map", "--output=json", s(&top)]));
+    let ours = json(&xdisk(&["map", "-f", "qcow2", "--output=json", s(&top)]));
     let theirs = json(&ok("qemu-img", &["map", "--output=json", s(&top)]));
     assert_eq!(blocks(&ours, 4 << 20), blocks(&theirs, 4 << 20));
-    let human = xdisk(&["map", s(&top)]);
+    let human = xdisk(&["map", "-f", "qcow2", s(&top)]);
     assert!(human.starts_with("Offset"), "{human}");
 }
 

@@ -153,6 +153,20 @@ pub fn probe_format(path: &Path) -> Result<Format> {
     })
 }
 
+/// Whether the qcow2 header of `path` names a backing file (backing_file_offset, bytes 8-15,
+/// not zero).
+fn names_backing_file(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    let mut b = [0u8; 8];
+    match f.read_exact_at(&mut b, 8) {
+        Ok(()) => Ok(u64::from_be_bytes(b) != 0),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+    }
+}
+
 /// Writes the backend and frontend nodes in one transaction; returns where.
 pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
     let image = std::fs::canonicalize(&opts.image)
@@ -172,7 +186,19 @@ pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
         .to_owned();
     let format = match opts.format {
         Some(f) => f,
-        None => probe_format(&image)?,
+        // A probed image never opens a backing file (xdisk-image's rule): writing the probed
+        // format into params would vouch for a header anybody (a guest of a raw disk) may
+        // have written.
+        None => match probe_format(&image)? {
+            Format::Qcow2 if names_backing_file(&image)? => {
+                return Err(Error::Invalid(format!(
+                    "{} is a qcow2 image naming a backing file: give --format qcow2 to attach \
+                     it with its backing chain (a probed format never opens backing files)",
+                    image.display()
+                )))
+            }
+            f => f,
+        },
     };
     let params = match format {
         Format::Raw => format!("aio:{image_str}"),

@@ -5,13 +5,13 @@
 //! `{"ok":true,"status":DaemonStatus}`. Errors: `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,12 @@ pub const DEFAULT_SOCKET: &str = "/run/xdisk/control.sock";
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
+
+/// Clients served at once (each on its own thread); more are answered "busy".
+const MAX_CLIENTS: usize = 16;
+
+/// How long one client connection may last, whatever it sends.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,26 +72,24 @@ impl ControlServer {
     pub fn start(path: &Path, status: StatusFn) -> Result<ControlServer> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
-                std::fs::create_dir_all(dir)
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
                     .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
             }
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(Error::Invalid(format!(
-                    "another xdisk daemon already listens on {}",
-                    path.display()
-                )));
-            }
-            std::fs::remove_file(path)
-                .map_err(|e| Error::io(format!("cannot remove {}", path.display()), e))?;
+        if check_socket_path(path)? && UnixStream::connect(path).is_ok() {
+            return Err(Error::Invalid(format!(
+                "another xdisk daemon already listens on {}",
+                path.display()
+            )));
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        // A stale socket is replaced by the rename in bind_private.
+        let listener = bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let clients = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name("xdisk-control".into())
             .spawn(move || {
@@ -94,11 +98,7 @@ impl ControlServer {
                         break;
                     }
                     match conn {
-                        Ok(s) => {
-                            if let Err(e) = serve_one(s, &status) {
-                                tracing::debug!("control connection: {e}");
-                            }
-                        }
+                        Ok(s) => spawn_client(s, &status, &clients),
                         Err(e) => tracing::warn!("control socket accept: {e}"),
                     }
                 }
@@ -132,16 +132,88 @@ impl Drop for ControlServer {
     }
 }
 
+/// Whether a socket exists at `path`; an error if something else does (it is never
+/// replaced).
+pub(crate) fn check_socket_path(path: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => Ok(true),
+        Ok(_) => Err(Error::Invalid(format!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format!("cannot inspect {}", path.display()), e)),
+    }
+}
+
+/// Binds the socket at `path` without a moment where others could connect: it is bound in
+/// a fresh directory of mode 0700 next to `path`, restricted to 0600 there, and renamed into
+/// place (the daemon cannot change its umask: no `unsafe` here, and it is process-wide).
+pub(crate) fn bind_private(path: &Path) -> Result<UnixListener> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{} is not a socket path", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+    let inner = tmp.join("s");
+    let r = (|| {
+        let l = UnixListener::bind(&inner)
+            .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("cannot restrict {}", path.display()), e))?;
+        std::fs::rename(&inner, path)
+            .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&tmp);
+    r
+}
+
+/// Serves one client on its own thread (at most [`MAX_CLIENTS`] at once), so that a client
+/// that trickles bytes or never sends its request holds up nobody else.
+fn spawn_client(s: UnixStream, status: &StatusFn, clients: &Arc<AtomicUsize>) {
+    if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+        clients.fetch_sub(1, Ordering::SeqCst);
+        let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = (&s).write_all(b"{\"ok\":false,\"error\":\"busy: too many clients\"}\n");
+        return;
+    }
+    let status = status.clone();
+    let count = clients.clone();
+    let spawned = std::thread::Builder::new()
+        .name("xdisk-control-client".into())
+        .spawn(move || {
+            if let Err(e) = serve_one(s, &status) {
+                tracing::debug!("control connection: {e}");
+            }
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        clients.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!("cannot start a control client thread: {e}");
+    }
+}
+
 fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let deadline = Instant::now() + CLIENT_DEADLINE;
     let mut reader = BufReader::new(std::io::Read::take(stream.try_clone()?, MAX_REQUEST));
     let mut w = stream;
     let mut line = String::new();
     // One connection may carry several requests.
     loop {
         line.clear();
-        if reader.read_line(&mut line)? == 0 {
+        if reader.read_line(&mut line)? == 0 || Instant::now() >= deadline {
             return Ok(());
         }
         let reply = match serde_json::from_str::<Request>(line.trim()) {

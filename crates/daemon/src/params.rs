@@ -7,7 +7,9 @@
 //! `device-type` `disk` or `cdrom`, plus `frontend`, `frontend-id`, `online`, `state`, `dev`,
 //! `type`, `removable`, `bootable`. QEMU's xen-block reads the same nodes: `aio` means raw,
 //! `vhd` means its `vpc` driver, a path without a known prefix is probed, and `direct-io-safe`
-//! chooses `cache.direct`.
+//! chooses `cache.direct`. Unlike QEMU, a probed image never opens a backing file (xdisk-image
+//! refuses it, naming the fix `params=qcow2:<path>`): the first bytes of a raw disk are the
+//! guest's to write, and a qcow2 header there would name any host file as backing file.
 //!
 //! The backend directory is writable only by the backend domain and the toolstack, so these
 //! values are not guest-controlled; they are still parsed strictly (a mistake must fail one
@@ -70,13 +72,18 @@ pub struct DiskSpec {
     /// Whether `direct-io-safe` was 1.
     pub direct_io_safe: bool,
     pub device_type: DeviceType,
+    /// Backing files must lie in one of these directories (empty: anywhere allowed by
+    /// xdisk-image's rules); from the daemon's `--backing-dirs`.
+    pub backing_dirs: Vec<PathBuf>,
 }
 
 /// Daemon-wide defaults that apply to every disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParamsDefaults {
     /// Use this cache mode whatever `direct-io-safe` says.
     pub cache_override: Option<CacheMode>,
+    /// Backing files must lie in one of these directories (`xdisk serve --backing-dirs`).
+    pub backing_dirs: Vec<PathBuf>,
 }
 
 fn invalid(node: &'static str, value: &str, why: impl Into<String>) -> ParamsError {
@@ -190,6 +197,7 @@ pub fn parse(
         cache,
         direct_io_safe,
         device_type,
+        backing_dirs: defaults.backing_dirs.clone(),
     })
 }
 
@@ -247,10 +255,12 @@ mod tests {
             |k| m.get(k).cloned(),
             &ParamsDefaults {
                 cache_override: Some(CacheMode::DirectSync),
+                backing_dirs: vec![PathBuf::from("/images")],
             },
         )
         .unwrap();
         assert_eq!(s.cache, CacheMode::DirectSync);
+        assert_eq!(s.backing_dirs, vec![PathBuf::from("/images")]);
     }
 
     #[test]

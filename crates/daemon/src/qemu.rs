@@ -21,10 +21,12 @@
 //! libxl sends. The disks themselves are served by a [`crate::Supervisor`] restricted to the
 //! domain (`backend/qdisk/<domid>/*`), as QEMU's xen-bus serves only its `-xen-domid`.
 
-use std::io::{BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::cell::Cell;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -292,13 +294,49 @@ pub fn answer(state: &QmpState, msg: &Value) -> Option<Value> {
     Some(with_id(json!({ "return": ret })))
 }
 
+/// Longest QMP message accepted (libxl's are a few hundred bytes).
+pub const MAX_QMP_MESSAGE: u64 = 64 * 1024;
+
+/// QMP connections served at once per server (libxl uses one or two).
+pub const MAX_QMP_CONNECTIONS: usize = 8;
+
+/// A reader that fails once `max` bytes were read since the count was last reset (after
+/// each message): a peer cannot make the parser buffer an endless message.
+struct Limited<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+    max: u64,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.max.saturating_sub(self.count.get());
+        if left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("QMP message longer than {} bytes", self.max),
+            ));
+        }
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let got = self.inner.read(&mut buf[..n])?;
+        self.count.set(self.count.get() + got as u64);
+        Ok(got)
+    }
+}
+
 fn serve_conn(stream: UnixStream, state: &QmpState) -> std::io::Result<()> {
     let mut w = stream.try_clone()?;
     let mut out = serde_json::to_vec(&greeting()).map_err(std::io::Error::other)?;
     out.extend_from_slice(b"\r\n");
     w.write_all(&out)?;
-    let reader = BufReader::new(stream);
+    let count = Rc::new(Cell::new(0));
+    let reader = Limited {
+        inner: BufReader::new(stream),
+        count: count.clone(),
+        max: MAX_QMP_MESSAGE,
+    };
     for msg in serde_json::Deserializer::from_reader(reader).into_iter::<Value>() {
+        count.set(0);
         let msg = match msg {
             Ok(m) => m,
             Err(e) if e.is_eof() => return Ok(()),
@@ -354,11 +392,13 @@ impl QmpServer {
                     )))
                 }
             };
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path)
-                .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+            // Private from the start (0600, bound in a 0700 directory and renamed into
+            // place); a stale socket is replaced, anything else refused.
+            crate::control::check_socket_path(&path)?;
+            let listener = crate::control::bind_private(&path)?;
             server.paths.push(path.clone());
             let (st, stop2) = (state.clone(), stop.clone());
+            let conns = Arc::new(AtomicUsize::new(0));
             let t = std::thread::Builder::new()
                 .name("xdisk-qmp".into())
                 .spawn(move || {
@@ -367,16 +407,27 @@ impl QmpServer {
                             break;
                         }
                         if let Ok(s) = conn {
+                            if conns.fetch_add(1, Ordering::SeqCst) >= MAX_QMP_CONNECTIONS {
+                                conns.fetch_sub(1, Ordering::SeqCst);
+                                tracing::warn!("too many QMP connections: one refused");
+                                continue;
+                            }
                             let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
-                            let st = st.clone();
-                            // libxl keeps a connection open while it waits: one thread each.
-                            let _ = std::thread::Builder::new()
+                            let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+                            let (st, count) = (st.clone(), conns.clone());
+                            // libxl keeps a connection open while it waits: one thread each,
+                            // at most MAX_QMP_CONNECTIONS.
+                            let spawned = std::thread::Builder::new()
                                 .name("xdisk-qmp-conn".into())
                                 .spawn(move || {
                                     if let Err(e) = serve_conn(s, &st) {
                                         tracing::debug!("qmp connection: {e}");
                                     }
+                                    count.fetch_sub(1, Ordering::SeqCst);
                                 });
+                            if spawned.is_err() {
+                                conns.fetch_sub(1, Ordering::SeqCst);
+                            }
                         }
                     }
                 })
@@ -516,6 +567,55 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
         drop(server);
         assert!(!path.exists());
+    }
+
+    fn greeted(path: &std::path::Path) -> Option<std::io::BufReader<UnixStream>> {
+        let s = UnixStream::connect(path).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut r = std::io::BufReader::new(s);
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(n) if n > 0 => Some(r),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn qmp_socket_is_private_and_bounded() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp-libxl-3");
+        let _server = QmpServer::start(
+            &[QmpEndpoint::Path(path.clone())],
+            QmpState::new(false, None),
+        )
+        .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A message that never ends is cut off with an error, not buffered.
+        let mut r = greeted(&path).unwrap();
+        let mut w = r.get_ref().try_clone().unwrap();
+        let _ = w.write_all(b"{\"execute\":\"");
+        let chunk = vec![b'a'; 64 * 1024];
+        for _ in 0..4 {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(v["error"]["class"], "GenericError", "{v}");
+        drop((r, w));
+        std::thread::sleep(Duration::from_millis(100));
+        // Connections are bounded: the ones beyond the limit are closed without a greeting.
+        let open: Vec<_> = (0..MAX_QMP_CONNECTIONS)
+            .map(|_| greeted(&path).expect("greeting"))
+            .collect();
+        assert!(greeted(&path).is_none(), "connection beyond the limit");
+        drop(open);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(greeted(&path).is_some(), "served again");
     }
 
     #[test]

@@ -437,7 +437,8 @@ impl Inner {
             e.request_stop();
         }
         for e in &entries {
-            if let Some(h) = lock(&e.host).take() {
+            let host = lock(&e.host).take();
+            if let Some(h) = host {
                 let _ = h.join();
             }
         }
@@ -483,7 +484,8 @@ impl Inner {
     fn reap(&self, k: &Key) {
         let entry = lock(&self.entries).get(k).cloned();
         let Some(e) = entry else { return };
-        if let Some(h) = lock(&e.host).take() {
+        let host = lock(&e.host).take();
+        if let Some(h) = host {
             let _ = h.join();
         }
         if e.phase() != Phase::Failed {
@@ -606,8 +608,10 @@ impl Inner {
     fn host(self: Arc<Self>, entry: Arc<Entry>, stop: Receiver<()>) {
         let r = catch_unwind(AssertUnwindSafe(|| self.serve(&entry, &stop)));
         // The device is gone whatever happened (a panic unwinding through `serve` dropped
-        // it, which shut it down).
-        if let Some(d) = lock(&entry.device).take() {
+        // it, which shut it down). Taken out first: the lock must not be held across the
+        // shutdown, or `xdisk stat` (Entry::snapshot) would wait for it.
+        let device = lock(&entry.device).take();
+        if let Some(d) = device {
             let _ = catch_unwind(AssertUnwindSafe(|| d.shutdown()));
         }
         match r {
@@ -777,6 +781,7 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
                 format: spec.format,
                 read_only: spec.read_only,
                 cache,
+                backing_dirs: spec.backing_dirs.clone(),
                 ..OpenOptions::default()
             },
         )
@@ -785,7 +790,8 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
         tracing::warn!(
             image = %spec.path.display(),
             "params names no format: probing it (a raw image whose guest writes a qcow2 \
-             header would be misread; prefer aio: or qcow2:)"
+             header would be misread, and a probed image never opens a backing file; prefer \
+             aio: or qcow2:)"
         );
     }
     match open(spec.cache) {

@@ -123,6 +123,8 @@ fn attach_reports_a_refused_image_and_cleans_up() {
     let bad = dir.path().join("bad.qcow2");
     let mut junk = b"QFI\xfb".to_vec();
     junk.extend(pattern(1, 1024));
+    // No backing file named (a probed qcow2 naming one is refused before the daemon sees it).
+    junk[8..16].fill(0);
     std::fs::write(&bad, junk).unwrap();
     let mut opts = AttachOptions::new(&bad, "xdisk");
     opts.frontend_domid = FE;
@@ -132,6 +134,30 @@ fn attach_reports_a_refused_image_and_cleans_up() {
     assert!(e.to_string().contains("refused"), "{e}");
     assert!(!host.exists("/local/domain/0/backend/xdisk/7/51712"));
     assert!(!host.exists("/local/domain/7/device/vbd/51712"));
+}
+
+#[test]
+fn attach_refuses_a_probed_qcow2_naming_a_backing_file() {
+    let host = host();
+    let dir = tmpdir();
+    let base = raw_disk(MIB);
+    let top = dir.path().join("top.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
+        .arg(&base.path)
+        .args(["-F", "raw"])
+        .arg(&top)
+        .arg("1M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut opts = AttachOptions::new(&top, "xdisk");
+    opts.frontend_domid = FE;
+    let xs = host.xen.xenstore(0).unwrap();
+    let e = attach::attach(&xs, &opts, Duration::from_millis(500)).unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+    assert!(e.to_string().contains("--format qcow2"), "{e}");
+    assert!(!host.exists("/local/domain/0/backend/xdisk/7/51712"));
 }
 
 #[test]

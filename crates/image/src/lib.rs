@@ -107,7 +107,18 @@ pub struct OpenOptions {
     pub max_backing_depth: usize,
     /// Refuse dirty (lazy-refcount, crashed) qcow2 images instead of repairing them on open.
     pub no_repair: bool,
+    /// If not empty, backing files must lie inside one of these directories (compared after
+    /// resolving symbolic links); others are refused. Empty: any regular file or block
+    /// device outside /proc and /sys (see [`check_backing_file`]).
+    pub backing_dirs: Vec<PathBuf>,
+    /// The most memory (bytes) the refcount rebuild of a dirty qcow2 image may use (counts
+    /// of every cluster of the file, the list of L2 tables, the L1 entries it walks). A
+    /// rebuild that would need more is refused before anything is written.
+    pub repair_memory_limit: u64,
 }
+
+/// Default of [`OpenOptions::repair_memory_limit`].
+pub const DEFAULT_REPAIR_MEMORY_LIMIT: u64 = 256 << 20;
 
 impl Default for OpenOptions {
     fn default() -> Self {
@@ -118,6 +129,8 @@ impl Default for OpenOptions {
             open_backing: true,
             max_backing_depth: 64,
             no_repair: false,
+            backing_dirs: Vec::new(),
+            repair_memory_limit: DEFAULT_REPAIR_MEMORY_LIMIT,
         }
     }
 }
@@ -265,9 +278,30 @@ pub fn probe_format(file: &ImageFile) -> Result<Format> {
 
 impl Image {
     /// Opens an image and (unless told not to) its backing chain.
+    ///
+    /// Backing files are checked before they are opened (see [`check_backing_file`]), and an
+    /// image whose format was probed (`opts.format` is `None`, or a backing file without a
+    /// backing format) never gets its own backing file opened: it is refused with
+    /// [`Error::Backing`]. Probing trusts the file's first bytes, which the guest of a raw
+    /// disk controls: a guest writing a qcow2 header naming a host path would otherwise read
+    /// that path (QEMU's CVE-2008-2004).
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<Image>> {
         let mut chain = Vec::new();
-        Self::open_chain(path, opts, opts.format, &mut chain)
+        Self::open_chain(path, opts, opts.format, &mut chain, None)
+    }
+
+    /// Opens an image and as much of its backing chain as may and can be opened, for
+    /// inspection (`img info --backing-chain`): where the next backing file is refused or
+    /// fails to open, the chain ends there and the refusal is returned with it. Errors of
+    /// the top image are errors.
+    pub fn open_for_inspection(
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<(Arc<Image>, Option<BackingRefusal>)> {
+        let mut chain = Vec::new();
+        let mut refusal = None;
+        let img = Self::open_chain(path, opts, opts.format, &mut chain, Some(&mut refusal))?;
+        Ok((img, refusal))
     }
 
     fn open_chain(
@@ -275,9 +309,19 @@ impl Image {
         opts: &OpenOptions,
         format: Option<Format>,
         chain: &mut Vec<PathBuf>,
+        mut lenient: Option<&mut Option<BackingRefusal>>,
     ) -> Result<Arc<Image>> {
-        let canon = std::fs::canonicalize(path)
-            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        let is_backing = !chain.is_empty();
+        let checked = if is_backing {
+            Some(check_backing_file(path, opts)?)
+        } else {
+            None
+        };
+        let canon = match &checked {
+            Some(c) => c.path.clone(),
+            None => std::fs::canonicalize(path)
+                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?,
+        };
         if chain.contains(&canon) {
             return Err(Error::Backing(format!(
                 "backing chain loops: {} appears twice",
@@ -292,8 +336,12 @@ impl Image {
         }
         chain.push(canon);
         // Backing files are always opened read-only.
-        let read_only = opts.read_only || chain.len() > 1;
+        let read_only = opts.read_only || is_backing;
         let file = Arc::new(ImageFile::open(path, read_only, opts.cache).map_err(Error::Engine)?);
+        if let Some(c) = &checked {
+            c.verify(&file)?;
+        }
+        let probed = format.is_none();
         let format = match format {
             Some(f) => f,
             None => probe_format(&file)?,
@@ -301,11 +349,40 @@ impl Image {
         let image = match format {
             Format::Raw => Image::Raw(raw::RawImage::open(file)?),
             Format::Qcow2 => {
-                let mut open_backing = |name: &str, fmt: Option<&str>| -> Result<Arc<Image>> {
-                    let bpath = resolve_backing(path, name);
-                    let bfmt = fmt.map(str::parse::<Format>).transpose()?;
-                    Self::open_chain(&bpath, opts, bfmt, chain)
-                };
+                let mut open_backing =
+                    |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
+                        let bpath = resolve_backing(path, name);
+                        let r = if probed {
+                            Err(Error::Backing(format!(
+                                "{} names the backing file '{name}', but its format was probed \
+                                 (not given): an image whose format is probed never opens its \
+                                 backing file; give the format to open the chain (-f qcow2, \
+                                 params=qcow2:{}, OpenOptions.format, or a backing format in \
+                                 the image that names it)",
+                                path.display(),
+                                path.display()
+                            )))
+                        } else {
+                            fmt.map(str::parse::<Format>).transpose().and_then(|bfmt| {
+                                Self::open_chain(&bpath, opts, bfmt, chain, lenient.as_deref_mut())
+                            })
+                        };
+                        match (r, lenient.as_deref_mut()) {
+                            (Ok(b), _) => Ok(Some(b)),
+                            (Err(error), Some(slot)) => {
+                                if slot.is_none() {
+                                    *slot = Some(BackingRefusal {
+                                        image: path.to_path_buf(),
+                                        name: name.to_owned(),
+                                        path: bpath,
+                                        error,
+                                    });
+                                }
+                                Ok(None)
+                            }
+                            (Err(e), None) => Err(e),
+                        }
+                    };
                 let backing: Option<qcow2::OpenBacking<'_>> = if opts.open_backing {
                     Some(&mut open_backing)
                 } else {
@@ -363,6 +440,14 @@ impl Image {
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only() {
             return Err(Error::ReadOnly);
+        }
+        if self.file().is_broken() {
+            // A flush failed: acknowledged writes may be lost, nothing more may be written
+            // (fast-path writes go to the engine without ImageFile::write_at's own check).
+            return Err(Error::io(
+                format!("write to {}", self.file().path().display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
         }
         self.check_range(offset, len)
     }
@@ -547,4 +632,135 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
         Some(dir) => dir.join(p),
         None => p.to_path_buf(),
     }
+}
+
+/// A backing file that [`Image::open_for_inspection`] did not open, and why.
+#[derive(Debug)]
+pub struct BackingRefusal {
+    /// The image that names it.
+    pub image: PathBuf,
+    /// The name as written in that image.
+    pub name: String,
+    /// The name resolved against the image's directory.
+    pub path: PathBuf,
+    pub error: Error,
+}
+
+/// A backing file that passed [`check_backing_file`]: its canonical path and identity.
+#[derive(Debug, Clone)]
+pub struct CheckedBacking {
+    /// The path with every symbolic link resolved.
+    pub path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl CheckedBacking {
+    /// Checks that `file` (opened after the check) is the file that was checked, and still
+    /// of an allowed type.
+    fn verify(&self, file: &ImageFile) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file
+            .file()
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat {}", file.path().display()), e))?;
+        backing_type_ok(&self.path, &m)?;
+        if (m.dev(), m.ino()) != (self.dev, self.ino) {
+            return Err(Error::Backing(format!(
+                "backing file {} changed while it was being opened",
+                file.path().display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Host trees whose files are never backing files (kernel interfaces, not images).
+const FORBIDDEN_BACKING_TREES: [&str; 2] = ["/proc", "/sys"];
+
+fn backing_type_ok(path: &Path, m: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_file() || t.is_block_device() {
+        return Ok(());
+    }
+    let kind = if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    };
+    Err(Error::Backing(format!(
+        "backing file {} is a {kind}: backing files must be regular files or block devices",
+        path.display()
+    )))
+}
+
+/// Checks that `path` may be opened as a backing file under `opts`: it resolves (symbolic
+/// links followed) to a regular file or a block device, not under /proc or /sys, and inside
+/// one of `opts.backing_dirs` when that is not empty. The file is opened with O_NONBLOCK (a
+/// FIFO that slipped in cannot block the open) and its type checked again on the open file.
+pub fn check_backing_file(path: &Path, opts: &OpenOptions) -> Result<CheckedBacking> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("cannot open backing file {}", path.display()), e))?;
+    for tree in FORBIDDEN_BACKING_TREES {
+        if canon.starts_with(tree) {
+            return Err(Error::Backing(format!(
+                "backing file {} lies under {tree}: refused",
+                canon.display()
+            )));
+        }
+    }
+    if !opts.backing_dirs.is_empty() {
+        let mut inside = false;
+        for d in &opts.backing_dirs {
+            let cd = std::fs::canonicalize(d).map_err(|e| {
+                Error::io(
+                    format!("cannot resolve backing directory {}", d.display()),
+                    e,
+                )
+            })?;
+            if canon.starts_with(&cd) {
+                inside = true;
+                break;
+            }
+        }
+        if !inside {
+            let dirs: Vec<String> = opts
+                .backing_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
+            return Err(Error::Backing(format!(
+                "backing file {} is outside the allowed backing directories ({})",
+                canon.display(),
+                dirs.join(",")
+            )));
+        }
+    }
+    // The type from the path first (a socket cannot even be opened), then from the open
+    // file (the path may have changed in between).
+    let m = std::fs::metadata(&canon)
+        .map_err(|e| Error::io(format!("cannot stat backing file {}", canon.display()), e))?;
+    backing_type_ok(&canon, &m)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&canon)
+        .map_err(|e| Error::io(format!("cannot open backing file {}", canon.display()), e))?;
+    let m = f
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot stat backing file {}", canon.display()), e))?;
+    backing_type_ok(&canon, &m)?;
+    Ok(CheckedBacking {
+        path: canon,
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }

@@ -101,14 +101,21 @@ struct Slot<B: IoBuf> {
     error: Option<Error>,
     _guard: Option<InFlight>,
     kind: RequestKind,
-    /// Where each sub-op's bytes start in the buffer (for zero-filling short reads).
-    starts: Vec<(u64, usize, usize)>,
+    /// Each sub-op's host offset, where its bytes start in the buffer and how many, and its
+    /// file (for reading the rest of a short read).
+    starts: Vec<(u64, usize, usize, RawFd)>,
 }
 
 /// One queue's engine and slow-path workers over a shared image.
+///
+/// Dropping a queue first waits out the engine's operations ([`ImageQueue::settle`]); the
+/// buffers in `slots` are only freed once the engine has settled. If it cannot settle, the
+/// slots (the requests' buffers: mapped guest pages) and the engine are leaked, never freed
+/// or unmapped while the kernel may still use them.
 pub struct ImageQueue<B: IoBuf> {
     image: Arc<Image>,
     engine: Box<dyn Engine<IoSlice>>,
+    /// Requests with engine operations in flight; they own the memory those operations use.
     slots: Vec<Option<Slot<B>>>,
     free: Vec<usize>,
     backlog: VecDeque<Op<IoSlice>>,
@@ -123,6 +130,8 @@ pub struct ImageQueue<B: IoBuf> {
     submit_batch: usize,
     /// Where the last held request ended, and whether it wrote.
     held_end: Option<(u64, bool)>,
+    /// The engine could not wait out its operations: their buffers must be leaked.
+    unsettled: bool,
 }
 
 /// Bits of an engine op's user_data: slot index in the high half, sub-op index in the low.
@@ -161,6 +170,7 @@ impl<B: IoBuf> ImageQueue<B> {
             unpushed: 0,
             submit_batch: cfg.submit_batch.max(1),
             held_end: None,
+            unsettled: false,
         })
     }
 
@@ -297,7 +307,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     // SAFETY: the slot keeps `buf` (and so its memory) alive and untouched
                     // until every sub-op has completed; extents are disjoint ranges of it.
                     let slice = unsafe { IoSlice::new(buf, pos, elen) };
-                    starts.push((offset, pos, elen));
+                    starts.push((offset, pos, elen, file.fd()));
                     ops.push(Op {
                         kind: if write { OpKind::Write } else { OpKind::Read },
                         fd: file.fd(),
@@ -333,7 +343,16 @@ impl<B: IoBuf> ImageQueue<B> {
     }
 
     fn submit_flush(&mut self, req: Request<B>) -> std::result::Result<(), Request<B>> {
-        if !self.image.file().cache().honours_flush() || self.image.read_only() {
+        if self.image.read_only() {
+            self.finish(req.user_data, Ok(()), req.buf);
+            return Ok(());
+        }
+        if let Err(e) = self.image.file().check_usable() {
+            // An earlier flush failed: a new fdatasync could succeed over lost data.
+            self.finish(req.user_data, Err(Error::io("flush", e)), req.buf);
+            return Ok(());
+        }
+        if !self.image.file().cache().honours_flush() {
             self.finish(req.user_data, Ok(()), req.buf);
             return Ok(());
         }
@@ -417,9 +436,28 @@ impl<B: IoBuf> ImageQueue<B> {
         };
         match c.result {
             Ok(n) => {
-                if let Some(&(_, start, len)) = slot.starts.get(sub) {
+                if let Some(&(host, start, len, fd)) = slot.starts.get(sub) {
                     if n < len {
-                        if slot.kind == RequestKind::Read {
+                        if slot.kind == RequestKind::Read && n > 0 && slot.error.is_none() {
+                            // A short read is not necessarily the end of the file (io_uring
+                            // and the threads engine return what one call read): read the
+                            // rest; only a read of 0 bytes means EOF (as QEMU's io_uring).
+                            if let Some(b) = slot.buf.as_mut() {
+                                slot.starts[sub] = (host + n as u64, start + n, len - n, fd);
+                                // SAFETY: the slot keeps `b` alive and untouched until every
+                                // sub-op has completed; this range belonged to the sub-op that
+                                // just completed and overlaps no other in flight.
+                                let rest = unsafe { IoSlice::new(b, start + n, len - n) };
+                                self.push_op(Op {
+                                    kind: OpKind::Read,
+                                    fd,
+                                    offset: host + n as u64,
+                                    buf: Some(rest),
+                                    user_data: c.user_data,
+                                });
+                                return;
+                            }
+                        } else if slot.kind == RequestKind::Read {
                             // Past the end of the host file: reads as zeroes.
                             if let Some(b) = slot.buf.as_mut() {
                                 b.fill_zero(start + n, len - n);
@@ -434,6 +472,9 @@ impl<B: IoBuf> ImageQueue<B> {
                 }
             }
             Err(e) => {
+                if slot.kind == RequestKind::Flush {
+                    self.image.file().mark_broken(&e);
+                }
                 if slot.error.is_none() {
                     slot.error = Some(Error::io(format!("{:?} at host offset", slot.kind), e));
                 }
@@ -537,6 +578,112 @@ impl<B: IoBuf> ImageQueue<B> {
     /// An fd that becomes readable when completions may be available.
     pub fn event_fds(&self) -> [RawFd; 2] {
         [self.engine.event_fd(), self.slow.event.fd()]
+    }
+
+    /// Stops the engine's work: operations not yet handed to it are cancelled, the others
+    /// cancelled where possible and waited for; their requests finish (returned by the next
+    /// [`ImageQueue::reap`]). Slow-path requests are not affected.
+    ///
+    /// An error means the engine cannot wait out some operations: the kernel may still read
+    /// or write their buffers, so those requests never finish and their buffers are leaked
+    /// when the queue is dropped (never freed, never unmapped). The caller should fail the
+    /// device: the queue is unusable.
+    pub fn settle(&mut self) -> Result<()> {
+        if self.unsettled {
+            return Err(Error::io(
+                "the I/O engine cannot wait out its operations",
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        let r = loop {
+            while let Some(op) = self.backlog.pop_front() {
+                self.complete_op(Completion {
+                    user_data: op.user_data,
+                    result: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+                    buf: op.buf,
+                });
+            }
+            let mut comps = std::mem::take(&mut self.completions);
+            let r = self.engine.settle(&mut comps);
+            for c in comps.drain(..) {
+                // May queue the rest of a short read: settled by the next round.
+                self.complete_op(c);
+            }
+            self.completions = comps;
+            if r.is_err() || (self.engine.in_flight() == 0 && self.backlog.is_empty()) {
+                break r;
+            }
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.unsettled = true;
+                let stuck = self.slots.iter().flatten().count();
+                tracing::error!(
+                    image = %self.image.file().path().display(),
+                    "the I/O engine cannot wait out its operations ({e}): the buffers of {stuck} \
+                     requests will be leaked, never freed"
+                );
+                Err(Error::io(
+                    format!("the I/O engine cannot wait out {stuck} requests"),
+                    e,
+                ))
+            }
+        }
+    }
+}
+
+impl<B: IoBuf> Drop for ImageQueue<B> {
+    /// Settles the engine before any buffer is freed; leaks what it cannot settle.
+    fn drop(&mut self) {
+        if !self.unsettled && (self.engine.in_flight() > 0 || !self.backlog.is_empty()) {
+            // Logs its own error.
+            let _ = self.settle();
+        }
+        if self.unsettled {
+            let slots = std::mem::take(&mut self.slots);
+            tracing::error!(
+                image = %self.image.file().path().display(),
+                "leaking the buffers of {} requests the I/O engine could not wait out",
+                slots.iter().flatten().count()
+            );
+            // Never unmap or free memory the kernel may still use: the buffers (guest pages)
+            // and the engine (its ring, iovec arrays) stay allocated forever.
+            std::mem::forget(slots);
+            std::mem::forget(std::mem::replace(&mut self.engine, Box::new(Leaked)));
+        }
+    }
+}
+
+/// Stands in for an engine that was leaked (see `ImageQueue`'s `Drop`).
+struct Leaked;
+
+impl Engine<IoSlice> for Leaked {
+    fn kind(&self) -> AioKind {
+        AioKind::Threads
+    }
+    fn submit(&mut self, op: Op<IoSlice>) -> std::result::Result<(), (Op<IoSlice>, io::Error)> {
+        Err((op, io::Error::from_raw_os_error(libc::EIO)))
+    }
+    fn commit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn reap(
+        &mut self,
+        _out: &mut Vec<Completion<IoSlice>>,
+        _min: usize,
+        _timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        Ok(0)
+    }
+    fn event_fd(&self) -> RawFd {
+        -1
+    }
+    fn in_flight(&self) -> usize {
+        0
+    }
+    fn capacity(&self) -> usize {
+        0
     }
 }
 

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use xdisk_image::{CacheMode, Image, OpenOptions};
+use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 
 mod support;
 use support::{qemu_img, qemu_read_all, tmpdir};
@@ -38,6 +38,7 @@ fn child(path: &str, seed: u64) {
     let img = Image::open(
         Path::new(path),
         &OpenOptions {
+            format: Some(Format::Qcow2),
             cache: CacheMode::None,
             ..OpenOptions::default()
         },
@@ -196,6 +197,7 @@ fn run_crashes(backing: bool, rounds: u64) {
                 let ours = Image::open(
                     &img,
                     &OpenOptions {
+                        format: Some(Format::Qcow2),
                         read_only: true,
                         ..OpenOptions::default()
                     },
@@ -215,7 +217,11 @@ fn run_crashes(backing: bool, rounds: u64) {
         state = now;
     }
     // Finally a clean open/close must leave no leaks after repair-free normal operation.
-    let img_handle = Image::open(&img, &OpenOptions::default()).unwrap();
+    let qcow2 = OpenOptions {
+        format: Some(Format::Qcow2),
+        ..OpenOptions::default()
+    };
+    let img_handle = Image::open(&img, &qcow2).unwrap();
     img_handle.flush().unwrap();
     img_handle.close().unwrap();
 }

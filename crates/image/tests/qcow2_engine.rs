@@ -88,8 +88,24 @@ fn opts(cache: CacheMode, read_only: bool) -> OpenOptions {
     }
 }
 
+/// The format of a test image, as the operator would give it.
+fn format_of(img: &Path) -> xdisk_image::Format {
+    let mut head = [0u8; 4];
+    let f = std::fs::File::open(img).unwrap();
+    if f.read_at(&mut head, 0).unwrap_or(0) == 4 && head == *b"QFI\xfb" {
+        xdisk_image::Format::Qcow2
+    } else {
+        xdisk_image::Format::Raw
+    }
+}
+
+/// Opens with the format given (a probed image does not open its backing file).
 fn open(img: &Path, cache: CacheMode, read_only: bool) -> Arc<Image> {
-    Image::open(img, &opts(cache, read_only)).unwrap()
+    let o = OpenOptions {
+        format: Some(format_of(img)),
+        ..opts(cache, read_only)
+    };
+    Image::open(img, &o).unwrap()
 }
 
 fn qcow2(img: &Image) -> &xdisk_image::qcow2::Qcow2Image {

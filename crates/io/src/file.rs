@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::buf::AlignedBuf;
 use crate::cache::CacheMode;
@@ -40,6 +40,10 @@ impl Alignment {
 /// One open host file.
 #[derive(Debug)]
 pub struct ImageFile {
+    /// Fault injection (tests): keeps the plan attached to this file's fd while it is open
+    /// (declared first: dropped, so detached, before the fd is closed).
+    #[cfg(feature = "fault-injection")]
+    faults: Mutex<Option<crate::fault::Registration>>,
     file: File,
     path: PathBuf,
     cache: CacheMode,
@@ -49,6 +53,11 @@ pub struct ImageFile {
     /// Serialises read-modify-write cycles of unaligned writes so that two unaligned writes
     /// to the same block do not lose each other's bytes.
     rmw: Mutex<()>,
+    /// Set when a flush failed: what the kernel reported. Linux may then have dropped dirty
+    /// pages and answer the next fdatasync with success, so no later flush can be trusted;
+    /// from then on flushes and writes fail with EIO until the file is reopened (QEMU's
+    /// `page_cache_inconsistent`).
+    broken: OnceLock<String>,
 }
 
 impl ImageFile {
@@ -117,7 +126,60 @@ impl ImageFile {
             block_device,
             align,
             rmw: Mutex::new(()),
+            broken: OnceLock::new(),
+            #[cfg(feature = "fault-injection")]
+            faults: Mutex::new(None),
         })
+    }
+
+    /// Whether a flush failed (see [`ImageFile::mark_broken`]).
+    pub fn is_broken(&self) -> bool {
+        self.broken.get().is_some()
+    }
+
+    /// Records that a flush of this file failed with `err` (also called by image queues whose
+    /// engine flushes failed). Data written since the last successful flush may be lost
+    /// without any later fdatasync telling, so every later flush and write fails with EIO
+    /// until the file is reopened.
+    pub fn mark_broken(&self, err: &io::Error) {
+        let mut first = false;
+        self.broken.get_or_init(|| {
+            first = true;
+            err.to_string()
+        });
+        if first {
+            tracing::error!(
+                path = %self.path.display(),
+                "flush failed ({err}): written data may be lost; every later flush and write \
+                 of this image fails until it is reopened"
+            );
+        }
+    }
+
+    /// EIO when the file is broken (a flush failed).
+    pub fn check_usable(&self) -> io::Result<()> {
+        match self.broken.get() {
+            None => Ok(()),
+            // Plain EIO (what QEMU answers too); mark_broken logged why.
+            Some(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        }
+    }
+
+    /// Fault injection (tests): applies `plan` to this file's synchronous I/O (errno faults)
+    /// and to engine operations on its fd, until the file is closed.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_faults(&self, plan: &std::sync::Arc<crate::fault::FaultPlan>) {
+        let reg = plan.register(self.fd());
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = Some(reg);
+    }
+
+    /// The injected fault of a synchronous operation, as an error (errno faults only).
+    #[cfg(feature = "fault-injection")]
+    fn injected(&self, class: crate::fault::Class, len: usize) -> io::Result<()> {
+        match crate::fault::plan_for(self.fd()).and_then(|p| p.decide(class, len)) {
+            Some(crate::fault::Fault::Errno(e)) => Err(io::Error::from_raw_os_error(e)),
+            _ => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -164,6 +226,7 @@ impl ImageFile {
 
     /// Sets the length of a regular file (no-op error for block devices).
     pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_usable()?;
         if self.block_device {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -176,6 +239,8 @@ impl ImageFile {
     /// Reads exactly `buf.len()` bytes at `off`. Bytes past the end of the file read as zero
     /// (qcow2 and sparse raw files rely on this).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        self.injected(crate::fault::Class::Read, buf.len())?;
         if self.align.allows(off, buf.len(), buf.as_ptr() as usize) {
             return read_full(&self.file, buf, off);
         }
@@ -189,7 +254,11 @@ impl ImageFile {
 
     /// Writes all of `buf` at `off`. Unaligned writes on O_DIRECT files are done as a
     /// read-modify-write of the covering aligned range, serialised with other such cycles.
+    /// Fails with EIO once a flush has failed ([`ImageFile::mark_broken`]).
     pub fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.check_usable()?;
+        #[cfg(feature = "fault-injection")]
+        self.injected(crate::fault::Class::Write, buf.len())?;
         if self.align.allows(off, buf.len(), buf.as_ptr() as usize) {
             return self.file.write_all_at(buf, off);
         }
@@ -244,17 +313,29 @@ impl ImageFile {
     }
 
     /// Flushes written data to stable storage (fdatasync), unless the cache mode is `unsafe`.
+    /// A failure marks the file broken ([`ImageFile::mark_broken`]): this and every later
+    /// flush and write fail.
     pub fn flush(&self) -> io::Result<()> {
+        self.check_usable()?;
         if !self.cache.honours_flush() {
             return Ok(());
         }
-        self.file.sync_data()
+        let r = (|| {
+            #[cfg(feature = "fault-injection")]
+            self.injected(crate::fault::Class::Flush, 0)?;
+            self.file.sync_data()
+        })();
+        if let Err(e) = &r {
+            self.mark_broken(e);
+        }
+        r
     }
 
     /// Deallocates a range (the range then reads as zeroes). Regular files: fallocate
     /// PUNCH_HOLE|KEEP_SIZE; block devices: BLKDISCARD (contents afterwards unspecified,
     /// callers that need zeroes use [`ImageFile::zero_range`]).
     pub fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        self.check_usable()?;
         if len == 0 {
             return Ok(());
         }
@@ -274,6 +355,7 @@ impl ImageFile {
     /// then PUNCH_HOLE (regular files), BLKZEROOUT (block devices), then writing zeroes.
     /// Does not change the size of a regular file.
     pub fn zero_range(&self, off: u64, len: u64) -> io::Result<()> {
+        self.check_usable()?;
         if len == 0 {
             return Ok(());
         }
@@ -328,6 +410,7 @@ impl ImageFile {
 
     /// Preallocates a range (fallocate mode 0), extending the file if needed.
     pub fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        self.check_usable()?;
         crate::sys::fallocate(self.fd(), 0, off, len)
     }
 }

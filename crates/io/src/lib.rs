@@ -19,6 +19,9 @@ pub mod engine;
 pub mod file;
 pub mod sys;
 
+#[cfg(feature = "fault-injection")]
+pub use engine::fault;
+
 pub use buf::{AlignedBuf, IoBuf, IoSlice};
 pub use cache::{AioKind, CacheMode};
 pub use engine::{open_engine, Completion, Engine, EngineConfig, Op, OpKind};

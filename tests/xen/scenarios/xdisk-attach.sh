@@ -63,8 +63,9 @@ check "discarded range reads zero through $dev" cmp /tmp/zero2m /tmp/back
 dd if="$dev" of=/tmp/dev-raw.img bs=1M 2>/dev/null || fail "reading all of $dev"
 check "$dev is byte-identical to the raw file" cmp /tmp/dev-raw.img "$raw"
 
-# ---- qcow2 over a backing file, O_DIRECT, format probed ---------------------------------
-dev2=$(xdisk attach "$qcow" --direct-io --control "$sock" --timeout 60 2>/tmp/attach2.err) ||
+# ---- qcow2 over a backing file, O_DIRECT (the format given: a probed one never opens a
+# backing file) --------------------------------------------------------------------------
+dev2=$(xdisk attach "$qcow" --format qcow2 --direct-io --control "$sock" --timeout 60 2>/tmp/attach2.err) ||
   fail "attach qcow2: $(cat /tmp/attach2.err) / $(tail -3 /tmp/serve.log)"
 echo "qcow2 image attached as $dev2"
 check "a second device name" test "$dev2" != "$dev"

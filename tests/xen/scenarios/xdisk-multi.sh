@@ -44,7 +44,7 @@ attach() {
 }
 g1=$(attach "$D/good.raw" --format raw)
 g2=$(attach "$D/good.qcow2" --direct-io)
-g3=$(attach "$D/overlay.qcow2")
+g3=$(attach "$D/overlay.qcow2" --format qcow2)
 echo "good disks: $g1 $g2 $g3"
 
 # Background I/O on the good disks: each loop writes its own pattern over and over, with fsync.
@@ -83,7 +83,7 @@ refused() {
 }
 refused "$D/garbage.qcow2" "qcow2|header|version|cluster" --format qcow2
 refused "$D/missing.raw" "no such file|not found|cannot open" --format raw
-refused "$D/nobacking.qcow2" "backing|gone.raw|no such file"
+refused "$D/nobacking.qcow2" "backing|gone.raw|no such file" --format qcow2
 
 # The corrupt one attaches: its good range works, its bad range fails, nothing else suffers.
 bad=$(attach "$D/corrupt.qcow2" --format qcow2)

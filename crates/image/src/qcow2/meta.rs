@@ -89,12 +89,25 @@ pub(crate) struct Meta {
     /// active L2 tables, snapshot table and snapshot L1 tables): data pointers into these are
     /// corruption, and the allocator never hands them out.
     pub meta_set: HashSet<u64>,
+    /// Metadata that never moves while the image is open (the snapshot table and snapshot L1
+    /// tables), as sorted, disjoint cluster ranges `[start, end)`: thousands of snapshot L1
+    /// tables would cost seconds and megabytes as single clusters in `meta_set`.
+    pub fixed_meta: Vec<(u64, u64)>,
     /// Something was written since the last sync (data of new clusters, new metadata).
     pub unsynced: bool,
     pub tracker: Arc<InFlightTracker>,
 }
 
 impl Meta {
+    /// Whether host cluster `c` holds metadata we know of (`meta_set` or `fixed_meta`).
+    pub fn is_meta(&self, c: u64) -> bool {
+        if self.meta_set.contains(&c) {
+            return true;
+        }
+        let i = self.fixed_meta.partition_point(|&(start, _)| start <= c);
+        i > 0 && c < self.fixed_meta[i - 1].1
+    }
+
     pub fn ctx(&self, what: &str) -> String {
         format!("{what} {}", self.file.path().display())
     }
@@ -295,7 +308,7 @@ impl Meta {
         if c.checked_shl(self.cb).is_none_or(|o| o >= MAX_HOST_OFFSET) {
             return Err(corrupt(format!("{what} points past the 56-bit host range")));
         }
-        if self.meta_set.contains(&c) {
+        if self.is_meta(c) {
             return Err(corrupt(format!(
                 "{what} points to metadata (host cluster {c:#x})"
             )));

@@ -98,8 +98,8 @@ impl InFlightTracker {
 }
 
 /// Opens a backing file given its name as written in the header and its format (from the
-/// backing format extension, if present).
-pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Arc<Image>>;
+/// backing format extension, if present). `Ok(None)`: leave the chain closed there.
+pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Option<Arc<Image>>>;
 
 /// An open qcow2 image.
 #[derive(Debug)]
@@ -169,13 +169,30 @@ impl Qcow2Image {
         } else {
             Vec::new()
         };
+        // Every L1 table (the active one and each snapshot's) has clusters of its own in an
+        // intact image, so together they fit in the file; more means they overlap, which
+        // would multiply every walk over them (QEMU checks each table against the file).
+        let l1_total = snapshots
+            .iter()
+            .map(|s| (u64::from(s.l1_size) * 8).next_multiple_of(1 << hdr.cluster_bits))
+            .fold(
+                (u64::from(hdr.l1_size) * 8).next_multiple_of(1 << hdr.cluster_bits),
+                u64::saturating_add,
+            );
+        if l1_total > file_len {
+            return Err(Error::Corrupt(format!(
+                "the L1 tables of the image and its {} snapshots take {l1_total} bytes, more \
+                 than the whole file ({file_len} bytes): they overlap",
+                snapshots.len()
+            )));
+        }
         if hdr.is_dirty() && !read_only {
             if opts.no_repair {
                 return Err(Error::Corrupt(
                     "image is dirty; run xdisk img check -r all".into(),
                 ));
             }
-            refcount::rebuild_refcounts(&file, &mut hdr, &snapshots)?;
+            refcount::rebuild_refcounts(&file, &mut hdr, &snapshots, opts.repair_memory_limit)?;
         }
         if !read_only && hdr.version >= 3 && hdr.autoclear_features != 0 {
             // "An implementation may only write to an image with unknown auto-clear features
@@ -233,15 +250,18 @@ impl Qcow2Image {
                 meta_set.insert(off >> cb);
             }
         }
+        let mut fixed = Vec::with_capacity(snapshots.len() + 1);
+        let range = |off: u64, bytes: u64| (off >> cb, (off >> cb) + bytes.div_ceil(cs));
         if hdr.nb_snapshots > 0 {
             let len = refcount::snapshot_table_len(&file, &hdr, file_len)?;
-            add_range(&mut meta_set, hdr.snapshots_offset, len);
+            fixed.push(range(hdr.snapshots_offset, len));
         }
         for s in &snapshots {
-            add_range(&mut meta_set, s.l1_table_offset, u64::from(s.l1_size) * 8);
+            fixed.push(range(s.l1_table_offset, u64::from(s.l1_size) * 8));
         }
+        let fixed_meta = merge_ranges(fixed);
         let backing = match (&hdr.backing_file, open_backing) {
-            (Some(name), Some(open)) => Some(open(name, hdr.backing_format.as_deref())?),
+            (Some(name), Some(open)) => open(name, hdr.backing_format.as_deref())?,
             _ => None,
         };
         let tracker = Arc::new(InFlightTracker::default());
@@ -267,6 +287,7 @@ impl Qcow2Image {
             quarantined: HashSet::new(),
             inflight: HashSet::new(),
             meta_set,
+            fixed_meta,
             unsynced: false,
             tracker: tracker.clone(),
             hdr: hdr.clone(),
@@ -342,6 +363,21 @@ impl Drop for Qcow2Image {
             tracing::warn!(path = %self.file.path().display(), "closing qcow2 image: {e}");
         }
     }
+}
+
+/// Sorts cluster ranges `[start, end)` and merges overlapping or adjacent ones (empty ranges
+/// are dropped).
+fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|&(s, e)| s < e);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// Reads the snapshot table (qcow2.txt, "Snapshots"): entries have variable length, so the

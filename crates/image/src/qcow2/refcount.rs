@@ -119,7 +119,7 @@ impl Meta {
 
     /// Whether the allocator may hand out host cluster `c` (given refcount 0).
     fn usable(&self, c: u64) -> bool {
-        c != 0 && !self.quarantined.contains(&c) && !self.meta_set.contains(&c)
+        c != 0 && !self.quarantined.contains(&c) && !self.is_meta(c)
     }
 
     /// Allocates one host cluster (refcount 0 -> 1, in the cache): the first usable free
@@ -508,21 +508,67 @@ impl Counts {
         }
     }
     fn inc(&mut self, c: u64) -> Result<()> {
+        self.add(c, 1)
+    }
+    fn add(&mut self, c: u64, m: u64) -> Result<()> {
         let n = self.v.get_mut(c as usize).ok_or_else(|| {
             corrupt(format!(
                 "a reference to host cluster {c:#x} lies past the end of the file"
             ))
         })?;
-        if *n == u16::MAX {
-            *self.big.entry(c).or_insert(u64::from(u16::MAX)) += 1;
+        let cur = if *n == u16::MAX {
+            self.big.get(&c).copied().unwrap_or(u64::from(u16::MAX))
         } else {
-            *n += 1;
-            if *n == u16::MAX {
-                self.big.insert(c, u64::from(u16::MAX));
-            }
+            u64::from(*n)
+        };
+        let new = cur.saturating_add(m);
+        if new >= u64::from(u16::MAX) {
+            *n = u16::MAX;
+            self.big.insert(c, new);
+        } else {
+            *n = new as u16;
         }
         Ok(())
     }
+}
+
+/// Bytes of L1 entries read at a time while walking a table (tables are never held whole).
+const L1_CHUNK_BYTES: u64 = 64 << 10;
+
+/// Calls `f` with every entry of the table of `entries` 8-byte entries at `off`, reading it
+/// a chunk at a time.
+fn for_each_entry(
+    file: &ImageFile,
+    off: u64,
+    entries: u64,
+    mut f: impl FnMut(u64) -> Result<()>,
+) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut done = 0u64;
+    while done < entries {
+        let n = (entries - done).min(L1_CHUNK_BYTES / 8);
+        buf.resize((n * 8) as usize, 0);
+        file.read_at(&mut buf, off + done * 8).map_err(|e| {
+            Error::io(
+                format!("cannot read a table from {}", file.path().display()),
+                e,
+            )
+        })?;
+        for raw in decode_table(&buf) {
+            f(raw)?;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Whether `[off, off + len)` is a hole of the file (reads as zeroes without being read).
+fn is_hole(file: &ImageFile, off: u64, len: u64) -> bool {
+    file.seek_hole(off) == Some(off) && file.seek_data(off).is_none_or(|d| d >= off + len)
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
 }
 
 /// Rebuilds every refcount of a dirty image (incompatible bit 0: "refcounts may be
@@ -535,10 +581,18 @@ impl Counts {
 /// their stream touches). The new refcount table and blocks are written past the end of the
 /// file and cover themselves; the old ones become unreferenced free clusters. The image stays
 /// dirty until everything is written and synced, so a crash meanwhile just repeats this.
+///
+/// Bounded for hostile images: the counts (two bytes per cluster of the file), the list of
+/// distinct L2 tables (16 bytes each) and the L1 entries walked must fit in `memory_limit`
+/// bytes, checked before anything is written (the image stays as it is, dirty, and the
+/// error says how to repair it). L1 tables are walked a chunk at a time, one after the
+/// other; each distinct L2 table is read once (its references count once per L1 entry
+/// naming it), and L2 tables in holes of the file are not read at all.
 pub(crate) fn rebuild_refcounts(
     file: &ImageFile,
     hdr: &mut Header,
     snapshots: &[Snapshot],
+    memory_limit: u64,
 ) -> Result<()> {
     let io = |what: &str| {
         let what = format!("{what} {}", file.path().display());
@@ -548,15 +602,63 @@ pub(crate) fn rebuild_refcounts(
     let cb = hdr.cluster_bits;
     let cs = hdr.cluster_size();
     let nb = file_len.div_ceil(cs);
-    if nb > 1 << 28 {
-        return Err(Error::Unsupported(
-            "image too large to rebuild its refcounts in memory".into(),
-        ));
+    let too_much = |need: u64| {
+        Error::Unsupported(format!(
+            "the refcount rebuild of dirty image {} needs {} MiB, over the limit of {} MiB; \
+             the image was left as it is; repair it with qemu-img check -r all",
+            file.path().display(),
+            mib(need),
+            mib(memory_limit)
+        ))
+    };
+    let l1_bytes = snapshots
+        .iter()
+        .map(|s| u64::from(s.l1_size) * 8)
+        .fold(u64::from(hdr.l1_size) * 8, u64::saturating_add);
+    let base_need = nb.saturating_mul(2).saturating_add(l1_bytes);
+    if nb > 1 << 28 || base_need > memory_limit {
+        return Err(too_much(base_need));
     }
     let mut counts = Counts {
         v: vec![0u16; nb as usize],
         big: HashMap::new(),
     };
+    let check_l2_off = |raw: u64| -> Result<u64> {
+        if raw & L1E_RESERVED_MASK != 0 {
+            return Err(corrupt(format!("L1 entry {raw:#x} has reserved bits set")));
+        }
+        let off = raw & L1E_OFFSET_MASK;
+        if off != 0 && (!off.is_multiple_of(cs) || off >= file_len) {
+            return Err(corrupt(format!("L1 entry {raw:#x} is invalid")));
+        }
+        Ok(off)
+    };
+    // Pass 1: how many L1 entries name each L2 table.
+    let tables = std::iter::once((hdr.l1_table_offset, hdr.l1_size))
+        .chain(snapshots.iter().map(|s| (s.l1_table_offset, s.l1_size)));
+    for (off, size) in tables.clone() {
+        for_each_entry(file, off, u64::from(size), |raw| {
+            let l2 = check_l2_off(raw)?;
+            if l2 != 0 {
+                counts.inc(l2 >> cb)?;
+            }
+            Ok(())
+        })?;
+    }
+    let n_l2 = counts.v.iter().filter(|&&n| n != 0).count() as u64;
+    let need = base_need.saturating_add(n_l2.saturating_mul(16));
+    if need > memory_limit {
+        return Err(too_much(need));
+    }
+    let mut l2s = Vec::with_capacity(n_l2 as usize);
+    for (c, &n) in counts.v.iter().enumerate() {
+        if n != 0 {
+            l2s.push((c as u64, counts.get(c as u64)));
+        }
+    }
+    counts.v.fill(0);
+    counts.big.clear();
+    // Pass 2: every reference, each L2 table read once.
     let inc_range = |counts: &mut Counts, off: u64, len: u64| -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -570,57 +672,46 @@ pub(crate) fn rebuild_refcounts(
         Ok(())
     };
     inc_range(&mut counts, 0, cs)?;
-    inc_range(&mut counts, hdr.l1_table_offset, u64::from(hdr.l1_size) * 8)?;
     if hdr.nb_snapshots > 0 {
         let len = snapshot_table_len(file, hdr, file_len)?;
         inc_range(&mut counts, hdr.snapshots_offset, len)?;
     }
+    for (off, size) in tables {
+        inc_range(&mut counts, off, u64::from(size) * 8)?;
+    }
+    let mut l2buf = vec![0u8; cs as usize];
+    for &(c, m) in &l2s {
+        counts.add(c, m)?;
+        let off = c << cb;
+        if is_hole(file, off, cs) {
+            continue;
+        }
+        file.read_at(&mut l2buf, off)
+            .map_err(io("cannot read a table from"))?;
+        for e in decode_table(&l2buf) {
+            match L2Entry::decode(e, cb)? {
+                L2Entry::Normal { host, .. }
+                | L2Entry::Zero {
+                    prealloc: Some(host),
+                    ..
+                } => counts.add(host >> cb, m)?,
+                L2Entry::Compressed { host, len } => {
+                    for h in compressed_clusters(host, len, cb) {
+                        counts.add(h, m)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    drop(l2s);
     let read_table = |off: u64, bytes: u64| -> Result<Vec<u64>> {
         let mut buf = vec![0u8; bytes as usize];
         file.read_at(&mut buf, off)
             .map_err(io("cannot read a table from"))?;
         Ok(decode_table(&buf))
     };
-    let active_l1 = read_table(hdr.l1_table_offset, u64::from(hdr.l1_size) * 8)?;
-    let mut l1s = vec![active_l1.clone()];
-    for s in snapshots {
-        inc_range(&mut counts, s.l1_table_offset, u64::from(s.l1_size) * 8)?;
-        l1s.push(read_table(s.l1_table_offset, u64::from(s.l1_size) * 8)?);
-    }
-    let check_l2_off = |raw: u64| -> Result<u64> {
-        if raw & L1E_RESERVED_MASK != 0 {
-            return Err(corrupt(format!("L1 entry {raw:#x} has reserved bits set")));
-        }
-        let off = raw & L1E_OFFSET_MASK;
-        if off != 0 && (!off.is_multiple_of(cs) || off >= file_len) {
-            return Err(corrupt(format!("L1 entry {raw:#x} is invalid")));
-        }
-        Ok(off)
-    };
-    for l1 in &l1s {
-        for &raw in l1 {
-            let off = check_l2_off(raw)?;
-            if off == 0 {
-                continue;
-            }
-            counts.inc(off >> cb)?;
-            for e in read_table(off, cs)? {
-                match L2Entry::decode(e, cb)? {
-                    L2Entry::Normal { host, .. }
-                    | L2Entry::Zero {
-                        prealloc: Some(host),
-                        ..
-                    } => counts.inc(host >> cb)?,
-                    L2Entry::Compressed { host, len } => {
-                        for c in compressed_clusters(host, len, cb) {
-                            counts.inc(c)?;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
+
     // New refcount structures past the end: k blocks covering clusters [0, total), then the
     // table.
     let rbe = hdr.refcount_block_entries();
@@ -684,7 +775,7 @@ pub(crate) fn rebuild_refcounts(
 
     // COPIED flags of the active tables ("only accurate in the active L1 table"): set exactly
     // when the refcount is one.
-    let mut l1 = active_l1;
+    let mut l1 = read_table(hdr.l1_table_offset, u64::from(hdr.l1_size) * 8)?;
     let mut l1_changed = false;
     for raw in l1.iter_mut() {
         let off = *raw & L1E_OFFSET_MASK;
@@ -695,6 +786,19 @@ pub(crate) fn rebuild_refcounts(
         if want != (*raw & L2E_COPIED != 0) {
             *raw ^= L2E_COPIED;
             l1_changed = true;
+        }
+    }
+    // Each distinct L2 table of the active L1 once.
+    let mut active_l2: Vec<u64> = l1
+        .iter()
+        .map(|raw| raw & L1E_OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    active_l2.sort_unstable();
+    active_l2.dedup();
+    for off in active_l2 {
+        if is_hole(file, off, cs) {
+            continue;
         }
         let mut t = read_table(off, cs)?;
         let mut changed = false;

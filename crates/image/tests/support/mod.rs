@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use xdisk_image::{CacheMode, Image, OpenOptions};
+use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 
 /// A temporary directory on a filesystem that takes O_DIRECT (/var/tmp, not tmpfs).
 pub fn tmpdir(prefix: &str) -> tempfile::TempDir {
@@ -63,11 +63,26 @@ pub fn qemu_read_all(path: &Path, scratch: &Path) -> Vec<u8> {
     data
 }
 
-/// Opens an image read-write with the given cache mode (other options default).
+/// The format of a test image, as the operator would give it (a probed image does not open
+/// its backing file).
+pub fn format_of(path: &Path) -> Format {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let ok = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    if ok.is_ok() && head == *b"QFI\xfb" {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    }
+}
+
+/// Opens an image read-write with the given cache mode and its format given (other options
+/// default).
 pub fn open(path: &Path, cache: CacheMode) -> Arc<Image> {
     Image::open(
         path,
         &OpenOptions {
+            format: Some(format_of(path)),
             cache,
             ..OpenOptions::default()
         },

@@ -11,6 +11,8 @@ use crate::buf::IoBuf;
 use crate::cache::AioKind;
 
 mod common;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod native;
 mod threads;
 mod uring;
@@ -109,12 +111,43 @@ pub trait Engine<B: IoBuf>: Send {
     fn in_flight(&self) -> usize;
     /// Maximum operations in flight.
     fn capacity(&self) -> usize;
+    /// Cancels what can be cancelled and waits until no operation is in flight, appending
+    /// their completions to `out`. An error means operations may still be in flight: the
+    /// kernel may still read or write their buffers, so the caller must never free those
+    /// buffers (leak them) and should fail the device. Engines leak their own bookkeeping
+    /// in that case when dropped.
+    fn settle(&mut self, out: &mut Vec<Completion<B>>) -> io::Result<()> {
+        while self.in_flight() > 0 {
+            let before = self.in_flight();
+            let got = self.reap(out, before, None)?;
+            if got == 0 && self.in_flight() >= before {
+                return Err(io::Error::other(format!(
+                    "{} operations in flight make no progress",
+                    self.in_flight()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Builds the engine asked for. When io_uring is unavailable (disabled by
 /// `/proc/sys/kernel/io_uring_disabled`, refused by seccomp, too old a kernel) falls back to
 /// native AIO, then threads, with a log line, never an error. Returns the engine built.
+///
+/// Built with the `fault-injection` feature, every engine is wrapped in a
+/// [`fault::FaultyEngine`] that applies the [`fault::FaultPlan`] registered for an op's fd.
 pub fn open_engine<B: IoBuf>(kind: AioKind, cfg: &EngineConfig) -> io::Result<Box<dyn Engine<B>>> {
+    let engine = open_engine_inner(kind, cfg)?;
+    #[cfg(feature = "fault-injection")]
+    let engine: Box<dyn Engine<B>> = Box::new(fault::FaultyEngine::registered(engine));
+    Ok(engine)
+}
+
+fn open_engine_inner<B: IoBuf>(
+    kind: AioKind,
+    cfg: &EngineConfig,
+) -> io::Result<Box<dyn Engine<B>>> {
     if kind == AioKind::IoUring {
         match UringEngine::new(cfg) {
             Ok(e) => return Ok(Box::new(e)),

@@ -412,16 +412,15 @@ impl<B: IoBuf> Engine<B> for UringEngine<B> {
     fn capacity(&self) -> usize {
         self.slab.capacity()
     }
+
+    fn settle(&mut self, out: &mut Vec<Completion<B>>) -> io::Result<()> {
+        self.settle_all(out)
+    }
 }
 
-impl<B: IoBuf> Drop for UringEngine<B> {
-    /// Cancels what can be cancelled and waits for every operation to complete before the
-    /// buffers are freed (the kernel may be writing into them until their CQE).
-    fn drop(&mut self) {
-        if self.slab.len() == 0 {
-            return;
-        }
-        let mut sink = Vec::new();
+impl<B: IoBuf> UringEngine<B> {
+    /// Queues an IORING_OP_ASYNC_CANCEL for every operation in flight (best effort).
+    fn cancel_all(&mut self) {
         let keys: Vec<usize> = self.slab.keys().collect();
         for key in keys {
             let cancel = opcode::AsyncCancel::new(key as u64)
@@ -433,18 +432,37 @@ impl<B: IoBuf> Drop for UringEngine<B> {
             // SAFETY: a cancel SQE references no memory.
             let _ = unsafe { self.ring.submission().push(&cancel) };
         }
+    }
+
+    /// [`Engine::settle`]: cancels what can be cancelled, then waits for every CQE.
+    fn settle_all(&mut self, out: &mut Vec<Completion<B>>) -> io::Result<()> {
+        if self.slab.len() == 0 {
+            return Ok(());
+        }
+        self.cancel_all();
         while self.slab.len() > 0 {
-            if let Err(e) = self.enter(1) {
-                tracing::error!(
-                    "io_uring: waiting for in-flight operations failed ({e}); leaking {} buffers",
-                    self.slab.len()
-                );
-                // Never free memory the kernel may still write to.
-                let slab = std::mem::replace(&mut self.slab, Slab::with_capacity(0));
-                std::mem::forget(slab);
-                return;
-            }
-            self.drain(&mut sink);
+            self.enter(1)?;
+            self.drain(out);
+        }
+        Ok(())
+    }
+}
+
+impl<B: IoBuf> Drop for UringEngine<B> {
+    /// Cancels what can be cancelled and waits for every operation to complete before the
+    /// buffers are freed (the kernel may be writing into them until their CQE). If that wait
+    /// fails, the slab (the ops' buffers and iovec arrays) is leaked, never freed; the owner
+    /// of the memory the buffers point into must leak it too (see [`Engine::settle`]).
+    fn drop(&mut self) {
+        let mut sink = Vec::new();
+        if let Err(e) = self.settle_all(&mut sink) {
+            tracing::error!(
+                "io_uring: waiting for in-flight operations failed ({e}); leaking {} buffers",
+                self.slab.len()
+            );
+            // Never free memory the kernel may still write to.
+            let slab = std::mem::replace(&mut self.slab, Slab::with_capacity(0));
+            std::mem::forget(slab);
         }
     }
 }

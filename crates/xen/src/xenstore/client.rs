@@ -72,9 +72,18 @@ pub struct WatchEvent {
 
 type ReplySlot = SyncSender<Message>;
 
+/// A callback that receives watch events ([`Client::watch_with_callback`]).
+pub type WatchCallback = Arc<dyn Fn(WatchEvent) + Send + Sync>;
+
+/// Where the events of one watch go.
+enum Sink {
+    Channel(Sender<WatchEvent>),
+    Callback(WatchCallback),
+}
+
 struct Demux {
     pending: HashMap<u32, ReplySlot>,
-    watches: HashMap<String, Sender<WatchEvent>>,
+    watches: HashMap<String, Sink>,
     /// Why the connection is closed, once it is.
     closed: Option<String>,
 }
@@ -203,9 +212,10 @@ impl Inner {
             };
             let d = lock(&self.demux);
             match d.watches.get(&ev.token) {
-                Some(tx) => {
+                Some(Sink::Channel(tx)) => {
                     let _ = tx.send(ev);
                 }
+                Some(Sink::Callback(f)) => f(ev),
                 None => tracing::debug!(?ev, "xenstore watch event for an unknown token dropped"),
             }
             return;
@@ -601,6 +611,23 @@ impl Client {
         token: &str,
         events: Sender<WatchEvent>,
     ) -> Result<(), Error> {
+        self.watch_with_sink(path, token, Sink::Channel(events))
+    }
+
+    /// Sets a watch whose events are handed to `callback`, on the connection's reader thread
+    /// and under its dispatch lock: the callback must be quick and must not call this client.
+    /// Unlike a channel it lets the subscriber coalesce events, so that a peer firing a watch
+    /// in a loop costs no memory (XSA-349). Remove it with [`Client::unwatch`].
+    pub fn watch_with_callback(
+        &self,
+        path: &str,
+        token: &str,
+        callback: WatchCallback,
+    ) -> Result<(), Error> {
+        self.watch_with_sink(path, token, Sink::Callback(callback))
+    }
+
+    fn watch_with_sink(&self, path: &str, token: &str, events: Sink) -> Result<(), Error> {
         {
             let mut d = lock(&self.inner.demux);
             if d.watches.contains_key(token) {

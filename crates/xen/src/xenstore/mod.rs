@@ -19,7 +19,9 @@ pub mod server;
 mod transport;
 pub mod wire;
 
-pub use client::{Client, Error, Transaction, Watch, WatchEvent, DEFAULT_TIMEOUT, MAX_TX_RETRIES};
+pub use client::{
+    Client, Error, Transaction, Watch, WatchCallback, WatchEvent, DEFAULT_TIMEOUT, MAX_TX_RETRIES,
+};
 pub use server::{parse_message, Config, MessageError, ParsedMessage, Server};
 pub use transport::{Transport, XenbusDevice, DEFAULT_DEVICE_PATH, DEFAULT_SOCKET_PATH};
 pub use wire::{Access, DomId, Errno, Header, MsgType, Perm, Request};
