@@ -321,8 +321,9 @@ pub fn run(a: BootArgs) -> Result<i32> {
         }
         None => PathBuf::from(DEFAULT_OUTPUT_DIR),
     };
-    let interactive = !a.quiet && a.entry.is_none() && !a.list_entries || a.interactive && !a.quiet;
-    if a.runas.is_some() && interactive {
+    // pygrub's rule: interactive unless -q or --entry; --runas (a non-root uid) needs that.
+    let interactive = !a.quiet && a.entry.is_none();
+    if a.runas.is_some_and(|u| u != 0) && interactive {
         eprintln!("In order to use --runas, you must also set --entry or -q");
         return Ok(1);
     }
@@ -402,7 +403,7 @@ pub fn run(a: BootArgs) -> Result<i32> {
             );
         }
     }
-    if interactive && req.kernel.is_none() && std::io::stdin().is_terminal() {
+    if interactive && !a.list_entries && req.kernel.is_none() && std::io::stdin().is_terminal() {
         if let (Some((_, cfg)), Some(sel)) = (&choice.found.config, choice.entry) {
             let picked = crate::boot_menu::run(cfg, sel)?;
             if picked != sel {

@@ -163,17 +163,31 @@ pub fn run(cfg: &BootConfig, default: usize) -> Result<usize> {
         redraw = true;
         pending.extend_from_slice(&buf[..got]);
         while !pending.is_empty() {
-            if pending.starts_with(b"\x1b[A") || pending[0] == b'k' {
+            // Arrows: ESC [ A/B, or ESC O A/B from a terminal left in keypad (application)
+            // mode, as curses programs (pygrub among them) leave it.
+            let arrow = |k: u8| {
+                pending.len() >= 3
+                    && pending[0] == 0x1b
+                    && matches!(pending[1], b'[' | b'O')
+                    && pending[2] == k
+            };
+            if arrow(b'A') {
                 sel = sel.saturating_sub(1);
-                pending.drain(..if pending[0] == b'k' { 1 } else { 3 });
-            } else if pending.starts_with(b"\x1b[B") || pending[0] == b'j' {
+                pending.drain(..3);
+            } else if arrow(b'B') {
                 sel = (sel + 1).min(n - 1);
-                pending.drain(..if pending[0] == b'j' { 1 } else { 3 });
+                pending.drain(..3);
+            } else if pending[0] == b'k' {
+                sel = sel.saturating_sub(1);
+                pending.remove(0);
+            } else if pending[0] == b'j' {
+                sel = (sel + 1).min(n - 1);
+                pending.remove(0);
             } else if pending[0] == b'\r' || pending[0] == b'\n' {
                 let _ = out.write_all(b"\r\n");
                 return Ok(sel);
-            } else if pending[0] == 0x1b && pending.len() < 3 {
-                break; // an escape sequence still arriving
+            } else if matches!(&pending[..], [0x1b] | [0x1b, b'['] | [0x1b, b'O']) {
+                break; // the start of an arrow key, the rest still arriving
             } else {
                 pending.remove(0);
             }

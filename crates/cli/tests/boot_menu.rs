@@ -527,7 +527,6 @@ fn guest_titles_cannot_send_escape_sequences_to_the_console() {
 /// loaded dom0), the menu's read() blocks until a key arrives: nobody typing, the countdown
 /// never ends and the guest never boots. pygrub's curses waits with poll(), unaffected.
 #[test]
-#[ignore = "bug in crates/cli/src/boot_menu.rs: the countdown relies on VTIME, which libxl resets"]
 fn the_countdown_ends_when_libxl_sets_raw_mode_late() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 1);
@@ -552,7 +551,6 @@ fn the_countdown_ends_when_libxl_sets_raw_mode_late() {
 /// after it boots. boot_menu.rs waits for 3 bytes after any ESC, so Enter is swallowed and the
 /// menu (its countdown stopped) waits for ever.
 #[test]
-#[ignore = "bug in crates/cli/src/boot_menu.rs: a lone ESC swallows the next two keys"]
 fn a_lone_escape_does_not_swallow_enter() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 5);
@@ -571,7 +569,6 @@ fn a_lone_escape_does_not_swallow_enter() {
 /// The arrows in VT100 application cursor mode (ESC O A/B: what the user's terminal sends
 /// after pygrub, or any curses program, left it in keypad transmit mode) move like ESC [ A/B.
 #[test]
-#[ignore = "missing in crates/cli/src/boot_menu.rs: ESC O A/B are ignored"]
 fn application_mode_arrows_move_too() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 5);

@@ -320,15 +320,18 @@ impl ImageFile {
         if !self.cache.honours_flush() {
             return Ok(());
         }
-        let r = (|| {
-            #[cfg(feature = "fault-injection")]
-            self.injected(crate::fault::Class::Flush, 0)?;
-            self.file.sync_data()
-        })();
+        let r = self.sync_data();
         if let Err(e) = &r {
             self.mark_broken(e);
         }
         r
+    }
+
+    /// fdatasync (or the injected fault planned for it).
+    fn sync_data(&self) -> io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        self.injected(crate::fault::Class::Flush, 0)?;
+        self.file.sync_data()
     }
 
     /// Deallocates a range (the range then reads as zeroes). Regular files: fallocate
