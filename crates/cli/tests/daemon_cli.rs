@@ -38,10 +38,19 @@ fn serve_attach_stat_detach_on_the_simulation() {
     assert!(!ok);
     assert!(err.contains("daemon is not running"), "{err}");
 
+    // Logs as JSON lines (the structured fields of each device's events are checked below).
+    let log = dir.path().join("serve.log");
     let mut serve = xdisk()
-        .args(["serve", "--platform=sim", "--control", sock_s])
+        .env("XDISK_LOG", "info")
+        .args([
+            "--log-format=json",
+            "serve",
+            "--platform=sim",
+            "--control",
+            sock_s,
+        ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let until = Instant::now() + Duration::from_secs(20);
@@ -98,6 +107,17 @@ fn serve_attach_stat_detach_on_the_simulation() {
     };
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "the control socket is removed");
+    // Every event of a device names it: domid, devid, backend type, image.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let stopped = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "stopped")
+        .unwrap_or_else(|| panic!("no 'stopped' event in the JSON log:\n{text}"));
+    assert_eq!(stopped["span"]["domid"], 1, "{stopped}");
+    assert_eq!(stopped["span"]["devid"], 51712, "{stopped}");
+    assert_eq!(stopped["span"]["image"], img_s, "{stopped}");
+    assert_eq!(stopped["span"]["device"], "qdisk/1/51712", "{stopped}");
 }
 
 /// dist/systemd/xdisk.service is `Type=notify`: the daemon tells systemd READY=1 once its

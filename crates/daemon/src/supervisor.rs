@@ -606,6 +606,17 @@ impl Inner {
 
     /// The host thread of one device.
     fn host(self: Arc<Self>, entry: Arc<Entry>, stop: Receiver<()>) {
+        // Every event of this device carries its identity (journal fields DEVICE, DOMID,
+        // DEVID, BACKEND_TYPE, IMAGE under journald; JSON keys with --log-format=json).
+        let span = tracing::info_span!(
+            "device",
+            device = %entry.key.name(),
+            domid = entry.key.domid,
+            devid = entry.key.devid,
+            backend_type = %entry.key.backend_type,
+            image = tracing::field::Empty,
+        );
+        let _guard = span.enter();
         let r = catch_unwind(AssertUnwindSafe(|| self.serve(&entry, &stop)));
         // The device is gone whatever happened (a panic unwinding through `serve` dropped
         // it, which shut it down). Taken out first: the lock must not be held across the
@@ -697,6 +708,7 @@ impl Inner {
         {
             let mut s = lock(&entry.status);
             s.image = Some(spec.path.display().to_string());
+            tracing::Span::current().record("image", tracing::field::display(spec.path.display()));
             s.format = Some(image.format().as_str().to_owned());
             s.read_only = image.read_only();
             s.cache = Some(cache.to_string());
