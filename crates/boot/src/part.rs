@@ -11,6 +11,7 @@
 //! ISO ("CD001" at 0x8001) is read at offset 0 first (pygrub meant to; its bytes-vs-str test
 //! never matches under Python 3).
 
+use crate::bytes::{le32, le64};
 use crate::disk::ReadAt;
 use crate::{Error, Result};
 
@@ -44,22 +45,6 @@ pub struct Partition {
 }
 
 const SECTOR: u64 = 512;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        v.copy_from_slice(s);
-    }
-    u32::from_le_bytes(v)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        v.copy_from_slice(s);
-    }
-    u64::from_le_bytes(v)
-}
 
 fn read(disk: &dyn ReadAt, offset: u64, len: usize) -> Result<Vec<u8>> {
     crate::disk::read_vec(disk, offset, len)

@@ -4,9 +4,12 @@
 //! simple format. A small python3 script (scripts/setup installs python3) holds the pty's
 //! master side: tests must not use unsafe, so no openpty here.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
+
+mod boot_support;
+
+use boot_support::{blob, disk, mkfs_ext};
 
 const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
 
@@ -155,79 +158,6 @@ fn pty_run(
     }
 }
 
-fn run(cmd: &mut Command, pkg: &str) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (install Debian's {pkg})"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Deterministic pseudo-random bytes (a fake kernel or ramdisk with a recognisable content).
-fn blob(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn mkfs_ext4(root: &Path, out: &Path, mib: u64) {
-    std::fs::File::create(out)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(root)
-            .arg(out),
-        "e2fsprogs",
-    );
-}
-
-/// An MBR disk with one Linux partition at sector 2048 holding `fs`.
-fn mbr_disk(dir: &Path, fs: &Path, mib: u64) -> PathBuf {
-    let img = dir.join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    let sectors = std::fs::metadata(fs).unwrap().len() / 512;
-    let mut child = Command::new("sfdisk")
-        .arg("-q")
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("sfdisk (Debian's fdisk)");
-    let script = format!("label: dos\nstart=2048, size={sectors}, type=83\n");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk {script}");
-    run(
-        Command::new("dd")
-            .arg(format!("if={}", fs.display()))
-            .arg(format!("of={}", img.display()))
-            .args(["bs=512", "conv=notrunc,sparse", "status=none", "seek=2048"]),
-        "coreutils",
-    );
-    img
-}
-
 const KVER: &str = "6.1.0-99-amd64";
 const ARGS0: &str = "root=UUID=1234 ro quiet";
 const ARGS1: &str = "root=/dev/xvda2 ro console=hvc0";
@@ -270,8 +200,13 @@ fn disk_with_cfg(dir: &Path, cfg: &str) -> (PathBuf, Vec<u8>, Vec<u8>) {
         std::fs::write(&f, data).unwrap();
     }
     let fs = dir.join("root.ext4");
-    mkfs_ext4(&root, &fs, 16);
-    (mbr_disk(dir, &fs, 20), k, r)
+    mkfs_ext("ext4", &root, &fs, 16);
+    let sectors = std::fs::metadata(&fs).unwrap().len() / 512;
+    (
+        disk(dir, "dos", &[(2048, Some(&fs), "83", sectors)], 20),
+        k,
+        r,
+    )
 }
 
 /// libxl's command line: the result in a pre-created file, simple format.

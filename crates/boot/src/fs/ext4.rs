@@ -20,6 +20,7 @@
 use std::sync::Arc;
 
 use super::{FileSystem, Inodes, NodeKind, Walk};
+use crate::bytes::{le16, le32};
 use crate::disk::ReadAt;
 use crate::{Error, Limits, Result};
 
@@ -84,22 +85,6 @@ const EXTENT_MAGIC: u16 = 0xF30A;
 const EXTENT_MAX_DEPTH: u16 = 5;
 /// An extent longer than this is uninitialized (reads as zeros), ee_len - 32768 blocks.
 const EXTENT_INIT_MAX: u16 = 32768;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    let mut v = [0u8; 2];
-    if let Some(s) = b.get(at..at + 2) {
-        v.copy_from_slice(s);
-    }
-    u16::from_le_bytes(v)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        v.copy_from_slice(s);
-    }
-    u32::from_le_bytes(v)
-}
 
 fn corrupt(what: impl Into<String>) -> Error {
     Error::corrupt(FS, what)

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use super::{Inodes, NodeKind};
+use crate::bytes::{le16, le32};
 use crate::disk::ReadAt;
 use crate::{Error, Result};
 
@@ -37,22 +38,6 @@ pub enum FatType {
     Fat12,
     Fat16,
     Fat32,
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    let mut v = [0u8; 2];
-    if let Some(s) = b.get(at..at + 2) {
-        v.copy_from_slice(s);
-    }
-    u16::from_le_bytes(v)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        v.copy_from_slice(s);
-    }
-    u32::from_le_bytes(v)
 }
 
 fn byte(b: &[u8], at: usize) -> u8 {

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{Inodes, NodeKind};
+use crate::bytes::{le16, le32};
 use crate::disk::ReadAt;
 use crate::{Error, Result};
 
@@ -68,22 +69,6 @@ pub fn probe(disk: &dyn ReadAt) -> bool {
 
 fn corrupt(what: impl Into<String>) -> Error {
     Error::corrupt(FS, what)
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at + 2) {
-        Some(s) => u16::from_le_bytes([s[0], s[1]]),
-        None => 0,
-    }
-}
-
-/// The little-endian half of a both-endian or little-endian 32-bit field (ECMA-119 7.3.1,
-/// 7.3.3); 0 if the field is not there.
-fn le32(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at + 4) {
-        Some(s) => u32::from_le_bytes([s[0], s[1], s[2], s[3]]),
-        None => 0,
-    }
 }
 
 /// How names (and file types) are read.

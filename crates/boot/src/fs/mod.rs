@@ -207,6 +207,52 @@ impl<T: Inodes> FileSystem for Walk<T> {
     }
 }
 
+/// Limits small enough for fuzzing and for exercising a hostile filesystem quickly.
+pub fn small_limits() -> Limits {
+    Limits {
+        max_file: 1 << 20,
+        max_config: 64 << 10,
+        max_dir_entries: 64,
+        max_symlinks: 8,
+        max_path_components: 32,
+    }
+}
+
+/// Lists the tree (at most `budget` entries, 8 levels deep) and reads every file in it, plus
+/// a few paths a bootloader asks for: what the fuzz targets do to a filesystem. Errors are
+/// ignored; only panics, hangs and unbounded allocations are bugs here.
+pub fn exercise(fs: &dyn FileSystem, mut budget: u32) {
+    for p in [
+        "/boot/grub/grub.cfg",
+        "/isolinux/isolinux.cfg",
+        "/vmlinuz",
+        "/a/../b/./c",
+        "/../x/../boot/../",
+    ] {
+        let _ = fs.kind(p);
+        let _ = fs.read_file(p, 1 << 20);
+    }
+    let mut todo = vec![("/".to_string(), 0u32)];
+    while let Some((dir, depth)) = todo.pop() {
+        let Ok(names) = fs.read_dir(&dir) else {
+            continue;
+        };
+        for name in names {
+            if budget == 0 {
+                return;
+            }
+            budget -= 1;
+            let path = format!("{}/{name}", dir.trim_end_matches('/'));
+            match fs.kind(&path) {
+                Ok(Some(NodeKind::Dir)) if depth < 8 => todo.push((path, depth + 1)),
+                _ => {
+                    let _ = fs.read_file(&path, 1 << 20);
+                }
+            }
+        }
+    }
+}
+
 /// Opens the filesystem on `disk`: ext2/3/4, XFS, ISO9660, FAT (probed by their magic
 /// numbers in that order). `Ok(None)`: no filesystem we know of is there.
 pub fn open(disk: Arc<dyn ReadAt>, limits: &Limits) -> Result<Option<Box<dyn FileSystem>>> {
