@@ -1,5 +1,7 @@
 //! Opens arbitrary bytes as an image (qcow2 when the magic says so, raw otherwise) and reads
-//! it all, maps it and asks for its block status: errors are fine, panics and hangs are not.
+//! it all, maps it and asks for its block status; then opens it writable (a dirty image gets
+//! repaired, within its memory limit) and writes and flushes a little: errors are fine,
+//! panics and hangs are not.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -31,4 +33,18 @@ fuzz_target!(|data: &[u8]| {
         let _ = img.map(off, n as u64, false, &mut ext);
         off += n as u64;
     }
+    drop(img);
+    // Writable: the open may repair; a small write at the start and at the end, then a flush.
+    let opts = OpenOptions {
+        read_only: false,
+        ..opts
+    };
+    let Ok(img) = Image::open(&path, &opts) else { return };
+    let size = img.size();
+    let buf = vec![0x5au8; 4096];
+    let _ = img.write_at(&buf[..4096.min(size as usize)], 0);
+    if size > 8192 {
+        let _ = img.write_at(&buf[..512], (size - 512) & !511);
+    }
+    let _ = img.flush();
 });
