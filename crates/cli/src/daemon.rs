@@ -543,37 +543,24 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
     Ok(if clean { 0 } else { 1 })
 }
 
-/// `xdisk stat --watch`: a report every `secs` seconds, rates over the interval.
+/// `xdisk stat --watch`: a report every `secs` seconds, each on the interval before it (the
+/// first one after `secs` seconds: no report of totals since start).
 fn stat_watch(a: &StatArgs, secs: f64) -> Result<i32> {
     if !(secs.is_finite() && secs >= 0.1) {
         bail!("--watch: the interval must be at least 0.1 seconds");
     }
     let interval = Duration::from_secs_f64(secs);
-    let signals = Signals::new([SIGINT, SIGTERM]).context("signal handlers")?;
-    let mut signals = signals;
-    let mut prev: Option<(Instant, DaemonStatus)> = None;
-    let mut printed = 0u64;
-    loop {
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("signal handlers")?;
+    let fetch = || -> Result<DaemonStatus> {
         let mut status = daemon_status(&a.control)?;
         if let Some(q) = &a.device {
             status.devices.retain(|d| d.matches(q));
         }
-        let now = Instant::now();
-        // The first report covers the time since each device started (its totals), as
-        // iostat's first report does; it is still printed.
-        print!(
-            "{}",
-            watch_report(
-                prev.as_ref().map(|(t, s)| (now.duration_since(*t), s)),
-                &status
-            )
-        );
-        std::io::Write::flush(&mut std::io::stdout()).ok();
-        printed += 1;
-        if a.count.is_some_and(|n| printed >= n) {
-            return Ok(0);
-        }
-        prev = Some((now, status));
+        Ok(status)
+    };
+    let mut prev = (Instant::now(), fetch()?);
+    let mut printed = 0u64;
+    loop {
         let until = Instant::now() + interval;
         while Instant::now() < until {
             if signals.pending().next().is_some() {
@@ -583,34 +570,39 @@ fn stat_watch(a: &StatArgs, secs: f64) -> Result<i32> {
                 Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
             );
         }
+        let status = fetch()?;
+        let now = Instant::now();
+        print!(
+            "{}",
+            watch_report(now.duration_since(prev.0), &prev.1, &status)
+        );
+        std::io::Write::flush(&mut std::io::stdout()).ok();
+        printed += 1;
+        if a.count.is_some_and(|n| printed >= n) {
+            return Ok(0);
+        }
+        prev = (now, status);
     }
 }
 
-/// One `--watch` report: rates over `prev` (the interval and the previous status), or totals
-/// when there is none.
-fn watch_report(prev: Option<(Duration, &DaemonStatus)>, status: &DaemonStatus) -> String {
+/// One `--watch` report: rates over the interval `dt` since `prev` (a device new since then
+/// counts from zero).
+fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> String {
     use std::fmt::Write as _;
     let mut out = format!(
         "\n{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}\n",
         "Device", "r/s", "w/s", "rMB/s", "wMB/s", "r_await", "w_await", "aqu-sz", "inflight"
     );
+    let dt = dt.as_secs_f64().max(1e-3);
+    let zero = xdisk_daemon::status::Counters::default();
     for d in &status.devices {
         let c = &d.counters;
-        let before = prev.and_then(|(_, p)| p.devices.iter().find(|x| x.name == d.name));
-        let z = xdisk_daemon::status::Counters::default();
-        let b = before.map_or(&z, |x| &x.counters);
-        let dt = match (prev, before) {
-            (Some((dt, _)), Some(_)) => dt.as_secs_f64().max(1e-3),
-            _ => 0.0,
-        };
-        let rate = |now: u64, was: u64| -> f64 {
-            let n = now.saturating_sub(was) as f64;
-            if dt > 0.0 {
-                n / dt
-            } else {
-                n
-            }
-        };
+        let b = prev
+            .devices
+            .iter()
+            .find(|x| x.name == d.name)
+            .map_or(&zero, |x| &x.counters);
+        let rate = |now: u64, was: u64| -> f64 { now.saturating_sub(was) as f64 / dt };
         let await_ms = |sum: u64, sum0: u64, n: u64, n0: u64| -> f64 {
             let n = n.saturating_sub(n0);
             if n == 0 {
@@ -619,14 +611,14 @@ fn watch_report(prev: Option<(Duration, &DaemonStatus)>, status: &DaemonStatus) 
                 sum.saturating_sub(sum0) as f64 / n as f64 / 1000.0
             }
         };
-        let lat_sum =
-            |c: &xdisk_daemon::status::Counters| c.rd_lat.sum_us + c.wr_lat.sum_us + c.f_lat.sum_us;
-        // Little's law: time spent by requests in the interval / the interval.
-        let aqu = if dt > 0.0 {
-            lat_sum(c).saturating_sub(lat_sum(b)) as f64 / 1e6 / dt
-        } else {
-            0.0
+        let lat_sum = |c: &xdisk_daemon::status::Counters| {
+            c.rd_lat
+                .sum_us
+                .saturating_add(c.wr_lat.sum_us)
+                .saturating_add(c.f_lat.sum_us)
         };
+        // Little's law: time spent by requests in the interval / the interval.
+        let aqu = lat_sum(c).saturating_sub(lat_sum(b)) as f64 / 1e6 / dt;
         let name = d
             .vdev
             .as_deref()
@@ -656,4 +648,70 @@ fn watch_report(prev: Option<(Duration, &DaemonStatus)>, status: &DaemonStatus) 
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xdisk_daemon::status::{Counters, DeviceStatus, Phase};
+
+    fn status(c: Counters) -> DaemonStatus {
+        DaemonStatus {
+            pid: 1,
+            version: "0".into(),
+            platform: "sim".into(),
+            backend_domid: 0,
+            backend_types: vec!["qdisk".into()],
+            domains: None,
+            attach_frontend_domid: 0,
+            xenstore_path: None,
+            devices: vec![DeviceStatus {
+                name: "qdisk/1/51712".into(),
+                backend_type: "qdisk".into(),
+                frontend_domid: 1,
+                devid: 51712,
+                vdev: Some("xvda".into()),
+                backend_path: String::new(),
+                frontend_path: None,
+                image: None,
+                format: None,
+                read_only: false,
+                cache: None,
+                phase: Phase::Running,
+                xenbus_state: None,
+                size: None,
+                error: None,
+                counters: c,
+            }],
+        }
+    }
+
+    #[test]
+    fn watch_report_rates_and_await() {
+        let before = status(Counters::default());
+        let mut c = Counters {
+            rd_req: 200,
+            rd_sect: 4096,
+            wr_req: 10,
+            in_flight: 3,
+            ..Counters::default()
+        };
+        c.rd_lat.count = 200;
+        c.rd_lat.sum_us = 100_000; // 0.5 ms each
+        c.wr_lat.count = 10;
+        c.wr_lat.sum_us = 20_000; // 2 ms each
+        let r = watch_report(Duration::from_secs(2), &before, &status(c));
+        let line = r
+            .lines()
+            .find(|l| l.starts_with("qdisk/1/51712 (xvda)"))
+            .unwrap();
+        let f: Vec<&str> = line.split_whitespace().skip(2).collect();
+        // r/s w/s rMB/s wMB/s r_await w_await aqu-sz inflight
+        assert_eq!(
+            f,
+            ["100.0", "5.0", "1.05", "0.00", "0.50", "2.00", "0.06", "3"],
+            "{r}"
+        );
+        assert!(r.contains("r_await"), "{r}");
+    }
 }
