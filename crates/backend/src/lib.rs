@@ -32,4 +32,4 @@ pub use config::{
 };
 pub use device::Device;
 pub use error::{Error, Result};
-pub use stats::DeviceStats;
+pub use stats::{DeviceStats, Histogram, LATENCY_BOUNDS_US, LATENCY_BUCKETS};

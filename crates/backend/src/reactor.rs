@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use xdisk_blkif::ring::ParsedRequest;
 use xdisk_blkif::wire::{
@@ -123,6 +123,8 @@ struct Pending {
     fseq: u64,
     segs: Vec<Segment>,
     has_data: bool,
+    /// When it was consumed (the reactor's clock then), for the latency histograms.
+    start: Instant,
 }
 
 pub(crate) struct Reactor<D: DataPath> {
@@ -154,6 +156,9 @@ pub(crate) struct Reactor<D: DataPath> {
     indirect_pages: Vec<[u8; PAGE_SIZE]>,
     /// Segment lists of finished requests, for reuse.
     spare_segs: Vec<Vec<Segment>>,
+    /// The time of the current batch: read once per batch of requests consumed and once per
+    /// batch of completions (the latency histograms cost no clock read per request).
+    clock: Instant,
 }
 
 fn io_status(r: &xdisk_image::Result<()>) -> Status {
@@ -190,6 +195,7 @@ impl<D: DataPath> Reactor<D> {
             stopping: false,
             indirect_pages: Vec::new(),
             spare_segs: Vec::new(),
+            clock: Instant::now(),
         }
     }
 
@@ -287,6 +293,9 @@ impl<D: DataPath> Reactor<D> {
         self.ring.begin_batch()?;
         let mut got = 0;
         while let Some(parsed) = self.ring.next_request()? {
+            if got == 0 {
+                self.clock = Instant::now();
+            }
             got += 1;
             add(&self.counters.in_flight, 1);
             self.handle(parsed);
@@ -456,6 +465,16 @@ impl<D: DataPath> Reactor<D> {
         if self.barrier == Some(idx) {
             self.barrier = None;
         }
+        let hist = match p.kind {
+            Kind::Read => Some(&self.counters.rd_lat),
+            Kind::Write => Some(&self.counters.wr_lat),
+            Kind::Flush | Kind::Barrier => Some(&self.counters.f_lat),
+            Kind::Discard { .. } => None,
+        };
+        if let Some(h) = hist {
+            let us = self.clock.saturating_duration_since(p.start).as_micros();
+            h.record(u64::try_from(us).unwrap_or(u64::MAX));
+        }
         self.answer(p.id, p.op, status);
     }
 
@@ -487,6 +506,7 @@ impl<D: DataPath> Reactor<D> {
             fseq: 0,
             segs,
             has_data: true,
+            start: self.clock,
         });
         if !self.submit_data(idx) {
             self.finish_entry(idx, Status::Error);
@@ -571,6 +591,7 @@ impl<D: DataPath> Reactor<D> {
             fseq,
             segs: io.segments.as_slice().to_vec(),
             has_data,
+            start: self.clock,
         });
         if kind == Kind::Barrier {
             // Consumption stops until the barrier is answered; run_deferred starts it once
@@ -618,6 +639,7 @@ impl<D: DataPath> Reactor<D> {
             fseq: 0,
             segs: Vec::new(),
             has_data: false,
+            start: self.clock,
         });
         self.writes.insert(wseq);
         self.submitted += 1;
@@ -675,6 +697,9 @@ impl<D: DataPath> Reactor<D> {
             if block { None } else { Some(Duration::ZERO) },
         );
         let n = done.len();
+        if n > 0 {
+            self.clock = Instant::now();
+        }
         for d in done.drain(..) {
             self.completed(d);
         }

@@ -53,6 +53,69 @@ pub struct DeviceStats {
     /// Queues that did not stop within the teardown bound and finished after the device had
     /// moved on (their I/O in flight kept them, and their mappings, alive).
     pub lingering_queues: u64,
+    /// Latency of reads, from consumption off the ring to the response (as the backend
+    /// sees it).
+    pub rd_lat: Histogram,
+    /// Latency of writes.
+    pub wr_lat: Histogram,
+    /// Latency of flushes and barriers.
+    pub f_lat: Histogram,
+}
+
+/// Upper bounds (inclusive, microseconds) of the latency buckets: 1-2-5 per decade, from
+/// 10 µs to 10 s; a last bucket (`+Inf`) takes the rest.
+pub const LATENCY_BOUNDS_US: [u64; 19] = [
+    10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000,
+    500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000,
+];
+
+/// Number of buckets: one per bound and `+Inf`.
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// A snapshot of a latency histogram: per-bucket counts (not cumulative; bucket `i` holds
+/// the latencies in `(LATENCY_BOUNDS_US[i-1], LATENCY_BOUNDS_US[i]]`, the last one the rest),
+/// their sum in microseconds and their count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Histogram {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+/// The bucket of a latency in microseconds.
+pub fn latency_bucket(us: u64) -> usize {
+    LATENCY_BOUNDS_US.partition_point(|&b| b < us)
+}
+
+/// A latency histogram updated lock-free (relaxed atomics: the snapshot of a histogram being
+/// updated may be off by the requests completing meanwhile).
+#[derive(Debug, Default)]
+pub(crate) struct AtomicHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub fn record(&self, us: u64) {
+        if let Some(b) = self.buckets.get(latency_bucket(us)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Histogram {
+        let mut h = Histogram {
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+            count: self.count.load(Ordering::Relaxed),
+            ..Histogram::default()
+        };
+        for (d, s) in h.buckets.iter_mut().zip(self.buckets.iter()) {
+            *d = s.load(Ordering::Relaxed);
+        }
+        h
+    }
 }
 
 #[derive(Debug, Default)]
@@ -81,6 +144,9 @@ pub(crate) struct Counters {
     pub lingering_queues: AtomicU64,
     /// The cap on `mappings` (0: none); not a counter.
     pub max_mappings: AtomicU64,
+    pub rd_lat: AtomicHistogram,
+    pub wr_lat: AtomicHistogram,
+    pub f_lat: AtomicHistogram,
 }
 
 pub(crate) fn add(c: &AtomicU64, n: u64) {
@@ -117,6 +183,38 @@ impl Counters {
             events: g(&self.events),
             throttled: g(&self.throttled),
             lingering_queues: g(&self.lingering_queues),
+            rd_lat: self.rd_lat.snapshot(),
+            wr_lat: self.wr_lat.snapshot(),
+            f_lat: self.f_lat.snapshot(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_inclusive_upper_bounds() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(10), 0);
+        assert_eq!(latency_bucket(11), 1);
+        assert_eq!(latency_bucket(10_000_000), LATENCY_BUCKETS - 2);
+        assert_eq!(latency_bucket(10_000_001), LATENCY_BUCKETS - 1);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn histogram_records() {
+        let h = AtomicHistogram::default();
+        h.record(5);
+        h.record(150);
+        h.record(u64::MAX / 2);
+        let s = h.snapshot();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.buckets[0], 1);
+        assert_eq!(s.buckets[4], 1); // 150 µs: (100, 200]
+        assert_eq!(s.buckets[LATENCY_BUCKETS - 1], 1);
+        assert_eq!(s.buckets.iter().sum::<u64>(), 3);
     }
 }

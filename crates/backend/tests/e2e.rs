@@ -68,6 +68,13 @@ fn raw_basic() {
     exercise(&mut p, &disk, 1);
     let s = p.device.stats();
     assert!(s.wr_req > 0 && s.rd_req > 0 && s.f_req > 0, "{s:?}");
+    // Every request answered is in its latency histogram (none is in flight now).
+    assert_eq!(s.rd_lat.count, s.rd_req, "{s:?}");
+    assert_eq!(s.wr_lat.count, s.wr_req, "{s:?}");
+    assert_eq!(s.f_lat.count, s.f_req + s.barrier_req, "{s:?}");
+    for h in [s.rd_lat, s.wr_lat, s.f_lat] {
+        assert_eq!(h.buckets.iter().sum::<u64>(), h.count, "{h:?}");
+    }
     close(p, &host);
 }
 

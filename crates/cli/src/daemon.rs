@@ -1,6 +1,7 @@
 //! `xdisk serve`, `xdisk attach`, `xdisk detach`, `xdisk stat` and `xdisk qemu-shim`: the
 //! command-line side of the xdisk-daemon crate.
 
+use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -15,6 +16,7 @@ use signal_hook::iterator::Signals;
 use xdisk_daemon::attach::{self, AttachOptions};
 use xdisk_daemon::control::{self, ControlServer, DEFAULT_SOCKET};
 use xdisk_daemon::dm;
+use xdisk_daemon::metrics::MetricsServer;
 use xdisk_daemon::params::ParamsDefaults;
 use xdisk_daemon::platform::PlatformKind;
 use xdisk_daemon::qemu::{QemuArgs, QmpServer, QmpState};
@@ -69,6 +71,20 @@ pub struct ServeArgs {
     /// devices outside /proc and /sys; a probed image never opens one).
     #[arg(long = "backing-dirs", value_delimiter = ',')]
     backing_dirs: Vec<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: 127.0.0.1:PORT).
+    /// Default: off.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
+    metrics: Option<SocketAddr>,
+}
+
+/// `ADDR:PORT`, `[v6]:PORT`, `:PORT` or `PORT` (the last two on 127.0.0.1).
+fn parse_metrics_addr(s: &str) -> std::result::Result<SocketAddr, String> {
+    let t = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = t.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|e| format!("{s:?}: {e} (expected ADDR:PORT or PORT)"))
 }
 
 #[derive(Args)]
@@ -126,6 +142,16 @@ pub struct StatArgs {
     /// JSON output.
     #[arg(long)]
     json: bool,
+    /// Report every SECS seconds (default 1) until Ctrl-C, like `iostat -x`: per device
+    /// r/s, w/s, rMB/s, wMB/s, r_await and w_await (ms, mean latency from consumption to
+    /// response over the interval), aqu-sz (mean requests in flight, from the latency sums)
+    /// and in-flight now. No %util: the backend does not know when the disk is busy.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1",
+          conflicts_with = "json")]
+    watch: Option<f64>,
+    /// With --watch: stop after N reports.
+    #[arg(long, value_name = "N", requires = "watch")]
+    count: Option<u64>,
     #[arg(long, default_value = DEFAULT_SOCKET)]
     control: PathBuf,
 }
@@ -235,7 +261,15 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
         s.attach_frontend_domid = attach_domid;
         s
     });
-    let server = ControlServer::start(&a.control, status)?;
+    let server = ControlServer::start(&a.control, status.clone())?;
+    let metrics = match a.metrics {
+        Some(addr) => {
+            let m = MetricsServer::start(addr, status)?;
+            tracing::info!(address = %m.local_addr(), "metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        None => None,
+    };
     let own = sup.platform().domid;
     let serves_own_qdisk = a.backend_types.iter().any(|t| t == "qdisk")
         && (a.domains.is_empty() || a.domains.contains(&own));
@@ -282,6 +316,7 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
             tracing::warn!(error = %e, "could not remove the device-model registration");
         }
     }
+    drop(metrics);
     drop(server);
     drop(guests);
     match Arc::try_unwrap(sup) {
@@ -409,6 +444,9 @@ pub fn detach(a: DetachArgs) -> Result<i32> {
 }
 
 pub fn stat(a: StatArgs) -> Result<i32> {
+    if let Some(secs) = a.watch {
+        return stat_watch(&a, secs);
+    }
     let mut status = daemon_status(&a.control)?;
     if let Some(q) = &a.device {
         status.devices.retain(|d| d.matches(q));
@@ -503,4 +541,177 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
         let _ = std::fs::remove_file(p);
     }
     Ok(if clean { 0 } else { 1 })
+}
+
+/// `xdisk stat --watch`: a report every `secs` seconds, each on the interval before it (the
+/// first one after `secs` seconds: no report of totals since start).
+fn stat_watch(a: &StatArgs, secs: f64) -> Result<i32> {
+    if !(secs.is_finite() && secs >= 0.1) {
+        bail!("--watch: the interval must be at least 0.1 seconds");
+    }
+    let interval = Duration::from_secs_f64(secs);
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("signal handlers")?;
+    let fetch = || -> Result<DaemonStatus> {
+        let mut status = daemon_status(&a.control)?;
+        if let Some(q) = &a.device {
+            status.devices.retain(|d| d.matches(q));
+        }
+        Ok(status)
+    };
+    let mut prev = (Instant::now(), fetch()?);
+    let mut printed = 0u64;
+    loop {
+        let until = Instant::now() + interval;
+        while Instant::now() < until {
+            if signals.pending().next().is_some() {
+                return Ok(0);
+            }
+            std::thread::sleep(
+                Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
+            );
+        }
+        let status = fetch()?;
+        let now = Instant::now();
+        print!(
+            "{}",
+            watch_report(now.duration_since(prev.0), &prev.1, &status)
+        );
+        std::io::Write::flush(&mut std::io::stdout()).ok();
+        printed += 1;
+        if a.count.is_some_and(|n| printed >= n) {
+            return Ok(0);
+        }
+        prev = (now, status);
+    }
+}
+
+/// One `--watch` report: rates over the interval `dt` since `prev` (a device new since then
+/// counts from zero).
+fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "\n{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}\n",
+        "Device", "r/s", "w/s", "rMB/s", "wMB/s", "r_await", "w_await", "aqu-sz", "inflight"
+    );
+    let dt = dt.as_secs_f64().max(1e-3);
+    let zero = xdisk_daemon::status::Counters::default();
+    for d in &status.devices {
+        let c = &d.counters;
+        let b = prev
+            .devices
+            .iter()
+            .find(|x| x.name == d.name)
+            .map_or(&zero, |x| &x.counters);
+        let rate = |now: u64, was: u64| -> f64 { now.saturating_sub(was) as f64 / dt };
+        let await_ms = |sum: u64, sum0: u64, n: u64, n0: u64| -> f64 {
+            let n = n.saturating_sub(n0);
+            if n == 0 {
+                0.0
+            } else {
+                sum.saturating_sub(sum0) as f64 / n as f64 / 1000.0
+            }
+        };
+        let lat_sum = |c: &xdisk_daemon::status::Counters| {
+            c.rd_lat
+                .sum_us
+                .saturating_add(c.wr_lat.sum_us)
+                .saturating_add(c.f_lat.sum_us)
+        };
+        // Little's law: time spent by requests in the interval / the interval.
+        let aqu = lat_sum(c).saturating_sub(lat_sum(b)) as f64 / 1e6 / dt;
+        let name = d
+            .vdev
+            .as_deref()
+            .map_or(d.name.clone(), |v| format!("{} ({v})", d.name));
+        let _ = writeln!(
+            out,
+            "{:<24} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2} {:>8}",
+            name,
+            rate(c.rd_req, b.rd_req),
+            rate(c.wr_req, b.wr_req),
+            rate(c.rd_sect, b.rd_sect) * 512.0 / 1e6,
+            rate(c.wr_sect, b.wr_sect) * 512.0 / 1e6,
+            await_ms(
+                c.rd_lat.sum_us,
+                b.rd_lat.sum_us,
+                c.rd_lat.count,
+                b.rd_lat.count
+            ),
+            await_ms(
+                c.wr_lat.sum_us,
+                b.wr_lat.sum_us,
+                c.wr_lat.count,
+                b.wr_lat.count
+            ),
+            aqu,
+            c.in_flight,
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xdisk_daemon::status::{Counters, DeviceStatus, Phase};
+
+    fn status(c: Counters) -> DaemonStatus {
+        DaemonStatus {
+            pid: 1,
+            version: "0".into(),
+            platform: "sim".into(),
+            backend_domid: 0,
+            backend_types: vec!["qdisk".into()],
+            domains: None,
+            attach_frontend_domid: 0,
+            xenstore_path: None,
+            devices: vec![DeviceStatus {
+                name: "qdisk/1/51712".into(),
+                backend_type: "qdisk".into(),
+                frontend_domid: 1,
+                devid: 51712,
+                vdev: Some("xvda".into()),
+                backend_path: String::new(),
+                frontend_path: None,
+                image: None,
+                format: None,
+                read_only: false,
+                cache: None,
+                phase: Phase::Running,
+                xenbus_state: None,
+                size: None,
+                error: None,
+                counters: c,
+            }],
+        }
+    }
+
+    #[test]
+    fn watch_report_rates_and_await() {
+        let before = status(Counters::default());
+        let mut c = Counters {
+            rd_req: 200,
+            rd_sect: 4096,
+            wr_req: 10,
+            in_flight: 3,
+            ..Counters::default()
+        };
+        c.rd_lat.count = 200;
+        c.rd_lat.sum_us = 100_000; // 0.5 ms each
+        c.wr_lat.count = 10;
+        c.wr_lat.sum_us = 20_000; // 2 ms each
+        let r = watch_report(Duration::from_secs(2), &before, &status(c));
+        let line = r
+            .lines()
+            .find(|l| l.starts_with("qdisk/1/51712 (xvda)"))
+            .unwrap();
+        let f: Vec<&str> = line.split_whitespace().skip(2).collect();
+        // r/s w/s rMB/s wMB/s r_await w_await aqu-sz inflight
+        assert_eq!(
+            f,
+            ["100.0", "5.0", "1.05", "0.00", "0.50", "2.00", "0.06", "3"],
+            "{r}"
+        );
+        assert!(r.contains("r_await"), "{r}");
+    }
 }

@@ -53,7 +53,7 @@ enum Command {
     /// The backend daemon: serves every disk found under this domain's backend/<type>
     /// directories in xenstore.
     #[command(
-        after_long_help = "Examples:\n  xdisk serve --platform=xen --backend-type qdisk --backend-type xdisk --domain 0 \\\n      --control /run/xdisk/control.sock --foreground   # dom0's disk backend (the systemd unit)\n  xdisk serve --platform=xen --backend-type qdisk        # every domain's qdisk disks"
+        after_long_help = "Examples:\n  xdisk serve --platform=xen --backend-type qdisk --backend-type xdisk --domain 0 \\\n      --control /run/xdisk/control.sock --foreground   # dom0's disk backend (the systemd unit)\n  xdisk serve --platform=xen --backend-type qdisk        # every domain's qdisk disks\n  xdisk serve --metrics 9555     # Prometheus metrics on http://127.0.0.1:9555/metrics"
     )]
     Serve(daemon::ServeArgs),
     /// Attaches an image to this domain (dom0) through the daemon; prints its /dev/xvdX.
@@ -64,7 +64,9 @@ enum Command {
     /// Detaches a disk attached with `xdisk attach`.
     Detach(daemon::DetachArgs),
     /// Per-device counters of the running daemon.
-    #[command(after_long_help = "Examples:\n  xdisk stat\n  xdisk stat xvda --json")]
+    #[command(
+        after_long_help = "Examples:\n  xdisk stat\n  xdisk stat xvda --json\n  xdisk stat xvda --watch        # every second, like iostat -x 1\n  xdisk stat --watch 5 --count 3"
+    )]
     Stat(daemon::StatArgs),
     /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
     /// (device_model_override); serves that domain's disks and answers libxl's QMP.

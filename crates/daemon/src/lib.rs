@@ -5,6 +5,7 @@
 //! * [`supervisor`]: watches backend directories in xenstore
 //!   (`/local/domain/<own domid>/backend/<type>/<frontend domid>/<devid>`) and runs one
 //!   [`xdisk_backend::Device`] for each device found there, isolated from the others.
+//! * [`metrics`]: Prometheus metrics of the devices (`xdisk serve --metrics`).
 //! * [`control`]: the daemon's control socket (status and per-device counters, for
 //!   `xdisk stat` and `xdisk attach`).
 //! * [`attach`]: local attach/detach in the backend domain (dom0's own disks), as
@@ -25,6 +26,7 @@ pub mod control;
 pub mod devid;
 pub mod dm;
 pub mod error;
+pub mod metrics;
 pub mod params;
 pub mod platform;
 pub mod qemu;

@@ -1,7 +1,7 @@
 //! What the daemon reports about its devices (control socket, `xdisk stat`).
 
 use serde::{Deserialize, Serialize};
-use xdisk_backend::DeviceStats;
+use xdisk_backend::{DeviceStats, Histogram, LATENCY_BUCKETS};
 
 /// Counters of one device, as Linux blkback's sysfs `statistics/` (`rd_req`, `wr_req`,
 /// `f_req`, `ds_req`, `rd_sect`, `wr_sect`, ...) plus xdisk's own.
@@ -25,6 +25,32 @@ pub struct Counters {
     pub queues: u64,
     pub connects: u64,
     pub protocol_errors: u64,
+    /// Latency of reads, writes, flushes (and barriers), consumption to response.
+    #[serde(default)]
+    pub rd_lat: Latency,
+    #[serde(default)]
+    pub wr_lat: Latency,
+    #[serde(default)]
+    pub f_lat: Latency,
+}
+
+/// A latency histogram: per-bucket counts (not cumulative) over the bounds
+/// [`xdisk_backend::LATENCY_BOUNDS_US`] then `+Inf`, the sum (µs) and the count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latency {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl From<Histogram> for Latency {
+    fn from(h: Histogram) -> Latency {
+        Latency {
+            buckets: h.buckets,
+            sum_us: h.sum_us,
+            count: h.count,
+        }
+    }
 }
 
 impl From<DeviceStats> for Counters {
@@ -48,6 +74,9 @@ impl From<DeviceStats> for Counters {
             queues: s.queues,
             connects: s.connects,
             protocol_errors: s.protocol_errors,
+            rd_lat: s.rd_lat.into(),
+            wr_lat: s.wr_lat.into(),
+            f_lat: s.f_lat.into(),
         }
     }
 }
