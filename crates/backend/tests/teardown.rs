@@ -221,8 +221,14 @@ fn detach_under_load_closes_within_bound() {
         "detach under load: Closed after {closed:?} (lingering queues {}, mappings {})",
         st.lingering_queues, st.mappings
     );
-    // libxl and xdisk detach give a backend 10 s; the device's bound is 2 s.
-    assert!(closed < Duration::from_secs(6), "Closed after {closed:?}");
+    // libxl and xdisk detach give a backend 10 s; the device's bound is 2 s. What this
+    // guards (no timing threshold, the machine may be loaded): the device did not wait for its
+    // queues' I/O — it went Closed quickly, or it left busy queues lingering in the background
+    // (the old code waited for every queue, ~11 s here, and had no lingering queues).
+    assert!(
+        closed < Duration::from_secs(6) || st.lingering_queues > 0,
+        "Closed after {closed:?} without leaving the busy queues behind"
+    );
     // The queues finish in the background and release everything.
     wait_until("queues finished", Duration::from_secs(120), || {
         let st = s.device.stats();
@@ -479,9 +485,9 @@ fn unreadable_frontend_node_fails_the_connection() {
     .unwrap();
     let host_be_state = |s: &str| host.read(&format!("{be}/state")).as_deref() == Some(s);
     gxs.write(&format!("{fe}/state"), "1").unwrap();
-    wait_until("InitWait", Duration::from_secs(10), || host_be_state("2"));
+    wait_until("InitWait", Duration::from_secs(60), || host_be_state("2"));
     gxs.write(&format!("{fe}/state"), "3").unwrap();
-    wait_until("backend reacts", Duration::from_secs(10), || {
+    wait_until("backend reacts", Duration::from_secs(60), || {
         host_be_state("4") || host_be_state("6")
     });
     std::thread::sleep(Duration::from_millis(200));
