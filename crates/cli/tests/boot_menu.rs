@@ -181,6 +181,13 @@ fn grub_cfg(timeout: u32) -> String {
 }
 
 /// A Debian-like MBR disk whose grub.cfg sets `timeout`; returns the disk, kernel, ramdisk.
+/// The bootloader's output directory (made) and the result file libxl pre-creates (a path).
+fn out_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    let out_dir = dir.join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    (out_dir, dir.join("result"))
+}
+
 fn debian_disk(dir: &Path, timeout: u32) -> (PathBuf, Vec<u8>, Vec<u8>) {
     disk_with_cfg(dir, &grub_cfg(timeout))
 }
@@ -273,9 +280,7 @@ fn read_result(output: &Path) -> Result3 {
 fn nobody_typing_boots_the_default_entry_after_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let (img, k, r) = debian_disk(dir.path(), 1);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 60.0);
     assert!(!run.killed, "still running after 60 s: {run:?}");
     assert_eq!(run.status, 0, "{run:?}");
@@ -314,9 +319,7 @@ fn nobody_typing_boots_the_default_entry_after_the_timeout() {
 fn down_arrow_then_enter_boots_the_next_entry() {
     let dir = tempfile::tempdir().unwrap();
     let (img, k, r) = debian_disk(dir.path(), 30);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     let argv = libxl_argv(&img, &out_dir, &output, &[]);
     let run = on_pty(&argv, &[b"\x1b[B", b"\r"], 60.0);
     assert!(!run.killed, "still running after 60 s: {run:?}");
@@ -363,9 +366,7 @@ fn down_arrow_then_enter_boots_the_next_entry() {
 fn the_menu_writes_little_to_the_console_during_the_countdown() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 2);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[], 60.0);
     assert_eq!(run.status, 0, "{run:?}");
     let shown = run.elapsed - run.menu_at.expect("menu shown");
@@ -393,9 +394,7 @@ fn the_menu_writes_little_to_the_console_during_the_countdown() {
 fn runas_with_an_interactive_menu_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 1);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     // pygrub's rule: --runas needs -q or --entry (no menu once privileges are dropped).
     let run = on_pty(
         &libxl_argv(&img, &out_dir, &output, &["--runas=65534"]),
@@ -440,9 +439,7 @@ fn guest_titles_cannot_send_escape_sequences_to_the_console() {
          menuentry 'Plain' {{\n\tlinux\t/boot/vmlinuz-{KVER} {ARGS1}\n}}\n"
     );
     let (img, _, _) = disk_with_cfg(dir.path(), &cfg);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     let run = on_pty(&libxl_argv(&img, &out_dir, &output, &[]), &[b"\r"], 60.0);
     assert_eq!(run.status, 0, "{run:?}");
     assert!(run.output.contains("Evil"), "{:?}", run.output);
@@ -459,15 +456,14 @@ fn guest_titles_cannot_send_escape_sequences_to_the_console() {
 
 /// libxl sets the pty raw (cfmakeraw: VMIN=1, VTIME=0) from the parent right after the fork,
 /// racing with the bootloader. When it lands after the menu has set its own VMIN=0/VTIME=1 (a
-/// loaded dom0), the menu's read() blocks until a key arrives: nobody typing, the countdown
-/// never ends and the guest never boots. pygrub's curses waits with poll(), unaffected.
+/// loaded dom0), a menu that relies on VTIME blocks in read() until a key arrives: nobody
+/// typing, the countdown never ends and the guest never boots. The menu (like pygrub's curses)
+/// waits for keys with poll(), which this guards.
 #[test]
 fn the_countdown_ends_when_libxl_sets_raw_mode_late() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 1);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     let argv = libxl_argv(&img, &out_dir, &output, &[]);
     let run = pty_run(
         &argv,
@@ -483,15 +479,13 @@ fn the_countdown_ends_when_libxl_sets_raw_mode_late() {
 }
 
 /// An Escape typed alone (a user giving up on a choice) must not eat the next keys: Enter
-/// after it boots. boot_menu.rs waits for 3 bytes after any ESC, so Enter is swallowed and the
-/// menu (its countdown stopped) waits for ever.
+/// after it boots. (The menu once waited for 3 bytes after any ESC, so Enter was swallowed and
+/// the menu, its countdown stopped, waited for ever.)
 #[test]
 fn a_lone_escape_does_not_swallow_enter() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 5);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     let run = on_pty(
         &libxl_argv(&img, &out_dir, &output, &[]),
         &[b"\x1b", b"\r"],
@@ -507,9 +501,7 @@ fn a_lone_escape_does_not_swallow_enter() {
 fn application_mode_arrows_move_too() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _, _) = debian_disk(dir.path(), 5);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let output = dir.path().join("result");
+    let (out_dir, output) = out_paths(dir.path());
     let run = on_pty(
         &libxl_argv(&img, &out_dir, &output, &[]),
         &[b"\x1bOB", b"\r"],
