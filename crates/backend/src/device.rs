@@ -743,6 +743,13 @@ impl Control {
         };
         match fe_state {
             XenbusState::Initialising => {
+                // Watch events are coalesced (latest state wins): a frontend that went
+                // Closing -> Closed -> Initialising quickly may be seen at Initialising while
+                // we are still Closing. Its Closed is implied: finish closing first.
+                if self.state == XenbusState::Closing {
+                    self.disconnect();
+                    self.close();
+                }
                 if self.state == XenbusState::Closed {
                     tracing::info!(be = %self.be, "frontend reconnecting");
                     self.set_state(XenbusState::InitWait);
