@@ -10,14 +10,22 @@ use xdisk_xen::platform::{DomId, GrantMapper, GrantRef, MappedRegion, PlatformEr
 use crate::stats::{add, sub, Counters};
 
 /// A mapping that keeps the device's `mappings` counter (in pages) up to date: incremented
-/// when mapped, decremented when the last reference is dropped (and the platform unmaps).
+/// when mapped, decremented when the last reference is dropped, *after* the platform unmapped.
 pub(crate) struct Counted {
+    // Fields drop in declaration order: the mapping goes first, then the count. Decrementing
+    // first let a reader see 0 mappings while a (slow) unmap was still under way, and a
+    // frontend that trusted it found its grants still in use.
     inner: Arc<dyn MappedRegion>,
+    _count: PagesCounted,
+}
+
+/// The pages of one mapping in `Counters::mappings`, given back on drop.
+struct PagesCounted {
     counters: Arc<Counters>,
     pages: u64,
 }
 
-impl Drop for Counted {
+impl Drop for PagesCounted {
     fn drop(&mut self) {
         sub(&self.counters.mappings, self.pages);
     }
@@ -78,7 +86,98 @@ pub(crate) fn map_counted(
     add(&counters.mappings, pages);
     Ok(Arc::new(Counted {
         inner,
-        counters: counters.clone(),
-        pages,
+        _count: PagesCounted {
+            counters: counters.clone(),
+            pages,
+        },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use xdisk_xen::platform::GrantCopyOp;
+
+    use super::*;
+
+    /// A one-page region that records, when it is unmapped (dropped), what the device's
+    /// counter said at that moment.
+    struct Page {
+        counters: Arc<Counters>,
+        seen_at_unmap: Arc<AtomicU64>,
+    }
+
+    impl Drop for Page {
+        fn drop(&mut self) {
+            let n = self.counters.mappings.load(Ordering::SeqCst);
+            self.seen_at_unmap.store(n, Ordering::SeqCst);
+        }
+    }
+
+    impl SharedMem for Page {
+        fn size(&self) -> usize {
+            PAGE_SIZE
+        }
+        fn read_u32_volatile(&self, _: usize) -> Result<u32, MemError> {
+            Ok(0)
+        }
+        fn write_u32_volatile(&self, _: usize, _: u32) -> Result<(), MemError> {
+            Ok(())
+        }
+        fn copy_from(&self, _: usize, _: &mut [u8]) -> Result<(), MemError> {
+            Ok(())
+        }
+        fn copy_to(&self, _: usize, _: &[u8]) -> Result<(), MemError> {
+            Ok(())
+        }
+    }
+
+    impl MappedRegion for Page {
+        fn writable(&self) -> bool {
+            true
+        }
+        fn io_base(&self) -> *mut u8 {
+            std::ptr::null_mut()
+        }
+    }
+
+    struct Mapper {
+        counters: Arc<Counters>,
+        seen_at_unmap: Arc<AtomicU64>,
+    }
+
+    impl GrantMapper for Mapper {
+        fn map(
+            &self,
+            _: DomId,
+            _: &[GrantRef],
+            _: bool,
+        ) -> Result<Arc<dyn MappedRegion>, PlatformError> {
+            Ok(Arc::new(Page {
+                counters: self.counters.clone(),
+                seen_at_unmap: self.seen_at_unmap.clone(),
+            }))
+        }
+        fn copy(&self, _: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn mapping_counter_drops_only_after_the_unmap() {
+        let counters = Arc::new(Counters::default());
+        let seen = Arc::new(AtomicU64::new(u64::MAX));
+        let gnt = Mapper {
+            counters: counters.clone(),
+            seen_at_unmap: seen.clone(),
+        };
+        let region = map_counted(&gnt, &counters, 1, &[8], true).unwrap();
+        assert_eq!(counters.mappings.load(Ordering::SeqCst), 1);
+        drop(region);
+        // While the platform unmapped, the page was still counted: a reader that sees 0
+        // mappings may rely on every grant being released.
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        assert_eq!(counters.mappings.load(Ordering::SeqCst), 0);
+    }
 }

@@ -159,7 +159,6 @@ fn detach(host: &Host) {
 }
 
 #[test]
-#[ignore = "flaky (about 1 run in 4 under load): after the lingering queues report no mappings, the frontend still sometimes counts leaked grants at its disconnect; under investigation (issue 9)"]
 fn detach_under_load_closes_within_bound() {
     let s = setup(PASS, CacheMode::WriteBack, |_| {});
     let front = connect(
