@@ -81,7 +81,10 @@ impl ImageFile {
             what: format!("{what} {}", path.display()),
             source,
         };
-        let mut flags = libc::O_CLOEXEC;
+        // O_NONBLOCK for the open only: a FIFO put where an image (or a backing file, after
+        // it was checked) should be would otherwise block the open for ever. Cleared below
+        // once the file is known to be something else.
+        let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
         if cache.dsync() {
             flags |= libc::O_DSYNC;
         }
@@ -111,7 +114,15 @@ impl ImageFile {
                 .map_err(|e| io_err("cannot open", e))?
         };
         let meta = file.metadata().map_err(|e| io_err("cannot stat", e))?;
-        let block_device = meta.file_type().is_block_device();
+        let ft = meta.file_type();
+        if ft.is_fifo() || ft.is_socket() {
+            return Err(io_err(
+                "not a regular file or block device:",
+                io::Error::from(io::ErrorKind::InvalidInput),
+            ));
+        }
+        crate::sys::clear_nonblocking(file.as_raw_fd()).map_err(|e| io_err("cannot open", e))?;
+        let block_device = ft.is_block_device();
         let align = if direct {
             probe_alignment(&file, block_device)
         } else {

@@ -248,6 +248,18 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })
 }
 
+/// Clears O_NONBLOCK on an fd (an image file opened non-blocking so that the open itself
+/// could not block, once its type is known).
+pub fn clear_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL takes scalar arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) })
+}
+
 /// Reads (and so resets) a non-blocking eventfd owned by someone else; true if it was
 /// non-zero. Errors (`EAGAIN`: nothing pending) count as zero.
 pub fn drain_eventfd(fd: RawFd) -> bool {

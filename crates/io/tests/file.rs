@@ -198,3 +198,51 @@ fn set_len_and_metadata() {
     let missing = ImageFile::open(&dir.path().join("nope"), false, CacheMode::None);
     assert!(missing.is_err());
 }
+
+#[test]
+fn opening_a_fifo_fails_instead_of_blocking() {
+    // A FIFO swapped in where an image or a checked backing file was used to block the open
+    // until a writer came (for ever); now the open is non-blocking and the type refused.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        for ro in [true, false] {
+            let r = ImageFile::open(&path, ro, CacheMode::WriteBack).map(|_| ());
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        }
+    });
+    for _ in 0..2 {
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("opening a FIFO blocked");
+        let e = r.expect_err("a FIFO opened as an image");
+        assert!(e.contains("not a regular file or block device"), "{e}");
+    }
+}
+
+#[test]
+fn opened_files_do_blocking_io() {
+    // O_NONBLOCK is only for the open: the file's flags no longer carry it.
+    let (_dir, direct, buffered, _) = pair(8192, 3);
+    for f in [&direct, &buffered] {
+        use std::os::unix::io::AsRawFd;
+        let flags = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            f.file().as_raw_fd()
+        ))
+        .unwrap();
+        let flags = flags
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        assert_eq!(flags & libc::O_NONBLOCK as u32, 0, "O_NONBLOCK left set");
+    }
+}
