@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use xdisk_boot::disk::{MemDisk, ReadAt};
+use xdisk_boot::disk::ReadAt;
 use xdisk_boot::fs::{exercise, small_limits};
 
 fuzz_target!(|data: &[u8]| {
-    let disk: Arc<dyn ReadAt> = Arc::new(MemDisk(data.to_vec()));
+    let disk: Arc<dyn ReadAt> = xdisk_fuzz::disk(data);
     let Ok(fs) = xdisk_boot::fs::ext4::Ext4Fs::open(disk, &small_limits()) else {
         return;
     };

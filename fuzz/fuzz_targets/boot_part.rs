@@ -2,22 +2,19 @@
 //! inside the disk, and finding a kernel errs or succeeds, never panics or hangs.
 #![no_main]
 
-use std::sync::Arc;
-
 use libfuzzer_sys::fuzz_target;
-use xdisk_boot::disk::{MemDisk, ReadAt};
+use xdisk_boot::disk::ReadAt;
 use xdisk_boot::find::{choose, Request};
 use xdisk_boot::Limits;
 
 fuzz_target!(|data: &[u8]| {
-    let disk = MemDisk(data.to_vec());
+    let disk = xdisk_fuzz::disk(data);
     let len = disk.size();
-    if let Ok(parts) = xdisk_boot::part::filesystems(&disk) {
+    if let Ok(parts) = xdisk_boot::part::filesystems(&*disk) {
         for p in parts {
             assert!(p.start.saturating_add(p.len) <= len);
         }
     }
-    let disk: Arc<dyn ReadAt> = Arc::new(disk);
     let req = Request {
         limits: Limits {
             max_file: 1 << 20,

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let dir = std::env::temp_dir().join(format!("xdisk-fuzz-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("image");
-    if std::fs::write(&path, data).is_err() {
+    if xdisk_fuzz::write_image(&path, data).is_err() {
         return;
     }
     let opts = OpenOptions {

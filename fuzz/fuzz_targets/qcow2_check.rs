@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let dir = std::env::temp_dir().join(format!("xdisk-fuzz-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("check");
-    if std::fs::write(&path, data).is_err() {
+    if xdisk_fuzz::write_image(&path, data).is_err() {
         return;
     }
     if let Ok(f) = ImageFile::open(&path, true, CacheMode::WriteBack) {

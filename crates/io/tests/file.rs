@@ -233,11 +233,8 @@ fn opened_files_do_blocking_io() {
     let (_dir, direct, buffered, _) = pair(8192, 3);
     for f in [&direct, &buffered] {
         use std::os::unix::io::AsRawFd;
-        let flags = std::fs::read_to_string(format!(
-            "/proc/self/fdinfo/{}",
-            f.file().as_raw_fd()
-        ))
-        .unwrap();
+        let flags =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.file().as_raw_fd())).unwrap();
         let flags = flags
             .lines()
             .find_map(|l| l.strip_prefix("flags:"))
