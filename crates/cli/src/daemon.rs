@@ -498,9 +498,21 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
     // backend/qdisk for every domain; the shim only satisfies libxl.
     let serve_here = std::env::var("XDISK_SHIM_SERVE").map_or(true, |v| v != "0");
     let sup = if serve_here {
+        // libxl gives the shim QEMU's command line: the backing-file policy comes from the
+        // environment (dist/xen/xdisk-qemu-shim reads /etc/default/xdisk).
+        let backing_dirs = std::env::var(xdisk_daemon::params::BACKING_DIRS_ENV)
+            .map(|v| xdisk_daemon::params::parse_dir_list(&v))
+            .unwrap_or_default();
+        if !backing_dirs.is_empty() {
+            tracing::info!(domid = qa.domid, ?backing_dirs, "backing files confined");
+        }
         let cfg = SupervisorConfig {
             backend_types: vec!["qdisk".into()],
             domains: Some(vec![qa.domid]),
+            params: ParamsDefaults {
+                backing_dirs,
+                ..ParamsDefaults::default()
+            },
             ..SupervisorConfig::default()
         };
         Some(Supervisor::start(cfg, platform)?)

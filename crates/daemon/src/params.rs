@@ -86,6 +86,21 @@ pub struct ParamsDefaults {
     pub backing_dirs: Vec<PathBuf>,
 }
 
+/// The environment variable that confines backing files where no command-line flag can be
+/// given: `xdisk qemu-shim` is started by libxl with QEMU's command line, so its policy comes
+/// from here (the wrapper `dist/xen/xdisk-qemu-shim` reads it from `/etc/default/xdisk`).
+pub const BACKING_DIRS_ENV: &str = "XDISK_BACKING_DIRS";
+
+/// A comma-separated list of directories (`--backing-dirs`, [`BACKING_DIRS_ENV`]); empty
+/// items are skipped.
+pub fn parse_dir_list(s: &str) -> Vec<PathBuf> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
 fn invalid(node: &'static str, value: &str, why: impl Into<String>) -> ParamsError {
     let mut v: String = value.chars().take(80).collect();
     if value.chars().count() > 80 {
@@ -204,6 +219,15 @@ pub fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backing_dir_lists_skip_empty_items() {
+        assert_eq!(
+            parse_dir_list(" /var/lib/xen/images,,/srv/a ,"),
+            vec![PathBuf::from("/var/lib/xen/images"), PathBuf::from("/srv/a")]
+        );
+        assert!(parse_dir_list("").is_empty());
+    }
     use std::collections::HashMap;
 
     fn spec(nodes: &[(&'static str, &str)]) -> Result<DiskSpec, ParamsError> {
