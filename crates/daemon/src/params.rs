@@ -224,7 +224,10 @@ mod tests {
     fn backing_dir_lists_skip_empty_items() {
         assert_eq!(
             parse_dir_list(" /var/lib/xen/images,,/srv/a ,"),
-            vec![PathBuf::from("/var/lib/xen/images"), PathBuf::from("/srv/a")]
+            vec![
+                PathBuf::from("/var/lib/xen/images"),
+                PathBuf::from("/srv/a")
+            ]
         );
         assert!(parse_dir_list("").is_empty());
     }
