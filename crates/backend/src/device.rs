@@ -185,6 +185,7 @@ impl Tokens {
 /// A running backend device. Dropping the handle shuts the device down.
 pub struct Device {
     shared: Arc<Shared>,
+    image: Arc<Image>,
     backend_dir: String,
     thread: Option<JoinHandle<Result<()>>>,
 }
@@ -228,7 +229,15 @@ impl Device {
                 counters,
             }),
         });
-        let mut ctl = Control::new(cfg, be.clone(), xs.clone(), gnt, evt, image, shared.clone())?;
+        let mut ctl = Control::new(
+            cfg,
+            be.clone(),
+            xs.clone(),
+            gnt,
+            evt,
+            image.clone(),
+            shared.clone(),
+        )?;
         ctl.start()?;
         let (shared2, be2) = (shared.clone(), be.clone());
         let thread = std::thread::Builder::new()
@@ -255,6 +264,7 @@ impl Device {
             .map_err(|e| Error::io("cannot start the device thread", e))?;
         Ok(Device {
             shared,
+            image,
             backend_dir: be,
             thread: Some(thread),
         })
@@ -267,7 +277,9 @@ impl Device {
 
     /// The device's counters.
     pub fn stats(&self) -> DeviceStats {
-        self.shared.counters.snapshot()
+        let mut s = self.shared.counters.snapshot();
+        s.image_broken = u64::from(self.image.file().is_broken());
+        s
     }
 
     /// The backend's xenbus state, as last written.
@@ -623,6 +635,7 @@ impl Control {
             if bits & ev::RELEASE != 0 && self.domain_dead() {
                 tracing::info!(be = %self.be, domid = self.fe_domid, "frontend domain died");
                 self.disconnect();
+                self.settle_image();
                 self.set_state(XenbusState::Closed);
                 break;
             }
@@ -695,7 +708,18 @@ impl Control {
             if self.state != XenbusState::Closing {
                 self.set_state(XenbusState::Closing);
             }
+            self.settle_image();
             self.set_state(XenbusState::Closed);
+        }
+    }
+
+    /// Writes back what the image format keeps in memory (qcow2's L2 tables and refcounts,
+    /// in their crash-safe order) before the device says Closed: libxl and `xdisk detach`
+    /// return on Closed, and whoever opens the file next (qemu-img, a backup, the next
+    /// attach) must find what the guest saw, not metadata still waiting in this process.
+    fn settle_image(&self) {
+        if let Err(e) = self.image.flush() {
+            tracing::warn!(be = %self.be, "flushing the image before Closed: {e}");
         }
     }
 
@@ -710,6 +734,7 @@ impl Control {
             Err(e) if e.errno() == Some(Errno::ENOENT) => {
                 tracing::info!(be = %self.be, "frontend {} vanished", self.fe);
                 self.disconnect();
+                self.settle_image();
                 self.set_state(XenbusState::Closed);
                 return true;
             }
@@ -857,7 +882,9 @@ impl Control {
                     let _ = q.thread.join();
                     match exit {
                         QueueEnd::Exit(Exit::ProtocolError(e)) => error = Some(e),
-                        QueueEnd::Exit(Exit::IoStuck(e)) => stuck = Some(stuck_io(&self.be, &e)),
+                        QueueEnd::Exit(Exit::IoStuck(e)) => {
+                            stuck = Some(stuck_io(&self.shared.counters, &self.be, &e))
+                        }
                         QueueEnd::Exit(Exit::Stopped) => {}
                         QueueEnd::Panicked(m) => panic = Some(m),
                     }
@@ -904,7 +931,7 @@ impl Control {
                     let _ = q.thread.join();
                     let end = lock(&q.exit).take();
                     if let Some(QueueEnd::Exit(Exit::IoStuck(e))) = end {
-                        stuck = Some(stuck_io(&self.be, &e));
+                        stuck = Some(stuck_io(&self.shared.counters, &self.be, &e));
                     }
                 } else {
                     i += 1;
@@ -1123,7 +1150,8 @@ impl Drop for Control {
 
 /// Logs (as an error) and describes I/O that a queue could not wait out when it stopped:
 /// the kernel may still use the guest pages of those requests, so they stay mapped (leaked).
-fn stuck_io(be: &str, e: &str) -> String {
+fn stuck_io(counters: &Counters, be: &str, e: &str) -> String {
+    add(&counters.stuck_queues, 1);
     tracing::error!(be = %be, "I/O engine failure, device failed: {e}");
     format!("I/O engine failure: {e}")
 }

@@ -10,6 +10,7 @@ use xdisk_backend::DataPath;
 use xdisk_blkfront::{FrontConfig, Op};
 use xdisk_blkif::wire::Status;
 use xdisk_blkif::{Abi, XenbusState};
+use xdisk_image::{CacheMode, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -539,5 +540,97 @@ fn largest_indirect_request() {
             assert_eq!((s.indirect_req, s.rd_sect, s.wr_sect), (2, 2048, 2048));
             close(p, &host);
         }
+    }
+}
+
+/// The lab's xdisk-attach sequence on a qcow2 over a raw backing file (O_DIRECT): read it all,
+/// copy-up write, whole-cluster write, discard of allocated clusters and of backing-only ones,
+/// read it all; once the backend is Closed, qemu-img must read exactly what the guest read.
+#[test]
+fn image_file_holds_what_the_guest_saw_once_closed() {
+    let host = host();
+    let dir = tmpdir();
+    let base = dir.path().join("base.raw");
+    let mut b = pattern(77, 8 * MIB as usize);
+    b.resize(32 * MIB as usize, 0);
+    std::fs::write(&base, &b).unwrap();
+    let path = dir.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        "32M",
+    ]);
+    let disk = Disk {
+        dir,
+        path,
+        format: "qcow2",
+    };
+    for round in 0..3 {
+        let image = Image::open(
+            &disk.path,
+            &OpenOptions {
+                cache: CacheMode::None,
+                format: Some(xdisk_image::Format::Qcow2),
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
+        let mut p = pair(
+            &host,
+            1 + round,
+            768,
+            image.clone(),
+            |_| {},
+            FrontConfig {
+                max_queues: 2,
+                ..FrontConfig::default()
+            },
+        );
+        let sectors = 32 * MIB / 512;
+        let read_all = |p: &mut Pair| {
+            let mut v = Vec::new();
+            for s in (0..sectors).step_by(2048) {
+                v.extend(p.front.read(s, 2048).unwrap());
+            }
+            v
+        };
+        let before = read_all(&mut p);
+        let small = pattern(100 + u64::from(round), 12288);
+        p.front.write(259 * 8, &small).unwrap();
+        let big = pattern(200 + u64::from(round), MIB as usize);
+        p.front.write(16 * MIB / 512, &big).unwrap();
+        assert_eq!(p.front.run(0, Op::Flush).unwrap().status, Status::Okay);
+        for (off, len) in [(16 * MIB, MIB), (4 * MIB, 2 * MIB)] {
+            let op = Op::Discard {
+                sector: off / 512,
+                nr_sectors: len / 512,
+                secure: false,
+            };
+            assert_eq!(p.front.run(0, op).unwrap().status, Status::Okay);
+        }
+        let after = read_all(&mut p);
+        assert_eq!(after.len(), before.len());
+        close(p, &host);
+        // Once the backend says Closed (libxl and `xdisk detach` then return), the image file
+        // must hold what the guest saw, before the daemon closes or drops the image.
+        check_clean(&disk);
+        let c = contents(&disk);
+        if let Some(i) = (0..c.len()).find(|&i| c[i] != after[i]) {
+            panic!(
+                "round {round}: qemu-img reads {:#x} at {i:#x}, the guest read {:#x}",
+                c[i], after[i]
+            );
+        }
+        assert!(after[4 * MIB as usize..6 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0));
+        image.close().unwrap();
     }
 }
