@@ -53,6 +53,12 @@ pub struct DeviceStats {
     /// Queues that did not stop within the teardown bound and finished after the device had
     /// moved on (their I/O in flight kept them, and their mappings, alive).
     pub lingering_queues: u64,
+    /// Queues that ended with I/O the engine could never hand back (their buffers and guest
+    /// pages are kept for ever, the device was failed): a kernel or device problem.
+    pub stuck_queues: u64,
+    /// 1 when the image is broken: a flush of its file failed, so every later write and
+    /// flush fails until it is reopened (see `ImageFile::mark_broken`).
+    pub image_broken: u64,
     /// Latency of reads, from consumption off the ring to the response (as the backend
     /// sees it).
     pub rd_lat: Histogram,
@@ -142,6 +148,7 @@ pub(crate) struct Counters {
     pub events: AtomicU64,
     pub throttled: AtomicU64,
     pub lingering_queues: AtomicU64,
+    pub stuck_queues: AtomicU64,
     /// The cap on `mappings` (0: none); not a counter.
     pub max_mappings: AtomicU64,
     pub rd_lat: AtomicHistogram,
@@ -183,6 +190,8 @@ impl Counters {
             events: g(&self.events),
             throttled: g(&self.throttled),
             lingering_queues: g(&self.lingering_queues),
+            stuck_queues: g(&self.stuck_queues),
+            image_broken: 0,
             rd_lat: self.rd_lat.snapshot(),
             wr_lat: self.wr_lat.snapshot(),
             f_lat: self.f_lat.snapshot(),

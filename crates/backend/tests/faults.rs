@@ -85,6 +85,11 @@ fn guest_sees_errors_after_a_failed_flush_never_okay() {
             }
             let r = p.front.read(0, 16).expect("reads still work");
             assert!(r.iter().all(|&b| b == 1), "{what}");
+            assert_eq!(
+                p.device.stats().image_broken,
+                1,
+                "{what}: counted as broken"
+            );
 
             p.front.disconnect().expect("disconnect");
             p.device.shutdown().expect("shutdown");
@@ -134,6 +139,7 @@ fn stuck_io_fails_the_device_and_keeps_guest_pages_mapped() {
     );
     let s = p.device.stats();
     assert_eq!(s.queues, 0);
+    assert_eq!(s.stuck_queues, 1, "counted as a stuck queue");
     assert!(
         s.mappings >= busy - idle,
         "the stuck request's guest page was unmapped ({s:?})"

@@ -240,6 +240,36 @@ pub fn render(status: &DaemonStatus, process: &ProcessInfo) -> String {
     family(
         &mut out,
         Family {
+            name: "xdisk_image_broken",
+            kind: "gauge",
+            help: "1 when a flush of the image failed: writes and flushes fail until reattached.",
+        },
+        &devs,
+        |d| vec![("", d.counters.image_broken)],
+    );
+    family(
+        &mut out,
+        Family {
+            name: "xdisk_lingering_queues_total",
+            kind: "counter",
+            help: "Queues still busy with I/O when their device disconnected (finished later).",
+        },
+        &devs,
+        |d| vec![("", d.counters.lingering_queues)],
+    );
+    family(
+        &mut out,
+        Family {
+            name: "xdisk_stuck_queues_total",
+            kind: "counter",
+            help: "Queues whose I/O could never be reaped (the device was failed).",
+        },
+        &devs,
+        |d| vec![("", d.counters.stuck_queues)],
+    );
+    family(
+        &mut out,
+        Family {
             name: "xdisk_connects_total",
             kind: "counter",
             help: "Successful connections of the frontend (the first and every reconnection).",

@@ -25,6 +25,14 @@ pub struct Counters {
     pub queues: u64,
     pub connects: u64,
     pub protocol_errors: u64,
+    /// Queues that outlived a disconnection (I/O in flight), queues whose I/O could never be
+    /// reaped (the device was failed), and whether the image is broken (a flush failed).
+    #[serde(default)]
+    pub lingering_queues: u64,
+    #[serde(default)]
+    pub stuck_queues: u64,
+    #[serde(default)]
+    pub image_broken: u64,
     /// Latency of reads, writes, flushes (and barriers), consumption to response.
     #[serde(default)]
     pub rd_lat: Latency,
@@ -74,6 +82,9 @@ impl From<DeviceStats> for Counters {
             queues: s.queues,
             connects: s.connects,
             protocol_errors: s.protocol_errors,
+            lingering_queues: s.lingering_queues,
+            stuck_queues: s.stuck_queues,
+            image_broken: s.image_broken,
             rd_lat: s.rd_lat.into(),
             wr_lat: s.wr_lat.into(),
             f_lat: s.f_lat.into(),
@@ -197,6 +208,19 @@ impl DeviceStatus {
             c.mappings,
             c.persistent_grants
         );
+        if c.image_broken != 0 || c.lingering_queues != 0 || c.stuck_queues != 0 {
+            s += &format!(
+                "  health: image_broken {} lingering_queues {} stuck_queues {}{}\n",
+                c.image_broken,
+                c.lingering_queues,
+                c.stuck_queues,
+                if c.image_broken != 0 {
+                    " (a flush failed: writes fail until the disk is reattached)"
+                } else {
+                    ""
+                }
+            );
+        }
         s
     }
 }
