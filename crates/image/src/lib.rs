@@ -491,6 +491,17 @@ impl Image {
         }
     }
 
+    /// Makes the file show every completed write to another reader (qemu-img, a backup, the
+    /// next open): metadata the format keeps in memory is written back (with the syncs its
+    /// crash-safe order needs). Unlike [`Image::flush`], no sync when there is nothing to
+    /// write (raw: never), so it stays cheap on a busy disk.
+    pub fn write_back_metadata(&self) -> Result<()> {
+        match self {
+            Image::Raw(_) => Ok(()),
+            Image::Qcow2(q) => q.write_back_metadata(),
+        }
+    }
+
     /// Makes every completed write durable (metadata included).
     pub fn flush(&self) -> Result<()> {
         if self.read_only() {

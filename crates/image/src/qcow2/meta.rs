@@ -219,6 +219,14 @@ impl Meta {
         self.l1_dirty.insert(idx as u64 / (self.cs / 8));
     }
 
+    /// Whether metadata changed in memory is not written to the file yet.
+    pub fn has_unwritten(&self) -> bool {
+        self.l2.has_dirty()
+            || !self.l1_dirty.is_empty()
+            || self.rb.has_dirty()
+            || !self.pending_frees.is_empty()
+    }
+
     /// Writes all metadata back in a crash-safe order and syncs, then applies queued frees
     /// (whose reference removals are now durable). Everything written before is durable when
     /// this returns.

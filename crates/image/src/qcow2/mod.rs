@@ -340,6 +340,19 @@ impl Qcow2Image {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Writes back metadata that is only in memory (a flush, crash-safe order included);
+    /// nothing, not even a sync, when there is none.
+    pub fn write_back_metadata(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        if m.has_unwritten() {
+            m.flush()?;
+        }
+        Ok(())
+    }
+
     /// Makes every completed write durable (metadata included).
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
