@@ -211,8 +211,10 @@ impl PersistentCache {
         self.tick += 1;
         if let Some((r, t)) = self.entries.get_mut(&gref) {
             *t = self.tick;
+            add(&self.counters.pgrant_hits, 1);
             return Ok(r.clone());
         }
+        add(&self.counters.pgrant_misses, 1);
         let region = match map_counted(gnt, &self.counters, domid, &[gref], true) {
             Ok(r) => r,
             Err(e) if need_write => return Err(e),

@@ -297,7 +297,7 @@ impl<D: DataPath> Reactor<D> {
                 self.clock = Instant::now();
             }
             got += 1;
-            add(&self.counters.in_flight, 1);
+            self.counters.request_started();
             self.handle(parsed);
             if self.barrier.is_some() {
                 break;
@@ -313,7 +313,7 @@ impl<D: DataPath> Reactor<D> {
             Status::Error => add(&self.counters.errors, 1),
             Status::EOpNotSupp => add(&self.counters.eopnotsupp, 1),
         }
-        sub(&self.counters.in_flight, 1);
+        self.counters.request_done();
         self.responses.push(Response {
             id,
             operation: op,

@@ -59,6 +59,13 @@ pub struct DeviceStats {
     /// 1 when the image is broken: a flush of its file failed, so every later write and
     /// flush fails until it is reopened (see `ImageFile::mark_broken`).
     pub image_broken: u64,
+    /// Microseconds during which at least one request was in flight (iostat's `%util` is its
+    /// rate: the share of time the device was busy).
+    pub busy_us: u64,
+    /// Segments whose grant was already mapped in the persistent-grant cache.
+    pub pgrant_hits: u64,
+    /// Segments whose grant had to be mapped (persistent grants in use).
+    pub pgrant_misses: u64,
     /// Latency of reads, from consumption off the ring to the response (as the backend
     /// sees it).
     pub rd_lat: Histogram,
@@ -149,6 +156,11 @@ pub(crate) struct Counters {
     pub throttled: AtomicU64,
     pub lingering_queues: AtomicU64,
     pub stuck_queues: AtomicU64,
+    pub busy_ns: AtomicU64,
+    /// When `busy_ns` was last brought up to date (ns since [`mono_ns`]'s epoch).
+    pub busy_mark_ns: AtomicU64,
+    pub pgrant_hits: AtomicU64,
+    pub pgrant_misses: AtomicU64,
     /// The cap on `mappings` (0: none); not a counter.
     pub max_mappings: AtomicU64,
     pub rd_lat: AtomicHistogram,
@@ -164,9 +176,45 @@ pub(crate) fn sub(c: &AtomicU64, n: u64) {
     c.fetch_sub(n, Ordering::Relaxed);
 }
 
+/// Nanoseconds on a monotonic clock (since the first call in this process).
+fn mono_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let e = EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(e.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Counters {
+    /// A request was consumed from a ring (in flight until [`Counters::request_done`]).
+    pub fn request_started(&self) {
+        let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.busy_tick(before);
+    }
+
+    /// A request was answered.
+    pub fn request_done(&self) {
+        let before = self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.busy_tick(before);
+    }
+
+    /// Adds the time since the last tick to `busy_ns` if requests were in flight then, as
+    /// Linux's `io_ticks` (updated at every start and completion; approximate when queues
+    /// tick at once, never more than the time elapsed).
+    fn busy_tick(&self, in_flight_before: u64) {
+        let now = mono_ns();
+        let last = self.busy_mark_ns.swap(now, Ordering::Relaxed);
+        if in_flight_before > 0 {
+            self.busy_ns
+                .fetch_add(now.saturating_sub(last), Ordering::Relaxed);
+        }
+    }
+
     pub fn snapshot(&self) -> DeviceStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // The busy period under way counts up to now.
+        let mut busy = g(&self.busy_ns);
+        if g(&self.in_flight) > 0 {
+            busy = busy.saturating_add(mono_ns().saturating_sub(g(&self.busy_mark_ns)));
+        }
         DeviceStats {
             rd_req: g(&self.rd_req),
             wr_req: g(&self.wr_req),
@@ -192,6 +240,9 @@ impl Counters {
             lingering_queues: g(&self.lingering_queues),
             stuck_queues: g(&self.stuck_queues),
             image_broken: 0,
+            busy_us: busy / 1000,
+            pgrant_hits: g(&self.pgrant_hits),
+            pgrant_misses: g(&self.pgrant_misses),
             rd_lat: self.rd_lat.snapshot(),
             wr_lat: self.wr_lat.snapshot(),
             f_lat: self.f_lat.snapshot(),
@@ -225,5 +276,22 @@ mod tests {
         assert_eq!(s.buckets[4], 1); // 150 µs: (100, 200]
         assert_eq!(s.buckets[LATENCY_BUCKETS - 1], 1);
         assert_eq!(s.buckets.iter().sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn busy_time_counts_only_while_requests_are_in_flight() {
+        let c = Counters::default();
+        let t = std::time::Instant::now();
+        c.request_started();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let during = c.snapshot().busy_us;
+        c.request_done();
+        let busy = c.snapshot().busy_us;
+        let total = t.elapsed().as_micros() as u64;
+        assert!(during >= 30_000, "busy so far: {during} µs");
+        assert!(busy >= 30_000 && busy <= total, "busy {busy} µs of {total}");
+        // Idle: nothing more is counted.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(c.snapshot().busy_us, busy);
     }
 }

@@ -181,6 +181,8 @@ fn negotiation_matrix() {
                     assert_eq!(s.queues, u64::from(queues));
                     assert_eq!(s.indirect_req > 0, indirect > 0, "{s:?}");
                     assert_eq!(s.persistent_grants > 0, persistent, "{s:?}");
+                    // Grants reused by the frontend are found mapped.
+                    assert_eq!(s.pgrant_hits > 0, persistent, "{s:?}");
                     assert_eq!(p.front.persistent_grants() > 0, persistent);
                     // Ring pages + persistent grants stay mapped while connected.
                     assert!(s.mappings >= u64::from(queues) << order, "{s:?}");

@@ -145,7 +145,7 @@ pub struct StatArgs {
     /// Report every SECS seconds (default 1) until Ctrl-C, like `iostat -x`: per device
     /// r/s, w/s, rMB/s, wMB/s, r_await and w_await (ms, mean latency from consumption to
     /// response over the interval), aqu-sz (mean requests in flight, from the latency sums)
-    /// and in-flight now. No %util: the backend does not know when the disk is busy.
+    /// in-flight now and %util (the share of the interval with a request in flight).
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1",
           conflicts_with = "json")]
     watch: Option<f64>,
@@ -602,8 +602,17 @@ fn stat_watch(a: &StatArgs, secs: f64) -> Result<i32> {
 fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> String {
     use std::fmt::Write as _;
     let mut out = format!(
-        "\n{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}\n",
-        "Device", "r/s", "w/s", "rMB/s", "wMB/s", "r_await", "w_await", "aqu-sz", "inflight"
+        "\n{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6}\n",
+        "Device",
+        "r/s",
+        "w/s",
+        "rMB/s",
+        "wMB/s",
+        "r_await",
+        "w_await",
+        "aqu-sz",
+        "inflight",
+        "%util"
     );
     let dt = dt.as_secs_f64().max(1e-3);
     let zero = xdisk_daemon::status::Counters::default();
@@ -637,7 +646,7 @@ fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> Str
             .map_or(d.name.clone(), |v| format!("{} ({v})", d.name));
         let _ = writeln!(
             out,
-            "{:<24} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2} {:>8}",
+            "{:<24} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2} {:>8} {:>6.1}",
             name,
             rate(c.rd_req, b.rd_req),
             rate(c.wr_req, b.wr_req),
@@ -657,6 +666,8 @@ fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> Str
             ),
             aqu,
             c.in_flight,
+            // Busy time over the interval, as iostat's %util (at most 100).
+            (rate(c.busy_us, b.busy_us) / 1e4).min(100.0),
         );
     }
     out
@@ -706,6 +717,7 @@ mod tests {
             rd_sect: 4096,
             wr_req: 10,
             in_flight: 3,
+            busy_us: 1_500_000, // busy 1.5 s of 2
             ..Counters::default()
         };
         c.rd_lat.count = 200;
@@ -718,10 +730,10 @@ mod tests {
             .find(|l| l.starts_with("qdisk/1/51712 (xvda)"))
             .unwrap();
         let f: Vec<&str> = line.split_whitespace().skip(2).collect();
-        // r/s w/s rMB/s wMB/s r_await w_await aqu-sz inflight
+        // r/s w/s rMB/s wMB/s r_await w_await aqu-sz inflight %util
         assert_eq!(
             f,
-            ["100.0", "5.0", "1.05", "0.00", "0.50", "2.00", "0.06", "3"],
+            ["100.0", "5.0", "1.05", "0.00", "0.50", "2.00", "0.06", "3", "75.0"],
             "{r}"
         );
         assert!(r.contains("r_await"), "{r}");

@@ -237,6 +237,36 @@ pub fn render(status: &DaemonStatus, process: &ProcessInfo) -> String {
         &devs,
         |d| vec![("", d.counters.protocol_errors)],
     );
+    let busy = Family {
+        name: "xdisk_busy_seconds_total",
+        kind: "counter",
+        help: "Time with at least one request in flight (its rate is iostat's %util).",
+    };
+    header(&mut out, &busy);
+    for (labels, d) in &devs {
+        let _ = writeln!(
+            out,
+            "{}{{{labels}}} {}",
+            busy.name,
+            secs(d.counters.busy_us)
+        );
+    }
+    family(
+        &mut out,
+        Family {
+            name: "xdisk_persistent_grant_lookups_total",
+            kind: "counter",
+            help:
+                "Persistent-grant cache lookups of data segments, by result (hit: already mapped).",
+        },
+        &devs,
+        |d| {
+            vec![
+                ("result=\"hit\"", d.counters.persistent_grant_hits),
+                ("result=\"miss\"", d.counters.persistent_grant_misses),
+            ]
+        },
+    );
     family(
         &mut out,
         Family {

@@ -33,6 +33,14 @@ pub struct Counters {
     pub stuck_queues: u64,
     #[serde(default)]
     pub image_broken: u64,
+    /// Microseconds with at least one request in flight (`%util` is its rate).
+    #[serde(default)]
+    pub busy_us: u64,
+    /// Persistent-grant cache lookups that found the grant mapped, and those that mapped it.
+    #[serde(default)]
+    pub persistent_grant_hits: u64,
+    #[serde(default)]
+    pub persistent_grant_misses: u64,
     /// Latency of reads, writes, flushes (and barriers), consumption to response.
     #[serde(default)]
     pub rd_lat: Latency,
@@ -85,6 +93,9 @@ impl From<DeviceStats> for Counters {
             lingering_queues: s.lingering_queues,
             stuck_queues: s.stuck_queues,
             image_broken: s.image_broken,
+            busy_us: s.busy_us,
+            persistent_grant_hits: s.pgrant_hits,
+            persistent_grant_misses: s.pgrant_misses,
             rd_lat: s.rd_lat.into(),
             wr_lat: s.wr_lat.into(),
             f_lat: s.f_lat.into(),
