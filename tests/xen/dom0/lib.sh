@@ -50,3 +50,74 @@ stop_daemon() {
   tail -20 "$2"
   [ $rc = 0 ] || fail "xdisk serve exited with $rc"
 }
+
+# lab_reset: puts dom0 back as a scenario found it, whatever the scenario left (a failure, a
+# timeout): guests destroyed, xdisk/QEMU/fio processes stopped, dom0's disks detached and their
+# xenstore nodes removed, loop devices freed. Prints a "cleanup: ..." line per thing it undid
+# (nothing when all was clean). The lab's /init runs it after every scenario, so one failure
+# never fails the next scenario; the lab-cleanup scenario tests it.
+lab_reset() {
+  local id v t d
+  for id in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 { print $2 }'); do
+    echo "cleanup: xl destroy $id"
+    timeout 30 xl destroy "$id" >/dev/null 2>&1
+  done
+  # The disks' users first, while their backends still answer: a reader killed after its
+  # backend stops waits for ever in the kernel (D state), and then dom0's blkfront cannot
+  # remove the disk and blocks xenwatch, so no disk attaches again until dom0 reboots.
+  lab_stop 10 fio dd
+  # Disks libxl attached to dom0, while their backend still runs.
+  for v in $(xl block-list 0 2>/dev/null | awk 'NR > 1 { print $1 }'); do
+    echo "cleanup: xl block-detach 0 $v"
+    timeout 20 xl block-detach 0 "$v" >/dev/null 2>&1 ||
+      timeout 20 xl block-detach -f 0 "$v" >/dev/null 2>&1
+  done
+  # Then the backends (xdisk serve closes its disks on SIGTERM) and device models.
+  lab_stop 15 xdisk qemu-system-i386
+  xenstore-rm /local/domain/0/image/device-model-pid 2>/dev/null
+  # Then any backend or frontend node left for dom0.
+  for t in xdisk qdisk vbd vbd3; do
+    for d in $(xenstore-list "/local/domain/0/backend/$t/0" 2>/dev/null); do
+      echo "cleanup: backend/$t/0/$d"
+      xenstore-write "/local/domain/0/backend/$t/0/$d/state" 6 2>/dev/null
+      xenstore-rm "/local/domain/0/backend/$t/0/$d"
+    done
+  done
+  for d in $(xenstore-list /local/domain/0/device/vbd 2>/dev/null); do
+    echo "cleanup: device/vbd/$d"
+    xenstore-rm "/local/domain/0/device/vbd/$d"
+  done
+  n=50
+  while ls /dev/xvd* >/dev/null 2>&1 && [ $n -gt 0 ]; do
+    usleep 100000
+    n=$((n - 1))
+  done
+  ls /dev/xvd* >/dev/null 2>&1 && echo "cleanup: still there: $(ls /dev/xvd* | tr '\n' ' ')"
+  for d in /sys/block/loop*/loop/backing_file; do
+    [ -f "$d" ] || continue
+    d=${d#/sys/block/}
+    d=/dev/${d%%/*}
+    echo "cleanup: losetup -d $d"
+    losetup -d "$d" 2>/dev/null
+  done
+  return 0
+}
+
+# lab_stop SECS NAME...: SIGTERM to every process called NAME, SIGKILL to those left after SECS.
+lab_stop() {
+  local secs=$1 p n
+  shift
+  for p in $(pidof "$@" 2>/dev/null); do
+    echo "cleanup: kill $p ($(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-80))"
+    kill -TERM "$p" 2>/dev/null
+  done
+  n=$((secs * 10))
+  while [ -n "$(pidof "$@" 2>/dev/null)" ] && [ $n -gt 0 ]; do
+    usleep 100000
+    n=$((n - 1))
+  done
+  for p in $(pidof "$@" 2>/dev/null); do
+    echo "cleanup: kill -9 $p"
+    kill -KILL "$p" 2>/dev/null
+  done
+}
