@@ -472,6 +472,8 @@ struct Tally {
     lost: u64,
     durable_ops: u64,
     submitted_ops: u64,
+    /// Kills after which `qemu-img check` found leaked clusters.
+    leaky: u64,
 }
 
 /// Checks the image after a round; returns (corrupt sectors, lost sectors) and describes the
@@ -560,6 +562,22 @@ fn verify(seed: u64, rep: &Report, pre: &[u8], base: &[u8], now: &[u8]) -> (u64,
     (corrupt, lost, report)
 }
 
+/// The image's contents as xdisk reads them (read-only open, backing file included).
+fn xdisk_view(path: &Path, kind: Kind) -> Vec<u8> {
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            format: Some(kind.format()),
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("xdisk opens the image read-only");
+    let mut v = vec![0u8; SIZE as usize];
+    img.read_at(&mut v, 0).expect("xdisk reads the image");
+    v
+}
+
 fn qemu_img_status(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img")
         .args(args)
@@ -629,7 +647,7 @@ fn run_crashes(kind: Kind) {
     let started = Instant::now();
     let summary = |t: &Tally| {
         format!(
-            "crash-ring {}: {} kills, {} corruptions, {} lost ({} during start-up; {} operations submitted at most, {} durable ones checked; {:.0} s)",
+            "crash-ring {}: {} kills, {} corruptions, {} lost ({} during start-up; {} operations submitted at most, {} durable ones checked; leaks after {} kills; {:.0} s)",
             kind.name(),
             t.kills,
             t.corruptions,
@@ -637,6 +655,7 @@ fn run_crashes(kind: Kind) {
             t.early,
             t.submitted_ops,
             t.durable_ops,
+            t.leaky,
             started.elapsed().as_secs_f64()
         )
     };
@@ -715,6 +734,7 @@ fn run_crashes(kind: Kind) {
         if kind != Kind::Raw {
             let check = qemu_img_status(&["check", img_s]);
             let code = check.status.code();
+            t.leaky += u64::from(code == Some(3));
             if code != Some(0) && code != Some(3) {
                 t.corruptions += 1;
                 println!("{}", summary(&t));
@@ -726,6 +746,21 @@ fn run_crashes(kind: Kind) {
             }
         }
         let now = read_back();
+        // xdisk reads the image as QEMU does (what the next child starts from).
+        let ours = xdisk_view(&img, kind);
+        if ours != now {
+            let k = (0..SECTORS as usize)
+                .find(|&k| ours[k * SECTOR..][..SECTOR] != now[k * SECTOR..][..SECTOR])
+                .unwrap_or(0);
+            t.corruptions += 1;
+            println!("{}", summary(&t));
+            panic!(
+                "{what}: xdisk and qemu-img read the image differently, first at sector {k}: \
+                 xdisk {:02x?}, qemu {:02x?}",
+                &ours[k * SECTOR..][..16],
+                &now[k * SECTOR..][..16]
+            );
+        }
         let (corrupt, lost, details) = verify(seed, &rep, &pre, &base, &now);
         if corrupt + lost > 0 {
             t.corruptions += u64::from(corrupt > 0);
