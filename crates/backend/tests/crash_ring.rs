@@ -28,16 +28,19 @@
 //!
 //! # What a flush makes durable
 //!
-//! The backend starts a `BLKIF_OP_FLUSH_DISKCACHE` once the writes consumed before it on its
-//! ring have completed, and flushes the whole image; a write barrier drains its ring, writes
-//! its data and flushes. Requests still in flight on other queues are not covered (as on a
-//! real disk, a flush covers the writes whose completion was seen before it was issued). So
-//! when the child submits a flush or a barrier it takes a snapshot of the operations whose
-//! completion it has seen (all below a prefix `p`, plus some above); when the backend answers
-//! it OKAY, those operations, and a barrier's own data, are *durable*: the child prints
-//! `XDISK-FLUSHED p e1 e2 ... END` (the `e` are the completed operations above `p`). Before
-//! submitting operation `n` it has always printed `XDISK-ISSUE m` with `m > n`: operations at
-//! or beyond the last such `m` were never submitted.
+//! As on any disk, a flush covers the writes whose completion was seen before it was issued.
+//! The backend promises more (reactor.rs): it starts a `BLKIF_OP_FLUSH_DISKCACHE` once the
+//! writes consumed before it on its ring have completed, then flushes the whole image; a
+//! write barrier drains its ring, writes its data and flushes. Requests in flight on other
+//! queues are not covered. So when the child submits a flush or a barrier on queue `q` it
+//! takes a snapshot of the operations whose completion it has seen (all below a prefix `p`,
+//! plus some above) and of the writes and discards in flight on `q` (ahead of it on the
+//! ring); when the backend answers it OKAY, those operations, and a barrier's own data, are
+//! *durable*: the child prints `XDISK-FLUSHED p e1 e2 ... END` (the `e` are the others).
+//! Before submitting operation `n` it has always printed `XDISK-ISSUE m` with `m > n`:
+//! operations at or beyond the last such `m` were never submitted. (Any write to a sector
+//! that is durable was submitted after every earlier write to that sector had completed, so
+//! those are durable too: the durable writes of a sector are a prefix of its writes.)
 //!
 //! # What the image may hold after the kill
 //!
@@ -351,8 +354,18 @@ fn child(path: &Path, kind: Kind, cache: CacheMode, data_path: DataPath, seed: u
             },
             Step::Flush => Op::Flush,
         };
-        let snapshot = matches!(s, Step::Flush | Step::Barrier { .. })
-            .then(|| (prefix, above.iter().copied().collect()));
+        // What the flush (or barrier) covers: everything completed, and the writes and
+        // discards in flight on its own queue (consumed before it: see the module comment).
+        let snapshot = matches!(s, Step::Flush | Step::Barrier { .. }).then(|| {
+            let mut covered: Vec<u64> = above.iter().copied().collect();
+            covered.extend(
+                flights
+                    .values()
+                    .filter(|f| f.queue == q && f.range.is_some())
+                    .map(|f| f.op),
+            );
+            (prefix, covered)
+        });
         let tag = front.submit(q, op).expect("submit");
         per_queue[q] += 1;
         flights.insert(
