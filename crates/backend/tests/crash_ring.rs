@@ -3,7 +3,8 @@
 //! deterministic sequence of operations to an image, and is SIGKILLed at a random moment,
 //! many times over the same image. Three images: raw, qcow2, and qcow2 over a raw backing file
 //! (`qemu-img create -b base.raw -F raw`); the rounds alternate cache=none (O_DIRECT) with
-//! cache=writeback, and the mapped data path with the grant-copy one. After every kill:
+//! cache=writeback, the mapped data path with the grant-copy one, and rotate the I/O engine
+//! (io_uring, native, threads). After every kill:
 //! - `qemu-img check` finds no corruption (leaks are acceptable after a crash);
 //! - the image read back by `qemu-img convert -O raw` holds every write made durable by an
 //!   acknowledged flush, and nothing else changed (the rule below).
@@ -80,6 +81,7 @@ use xdisk_backend::DataPath;
 use xdisk_blkfront::{FrontConfig, Frontend, Op};
 use xdisk_blkif::wire::Status;
 use xdisk_image::{CacheMode, Format, Image, OpenOptions};
+use xdisk_io::AioKind;
 
 /// The disk.
 const SIZE: u64 = 16 << 20;
@@ -224,6 +226,14 @@ fn env_u64(name: &str) -> Option<u64> {
 
 // ---- The child ----
 
+/// How the child's backend does its I/O.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    cache: CacheMode,
+    data_path: DataPath,
+    aio: AioKind,
+}
+
 /// A request of the child in flight.
 struct Flight {
     op: u64,
@@ -237,7 +247,12 @@ struct Flight {
 
 /// The child: opens the image, starts the backend and a frontend, and runs the sequence until
 /// killed.
-fn child(path: &Path, kind: Kind, cache: CacheMode, data_path: DataPath, seed: u64) {
+fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
+    let Setup {
+        cache,
+        data_path,
+        aio,
+    } = setup;
     let image = Image::open(
         path,
         &OpenOptions {
@@ -257,6 +272,7 @@ fn child(path: &Path, kind: Kind, cache: CacheMode, data_path: DataPath, seed: u
     let mut cfg = device_config(domid, devid);
     cfg.max_queues = QUEUES as u32;
     cfg.data_path = data_path;
+    cfg.queue.aio = aio;
     let _device = start_device(&host, cfg, image);
     let mut front = Frontend::connect(
         dom.xenstore().expect("guest xenstore"),
@@ -398,11 +414,15 @@ fn crash_ring_child() {
     } else {
         DataPath::Map
     };
+    let setup = Setup {
+        cache,
+        data_path,
+        aio: var("XDISK_CRASH_RING_AIO").parse().unwrap(),
+    };
     child(
         Path::new(&path),
         Kind::parse(&var("XDISK_CRASH_RING_KIND")),
-        cache,
-        data_path,
+        setup,
         var("XDISK_CRASH_RING_SEED").parse().unwrap(),
     );
 }
@@ -676,6 +696,7 @@ fn run_crashes(kind: Kind) {
         let seed = first_seed + round;
         let cache = if round % 2 == 0 { "none" } else { "writeback" };
         let data_path = if round / 2 % 2 == 0 { "map" } else { "copy" };
+        let aio = [AioKind::IoUring, AioKind::Native, AioKind::Threads][round as usize % 3];
         let stderr_path = dir.path().join("child.stderr");
         let sim_tmp = dir.path().join("sim");
         let _ = std::fs::remove_dir_all(&sim_tmp);
@@ -691,6 +712,7 @@ fn run_crashes(kind: Kind) {
             .env("XDISK_CRASH_RING_KIND", kind.name())
             .env("XDISK_CRASH_RING_CACHE", cache)
             .env("XDISK_CRASH_RING_PATH", data_path)
+            .env("XDISK_CRASH_RING_AIO", aio.as_str())
             .env("XDISK_CRASH_RING_SEED", seed.to_string())
             // The simulation's xenstore directory, left behind by the kill.
             .env("TMPDIR", &sim_tmp)
@@ -703,8 +725,9 @@ fn run_crashes(kind: Kind) {
         let (tx, rx) = mpsc::channel();
         let reader = std::thread::spawn(move || read_child(out, tx));
         let what = format!(
-            "{} round {round} (seed {seed}, cache={cache}, data path {data_path})",
-            kind.name()
+            "{} round {round} (seed {seed}, cache={cache}, aio={}, data path {data_path})",
+            kind.name(),
+            aio.as_str()
         );
         let child_failed = |ch: &mut std::process::Child| -> Option<String> {
             ch.try_wait().unwrap().map(|st| {
