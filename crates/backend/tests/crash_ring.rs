@@ -16,9 +16,10 @@
 //! # The workload
 //!
 //! Operation `i` of round seed `seed` is [`step`]`(seed, i)`: a write, a write barrier (with
-//! data, or empty), a discard or a flush, on a queue chosen by the sequence; writes of 1 to 512
-//! sectors (the large ones indirect), half of them 4 KiB aligned, half anywhere. Every sector
-//! written by operation `i` holds [`sector_data`]`(seed, i, sector)`: a header naming the
+//! data, or empty), a flush (empty, or with data as Linux blkfront sends a write with
+//! `REQ_PREFLUSH`/`REQ_FUA`) or a discard, on a queue chosen by the sequence; writes of 1 to
+//! 512 sectors (the large ones indirect), half of them 4 KiB aligned, half anywhere. Every
+//! sector written by operation `i` holds [`sector_data`]`(seed, i, sector)`: a header naming the
 //! round, the operation and the sector, then bytes derived from them, so that any sector read
 //! back says which write (if any) it came from.
 //!
@@ -36,8 +37,9 @@
 //! queues are not covered. So when the child submits a flush or a barrier on queue `q` it
 //! takes a snapshot of the operations whose completion it has seen (all below a prefix `p`,
 //! plus some above) and of the writes and discards in flight on `q` (ahead of it on the
-//! ring); when the backend answers it OKAY, those operations, and a barrier's own data, are
-//! *durable*: the child prints `XDISK-FLUSHED p e1 e2 ... END` (the `e` are the others).
+//! ring); when the backend answers it OKAY, those operations, and the request's own data
+//! (a barrier or a flush with data), are *durable*: the child prints
+//! `XDISK-FLUSHED p e1 e2 ... END` (the `e` are the others).
 //! Before submitting operation `n` it has always printed `XDISK-ISSUE m` with `m > n`:
 //! operations at or beyond the last such `m` were never submitted. (Any write to a sector
 //! that is durable was submitted after every earlier write to that sector had completed, so
@@ -47,7 +49,7 @@
 //!
 //! Per 512-byte sector, starting from the contents before the round (`Pre`), the operations
 //! `0..m` of the round are replayed in order on a set of allowed contents:
-//! - a durable write (or barrier data) of the sector: the set becomes {that write};
+//! - a durable write (or barrier or flush data) of the sector: the set becomes {that write};
 //! - a write that is not durable (it may or may not have reached the image, being in flight,
 //!   or completed but not flushed): the write is added to the set;
 //! - a discard, durable or not: zeroes and the backing file's data are added (a discard may
@@ -79,9 +81,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xdisk_backend::DataPath;
 use xdisk_blkfront::{FrontConfig, Frontend, Op};
-use xdisk_blkif::wire::Status;
+use xdisk_blkif::wire::{DirectIo, Request, RequestKind, Segment, Segments, Status};
 use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 use xdisk_io::AioKind;
+use xdisk_xen::platform::GrantRef;
 
 /// The disk.
 const SIZE: u64 = 16 << 20;
@@ -142,6 +145,13 @@ enum Step {
         sector: u64,
         sectors: u64,
     },
+    /// `BLKIF_OP_FLUSH_DISKCACHE` with data: how Linux blkfront sends a write with
+    /// `REQ_PREFLUSH`/`REQ_FUA` (the blkfront crate's `Op::Flush` has no data, so the child
+    /// builds it as a raw request).
+    FlushData {
+        sector: u64,
+        sectors: u64,
+    },
     Discard {
         sector: u64,
         sectors: u64,
@@ -155,6 +165,7 @@ impl Step {
         match self {
             Step::Write { sector, sectors }
             | Step::Barrier { sector, sectors }
+            | Step::FlushData { sector, sectors }
             | Step::Discard { sector, sectors }
                 if sectors > 0 =>
             {
@@ -177,8 +188,8 @@ fn step(seed: u64, i: u64) -> (Step, usize) {
     } else {
         r.gen_range(1..=64u64)
     };
-    if (8..=10).contains(&roll) {
-        // A barrier is a direct request: 11 pages at most.
+    if (8..=14).contains(&roll) {
+        // Barriers and flushes are direct requests: 11 pages at most.
         sectors = sectors.min(88);
     }
     let sector = if r.gen_bool(0.5) {
@@ -193,7 +204,8 @@ fn step(seed: u64, i: u64) -> (Step, usize) {
             sector: 0,
             sectors: 0,
         },
-        11..=18 => Step::Discard { sector, sectors },
+        11..=14 => Step::FlushData { sector, sectors },
+        15..=22 => Step::Discard { sector, sectors },
         _ => Step::Write { sector, sectors },
     };
     (s, queue)
@@ -241,9 +253,14 @@ struct Flight {
     range: Option<(u64, u64)>,
     /// For flushes and barriers: the operations completed when it was submitted.
     snapshot: Option<(u64, Vec<u64>)>,
-    /// A barrier with data.
-    barrier_data: bool,
+    /// A barrier or a flush with data.
+    own_data: bool,
+    /// The guest pages of a raw request (given back to the pool when it completes).
+    pages: Vec<(usize, GrantRef)>,
 }
+
+/// Tags of the child's raw requests (flushes with data): their operation number plus this.
+const RAW_TAG: u64 = 1 << 40;
 
 /// The child: opens the image, starts the backend and a frontend, and runs the sequence until
 /// killed.
@@ -298,6 +315,8 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
     let mut prefix = 0u64;
     let mut above = BTreeSet::new();
     let mut promised = 0u64;
+    // Granted guest pages for the data of raw requests.
+    let mut pool: Vec<(usize, GrantRef)> = Vec::new();
     /// Handles the completions of one poll; prints the durable mark of flushes and barriers.
     fn complete(
         front: &mut Frontend,
@@ -305,6 +324,7 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
         per_queue: &mut [usize; QUEUES],
         prefix: &mut u64,
         above: &mut BTreeSet<u64>,
+        pool: &mut Vec<(usize, GrantRef)>,
     ) {
         let done = front.poll(Duration::from_secs(1)).expect("poll");
         for c in done {
@@ -315,8 +335,9 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
             while above.remove(prefix) {
                 *prefix += 1;
             }
+            pool.extend(f.pages.iter().copied());
             if let Some((p, mut extra)) = f.snapshot {
-                if f.barrier_data {
+                if f.own_data {
                     extra.push(f.op);
                 }
                 let list: Vec<String> = extra.iter().map(u64::to_string).collect();
@@ -341,6 +362,7 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
                 &mut per_queue,
                 &mut prefix,
                 &mut above,
+                &mut pool,
             );
         }
         if i >= promised {
@@ -354,6 +376,23 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
             }
             buf
         };
+        // What a flush (or barrier) covers: everything completed, and the writes and
+        // discards in flight on its own queue (consumed before it: see the module comment).
+        let snapshot = matches!(
+            s,
+            Step::Flush | Step::Barrier { .. } | Step::FlushData { .. }
+        )
+        .then(|| {
+            let mut covered: Vec<u64> = above.iter().copied().collect();
+            covered.extend(
+                flights
+                    .values()
+                    .filter(|f| f.queue == q && f.range.is_some())
+                    .map(|f| f.op),
+            );
+            (prefix, covered)
+        });
+        let mut pages = Vec::new();
         let op = match s {
             Step::Write { sector, sectors } => Op::Write {
                 sector,
@@ -369,20 +408,16 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
                 secure: false,
             },
             Step::Flush => Op::Flush,
+            Step::FlushData { sector, sectors } => {
+                pages = flush_with_data(&mut front, &mut pool, q, seed, i, sector, sectors);
+                Op::Flush // not submitted: the raw request is
+            }
         };
-        // What the flush (or barrier) covers: everything completed, and the writes and
-        // discards in flight on its own queue (consumed before it: see the module comment).
-        let snapshot = matches!(s, Step::Flush | Step::Barrier { .. }).then(|| {
-            let mut covered: Vec<u64> = above.iter().copied().collect();
-            covered.extend(
-                flights
-                    .values()
-                    .filter(|f| f.queue == q && f.range.is_some())
-                    .map(|f| f.op),
-            );
-            (prefix, covered)
-        });
-        let tag = front.submit(q, op).expect("submit");
+        let tag = if pages.is_empty() {
+            front.submit(q, op).expect("submit")
+        } else {
+            RAW_TAG + i
+        };
         per_queue[q] += 1;
         flights.insert(
             tag,
@@ -391,10 +426,61 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
                 queue: q,
                 range,
                 snapshot,
-                barrier_data: matches!(s, Step::Barrier { sectors, .. } if sectors > 0),
+                own_data: matches!(
+                    s,
+                    Step::Barrier { sectors, .. } | Step::FlushData { sectors, .. } if sectors > 0
+                ),
+                pages,
             },
         );
     }
+}
+
+/// Pushes operation `i`, a `BLKIF_OP_FLUSH_DISKCACHE` with data, on queue `q` as a raw
+/// request (tag `RAW_TAG + i`) whose data pages come from `pool`; returns the pages.
+fn flush_with_data(
+    front: &mut Frontend,
+    pool: &mut Vec<(usize, GrantRef)>,
+    q: usize,
+    seed: u64,
+    i: u64,
+    sector: u64,
+    sectors: u64,
+) -> Vec<(usize, GrantRef)> {
+    let mut pages = Vec::new();
+    let mut segs = Vec::new();
+    for first in (0..sectors).step_by(8) {
+        let (page, gref) = match pool.pop() {
+            Some(p) => p,
+            None => {
+                let page = front.alloc_page().expect("guest page");
+                (page, front.grant_page(page, false).expect("grant"))
+            }
+        };
+        let n = (sectors - first).min(8);
+        let mut buf = vec![0u8; n as usize * SECTOR];
+        for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+            sector_data(seed, i, sector + first + k as u64, chunk);
+        }
+        front.write_page(page, 0, &buf).expect("guest page");
+        segs.push(Segment {
+            gref,
+            first_sect: 0,
+            last_sect: (n - 1) as u8,
+        });
+        pages.push((page, gref));
+    }
+    let req = Request {
+        id: RAW_TAG + i,
+        handle: 0,
+        kind: RequestKind::Flush(DirectIo {
+            sector,
+            segments: Segments::from_slice(&segs).expect("11 segments at most"),
+        }),
+    };
+    front.push_raw_request(q, &req).expect("push");
+    front.publish(q).expect("publish");
+    pages
 }
 
 #[test]
@@ -519,7 +605,9 @@ fn verify(seed: u64, rep: &Report, pre: &[u8], base: &[u8], now: &[u8]) -> (u64,
         let (s, _) = step(seed, i);
         let durable = rep.durable(i);
         match s {
-            Step::Write { sector, sectors } | Step::Barrier { sector, sectors } => {
+            Step::Write { sector, sectors }
+            | Step::Barrier { sector, sectors }
+            | Step::FlushData { sector, sectors } => {
                 for k in sector..sector + sectors {
                     let a = &mut allowed[k as usize];
                     if durable {
