@@ -3,8 +3,9 @@
 //! deterministic sequence of operations to an image, and is SIGKILLed at a random moment,
 //! many times over the same image. Three images: raw, qcow2, and qcow2 over a raw backing file
 //! (`qemu-img create -b base.raw -F raw`); the rounds alternate cache=none (O_DIRECT) with
-//! cache=writeback, the mapped data path with the grant-copy one, and rotate the I/O engine
-//! (io_uring, native, threads). After every kill:
+//! cache=writeback, the mapped data path with the grant-copy one, rotate the I/O engine
+//! (io_uring, native, threads), and on qcow2 shrink the metadata caches to two entries every
+//! other four rounds (evictions then write metadata back between flushes). After every kill:
 //! - `qemu-img check` finds no corruption (leaks are acceptable after a crash);
 //! - the image read back by `qemu-img convert -O raw` holds every write made durable by an
 //!   acknowledged flush, and nothing else changed (the rule below).
@@ -244,6 +245,9 @@ struct Setup {
     cache: CacheMode,
     data_path: DataPath,
     aio: AioKind,
+    /// qcow2 metadata caches of 2 L2 tables and 2 refcount blocks: evictions write metadata
+    /// back between flushes.
+    small_caches: bool,
 }
 
 /// A request of the child in flight.
@@ -269,6 +273,7 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
         cache,
         data_path,
         aio,
+        small_caches,
     } = setup;
     let image = Image::open(
         path,
@@ -279,6 +284,9 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
         },
     )
     .expect("child opens the image");
+    if let (true, Image::Qcow2(q)) = (small_caches, &*image) {
+        q.set_cache_limits(2, 2);
+    }
     let host = host();
     let (domid, devid) = (1u16, 768u32);
     let dom = host
@@ -504,6 +512,7 @@ fn crash_ring_child() {
         cache,
         data_path,
         aio: var("XDISK_CRASH_RING_AIO").parse().unwrap(),
+        small_caches: var("XDISK_CRASH_RING_CACHES") == "small",
     };
     child(
         Path::new(&path),
@@ -785,6 +794,11 @@ fn run_crashes(kind: Kind) {
         let cache = if round % 2 == 0 { "none" } else { "writeback" };
         let data_path = if round / 2 % 2 == 0 { "map" } else { "copy" };
         let aio = [AioKind::IoUring, AioKind::Native, AioKind::Threads][round as usize % 3];
+        let caches = if kind != Kind::Raw && round / 4 % 2 == 1 {
+            "small"
+        } else {
+            "default"
+        };
         let stderr_path = dir.path().join("child.stderr");
         let sim_tmp = dir.path().join("sim");
         let _ = std::fs::remove_dir_all(&sim_tmp);
@@ -801,6 +815,7 @@ fn run_crashes(kind: Kind) {
             .env("XDISK_CRASH_RING_CACHE", cache)
             .env("XDISK_CRASH_RING_PATH", data_path)
             .env("XDISK_CRASH_RING_AIO", aio.as_str())
+            .env("XDISK_CRASH_RING_CACHES", caches)
             .env("XDISK_CRASH_RING_SEED", seed.to_string())
             // The simulation's xenstore directory, left behind by the kill.
             .env("TMPDIR", &sim_tmp)
@@ -813,7 +828,7 @@ fn run_crashes(kind: Kind) {
         let (tx, rx) = mpsc::channel();
         let reader = std::thread::spawn(move || read_child(out, tx));
         let what = format!(
-            "{} round {round} (seed {seed}, cache={cache}, aio={}, data path {data_path})",
+            "{} round {round} (seed {seed}, cache={cache}, aio={}, data path {data_path}, {caches} qcow2 caches)",
             kind.name(),
             aio.as_str()
         );
