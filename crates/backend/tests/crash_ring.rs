@@ -600,8 +600,10 @@ struct Tally {
     lost: u64,
     durable_ops: u64,
     submitted_ops: u64,
-    /// Kills after which `qemu-img check` found leaked clusters.
+    /// Kills after which `qemu-img check` found more leaked clusters than before.
     leaky: u64,
+    /// Leaked clusters `qemu-img check` found after the last kill.
+    leaked: u64,
 }
 
 /// Checks the image after a round; returns (corrupt sectors, lost sectors) and describes the
@@ -777,7 +779,7 @@ fn run_crashes(kind: Kind) {
     let started = Instant::now();
     let summary = |t: &Tally| {
         format!(
-            "crash-ring {}: {} kills, {} corruptions, {} lost ({} during start-up; {} operations submitted at most, {} durable ones checked; leaks after {} kills; {:.0} s)",
+            "crash-ring {}: {} kills, {} corruptions, {} lost ({} during start-up; {} operations submitted at most, {} durable ones checked; {} kills leaked clusters, {} leaked in all; {:.0} s)",
             kind.name(),
             t.kills,
             t.corruptions,
@@ -786,6 +788,7 @@ fn run_crashes(kind: Kind) {
             t.submitted_ops,
             t.durable_ops,
             t.leaky,
+            t.leaked,
             started.elapsed().as_secs_f64()
         )
     };
@@ -873,7 +876,13 @@ fn run_crashes(kind: Kind) {
         if kind != Kind::Raw {
             let check = qemu_img_status(&["check", img_s]);
             let code = check.status.code();
-            t.leaky += u64::from(code == Some(3));
+            let leaked = String::from_utf8_lossy(&check.stdout)
+                .lines()
+                .find(|l| l.contains("leaked clusters were found"))
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            t.leaky += u64::from(leaked > t.leaked);
+            t.leaked = leaked;
             if code != Some(0) && code != Some(3) {
                 t.corruptions += 1;
                 println!("{}", summary(&t));
