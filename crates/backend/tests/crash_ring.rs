@@ -255,7 +255,8 @@ struct Flight {
     op: u64,
     queue: usize,
     range: Option<(u64, u64)>,
-    /// For flushes and barriers: the operations completed when it was submitted.
+    /// For flushes and barriers: the operations it covers (see the module comment), as a
+    /// prefix and others.
     snapshot: Option<(u64, Vec<u64>)>,
     /// A barrier or a flush with data.
     own_data: bool,
@@ -418,13 +419,13 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
             Step::Flush => Op::Flush,
             Step::FlushData { sector, sectors } => {
                 pages = flush_with_data(&mut front, &mut pool, q, seed, i, sector, sectors);
-                Op::Flush // not submitted: the raw request is
+                Op::Flush
             }
         };
-        let tag = if pages.is_empty() {
-            front.submit(q, op).expect("submit")
-        } else {
-            RAW_TAG + i
+        let tag = match s {
+            // Pushed as a raw request above.
+            Step::FlushData { .. } => RAW_TAG + i,
+            _ => front.submit(q, op).expect("submit"),
         };
         per_queue[q] += 1;
         flights.insert(
