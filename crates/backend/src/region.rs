@@ -10,14 +10,24 @@ use xdisk_xen::platform::{DomId, GrantMapper, GrantRef, MappedRegion, PlatformEr
 use crate::stats::{add, sub, Counters};
 
 /// A mapping that keeps the device's `mappings` counter (in pages) up to date: incremented
-/// when mapped, decremented when the last reference is dropped (and the platform unmaps).
+/// when mapped, decremented when the last reference is dropped, once the platform has
+/// unmapped.
 pub(crate) struct Counted {
     inner: Arc<dyn MappedRegion>,
+    /// Dropped after `inner` (fields drop in declaration order): while the counter says a
+    /// page is mapped, it is. (Decremented in `Counted`'s own `drop`, before its fields, the
+    /// counter reached 0 while the last unmap was still to come, and a frontend that trusted
+    /// it found its grants still mapped: teardown's detach_under_load was flaky for that.)
+    _count: Count,
+}
+
+/// Pages counted in `counters.mappings`, uncounted on drop.
+struct Count {
     counters: Arc<Counters>,
     pages: u64,
 }
 
-impl Drop for Counted {
+impl Drop for Count {
     fn drop(&mut self) {
         sub(&self.counters.mappings, self.pages);
     }
@@ -78,7 +88,96 @@ pub(crate) fn map_counted(
     add(&counters.mappings, pages);
     Ok(Arc::new(Counted {
         inner,
-        counters: counters.clone(),
-        pages,
+        _count: Count {
+            counters: counters.clone(),
+            pages,
+        },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use xdisk_xen::platform::GrantCopyOp;
+
+    /// A page whose unmap (drop) notes what the device's counter said at that moment.
+    struct Probe {
+        counters: Arc<Counters>,
+        seen: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            let n = self.counters.mappings.load(Ordering::SeqCst);
+            self.seen.lock().unwrap().push(n);
+        }
+    }
+
+    impl SharedMem for Probe {
+        fn size(&self) -> usize {
+            PAGE_SIZE
+        }
+        fn read_u32_volatile(&self, _: usize) -> Result<u32, MemError> {
+            Ok(0)
+        }
+        fn write_u32_volatile(&self, _: usize, _: u32) -> Result<(), MemError> {
+            Ok(())
+        }
+        fn copy_from(&self, _: usize, _: &mut [u8]) -> Result<(), MemError> {
+            Ok(())
+        }
+        fn copy_to(&self, _: usize, _: &[u8]) -> Result<(), MemError> {
+            Ok(())
+        }
+    }
+
+    impl MappedRegion for Probe {
+        fn writable(&self) -> bool {
+            true
+        }
+        fn io_base(&self) -> *mut u8 {
+            std::ptr::null_mut()
+        }
+    }
+
+    struct ProbeMapper {
+        counters: Arc<Counters>,
+        seen: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl GrantMapper for ProbeMapper {
+        fn map(
+            &self,
+            _: DomId,
+            _: &[GrantRef],
+            _: bool,
+        ) -> Result<Arc<dyn MappedRegion>, PlatformError> {
+            Ok(Arc::new(Probe {
+                counters: self.counters.clone(),
+                seen: self.seen.clone(),
+            }))
+        }
+        fn copy(&self, _: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn mappings_stay_counted_until_the_platform_has_unmapped() {
+        let counters = Arc::new(Counters::default());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gnt = ProbeMapper {
+            counters: counters.clone(),
+            seen: seen.clone(),
+        };
+        let a = map_counted(&gnt, &counters, 1, &[8], true).unwrap();
+        let b = map_counted(&gnt, &counters, 1, &[9], true).unwrap();
+        assert_eq!(counters.mappings.load(Ordering::SeqCst), 2);
+        drop(a);
+        drop(b);
+        // Each page was still counted while it was being unmapped.
+        assert_eq!(*seen.lock().unwrap(), vec![2, 1]);
+        assert_eq!(counters.mappings.load(Ordering::SeqCst), 0);
+    }
 }

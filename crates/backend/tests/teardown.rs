@@ -158,8 +158,11 @@ fn detach(host: &Host) {
         .unwrap();
 }
 
+/// Was flaky (about 1 run in 4): the backend's `mappings` counter went down before each
+/// unmap (slow here), so "no mappings" could be seen with the last grant still mapped and the
+/// frontend's disconnect counted it leaked (fixed in region.rs, guarded by
+/// `mappings_stay_counted_until_the_platform_has_unmapped`).
 #[test]
-#[ignore = "flaky (about 1 run in 4 under load): after the lingering queues report no mappings, the frontend still sometimes counts leaked grants at its disconnect; under investigation (issue 9)"]
 fn detach_under_load_closes_within_bound() {
     let s = setup(PASS, CacheMode::WriteBack, |_| {});
     let front = connect(
