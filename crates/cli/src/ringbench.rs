@@ -1489,7 +1489,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
         let t0 = Instant::now();
         let mut bench = Bench::new(&p, front, t0);
         let resize_done = bench.resize_done.clone();
-        let (r, pass, samples) = std::thread::scope(|sc| {
+        let (r, pass, samples, end) = std::thread::scope(|sc| {
             let (stop_tx, stop_rx) = mpsc::channel::<()>();
             let sampler = sc.spawn(move || soak::sampler(t0, Duration::from_secs(1), stop_rx));
             let (rstop_tx, rstop_rx) = mpsc::channel::<()>();
@@ -1498,6 +1498,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
                 sc.spawn(move || resize_thread(plan, t0, image, device, &rstop_rx, done));
             }
             let r = bench.run();
+            let end = soak::sample(t0);
             drop(rstop_tx);
             let pass = match r {
                 Ok(_) if bench.failure.is_none() => bench.verify_pass(),
@@ -1507,7 +1508,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
             drop(stop_tx);
             let mut samples = sampler.join().unwrap_or_default();
             samples.push(soak::sample(t0));
-            (r, pass, samples)
+            (r, pass, samples, end)
         });
         let after = usage();
         let runtime = r.as_ref().copied().unwrap_or_default();
@@ -1529,6 +1530,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
         soak.memory = Memory {
             samples,
             warmup: soak::warmup(p.runtime),
+            end: Some(end),
         };
         (
             pass.map(|_| {

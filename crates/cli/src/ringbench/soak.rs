@@ -127,8 +127,12 @@ pub fn warmup(runtime: Option<Duration>) -> Duration {
 /// The memory figures of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Memory {
+    /// Every second, from the start to after the verification pass.
     pub samples: Vec<Sample>,
     pub warmup: Duration,
+    /// Taken when the workload ended (before the verification pass, which allocates its
+    /// list of blocks): the "end" compared with the warm-up.
+    pub end: Option<Sample>,
 }
 
 impl Memory {
@@ -142,10 +146,11 @@ impl Memory {
     /// (start, after warm-up, end, min, max) RSS in KiB.
     pub fn rss(&self) -> Option<(u64, u64, u64, u64, u64)> {
         let first = self.samples.first()?;
-        let last = self.samples.last()?;
+        let last = self.end.as_ref().or(self.samples.last())?;
         let w = self.at_warmup()?;
-        let min = self.samples.iter().map(|s| s.rss_kib).min()?;
-        let max = self.samples.iter().map(|s| s.rss_kib).max()?;
+        let all = || self.samples.iter().chain(&self.end).map(|s| s.rss_kib);
+        let min = all().min()?;
+        let max = all().max()?;
         Some((first.rss_kib, w.rss_kib, last.rss_kib, min, max))
     }
 
@@ -155,6 +160,10 @@ impl Memory {
         };
         let fds = |f: fn(&Sample) -> u64| self.samples.iter().map(f).collect::<Vec<_>>();
         let fd = fds(|s| s.fds);
+        let fd_end = self
+            .end
+            .as_ref()
+            .map_or(fd.last().copied(), |s| Some(s.fds));
         json!({
             "rss_kib": {
                 "start": start,
@@ -168,7 +177,7 @@ impl Memory {
             },
             "fds": {
                 "start": fd.first(),
-                "end": fd.last(),
+                "end": fd_end,
                 "max": fd.iter().max(),
             },
         })
@@ -178,10 +187,14 @@ impl Memory {
         let (start, warm, end, min, max) = self.rss()?;
         let mib = |k: u64| format!("{:.1}MiB", k as f64 / 1024.0);
         let fd_start = self.samples.first().map_or(0, |s| s.fds);
-        let fd_end = self.samples.last().map_or(0, |s| s.fds);
+        let fd_end = self
+            .end
+            .as_ref()
+            .or(self.samples.last())
+            .map_or(0, |s| s.fds);
         let fd_max = self.samples.iter().map(|s| s.fds).max().unwrap_or(0);
         Some(format!(
-            "  memory       : rss start={}, after warmup ({:.0}s)={}, end={}, min={}, max={} ({} samples); fds start={fd_start}, end={fd_end}, max={fd_max}\n",
+            "  memory       : rss start={}, after warmup ({:.0}s)={}, end of the workload={}, min={}, max={} ({} samples); fds start={fd_start}, end={fd_end}, max={fd_max}\n",
             mib(start),
             self.warmup.as_secs_f64(),
             mib(warm),
