@@ -698,18 +698,18 @@ impl<'a> Bench<'a> {
     }
 
     fn submit(&mut self, j: usize, read: bool, block: u64, verify_pass: bool) -> Result<()> {
-        self.submit_at(j, read, block, verify_pass, Instant::now())
+        self.submit_at(j, read, block, verify_pass, None)
     }
 
-    /// Submits a request on queue `j`; `start` is when it was first submitted (a request
-    /// resubmitted after a reconnection keeps its latency).
+    /// Submits a request on queue `j`; `start`: when it was first submitted (a request
+    /// resubmitted after a reconnection keeps its latency), else now (once its data is made).
     fn submit_at(
         &mut self,
         j: usize,
         read: bool,
         block: u64,
         verify_pass: bool,
-        start: Instant,
+        start: Option<Instant>,
     ) -> Result<()> {
         let p = self.p;
         let offset = p.base + block * p.bs as u64;
@@ -737,6 +737,7 @@ impl<'a> Bench<'a> {
         if let Some(b) = &mut self.blocks {
             b.busy[block as usize] = true;
         }
+        let start = start.unwrap_or_else(Instant::now);
         let tag = match self.front.submit(j, op) {
             Ok(t) => t,
             Err(FrontError::RingFull(q)) => {
@@ -916,7 +917,7 @@ impl<'a> Bench<'a> {
         for (_, f) in lost {
             self.jobs[f.queue].in_flight -= 1;
             self.resubmitted += 1;
-            self.submit_at(f.queue, f.read, f.block, f.verify_pass, f.start)?;
+            self.submit_at(f.queue, f.read, f.block, f.verify_pass, Some(f.start))?;
         }
         self.front.unplug().context("publishing requests")?;
         Ok(())
