@@ -424,6 +424,56 @@ fn reconnect_after_closed() {
     close(p, &host);
 }
 
+/// A frontend reconnecting right after its disconnection, without waiting for the backend's
+/// Closed (as `xdisk bench --reconnect` does): `Frontend::reconnect` waits for the backend to
+/// finish closing. It wrote Initialising at once before and took the backend's lingering
+/// Closing as a refusal ("backend went to state Closing while the backend's InitWait").
+#[test]
+fn reconnect_right_after_disconnect() {
+    let host = host();
+    let disk = raw_disk(2 * MIB);
+    let image = open_image(&disk.path, false);
+    let mut p = pair(&host, 1, 768, image, |_| {}, FrontConfig::default());
+    for round in 0..10u64 {
+        p.front.write(8 * round, &pattern(round, 4096)).unwrap();
+        p.front.disconnect().unwrap();
+        p.front.reconnect().unwrap();
+        assert_eq!(p.front.read(8 * round, 8).unwrap(), pattern(round, 4096));
+    }
+    assert_eq!(p.front.leaked_grants(), 0);
+    assert_eq!(p.device.stats().connects, 11);
+    close(p, &host);
+}
+
+/// A connected frontend follows an online resize through its watch on the backend's state
+/// (`Frontend::check_backend`, Linux blkfront's `blkback_changed`), and only then.
+#[test]
+fn frontend_follows_online_resize() {
+    let host = host();
+    let disk = raw_disk(MIB);
+    let image = open_image(&disk.path, false);
+    let mut p = pair(&host, 1, 768, image.clone(), |_| {}, FrontConfig::default());
+    // Events of the connection itself change nothing.
+    assert_eq!(p.front.check_backend().unwrap(), None);
+    image.resize(3 * MIB).unwrap();
+    assert_eq!(p.device.resize().unwrap(), 6144);
+    let mut seen = None;
+    wait_until(
+        "the frontend to see the new size",
+        Duration::from_secs(10),
+        || {
+            seen = p.front.check_backend().unwrap();
+            seen.is_some()
+        },
+    );
+    assert_eq!(seen, Some(6144));
+    assert_eq!(p.front.info().sectors, 6144);
+    assert_eq!(p.front.check_backend().unwrap(), None);
+    p.front.write(6000, &pattern(5, 4096)).unwrap();
+    assert_eq!(p.front.read(6000, 8).unwrap(), pattern(5, 4096));
+    close(p, &host);
+}
+
 #[test]
 fn online_resize() {
     let host = host();

@@ -158,6 +158,10 @@ fn detach(host: &Host) {
         .unwrap();
 }
 
+/// Was flaky (about 1 run in 4): the backend's `mappings` counter went down before each
+/// unmap (slow here), so "no mappings" could be seen with the last grant still mapped and the
+/// frontend's disconnect counted it leaked (fixed in region.rs, guarded by
+/// `mapping_counter_drops_only_after_the_unmap`).
 #[test]
 fn detach_under_load_closes_within_bound() {
     let s = setup(PASS, CacheMode::WriteBack, |_| {});

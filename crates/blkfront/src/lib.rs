@@ -1319,8 +1319,33 @@ impl Frontend {
         if !self.queues.is_empty() {
             self.free_all();
         }
+        // [`Frontend::disconnect`] returns once the backend is Closing: it goes Closed when
+        // it sees our Closed. Initialising before that would find it Closing, which
+        // talk_to_backend takes as a refusal.
+        self.wait_backend(
+            "the backend to finish closing",
+            |s| s != XenbusState::Closing,
+            |_| false,
+        )?;
         self.set_state(XenbusState::Initialising)?;
         self.talk_to_backend()
+    }
+
+    /// Linux blkfront's `blkback_changed` while connected: takes the events of the watch on
+    /// the backend's `state` and, if there were any and the backend is still `Connected`,
+    /// re-reads the disk properties (an online resize rewrites `sectors`, then `state`).
+    /// Returns the new size in sectors when it changed. Cheap when nothing happened.
+    pub fn check_backend(&mut self) -> Result<Option<u64>> {
+        let mut fired = false;
+        while self.be_watch.try_recv().is_some() {
+            fired = true;
+        }
+        if !fired || !self.connected || self.backend_state()? != XenbusState::Connected {
+            return Ok(None);
+        }
+        let before = self.info.sectors;
+        self.read_disk_info()?;
+        Ok((self.info.sectors != before).then_some(self.info.sectors))
     }
 
     // ---- Raw access, for hostile tests ----

@@ -18,13 +18,21 @@
 //!   the run.
 //! * `usr_cpu`/`sys_cpu` are the whole process's (frontend, backend, I/O threads), from
 //!   getrusage, as a share of one CPU over the run.
+//! * Soak testing: `--reconnect=MIN-MAX` disconnects and reconnects the frontend at random
+//!   intervals with requests in flight (those the backend had not consumed are resubmitted
+//!   after the reconnection, as Linux blkfront's `blkif_recover`; the verification state
+//!   carries over), `--resize_at=SECS:NEWSIZE` grows the image while I/O goes on (the
+//!   frontend notices the new `sectors` and the region grows into it; never written blocks
+//!   there must read as zeroes), and the process's RSS and descriptors are sampled every
+//!   second (reported as start, after warm-up, end, min and max).
 
 mod hist;
+mod soak;
 mod verify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -44,6 +52,7 @@ use xdisk_xen::xenstore::{Access, Client, Perm};
 
 use crate::size::parse_size;
 use hist::{Histogram, FIO_PERCENTILES};
+use soak::{Memory, ResizePlan, ResizeSeen};
 
 /// The guest's domain id and the disk's device id (xvda).
 const DOMID: u16 = 1;
@@ -134,6 +143,22 @@ pub struct RingBenchArgs {
     /// then fail verification).
     #[arg(long = "debug-corrupt-write", hide = true)]
     corrupt_write: Option<u64>,
+    /// Soak testing: disconnect the frontend and reconnect it (same number of queues) after a
+    /// random interval of MIN to MAX seconds, again and again, with requests in flight.
+    /// Requests the backend had not taken are resubmitted after the reconnection; data
+    /// written before a reconnection is verified after it. `N` alone: every N seconds.
+    #[arg(long, value_name = "MIN-MAX", hide_short_help = true)]
+    reconnect: Option<String>,
+    /// Soak testing: SECS into the run, grow the image to NEWSIZE bytes (`+SIZE`: by SIZE)
+    /// while I/O goes on, and tell the backend (online resize). The frontend picks up the new
+    /// size and, unless --size fixes the region, the workload extends into it; blocks there
+    /// that were never written must read as zeroes.
+    #[arg(
+        long = "resize_at",
+        value_name = "SECS:NEWSIZE",
+        hide_short_help = true
+    )]
+    resize_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +258,14 @@ struct Params {
     blocks: u64,
     seed: u64,
     corrupt_write: Option<u64>,
+    /// `--reconnect`: the interval between reconnections.
+    reconnect: Option<(Duration, Duration)>,
+    /// `--resize_at`.
+    resize: Option<ResizePlan>,
+    /// The region is the image from --offset on (no --size): it grows with the image.
+    region_grows: bool,
+    /// The image's size at the start.
+    image_size: u64,
 }
 
 fn params(a: &RingBenchArgs, image_size: u64) -> Result<Params> {
@@ -316,6 +349,16 @@ fn params(a: &RingBenchArgs, image_size: u64) -> Result<Params> {
         (None, true) => None,
         (None, false) => Some(blocks),
     };
+    let reconnect = a
+        .reconnect
+        .as_deref()
+        .map(soak::parse_reconnect)
+        .transpose()?;
+    let resize = a
+        .resize_at
+        .as_deref()
+        .map(|r| soak::parse_resize(r, image_size))
+        .transpose()?;
     Ok(Params {
         name: a.name.clone(),
         rw,
@@ -336,6 +379,10 @@ fn params(a: &RingBenchArgs, image_size: u64) -> Result<Params> {
         blocks,
         seed: a.randseed,
         corrupt_write: a.corrupt_write,
+        reconnect,
+        resize,
+        region_grows: a.size.is_none(),
+        image_size,
     })
 }
 
@@ -425,6 +472,16 @@ fn setup(p: &Params, image: Arc<Image>) -> Result<Rig> {
         },
     )
     .context("connecting the frontend")?;
+    check_connection(p, &front)?;
+    Ok(Rig {
+        _xen: xen,
+        device: Some(device),
+        front,
+    })
+}
+
+/// What a (re)connection must have negotiated for the workload.
+fn check_connection(p: &Params, front: &Frontend) -> Result<()> {
     let info = front.info();
     if info.queues != p.jobs {
         bail!(
@@ -447,11 +504,7 @@ fn setup(p: &Params, image: Arc<Image>) -> Result<Rig> {
             front.max_request_sectors() * 512
         );
     }
-    Ok(Rig {
-        _xen: xen,
-        device: Some(device),
-        front,
-    })
+    Ok(())
 }
 
 impl Rig {
@@ -459,14 +512,16 @@ impl Rig {
         self.device.as_ref().map(Device::stats).unwrap_or_default()
     }
 
-    fn close(mut self) -> Result<()> {
+    /// Disconnects and stops the backend; returns the grants the frontend found still held
+    /// by the backend when it revoked them, over the whole run.
+    fn close(mut self) -> Result<usize> {
         self.front
             .disconnect()
             .context("disconnecting the frontend")?;
         if let Some(d) = self.device.take() {
             d.shutdown().context("stopping the backend")?;
         }
-        Ok(())
+        Ok(self.front.leaked_grants())
     }
 }
 
@@ -498,6 +553,7 @@ struct Job {
 /// A request in flight.
 struct InFlight {
     start: Instant,
+    queue: usize,
     read: bool,
     block: u64,
     /// The verification pass (not counted).
@@ -520,6 +576,16 @@ struct Blocks {
     busy: Vec<bool>,
 }
 
+/// Most blocks a verify run tracks.
+const MAX_VERIFY_BLOCKS: u64 = 1 << 26;
+
+/// What the resize thread reports.
+#[derive(Default)]
+struct ResizeDone {
+    at: Option<Duration>,
+    result: Option<std::result::Result<u64, String>>,
+}
+
 struct Bench<'a> {
     p: &'a Params,
     front: &'a mut Frontend,
@@ -528,15 +594,33 @@ struct Bench<'a> {
     read: Side,
     write: Side,
     blocks: Option<Blocks>,
+    /// Blocks of the region (grows with an online resize).
+    nblocks: u64,
+    /// Blocks from this one on lie past the image's original end: never written in this run,
+    /// they must read as zeroes.
+    zero_from: Option<u64>,
     writes_issued: u64,
     verified: u64,
+    mismatches: u64,
     failure: Option<String>,
     errors: u64,
     completions: Vec<Completion>,
+    /// Start of the run.
+    t0: Instant,
+    /// `--reconnect`: its own random numbers and the next time.
+    reconnect_rng: Rng,
+    next_reconnect: Option<Instant>,
+    reconnects: u64,
+    resubmitted: u64,
+    /// `--resize_at`: the resize thread's report, and what the frontend saw.
+    resize_done: Arc<Mutex<ResizeDone>>,
+    resize: ResizeSeen,
+    /// Sectors the frontend last knew.
+    sectors: u64,
 }
 
 impl<'a> Bench<'a> {
-    fn new(p: &'a Params, front: &'a mut Frontend) -> Bench<'a> {
+    fn new(p: &'a Params, front: &'a mut Frontend, t0: Instant) -> Bench<'a> {
         let jobs = (0..p.jobs)
             .map(|j| {
                 let mut rng = Rng(p.seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -553,6 +637,9 @@ impl<'a> Bench<'a> {
             generation: vec![0; p.blocks as usize],
             busy: vec![false; p.blocks as usize],
         });
+        let sectors = front.info().sectors;
+        let mut reconnect_rng = Rng(p.seed ^ 0x7ec0_22ec_7000_0001);
+        reconnect_rng.next();
         Bench {
             p,
             front,
@@ -561,17 +648,33 @@ impl<'a> Bench<'a> {
             read: Side::default(),
             write: Side::default(),
             blocks,
+            nblocks: p.blocks,
+            zero_from: None,
             writes_issued: 0,
             verified: 0,
+            mismatches: 0,
             failure: None,
             errors: 0,
             completions: Vec::with_capacity(p.jobs * p.iodepth),
+            t0,
+            reconnect_rng,
+            next_reconnect: None,
+            reconnects: 0,
+            resubmitted: 0,
+            resize_done: Arc::new(Mutex::new(ResizeDone::default())),
+            resize: ResizeSeen {
+                blocks_before: p.blocks,
+                blocks_after: p.blocks,
+                ..ResizeSeen::default()
+            },
+            sectors,
         }
     }
 
     /// The next (read?, block) of job `j`; `None` if every candidate is busy (verify).
     fn pick(&mut self, j: usize) -> Option<(bool, u64)> {
         let p = self.p;
+        let nblocks = self.nblocks;
         let job = &mut self.jobs[j];
         let read = match p.read_pct {
             100 => true,
@@ -580,10 +683,10 @@ impl<'a> Bench<'a> {
         };
         for _ in 0..64 {
             let block = if p.rw.random() {
-                job.rng.below(p.blocks)
+                job.rng.below(nblocks)
             } else {
-                let b = job.cursor;
-                job.cursor = (job.cursor + 1) % p.blocks;
+                let b = job.cursor % nblocks;
+                job.cursor = (b + 1) % nblocks;
                 b
             };
             match &self.blocks {
@@ -595,6 +698,19 @@ impl<'a> Bench<'a> {
     }
 
     fn submit(&mut self, j: usize, read: bool, block: u64, verify_pass: bool) -> Result<()> {
+        self.submit_at(j, read, block, verify_pass, None)
+    }
+
+    /// Submits a request on queue `j`; `start`: when it was first submitted (a request
+    /// resubmitted after a reconnection keeps its latency), else now (once its data is made).
+    fn submit_at(
+        &mut self,
+        j: usize,
+        read: bool,
+        block: u64,
+        verify_pass: bool,
+        start: Option<Instant>,
+    ) -> Result<()> {
         let p = self.p;
         let offset = p.base + block * p.bs as u64;
         let sector = offset / 512;
@@ -607,6 +723,8 @@ impl<'a> Bench<'a> {
             let mut data = self.front.buffer(p.bs);
             self.writes_issued += 1;
             if let Some(b) = &self.blocks {
+                // A write resubmitted after a reconnection has the same generation (its
+                // block's generation only moves on completion): the same data again.
                 let generation = b.generation[block as usize] + 1;
                 verify::fill(&mut data, offset, generation, p.seed);
                 if p.corrupt_write == Some(self.writes_issued) {
@@ -619,7 +737,7 @@ impl<'a> Bench<'a> {
         if let Some(b) = &mut self.blocks {
             b.busy[block as usize] = true;
         }
-        let start = Instant::now();
+        let start = start.unwrap_or_else(Instant::now);
         let tag = match self.front.submit(j, op) {
             Ok(t) => t,
             Err(FrontError::RingFull(q)) => {
@@ -631,6 +749,7 @@ impl<'a> Bench<'a> {
             tag,
             InFlight {
                 start,
+                queue: j,
                 read,
                 block,
                 verify_pass,
@@ -653,12 +772,17 @@ impl<'a> Bench<'a> {
                 self.in_flight.len()
             );
         }
+        self.handle(done)
+    }
+
+    /// Handles completions (and gives `done`'s allocation back for the next poll).
+    fn handle(&mut self, mut done: Vec<Completion>) -> Result<()> {
         let now = Instant::now();
         for c in done.drain(..) {
             let Some(f) = self.in_flight.remove(&c.tag) else {
                 bail!("completion of unknown request {}", c.tag);
             };
-            self.jobs[c.queue].in_flight -= 1;
+            self.jobs[f.queue].in_flight -= 1;
             if c.status != Status::Okay {
                 self.errors += 1;
                 self.fail(format!(
@@ -703,6 +827,20 @@ impl<'a> Bench<'a> {
         let Some(b) = &self.blocks else { return };
         let generation = b.generation[block as usize];
         let written = generation != 0;
+        // Past the image's original end, a block not written in this run is new space: it
+        // reads as zeroes.
+        if !written && self.zero_from.is_some_and(|z| block >= z) {
+            if data.iter().all(|&x| x == 0) {
+                self.verified += 1;
+            } else {
+                self.mismatch(format!(
+                    "verify: block {block} at offset {offset} ({} bytes), in the space the \
+                     resize added and never written, does not read as zeroes",
+                    data.len()
+                ));
+            }
+            return;
+        }
         // Blocks not written in this run: a pure read workload checks them all (like fio,
         // they must hold verify blocks of an earlier run with the same block size); a mixed
         // one checks only what it wrote itself.
@@ -715,11 +853,16 @@ impl<'a> Bench<'a> {
         };
         match verify::check(data, expect) {
             Ok(()) => self.verified += 1,
-            Err(e) => self.fail(format!(
+            Err(e) => self.mismatch(format!(
                 "verify: block {block} at offset {offset} ({} bytes): {e}",
                 data.len()
             )),
         }
+    }
+
+    fn mismatch(&mut self, msg: String) {
+        self.mismatches += 1;
+        self.fail(msg);
     }
 
     fn fail(&mut self, msg: String) {
@@ -736,11 +879,93 @@ impl<'a> Bench<'a> {
             && deadline.is_none_or(|d| now < d)
     }
 
+    /// The time of the next reconnection, from `now`.
+    fn schedule_reconnect(&mut self, now: Instant) {
+        self.next_reconnect = self.p.reconnect.map(|(min, max)| {
+            let span = (max - min).as_micros() as u64;
+            let r = if span == 0 {
+                0
+            } else {
+                self.reconnect_rng.below(span + 1)
+            };
+            now + min + Duration::from_micros(r)
+        });
+    }
+
+    /// Disconnects the frontend with whatever is in flight and connects it again, as a guest
+    /// whose blkfront reconnects: late completions (everything the backend took, it answers
+    /// before it closes) are handled, the requests it never took are resubmitted on their
+    /// queues after the reconnection (Linux blkfront's `blkif_recover`).
+    fn reconnect(&mut self) -> Result<()> {
+        self.front
+            .disconnect()
+            .context("reconnect: disconnecting")?;
+        // The rings are gone: this only collects what the disconnection reaped.
+        let mut done = std::mem::take(&mut self.completions);
+        self.front
+            .poll_into(Duration::ZERO, &mut done)
+            .context("reconnect: late completions")?;
+        self.handle(done)?;
+        self.front
+            .reconnect()
+            .context("reconnect: connecting again")?;
+        check_connection(self.p, self.front).context("reconnect")?;
+        self.reconnects += 1;
+        let mut lost: Vec<(u64, InFlight)> = self.in_flight.drain().collect();
+        lost.sort_unstable_by_key(|(tag, _)| *tag);
+        self.front.plug();
+        for (_, f) in lost {
+            self.jobs[f.queue].in_flight -= 1;
+            self.resubmitted += 1;
+            self.submit_at(f.queue, f.read, f.block, f.verify_pass, Some(f.start))?;
+        }
+        self.front.unplug().context("publishing requests")?;
+        Ok(())
+    }
+
+    /// Follows the backend (an online resize) and, when the disk grew, the region with it.
+    fn check_size(&mut self) -> Result<()> {
+        if let Some(sectors) = self.front.check_backend().context("reading the backend")? {
+            tracing::debug!(sectors, "the backend's size changed");
+        }
+        let sectors = self.front.info().sectors;
+        if sectors == self.sectors {
+            return Ok(());
+        }
+        self.sectors = sectors;
+        let p = self.p;
+        self.resize.seen_at = Some(self.t0.elapsed());
+        self.resize.sectors = sectors;
+        let done = lock(&self.resize_done).at;
+        self.resize.done_at = done;
+        if !p.region_grows {
+            return Ok(());
+        }
+        let mut n = (sectors * 512).saturating_sub(p.base) / p.bs as u64;
+        if self.blocks.is_some() {
+            n = n.min(MAX_VERIFY_BLOCKS);
+        }
+        if n <= self.nblocks {
+            return Ok(());
+        }
+        let old_end = p.image_size.saturating_sub(p.base);
+        self.zero_from = Some(old_end.div_ceil(p.bs as u64));
+        if let Some(b) = &mut self.blocks {
+            b.generation.resize(n as usize, 0);
+            b.busy.resize(n as usize, false);
+        }
+        self.nblocks = n;
+        self.resize.blocks_after = n;
+        Ok(())
+    }
+
     /// The workload; returns its duration.
     fn run(&mut self) -> Result<Duration> {
-        let start = Instant::now();
+        let start = self.t0;
         let deadline = self.p.runtime.map(|r| start + r);
+        self.schedule_reconnect(start);
         loop {
+            self.check_size()?;
             let now = Instant::now();
             // One notification per batch.
             self.front.plug();
@@ -754,6 +979,16 @@ impl<'a> Bench<'a> {
                 }
             }
             self.front.unplug().context("publishing requests")?;
+            // Right after publishing a batch: the backend is likely not to have taken all of
+            // it, so that the resubmission is exercised too.
+            if self.next_reconnect.is_some_and(|t| now >= t)
+                && self.failure.is_none()
+                && deadline.is_none_or(|d| now < d)
+            {
+                self.reconnect()?;
+                self.schedule_reconnect(Instant::now());
+                continue;
+            }
             if self.in_flight.is_empty() {
                 break;
             }
@@ -794,6 +1029,40 @@ impl<'a> Bench<'a> {
         }
         Ok(written.len() as u64)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The resize thread: at `plan.at` into the run (unless `stop` says the run is over), grows
+/// the image and tells the backend.
+fn resize_thread(
+    plan: ResizePlan,
+    t0: Instant,
+    image: &Image,
+    device: &Device,
+    stop: &mpsc::Receiver<()>,
+    out: &Mutex<ResizeDone>,
+) {
+    let wait = (t0 + plan.at).saturating_duration_since(Instant::now());
+    if !matches!(
+        stop.recv_timeout(wait),
+        Err(mpsc::RecvTimeoutError::Timeout)
+    ) {
+        return;
+    }
+    let r = image
+        .resize(plan.size)
+        .map_err(|e| format!("growing the image to {} bytes: {e}", plan.size))
+        .and_then(|()| {
+            device
+                .resize()
+                .map_err(|e| format!("telling the backend: {e}"))
+        });
+    let mut o = lock(out);
+    o.at = Some(t0.elapsed());
+    o.result = Some(r);
 }
 
 // ---- CPU ----
@@ -886,6 +1155,75 @@ struct Report<'a> {
     verified: u64,
     verify_pass_blocks: u64,
     errors: u64,
+    soak: Soak,
+}
+
+/// What the soak options saw.
+#[derive(Default)]
+struct Soak {
+    mismatches: u64,
+    reconnects: u64,
+    resubmitted: u64,
+    leaked_grants: usize,
+    resize: Option<ResizeSeen>,
+    memory: Memory,
+}
+
+impl Soak {
+    fn resize_json(&self, p: &Params) -> Value {
+        let (Some(plan), Some(r)) = (p.resize, &self.resize) else {
+            return Value::Null;
+        };
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        json!({
+            "at_ms": plan.at.as_millis() as u64,
+            "size": plan.size,
+            "done_ms": ms(r.done_at),
+            "error": r.error,
+            "seen": r.seen_at.is_some(),
+            "seen_ms": ms(r.seen_at),
+            "sectors": r.sectors,
+            "blocks_before": r.blocks_before,
+            "blocks_after": r.blocks_after,
+        })
+    }
+
+    fn text(&self, p: &Params) -> String {
+        let mut o = String::new();
+        if let Some((min, max)) = p.reconnect {
+            o += &format!(
+                "  reconnects   : {} (every {:.1}-{:.1}s), {} requests resubmitted, {} grants leaked\n",
+                self.reconnects,
+                min.as_secs_f64(),
+                max.as_secs_f64(),
+                self.resubmitted,
+                self.leaked_grants
+            );
+        }
+        if let (Some(plan), Some(r)) = (p.resize, &self.resize) {
+            let secs = |d: Option<Duration>| {
+                d.map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()))
+            };
+            o += &format!(
+                "  resize       : to {} bytes at {:.1}s: backend at {}, frontend saw {} sectors at {}{}, region {} -> {} blocks\n",
+                plan.size,
+                plan.at.as_secs_f64(),
+                secs(r.done_at),
+                r.sectors,
+                secs(r.seen_at),
+                if r.seen_at.is_some() { "" } else { " (not seen)" },
+                r.blocks_before,
+                r.blocks_after
+            );
+            if let Some(e) = &r.error {
+                o += &format!("  resize error : {e}\n");
+            }
+        }
+        if let Some(m) = self.memory.text() {
+            o += &m;
+        }
+        o
+    }
 }
 
 fn side_json(s: &Side, runtime: Duration) -> Value {
@@ -957,6 +1295,13 @@ impl Report<'_> {
                     "verify": p.verify,
                     "verified_blocks": self.verified,
                     "verify_pass_blocks": self.verify_pass_blocks,
+                    "verify_mismatches": self.soak.mismatches,
+                    "backend_connects": st.connects,
+                    "reconnects": self.soak.reconnects,
+                    "reconnect_resubmitted": self.soak.resubmitted,
+                    "leaked_grants": self.soak.leaked_grants,
+                    "resize": self.soak.resize_json(p),
+                    "memory": self.soak.memory.json(),
                 },
             }],
         })
@@ -1013,10 +1358,11 @@ impl Report<'_> {
         );
         if p.verify {
             o += &format!(
-                "  verify       : crc32c, {} blocks verified ({} in the verification pass), no errors\n",
-                self.verified, self.verify_pass_blocks
+                "  verify       : crc32c, {} blocks verified ({} in the verification pass), {} mismatches\n",
+                self.verified, self.verify_pass_blocks, self.soak.mismatches
             );
         }
+        o += &self.soak.text(p);
         o += "\nRun status group 0 (all jobs):\n";
         for (label, s) in [("READ", self.read), ("WRITE", self.write)] {
             if s.ios == 0 {
@@ -1130,23 +1476,63 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
         1 => CacheMode::None,
         _ => CacheMode::WriteBack,
     };
-    let read_only = Pattern::parse(&a.rw)?.read_pct(a.rwmixread) == 100;
+    // An online resize writes the image even under a pure read workload.
+    let read_only = Pattern::parse(&a.rw)?.read_pct(a.rwmixread) == 100 && a.resize_at.is_none();
     let image = crate::img::open(&a.filename, a.format.as_deref(), read_only, cache_probe)?;
     let p = params(&a, image.size())?;
     let format = image.format().to_string();
     let mut rig = setup(&p, image.clone())?;
+    let mut soak = Soak::default();
     let (result, runtime, before, after, verify_pass_blocks) = {
+        let Rig { device, front, .. } = &mut rig;
+        let device = device.as_ref().context("the backend is gone")?;
         let before = usage();
-        let mut bench = Bench::new(&p, &mut rig.front);
-        let r = bench.run();
+        let t0 = Instant::now();
+        let mut bench = Bench::new(&p, front, t0);
+        let resize_done = bench.resize_done.clone();
+        let (r, pass, samples, end) = std::thread::scope(|sc| {
+            let (stop_tx, stop_rx) = mpsc::channel::<()>();
+            let sampler = sc.spawn(move || soak::sampler(t0, Duration::from_secs(1), stop_rx));
+            let (rstop_tx, rstop_rx) = mpsc::channel::<()>();
+            if let Some(plan) = p.resize {
+                let (image, done) = (&*image, &*resize_done);
+                sc.spawn(move || resize_thread(plan, t0, image, device, &rstop_rx, done));
+            }
+            let r = bench.run();
+            let end = soak::sample(t0);
+            drop(rstop_tx);
+            let pass = match r {
+                Ok(_) if bench.failure.is_none() => bench.verify_pass(),
+                Ok(_) => Ok(0),
+                Err(ref e) => Err(anyhow!("{e:#}")),
+            };
+            drop(stop_tx);
+            let mut samples = sampler.join().unwrap_or_default();
+            samples.push(soak::sample(t0));
+            (r, pass, samples, end)
+        });
         let after = usage();
         let runtime = r.as_ref().copied().unwrap_or_default();
-        let pass = match r {
-            Ok(_) if bench.failure.is_none() => bench.verify_pass(),
-            Ok(_) => Ok(0),
-            Err(e) => Err(e),
-        };
         let blocks = pass.as_ref().copied().unwrap_or(0);
+        // The resize thread has ended: its report is final.
+        if p.resize.is_some() {
+            let done = std::mem::take(&mut *lock(&resize_done));
+            let mut seen = bench.resize.clone();
+            seen.done_at = done.at;
+            if let Some(Err(e)) = done.result {
+                bench.fail(format!("resize: {e}"));
+                seen.error = Some(e);
+            }
+            soak.resize = Some(seen);
+        }
+        soak.mismatches = bench.mismatches;
+        soak.reconnects = bench.reconnects;
+        soak.resubmitted = bench.resubmitted;
+        soak.memory = Memory {
+            samples,
+            warmup: soak::warmup(p.runtime),
+            end: Some(end),
+        };
         (
             pass.map(|_| {
                 (
@@ -1167,7 +1553,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
     let front_persistent = rig.front.persistent_grants();
     let closed = rig.close();
     let (read, write, verified, failure, errors) = result?;
-    closed?;
+    soak.leaked_grants = closed?;
     image.close().context("closing the image")?;
     let secs = runtime.as_secs_f64().max(1e-9);
     let cpu = Usage {
@@ -1191,14 +1577,17 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
         verified,
         verify_pass_blocks,
         errors,
+        soak,
     };
-    if let Some(e) = failure {
-        bail!("{e}");
-    }
+    // The report also when the run failed (mismatches, reconnections, memory): the error
+    // follows on stderr and in the exit status.
     if p.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
         print!("{}", report.normal());
+    }
+    if let Some(e) = failure {
+        bail!("{e}");
     }
     Ok(0)
 }

@@ -342,9 +342,126 @@ fn bad_options_are_refused() {
         "--ioengine=spdk",
         "--size=2M",
         "--output-format=xml",
+        "--reconnect=3-1",
+        "--reconnect=soon",
+        "--resize_at=1:512k",
+        "--resize_at=1:1M",
+        "--resize_at=1",
+        "--resize_at=1:+1000",
     ] {
         let o = bench_out(&[&file, bad, "--number_ios=1"]);
         assert!(!o.status.success(), "{bad} accepted");
         assert!(!o.stderr.is_empty(), "{bad}: no message");
     }
+}
+
+/// The soak of issue #9 in short (scripts/soak runs it for 10 minutes): random frontend
+/// reconnections with requests in flight and an online resize half-way, on raw and qcow2,
+/// four queues, verifying all along: no mismatch, the reconnections happened (with the
+/// same queues), the frontend saw the new size and the workload went into it (new space
+/// reads as zeroes until written), no grant leaked, memory sampled.
+#[test]
+fn reconnects_and_resize_under_verify() {
+    let dir = tmp();
+    let (raw, qcow) = images(dir.path(), 16 * MIB);
+    for path in [&raw, &qcow] {
+        let file = format!("--filename={}", s(path));
+        let v = bench_json(&[
+            &file,
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=16",
+            "--numjobs=4",
+            "--verify=crc32c",
+            "--time_based",
+            "--runtime=10",
+            "--reconnect=1-3",
+            "--resize_at=5:+16M",
+        ]);
+        let job = &v["jobs"][0];
+        let x = &job["xdisk"];
+        assert_eq!(job["error"].as_u64(), Some(0), "{x}");
+        assert_eq!(x["verify_mismatches"].as_u64(), Some(0), "{x}");
+        assert!(x["verified_blocks"].as_u64().unwrap() > 1000, "{x}");
+        let reconnects = x["reconnects"].as_u64().unwrap();
+        assert!(reconnects >= 1, "{x}");
+        assert_eq!(x["backend_connects"].as_u64(), Some(reconnects + 1), "{x}");
+        assert_eq!(x["queues"].as_u64(), Some(4));
+        assert_eq!(x["leaked_grants"].as_u64(), Some(0), "{x}");
+        let r = &x["resize"];
+        assert_eq!(r["seen"], true, "{r}");
+        assert_eq!(r["error"], Value::Null, "{r}");
+        assert_eq!(r["size"].as_u64(), Some(32 * MIB), "{r}");
+        assert_eq!(r["sectors"].as_u64(), Some(32 * MIB / 512), "{r}");
+        assert_eq!(r["blocks_before"].as_u64(), Some(16 * MIB / 4096), "{r}");
+        assert_eq!(r["blocks_after"].as_u64(), Some(32 * MIB / 4096), "{r}");
+        assert!(r["seen_ms"].as_u64() >= r["done_ms"].as_u64(), "{r}");
+        // The verification pass read blocks from the new space too.
+        assert!(
+            x["verify_pass_blocks"].as_u64().unwrap() > 16 * MIB / 4096,
+            "{x}"
+        );
+        let m = &x["memory"]["rss_kib"];
+        for k in ["start", "after_warmup", "end", "min", "max"] {
+            assert!(m[k].as_u64().unwrap() > 0, "{k}: {m}");
+        }
+        assert!(m["samples"].as_array().unwrap().len() >= 5, "{m}");
+        assert!(std::fs::metadata(path).unwrap().len() >= 32 * MIB);
+    }
+    qemu_img(&["check", s(&qcow)]);
+    // The normal report names it all.
+    let file = format!("--filename={}", s(&raw));
+    let out = bench(&[
+        &file,
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--numjobs=2",
+        "--verify=crc32c",
+        "--time_based",
+        "--runtime=3",
+        "--reconnect=0.5-1",
+        "--resize_at=1:+4M",
+    ]);
+    for want in [
+        "0 mismatches",
+        "reconnects   : ",
+        "requests resubmitted, 0 grants leaked",
+        "resize       : to 37748736 bytes at 1.0s",
+        "memory       : rss start=",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    assert!(!out.contains("(not seen)"), "{out}");
+}
+
+/// A pure read workload may be resized too (the image is then opened read-write): the new
+/// space reads as zeroes, the rest as the verify blocks of an earlier run.
+#[test]
+fn resize_under_a_read_workload() {
+    let dir = tmp();
+    let (raw, _) = images(dir.path(), 4 * MIB);
+    let file = format!("--filename={}", s(&raw));
+    bench(&[
+        &file,
+        "--rw=write",
+        "--bs=4k",
+        "--iodepth=8",
+        "--verify=crc32c",
+    ]);
+    let v = bench_json(&[
+        &file,
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=8",
+        "--numjobs=2",
+        "--verify=crc32c",
+        "--time_based",
+        "--runtime=2",
+        "--resize_at=0.5:8M",
+    ]);
+    let x = &v["jobs"][0]["xdisk"];
+    assert_eq!(x["verify_mismatches"].as_u64(), Some(0), "{x}");
+    assert_eq!(x["resize"]["seen"], true, "{x}");
+    assert_eq!(x["resize"]["blocks_after"].as_u64(), Some(2048), "{x}");
 }
