@@ -8,6 +8,11 @@
 //! allocation, copy-on-write, compressed clusters, unaligned I/O) takes the *slow path*: the
 //! blocking methods ([`Image::read_at`], [`Image::write_at`], ...) run on a worker thread, so
 //! a metadata miss delays only the requests that need it.
+//!
+//! `unsafe` is denied crate-wide; the queue's two borrows of a request buffer for in-flight
+//! I/O ([`xdisk_io::IoSlice::new`]) allow it, each with its `// SAFETY:` comment.
+
+#![deny(unsafe_code)]
 
 pub mod qcow2;
 pub mod queue;

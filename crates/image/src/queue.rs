@@ -306,6 +306,7 @@ impl<B: IoBuf> ImageQueue<B> {
                 Extent::Data { file, offset, .. } => {
                     // SAFETY: the slot keeps `buf` (and so its memory) alive and untouched
                     // until every sub-op has completed; extents are disjoint ranges of it.
+                    #[allow(unsafe_code)]
                     let slice = unsafe { IoSlice::new(buf, pos, elen) };
                     starts.push((offset, pos, elen, file.fd()));
                     ops.push(Op {
@@ -447,6 +448,7 @@ impl<B: IoBuf> ImageQueue<B> {
                                 // SAFETY: the slot keeps `b` alive and untouched until every
                                 // sub-op has completed; this range belonged to the sub-op that
                                 // just completed and overlaps no other in flight.
+                                #[allow(unsafe_code)]
                                 let rest = unsafe { IoSlice::new(b, start + n, len - n) };
                                 self.push_op(Op {
                                     kind: OpKind::Read,

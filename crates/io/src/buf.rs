@@ -1,5 +1,7 @@
 //! Buffers that in-flight operations own.
 
+#![allow(unsafe_code)]
+
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 

@@ -475,6 +475,7 @@ fn probe_alignment(file: &File, block_device: bool) -> Alignment {
     let buf = AlignedBuf::new(4096, 4096);
     for size in [512usize, 1024, 2048, 4096] {
         // SAFETY: buf is valid for 4096 bytes; the kernel writes at most `size` <= 4096 bytes.
+        #[allow(unsafe_code)]
         let r =
             unsafe { libc::pread(file.as_raw_fd(), buf.as_ptr() as *mut libc::c_void, size, 0) };
         if r > 0 {

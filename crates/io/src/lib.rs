@@ -12,6 +12,10 @@
 //!
 //! All `unsafe` in this crate lives in small modules that talk to the kernel (io_uring, AIO
 //! syscalls, ioctls, aligned allocation), each block with a `// SAFETY:` comment.
+//! `unsafe` is denied crate-wide; those modules (`buf`, `sys`, the `engine` back ends) allow it,
+//! and so does the one function of `file` that probes O_DIRECT alignment with pread(2).
+
+#![deny(unsafe_code)]
 
 pub mod buf;
 pub mod cache;

@@ -1,5 +1,7 @@
 //! Thin wrappers over Linux syscalls and ioctls that std does not offer.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Pieces shared by the engines: the in-flight slab, owned iovec arrays and small syscall
 //! helpers (the eventfd is [`crate::sys::EventFd`]).
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};

@@ -16,6 +16,8 @@
 //! Native AIO is only truly asynchronous on O_DIRECT files; on buffered files io_submit(2)
 //! performs the I/O before it returns (as with QEMU's `aio=native`).
 
+#![allow(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;

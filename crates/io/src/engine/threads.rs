@@ -6,6 +6,8 @@
 //! completions come back through a Mutex<VecDeque> with a Condvar (for `reap`) and an
 //! eventfd(2) signalled after each completion (for epoll loops).
 
+#![allow(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;

@@ -17,6 +17,8 @@
 //! [`EngineConfig::register_fds`] are registered as fixed files (`IORING_REGISTER_FILES`) and
 //! addressed by index (`IOSQE_FIXED_FILE`); they must stay open as long as the engine lives.
 
+#![allow(unsafe_code)]
+
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::io::RawFd;
