@@ -7,6 +7,8 @@
 //! The library does no I/O of its own beyond the [`disk::ReadAt`] it is given, so it runs over
 //! raw files, qcow2 images (through xdisk-image, in the CLI) and plain memory (tests, fuzzing).
 
+#![forbid(unsafe_code)]
+
 mod bytes;
 pub mod config;
 pub mod disk;
