@@ -248,14 +248,15 @@ fn gpt(disk: &dyn ReadAt) -> Result<Option<Vec<Partition>>> {
             }
             let first = le64(e, 32);
             let last = le64(e, 40);
-            if last < first {
+            // `last` is inclusive: a range up to u64::MAX has no length that fits.
+            let Some(sectors) = last.checked_sub(first).and_then(|n| n.checked_add(1)) else {
                 continue;
-            }
+            };
             if let Some(p) = from_sectors(
                 size,
                 i as u32 + 1,
                 first,
-                last - first + 1,
+                sectors,
                 sector,
                 PartType::Gpt(guid),
             ) {

@@ -200,6 +200,30 @@ fn gpt_with_an_entry_array_past_the_end_is_an_error() {
     assert!(err.contains("gpt: corrupt"), "{err}");
 }
 
+#[test]
+fn gpt_entry_ending_at_the_last_possible_sector_is_skipped() {
+    // Found by the boot_part fuzzer: first 0, last u64::MAX overflowed `last - first + 1`.
+    let mut d = vec![0u8; 64 << 10];
+    d[510] = 0x55;
+    d[511] = 0xAA;
+    let e = &mut d[446..462];
+    e[4] = 0xEE;
+    e[8..12].copy_from_slice(&1u32.to_le_bytes());
+    e[12..16].copy_from_slice(&100u32.to_le_bytes());
+    let h = &mut d[512..512 + 92];
+    h[0..8].copy_from_slice(b"EFI PART");
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[72..80].copy_from_slice(&2u64.to_le_bytes());
+    h[80..84].copy_from_slice(&4u32.to_le_bytes());
+    h[84..88].copy_from_slice(&128u32.to_le_bytes());
+    let entry = &mut d[1024..1024 + 128];
+    entry[0] = 1; // a type GUID
+    entry[32..40].copy_from_slice(&0u64.to_le_bytes());
+    entry[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+    let parts = filesystems(&MemDisk(d)).unwrap();
+    assert!(parts.iter().all(|p| p.number != 1), "{parts:?}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
     /// Arbitrary first sectors and GPT headers: an answer or an error, never a panic, and every
