@@ -728,7 +728,7 @@ impl Inner {
             hook(&mut cfg, &spec);
         }
         let p = &self.platform;
-        let device = Device::run(
+        let device = Device::start(
             cfg,
             p.xs.clone(),
             p.gnt.clone(),
