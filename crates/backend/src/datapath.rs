@@ -25,8 +25,9 @@ pub(crate) enum DataError {
     Copy { gref: GrantRef, status: GrantStatus },
 }
 
-/// A way of giving the image engine access to a request's data.
-pub(crate) trait DataPath: Send + 'static {
+/// A way of giving the image engine access to a request's data: the implementation of one
+/// [`DataPath`](crate::DataPath) choice ([`MapPath`] or [`CopyPath`]).
+pub(crate) trait GuestData: Send + 'static {
     type Buf: IoBuf;
     /// Builds the buffer of a request whose data is `segs`, in order. `disk_read`: the disk is
     /// read into the guest's pages (they must be writable).
@@ -89,7 +90,7 @@ impl CopyPath {
     }
 }
 
-impl DataPath for CopyPath {
+impl GuestData for CopyPath {
     type Buf = AlignedBuf;
 
     fn prepare(&mut self, segs: &[Segment], disk_read: bool) -> Result<AlignedBuf, DataError> {
@@ -248,7 +249,7 @@ pub(crate) struct MapPath {
     pub spare: Vec<Vec<GrantSegment>>,
 }
 
-impl DataPath for MapPath {
+impl GuestData for MapPath {
     type Buf = GrantIoBuf;
 
     fn prepare(&mut self, segs: &[Segment], disk_read: bool) -> Result<GrantIoBuf, DataError> {

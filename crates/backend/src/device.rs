@@ -204,7 +204,7 @@ impl Device {
     /// `cfg.backend_dir`, switches to `InitWait` and leaves a control thread to follow the
     /// frontend. Errors in the toolstack's nodes or in xenstore are returned here; everything
     /// the frontend does later is handled by the device itself.
-    pub fn run(
+    pub fn start(
         cfg: DeviceConfig,
         xs: impl Into<Arc<Client>>,
         gnt: Arc<dyn GrantMapper>,

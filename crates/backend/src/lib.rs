@@ -1,6 +1,6 @@
 //! The Xen PV block backend of xdisk, for one device at a time ([`Device`]).
 //!
-//! Protocol and I/O are kept apart: [`Device::run`] takes everything it touches as
+//! Protocol and I/O are kept apart: [`Device::start`] takes everything it touches as
 //! parameters — a xenstore [`Client`](xdisk_xen::xenstore::Client), a
 //! [`GrantMapper`](xdisk_xen::platform::GrantMapper), an
 //! [`EventChannels`](xdisk_xen::platform::EventChannels) and the

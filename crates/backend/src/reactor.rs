@@ -31,7 +31,7 @@ use xdisk_image::queue::{Done, ImageQueue, Request as IoRequest, RequestKind as 
 use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
 use xdisk_xen::platform::{DomId, EventChannel, MappedRegion};
 
-use crate::datapath::DataPath;
+use crate::datapath::GuestData;
 use crate::stats::{add, sub, Counters};
 
 /// What the reactor may do, fixed at connect time.
@@ -127,7 +127,7 @@ struct Pending {
     start: Instant,
 }
 
-pub(crate) struct Reactor<D: DataPath> {
+pub(crate) struct Reactor<D: GuestData> {
     qid: u32,
     domid: DomId,
     ring: BackRing<Arc<dyn MappedRegion>>,
@@ -169,7 +169,7 @@ fn io_status(r: &xdisk_image::Result<()>) -> Status {
     }
 }
 
-impl<D: DataPath> Reactor<D> {
+impl<D: GuestData> Reactor<D> {
     pub fn new(parts: QueueParts, data: D, iq: ImageQueue<D::Buf>) -> Reactor<D> {
         add(&parts.counters.queues, 1);
         Reactor {
@@ -812,7 +812,7 @@ impl<D: DataPath> Reactor<D> {
     }
 }
 
-impl<D: DataPath> Drop for Reactor<D> {
+impl<D: GuestData> Drop for Reactor<D> {
     fn drop(&mut self) {
         sub(&self.counters.queues, 1);
     }

@@ -3,8 +3,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A snapshot of a device's counters ([`crate::Device::stats`]).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of a device's counters ([`crate::Device::stats`]), also what the daemon reports
+/// (`xdisk stat --json`, the metrics).
+///
+/// The serde form is the daemon's JSON and must stay compatible: the field names, their
+/// order, and which fields may be missing (`#[serde(default)]`: those added after the first
+/// release, so that an older daemon's JSON still reads) are part of that format.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStats {
     /// Read requests (direct and indirect).
     pub rd_req: u64,
@@ -43,36 +50,48 @@ pub struct DeviceStats {
     pub connects: u64,
     /// Disconnections forced by a protocol error of the frontend.
     pub protocol_errors: u64,
-    /// Most distinct wake-ups ever waiting for the control thread at once (frontend state,
-    /// `online`, domain death, commands, queue exits are coalesced: at most 5).
-    pub events_pending_max: u64,
-    /// Watch events received (before coalescing).
-    pub events: u64,
-    /// Connections or state evaluations held back by the rate limits.
-    pub throttled: u64,
     /// Queues that did not stop within the teardown bound and finished after the device had
     /// moved on (their I/O in flight kept them, and their mappings, alive).
+    #[serde(default)]
     pub lingering_queues: u64,
     /// Queues that ended with I/O the engine could never hand back (their buffers and guest
     /// pages are kept for ever, the device was failed): a kernel or device problem.
+    #[serde(default)]
     pub stuck_queues: u64,
     /// 1 when the image is broken: a flush of its file failed, so every later write and
     /// flush fails until it is reopened (see `ImageFile::mark_broken`).
+    #[serde(default)]
     pub image_broken: u64,
     /// Microseconds during which at least one request was in flight (iostat's `%util` is its
     /// rate: the share of time the device was busy).
+    #[serde(default)]
     pub busy_us: u64,
     /// Segments whose grant was already mapped in the persistent-grant cache.
+    #[serde(default, rename = "persistent_grant_hits")]
     pub pgrant_hits: u64,
     /// Segments whose grant had to be mapped (persistent grants in use).
+    #[serde(default, rename = "persistent_grant_misses")]
     pub pgrant_misses: u64,
     /// Latency of reads, from consumption off the ring to the response (as the backend
     /// sees it).
+    #[serde(default)]
     pub rd_lat: Histogram,
     /// Latency of writes.
+    #[serde(default)]
     pub wr_lat: Histogram,
     /// Latency of flushes and barriers.
+    #[serde(default)]
     pub f_lat: Histogram,
+    /// Most distinct wake-ups ever waiting for the control thread at once (frontend state,
+    /// `online`, domain death, commands, queue exits are coalesced: at most 5).
+    #[serde(default)]
+    pub events_pending_max: u64,
+    /// Watch events received (before coalescing).
+    #[serde(default)]
+    pub events: u64,
+    /// Connections or state evaluations held back by the rate limits.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 /// Upper bounds (inclusive, microseconds) of the latency buckets: 1-2-5 per decade, from
@@ -88,7 +107,7 @@ pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 /// A snapshot of a latency histogram: per-bucket counts (not cumulative; bucket `i` holds
 /// the latencies in `(LATENCY_BOUNDS_US[i-1], LATENCY_BOUNDS_US[i]]`, the last one the rest),
 /// their sum in microseconds and their count.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Histogram {
     pub buckets: [u64; LATENCY_BUCKETS],
     pub sum_us: u64,

@@ -82,15 +82,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xdisk_backend::DataPath;
 use xdisk_blkfront::{FrontConfig, Frontend, Op};
-use xdisk_blkif::wire::{DirectIo, Request, RequestKind, Segment, Segments, Status};
+use xdisk_blkif::wire::{DirectIo, Request, RequestKind, Segment, Segments, Status, SECTOR_SIZE};
 use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 use xdisk_io::AioKind;
 use xdisk_xen::platform::GrantRef;
 
 /// The disk.
 const SIZE: u64 = 16 << 20;
-const SECTOR: usize = 512;
-const SECTORS: u64 = SIZE / SECTOR as u64;
+const SECTORS: u64 = SIZE / SECTOR_SIZE as u64;
 /// Queues of the device.
 const QUEUES: usize = 4;
 /// Requests in flight per queue at most.
@@ -219,7 +218,7 @@ fn sector_data(seed: u64, i: u64, sector: u64, out: &mut [u8]) {
     out[16..24].copy_from_slice(&i.to_le_bytes());
     out[24..32].copy_from_slice(&sector.to_le_bytes());
     let mut x = (seed ^ i.rotate_left(21) ^ sector.rotate_left(42)) | 1;
-    for c in out[32..SECTOR].chunks_mut(8) {
+    for c in out[32..SECTOR_SIZE].chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -379,8 +378,8 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
             println!("XDISK-ISSUE {promised}");
         }
         let data = |front: &mut Frontend, sector: u64, sectors: u64| {
-            let mut buf = front.buffer(sectors as usize * SECTOR);
-            for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+            let mut buf = front.buffer(sectors as usize * SECTOR_SIZE);
+            for (k, chunk) in buf.chunks_mut(SECTOR_SIZE).enumerate() {
                 sector_data(seed, i, sector + k as u64, chunk);
             }
             buf
@@ -467,8 +466,8 @@ fn flush_with_data(
             }
         };
         let n = (sectors - first).min(8);
-        let mut buf = vec![0u8; n as usize * SECTOR];
-        for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+        let mut buf = vec![0u8; n as usize * SECTOR_SIZE];
+        for (k, chunk) in buf.chunks_mut(SECTOR_SIZE).enumerate() {
             sector_data(seed, i, sector + first + k as u64, chunk);
         }
         front.write_page(page, 0, &buf).expect("guest page");
@@ -644,9 +643,9 @@ fn verify(seed: u64, rep: &Report, pre: &[u8], base: &[u8], now: &[u8]) -> (u64,
     }
     let (mut corrupt, mut lost) = (0, 0);
     let mut report = String::new();
-    let mut expect = [0u8; SECTOR];
+    let mut expect = [0u8; SECTOR_SIZE];
     for (k, srcs) in allowed.iter().enumerate() {
-        let r = k * SECTOR..(k + 1) * SECTOR;
+        let r = k * SECTOR_SIZE..(k + 1) * SECTOR_SIZE;
         let got = &now[r.clone()];
         let found = header(got);
         let ok = srcs.iter().any(|src| match *src {
@@ -899,15 +898,17 @@ fn run_crashes(kind: Kind) {
         let ours = xdisk_view(&img, kind);
         if ours != now {
             let k = (0..SECTORS as usize)
-                .find(|&k| ours[k * SECTOR..][..SECTOR] != now[k * SECTOR..][..SECTOR])
+                .find(|&k| {
+                    ours[k * SECTOR_SIZE..][..SECTOR_SIZE] != now[k * SECTOR_SIZE..][..SECTOR_SIZE]
+                })
                 .unwrap_or(0);
             t.corruptions += 1;
             println!("{}", summary(&t));
             panic!(
                 "{what}: xdisk and qemu-img read the image differently, first at sector {k}: \
                  xdisk {:02x?}, qemu {:02x?}",
-                &ours[k * SECTOR..][..16],
-                &now[k * SECTOR..][..16]
+                &ours[k * SECTOR_SIZE..][..16],
+                &now[k * SECTOR_SIZE..][..16]
             );
         }
         let (corrupt, lost, details) = verify(seed, &rep, &pre, &base, &now);
@@ -968,7 +969,7 @@ fn oracle_tells_lost_and_stray_writes_from_unflushed_ones() {
             }
         }
         for k in a..b {
-            let r = k as usize * SECTOR..(k as usize + 1) * SECTOR;
+            let r = k as usize * SECTOR_SIZE..(k as usize + 1) * SECTOR_SIZE;
             match s {
                 Step::Discard { .. } => img[r].fill(0),
                 _ => {
@@ -985,7 +986,7 @@ fn oracle_tells_lost_and_stray_writes_from_unflushed_ones() {
         .find(|&k| !touched_late[k] && last_writer[k].is_some())
         .unwrap();
     let mut lost = img.clone();
-    lost[k * SECTOR..(k + 1) * SECTOR].fill(0);
+    lost[k * SECTOR_SIZE..(k + 1) * SECTOR_SIZE].fill(0);
     let (corrupt, n, _) = verify(seed, &rep, &pre, &base, &lost);
     assert_eq!((corrupt, n), (0, 1));
     // A sector nothing wrote changes.
@@ -993,7 +994,7 @@ fn oracle_tells_lost_and_stray_writes_from_unflushed_ones() {
         .find(|&k| !touched_late[k] && last_writer[k].is_none())
         .unwrap();
     let mut stray = img.clone();
-    stray[k * SECTOR] = 1;
+    stray[k * SECTOR_SIZE] = 1;
     let (n, lost, _) = verify(seed, &rep, &pre, &base, &stray);
     assert_eq!((n, lost), (1, 0));
 }

@@ -10,10 +10,10 @@ use common::*;
 use proptest::prelude::*;
 use xdisk_backend::DataPath;
 use xdisk_blkfront::{FrontConfig, Op};
-use xdisk_blkif::wire::Status;
+use xdisk_blkif::wire::{Status, SECTOR_SIZE};
 
 const DISK: u64 = 2 << 20;
-const SECTORS: u64 = DISK / 512;
+const SECTORS: u64 = DISK / SECTOR_SIZE as u64;
 
 #[derive(Debug, Clone)]
 enum Step {

@@ -121,7 +121,7 @@ fn setup(mode: u8, cache: CacheMode, cfg: impl FnOnce(&mut DeviceConfig)) -> Set
     });
     let mut c = device_config(VICTIM, 768);
     cfg(&mut c);
-    let device = Device::run(
+    let device = Device::start(
         c,
         host.xs.clone(),
         faulty.clone(),
@@ -347,7 +347,7 @@ fn detach_after_heavy_writeback_measure() {
     .unwrap();
     let dom = host.xen.create_domain(VICTIM, GUEST_PAGES).unwrap();
     host.add_vbd(VICTIM, 768, "w", &[]);
-    let device = Device::run(
+    let device = Device::start(
         device_config(VICTIM, 768),
         host.xs.clone(),
         host.xen.grant_mapper(0),
@@ -461,7 +461,7 @@ fn unreadable_frontend_node_fails_the_connection() {
         })
         .unwrap();
     let xs = Arc::new(host.xen.xenstore(DRIVER).unwrap());
-    let device = Device::run(
+    let device = Device::start(
         DeviceConfig::new(be.clone()),
         xs,
         host.xen.grant_mapper(DRIVER),

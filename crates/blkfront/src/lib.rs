@@ -26,7 +26,7 @@ use xdisk_blkif::abi::SLOT_SIZE;
 use xdisk_blkif::wire::{
     indirect_pages, write_indirect_segments, DirectIo, Indirect, IndirectGrefs, IndirectOp,
     Request, RequestKind, Response, Segment, Segments, Status, BLKIF_MAX_SEGMENTS_PER_REQUEST,
-    PAGE_SIZE, SECTOR_SIZE,
+    PAGE_SIZE, SECTORS_PER_PAGE, SECTOR_SIZE,
 };
 use xdisk_blkif::xenbus::{keys, parse_bool, parse_u32, parse_u64};
 use xdisk_blkif::{Abi, FrontRing, RingError, XenbusState};
@@ -34,9 +34,6 @@ use xdisk_io::sys::poll_readable;
 use xdisk_xen::platform::{DomId, EventChannel, GrantRef, MappedRegion, PlatformError};
 use xdisk_xen::sim::{SimDomain, SimError};
 use xdisk_xen::xenstore::{Client, Errno, Watch};
-
-/// Sectors in a page.
-const SECTORS_PER_PAGE: u64 = (PAGE_SIZE / SECTOR_SIZE) as u64;
 
 /// Errors of the frontend.
 #[derive(Debug, thiserror::Error)]
@@ -731,7 +728,7 @@ impl Frontend {
     /// Largest number of sectors one request may carry.
     pub fn max_request_sectors(&self) -> u64 {
         let segs = (self.info.max_indirect_segments as usize).max(BLKIF_MAX_SEGMENTS_PER_REQUEST);
-        segs as u64 * SECTORS_PER_PAGE - u64::from(self.cfg.first_sect.min(7))
+        segs as u64 * u64::from(SECTORS_PER_PAGE) - u64::from(self.cfg.first_sect.min(7))
     }
 
     /// A data page: from the persistent pool (granted read-write once) or newly granted.
@@ -950,7 +947,7 @@ impl Frontend {
             let mut done = 0u64;
             let mut in_page = first;
             while done < sectors {
-                let n = (SECTORS_PER_PAGE - in_page).min(sectors - done);
+                let n = (u64::from(SECTORS_PER_PAGE) - in_page).min(sectors - done);
                 let g = self.data_page(queue, persistent, readonly)?;
                 shadow.data.push(g);
                 if let Some(d) = data {
@@ -993,7 +990,7 @@ impl Frontend {
                 sector,
                 segments: Segments::from_slice(&segs).ok_or(Error::TooLarge {
                     sectors,
-                    max: BLKIF_MAX_SEGMENTS_PER_REQUEST as u64 * SECTORS_PER_PAGE,
+                    max: BLKIF_MAX_SEGMENTS_PER_REQUEST as u64 * u64::from(SECTORS_PER_PAGE),
                 })?,
             }),
             Op::Read { .. } | Op::Write { .. } => {

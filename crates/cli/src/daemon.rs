@@ -13,6 +13,7 @@ use clap::Args;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use xdisk_backend::DeviceStats;
 use xdisk_daemon::attach::{self, AttachOptions};
 use xdisk_daemon::control::{self, ControlServer, DEFAULT_SOCKET};
 use xdisk_daemon::dm;
@@ -615,7 +616,7 @@ fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> Str
         "%util"
     );
     let dt = dt.as_secs_f64().max(1e-3);
-    let zero = xdisk_daemon::status::Counters::default();
+    let zero = DeviceStats::default();
     for d in &status.devices {
         let c = &d.counters;
         let b = prev
@@ -632,7 +633,7 @@ fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> Str
                 sum.saturating_sub(sum0) as f64 / n as f64 / 1000.0
             }
         };
-        let lat_sum = |c: &xdisk_daemon::status::Counters| {
+        let lat_sum = |c: &DeviceStats| {
             c.rd_lat
                 .sum_us
                 .saturating_add(c.wr_lat.sum_us)
@@ -676,9 +677,9 @@ fn watch_report(dt: Duration, prev: &DaemonStatus, status: &DaemonStatus) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xdisk_daemon::status::{Counters, DeviceStatus, Phase};
+    use xdisk_daemon::status::{DeviceStatus, Phase};
 
-    fn status(c: Counters) -> DaemonStatus {
+    fn status(c: DeviceStats) -> DaemonStatus {
         DaemonStatus {
             pid: 1,
             version: "0".into(),
@@ -711,14 +712,14 @@ mod tests {
 
     #[test]
     fn watch_report_rates_and_await() {
-        let before = status(Counters::default());
-        let mut c = Counters {
+        let before = status(DeviceStats::default());
+        let mut c = DeviceStats {
             rd_req: 200,
             rd_sect: 4096,
             wr_req: 10,
             in_flight: 3,
             busy_us: 1_500_000, // busy 1.5 s of 2
-            ..Counters::default()
+            ..DeviceStats::default()
         };
         c.rd_lat.count = 200;
         c.rd_lat.sum_us = 100_000; // 0.5 ms each

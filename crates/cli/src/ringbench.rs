@@ -458,7 +458,7 @@ fn setup(p: &Params, image: Arc<Image>) -> Result<Rig> {
         slow_threads: 2,
         submit_batch: p.submit_batch,
     };
-    let device = Device::run(cfg, xs, xen.grant_mapper(0), xen.event_channels(0), image)
+    let device = Device::start(cfg, xs, xen.grant_mapper(0), xen.event_channels(0), image)
         .context("starting the backend")?;
     let front = Frontend::connect(
         dom.xenstore()?,

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xdisk_backend::LATENCY_BOUNDS_US;
+use xdisk_backend::{Histogram, LATENCY_BOUNDS_US};
 
 use crate::control::StatusFn;
 use crate::error::{Error, Result};
-use crate::status::{DaemonStatus, DeviceStatus, Latency};
+use crate::status::{DaemonStatus, DeviceStatus};
 
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -120,7 +120,7 @@ where
     }
 }
 
-fn histogram(out: &mut String, name: &str, labels: &str, op: &str, h: &Latency) {
+fn histogram(out: &mut String, name: &str, labels: &str, op: &str, h: &Histogram) {
     let mut cum = 0u64;
     for (i, n) in h.buckets.iter().enumerate() {
         cum = cum.saturating_add(*n);
@@ -262,8 +262,8 @@ pub fn render(status: &DaemonStatus, process: &ProcessInfo) -> String {
         &devs,
         |d| {
             vec![
-                ("result=\"hit\"", d.counters.persistent_grant_hits),
-                ("result=\"miss\"", d.counters.persistent_grant_misses),
+                ("result=\"hit\"", d.counters.pgrant_hits),
+                ("result=\"miss\"", d.counters.pgrant_misses),
             ]
         },
     );
@@ -566,9 +566,10 @@ fn respond(s: &mut TcpStream, code: &str, ctype: &str, body: &str) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{Counters, Phase};
+    use crate::status::Phase;
+    use xdisk_backend::DeviceStats;
 
-    fn device(name: &str, image: Option<&str>, c: Counters) -> DeviceStatus {
+    fn device(name: &str, image: Option<&str>, c: DeviceStats) -> DeviceStatus {
         DeviceStatus {
             name: name.to_owned(),
             backend_type: "qdisk".to_owned(),
@@ -611,7 +612,7 @@ mod tests {
             &daemon(vec![device(
                 "qdisk/5/51712",
                 Some("/img/\"odd\"\\name\n.raw"),
-                Counters::default(),
+                DeviceStats::default(),
             )]),
             &ProcessInfo::default(),
         );
@@ -624,11 +625,11 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative_and_inf_is_the_count() {
-        let mut c = Counters {
+        let mut c = DeviceStats {
             rd_req: 7,
             rd_sect: 16,
             in_flight: 2,
-            ..Counters::default()
+            ..DeviceStats::default()
         };
         c.rd_lat.buckets[0] = 1; // <= 10 µs
         c.rd_lat.buckets[3] = 2; // <= 100 µs

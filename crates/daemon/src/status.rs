@@ -1,107 +1,7 @@
 //! What the daemon reports about its devices (control socket, `xdisk stat`).
 
 use serde::{Deserialize, Serialize};
-use xdisk_backend::{DeviceStats, Histogram, LATENCY_BUCKETS};
-
-/// Counters of one device, as Linux blkback's sysfs `statistics/` (`rd_req`, `wr_req`,
-/// `f_req`, `ds_req`, `rd_sect`, `wr_sect`, ...) plus xdisk's own.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub rd_req: u64,
-    pub wr_req: u64,
-    pub f_req: u64,
-    pub barrier_req: u64,
-    pub ds_req: u64,
-    pub indirect_req: u64,
-    pub rd_sect: u64,
-    pub wr_sect: u64,
-    pub ds_sect: u64,
-    pub errors: u64,
-    pub eopnotsupp: u64,
-    pub in_flight: u64,
-    pub responses: u64,
-    pub persistent_grants: u64,
-    pub mappings: u64,
-    pub queues: u64,
-    pub connects: u64,
-    pub protocol_errors: u64,
-    /// Queues that outlived a disconnection (I/O in flight), queues whose I/O could never be
-    /// reaped (the device was failed), and whether the image is broken (a flush failed).
-    #[serde(default)]
-    pub lingering_queues: u64,
-    #[serde(default)]
-    pub stuck_queues: u64,
-    #[serde(default)]
-    pub image_broken: u64,
-    /// Microseconds with at least one request in flight (`%util` is its rate).
-    #[serde(default)]
-    pub busy_us: u64,
-    /// Persistent-grant cache lookups that found the grant mapped, and those that mapped it.
-    #[serde(default)]
-    pub persistent_grant_hits: u64,
-    #[serde(default)]
-    pub persistent_grant_misses: u64,
-    /// Latency of reads, writes, flushes (and barriers), consumption to response.
-    #[serde(default)]
-    pub rd_lat: Latency,
-    #[serde(default)]
-    pub wr_lat: Latency,
-    #[serde(default)]
-    pub f_lat: Latency,
-}
-
-/// A latency histogram: per-bucket counts (not cumulative) over the bounds
-/// [`xdisk_backend::LATENCY_BOUNDS_US`] then `+Inf`, the sum (µs) and the count.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Latency {
-    pub buckets: [u64; LATENCY_BUCKETS],
-    pub sum_us: u64,
-    pub count: u64,
-}
-
-impl From<Histogram> for Latency {
-    fn from(h: Histogram) -> Latency {
-        Latency {
-            buckets: h.buckets,
-            sum_us: h.sum_us,
-            count: h.count,
-        }
-    }
-}
-
-impl From<DeviceStats> for Counters {
-    fn from(s: DeviceStats) -> Counters {
-        Counters {
-            rd_req: s.rd_req,
-            wr_req: s.wr_req,
-            f_req: s.f_req,
-            barrier_req: s.barrier_req,
-            ds_req: s.ds_req,
-            indirect_req: s.indirect_req,
-            rd_sect: s.rd_sect,
-            wr_sect: s.wr_sect,
-            ds_sect: s.ds_sect,
-            errors: s.errors,
-            eopnotsupp: s.eopnotsupp,
-            in_flight: s.in_flight,
-            responses: s.responses,
-            persistent_grants: s.persistent_grants,
-            mappings: s.mappings,
-            queues: s.queues,
-            connects: s.connects,
-            protocol_errors: s.protocol_errors,
-            lingering_queues: s.lingering_queues,
-            stuck_queues: s.stuck_queues,
-            image_broken: s.image_broken,
-            busy_us: s.busy_us,
-            persistent_grant_hits: s.pgrant_hits,
-            persistent_grant_misses: s.pgrant_misses,
-            rd_lat: s.rd_lat.into(),
-            wr_lat: s.wr_lat.into(),
-            f_lat: s.f_lat.into(),
-        }
-    }
-}
+use xdisk_backend::DeviceStats;
 
 /// Where a device is in the daemon's life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,7 +50,9 @@ pub struct DeviceStatus {
     /// Disk size in bytes, once open.
     pub size: Option<u64>,
     pub error: Option<String>,
-    pub counters: Counters,
+    /// The backend's counters, as Linux blkback's sysfs `statistics/` (`rd_req`, `wr_req`,
+    /// `f_req`, `ds_req`, `rd_sect`, `wr_sect`, ...) plus xdisk's own.
+    pub counters: DeviceStats,
 }
 
 impl DeviceStatus {
@@ -264,5 +166,63 @@ impl DaemonStatus {
     pub fn serves(&self, backend_type: &str, domid: u16) -> bool {
         self.backend_types.iter().any(|t| t == backend_type)
             && self.domains.as_ref().is_none_or(|d| d.contains(&domid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xdisk_backend::Histogram;
+
+    /// `counters` of `xdisk stat --json` as the daemon wrote it when it had its own
+    /// `Counters` struct (every field, each with a distinct value).
+    const COUNTERS_JSON: &str = r#"{"rd_req":1,"wr_req":2,"f_req":3,"barrier_req":4,"ds_req":5,"indirect_req":6,"rd_sect":7,"wr_sect":8,"ds_sect":9,"errors":10,"eopnotsupp":11,"in_flight":12,"responses":13,"persistent_grants":14,"mappings":15,"queues":16,"connects":17,"protocol_errors":18,"lingering_queues":19,"stuck_queues":20,"image_broken":21,"busy_us":22,"persistent_grant_hits":23,"persistent_grant_misses":24,"rd_lat":{"buckets":[100,101,102,103,104,105,106,107,108,109,110,111,112,113,114,115,116,117,118,119],"sum_us":1007,"count":2190},"wr_lat":{"buckets":[200,201,202,203,204,205,206,207,208,209,210,211,212,213,214,215,216,217,218,219],"sum_us":2007,"count":4190},"f_lat":{"buckets":[300,301,302,303,304,305,306,307,308,309,310,311,312,313,314,315,316,317,318,319],"sum_us":3007,"count":6190}}"#;
+
+    #[test]
+    fn counters_json_is_unchanged() {
+        let c: DeviceStats = serde_json::from_str(COUNTERS_JSON).unwrap();
+        // The renamed fields land where they belong.
+        assert_eq!(c.rd_req, 1);
+        assert_eq!(c.protocol_errors, 18);
+        assert_eq!(c.busy_us, 22);
+        assert_eq!(c.pgrant_hits, 23);
+        assert_eq!(c.pgrant_misses, 24);
+        assert_eq!(c.rd_lat.buckets[19], 119);
+        assert_eq!(c.wr_lat.sum_us, 2007);
+        assert_eq!(c.f_lat.count, 6190);
+        // Fields the old JSON did not have read as 0.
+        assert_eq!((c.events_pending_max, c.events, c.throttled), (0, 0, 0));
+        // Written back: the same keys, in the same order, with the same values; then the
+        // backend-only counters, as additions at the end.
+        let back = serde_json::to_string(&c).unwrap();
+        let old = COUNTERS_JSON.strip_suffix('}').unwrap();
+        assert_eq!(
+            back,
+            format!("{old},\"events_pending_max\":0,\"events\":0,\"throttled\":0}}")
+        );
+    }
+
+    #[test]
+    fn counters_json_of_an_older_daemon_still_reads() {
+        // JSON without the fields that have always been optional (`#[serde(default)]` in
+        // both the old `Counters` and `DeviceStats`).
+        let v: serde_json::Value = serde_json::from_str(COUNTERS_JSON).unwrap();
+        let mut m = v.as_object().unwrap().clone();
+        for k in [
+            "lingering_queues",
+            "stuck_queues",
+            "image_broken",
+            "busy_us",
+            "persistent_grant_hits",
+            "persistent_grant_misses",
+            "rd_lat",
+            "wr_lat",
+            "f_lat",
+        ] {
+            m.remove(k);
+        }
+        let c: DeviceStats = serde_json::from_value(serde_json::Value::Object(m)).unwrap();
+        assert_eq!(c.ds_sect, 9);
+        assert_eq!((c.pgrant_hits, c.rd_lat), (0, Histogram::default()));
     }
 }

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use xdisk_backend::{Device, DeviceConfig};
+use xdisk_backend::{Device, DeviceConfig, DeviceStats};
 use xdisk_blkif::xenbus::Mode;
 use xdisk_blkif::XenbusState;
 use xdisk_image::{CacheMode, Image, OpenOptions};
@@ -38,7 +38,7 @@ use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
 use crate::error::{Error, Result};
 use crate::params::{self, DeviceType, DiskSpec, ParamsDefaults};
 use crate::platform::Platform;
-use crate::status::{Counters, DaemonStatus, DeviceStatus, Phase};
+use crate::status::{DaemonStatus, DeviceStatus, Phase};
 
 /// A hook that adjusts each device's configuration before it starts.
 pub type DeviceHook = Arc<dyn Fn(&mut DeviceConfig, &DiskSpec) + Send + Sync>;
@@ -129,7 +129,7 @@ impl Entry {
         if let Some(d) = dev.as_ref() {
             // A device whose threads are broken must not break the report of the others.
             if let Ok((stats, state)) = catch_unwind(AssertUnwindSafe(|| (d.stats(), d.state()))) {
-                s.counters = Counters::from(stats);
+                s.counters = stats;
                 s.xenbus_state = Some(state.name().to_owned());
             }
         }
@@ -578,7 +578,7 @@ impl Inner {
             xenbus_state: None,
             size: None,
             error: None,
-            counters: Counters::default(),
+            counters: DeviceStats::default(),
         };
         let entry = Arc::new(Entry {
             key: key.clone(),
@@ -728,7 +728,7 @@ impl Inner {
             hook(&mut cfg, &spec);
         }
         let p = &self.platform;
-        let device = Device::run(
+        let device = Device::start(
             cfg,
             p.xs.clone(),
             p.gnt.clone(),
@@ -770,7 +770,7 @@ impl Inner {
             let last = d.stats();
             let r = if stopped { d.shutdown() } else { d.wait() };
             let mut s = lock(&entry.status);
-            s.counters = Counters::from(last);
+            s.counters = last;
             s.xenbus_state = Some(XenbusState::Closed.name().to_owned());
             if let Err(e) = r {
                 tracing::warn!(device = %key.name(), "device ended with: {e}");

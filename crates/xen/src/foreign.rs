@@ -31,8 +31,9 @@ pub use xdisk_io::sys::{wait_readable as poll_readable, EventFd};
 
 use crate::platform::{MappedRegion, MemError, PlatformError, SharedMem};
 
-/// Size of a Xen page (`XEN_PAGE_SIZE`); grants are whole pages.
-pub const PAGE_SIZE: usize = 4096;
+/// Size of a Xen page (`XEN_PAGE_SIZE`); grants are whole pages. The one definition is
+/// [`xdisk_blkif::wire::PAGE_SIZE`].
+pub use xdisk_blkif::wire::PAGE_SIZE;
 
 // ---------------------------------------------------------------------------------------------
 // Memfd

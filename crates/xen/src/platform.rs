@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub use xdisk_blkif::mem::{MemError, SharedMem};
 
-/// A domain id.
+/// A Xen domain id (`domid_t` is 16 bits).
 pub type DomId = u16;
 /// A grant reference.
 pub type GrantRef = u32;

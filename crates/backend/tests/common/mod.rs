@@ -234,7 +234,7 @@ pub fn pair(
 }
 
 pub fn start_device(host: &Host, cfg: DeviceConfig, image: Arc<Image>) -> Device {
-    Device::run(
+    Device::start(
         cfg,
         host.xs.clone(),
         host.xen.grant_mapper(0),

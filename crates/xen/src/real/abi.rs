@@ -16,9 +16,6 @@ use std::os::raw::{c_uint, c_ulong, c_void};
 
 use crate::platform::GrantStatus;
 
-/// Size of a Xen page (the unit of grants).
-pub const PAGE_SIZE: usize = 4096;
-
 /// `_IOC(_IOC_NONE, ty, nr, size)` (asm-generic/ioctl.h: nr bits 0-7, type 8-15, size 16-29,
 /// direction 30-31).
 pub const fn ioc_none(ty: u8, nr: u8, size: usize) -> c_ulong {

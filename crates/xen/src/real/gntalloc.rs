@@ -10,7 +10,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::abi::PAGE_SIZE;
+use xdisk_blkif::wire::PAGE_SIZE;
+
 use super::gntdev::{io_err, mem_copy_from, mem_copy_to, mem_read_u32, mem_write_u32, open_device};
 use super::sys::{self, Mapping};
 use crate::platform::{DomId, GrantRef, MemError, PlatformError, SharedMem};

@@ -17,7 +17,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::abi::PAGE_SIZE;
+use xdisk_blkif::wire::PAGE_SIZE;
+
 use super::sys::{self, Mapping};
 use crate::platform::{
     CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, MemError,

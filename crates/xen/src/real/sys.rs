@@ -14,6 +14,8 @@ use std::os::raw::{c_int, c_ulong, c_void};
 use std::ptr::NonNull;
 use std::time::Duration;
 
+use xdisk_blkif::wire::PAGE_SIZE;
+
 use super::abi::{self, GntdevGrantCopySegment};
 use crate::platform::{CopyDir, GrantCopyOp, GrantStatus};
 
@@ -128,7 +130,7 @@ pub(crate) fn gntdev_grant_copy(fd: BorrowedFd<'_>, ops: &mut [GrantCopyOp<'_>])
             CopyDir::FromForeign(b) => b.len(),
             CopyDir::ToForeign(b) => b.len(),
         };
-        if usize::from(op.offset) + len > abi::PAGE_SIZE {
+        if usize::from(op.offset) + len > PAGE_SIZE {
             op.status = GrantStatus::BadCopyArg;
             continue;
         }

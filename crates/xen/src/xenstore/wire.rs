@@ -31,8 +31,7 @@ pub const INTRODUCE_DOMAIN: &str = "@introduceDomain";
 /// The special watch path fired when a domain is released or dies (xenstore.txt, "WATCH").
 pub const RELEASE_DOMAIN: &str = "@releaseDomain";
 
-/// A Xen domain id (`domid_t` is 16 bits).
-pub type DomId = u16;
+pub use crate::platform::DomId;
 
 /// Message types (`enum xsd_sockmsg_type` in xs_wire.h). The numeric values are the wire values;
 /// `XS_RESTRICT` (20) was removed from the protocol and is reported as [`MsgType::Unknown`].
