@@ -181,8 +181,9 @@ fn extended_chain_loop_ends() {
     assert_eq!(starts(&parts), vec![(5, 110 * 512), (6, 210 * 512)]);
 }
 
-#[test]
-fn gpt_with_an_entry_array_past_the_end_is_an_error() {
+/// A 64 KiB disk with a protective MBR and a GPT header by hand: the entry array at sector
+/// `entries_lba`, `count` entries of 128 bytes.
+fn hand_gpt(entries_lba: u64, count: u32) -> Vec<u8> {
     let mut d = vec![0u8; 64 << 10];
     d[510] = 0x55;
     d[511] = 0xAA;
@@ -193,9 +194,15 @@ fn gpt_with_an_entry_array_past_the_end_is_an_error() {
     let h = &mut d[512..512 + 92];
     h[0..8].copy_from_slice(b"EFI PART");
     h[12..16].copy_from_slice(&92u32.to_le_bytes());
-    h[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    h[80..84].copy_from_slice(&128u32.to_le_bytes());
+    h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+    h[80..84].copy_from_slice(&count.to_le_bytes());
     h[84..88].copy_from_slice(&128u32.to_le_bytes());
+    d
+}
+
+#[test]
+fn gpt_with_an_entry_array_past_the_end_is_an_error() {
+    let d = hand_gpt(1 << 40, 128);
     let err = filesystems(&MemDisk(d)).unwrap_err().to_string();
     assert!(err.contains("gpt: corrupt"), "{err}");
 }
@@ -203,19 +210,7 @@ fn gpt_with_an_entry_array_past_the_end_is_an_error() {
 #[test]
 fn gpt_entry_ending_at_the_last_possible_sector_is_skipped() {
     // Found by the boot_part fuzzer: first 0, last u64::MAX overflowed `last - first + 1`.
-    let mut d = vec![0u8; 64 << 10];
-    d[510] = 0x55;
-    d[511] = 0xAA;
-    let e = &mut d[446..462];
-    e[4] = 0xEE;
-    e[8..12].copy_from_slice(&1u32.to_le_bytes());
-    e[12..16].copy_from_slice(&100u32.to_le_bytes());
-    let h = &mut d[512..512 + 92];
-    h[0..8].copy_from_slice(b"EFI PART");
-    h[12..16].copy_from_slice(&92u32.to_le_bytes());
-    h[72..80].copy_from_slice(&2u64.to_le_bytes());
-    h[80..84].copy_from_slice(&4u32.to_le_bytes());
-    h[84..88].copy_from_slice(&128u32.to_le_bytes());
+    let mut d = hand_gpt(2, 4);
     let entry = &mut d[1024..1024 + 128];
     entry[0] = 1; // a type GUID
     entry[32..40].copy_from_slice(&0u64.to_le_bytes());
