@@ -278,7 +278,7 @@ impl Device {
     /// The device's counters.
     pub fn stats(&self) -> DeviceStats {
         let mut s = self.shared.counters.snapshot();
-        s.image_broken = u64::from(self.image.file().is_broken());
+        s.image_broken = u64::from(self.image.storage().is_broken());
         s
     }
 
@@ -454,10 +454,7 @@ impl Control {
         let discard_enable = read(keys::DISCARD_ENABLE)?.is_none_or(|v| v != "0");
         let writable = mode == Mode::ReadWrite;
         let discard = (cfg.discard && discard_enable && writable).then(|| DiscardParams {
-            granularity: match &*image {
-                Image::Qcow2(q) => u32::try_from(q.cluster_size()).unwrap_or(65536),
-                Image::Raw(_) => 4096,
-            },
+            granularity: image.discard_granularity(),
             alignment: 0,
             secure: cfg.discard_secure,
         });

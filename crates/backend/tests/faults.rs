@@ -44,7 +44,11 @@ fn guest_sees_errors_after_a_failed_flush_never_okay() {
         for disk in [raw_disk(4 * MIB), qcow2_disk(4 * MIB)] {
             let image = open_with(&disk, cache);
             let plan = FaultPlan::new();
-            image.file().inject_faults(&plan);
+            image
+                .storage()
+                .as_file()
+                .expect("image on a host file")
+                .inject_faults(&plan);
             let mut p = pair(&host, domid, 768, image, |_| {}, FrontConfig::default());
             domid += 1;
             let what = format!("{} cache={cache}", disk.format);
@@ -106,7 +110,11 @@ fn stuck_io_fails_the_device_and_keeps_guest_pages_mapped() {
     let disk = raw_disk(4 * MIB);
     let image = open_with(&disk, CacheMode::None);
     let plan = FaultPlan::new();
-    image.file().inject_faults(&plan);
+    image
+        .storage()
+        .as_file()
+        .expect("image on a host file")
+        .inject_faults(&plan);
     // Without persistent grants, so that the request's page is mapped for it alone.
     let fe = FrontConfig {
         persistent: false,
@@ -177,7 +185,11 @@ fn random_io_faults_give_the_guest_errors_never_wrong_data() {
         };
         let image = open_with(&disk, CacheMode::None);
         let plan = FaultPlan::new();
-        image.file().inject_faults(&plan);
+        image
+            .storage()
+            .as_file()
+            .expect("image on a host file")
+            .inject_faults(&plan);
         let fe = FrontConfig {
             max_queues: 2,
             ..FrontConfig::default()

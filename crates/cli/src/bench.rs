@@ -114,7 +114,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             println!("Sending flush every {} requests", a.flush_interval);
         }
     }
-    let align = image.file().alignment().buffer_align();
+    let align = image.storage().alignment().buffer_align();
     let mut free: Vec<AlignedBuf> = (0..a.depth)
         .map(|_| {
             let mut b = AlignedBuf::new(bufsize, align);

@@ -370,9 +370,11 @@ fn info_json(path: &Path, img: &Image) -> Result<Value> {
         "filename": path.display().to_string(),
         "format": img.format().as_str(),
         "virtual-size": img.size(),
-        "actual-size": img.actual_size()?,
         "dirty-flag": false,
     });
+    if let Some(n) = img.actual_size()? {
+        v["actual-size"] = json!(n);
+    }
     if let Image::Qcow2(q) = img {
         let h = q.header();
         v["cluster-size"] = json!(h.cluster_size());
@@ -424,9 +426,12 @@ fn info_human(v: &Value) -> String {
     s += &format!("file format: {}\n", g("format").as_str().unwrap_or(""));
     let vs = g("virtual-size").as_u64().unwrap_or(0);
     s += &format!("virtual size: {} ({vs} bytes)\n", human(vs));
+    // qemu-img's words when the storage cannot tell.
     s += &format!(
         "disk size: {}\n",
-        human(g("actual-size").as_u64().unwrap_or(0))
+        g("actual-size")
+            .as_u64()
+            .map_or_else(|| "unavailable".to_owned(), human)
     );
     if let Some(cs) = g("cluster-size").as_u64() {
         s += &format!("cluster_size: {cs}\n");
@@ -497,7 +502,7 @@ fn cmd_info(a: InfoArgs) -> Result<i32> {
     if a.backing_chain {
         let mut layer = img.backing().cloned();
         while let Some(l) = layer {
-            infos.push(info_json(l.file().path(), &l)?);
+            infos.push(info_json(Path::new(&*l.storage().name()), &l)?);
             layer = l.backing().cloned();
         }
     }
@@ -730,10 +735,10 @@ fn cmd_map(a: MapArgs) -> Result<i32> {
         off += len;
     }
     // Which file each depth lives in.
-    let mut files = vec![img.file().path().display().to_string()];
+    let mut files = vec![img.storage().name().into_owned()];
     let mut layer = img.backing().cloned();
     while let Some(l) = layer {
-        files.push(l.file().path().display().to_string());
+        files.push(l.storage().name().into_owned());
         layer = l.backing().cloned();
     }
     match a.output {

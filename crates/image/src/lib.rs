@@ -21,7 +21,7 @@ pub mod raw;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use xdisk_io::{AioKind, CacheMode, ImageFile};
+pub use xdisk_io::{AioKind, CacheMode, ImageFile, Storage, StorageRef};
 
 /// Errors of the image engine.
 #[derive(Debug, thiserror::Error)]
@@ -143,9 +143,9 @@ impl Default for OpenOptions {
 /// A piece of a mapped request (see [`Image::map`]).
 #[derive(Debug, Clone)]
 pub enum Extent {
-    /// `len` bytes at `offset` in `file`.
+    /// `len` bytes at `offset` of `storage`.
     Data {
-        file: Arc<ImageFile>,
+        storage: StorageRef,
         offset: u64,
         len: u64,
     },
@@ -270,10 +270,11 @@ pub enum Image {
 }
 
 /// Probes the format of a file from its first bytes.
-pub fn probe_format(file: &ImageFile) -> Result<Format> {
+pub fn probe_format(storage: &dyn Storage) -> Result<Format> {
     let mut magic = [0u8; 4];
-    file.read_at(&mut magic, 0)
-        .map_err(|e| Error::io(format!("cannot read {}", file.path().display()), e))?;
+    storage
+        .read_at(&mut magic, 0)
+        .map_err(|e| Error::io(format!("cannot read {}", storage.name()), e))?;
     Ok(if u32::from_be_bytes(magic) == qcow2::format::MAGIC {
         Format::Qcow2
     } else {
@@ -314,7 +315,7 @@ impl Image {
         opts: &OpenOptions,
         format: Option<Format>,
         chain: &mut Vec<PathBuf>,
-        mut lenient: Option<&mut Option<BackingRefusal>>,
+        lenient: Option<&mut Option<BackingRefusal>>,
     ) -> Result<Arc<Image>> {
         let is_backing = !chain.is_empty();
         let checked = if is_backing {
@@ -342,20 +343,60 @@ impl Image {
         chain.push(canon);
         // Backing files are always opened read-only.
         let read_only = opts.read_only || is_backing;
-        let file = Arc::new(ImageFile::open(path, read_only, opts.cache).map_err(Error::Engine)?);
+        let file = ImageFile::open(path, read_only, opts.cache).map_err(Error::Engine)?;
         if let Some(c) = &checked {
             c.verify(&file)?;
         }
+        Self::open_layer(Arc::new(file), Some(path), opts, format, chain, lenient)
+    }
+
+    /// Opens an image that lives on `storage` (any storage, not only host files). Backing
+    /// files it names are host files, resolved against the directory of the storage's local
+    /// path; an image on a storage without one cannot name a relative backing file.
+    pub fn open_on(storage: StorageRef, opts: &OpenOptions) -> Result<Arc<Image>> {
+        let mut chain = Vec::new();
+        if let Some(p) = storage.local_path() {
+            chain.push(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+        }
+        let base = storage.local_path().map(Path::to_path_buf);
+        Self::open_layer(
+            storage,
+            base.as_deref(),
+            opts,
+            opts.format,
+            &mut chain,
+            None,
+        )
+    }
+
+    /// Opens the format layer over an opened storage, then (for formats with one) its
+    /// backing chain. `path` is where the storage was found (for relative backing names).
+    fn open_layer(
+        file: StorageRef,
+        path: Option<&Path>,
+        opts: &OpenOptions,
+        format: Option<Format>,
+        chain: &mut Vec<PathBuf>,
+        mut lenient: Option<&mut Option<BackingRefusal>>,
+    ) -> Result<Arc<Image>> {
+        let read_only = file.read_only();
         let probed = format.is_none();
         let format = match format {
             Some(f) => f,
-            None => probe_format(&file)?,
+            None => probe_format(&*file)?,
         };
         let image = match format {
             Format::Raw => Image::Raw(raw::RawImage::open(file)?),
             Format::Qcow2 => {
                 let mut open_backing =
                     |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
+                        let Some(path) = path else {
+                            return Err(Error::Backing(format!(
+                                "{} names the backing file '{name}', which cannot be found: \
+                                 the image is not a host file",
+                                file.name()
+                            )));
+                        };
                         let bpath = resolve_backing(path, name);
                         let r = if probed {
                             Err(Error::Backing(format!(
@@ -393,7 +434,12 @@ impl Image {
                 } else {
                     None
                 };
-                Image::Qcow2(qcow2::Qcow2Image::open(file, opts, read_only, backing)?)
+                Image::Qcow2(qcow2::Qcow2Image::open(
+                    file.clone(),
+                    opts,
+                    read_only,
+                    backing,
+                )?)
             }
         };
         Ok(Arc::new(image))
@@ -406,11 +452,11 @@ impl Image {
         }
     }
 
-    /// The host file of this layer.
-    pub fn file(&self) -> &Arc<ImageFile> {
+    /// The storage of this layer.
+    pub fn storage(&self) -> &StorageRef {
         match self {
-            Image::Raw(r) => r.file(),
-            Image::Qcow2(q) => q.file(),
+            Image::Raw(r) => r.storage(),
+            Image::Qcow2(q) => q.storage(),
         }
     }
 
@@ -423,7 +469,7 @@ impl Image {
     }
 
     pub fn read_only(&self) -> bool {
-        self.file().read_only()
+        self.storage().read_only()
     }
 
     /// The backing image, if any.
@@ -446,11 +492,11 @@ impl Image {
         if self.read_only() {
             return Err(Error::ReadOnly);
         }
-        if self.file().is_broken() {
+        if self.storage().is_broken() {
             // A flush failed: acknowledged writes may be lost, nothing more may be written
-            // (fast-path writes go to the engine without ImageFile::write_at's own check).
+            // (fast-path writes go to the engine without the storage's own check).
             return Err(Error::io(
-                format!("write to {}", self.file().path().display()),
+                format!("write to {}", self.storage().name()),
                 std::io::Error::from_raw_os_error(libc::EIO),
             ));
         }
@@ -504,6 +550,16 @@ impl Image {
         match self {
             Image::Raw(_) => Ok(()),
             Image::Qcow2(q) => q.write_back_metadata(),
+        }
+    }
+
+    /// The unit in which discards release space, as the guest should be told
+    /// (`discard-granularity`): a qcow2 cluster (a smaller discard only zeroes), 4 KiB for
+    /// raw images.
+    pub fn discard_granularity(&self) -> u32 {
+        match self {
+            Image::Qcow2(q) => u32::try_from(q.cluster_size()).unwrap_or(65536),
+            Image::Raw(_) => 4096,
         }
     }
 
@@ -629,9 +685,9 @@ impl Image {
         }
     }
 
-    /// Bytes used on the host by this layer's file.
-    pub fn actual_size(&self) -> Result<u64> {
-        self.file()
+    /// Bytes used on the host by this layer's storage (`None`: the storage cannot tell).
+    pub fn actual_size(&self) -> Result<Option<u64>> {
+        self.storage()
             .allocated_bytes()
             .map_err(|e| Error::io("cannot stat image", e))
     }

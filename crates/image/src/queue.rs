@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use xdisk_io::sys::{poll_readable, set_nonblocking, EventFd};
 use xdisk_io::{
-    open_engine, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op, OpKind,
+    open_engine, same_storage, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op,
+    OpKind, StorageRef,
 };
 
 use crate::{Error, Extent, Image, InFlight, Mapping, Result};
@@ -101,9 +102,17 @@ struct Slot<B: IoBuf> {
     error: Option<Error>,
     _guard: Option<InFlight>,
     kind: RequestKind,
-    /// Each sub-op's host offset, where its bytes start in the buffer and how many, and its
-    /// file (for reading the rest of a short read).
-    starts: Vec<(u64, usize, usize, RawFd)>,
+    /// Each sub-op's host offset, where its bytes start in the buffer and how many, and
+    /// where it went (for reading the rest of a short read).
+    starts: Vec<(u64, usize, usize, Target)>,
+}
+
+/// Where an engine operation goes: an engine of the queue (index into `engines`) and the fd
+/// it names (`-1` for engines of storages without an fd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Target {
+    engine: usize,
+    fd: RawFd,
 }
 
 /// One queue's engine and slow-path workers over a shared image.
@@ -114,11 +123,16 @@ struct Slot<B: IoBuf> {
 /// or unmapped while the kernel may still use them.
 pub struct ImageQueue<B: IoBuf> {
     image: Arc<Image>,
-    engine: Box<dyn Engine<IoSlice>>,
+    /// `engines[0]` serves every storage with a file descriptor (io_uring by default);
+    /// `engines[i]` for `i >= 1` is the engine of `own[i - 1]`, a storage without one.
+    engines: Vec<Box<dyn Engine<IoSlice>>>,
+    own: Vec<StorageRef>,
+    /// Signalled by the slow-path workers and by the engines of `own`.
+    notify: Arc<EventFd>,
     /// Requests with engine operations in flight; they own the memory those operations use.
     slots: Vec<Option<Slot<B>>>,
     free: Vec<usize>,
-    backlog: VecDeque<Op<IoSlice>>,
+    backlog: VecDeque<(usize, Op<IoSlice>)>,
     extents: Vec<Extent>,
     completions: Vec<Completion<IoSlice>>,
     ready: VecDeque<Done<B>>,
@@ -139,26 +153,42 @@ const SUB_BITS: u32 = 20;
 
 impl<B: IoBuf> ImageQueue<B> {
     pub fn new(image: Arc<Image>, cfg: &QueueConfig) -> Result<ImageQueue<B>> {
-        let mut fds = vec![image.file().fd()];
-        let mut layer = image.backing();
-        while let Some(b) = layer {
-            fds.push(b.file().fd());
-            layer = b.backing();
+        let mut storages: Vec<StorageRef> = Vec::new();
+        let mut layer = Some(&image);
+        while let Some(l) = layer {
+            if !storages.iter().any(|s| same_storage(s, l.storage())) {
+                storages.push(l.storage().clone());
+            }
+            layer = l.backing();
         }
-        let engine = open_engine::<IoSlice>(
-            cfg.aio,
-            &EngineConfig {
-                queue_depth: cfg.queue_depth,
-                threads: 4,
-                register_fds: fds,
-            },
-        )
-        .map_err(|e| Error::io("cannot create I/O engine", e))?;
+        let mut ecfg = EngineConfig {
+            queue_depth: cfg.queue_depth,
+            threads: 4,
+            register_fds: storages.iter().filter_map(|s| s.fd()).collect(),
+        };
+        let engine = open_engine::<IoSlice>(cfg.aio, &ecfg)
+            .map_err(|e| Error::io("cannot create I/O engine", e))?;
         set_nonblocking(engine.event_fd()).map_err(|e| Error::io("engine eventfd", e))?;
+        // Non-blocking, like every EventFd.
+        let notify = Arc::new(EventFd::new().map_err(|e| Error::io("eventfd", e))?);
+        ecfg.register_fds.clear();
+        let mut engines = vec![engine];
+        let mut own = Vec::new();
+        for s in storages.into_iter().filter(|s| s.fd().is_none()) {
+            if let Some(e) = s.clone().open_engine(&ecfg, notify.clone()) {
+                let e = e.map_err(|e| {
+                    Error::io(format!("cannot create the I/O engine of {}", s.name()), e)
+                })?;
+                engines.push(e);
+                own.push(s);
+            }
+        }
         Ok(ImageQueue {
-            slow: SlowPool::new(image.clone(), cfg.slow_threads.max(1))?,
+            slow: SlowPool::new(image.clone(), cfg.slow_threads.max(1), notify.clone())?,
             image,
-            engine,
+            engines,
+            own,
+            notify,
             slots: Vec::new(),
             free: Vec::new(),
             backlog: VecDeque::new(),
@@ -180,7 +210,20 @@ impl<B: IoBuf> ImageQueue<B> {
 
     /// The engine actually in use (after any fallback).
     pub fn aio(&self) -> AioKind {
-        self.engine.kind()
+        self.engines[0].kind()
+    }
+
+    /// Where the queue sends operations on `storage`: its fd to the fd engine, else the
+    /// storage's own engine; `None`: no asynchronous path (the slow path serves it).
+    fn target(&self, storage: &StorageRef) -> Option<Target> {
+        if let Some(fd) = storage.fd() {
+            return Some(Target { engine: 0, fd });
+        }
+        let i = self.own.iter().position(|s| same_storage(s, storage))?;
+        Some(Target {
+            engine: i + 1,
+            fd: -1,
+        })
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -241,7 +284,10 @@ impl<B: IoBuf> ImageQueue<B> {
             RequestKind::Read => (false, req.buf.as_ref().map_or(0, |b| b.total_len())),
             RequestKind::Write => (true, req.buf.as_ref().map_or(0, |b| b.total_len())),
             RequestKind::Flush if self.image.format() == crate::Format::Raw => {
-                return self.submit_flush(req);
+                return match self.target(self.image.storage()) {
+                    Some(t) => self.submit_flush(req, t),
+                    None => Err(req),
+                };
             }
             _ => return Err(req),
         };
@@ -276,20 +322,29 @@ impl<B: IoBuf> ImageQueue<B> {
                 .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len % align == 0)
         };
         let mut pos = 0u64;
-        let mut n_data = 0usize;
+        let mut targets = Vec::new();
         for e in &self.extents {
-            if let Extent::Data { file, offset, len } = e {
-                let a = file.alignment();
+            if let Extent::Data {
+                storage,
+                offset,
+                len,
+            } = e
+            {
+                let a = storage.alignment();
                 if !a.allows(*offset, *len as usize, 0)
                     || !a.allows(pos, 0, 0)
                     || !iov_ok(buf, a.memory.max(a.offset) as usize)
                 {
                     return Err(req);
                 }
-                n_data += 1;
+                let Some(t) = self.target(storage) else {
+                    return Err(req);
+                };
+                targets.push(t);
             }
             pos += e.len();
         }
+        let n_data = targets.len();
         debug_assert_eq!(pos, len as u64);
         if n_data >= 1 << SUB_BITS {
             return Err(req);
@@ -303,19 +358,23 @@ impl<B: IoBuf> ImageQueue<B> {
             let elen = e.len() as usize;
             match e {
                 Extent::Zero { .. } => buf.fill_zero(pos, elen),
-                Extent::Data { file, offset, .. } => {
+                Extent::Data { offset, .. } => {
+                    let t = targets[sub as usize];
                     // SAFETY: the slot keeps `buf` (and so its memory) alive and untouched
                     // until every sub-op has completed; extents are disjoint ranges of it.
                     #[allow(unsafe_code)]
                     let slice = unsafe { IoSlice::new(buf, pos, elen) };
-                    starts.push((offset, pos, elen, file.fd()));
-                    ops.push(Op {
-                        kind: if write { OpKind::Write } else { OpKind::Read },
-                        fd: file.fd(),
-                        offset,
-                        buf: Some(slice),
-                        user_data: ((slot_idx as u64) << SUB_BITS) | sub,
-                    });
+                    starts.push((offset, pos, elen, t));
+                    ops.push((
+                        t.engine,
+                        Op {
+                            kind: if write { OpKind::Write } else { OpKind::Read },
+                            fd: t.fd,
+                            offset,
+                            buf: Some(slice),
+                            user_data: ((slot_idx as u64) << SUB_BITS) | sub,
+                        },
+                    ));
                     sub += 1;
                 }
             }
@@ -337,23 +396,27 @@ impl<B: IoBuf> ImageQueue<B> {
             kind: req.kind,
             starts,
         });
-        for op in ops {
-            self.push_op(op);
+        for (engine, op) in ops {
+            self.push_op(engine, op);
         }
         Ok(())
     }
 
-    fn submit_flush(&mut self, req: Request<B>) -> std::result::Result<(), Request<B>> {
+    fn submit_flush(
+        &mut self,
+        req: Request<B>,
+        target: Target,
+    ) -> std::result::Result<(), Request<B>> {
         if self.image.read_only() {
             self.finish(req.user_data, Ok(()), req.buf);
             return Ok(());
         }
-        if let Err(e) = self.image.file().check_usable() {
+        if let Err(e) = self.image.storage().check_usable() {
             // An earlier flush failed: a new fdatasync could succeed over lost data.
             self.finish(req.user_data, Err(Error::io("flush", e)), req.buf);
             return Ok(());
         }
-        if !self.image.file().cache().honours_flush() {
+        if !self.image.storage().cache().honours_flush() {
             self.finish(req.user_data, Ok(()), req.buf);
             return Ok(());
         }
@@ -368,13 +431,16 @@ impl<B: IoBuf> ImageQueue<B> {
             starts: Vec::new(),
         });
         self.stats.fast += 1;
-        self.push_op(Op {
-            kind: OpKind::Flush,
-            fd: self.image.file().fd(),
-            offset: 0,
-            buf: None,
-            user_data: (slot_idx as u64) << SUB_BITS,
-        });
+        self.push_op(
+            target.engine,
+            Op {
+                kind: OpKind::Flush,
+                fd: target.fd,
+                offset: 0,
+                buf: None,
+                user_data: (slot_idx as u64) << SUB_BITS,
+            },
+        );
         Ok(())
     }
 
@@ -388,14 +454,14 @@ impl<B: IoBuf> ImageQueue<B> {
         }
     }
 
-    fn push_op(&mut self, op: Op<IoSlice>) {
+    fn push_op(&mut self, engine: usize, op: Op<IoSlice>) {
         if !self.backlog.is_empty() {
-            self.backlog.push_back(op);
+            self.backlog.push_back((engine, op));
             return;
         }
-        if let Err((op, e)) = self.engine.submit(op) {
+        if let Err((op, e)) = self.engines[engine].submit(op) {
             if e.kind() == io::ErrorKind::WouldBlock {
-                self.backlog.push_back(op);
+                self.backlog.push_back((engine, op));
             } else {
                 self.complete_op(Completion {
                     user_data: op.user_data,
@@ -407,10 +473,10 @@ impl<B: IoBuf> ImageQueue<B> {
     }
 
     fn drain_backlog(&mut self) {
-        while let Some(op) = self.backlog.pop_front() {
-            if let Err((op, e)) = self.engine.submit(op) {
+        while let Some((engine, op)) = self.backlog.pop_front() {
+            if let Err((op, e)) = self.engines[engine].submit(op) {
                 if e.kind() == io::ErrorKind::WouldBlock {
-                    self.backlog.push_front(op);
+                    self.backlog.push_front((engine, op));
                     return;
                 }
                 self.complete_op(Completion {
@@ -437,26 +503,29 @@ impl<B: IoBuf> ImageQueue<B> {
         };
         match c.result {
             Ok(n) => {
-                if let Some(&(host, start, len, fd)) = slot.starts.get(sub) {
+                if let Some(&(host, start, len, t)) = slot.starts.get(sub) {
                     if n < len {
                         if slot.kind == RequestKind::Read && n > 0 && slot.error.is_none() {
                             // A short read is not necessarily the end of the file (io_uring
                             // and the threads engine return what one call read): read the
                             // rest; only a read of 0 bytes means EOF (as QEMU's io_uring).
                             if let Some(b) = slot.buf.as_mut() {
-                                slot.starts[sub] = (host + n as u64, start + n, len - n, fd);
+                                slot.starts[sub] = (host + n as u64, start + n, len - n, t);
                                 // SAFETY: the slot keeps `b` alive and untouched until every
                                 // sub-op has completed; this range belonged to the sub-op that
                                 // just completed and overlaps no other in flight.
                                 #[allow(unsafe_code)]
                                 let rest = unsafe { IoSlice::new(b, start + n, len - n) };
-                                self.push_op(Op {
-                                    kind: OpKind::Read,
-                                    fd,
-                                    offset: host + n as u64,
-                                    buf: Some(rest),
-                                    user_data: c.user_data,
-                                });
+                                self.push_op(
+                                    t.engine,
+                                    Op {
+                                        kind: OpKind::Read,
+                                        fd: t.fd,
+                                        offset: host + n as u64,
+                                        buf: Some(rest),
+                                        user_data: c.user_data,
+                                    },
+                                );
                                 return;
                             }
                         } else if slot.kind == RequestKind::Read {
@@ -475,7 +544,7 @@ impl<B: IoBuf> ImageQueue<B> {
             }
             Err(e) => {
                 if slot.kind == RequestKind::Flush {
-                    self.image.file().mark_broken(&e);
+                    self.image.storage().mark_broken(&e);
                 }
                 if slot.error.is_none() {
                     slot.error = Some(Error::io(format!("{:?} at host offset", slot.kind), e));
@@ -499,9 +568,34 @@ impl<B: IoBuf> ImageQueue<B> {
         self.unpushed = 0;
         self.held_end = None;
         self.drain_backlog();
-        self.engine
-            .commit()
-            .map_err(|e| Error::io("cannot submit I/O", e))
+        let mut r = Ok(());
+        for e in &mut self.engines {
+            if let Err(err) = e.commit() {
+                r = Err(Error::io("cannot submit I/O", err));
+            }
+        }
+        r
+    }
+
+    /// Reaps every engine's available completions without waiting.
+    fn reap_engines(&mut self) -> Result<()> {
+        let mut comps = std::mem::take(&mut self.completions);
+        let mut r = Ok(());
+        for e in &mut self.engines {
+            if let Err(err) = e.reap(&mut comps, 0, None) {
+                r = Err(Error::io("cannot reap I/O", err));
+            }
+        }
+        for c in comps.drain(..) {
+            self.complete_op(c);
+        }
+        self.completions = comps;
+        r
+    }
+
+    /// Operations in flight on the engines of storages without an fd.
+    fn own_in_flight(&self) -> usize {
+        self.engines[1..].iter().map(|e| e.in_flight()).sum()
     }
 
     /// Appends finished requests to `out`: waits until at least `min` are available or
@@ -516,14 +610,7 @@ impl<B: IoBuf> ImageQueue<B> {
         let start_len = out.len();
         loop {
             self.commit()?;
-            let mut comps = std::mem::take(&mut self.completions);
-            self.engine
-                .reap(&mut comps, 0, None)
-                .map_err(|e| Error::io("cannot reap I/O", e))?;
-            for c in comps.drain(..) {
-                self.complete_op(c);
-            }
-            self.completions = comps;
+            self.reap_engines()?;
             while let Some((user_data, result, buf)) = self.slow.try_recv() {
                 self.slow_in_flight -= 1;
                 self.finish(user_data, result, buf);
@@ -550,11 +637,12 @@ impl<B: IoBuf> ImageQueue<B> {
 
     /// Waits for an engine completion or a slow-path result.
     fn wait(&mut self, timeout_ms: i32) -> Result<()> {
-        if self.engine.in_flight() > 0 && self.slow_in_flight == 0 {
-            // Only engine work outstanding: let the engine wait its own best way.
+        let fd_in_flight = self.engines[0].in_flight();
+        if fd_in_flight > 0 && self.slow_in_flight == 0 && self.own_in_flight() == 0 {
+            // Only fd engine work outstanding: let the engine wait its own best way.
             let mut comps = std::mem::take(&mut self.completions);
             let t = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
-            self.engine
+            self.engines[0]
                 .reap(&mut comps, 1, t)
                 .map_err(|e| Error::io("cannot reap I/O", e))?;
             for c in comps.drain(..) {
@@ -563,23 +651,29 @@ impl<B: IoBuf> ImageQueue<B> {
             self.completions = comps;
             return Ok(());
         }
-        let fds: [RawFd; 2] = [self.engine.event_fd(), self.slow.event.fd()];
-        let n = if self.engine.in_flight() > 0 { 2 } else { 1 };
+        let fds: [RawFd; 2] = [self.engines[0].event_fd(), self.notify.fd()];
+        let n = if fd_in_flight > 0 { 2 } else { 1 };
         let fds = &fds[2 - n..];
         let r = poll_readable(fds, timeout_ms).map_err(|e| Error::io("poll", e))?;
         if r.iter().any(|&x| x) {
-            self.slow.event.drain();
+            self.notify.drain();
             if n == 2 {
                 // Best effort: the engine's eventfd was made non-blocking at construction.
-                self.engine.clear_event_fd();
+                self.engines[0].clear_event_fd();
             }
         }
         Ok(())
     }
 
-    /// An fd that becomes readable when completions may be available.
+    /// Fds that become readable when completions may be available: the fd engine's, and
+    /// the one the slow-path workers and the engines of storages without an fd signal.
     pub fn event_fds(&self) -> [RawFd; 2] {
-        [self.engine.event_fd(), self.slow.event.fd()]
+        [self.engines[0].event_fd(), self.notify.fd()]
+    }
+
+    /// Operations in flight on the engines (not counting the slow path).
+    fn engines_in_flight(&self) -> usize {
+        self.engines.iter().map(|e| e.in_flight()).sum()
     }
 
     /// Stops the engine's work: operations not yet handed to it are cancelled, the others
@@ -598,7 +692,7 @@ impl<B: IoBuf> ImageQueue<B> {
             ));
         }
         let r = loop {
-            while let Some(op) = self.backlog.pop_front() {
+            while let Some((_, op)) = self.backlog.pop_front() {
                 self.complete_op(Completion {
                     user_data: op.user_data,
                     result: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
@@ -606,13 +700,18 @@ impl<B: IoBuf> ImageQueue<B> {
                 });
             }
             let mut comps = std::mem::take(&mut self.completions);
-            let r = self.engine.settle(&mut comps);
+            let mut r = Ok(());
+            for e in &mut self.engines {
+                if let Err(err) = e.settle(&mut comps) {
+                    r = Err(err);
+                }
+            }
             for c in comps.drain(..) {
                 // May queue the rest of a short read: settled by the next round.
                 self.complete_op(c);
             }
             self.completions = comps;
-            if r.is_err() || (self.engine.in_flight() == 0 && self.backlog.is_empty()) {
+            if r.is_err() || (self.engines_in_flight() == 0 && self.backlog.is_empty()) {
                 break r;
             }
         };
@@ -622,7 +721,7 @@ impl<B: IoBuf> ImageQueue<B> {
                 self.unsettled = true;
                 let stuck = self.slots.iter().flatten().count();
                 tracing::error!(
-                    image = %self.image.file().path().display(),
+                    image = %self.image.storage().name(),
                     "the I/O engine cannot wait out its operations ({e}): the buffers of {stuck} \
                      requests will be leaked, never freed"
                 );
@@ -638,21 +737,23 @@ impl<B: IoBuf> ImageQueue<B> {
 impl<B: IoBuf> Drop for ImageQueue<B> {
     /// Settles the engine before any buffer is freed; leaks what it cannot settle.
     fn drop(&mut self) {
-        if !self.unsettled && (self.engine.in_flight() > 0 || !self.backlog.is_empty()) {
+        if !self.unsettled && (self.engines_in_flight() > 0 || !self.backlog.is_empty()) {
             // Logs its own error.
             let _ = self.settle();
         }
         if self.unsettled {
             let slots = std::mem::take(&mut self.slots);
             tracing::error!(
-                image = %self.image.file().path().display(),
+                image = %self.image.storage().name(),
                 "leaking the buffers of {} requests the I/O engine could not wait out",
                 slots.iter().flatten().count()
             );
             // Never unmap or free memory the kernel may still use: the buffers (guest pages)
             // and the engine (its ring, iovec arrays) stay allocated forever.
             std::mem::forget(slots);
-            std::mem::forget(std::mem::replace(&mut self.engine, Box::new(Leaked)));
+            for e in &mut self.engines {
+                std::mem::forget(std::mem::replace(e, Box::new(Leaked)));
+            }
         }
     }
 }
@@ -695,16 +796,15 @@ type SlowResult<B> = (u64, Result<()>, Option<B>);
 struct SlowPool<B: IoBuf> {
     tx: Option<mpsc::Sender<Request<B>>>,
     rx: mpsc::Receiver<SlowResult<B>>,
-    event: Arc<EventFd>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl<B: IoBuf> SlowPool<B> {
-    fn new(image: Arc<Image>, threads: usize) -> Result<SlowPool<B>> {
+    /// Starts `threads` workers, which signal `event` after each request.
+    fn new(image: Arc<Image>, threads: usize, event: Arc<EventFd>) -> Result<SlowPool<B>> {
         let (tx, work_rx) = mpsc::channel::<Request<B>>();
         let work_rx = Arc::new(Mutex::new(work_rx));
         let (done_tx, rx) = mpsc::channel();
-        let event = Arc::new(EventFd::new().map_err(|e| Error::io("eventfd", e))?);
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             let work_rx = work_rx.clone();
@@ -731,7 +831,6 @@ impl<B: IoBuf> SlowPool<B> {
         Ok(SlowPool {
             tx: Some(tx),
             rx,
-            event,
             workers,
         })
     }

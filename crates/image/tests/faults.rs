@@ -81,7 +81,11 @@ fn data(len: usize, byte: u8) -> AlignedBuf {
 fn failed_flush_breaks(path: &Path, cache: CacheMode, aio: AioKind) {
     let image = open(path, cache);
     let plan = FaultPlan::new();
-    image.file().inject_faults(&plan);
+    image
+        .storage()
+        .as_file()
+        .expect("image on a host file")
+        .inject_faults(&plan);
     let mut q = queue(&image, aio);
     let w = run(&mut q, RequestKind::Write, 0, Some(data(8192, 1)));
     assert!(w.result.is_ok(), "{:?}", w.result);
@@ -157,7 +161,11 @@ fn qcow2_after_a_failed_flush_writes_no_more_metadata() {
     let p = qcow2_image(dir.path());
     let image = open(&p, CacheMode::WriteBack);
     let plan = FaultPlan::new();
-    image.file().inject_faults(&plan);
+    image
+        .storage()
+        .as_file()
+        .expect("image on a host file")
+        .inject_faults(&plan);
     image.write_at(&[1u8; 65536], 0).unwrap();
     image.flush().unwrap();
     // New clusters: refcounts and L2 entries are dirty in memory.
@@ -255,7 +263,11 @@ fn buffers_of_unreaped_operations_are_leaked_not_freed() {
     for aio in [AioKind::IoUring, AioKind::Native, AioKind::Threads] {
         let image = open(&p, CacheMode::None);
         let plan = FaultPlan::new();
-        image.file().inject_faults(&plan);
+        image
+            .storage()
+            .as_file()
+            .expect("image on a host file")
+            .inject_faults(&plan);
         plan.fail_always(FaultOn::ReadWrite, Fault::Hold);
 
         // Dropped without settling first.
@@ -324,7 +336,10 @@ fn random_faults_never_yield_wrong_data(
     let plan = FaultPlan::new();
     let mut layer = Some(&image);
     while let Some(l) = layer {
-        l.file().inject_faults(&plan);
+        l.storage()
+            .as_file()
+            .expect("image on a host file")
+            .inject_faults(&plan);
         layer = l.backing();
     }
     plan.random(

@@ -1118,7 +1118,11 @@ fn map_returns_host_extents_or_slow() {
     for e in &out {
         let n = e.len() as usize;
         match e {
-            Extent::Data { file, offset, len } => {
+            Extent::Data {
+                storage: file,
+                offset,
+                len,
+            } => {
                 let mut b = vec![0u8; *len as usize];
                 file.read_at(&mut b, *offset).unwrap();
                 assert_same(&b, &want[pos..pos + n], "data extent");
@@ -1137,7 +1141,12 @@ fn map_returns_host_extents_or_slow() {
         x.map(4096, 8192, true, &mut out).unwrap(),
         Mapping::Mapped(_)
     ));
-    if let Extent::Data { file, offset, .. } = &out[0] {
+    if let Extent::Data {
+        storage: file,
+        offset,
+        ..
+    } = &out[0]
+    {
         file.write_at(&[0x77; 8192], *offset).unwrap();
     }
     out.clear();
@@ -1199,7 +1208,12 @@ fn freed_clusters_are_quarantined_while_mapped_io_is_in_flight() {
         );
     }
     // The late write of the mapped I/O lands in a cluster nobody else uses.
-    if let Extent::Data { file, offset, .. } = &out[0] {
+    if let Extent::Data {
+        storage: file,
+        offset,
+        ..
+    } = &out[0]
+    {
         file.write_at(&[0xee; 4096], *offset).unwrap();
     }
     drop(guard);

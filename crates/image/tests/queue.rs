@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use xdisk_image::queue::{Done, ImageQueue, QueueConfig, Request, RequestKind};
+use xdisk_image::queue::{Done, ImageQueue, QueueConfig, QueueStats, Request, RequestKind};
 use xdisk_image::{AioKind, CacheMode, Image, OpenOptions};
-use xdisk_io::AlignedBuf;
+use xdisk_io::{AlignedBuf, MemStorage, StorageRef};
 
 mod support;
 use support::open;
@@ -23,9 +23,16 @@ fn qemu_img(args: &[&str]) -> String {
 }
 
 /// Runs a random workload through an ImageQueue and checks every read against the model.
-fn random_workload(image: Arc<Image>, model: &mut [u8], aio: AioKind, seed: u64, ops: usize) {
+/// Returns the queue's counters.
+fn random_workload(
+    image: Arc<Image>,
+    model: &mut [u8],
+    aio: AioKind,
+    seed: u64,
+    ops: usize,
+) -> QueueStats {
     let size = model.len() as u64;
-    let align = image.file().alignment().buffer_align();
+    let align = image.storage().alignment().buffer_align();
     let mut q: ImageQueue<AlignedBuf> = ImageQueue::new(
         image.clone(),
         &QueueConfig {
@@ -123,6 +130,7 @@ fn random_workload(image: Arc<Image>, model: &mut [u8], aio: AioKind, seed: u64,
         }
     }
     assert_eq!(q.in_flight(), 0);
+    q.stats()
 }
 
 fn raw_image(dir: &Path, size: u64) -> PathBuf {
@@ -201,6 +209,74 @@ fn queue_qcow2_every_engine_matches_model_and_qemu_img_check() {
                 "qemu-img sees what xdisk wrote ({aio}, backing {backing})"
             );
         }
+    }
+}
+
+/// The storage/format line: qcow2 and raw over a storage that is not a file (no fd) run
+/// through the queue, their mapped I/O on the storage's own engine (not the slow path), and
+/// what they leave on the storage is an image qemu-img reads as the model.
+#[test]
+fn formats_on_a_storage_without_fd_use_its_own_engine() {
+    let dir = tmpdir();
+    let size: u64 = 16 << 20;
+    let p = dir.path().join("disk.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        p.to_str().unwrap(),
+        "16M",
+    ]);
+    for (fmt, bytes) in [
+        (xdisk_image::Format::Qcow2, std::fs::read(&p).unwrap()),
+        (xdisk_image::Format::Raw, vec![0u8; size as usize]),
+    ] {
+        let mem = Arc::new(MemStorage::new(format!("mem:{fmt}"), bytes, false));
+        let storage: StorageRef = mem.clone();
+        assert!(storage.fd().is_none());
+        let img = Image::open_on(
+            storage,
+            &OpenOptions {
+                format: Some(fmt),
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
+        let mut model = vec![0u8; size as usize];
+        let mut fast = 0;
+        for seed in [21, 22] {
+            // Twice: the second pass finds the clusters the first one allocated mapped.
+            fast += random_workload(img.clone(), &mut model, AioKind::IoUring, seed, 1500).fast;
+        }
+        assert!(
+            fast > 1000,
+            "{fmt}: mapped I/O went to the storage's engine ({fast})"
+        );
+        img.flush().unwrap();
+        img.close().unwrap();
+        drop(img);
+        let out = dir.path().join(format!("out.{fmt}"));
+        std::fs::write(&out, mem.to_vec()).unwrap();
+        if fmt == xdisk_image::Format::Qcow2 {
+            qemu_img(&["check", out.to_str().unwrap()]);
+        }
+        let flat = dir.path().join("flat.raw");
+        qemu_img(&[
+            "convert",
+            "-f",
+            fmt.as_str(),
+            "-O",
+            "raw",
+            out.to_str().unwrap(),
+            flat.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(&flat).unwrap() == model,
+            "qemu-img reads what xdisk wrote to the memory storage ({fmt})"
+        );
     }
 }
 

@@ -10,6 +10,10 @@
 //!   ([`AioKind::Native`]) and a thread pool ([`AioKind::Threads`]). In-flight operations *own*
 //!   their buffers ([`IoBuf`]) until their completion hands them back.
 //!
+//! - [`Storage`]: where an image's bytes live, the trait formats read and write through
+//!   ([`ImageFile`] and [`MemStorage`] implement it); a storage without a file descriptor
+//!   brings its own engine.
+//!
 //! All `unsafe` in this crate lives in small modules that talk to the kernel (io_uring, AIO
 //! syscalls, ioctls, aligned allocation), each block with a `// SAFETY:` comment.
 //! `unsafe` is denied crate-wide; those modules (`buf`, `sys`, the `engine` back ends) allow it,
@@ -21,6 +25,7 @@ pub mod buf;
 pub mod cache;
 pub mod engine;
 pub mod file;
+pub mod storage;
 pub mod sys;
 
 #[cfg(feature = "fault-injection")]
@@ -30,6 +35,7 @@ pub use buf::{AlignedBuf, IoBuf, IoSlice};
 pub use cache::{AioKind, CacheMode};
 pub use engine::{open_engine, Completion, Engine, EngineConfig, Op, OpKind};
 pub use file::{Alignment, ImageFile};
+pub use storage::{same_storage, Allocation, MemEngine, MemStorage, Storage, StorageRef};
 
 /// Errors of this crate (I/O errors keep their `std::io::Error`).
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use xdisk_io::{CacheMode, ImageFile};
+use xdisk_io::{CacheMode, ImageFile, Storage};
 
 pub use super::format::CompressionType;
 use super::format::{
@@ -323,7 +323,7 @@ fn io_ctx(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |e| Error::io(format!("cannot create image: {what}"), e)
 }
 
-fn write_image(file: &ImageFile, opts: &CreateOptions, l: &Layout) -> Result<()> {
+fn write_image(file: &dyn Storage, opts: &CreateOptions, l: &Layout) -> Result<()> {
     let cs = l.cs();
     let total = l.total_clusters();
     let data_off = l.data_start() * cs;
@@ -333,13 +333,13 @@ fn write_image(file: &ImageFile, opts: &CreateOptions, l: &Layout) -> Result<()>
     match opts.preallocation {
         Preallocation::Off => {}
         Preallocation::Metadata | Preallocation::Full => file
-            .set_len(total * cs)
+            .set_size(total * cs)
             .map_err(io_ctx("extending the file"))?,
         Preallocation::Falloc => {
-            file.set_len(total * cs)
+            file.set_size(total * cs)
                 .map_err(io_ctx("extending the file"))?;
             if data_len > 0 {
-                file.allocate(data_off, data_len)
+                file.preallocate(data_off, data_len)
                     .map_err(io_ctx("allocating the data clusters (fallocate)"))?;
             }
         }
@@ -401,7 +401,7 @@ fn write_image(file: &ImageFile, opts: &CreateOptions, l: &Layout) -> Result<()>
     } else {
         // An empty L1 table: zeroes, which a sparse extension of the file provides. The
         // file ends right after it, as with qemu-img.
-        file.set_len(l1_off + l.l1_entries * 8)
+        file.set_size(l1_off + l.l1_entries * 8)
             .map_err(io_ctx("extending the file"))?;
     }
 
@@ -440,18 +440,18 @@ pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Resul
     let res = (|| -> Result<()> {
         match preallocation {
             Preallocation::Off | Preallocation::Metadata => {
-                file.set_len(size).map_err(io_ctx("setting the size"))?
+                file.set_size(size).map_err(io_ctx("setting the size"))?
             }
             Preallocation::Falloc => {
                 if size > 0 {
-                    file.allocate(0, size)
+                    file.preallocate(0, size)
                         .map_err(io_ctx("allocating the file (fallocate)"))?;
                 }
             }
             Preallocation::Full => {
                 file.write_zeroes_by_writing(0, size)
                     .map_err(io_ctx("writing zeroes"))?;
-                file.set_len(size).map_err(io_ctx("setting the size"))?;
+                file.set_size(size).map_err(io_ctx("setting the size"))?;
             }
         }
         file.flush().map_err(io_ctx("flushing"))

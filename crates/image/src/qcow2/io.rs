@@ -97,7 +97,7 @@ fn kind(e: L2Entry) -> Kind {
 
 impl Qcow2Image {
     fn ctx(&self, what: &str) -> String {
-        format!("{what} {}", self.file.path().display())
+        format!("{what} {}", self.file.name())
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -882,15 +882,23 @@ impl Qcow2Image {
                 Some(h) => {
                     let h = h + in_off as u64;
                     let ours = out.len() > start;
-                    if let Some(Extent::Data { file, offset, len }) = out.last_mut() {
-                        if ours && std::sync::Arc::ptr_eq(file, &self.file) && *offset + *len == h {
+                    if let Some(Extent::Data {
+                        storage,
+                        offset,
+                        len,
+                    }) = out.last_mut()
+                    {
+                        if ours
+                            && xdisk_io::same_storage(storage, &self.file)
+                            && *offset + *len == h
+                        {
                             *len += n as u64;
                             pos += n as u64;
                             continue;
                         }
                     }
                     out.push(Extent::Data {
-                        file: self.file.clone(),
+                        storage: self.file.clone(),
                         offset: h,
                         len: n as u64,
                     });

@@ -26,7 +26,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
-use xdisk_io::ImageFile;
+use xdisk_io::StorageRef;
 
 use super::cache::Cache;
 use super::format::{self, Header, L2Entry};
@@ -50,7 +50,7 @@ pub(crate) fn corrupt(msg: impl Into<String>) -> Error {
 
 #[derive(Debug)]
 pub(crate) struct Meta {
-    pub file: Arc<ImageFile>,
+    pub file: StorageRef,
     pub hdr: Header,
     pub cb: u32,
     pub cs: u64,
@@ -109,7 +109,7 @@ impl Meta {
     }
 
     pub fn ctx(&self, what: &str) -> String {
-        format!("{what} {}", self.file.path().display())
+        format!("{what} {}", self.file.name())
     }
 
     /// Writes metadata (any alignment: ImageFile bounces for O_DIRECT).

@@ -35,7 +35,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use xdisk_io::ImageFile;
+use xdisk_io::{Storage, StorageRef};
 
 use self::cache::Cache;
 use self::format::{CompressionType, Header, Snapshot};
@@ -104,7 +104,7 @@ pub type OpenBacking<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Optio
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2Image {
-    file: Arc<ImageFile>,
+    file: StorageRef,
     backing: Option<Arc<Image>>,
     read_only: bool,
     version: u32,
@@ -132,13 +132,13 @@ impl Qcow2Image {
     /// (name as written, backing format if the extension is present); `None` leaves the
     /// chain closed (unallocated clusters read as zeroes).
     pub fn open(
-        file: Arc<ImageFile>,
+        file: StorageRef,
         opts: &OpenOptions,
         read_only: bool,
         open_backing: Option<OpenBacking<'_>>,
     ) -> Result<Qcow2Image> {
-        let ctx = |what: &str| format!("{what} {}", file.path().display());
-        let file_len = file.len().map_err(|e| Error::io(ctx("cannot size"), e))?;
+        let ctx = |what: &str| format!("{what} {}", file.name());
+        let file_len = file.size().map_err(|e| Error::io(ctx("cannot size"), e))?;
         // "Header": the first cluster holds the header, its extensions and the backing name.
         let mut probe = [0u8; 24];
         file.read_at(&mut probe, 0)
@@ -164,7 +164,7 @@ impl Qcow2Image {
             ));
         }
         let snapshots = if hdr.nb_snapshots > 0 {
-            let buf = read_snapshot_table(&file, &hdr, file_len)?;
+            let buf = read_snapshot_table(&*file, &hdr, file_len)?;
             format::parse_snapshots(&buf, hdr.nb_snapshots, hdr.cluster_bits, file_len)?
         } else {
             Vec::new()
@@ -192,7 +192,7 @@ impl Qcow2Image {
                     "image is dirty; run xdisk img check -r all".into(),
                 ));
             }
-            refcount::rebuild_refcounts(&file, &mut hdr, &snapshots, opts.repair_memory_limit)?;
+            refcount::rebuild_refcounts(&*file, &mut hdr, &snapshots, opts.repair_memory_limit)?;
         }
         if !read_only && hdr.version >= 3 && hdr.autoclear_features != 0 {
             // "An implementation may only write to an image with unknown auto-clear features
@@ -204,7 +204,7 @@ impl Qcow2Image {
             file.flush()
                 .map_err(|e| Error::io(ctx("cannot flush"), e))?;
         }
-        let file_len = file.len().map_err(|e| Error::io(ctx("cannot size"), e))?;
+        let file_len = file.size().map_err(|e| Error::io(ctx("cannot size"), e))?;
         let read_table = |off: u64, bytes: u64, what: &str| -> Result<Vec<u64>> {
             let mut buf = vec![0u8; bytes as usize];
             if bytes > 0 {
@@ -253,7 +253,7 @@ impl Qcow2Image {
         let mut fixed = Vec::with_capacity(snapshots.len() + 1);
         let range = |off: u64, bytes: u64| (off >> cb, (off >> cb) + bytes.div_ceil(cs));
         if hdr.nb_snapshots > 0 {
-            let len = refcount::snapshot_table_len(&file, &hdr, file_len)?;
+            let len = refcount::snapshot_table_len(&*file, &hdr, file_len)?;
             fixed.push(range(hdr.snapshots_offset, len));
         }
         for s in &snapshots {
@@ -308,7 +308,7 @@ impl Qcow2Image {
         })
     }
 
-    pub fn file(&self) -> &Arc<ImageFile> {
+    pub fn storage(&self) -> &StorageRef {
         &self.file
     }
     pub fn backing(&self) -> Option<&Arc<Image>> {
@@ -373,7 +373,7 @@ impl Qcow2Image {
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            tracing::warn!(path = %self.file.path().display(), "closing qcow2 image: {e}");
+            tracing::warn!(path = %self.file.name(), "closing qcow2 image: {e}");
         }
     }
 }
@@ -396,7 +396,7 @@ fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 /// Reads the snapshot table (qcow2.txt, "Snapshots"): entries have variable length, so the
 /// read grows until `nb_snapshots` entries fit, bounded by the file and a hard limit.
 pub(crate) fn read_snapshot_table(
-    file: &ImageFile,
+    file: &dyn Storage,
     hdr: &Header,
     file_len: u64,
 ) -> Result<Vec<u8>> {
@@ -407,10 +407,7 @@ pub(crate) fn read_snapshot_table(
         let mut buf = vec![0u8; want as usize];
         file.read_at(&mut buf, off).map_err(|e| {
             Error::io(
-                format!(
-                    "cannot read the snapshot table of {}",
-                    file.path().display()
-                ),
+                format!("cannot read the snapshot table of {}", file.name()),
                 e,
             )
         })?;

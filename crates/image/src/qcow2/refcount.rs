@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use xdisk_io::ImageFile;
+use xdisk_io::{Allocation, Storage};
 
 use super::format::{
     self, incompat, Header, L2Entry, Snapshot, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_COPIED,
@@ -457,7 +457,7 @@ impl Meta {
             }
             let off = freed[i] << self.cb;
             let len = (j - i) as u64 * self.cs;
-            if let Err(e) = self.file.punch_hole(off, len) {
+            if let Err(e) = self.file.discard(off, len) {
                 tracing::debug!("punch_hole({off:#x}, {len}) failed: {e}");
             }
             i = j;
@@ -538,7 +538,7 @@ const L1_CHUNK_BYTES: u64 = 64 << 10;
 /// Calls `f` with every entry of the table of `entries` 8-byte entries at `off`, reading it
 /// a chunk at a time.
 fn for_each_entry(
-    file: &ImageFile,
+    file: &dyn Storage,
     off: u64,
     entries: u64,
     mut f: impl FnMut(u64) -> Result<()>,
@@ -548,12 +548,8 @@ fn for_each_entry(
     while done < entries {
         let n = (entries - done).min(L1_CHUNK_BYTES / 8);
         buf.resize((n * 8) as usize, 0);
-        file.read_at(&mut buf, off + done * 8).map_err(|e| {
-            Error::io(
-                format!("cannot read a table from {}", file.path().display()),
-                e,
-            )
-        })?;
+        file.read_at(&mut buf, off + done * 8)
+            .map_err(|e| Error::io(format!("cannot read a table from {}", file.name()), e))?;
         for raw in decode_table(&buf) {
             f(raw)?;
         }
@@ -563,8 +559,8 @@ fn for_each_entry(
 }
 
 /// Whether `[off, off + len)` is a hole of the file (reads as zeroes without being read).
-fn is_hole(file: &ImageFile, off: u64, len: u64) -> bool {
-    file.seek_hole(off) == Some(off) && file.seek_data(off).is_none_or(|d| d >= off + len)
+fn is_hole(file: &dyn Storage, off: u64, len: u64) -> bool {
+    matches!(file.allocation(off, len), Allocation::Hole { len: l } if l >= len)
 }
 
 fn mib(bytes: u64) -> u64 {
@@ -589,16 +585,16 @@ fn mib(bytes: u64) -> u64 {
 /// other; each distinct L2 table is read once (its references count once per L1 entry
 /// naming it), and L2 tables in holes of the file are not read at all.
 pub(crate) fn rebuild_refcounts(
-    file: &ImageFile,
+    file: &dyn Storage,
     hdr: &mut Header,
     snapshots: &[Snapshot],
     memory_limit: u64,
 ) -> Result<()> {
     let io = |what: &str| {
-        let what = format!("{what} {}", file.path().display());
+        let what = format!("{what} {}", file.name());
         move |e| Error::io(what, e)
     };
-    let file_len = file.len().map_err(io("cannot size"))?;
+    let file_len = file.size().map_err(io("cannot size"))?;
     let cb = hdr.cluster_bits;
     let cs = hdr.cluster_size();
     let nb = file_len.div_ceil(cs);
@@ -606,7 +602,7 @@ pub(crate) fn rebuild_refcounts(
         Error::Unsupported(format!(
             "the refcount rebuild of dirty image {} needs {} MiB, over the limit of {} MiB; \
              the image was left as it is; repair it with qemu-img check -r all",
-            file.path().display(),
+            file.name(),
             mib(need),
             mib(memory_limit)
         ))
@@ -832,14 +828,14 @@ pub(crate) fn rebuild_refcounts(
         .map_err(io("cannot write the header of"))?;
     file.flush().map_err(io("cannot flush"))?;
     tracing::info!(
-        path = %file.path().display(),
+        path = %file.name(),
         "rebuilt the refcounts of a dirty qcow2 image"
     );
     Ok(())
 }
 
 /// Reads the snapshot table just far enough to know its length in bytes.
-pub(crate) fn snapshot_table_len(file: &ImageFile, hdr: &Header, file_len: u64) -> Result<u64> {
+pub(crate) fn snapshot_table_len(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<u64> {
     let buf = super::read_snapshot_table(file, hdr, file_len)?;
     format::snapshot_table_len(&buf, hdr.nb_snapshots)
         .map(|n| n as u64)

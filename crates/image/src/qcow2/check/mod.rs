@@ -38,7 +38,7 @@ mod walk;
 
 use std::collections::{BTreeMap, HashMap};
 
-use xdisk_io::ImageFile;
+use xdisk_io::Storage;
 
 use super::format::{incompat, Header, L2E_ZERO};
 use crate::{Error, Result};
@@ -53,7 +53,7 @@ pub use report::{CheckReport, Repair};
 /// cannot be parsed, an unsupported feature) or when a repair write fails; otherwise the
 /// report. After a repair the image is checked again and the report describes what remains
 /// (with the `*_fixed` counters saying what was repaired), like qemu-img.
-pub fn check(file: &ImageFile, repair: Repair) -> Result<CheckReport> {
+pub fn check(file: &dyn Storage, repair: Repair) -> Result<CheckReport> {
     if repair != Repair::None && file.read_only() {
         return Err(Error::ReadOnly);
     }
@@ -79,7 +79,7 @@ pub fn check(file: &ImageFile, repair: Repair) -> Result<CheckReport> {
 }
 
 /// Clears the dirty and corrupt bits ("Header", incompatible bits 0 and 1) of a v3 image.
-fn mark_clean(file: &ImageFile, report: &mut CheckReport) -> Result<()> {
+fn mark_clean(file: &dyn Storage, report: &mut CheckReport) -> Result<()> {
     let mut b = [0u8; 80];
     file.read_at(&mut b, 0)
         .map_err(|e| Error::io("cannot read the header", e))?;
@@ -102,7 +102,7 @@ fn mark_clean(file: &ImageFile, report: &mut CheckReport) -> Result<()> {
 
 /// One check, with repairs of the given kind; counters describe the state found, minus what
 /// was repaired.
-fn check_pass(file: &ImageFile, repair: Repair) -> Result<CheckReport> {
+fn check_pass(file: &dyn Storage, repair: Repair) -> Result<CheckReport> {
     let mut c = Checker::analyze(file, repair)?;
     if c.incomplete() {
         if repair != Repair::None {
@@ -180,7 +180,7 @@ fn be64_at(b: &[u8], i: usize) -> u64 {
 }
 
 struct Checker<'a> {
-    file: &'a ImageFile,
+    file: &'a dyn Storage,
     h: Header,
     cs: u64,
     cb: u32,
@@ -216,9 +216,9 @@ struct Checker<'a> {
 }
 
 impl<'a> Checker<'a> {
-    fn analyze(file: &'a ImageFile, repair: Repair) -> Result<Checker<'a>> {
+    fn analyze(file: &'a dyn Storage, repair: Repair) -> Result<Checker<'a>> {
         let file_len = file
-            .len()
+            .size()
             .map_err(|e| Error::io("cannot get the size of the image", e))?;
         let head_len = file_len.min(1 << 21) as usize;
         let mut head = vec![0u8; head_len];
@@ -251,7 +251,7 @@ impl<'a> Checker<'a> {
             suppressed: 0,
             report: CheckReport {
                 total_clusters: h.size.div_ceil(cs),
-                filename: file.path().display().to_string(),
+                filename: file.name().into_owned(),
                 ..Default::default()
             },
             h,

@@ -179,7 +179,7 @@ impl Checker<'_> {
         // Release the space of the old structures (their refcount is 0 now).
         for &c in &old {
             if c < n && self.refs.get(c) == 0 {
-                let _ = self.file.punch_hole(c * cs, cs);
+                let _ = self.file.discard(c * cs, cs);
             }
         }
         // From now on on-disk lookups use the new structure.

@@ -1,6 +1,8 @@
 //! The structure walks: the header cluster, the snapshot table, every L1 table and each
 //! distinct L2 table they reach, counting references and collecting entry repairs.
 
+use xdisk_io::Allocation;
+
 use super::{be64_at, Checker};
 use crate::qcow2::format::{
     parse_snapshots, Snapshot, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_COMPRESSED, L2E_COPIED,
@@ -184,12 +186,11 @@ impl Checker<'_> {
             let mut pos = start;
             while pos < end {
                 // Skip holes of sparse files (they read as zeroes: unallocated entries).
-                if let Some(d) = self.file.seek_data(pos) {
-                    if d > pos {
-                        pos = (d & !7).max(pos).min(end);
-                        if pos >= end {
-                            break;
-                        }
+                if let Allocation::Hole { len } = self.file.allocation(pos, end - pos) {
+                    let d = pos.saturating_add(len);
+                    pos = (d & !7).max(pos).min(end);
+                    if pos >= end {
+                        break;
                     }
                 }
                 let n = (end - pos).min(1 << 20);
