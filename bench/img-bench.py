@@ -3,7 +3,10 @@
 
 Same workload, same file, alternating order per round; prints medians and ratios.
 
-  bench/img-bench.py [--size 1G] [--rounds 3] [--dir /var/tmp] [--quick]
+  bench/img-bench.py [--size 1G] [--rounds 3] [--dir /var/tmp] [--quick] [--baseline BIN]
+
+--baseline runs a second xdisk binary (say, built from the commit before a change) in the
+same alternating rounds and prints new/base ratios: how a refactoring shows it lost no speed.
 
 Workloads: 4k random read QD32, 4k random write QD32, 1M sequential read QD8 and 1M
 sequential write QD8. "Random" for the two bench tools (qemu-img bench has no random mode) is
@@ -29,14 +32,14 @@ STRIDE_4K = 4096 * 7919  # a prime number of 4k blocks: scatters like random I/O
 
 
 
-def bench_tool(tool, path, fmt, wl, count):
-    """Runs qemu-img bench or xdisk img bench; returns IOPS."""
+def bench_tool(tool, path, fmt, wl, count, binary=None):
+    """Runs qemu-img bench or xdisk img bench (`binary`: another xdisk); returns IOPS."""
     bs, depth, write, step = wl["bs"], wl["depth"], wl["write"], wl["step"]
     args = ["bench", "-f", fmt, "-t", "none", "-i", "io_uring", "-c", str(count),
             "-d", str(depth), "-s", str(bs), "-S", str(step)]
     if write:
         args += ["-w", "--pattern", "0x5a"]
-    cmd = ["qemu-img"] + args + [path] if tool == "qemu-img" else [XDISK, "img"] + args + [path]
+    cmd = ["qemu-img"] + args + [path] if tool == "qemu-img" else [binary or XDISK, "img"] + args + [path]
     out = sh(cmd)
     m = re.search(r"Run completed in ([0-9.]+) seconds", out)
     if not m:
@@ -71,6 +74,8 @@ def main():
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--quick", action="store_true", help="small counts (smoke run)")
     ap.add_argument("--json", help="also write results to this file")
+    ap.add_argument("--baseline", metavar="BIN",
+                    help="another xdisk binary (e.g. built from the previous commit) run in the same rounds")
     a = ap.parse_args()
     for t in ("fio", "qemu-img"):
         if not shutil.which(t):
@@ -89,6 +94,11 @@ def main():
             ("xdisk qcow2", lambda wl, c: bench_tool("xdisk", qcow, "qcow2", wl, c)),
             ("qemu-img qcow2", lambda wl, c: bench_tool("qemu-img", qcow, "qcow2", wl, c)),
         ]
+        if a.baseline:
+            runs += [
+                ("base raw", lambda wl, c: bench_tool("xdisk", raw, "raw", wl, c, a.baseline)),
+                ("base qcow2", lambda wl, c: bench_tool("xdisk", qcow, "qcow2", wl, c, a.baseline)),
+            ]
         results = {}
         for wl in WORKLOADS:
             count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
@@ -107,6 +117,9 @@ def main():
             print(f"  ratio xdisk qcow2 / xdisk raw  = {med['xdisk qcow2'] / med['xdisk raw']:.2f}")
             print(f"  ratio xdisk raw / qemu-img raw = {med['xdisk raw'] / med['qemu-img raw']:.2f}")
             print(f"  ratio xdisk qcow2 / qemu-img qcow2 = {med['xdisk qcow2'] / med['qemu-img qcow2']:.2f}")
+            if a.baseline:
+                print(f"  ratio xdisk raw / base raw     = {med['xdisk raw'] / med['base raw']:.2f}")
+                print(f"  ratio xdisk qcow2 / base qcow2 = {med['xdisk qcow2'] / med['base qcow2']:.2f}")
             sys.stdout.flush()
         if a.json:
             with open(a.json, "w") as f:

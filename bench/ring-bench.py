@@ -6,6 +6,10 @@ Same workload, same parameters, same file, alternating order per round; prints m
 ratios.
 
   bench/ring-bench.py [--size 1G] [--rounds 5] [--dir /var/tmp] [--quick] [--json FILE]
+                      [--only NAME] [--baseline BIN]
+
+--baseline runs a second xdisk binary (say, built from the commit before a change) in the
+same alternating rounds and prints new/base ratios.
 
 Workloads: 4k random read QD32, 4k random write QD32, 1M sequential read QD8 and 1M
 sequential write QD8, each a fixed number of requests. Runs: fio (ioengine=io_uring,
@@ -50,8 +54,8 @@ def fio(path, wl, count):
     return side(json.loads(sh(cmd)), wl)
 
 
-def xdisk(path, fmt, wl, count):
-    cmd = [XDISK, "bench", "--name=xdisk", f"--format={fmt}"] + fio_args(path, wl, count)
+def xdisk(path, fmt, wl, count, binary=None):
+    cmd = [binary or XDISK, "bench", "--name=xdisk", f"--format={fmt}"] + fio_args(path, wl, count)
     return side(json.loads(sh(cmd)), wl)
 
 
@@ -72,6 +76,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small counts (smoke run)")
     ap.add_argument("--only", help="run only workloads whose name contains this")
     ap.add_argument("--json", help="also write results to this file")
+    ap.add_argument("--baseline", metavar="BIN",
+                    help="another xdisk binary (e.g. built from the previous commit) run in the same rounds")
     a = ap.parse_args()
     for t in ("fio", "qemu-img"):
         if not shutil.which(t):
@@ -88,6 +94,11 @@ def main():
             ("xdisk raw", lambda wl, c: xdisk(raw, "raw", wl, c)),
             ("xdisk qcow2", lambda wl, c: xdisk(qcow, "qcow2", wl, c)),
         ]
+        if a.baseline:
+            runs += [
+                ("base raw", lambda wl, c: xdisk(raw, "raw", wl, c, a.baseline)),
+                ("base qcow2", lambda wl, c: xdisk(qcow, "qcow2", wl, c, a.baseline)),
+            ]
         results = {}
         for wl in WORKLOADS:
             if a.only and a.only not in wl["name"]:
@@ -111,6 +122,9 @@ def main():
                 print(f"  {k:12s} {rate:9.0f} {m['p50'] / 1e3:8.0f}us {m['p99'] / 1e3:8.0f}us {m['cpu']:7.1f}")
             print(f"  ratio xdisk raw / fio         = {med['xdisk raw']['iops'] / med['fio raw']['iops']:.2f}")
             print(f"  ratio xdisk qcow2 / xdisk raw = {med['xdisk qcow2']['iops'] / med['xdisk raw']['iops']:.2f}")
+            if a.baseline:
+                print(f"  ratio xdisk raw / base raw     = {med['xdisk raw']['iops'] / med['base raw']['iops']:.2f}")
+                print(f"  ratio xdisk qcow2 / base qcow2 = {med['xdisk qcow2']['iops'] / med['base qcow2']['iops']:.2f}")
             sys.stdout.flush()
         if a.json:
             with open(a.json, "w") as f:
