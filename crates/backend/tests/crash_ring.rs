@@ -284,7 +284,7 @@ fn child(path: &Path, kind: Kind, setup: Setup, seed: u64) {
         },
     )
     .expect("child opens the image");
-    if let (true, Image::Qcow2(q)) = (small_caches, &*image) {
+    if let (true, Some(q)) = (small_caches, image.as_qcow2()) {
         q.set_cache_limits(2, 2);
     }
     let host = host();

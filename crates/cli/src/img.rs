@@ -9,9 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use xdisk_image::qcow2::check::{check, Repair};
-use xdisk_image::qcow2::create::{create, create_raw, CreateOptions, Preallocation};
-use xdisk_image::qcow2::format::CompressionType;
+use xdisk_image::{check, CompressionType, CreateOptions, Preallocation, Repair};
 use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 
 use crate::size::{human, parse_size};
@@ -236,7 +234,10 @@ pub fn open_in(
         backing_dirs: backing_dirs.to_vec(),
         ..OpenOptions::default()
     };
-    Image::open(path, &opts).with_context(|| format!("could not open '{}'", path.display()))
+    let name = path.to_string_lossy();
+    xdisk_image::DiskSource::parse(&name, opts.format)
+        .and_then(|src| src.open(&opts))
+        .with_context(|| format!("could not open '{}'", path.display()))
 }
 
 fn parse_on_off(key: &str, v: &str) -> Result<bool> {
@@ -353,15 +354,7 @@ fn cmd_create(a: CreateArgs) -> Result<i32> {
         }
         println!("{line}");
     }
-    match format {
-        Format::Raw => {
-            if opts.backing_file.is_some() {
-                bail!("raw images cannot have a backing file");
-            }
-            create_raw(&a.file, opts.size, opts.preallocation)?
-        }
-        Format::Qcow2 => create(&a.file, &opts)?,
-    }
+    xdisk_image::create(&a.file, format, &opts)?;
     Ok(0)
 }
 
@@ -375,46 +368,40 @@ fn info_json(path: &Path, img: &Image) -> Result<Value> {
     if let Some(n) = img.actual_size()? {
         v["actual-size"] = json!(n);
     }
-    if let Image::Qcow2(q) = img {
-        let h = q.header();
-        v["cluster-size"] = json!(h.cluster_size());
-        v["dirty-flag"] = json!(h.is_dirty());
-        let mut data = json!({
-            "compat": if h.version == 2 { "0.10" } else { "1.1" },
-            "refcount-bits": h.refcount_bits(),
-            "compression-type": h.compression_type.as_str(),
-        });
-        if h.version >= 3 {
-            data["lazy-refcounts"] = json!(h.lazy_refcounts());
-            data["corrupt"] =
-                json!(h.incompatible_features & xdisk_image::qcow2::format::incompat::CORRUPT != 0);
-            data["extended-l2"] = json!(false);
+    let info = img.info();
+    if let Some(cs) = info.cluster_size {
+        v["cluster-size"] = json!(cs);
+    }
+    v["dirty-flag"] = json!(info.dirty);
+    if !info.specific.is_empty() {
+        let mut data = serde_json::Map::new();
+        for (k, text) in &info.specific {
+            data.insert((*k).to_owned(), serde_json::from_str(text)?);
         }
-        v["format-specific"] = json!({"type": "qcow2", "data": data});
-        if let Some(b) = &h.backing_file {
-            v["backing-filename"] = json!(b);
-            v["full-backing-filename"] =
-                json!(xdisk_image::resolve_backing(path, b).display().to_string());
-        }
-        if let Some(f) = &h.backing_format {
-            v["backing-filename-format"] = json!(f);
-        }
-        let snaps = q.snapshots();
-        if !snaps.is_empty() {
-            v["snapshots"] = Value::Array(
-                snaps
-                    .iter()
-                    .map(|s| {
-                        json!({
-                            "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
-                            "date-sec": s.date_sec, "date-nsec": s.date_nsec,
-                            "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-                            "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                        })
+        v["format-specific"] = json!({"type": img.format().as_str(), "data": data});
+    }
+    if let Some(b) = &info.backing_file {
+        v["backing-filename"] = json!(b);
+        v["full-backing-filename"] =
+            json!(xdisk_image::resolve_backing(path, b).display().to_string());
+    }
+    if let Some(f) = &info.backing_format {
+        v["backing-filename-format"] = json!(f);
+    }
+    if !info.snapshots.is_empty() {
+        v["snapshots"] = Value::Array(
+            info.snapshots
+                .iter()
+                .map(|s| {
+                    json!({
+                        "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                        "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
                     })
-                    .collect(),
-            );
-        }
+                })
+                .collect(),
+        );
     }
     Ok(v)
 }
@@ -496,7 +483,8 @@ fn cmd_info(a: InfoArgs) -> Result<i32> {
     // The chain is opened as far as it may be: a backing file that is refused (or fails to
     // open) ends it, and is shown with the reason, so that an operator sees what the image
     // would open.
-    let (img, refusal) = Image::open_for_inspection(&a.file, &opts)
+    let (img, refusal) = xdisk_image::DiskSource::parse(&a.file.to_string_lossy(), opts.format)
+        .and_then(|src| src.open_for_inspection(&opts))
         .with_context(|| format!("could not open '{}'", a.file.display()))?;
     let mut infos = vec![info_json(&a.file, &img)?];
     if a.backing_chain {
@@ -534,18 +522,19 @@ fn cmd_check(a: CheckArgs) -> Result<i32> {
         Some("all") => Repair::All,
         Some(r) => bail!("invalid repair mode '{r}' (leaks or all)"),
     };
-    let file = xdisk_image::ImageFile::open(&a.file, repair == Repair::None, CacheMode::WriteBack)
+    let file = xdisk_image::DiskSource::parse(&a.file.to_string_lossy(), None)
+        .and_then(|src| src.open_storage(repair == Repair::None, CacheMode::WriteBack))
         .with_context(|| format!("could not open '{}'", a.file.display()))?;
     let format = match parse_format(a.format.as_deref())? {
         Some(f) => f,
-        None => xdisk_image::probe_format(&file)?,
+        None => xdisk_image::probe_format(&*file)?,
     };
-    if format != Format::Qcow2 {
-        eprintln!("xdisk: This image format does not support checks");
-        return Ok(63);
-    }
-    let report = match check(&file, repair) {
+    let report = match check(&*file, format, repair) {
         Ok(r) => r,
+        Err(xdisk_image::Error::Unsupported(msg)) => {
+            eprintln!("xdisk: {msg}");
+            return Ok(63);
+        }
         Err(e) => {
             eprintln!("xdisk: Check failed: {e}");
             return Ok(1);
@@ -598,10 +587,7 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
     if copts.backing_file.is_some() {
         bail!("convert with a backing file for the output is not supported yet");
     }
-    match out_format {
-        Format::Raw => create_raw(&a.dst, size, copts.preallocation)?,
-        Format::Qcow2 => create(&a.dst, &copts)?,
-    }
+    xdisk_image::create(&a.dst, out_format, &copts)?;
     let dst = open(
         &a.dst,
         Some(out_format.as_str()),

@@ -787,16 +787,13 @@ impl Inner {
 /// falls back to `writeback`, with a warning.
 fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
     let open = |cache| {
-        Image::open(
-            &spec.path,
-            &OpenOptions {
-                format: spec.format,
-                read_only: spec.read_only,
-                cache,
-                backing_dirs: spec.backing_dirs.clone(),
-                ..OpenOptions::default()
-            },
-        )
+        xdisk_image::DiskSource::path(&spec.path, spec.format).open(&OpenOptions {
+            format: spec.format,
+            read_only: spec.read_only,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        })
     };
     if spec.format.is_none() {
         tracing::warn!(

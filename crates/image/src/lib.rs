@@ -14,9 +14,18 @@
 
 #![deny(unsafe_code)]
 
+pub mod create;
+pub mod driver;
 pub mod qcow2;
 pub mod queue;
 pub mod raw;
+pub mod source;
+
+pub use create::{create, CreateOptions, Preallocation};
+pub use driver::{FormatDriver, FormatInfo, SnapshotInfo};
+pub use qcow2::check::{CheckReport, Repair};
+pub use qcow2::format::CompressionType;
+pub use source::{DiskSource, Location};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -262,11 +271,11 @@ impl LayerStatus {
     }
 }
 
-/// An open image of any format.
+/// An open image of any format: one layer (its [`FormatDriver`]) over its storage, with its
+/// backing chain.
 #[derive(Debug)]
-pub enum Image {
-    Raw(raw::RawImage),
-    Qcow2(qcow2::Qcow2Image),
+pub struct Image {
+    driver: Box<dyn FormatDriver>,
 }
 
 /// Probes the format of a file from its first bytes.
@@ -386,7 +395,7 @@ impl Image {
             None => probe_format(&*file)?,
         };
         let image = match format {
-            Format::Raw => Image::Raw(raw::RawImage::open(file)?),
+            Format::Raw => Box::new(raw::RawImage::open(file)?) as Box<dyn FormatDriver>,
             Format::Qcow2 => {
                 let mut open_backing =
                     |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
@@ -434,7 +443,7 @@ impl Image {
                 } else {
                     None
                 };
-                Image::Qcow2(qcow2::Qcow2Image::open(
+                Box::new(qcow2::Qcow2Image::open(
                     file.clone(),
                     opts,
                     read_only,
@@ -442,30 +451,37 @@ impl Image {
                 )?)
             }
         };
-        Ok(Arc::new(image))
+        Ok(Arc::new(Image { driver: image }))
     }
 
+    /// The format of this layer.
     pub fn format(&self) -> Format {
-        match self {
-            Image::Raw(_) => Format::Raw,
-            Image::Qcow2(_) => Format::Qcow2,
-        }
+        self.driver.format()
+    }
+
+    /// The format driver of this layer.
+    pub fn driver(&self) -> &dyn FormatDriver {
+        &*self.driver
+    }
+
+    /// The qcow2 layer, for qcow2's own tools and tests (`None` for other formats).
+    pub fn as_qcow2(&self) -> Option<&qcow2::Qcow2Image> {
+        self.driver.as_any().downcast_ref()
+    }
+
+    /// What `img info` shows of this layer's format.
+    pub fn info(&self) -> FormatInfo {
+        self.driver.info()
     }
 
     /// The storage of this layer.
     pub fn storage(&self) -> &StorageRef {
-        match self {
-            Image::Raw(r) => r.storage(),
-            Image::Qcow2(q) => q.storage(),
-        }
+        self.driver.storage()
     }
 
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
-        match self {
-            Image::Raw(r) => r.size(),
-            Image::Qcow2(q) => q.size(),
-        }
+        self.driver.size()
     }
 
     pub fn read_only(&self) -> bool {
@@ -474,10 +490,7 @@ impl Image {
 
     /// The backing image, if any.
     pub fn backing(&self) -> Option<&Arc<Image>> {
-        match self {
-            Image::Raw(_) => None,
-            Image::Qcow2(q) => q.backing(),
-        }
+        self.driver.backing()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -506,19 +519,13 @@ impl Image {
     /// Blocking read of `buf.len()` bytes at `offset` (the slow path; thread-safe).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        match self {
-            Image::Raw(r) => r.read_at(buf, offset),
-            Image::Qcow2(q) => q.read_at(buf, offset),
-        }
+        self.driver.read_at(buf, offset)
     }
 
     /// Blocking write (the slow path; thread-safe).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
-        match self {
-            Image::Raw(r) => r.write_at(buf, offset),
-            Image::Qcow2(q) => q.write_at(buf, offset),
-        }
+        self.driver.write_at(buf, offset)
     }
 
     /// Writes guest cluster `cluster` whole and compressed (qcow2 only; see
@@ -526,20 +533,12 @@ impl Image {
     /// compressed (it is written uncompressed when that is not smaller or the cluster is
     /// already allocated).
     pub fn write_compressed_cluster(&self, cluster: u64, data: &[u8]) -> Result<bool> {
-        match self {
-            Image::Raw(_) => Err(Error::Unsupported(
-                "compressed writes need a qcow2 image (raw images cannot be compressed)".into(),
-            )),
-            Image::Qcow2(q) => q.write_compressed_cluster(cluster, data),
-        }
+        self.driver.write_compressed_cluster(cluster, data)
     }
 
     /// The cluster size of a qcow2 image (`None` for raw images).
     pub fn cluster_size(&self) -> Option<u64> {
-        match self {
-            Image::Raw(_) => None,
-            Image::Qcow2(q) => Some(q.cluster_size()),
-        }
+        self.driver.cluster_size()
     }
 
     /// Makes the file show every completed write to another reader (qemu-img, a backup, the
@@ -547,20 +546,14 @@ impl Image {
     /// crash-safe order needs). Unlike [`Image::flush`], no sync when there is nothing to
     /// write (raw: never), so it stays cheap on a busy disk.
     pub fn write_back_metadata(&self) -> Result<()> {
-        match self {
-            Image::Raw(_) => Ok(()),
-            Image::Qcow2(q) => q.write_back_metadata(),
-        }
+        self.driver.write_back_metadata()
     }
 
     /// The unit in which discards release space, as the guest should be told
     /// (`discard-granularity`): a qcow2 cluster (a smaller discard only zeroes), 4 KiB for
     /// raw images.
     pub fn discard_granularity(&self) -> u32 {
-        match self {
-            Image::Qcow2(q) => u32::try_from(q.cluster_size()).unwrap_or(65536),
-            Image::Raw(_) => 4096,
-        }
+        self.driver.discard_granularity()
     }
 
     /// Makes every completed write durable (metadata included).
@@ -568,10 +561,7 @@ impl Image {
         if self.read_only() {
             return Ok(());
         }
-        match self {
-            Image::Raw(r) => r.flush(),
-            Image::Qcow2(q) => q.flush(),
-        }
+        self.driver.flush()
     }
 
     /// Discards a range: afterwards it reads as zeroes (qcow2 v3, raw on filesystems that
@@ -579,28 +569,19 @@ impl Image {
     /// Host space is released where the format allows.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
-        match self {
-            Image::Raw(r) => r.discard(offset, len),
-            Image::Qcow2(q) => q.discard(offset, len),
-        }
+        self.driver.discard(offset, len)
     }
 
     /// Makes a range read as zeroes; `unmap` allows releasing host space.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_write(offset, len)?;
-        match self {
-            Image::Raw(r) => r.write_zeroes(offset, len, unmap),
-            Image::Qcow2(q) => q.write_zeroes(offset, len, unmap),
-        }
+        self.driver.write_zeroes(offset, len, unmap)
     }
 
     /// Status of this layer only, for the first run starting at `offset` (at most `len`).
     pub fn layer_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
         self.check_range(offset, len)?;
-        match self {
-            Image::Raw(r) => r.layer_status(offset, len),
-            Image::Qcow2(q) => q.layer_status(offset, len),
-        }
+        self.driver.layer_status(offset, len)
     }
 
     /// Allocation status through the backing chain, for the first run starting at `offset`.
@@ -649,10 +630,7 @@ impl Image {
         if self.read_only() {
             return Err(Error::ReadOnly);
         }
-        match self {
-            Image::Raw(r) => r.resize(new_size),
-            Image::Qcow2(q) => q.resize(new_size),
-        }
+        self.driver.resize(new_size)
     }
 
     /// Fast-path mapping: resolves `[offset, offset+len)` into extents without waiting on
@@ -670,19 +648,13 @@ impl Image {
         } else {
             self.check_range(offset, len)?;
         }
-        match self {
-            Image::Raw(r) => r.map(offset, len, out),
-            Image::Qcow2(q) => q.map(offset, len, write, out),
-        }
+        self.driver.map(offset, len, write, out)
     }
 
     /// Flushes and releases what the format keeps open (clears qcow2's dirty state). Also run
     /// on drop, where errors can only be logged.
     pub fn close(&self) -> Result<()> {
-        match self {
-            Image::Raw(_) => Ok(()),
-            Image::Qcow2(q) => q.close(),
-        }
+        self.driver.close()
     }
 
     /// Bytes used on the host by this layer's storage (`None`: the storage cannot tell).
@@ -690,6 +662,17 @@ impl Image {
         self.storage()
             .allocated_bytes()
             .map_err(|e| Error::io("cannot stat image", e))
+    }
+}
+
+/// Checks (and with `repair`, repairs) the image of `format` on `storage` (qemu-img check).
+/// Formats without metadata to check answer [`Error::Unsupported`] (qemu-img's exit 63).
+pub fn check(storage: &dyn Storage, format: Format, repair: Repair) -> Result<CheckReport> {
+    match format {
+        Format::Qcow2 => qcow2::check::check(storage, repair),
+        Format::Raw => Err(Error::Unsupported(
+            "This image format does not support checks".into(),
+        )),
     }
 }
 

@@ -3,7 +3,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xdisk_io::{Allocation, StorageRef};
+use std::path::Path;
+
+use xdisk_io::{Allocation, CacheMode, ImageFile, Storage, StorageRef};
+
+use crate::create::Preallocation;
 
 use crate::{Error, Extent, InFlight, LayerStatus, Mapping, Result};
 
@@ -114,5 +118,85 @@ impl RawImage {
             len,
         });
         Ok(Mapping::Mapped(InFlight::untracked()))
+    }
+}
+
+/// Creates (or truncates) `path` as a raw image of `size` bytes (rounded up to 512 like
+/// qemu-img). `Off` leaves it sparse; `Falloc` allocates it; `Full` writes zeroes.
+pub fn create(path: &Path, size: u64, preallocation: Preallocation) -> Result<()> {
+    if preallocation == Preallocation::Metadata {
+        return Err(Error::InvalidArgument(
+            "Unsupported preallocation mode: metadata".into(),
+        ));
+    }
+    let size = crate::create::round_size(size)?;
+    let existed = path.symlink_metadata().is_ok();
+    let file = ImageFile::create(path, CacheMode::WriteBack).map_err(Error::Engine)?;
+    let res = (|| -> Result<()> {
+        match preallocation {
+            Preallocation::Off | Preallocation::Metadata => {
+                file.set_size(size).map_err(io_ctx("setting the size"))?
+            }
+            Preallocation::Falloc => {
+                if size > 0 {
+                    file.preallocate(0, size)
+                        .map_err(io_ctx("allocating the file (fallocate)"))?;
+                }
+            }
+            Preallocation::Full => {
+                file.write_zeroes_by_writing(0, size)
+                    .map_err(io_ctx("writing zeroes"))?;
+                file.set_size(size).map_err(io_ctx("setting the size"))?;
+            }
+        }
+        file.flush().map_err(io_ctx("flushing"))
+    })();
+    if res.is_err() && !existed {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+    }
+    res
+}
+
+fn io_ctx(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::io(format!("cannot create image: {what}"), e)
+}
+
+impl crate::FormatDriver for RawImage {
+    fn format(&self) -> crate::Format {
+        crate::Format::Raw
+    }
+    fn storage(&self) -> &StorageRef {
+        RawImage::storage(self)
+    }
+    fn size(&self) -> u64 {
+        RawImage::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        RawImage::read_at(self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        RawImage::write_at(self, buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        RawImage::flush(self)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        RawImage::discard(self, offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        RawImage::write_zeroes(self, offset, len, unmap)
+    }
+    fn layer_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        RawImage::layer_status(self, offset, len)
+    }
+    fn map(&self, offset: u64, len: u64, _write: bool, out: &mut Vec<Extent>) -> Result<Mapping> {
+        RawImage::map(self, offset, len, out)
+    }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        RawImage::resize(self, new_size)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

@@ -108,10 +108,7 @@ fn clean_image_with_4096_snapshots_of_512_byte_clusters_opens_quickly() {
     let start = Instant::now();
     let img = Image::open(&p, &opts(true)).unwrap();
     let took = start.elapsed();
-    match &*img {
-        Image::Qcow2(q) => assert_eq!(q.snapshots().len(), 4096),
-        _ => panic!("not qcow2"),
-    }
+    assert_eq!(img.as_qcow2().expect("qcow2").snapshots().len(), 4096);
     // Before: 4.5 s (every snapshot L1 cluster inserted into a hash set); after: ~0.05 s.
     assert!(took < Duration::from_secs(2), "open took {took:?}");
 }

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 use xdisk_image::qcow2::check::{check, CheckReport, Repair};
-use xdisk_image::qcow2::create::{
-    create, create_raw, CompressionType, CreateOptions, Preallocation,
-};
+use xdisk_image::qcow2::create::create;
 use xdisk_image::qcow2::format::{refcount_get, refcount_set, Header};
+use xdisk_image::raw::create as create_raw;
 use xdisk_image::{CacheMode, Error, ImageFile};
+use xdisk_image::{CompressionType, CreateOptions, Preallocation};
 
 fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(cmd)

@@ -109,10 +109,7 @@ fn open(img: &Path, cache: CacheMode, read_only: bool) -> Arc<Image> {
 }
 
 fn qcow2(img: &Image) -> &xdisk_image::qcow2::Qcow2Image {
-    match img {
-        Image::Qcow2(q) => q,
-        _ => panic!("not qcow2"),
-    }
+    img.as_qcow2().expect("a qcow2 image")
 }
 
 /// Reads the whole image through xdisk, in unevenly sized pieces.

@@ -1,4 +1,5 @@
-//! Creating qcow2 (and raw) images, the way `qemu-img create` lays them out.
+//! Creating qcow2 images, the way `qemu-img create` lays them out (the entry point for
+//! every format is [`crate::create::create`]).
 //!
 //! Layout of a new qcow2 image (QEMU's `docs/interop/qcow2.txt`, sections "Header",
 //! "Host cluster management" and "Cluster mapping"):
@@ -24,56 +25,9 @@ use super::format::{
     compat, incompat, refcount_set, Header, L2E_COPIED, MAX_BACKING_NAME, MAX_CLUSTER_BITS,
     MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS,
 };
+use crate::create::round_size;
+pub use crate::create::{CreateOptions, Preallocation};
 use crate::{Error, Format, Result};
-
-/// How much of the image to allocate up front (qemu-img's `preallocation=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Preallocation {
-    /// Only the metadata qemu-img always writes (header, refcounts, L1).
-    #[default]
-    Off,
-    /// All L2 tables and data clusters are allocated and refcounted; the file is extended
-    /// (sparsely) to cover them.
-    Metadata,
-    /// Like `Metadata`, and the data clusters are allocated on the host (fallocate).
-    Falloc,
-    /// Like `Metadata`, and the data clusters are written with zeroes.
-    Full,
-}
-
-impl Preallocation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Preallocation::Off => "off",
-            Preallocation::Metadata => "metadata",
-            Preallocation::Falloc => "falloc",
-            Preallocation::Full => "full",
-        }
-    }
-}
-
-impl FromStr for Preallocation {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "off" => Preallocation::Off,
-            "metadata" => Preallocation::Metadata,
-            "falloc" => Preallocation::Falloc,
-            "full" => Preallocation::Full,
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "Invalid parameter '{s}' (preallocation: off, metadata, falloc, full)"
-                )))
-            }
-        })
-    }
-}
-
-impl std::fmt::Display for Preallocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 impl FromStr for CompressionType {
     type Err = Error;
@@ -88,53 +42,8 @@ impl FromStr for CompressionType {
     }
 }
 
-/// Options of [`create`], named after qemu-img's `-o` options.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CreateOptions {
-    /// Virtual size in bytes; rounded up to a multiple of 512 like qemu-img does.
-    pub size: u64,
-    /// `cluster_size`: a power of two from 512 to 2 MiB.
-    pub cluster_size: u64,
-    /// 3 = `compat=1.1` (default), 2 = `compat=0.10`.
-    pub version: u32,
-    /// `refcount_bits`: a power of two from 1 to 64 (anything but 16 needs version 3).
-    pub refcount_bits: u32,
-    pub backing_file: Option<String>,
-    /// Format of the backing file (recorded in the backing format header extension).
-    pub backing_format: Option<String>,
-    pub preallocation: Preallocation,
-    pub compression_type: CompressionType,
-    pub lazy_refcounts: bool,
-}
-
-impl Default for CreateOptions {
-    fn default() -> Self {
-        CreateOptions {
-            size: 0,
-            cluster_size: 65536,
-            version: 3,
-            refcount_bits: 16,
-            backing_file: None,
-            backing_format: None,
-            preallocation: Preallocation::Off,
-            compression_type: CompressionType::Zlib,
-            lazy_refcounts: false,
-        }
-    }
-}
-
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
-}
-
-/// Rounds a size up to a multiple of 512 the way qemu-img does, refusing what it refuses.
-fn round_size(size: u64) -> Result<u64> {
-    if size > i64::MAX as u64 {
-        return Err(invalid(
-            "Invalid image size specified. Must be between 0 and 9223372036854775807.",
-        ));
-    }
-    Ok(size.div_ceil(512) * 512)
 }
 
 /// Where everything of a new image goes, in clusters.
@@ -426,41 +335,6 @@ fn write_image(file: &dyn Storage, opts: &CreateOptions, l: &Layout) -> Result<(
         .map_err(io_ctx("writing the header"))?;
     file.flush().map_err(io_ctx("flushing"))?;
     Ok(())
-}
-
-/// Creates (or truncates) `path` as a raw image of `size` bytes (rounded up to 512 like
-/// qemu-img). `Off` leaves it sparse; `Falloc` allocates it; `Full` writes zeroes.
-pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Result<()> {
-    if preallocation == Preallocation::Metadata {
-        return Err(invalid("Unsupported preallocation mode: metadata"));
-    }
-    let size = round_size(size)?;
-    let existed = path.symlink_metadata().is_ok();
-    let file = ImageFile::create(path, CacheMode::WriteBack).map_err(Error::Engine)?;
-    let res = (|| -> Result<()> {
-        match preallocation {
-            Preallocation::Off | Preallocation::Metadata => {
-                file.set_size(size).map_err(io_ctx("setting the size"))?
-            }
-            Preallocation::Falloc => {
-                if size > 0 {
-                    file.preallocate(0, size)
-                        .map_err(io_ctx("allocating the file (fallocate)"))?;
-                }
-            }
-            Preallocation::Full => {
-                file.write_zeroes_by_writing(0, size)
-                    .map_err(io_ctx("writing zeroes"))?;
-                file.set_size(size).map_err(io_ctx("setting the size"))?;
-            }
-        }
-        file.flush().map_err(io_ctx("flushing"))
-    })();
-    if res.is_err() && !existed {
-        drop(file);
-        let _ = std::fs::remove_file(path);
-    }
-    res
 }
 
 #[cfg(test)]

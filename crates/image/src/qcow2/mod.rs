@@ -417,3 +417,108 @@ pub(crate) fn read_snapshot_table(
         want = (want * 4).min(avail);
     }
 }
+
+impl crate::FormatDriver for Qcow2Image {
+    fn format(&self) -> crate::Format {
+        crate::Format::Qcow2
+    }
+    fn storage(&self) -> &StorageRef {
+        Qcow2Image::storage(self)
+    }
+    fn size(&self) -> u64 {
+        Qcow2Image::size(self)
+    }
+    fn backing(&self) -> Option<&Arc<Image>> {
+        Qcow2Image::backing(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Qcow2Image::read_at(self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Qcow2Image::write_at(self, buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        Qcow2Image::flush(self)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        Qcow2Image::discard(self, offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        Qcow2Image::write_zeroes(self, offset, len, unmap)
+    }
+    fn layer_status(&self, offset: u64, len: u64) -> Result<crate::LayerStatus> {
+        Qcow2Image::layer_status(self, offset, len)
+    }
+    fn map(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<crate::Extent>,
+    ) -> Result<crate::Mapping> {
+        Qcow2Image::map(self, offset, len, write, out)
+    }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        Qcow2Image::resize(self, new_size)
+    }
+    fn write_back_metadata(&self) -> Result<()> {
+        Qcow2Image::write_back_metadata(self)
+    }
+    fn close(&self) -> Result<()> {
+        Qcow2Image::close(self)
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.cs)
+    }
+    fn discard_granularity(&self) -> u32 {
+        // A discard smaller than a cluster only zeroes: tell the guest the cluster.
+        u32::try_from(self.cs).unwrap_or(65536)
+    }
+    fn write_compressed_cluster(&self, cluster: u64, data: &[u8]) -> Result<bool> {
+        Qcow2Image::write_compressed_cluster(self, cluster, data)
+    }
+    fn info(&self) -> crate::FormatInfo {
+        let h = self.header();
+        let mut specific = vec![
+            (
+                "compat",
+                format!("\"{}\"", if h.version == 2 { "0.10" } else { "1.1" }),
+            ),
+            ("refcount-bits", h.refcount_bits().to_string()),
+            (
+                "compression-type",
+                format!("\"{}\"", h.compression_type.as_str()),
+            ),
+        ];
+        if h.version >= 3 {
+            specific.push(("lazy-refcounts", h.lazy_refcounts().to_string()));
+            specific.push((
+                "corrupt",
+                (h.incompatible_features & format::incompat::CORRUPT != 0).to_string(),
+            ));
+            specific.push(("extended-l2", "false".into()));
+        }
+        crate::FormatInfo {
+            cluster_size: Some(h.cluster_size()),
+            dirty: h.is_dirty(),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            specific,
+            snapshots: self
+                .snapshots()
+                .iter()
+                .map(|s| crate::SnapshotInfo {
+                    id: s.id.clone(),
+                    name: s.name.clone(),
+                    vm_state_size: s.vm_state_size,
+                    date_sec: s.date_sec.into(),
+                    date_nsec: s.date_nsec.into(),
+                    vm_clock_nsec: s.vm_clock_nsec,
+                })
+                .collect(),
+        }
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
