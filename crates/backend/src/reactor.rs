@@ -29,6 +29,7 @@ use xdisk_blkif::wire::{
 use xdisk_blkif::{BackRing, RingError};
 use xdisk_image::queue::{Done, ImageQueue, Request as IoRequest, RequestKind as IoKind};
 use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
+use xdisk_io::Slab;
 use xdisk_xen::platform::{DomId, EventChannel, MappedRegion};
 
 use crate::datapath::GuestData;
@@ -138,8 +139,7 @@ pub(crate) struct Reactor<D: GuestData> {
     sectors: Arc<AtomicU64>,
     feat: Features,
     stop: Arc<Stop>,
-    slab: Vec<Option<Pending>>,
-    free: Vec<usize>,
+    slab: Slab<Pending>,
     responses: Vec<Response>,
     done: Vec<Done<D::Buf>>,
     next_seq: u64,
@@ -183,8 +183,7 @@ impl<D: GuestData> Reactor<D> {
             sectors: parts.sectors,
             feat: parts.features,
             stop: parts.stop,
-            slab: Vec::new(),
-            free: Vec::new(),
+            slab: Slab::new(),
             responses: Vec::new(),
             done: Vec::new(),
             next_seq: 1,
@@ -430,16 +429,8 @@ impl<D: GuestData> Reactor<D> {
     }
 
     fn alloc(&mut self, p: Pending) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.slab[i] = Some(p);
-                i
-            }
-            None => {
-                self.slab.push(Some(p));
-                self.slab.len() - 1
-            }
-        }
+        // A growable slab: insert cannot fail.
+        self.slab.insert(p).unwrap_or(usize::MAX)
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -449,19 +440,18 @@ impl<D: GuestData> Reactor<D> {
     }
 
     fn entry(&self, idx: usize) -> Option<&Pending> {
-        self.slab.get(idx).and_then(Option::as_ref)
+        self.slab.get(idx)
     }
 
     fn entry_mut(&mut self, idx: usize) -> Option<&mut Pending> {
-        self.slab.get_mut(idx).and_then(Option::as_mut)
+        self.slab.get_mut(idx)
     }
 
     /// Answers entry `idx` and frees it.
     fn finish_entry(&mut self, idx: usize, status: Status) {
-        let Some(p) = self.slab.get_mut(idx).and_then(Option::take) else {
+        let Some(p) = self.slab.remove(idx) else {
             return;
         };
-        self.free.push(idx);
         if self.barrier == Some(idx) {
             self.barrier = None;
         }
@@ -517,7 +507,7 @@ impl<D: GuestData> Reactor<D> {
     /// could not be reached (bad or revoked grant, read-only grant for a read).
     fn submit_data(&mut self, idx: usize) -> bool {
         let wseq = self.next_seq();
-        let Some(p) = self.slab.get(idx).and_then(Option::as_ref) else {
+        let Some(p) = self.slab.get(idx) else {
             return false;
         };
         let disk_read = p.kind == Kind::Read;
@@ -731,7 +721,7 @@ impl<D: GuestData> Reactor<D> {
                 tracing::debug!(queue = self.qid, "request data: {e}");
                 status = Status::Error;
             }
-            if self.spare_segs.len() < self.slab.len() {
+            if self.spare_segs.len() < self.slab.key_space() {
                 self.spare_segs.push(segs);
             }
         }

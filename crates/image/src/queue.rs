@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use xdisk_io::sys::{poll_readable, set_nonblocking, EventFd};
 use xdisk_io::{
     open_engine, same_storage, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op,
-    OpKind, StorageRef,
+    OpKind, Slab, StorageRef,
 };
 
 use crate::{Error, Extent, Image, InFlight, Mapping, Result};
@@ -130,8 +130,7 @@ pub struct ImageQueue<B: IoBuf> {
     /// Signalled by the slow-path workers and by the engines of `own`.
     notify: Arc<EventFd>,
     /// Requests with engine operations in flight; they own the memory those operations use.
-    slots: Vec<Option<Slot<B>>>,
-    free: Vec<usize>,
+    slots: Slab<Slot<B>>,
     backlog: VecDeque<(usize, Op<IoSlice>)>,
     extents: Vec<Extent>,
     completions: Vec<Completion<IoSlice>>,
@@ -189,8 +188,7 @@ impl<B: IoBuf> ImageQueue<B> {
             engines,
             own,
             notify,
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slab::new(),
             backlog: VecDeque::new(),
             extents: Vec::new(),
             completions: Vec::new(),
@@ -232,7 +230,7 @@ impl<B: IoBuf> ImageQueue<B> {
 
     /// Requests submitted and not yet returned by [`ImageQueue::reap`].
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len() + self.slow_in_flight + self.ready.len()
+        self.slots.len() + self.slow_in_flight + self.ready.len()
     }
 
     /// Starts a request. Errors found before any I/O (out of range, read-only) complete the
@@ -349,7 +347,6 @@ impl<B: IoBuf> ImageQueue<B> {
         if n_data >= 1 << SUB_BITS {
             return Err(req);
         }
-        let slot_idx = self.alloc_slot();
         let mut starts = Vec::with_capacity(n_data);
         let mut pos = 0usize;
         let mut sub = 0u64;
@@ -372,7 +369,8 @@ impl<B: IoBuf> ImageQueue<B> {
                             fd: t.fd,
                             offset,
                             buf: Some(slice),
-                            user_data: ((slot_idx as u64) << SUB_BITS) | sub,
+                            // The slot's key goes in the high bits once it is stored.
+                            user_data: sub,
                         },
                     ));
                     sub += 1;
@@ -382,12 +380,11 @@ impl<B: IoBuf> ImageQueue<B> {
         }
         self.stats.fast += 1;
         if ops.is_empty() {
-            self.free.push(slot_idx);
             drop(guard);
             self.finish(req.user_data, Ok(()), req.buf);
             return Ok(());
         }
-        self.slots[slot_idx] = Some(Slot {
+        let key = self.store(Slot {
             user_data: req.user_data,
             buf: req.buf.take(),
             pending: ops.len() as u32,
@@ -396,7 +393,8 @@ impl<B: IoBuf> ImageQueue<B> {
             kind: req.kind,
             starts,
         });
-        for (engine, op) in ops {
+        for (engine, mut op) in ops {
+            op.user_data |= key << SUB_BITS;
             self.push_op(engine, op);
         }
         Ok(())
@@ -420,8 +418,7 @@ impl<B: IoBuf> ImageQueue<B> {
             self.finish(req.user_data, Ok(()), req.buf);
             return Ok(());
         }
-        let slot_idx = self.alloc_slot();
-        self.slots[slot_idx] = Some(Slot {
+        let key = self.store(Slot {
             user_data: req.user_data,
             buf: req.buf,
             pending: 1,
@@ -438,20 +435,16 @@ impl<B: IoBuf> ImageQueue<B> {
                 fd: target.fd,
                 offset: 0,
                 buf: None,
-                user_data: (slot_idx as u64) << SUB_BITS,
+                user_data: key << SUB_BITS,
             },
         );
         Ok(())
     }
 
-    fn alloc_slot(&mut self) -> usize {
-        match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        }
+    /// Stores a request with engine operations in flight; returns its key.
+    fn store(&mut self, slot: Slot<B>) -> u64 {
+        // A growable slab: insert cannot fail.
+        self.slots.insert(slot).unwrap_or(usize::MAX) as u64
     }
 
     fn push_op(&mut self, engine: usize, op: Op<IoSlice>) {
@@ -497,7 +490,7 @@ impl<B: IoBuf> ImageQueue<B> {
     fn complete_op(&mut self, c: Completion<IoSlice>) {
         let slot_idx = (c.user_data >> SUB_BITS) as usize;
         let sub = (c.user_data & ((1 << SUB_BITS) - 1)) as usize;
-        let Some(slot) = self.slots.get_mut(slot_idx).and_then(Option::as_mut) else {
+        let Some(slot) = self.slots.get_mut(slot_idx) else {
             tracing::error!(user_data = c.user_data, "completion for an unknown request");
             return;
         };
@@ -553,8 +546,9 @@ impl<B: IoBuf> ImageQueue<B> {
         }
         slot.pending -= 1;
         if slot.pending == 0 {
-            let slot = self.slots[slot_idx].take().expect("slot present");
-            self.free.push(slot_idx);
+            let Some(slot) = self.slots.remove(slot_idx) else {
+                return;
+            };
             let result = match slot.error {
                 Some(e) => Err(e),
                 None => Ok(()),
@@ -719,7 +713,7 @@ impl<B: IoBuf> ImageQueue<B> {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.unsettled = true;
-                let stuck = self.slots.iter().flatten().count();
+                let stuck = self.slots.len();
                 tracing::error!(
                     image = %self.image.storage().name(),
                     "the I/O engine cannot wait out its operations ({e}): the buffers of {stuck} \
@@ -746,7 +740,7 @@ impl<B: IoBuf> Drop for ImageQueue<B> {
             tracing::error!(
                 image = %self.image.storage().name(),
                 "leaking the buffers of {} requests the I/O engine could not wait out",
-                slots.iter().flatten().count()
+                slots.len()
             );
             // Never unmap or free memory the kernel may still use: the buffers (guest pages)
             // and the engine (its ring, iovec arrays) stay allocated forever.

@@ -25,6 +25,7 @@ pub mod buf;
 pub mod cache;
 pub mod engine;
 pub mod file;
+pub mod slab;
 pub mod storage;
 pub mod sys;
 
@@ -35,6 +36,7 @@ pub use buf::{AlignedBuf, IoBuf, IoSlice};
 pub use cache::{AioKind, CacheMode};
 pub use engine::{open_engine, Completion, Engine, EngineConfig, Op, OpKind};
 pub use file::{Alignment, ImageFile};
+pub use slab::Slab;
 pub use storage::{same_storage, Allocation, MemEngine, MemStorage, Storage, StorageRef};
 
 /// Errors of this crate (I/O errors keep their `std::io::Error`).

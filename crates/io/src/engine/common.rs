@@ -1,4 +1,4 @@
-//! Pieces shared by the engines: the in-flight slab, owned iovec arrays and small syscall
+//! Pieces shared by the engines: owned iovec arrays and small syscall
 //! helpers (the eventfd is [`crate::sys::EventFd`]).
 
 #![allow(unsafe_code)]
@@ -52,61 +52,7 @@ impl IovecArray {
     }
 }
 
-/// A fixed-capacity slab: `insert` returns a small integer key (used as the kernel-side
-/// `user_data` / `aio_data`), `remove` frees it. The backing `Vec` is allocated once at its
-/// full capacity and never reallocated.
-pub(crate) struct Slab<T> {
-    slots: Vec<Option<T>>,
-    free: Vec<usize>,
-    len: usize,
-}
-
-impl<T> Slab<T> {
-    pub(crate) fn with_capacity(capacity: usize) -> Slab<T> {
-        let mut slots = Vec::with_capacity(capacity);
-        slots.resize_with(capacity, || None);
-        Slab {
-            slots,
-            // Pop order: low indices first (purely cosmetic).
-            free: (0..capacity).rev().collect(),
-            len: 0,
-        }
-    }
-    pub(crate) fn capacity(&self) -> usize {
-        self.slots.len()
-    }
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-    pub(crate) fn is_full(&self) -> bool {
-        self.free.is_empty()
-    }
-    /// Stores `value`; `None` when full.
-    pub(crate) fn insert(&mut self, value: T) -> Option<usize> {
-        let idx = self.free.pop()?;
-        debug_assert!(self.slots[idx].is_none());
-        self.slots[idx] = Some(value);
-        self.len += 1;
-        Some(idx)
-    }
-    /// Removes and returns the value at `idx` (`None` for a key that is not in use).
-    pub(crate) fn remove(&mut self, idx: usize) -> Option<T> {
-        let v = self.slots.get_mut(idx)?.take()?;
-        self.free.push(idx);
-        self.len -= 1;
-        Some(v)
-    }
-    pub(crate) fn get_mut(&mut self, idx: usize) -> Option<&mut T> {
-        self.slots.get_mut(idx)?.as_mut()
-    }
-    /// Keys in use.
-    pub(crate) fn keys(&self) -> impl Iterator<Item = usize> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|_| i))
-    }
-}
+pub(crate) use crate::slab::Slab;
 
 /// Turns an optional timeout into an optional deadline.
 pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
@@ -171,25 +117,6 @@ pub(crate) fn fallocate(fd: RawFd, mode: i32, off: u64, len: u64) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slab_reuses_keys_and_never_grows() {
-        let mut s: Slab<u32> = Slab::with_capacity(3);
-        let a = s.insert(1).unwrap();
-        let b = s.insert(2).unwrap();
-        let c = s.insert(3).unwrap();
-        assert!(s.is_full());
-        assert!(s.insert(4).is_none());
-        assert_eq!(s.len(), 3);
-        assert_eq!(s.remove(b), Some(2));
-        assert_eq!(s.remove(b), None);
-        let d = s.insert(5).unwrap();
-        assert_eq!(d, b);
-        assert_eq!(s.keys().collect::<Vec<_>>(), vec![a, b, c]);
-        assert_eq!(s.capacity(), 3);
-        *s.get_mut(a).unwrap() = 9;
-        assert_eq!(s.remove(a), Some(9));
-    }
 
     #[test]
     fn kernel_results_map_to_errors() {
