@@ -56,6 +56,8 @@ pub struct FileDisk {
 }
 
 impl FileDisk {
+    /// A disk over `file` of `size` bytes; reads past `size` are errors. The size is given,
+    /// not taken from the file's metadata (which says 0 for a block device).
     pub fn new(file: std::fs::File, size: u64) -> FileDisk {
         FileDisk { file, size }
     }
@@ -82,9 +84,11 @@ pub struct Slice {
 }
 
 impl Slice {
+    /// The `len` bytes of `inner` from byte `start` on.
     pub fn new(inner: Arc<dyn ReadAt>, start: u64, len: u64) -> Slice {
         Slice { inner, start, len }
     }
+    /// Byte offset of the window in the disk beneath.
     pub fn start(&self) -> u64 {
         self.start
     }

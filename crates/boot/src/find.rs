@@ -47,12 +47,15 @@ pub struct Request {
     pub args: Option<String>,
     /// `--offset`: the filesystem's byte offset, bypassing the partition table.
     pub offset: Option<u64>,
+    /// Bounds on what the disk's contents may make us do.
     pub limits: Limits,
 }
 
 /// A filesystem found on the disk, with its config if it has one.
 pub struct Found {
+    /// Where the filesystem is.
     pub partition: Partition,
+    /// The filesystem, open (to read the kernel and ramdisk from).
     pub fs: Box<dyn FileSystem>,
     /// The config's path and contents.
     pub config: Option<(String, BootConfig)>,
@@ -70,11 +73,16 @@ impl std::fmt::Debug for Found {
 
 /// The decision: what to boot and from where.
 pub struct Choice {
+    /// The filesystem to boot from (and its config, unless `--kernel` was given).
     pub found: Found,
     /// Index of the chosen entry in the config (None with `--kernel`).
     pub entry: Option<usize>,
+    /// Absolute path of the kernel inside `found.fs`, checked to exist (see [`locate`]).
     pub kernel: String,
+    /// Absolute path of the ramdisk inside `found.fs`, checked to exist, if there is one.
     pub ramdisk: Option<String>,
+    /// The kernel command line: the entry's, then `--args` (if given) after a space; with
+    /// `--kernel`, `--args` alone.
     pub args: String,
 }
 

@@ -8,6 +8,7 @@
 //! raw files, qcow2 images (through xdisk-image, in the CLI) and plain memory (tests, fuzzing).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod bytes;
 pub mod config;

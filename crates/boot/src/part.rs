@@ -40,7 +40,9 @@ pub struct Partition {
     pub number: u32,
     /// Start and length in bytes. The length is clamped to the disk's end.
     pub start: u64,
+    /// Length in bytes (see `start`).
     pub len: u64,
+    /// What the table says it is.
     pub kind: PartType,
 }
 

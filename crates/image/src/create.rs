@@ -32,6 +32,8 @@ pub enum Preallocation {
 }
 
 impl Preallocation {
+    /// The name as qemu-img spells it (`off`, `metadata`, `falloc`, `full`), also what
+    /// `parse` accepts.
     pub fn as_str(self) -> &'static str {
         match self {
             Preallocation::Off => "off",
@@ -77,11 +79,19 @@ pub struct CreateOptions {
     pub version: u32,
     /// `refcount_bits`: a power of two from 1 to 64 (anything but 16 needs version 3).
     pub refcount_bits: u32,
+    /// `backing_file`: the name written in the image, as is (a relative name is resolved
+    /// against the image's directory when it is opened, see [`crate::resolve_backing`]).
+    /// qcow2 only; needs `backing_format`, at most 1023 bytes.
     pub backing_file: Option<String>,
     /// Format of the backing file (recorded in the backing format header extension).
     pub backing_format: Option<String>,
+    /// `preallocation`: how much to allocate up front (qcow2: not with a backing file; raw:
+    /// `metadata` is refused).
     pub preallocation: Preallocation,
+    /// `compression_type` of compressed clusters; `zstd` needs version 3.
     pub compression_type: crate::CompressionType,
+    /// `lazy_refcounts`: set the qcow2 compatible feature bit, so refcount updates may be
+    /// deferred while the image is marked dirty; needs version 3.
     pub lazy_refcounts: bool,
 }
 

@@ -13,6 +13,7 @@
 //! I/O ([`xdisk_io::IoSlice::new`]) allow it, each with its `// SAFETY:` comment.
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod create;
 pub mod driver;
@@ -35,26 +36,49 @@ pub use xdisk_io::{AioKind, CacheMode, ImageFile, Storage, StorageRef};
 /// Errors of the image engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An I/O error of the storage (host ENOSPC and EIO included), with what we were doing.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, on which storage (e.g. `read from /path/disk.qcow2`).
         context: String,
+        /// The OS error itself.
         #[source]
         source: std::io::Error,
     },
+    /// The image's metadata is malformed or inconsistent (a bad header, a table outside the
+    /// file, reserved bits set, a corrupt compressed cluster...).
     #[error("image is corrupt: {0}")]
     Corrupt(String),
+    /// A valid image or request that this engine does not serve (encryption, external data
+    /// files, unknown incompatible features, an unknown format name...).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A bad argument from the caller (create options, a request without a buffer...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A request that does not lie inside the virtual disk.
     #[error("request at {offset}+{len} is outside the image ({size} bytes)")]
-    OutOfRange { offset: u64, len: u64, size: u64 },
+    OutOfRange {
+        /// Start of the request, in bytes.
+        offset: u64,
+        /// Length of the request, in bytes.
+        len: u64,
+        /// Virtual size of the image, in bytes.
+        size: u64,
+    },
+    /// A write (or repair) to an image opened read-only.
     #[error("image is read-only")]
     ReadOnly,
+    /// A backing file that may not or cannot be opened: refused by
+    /// [`check_backing_file`], a loop, a chain too deep, a probed format naming one...
     #[error("backing chain error: {0}")]
     Backing(String),
+    /// A limit of the format was reached (a refcount at its maximum, a host offset past
+    /// what qcow2 entries can address, a refcount table too large); host ENOSPC is
+    /// [`Error::Io`].
     #[error("no space: {0}")]
     NoSpace(String),
+    /// An error of the I/O layer, e.g. opening or creating an image file.
     #[error(transparent)]
     Engine(#[from] xdisk_io::Error),
 }
@@ -69,16 +93,20 @@ impl Error {
     }
 }
 
+/// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Image formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// The disk's bytes as they are ([`raw::RawImage`]).
     Raw,
+    /// QEMU's qcow2, versions 2 and 3 ([`qcow2::Qcow2Image`]).
     Qcow2,
 }
 
 impl Format {
+    /// The name as qemu-img spells it (`raw`, `qcow2`), also what `parse` accepts.
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Raw => "raw",
@@ -111,7 +139,10 @@ impl std::fmt::Display for Format {
 pub struct OpenOptions {
     /// The format; `None` probes it (qcow2 magic, else raw).
     pub format: Option<Format>,
+    /// Open the image read-only (writes fail with [`Error::ReadOnly`]). Backing files are
+    /// always opened read-only.
     pub read_only: bool,
+    /// Host cache mode of the image and of its backing files.
     pub cache: CacheMode,
     /// Open the backing chain (false: unallocated clusters read as zeroes, like
     /// `qemu-img -U`-less tools with `backing.driver=null`... used by check and info).
@@ -154,20 +185,28 @@ impl Default for OpenOptions {
 pub enum Extent {
     /// `len` bytes at `offset` of `storage`.
     Data {
+        /// The storage holding the bytes (this layer's or a backing file's).
         storage: StorageRef,
+        /// Byte offset in that storage.
         offset: u64,
+        /// Length in bytes.
         len: u64,
     },
     /// `len` bytes that read as zeroes.
-    Zero { len: u64 },
+    Zero {
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 impl Extent {
+    /// Length of the extent in bytes.
     pub fn len(&self) -> u64 {
         match self {
             Extent::Data { len, .. } | Extent::Zero { len } => *len,
         }
     }
+    /// Whether the extent is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -213,6 +252,7 @@ impl Drop for InFlight {
 /// Field meanings follow `qemu-img map --output=json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockStatus {
+    /// Length of the run in bytes.
     pub len: u64,
     /// Reads from host data (not known to be zero).
     pub data: bool,
@@ -224,6 +264,7 @@ pub struct BlockStatus {
     pub depth: u32,
     /// Host offset of the data, where it is stored uncompressed in a single file.
     pub offset: Option<u64>,
+    /// Stored compressed (qcow2 compressed clusters).
     pub compressed: bool,
 }
 
@@ -248,17 +289,27 @@ impl BlockStatus {
 pub enum LayerStatus {
     /// Host data at `offset` (None: compressed or otherwise not addressable).
     Data {
+        /// Length of the run in bytes.
         len: u64,
+        /// Byte offset of the data in this layer's storage (`None` as above).
         offset: Option<u64>,
+        /// Stored compressed.
         compressed: bool,
     },
     /// Allocated in this layer, reads as zeroes.
-    Zero { len: u64 },
+    Zero {
+        /// Length of the run in bytes.
+        len: u64,
+    },
     /// Not allocated in this layer: ask the backing file (or zeroes without one).
-    Unallocated { len: u64 },
+    Unallocated {
+        /// Length of the run in bytes.
+        len: u64,
+    },
 }
 
 impl LayerStatus {
+    /// Length of the run in bytes.
     pub fn len(&self) -> u64 {
         match *self {
             LayerStatus::Data { len, .. }
@@ -266,6 +317,7 @@ impl LayerStatus {
             | LayerStatus::Unallocated { len } => len,
         }
     }
+    /// Whether the run is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -484,6 +536,8 @@ impl Image {
         self.driver.size()
     }
 
+    /// Whether this layer is read-only (its storage was opened read-only); writes then fail
+    /// with [`Error::ReadOnly`].
     pub fn read_only(&self) -> bool {
         self.storage().read_only()
     }
@@ -698,6 +752,7 @@ pub struct BackingRefusal {
     pub name: String,
     /// The name resolved against the image's directory.
     pub path: PathBuf,
+    /// Why it was not opened (a refusal of [`check_backing_file`], an open error...).
     pub error: Error,
 }
 

@@ -34,30 +34,47 @@ pub enum RequestKind {
     /// Make all completed writes durable.
     Flush,
     /// Discard `len` bytes at `offset`.
-    Discard { len: u64 },
+    Discard {
+        /// Length in bytes.
+        len: u64,
+    },
     /// Zero `len` bytes at `offset` (`unmap`: host space may be released).
-    WriteZeroes { len: u64, unmap: bool },
+    WriteZeroes {
+        /// Length in bytes.
+        len: u64,
+        /// Whether the zeroed range may be deallocated instead of written (see
+        /// [`Image::write_zeroes`]).
+        unmap: bool,
+    },
 }
 
 /// One request to an [`ImageQueue`].
 pub struct Request<B: IoBuf> {
+    /// What to do.
     pub kind: RequestKind,
+    /// Byte offset in the virtual disk (unused by flushes).
     pub offset: u64,
     /// Data buffer of reads and writes (`None` for the others).
     pub buf: Option<B>,
+    /// Returned unchanged in the request's [`Done`].
     pub user_data: u64,
 }
 
 /// A finished request.
 pub struct Done<B: IoBuf> {
+    /// The [`Request::user_data`] of the request.
     pub user_data: u64,
+    /// `Ok` if the whole request succeeded, else its (first) error.
     pub result: Result<()>,
+    /// The request's buffer, handed back (for reads, filled with the data).
     pub buf: Option<B>,
 }
 
 /// How to build a queue.
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
+    /// The engine to ask for. One the host lacks falls back to the next of io_uring, native
+    /// AIO, threads (see [`ImageQueue::aio`]).
     pub aio: AioKind,
     /// Engine operations in flight at most.
     pub queue_depth: u32,
@@ -89,8 +106,11 @@ impl Default for QueueConfig {
 /// Counters of one queue (for `xdisk stat` and benchmarks).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QueueStats {
+    /// Requests served on the queue's engines (mapped reads and writes, raw-image flushes).
     pub fast: u64,
+    /// Requests handed to the slow-path workers.
     pub slow: u64,
+    /// Requests that completed with an error (either path).
     pub errors: u64,
 }
 
@@ -151,6 +171,9 @@ pub struct ImageQueue<B: IoBuf> {
 const SUB_BITS: u32 = 20;
 
 impl<B: IoBuf> ImageQueue<B> {
+    /// A queue over `image`: its engine (plus one per storage of the chain that brings its
+    /// own, see [`xdisk_io::Storage::open_engine`]) and its slow-path worker threads. Errors
+    /// if no engine or eventfd can be created.
     pub fn new(image: Arc<Image>, cfg: &QueueConfig) -> Result<ImageQueue<B>> {
         let mut storages: Vec<StorageRef> = Vec::new();
         let mut layer = Some(&image);
@@ -202,6 +225,7 @@ impl<B: IoBuf> ImageQueue<B> {
         })
     }
 
+    /// The image this queue serves.
     pub fn image(&self) -> &Arc<Image> {
         &self.image
     }
@@ -224,6 +248,7 @@ impl<B: IoBuf> ImageQueue<B> {
         })
     }
 
+    /// The queue's counters so far.
     pub fn stats(&self) -> QueueStats {
         self.stats
     }

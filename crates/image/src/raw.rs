@@ -11,6 +11,8 @@ use crate::create::Preallocation;
 
 use crate::{Error, Extent, InFlight, LayerStatus, Mapping, Result};
 
+/// A raw image: virtual offset `n` is byte `n` of the storage, the virtual size is the
+/// storage's size.
 #[derive(Debug)]
 pub struct RawImage {
     storage: StorageRef,
@@ -18,6 +20,7 @@ pub struct RawImage {
 }
 
 impl RawImage {
+    /// Opens a raw image over `storage` (reads its size).
     pub fn open(storage: StorageRef) -> Result<RawImage> {
         let size = storage
             .size()
@@ -28,10 +31,12 @@ impl RawImage {
         })
     }
 
+    /// The storage holding the image.
     pub fn storage(&self) -> &StorageRef {
         &self.storage
     }
 
+    /// Virtual size in bytes (the storage's size at open or after the last resize).
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -40,18 +45,21 @@ impl RawImage {
         format!("{what} {}", self.storage.name())
     }
 
+    /// Blocking read of `buf.len()` bytes at byte `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.storage
             .read_at(buf, offset)
             .map_err(|e| Error::io(self.ctx("read from"), e))
     }
 
+    /// Blocking write of `buf` at byte `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.storage
             .write_at(buf, offset)
             .map_err(|e| Error::io(self.ctx("write to"), e))
     }
 
+    /// Flushes the storage (fdatasync for host files).
     pub fn flush(&self) -> Result<()> {
         self.storage
             .flush()
@@ -76,6 +84,9 @@ impl RawImage {
         }
     }
 
+    /// Makes `len` bytes at `offset` read as zeroes. With `unmap`, a 4 KiB-aligned range is
+    /// discarded if the storage guarantees that discarded ranges read as zeroes; otherwise
+    /// the storage writes zeroes (as cheaply as it can).
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         if unmap
             && self.storage.discard_zeroes()
@@ -103,6 +114,7 @@ impl RawImage {
         })
     }
 
+    /// Sets the storage's size to `new_size` bytes (truncating or extending it).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.storage
             .set_size(new_size)
@@ -111,6 +123,8 @@ impl RawImage {
         Ok(())
     }
 
+    /// Maps a range: always one data extent at the same offset of the storage, untracked
+    /// (raw images never free or move data).
     pub fn map(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<Mapping> {
         out.push(Extent::Data {
             storage: self.storage.clone(),

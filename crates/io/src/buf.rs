@@ -126,12 +126,15 @@ impl AlignedBuf {
         }
     }
 
+    /// Visible length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Whether the visible length is 0.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Alignment of the allocation, in bytes.
     pub fn align(&self) -> usize {
         self.layout.align()
     }

@@ -14,15 +14,21 @@ use std::str::FromStr;
 /// | unsafe       | no       | no      | no (ignored)   |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
+    /// `cache=none` (the default): O_DIRECT, flushes honoured. Also accepts `off`.
     #[default]
     None,
+    /// `cache=directsync`: O_DIRECT and O_DSYNC.
     DirectSync,
+    /// `cache=writethrough`: host page cache, O_DSYNC.
     WriteThrough,
+    /// `cache=writeback`: host page cache, durable only after a flush.
     WriteBack,
+    /// `cache=unsafe`: host page cache, flushes ignored.
     Unsafe,
 }
 
 impl CacheMode {
+    /// The accepted names, for error and help messages.
     pub const ALL: &'static str = "none, directsync, writethrough, writeback, unsafe";
 
     /// Opened with O_DIRECT (bypasses the host page cache).
@@ -37,6 +43,7 @@ impl CacheMode {
     pub fn honours_flush(self) -> bool {
         !matches!(self, CacheMode::Unsafe)
     }
+    /// The name as QEMU spells it (what [`Display`](fmt::Display) prints and `parse` accepts).
     pub fn as_str(self) -> &'static str {
         match self {
             CacheMode::None => "none",
@@ -77,14 +84,19 @@ impl fmt::Display for CacheMode {
 /// Asynchronous I/O engine, as QEMU's `aio=` spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AioKind {
+    /// `aio=io_uring` (the default): io_uring. Also accepts `io-uring` and `uring`.
     #[default]
     IoUring,
+    /// `aio=native`: Linux native AIO (io_submit/io_getevents).
     Native,
+    /// `aio=threads`: blocking syscalls on a pool of worker threads.
     Threads,
 }
 
 impl AioKind {
+    /// The accepted names, for error and help messages.
     pub const ALL: &'static str = "io_uring, native, threads";
+    /// The name as QEMU spells it (what [`Display`](fmt::Display) prints and `parse` accepts).
     pub fn as_str(self) -> &'static str {
         match self {
             AioKind::IoUring => "io_uring",

@@ -16,11 +16,14 @@ use crate::{Error, Result};
 /// addresses multiples of `memory`. For files opened without O_DIRECT both are 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Alignment {
+    /// Required alignment, in bytes, of file offsets and I/O lengths.
     pub offset: u32,
+    /// Required alignment, in bytes, of buffer addresses.
     pub memory: u32,
 }
 
 impl Alignment {
+    /// No requirement (both 1): files opened without O_DIRECT.
     pub const NONE: Alignment = Alignment {
         offset: 1,
         memory: 1,
@@ -193,24 +196,31 @@ impl ImageFile {
         }
     }
 
+    /// The path the file was opened with.
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// The file descriptor (for engine operations; it stays owned by this `ImageFile`).
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+    /// The open file.
     pub fn file(&self) -> &File {
         &self.file
     }
+    /// The cache mode the file was opened with.
     pub fn cache(&self) -> CacheMode {
         self.cache
     }
+    /// Whether the file was opened read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
     }
+    /// Whether the file is a block device (rather than a regular file).
     pub fn is_block_device(&self) -> bool {
         self.block_device
     }
+    /// The O_DIRECT alignment probed at open ([`Alignment::NONE`] without O_DIRECT).
     pub fn alignment(&self) -> Alignment {
         self.align
     }

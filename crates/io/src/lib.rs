@@ -20,6 +20,7 @@
 //! and so does the one function of `file` that probes O_DIRECT alignment with pread(2).
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod buf;
 pub mod cache;
@@ -42,20 +43,33 @@ pub use storage::{same_storage, Allocation, MemEngine, MemStorage, Storage, Stor
 /// Errors of this crate (I/O errors keep their `std::io::Error`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An OS error, with what we were doing when it happened.
     #[error("{what}: {source}")]
     Io {
+        /// What failed and on which file, e.g. `cannot open /path/to/disk.img`.
         what: String,
+        /// The OS error itself.
         #[source]
         source: std::io::Error,
     },
+    /// A name that is not one of a fixed set of choices (a cache mode, an aio engine).
     #[error("invalid {kind} '{value}' (expected one of: {expected})")]
     InvalidChoice {
+        /// What was being parsed (`"cache mode"`, `"aio engine"`).
         kind: &'static str,
+        /// The string given.
         value: String,
+        /// The accepted spellings, comma-separated (e.g. [`CacheMode::ALL`]).
         expected: &'static str,
     },
+    /// An engine already has as many operations in flight as it can hold; the engines hand
+    /// it back from `submit` wrapped in an `io::Error` of kind `WouldBlock`.
     #[error("engine queue full ({capacity} operations in flight)")]
-    QueueFull { capacity: usize },
+    QueueFull {
+        /// The engine's capacity (operations in flight).
+        capacity: usize,
+    },
 }
 
+/// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;

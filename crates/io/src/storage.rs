@@ -32,9 +32,15 @@ use crate::sys::EventFd;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allocation {
     /// `len` bytes that hold data (or of which the storage cannot tell).
-    Data { len: u64 },
+    Data {
+        /// Length of the run in bytes.
+        len: u64,
+    },
     /// `len` bytes of a hole: they read as zeroes without being stored.
-    Hole { len: u64 },
+    Hole {
+        /// Length of the run in bytes.
+        len: u64,
+    },
 }
 
 impl Allocation {

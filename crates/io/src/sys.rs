@@ -22,6 +22,8 @@ fn cvt(r: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// fallocate(2) of `len` bytes at byte offset `off` with `mode` (`FALLOC_FL_*` flags),
+/// retried on EINTR. EINVAL if `off` or `len` does not fit an `off_t`.
 pub fn fallocate(fd: RawFd, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
     let off = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -35,6 +37,7 @@ pub fn fallocate(fd: RawFd, mode: libc::c_int, off: u64, len: u64) -> io::Result
     }
 }
 
+/// Size of a block device in bytes (ioctl BLKGETSIZE64).
 pub fn block_device_size(fd: RawFd) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
@@ -42,6 +45,7 @@ pub fn block_device_size(fd: RawFd) -> io::Result<u64> {
     Ok(size)
 }
 
+/// Logical block size of a block device in bytes (ioctl BLKSSZGET): its O_DIRECT alignment.
 pub fn logical_block_size(fd: RawFd) -> io::Result<u32> {
     let mut size: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which is valid for the call.
@@ -49,12 +53,16 @@ pub fn logical_block_size(fd: RawFd) -> io::Result<u32> {
     u32::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// Discards `len` bytes of a block device at byte offset `off` (ioctl BLKDISCARD); what the
+/// range reads afterwards depends on the device.
 pub fn blk_discard(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
     let range: [u64; 2] = [off, len];
     // SAFETY: BLKDISCARD reads two u64 from the pointer, valid for the call.
     cvt(unsafe { libc::ioctl(fd, BLKDISCARD as _, range.as_ptr()) })
 }
 
+/// Zeroes `len` bytes of a block device at byte offset `off` (ioctl BLKZEROOUT), offloaded
+/// to the device where it can.
 pub fn blk_zeroout(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
     let range: [u64; 2] = [off, len];
     // SAFETY: BLKZEROOUT reads two u64 from the pointer, valid for the call.
@@ -129,6 +137,7 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
 pub struct EventFd(OwnedFd);
 
 impl EventFd {
+    /// A new eventfd with its counter at 0 (not readable).
     pub fn new() -> io::Result<EventFd> {
         // SAFETY: eventfd takes scalar arguments and returns a new fd or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -139,6 +148,7 @@ impl EventFd {
         Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// The descriptor, to poll for readability; it stays owned by this `EventFd`.
     pub fn fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }

@@ -12,20 +12,27 @@ pub mod legacy;
 /// Which kind of config an entry list came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfigKind {
+    /// GRUB 2's `grub.cfg` ([`grub2`]).
     Grub2,
+    /// GRUB legacy's `menu.lst` or `grub.conf` ([`legacy`]).
     GrubLegacy,
+    /// extlinux/syslinux/isolinux configs ([`extlinux`]).
     Extlinux,
+    /// Boot Loader Specification entries, one file per entry ([`bls`]).
     Bls,
 }
 
 /// One boot entry. Paths are inside the filesystem the config was found on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BootEntry {
+    /// The entry's title, what `--entry=TITLE` matches (GRUB `menuentry`/`title`, syslinux
+    /// `LABEL`, BLS `title`).
     pub title: String,
     /// `None` when the entry has no kernel line (a GRUB `fwsetup` or chainloader entry, a
     /// syslinux `LOCALBOOT` label, ...). Such entries are kept so that indexes match the menu
     /// (and pygrub's `--entry=N`); choosing one is the caller's error to report.
     pub kernel: Option<String>,
+    /// The ramdisk (initrd) path, if the entry loads one (the first, if it names several).
     pub initrd: Option<String>,
     /// The kernel command line (verbatim per the format's rules).
     pub args: String,
@@ -34,6 +41,7 @@ pub struct BootEntry {
 /// A parsed config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootConfig {
+    /// The format it was parsed as.
     pub kind: ConfigKind,
     /// Entries in file order (for GRUB 2: every menuentry, including those in submenus).
     pub entries: Vec<BootEntry>,

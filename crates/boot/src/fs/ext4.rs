@@ -218,6 +218,9 @@ pub struct Ext4Inodes {
 }
 
 impl Ext4Inodes {
+    /// Reads and checks the superblock of the filesystem on `disk`: [`Error::Corrupt`]
+    /// without the ext2/3/4 magic or with a bad geometry, [`Error::Unsupported`] for
+    /// incompatible features this reader does not know.
     pub fn open(disk: Arc<dyn ReadAt>) -> Result<Ext4Inodes> {
         let g = Geometry::read(&*disk)?;
         Ok(Ext4Inodes { disk, g })

@@ -33,10 +33,15 @@ const MAX_LFN_ENTRIES: usize = 20;
 /// Size of the window of the FAT read at once while following a chain.
 const FAT_WINDOW: u64 = 4096;
 
+/// The FAT variant, decided from the count of data clusters as the FAT specification says
+/// ("FAT Type Determination"), never from the label in the boot sector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FatType {
+    /// 12-bit FAT entries (fewer than 4085 clusters).
     Fat12,
+    /// 16-bit FAT entries (fewer than 65525 clusters).
     Fat16,
+    /// 32-bit FAT entries (28 bits used); the root directory is a cluster chain.
     Fat32,
 }
 
@@ -250,6 +255,7 @@ impl Fat {
         Ok(fat)
     }
 
+    /// Which FAT variant this is.
     pub fn fat_type(&self) -> FatType {
         self.fat_type
     }

@@ -27,8 +27,11 @@ pub mod xfs;
 /// What a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
+    /// A regular file.
     File,
+    /// A directory.
     Dir,
+    /// A symbolic link.
     Symlink,
     /// Devices, fifos, sockets, ...
     Other,
@@ -52,9 +55,13 @@ pub trait FileSystem: Send + Sync {
 /// implementation (a directory read stops after `max` entries, a link target is at most
 /// 4 KiB, reads are clamped to the file size).
 pub trait Inodes: Send + Sync {
+    /// A node (inode, directory record...): what the filesystem needs to find its data again.
     type Node: Clone + Send + Sync;
+    /// "ext4", "fat", "iso9660", "xfs", ... (see [`FileSystem::fs_type`]).
     fn fs_type(&self) -> &'static str;
+    /// The root directory.
     fn root(&self) -> Result<Self::Node>;
+    /// What a node is.
     fn kind(&self, node: &Self::Node) -> NodeKind;
     /// Size in bytes of a file (or of a symlink's target string).
     fn size(&self, node: &Self::Node) -> u64;
@@ -70,11 +77,15 @@ pub trait Inodes: Send + Sync {
 
 /// A [`FileSystem`] over an [`Inodes`], resolving paths inside it.
 pub struct Walk<T: Inodes> {
+    /// The filesystem's node-level access.
     pub inodes: T,
+    /// Bounds on path resolution and directory listing ([`Limits::max_symlinks`],
+    /// [`Limits::max_path_components`], [`Limits::max_dir_entries`]).
     pub limits: Limits,
 }
 
 impl<T: Inodes> Walk<T> {
+    /// A [`FileSystem`] over `inodes`, bounded by `limits`.
     pub fn new(inodes: T, limits: Limits) -> Walk<T> {
         Walk { inodes, limits }
     }

@@ -336,6 +336,9 @@ struct Extent {
 }
 
 impl Xfs {
+    /// Reads and checks the superblock of the filesystem on `disk`, then its root inode:
+    /// [`Error::Corrupt`] for a bad superblock, [`Error::Unsupported`] for versions and
+    /// features this reader does not know.
     pub fn open(disk: Arc<dyn ReadAt>) -> Result<Xfs> {
         let mut sb = [0u8; 512];
         disk.read_exact_at(&mut sb, 0)

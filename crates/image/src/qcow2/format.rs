@@ -6,9 +6,12 @@
 
 use crate::{Error, Result};
 
+/// The magic of header bytes 0-3: `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 
+/// Smallest `cluster_bits` the spec allows (512-byte clusters).
 pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest `cluster_bits` QEMU supports (2 MiB clusters).
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// QEMU refuses L1 tables larger than 32 MiB (QCOW_MAX_L1_SIZE).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
@@ -26,10 +29,19 @@ pub const MAX_EXTENSION_BYTES: u32 = 1 << 21;
 
 /// Incompatible feature bits ("Header", bytes 72-79).
 pub mod incompat {
+    /// Bit 0, dirty bit: refcounts may be inconsistent (lazy refcounts, unclean shutdown);
+    /// they must be rebuilt from the L1/L2 tables before the image is trusted.
     pub const DIRTY: u64 = 1 << 0;
+    /// Bit 1, corrupt bit: any data structure may be corrupt; the image must not be written
+    /// to, except to repair it.
     pub const CORRUPT: u64 = 1 << 1;
+    /// Bit 2, external data file: guest data lives in another file, named by the
+    /// [`super::ext::DATA_FILE`] extension (refused by this engine).
     pub const EXTERNAL_DATA_FILE: u64 = 1 << 2;
+    /// Bit 3, compression type: header byte 104 holds a compression type other than zlib.
     pub const COMPRESSION_TYPE: u64 = 1 << 3;
+    /// Bit 4, extended L2 entries: 128-bit L2 entries with subcluster bitmaps (refused by
+    /// this engine).
     pub const EXTENDED_L2: u64 = 1 << 4;
     /// The bits this implementation understands.
     pub const KNOWN: u64 = DIRTY | CORRUPT | EXTERNAL_DATA_FILE | COMPRESSION_TYPE | EXTENDED_L2;
@@ -37,47 +49,66 @@ pub mod incompat {
 
 /// Compatible feature bits (bytes 80-87).
 pub mod compat {
+    /// Bit 0, lazy refcounts: refcount updates may be postponed while the image is marked
+    /// [`super::incompat::DIRTY`].
     pub const LAZY_REFCOUNTS: u64 = 1 << 0;
 }
 
 /// Autoclear feature bits (bytes 88-95).
 pub mod autoclear {
+    /// Bit 0: the data of the [`super::ext::BITMAPS`] extension is consistent.
     pub const BITMAPS: u64 = 1 << 0;
+    /// Bit 1, raw external data: the external data file is a consistent raw image by itself.
     pub const DATA_FILE_RAW: u64 = 1 << 1;
 }
 
 /// Header extension types ("Header extensions").
 pub mod ext {
+    /// End of the header extension area.
     pub const END: u32 = 0;
+    /// Backing file format name string (`raw`, `qcow2`, ...).
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+    /// Feature name table: names of feature bits, for messages.
     pub const FEATURE_TABLE: u32 = 0x6803_f857;
+    /// Bitmaps extension (persistent dirty bitmaps).
     pub const BITMAPS: u32 = 0x2385_2875;
+    /// Full disk encryption header pointer.
     pub const CRYPTO: u32 = 0x0537_be77;
+    /// External data file name string.
     pub const DATA_FILE: u32 = 0x4441_5441;
 }
 
 /// L1 entry: bits 9-55 L2 table offset, bit 63 "refcount is exactly one" (COPIED).
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry: 0-8 and 56-62 (must be zero).
 pub const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 /// L2 entry flags ("Cluster mapping").
 pub const L2E_COPIED: u64 = 1 << 63;
+/// Bit 62: the entry is a compressed cluster descriptor.
 pub const L2E_COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of a standard entry (v3): the cluster reads as zeroes.
 pub const L2E_ZERO: u64 = 1;
+/// Bits 9-55 of a standard entry: the host cluster offset (0: unallocated).
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Reserved bits of a standard (uncompressed) L2 entry: 1-8 and 56-61.
 pub const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Refcount table entry: bits 9-63 refcount block offset, 0-8 reserved.
 pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Reserved bits of a refcount table entry: 0-8 (must be zero).
 pub const REFT_RESERVED_MASK: u64 = 0x1ff;
 
 /// Compression method of compressed clusters (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompressionType {
+    /// 0: zlib/deflate (raw deflate stream, no zlib header); the only type of version 2
+    /// images and the default.
     Zlib,
+    /// 1: zstd; sets [`incompat::COMPRESSION_TYPE`].
     Zstd,
 }
 
 impl CompressionType {
+    /// The name as qemu-img spells it (`zlib`, `zstd`).
     pub fn as_str(self) -> &'static str {
         match self {
             CompressionType::Zlib => "zlib",
@@ -89,23 +120,45 @@ impl CompressionType {
 /// The parsed qcow2 header plus its extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// Bytes 4-7: 2 or 3 (the only versions accepted).
     pub version: u32,
+    /// Bytes 8-15: file offset of the backing file name (0: none).
     pub backing_file_offset: u64,
+    /// Bytes 16-19: length of the backing file name in bytes (at most
+    /// [`MAX_BACKING_NAME`]).
     pub backing_file_size: u32,
+    /// Bytes 20-23: the cluster size is `1 << cluster_bits` bytes
+    /// ([`MIN_CLUSTER_BITS`]..=[`MAX_CLUSTER_BITS`]).
     pub cluster_bits: u32,
+    /// Bytes 24-31: virtual disk size in bytes.
     pub size: u64,
+    /// Bytes 32-35: 0 unencrypted, 1 AES, 2 LUKS; only 0 is accepted.
     pub crypt_method: u32,
+    /// Bytes 36-39: number of entries of the active L1 table.
     pub l1_size: u32,
+    /// Bytes 40-47: file offset of the active L1 table (cluster-aligned).
     pub l1_table_offset: u64,
+    /// Bytes 48-55: file offset of the refcount table (cluster-aligned).
     pub refcount_table_offset: u64,
+    /// Bytes 56-59: size of the refcount table in clusters.
     pub refcount_table_clusters: u32,
+    /// Bytes 60-63: number of internal snapshots.
     pub nb_snapshots: u32,
+    /// Bytes 64-71: file offset of the snapshot table (cluster-aligned).
     pub snapshots_offset: u64,
+    /// Bytes 72-79 (v3; 0 for v2): the [`incompat`] bits; an image with a bit set that the
+    /// reader does not know must not be opened.
     pub incompatible_features: u64,
+    /// Bytes 80-87 (v3; 0 for v2): the [`compat`] bits; unknown ones may be ignored.
     pub compatible_features: u64,
+    /// Bytes 88-95 (v3; 0 for v2): the [`autoclear`] bits; a writer that does not know a
+    /// bit clears it.
     pub autoclear_features: u64,
+    /// Bytes 96-99 (v3; 4 for v2): refcounts are `1 << refcount_order` bits wide (at most 6).
     pub refcount_order: u32,
+    /// Bytes 100-103 (v3; 72 for v2): length of the header in bytes, extensions excluded.
     pub header_length: u32,
+    /// Byte 104 (v3 headers longer than 104 bytes; zlib otherwise).
     pub compression_type: CompressionType,
     /// The backing file name (read from backing_file_offset).
     pub backing_file: Option<String>,
@@ -141,9 +194,11 @@ impl Header {
             self.header_length
         }
     }
+    /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
+    /// Width of a refcount in bits (1 to 64).
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
     }
@@ -155,9 +210,11 @@ impl Header {
     pub fn refcount_block_entries(&self) -> u64 {
         (self.cluster_size() * 8) >> self.refcount_order
     }
+    /// Whether the [`incompat::DIRTY`] bit is set (refcounts need a rebuild).
     pub fn is_dirty(&self) -> bool {
         self.incompatible_features & incompat::DIRTY != 0
     }
+    /// Whether the [`compat::LAZY_REFCOUNTS`] bit is set.
     pub fn lazy_refcounts(&self) -> bool {
         self.compatible_features & compat::LAZY_REFCOUNTS != 0
     }
@@ -592,11 +649,28 @@ pub enum L2Entry {
     /// Not allocated in this image: read from the backing file (or zeroes).
     Unallocated,
     /// Reads as zeroes (v3 zero flag). `prealloc` is a host cluster kept allocated, if any.
-    Zero { prealloc: Option<u64>, copied: bool },
+    Zero {
+        /// Byte offset of the preallocated host cluster, if any.
+        prealloc: Option<u64>,
+        /// The COPIED flag (bit 63): the host cluster's refcount is exactly one.
+        copied: bool,
+    },
     /// Data at a host cluster offset.
-    Normal { host: u64, copied: bool },
+    Normal {
+        /// Byte offset of the host cluster (cluster-aligned).
+        host: u64,
+        /// The COPIED flag (bit 63): the refcount is exactly one, so the cluster may be
+        /// written in place (no copy-on-write).
+        copied: bool,
+    },
     /// Compressed data: `host` is the byte offset of the stream, `len` its maximum length.
-    Compressed { host: u64, len: u64 },
+    Compressed {
+        /// Byte offset of the compressed stream in the file (not aligned).
+        host: u64,
+        /// Bytes from `host` to the end of the last 512-byte sector the entry covers (the
+        /// stream may be shorter).
+        len: u64,
+    },
 }
 
 impl L2Entry {
@@ -661,13 +735,22 @@ impl L2Entry {
 /// (section "Snapshots").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// File offset of the snapshot's L1 table.
     pub l1_table_offset: u64,
+    /// Number of entries of the snapshot's L1 table.
     pub l1_size: u32,
+    /// Unique ID string.
     pub id: String,
+    /// Name of the snapshot.
     pub name: String,
+    /// When it was taken, seconds since the epoch.
     pub date_sec: u32,
+    /// Nanoseconds part of the creation time.
     pub date_nsec: u32,
+    /// How long the guest had run when it was taken, in nanoseconds.
     pub vm_clock_nsec: u64,
+    /// Size of the saved VM state in bytes (0: none); the 64-bit field of the extra data
+    /// when present, else the 32-bit one.
     pub vm_state_size: u64,
     /// Virtual disk size at the time of the snapshot (extra data, if present).
     pub disk_size: Option<u64>,

@@ -308,12 +308,15 @@ impl Qcow2Image {
         })
     }
 
+    /// The storage the image file lives on.
     pub fn storage(&self) -> &StorageRef {
         &self.file
     }
+    /// The backing image, if the image names one and it was opened.
     pub fn backing(&self) -> Option<&Arc<Image>> {
         self.backing.as_ref()
     }
+    /// Virtual size in bytes (the header's `size`, as changed by resizes).
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -325,6 +328,7 @@ impl Qcow2Image {
     pub fn snapshots(&self) -> &[Snapshot] {
         &self.snapshots
     }
+    /// Cluster size in bytes (`1 << cluster_bits`).
     pub fn cluster_size(&self) -> u64 {
         self.cs
     }

@@ -33,8 +33,11 @@ use crate::cache::AioKind;
 /// Which operations a rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultOn {
+    /// Reads only.
     Read,
+    /// Writes only.
     Write,
+    /// Flushes only.
     Flush,
     /// Reads and writes.
     ReadWrite,
@@ -69,8 +72,11 @@ pub enum Fault {
 /// The kind of an operation, as far as faults are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
+    /// A read (engine `Read` op or synchronous read).
     Read,
+    /// A write (engine `Write` op or synchronous write).
     Write,
+    /// A flush (fdatasync).
     Flush,
 }
 
@@ -133,6 +139,7 @@ impl std::fmt::Debug for FaultPlan {
 }
 
 impl FaultPlan {
+    /// An empty plan (no operation fails until rules are added).
     pub fn new() -> Arc<FaultPlan> {
         Arc::new(FaultPlan::default())
     }

@@ -31,14 +31,24 @@ pub enum OpKind {
     /// fdatasync (the buffer is `None`).
     Flush,
     /// fallocate(mode, offset, len) (the buffer is `None`).
-    Fallocate { mode: i32, len: u64 },
+    Fallocate {
+        /// fallocate(2) mode flags (`FALLOC_FL_*`; 0 allocates).
+        mode: i32,
+        /// Length of the range in bytes.
+        len: u64,
+    },
 }
 
 /// One operation handed to an engine.
 pub struct Op<B: IoBuf> {
+    /// What to do.
     pub kind: OpKind,
+    /// The file to do it on (`-1` for engines of storages without a file descriptor).
     pub fd: RawFd,
+    /// Byte offset in the file (unused by flushes).
     pub offset: u64,
+    /// The data buffer of a read or write, owned by the engine until the completion hands
+    /// it back; `None` for flushes and fallocates.
     pub buf: Option<B>,
     /// Returned unchanged in the completion.
     pub user_data: u64,
@@ -48,8 +58,11 @@ pub struct Op<B: IoBuf> {
 /// A short read or write is reported as is (`Ok(n)` with `n` less than the length); the
 /// caller decides (past EOF a short read is normal).
 pub struct Completion<B: IoBuf> {
+    /// The [`Op::user_data`] of the operation.
     pub user_data: u64,
+    /// Bytes transferred, or the OS error.
     pub result: io::Result<usize>,
+    /// The operation's buffer, handed back.
     pub buf: Option<B>,
 }
 

@@ -38,7 +38,9 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Internal errors that kept the check from completing (I/O errors, limits).
     pub check_errors: u64,
+    /// Corruptions repaired (with [`Repair::All`]).
     pub corruptions_fixed: u64,
+    /// Leaked clusters repaired (with [`Repair::Leaks`] or [`Repair::All`]).
     pub leaks_fixed: u64,
     /// End of the last cluster in use (referenced or with a nonzero refcount).
     pub image_end_offset: u64,
@@ -46,7 +48,10 @@ pub struct CheckReport {
     pub total_clusters: u64,
     /// Allocated guest clusters of the active L1 table.
     pub allocated_clusters: u64,
+    /// Allocated guest clusters whose host cluster does not directly follow the previous
+    /// one's in the same L2 table; compressed clusters always count (as in qemu-img).
     pub fragmented_clusters: u64,
+    /// Allocated guest clusters stored compressed.
     pub compressed_clusters: u64,
     /// What was found (and repaired), in qemu-img's words; qemu-img prints these on stderr.
     pub messages: Vec<String>,
