@@ -438,11 +438,11 @@ impl<B: IoBuf> UringEngine<B> {
 
     /// [`Engine::settle`]: cancels what can be cancelled, then waits for every CQE.
     fn settle_all(&mut self, out: &mut Vec<Completion<B>>) -> io::Result<()> {
-        if self.slab.len() == 0 {
+        if self.slab.is_empty() {
             return Ok(());
         }
         self.cancel_all();
-        while self.slab.len() > 0 {
+        while !self.slab.is_empty() {
             self.enter(1)?;
             self.drain(out);
         }
