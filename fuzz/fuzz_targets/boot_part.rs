@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use xdisk_boot::disk::ReadAt;
-use xdisk_boot::find::{choose, Request};
+use xdisk_boot::find::{choose, BootRequest};
 use xdisk_boot::Limits;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,14 +15,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(p.start.saturating_add(p.len) <= len);
         }
     }
-    let req = Request {
+    let req = BootRequest {
         limits: Limits {
             max_file: 1 << 20,
             max_config: 64 << 10,
             max_dir_entries: 256,
             ..Limits::default()
         },
-        ..Request::default()
+        ..BootRequest::default()
     };
     let _ = choose(&disk, &req);
 });

@@ -27,7 +27,7 @@ use xdisk_blkif::wire::{
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE,
 };
 use xdisk_blkif::{BackRing, RingError};
-use xdisk_image::queue::{Done, ImageQueue, Request as IoRequest, RequestKind as IoKind};
+use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest};
 use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
 use xdisk_io::Slab;
 use xdisk_xen::platform::{DomId, EventChannel, MappedRegion};
@@ -141,7 +141,7 @@ pub(crate) struct Reactor<D: GuestData> {
     stop: Arc<Stop>,
     slab: Slab<Pending>,
     responses: Vec<Response>,
-    done: Vec<Done<D::Buf>>,
+    done: Vec<IoDone<D::Buf>>,
     next_seq: u64,
     /// Writes and discards submitted and not completed, by sequence number.
     writes: BTreeSet<u64>,
@@ -697,7 +697,7 @@ impl<D: GuestData> Reactor<D> {
         r.map(|_| n)
     }
 
-    fn completed(&mut self, d: Done<D::Buf>) {
+    fn completed(&mut self, d: IoDone<D::Buf>) {
         self.submitted = self.submitted.saturating_sub(1);
         let idx = d.user_data as usize;
         let mut status = io_status(&d.result);

@@ -36,7 +36,7 @@ pub const BLS_DIRS: &[&str] = &["/boot/loader/entries", "/loader/entries"];
 
 /// What the caller asks for (pygrub's options).
 #[derive(Debug, Clone, Default)]
-pub struct Request {
+pub struct BootRequest {
     /// `--entry`: a number (counting every entry in file order) or an exact title.
     pub entry: Option<String>,
     /// `--kernel`: skip the config and boot this path.
@@ -241,7 +241,7 @@ pub fn load_config(fs: &dyn FileSystem, limits: &Limits) -> Result<Option<(Strin
 /// Every filesystem on the disk that we can read, with its config (for `--list-entries`).
 /// Places with no known filesystem or an unreadable one are skipped; their reasons are
 /// returned alongside.
-pub fn scan(disk: &Arc<dyn ReadAt>, req: &Request) -> Result<(Vec<Found>, Vec<String>)> {
+pub fn scan(disk: &Arc<dyn ReadAt>, req: &BootRequest) -> Result<(Vec<Found>, Vec<String>)> {
     let mut found = Vec::new();
     let mut why = Vec::new();
     for p in places(&**disk, req.offset)? {
@@ -290,7 +290,7 @@ pub fn locate(fs: &dyn FileSystem, path: &str) -> Option<String> {
 
 /// Chooses what to boot (pygrub's main loop): the first filesystem whose config (or, with
 /// `--kernel`, whose files) yields a kernel that exists there.
-pub fn choose(disk: &Arc<dyn ReadAt>, req: &Request) -> Result<Choice> {
+pub fn choose(disk: &Arc<dyn ReadAt>, req: &BootRequest) -> Result<Choice> {
     let mut why = Vec::new();
     for p in places(&**disk, req.offset)? {
         let fs = match open_fs(disk, &p, &req.limits) {

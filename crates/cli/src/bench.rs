@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 
-use xdisk_image::queue::{Done, ImageQueue, QueueConfig, Request, RequestKind};
+use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::{AioKind, CacheMode};
 use xdisk_io::AlignedBuf;
 
@@ -129,7 +129,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     let mut completed = 0u64;
     let mut in_flight = 0usize;
     let mut flushing = false;
-    let mut done: Vec<Done<AlignedBuf>> = Vec::with_capacity(a.depth);
+    let mut done: Vec<IoDone<AlignedBuf>> = Vec::with_capacity(a.depth);
     let start = Instant::now();
     while completed < a.count {
         while !flushing && in_flight < a.depth && submitted < a.count {
@@ -140,12 +140,8 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             {
                 bail!("request at offset {offset} of {bufsize} bytes is past the end of the image ({image_size} bytes)");
             }
-            q.submit(Request {
-                kind: if a.write {
-                    RequestKind::Write
-                } else {
-                    RequestKind::Read
-                },
+            q.submit(IoRequest {
+                kind: if a.write { IoKind::Write } else { IoKind::Read },
                 offset,
                 buf: Some(buf),
                 user_data: submitted,
@@ -178,8 +174,8 @@ pub fn run(a: BenchArgs) -> Result<i32> {
                 && !flushing
                 && (in_flight == 0 || a.no_drain)
             {
-                q.submit(Request {
-                    kind: RequestKind::Flush,
+                q.submit(IoRequest {
+                    kind: IoKind::Flush,
                     offset: 0,
                     buf: None,
                     user_data: FLUSH_TAG,

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use xdisk_boot::config::{grub2, grubenv::GrubEnv, BootConfig};
 use xdisk_boot::disk::ReadAt;
-use xdisk_boot::find::{self, Request};
+use xdisk_boot::find::{self, BootRequest};
 use xdisk_boot::Limits;
 use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 
@@ -361,7 +361,7 @@ pub fn run(a: BootArgs) -> Result<i32> {
         drop_privileges(uid, limits.max_file)?;
     }
 
-    let mut req = Request {
+    let mut req = BootRequest {
         entry: a.entry.clone(),
         kernel: a.kernel.clone(),
         ramdisk: a.ramdisk.clone(),

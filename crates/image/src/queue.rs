@@ -26,7 +26,7 @@ use crate::{Error, Extent, Image, InFlight, Mapping, Result};
 
 /// What a request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestKind {
+pub enum IoKind {
     /// Read `buf.total_len()` bytes at `offset` into the buffer.
     Read,
     /// Write the buffer at `offset`.
@@ -49,20 +49,20 @@ pub enum RequestKind {
 }
 
 /// One request to an [`ImageQueue`].
-pub struct Request<B: IoBuf> {
+pub struct IoRequest<B: IoBuf> {
     /// What to do.
-    pub kind: RequestKind,
+    pub kind: IoKind,
     /// Byte offset in the virtual disk (unused by flushes).
     pub offset: u64,
     /// Data buffer of reads and writes (`None` for the others).
     pub buf: Option<B>,
-    /// Returned unchanged in the request's [`Done`].
+    /// Returned unchanged in the request's [`IoDone`].
     pub user_data: u64,
 }
 
 /// A finished request.
-pub struct Done<B: IoBuf> {
-    /// The [`Request::user_data`] of the request.
+pub struct IoDone<B: IoBuf> {
+    /// The [`IoRequest::user_data`] of the request.
     pub user_data: u64,
     /// `Ok` if the whole request succeeded, else its (first) error.
     pub result: Result<()>,
@@ -121,7 +121,7 @@ struct Slot<B: IoBuf> {
     pending: u32,
     error: Option<Error>,
     _guard: Option<InFlight>,
-    kind: RequestKind,
+    kind: IoKind,
     /// Each sub-op's host offset, where its bytes start in the buffer and how many, and
     /// where it went (for reading the rest of a short read).
     starts: Vec<(u64, usize, usize, Target)>,
@@ -154,7 +154,7 @@ pub struct ImageQueue<B: IoBuf> {
     backlog: VecDeque<(usize, Op<IoSlice>)>,
     extents: Vec<Extent>,
     completions: Vec<Completion<IoSlice>>,
-    ready: VecDeque<Done<B>>,
+    ready: VecDeque<IoDone<B>>,
     slow: SlowPool<B>,
     slow_in_flight: usize,
     stats: QueueStats,
@@ -260,10 +260,10 @@ impl<B: IoBuf> ImageQueue<B> {
 
     /// Starts a request. Errors found before any I/O (out of range, read-only) complete the
     /// request with that error; they are returned by `reap` like any other completion.
-    pub fn submit(&mut self, req: Request<B>) {
+    pub fn submit(&mut self, req: IoRequest<B>) {
         let stream = match (&req.kind, &req.buf) {
-            (RequestKind::Read, Some(b)) => Some((req.offset, b.total_len() as u64, false)),
-            (RequestKind::Write, Some(b)) => Some((req.offset, b.total_len() as u64, true)),
+            (IoKind::Read, Some(b)) => Some((req.offset, b.total_len() as u64, false)),
+            (IoKind::Write, Some(b)) => Some((req.offset, b.total_len() as u64, true)),
             _ => None,
         };
         let continues = stream.is_some_and(|(off, _, w)| self.held_end == Some((off, w)));
@@ -294,7 +294,7 @@ impl<B: IoBuf> ImageQueue<B> {
         if result.is_err() {
             self.stats.errors += 1;
         }
-        self.ready.push_back(Done {
+        self.ready.push_back(IoDone {
             user_data,
             result,
             buf,
@@ -302,11 +302,11 @@ impl<B: IoBuf> ImageQueue<B> {
     }
 
     /// Maps and submits on the engine; gives the request back when it needs the slow path.
-    fn try_fast(&mut self, mut req: Request<B>) -> std::result::Result<(), Request<B>> {
+    fn try_fast(&mut self, mut req: IoRequest<B>) -> std::result::Result<(), IoRequest<B>> {
         let (write, len) = match req.kind {
-            RequestKind::Read => (false, req.buf.as_ref().map_or(0, |b| b.total_len())),
-            RequestKind::Write => (true, req.buf.as_ref().map_or(0, |b| b.total_len())),
-            RequestKind::Flush if self.image.format() == crate::Format::Raw => {
+            IoKind::Read => (false, req.buf.as_ref().map_or(0, |b| b.total_len())),
+            IoKind::Write => (true, req.buf.as_ref().map_or(0, |b| b.total_len())),
+            IoKind::Flush if self.image.format() == crate::Format::Raw => {
                 return match self.target(self.image.storage()) {
                     Some(t) => self.submit_flush(req, t),
                     None => Err(req),
@@ -427,9 +427,9 @@ impl<B: IoBuf> ImageQueue<B> {
 
     fn submit_flush(
         &mut self,
-        req: Request<B>,
+        req: IoRequest<B>,
         target: Target,
-    ) -> std::result::Result<(), Request<B>> {
+    ) -> std::result::Result<(), IoRequest<B>> {
         if self.image.read_only() {
             self.finish(req.user_data, Ok(()), req.buf);
             return Ok(());
@@ -506,7 +506,7 @@ impl<B: IoBuf> ImageQueue<B> {
         }
     }
 
-    fn send_slow(&mut self, req: Request<B>) {
+    fn send_slow(&mut self, req: IoRequest<B>) {
         self.stats.slow += 1;
         self.slow_in_flight += 1;
         self.slow.send(req);
@@ -523,7 +523,7 @@ impl<B: IoBuf> ImageQueue<B> {
             Ok(n) => {
                 if let Some(&(host, start, len, t)) = slot.starts.get(sub) {
                     if n < len {
-                        if slot.kind == RequestKind::Read && n > 0 && slot.error.is_none() {
+                        if slot.kind == IoKind::Read && n > 0 && slot.error.is_none() {
                             // A short read is not necessarily the end of the file (io_uring
                             // and the threads engine return what one call read): read the
                             // rest; only a read of 0 bytes means EOF (as QEMU's io_uring).
@@ -546,7 +546,7 @@ impl<B: IoBuf> ImageQueue<B> {
                                 );
                                 return;
                             }
-                        } else if slot.kind == RequestKind::Read {
+                        } else if slot.kind == IoKind::Read {
                             // Past the end of the host file: reads as zeroes.
                             if let Some(b) = slot.buf.as_mut() {
                                 b.fill_zero(start + n, len - n);
@@ -561,7 +561,7 @@ impl<B: IoBuf> ImageQueue<B> {
                 }
             }
             Err(e) => {
-                if slot.kind == RequestKind::Flush {
+                if slot.kind == IoKind::Flush {
                     self.image.storage().mark_broken(&e);
                 }
                 if slot.error.is_none() {
@@ -621,7 +621,7 @@ impl<B: IoBuf> ImageQueue<B> {
     /// `timeout` passes (None: no limit). Returns the number appended.
     pub fn reap(
         &mut self,
-        out: &mut Vec<Done<B>>,
+        out: &mut Vec<IoDone<B>>,
         min: usize,
         timeout: Option<Duration>,
     ) -> Result<usize> {
@@ -813,7 +813,7 @@ type SlowResult<B> = (u64, Result<()>, Option<B>);
 
 /// Worker threads running the image's blocking methods.
 struct SlowPool<B: IoBuf> {
-    tx: Option<mpsc::Sender<Request<B>>>,
+    tx: Option<mpsc::Sender<IoRequest<B>>>,
     rx: mpsc::Receiver<SlowResult<B>>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -821,7 +821,7 @@ struct SlowPool<B: IoBuf> {
 impl<B: IoBuf> SlowPool<B> {
     /// Starts `threads` workers, which signal `event` after each request.
     fn new(image: Arc<Image>, threads: usize, event: Arc<EventFd>) -> Result<SlowPool<B>> {
-        let (tx, work_rx) = mpsc::channel::<Request<B>>();
+        let (tx, work_rx) = mpsc::channel::<IoRequest<B>>();
         let work_rx = Arc::new(Mutex::new(work_rx));
         let (done_tx, rx) = mpsc::channel();
         let mut workers = Vec::with_capacity(threads);
@@ -854,7 +854,7 @@ impl<B: IoBuf> SlowPool<B> {
         })
     }
 
-    fn send(&self, req: Request<B>) {
+    fn send(&self, req: IoRequest<B>) {
         if let Some(tx) = &self.tx {
             // Workers only exit when tx is dropped, so send cannot fail while we hold it.
             let _ = tx.send(req);
@@ -876,24 +876,24 @@ impl<B: IoBuf> Drop for SlowPool<B> {
 }
 
 /// Runs one request with the image's blocking methods (the slow path).
-fn run_blocking<B: IoBuf>(image: &Image, req: &mut Request<B>) -> Result<()> {
+fn run_blocking<B: IoBuf>(image: &Image, req: &mut IoRequest<B>) -> Result<()> {
     match req.kind {
-        RequestKind::Read => {
+        IoKind::Read => {
             let buf = req.buf.as_mut().ok_or_else(no_buf)?;
             let mut tmp = vec![0u8; buf.total_len()];
             image.read_at(&mut tmp, req.offset)?;
             buf.copy_in(0, &tmp);
             Ok(())
         }
-        RequestKind::Write => {
+        IoKind::Write => {
             let buf = req.buf.as_mut().ok_or_else(no_buf)?;
             let mut tmp = vec![0u8; buf.total_len()];
             buf.copy_out(0, &mut tmp);
             image.write_at(&tmp, req.offset)
         }
-        RequestKind::Flush => image.flush(),
-        RequestKind::Discard { len } => image.discard(req.offset, len),
-        RequestKind::WriteZeroes { len, unmap } => image.write_zeroes(req.offset, len, unmap),
+        IoKind::Flush => image.flush(),
+        IoKind::Discard { len } => image.discard(req.offset, len),
+        IoKind::WriteZeroes { len, unmap } => image.write_zeroes(req.offset, len, unmap),
     }
 }
 

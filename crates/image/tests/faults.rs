@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use xdisk_image::queue::{Done, ImageQueue, QueueConfig, Request, RequestKind};
+use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::{AioKind, CacheMode, Image};
 use xdisk_io::fault::{Fault, FaultOn, FaultPlan};
 use xdisk_io::{AlignedBuf, IoBuf};
@@ -54,11 +54,11 @@ fn queue(image: &Arc<Image>, aio: AioKind) -> ImageQueue<AlignedBuf> {
 /// Runs one request through the queue and returns its result.
 fn run(
     q: &mut ImageQueue<AlignedBuf>,
-    kind: RequestKind,
+    kind: IoKind,
     offset: u64,
     buf: Option<AlignedBuf>,
-) -> Done<AlignedBuf> {
-    q.submit(Request {
+) -> IoDone<AlignedBuf> {
+    q.submit(IoRequest {
         kind,
         offset,
         buf,
@@ -87,26 +87,26 @@ fn failed_flush_breaks(path: &Path, cache: CacheMode, aio: AioKind) {
         .expect("image on a host file")
         .inject_faults(&plan);
     let mut q = queue(&image, aio);
-    let w = run(&mut q, RequestKind::Write, 0, Some(data(8192, 1)));
+    let w = run(&mut q, IoKind::Write, 0, Some(data(8192, 1)));
     assert!(w.result.is_ok(), "{:?}", w.result);
     plan.fail_next(FaultOn::Flush, Fault::Errno(libc::EIO));
-    let f = run(&mut q, RequestKind::Flush, 0, None);
+    let f = run(&mut q, IoKind::Flush, 0, None);
     assert!(f.result.is_err(), "the injected flush failure is reported");
     assert_eq!(plan.injected(), 1);
     // The next fdatasync would succeed (the kernel forgot the lost pages): it must not be
     // trusted.
-    let f = run(&mut q, RequestKind::Flush, 0, None);
+    let f = run(&mut q, IoKind::Flush, 0, None);
     assert!(f.result.is_err(), "a flush after a failed flush fails");
-    let w = run(&mut q, RequestKind::Write, 65536, Some(data(4096, 2)));
+    let w = run(&mut q, IoKind::Write, 65536, Some(data(4096, 2)));
     assert!(w.result.is_err(), "a write after a failed flush fails");
-    let w = run(&mut q, RequestKind::Write, 1 << 20, Some(data(65536, 3)));
+    let w = run(&mut q, IoKind::Write, 1 << 20, Some(data(65536, 3)));
     assert!(
         w.result.is_err(),
         "an allocating write after a failed flush fails"
     );
     let z = run(
         &mut q,
-        RequestKind::WriteZeroes {
+        IoKind::WriteZeroes {
             len: 4096,
             unmap: false,
         },
@@ -117,12 +117,7 @@ fn failed_flush_breaks(path: &Path, cache: CacheMode, aio: AioKind) {
     assert!(image.flush().is_err());
     assert!(image.write_at(&[9u8; 512], 0).is_err());
     // Reads still answer, with what was written.
-    let r = run(
-        &mut q,
-        RequestKind::Read,
-        0,
-        Some(AlignedBuf::new(8192, 4096)),
-    );
+    let r = run(&mut q, IoKind::Read, 0, Some(AlignedBuf::new(8192, 4096)));
     assert!(r.result.is_ok());
     assert!(r.buf.unwrap().iter().all(|&b| b == 1));
     drop(q);
@@ -232,11 +227,8 @@ fn stuck_queue(
         },
     )
     .unwrap();
-    for (i, kind) in [RequestKind::Read, RequestKind::Write]
-        .into_iter()
-        .enumerate()
-    {
-        q.submit(Request {
+    for (i, kind) in [IoKind::Read, IoKind::Write].into_iter().enumerate() {
+        q.submit(IoRequest {
             kind,
             offset: i as u64 * 65536,
             buf: Some(CountingBuf {
@@ -297,8 +289,8 @@ fn buffers_of_unreaped_operations_are_leaked_not_freed() {
         let drops = Arc::new(AtomicUsize::new(0));
         let mut q: ImageQueue<CountingBuf> =
             ImageQueue::new(image.clone(), &QueueConfig::default()).unwrap();
-        q.submit(Request {
-            kind: RequestKind::Read,
+        q.submit(IoRequest {
+            kind: IoKind::Read,
             offset: 0,
             buf: Some(CountingBuf {
                 inner: AlignedBuf::new(4096, 4096),
@@ -381,16 +373,16 @@ fn random_faults_never_yield_wrong_data(
             let mut buf = AlignedBuf::new(n * 512, 4096);
             rng.fill(&mut buf[..]);
             let hashes = buf.chunks(512).map(sector_hash).collect();
-            q.submit(Request {
-                kind: RequestKind::Write,
+            q.submit(IoRequest {
+                kind: IoKind::Write,
                 offset,
                 buf: Some(buf),
                 user_data: id,
             });
             inflight.push((id, first, n, Some(hashes)));
         } else {
-            q.submit(Request {
-                kind: RequestKind::Read,
+            q.submit(IoRequest {
+                kind: IoKind::Read,
                 offset,
                 buf: Some(AlignedBuf::new(n * 512, 4096)),
                 user_data: id,
@@ -401,7 +393,7 @@ fn random_faults_never_yield_wrong_data(
         q.reap(&mut done, min, Some(Duration::from_secs(30)))
             .unwrap();
         let mut check =
-            |d: Done<AlignedBuf>, inflight: &mut Vec<(u64, usize, usize, Option<Vec<u64>>)>| {
+            |d: IoDone<AlignedBuf>, inflight: &mut Vec<(u64, usize, usize, Option<Vec<u64>>)>| {
                 let i = inflight.iter().position(|r| r.0 == d.user_data).unwrap();
                 let (_, first, n, write) = inflight.swap_remove(i);
                 match (write, &d.result) {

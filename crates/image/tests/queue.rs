@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use xdisk_image::queue::{Done, ImageQueue, QueueConfig, QueueStats, Request, RequestKind};
+use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig, QueueStats};
 use xdisk_image::{AioKind, CacheMode, Image, OpenOptions};
 use xdisk_io::{AlignedBuf, MemStorage, StorageRef};
 
@@ -49,7 +49,7 @@ fn random_workload(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // In-flight requests never overlap (like a well-behaved guest), so the model is exact.
     let mut inflight: Vec<(u64, u64, u64, bool)> = Vec::new(); // (id, off, len, is_read)
-    let mut done: Vec<Done<AlignedBuf>> = Vec::new();
+    let mut done: Vec<IoDone<AlignedBuf>> = Vec::new();
     let mut next_id = 0u64;
     let mut issued = 0usize;
     while issued < ops || !inflight.is_empty() {
@@ -69,8 +69,8 @@ fn random_workload(
             match rng.gen_range(0..10) {
                 0..=4 => {
                     let buf = AlignedBuf::new(len as usize, align);
-                    q.submit(Request {
-                        kind: RequestKind::Read,
+                    q.submit(IoRequest {
+                        kind: IoKind::Read,
                         offset: off,
                         buf: Some(buf),
                         user_data: id,
@@ -81,8 +81,8 @@ fn random_workload(
                     let mut buf = AlignedBuf::new(len as usize, align);
                     rng.fill(&mut buf[..]);
                     model[off as usize..(off + len) as usize].copy_from_slice(&buf);
-                    q.submit(Request {
-                        kind: RequestKind::Write,
+                    q.submit(IoRequest {
+                        kind: IoKind::Write,
                         offset: off,
                         buf: Some(buf),
                         user_data: id,
@@ -91,8 +91,8 @@ fn random_workload(
                 }
                 8 => {
                     model[off as usize..(off + len) as usize].fill(0);
-                    q.submit(Request {
-                        kind: RequestKind::WriteZeroes {
+                    q.submit(IoRequest {
+                        kind: IoKind::WriteZeroes {
                             len,
                             unmap: rng.gen(),
                         },
@@ -103,8 +103,8 @@ fn random_workload(
                     inflight.push((id, off, len, false));
                 }
                 _ => {
-                    q.submit(Request {
-                        kind: RequestKind::Flush,
+                    q.submit(IoRequest {
+                        kind: IoKind::Flush,
                         offset: 0,
                         buf: None,
                         user_data: id,
@@ -294,20 +294,20 @@ fn queue_reports_out_of_range_and_read_only_as_errors() {
     )
     .unwrap();
     let mut q: ImageQueue<AlignedBuf> = ImageQueue::new(img, &QueueConfig::default()).unwrap();
-    q.submit(Request {
-        kind: RequestKind::Read,
+    q.submit(IoRequest {
+        kind: IoKind::Read,
         offset: (1 << 20) - 512,
         buf: Some(AlignedBuf::new(4096, 4096)),
         user_data: 1,
     });
-    q.submit(Request {
-        kind: RequestKind::Write,
+    q.submit(IoRequest {
+        kind: IoKind::Write,
         offset: 0,
         buf: Some(AlignedBuf::new(4096, 4096)),
         user_data: 2,
     });
-    q.submit(Request {
-        kind: RequestKind::Read,
+    q.submit(IoRequest {
+        kind: IoKind::Read,
         offset: u64::MAX - 100,
         buf: Some(AlignedBuf::new(512, 4096)),
         user_data: 3,
