@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use xdisk_blkif::wire::{Segment, PAGE_SIZE};
 use xdisk_io::{AlignedBuf, IoBuf};
-use xdisk_xen::foreign::{GrantIoBuf, GrantSegment};
+use xdisk_xen::iobuf::{GrantIoBuf, GrantSegment};
 use xdisk_xen::platform::{
     CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, PlatformError,
 };

@@ -5,7 +5,8 @@
 //! [`GrantMapper`](xdisk_xen::platform::GrantMapper), an
 //! [`EventChannels`](xdisk_xen::platform::EventChannels) and the
 //! [`Image`](xdisk_image::Image) — so the same code runs on the in-process simulation and on
-//! real Xen. There are no globals.
+//! real Xen. There are no globals. The simulation (the `xdisk-xensim` crate) is only a
+//! dev-dependency: this library links no simulation code.
 //!
 //! * [`device`]: the xenbus state machine (xen/io/xenbus.h) and the negotiation of
 //!   xen/io/blkif.h, one control thread per device.

@@ -97,7 +97,7 @@ struct Setup {
     host: Host,
     faulty: Arc<Faulty>,
     device: Device,
-    dom: Arc<xdisk_xen::sim::SimDomain>,
+    dom: Arc<xdisk_xensim::SimDomain>,
     _disk: Disk,
 }
 

@@ -1,6 +1,6 @@
 //! A Xen PV block frontend ("blkfront") in Rust, driving the ring the way Linux's
 //! `xen-blkfront` does, for tests and benchmarks of xdisk's backend on the simulation
-//! ([`xdisk_xen::sim`]): it runs as a simulated guest domain ([`SimDomain`]) with its own
+//! ([`xdisk_xensim`]): it runs as a simulated guest domain ([`SimDomain`]) with its own
 //! xenstore connection, grants its pages and allocates event channels.
 //!
 //! * [`Frontend::connect`]: the frontend side of the xenbus handshake (xen/io/xenbus.h,
@@ -32,8 +32,8 @@ use xdisk_blkif::xenbus::{keys, parse_bool, parse_u32, parse_u64};
 use xdisk_blkif::{Abi, FrontRing, RingError, XenbusState};
 use xdisk_io::sys::poll_readable;
 use xdisk_xen::platform::{DomId, EventChannel, GrantRef, MappedRegion, PlatformError};
-use xdisk_xen::sim::{SimDomain, SimError};
 use xdisk_xen::xenstore::{Client, Errno, Watch};
+use xdisk_xensim::{SimDomain, SimError};
 
 /// Errors of the frontend.
 #[derive(Debug, thiserror::Error)]

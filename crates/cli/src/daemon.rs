@@ -25,8 +25,8 @@ use xdisk_daemon::simguest::SimGuest;
 use xdisk_daemon::status::DaemonStatus;
 use xdisk_daemon::{Platform, Supervisor, SupervisorConfig};
 use xdisk_image::{CacheMode, Format};
-use xdisk_xen::sim::SimXen;
 use xdisk_xen::xenstore::Client;
+use xdisk_xensim::SimXen;
 
 #[derive(Args)]
 pub struct ServeArgs {

@@ -1,5 +1,11 @@
 //! `xdisk`: the command-line tool. `xdisk img ...` is a qemu-img-like image tool; the Xen
 //! backend daemon and friends join it as they land.
+//!
+//! What links what: the backend and daemon libraries (`xdisk-backend`, `xdisk-daemon` without
+//! features) serve real Xen and contain no simulation. This binary also offers simulation
+//! modes (`xdisk serve --platform sim`, `xdisk bench`, the demos), so it links the simulated
+//! Xen host (`xdisk-xensim`), the Rust blkfront (`xdisk-blkfront`) and the daemon's `sim`
+//! feature; on real Xen none of that code runs.
 
 mod bench;
 mod boot;

@@ -47,8 +47,8 @@ use xdisk_blkif::wire::{
 };
 use xdisk_image::queue::QueueConfig;
 use xdisk_image::{AioKind, CacheMode, Image};
-use xdisk_xen::sim::{SimXen, DEFAULT_GRANT_ENTRIES};
 use xdisk_xen::xenstore::{Access, Client, Perm};
+use xdisk_xensim::{SimXen, DEFAULT_GRANT_ENTRIES};
 
 use crate::size::parse_size;
 use hist::{Histogram, FIO_PERCENTILES};

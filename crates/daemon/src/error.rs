@@ -31,8 +31,9 @@ pub enum Error {
     #[error(transparent)]
     Platform(#[from] xdisk_xen::platform::PlatformError),
     /// The simulation failed.
+    #[cfg(feature = "sim")]
     #[error(transparent)]
-    Sim(#[from] xdisk_xen::sim::SimError),
+    Sim(#[from] xdisk_xensim::SimError),
     /// Something the caller asked for is not possible.
     #[error("{0}")]
     Invalid(String),

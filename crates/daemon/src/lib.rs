@@ -14,8 +14,13 @@
 //!   of the daemon's own domain (`xl block-attach 0`).
 //! * [`qemu`]: what a stand-in for QEMU needs to satisfy libxl (its command line, QMP).
 //! * [`platform`]: the one place where the simulation or real Xen is chosen.
-//! * [`simguest`]: a simulated guest whose frontend connects to every disk given to it, for
-//!   demos and tests on the simulation.
+//! * `simguest` (feature `sim`): a simulated guest whose frontend connects to every disk given
+//!   to it, for demos and tests on the simulation.
+//!
+//! Features: `sim` (off by default) adds the simulation: `Platform::sim`, `simguest` and
+//! `Error::Sim`, with the `xdisk-xensim` and `xdisk-blkfront` crates. Without it the library
+//! serves real Xen only and links no simulation code (`cargo tree -p xdisk-daemon -e normal`
+//! shows neither crate); the `xdisk` binary enables it for its simulation modes.
 //!
 //! No `unsafe`: guest memory is only reached through the platform traits.
 
@@ -30,6 +35,7 @@ pub mod metrics;
 pub mod params;
 pub mod platform;
 pub mod qemu;
+#[cfg(feature = "sim")]
 pub mod simguest;
 pub mod status;
 pub mod supervisor;

@@ -1,11 +1,13 @@
 //! The one place where the daemon's platform is chosen: real Xen (xenstored, gntdev, evtchn)
-//! or the in-process simulation.
+//! or the in-process simulation (feature `sim`).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use xdisk_xen::platform::{DomId, EventChannels, GrantMapper};
-use xdisk_xen::sim::SimXen;
 use xdisk_xen::xenstore::Client;
+#[cfg(feature = "sim")]
+use xdisk_xensim::SimXen;
 
 use crate::error::{Error, Result};
 
@@ -16,7 +18,8 @@ pub enum PlatformKind {
     /// `/dev/xen/xenbus`; grants through `/dev/xen/gntdev`; event channels through
     /// `/dev/xen/evtchn`.
     Xen,
-    /// The simulation of [`xdisk_xen::sim`], in this process.
+    /// The simulation of the `xdisk-xensim` crate, in this process (`Platform::sim`, with
+    /// the `sim` feature).
     Sim,
 }
 
@@ -52,6 +55,7 @@ pub struct Platform {
     /// Our own domain (the backend domain).
     pub domid: DomId,
     /// The simulated host, kept alive while the platform is (simulation only).
+    #[cfg(feature = "sim")]
     pub sim: Option<Arc<SimXen>>,
 }
 
@@ -67,6 +71,7 @@ impl std::fmt::Debug for Platform {
 impl Platform {
     /// The backend domain `domid` of a simulated host (normally 0), with a new xenstore
     /// connection.
+    #[cfg(feature = "sim")]
     pub fn sim(xen: &Arc<SimXen>, domid: DomId) -> Result<Platform> {
         Ok(Platform {
             kind: PlatformKind::Sim,
@@ -85,9 +90,23 @@ impl Platform {
 
     /// A new xenstore connection on the same platform (for clients such as `xdisk attach`).
     pub fn connect_xenstore(&self) -> Result<Client> {
-        match &self.sim {
-            Some(sim) => Ok(sim.xenstore(self.domid)?),
-            None => Client::open().map_err(Error::Connect),
+        #[cfg(feature = "sim")]
+        if let Some(sim) = &self.sim {
+            return Ok(sim.xenstore(self.domid)?);
+        }
+        Client::open().map_err(Error::Connect)
+    }
+
+    /// The xenstored socket of the simulated host (what xl tools need as `XENSTORED_PATH`);
+    /// `None` on real Xen.
+    pub fn sim_xenstore_path(&self) -> Option<&Path> {
+        #[cfg(feature = "sim")]
+        {
+            self.sim.as_ref().map(|s| s.xenstore_path())
+        }
+        #[cfg(not(feature = "sim"))]
+        {
+            None
         }
     }
 }
@@ -113,6 +132,7 @@ fn real_xen() -> Result<Platform> {
         gnt: Arc::new(gnt),
         evt: Arc::new(evt),
         domid,
+        #[cfg(feature = "sim")]
         sim: None,
     })
 }

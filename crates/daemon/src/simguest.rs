@@ -15,7 +15,7 @@ use std::time::Duration;
 use xdisk_blkfront::{FrontConfig, Frontend};
 use xdisk_blkif::XenbusState;
 use xdisk_xen::platform::DomId;
-use xdisk_xen::sim::{SimDomain, SimXen};
+use xdisk_xensim::{SimDomain, SimXen};
 
 use crate::error::Result;
 

@@ -306,9 +306,8 @@ impl Supervisor {
             xenstore_path: self
                 .inner
                 .platform
-                .sim
-                .as_ref()
-                .map(|s| s.xenstore_path().display().to_string()),
+                .sim_xenstore_path()
+                .map(|p| p.display().to_string()),
             devices: self.devices(),
         }
     }

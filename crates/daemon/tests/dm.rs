@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use xdisk_daemon::dm::{self, Outcome};
-use xdisk_xen::sim::SimXen;
+use xdisk_xensim::SimXen;
 
 fn pid_node(xs: &xdisk_xen::xenstore::Client) -> Option<String> {
     xs.read_string(&dm::pid_path(0)).ok()

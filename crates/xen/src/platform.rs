@@ -1,8 +1,9 @@
 //! The Xen primitives a backend needs, as small interfaces: grant mapping and copying, event
 //! channels (xenstore is [`crate::xenstore::Client`], whose transport already covers both real
-//! Xen and the simulation). Two implementations: the simulation ([`crate::sim`], memfd guest
-//! memory with a grant table in shared memory, eventfd event channels) and real Xen
-//! (`/dev/xen/gntdev`, `/dev/xen/evtchn`; later).
+//! Xen and the simulation). Two implementations: real Xen ([`crate::real`]: `/dev/xen/gntdev`,
+//! `/dev/xen/evtchn`) and the simulation (the `xdisk-xensim` crate: memfd guest memory with a
+//! grant table in shared memory, eventfd event channels), which depends on this crate, never
+//! the other way round.
 //!
 //! Memory of another domain is never seen as Rust data: [`MappedRegion`] offers the copying,
 //! bounds-checked accessors of [`xdisk_blkif::mem::SharedMem`] for metadata (rings, indirect

@@ -13,8 +13,8 @@ use xdisk_backend::{Device, DeviceConfig};
 use xdisk_blkfront::{FrontConfig, Frontend};
 use xdisk_blkif::XenbusState;
 use xdisk_image::{CacheMode, Image, OpenOptions};
-use xdisk_xen::sim::{SimDomain, SimXen};
 use xdisk_xen::xenstore::{Access, Client, Perm};
+use xdisk_xensim::{SimDomain, SimXen};
 
 /// Pages of memory of a test guest.
 pub const GUEST_PAGES: usize = 8192;

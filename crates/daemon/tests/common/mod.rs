@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use xdisk_blkfront::{FrontConfig, Frontend};
 use xdisk_blkif::XenbusState;
 use xdisk_daemon::{Platform, Supervisor, SupervisorConfig};
-use xdisk_xen::sim::{SimDomain, SimXen};
 use xdisk_xen::xenstore::{Access, Client, Perm};
+use xdisk_xensim::{SimDomain, SimXen};
 
 pub const GUEST_PAGES: usize = 8192;
 pub const MIB: u64 = 1 << 20;

@@ -312,7 +312,7 @@ impl Client {
     }
 
     /// Uses an already connected stream (e.g. from
-    /// [`Server::connect_as`](super::Server::connect_as)).
+    /// `xdisk_xensim::xenstored::Server::connect_as`).
     pub fn from_stream(stream: UnixStream) -> Result<Client, Error> {
         Client::with_transport(Box::new(stream))
     }

@@ -1,4 +1,5 @@
-//! Xenstore: the wire protocol, a client and an in-process server.
+//! Xenstore: the wire protocol and a client. (The in-process xenstored of the simulation is
+//! `xdisk_xensim::xenstored`, built on [`wire`].)
 //!
 //! References (cited by section in the code):
 //! - `docs/misc/xenstore.txt` of the Xen tree ("xenstore.txt" below): path syntax, message
@@ -8,23 +9,24 @@
 //!
 //! Layout:
 //! - [`wire`]: header, message types, error names, payload encoding, path and permission rules;
-//!   request decoding is hostile-input safe.
+//!   request decoding ([`parse_message`], what a xenstored does with each message it reads) is
+//!   hostile-input safe.
 //! - [`Client`]: a synchronous, thread-safe client with a reader thread that demultiplexes
 //!   replies (by `req_id`) and watch events (by token), over any [`Transport`] (a unix socket or
 //!   the xenbus character device).
-//! - [`server`]: an in-process xenstored for tests and hosts without Xen.
 
 mod client;
-pub mod server;
 mod transport;
 pub mod wire;
 
 pub use client::{
     Client, Error, Transaction, Watch, WatchCallback, WatchEvent, DEFAULT_TIMEOUT, MAX_TX_RETRIES,
 };
-pub use server::{parse_message, Config, MessageError, ParsedMessage, Server};
 pub use transport::{Transport, XenbusDevice, DEFAULT_DEVICE_PATH, DEFAULT_SOCKET_PATH};
-pub use wire::{Access, DomId, Errno, Header, MsgType, Perm, Request};
+pub use wire::{
+    parse_message, Access, DomId, Errno, Header, MessageError, MsgType, ParsedMessage, Perm,
+    Request,
+};
 
 /// Result type of the client API.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

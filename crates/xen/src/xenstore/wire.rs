@@ -912,6 +912,55 @@ impl Request {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Messages as a xenstored parses them (the in-process one of the simulation does exactly this;
+// fuzzed).
+
+/// Framing errors: a xenstored closes the connection on these.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("{0} bytes are not a full header")]
+    ShortHeader(usize),
+    #[error("payload length {0} exceeds XENSTORE_PAYLOAD_MAX")]
+    TooLong(u32),
+    #[error("header announces {expected} payload bytes, only {got} present")]
+    ShortPayload { expected: usize, got: usize },
+}
+
+/// One message parsed the way a xenstored parses what it reads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParsedMessage {
+    pub header: Header,
+    /// The decoded request, or the error a xenstored replies with (the connection stays).
+    pub request: Result<Request, Errno>,
+    /// Bytes used (header and payload): where the next message starts.
+    pub consumed: usize,
+}
+
+/// Parses the first message of `bytes` exactly as a xenstored does with each message it reads
+/// (header, length check, payload decoding). Never panics; meant to be fuzzed.
+pub fn parse_message(bytes: &[u8]) -> Result<ParsedMessage, MessageError> {
+    let hdr: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(MessageError::ShortHeader(bytes.len()))?;
+    let header = Header::decode(hdr);
+    let len = header
+        .check_len()
+        .map_err(|_| MessageError::TooLong(header.len))?;
+    let payload = bytes
+        .get(HEADER_LEN..HEADER_LEN + len)
+        .ok_or(MessageError::ShortPayload {
+            expected: len,
+            got: bytes.len() - HEADER_LEN,
+        })?;
+    Ok(ParsedMessage {
+        header,
+        request: Request::decode(header.msg_type, payload),
+        consumed: HEADER_LEN + len,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1041,5 +1090,40 @@ mod tests {
             Err(WireError::Truncated)
         ));
         assert!(matches!(read_message(&mut &b""[..]), Ok(None)));
+    }
+
+    #[test]
+    fn parse_message_framing() {
+        assert_eq!(parse_message(b"short"), Err(MessageError::ShortHeader(5)));
+        let mut m = Header {
+            msg_type: MsgType::Read,
+            req_id: 1,
+            tx_id: 0,
+            len: 5000,
+        }
+        .encode()
+        .to_vec();
+        assert_eq!(parse_message(&m), Err(MessageError::TooLong(5000)));
+        m = Header {
+            msg_type: MsgType::Read,
+            req_id: 1,
+            tx_id: 0,
+            len: 3,
+        }
+        .encode()
+        .to_vec();
+        m.extend_from_slice(b"/a");
+        assert_eq!(
+            parse_message(&m),
+            Err(MessageError::ShortPayload {
+                expected: 3,
+                got: 2
+            })
+        );
+        m.push(0);
+        m.extend_from_slice(b"next");
+        let p = parse_message(&m).unwrap();
+        assert_eq!(p.request, Ok(Request::Read { path: "/a".into() }));
+        assert_eq!(p.consumed, HEADER_LEN + 3);
     }
 }

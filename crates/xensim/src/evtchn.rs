@@ -17,8 +17,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::foreign::EventFd;
-use crate::platform::{DomId, EventChannel, EventChannels, PlatformError, Port};
+use crate::mem::EventFd;
+use xdisk_xen::platform::{DomId, EventChannel, EventChannels, PlatformError, Port};
 
 /// Ports per domain (`EVTCHN_2L_NR_CHANNELS` for 64-bit guests).
 pub const MAX_PORTS: Port = 4096;

@@ -22,8 +22,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-use crate::foreign::{Memfd, MmapRegion, PAGE_SIZE};
-use crate::platform::{
+use crate::mem::{Memfd, MmapRegion, PAGE_SIZE};
+use xdisk_xen::platform::{
     CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, MemError,
     PlatformError, SharedMem,
 };

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use xdisk_io::{open_engine, AioKind, Completion, EngineConfig, IoBuf, Op, OpKind};
-use xdisk_xen::foreign::{poll_readable, GrantIoBuf, GrantSegment, PAGE_SIZE};
+use xdisk_xen::iobuf::{GrantIoBuf, GrantSegment};
 use xdisk_xen::platform::{
     CopyDir, GrantCopyOp, GrantRef, GrantStatus, MappedRegion, PlatformError, SharedMem,
 };
-use xdisk_xen::sim::{
+use xdisk_xensim::mem::{poll_readable, PAGE_SIZE};
+use xdisk_xensim::{
     SimDomain, SimError, SimXen, GTF_PERMIT_ACCESS, GTF_READING, GTF_READONLY, GTF_SUB_PAGE,
     GTF_WRITING,
 };
@@ -267,7 +268,7 @@ fn map_limits() {
         Err(PlatformError::TooLarge(0))
     ));
     let g = guest.grant(0, BACKEND, false).unwrap();
-    let many = vec![g; xdisk_xen::sim::MAX_MAP_PAGES + 1];
+    let many = vec![g; xdisk_xensim::MAX_MAP_PAGES + 1];
     assert!(matches!(
         mapper.map(GUEST, &many, false),
         Err(PlatformError::TooLarge(_))
@@ -1082,9 +1083,9 @@ fn handles_are_send_and_sync() {
     fn send<T: Send>() {}
     send_sync::<SimXen>();
     send_sync::<SimDomain>();
-    send_sync::<xdisk_xen::sim::SimGrantMapper>();
-    send_sync::<xdisk_xen::sim::SimEventChannels>();
-    send_sync::<xdisk_xen::sim::SimPort>();
-    send_sync::<xdisk_xen::foreign::MmapRegion>();
+    send_sync::<xdisk_xensim::SimGrantMapper>();
+    send_sync::<xdisk_xensim::SimEventChannels>();
+    send_sync::<xdisk_xensim::SimPort>();
+    send_sync::<xdisk_xensim::mem::MmapRegion>();
     send::<GrantIoBuf>();
 }

@@ -3,21 +3,30 @@
 //!
 //! - Guest memory is a memfd per domain ([`SimDomain::page`] is the guest's own view); a
 //!   backend only ever sees it through [`GrantMapper`] mappings of granted pages (mmaps of the
-//!   memfd) or grant copies.
+//!   memfd, [`mem`]) or grant copies.
 //! - Each domain's grant table is `grant_entry_v1` entries (xen/include/public/grant_table.h)
 //!   in its own shared memfd; the guest fills entries ([`SimDomain::grant`], or anything at
 //!   all with [`SimDomain::write_grant_entry_raw`]) and the "hypervisor" ([`SimGrantMapper`])
 //!   validates a single read of each entry, as Xen does. See [`grant`] for the protocol.
 //! - Event channels ([`evtchn`]) are eventfds, one per port, connected as
 //!   xen/include/public/event_channel.h describes.
-//! - Xenstore is the in-process xenstored ([`crate::xenstore::Server`]) on a unix socket in a
+//! - Xenstore is the in-process xenstored ([`xenstored::Server`]) on a unix socket in a
 //!   private temporary directory; [`SimXen::xenstore`] gives a connection with a domain's
 //!   permissions.
 //!
+//! It implements the interfaces of [`xdisk_xen::platform`] and speaks the wire protocol of
+//! [`xdisk_xen::xenstore`], so the backend runs on it unchanged. Production code does not link
+//! this crate: `xdisk-backend` has it as a dev-dependency only, `xdisk-daemon` only with its
+//! `sim` feature, which the `xdisk` binary turns on for its simulation modes (`xdisk serve
+//! --platform sim`, `xdisk bench`, the demos); `xdisk-blkfront` (tests and benchmarks) is
+//! built on it.
+//!
+//! `unsafe` is denied crate-wide; only [`mem`] (memfd and mmap) allows it.
+//!
 //! ```no_run
-//! # fn main() -> Result<(), xdisk_xen::sim::SimError> {
+//! # fn main() -> Result<(), xdisk_xensim::SimError> {
 //! use xdisk_xen::platform::SharedMem;
-//! use xdisk_xen::sim::SimXen;
+//! use xdisk_xensim::SimXen;
 //! let xen = SimXen::new()?;
 //! let guest = xen.create_domain(1, 64)?;
 //! guest.page(3)?.copy_to(0, b"hello")?;
@@ -28,16 +37,23 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(unsafe_code)]
+
 pub mod evtchn;
 pub mod grant;
+pub mod mem;
+pub mod xenstored;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
-use crate::platform::{DomId, EventChannels, GrantMapper, GrantRef, MappedRegion, PlatformError};
-use crate::xenstore::wire::DOMID_FIRST_RESERVED;
-use crate::xenstore::{Access, Client, Errno, Perm, Server};
+use xdisk_xen::platform::{
+    DomId, EventChannels, GrantMapper, GrantRef, MappedRegion, PlatformError,
+};
+use xdisk_xen::xenstore::wire::DOMID_FIRST_RESERVED;
+use xdisk_xen::xenstore::{Access, Client, Errno, Perm};
+use xenstored::Server;
 
 pub use evtchn::{SimEventChannels, SimPort, MAX_PORTS};
 pub use grant::{
@@ -65,7 +81,7 @@ pub enum SimError {
     #[error("grant table of domain {0} is full")]
     GrantTableFull(DomId),
     #[error("xenstore: {0}")]
-    Xenstore(#[from] crate::xenstore::Error),
+    Xenstore(#[from] xdisk_xen::xenstore::Error),
     #[error("xenstore: {0}")]
     Xs(#[from] Errno),
     #[error("{context}: {source}")]
@@ -77,7 +93,7 @@ pub enum SimError {
     #[error(transparent)]
     Platform(#[from] PlatformError),
     #[error(transparent)]
-    Mem(#[from] crate::platform::MemError),
+    Mem(#[from] xdisk_xen::platform::MemError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SimError {

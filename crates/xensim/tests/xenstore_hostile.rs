@@ -8,7 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use xdisk_xen::xenstore::wire::{self, Header, Message, MsgType, XENSTORE_PAYLOAD_MAX};
-use xdisk_xen::xenstore::{Access, Client, Config, Errno, Perm, Server};
+use xdisk_xen::xenstore::{Access, Client, Errno, Perm};
+use xdisk_xensim::xenstored::{Config, Server};
 
 const T: Duration = Duration::from_secs(10);
 

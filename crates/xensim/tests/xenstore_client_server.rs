@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use xdisk_xen::xenstore::{Access, Client, Config, Errno, Error, Perm, Server, WatchEvent};
+use xdisk_xen::xenstore::{Access, Client, Errno, Error, Perm, WatchEvent};
+use xdisk_xensim::xenstored::{Config, Server};
 
 const T: Duration = Duration::from_secs(10);
 

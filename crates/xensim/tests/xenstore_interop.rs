@@ -6,7 +6,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use xdisk_xen::xenstore::{Access, Client, Perm, Server};
+use xdisk_xen::xenstore::{Access, Client, Perm};
+use xdisk_xensim::xenstored::Server;
 
 fn have_tools() -> bool {
     let all = [

@@ -1,8 +1,9 @@
 //! A small in-process xenstored, for hosts without Xen and for tests.
 //!
 //! It listens on a unix socket chosen by the caller and speaks the wire protocol of
-//! [`super::wire`], so libxenstore tools (`XENSTORED_PATH=<socket> xenstore-ls`) and
-//! [`super::Client`] both work against it. Socket connections are dom0;
+//! [`xdisk_xen::xenstore::wire`] (each message parsed as [`xdisk_xen::xenstore::parse_message`]
+//! does), so libxenstore tools (`XENSTORED_PATH=<socket> xenstore-ls`) and
+//! [`xdisk_xen::xenstore::Client`] both work against it. Socket connections are dom0;
 //! [`Server::connect_as`] hands out connections that act as domain N, with xenstored's
 //! permission rules and quotas ([`Config`]):
 //! - a node's first permission entry names its owner and the access of every domain not listed
@@ -47,12 +48,12 @@ use std::time::Duration;
 
 use tree::{Actor, Event, Limits, Op, Perms, Tree, READ};
 
-use super::client::{Client, Error as ClientError};
-use super::wire::{
+use xdisk_xen::xenstore::wire::{
     self, domain_path, is_child, join_strings, ok_payload, Access, DomId, Errno, Header, MsgType,
     Perm, Request, HEADER_LEN, INTRODUCE_DOMAIN, RELEASE_DOMAIN, XENSTORE_ABS_PATH_MAX,
     XENSTORE_PAYLOAD_MAX,
 };
+use xdisk_xen::xenstore::{Client, Error as ClientError};
 
 /// Quotas and limits. The per-domain ones (nodes, value size, permission entries,
 /// transaction bytes) apply to unprivileged domains only, as in xenstored; the per-connection
@@ -106,54 +107,6 @@ impl Config {
             max_perms_per_node: self.max_perms_per_node,
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Message parsing entry point (for fuzzing).
-
-/// Framing errors: the server closes the connection on these.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum MessageError {
-    #[error("{0} bytes are not a full header")]
-    ShortHeader(usize),
-    #[error("payload length {0} exceeds XENSTORE_PAYLOAD_MAX")]
-    TooLong(u32),
-    #[error("header announces {expected} payload bytes, only {got} present")]
-    ShortPayload { expected: usize, got: usize },
-}
-
-/// One message parsed the way the server parses what it reads.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ParsedMessage {
-    pub header: Header,
-    /// The decoded request, or the error the server would reply with (the connection stays).
-    pub request: Result<Request, Errno>,
-    /// Bytes used (header and payload): where the next message starts.
-    pub consumed: usize,
-}
-
-/// Parses the first message of `bytes` exactly as the server does for each message it reads
-/// (header, length check, payload decoding). Never panics; meant to be fuzzed.
-pub fn parse_message(bytes: &[u8]) -> Result<ParsedMessage, MessageError> {
-    let hdr: &[u8; HEADER_LEN] = bytes
-        .get(..HEADER_LEN)
-        .and_then(|h| h.try_into().ok())
-        .ok_or(MessageError::ShortHeader(bytes.len()))?;
-    let header = Header::decode(hdr);
-    let len = header
-        .check_len()
-        .map_err(|_| MessageError::TooLong(header.len))?;
-    let payload = bytes
-        .get(HEADER_LEN..HEADER_LEN + len)
-        .ok_or(MessageError::ShortPayload {
-            expected: len,
-            got: bytes.len() - HEADER_LEN,
-        })?;
-    Ok(ParsedMessage {
-        header,
-        request: Request::decode(header.msg_type, payload),
-        consumed: HEADER_LEN + len,
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -753,41 +706,6 @@ mod tests {
         }
         assert_eq!(got, names);
         assert_eq!(directory_part(1, &refs, 1 << 30), b"1\0\0");
-    }
-
-    #[test]
-    fn parse_message_framing() {
-        assert_eq!(parse_message(b"short"), Err(MessageError::ShortHeader(5)));
-        let mut m = Header {
-            msg_type: MsgType::Read,
-            req_id: 1,
-            tx_id: 0,
-            len: 5000,
-        }
-        .encode()
-        .to_vec();
-        assert_eq!(parse_message(&m), Err(MessageError::TooLong(5000)));
-        m = Header {
-            msg_type: MsgType::Read,
-            req_id: 1,
-            tx_id: 0,
-            len: 3,
-        }
-        .encode()
-        .to_vec();
-        m.extend_from_slice(b"/a");
-        assert_eq!(
-            parse_message(&m),
-            Err(MessageError::ShortPayload {
-                expected: 3,
-                got: 2
-            })
-        );
-        m.push(0);
-        m.extend_from_slice(b"next");
-        let p = parse_message(&m).unwrap();
-        assert_eq!(p.request, Ok(Request::Read { path: "/a".into() }));
-        assert_eq!(p.consumed, HEADER_LEN + 3);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::xenstore::wire::{Access, DomId, Errno, Perm};
+use xdisk_xen::xenstore::wire::{Access, DomId, Errno, Perm};
 
 /// A node's permission list (never empty).
 pub(crate) type Perms = Arc<[Perm]>;

@@ -1,4 +1,4 @@
-//! Foreign memory and the other small OS objects of the simulation: every `unsafe` block of
+//! The guest memory of the simulation and its other small OS objects: every `unsafe` block of
 //! this crate lives here, each with a `// SAFETY:` comment.
 //!
 //! - [`Memfd`]: a sealed memfd (its size can never change, so a mapping of it can never
@@ -8,10 +8,11 @@
 //!   several grants into one VMA). It implements [`SharedMem`] with single atomic accesses
 //!   (never a Rust reference to the bytes: the other domain may change them at any moment) and
 //!   [`MappedRegion`].
-//! - [`GrantIoBuf`]: an [`IoBuf`] made of byte ranges of mapped regions, so that disk I/O goes
-//!   straight into guest pages, as blkback does.
 //! - [`EventFd`] and [`poll_readable`]: the event channel doorbells, re-exported from
 //!   [`xdisk_io::sys`] (`poll_readable` is [`xdisk_io::sys::wait_readable`]).
+//!
+//! The zero-copy I/O buffer over mapped grants is production code, in xdisk-xen:
+//! [`xdisk_xen::iobuf::GrantIoBuf`].
 
 #![allow(unsafe_code)]
 
@@ -22,14 +23,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
 
 use xdisk_blkif::mem::check_bounds;
-use xdisk_io::IoBuf;
 
 pub use xdisk_io::sys::{wait_readable as poll_readable, EventFd};
 
-use crate::platform::{MappedRegion, MemError, PlatformError, SharedMem};
+use xdisk_xen::platform::{MappedRegion, MemError, SharedMem};
 
 /// Size of a Xen page (`XEN_PAGE_SIZE`); grants are whole pages. The one definition is
 /// [`xdisk_blkif::wire::PAGE_SIZE`].
@@ -353,191 +352,6 @@ impl MappedRegion for MmapRegion {
 
     fn io_base(&self) -> *mut u8 {
         self.ptr.as_ptr()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// GrantIoBuf
-
-/// One byte range of a mapped region, part of a [`GrantIoBuf`]. Holding the `Arc` keeps the
-/// mapping alive.
-#[derive(Clone)]
-pub struct GrantSegment {
-    pub region: Arc<dyn MappedRegion>,
-    /// Byte offset inside the region.
-    pub offset: usize,
-    /// Length in bytes.
-    pub len: usize,
-}
-
-impl GrantSegment {
-    pub fn new(region: Arc<dyn MappedRegion>, offset: usize, len: usize) -> GrantSegment {
-        GrantSegment {
-            region,
-            offset,
-            len,
-        }
-    }
-}
-
-impl std::fmt::Debug for GrantSegment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrantSegment")
-            .field("region_size", &self.region.size())
-            .field("writable", &self.region.writable())
-            .field("offset", &self.offset)
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-/// An [`IoBuf`] over granted guest pages: the iovecs point straight into the mappings, so an
-/// engine's preadv/pwritev moves data between the disk and the guest's pages without a copy
-/// (what blkback does with its grant mappings).
-///
-/// Built with bounds checked against each region; a buffer that the device writes into (a
-/// guest *read* request, `for_device_read`) must consist of writable mappings only. The
-/// buffer holds the regions' `Arc`s, so the mappings outlive any in-flight operation.
-///
-/// [`IoBuf::copy_in`], [`IoBuf::copy_out`] and [`IoBuf::fill_zero`] go through
-/// [`SharedMem`] (atomic accesses), never through plain references to guest memory.
-pub struct GrantIoBuf {
-    segments: Vec<GrantSegment>,
-    iov: Vec<libc::iovec>,
-    len: usize,
-}
-
-// SAFETY: the iovecs are raw pointers into mappings owned by the `Arc<dyn MappedRegion>`s held
-// in `segments` (which are Send + Sync); moving the buffer to another thread moves no memory.
-unsafe impl Send for GrantIoBuf {}
-
-impl std::fmt::Debug for GrantIoBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrantIoBuf")
-            .field("segments", &self.segments)
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-impl GrantIoBuf {
-    /// A buffer of `segments`, in order. Fails with [`PlatformError::Mem`] if a segment is not
-    /// inside its region, and with [`PlatformError::Io`] (`PermissionDenied`) if
-    /// `for_device_read` (the device writes into the buffer) and a region is read-only.
-    pub fn new(
-        segments: Vec<GrantSegment>,
-        for_device_read: bool,
-    ) -> Result<GrantIoBuf, PlatformError> {
-        let mut iov = Vec::with_capacity(segments.len());
-        let mut len = 0usize;
-        for (i, s) in segments.iter().enumerate() {
-            check_bounds(s.offset, s.len, s.region.size())?;
-            if for_device_read && !s.region.writable() {
-                return Err(PlatformError::Io {
-                    context: format!("segment {i} of a read buffer"),
-                    source: io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        "read-only grant mapping as the destination of a read",
-                    ),
-                });
-            }
-            len = len.checked_add(s.len).ok_or(MemError::OutOfBounds {
-                offset: len,
-                len: s.len,
-                size: usize::MAX,
-            })?;
-            iov.push(libc::iovec {
-                // In bounds of the region (checked above); the pointer is never dereferenced
-                // here, only handed to the kernel.
-                iov_base: s.region.io_base().wrapping_add(s.offset).cast(),
-                iov_len: s.len,
-            });
-        }
-        Ok(GrantIoBuf { segments, iov, len })
-    }
-
-    /// The segments, in order.
-    pub fn segments(&self) -> &[GrantSegment] {
-        &self.segments
-    }
-
-    /// Gives the segments back (to unmap or reuse them).
-    pub fn into_segments(self) -> Vec<GrantSegment> {
-        self.segments
-    }
-
-    /// Calls `f(segment, start_in_segment, buf_range)` for each piece of `[at, at + len)`.
-    fn for_range(
-        &self,
-        at: usize,
-        len: usize,
-        mut f: impl FnMut(&GrantSegment, usize, std::ops::Range<usize>),
-    ) {
-        let end = at
-            .checked_add(len)
-            .filter(|&e| e <= self.len)
-            .unwrap_or_else(|| {
-                panic!(
-                    "{len} bytes at {at} are past the end of a {}-byte GrantIoBuf",
-                    self.len
-                )
-            });
-        let mut pos = 0usize;
-        for s in &self.segments {
-            let (ss, se) = (pos, pos + s.len);
-            pos = se;
-            if se <= at || ss >= end {
-                continue;
-            }
-            let from = at.max(ss);
-            let to = end.min(se);
-            f(s, s.offset + (from - ss), (from - at)..(to - at));
-        }
-    }
-}
-
-// SAFETY: the iovecs stay valid while the buffer lives: each points inside a mapping kept
-// alive by the `Arc` in `segments` (bounds checked in `new`), and mappings never move. The
-// memory is shared with the granting guest, which may touch it during the I/O exactly as it
-// may under blkback; the kernel treats it as plain bytes, and this process never forms Rust
-// references to it.
-unsafe impl IoBuf for GrantIoBuf {
-    fn iovecs(&mut self) -> &[libc::iovec] {
-        &self.iov
-    }
-
-    fn total_len(&self) -> usize {
-        self.len
-    }
-
-    fn copy_in(&mut self, at: usize, src: &[u8]) {
-        self.for_range(at, src.len(), |s, off, r| {
-            s.region
-                .copy_to(off, &src[r])
-                .expect("copy_in into a GrantIoBuf segment");
-        });
-    }
-
-    fn copy_out(&mut self, at: usize, dst: &mut [u8]) {
-        self.for_range(at, dst.len(), |s, off, r| {
-            s.region
-                .copy_from(off, &mut dst[r])
-                .expect("copy_out of a GrantIoBuf segment");
-        });
-    }
-
-    fn fill_zero(&mut self, at: usize, len: usize) {
-        const ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-        self.for_range(at, len, |s, off, r| {
-            let mut done = 0;
-            while done < r.len() {
-                let n = (r.len() - done).min(PAGE_SIZE);
-                s.region
-                    .copy_to(off + done, &ZEROS[..n])
-                    .expect("fill_zero of a GrantIoBuf segment");
-                done += n;
-            }
-        });
     }
 }
 
