@@ -3,7 +3,7 @@
 
 Same workload, same file, alternating order per round; prints medians and ratios.
 
-  bench/img-bench.py [--size 1G] [--rounds 3] [--dir /var/tmp] [--quick] [--baseline BIN]
+  bench/img-bench.py [--size 1G] [--rounds 3] [--dir /var/tmp] [--quick] [--only NAME] [--baseline BIN]
 
 --baseline runs a second xdisk binary (say, built from the commit before a change) in the
 same alternating rounds and prints new/base ratios: how a refactoring shows it lost no speed.
@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--quick", action="store_true", help="small counts (smoke run)")
     ap.add_argument("--json", help="also write results to this file")
+    ap.add_argument("--only", help="run only workloads whose name contains this")
     ap.add_argument("--baseline", metavar="BIN",
                     help="another xdisk binary (e.g. built from the previous commit) run in the same rounds")
     a = ap.parse_args()
@@ -101,6 +102,8 @@ def main():
             ]
         results = {}
         for wl in WORKLOADS:
+            if a.only and a.only not in wl["name"]:
+                continue
             count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
             per = {name: [] for name, _ in runs}
             for rnd in range(a.rounds):

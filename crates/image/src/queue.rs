@@ -153,6 +153,8 @@ pub struct ImageQueue<B: IoBuf> {
     slots: Slab<Slot<B>>,
     backlog: VecDeque<(usize, Op<IoSlice>)>,
     extents: Vec<Extent>,
+    /// Where each data extent of the request being mapped goes (reused, like `extents`).
+    targets: Vec<Target>,
     completions: Vec<Completion<IoSlice>>,
     ready: VecDeque<IoDone<B>>,
     slow: SlowPool<B>,
@@ -214,6 +216,7 @@ impl<B: IoBuf> ImageQueue<B> {
             slots: Slab::new(),
             backlog: VecDeque::new(),
             extents: Vec::new(),
+            targets: Vec::new(),
             completions: Vec::new(),
             ready: VecDeque::new(),
             slow_in_flight: 0,
@@ -345,7 +348,7 @@ impl<B: IoBuf> ImageQueue<B> {
                 .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len % align == 0)
         };
         let mut pos = 0u64;
-        let mut targets = Vec::new();
+        self.targets.clear();
         for e in &self.extents {
             if let Extent::Data {
                 storage,
@@ -363,11 +366,11 @@ impl<B: IoBuf> ImageQueue<B> {
                 let Some(t) = self.target(storage) else {
                     return Err(req);
                 };
-                targets.push(t);
+                self.targets.push(t);
             }
             pos += e.len();
         }
-        let n_data = targets.len();
+        let n_data = self.targets.len();
         debug_assert_eq!(pos, len as u64);
         if n_data >= 1 << SUB_BITS {
             return Err(req);
@@ -381,7 +384,7 @@ impl<B: IoBuf> ImageQueue<B> {
             match e {
                 Extent::Zero { .. } => buf.fill_zero(pos, elen),
                 Extent::Data { offset, .. } => {
-                    let t = targets[sub as usize];
+                    let t = self.targets[sub as usize];
                     // SAFETY: the slot keeps `buf` (and so its memory) alive and untouched
                     // until every sub-op has completed; extents are disjoint ranges of it.
                     #[allow(unsafe_code)]
