@@ -663,10 +663,11 @@ pub fn perms_payload(perms: &[Perm]) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Requests.
 
-/// A decoded request (the client-to-daemon direction of xenstore.txt, "Xenstore protocol
-/// details"). Paths are syntax-checked but not resolved (relative paths stay relative).
+/// A decoded xenstore request (the client-to-daemon direction of xenstore.txt, "Xenstore
+/// protocol details"). Paths are syntax-checked but not resolved (relative paths stay relative).
+/// Named `XsRequest` apart from the blkif ring's `xdisk_blkif::wire::Request`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Request {
+pub enum XsRequest {
     /// `READ <path>|`
     Read { path: String },
     /// `WRITE <path>|<value|>`
@@ -732,34 +733,34 @@ fn watch_args(payload: &[u8]) -> Result<(String, Vec<u8>), Errno> {
     Ok((path.to_owned(), parts[1].to_vec()))
 }
 
-impl Request {
+impl XsRequest {
     /// Decodes the payload of a request of type `msg_type`. Unknown types, and types that are
     /// never requests (`WATCH_EVENT`, `ERROR`), are `ENOSYS`; malformed payloads `EINVAL`.
-    pub fn decode(msg_type: MsgType, payload: &[u8]) -> Result<Request, Errno> {
+    pub fn decode(msg_type: MsgType, payload: &[u8]) -> Result<XsRequest, Errno> {
         if payload.len() > XENSTORE_PAYLOAD_MAX {
             return Err(Errno::E2BIG);
         }
         Ok(match msg_type {
-            MsgType::Read => Request::Read {
+            MsgType::Read => XsRequest::Read {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::Mkdir => Request::Mkdir {
+            MsgType::Mkdir => XsRequest::Mkdir {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::Rm => Request::Rm {
+            MsgType::Rm => XsRequest::Rm {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::Directory => Request::Directory {
+            MsgType::Directory => XsRequest::Directory {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::GetPerms => Request::GetPerms {
+            MsgType::GetPerms => XsRequest::GetPerms {
                 path: node_or_special_arg(one_arg(payload)?)?,
             },
             MsgType::Write => {
                 // "Extra strings can be created by binary data": the path is up to the first
                 // NUL, everything after it is the value.
                 let nul = payload.iter().position(|&b| b == 0).ok_or(Errno::EINVAL)?;
-                Request::Write {
+                XsRequest::Write {
                     path: path_arg(&payload[..nul])?,
                     value: payload[nul + 1..].to_vec(),
                 }
@@ -770,7 +771,7 @@ impl Request {
                     return Err(Errno::EINVAL);
                 }
                 let offset = u32::try_from(parse_decimal(parts[1])?).map_err(|_| Errno::EINVAL)?;
-                Request::DirectoryPart {
+                XsRequest::DirectoryPart {
                     path: path_arg(parts[0])?,
                     offset,
                 }
@@ -780,36 +781,36 @@ impl Request {
                 if parts.len() < 2 {
                     return Err(Errno::EINVAL);
                 }
-                Request::SetPerms {
+                XsRequest::SetPerms {
                     path: node_or_special_arg(parts[0])?,
                     perms: parse_perms(&parts[1..])?,
                 }
             }
             MsgType::Watch => {
                 let (path, token) = watch_args(payload)?;
-                Request::Watch { path, token }
+                XsRequest::Watch { path, token }
             }
             MsgType::Unwatch => {
                 let (path, token) = watch_args(payload)?;
-                Request::Unwatch { path, token }
+                XsRequest::Unwatch { path, token }
             }
             // The payload is a reserved empty string; its content is ignored.
-            MsgType::TransactionStart => Request::TransactionStart,
+            MsgType::TransactionStart => XsRequest::TransactionStart,
             MsgType::TransactionEnd => match one_arg(payload)? {
-                b"T" => Request::TransactionEnd { commit: true },
-                b"F" => Request::TransactionEnd { commit: false },
+                b"T" => XsRequest::TransactionEnd { commit: true },
+                b"F" => XsRequest::TransactionEnd { commit: false },
                 _ => return Err(Errno::EINVAL),
             },
-            MsgType::GetDomainPath => Request::GetDomainPath {
+            MsgType::GetDomainPath => XsRequest::GetDomainPath {
                 domid: parse_domid(one_arg(payload)?)?,
             },
-            MsgType::Release => Request::Release {
+            MsgType::Release => XsRequest::Release {
                 domid: parse_domid(one_arg(payload)?)?,
             },
-            MsgType::IsDomainIntroduced => Request::IsDomainIntroduced {
+            MsgType::IsDomainIntroduced => XsRequest::IsDomainIntroduced {
                 domid: parse_domid(one_arg(payload)?)?,
             },
-            MsgType::Resume => Request::Resume {
+            MsgType::Resume => XsRequest::Resume {
                 domid: parse_domid(one_arg(payload)?)?,
             },
             MsgType::Introduce => {
@@ -825,26 +826,26 @@ impl Request {
                     None => parse_decimal(parts[1])?,
                 };
                 let evtchn = u32::try_from(parse_decimal(parts[2])?).map_err(|_| Errno::EINVAL)?;
-                Request::Introduce { domid, mfn, evtchn }
+                XsRequest::Introduce { domid, mfn, evtchn }
             }
             MsgType::SetTarget => {
                 let parts = split_strings(payload)?;
                 if parts.len() != 2 {
                     return Err(Errno::EINVAL);
                 }
-                Request::SetTarget {
+                XsRequest::SetTarget {
                     domid: parse_domid(parts[0])?,
                     target: parse_domid(parts[1])?,
                 }
             }
             // "RESET_WATCHES |": content ignored.
-            MsgType::ResetWatches => Request::ResetWatches,
+            MsgType::ResetWatches => XsRequest::ResetWatches,
             MsgType::Control => {
                 let parts = split_strings(payload)?;
                 if parts.is_empty() || parts[0].is_empty() {
                     return Err(Errno::EINVAL);
                 }
-                Request::Control {
+                XsRequest::Control {
                     args: parts.into_iter().map(<[u8]>::to_vec).collect(),
                 }
             }
@@ -860,54 +861,54 @@ impl Request {
             join_strings(&[s])
         }
         match self {
-            Request::Read { path } => (MsgType::Read, one(path)),
-            Request::Write { path, value } => {
+            XsRequest::Read { path } => (MsgType::Read, one(path)),
+            XsRequest::Write { path, value } => {
                 let mut v = one(path);
                 v.extend_from_slice(value);
                 (MsgType::Write, v)
             }
-            Request::Mkdir { path } => (MsgType::Mkdir, one(path)),
-            Request::Rm { path } => (MsgType::Rm, one(path)),
-            Request::Directory { path } => (MsgType::Directory, one(path)),
-            Request::DirectoryPart { path, offset } => (
+            XsRequest::Mkdir { path } => (MsgType::Mkdir, one(path)),
+            XsRequest::Rm { path } => (MsgType::Rm, one(path)),
+            XsRequest::Directory { path } => (MsgType::Directory, one(path)),
+            XsRequest::DirectoryPart { path, offset } => (
                 MsgType::DirectoryPart,
                 join_strings(&[path.clone(), offset.to_string()]),
             ),
-            Request::GetPerms { path } => (MsgType::GetPerms, one(path)),
-            Request::SetPerms { path, perms } => {
+            XsRequest::GetPerms { path } => (MsgType::GetPerms, one(path)),
+            XsRequest::SetPerms { path, perms } => {
                 let mut v = one(path);
                 v.extend_from_slice(&perms_payload(perms));
                 (MsgType::SetPerms, v)
             }
-            Request::Watch { path, token } => (
+            XsRequest::Watch { path, token } => (
                 MsgType::Watch,
                 join_strings(&[path.as_bytes(), token.as_slice()]),
             ),
-            Request::Unwatch { path, token } => (
+            XsRequest::Unwatch { path, token } => (
                 MsgType::Unwatch,
                 join_strings(&[path.as_bytes(), token.as_slice()]),
             ),
-            Request::TransactionStart => (MsgType::TransactionStart, vec![0]),
-            Request::TransactionEnd { commit } => (
+            XsRequest::TransactionStart => (MsgType::TransactionStart, vec![0]),
+            XsRequest::TransactionEnd { commit } => (
                 MsgType::TransactionEnd,
                 one(if *commit { "T" } else { "F" }),
             ),
-            Request::GetDomainPath { domid } => (MsgType::GetDomainPath, one(&domid.to_string())),
-            Request::Introduce { domid, mfn, evtchn } => (
+            XsRequest::GetDomainPath { domid } => (MsgType::GetDomainPath, one(&domid.to_string())),
+            XsRequest::Introduce { domid, mfn, evtchn } => (
                 MsgType::Introduce,
                 join_strings(&[domid.to_string(), mfn.to_string(), evtchn.to_string()]),
             ),
-            Request::Release { domid } => (MsgType::Release, one(&domid.to_string())),
-            Request::IsDomainIntroduced { domid } => {
+            XsRequest::Release { domid } => (MsgType::Release, one(&domid.to_string())),
+            XsRequest::IsDomainIntroduced { domid } => {
                 (MsgType::IsDomainIntroduced, one(&domid.to_string()))
             }
-            Request::Resume { domid } => (MsgType::Resume, one(&domid.to_string())),
-            Request::SetTarget { domid, target } => (
+            XsRequest::Resume { domid } => (MsgType::Resume, one(&domid.to_string())),
+            XsRequest::SetTarget { domid, target } => (
                 MsgType::SetTarget,
                 join_strings(&[domid.to_string(), target.to_string()]),
             ),
-            Request::ResetWatches => (MsgType::ResetWatches, vec![0]),
-            Request::Control { args } => (MsgType::Control, join_strings(args)),
+            XsRequest::ResetWatches => (MsgType::ResetWatches, vec![0]),
+            XsRequest::Control { args } => (MsgType::Control, join_strings(args)),
         }
     }
 }
@@ -932,7 +933,7 @@ pub enum MessageError {
 pub struct ParsedMessage {
     pub header: Header,
     /// The decoded request, or the error a xenstored replies with (the connection stays).
-    pub request: Result<Request, Errno>,
+    pub request: Result<XsRequest, Errno>,
     /// Bytes used (header and payload): where the next message starts.
     pub consumed: usize,
 }
@@ -956,7 +957,7 @@ pub fn parse_message(bytes: &[u8]) -> Result<ParsedMessage, MessageError> {
         })?;
     Ok(ParsedMessage {
         header,
-        request: Request::decode(header.msg_type, payload),
+        request: XsRequest::decode(header.msg_type, payload),
         consumed: HEADER_LEN + len,
     })
 }
@@ -1045,27 +1046,27 @@ mod tests {
 
     #[test]
     fn decode_rejects_garbage() {
-        assert_eq!(Request::decode(MsgType::Read, b"/a"), Err(Errno::EINVAL));
+        assert_eq!(XsRequest::decode(MsgType::Read, b"/a"), Err(Errno::EINVAL));
         assert_eq!(
-            Request::decode(MsgType::Read, b"/a\0/b\0"),
+            XsRequest::decode(MsgType::Read, b"/a\0/b\0"),
             Err(Errno::EINVAL)
         );
-        assert_eq!(Request::decode(MsgType::Write, b"/a"), Err(Errno::EINVAL));
+        assert_eq!(XsRequest::decode(MsgType::Write, b"/a"), Err(Errno::EINVAL));
         assert_eq!(
-            Request::decode(MsgType::TransactionEnd, b"X\0"),
+            XsRequest::decode(MsgType::TransactionEnd, b"X\0"),
             Err(Errno::EINVAL)
         );
         assert_eq!(
-            Request::decode(MsgType::Unknown(999), b""),
+            XsRequest::decode(MsgType::Unknown(999), b""),
             Err(Errno::ENOSYS)
         );
         assert_eq!(
-            Request::decode(MsgType::Error, b"EINVAL\0"),
+            XsRequest::decode(MsgType::Error, b"EINVAL\0"),
             Err(Errno::ENOSYS)
         );
         assert_eq!(
-            Request::decode(MsgType::Write, b"/a\0x\0y"),
-            Ok(Request::Write {
+            XsRequest::decode(MsgType::Write, b"/a\0x\0y"),
+            Ok(XsRequest::Write {
                 path: "/a".into(),
                 value: b"x\0y".to_vec()
             })
@@ -1123,7 +1124,7 @@ mod tests {
         m.push(0);
         m.extend_from_slice(b"next");
         let p = parse_message(&m).unwrap();
-        assert_eq!(p.request, Ok(Request::Read { path: "/a".into() }));
+        assert_eq!(p.request, Ok(XsRequest::Read { path: "/a".into() }));
         assert_eq!(p.consumed, HEADER_LEN + 3);
     }
 }
