@@ -30,6 +30,7 @@
 //! - `error`: [`Error`] and [`Result`].
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod blocking;
 mod error;

@@ -17,21 +17,43 @@ use xdisk_xen::platform::{EventChannel, GrantRef, MappedRegion, PlatformError};
 use crate::grants::Grant;
 use crate::{Error, Frontend, Result};
 
-/// An operation.
+/// An operation, as [`Frontend::submit`] takes it. Sectors are 512 bytes (blkif's unit,
+/// whatever the disk's `sector-size`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Read `sectors` sectors at `sector`.
-    Read { sector: u64, sectors: u32 },
-    /// Write `data` (a multiple of 512 bytes) at `sector`.
-    Write { sector: u64, data: Vec<u8> },
+    /// Read `sectors` sectors at `sector` (`BLKIF_OP_READ`, or `BLKIF_OP_INDIRECT` when it
+    /// needs more than 11 segments).
+    Read {
+        /// First sector.
+        sector: u64,
+        /// Sectors to read (at most [`Frontend::max_request_sectors`]).
+        sectors: u32,
+    },
+    /// Write `data` (a multiple of 512 bytes) at `sector` (`BLKIF_OP_WRITE`, or indirect).
+    Write {
+        /// First sector.
+        sector: u64,
+        /// The bytes to write; once submitted, the frontend may keep the buffer for reuse
+        /// ([`Frontend::buffer`]).
+        data: Vec<u8>,
+    },
     /// `BLKIF_OP_FLUSH_DISKCACHE` without data.
     Flush,
     /// `BLKIF_OP_WRITE_BARRIER` with `data` (may be empty) at `sector`.
-    Barrier { sector: u64, data: Vec<u8> },
+    Barrier {
+        /// First sector.
+        sector: u64,
+        /// The bytes to write, a multiple of 512 and at most 11 segments (barriers are never
+        /// indirect).
+        data: Vec<u8>,
+    },
     /// `BLKIF_OP_DISCARD`.
     Discard {
+        /// First sector.
         sector: u64,
+        /// Sectors to discard.
         nr_sectors: u64,
+        /// Sets `BLKIF_DISCARD_SECURE` (honoured by a backend that offers `discard-secure`).
         secure: bool,
     },
 }

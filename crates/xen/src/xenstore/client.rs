@@ -36,16 +36,22 @@ pub enum Error {
     /// xenstored answered with `XS_ERROR`.
     #[error("xenstore: {0}")]
     Xs(#[from] Errno),
+    /// Connecting, or writing a request to the socket or device, failed (a failed write also
+    /// closes the connection).
     #[error("xenstore i/o: {0}")]
     Io(#[from] io::Error),
     /// The daemon sent something this client does not understand.
     #[error("xenstore protocol error: {0}")]
     Protocol(String),
+    /// No reply (or, for [`Watch::recv_timeout`], no event) within this time (the client's
+    /// timeout, [`Client::set_timeout`], by default [`DEFAULT_TIMEOUT`]).
     #[error("no xenstore reply within {0:?}")]
     Timeout(Duration),
     /// The connection is closed (by the daemon, an I/O error or a protocol error).
     #[error("xenstore connection closed: {0}")]
     Disconnected(String),
+    /// Refused before sending: a request larger than `XENSTORE_PAYLOAD_MAX`, an empty
+    /// permission list, a `CONTROL` without a command.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// Watch tokens identify subscriptions, so they must be unique per client.
@@ -773,38 +779,47 @@ impl Transaction<'_> {
         self.id
     }
 
+    /// [`Client::read`] in the transaction (`XS_READ` with its `tx_id`).
     pub fn read(&self, path: &str) -> Result<Vec<u8>, Error> {
         self.client.op_read(self.id, path)
     }
 
+    /// [`Client::read_string`] in the transaction.
     pub fn read_string(&self, path: &str) -> Result<String, Error> {
         to_string(self.read(path)?)
     }
 
+    /// [`Client::exists`] in the transaction (a read; `ENOENT` is `false`).
     pub fn exists(&self, path: &str) -> Result<bool, Error> {
         self.client.op_exists(self.id, path)
     }
 
+    /// [`Client::write`] in the transaction: visible to others only once committed.
     pub fn write(&self, path: &str, value: impl AsRef<[u8]>) -> Result<(), Error> {
         self.client.op_write(self.id, path, value.as_ref())
     }
 
+    /// [`Client::mkdir`] in the transaction.
     pub fn mkdir(&self, path: &str) -> Result<(), Error> {
         self.client.op_mkdir(self.id, path)
     }
 
+    /// [`Client::rm`] in the transaction.
     pub fn rm(&self, path: &str) -> Result<(), Error> {
         self.client.op_rm(self.id, path)
     }
 
+    /// [`Client::directory`] in the transaction.
     pub fn directory(&self, path: &str) -> Result<Vec<String>, Error> {
         self.client.op_directory(self.id, path)
     }
 
+    /// [`Client::get_perms`] in the transaction.
     pub fn get_perms(&self, path: &str) -> Result<Vec<Perm>, Error> {
         self.client.op_get_perms(self.id, path)
     }
 
+    /// [`Client::set_perms`] in the transaction.
     pub fn set_perms(&self, path: &str, perms: &[Perm]) -> Result<(), Error> {
         self.client.op_set_perms(self.id, path, perms)
     }
@@ -858,10 +873,13 @@ impl std::fmt::Debug for Watch {
 }
 
 impl Watch {
+    /// The watched path, as given to [`Client::watch`] (events fire for it and every node
+    /// below it).
     pub fn path(&self) -> &str {
         &self.path
     }
 
+    /// The token the watch was set with; its events carry it (xenstore.txt, "WATCH").
     pub fn token(&self) -> &str {
         &self.token
     }
