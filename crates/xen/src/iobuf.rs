@@ -22,6 +22,7 @@ use crate::platform::{MappedRegion, MemError, PlatformError, SharedMem};
 /// mapping alive.
 #[derive(Clone)]
 pub struct GrantSegment {
+    /// The mapped grants (one or more pages) the range is in.
     pub region: Arc<dyn MappedRegion>,
     /// Byte offset inside the region.
     pub offset: usize,
@@ -30,6 +31,8 @@ pub struct GrantSegment {
 }
 
 impl GrantSegment {
+    /// The `len` bytes at `offset` of `region`. Not checked here: [`GrantIoBuf::new`] checks
+    /// the bounds.
     pub fn new(region: Arc<dyn MappedRegion>, offset: usize, len: usize) -> GrantSegment {
         GrantSegment {
             region,

@@ -21,6 +21,7 @@
 //! kernel allow it ([`iobuf`] and `real::sys`).
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod iobuf;
 pub mod platform;

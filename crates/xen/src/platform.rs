@@ -28,20 +28,35 @@ pub enum PlatformError {
     /// bad reference): the hypervisor's GNTST_* status.
     #[error("grant {gref} of domain {domid}: {status:?}")]
     Grant {
+        /// The granting domain.
         domid: DomId,
+        /// The grant reference, an index into that domain's grant table.
         gref: GrantRef,
+        /// Why it is unusable.
         status: GrantStatus,
     },
+    /// An event channel operation refused: no such domain, a remote port not allocated,
+    /// reserved for another domain or already bound, a closed port, no free port (the
+    /// simulation's errors; real Xen's come as [`PlatformError::Io`]).
     #[error("event channel: {0}")]
     EventChannel(String),
+    /// A mapping or allocation of this many pages: none, or more than one call may do
+    /// (gntdev's and gntalloc's `MAX_MAP_PAGES`).
     #[error("too many pages ({0}) in one mapping")]
     TooLarge(usize),
+    /// A system call on a Xen device failed (opening `/dev/xen/*`, an ioctl, an mmap), or
+    /// [`crate::iobuf::GrantIoBuf::new`] refused a read-only mapping as the destination of a
+    /// read (kind `PermissionDenied`).
     #[error("{context}: {source}")]
     Io {
+        /// The device and the operation, e.g. `/dev/xen/gntdev: IOCTL_GNTDEV_MAP_GRANT_REF`.
         context: String,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
+    /// An access to a mapped region out of its bounds or misaligned (a write to a read-only
+    /// mapping reports as out of bounds of a 0-byte region).
     #[error(transparent)]
     Mem(#[from] MemError),
 }
@@ -49,6 +64,7 @@ pub enum PlatformError {
 /// Grant operation status, as xen/include/public/grant_table.h's GNTST_* values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GrantStatus {
+    /// GNTST_okay (0): the operation succeeded.
     #[default]
     Okay,
     /// GNTST_general_error (-1)
@@ -83,10 +99,13 @@ pub enum CopyDir<'a> {
 
 /// One grant copy (like one `struct gntdev_grant_copy_segment`).
 pub struct GrantCopyOp<'a> {
+    /// The domain that granted the foreign page.
     pub domid: DomId,
+    /// The grant reference of the foreign page in that domain's grant table.
     pub gref: GrantRef,
     /// Byte offset inside the foreign page; `offset + len <= 4096`.
     pub offset: u16,
+    /// Which way to copy, and our buffer (its length is the copy's length).
     pub dir: CopyDir<'a>,
     /// Filled in by [`GrantMapper::copy`].
     pub status: GrantStatus,
@@ -111,6 +130,8 @@ pub trait GrantMapper: Send + Sync {
 
 /// One bound event channel.
 pub trait EventChannel: Send + Sync {
+    /// Our end's port number in our domain (what a frontend writes to its `event-channel`
+    /// node for the backend to bind).
     fn local_port(&self) -> Port;
     /// Sends an event to the other end.
     fn notify(&self) -> Result<(), PlatformError>;

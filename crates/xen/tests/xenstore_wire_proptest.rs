@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use xdisk_xen::xenstore::wire::{
     self, join_strings, split_strings, Header, Message, MsgType, HEADER_LEN, XENSTORE_PAYLOAD_MAX,
 };
-use xdisk_xen::xenstore::{parse_message, Access, Errno, MessageError, Perm, Request};
+use xdisk_xen::xenstore::{parse_message, Access, Errno, MessageError, Perm, XsRequest};
 
 fn component() -> impl Strategy<Value = String> {
     "[a-zA-Z0-9_@-]{1,12}"
@@ -54,33 +54,33 @@ fn perm() -> impl Strategy<Value = Perm> {
         .prop_map(|(a, d)| Perm::new(a, d))
 }
 
-fn request() -> impl Strategy<Value = Request> {
+fn request() -> impl Strategy<Value = XsRequest> {
     prop_oneof![
-        path().prop_map(|path| Request::Read { path }),
+        path().prop_map(|path| XsRequest::Read { path }),
         (path(), prop::collection::vec(any::<u8>(), 0..200))
-            .prop_map(|(path, value)| Request::Write { path, value }),
-        path().prop_map(|path| Request::Mkdir { path }),
-        path().prop_map(|path| Request::Rm { path }),
-        path().prop_map(|path| Request::Directory { path }),
-        (path(), any::<u32>()).prop_map(|(path, offset)| Request::DirectoryPart { path, offset }),
-        watch_path().prop_map(|path| Request::GetPerms { path }),
+            .prop_map(|(path, value)| XsRequest::Write { path, value }),
+        path().prop_map(|path| XsRequest::Mkdir { path }),
+        path().prop_map(|path| XsRequest::Rm { path }),
+        path().prop_map(|path| XsRequest::Directory { path }),
+        (path(), any::<u32>()).prop_map(|(path, offset)| XsRequest::DirectoryPart { path, offset }),
+        watch_path().prop_map(|path| XsRequest::GetPerms { path }),
         (watch_path(), prop::collection::vec(perm(), 1..8))
-            .prop_map(|(path, perms)| Request::SetPerms { path, perms }),
-        (watch_path(), token()).prop_map(|(path, token)| Request::Watch { path, token }),
-        (watch_path(), token()).prop_map(|(path, token)| Request::Unwatch { path, token }),
-        Just(Request::TransactionStart),
-        any::<bool>().prop_map(|commit| Request::TransactionEnd { commit }),
-        any::<u16>().prop_map(|domid| Request::GetDomainPath { domid }),
+            .prop_map(|(path, perms)| XsRequest::SetPerms { path, perms }),
+        (watch_path(), token()).prop_map(|(path, token)| XsRequest::Watch { path, token }),
+        (watch_path(), token()).prop_map(|(path, token)| XsRequest::Unwatch { path, token }),
+        Just(XsRequest::TransactionStart),
+        any::<bool>().prop_map(|commit| XsRequest::TransactionEnd { commit }),
+        any::<u16>().prop_map(|domid| XsRequest::GetDomainPath { domid }),
         (any::<u16>(), any::<u64>(), any::<u32>())
-            .prop_map(|(domid, mfn, evtchn)| Request::Introduce { domid, mfn, evtchn }),
-        any::<u16>().prop_map(|domid| Request::Release { domid }),
-        any::<u16>().prop_map(|domid| Request::IsDomainIntroduced { domid }),
-        any::<u16>().prop_map(|domid| Request::Resume { domid }),
+            .prop_map(|(domid, mfn, evtchn)| XsRequest::Introduce { domid, mfn, evtchn }),
+        any::<u16>().prop_map(|domid| XsRequest::Release { domid }),
+        any::<u16>().prop_map(|domid| XsRequest::IsDomainIntroduced { domid }),
+        any::<u16>().prop_map(|domid| XsRequest::Resume { domid }),
         (any::<u16>(), any::<u16>())
-            .prop_map(|(domid, target)| Request::SetTarget { domid, target }),
-        Just(Request::ResetWatches),
+            .prop_map(|(domid, target)| XsRequest::SetTarget { domid, target }),
+        Just(XsRequest::ResetWatches),
         prop::collection::vec(prop::collection::vec(1u8..=255, 1..10), 1..4)
-            .prop_map(|args| Request::Control { args }),
+            .prop_map(|args| XsRequest::Control { args }),
     ]
 }
 
@@ -106,7 +106,7 @@ proptest! {
     #[test]
     fn request_round_trip(req in request(), req_id in any::<u32>(), tx_id in any::<u32>()) {
         let (ty, payload) = req.encode();
-        prop_assert_eq!(Request::decode(ty, &payload), Ok(req.clone()));
+        prop_assert_eq!(XsRequest::decode(ty, &payload), Ok(req.clone()));
         // Through a full message and the server's parser.
         let msg = Message::new(ty, req_id, tx_id, payload).unwrap();
         let bytes = msg.encode();
@@ -153,10 +153,10 @@ proptest! {
             payload.pop();
         }
         // Decoding must not panic; a success re-encodes to something that decodes the same.
-        if let Ok(req) = Request::decode(ty, &payload) {
+        if let Ok(req) = XsRequest::decode(ty, &payload) {
             let (ty2, p2) = req.encode();
             prop_assert_eq!(ty2, ty);
-            prop_assert_eq!(Request::decode(ty2, &p2), Ok(req));
+            prop_assert_eq!(XsRequest::decode(ty2, &p2), Ok(req));
         }
     }
 

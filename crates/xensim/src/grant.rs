@@ -64,8 +64,12 @@ const PIN_RETRIES: u32 = 5;
 /// A decoded `grant_entry_v1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GrantEntry {
+    /// `GTF_*` type and flags: the guest sets the type ([`GTF_PERMIT_ACCESS`]) and
+    /// [`GTF_READONLY`], the hypervisor [`GTF_READING`]/[`GTF_WRITING`] while the page is in use.
     pub flags: u16,
+    /// The domain being given access to the page.
     pub domid: DomId,
+    /// The granted page: a page index into the granting domain's memory (a GFN in Xen).
     pub frame: u32,
 }
 
@@ -75,6 +79,7 @@ impl GrantEntry {
         u64::from(self.flags) | (u64::from(self.domid) << 16) | (u64::from(self.frame) << 32)
     }
 
+    /// Decodes an entry from its 64-bit word (the inverse of [`GrantEntry::to_word`]).
     pub fn from_word(w: u64) -> GrantEntry {
         GrantEntry {
             flags: w as u16,

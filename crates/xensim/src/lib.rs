@@ -38,6 +38,7 @@
 //! ```
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod evtchn;
 pub mod grant;
@@ -68,30 +69,63 @@ use grant::{DomainMem, Hypervisor};
 /// Errors of the simulation's management calls.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// [`SimXen::create_domain`] with the id of a live domain.
     #[error("domain {0} already exists")]
     DomainExists(DomId),
+    /// [`SimXen::destroy_domain`] of a domain that does not exist (or was destroyed).
     #[error("no domain {0}")]
     NoSuchDomain(DomId),
+    /// A domain id that cannot be created: 0 (dom0 is the host itself) or from
+    /// `DOMID_FIRST_RESERVED` (0x7FF0) up.
     #[error("invalid domain id {0}")]
     InvalidDomId(DomId),
+    /// A page index (or range) past the end of the domain's memory. From
+    /// [`SimXen::create_domain`]: a page count over `u32::MAX` (`page` is then the count
+    /// asked for, `pages` the limit).
     #[error("page {page} is outside the domain's {pages} pages")]
-    BadPage { page: usize, pages: usize },
+    BadPage {
+        /// The page index (the last of a range) asked for.
+        page: usize,
+        /// Pages the domain has.
+        pages: usize,
+    },
+    /// A grant reference past the end of the domain's grant table.
     #[error("grant reference {gref} is outside the {entries}-entry grant table")]
-    BadGrantRef { gref: GrantRef, entries: u32 },
+    BadGrantRef {
+        /// The reference.
+        gref: GrantRef,
+        /// Entries in the table.
+        entries: u32,
+    },
+    /// [`SimDomain::grant`] found no free grant reference: every entry past the
+    /// [`GNTTAB_NR_RESERVED_ENTRIES`] is in use.
     #[error("grant table of domain {0} is full")]
     GrantTableFull(DomId),
+    /// A xenstore operation of the simulation failed (connecting as a domain, writing a new
+    /// domain's nodes).
     #[error("xenstore: {0}")]
     Xenstore(#[from] xdisk_xen::xenstore::Error),
+    /// The in-process xenstored refused a domain operation (introducing or releasing it).
     #[error("xenstore: {0}")]
     Xs(#[from] Errno),
+    /// A system call failed: creating the simulation's directory or its xenstored socket, a
+    /// domain's memfds, an mmap of its pages.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, e.g. `memory of domain 5`.
         context: String,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
+    /// A grant or event channel operation failed (for `?` in code that mixes them with the
+    /// management calls).
     #[error(transparent)]
     Platform(#[from] PlatformError),
+    /// An out-of-bounds access to a page or mapping (for `?` on [`SharedMem`] accessors, as
+    /// in the crate example).
+    ///
+    /// [`SharedMem`]: xdisk_xen::platform::SharedMem
     #[error(transparent)]
     Mem(#[from] xdisk_xen::platform::MemError),
 }
@@ -300,6 +334,8 @@ pub struct SimDomain {
 }
 
 impl SimDomain {
+    /// The domain's id: the `domid` with which a backend maps this guest's grants and binds
+    /// its event channels.
     pub fn domid(&self) -> DomId {
         self.mem.domid
     }

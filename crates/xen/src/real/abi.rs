@@ -28,7 +28,9 @@ pub const fn ioc_none(ty: u8, nr: u8, size: usize) -> c_ulong {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GntdevGrantRef {
+    /// The domain that granted the page.
     pub domid: u32,
+    /// The grant reference in that domain's grant table (the header's `ref`).
     pub gref: u32,
 }
 
@@ -37,8 +39,11 @@ pub struct GntdevGrantRef {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GntdevMapGrantRefHead {
+    /// IN: number of grants in `refs`, that is of pages to map.
     pub count: u32,
+    /// Padding, zero.
     pub pad: u32,
+    /// OUT: the offset to pass to `mmap()` to map these pages (and later to unmap them).
     pub index: u64,
 }
 
@@ -53,8 +58,11 @@ pub const IOCTL_GNTDEV_MAP_GRANT_REF: c_ulong = ioc_none(b'G', 0, GNTDEV_MAP_GRA
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GntdevUnmapGrantRef {
+    /// The `index` the map ioctl returned; the pages must be `munmap`ped first.
     pub index: u64,
+    /// Number of pages to remove from the device's mapping table.
     pub count: u32,
+    /// Padding, zero.
     pub pad: u32,
 }
 
@@ -69,7 +77,9 @@ pub const IOCTL_GNTDEV_UNMAP_GRANT_REF: c_ulong =
 pub struct UnmapNotify {
     /// mmap offset of the byte concerned (the mapping's index plus the byte's offset).
     pub index: u64,
+    /// What to do on unmap: [`UNMAP_NOTIFY_CLEAR_BYTE`] and/or [`UNMAP_NOTIFY_SEND_EVENT`].
     pub action: u32,
+    /// The local event channel port to notify (with [`UNMAP_NOTIFY_SEND_EVENT`]).
     pub event_channel_port: u32,
 }
 
@@ -86,8 +96,11 @@ pub const UNMAP_NOTIFY_SEND_EVENT: u32 = 0x2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GntdevCopyForeign {
+    /// The grant reference (`ref`) of the foreign page.
     pub gref: u32,
+    /// Byte offset of the copy inside the foreign page.
     pub offset: u16,
+    /// The domain that granted the page.
     pub domid: u16,
 }
 
@@ -96,7 +109,11 @@ pub struct GntdevCopyForeign {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub union GntdevCopyPtr {
+    /// A buffer in our address space (when the segment's `flags` do not mark this side as a
+    /// grant).
     pub virt: *mut c_void,
+    /// A granted page of another domain (when `flags` has `GNTCOPY_source_gref` or
+    /// `GNTCOPY_dest_gref` for this side).
     pub foreign: GntdevCopyForeign,
 }
 
@@ -104,8 +121,11 @@ pub union GntdevCopyPtr {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct GntdevGrantCopySegment {
+    /// Where to copy from.
     pub source: GntdevCopyPtr,
+    /// Where to copy to.
     pub dest: GntdevCopyPtr,
+    /// Bytes to copy; a foreign side's `offset + len` must stay within its page.
     pub len: u16,
     /// `GNTCOPY_*`: which of `source`/`dest` is a grant.
     pub flags: u16,
@@ -117,7 +137,9 @@ pub struct GntdevGrantCopySegment {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct GntdevGrantCopy {
+    /// Number of segments.
     pub count: c_uint,
+    /// The segments, each of which gets its own `status`.
     pub segments: *mut GntdevGrantCopySegment,
 }
 
@@ -137,9 +159,13 @@ pub const GNTCOPY_DEST_GREF: u16 = 1 << 1;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GntallocAllocGrefHead {
+    /// IN: the domain to be given access to the pages.
     pub domid: u16,
+    /// IN: [`GNTALLOC_FLAG_WRITABLE`] to let it write, else read-only grants.
     pub flags: u16,
+    /// IN: number of pages to allocate and grant.
     pub count: u32,
+    /// OUT: the offset to pass to `mmap()` to map the pages here.
     pub index: u64,
 }
 
@@ -158,7 +184,9 @@ pub const GNTALLOC_FLAG_WRITABLE: u16 = 1;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GntallocDeallocGref {
+    /// The `index` the alloc ioctl returned.
     pub index: u64,
+    /// Number of pages (grant references) to release.
     pub count: u32,
 }
 
@@ -176,7 +204,9 @@ pub const IOCTL_GNTALLOC_SET_UNMAP_NOTIFY: c_ulong =
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EvtchnBindInterdomain {
+    /// The domain at the other end.
     pub remote_domain: c_uint,
+    /// The unbound port that domain allocated for us (e.g. a frontend's `event-channel`).
     pub remote_port: c_uint,
 }
 
@@ -188,6 +218,7 @@ pub const IOCTL_EVTCHN_BIND_INTERDOMAIN: c_ulong =
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EvtchnBindUnboundPort {
+    /// The domain that may bind to the new port.
     pub remote_domain: c_uint,
 }
 
@@ -199,6 +230,7 @@ pub const IOCTL_EVTCHN_BIND_UNBOUND_PORT: c_ulong =
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EvtchnPortArg {
+    /// A local port bound through this device.
     pub port: c_uint,
 }
 
@@ -211,11 +243,18 @@ pub const IOCTL_EVTCHN_NOTIFY: c_ulong = ioc_none(b'E', 4, std::mem::size_of::<E
 
 /// grant_table.h `GNTST_*` values.
 pub mod gntst {
+    /// `GNTST_okay`: normal return.
     pub const OKAY: i16 = 0;
+    /// `GNTST_general_error`: general undefined error.
     pub const GENERAL_ERROR: i16 = -1;
+    /// `GNTST_bad_domain`: unrecognised domain id.
     pub const BAD_DOMAIN: i16 = -2;
+    /// `GNTST_bad_gntref`: unrecognised or inappropriate grant reference.
     pub const BAD_GNTREF: i16 = -3;
+    /// `GNTST_permission_denied`: not enough privilege for the operation (e.g. writing
+    /// through a read-only grant).
     pub const PERMISSION_DENIED: i16 = -8;
+    /// `GNTST_bad_copy_arg`: copy arguments cross a page boundary.
     pub const BAD_COPY_ARG: i16 = -10;
 }
 

@@ -19,7 +19,9 @@ use std::thread;
 use std::time::Duration;
 
 use super::transport::{Transport, XenbusDevice, DEFAULT_DEVICE_PATH, DEFAULT_SOCKET_PATH};
-use super::wire::{self, split_strings, DomId, Errno, Message, MsgType, Perm, Request, WireError};
+use super::wire::{
+    self, split_strings, DomId, Errno, Message, MsgType, Perm, WireError, XsRequest,
+};
 
 /// How long a request waits for its reply by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,16 +36,22 @@ pub enum Error {
     /// xenstored answered with `XS_ERROR`.
     #[error("xenstore: {0}")]
     Xs(#[from] Errno),
+    /// Connecting, or writing a request to the socket or device, failed (a failed write also
+    /// closes the connection).
     #[error("xenstore i/o: {0}")]
     Io(#[from] io::Error),
     /// The daemon sent something this client does not understand.
     #[error("xenstore protocol error: {0}")]
     Protocol(String),
+    /// No reply (or, for [`Watch::recv_timeout`], no event) within this time (the client's
+    /// timeout, [`Client::set_timeout`], by default [`DEFAULT_TIMEOUT`]).
     #[error("no xenstore reply within {0:?}")]
     Timeout(Duration),
     /// The connection is closed (by the daemon, an I/O error or a protocol error).
     #[error("xenstore connection closed: {0}")]
     Disconnected(String),
+    /// Refused before sending: a request larger than `XENSTORE_PAYLOAD_MAX`, an empty
+    /// permission list, a `CONTROL` without a command.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// Watch tokens identify subscriptions, so they must be unique per client.
@@ -139,7 +147,7 @@ impl Inner {
     }
 
     /// Sends a request and waits for its reply; returns the reply payload.
-    fn request(&self, req: &Request, tx_id: u32) -> Result<Vec<u8>, Error> {
+    fn request(&self, req: &XsRequest, tx_id: u32) -> Result<Vec<u8>, Error> {
         let (ty, payload) = req.encode();
         let mut msg = Self::new_message(ty, tx_id, payload)?;
         let (slot, rx) = mpsc::sync_channel(1);
@@ -185,7 +193,7 @@ impl Inner {
     }
 
     /// Sends a request without waiting for (or keeping) its reply; used from `Drop`.
-    fn send_and_forget(&self, req: &Request, tx_id: u32) {
+    fn send_and_forget(&self, req: &XsRequest, tx_id: u32) {
         let (ty, payload) = req.encode();
         if let Ok(mut msg) = Self::new_message(ty, tx_id, payload) {
             if lock(&self.demux).closed.is_some() {
@@ -357,7 +365,7 @@ impl Client {
         lock(&self.inner.demux).closed.is_none()
     }
 
-    fn req(&self, tx: u32, req: Request) -> Result<Vec<u8>, Error> {
+    fn req(&self, tx: u32, req: XsRequest) -> Result<Vec<u8>, Error> {
         self.inner.request(&req, tx)
     }
 
@@ -366,7 +374,7 @@ impl Client {
     fn op_read(&self, tx: u32, path: &str) -> Result<Vec<u8>, Error> {
         self.req(
             tx,
-            Request::Read {
+            XsRequest::Read {
                 path: path.to_owned(),
             },
         )
@@ -375,7 +383,7 @@ impl Client {
     fn op_write(&self, tx: u32, path: &str, value: &[u8]) -> Result<(), Error> {
         self.req(
             tx,
-            Request::Write {
+            XsRequest::Write {
                 path: path.to_owned(),
                 value: value.to_vec(),
             },
@@ -386,7 +394,7 @@ impl Client {
     fn op_mkdir(&self, tx: u32, path: &str) -> Result<(), Error> {
         self.req(
             tx,
-            Request::Mkdir {
+            XsRequest::Mkdir {
                 path: path.to_owned(),
             },
         )
@@ -396,7 +404,7 @@ impl Client {
     fn op_rm(&self, tx: u32, path: &str) -> Result<(), Error> {
         self.req(
             tx,
-            Request::Rm {
+            XsRequest::Rm {
                 path: path.to_owned(),
             },
         )
@@ -414,7 +422,7 @@ impl Client {
     fn op_directory(&self, tx: u32, path: &str) -> Result<Vec<String>, Error> {
         match self.req(
             tx,
-            Request::Directory {
+            XsRequest::Directory {
                 path: path.to_owned(),
             },
         ) {
@@ -436,7 +444,7 @@ impl Client {
                     .map_err(|_| Error::Protocol("directory listing too large".into()))?;
                 let reply = self.req(
                     tx,
-                    Request::DirectoryPart {
+                    XsRequest::DirectoryPart {
                         path: path.to_owned(),
                         offset: off,
                     },
@@ -469,7 +477,7 @@ impl Client {
     fn op_get_perms(&self, tx: u32, path: &str) -> Result<Vec<Perm>, Error> {
         let reply = self.req(
             tx,
-            Request::GetPerms {
+            XsRequest::GetPerms {
                 path: path.to_owned(),
             },
         )?;
@@ -486,7 +494,7 @@ impl Client {
         }
         self.req(
             tx,
-            Request::SetPerms {
+            XsRequest::SetPerms {
                 path: path.to_owned(),
                 perms: perms.to_vec(),
             },
@@ -545,7 +553,7 @@ impl Client {
     /// Starts a transaction (`XS_TRANSACTION_START`). Prefer [`Client::transaction`], which
     /// retries on conflicts.
     pub fn transaction_start(&self) -> Result<Transaction<'_>, Error> {
-        let reply = self.req(0, Request::TransactionStart)?;
+        let reply = self.req(0, XsRequest::TransactionStart)?;
         let id = first_string(&reply)
             .and_then(|s| s.parse::<u32>().ok())
             .filter(|&id| id != 0)
@@ -638,7 +646,7 @@ impl Client {
         }
         let r = self.req(
             0,
-            Request::Watch {
+            XsRequest::Watch {
                 path: path.to_owned(),
                 token: token.as_bytes().to_vec(),
             },
@@ -654,7 +662,7 @@ impl Client {
         lock(&self.inner.demux).watches.remove(token);
         self.req(
             0,
-            Request::Unwatch {
+            XsRequest::Unwatch {
                 path: path.to_owned(),
                 token: token.as_bytes().to_vec(),
             },
@@ -664,31 +672,31 @@ impl Client {
 
     /// Removes every watch and transaction of this connection (`XS_RESET_WATCHES`).
     pub fn reset_watches(&self) -> Result<(), Error> {
-        self.req(0, Request::ResetWatches)?;
+        self.req(0, XsRequest::ResetWatches)?;
         lock(&self.inner.demux).watches.clear();
         Ok(())
     }
 
     /// `/local/domain/<domid>` as the daemon says it (`XS_GET_DOMAIN_PATH`).
     pub fn get_domain_path(&self, domid: DomId) -> Result<String, Error> {
-        let reply = self.req(0, Request::GetDomainPath { domid })?;
+        let reply = self.req(0, XsRequest::GetDomainPath { domid })?;
         first_string(&reply).ok_or_else(|| Error::Protocol("bad GET_DOMAIN_PATH reply".into()))
     }
 
     /// Tells xenstored about a new domain (`XS_INTRODUCE`, dom0 only).
     pub fn introduce(&self, domid: DomId, mfn: u64, evtchn: u32) -> Result<(), Error> {
-        self.req(0, Request::Introduce { domid, mfn, evtchn })
+        self.req(0, XsRequest::Introduce { domid, mfn, evtchn })
             .map(drop)
     }
 
     /// Asks xenstored to drop a domain (`XS_RELEASE`, dom0 only).
     pub fn release(&self, domid: DomId) -> Result<(), Error> {
-        self.req(0, Request::Release { domid }).map(drop)
+        self.req(0, XsRequest::Release { domid }).map(drop)
     }
 
     /// Whether xenstored talks to a domain (`XS_IS_DOMAIN_INTRODUCED`).
     pub fn is_domain_introduced(&self, domid: DomId) -> Result<bool, Error> {
-        let reply = self.req(0, Request::IsDomainIntroduced { domid })?;
+        let reply = self.req(0, XsRequest::IsDomainIntroduced { domid })?;
         match first_string(&reply).as_deref() {
             Some("T") => Ok(true),
             Some("F") => Ok(false),
@@ -698,12 +706,13 @@ impl Client {
 
     /// `XS_RESUME` (dom0 only).
     pub fn resume(&self, domid: DomId) -> Result<(), Error> {
-        self.req(0, Request::Resume { domid }).map(drop)
+        self.req(0, XsRequest::Resume { domid }).map(drop)
     }
 
     /// `XS_SET_TARGET` (dom0 only): `domid` gets the rights of `target`.
     pub fn set_target(&self, domid: DomId, target: DomId) -> Result<(), Error> {
-        self.req(0, Request::SetTarget { domid, target }).map(drop)
+        self.req(0, XsRequest::SetTarget { domid, target })
+            .map(drop)
     }
 
     /// `XS_CONTROL` with a command and its parameters; returns the raw reply.
@@ -713,7 +722,7 @@ impl Client {
         }
         self.req(
             0,
-            Request::Control {
+            XsRequest::Control {
                 args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
             },
         )
@@ -728,7 +737,7 @@ impl Drop for Client {
             // The xenbus device cannot be shut down: provoke a reply so that the reader thread
             // wakes up, sees `closing` and exits.
             self.inner
-                .send_and_forget(&Request::GetDomainPath { domid: 0 }, 0);
+                .send_and_forget(&XsRequest::GetDomainPath { domid: 0 }, 0);
         }
     }
 }
@@ -770,38 +779,47 @@ impl Transaction<'_> {
         self.id
     }
 
+    /// [`Client::read`] in the transaction (`XS_READ` with its `tx_id`).
     pub fn read(&self, path: &str) -> Result<Vec<u8>, Error> {
         self.client.op_read(self.id, path)
     }
 
+    /// [`Client::read_string`] in the transaction.
     pub fn read_string(&self, path: &str) -> Result<String, Error> {
         to_string(self.read(path)?)
     }
 
+    /// [`Client::exists`] in the transaction (a read; `ENOENT` is `false`).
     pub fn exists(&self, path: &str) -> Result<bool, Error> {
         self.client.op_exists(self.id, path)
     }
 
+    /// [`Client::write`] in the transaction: visible to others only once committed.
     pub fn write(&self, path: &str, value: impl AsRef<[u8]>) -> Result<(), Error> {
         self.client.op_write(self.id, path, value.as_ref())
     }
 
+    /// [`Client::mkdir`] in the transaction.
     pub fn mkdir(&self, path: &str) -> Result<(), Error> {
         self.client.op_mkdir(self.id, path)
     }
 
+    /// [`Client::rm`] in the transaction.
     pub fn rm(&self, path: &str) -> Result<(), Error> {
         self.client.op_rm(self.id, path)
     }
 
+    /// [`Client::directory`] in the transaction.
     pub fn directory(&self, path: &str) -> Result<Vec<String>, Error> {
         self.client.op_directory(self.id, path)
     }
 
+    /// [`Client::get_perms`] in the transaction.
     pub fn get_perms(&self, path: &str) -> Result<Vec<Perm>, Error> {
         self.client.op_get_perms(self.id, path)
     }
 
+    /// [`Client::set_perms`] in the transaction.
     pub fn set_perms(&self, path: &str, perms: &[Perm]) -> Result<(), Error> {
         self.client.op_set_perms(self.id, path, perms)
     }
@@ -809,7 +827,7 @@ impl Transaction<'_> {
     fn end(&mut self, commit: bool) -> Result<(), Error> {
         self.finished = true;
         self.client
-            .req(self.id, Request::TransactionEnd { commit })
+            .req(self.id, XsRequest::TransactionEnd { commit })
             .map(drop)
     }
 
@@ -830,7 +848,7 @@ impl Drop for Transaction<'_> {
         if !self.finished {
             self.client
                 .inner
-                .send_and_forget(&Request::TransactionEnd { commit: false }, self.id);
+                .send_and_forget(&XsRequest::TransactionEnd { commit: false }, self.id);
         }
     }
 }
@@ -855,10 +873,13 @@ impl std::fmt::Debug for Watch {
 }
 
 impl Watch {
+    /// The watched path, as given to [`Client::watch`] (events fire for it and every node
+    /// below it).
     pub fn path(&self) -> &str {
         &self.path
     }
 
+    /// The token the watch was set with; its events carry it (xenstore.txt, "WATCH").
     pub fn token(&self) -> &str {
         &self.token
     }
@@ -899,7 +920,7 @@ impl Watch {
     pub fn unwatch(mut self) -> Result<(), Error> {
         self.active = false;
         lock(&self.inner.demux).watches.remove(&self.token);
-        let req = Request::Unwatch {
+        let req = XsRequest::Unwatch {
             path: self.path.clone(),
             token: self.token.as_bytes().to_vec(),
         };
@@ -911,7 +932,7 @@ impl Drop for Watch {
     fn drop(&mut self) {
         if self.active {
             lock(&self.inner.demux).watches.remove(&self.token);
-            let req = Request::Unwatch {
+            let req = XsRequest::Unwatch {
                 path: self.path.clone(),
                 token: self.token.as_bytes().to_vec(),
             };

@@ -25,7 +25,7 @@ pub use client::{
 pub use transport::{Transport, XenbusDevice, DEFAULT_DEVICE_PATH, DEFAULT_SOCKET_PATH};
 pub use wire::{
     parse_message, Access, DomId, Errno, Header, MessageError, MsgType, ParsedMessage, Perm,
-    Request,
+    XsRequest,
 };
 
 /// Result type of the client API.

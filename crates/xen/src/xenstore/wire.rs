@@ -191,36 +191,58 @@ impl From<MsgType> for u32 {
 #[allow(clippy::upper_case_acronyms)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum Errno {
+    /// Malformed request: wrong number of arguments, bad path syntax, a domid or permission
+    /// string that does not parse.
     #[error("EINVAL")]
     EINVAL,
+    /// The node's permissions do not give the caller the access it needs, or the request is
+    /// reserved to privileged domains.
     #[error("EACCES")]
     EACCES,
+    /// Already exists: e.g. a `WATCH` with the path and token of one the connection has.
     #[error("EEXIST")]
     EEXIST,
+    /// Is a directory (in `xsd_errors[]`; the simulated xenstored never sends it).
     #[error("EISDIR")]
     EISDIR,
+    /// No such node (or transaction, watch or domain).
     #[error("ENOENT")]
     ENOENT,
+    /// xenstored ran out of memory.
     #[error("ENOMEM")]
     ENOMEM,
+    /// A quota ran out (nodes or transactions of a domain or connection, node size, ...).
     #[error("ENOSPC")]
     ENOSPC,
+    /// I/O or internal error of xenstored.
     #[error("EIO")]
     EIO,
+    /// Directory not empty (in `xsd_errors[]`; the simulated xenstored never sends it).
     #[error("ENOTEMPTY")]
     ENOTEMPTY,
+    /// Unknown or unsupported message type (also what a reply type such as `WATCH_EVENT` gets
+    /// when sent as a request).
     #[error("ENOSYS")]
     ENOSYS,
+    /// Read-only: xenstored refuses to modify the store (e.g. on a read-only connection).
     #[error("EROFS")]
     EROFS,
+    /// Busy: e.g. `TRANSACTION_START` sent inside a transaction (with a non-zero `tx_id`).
     #[error("EBUSY")]
     EBUSY,
+    /// A transaction conflicted with another change and was not committed: run it again
+    /// ([`crate::xenstore::Client::transaction`] does).
     #[error("EAGAIN")]
     EAGAIN,
+    /// Already connected (in `xsd_errors[]`; the simulated xenstored never sends it).
     #[error("EISCONN")]
     EISCONN,
+    /// Too big: a payload over [`XENSTORE_PAYLOAD_MAX`], a reply that would be (a long
+    /// `DIRECTORY`, for which `DIRECTORY_PART` exists), too many watches on a connection.
     #[error("E2BIG")]
     E2BIG,
+    /// Not permitted: e.g. a domain other than dom0 giving a node to another owner in
+    /// `SET_PERMS`.
     #[error("EPERM")]
     EPERM,
 }
@@ -320,6 +342,8 @@ impl From<Errno> for io::Error {
 /// The message header (`struct xsd_sockmsg`, xs_wire.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// The message type (`type`): in a request, what it asks; in a reply, the request's type
+    /// or `ERROR`; `WATCH_EVENT` for a watch event.
     pub msg_type: MsgType,
     /// Echoed by the daemon in its reply; 0 in watch events (xenstore.txt, "WATCH_EVENT").
     pub req_id: u32,
@@ -364,10 +388,13 @@ impl Header {
 /// Framing errors (as opposed to [`Errno`], which is a well-formed "no").
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// A header's `len` over [`XENSTORE_PAYLOAD_MAX`]: the stream cannot be trusted further.
     #[error("payload length {0} exceeds XENSTORE_PAYLOAD_MAX ({XENSTORE_PAYLOAD_MAX})")]
     TooLong(u32),
+    /// The stream ended inside a header or payload.
     #[error("connection closed in the middle of a message")]
     Truncated,
+    /// Reading the socket or device failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
@@ -376,7 +403,9 @@ pub enum WireError {
 /// built with [`Message::new`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
+    /// The `xsd_sockmsg` header.
     pub header: Header,
+    /// The `header.len` payload bytes (NUL-terminated strings, mostly).
     pub payload: Vec<u8>,
 }
 
@@ -607,11 +636,14 @@ impl Access {
 /// every domain not listed further on; later entries grant access to one domain each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Perm {
+    /// The domain the entry is about (the owner, in a list's first entry).
     pub domid: DomId,
+    /// What it may do (for the first entry: what every unlisted domain may do).
     pub access: Access,
 }
 
 impl Perm {
+    /// The entry giving `access` to `domid` (`Perm::new(Access::Read, 5)` is `r5`).
     pub fn new(access: Access, domid: DomId) -> Perm {
         Perm { domid, access }
     }
@@ -663,50 +695,124 @@ pub fn perms_payload(perms: &[Perm]) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Requests.
 
-/// A decoded request (the client-to-daemon direction of xenstore.txt, "Xenstore protocol
-/// details"). Paths are syntax-checked but not resolved (relative paths stay relative).
+/// A decoded xenstore request (the client-to-daemon direction of xenstore.txt, "Xenstore
+/// protocol details"). Paths are syntax-checked but not resolved (relative paths stay relative).
+/// Named `XsRequest` apart from the blkif ring's `xdisk_blkif::wire::Request`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Request {
+pub enum XsRequest {
     /// `READ <path>|`
-    Read { path: String },
+    Read {
+        /// The node whose value to read.
+        path: String,
+    },
     /// `WRITE <path>|<value|>`
-    Write { path: String, value: Vec<u8> },
+    Write {
+        /// The node to write (created with its missing parents).
+        path: String,
+        /// The new value: the rest of the payload, bytes and not NUL-terminated.
+        value: Vec<u8>,
+    },
     /// `MKDIR <path>|`
-    Mkdir { path: String },
+    Mkdir {
+        /// The node to create (with an empty value) if it does not exist.
+        path: String,
+    },
     /// `RM <path>|`
-    Rm { path: String },
+    Rm {
+        /// The node to remove, with everything below it.
+        path: String,
+    },
     /// `DIRECTORY <path>|`
-    Directory { path: String },
+    Directory {
+        /// The node whose children to list.
+        path: String,
+    },
     /// `DIRECTORY_PART <path>|<offset>|`: byte offset into the child list.
-    DirectoryPart { path: String, offset: u32 },
+    DirectoryPart {
+        /// The node whose children to list.
+        path: String,
+        /// Where this part starts, in bytes into the NUL-separated list of child names.
+        offset: u32,
+    },
     /// `GET_PERMS <path>|` (`<path>` may be a special `@` name).
-    GetPerms { path: String },
+    GetPerms {
+        /// The node, or `@introduceDomain`/`@releaseDomain`.
+        path: String,
+    },
     /// `SET_PERMS <path>|<perm-as-string>|+` (`<path>` may be a special `@` name).
-    SetPerms { path: String, perms: Vec<Perm> },
+    SetPerms {
+        /// The node, or `@introduceDomain`/`@releaseDomain`.
+        path: String,
+        /// The new list, at least one entry: the owner (and default access) first.
+        perms: Vec<Perm>,
+    },
     /// `WATCH <wpath>|<token>|?`
-    Watch { path: String, token: Vec<u8> },
+    Watch {
+        /// The path to watch: a node (events for it and everything below) or a special `@`
+        /// name.
+        path: String,
+        /// The caller's tag for the watch, sent back in each `WATCH_EVENT`; any bytes.
+        token: Vec<u8>,
+    },
     /// `UNWATCH <wpath>|<token>|?`
-    Unwatch { path: String, token: Vec<u8> },
+    Unwatch {
+        /// The path the watch was set with.
+        path: String,
+        /// The token it was set with (path and token together name the watch).
+        token: Vec<u8>,
+    },
     /// `TRANSACTION_START |`
     TransactionStart,
     /// `TRANSACTION_END T|` (commit) or `F|` (abort).
-    TransactionEnd { commit: bool },
+    TransactionEnd {
+        /// `T`: apply the transaction's changes (or fail with `EAGAIN` on a conflict); `F`:
+        /// discard them.
+        commit: bool,
+    },
     /// `GET_DOMAIN_PATH <domid>|`
-    GetDomainPath { domid: DomId },
+    GetDomainPath {
+        /// The domain whose home path (`/local/domain/<domid>`) is asked for.
+        domid: DomId,
+    },
     /// `INTRODUCE <domid>|<mfn>|<evtchn>|?`
-    Introduce { domid: DomId, mfn: u64, evtchn: u32 },
+    Introduce {
+        /// The domain to connect to xenstored.
+        domid: DomId,
+        /// The frame of the domain's xenstore ring page (`<mfn>`, sent in signed decimal; a
+        /// negative value keeps its two's complement bits).
+        mfn: u64,
+        /// The domain's event channel port for its xenstore ring.
+        evtchn: u32,
+    },
     /// `RELEASE <domid>|`
-    Release { domid: DomId },
+    Release {
+        /// The domain whose connection xenstored drops (it has gone away).
+        domid: DomId,
+    },
     /// `IS_DOMAIN_INTRODUCED <domid>|`
-    IsDomainIntroduced { domid: DomId },
+    IsDomainIntroduced {
+        /// The domain asked about.
+        domid: DomId,
+    },
     /// `RESUME <domid>|`
-    Resume { domid: DomId },
+    Resume {
+        /// The domain that resumed (after suspend or migration).
+        domid: DomId,
+    },
     /// `SET_TARGET <domid>|<tdomid>|`
-    SetTarget { domid: DomId, target: DomId },
+    SetTarget {
+        /// The domain given privilege over `target` (e.g. a device-model stub domain).
+        domid: DomId,
+        /// The domain it serves (`<tdomid>`): `domid` gets full access to its nodes.
+        target: DomId,
+    },
     /// `RESET_WATCHES |`
     ResetWatches,
     /// `CONTROL <command>|[<parameters>|]`
-    Control { args: Vec<Vec<u8>> },
+    Control {
+        /// The command and its parameters, each as sent (at least the command).
+        args: Vec<Vec<u8>>,
+    },
 }
 
 fn path_arg(b: &[u8]) -> Result<String, Errno> {
@@ -732,34 +838,34 @@ fn watch_args(payload: &[u8]) -> Result<(String, Vec<u8>), Errno> {
     Ok((path.to_owned(), parts[1].to_vec()))
 }
 
-impl Request {
+impl XsRequest {
     /// Decodes the payload of a request of type `msg_type`. Unknown types, and types that are
     /// never requests (`WATCH_EVENT`, `ERROR`), are `ENOSYS`; malformed payloads `EINVAL`.
-    pub fn decode(msg_type: MsgType, payload: &[u8]) -> Result<Request, Errno> {
+    pub fn decode(msg_type: MsgType, payload: &[u8]) -> Result<XsRequest, Errno> {
         if payload.len() > XENSTORE_PAYLOAD_MAX {
             return Err(Errno::E2BIG);
         }
         Ok(match msg_type {
-            MsgType::Read => Request::Read {
+            MsgType::Read => XsRequest::Read {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::Mkdir => Request::Mkdir {
+            MsgType::Mkdir => XsRequest::Mkdir {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::Rm => Request::Rm {
+            MsgType::Rm => XsRequest::Rm {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::Directory => Request::Directory {
+            MsgType::Directory => XsRequest::Directory {
                 path: path_arg(one_arg(payload)?)?,
             },
-            MsgType::GetPerms => Request::GetPerms {
+            MsgType::GetPerms => XsRequest::GetPerms {
                 path: node_or_special_arg(one_arg(payload)?)?,
             },
             MsgType::Write => {
                 // "Extra strings can be created by binary data": the path is up to the first
                 // NUL, everything after it is the value.
                 let nul = payload.iter().position(|&b| b == 0).ok_or(Errno::EINVAL)?;
-                Request::Write {
+                XsRequest::Write {
                     path: path_arg(&payload[..nul])?,
                     value: payload[nul + 1..].to_vec(),
                 }
@@ -770,7 +876,7 @@ impl Request {
                     return Err(Errno::EINVAL);
                 }
                 let offset = u32::try_from(parse_decimal(parts[1])?).map_err(|_| Errno::EINVAL)?;
-                Request::DirectoryPart {
+                XsRequest::DirectoryPart {
                     path: path_arg(parts[0])?,
                     offset,
                 }
@@ -780,36 +886,36 @@ impl Request {
                 if parts.len() < 2 {
                     return Err(Errno::EINVAL);
                 }
-                Request::SetPerms {
+                XsRequest::SetPerms {
                     path: node_or_special_arg(parts[0])?,
                     perms: parse_perms(&parts[1..])?,
                 }
             }
             MsgType::Watch => {
                 let (path, token) = watch_args(payload)?;
-                Request::Watch { path, token }
+                XsRequest::Watch { path, token }
             }
             MsgType::Unwatch => {
                 let (path, token) = watch_args(payload)?;
-                Request::Unwatch { path, token }
+                XsRequest::Unwatch { path, token }
             }
             // The payload is a reserved empty string; its content is ignored.
-            MsgType::TransactionStart => Request::TransactionStart,
+            MsgType::TransactionStart => XsRequest::TransactionStart,
             MsgType::TransactionEnd => match one_arg(payload)? {
-                b"T" => Request::TransactionEnd { commit: true },
-                b"F" => Request::TransactionEnd { commit: false },
+                b"T" => XsRequest::TransactionEnd { commit: true },
+                b"F" => XsRequest::TransactionEnd { commit: false },
                 _ => return Err(Errno::EINVAL),
             },
-            MsgType::GetDomainPath => Request::GetDomainPath {
+            MsgType::GetDomainPath => XsRequest::GetDomainPath {
                 domid: parse_domid(one_arg(payload)?)?,
             },
-            MsgType::Release => Request::Release {
+            MsgType::Release => XsRequest::Release {
                 domid: parse_domid(one_arg(payload)?)?,
             },
-            MsgType::IsDomainIntroduced => Request::IsDomainIntroduced {
+            MsgType::IsDomainIntroduced => XsRequest::IsDomainIntroduced {
                 domid: parse_domid(one_arg(payload)?)?,
             },
-            MsgType::Resume => Request::Resume {
+            MsgType::Resume => XsRequest::Resume {
                 domid: parse_domid(one_arg(payload)?)?,
             },
             MsgType::Introduce => {
@@ -825,26 +931,26 @@ impl Request {
                     None => parse_decimal(parts[1])?,
                 };
                 let evtchn = u32::try_from(parse_decimal(parts[2])?).map_err(|_| Errno::EINVAL)?;
-                Request::Introduce { domid, mfn, evtchn }
+                XsRequest::Introduce { domid, mfn, evtchn }
             }
             MsgType::SetTarget => {
                 let parts = split_strings(payload)?;
                 if parts.len() != 2 {
                     return Err(Errno::EINVAL);
                 }
-                Request::SetTarget {
+                XsRequest::SetTarget {
                     domid: parse_domid(parts[0])?,
                     target: parse_domid(parts[1])?,
                 }
             }
             // "RESET_WATCHES |": content ignored.
-            MsgType::ResetWatches => Request::ResetWatches,
+            MsgType::ResetWatches => XsRequest::ResetWatches,
             MsgType::Control => {
                 let parts = split_strings(payload)?;
                 if parts.is_empty() || parts[0].is_empty() {
                     return Err(Errno::EINVAL);
                 }
-                Request::Control {
+                XsRequest::Control {
                     args: parts.into_iter().map(<[u8]>::to_vec).collect(),
                 }
             }
@@ -860,54 +966,54 @@ impl Request {
             join_strings(&[s])
         }
         match self {
-            Request::Read { path } => (MsgType::Read, one(path)),
-            Request::Write { path, value } => {
+            XsRequest::Read { path } => (MsgType::Read, one(path)),
+            XsRequest::Write { path, value } => {
                 let mut v = one(path);
                 v.extend_from_slice(value);
                 (MsgType::Write, v)
             }
-            Request::Mkdir { path } => (MsgType::Mkdir, one(path)),
-            Request::Rm { path } => (MsgType::Rm, one(path)),
-            Request::Directory { path } => (MsgType::Directory, one(path)),
-            Request::DirectoryPart { path, offset } => (
+            XsRequest::Mkdir { path } => (MsgType::Mkdir, one(path)),
+            XsRequest::Rm { path } => (MsgType::Rm, one(path)),
+            XsRequest::Directory { path } => (MsgType::Directory, one(path)),
+            XsRequest::DirectoryPart { path, offset } => (
                 MsgType::DirectoryPart,
                 join_strings(&[path.clone(), offset.to_string()]),
             ),
-            Request::GetPerms { path } => (MsgType::GetPerms, one(path)),
-            Request::SetPerms { path, perms } => {
+            XsRequest::GetPerms { path } => (MsgType::GetPerms, one(path)),
+            XsRequest::SetPerms { path, perms } => {
                 let mut v = one(path);
                 v.extend_from_slice(&perms_payload(perms));
                 (MsgType::SetPerms, v)
             }
-            Request::Watch { path, token } => (
+            XsRequest::Watch { path, token } => (
                 MsgType::Watch,
                 join_strings(&[path.as_bytes(), token.as_slice()]),
             ),
-            Request::Unwatch { path, token } => (
+            XsRequest::Unwatch { path, token } => (
                 MsgType::Unwatch,
                 join_strings(&[path.as_bytes(), token.as_slice()]),
             ),
-            Request::TransactionStart => (MsgType::TransactionStart, vec![0]),
-            Request::TransactionEnd { commit } => (
+            XsRequest::TransactionStart => (MsgType::TransactionStart, vec![0]),
+            XsRequest::TransactionEnd { commit } => (
                 MsgType::TransactionEnd,
                 one(if *commit { "T" } else { "F" }),
             ),
-            Request::GetDomainPath { domid } => (MsgType::GetDomainPath, one(&domid.to_string())),
-            Request::Introduce { domid, mfn, evtchn } => (
+            XsRequest::GetDomainPath { domid } => (MsgType::GetDomainPath, one(&domid.to_string())),
+            XsRequest::Introduce { domid, mfn, evtchn } => (
                 MsgType::Introduce,
                 join_strings(&[domid.to_string(), mfn.to_string(), evtchn.to_string()]),
             ),
-            Request::Release { domid } => (MsgType::Release, one(&domid.to_string())),
-            Request::IsDomainIntroduced { domid } => {
+            XsRequest::Release { domid } => (MsgType::Release, one(&domid.to_string())),
+            XsRequest::IsDomainIntroduced { domid } => {
                 (MsgType::IsDomainIntroduced, one(&domid.to_string()))
             }
-            Request::Resume { domid } => (MsgType::Resume, one(&domid.to_string())),
-            Request::SetTarget { domid, target } => (
+            XsRequest::Resume { domid } => (MsgType::Resume, one(&domid.to_string())),
+            XsRequest::SetTarget { domid, target } => (
                 MsgType::SetTarget,
                 join_strings(&[domid.to_string(), target.to_string()]),
             ),
-            Request::ResetWatches => (MsgType::ResetWatches, vec![0]),
-            Request::Control { args } => (MsgType::Control, join_strings(args)),
+            XsRequest::ResetWatches => (MsgType::ResetWatches, vec![0]),
+            XsRequest::Control { args } => (MsgType::Control, join_strings(args)),
         }
     }
 }
@@ -919,20 +1025,29 @@ impl Request {
 /// Framing errors: a xenstored closes the connection on these.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MessageError {
+    /// Fewer than [`HEADER_LEN`] bytes (how many there are).
     #[error("{0} bytes are not a full header")]
     ShortHeader(usize),
+    /// The header's `len`, over [`XENSTORE_PAYLOAD_MAX`].
     #[error("payload length {0} exceeds XENSTORE_PAYLOAD_MAX")]
     TooLong(u32),
+    /// The bytes end before the payload the header announces.
     #[error("header announces {expected} payload bytes, only {got} present")]
-    ShortPayload { expected: usize, got: usize },
+    ShortPayload {
+        /// The header's `len`.
+        expected: usize,
+        /// Bytes present after the header.
+        got: usize,
+    },
 }
 
 /// One message parsed the way a xenstored parses what it reads.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ParsedMessage {
+    /// The decoded header.
     pub header: Header,
     /// The decoded request, or the error a xenstored replies with (the connection stays).
-    pub request: Result<Request, Errno>,
+    pub request: Result<XsRequest, Errno>,
     /// Bytes used (header and payload): where the next message starts.
     pub consumed: usize,
 }
@@ -956,7 +1071,7 @@ pub fn parse_message(bytes: &[u8]) -> Result<ParsedMessage, MessageError> {
         })?;
     Ok(ParsedMessage {
         header,
-        request: Request::decode(header.msg_type, payload),
+        request: XsRequest::decode(header.msg_type, payload),
         consumed: HEADER_LEN + len,
     })
 }
@@ -1045,27 +1160,27 @@ mod tests {
 
     #[test]
     fn decode_rejects_garbage() {
-        assert_eq!(Request::decode(MsgType::Read, b"/a"), Err(Errno::EINVAL));
+        assert_eq!(XsRequest::decode(MsgType::Read, b"/a"), Err(Errno::EINVAL));
         assert_eq!(
-            Request::decode(MsgType::Read, b"/a\0/b\0"),
+            XsRequest::decode(MsgType::Read, b"/a\0/b\0"),
             Err(Errno::EINVAL)
         );
-        assert_eq!(Request::decode(MsgType::Write, b"/a"), Err(Errno::EINVAL));
+        assert_eq!(XsRequest::decode(MsgType::Write, b"/a"), Err(Errno::EINVAL));
         assert_eq!(
-            Request::decode(MsgType::TransactionEnd, b"X\0"),
+            XsRequest::decode(MsgType::TransactionEnd, b"X\0"),
             Err(Errno::EINVAL)
         );
         assert_eq!(
-            Request::decode(MsgType::Unknown(999), b""),
+            XsRequest::decode(MsgType::Unknown(999), b""),
             Err(Errno::ENOSYS)
         );
         assert_eq!(
-            Request::decode(MsgType::Error, b"EINVAL\0"),
+            XsRequest::decode(MsgType::Error, b"EINVAL\0"),
             Err(Errno::ENOSYS)
         );
         assert_eq!(
-            Request::decode(MsgType::Write, b"/a\0x\0y"),
-            Ok(Request::Write {
+            XsRequest::decode(MsgType::Write, b"/a\0x\0y"),
+            Ok(XsRequest::Write {
                 path: "/a".into(),
                 value: b"x\0y".to_vec()
             })
@@ -1123,7 +1238,7 @@ mod tests {
         m.push(0);
         m.extend_from_slice(b"next");
         let p = parse_message(&m).unwrap();
-        assert_eq!(p.request, Ok(Request::Read { path: "/a".into() }));
+        assert_eq!(p.request, Ok(XsRequest::Read { path: "/a".into() }));
         assert_eq!(p.consumed, HEADER_LEN + 3);
     }
 }

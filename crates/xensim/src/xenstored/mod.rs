@@ -50,7 +50,7 @@ use tree::{Actor, Event, Limits, Op, Perms, Tree, READ};
 
 use xdisk_xen::xenstore::wire::{
     self, domain_path, is_child, join_strings, ok_payload, Access, DomId, Errno, Header, MsgType,
-    Perm, Request, HEADER_LEN, INTRODUCE_DOMAIN, RELEASE_DOMAIN, XENSTORE_ABS_PATH_MAX,
+    Perm, XsRequest, HEADER_LEN, INTRODUCE_DOMAIN, RELEASE_DOMAIN, XENSTORE_ABS_PATH_MAX,
     XENSTORE_PAYLOAD_MAX,
 };
 use xdisk_xen::xenstore::{Client, Error as ClientError};
@@ -280,7 +280,7 @@ impl State {
 
     /// Handles one message from connection `cid` and queues the reply.
     fn handle(&mut self, cfg: &Config, cid: u64, hdr: Header, payload: &[u8]) {
-        let result = Request::decode(hdr.msg_type, payload).and_then(|req| {
+        let result = XsRequest::decode(hdr.msg_type, payload).and_then(|req| {
             tracing::trace!(conn = cid, ?req, tx = hdr.tx_id, "xenstored request");
             self.dispatch(cfg, cid, hdr.tx_id, req)
         });

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::tree::{self, Actor, Op, Tree, READ, WRITE};
 use super::wire::{
-    self, domain_path, join_strings, ok_payload, DomId, Errno, MsgType, Perm, Request,
+    self, domain_path, join_strings, ok_payload, DomId, Errno, MsgType, Perm, XsRequest,
     XENSTORE_PAYLOAD_MAX,
 };
 use super::{directory_part, encode, parent_of, resolve, Config, Reply, State, Tx, WatchReg};
@@ -30,25 +30,25 @@ impl State {
         cfg: &Config,
         cid: u64,
         tx_id: u32,
-        req: Request,
+        req: XsRequest,
     ) -> Result<Reply, Errno> {
         let dom = self.conns.get(&cid).ok_or(Errno::EIO)?.domid;
         let actor = self.actor(dom);
         // xenstored's XS_FLAG_PRIV requests.
         let privileged = matches!(
             req,
-            Request::Control { .. }
-                | Request::Introduce { .. }
-                | Request::Release { .. }
-                | Request::IsDomainIntroduced { .. }
-                | Request::Resume { .. }
-                | Request::SetTarget { .. }
+            XsRequest::Control { .. }
+                | XsRequest::Introduce { .. }
+                | XsRequest::Release { .. }
+                | XsRequest::IsDomainIntroduced { .. }
+                | XsRequest::Resume { .. }
+                | XsRequest::SetTarget { .. }
         );
         if privileged && dom != 0 {
             return Err(Errno::EACCES);
         }
         // xenstore.txt "WATCH": "The tx_id in a WATCH request is ignored" (also UNWATCH).
-        let ignores_tx = matches!(req, Request::Watch { .. } | Request::Unwatch { .. });
+        let ignores_tx = matches!(req, XsRequest::Watch { .. } | XsRequest::Unwatch { .. });
         let tx_id = if ignores_tx { 0 } else { tx_id };
         if tx_id != 0
             && !self
@@ -66,30 +66,30 @@ impl State {
             actor,
         };
         match req {
-            Request::Read { path } => self.do_read(cx, &path),
-            Request::Directory { path } => self.do_directory(cx, &path),
-            Request::DirectoryPart { path, offset } => self.do_directory_part(cx, &path, offset),
-            Request::GetPerms { path } => self.do_get_perms(cx, &path),
-            Request::Write { path, value } => {
+            XsRequest::Read { path } => self.do_read(cx, &path),
+            XsRequest::Directory { path } => self.do_directory(cx, &path),
+            XsRequest::DirectoryPart { path, offset } => self.do_directory_part(cx, &path, offset),
+            XsRequest::GetPerms { path } => self.do_get_perms(cx, &path),
+            XsRequest::Write { path, value } => {
                 self.write_op(cx, Op::Write(resolve(&path, dom)?, value))
             }
-            Request::Mkdir { path } => self.write_op(cx, Op::Mkdir(resolve(&path, dom)?)),
-            Request::Rm { path } => self.write_op(cx, Op::Rm(resolve(&path, dom)?)),
-            Request::SetPerms { path, perms } => self.do_set_perms(cx, path, perms),
-            Request::Watch { path, token } => self.do_watch(cx, path, token),
-            Request::Unwatch { path, token } => self.do_unwatch(cx, path, token),
-            Request::ResetWatches => self.do_reset_watches(cx),
-            Request::TransactionStart => self.do_transaction_start(cx),
-            Request::TransactionEnd { commit } => self.do_transaction_end(cx, commit),
-            Request::GetDomainPath { domid } => {
+            XsRequest::Mkdir { path } => self.write_op(cx, Op::Mkdir(resolve(&path, dom)?)),
+            XsRequest::Rm { path } => self.write_op(cx, Op::Rm(resolve(&path, dom)?)),
+            XsRequest::SetPerms { path, perms } => self.do_set_perms(cx, path, perms),
+            XsRequest::Watch { path, token } => self.do_watch(cx, path, token),
+            XsRequest::Unwatch { path, token } => self.do_unwatch(cx, path, token),
+            XsRequest::ResetWatches => self.do_reset_watches(cx),
+            XsRequest::TransactionStart => self.do_transaction_start(cx),
+            XsRequest::TransactionEnd { commit } => self.do_transaction_end(cx, commit),
+            XsRequest::GetDomainPath { domid } => {
                 Ok(Reply::data(join_strings(&[domain_path(domid)])))
             }
-            Request::Introduce { domid, .. } => self.introduce(domid).map(|()| Reply::ok()),
-            Request::Release { domid } => self.release(domid).map(|()| Reply::ok()),
-            Request::IsDomainIntroduced { domid } => Ok(self.do_is_domain_introduced(domid)),
-            Request::Resume { domid } => self.do_resume(domid),
-            Request::SetTarget { domid, target } => self.do_set_target(domid, target),
-            Request::Control { args } => do_control(&args),
+            XsRequest::Introduce { domid, .. } => self.introduce(domid).map(|()| Reply::ok()),
+            XsRequest::Release { domid } => self.release(domid).map(|()| Reply::ok()),
+            XsRequest::IsDomainIntroduced { domid } => Ok(self.do_is_domain_introduced(domid)),
+            XsRequest::Resume { domid } => self.do_resume(domid),
+            XsRequest::SetTarget { domid, target } => self.do_set_target(domid, target),
+            XsRequest::Control { args } => do_control(&args),
         }
     }
 
