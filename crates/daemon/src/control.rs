@@ -33,14 +33,14 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
+pub enum ControlRequest {
     Ping,
     Status,
 }
 
 /// A reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply {
+pub struct ControlReply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -216,18 +216,18 @@ fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
         if reader.read_line(&mut line)? == 0 || Instant::now() >= deadline {
             return Ok(());
         }
-        let reply = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(Request::Ping) => Reply {
+        let reply = match serde_json::from_str::<ControlRequest>(line.trim()) {
+            Ok(ControlRequest::Ping) => ControlReply {
                 ok: true,
                 error: None,
                 status: None,
             },
-            Ok(Request::Status) => Reply {
+            Ok(ControlRequest::Status) => ControlReply {
                 ok: true,
                 error: None,
                 status: Some(status()),
             },
-            Err(e) => Reply {
+            Err(e) => ControlReply {
                 ok: false,
                 error: Some(format!("bad request: {e}")),
                 status: None,
@@ -243,7 +243,7 @@ fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
 }
 
 /// Sends one request to the daemon at `path`.
-pub fn request(path: &Path, req: &Request) -> Result<Reply> {
+pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply> {
     let stream = UnixStream::connect(path).map_err(|error| Error::NotRunning {
         path: path.to_owned(),
         error,
@@ -258,7 +258,7 @@ pub fn request(path: &Path, req: &Request) -> Result<Reply> {
     w.write_all(line.as_bytes()).map_err(ctl)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(ctl)?;
-    let r: Reply = serde_json::from_str(reply.trim())
+    let r: ControlReply = serde_json::from_str(reply.trim())
         .map_err(|e| Error::Control(format!("bad reply: {e}")))?;
     if !r.ok {
         return Err(Error::Control(r.error.unwrap_or_else(|| "error".into())));
@@ -268,7 +268,7 @@ pub fn request(path: &Path, req: &Request) -> Result<Reply> {
 
 /// The daemon's status (fails clearly when it is not running).
 pub fn status(path: &Path) -> Result<DaemonStatus> {
-    request(path, &Request::Status)?
+    request(path, &ControlRequest::Status)?
         .status
         .ok_or_else(|| Error::Control("reply without status".into()))
 }
