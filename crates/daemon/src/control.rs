@@ -30,20 +30,27 @@ const MAX_CLIENTS: usize = 16;
 /// How long one client connection may last, whatever it sends.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
 
-/// A request.
+/// A request on the control socket: one JSON object per line, named by its `cmd` member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum ControlRequest {
+    /// `{"cmd":"ping"}`: whether a daemon answers; the reply carries nothing else.
     Ping,
+    /// `{"cmd":"status"}`: the daemon's [`DaemonStatus`] (what `xdisk stat` shows).
     Status,
 }
 
-/// A reply.
+/// The reply to a [`ControlRequest`], one JSON object per line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlReply {
+    /// Whether the request was served. After a reply with `ok` false the daemon closes the
+    /// connection.
     pub ok: bool,
+    /// Why not, when `ok` is false (a request that does not parse, or `busy: too many
+    /// clients`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The answer to [`ControlRequest::Status`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<DaemonStatus>,
 }
