@@ -10,13 +10,20 @@ pub enum Error {
     /// A xenstore operation failed.
     #[error("xenstore {path}: {source}")]
     Xenstore {
+        /// The node or directory operated on.
         path: String,
+        /// What xenstore (or the connection to it) answered.
         #[source]
         source: xdisk_xen::xenstore::Error,
     },
     /// A backend node (written by the toolstack) is missing or invalid.
     #[error("backend node {node}: {reason}")]
-    Node { node: String, reason: String },
+    Node {
+        /// The node's full path (`<backend dir>/frontend-id`, ...).
+        node: String,
+        /// What is wrong with it (`missing`, `invalid value "x"`, ...).
+        reason: String,
+    },
     /// The frontend's connect-time nodes are unusable.
     #[error("frontend: {0}")]
     Connect(#[from] ConnectError),
@@ -32,7 +39,9 @@ pub enum Error {
     /// Threads, eventfds.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done (`cannot start a queue thread`, `eventfd`, ...).
         context: String,
+        /// The system call's error.
         #[source]
         source: std::io::Error,
     },

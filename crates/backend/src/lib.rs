@@ -19,6 +19,7 @@
 //! No `unsafe` here: guest memory is only reached through the platform traits.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod config;
 mod datapath;

@@ -109,8 +109,12 @@ pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 /// their sum in microseconds and their count.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Histogram {
+    /// Latencies per bucket (bucket `i`: up to `LATENCY_BOUNDS_US[i]` µs; the last: above
+    /// them all).
     pub buckets: [u64; LATENCY_BUCKETS],
+    /// The sum of all latencies recorded, in microseconds.
     pub sum_us: u64,
+    /// How many latencies were recorded (requests completed).
     pub count: u64,
 }
 

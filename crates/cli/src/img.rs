@@ -31,7 +31,7 @@ pub enum ImgCommand {
     /// Compare the guest-visible contents of two images.
     Compare(CompareArgs),
     /// Run a simple I/O benchmark, like `qemu-img bench`.
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::img_bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -201,7 +201,7 @@ pub fn run(cmd: ImgCommand) -> Result<i32> {
         ImgCommand::Map(a) => cmd_map(a),
         ImgCommand::Resize(a) => cmd_resize(a),
         ImgCommand::Compare(a) => cmd_compare(a),
-        ImgCommand::Bench(a) => crate::bench::run(a),
+        ImgCommand::Bench(a) => crate::img_bench::run(a),
     }
 }
 

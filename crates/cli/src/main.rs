@@ -7,15 +7,15 @@
 //! Xen host (`xdisk-xensim`), the Rust blkfront (`xdisk-blkfront`) and the daemon's `sim`
 //! feature; on real Xen none of that code runs.
 
-mod bench;
 mod boot;
 mod boot_menu;
 mod daemon;
 mod gen_docs;
 mod img;
+mod img_bench;
 mod logging;
 mod privs;
-mod ringbench;
+mod ring_bench;
 mod size;
 mod xen_selftest;
 
@@ -94,7 +94,7 @@ enum Command {
     #[command(
         after_long_help = "Examples:\n  xdisk bench --filename=disk.qcow2 --rw=randread --bs=4k --iodepth=32 --runtime=10 --time_based\n  xdisk bench --filename=disk.raw --rw=write --bs=1M --iodepth=8 --verify=crc32c"
     )]
-    Bench(Box<ringbench::RingBenchArgs>),
+    Bench(Box<ring_bench::RingBenchArgs>),
 }
 
 fn main() {
@@ -153,7 +153,7 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Img { cmd } => img::run(cmd),
         Command::XenSelftest(args) => xen_selftest::run(args),
-        Command::Bench(a) => ringbench::run(*a),
+        Command::Bench(a) => ring_bench::run(*a),
         Command::Boot(a) => boot::run(a),
         Command::GenDocs(a) => gen_docs::run::<Cli>(a),
         Command::Serve(a) => daemon::serve(a),

@@ -39,18 +39,26 @@ pub const MAX_AUTO_INDEX: u32 = 256;
 /// What to attach.
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
+    /// The image file; its canonical path goes into `params` after the format (`aio:` for
+    /// raw, `qcow2:`).
     pub image: PathBuf,
     /// `None`: probed here, once, and written explicitly into `params`.
     pub format: Option<Format>,
+    /// Serve it read-only: `mode` `r` (else `w`).
     pub read_only: bool,
     /// `None`: the first free `xvd` name.
     pub devid: Option<u32>,
     /// The backend type the daemon watches (`qdisk` or `xdisk`).
     pub backend_type: String,
+    /// The domain whose backend serves the disk (`B` is under its `/local/domain/<be>`): the
+    /// daemon's own, 0 on Xen.
     pub backend_domid: DomId,
+    /// The domain that gets the disk (`F` is under its `/local/domain/<fe>`): 0 on Xen; on
+    /// the simulation a guest standing in for dom0's blkfront.
     pub frontend_domid: DomId,
     /// Write `direct-io-safe` 1 (the daemon then opens the image with O_DIRECT).
     pub direct_io_safe: bool,
+    /// `discard-enable`: 1 (the default) lets the backend offer discard to the frontend.
     pub discard: bool,
     /// Device numbers to skip when choosing one (e.g. because `/dev/xvdX` exists).
     pub skip: fn(&str) -> bool,
@@ -77,11 +85,15 @@ impl AttachOptions {
 /// A locally attached disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
+    /// The virtual device number (`virtual-device`; 51712 is `xvda`).
     pub devid: u32,
     /// `xvdX`.
     pub vdev: Option<String>,
+    /// The backend directory `B`: `/local/domain/<be>/backend/<type>/<fe>/<devid>`.
     pub backend_path: String,
+    /// The frontend directory `F`: `/local/domain/<fe>/device/vbd/<devid>`.
     pub frontend_path: String,
+    /// The domain the disk is attached to.
     pub frontend_domid: DomId,
 }
 

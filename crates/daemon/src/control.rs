@@ -30,20 +30,27 @@ const MAX_CLIENTS: usize = 16;
 /// How long one client connection may last, whatever it sends.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
 
-/// A request.
+/// A request on the control socket: one JSON object per line, named by its `cmd` member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
+pub enum ControlRequest {
+    /// `{"cmd":"ping"}`: whether a daemon answers; the reply carries nothing else.
     Ping,
+    /// `{"cmd":"status"}`: the daemon's [`DaemonStatus`] (what `xdisk stat` shows).
     Status,
 }
 
-/// A reply.
+/// The reply to a [`ControlRequest`], one JSON object per line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply {
+pub struct ControlReply {
+    /// Whether the request was served. After a reply with `ok` false the daemon closes the
+    /// connection.
     pub ok: bool,
+    /// Why not, when `ok` is false (a request that does not parse, or `busy: too many
+    /// clients`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The answer to [`ControlRequest::Status`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<DaemonStatus>,
 }
@@ -216,18 +223,18 @@ fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
         if reader.read_line(&mut line)? == 0 || Instant::now() >= deadline {
             return Ok(());
         }
-        let reply = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(Request::Ping) => Reply {
+        let reply = match serde_json::from_str::<ControlRequest>(line.trim()) {
+            Ok(ControlRequest::Ping) => ControlReply {
                 ok: true,
                 error: None,
                 status: None,
             },
-            Ok(Request::Status) => Reply {
+            Ok(ControlRequest::Status) => ControlReply {
                 ok: true,
                 error: None,
                 status: Some(status()),
             },
-            Err(e) => Reply {
+            Err(e) => ControlReply {
                 ok: false,
                 error: Some(format!("bad request: {e}")),
                 status: None,
@@ -243,7 +250,7 @@ fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
 }
 
 /// Sends one request to the daemon at `path`.
-pub fn request(path: &Path, req: &Request) -> Result<Reply> {
+pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply> {
     let stream = UnixStream::connect(path).map_err(|error| Error::NotRunning {
         path: path.to_owned(),
         error,
@@ -258,7 +265,7 @@ pub fn request(path: &Path, req: &Request) -> Result<Reply> {
     w.write_all(line.as_bytes()).map_err(ctl)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(ctl)?;
-    let r: Reply = serde_json::from_str(reply.trim())
+    let r: ControlReply = serde_json::from_str(reply.trim())
         .map_err(|e| Error::Control(format!("bad reply: {e}")))?;
     if !r.ok {
         return Err(Error::Control(r.error.unwrap_or_else(|| "error".into())));
@@ -268,7 +275,7 @@ pub fn request(path: &Path, req: &Request) -> Result<Reply> {
 
 /// The daemon's status (fails clearly when it is not running).
 pub fn status(path: &Path) -> Result<DaemonStatus> {
-    request(path, &Request::Status)?
+    request(path, &ControlRequest::Status)?
         .status
         .ok_or_else(|| Error::Control("reply without status".into()))
 }

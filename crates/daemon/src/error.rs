@@ -9,7 +9,9 @@ pub enum Error {
     /// A xenstore operation failed.
     #[error("xenstore {path}: {error}")]
     Xenstore {
+        /// The node or directory operated on.
         path: String,
+        /// What xenstore (or the connection to it) answered.
         error: xdisk_xen::xenstore::Error,
     },
     /// No xenstore to talk to.
@@ -21,7 +23,9 @@ pub enum Error {
     /// The image could not be opened.
     #[error("image {path}: {error}")]
     Image {
+        /// The image file (from `params`).
         path: PathBuf,
+        /// Why xdisk-image refused or failed to open it.
         error: xdisk_image::Error,
     },
     /// The backend device could not start.
@@ -46,7 +50,9 @@ pub enum Error {
     /// The daemon is not reachable on its control socket.
     #[error("the xdisk daemon is not running (no answer on {path}: {error}); start it with `xdisk serve` or `systemctl start xdisk`")]
     NotRunning {
+        /// The control socket tried.
         path: PathBuf,
+        /// Why connecting failed (typically no such file, or connection refused).
         error: std::io::Error,
     },
     /// The control protocol failed.
@@ -58,7 +64,9 @@ pub enum Error {
     /// System calls.
     #[error("{context}: {error}")]
     Io {
+        /// What was being done (`cannot create /run/xdisk`).
         context: String,
+        /// The system call's error.
         error: std::io::Error,
     },
 }

@@ -25,6 +25,7 @@
 //! No `unsafe`: guest memory is only reached through the platform traits.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod attach;
 pub mod control;

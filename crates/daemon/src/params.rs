@@ -25,14 +25,21 @@ pub const MAX_PARAMS_LEN: usize = 4096 + 16;
 /// A backend node that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamsError {
+    /// A node the disk cannot do without is absent (the only such node is `params`).
     #[error("node {0} is missing")]
     Missing(&'static str),
+    /// A node's value cannot be used.
     #[error("node {node}: invalid value {value:?} ({why})")]
     Invalid {
+        /// The node, relative to the backend directory (`mode`, `params`, ...).
         node: &'static str,
+        /// Its value, cut to 80 characters.
         value: String,
+        /// What is wrong with it.
         why: String,
     },
+    /// A well-formed disk that xdisk does not serve (VHD, qcow or qed images, a `params` of
+    /// blktap or blkback, an empty CD-ROM drive); the message says what to do instead.
     #[error("{0}")]
     Unsupported(String),
 }
@@ -40,11 +47,14 @@ pub enum ParamsError {
 /// The device type (`device-type` node).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceType {
+    /// `disk` (also when the node is absent).
     Disk,
+    /// `cdrom`: served read-only, and removable (`VDISK_REMOVABLE` in `info`).
     Cdrom,
 }
 
 impl DeviceType {
+    /// The node's value: `disk` or `cdrom`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceType::Disk => "disk",
@@ -71,6 +81,7 @@ pub struct DiskSpec {
     pub cache: CacheMode,
     /// Whether `direct-io-safe` was 1.
     pub direct_io_safe: bool,
+    /// The `device-type` node.
     pub device_type: DeviceType,
     /// Backing files must lie in one of these directories (empty: anywhere allowed by
     /// xdisk-image's rules); from the daemon's `--backing-dirs`.

@@ -24,6 +24,8 @@ pub enum PlatformKind {
 }
 
 impl PlatformKind {
+    /// Its name, `xen` or `sim`: the value of `xdisk serve --platform` and of
+    /// [`DaemonStatus::platform`](crate::status::DaemonStatus::platform).
     pub fn as_str(self) -> &'static str {
         match self {
             PlatformKind::Xen => "xen",
@@ -47,10 +49,13 @@ impl std::str::FromStr for PlatformKind {
 /// and the domain we run in.
 #[derive(Clone)]
 pub struct Platform {
+    /// Real Xen or the simulation.
     pub kind: PlatformKind,
     /// The daemon's xenstore connection, shared by the supervisor and its devices.
     pub xs: Arc<Client>,
+    /// Maps and copies the pages frontends grant us (`/dev/xen/gntdev` on Xen).
     pub gnt: Arc<dyn GrantMapper>,
+    /// Binds and signals the devices' event channels (`/dev/xen/evtchn` on Xen).
     pub evt: Arc<dyn EventChannels>,
     /// Our own domain (the backend domain).
     pub domid: DomId,

@@ -52,14 +52,19 @@ pub enum QmpEndpoint {
 /// What matters of QEMU's command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QemuArgs {
+    /// `-xen-domid`: the guest whose `qdisk` disks are served (required).
     pub domid: DomId,
+    /// `-name`: the guest's name (for the log).
     pub name: Option<String>,
     /// QMP monitors (`-mon chardev=X,mode=control` over `-chardev socket,id=X,...`).
     pub qmp: Vec<QmpEndpoint>,
     /// `-S`: start paused (`query-status` says `prelaunch` until `cont`).
     pub paused: bool,
+    /// `-xen-attach`: the domain already exists (libxl always passes it; nothing to do).
     pub xen_attach: bool,
+    /// `-machine` (or `-M`): only `xenpv` is accepted, PV guests being all the shim serves.
     pub machine: Option<String>,
+    /// `-pidfile`: where `xdisk qemu-shim` writes its pid once QMP listens (removed on exit).
     pub pidfile: Option<PathBuf>,
     /// Options understood but not acted upon (devices the shim does not provide).
     pub unsupported: Vec<String>,
@@ -206,6 +211,8 @@ pub struct QmpState {
 }
 
 impl QmpState {
+    /// The state of a shim started paused (`-S`) or not; `quit` is told when a client sends
+    /// `quit`.
     pub fn new(paused: bool, quit: Option<Sender<()>>) -> Arc<QmpState> {
         Arc::new(QmpState {
             paused: AtomicBool::new(paused),

@@ -25,8 +25,14 @@ pub const GUEST_PAGES: usize = 8192;
 /// What the guest knows of one of its disks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestDisk {
+    /// The guest's blkfront is negotiating with the backend.
     Connecting,
-    Connected { sectors: u64 },
+    /// Connected; the guest has read sector 0 as a smoke test (a failure is only logged).
+    Connected {
+        /// The disk's size in 512-byte sectors, as the backend announced it.
+        sectors: u64,
+    },
+    /// The frontend could not connect (why).
     Failed(String),
 }
 
@@ -70,6 +76,7 @@ impl SimGuest {
         })
     }
 
+    /// The guest's domain id.
     pub fn domid(&self) -> DomId {
         self.dom.domid()
     }

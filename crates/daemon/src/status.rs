@@ -18,6 +18,7 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase's name, as in the JSON and in `xdisk stat`.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Starting => "starting",
@@ -33,22 +34,34 @@ impl Phase {
 pub struct DeviceStatus {
     /// `<type>/<frontend domid>/<devid>`, e.g. `qdisk/5/51712`.
     pub name: String,
+    /// The backend type directory it was found in (`qdisk`, `xdisk`).
     pub backend_type: String,
+    /// The guest's domain (`frontend-id`).
     pub frontend_domid: u16,
+    /// The virtual device number (51712 is `xvda`).
     pub devid: u32,
     /// `xvdX` when the number is an xvd whole disk.
     pub vdev: Option<String>,
+    /// The backend directory, `/local/domain/<own domid>/backend/<type>/<domid>/<devid>`.
     pub backend_path: String,
+    /// The frontend directory (the backend's `frontend` node).
     pub frontend_path: Option<String>,
+    /// The image file (the path of `params`), once the image is open.
     pub image: Option<String>,
+    /// The image format (`raw`, `qcow2`), once the image is open.
     pub format: Option<String>,
+    /// Served read-only (`mode` `r` or a CD-ROM); set once the image is open.
     pub read_only: bool,
+    /// The host cache mode the image was opened with (`none`, or `writeback` when
+    /// `direct-io-safe` is not set or O_DIRECT was refused), once open.
     pub cache: Option<String>,
+    /// Where the device is in its life cycle.
     pub phase: Phase,
     /// The backend's xenbus state (name), while running.
     pub xenbus_state: Option<String>,
     /// Disk size in bytes, once open.
     pub size: Option<u64>,
+    /// Why the device failed (what its `error` node says).
     pub error: Option<String>,
     /// The backend's counters, as Linux blkback's sysfs `statistics/` (`rd_req`, `wr_req`,
     /// `f_req`, `ds_req`, `rd_sect`, `wr_sect`, ...) plus xdisk's own.
@@ -141,7 +154,9 @@ impl DeviceStatus {
 /// The daemon as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonStatus {
+    /// The daemon's process id.
     pub pid: u32,
+    /// The daemon's version (the xdisk crates' version).
     pub version: String,
     /// `xen` or `sim`.
     pub platform: String,
@@ -158,6 +173,7 @@ pub struct DaemonStatus {
     /// The xenstored to use when it is not the system's (the simulation's socket).
     #[serde(default)]
     pub xenstore_path: Option<String>,
+    /// Every device the supervisor knows, by name, whatever its phase.
     pub devices: Vec<DeviceStatus>,
 }
 

@@ -87,12 +87,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A device's identity: `<type>/<frontend domid>/<devid>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
+    /// The backend type: the directory under `backend/` (`qdisk`, `xdisk`).
     pub backend_type: String,
+    /// The frontend's (guest's) domain.
     pub domid: DomId,
+    /// The virtual device number.
     pub devid: u32,
 }
 
 impl Key {
+    /// `<type>/<frontend domid>/<devid>` (`qdisk/5/51712`): the device's name in
+    /// [`DeviceStatus::name`], the log and `xdisk stat`.
     pub fn name(&self) -> String {
         format!("{}/{}/{}", self.backend_type, self.domid, self.devid)
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
-use super::parse_duration;
+use super::options::parse_duration;
 use crate::size::parse_size;
 
 /// `--reconnect=MIN-MAX` (seconds, fio duration suffixes allowed): the frontend disconnects
