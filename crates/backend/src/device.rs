@@ -7,7 +7,7 @@
 //! `online`, `@releaseDomain`) and on commands from the [`Device`] handle: a frontend that
 //! never connects costs no CPU. When the frontend is `Initialised` or `Connected` it reads the
 //! frontend's nodes ([`FrontendConnect::parse`]), maps each queue's ring, binds its event
-//! channel and starts one reactor thread per queue ([`crate::reactor`]), then goes
+//! channel and starts one reactor thread per queue (the private `reactor` module), then goes
 //! `Connected`. A frontend going `Closing`/`Closed`, `online` set to 0, the frontend's
 //! nodes vanishing (domain death) or a protocol error stops the reactors (each waits for its
 //! I/O in flight), which unmaps everything, and closes the device; a frontend coming back to

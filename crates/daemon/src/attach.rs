@@ -149,34 +149,15 @@ pub(crate) fn rm_with_empty_parents(
     Ok(())
 }
 
-/// The format of an image, from its first bytes (qcow2 magic, else raw).
-pub fn probe_format(path: &Path) -> Result<Format> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    let mut magic = [0u8; 4];
-    let n = f
-        .read(&mut magic)
-        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-    Ok(if n == 4 && &magic == b"QFI\xfb" {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
-}
-
-/// Whether the qcow2 header of `path` names a backing file (backing_file_offset, bytes 8-15,
-/// not zero).
-fn names_backing_file(path: &Path) -> Result<bool> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    let mut b = [0u8; 8];
-    match f.read_exact_at(&mut b, 8) {
-        Ok(()) => Ok(u64::from_be_bytes(b) != 0),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
-    }
+/// What the image's first bytes say (format, backing file named), read through the image
+/// engine's storage (a FIFO or socket put where the image should be is refused, not waited
+/// on).
+fn probe(path: &Path) -> Result<xdisk_image::Probed> {
+    let io = |e: xdisk_image::Error| Error::Invalid(format!("{}: {e}", path.display()));
+    let storage = xdisk_image::DiskSource::path(path, None)
+        .open_storage(true, xdisk_image::CacheMode::WriteBack)
+        .map_err(io)?;
+    xdisk_image::probe(&*storage).map_err(io)
 }
 
 /// Writes the backend and frontend nodes in one transaction; returns where.
@@ -201,15 +182,18 @@ pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
         // A probed image never opens a backing file (xdisk-image's rule): writing the probed
         // format into params would vouch for a header anybody (a guest of a raw disk) may
         // have written.
-        None => match probe_format(&image)? {
-            Format::Qcow2 if names_backing_file(&image)? => {
+        None => match probe(&image)? {
+            xdisk_image::Probed {
+                names_backing_file: true,
+                ..
+            } => {
                 return Err(Error::Invalid(format!(
                     "{} is a qcow2 image naming a backing file: give --format qcow2 to attach \
                      it with its backing chain (a probed format never opens backing files)",
                     image.display()
                 )))
             }
-            f => f,
+            p => p.format,
         },
     };
     let params = match format {

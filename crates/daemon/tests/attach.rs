@@ -160,6 +160,31 @@ fn attach_refuses_a_probed_qcow2_naming_a_backing_file() {
     assert!(!host.exists("/local/domain/0/backend/xdisk/7/51712"));
 }
 
+/// Probing reads the image through the image engine's storage, which refuses a FIFO put
+/// where the image should be: `attach` errs at once instead of blocking in open(2).
+#[test]
+fn attach_of_a_fifo_fails_instead_of_blocking() {
+    let host = host();
+    let dir = tmpdir();
+    let fifo = dir.path().join("disk.raw");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut opts = AttachOptions::new(&fifo, "xdisk");
+    opts.frontend_domid = FE;
+    let xs = host.xen.xenstore(0).unwrap();
+    let start = std::time::Instant::now();
+    let e = attach::attach(&xs, &opts, Duration::from_millis(500)).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "attach blocked on the FIFO"
+    );
+    assert!(e.to_string().contains("disk.raw"), "{e}");
+    assert!(!host.exists("/local/domain/0/backend/xdisk/7/51712"));
+}
+
 #[test]
 fn attach_without_a_daemon_says_so() {
     let dir = tmpdir();

@@ -343,6 +343,31 @@ pub fn probe_format(storage: &dyn Storage) -> Result<Format> {
     })
 }
 
+/// What the first bytes of a storage say, before anything is opened as an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probed {
+    /// The format the magic says (qcow2, else raw).
+    pub format: Format,
+    /// A qcow2 header that names a backing file (`backing_file_offset` not zero): opening
+    /// it with a probed format would be refused (see [`Image::open`]).
+    pub names_backing_file: bool,
+}
+
+/// Probes a storage's format and whether its header names a backing file.
+pub fn probe(storage: &dyn Storage) -> Result<Probed> {
+    let format = probe_format(storage)?;
+    let mut off = [0u8; 8];
+    if format == Format::Qcow2 {
+        storage
+            .read_at(&mut off, 8)
+            .map_err(|e| Error::io(format!("cannot read {}", storage.name()), e))?;
+    }
+    Ok(Probed {
+        format,
+        names_backing_file: u64::from_be_bytes(off) != 0,
+    })
+}
+
 impl Image {
     /// Opens an image and (unless told not to) its backing chain.
     ///
