@@ -494,6 +494,13 @@ impl Image {
                                 path.display(),
                                 path.display()
                             )))
+                        } else if let Err(e) = DiskSource::parse(name, None) {
+                            // A backing file on another storage (a URI) goes through the one
+                            // place that knows storages; those not served yet say so here.
+                            Err(Error::Backing(format!(
+                                "backing file '{name}' of {}: {e}",
+                                path.display()
+                            )))
                         } else {
                             fmt.map(str::parse::<Format>).transpose().and_then(|bfmt| {
                                 Self::open_chain(&bpath, opts, bfmt, chain, lenient.as_deref_mut())

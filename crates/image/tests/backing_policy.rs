@@ -124,6 +124,20 @@ fn probed_backing_file_never_opens_its_own_backing_file() {
     assert!(e.to_string().contains("probed"), "{e}");
 }
 
+/// Backing names go through DiskSource, the one place that knows storages: a URI of a
+/// storage not served yet is refused by name, not looked up as a relative file.
+#[test]
+fn backing_file_on_a_storage_not_served_yet_is_refused_by_name() {
+    let d = tmp();
+    for uri in ["nbd://backup-host/base", "rbd:pool/base"] {
+        let img = d.path().join("top.qcow2");
+        qcow2_naming(&img, uri, "raw");
+        let e = Image::open(&img, &opts(Some(Format::Qcow2))).unwrap_err();
+        assert!(matches!(e, Error::Backing(_)), "{uri}: {e:?}");
+        assert!(e.to_string().contains("not supported yet"), "{uri}: {e}");
+    }
+}
+
 #[test]
 fn character_device_backing_file_is_refused() {
     let d = tmp();
