@@ -165,7 +165,7 @@ pub struct QemuShimArgs {
 }
 
 /// Tells systemd (Type=notify) something, if it listens.
-fn sd_notify(msg: &str) {
+pub(crate) fn sd_notify(msg: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };

@@ -14,6 +14,7 @@ mod gen_docs;
 mod img;
 mod img_bench;
 mod logging;
+mod nbd;
 mod privs;
 mod ring_bench;
 mod size;
@@ -95,6 +96,12 @@ enum Command {
         after_long_help = "Examples:\n  xdisk bench --filename=disk.qcow2 --rw=randread --bs=4k --iodepth=32 --runtime=10 --time_based\n  xdisk bench --filename=disk.raw --rw=write --bs=1M --iodepth=8 --verify=crc32c"
     )]
     Bench(Box<ring_bench::RingBenchArgs>),
+    /// Exports an image over NBD (qemu-nbd's spelling): for backup and migration tools and
+    /// hosts without Xen.
+    #[command(
+        after_long_help = "Examples:\n  xdisk nbd -f qcow2 -k /run/disk.sock disk.qcow2     # nbd+unix:///?socket=/run/disk.sock\n  xdisk nbd -f raw -r -x backup -p 10809 -t disk.raw  # nbd://host/backup, read-only, persistent\n  nbdcopy nbd+unix:///?socket=/run/disk.sock copy.raw"
+    )]
+    Nbd(Box<nbd::NbdArgs>),
 }
 
 fn main() {
@@ -154,6 +161,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Img { cmd } => img::run(cmd),
         Command::XenSelftest(args) => xen_selftest::run(args),
         Command::Bench(a) => ring_bench::run(*a),
+        Command::Nbd(a) => nbd::run(*a),
         Command::Boot(a) => boot::run(a),
         Command::GenDocs(a) => gen_docs::run::<Cli>(a),
         Command::Serve(a) => daemon::serve(a),

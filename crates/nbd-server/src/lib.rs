@@ -141,6 +141,54 @@ impl Stream for std::net::TcpStream {
     }
 }
 
+/// A unix or TCP connection (what a server that listens on either hands out).
+#[derive(Debug)]
+pub enum AnyStream {
+    /// A unix socket connection.
+    Unix(std::os::unix::net::UnixStream),
+    /// A TCP connection.
+    Tcp(std::net::TcpStream),
+}
+
+impl Read for AnyStream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            AnyStream::Unix(s) => s.read(b),
+            AnyStream::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for AnyStream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            AnyStream::Unix(s) => s.write(b),
+            AnyStream::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            AnyStream::Unix(s) => s.flush(),
+            AnyStream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+impl Stream for AnyStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        Ok(match self {
+            AnyStream::Unix(s) => AnyStream::Unix(s.try_clone()?),
+            AnyStream::Tcp(s) => AnyStream::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown_both(&self) {
+        match self {
+            AnyStream::Unix(s) => s.shutdown_both(),
+            AnyStream::Tcp(s) => s.shutdown_both(),
+        }
+    }
+}
+
 /// A request the reader hands to the I/O thread.
 enum Msg {
     /// A valid request (with its payload, for writes).

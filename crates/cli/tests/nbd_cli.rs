@@ -1,0 +1,135 @@
+//! `xdisk nbd` as a user runs it: an image exported on a unix socket, read by qemu-img and
+//! written by qemu-io; the server exits after its client leaves (as qemu-nbd), or keeps
+//! serving with -t; -r refuses writes.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn xdisk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xdisk"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn wait_for(p: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while !p.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("xdisk nbd exited early: {st}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "xdisk nbd did not exit after its client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn nbd_exports_a_qcow2_image_and_exits_after_its_client() {
+    let dir = tempfile::Builder::new()
+        .prefix("xdisk-nbd-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let img = dir.path().join("disk.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M"));
+    ok(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x3c 1M 3M",
+            "-c",
+            "write -P 0x7e 9M 64k",
+        ])
+        .arg(&img));
+    let sock = dir.path().join("nbd.sock");
+    let mut child = xdisk()
+        .args(["nbd", "-f", "qcow2", "-x", "disk", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    wait_for(&sock, &mut child);
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    // One client writes, reads back through the same connection, and leaves.
+    ok(Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 12M 1M",
+            "-c",
+            "read -P 0x42 12M 1M",
+        ])
+        .args(["-c", "read -P 0x3c 1M 3M", "-c", "read -P 0x7e 9M 64k"])
+        .arg(&uri));
+    let st = wait_exit(&mut child);
+    assert!(st.success(), "{st}");
+    // What it wrote is in the image, which is clean.
+    ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x42 12M 1M"])
+        .arg(&img));
+    ok(Command::new("qemu-img").arg("check").arg(&img));
+
+    // Read-only and persistent: writes fail, several clients in turn, the server stays.
+    let mut child = xdisk()
+        .args(["nbd", "-f", "qcow2", "-r", "-t", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    wait_for(&sock, &mut child);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let w = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4k"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(
+        text.contains("ermission") || text.contains("read-only") || !w.status.success(),
+        "{text}"
+    );
+    let info = ok(Command::new("nbdinfo")
+        .args(["--json", "--no-content"])
+        .arg(&uri));
+    assert!(info.contains("\"is_read_only\": true"), "{info}");
+    let flat = dir.path().join("flat.raw");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&uri)
+        .arg(&flat));
+    let want = dir.path().join("want.raw");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&img)
+        .arg(&want));
+    assert!(std::fs::read(&flat).unwrap() == std::fs::read(&want).unwrap());
+    assert!(child.try_wait().unwrap().is_none(), "-t keeps serving");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
