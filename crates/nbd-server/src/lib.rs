@@ -222,6 +222,40 @@ impl Budget {
     }
 }
 
+/// Request buffers of one connection, reused: a fresh buffer of a MiB costs a mapping and
+/// hundreds of page faults. Sizes are powers of two (at least 4 KiB); at most
+/// [`POOL_BYTES`] stay pooled.
+struct BufPool {
+    bufs: Mutex<Vec<AlignedBuf>>,
+    align: usize,
+}
+
+/// The most bytes of buffers a connection keeps for reuse.
+const POOL_BYTES: usize = 64 << 20;
+
+impl BufPool {
+    fn get(&self, len: usize) -> AlignedBuf {
+        let cap = len.next_power_of_two().max(4096);
+        let found = {
+            let mut v = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+            v.iter()
+                .position(|b| b.capacity() == cap)
+                .map(|i| v.swap_remove(i))
+        };
+        let mut b = found.unwrap_or_else(|| AlignedBuf::new(cap, self.align));
+        b.set_len(len);
+        b
+    }
+
+    fn put(&self, b: AlignedBuf) {
+        let mut v = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let held: usize = v.iter().map(AlignedBuf::capacity).sum();
+        if held + b.capacity() <= POOL_BYTES {
+            v.push(b);
+        }
+    }
+}
+
 /// Serves one client on `stream` until it disconnects.
 pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<(), Error> {
     let (info, n, contexts) = match negotiate(&mut stream, cfg)? {
@@ -244,14 +278,24 @@ pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<
         freed: Condvar::new(),
         max: cfg.max_buffered.max(u64::from(MAX_PAYLOAD)),
     });
+    let pool = Arc::new(BufPool {
+        bufs: Mutex::new(Vec::new()),
+        align: export.image.storage().alignment().buffer_align(),
+    });
     let reader = {
         let wake = wake.clone();
         let budget = budget.clone();
-        let align = export.image.storage().alignment().buffer_align();
+        let pool = pool.clone();
         std::thread::Builder::new()
             .name("xdisk-nbd-read".into())
-            .spawn(move || read_requests(reader_stream, n, tx, &wake, &budget, align))?
+            .spawn(move || {
+                // Headers are small: one read(2) per many of them.
+                let r = io::BufReader::with_capacity(256 << 10, reader_stream);
+                read_requests(r, n, tx, &wake, &budget, &pool)
+            })?
     };
+    // Replies are gathered and sent once per loop (flushed before the loop sleeps).
+    let mut writer = io::BufWriter::with_capacity(256 << 10, stream.try_clone_stream()?);
     let r = Connection {
         image: export.image.clone(),
         queue: ImageQueue::new(export.image.clone(), &cfg.queue)?,
@@ -263,8 +307,10 @@ pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<
         pending: HashMap::new(),
         next: 0,
         budget: budget.clone(),
+        pool,
     }
-    .run(&mut stream, &rx, &wake);
+    .run(&mut writer, &rx, &wake);
+    let _ = writer.flush();
     stream.shutdown_both();
     let _ = reader.join();
     r
@@ -277,7 +323,7 @@ fn read_requests<S: Read>(
     tx: mpsc::Sender<Msg>,
     wake: &EventFd,
     budget: &Budget,
-    align: usize,
+    pool: &BufPool,
 ) {
     let send = |m: Msg| {
         let ok = tx.send(m).is_ok();
@@ -315,7 +361,7 @@ fn read_requests<S: Read>(
             }
             Ok(c @ Command::Write { len, .. }) => {
                 budget.take(len.into());
-                let mut buf = AlignedBuf::new(len as usize, align);
+                let mut buf = pool.get(len as usize);
                 if s.read_exact(&mut buf).is_err() {
                     budget.give(len.into());
                     send(Msg::End(Some(
@@ -368,6 +414,7 @@ struct Connection {
     pending: HashMap<u64, Pending>,
     next: u64,
     budget: Arc<Budget>,
+    pool: Arc<BufPool>,
 }
 
 impl Connection {
@@ -441,8 +488,7 @@ impl Connection {
         };
         match cmd {
             Command::Read { offset, len, .. } => {
-                let align = self.image.storage().alignment().buffer_align();
-                let b = AlignedBuf::new(len as usize, align);
+                let b = self.pool.get(len as usize);
                 self.submit(IoKind::Read, offset, Some(b), p);
             }
             Command::Write { offset, .. } => self.submit(IoKind::Write, offset, buf, p),
@@ -491,7 +537,11 @@ impl Connection {
                 self.budget.give(len.into());
             }
         }
+        let buf = d.buf;
         if let Err(e) = d.result {
+            if let Some(b) = buf {
+                self.pool.put(b);
+            }
             let errno = match &e {
                 xdisk_image::Error::Io { source, .. } => {
                     source.raw_os_error().map_or(errno::EIO, errno::from_errno)
@@ -514,10 +564,14 @@ impl Connection {
             self.submit(IoKind::Flush, 0, None, p);
             return Ok(());
         }
-        match (p.cmd, d.buf) {
-            (Command::Read { offset, .. }, Some(buf)) => self.read_reply(w, &p.h, offset, &buf),
+        let r = match (p.cmd, &buf) {
+            (Command::Read { offset, .. }, Some(b)) => self.read_reply(w, &p.h, offset, b),
             _ => self.ok_reply(w, &p.h),
+        };
+        if let Some(b) = buf {
+            self.pool.put(b);
         }
+        r
     }
 
     fn read_reply<W: Write>(
