@@ -32,3 +32,15 @@ def prepare_images(size_str, raw, qcow):
     os.sync()
     time.sleep(3)
     return size
+
+
+def alternating(runs, rounds, measure):
+    """Runs `measure(x)` for each (name, x) of `runs`, `rounds` times, in alternating order
+    (forwards, then backwards: neither side always goes first, after a warm or a cold
+    cache); returns {name: [result per round]}."""
+    per = {name: [] for name, _ in runs}
+    for rnd in range(rounds):
+        order = runs if rnd % 2 == 0 else list(reversed(runs))
+        for name, x in order:
+            per[name].append(measure(x))
+    return per

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import prepare_images, sh, xdisk_bin
+from benchlib import alternating, prepare_images, sh, xdisk_bin
 STRIDE_4K = 4096 * 7919  # a prime number of 4k blocks: scatters like random I/O
 
 
@@ -105,11 +105,7 @@ def main():
             if a.only and a.only not in wl["name"]:
                 continue
             count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
-            per = {name: [] for name, _ in runs}
-            for rnd in range(a.rounds):
-                order = runs if rnd % 2 == 0 else list(reversed(runs))
-                for name, fn in order:
-                    per[name].append(fn(wl, count))
+            per = alternating(runs, a.rounds, lambda fn: fn(wl, count))
             med = {k: statistics.median(v) for k, v in per.items()}
             results[wl["name"]] = {"median_iops": med, "samples": per}
             unit = (lambda x: f"{x:9.0f} IOPS") if wl["bs"] == 4096 else (lambda x: f"{x * wl['bs'] / 1e6:7.0f} MB/s")

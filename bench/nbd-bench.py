@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import prepare_images, xdisk_bin
+from benchlib import alternating, prepare_images, xdisk_bin
 
 WORKLOADS = [
     {"name": "4k randread QD32", "rw": "randread", "bs": "4k", "bytes": 4096, "depth": 32, "count": 100000},
@@ -95,11 +95,7 @@ def main():
             count = min(wl["count"], size // wl["bytes"])
             if a.quick:
                 count = max(count // 20, 50)
-            per = {name: [] for name, _ in runs}
-            for rnd in range(a.rounds):
-                order = runs if rnd % 2 == 0 else list(reversed(runs))
-                for name, target in order:
-                    per[name].append(fio(target, wl, count))
+            per = alternating(runs, a.rounds, lambda target: fio(target, wl, count))
             med = {k: statistics.median(v) for k, v in per.items()}
             results[wl["name"]] = {"median_iops": med, "samples": per}
             big = wl["bytes"] >= 1 << 20

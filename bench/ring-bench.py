@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import prepare_images, sh, xdisk_bin
+from benchlib import alternating, prepare_images, sh, xdisk_bin
 XDISK = None
 
 
@@ -106,11 +106,7 @@ def main():
             count = min(wl["count"], size // wl["bytes"])
             if a.quick:
                 count = max(count // 20, 50)
-            per = {name: [] for name, _ in runs}
-            for rnd in range(a.rounds):
-                order = runs if rnd % 2 == 0 else list(reversed(runs))
-                for name, fn in order:
-                    per[name].append(fn(wl, count))
+            per = alternating(runs, a.rounds, lambda fn: fn(wl, count))
             med = {k: {m: statistics.median(r[m] for r in v) for m in ("iops", "p50", "p99", "cpu")}
                    for k, v in per.items()}
             results[wl["name"]] = {"median": med, "samples": per}

@@ -16,6 +16,29 @@ pub fn create(path: &Path, format: Format, opts: &CreateOptions) -> Result<()> {
     }
 }
 
+/// Creates (or truncates) the host file `path` and lets `fill` write the image into it. On
+/// failure a file this call created is removed again (an existing one is left as it is: it
+/// may be a device node).
+pub(crate) fn create_file(
+    path: &Path,
+    fill: impl FnOnce(&xdisk_io::ImageFile) -> Result<()>,
+) -> Result<()> {
+    let existed = path.symlink_metadata().is_ok();
+    let file =
+        xdisk_io::ImageFile::create(path, xdisk_io::CacheMode::WriteBack).map_err(Error::Engine)?;
+    let res = fill(&file);
+    if res.is_err() && !existed {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+    }
+    res
+}
+
+/// Wraps an I/O error of image creation with what was being done.
+pub(crate) fn io_ctx(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::io(format!("cannot create image: {what}"), e)
+}
+
 /// How much of the image to allocate up front (qemu-img's `preallocation=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Preallocation {

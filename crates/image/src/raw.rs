@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::path::Path;
 
-use xdisk_io::{Allocation, CacheMode, ImageFile, Storage, StorageRef};
+use xdisk_io::{Allocation, Storage, StorageRef};
 
-use crate::create::Preallocation;
+use crate::create::{create_file, io_ctx, Preallocation};
 
 use crate::{Error, Extent, InFlight, LayerStatus, Mapping, Result};
 
@@ -144,9 +144,7 @@ pub fn create(path: &Path, size: u64, preallocation: Preallocation) -> Result<()
         ));
     }
     let size = crate::create::round_size(size)?;
-    let existed = path.symlink_metadata().is_ok();
-    let file = ImageFile::create(path, CacheMode::WriteBack).map_err(Error::Engine)?;
-    let res = (|| -> Result<()> {
+    create_file(path, |file| {
         match preallocation {
             Preallocation::Off | Preallocation::Metadata => {
                 file.set_size(size).map_err(io_ctx("setting the size"))?
@@ -164,16 +162,7 @@ pub fn create(path: &Path, size: u64, preallocation: Preallocation) -> Result<()
             }
         }
         file.flush().map_err(io_ctx("flushing"))
-    })();
-    if res.is_err() && !existed {
-        drop(file);
-        let _ = std::fs::remove_file(path);
-    }
-    res
-}
-
-fn io_ctx(what: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::io(format!("cannot create image: {what}"), e)
+    })
 }
 
 impl crate::FormatDriver for RawImage {

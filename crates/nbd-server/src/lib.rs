@@ -453,12 +453,10 @@ impl Connection {
                 }
             }
             let [a, b] = self.queue.event_fds();
-            let fds = [wake.fd(), a, b];
-            if self.pending.is_empty() || !done.is_empty() {
-                poll_readable(&fds, -1)?;
-            } else {
-                poll_readable(&fds, 100)?;
-            }
+            // The queue's fds wake us for its completions; the timeout only bounds a missed
+            // wake-up while requests are in flight.
+            let timeout_ms = if self.pending.is_empty() { -1 } else { 100 };
+            poll_readable(&[wake.fd(), a, b], timeout_ms)?;
         }
     }
 

@@ -18,14 +18,14 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use xdisk_io::{CacheMode, ImageFile, Storage};
+use xdisk_io::Storage;
 
 pub use super::format::CompressionType;
 use super::format::{
     compat, incompat, refcount_set, Header, L2E_COPIED, MAX_BACKING_NAME, MAX_CLUSTER_BITS,
     MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS,
 };
-use crate::create::round_size;
+use crate::create::{create_file, io_ctx, round_size};
 pub use crate::create::{CreateOptions, Preallocation};
 use crate::{Error, Format, Result};
 
@@ -218,18 +218,7 @@ fn validate(opts: &CreateOptions) -> Result<u64> {
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let size = validate(opts)?;
     let layout = Layout::compute(opts, size)?;
-    let existed = path.symlink_metadata().is_ok();
-    let file = ImageFile::create(path, CacheMode::WriteBack).map_err(Error::Engine)?;
-    let res = write_image(&file, opts, &layout);
-    if res.is_err() && !existed {
-        drop(file);
-        let _ = std::fs::remove_file(path);
-    }
-    res
-}
-
-fn io_ctx(what: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::io(format!("cannot create image: {what}"), e)
+    create_file(path, |file| write_image(file, opts, &layout))
 }
 
 fn write_image(file: &dyn Storage, opts: &CreateOptions, l: &Layout) -> Result<()> {
