@@ -17,6 +17,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod server;
+pub use server::{Listener, ServeOptions, Server, ServerStats};
+
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::mpsc;
@@ -60,6 +63,29 @@ pub struct Export {
     pub read_only: bool,
 }
 
+/// What the server does with `NBD_CMD_TRIM` (qemu-nbd's `--discard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiscardMode {
+    /// Accept trims and do nothing (qemu-nbd's default).
+    #[default]
+    Ignore,
+    /// Release the space (and let `WRITE_ZEROES` punch holes).
+    Unmap,
+}
+
+/// Whether writes of zeroes become zero writes (qemu-nbd's `--detect-zeroes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Write what the client sends.
+    #[default]
+    Off,
+    /// A write whose payload is all zeroes is done as a write of zeroes (no data stored
+    /// where the format can say "zero": qcow2 zero clusters).
+    On,
+    /// As `On`, and the range is unmapped when discards are (`DiscardMode::Unmap`).
+    Unmap,
+}
+
 /// What a server serves and how.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -67,9 +93,37 @@ pub struct ServerConfig {
     pub exports: Vec<Export>,
     /// Each connection's image queue.
     pub queue: QueueConfig,
-    /// Payload bytes of requests read but not yet done, per connection, at most.
+    /// Bytes of requests read but not yet answered, per connection, at most: payloads of
+    /// writes and reads, plus [`REQUEST_COST`] for each request. The reader stops reading
+    /// the socket while the budget is spent, so a client that sends without reading replies
+    /// holds a bounded amount of memory.
     pub max_buffered: u64,
+    /// What trims do.
+    pub discard: DiscardMode,
+    /// Whether zero payloads are detected.
+    pub detect_zeroes: DetectZeroes,
+    /// The longest a client may take from connecting to the transmission phase (`None`:
+    /// no limit).
+    pub handshake_timeout: Option<Duration>,
 }
+
+impl ServerConfig {
+    /// A configuration serving `exports` with the defaults: the default image queue, 64 MiB
+    /// in flight per connection, trims ignored, no zero detection, 10 s handshake limit.
+    pub fn new(exports: Vec<Export>) -> ServerConfig {
+        ServerConfig {
+            exports,
+            queue: QueueConfig::default(),
+            max_buffered: 64 << 20,
+            discard: DiscardMode::default(),
+            detect_zeroes: DetectZeroes::default(),
+            handshake_timeout: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// What each request counts against [`ServerConfig::max_buffered`] beside its payload.
+pub const REQUEST_COST: u64 = 1024;
 
 /// The largest read or write payload (the spec's default maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -85,10 +139,15 @@ impl Exports for ServerConfig {
             | flags::SEND_DF
             | flags::SEND_CACHE
             | flags::SEND_TRIM
-            | flags::SEND_WRITE_ZEROES;
+            | flags::SEND_WRITE_ZEROES
+            | flags::SEND_FAST_ZERO
+            // Every connection to an export shares one `Image` (one metadata cache, one
+            // file): a flush on any connection writes back the shared metadata and syncs the
+            // file, so it covers every write completed on any connection.
+            | flags::CAN_MULTI_CONN;
         if e.read_only || e.image.read_only() {
             f |= flags::READ_ONLY;
-            f &= !(flags::SEND_TRIM | flags::SEND_WRITE_ZEROES);
+            f &= !(flags::SEND_TRIM | flags::SEND_WRITE_ZEROES | flags::SEND_FAST_ZERO);
         }
         Some(ExportInfo {
             name: e.name.clone(),
@@ -102,7 +161,16 @@ impl Exports for ServerConfig {
             },
         })
     }
+    fn contexts(&self) -> Vec<String> {
+        vec![CTX_ALLOCATION.to_owned(), CTX_DEPTH.to_owned()]
+    }
 }
+
+/// The `base:allocation` metadata context.
+const CTX_ALLOCATION: &str = "base:allocation";
+/// QEMU's `qemu:allocation-depth` context: 0 where no layer of the chain allocates a range,
+/// 1 where the image itself does, 2 where its backing file does, and so on.
+const CTX_DEPTH: &str = "qemu:allocation-depth";
 
 impl ServerConfig {
     fn find(&self, name: &str) -> Option<&Export> {
@@ -121,6 +189,8 @@ pub trait Stream: Read + Write + Send + 'static {
         Self: Sized;
     /// Shuts both directions down (unblocks the reader).
     fn shutdown_both(&self);
+    /// Bounds each read and write (`None`: blocking without limit).
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for std::os::unix::net::UnixStream {
@@ -130,6 +200,10 @@ impl Stream for std::os::unix::net::UnixStream {
     fn shutdown_both(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
 }
 
 impl Stream for std::net::TcpStream {
@@ -138,6 +212,50 @@ impl Stream for std::net::TcpStream {
     }
     fn shutdown_both(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+/// A stream whose every read and write must end before a deadline (the handshake's): each
+/// call is bounded by the time left, so a client trickling a byte at a time cannot stretch
+/// it.
+struct Deadline<'a, S: Stream> {
+    s: &'a mut S,
+    end: std::time::Instant,
+}
+
+impl<S: Stream> Deadline<'_, S> {
+    fn arm(&self) -> io::Result<()> {
+        let left = self
+            .end
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake took too long",
+            ));
+        }
+        self.s.set_timeouts(Some(left))
+    }
+}
+
+impl<S: Stream> Read for Deadline<'_, S> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.s.read(b)
+    }
+}
+
+impl<S: Stream> Write for Deadline<'_, S> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.s.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
     }
 }
 
@@ -187,6 +305,12 @@ impl Stream for AnyStream {
             AnyStream::Tcp(s) => s.shutdown_both(),
         }
     }
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            AnyStream::Unix(s) => s.set_timeouts(t),
+            AnyStream::Tcp(s) => s.set_timeouts(t),
+        }
+    }
 }
 
 /// A request the reader hands to the I/O thread.
@@ -199,27 +323,45 @@ enum Msg {
     End(Option<String>),
 }
 
-/// Payload bytes buffered between the reader and the I/O thread.
+/// Bytes of requests read and not yet answered (see [`ServerConfig::max_buffered`]).
 struct Budget {
-    used: Mutex<u64>,
+    /// Bytes taken, and whether the connection is over (the reader must not wait).
+    used: Mutex<(u64, bool)>,
     freed: Condvar,
     max: u64,
 }
 
 impl Budget {
-    fn take(&self, n: u64) {
+    /// Takes `n` bytes, waiting while the budget is spent; false once the connection is over.
+    fn take(&self, n: u64) -> bool {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
         // One request larger than the budget still goes alone.
-        while *u > 0 && *u + n > self.max {
+        while !u.1 && u.0 > 0 && u.0 + n > self.max {
             u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
         }
-        *u += n;
+        u.0 += n;
+        !u.1
     }
     fn give(&self, n: u64) {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *u = u.saturating_sub(n);
+        u.0 = u.0.saturating_sub(n);
         self.freed.notify_all();
     }
+    /// Ends the connection: a reader waiting in `take` returns.
+    fn close(&self) {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        u.1 = true;
+        self.freed.notify_all();
+    }
+}
+
+/// What a request counts against the budget: its payload (either way) and [`REQUEST_COST`].
+fn cost(c: &Command) -> u64 {
+    let payload = match *c {
+        Command::Read { len, .. } | Command::Write { len, .. } => u64::from(len),
+        _ => 0,
+    };
+    payload + REQUEST_COST
 }
 
 /// Request buffers of one connection, reused: a fresh buffer of a MiB costs a mapping and
@@ -257,8 +399,19 @@ impl BufPool {
 }
 
 /// Serves one client on `stream` until it disconnects.
+/// Serves one client on `stream` until it disconnects.
 pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<(), Error> {
-    let (info, n, contexts) = match negotiate(&mut stream, cfg)? {
+    let outcome = match cfg.handshake_timeout {
+        Some(t) => {
+            let mut d = Deadline {
+                s: &mut stream,
+                end: std::time::Instant::now() + t,
+            };
+            negotiate(&mut d, cfg)
+        }
+        None => negotiate(&mut stream, cfg),
+    };
+    let (info, n, contexts) = match outcome? {
         Outcome::Closed => return Ok(()),
         Outcome::Transmission {
             export,
@@ -266,6 +419,8 @@ pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<
             contexts,
         } => (export, negotiated, contexts),
     };
+    // Transmission: a client may stay idle as long as it likes.
+    stream.set_timeouts(None)?;
     let export = cfg
         .find(&info.name)
         .ok_or_else(|| Error::Protocol("export vanished".into()))?
@@ -274,9 +429,9 @@ pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<
     let (tx, rx) = mpsc::channel::<Msg>();
     let wake = Arc::new(EventFd::new()?);
     let budget = Arc::new(Budget {
-        used: Mutex::new(0),
+        used: Mutex::new((0, false)),
         freed: Condvar::new(),
-        max: cfg.max_buffered.max(u64::from(MAX_PAYLOAD)),
+        max: cfg.max_buffered.max(u64::from(MAX_PAYLOAD) + REQUEST_COST),
     });
     let pool = Arc::new(BufPool {
         bufs: Mutex::new(Vec::new()),
@@ -296,21 +451,27 @@ pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<
     };
     // Replies are gathered and sent once per loop (flushed before the loop sleeps).
     let mut writer = io::BufWriter::with_capacity(256 << 10, stream.try_clone_stream()?);
-    let r = Connection {
-        image: export.image.clone(),
-        queue: ImageQueue::new(export.image.clone(), &cfg.queue)?,
-        n,
-        base_allocation: contexts
-            .iter()
-            .find(|(_, name)| name == "base:allocation")
-            .map(|(id, _)| *id),
-        pending: HashMap::new(),
-        next: 0,
-        budget: budget.clone(),
-        pool,
-    }
-    .run(&mut writer, &rx, &wake);
+    let context = |name: &str| contexts.iter().find(|(_, n)| n == name).map(|(id, _)| *id);
+    let queue = ImageQueue::new(export.image.clone(), &cfg.queue);
+    let r = match queue {
+        Ok(queue) => Connection {
+            image: export.image.clone(),
+            queue,
+            n,
+            base_allocation: context(CTX_ALLOCATION),
+            allocation_depth: context(CTX_DEPTH),
+            discard: cfg.discard,
+            detect_zeroes: cfg.detect_zeroes,
+            pending: HashMap::new(),
+            next: 0,
+            budget: budget.clone(),
+            pool,
+        }
+        .run(&mut writer, &rx, &wake),
+        Err(e) => Err(e.into()),
+    };
     let _ = writer.flush();
+    budget.close();
     stream.shutdown_both();
     let _ = reader.join();
     r
@@ -354,29 +515,30 @@ fn read_requests<S: Read>(
             }
         };
         let payload = h.payload_len();
-        match Command::from_header(&h, &n) {
+        let msg = match Command::from_header(&h, &n) {
             Ok(Command::Disconnect) => {
                 send(Msg::End(None));
                 return;
             }
-            Ok(c @ Command::Write { len, .. }) => {
-                budget.take(len.into());
-                let mut buf = pool.get(len as usize);
-                if s.read_exact(&mut buf).is_err() {
-                    budget.give(len.into());
-                    send(Msg::End(Some(
-                        "connection closed in a write payload".into(),
-                    )));
-                    return;
-                }
-                if !send(Msg::Cmd(h, c, Some(buf))) {
-                    return;
-                }
-            }
             Ok(c) => {
-                if !send(Msg::Cmd(h, c, None)) {
+                // Wait here (not reading the socket) while too much is unanswered.
+                if !budget.take(cost(&c)) {
                     return;
                 }
+                let buf = match c {
+                    Command::Write { len, .. } => {
+                        let mut buf = pool.get(len as usize);
+                        if s.read_exact(&mut buf).is_err() {
+                            send(Msg::End(Some(
+                                "connection closed in a write payload".into(),
+                            )));
+                            return;
+                        }
+                        Some(buf)
+                    }
+                    _ => None,
+                };
+                Msg::Cmd(h, c, buf)
             }
             Err(RequestError::Reply { errno, message }) => {
                 // Skip the payload (bounded by from_header: at most the maximum).
@@ -386,14 +548,18 @@ fn read_requests<S: Read>(
                     send(Msg::End(None));
                     return;
                 }
-                if !send(Msg::Refused(h, errno, message)) {
+                if !budget.take(REQUEST_COST) {
                     return;
                 }
+                Msg::Refused(h, errno, message)
             }
             Err(RequestError::Fatal(m)) => {
                 send(Msg::End(Some(m)));
                 return;
             }
+        };
+        if !send(msg) {
+            return;
         }
     }
 }
@@ -411,11 +577,19 @@ struct Connection {
     queue: ImageQueue<AlignedBuf>,
     n: Negotiated,
     base_allocation: Option<u32>,
+    allocation_depth: Option<u32>,
+    discard: DiscardMode,
+    detect_zeroes: DetectZeroes,
     pending: HashMap<u64, Pending>,
     next: u64,
     budget: Arc<Budget>,
     pool: Arc<BufPool>,
 }
+
+/// Reads at least this long are answered with `OFFSET_HOLE` chunks where the image reads as
+/// zeroes (when the client allows fragmented replies). Smaller reads are not looked up: the
+/// lookup would cost more than the bytes it saves.
+const SPARSE_READ_MIN: u32 = 64 << 10;
 
 impl Connection {
     fn run<W: Write>(
@@ -431,7 +605,10 @@ impl Connection {
             while ending.is_none() {
                 match rx.try_recv() {
                     Ok(Msg::Cmd(h, c, buf)) => self.start(w, h, c, buf)?,
-                    Ok(Msg::Refused(h, errno, msg)) => self.error_reply(w, &h, errno, &msg)?,
+                    Ok(Msg::Refused(h, errno, msg)) => {
+                        self.error_reply(w, &h, errno, &msg)?;
+                        self.budget.give(REQUEST_COST);
+                    }
                     Ok(Msg::End(why)) => ending = Some(why),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => ending = Some(None),
@@ -472,6 +649,22 @@ impl Connection {
         });
     }
 
+    /// Answers a request that needs no I/O and returns its budget.
+    fn answered<W: Write>(
+        &self,
+        w: &mut W,
+        h: &RequestHeader,
+        cmd: &Command,
+        error: Option<(u32, &str)>,
+    ) -> Result<(), Error> {
+        let r = match error {
+            Some((errno, msg)) => self.error_reply(w, h, errno, msg),
+            None => self.ok_reply(w, h),
+        };
+        self.budget.give(cost(cmd));
+        r
+    }
+
     fn start<W: Write>(
         &mut self,
         w: &mut W,
@@ -485,15 +678,51 @@ impl Connection {
             flushing: false,
         };
         match cmd {
-            Command::Read { offset, len, .. } => {
+            Command::Read { offset, len, df } => {
+                if self.n.structured && !df && len >= SPARSE_READ_MIN && self.hole(offset, len) {
+                    let r = self.hole_reply(w, &h, offset, len);
+                    self.budget.give(cost(&cmd));
+                    return r;
+                }
                 let b = self.pool.get(len as usize);
                 self.submit(IoKind::Read, offset, Some(b), p);
             }
-            Command::Write { offset, .. } => self.submit(IoKind::Write, offset, buf, p),
-            Command::Flush => self.submit(IoKind::Flush, 0, None, p),
-            Command::Trim { offset, len, .. } => {
-                self.submit(IoKind::Discard { len }, offset, None, p)
+            Command::Write { offset, len, .. } => {
+                let zero =
+                    self.detect_zeroes != DetectZeroes::Off && buf.as_deref().is_some_and(is_zero);
+                if zero {
+                    if let Some(b) = buf {
+                        self.pool.put(b);
+                    }
+                    let unmap = self.detect_zeroes == DetectZeroes::Unmap
+                        && self.discard == DiscardMode::Unmap;
+                    self.submit(
+                        IoKind::WriteZeroes {
+                            len: len.into(),
+                            unmap,
+                        },
+                        offset,
+                        None,
+                        p,
+                    )
+                } else {
+                    self.submit(IoKind::Write, offset, buf, p)
+                }
             }
+            Command::Flush => self.submit(IoKind::Flush, 0, None, p),
+            Command::Trim { offset, len, fua } => match self.discard {
+                DiscardMode::Unmap => self.submit(IoKind::Discard { len }, offset, None, p),
+                // Trims are advisory: ignored, they succeed (with FUA, as a flush would have
+                // nothing of theirs to make durable).
+                DiscardMode::Ignore if fua => {
+                    let p = Pending {
+                        flushing: true,
+                        ..p
+                    };
+                    self.submit(IoKind::Flush, 0, None, p)
+                }
+                DiscardMode::Ignore => self.answered(w, &h, &cmd, None)?,
+            },
             Command::WriteZeroes {
                 offset,
                 len,
@@ -501,40 +730,64 @@ impl Connection {
                 fast,
                 ..
             } => {
-                if fast {
-                    // We cannot promise it is faster than writing.
-                    return self.error_reply(w, &h, errno::ENOTSUP, "fast zeroing not offered");
+                if fast && !self.fast_zero(offset, len) {
+                    // The client would rather write the zeroes itself than wait for us to.
+                    return self.answered(
+                        w,
+                        &h,
+                        &cmd,
+                        Some((
+                            errno::ENOTSUP,
+                            "zeroing this range is not faster than writing",
+                        )),
+                    );
                 }
                 self.submit(
                     IoKind::WriteZeroes {
                         len,
-                        unmap: !no_hole,
+                        unmap: !no_hole && self.discard == DiscardMode::Unmap,
                     },
                     offset,
                     None,
                     p,
                 )
             }
-            Command::Cache { .. } => self.ok_reply(w, &h)?,
+            Command::Cache { .. } => self.answered(w, &h, &cmd, None)?,
             Command::BlockStatus {
                 offset,
                 len,
                 req_one,
-            } => self.block_status(w, &h, offset, len, req_one)?,
+            } => {
+                let r = self.block_status(w, &h, offset, len, req_one);
+                self.budget.give(cost(&cmd));
+                r?
+            }
             Command::Disconnect => {}
         }
         Ok(())
+    }
+
+    /// Whether zeroing `[offset, offset + len)` is a metadata update (`NBD_CMD_FLAG_FAST_ZERO`):
+    /// whole clusters of a qcow2 v3 image (zero clusters). Raw images answer no: whether the
+    /// storage zeroes a range without writing it (fallocate) cannot be known in advance.
+    fn fast_zero(&self, offset: u64, len: u64) -> bool {
+        self.image.as_qcow2().is_some_and(|q| {
+            let h = q.header();
+            let cluster = 1u64 << h.cluster_bits;
+            h.version >= 3 && offset.is_multiple_of(cluster) && len.is_multiple_of(cluster)
+        })
+    }
+
+    /// Whether `[offset, offset + len)` reads as zeroes, by the image's metadata.
+    fn hole(&self, offset: u64, len: u32) -> bool {
+        matches!(self.image.block_status(offset, len.into()),
+            Ok(st) if st.zero && st.len >= u64::from(len))
     }
 
     fn completed<W: Write>(&mut self, w: &mut W, d: IoDone<AlignedBuf>) -> Result<(), Error> {
         let Some(mut p) = self.pending.remove(&d.user_data) else {
             return Ok(());
         };
-        if let Command::Write { len, .. } = p.cmd {
-            if !p.flushing {
-                self.budget.give(len.into());
-            }
-        }
         let buf = d.buf;
         if let Err(e) = d.result {
             if let Some(b) = buf {
@@ -549,7 +802,7 @@ impl Connection {
                 xdisk_image::Error::NoSpace(_) => errno::ENOSPC,
                 _ => errno::EIO,
             };
-            return self.error_reply(w, &p.h, errno, &e.to_string());
+            return self.answered(w, &p.h, &p.cmd, Some((errno, &e.to_string())));
         }
         let fua = matches!(
             p.cmd,
@@ -558,6 +811,9 @@ impl Connection {
                 | Command::WriteZeroes { fua: true, .. }
         );
         if fua && !p.flushing {
+            if let Some(b) = buf {
+                self.pool.put(b);
+            }
             p.flushing = true;
             self.submit(IoKind::Flush, 0, None, p);
             return Ok(());
@@ -569,6 +825,7 @@ impl Connection {
         if let Some(b) = buf {
             self.pool.put(b);
         }
+        self.budget.give(cost(&p.cmd));
         r
     }
 
@@ -594,6 +851,27 @@ impl Connection {
             w.write_all(&simple_reply(h.cookie, 0))?;
         }
         w.write_all(data)?;
+        Ok(())
+    }
+
+    /// A read of a range that reads as zeroes: one `OFFSET_HOLE` chunk.
+    fn hole_reply<W: Write>(
+        &self,
+        w: &mut W,
+        h: &RequestHeader,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), Error> {
+        w.write_all(&chunk_header(
+            self.n.extended,
+            reply::FLAG_DONE,
+            reply::OFFSET_HOLE,
+            h.cookie,
+            h.offset,
+            12,
+        ))?;
+        w.write_all(&offset.to_be_bytes())?;
+        w.write_all(&len.to_be_bytes())?;
         Ok(())
     }
 
@@ -638,8 +916,9 @@ impl Connection {
         Ok(())
     }
 
-    /// `base:allocation` extents of `[offset, offset + len)` from the image's block status
-    /// (at most 2^20 extents, as the spec asks).
+    /// Block status of `[offset, offset + len)` from the image's block status, one chunk per
+    /// selected context (`base:allocation`, `qemu:allocation-depth`), at most 2^20 extents
+    /// each, as the spec asks.
     fn block_status<W: Write>(
         &self,
         w: &mut W,
@@ -648,17 +927,27 @@ impl Connection {
         len: u64,
         req_one: bool,
     ) -> Result<(), Error> {
-        let Some(id) = self.base_allocation else {
+        let wanted: Vec<(u32, bool)> = [
+            self.base_allocation.map(|id| (id, false)),
+            self.allocation_depth.map(|id| (id, true)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if wanted.is_empty() {
             return self.error_reply(w, h, errno::EINVAL, "no context selected");
-        };
-        let mut extents = Vec::new();
+        }
+        const MAX_EXTENTS: usize = 1 << 20;
+        let mut alloc: Vec<Extent> = Vec::new();
+        let mut depth: Vec<Extent> = Vec::new();
         let mut pos = offset;
-        let end = offset + len;
-        while pos < end && extents.len() < (1 << 20) {
+        let end = offset.saturating_add(len);
+        while pos < end && alloc.len() < MAX_EXTENTS && depth.len() < MAX_EXTENTS {
             let st = match self.image.block_status(pos, end - pos) {
                 Ok(s) => s,
                 Err(e) => return self.error_reply(w, h, errno::EIO, &e.to_string()),
             };
+            let step = st.len.clamp(1, end - pos);
             let mut f = 0;
             if st.zero {
                 f |= wire::allocation::ZERO;
@@ -667,30 +956,49 @@ impl Connection {
             if !st.data {
                 f |= wire::allocation::HOLE;
             }
-            extents.push(Extent {
-                len: st.len,
-                flags: f,
-            });
-            pos += st.len.max(1);
+            let d = if st.present { st.depth + 1 } else { 0 };
+            for (v, flags) in [(&mut alloc, f), (&mut depth, d)] {
+                // Runs with the same value merge (the two contexts change at other places).
+                match v.last_mut() {
+                    Some(e) if e.flags == flags && !req_one => e.len += step,
+                    _ => v.push(Extent { len: step, flags }),
+                }
+            }
+            pos += step;
             if req_one {
                 break;
             }
         }
-        let payload = block_status_payload(self.n.extended, id, &extents);
         let kind = if self.n.extended {
             reply::BLOCK_STATUS_EXT
         } else {
             reply::BLOCK_STATUS
         };
-        w.write_all(&chunk_header(
-            self.n.extended,
-            reply::FLAG_DONE,
-            kind,
-            h.cookie,
-            h.offset,
-            payload.len() as u64,
-        ))?;
-        w.write_all(&payload)?;
+        for (i, (id, is_depth)) in wanted.iter().enumerate() {
+            let extents = if *is_depth { &depth } else { &alloc };
+            let payload = block_status_payload(self.n.extended, *id, extents);
+            let flags = if i + 1 == wanted.len() {
+                reply::FLAG_DONE
+            } else {
+                0
+            };
+            w.write_all(&chunk_header(
+                self.n.extended,
+                flags,
+                kind,
+                h.cookie,
+                h.offset,
+                payload.len() as u64,
+            ))?;
+            w.write_all(&payload)?;
+        }
         Ok(())
     }
+}
+
+/// Whether a buffer holds only zeroes.
+fn is_zero(b: &[u8]) -> bool {
+    // Eight bytes at a time, then the tail.
+    let mut words = b.chunks_exact(8);
+    words.all(|c| c == [0u8; 8]) && words.remainder().iter().all(|&x| x == 0)
 }

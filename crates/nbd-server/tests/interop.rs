@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use xdisk_image::queue::QueueConfig;
 use xdisk_image::{CacheMode, Format, Image, OpenOptions};
-use xdisk_nbd_server::{serve_connection, Export, ServerConfig};
+use xdisk_nbd_server::{serve_connection, DiscardMode, Export, ServerConfig};
 
 fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -33,16 +32,14 @@ fn run(cmd: &mut Command) -> String {
 fn serve(dir: &Path, image: Arc<Image>) -> PathBuf {
     let sock = dir.join("nbd.sock");
     let listener = UnixListener::bind(&sock).unwrap();
-    let cfg = Arc::new(ServerConfig {
-        exports: vec![Export {
-            name: "disk".into(),
-            description: "test disk".into(),
-            image,
-            read_only: false,
-        }],
-        queue: QueueConfig::default(),
-        max_buffered: 64 << 20,
-    });
+    let mut cfg = ServerConfig::new(vec![Export {
+        name: "disk".into(),
+        description: "test disk".into(),
+        image,
+        read_only: false,
+    }]);
+    cfg.discard = DiscardMode::Unmap;
+    let cfg = Arc::new(cfg);
     std::thread::spawn(move || {
         for s in listener.incoming() {
             let Ok(s) = s else { return };
