@@ -121,6 +121,9 @@ impl Default for ClientConfig {
     }
 }
 
+/// A synchronous request: command, flags, offset, length, write payload.
+type SyncReq = (u16, u16, u64, u64, Option<Vec<u8>>);
+
 struct Slot {
     conn: Option<Arc<Conn>>,
     /// Set once reconnection was given up: every request fails.
@@ -254,10 +257,7 @@ impl NbdStorage {
     }
 
     /// Sends synchronous requests (pipelined) and waits for all; the first error wins.
-    fn run(
-        &self,
-        reqs: Vec<(u16, u16, u64, u64, Option<Vec<u8>>)>,
-    ) -> io::Result<Vec<conn::SyncDone>> {
+    fn run(&self, reqs: Vec<SyncReq>) -> io::Result<Vec<conn::SyncDone>> {
         let conn = self.conn()?;
         let mut waits = Vec::with_capacity(reqs.len());
         let mut out = Vec::with_capacity(reqs.len());
@@ -408,7 +408,7 @@ impl Storage for NbdStorage {
             return Ok(());
         }
         let m = self.min_block();
-        if off % m == 0 && (n as u64 % m == 0 || off + n as u64 == size) {
+        if off.is_multiple_of(m) && ((n as u64).is_multiple_of(m) || off + n as u64 == size) {
             return self.read_aligned(&mut buf[..n], off);
         }
         let a = down(off, m);
@@ -427,7 +427,7 @@ impl Storage for NbdStorage {
         }
         let m = self.min_block();
         let end = off + buf.len() as u64;
-        if off % m == 0 && (end % m == 0 || end == self.neg.size) {
+        if off.is_multiple_of(m) && (end.is_multiple_of(m) || end == self.neg.size) {
             return self.write_aligned(buf, off);
         }
         let _g = lock(&self.rmw);
@@ -614,7 +614,7 @@ impl NbdEngine {
                 if n == 0 {
                     return self.now(op, Ok(0));
                 }
-                if op.offset % m != 0 || (n % m != 0 && op.offset + n != size) {
+                if !op.offset.is_multiple_of(m) || (!n.is_multiple_of(m) && op.offset + n != size) {
                     return self.now(op, Err(io::Error::from_raw_os_error(libc::EINVAL)));
                 }
                 let kind = if write { cmd::WRITE } else { cmd::READ };

@@ -631,7 +631,7 @@ fn hostile_servers_get_clean_errors() {
     for (what, bytes) in [
         ("oldstyle", {
             let mut g = NBD_MAGIC.to_be_bytes().to_vec();
-            g.extend_from_slice(&0x0042_0281_8612_53u64.to_be_bytes());
+            g.extend_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
             g.extend(vec![0u8; 8 + 4 + 124]);
             g
         }),

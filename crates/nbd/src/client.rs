@@ -205,7 +205,7 @@ pub fn check_block_size(b: &BlockSize) -> Result<(), WireError> {
             u32::MAX,
         ));
     }
-    if b.maximum < b.minimum || (b.maximum != u32::MAX && b.maximum % b.minimum != 0) {
+    if b.maximum < b.minimum || (b.maximum != u32::MAX && !b.maximum.is_multiple_of(b.minimum)) {
         return Err(bad(
             "maximum payload (a multiple of the minimum)",
             b.maximum,
@@ -426,7 +426,7 @@ pub fn parse_chunk(kind: u16, len: u64, payload: &[u8]) -> Result<Chunk, WireErr
     };
     if kind == reply::OFFSET_DATA {
         let offset = c.u64()?;
-        let data = len.checked_sub(DATA_PREFIX_LEN as u64).unwrap_or(0);
+        let data = len.saturating_sub(DATA_PREFIX_LEN as u64);
         if data == 0 {
             return Err(WireError::Truncated {
                 what: "data chunk",
