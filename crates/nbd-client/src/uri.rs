@@ -303,4 +303,25 @@ mod tests {
         assert!(is_nbd_uri("nbd+unix:///x?socket=/s"));
         assert!(!is_nbd_uri("/var/lib/disk.raw"));
     }
+
+    proptest::proptest! {
+        /// What Display prints parses back to the same URI; no input panics the parser.
+        #[test]
+        fn display_round_trips(export in "[^\\x00]{0,40}", host in "[a-z][a-z0-9.-]{0,20}",
+                               port in proptest::prelude::any::<u16>(), unix in proptest::prelude::any::<bool>()) {
+            let u = if unix {
+                NbdUri { transport: Transport::Unix { path: format!("/run/{host}.sock").into() }, export }
+            } else {
+                NbdUri { transport: Transport::Tcp { host, port }, export }
+            };
+            let back = NbdUri::parse(&u.to_string());
+            proptest::prop_assert_eq!(back.ok(), Some(u));
+        }
+
+        #[test]
+        fn parse_never_panics(s in "nbd[a-z+:/?=%\\[\\]0-9@#&.]{0,40}") {
+            let _ = NbdUri::parse(&s);
+            let _ = percent_decode(&s);
+        }
+    }
 }
