@@ -403,7 +403,10 @@ fn killed_server_fails_requests_with_eio_and_reconnects_when_back() {
     let _ = srv.child.wait();
     let _ = std::fs::remove_file(&srv.sock);
     let (e, _) = t.join().unwrap();
-    eprintln!("in-flight read failed {:?} after the kill: {e}", killed.elapsed());
+    eprintln!(
+        "in-flight read failed {:?} after the kill: {e}",
+        killed.elapsed()
+    );
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     // In flight: EIO at once, or after the reconnection attempts (0.1+0.2+0.4 s).
     assert!(
@@ -418,7 +421,10 @@ fn killed_server_fails_requests_with_eio_and_reconnects_when_back() {
         s.read_at(&mut b, 0).unwrap_err().raw_os_error(),
         Some(libc::EIO)
     );
-    eprintln!("a later read failed after {:?} (reconnection given up)", t0.elapsed());
+    eprintln!(
+        "a later read failed after {:?} (reconnection given up)",
+        t0.elapsed()
+    );
     assert!(t0.elapsed() < Duration::from_secs(10));
 
     // A server that comes back within the attempts is reconnected to.
