@@ -147,7 +147,7 @@ pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), P
             "params is empty: no medium (empty CD-ROM drives are not supported)".into(),
         ));
     }
-    let (tag, path) = if params.starts_with('/') {
+    let (tag, path) = if params.starts_with('/') || is_nbd_url(params) {
         ("", params)
     } else {
         match params.split_once(':') {
@@ -183,10 +183,26 @@ pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), P
             "params {params:?} names no image (empty CD-ROM drives are not supported)"
         )));
     }
-    if !path.starts_with('/') {
+    if !path.starts_with('/') && !is_nbd_url(path) {
         return Err(invalid(NODE, params, "the image path must be absolute"));
     }
     Ok((format, tag.to_owned(), PathBuf::from(path)))
+}
+
+/// An NBD export in URI form (`nbd://`, `nbd+unix://`, `nbd+tcp://`, and the TLS spellings
+/// that the client then refuses clearly); the image opens it through `DiskSource::parse`.
+/// QEMU's legacy `nbd:HOST:PORT` is not taken here (it reads like a format tag).
+pub fn is_nbd_url(s: &str) -> bool {
+    [
+        "nbd://",
+        "nbd+unix://",
+        "nbd+tcp://",
+        "nbds://",
+        "nbds+unix://",
+        "nbds+tcp://",
+    ]
+    .iter()
+    .any(|p| s.starts_with(p))
 }
 
 /// Reads a disk's nodes through `read` (key relative to the backend directory; `None` when
@@ -256,6 +272,19 @@ mod tests {
         assert_eq!(s.path, PathBuf::from("/var/lib/xen/a.qcow2"));
         assert!(!s.read_only && s.discard && !s.direct_io_safe);
         assert_eq!(s.cache, CacheMode::WriteBack);
+        let s = spec(&[("params", "aio:nbd+unix:///x?socket=/run/x.sock")]).unwrap();
+        assert_eq!(s.path, PathBuf::from("nbd+unix:///x?socket=/run/x.sock"));
+        assert_eq!(s.format, Some(Format::Raw));
+        let s = spec(&[("params", "qcow2:nbd://host/x")]).unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (PathBuf::from("nbd://host/x"), Some(Format::Qcow2))
+        );
+        let s = spec(&[("params", "nbd://host:10810/x")]).unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (PathBuf::from("nbd://host:10810/x"), None)
+        );
         let s = spec(&[("params", "aio:/tmp/disk2.raw")]).unwrap();
         assert_eq!(s.format, Some(Format::Raw));
         assert_eq!(s.format_tag, "aio");

@@ -791,7 +791,14 @@ impl Inner {
 /// falls back to `writeback`, with a warning.
 fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
     let open = |cache| {
-        xdisk_image::DiskSource::path(&spec.path, spec.format).open(&OpenOptions {
+        // A path, or an NBD URI (params=aio:nbd+unix:///x?socket=...).
+        let name = spec.path.to_string_lossy();
+        let source = if crate::params::is_nbd_url(&name) {
+            xdisk_image::DiskSource::parse(&name, spec.format)?
+        } else {
+            xdisk_image::DiskSource::path(&spec.path, spec.format)
+        };
+        source.open(&OpenOptions {
             format: spec.format,
             read_only: spec.read_only,
             cache,

@@ -474,54 +474,64 @@ impl Image {
         let image = match format {
             Format::Raw => Box::new(raw::RawImage::open(file)?) as Box<dyn FormatDriver>,
             Format::Qcow2 => {
-                let mut open_backing =
-                    |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
-                        let Some(path) = path else {
-                            return Err(Error::Backing(format!(
-                                "{} names the backing file '{name}', which cannot be found: \
+                let mut open_backing = |name: &str,
+                                        fmt: Option<&str>|
+                 -> Result<Option<Arc<Image>>> {
+                    let Some(path) = path else {
+                        return Err(Error::Backing(format!(
+                            "{} names the backing file '{name}', which cannot be found: \
                                  the image is not a host file",
-                                file.name()
-                            )));
-                        };
-                        let bpath = resolve_backing(path, name);
-                        let r = if probed {
-                            Err(Error::Backing(format!(
-                                "{} names the backing file '{name}', but its format was probed \
+                            file.name()
+                        )));
+                    };
+                    let bpath = resolve_backing(path, name);
+                    let r = if probed {
+                        Err(Error::Backing(format!(
+                            "{} names the backing file '{name}', but its format was probed \
                                  (not given): an image whose format is probed never opens its \
                                  backing file; give the format to open the chain (-f qcow2, \
                                  params=qcow2:{}, OpenOptions.format, or a backing format in \
                                  the image that names it)",
-                                path.display(),
-                                path.display()
-                            )))
-                        } else if let Err(e) = DiskSource::parse(name, None) {
-                            // A backing file on another storage (a URI) goes through the one
-                            // place that knows storages; those not served yet say so here.
-                            Err(Error::Backing(format!(
-                                "backing file '{name}' of {}: {e}",
-                                path.display()
-                            )))
-                        } else {
-                            fmt.map(str::parse::<Format>).transpose().and_then(|bfmt| {
-                                Self::open_chain(&bpath, opts, bfmt, chain, lenient.as_deref_mut())
-                            })
-                        };
-                        match (r, lenient.as_deref_mut()) {
-                            (Ok(b), _) => Ok(Some(b)),
-                            (Err(error), Some(slot)) => {
-                                if slot.is_none() {
-                                    *slot = Some(BackingRefusal {
-                                        image: path.to_path_buf(),
-                                        name: name.to_owned(),
-                                        path: bpath,
-                                        error,
-                                    });
-                                }
-                                Ok(None)
-                            }
-                            (Err(e), None) => Err(e),
-                        }
+                            path.display(),
+                            path.display()
+                        )))
+                    } else if let Err(e) = DiskSource::parse(name, None) {
+                        // A backing file on another storage (a URI) goes through the one
+                        // place that knows storages; those not served yet say so here.
+                        Err(Error::Backing(format!(
+                            "backing file '{name}' of {}: {e}",
+                            path.display()
+                        )))
+                    } else if DiskSource::parse(name, None).is_ok_and(|s| s.local_path().is_none())
+                    {
+                        // An NBD URI: never taken for a relative file name; opening a
+                        // backing file over the network is not done (yet).
+                        Err(Error::Backing(format!(
+                            "backing file '{name}' of {}: backing files on NBD servers \
+                                 are not supported yet",
+                            path.display()
+                        )))
+                    } else {
+                        fmt.map(str::parse::<Format>).transpose().and_then(|bfmt| {
+                            Self::open_chain(&bpath, opts, bfmt, chain, lenient.as_deref_mut())
+                        })
                     };
+                    match (r, lenient.as_deref_mut()) {
+                        (Ok(b), _) => Ok(Some(b)),
+                        (Err(error), Some(slot)) => {
+                            if slot.is_none() {
+                                *slot = Some(BackingRefusal {
+                                    image: path.to_path_buf(),
+                                    name: name.to_owned(),
+                                    path: bpath,
+                                    error,
+                                });
+                            }
+                            Ok(None)
+                        }
+                        (Err(e), None) => Err(e),
+                    }
+                };
                 let backing: Option<qcow2::OpenBacking<'_>> = if opts.open_backing {
                     Some(&mut open_backing)
                 } else {

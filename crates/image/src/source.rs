@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use xdisk_io::{CacheMode, ImageFile, StorageRef};
+use xdisk_nbd_client::{ClientConfig, NbdStorage, NbdUri};
 
 use crate::{BackingRefusal, Error, Format, Image, OpenOptions, Result};
 
@@ -15,14 +16,12 @@ use crate::{BackingRefusal, Error, Format, Image, OpenOptions, Result};
 pub enum Location {
     /// A host file or block device.
     Path(PathBuf),
+    /// An export of an NBD server (`nbd://`, `nbd+unix://`, QEMU's `nbd:HOST:PORT`).
+    Nbd(NbdUri),
 }
 
 /// URI schemes of storages that xdisk recognises but does not serve yet, with what to say.
-const NOT_YET: [(&str, &str); 3] = [
-    ("nbd:", "NBD images"),
-    ("nbd+unix:", "NBD images"),
-    ("rbd:", "Ceph RBD images"),
-];
+const NOT_YET: [(&str, &str); 1] = [("rbd:", "Ceph RBD images")];
 
 /// A disk as named by a user or a toolstack: its location and, if given, its format.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,12 +41,22 @@ impl DiskSource {
         }
     }
 
-    /// Parses a disk name as commands take it: a path, or (later) a storage URI. Names
+    /// Parses a disk name as commands take it: a path, or a storage URI (NBD). Names
     /// with the scheme of a storage that is not served yet are refused with a clear error
     /// rather than taken for relative paths.
     pub fn parse(name: &str, format: Option<Format>) -> Result<DiskSource> {
         if name.is_empty() {
             return Err(Error::InvalidArgument("empty image name".into()));
+        }
+        if xdisk_nbd_client::is_nbd_uri(name) {
+            let uri = NbdUri::parse(name).map_err(|e| match e {
+                xdisk_nbd_client::Error::TlsUnsupported(_) => Error::Unsupported(e.to_string()),
+                e => Error::InvalidArgument(e.to_string()),
+            })?;
+            return Ok(DiskSource {
+                location: Location::Nbd(uri),
+                format,
+            });
         }
         for (scheme, what) in NOT_YET {
             if name.starts_with(scheme) {
@@ -63,6 +72,7 @@ impl DiskSource {
     pub fn local_path(&self) -> Option<&Path> {
         match &self.location {
             Location::Path(p) => Some(p),
+            Location::Nbd(_) => None,
         }
     }
 
@@ -72,6 +82,20 @@ impl DiskSource {
             Location::Path(p) => Ok(Arc::new(
                 ImageFile::open(p, read_only, cache).map_err(Error::Engine)?,
             )),
+            Location::Nbd(uri) => {
+                let cfg = ClientConfig {
+                    read_only,
+                    cache,
+                    ..ClientConfig::default()
+                };
+                let s = NbdStorage::open(uri, &cfg).map_err(|e| {
+                    Error::io(
+                        format!("cannot open {uri}"),
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
+                Ok(Arc::new(s))
+            }
         }
     }
 
@@ -81,6 +105,11 @@ impl DiskSource {
         let opts = self.options(opts);
         match &self.location {
             Location::Path(p) => Image::open(p, &opts),
+            // A storage without a host path: an image on it that names a backing file is
+            // refused (and a probed format never opens one, see Image::open).
+            Location::Nbd(_) => {
+                Image::open_on(self.open_storage(opts.read_only, opts.cache)?, &opts)
+            }
         }
     }
 
@@ -93,6 +122,10 @@ impl DiskSource {
         let opts = self.options(opts);
         match &self.location {
             Location::Path(p) => Image::open_for_inspection(p, &opts),
+            Location::Nbd(_) => Ok((
+                Image::open_on(self.open_storage(opts.read_only, opts.cache)?, &opts)?,
+                None,
+            )),
         }
     }
 
@@ -109,6 +142,7 @@ impl fmt::Display for DiskSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.location {
             Location::Path(p) => write!(f, "{}", p.display()),
+            Location::Nbd(u) => write!(f, "{u}"),
         }
     }
 }
@@ -118,7 +152,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_parse_as_paths_and_storage_uris_are_refused_clearly() {
+    fn paths_and_nbd_uris_parse_and_other_storage_uris_are_refused_clearly() {
         let s = DiskSource::parse("/var/lib/xen/disk.qcow2", Some(Format::Qcow2)).unwrap();
         assert_eq!(s.local_path(), Some(Path::new("/var/lib/xen/disk.qcow2")));
         assert_eq!(s.to_string(), "/var/lib/xen/disk.qcow2");
@@ -126,14 +160,26 @@ mod tests {
             DiskSource::parse("disk.raw", None).unwrap().local_path(),
             Some(Path::new("disk.raw"))
         );
+        let s = DiskSource::parse("nbd+unix:///e?socket=/run/s.sock", Some(Format::Qcow2)).unwrap();
+        assert!(matches!(s.location, Location::Nbd(_)));
+        assert_eq!(s.local_path(), None);
+        assert_eq!(s.to_string(), "nbd+unix:///e?socket=/run/s.sock");
         for uri in [
             "nbd://host/export",
-            "nbd+unix:///e?socket=/s",
-            "rbd:pool/img",
+            "nbd:host:10809:exportname=e",
+            "nbd:unix:/s",
         ] {
+            let s = DiskSource::parse(uri, None).unwrap();
+            assert!(matches!(s.location, Location::Nbd(_)), "{uri}");
+        }
+        for uri in ["rbd:pool/img", "nbds://host/e"] {
             let e = DiskSource::parse(uri, None).unwrap_err();
             assert!(matches!(e, Error::Unsupported(_)), "{uri}: {e}");
         }
+        assert!(matches!(
+            DiskSource::parse("nbd+unix:///e", None),
+            Err(Error::InvalidArgument(_))
+        ));
         assert!(DiskSource::parse("", None).is_err());
     }
 }
