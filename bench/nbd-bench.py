@@ -7,8 +7,11 @@ in one run.
 The same fio job runs on the file (ioengine=io_uring, direct=1: the anchor) and through each
 NBD server with fio's libnbd engine (ioengine=nbd, iodepth requests in flight on one
 connection, unix socket). Both servers export the same raw file with cache=none and
-aio=io_uring, and run persistent (-t) for the whole run. Alternating order per round; prints
-medians and the ratios xdisk/fio and xdisk/qemu-nbd. A qcow2 copy is exported too.
+aio=io_uring, take 4 clients (-e 4) and run persistent (-t) for the whole run. Alternating
+order per round; prints medians and the ratios xdisk/fio and xdisk/qemu-nbd. A qcow2 copy is
+exported too. Where nbdkit is installed, fio also runs against `nbdkit null` (a server that
+does no I/O): the ceiling of fio's NBD client on this machine. Last, `nbdcopy` copies the
+whole raw export to null: (multi-conn where the server advertises it) from each server.
 """
 
 import argparse
@@ -25,6 +28,7 @@ from benchlib import alternating, prepare_images, xdisk_bin
 
 WORKLOADS = [
     {"name": "4k randread QD32", "rw": "randread", "bs": "4k", "bytes": 4096, "depth": 32, "count": 100000},
+    {"name": "4k randread QD1", "rw": "randread", "bs": "4k", "bytes": 4096, "depth": 1, "count": 20000},
     {"name": "4k randwrite QD32", "rw": "randwrite", "bs": "4k", "bytes": 4096, "depth": 32, "count": 60000},
     {"name": "1M seq read QD8", "rw": "read", "bs": "1M", "bytes": 1 << 20, "depth": 8, "count": 1000},
     {"name": "1M seq write QD8", "rw": "write", "bs": "1M", "bytes": 1 << 20, "depth": 8, "count": 1000},
@@ -79,11 +83,11 @@ def main():
         size = prepare_images(a.size, raw, qcow)
         socks = {}
         for name, cmd_of in [
-            ("xdisk raw", lambda s: [xdisk, "nbd", "-f", "raw", "-t", "--cache=none", "--aio=io_uring", "-k", s, raw]),
-            ("qemu-nbd raw", lambda s: ["qemu-nbd", "-f", "raw", "-t", "--cache=none", "--aio=io_uring", "-k", s, raw]),
-            ("xdisk qcow2", lambda s: [xdisk, "nbd", "-f", "qcow2", "-t", "--cache=none", "--aio=io_uring", "-k", s, qcow]),
-            ("qemu-nbd qcow2", lambda s: ["qemu-nbd", "-f", "qcow2", "-t", "--cache=none", "--aio=io_uring", "-k", s, qcow]),
-        ]:
+            ("xdisk raw", lambda s: [xdisk, "nbd", "-f", "raw", "-t", "-e", "4", "--cache=none", "--aio=io_uring", "-k", s, raw]),
+            ("qemu-nbd raw", lambda s: ["qemu-nbd", "-f", "raw", "-t", "-e", "4", "--cache=none", "--aio=io_uring", "-k", s, raw]),
+            ("xdisk qcow2", lambda s: [xdisk, "nbd", "-f", "qcow2", "-t", "-e", "4", "--cache=none", "--aio=io_uring", "-k", s, qcow]),
+            ("qemu-nbd qcow2", lambda s: ["qemu-nbd", "-f", "qcow2", "-t", "-e", "4", "--cache=none", "--aio=io_uring", "-k", s, qcow]),
+        ] + ([("nbdkit null", lambda s: ["nbdkit", "-f", "-U", s, "null", str(size)])] if shutil.which("nbdkit") else []):
             s = os.path.join(work, name.replace(" ", "-") + ".sock")
             procs.append(start(cmd_of(s), s))
             socks[name] = f"nbd+unix:///?socket={s}"
@@ -106,7 +110,26 @@ def main():
             print(f"  ratio qemu-nbd raw / fio raw    = {med['qemu-nbd raw'] / med['fio raw']:.2f}")
             print(f"  ratio xdisk / qemu-nbd (raw)    = {med['xdisk raw'] / med['qemu-nbd raw']:.2f}")
             print(f"  ratio xdisk / qemu-nbd (qcow2)  = {med['xdisk qcow2'] / med['qemu-nbd qcow2']:.2f}")
+            if "nbdkit null" in med:
+                print(f"  ratio xdisk raw / nbdkit null   = {med['xdisk raw'] / med['nbdkit null']:.2f} (fio's NBD client ceiling)")
+            if wl["depth"] == 1:
+                lat = {k: 1e6 / v for k, v in med.items()}
+                print(f"  QD1 latency: fio {lat['fio raw']:.1f} us, xdisk raw {lat['xdisk raw']:.1f} us "
+                      f"(+{lat['xdisk raw'] - lat['fio raw']:.1f}), qemu-nbd raw {lat['qemu-nbd raw']:.1f} us")
             sys.stdout.flush()
+        if shutil.which("nbdcopy") and (not a.only or "nbdcopy" in a.only):
+            def copy(uri):
+                t = time.perf_counter()
+                subprocess.run(["nbdcopy", uri, "null:"], check=True)
+                return size / (time.perf_counter() - t) / 1e6
+            pair = [(k, socks[k]) for k in ("xdisk raw", "qemu-nbd raw")]
+            per = alternating(pair, a.rounds, copy)
+            med = {k: statistics.median(v) for k, v in per.items()}
+            results["nbdcopy"] = {"median_mbps": med, "samples": per}
+            print(f"\nnbdcopy of the whole raw export to null: (median of {a.rounds})")
+            for k, v in med.items():
+                print(f"  {k:15s} {v:8.0f} MB/s")
+            print(f"  ratio xdisk / qemu-nbd          = {med['xdisk raw'] / med['qemu-nbd raw']:.2f}")
     finally:
         for p in procs:
             p.terminate()

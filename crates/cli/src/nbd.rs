@@ -48,7 +48,8 @@ pub struct NbdArgs {
     /// TCP address to bind.
     #[arg(short = 'b', long = "bind", default_value = "0.0.0.0")]
     bind: String,
-    /// Clients served at once; more are closed at once.
+    /// Clients served at once; more are closed at once. Above 1, CAN_MULTI_CONN is
+    /// advertised (a flush on any connection covers all of them).
     #[arg(short = 'e', long = "shared", default_value_t = 1)]
     shared: usize,
     /// Keep serving after the last client disconnects (default: exit then, as qemu-nbd).
@@ -224,6 +225,7 @@ pub fn run(a: NbdArgs) -> Result<i32> {
         ..QueueConfig::default()
     };
     cfg.max_buffered = a.max_buffered;
+    cfg.multi_conn = a.shared > 1;
     cfg.discard = parse_discard(&a.discard)?;
     cfg.detect_zeroes = parse_detect_zeroes(&a.detect_zeroes)?;
     cfg.handshake_timeout = (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit));

@@ -105,6 +105,10 @@ pub struct ServerConfig {
     /// The longest a client may take from connecting to the transmission phase (`None`:
     /// no limit).
     pub handshake_timeout: Option<Duration>,
+    /// Advertise `CAN_MULTI_CONN` (it is always true of this server; say it only when the
+    /// server takes more than one client, else clients such as nbdcopy open connections
+    /// that are refused).
+    pub multi_conn: bool,
 }
 
 impl ServerConfig {
@@ -118,6 +122,7 @@ impl ServerConfig {
             discard: DiscardMode::default(),
             detect_zeroes: DetectZeroes::default(),
             handshake_timeout: Some(Duration::from_secs(10)),
+            multi_conn: true,
         }
     }
 }
@@ -140,11 +145,13 @@ impl Exports for ServerConfig {
             | flags::SEND_CACHE
             | flags::SEND_TRIM
             | flags::SEND_WRITE_ZEROES
-            | flags::SEND_FAST_ZERO
-            // Every connection to an export shares one `Image` (one metadata cache, one
-            // file): a flush on any connection writes back the shared metadata and syncs the
-            // file, so it covers every write completed on any connection.
-            | flags::CAN_MULTI_CONN;
+            | flags::SEND_FAST_ZERO;
+        // Every connection to an export shares one `Image` (one metadata cache, one file): a
+        // flush on any connection writes back the shared metadata and syncs the file, so it
+        // covers every write completed on any connection.
+        if self.multi_conn {
+            f |= flags::CAN_MULTI_CONN;
+        }
         if e.read_only || e.image.read_only() {
             f |= flags::READ_ONLY;
             f &= !(flags::SEND_TRIM | flags::SEND_WRITE_ZEROES | flags::SEND_FAST_ZERO);
