@@ -129,6 +129,14 @@ pub struct ConvertArgs {
     force_share: bool,
     #[arg(short = 'q')]
     quiet: bool,
+    /// Do not create the output: write into an existing image (a file, a block device, an
+    /// NBD export) at least as large as the source, of format -O.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// With -n: the output already reads as zeroes, so zero ranges of the source are skipped
+    /// rather than zeroed in it.
+    #[arg(long = "target-is-zero", requires = "no_create")]
+    target_is_zero: bool,
     src: PathBuf,
     dst: PathBuf,
     /// Backing files must lie in one of these directories (comma separated; symbolic links
@@ -587,13 +595,26 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
     if copts.backing_file.is_some() {
         bail!("convert with a backing file for the output is not supported yet");
     }
-    xdisk_image::create(&a.dst, out_format, &copts)?;
+    if !a.no_create {
+        xdisk_image::create(&a.dst, out_format, &copts)?;
+    } else if a.compress {
+        bail!("-c needs a new output: it cannot be used with -n");
+    }
     let dst = open(
         &a.dst,
         Some(out_format.as_str()),
         false,
         parse_cache(&a.cache)?,
     )?;
+    if dst.size() < size {
+        bail!(
+            "the output ({} bytes) is smaller than the source ({size} bytes)",
+            dst.size()
+        );
+    }
+    // A fresh output reads as zeroes; an existing one (-n) may not, unless told.
+    let fresh = !a.no_create || a.target_is_zero;
+    let sparse = if fresh { sparse } else { 0 };
     const CHUNK: u64 = 2 << 20;
     // Compressed output goes cluster by cluster, each read whole (chunks are aligned to
     // the output's clusters).
@@ -632,7 +653,10 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
         let st = src.block_status(off, want)?;
         let n = st.len.max(1).min(want);
         if st.zero && !st.data {
-            // Zero in the source: the fresh output already reads zero there.
+            // Zero in the source: a fresh output already reads zero there.
+            if !fresh {
+                dst.write_zeroes(off, n, false)?;
+            }
         } else {
             let b = &mut buf[..n as usize];
             src.read_at(b, off)?;

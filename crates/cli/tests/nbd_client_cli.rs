@@ -339,3 +339,49 @@ fn nbd_names_that_cannot_work_fail_clearly() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn convert_into_an_existing_nbd_export_with_n() {
+    let d = tmp();
+    let src = d.path().join("src.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&src)
+        .arg("8M"));
+    ok(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x61 0 1M",
+            "-c",
+            "write -P 0x62 5M 512k",
+        ])
+        .arg(&src));
+    // The target is not zero: -n must zero what the source has as zeroes.
+    let target = d.path().join("target.raw");
+    std::fs::write(&target, vec![0xffu8; 8 << 20]).unwrap();
+    let sock = d.path().join("t.sock");
+    let srv = qemu_nbd(&sock, "raw", &target);
+    let u = uri(&sock);
+    ok(xdisk()
+        .args(["img", "convert", "-n", "-f", "qcow2", "-O", "raw"])
+        .arg(&src)
+        .arg(&u));
+    drop(srv);
+    ok(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&src)
+        .arg(&target));
+    // Without -n an NBD output cannot be created; a smaller output is refused.
+    let small = d.path().join("small.raw");
+    std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+    let o = xdisk()
+        .args(["img", "convert", "-n", "-f", "qcow2", "-O", "raw"])
+        .arg(&src)
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("smaller"));
+}
