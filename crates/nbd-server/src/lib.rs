@@ -23,6 +23,7 @@ pub use server::{Listener, ServeOptions, Server, ServerStats};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -330,35 +331,111 @@ enum Msg {
     End(Option<String>),
 }
 
-/// Bytes of requests read and not yet answered (see [`ServerConfig::max_buffered`]).
+/// Bytes of requests read and not yet answered (see [`ServerConfig::max_buffered`]). Only
+/// the reader takes and only the I/O thread gives, so the fast path is one atomic operation
+/// each; the lock and condition variable are used only while the reader waits.
 struct Budget {
-    /// Bytes taken, and whether the connection is over (the reader must not wait).
-    used: Mutex<(u64, bool)>,
-    freed: Condvar,
+    used: AtomicU64,
     max: u64,
+    /// The reader waits (the I/O thread must notify when it gives).
+    waiting: AtomicBool,
+    /// The connection is over (the reader must not wait).
+    closed: AtomicBool,
+    lock: Mutex<()>,
+    freed: Condvar,
 }
 
 impl Budget {
+    fn new(max: u64) -> Budget {
+        Budget {
+            used: AtomicU64::new(0),
+            max,
+            waiting: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Whether `n` more bytes fit (one request larger than the budget still goes alone).
+    fn fits(&self, n: u64) -> bool {
+        let cur = self.used.load(Ordering::SeqCst);
+        cur == 0 || cur.saturating_add(n) <= self.max
+    }
+
     /// Takes `n` bytes, waiting while the budget is spent; false once the connection is over.
     fn take(&self, n: u64) -> bool {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        // One request larger than the budget still goes alone.
-        while !u.1 && u.0 > 0 && u.0 + n > self.max {
-            u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
+        while !self.fits(n) {
+            if self.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.waiting.store(true, Ordering::SeqCst);
+            // Checked again after announcing the wait: a give() in between either is seen
+            // here or sees `waiting` and notifies (under the lock, so not before we wait).
+            if !self.fits(n) && !self.closed.load(Ordering::SeqCst) {
+                let _ = self
+                    .freed
+                    .wait_timeout(g, Duration::from_millis(500))
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            self.waiting.store(false, Ordering::SeqCst);
         }
-        u.0 += n;
-        !u.1
+        // Only this thread adds: what fitted still fits.
+        self.used.fetch_add(n, Ordering::SeqCst);
+        !self.closed.load(Ordering::SeqCst)
     }
+
     fn give(&self, n: u64) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        u.0 = u.0.saturating_sub(n);
-        self.freed.notify_all();
+        self.used.fetch_sub(n, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.freed.notify_all();
+        }
     }
+
     /// Ends the connection: a reader waiting in `take` returns.
     fn close(&self) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        u.1 = true;
+        self.closed.store(true, Ordering::SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.freed.notify_all();
+    }
+}
+
+/// How the reader tells the I/O thread that requests wait: an eventfd written only when the
+/// I/O thread sleeps or is about to (a busy connection costs no system call per request).
+struct Doorbell {
+    fd: EventFd,
+    /// Messages sent by the reader.
+    posted: AtomicU64,
+    /// The I/O thread is going to sleep in poll(2).
+    sleeping: AtomicBool,
+}
+
+impl Doorbell {
+    /// After each message sent.
+    fn ring(&self) {
+        self.posted.fetch_add(1, Ordering::SeqCst);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.fd.signal();
+        }
+    }
+
+    /// Before sleeping, with the number of messages received so far: false if more were
+    /// posted (do not sleep). Either this sees the reader's count or the reader sees
+    /// `sleeping` and writes the eventfd.
+    fn may_sleep(&self, received: u64) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.posted.load(Ordering::SeqCst) != received {
+            self.sleeping.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn woke(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        self.fd.drain();
     }
 }
 
@@ -434,12 +511,14 @@ pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<
         .clone();
     let reader_stream = stream.try_clone_stream()?;
     let (tx, rx) = mpsc::channel::<Msg>();
-    let wake = Arc::new(EventFd::new()?);
-    let budget = Arc::new(Budget {
-        used: Mutex::new((0, false)),
-        freed: Condvar::new(),
-        max: cfg.max_buffered.max(u64::from(MAX_PAYLOAD) + REQUEST_COST),
+    let wake = Arc::new(Doorbell {
+        fd: EventFd::new()?,
+        posted: AtomicU64::new(0),
+        sleeping: AtomicBool::new(false),
     });
+    let budget = Arc::new(Budget::new(
+        cfg.max_buffered.max(u64::from(MAX_PAYLOAD) + REQUEST_COST),
+    ));
     let pool = Arc::new(BufPool {
         bufs: Mutex::new(Vec::new()),
         align: export.image.storage().alignment().buffer_align(),
@@ -489,13 +568,13 @@ fn read_requests<S: Read>(
     mut s: S,
     n: Negotiated,
     tx: mpsc::Sender<Msg>,
-    wake: &EventFd,
+    wake: &Doorbell,
     budget: &Budget,
     pool: &BufPool,
 ) {
     let send = |m: Msg| {
         let ok = tx.send(m).is_ok();
-        wake.signal();
+        wake.ring();
         ok
     };
     loop {
@@ -603,14 +682,18 @@ impl Connection {
         &mut self,
         w: &mut W,
         rx: &mpsc::Receiver<Msg>,
-        wake: &EventFd,
+        wake: &Doorbell,
     ) -> Result<(), Error> {
         let mut done: Vec<IoDone<AlignedBuf>> = Vec::new();
         let mut ending: Option<Option<String>> = None;
+        let mut received = 0u64;
         loop {
-            wake.drain();
             while ending.is_none() {
-                match rx.try_recv() {
+                let m = rx.try_recv();
+                if m.is_ok() {
+                    received += 1;
+                }
+                match m {
                     Ok(Msg::Cmd(h, c, buf)) => self.start(w, h, c, buf)?,
                     Ok(Msg::Refused(h, errno, msg)) => {
                         self.error_reply(w, &h, errno, &msg)?;
@@ -636,11 +719,16 @@ impl Connection {
                     };
                 }
             }
+            if !wake.may_sleep(received) {
+                continue;
+            }
             let [a, b] = self.queue.event_fds();
             // The queue's fds wake us for its completions; the timeout only bounds a missed
             // wake-up while requests are in flight.
             let timeout_ms = if self.pending.is_empty() { -1 } else { 100 };
-            poll_readable(&[wake.fd(), a, b], timeout_ms)?;
+            let r = poll_readable(&[wake.fd.fd(), a, b], timeout_ms);
+            wake.woke();
+            r?;
         }
     }
 
