@@ -22,8 +22,8 @@ pub use server::{Listener, ServeOptions, Server, ServerStats};
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::mpsc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
