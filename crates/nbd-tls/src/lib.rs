@@ -386,6 +386,9 @@ impl Pending {
     }
 }
 
+/// How long a closing pump waits for the peer to take its last records.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn run_pump<S: Read + Write + AsRawFd>(
     mut conn: Connection,
     mut sock: S,
@@ -405,6 +408,7 @@ fn run_pump<S: Read + Write + AsRawFd>(
     let mut peer_done = false;
     // The local side is done sending: close_notify queued.
     let mut local_done = false;
+    let mut closing_since: Option<std::time::Instant> = None;
     let would_block = |e: &io::Error| e.kind() == io::ErrorKind::WouldBlock;
     loop {
         // Plaintext from the session to the local end.
@@ -454,18 +458,25 @@ fn run_pump<S: Read + Write + AsRawFd>(
                 Err(e) => return Err(e),
             }
         }
-        // Records from the peer, when everything decrypted so far is delivered.
+        // Records from the peer, when everything decrypted so far is delivered: first those
+        // read already (rustls decrypts no more than its plaintext limit at a time), then
+        // the socket's.
+        if !peer_done && plain_drained && down.is_empty() {
+            match conn.process_new_packets() {
+                Ok(st) if st.plaintext_bytes_to_read() > 0 => continue,
+                Ok(st) if st.peer_has_closed() => peer_done = true,
+                Ok(_) => {}
+                Err(e) => {
+                    // Tell the peer why (best effort), and stop.
+                    let _ = conn.write_tls(&mut sock);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+            }
+        }
         if !peer_done && plain_drained && down.is_empty() {
             match conn.read_tls(&mut sock) {
                 Ok(0) => peer_done = true,
-                Ok(_) => {
-                    if let Err(e) = conn.process_new_packets() {
-                        // Tell the peer why (best effort), and stop.
-                        let _ = conn.write_tls(&mut sock);
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                    continue;
-                }
+                Ok(_) => continue,
                 Err(e) if would_block(&e) || e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -486,19 +497,32 @@ fn run_pump<S: Read + Write + AsRawFd>(
             // Dropping the local end shows EOF to the reader and EPIPE to the writer.
             return Ok(());
         }
-        let want_sock_read = !peer_done && plain_drained && down.is_empty();
+        if !peer_done && !plain_drained && down.is_empty() {
+            // Delivered all it held: see whether the session has more before sleeping.
+            continue;
+        }
+        let want_sock_read = !peer_done && down.is_empty();
         let want_sock_write = conn.wants_write();
         let want_local_read = !local_done && !conn.wants_write();
         let want_local_write = !down.is_empty();
         if !(want_sock_read || want_sock_write || want_local_read || want_local_write) {
             continue;
         }
+        // Once the local side is done, a peer that does not take the last records is not
+        // waited for long.
+        if local_done {
+            let since = *closing_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= CLOSE_WAIT {
+                return Ok(());
+            }
+        }
+        let timeout = if local_done { 100 } else { -1 };
         xdisk_io::sys::poll_rw(
             &[
                 (sock.as_raw_fd(), want_sock_read, want_sock_write),
                 (local.as_raw_fd(), want_local_read, want_local_write),
             ],
-            -1,
+            timeout,
         )?;
     }
 }
