@@ -200,7 +200,17 @@ impl Handshake<'_> {
         let r = match &mut self.tls {
             Some(c) => {
                 let mut t = xdisk_nbd_tls::TlsStream::new(c, &mut *self.s);
-                t.write_all(b).and_then(|()| t.flush())
+                let r = t.write_all(b).and_then(|()| t.flush());
+                if r.is_err() {
+                    // A server that refuses the session after the handshake (TLS 1.3: our
+                    // certificate) says why in an alert, before it closes.
+                    if c.read_tls(&mut *self.s).is_ok() {
+                        if let Err(e) = c.process_new_packets() {
+                            return Err(Error::Tls(format!("the server ended the session: {e}")));
+                        }
+                    }
+                }
+                r
             }
             None => self.s.write_all(b),
         };
