@@ -84,6 +84,14 @@ pub struct NbdArgs {
     /// the server stops reading its socket beyond. At least 33 MiB.
     #[arg(long = "max-buffered", default_value_t = 64 << 20)]
     max_buffered: u64,
+    /// Serve TLS only, with the x509 credentials in this directory (as qemu-nbd's
+    /// `tls-creds-x509` object): server-cert.pem, server-key.pem, and ca-cert.pem for
+    /// --tls-verify-peer. Clients must negotiate TLS (NBD_OPT_STARTTLS) before anything else.
+    #[arg(long = "tls-creds", value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// With --tls-creds: require a client certificate signed by DIR/ca-cert.pem.
+    #[arg(long = "tls-verify-peer", requires = "tls_creds")]
+    tls_verify_peer: bool,
     /// The image (the default export).
     image: Option<PathBuf>,
 }
@@ -229,6 +237,11 @@ pub fn run(a: NbdArgs) -> Result<i32> {
     cfg.discard = parse_discard(&a.discard)?;
     cfg.detect_zeroes = parse_detect_zeroes(&a.detect_zeroes)?;
     cfg.handshake_timeout = (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit));
+    if let Some(dir) = &a.tls_creds {
+        let tls = xdisk_nbd_server::tls::server_config(dir, a.tls_verify_peer)
+            .with_context(|| format!("TLS credentials in {}", dir.display()))?;
+        cfg.tls = Some(tls);
+    }
     let listener = match &a.socket {
         Some(p) => {
             Listener::unix(p).with_context(|| format!("cannot listen on {}", p.display()))?

@@ -50,7 +50,7 @@ impl DiskSource {
         }
         if xdisk_nbd_client::is_nbd_uri(name) {
             let uri = NbdUri::parse(name).map_err(|e| match e {
-                xdisk_nbd_client::Error::TlsUnsupported(_) => Error::Unsupported(e.to_string()),
+                xdisk_nbd_client::Error::Tls(_) => Error::Unsupported(e.to_string()),
                 e => Error::InvalidArgument(e.to_string()),
             })?;
             return Ok(DiskSource {

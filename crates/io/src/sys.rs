@@ -130,6 +130,37 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
         .collect())
 }
 
+/// poll(2) on a few fds, each for readability and/or writability; returns for each whether
+/// it is (readable, writable). Errors and hang-ups count as both. EINTR counts as none.
+pub fn poll_rw(fds: &[(RawFd, bool, bool)], timeout_ms: i32) -> io::Result<Vec<(bool, bool)>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, r, w)| libc::pollfd {
+            fd,
+            events: if r { libc::POLLIN } else { 0 } | if w { libc::POLLOUT } else { 0 },
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: p is a valid array of p.len() pollfd structs for the duration of the call.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![(false, false); fds.len()]);
+        }
+        return Err(e);
+    }
+    let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+    Ok(p.iter()
+        .map(|x| {
+            (
+                x.revents & (libc::POLLIN | bad) != 0,
+                x.revents & (libc::POLLOUT | bad) != 0,
+            )
+        })
+        .collect())
+}
+
 /// A non-blocking, close-on-exec eventfd(2): `signal` adds one to its counter (making it
 /// readable), `drain` resets it. The engines' completion notifier, the reactors' wake-up and
 /// the doorbell of a simulated event channel.

@@ -144,10 +144,27 @@ fn rep_name(t: u32) -> String {
     }
 }
 
-/// The handshake over a fresh stream, bounded by a deadline.
+/// What a TLS connection is set up with (built once per storage).
+#[derive(Clone)]
+pub(crate) struct TlsSetup {
+    pub(crate) cfg: Arc<xdisk_nbd_tls::TlsClientConfig>,
+    pub(crate) opts: xdisk_nbd_tls::ClientOptions,
+}
+
+impl std::os::fd::AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// The handshake over a fresh stream, bounded by a deadline; over TLS once `tls` is set.
 struct Handshake<'a> {
     s: &'a mut Stream,
     deadline: Instant,
+    tls: Option<xdisk_nbd_tls::ClientConnection>,
 }
 
 impl Handshake<'_> {
@@ -164,7 +181,11 @@ impl Handshake<'_> {
     }
     fn read(&mut self, buf: &mut [u8], what: &str) -> Result<(), Error> {
         self.arm()?;
-        self.s.read_exact(buf).map_err(|e| match e.kind() {
+        let r = match &mut self.tls {
+            Some(c) => xdisk_nbd_tls::TlsStream::new(c, &mut *self.s).read_exact(buf),
+            None => self.s.read_exact(buf),
+        };
+        r.map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => {
                 Error::Protocol(format!("the server hung up during the handshake ({what})"))
             }
@@ -176,9 +197,56 @@ impl Handshake<'_> {
     }
     fn send(&mut self, b: &[u8]) -> Result<(), Error> {
         self.arm()?;
-        self.s
-            .write_all(b)
-            .map_err(|e| Error::io("handshake (sending an option)", e))
+        let r = match &mut self.tls {
+            Some(c) => {
+                let mut t = xdisk_nbd_tls::TlsStream::new(c, &mut *self.s);
+                let r = t.write_all(b).and_then(|()| t.flush());
+                if r.is_err() {
+                    // A server that refuses the session after the handshake (TLS 1.3: our
+                    // certificate) says why in an alert, before it closes.
+                    if c.read_tls(&mut *self.s).is_ok() {
+                        if let Err(e) = c.process_new_packets() {
+                            return Err(Error::Tls(format!("the server ended the session: {e}")));
+                        }
+                    }
+                }
+                r
+            }
+            None => self.s.write_all(b),
+        };
+        r.map_err(|e| Error::io("handshake (sending an option)", e))
+    }
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake; what follows goes over TLS.
+    fn start_tls(&mut self, t: &TlsSetup) -> Result<(), Error> {
+        self.option(opt::STARTTLS, &[])?;
+        let (h, data) = self.reply(opt::STARTTLS)?;
+        match h.reply_type {
+            rep::ACK => {}
+            r if h.is_error() => {
+                return Err(Error::Tls(format!(
+                    "the server refused TLS ({}): {}",
+                    rep_name(r),
+                    message_text(&data)
+                )))
+            }
+            r => return Err(Error::Protocol(format!("unexpected reply {r} to STARTTLS"))),
+        }
+        let mut c = xdisk_nbd_tls::client_connection(t.cfg.clone(), &t.opts)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        while c.is_handshaking() {
+            self.arm()?;
+            c.complete_io(&mut *self.s).map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    Error::Protocol("handshake timed out (TLS)".into())
+                }
+                io::ErrorKind::UnexpectedEof => {
+                    Error::Tls("the server hung up during the TLS handshake".into())
+                }
+                _ => Error::Tls(format!("handshake: {e}")),
+            })?;
+        }
+        self.tls = Some(c);
+        Ok(())
     }
     fn option(&mut self, option: u32, data: &[u8]) -> Result<(), Error> {
         self.send(&xdisk_nbd::client::option_request(option, data))
@@ -223,15 +291,18 @@ impl Handshake<'_> {
 /// The most replies one option may bring before the server counts as hostile.
 const MAX_REPLIES: usize = 256;
 
-/// The client side of the fixed newstyle handshake for `export`.
+/// The client side of the fixed newstyle handshake for `export` (with `tls`: STARTTLS
+/// first, and the TLS session comes back).
 pub(crate) fn handshake(
     s: &mut Stream,
     export: &str,
     timeout: Duration,
-) -> Result<Negotiated, Error> {
+    tls: Option<&TlsSetup>,
+) -> Result<(Negotiated, Option<xdisk_nbd_tls::ClientConnection>), Error> {
     let mut h = Handshake {
         s,
         deadline: Instant::now() + timeout,
+        tls: None,
     };
     let mut g = [0u8; GREETING_LEN];
     h.read(&mut g, "greeting")?;
@@ -251,6 +322,9 @@ pub(crate) fn handshake(
         cflags |= client_flags::NO_ZEROES;
     }
     h.send(&cflags.to_be_bytes())?;
+    if let Some(t) = tls {
+        h.start_tls(t)?;
+    }
 
     let extended = h.simple_option(opt::EXTENDED_HEADERS)?;
     let structured = extended || h.simple_option(opt::STRUCTURED_REPLY)?;
@@ -350,7 +424,7 @@ pub(crate) fn handshake(
     block.maximum = block.maximum.min(MAX_PAYLOAD) / block.minimum * block.minimum;
     h.s.set_read_timeout(None)
         .map_err(|e| Error::io("socket timeouts", e))?;
-    Ok(Negotiated {
+    let neg = Negotiated {
         size,
         flags: tflags,
         structured,
@@ -358,7 +432,8 @@ pub(crate) fn handshake(
         block,
         allocation,
         go: use_go,
-    })
+    };
+    Ok((neg, h.tls))
 }
 
 /// The errno for an NBD error value.
@@ -638,11 +713,17 @@ impl Conn {
         name: &str,
         handshake_timeout: Duration,
         io_timeout: Duration,
+        tls: Option<&TlsSetup>,
     ) -> Result<Conn, Error> {
         let mut s = Stream::connect(t, handshake_timeout)
             .map_err(|e| Error::io(format!("cannot connect to {name}"), e))?;
-        let neg = handshake(&mut s, export, handshake_timeout)?;
+        let (neg, session) = handshake(&mut s, export, handshake_timeout, tls)?;
         let io = |e| Error::io("socket setup", e);
+        if let Some(c) = session {
+            // The reader and the writers use the plain end of a pump running the session.
+            s.set_write_timeout(None).map_err(io)?;
+            s = Stream::Unix(xdisk_nbd_tls::pump(c, s).map_err(io)?);
+        }
         s.set_write_timeout(Some(io_timeout)).map_err(io)?;
         let mut rs = s.try_clone().map_err(io)?;
         rs.set_read_timeout(Some(TICK)).map_err(io)?;

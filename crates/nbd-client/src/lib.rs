@@ -18,7 +18,9 @@
 //!   with backoff ([`ClientConfig`]); requests in flight then, and every request once the
 //!   attempts are used up, fail with EIO. A server that stops answering is given up after
 //!   [`ClientConfig::io_timeout`]: nothing waits forever.
-//! - TLS (`nbds://`) is not supported yet.
+//! - TLS (`nbds://`, `nbds+unix://`): `NBD_OPT_STARTTLS` first, the rest of the handshake
+//!   over TLS, then the reader thread and the writers on the plain end of a TLS pump thread
+//!   ([`xdisk_nbd_tls::pump`]). x509 only (no PSK).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -39,9 +41,11 @@ use xdisk_io::{
 };
 use xdisk_nbd::wire::{allocation as alloc_bits, cmd, flags, Extent};
 
-use conn::{eio, lock, Conn, EngineOp, EngineShared, EngineState, Request, Sink, SyncWait};
+use conn::{
+    eio, lock, Conn, EngineOp, EngineShared, EngineState, Request, Sink, SyncWait, TlsSetup,
+};
 pub use conn::{Negotiated, MAX_PAYLOAD};
-pub use uri::{is_nbd_uri, NbdUri, Transport};
+pub use uri::{is_nbd_uri, NbdUri, Transport, UriTls};
 
 /// Errors of opening an NBD export.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +53,11 @@ pub enum Error {
     /// A malformed NBD URI.
     #[error("bad NBD URI {0}")]
     Uri(String),
-    /// An `nbds://` URI.
-    #[error("{0}: TLS client not supported yet (use nbd:// or nbd+unix://)")]
-    TlsUnsupported(String),
+    /// TLS could not be set up (credentials, the server's certificate, the handshake).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The server insists on TLS.
-    #[error("the NBD server requires TLS: TLS client not supported yet")]
+    #[error("the NBD server requires TLS (use nbds:// or nbds+unix:// with tls-certificates=DIR)")]
     TlsRequired,
     /// The server has no such export.
     #[error("the NBD server has no export '{0}'")]
@@ -138,6 +142,8 @@ pub struct NbdStorage {
     neg: Negotiated,
     read_only: bool,
     slot: Mutex<Slot>,
+    /// TLS, for the connection and reconnections.
+    tls: Option<TlsSetup>,
     /// Serialises read-modify-write of writes not aligned to the minimum block size.
     rmw: Mutex<()>,
     broken: Arc<OnceLock<String>>,
@@ -164,12 +170,20 @@ impl NbdStorage {
     /// Connects to the export `uri` names.
     pub fn open(uri: &NbdUri, cfg: &ClientConfig) -> Result<NbdStorage, Error> {
         let name = uri.to_string();
+        let tls = match uri.tls_options() {
+            Some(opts) => Some(TlsSetup {
+                cfg: xdisk_nbd_tls::client_config(&opts).map_err(|e| Error::Tls(e.to_string()))?,
+                opts,
+            }),
+            None => None,
+        };
         let conn = Conn::open(
             &uri.transport,
             &uri.export,
             &name,
             cfg.handshake_timeout,
             cfg.io_timeout,
+            tls.as_ref(),
         )?;
         let neg = *conn.neg();
         tracing::debug!(%name, ?neg, "NBD export opened");
@@ -183,6 +197,7 @@ impl NbdStorage {
                 conn: Some(Arc::new(conn)),
                 failed: None,
             }),
+            tls,
             rmw: Mutex::new(()),
             broken: Arc::new(OnceLock::new()),
         })
@@ -226,6 +241,7 @@ impl NbdStorage {
                 &self.name,
                 self.cfg.handshake_timeout,
                 self.cfg.io_timeout,
+                self.tls.as_ref(),
             ) {
                 Ok(c) => {
                     let n = c.neg();

@@ -1,6 +1,8 @@
 //! NBD URIs as QEMU and libnbd spell them (NetworkBlockDevice/nbd `doc/uri.md`):
 //! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, and QEMU's legacy
-//! `nbd:HOST:PORT[:exportname=NAME]` and `nbd:unix:PATH[:exportname=NAME]`.
+//! `nbd:HOST:PORT[:exportname=NAME]` and `nbd:unix:PATH[:exportname=NAME]`; with TLS,
+//! `nbds://HOST[:PORT]/EXPORT` and `nbds+unix:///EXPORT?socket=PATH`, with libnbd's query
+//! parameters `tls-certificates=DIR`, `tls-verify-peer=false` and `tls-hostname=NAME`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -34,6 +36,48 @@ pub struct NbdUri {
     pub transport: Transport,
     /// The export name ("" is the server's default export).
     pub export: String,
+    /// TLS (`nbds://`, `nbds+unix://`), `None` without.
+    pub tls: Option<UriTls>,
+}
+
+/// The TLS settings of an `nbds` URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UriTls {
+    /// `tls-certificates=DIR`: `ca-cert.pem` (and `client-cert.pem`, `client-key.pem` for
+    /// client authentication); `None`: the system's CAs.
+    pub certificates: Option<PathBuf>,
+    /// `tls-verify-peer=false` turns verification of the server off.
+    pub verify_peer: bool,
+    /// `tls-hostname=NAME`: the name the server's certificate must hold instead of the
+    /// URI's host (over a unix socket: without it, the name is not checked).
+    pub hostname: Option<String>,
+}
+
+impl Default for UriTls {
+    fn default() -> Self {
+        UriTls {
+            certificates: None,
+            verify_peer: true,
+            hostname: None,
+        }
+    }
+}
+
+impl NbdUri {
+    /// The TLS client options of this URI, if it asks for TLS: the name checked is
+    /// `tls-hostname`, else the TCP host.
+    pub fn tls_options(&self) -> Option<xdisk_nbd_tls::ClientOptions> {
+        let t = self.tls.as_ref()?;
+        let host = match &self.transport {
+            Transport::Tcp { host, .. } => Some(host.clone()),
+            Transport::Unix { .. } => None,
+        };
+        Some(xdisk_nbd_tls::ClientOptions {
+            certificates: t.certificates.clone(),
+            verify_peer: t.verify_peer,
+            hostname: t.hostname.clone().or(host),
+        })
+    }
 }
 
 /// Whether a disk name looks like an NBD URI (any spelling, TLS or not).
@@ -71,17 +115,18 @@ pub fn percent_decode(s: &str) -> Option<String> {
 }
 
 impl NbdUri {
-    /// Parses an NBD URI. `nbds://` and `nbds+unix://` are recognised and refused (no TLS
-    /// client yet).
+    /// Parses an NBD URI (TLS parameters only count with `nbds`; `tls-psk-file` is refused:
+    /// x509 is the only TLS mode).
     pub fn parse(uri: &str) -> Result<NbdUri, Error> {
         let (scheme, rest) = match uri.split_once("://") {
             Some((s, r)) if !s.contains(':') => (s, r),
             _ => return Self::parse_legacy(uri),
         };
-        let unix = match scheme {
-            "nbd" | "nbd+tcp" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+tcp" | "nbds+unix" => return Err(Error::TlsUnsupported(uri.into())),
+        let (unix, tls) = match scheme {
+            "nbd" | "nbd+tcp" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" | "nbds+tcp" => (false, true),
+            "nbds+unix" => (true, true),
             other => return Err(bad(uri, format!("unknown scheme '{other}'"))),
         };
         let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
@@ -98,13 +143,25 @@ impl NbdUri {
             return Err(bad(uri, "export name longer than 4096 bytes"));
         }
         let mut socket = None;
+        let mut t = UriTls::default();
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             let v = percent_decode(v).ok_or_else(|| bad(uri, "bad %-escape in the query"))?;
             match k {
                 "socket" => socket = Some(v),
-                "tls-certificates" | "tls-psk-file" | "tls-verify-peer" => {
-                    return Err(Error::TlsUnsupported(uri.into()))
+                "tls-certificates" => t.certificates = Some(v.into()),
+                "tls-hostname" => t.hostname = Some(v),
+                "tls-verify-peer" => {
+                    t.verify_peer = match v.as_str() {
+                        "true" | "on" | "yes" | "1" => true,
+                        "false" | "off" | "no" | "0" => false,
+                        _ => return Err(bad(uri, "tls-verify-peer takes true or false")),
+                    }
+                }
+                "tls-psk-file" => {
+                    return Err(Error::Tls(format!(
+                        "{uri}: TLS-PSK is not supported (x509 certificates only)"
+                    )))
                 }
                 _ => tracing::debug!(uri, key = k, "ignoring an unknown NBD URI parameter"),
             }
@@ -136,15 +193,16 @@ impl NbdUri {
                 port: port.unwrap_or(DEFAULT_PORT),
             }
         };
-        Ok(NbdUri { transport, export })
+        Ok(NbdUri {
+            transport,
+            export,
+            tls: tls.then_some(t),
+        })
     }
 
     /// QEMU's legacy `nbd:HOST:PORT[:exportname=NAME]` and `nbd:unix:PATH[:exportname=NAME]`.
     fn parse_legacy(uri: &str) -> Result<NbdUri, Error> {
         let Some(rest) = uri.strip_prefix("nbd:") else {
-            if uri.starts_with("nbds") {
-                return Err(Error::TlsUnsupported(uri.into()));
-            }
             return Err(bad(uri, "not an NBD URI"));
         };
         let (rest, export) = match rest.find(":exportname=") {
@@ -161,6 +219,7 @@ impl NbdUri {
             return Ok(NbdUri {
                 transport: Transport::Unix { path: path.into() },
                 export,
+                tls: None,
             });
         }
         let (host, port) = split_host_port(rest).ok_or_else(|| bad(uri, "bad HOST:PORT"))?;
@@ -173,6 +232,7 @@ impl NbdUri {
                 port: port.unwrap_or(DEFAULT_PORT),
             },
             export,
+            tls: None,
         })
     }
 }
@@ -195,17 +255,9 @@ fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
 
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let export: String = self
-            .export
-            .bytes()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
-                    (c as char).to_string()
-                } else {
-                    format!("%{c:02X}")
-                }
-            })
-            .collect();
+        let export = escape(&self.export);
+        let s = if self.tls.is_some() { "nbds" } else { "nbd" };
+        let mut query = Vec::new();
         match &self.transport {
             Transport::Tcp { host, port } => {
                 let host = if host.contains(':') {
@@ -214,16 +266,48 @@ impl fmt::Display for NbdUri {
                     host.clone()
                 };
                 if *port == DEFAULT_PORT {
-                    write!(f, "nbd://{host}/{export}")
+                    write!(f, "{s}://{host}/{export}")?;
                 } else {
-                    write!(f, "nbd://{host}:{port}/{export}")
+                    write!(f, "{s}://{host}:{port}/{export}")?;
                 }
             }
             Transport::Unix { path } => {
-                write!(f, "nbd+unix:///{export}?socket={}", path.display())
+                write!(f, "{s}+unix:///{export}")?;
+                query.push(format!("socket={}", path.display()));
             }
         }
+        if let Some(t) = &self.tls {
+            if let Some(d) = &t.certificates {
+                query.push(format!(
+                    "tls-certificates={}",
+                    escape(&d.display().to_string())
+                ));
+            }
+            if let Some(h) = &t.hostname {
+                query.push(format!("tls-hostname={}", escape(h)));
+            }
+            if !t.verify_peer {
+                query.push("tls-verify-peer=false".into());
+            }
+        }
+        if !query.is_empty() {
+            write!(f, "?{}", query.join("&"))?;
+        }
+        Ok(())
     }
+}
+
+/// %-escapes all but unreserved characters and `/`.
+fn escape(s: &str) -> String {
+    s.bytes()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -237,6 +321,7 @@ mod tests {
                 port,
             },
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -244,6 +329,7 @@ mod tests {
         NbdUri {
             transport: Transport::Unix { path: path.into() },
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -273,18 +359,56 @@ mod tests {
             NbdUri::parse("nbd://h:5/a b").unwrap().to_string(),
             "nbd://h:5/a%20b"
         );
-        for s in [
-            "nbds://h/e",
-            "nbds+unix:///e?socket=/s",
-            "nbd://h/e?tls-certificates=/x",
-        ] {
-            let e = NbdUri::parse(s).unwrap_err();
-            assert!(matches!(e, Error::TlsUnsupported(_)), "{s}: {e}");
-            assert!(
-                e.to_string().contains("TLS client not supported yet"),
-                "{e}"
-            );
+        let tls = |u: NbdUri, t: UriTls| NbdUri { tls: Some(t), ..u };
+        let certs = |d: &str| UriTls {
+            certificates: Some(d.into()),
+            ..UriTls::default()
+        };
+        let tls_cases = [
+            ("nbds://h/e", tls(tcp("h", 10809, "e"), UriTls::default())),
+            (
+                "nbds+unix:///e?socket=/s&tls-certificates=/c",
+                tls(unix("/s", "e"), certs("/c")),
+            ),
+            (
+                "nbds+unix:///e?socket=/s&tls-certificates=/c&tls-hostname=srv",
+                tls(
+                    unix("/s", "e"),
+                    UriTls {
+                        hostname: Some("srv".into()),
+                        ..certs("/c")
+                    },
+                ),
+            ),
+            (
+                "nbds://h:99/e?tls-verify-peer=false",
+                tls(
+                    tcp("h", 99, "e"),
+                    UriTls {
+                        verify_peer: false,
+                        ..UriTls::default()
+                    },
+                ),
+            ),
+            // TLS parameters of a plain URI do not turn TLS on (as libnbd).
+            ("nbd://h/e?tls-certificates=/x", tcp("h", 10809, "e")),
+        ];
+        for (s, want) in tls_cases {
+            let got = NbdUri::parse(s).unwrap();
+            assert_eq!(got, want, "{s}");
+            if got.tls.is_some() {
+                assert_eq!(NbdUri::parse(&got.to_string()).unwrap(), got, "{s}");
+            }
         }
+        let o = NbdUri::parse("nbds://h/e").unwrap().tls_options().unwrap();
+        assert_eq!(o.hostname.as_deref(), Some("h"));
+        let o = NbdUri::parse("nbds+unix:///e?socket=/s")
+            .unwrap()
+            .tls_options()
+            .unwrap();
+        assert_eq!(o.hostname, None);
+        let e = NbdUri::parse("nbds://h/e?tls-psk-file=/k").unwrap_err();
+        assert!(e.to_string().contains("x509"), "{e}");
         for s in [
             "nbd://",
             "nbd://h:port/e",
@@ -310,9 +434,9 @@ mod tests {
         fn display_round_trips(export in "[^\\x00]{0,40}", host in "[a-z][a-z0-9.-]{0,20}",
                                port in proptest::prelude::any::<u16>(), unix in proptest::prelude::any::<bool>()) {
             let u = if unix {
-                NbdUri { transport: Transport::Unix { path: format!("/run/{host}.sock").into() }, export }
+                NbdUri { transport: Transport::Unix { path: format!("/run/{host}.sock").into() }, export, tls: None }
             } else {
-                NbdUri { transport: Transport::Tcp { host, port }, export }
+                NbdUri { transport: Transport::Tcp { host, port }, export, tls: None }
             };
             let back = NbdUri::parse(&u.to_string());
             proptest::prop_assert_eq!(back.ok(), Some(u));

@@ -461,11 +461,18 @@ fn killed_server_fails_requests_with_eio_and_reconnects_when_back() {
 
 #[test]
 fn tls_uris_and_missing_exports_are_clear_errors() {
-    let e = NbdStorage::open_uri("nbds://localhost/x", &ClientConfig::default()).unwrap_err();
-    assert!(
-        e.to_string().contains("TLS client not supported yet"),
-        "{e}"
-    );
+    let e = NbdStorage::open_uri(
+        "nbds://localhost/x?tls-psk-file=/k",
+        &ClientConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("x509"), "{e}");
+    let e = NbdStorage::open_uri(
+        "nbds://localhost/x?tls-certificates=/nonexistent",
+        &ClientConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("ca-cert.pem"), "{e}");
     if !have("qemu-nbd") {
         return;
     }

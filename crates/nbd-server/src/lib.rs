@@ -19,9 +19,12 @@
 
 mod server;
 pub use server::{Listener, ServeOptions, Server, ServerStats};
+/// TLS credentials and sessions (`xdisk-nbd-tls`).
+pub use xdisk_nbd_tls as tls;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,7 +34,9 @@ use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::Image;
 use xdisk_io::sys::{poll_readable, EventFd};
 use xdisk_io::AlignedBuf;
-use xdisk_nbd::handshake::{negotiate, ExportInfo, Exports, HandshakeError, Outcome};
+use xdisk_nbd::handshake::{
+    negotiate, negotiate_in_tls, negotiate_with, ExportInfo, Exports, HandshakeError, Outcome, Tls,
+};
 use xdisk_nbd::wire::{self, *};
 
 /// Errors that end a connection.
@@ -49,6 +54,9 @@ pub enum Error {
     /// The client broke the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// TLS failed (the handshake, or the client's certificate).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// One export.
@@ -110,6 +118,9 @@ pub struct ServerConfig {
     /// server takes more than one client, else clients such as nbdcopy open connections
     /// that are refused).
     pub multi_conn: bool,
+    /// TLS (`None`: none, `NBD_OPT_STARTTLS` is refused). With TLS the server is TLS-only:
+    /// a client must negotiate it before anything else.
+    pub tls: Option<Arc<xdisk_nbd_tls::TlsServerConfig>>,
 }
 
 impl ServerConfig {
@@ -124,6 +135,7 @@ impl ServerConfig {
             detect_zeroes: DetectZeroes::default(),
             handshake_timeout: Some(Duration::from_secs(10)),
             multi_conn: true,
+            tls: None,
         }
     }
 }
@@ -190,7 +202,7 @@ impl ServerConfig {
 }
 
 /// A connected client's stream: read and write halves that can live on two threads.
-pub trait Stream: Read + Write + Send + 'static {
+pub trait Stream: Read + Write + AsRawFd + Send + 'static {
     /// A second handle on the same connection.
     fn try_clone_stream(&self) -> io::Result<Self>
     where
@@ -232,14 +244,16 @@ impl Stream for std::net::TcpStream {
 /// it.
 struct Deadline<'a, S: Stream> {
     s: &'a mut S,
-    end: std::time::Instant,
+    /// `None`: no limit.
+    end: Option<std::time::Instant>,
 }
 
 impl<S: Stream> Deadline<'_, S> {
     fn arm(&self) -> io::Result<()> {
-        let left = self
-            .end
-            .saturating_duration_since(std::time::Instant::now());
+        let Some(end) = self.end else {
+            return Ok(());
+        };
+        let left = end.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -296,6 +310,15 @@ impl Write for AnyStream {
         match self {
             AnyStream::Unix(s) => s.flush(),
             AnyStream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+impl AsRawFd for AnyStream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            AnyStream::Unix(s) => s.as_raw_fd(),
+            AnyStream::Tcp(s) => s.as_raw_fd(),
         }
     }
 }
@@ -482,29 +505,83 @@ impl BufPool {
     }
 }
 
-/// Serves one client on `stream` until it disconnects.
-/// Serves one client on `stream` until it disconnects.
+/// Serves one client on `stream` until it disconnects. With [`ServerConfig::tls`], the
+/// client must negotiate TLS first, and the connection then goes through a TLS pump
+/// ([`xdisk_nbd_tls::pump`]); the handshake deadline covers the TLS handshake too.
 pub fn serve_connection<S: Stream>(mut stream: S, cfg: &ServerConfig) -> Result<(), Error> {
-    let outcome = match cfg.handshake_timeout {
-        Some(t) => {
-            let mut d = Deadline {
+    let end = cfg.handshake_timeout.map(|t| std::time::Instant::now() + t);
+    let Some(tls) = &cfg.tls else {
+        let outcome = negotiate(
+            &mut Deadline {
                 s: &mut stream,
-                end: std::time::Instant::now() + t,
-            };
-            negotiate(&mut d, cfg)
-        }
-        None => negotiate(&mut stream, cfg),
+                end,
+            },
+            cfg,
+        )?;
+        let Some((info, n, contexts)) = transmission(outcome) else {
+            return Ok(());
+        };
+        // Transmission: a client may stay idle as long as it likes.
+        stream.set_timeouts(None)?;
+        return transmit(stream, cfg, info, n, contexts);
     };
-    let (info, n, contexts) = match outcome? {
-        Outcome::Closed => return Ok(()),
+    let mut conn =
+        xdisk_nbd_tls::ServerConnection::new(tls.clone()).map_err(|e| Error::Tls(e.to_string()))?;
+    let outcome = {
+        let mut d = Deadline {
+            s: &mut stream,
+            end,
+        };
+        let no_zeroes = match negotiate_with(&mut d, cfg, Tls::Required)? {
+            Outcome::StartTls { no_zeroes } => no_zeroes,
+            _ => return Ok(()),
+        };
+        d.flush()?;
+        xdisk_nbd_tls::handshake(&mut conn, &mut d)
+            .map_err(|e| Error::Tls(format!("TLS handshake: {e}")))?;
+        negotiate_in_tls(&mut rustls_stream(&mut conn, &mut d), cfg, no_zeroes)?
+    };
+    let Some((info, n, contexts)) = transmission(outcome) else {
+        return Ok(());
+    };
+    stream.set_timeouts(None)?;
+    let plain = xdisk_nbd_tls::pump(conn, stream)?;
+    transmit(plain, cfg, info, n, contexts)
+}
+
+/// A blocking stream over a TLS session.
+fn rustls_stream<'a, S: Read + Write>(
+    conn: &'a mut xdisk_nbd_tls::ServerConnection,
+    s: &'a mut S,
+) -> xdisk_nbd_tls::TlsStream<'a, xdisk_nbd_tls::ServerConnection, S> {
+    xdisk_nbd_tls::TlsStream::new(conn, s)
+}
+
+/// What the transmission phase starts with: the export, what was negotiated, the selected
+/// metadata contexts.
+type Start = (ExportInfo, Negotiated, Vec<(u32, String)>);
+
+/// The transmission phase's start, if the handshake got there.
+fn transmission(o: Outcome) -> Option<Start> {
+    match o {
         Outcome::Transmission {
             export,
             negotiated,
             contexts,
-        } => (export, negotiated, contexts),
-    };
-    // Transmission: a client may stay idle as long as it likes.
-    stream.set_timeouts(None)?;
+        } => Some((export, negotiated, contexts)),
+        Outcome::Closed | Outcome::StartTls { .. } => None,
+    }
+}
+
+/// The transmission phase on `stream` (a client's socket, or the plain end of its TLS
+/// pump).
+fn transmit<S: Stream>(
+    stream: S,
+    cfg: &ServerConfig,
+    info: ExportInfo,
+    n: Negotiated,
+    contexts: Vec<(u32, String)>,
+) -> Result<(), Error> {
     let export = cfg
         .find(&info.name)
         .ok_or_else(|| Error::Protocol("export vanished".into()))?

@@ -4,14 +4,14 @@
 //! hold no more than the limit's worth of threads and memory, and a client that never ends
 //! its handshake is dropped after [`ServerConfig::handshake_timeout`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{serve_connection, AnyStream, ServerConfig, Stream};
 
@@ -118,10 +118,10 @@ impl Server {
     /// Accepts and serves clients until the last one leaves (unless persistent) or the stop
     /// flag is set. Sockets are listening before this is called, so a caller can announce
     /// readiness first.
-    pub fn run(self) -> std::io::Result<ServerStats> {
+    pub fn run(mut self) -> std::io::Result<ServerStats> {
         let (tx, rx) = mpsc::channel::<Event>();
         let mut paths = Vec::new();
-        for l in self.listeners {
+        for l in std::mem::take(&mut self.listeners) {
             if let Listener::Unix(_, p) = &l {
                 paths.push(p.clone());
             }
@@ -147,14 +147,21 @@ impl Server {
         let mut stats = ServerStats::default();
         // A second handle on each connection being served, to close it on stop.
         let mut conns: HashMap<u64, AnyStream> = HashMap::new();
+        // Clients that came while the server was full, served if a slot frees within
+        // WAIT_GRACE (a client that leaves and comes straight back, as `qemu-img` then
+        // `qemu-io`, must not race the clean-up of its first connection).
+        let mut waiting: VecDeque<(AnyStream, Instant)> = VecDeque::new();
         let mut closing = false;
         loop {
-            let ev = match rx.recv_timeout(Duration::from_millis(100)) {
+            let ev = match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(ev) => Some(ev),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             if self.stop.load(Ordering::Relaxed) {
+                for (w, _) in waiting.drain(..) {
+                    w.shutdown_both();
+                }
                 if conns.is_empty() {
                     break;
                 }
@@ -166,60 +173,99 @@ impl Server {
                     }
                 }
             }
+            while waiting
+                .front()
+                .is_some_and(|(_, t)| t.elapsed() >= WAIT_GRACE)
+            {
+                if let Some((w, _)) = waiting.pop_front() {
+                    self.refuse(w, conns.len(), &mut stats);
+                }
+            }
             let Some(ev) = ev else { continue };
-            let active = conns.len();
             match ev {
                 Event::Conn(s) => {
-                    if active >= self.opts.max_connections || self.stop.load(Ordering::Relaxed) {
-                        stats.refused += 1;
-                        if stats.refused.is_power_of_two() {
-                            tracing::warn!(
-                                "refusing NBD clients: {active} connected (the limit); {} refused so far",
-                                stats.refused
-                            );
-                        }
+                    if self.stop.load(Ordering::Relaxed) {
                         s.shutdown_both();
-                        continue;
-                    }
-                    let id = stats.served;
-                    let handle = match s.try_clone_stream() {
-                        Ok(h) => h,
-                        Err(e) => {
-                            tracing::warn!("cannot serve an NBD client: {e}");
-                            continue;
-                        }
-                    };
-                    let cfg = self.cfg.clone();
-                    let tx = tx.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("xdisk-nbd-conn".into())
-                        .spawn(move || {
-                            let r = serve_connection(s, &cfg);
-                            if let Err(e) = &r {
-                                tracing::warn!("NBD client: {e}");
-                            }
-                            let _ = tx.send(Event::Done(id, r.is_err()));
-                        });
-                    match spawned {
-                        Ok(_) => {
-                            stats.served += 1;
-                            conns.insert(id, handle);
-                        }
-                        Err(e) => tracing::warn!("cannot serve an NBD client: {e}"),
+                    } else if conns.len() < self.opts.max_connections {
+                        self.serve(s, &tx, &mut conns, &mut stats);
+                    } else if waiting.len() < MAX_WAITING {
+                        waiting.push_back((s, Instant::now()));
+                    } else {
+                        self.refuse(s, conns.len(), &mut stats);
                     }
                 }
                 Event::Done(id, failed) => {
                     conns.remove(&id);
                     stats.failed += u64::from(failed);
+                    if !closing {
+                        if let Some((w, _)) = waiting.pop_front() {
+                            self.serve(w, &tx, &mut conns, &mut stats);
+                        }
+                    }
                     if conns.is_empty() && (!self.opts.persistent || closing) {
                         break;
                     }
                 }
             }
         }
+        for (w, _) in waiting {
+            w.shutdown_both();
+        }
         for p in paths {
             let _ = std::fs::remove_file(p);
         }
         Ok(stats)
     }
+
+    fn refuse(&self, s: AnyStream, active: usize, stats: &mut ServerStats) {
+        stats.refused += 1;
+        if stats.refused.is_power_of_two() {
+            tracing::warn!(
+                "refusing NBD clients: {active} connected (the limit); {} refused so far",
+                stats.refused
+            );
+        }
+        s.shutdown_both();
+    }
+
+    /// Serves `s` on a thread of its own.
+    fn serve(
+        &self,
+        s: AnyStream,
+        tx: &mpsc::Sender<Event>,
+        conns: &mut HashMap<u64, AnyStream>,
+        stats: &mut ServerStats,
+    ) {
+        let id = stats.served;
+        let handle = match s.try_clone_stream() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("cannot serve an NBD client: {e}");
+                return;
+            }
+        };
+        let cfg = self.cfg.clone();
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("xdisk-nbd-conn".into())
+            .spawn(move || {
+                let r = serve_connection(s, &cfg);
+                if let Err(e) = &r {
+                    tracing::warn!("NBD client: {e}");
+                }
+                let _ = tx.send(Event::Done(id, r.is_err()));
+            });
+        match spawned {
+            Ok(_) => {
+                stats.served += 1;
+                conns.insert(id, handle);
+            }
+            Err(e) => tracing::warn!("cannot serve an NBD client: {e}"),
+        }
+    }
 }
+
+/// How long a client that finds the server full waits for a slot before it is closed.
+const WAIT_GRACE: Duration = Duration::from_millis(300);
+/// Clients waiting for a slot at most; more are closed at once.
+const MAX_WAITING: usize = 16;

@@ -57,6 +57,26 @@ pub enum Outcome {
     },
     /// The client sent `NBD_OPT_ABORT` (answered) or closed the connection.
     Closed,
+    /// The client sent `NBD_OPT_STARTTLS` and it was acknowledged ([`Tls::Required`]): the
+    /// caller runs the TLS handshake, then [`negotiate_in_tls`] over the TLS session.
+    StartTls {
+        /// Whether the client asked for no zeroes after `NBD_OPT_EXPORT_NAME`'s reply
+        /// (its flags, sent before TLS, still apply).
+        no_zeroes: bool,
+    },
+}
+
+/// Where the handshake stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// The server has no TLS: `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+    Off,
+    /// The server serves TLS only (proto.md's FORCEDTLS) and it is not negotiated yet: every
+    /// option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is refused with
+    /// `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME` drops the connection.
+    Required,
+    /// TLS is negotiated: a second `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_INVALID`.
+    Active,
 }
 
 /// Why the server dropped the client during the handshake.
@@ -86,16 +106,43 @@ struct State {
     no_zeroes: bool,
     structured: bool,
     extended: bool,
+    tls: Option<Tls>,
     /// Selected contexts and the export name they were selected for.
     contexts: Vec<(u32, String)>,
     contexts_for: Option<String>,
 }
 
-/// Runs the server side of the handshake on `s`. Returns when the transmission phase
-/// starts, or the client aborts or closes the connection.
+/// Runs the server side of the handshake on `s`, for a server without TLS. Returns when
+/// the transmission phase starts, or the client aborts or closes the connection.
 pub fn negotiate<S: Read + Write>(
     s: &mut S,
     exports: &dyn Exports,
+) -> Result<Outcome, HandshakeError> {
+    negotiate_with(s, exports, Tls::Off)
+}
+
+/// Continues the handshake over a freshly established TLS session, after
+/// [`Outcome::StartTls`]: options only (no greeting), with nothing negotiated before TLS
+/// kept but the client's flags.
+pub fn negotiate_in_tls<S: Read + Write>(
+    s: &mut S,
+    exports: &dyn Exports,
+    no_zeroes: bool,
+) -> Result<Outcome, HandshakeError> {
+    let mut st = State {
+        no_zeroes,
+        tls: Some(Tls::Active),
+        ..State::default()
+    };
+    options(s, exports, &mut st)
+}
+
+/// Runs the server side of the handshake on `s` from the greeting, `tls` being
+/// [`Tls::Off`] or [`Tls::Required`] (then [`Outcome::StartTls`] may come back).
+pub fn negotiate_with<S: Read + Write>(
+    s: &mut S,
+    exports: &dyn Exports,
+    tls: Tls,
 ) -> Result<Outcome, HandshakeError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBD_MAGIC.to_be_bytes());
@@ -122,8 +169,18 @@ pub fn negotiate<S: Read + Write>(
     }
     let mut st = State {
         no_zeroes: client_flags & client::NO_ZEROES != 0,
+        tls: Some(tls),
         ..State::default()
     };
+    options(s, exports, &mut st)
+}
+
+/// The option haggling, until the transmission phase, STARTTLS, or the end.
+fn options<S: Read + Write>(
+    s: &mut S,
+    exports: &dyn Exports,
+    st: &mut State,
+) -> Result<Outcome, HandshakeError> {
     for _ in 0..MAX_OPTIONS {
         let mut hb = [0u8; OPTION_HEADER_LEN];
         if !read_or_eof(s, &mut hb)? {
@@ -132,7 +189,7 @@ pub fn negotiate<S: Read + Write>(
         let h = OptionHeader::parse(&hb)?;
         let mut data = vec![0u8; h.len as usize];
         s.read_exact(&mut data)?;
-        if let Some(outcome) = option(s, exports, &mut st, h.option, &data)? {
+        if let Some(outcome) = option(s, exports, st, h.option, &data)? {
             s.flush()?;
             return Ok(outcome);
         }
@@ -183,6 +240,46 @@ fn option<S: Read + Write>(
     opt_: u32,
     data: &[u8],
 ) -> Result<Option<Outcome>, HandshakeError> {
+    let tls = st.tls.unwrap_or(Tls::Off);
+    if tls == Tls::Required {
+        return match opt_ {
+            opt::ABORT => option_any(s, exports, st, opt_, data),
+            opt::STARTTLS => {
+                if !data.is_empty() {
+                    error(s, opt_, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+                    return Ok(None);
+                }
+                reply(s, opt_, rep::ACK, &[])?;
+                Ok(Some(Outcome::StartTls {
+                    no_zeroes: st.no_zeroes,
+                }))
+            }
+            // No error reply is possible: the spec has the server drop the client.
+            opt::EXPORT_NAME => Err(HandshakeError::Protocol(
+                "NBD_OPT_EXPORT_NAME before TLS on a TLS-only server".into(),
+            )),
+            _ => {
+                error(
+                    s,
+                    opt_,
+                    rep::ERR_TLS_REQD,
+                    "this server requires TLS (NBD_OPT_STARTTLS)",
+                )?;
+                Ok(None)
+            }
+        };
+    }
+    option_any(s, exports, st, opt_, data)
+}
+
+/// Handles one option outside [`Tls::Required`].
+fn option_any<S: Read + Write>(
+    s: &mut S,
+    exports: &dyn Exports,
+    st: &mut State,
+    opt_: u32,
+    data: &[u8],
+) -> Result<Option<Outcome>, HandshakeError> {
     match opt_ {
         opt::EXPORT_NAME => {
             let name = std::str::from_utf8(data)
@@ -216,6 +313,10 @@ fn option<S: Read + Write>(
                 reply(s, opt_, rep::SERVER, &rep_server(&n))?;
             }
             reply(s, opt_, rep::ACK, &[])?;
+            Ok(None)
+        }
+        opt::STARTTLS if st.tls == Some(Tls::Active) => {
+            error(s, opt_, rep::ERR_INVALID, "TLS is already negotiated")?;
             Ok(None)
         }
         opt::STARTTLS => {

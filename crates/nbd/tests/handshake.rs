@@ -385,3 +385,114 @@ fn nbdinfo_reads_the_export_list_and_sizes() {
     assert!(matches!(outcomes[0], Outcome::Transmission { .. }));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A scripted peer: reads come from `input`, writes gather in `output`.
+struct Script {
+    input: std::io::Cursor<Vec<u8>>,
+    output: Vec<u8>,
+}
+
+impl Read for Script {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(b)
+    }
+}
+
+impl Write for Script {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.output.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn opt_bytes(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = OptionHeader {
+        option,
+        len: data.len() as u32,
+    }
+    .encode()
+    .to_vec();
+    b.extend_from_slice(data);
+    b
+}
+
+/// The (option, reply type) of each option reply in a server's output.
+fn reply_types(out: &[u8]) -> Vec<(u32, u32)> {
+    let mut v = Vec::new();
+    let mut at = 0;
+    while at + 20 <= out.len() {
+        let h = &out[at..at + 20];
+        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let t = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        v.push((option, t));
+        at += 20 + len;
+    }
+    v
+}
+
+#[test]
+fn a_tls_only_server_wants_starttls_first_and_only_once() {
+    use xdisk_nbd::handshake::{negotiate_in_tls, negotiate_with, Tls};
+    let go = InfoRequest {
+        name: "disk".into(),
+        requests: vec![],
+    }
+    .encode();
+    let mut input = client::FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    input.extend(opt_bytes(opt::GO, &go));
+    input.extend(opt_bytes(opt::LIST, &[]));
+    input.extend(opt_bytes(opt::STARTTLS, &[]));
+    let mut s = Script {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+    };
+    let o = negotiate_with(&mut s, &Two, Tls::Required).unwrap();
+    assert_eq!(o, Outcome::StartTls { no_zeroes: false });
+    assert_eq!(
+        reply_types(&s.output[18..]),
+        vec![
+            (opt::GO, rep::ERR_TLS_REQD),
+            (opt::LIST, rep::ERR_TLS_REQD),
+            (opt::STARTTLS, rep::ACK)
+        ]
+    );
+
+    // EXPORT_NAME before TLS: dropped.
+    let mut input = client::FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    input.extend(opt_bytes(opt::EXPORT_NAME, b"disk"));
+    let mut s = Script {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+    };
+    assert!(negotiate_with(&mut s, &Two, Tls::Required).is_err());
+
+    // Over TLS: a second STARTTLS is invalid, the rest as usual.
+    let mut input = opt_bytes(opt::STARTTLS, &[]);
+    input.extend(opt_bytes(opt::GO, &go));
+    let mut s = Script {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+    };
+    let o = negotiate_in_tls(&mut s, &Two, true).unwrap();
+    assert!(matches!(o, Outcome::Transmission { .. }));
+    let r = reply_types(&s.output);
+    assert_eq!(r[0], (opt::STARTTLS, rep::ERR_INVALID));
+    assert_eq!(r.last(), Some(&(opt::GO, rep::ACK)));
+
+    // Without TLS configured: POLICY, as before.
+    let mut input = client::FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    input.extend(opt_bytes(opt::STARTTLS, &[]));
+    let mut s = Script {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+    };
+    assert_eq!(negotiate(&mut s, &Two).unwrap(), Outcome::Closed);
+    assert_eq!(
+        reply_types(&s.output[18..]),
+        vec![(opt::STARTTLS, rep::ERR_POLICY)]
+    );
+}
