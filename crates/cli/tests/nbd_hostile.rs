@@ -665,3 +665,40 @@ fn detect_zeroes_stores_zero_writes_as_zero_clusters() {
         "{map}"
     );
 }
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 14th field.
+    let rest = &st[st.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A connected client that has done I/O and then waits costs the server no CPU: the I/O
+/// thread sleeps in poll(2) (a completion eventfd left readable once made it spin).
+#[test]
+fn an_idle_connection_costs_no_cpu() {
+    let dir = tmpdir();
+    let img = raw_image(dir.path(), 4 << 20);
+    let srv = Server::start(
+        dir.path(),
+        &["-t", "-f", "raw", "--cache", "none"],
+        Some(&img),
+    );
+    let mut c = Client::connect(&srv.sock, "", &[]);
+    for i in 0..64 {
+        assert_eq!(c.read(i, (i % 1024) * 4096, 4096).len(), 4096);
+    }
+    assert_eq!(c.write(99, 0, &[1u8; 4096]), 0);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(srv.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(srv.child.id()) - before;
+    // A spinning thread would use about 200 ticks (100 per second).
+    assert!(
+        used < 40,
+        "an idle connection used {used} ticks of CPU in 2 s"
+    );
+    drop(c);
+}

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::Image;
-use xdisk_io::sys::{poll_readable, EventFd};
+use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
 use xdisk_io::AlignedBuf;
 use xdisk_nbd::handshake::{
     negotiate, negotiate_in_tls, negotiate_with, ExportInfo, Exports, HandshakeError, Outcome, Tls,
@@ -803,9 +803,16 @@ impl Connection {
             // The queue's fds wake us for its completions; the timeout only bounds a missed
             // wake-up while requests are in flight.
             let timeout_ms = if self.pending.is_empty() { -1 } else { 100 };
-            let r = poll_readable(&[wake.fd.fd(), a, b], timeout_ms);
+            let ready = poll_readable(&[wake.fd.fd(), a, b], timeout_ms);
             wake.woke();
-            r?;
+            // The queue's eventfds are cleared before the next reap (a completion arriving
+            // meanwhile wakes the next poll); left readable they would make every poll
+            // return at once and the thread spin.
+            for (fd, r) in [a, b].into_iter().zip(ready?.into_iter().skip(1)) {
+                if r {
+                    drain_eventfd(fd);
+                }
+            }
         }
     }
 
