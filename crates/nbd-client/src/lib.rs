@@ -220,7 +220,25 @@ impl NbdStorage {
 
     /// The live connection, reconnecting (bounded) if it was lost.
     fn conn(&self) -> io::Result<Arc<Conn>> {
-        let mut slot = lock(&self.slot);
+        self.conn_in(&self.slot)
+    }
+
+    /// A new connection to the same export (for an engine of its own, on a server that
+    /// advertises `CAN_MULTI_CONN`).
+    fn new_conn(&self) -> Result<Conn, Error> {
+        Conn::open(
+            &self.uri.transport,
+            &self.uri.export,
+            &self.name,
+            self.cfg.handshake_timeout,
+            self.cfg.io_timeout,
+            self.tls.as_ref(),
+        )
+    }
+
+    /// The live connection of `slot`, reconnecting (bounded) if it was lost.
+    fn conn_in(&self, slot: &Mutex<Slot>) -> io::Result<Arc<Conn>> {
+        let mut slot = lock(slot);
         if let Some(c) = &slot.conn {
             if !c.is_dead() {
                 return Ok(c.clone());
@@ -571,6 +589,10 @@ impl Storage for NbdStorage {
 /// signals `notify`; `reap` hands the completions out.
 pub struct NbdEngine {
     storage: Arc<NbdStorage>,
+    /// The engine's own connection, on a server that advertises `CAN_MULTI_CONN` (a flush
+    /// on any connection then covers all): each queue talks to the server on its own
+    /// socket. `None`: the storage's connection, shared.
+    own: Option<Mutex<Slot>>,
     shared: Arc<EngineShared>,
     queued: Vec<Op<IoSlice>>,
     in_flight: usize,
@@ -582,8 +604,25 @@ impl NbdEngine {
     /// An engine over `storage` whose completions signal `notify`.
     pub fn new(storage: Arc<NbdStorage>, cfg: &EngineConfig, notify: Arc<EventFd>) -> NbdEngine {
         let broken = storage.broken.clone();
+        // A connection of its own if the server allows it (it may limit its clients: then
+        // the queue shares the storage's connection).
+        let own = if storage.neg.has(flags::CAN_MULTI_CONN) {
+            match storage.new_conn() {
+                Ok(c) => Some(Mutex::new(Slot {
+                    conn: Some(Arc::new(c)),
+                    failed: None,
+                })),
+                Err(e) => {
+                    tracing::info!(server = %storage.name, "sharing one NBD connection: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         NbdEngine {
             storage,
+            own,
             shared: Arc::new(EngineShared {
                 state: Mutex::new(EngineState::default()),
                 cond: std::sync::Condvar::new(),
@@ -744,7 +783,11 @@ impl Engine<IoSlice> for NbdEngine {
         if reqs.is_empty() {
             return Ok(());
         }
-        match self.storage.conn() {
+        let conn = match &self.own {
+            Some(slot) => self.storage.conn_in(slot),
+            None => self.storage.conn(),
+        };
+        match conn {
             Ok(c) => c.send(reqs),
             Err(e) => {
                 for r in reqs {

@@ -361,6 +361,14 @@ fn engine_pipelines_reads_and_writes() {
     e.reap(&mut out, 1, None).unwrap();
     assert!(matches!(out[0].result, Ok(4096)));
     assert_eq!(e.in_flight(), 0);
+    // nbdkit's memory plugin advertises multi-conn: the engine wrote on a connection of its
+    // own, and the storage's connection (the synchronous path) sees every write.
+    assert!(s.negotiated().has(xdisk_nbd::wire::flags::CAN_MULTI_CONN));
+    for i in [0usize, 17, n - 1] {
+        let mut b = vec![0u8; 64 * 1024];
+        s.read_at(&mut b, (i * 64 * 1024) as u64).unwrap();
+        assert!(b == pattern(64 * 1024, i as u8), "sync read of buffer {i}");
+    }
 }
 
 /// A server killed while requests are in flight: they fail with EIO, soon; later requests

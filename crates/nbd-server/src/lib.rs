@@ -981,6 +981,13 @@ impl Connection {
                 xdisk_image::Error::NoSpace(_) => errno::ENOSPC,
                 _ => errno::EIO,
             };
+            if let (Command::Read { offset, .. }, true) = (p.cmd, self.n.structured) {
+                // A failed read says where (the spec's ERROR_OFFSET): at its start, as the
+                // engine reports the request, not the byte, that failed.
+                let r = self.error_offset_reply(w, &p.h, errno, &e.to_string(), offset);
+                self.budget.give(cost(&p.cmd));
+                return r;
+            }
             return self.answered(w, &p.h, &p.cmd, Some((errno, &e.to_string())));
         }
         let fua = matches!(
@@ -1067,6 +1074,27 @@ impl Connection {
         } else {
             w.write_all(&simple_reply(h.cookie, 0))?;
         }
+        Ok(())
+    }
+
+    fn error_offset_reply<W: Write>(
+        &self,
+        w: &mut W,
+        h: &RequestHeader,
+        errno: u32,
+        msg: &str,
+        offset: u64,
+    ) -> Result<(), Error> {
+        let p = error_payload(errno, msg, Some(offset));
+        w.write_all(&chunk_header(
+            self.n.extended,
+            reply::FLAG_DONE,
+            reply::ERROR_OFFSET,
+            h.cookie,
+            h.offset,
+            p.len() as u64,
+        ))?;
+        w.write_all(&p)?;
         Ok(())
     }
 

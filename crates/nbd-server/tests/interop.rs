@@ -193,3 +193,37 @@ fn block_status_matches_qemu_img_map() {
         "{map}"
     );
 }
+
+/// A read that fails on the host (an injected EIO) reaches the client as an error (an
+/// `ERROR_OFFSET` chunk with structured replies), and the connection goes on: the next read
+/// works. qemu-io is the client.
+#[test]
+fn a_failed_read_reaches_qemu_io_as_an_error_and_the_connection_goes_on() {
+    use xdisk_io::fault::{Fault, FaultOn, FaultPlan};
+    let dir = tmpdir();
+    let raw = dir.path().join("disk.raw");
+    random_file(&raw, 4 << 20);
+    let image = open(&raw, Format::Raw);
+    let plan = FaultPlan::new();
+    image
+        .storage()
+        .as_file()
+        .expect("a host file")
+        .inject_faults(&plan);
+    plan.fail_next(FaultOn::Read, Fault::Errno(libc::EIO));
+    let sock = serve(dir.path(), image);
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 64k", "-c", "read -P 0 3M 64k"])
+        .arg(uri(&sock))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    // The second read (zeroes at 3M: the test file's zero megabytes) went through.
+    assert!(
+        text.contains("read 65536/65536 bytes at offset 3145728"),
+        "{text}"
+    );
+    assert_eq!(plan.injected(), 1);
+}
