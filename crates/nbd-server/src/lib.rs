@@ -1,16 +1,19 @@
 //! xdisk's NBD server: exports [`Image`]s over NBD (the protocol is `xdisk-nbd`).
 //!
-//! One connection is two threads:
-//! - a **reader** that reads request headers and write payloads from the socket, validates
-//!   each request against what was negotiated ([`Command::from_header`]) and hands it over
-//!   (a bounded number of payload bytes may wait, so a client cannot make the server buffer
-//!   without end);
-//! - the **I/O thread**, which owns the connection's [`ImageQueue`] (the same per-queue
-//!   engine as a blkif queue: io_uring, zero-copy into the request's buffer), submits the
-//!   requests, and writes each reply as its request completes, in any order.
+//! One connection is one thread (plus, with TLS, the thread that runs the TLS session). After
+//! the handshake its socket is non-blocking and the thread loops: it reads what the socket
+//! has (many request headers per read, write payloads straight into their buffers), validates
+//! each request against what was negotiated ([`Command::from_header`]), submits it to the
+//! connection's [`ImageQueue`] (the same per-queue engine as a blkif queue: io_uring,
+//! zero-copy into the request's buffer), reaps completions and writes their replies in any
+//! order (one `writev` for many; read data from the read's own buffer), and sleeps in poll(2)
+//! on the socket and the queue's eventfds when there is nothing to do. Memory is bounded:
+//! requests are read only while the bytes unanswered ([`ServerConfig::max_buffered`]) and
+//! the replies not yet taken by the client stay under the limit.
 //!
 //! Replies follow what was negotiated: simple replies, structured replies (reads as one
-//! `OFFSET_DATA` chunk, errors as `ERROR` chunks with a message) or extended headers.
+//! `OFFSET_DATA` chunk, or `OFFSET_HOLE` where the image reads as zeroes; errors as `ERROR`
+//! or `ERROR_OFFSET` chunks with a message) or extended headers.
 //! `FUA` writes are followed by a flush before their reply. Block status answers the
 //! `base:allocation` context from [`Image::block_status`].
 
@@ -22,17 +25,16 @@ pub use server::{Listener, ServeOptions, Server, ServerStats};
 /// TLS credentials and sessions (`xdisk-nbd-tls`).
 pub use xdisk_nbd_tls as tls;
 
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::Image;
-use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
+use xdisk_io::sys::{drain_eventfd, poll_rw};
 use xdisk_io::AlignedBuf;
 use xdisk_nbd::handshake::{
     negotiate, negotiate_in_tls, negotiate_with, ExportInfo, Exports, HandshakeError, Outcome, Tls,
@@ -211,6 +213,8 @@ pub trait Stream: Read + Write + AsRawFd + Send + 'static {
     fn shutdown_both(&self);
     /// Bounds each read and write (`None`: blocking without limit).
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Makes reads and writes non-blocking (the transmission phase).
+    fn set_nonblocking_stream(&self, on: bool) -> io::Result<()>;
 }
 
 impl Stream for std::os::unix::net::UnixStream {
@@ -224,6 +228,9 @@ impl Stream for std::os::unix::net::UnixStream {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
     }
+    fn set_nonblocking_stream(&self, on: bool) -> io::Result<()> {
+        self.set_nonblocking(on)
+    }
 }
 
 impl Stream for std::net::TcpStream {
@@ -236,6 +243,9 @@ impl Stream for std::net::TcpStream {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
+    }
+    fn set_nonblocking_stream(&self, on: bool) -> io::Result<()> {
+        self.set_nonblocking(on)
     }
 }
 
@@ -342,124 +352,137 @@ impl Stream for AnyStream {
             AnyStream::Tcp(s) => s.set_timeouts(t),
         }
     }
+    fn set_nonblocking_stream(&self, on: bool) -> io::Result<()> {
+        match self {
+            AnyStream::Unix(s) => s.set_nonblocking(on),
+            AnyStream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
 }
 
-/// A request the reader hands to the I/O thread.
-enum Msg {
-    /// A valid request (with its payload, for writes).
-    Cmd(RequestHeader, Command, Option<AlignedBuf>),
-    /// A request refused with an error reply.
-    Refused(RequestHeader, u32, String),
-    /// The client disconnected (cleanly or not) or broke the protocol.
-    End(Option<String>),
-}
-
-/// Bytes of requests read and not yet answered (see [`ServerConfig::max_buffered`]). Only
-/// the reader takes and only the I/O thread gives, so the fast path is one atomic operation
-/// each; the lock and condition variable are used only while the reader waits.
+/// Bytes of requests read and not yet answered (see [`ServerConfig::max_buffered`]).
 struct Budget {
-    used: AtomicU64,
+    used: Cell<u64>,
     max: u64,
-    /// The reader waits (the I/O thread must notify when it gives).
-    waiting: AtomicBool,
-    /// The connection is over (the reader must not wait).
-    closed: AtomicBool,
-    lock: Mutex<()>,
-    freed: Condvar,
 }
 
 impl Budget {
-    fn new(max: u64) -> Budget {
-        Budget {
-            used: AtomicU64::new(0),
-            max,
-            waiting: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            freed: Condvar::new(),
-        }
-    }
-
     /// Whether `n` more bytes fit (one request larger than the budget still goes alone).
     fn fits(&self, n: u64) -> bool {
-        let cur = self.used.load(Ordering::SeqCst);
+        let cur = self.used.get();
         cur == 0 || cur.saturating_add(n) <= self.max
     }
-
-    /// Takes `n` bytes, waiting while the budget is spent; false once the connection is over.
-    fn take(&self, n: u64) -> bool {
-        while !self.fits(n) {
-            if self.closed.load(Ordering::SeqCst) {
-                return false;
-            }
-            let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.waiting.store(true, Ordering::SeqCst);
-            // Checked again after announcing the wait: a give() in between either is seen
-            // here or sees `waiting` and notifies (under the lock, so not before we wait).
-            if !self.fits(n) && !self.closed.load(Ordering::SeqCst) {
-                let _ = self
-                    .freed
-                    .wait_timeout(g, Duration::from_millis(500))
-                    .unwrap_or_else(|e| e.into_inner());
-            }
-            self.waiting.store(false, Ordering::SeqCst);
-        }
-        // Only this thread adds: what fitted still fits.
-        self.used.fetch_add(n, Ordering::SeqCst);
-        !self.closed.load(Ordering::SeqCst)
+    fn take(&self, n: u64) {
+        self.used.set(self.used.get().saturating_add(n));
     }
-
     fn give(&self, n: u64) {
-        self.used.fetch_sub(n, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.freed.notify_all();
-        }
-    }
-
-    /// Ends the connection: a reader waiting in `take` returns.
-    fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.freed.notify_all();
+        self.used.set(self.used.get().saturating_sub(n));
     }
 }
 
-/// How the reader tells the I/O thread that requests wait: an eventfd written only when the
-/// I/O thread sleeps or is about to (a busy connection costs no system call per request).
-struct Doorbell {
-    fd: EventFd,
-    /// Messages sent by the reader.
-    posted: AtomicU64,
-    /// The I/O thread is going to sleep in poll(2).
-    sleeping: AtomicBool,
+/// Replies not yet written to the socket: small byte runs (headers, errors, block status)
+/// and read buffers sent as they are (one `writev` for many), which go back to the pool once
+/// written.
+struct Out {
+    segs: VecDeque<Seg>,
+    /// Bytes of the front segment already written.
+    front_off: usize,
+    /// Bytes queued.
+    bytes: usize,
+    pool: Arc<BufPool>,
 }
 
-impl Doorbell {
-    /// After each message sent.
-    fn ring(&self) {
-        self.posted.fetch_add(1, Ordering::SeqCst);
-        if self.sleeping.swap(false, Ordering::SeqCst) {
-            self.fd.signal();
+enum Seg {
+    Bytes(Vec<u8>),
+    Buf(AlignedBuf),
+}
+
+impl Seg {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Seg::Bytes(v) => v,
+            Seg::Buf(b) => b,
         }
     }
+}
 
-    /// Before sleeping, with the number of messages received so far: false if more were
-    /// posted (do not sleep). Either this sees the reader's count or the reader sees
-    /// `sleeping` and writes the eventfd.
-    fn may_sleep(&self, received: u64) -> bool {
-        self.sleeping.store(true, Ordering::SeqCst);
-        if self.posted.load(Ordering::SeqCst) != received {
-            self.sleeping.store(false, Ordering::SeqCst);
-            return false;
+impl Write for Out {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.bytes += b.len();
+        match self.segs.back_mut() {
+            Some(Seg::Bytes(v)) if v.len() < 64 << 10 => v.extend_from_slice(b),
+            _ => self.segs.push_back(Seg::Bytes(b.to_vec())),
         }
-        true
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Out {
+    fn push_buf(&mut self, b: AlignedBuf) {
+        self.bytes += b.len();
+        self.segs.push_back(Seg::Buf(b));
     }
 
-    fn woke(&self) {
-        self.sleeping.store(false, Ordering::SeqCst);
-        self.fd.drain();
+    /// Writes what the socket takes; true once everything is written.
+    fn send<S: Write>(&mut self, s: &mut S) -> io::Result<bool> {
+        while !self.segs.is_empty() {
+            let n = {
+                let mut v: Vec<io::IoSlice<'_>> = Vec::with_capacity(16);
+                for (i, seg) in self.segs.iter().take(16).enumerate() {
+                    let b = seg.as_slice();
+                    v.push(io::IoSlice::new(if i == 0 {
+                        &b[self.front_off..]
+                    } else {
+                        b
+                    }));
+                }
+                match s.write_vectored(&v) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            self.advance(n);
+        }
+        Ok(true)
     }
+
+    fn advance(&mut self, mut n: usize) {
+        self.bytes = self.bytes.saturating_sub(n);
+        while n > 0 {
+            let Some(front) = self.segs.front() else {
+                return;
+            };
+            let left = front.as_slice().len() - self.front_off;
+            if n < left {
+                self.front_off += n;
+                return;
+            }
+            n -= left;
+            self.front_off = 0;
+            if let Some(Seg::Buf(b)) = self.segs.pop_front() {
+                self.pool.put(b);
+            }
+        }
+    }
+}
+
+/// Requests read from the socket and not yet started: a buffer of bytes, a write whose
+/// payload is still coming, payload bytes of a refused write still to skip.
+struct Input {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    partial: Option<(RequestHeader, Command, AlignedBuf, usize)>,
+    skip: u64,
+    eof: bool,
+    /// The next request waits for budget.
+    blocked: bool,
 }
 
 /// What a request counts against the budget: its payload (either way) and [`REQUEST_COST`].
@@ -576,7 +599,7 @@ fn transmission(o: Outcome) -> Option<Start> {
 /// The transmission phase on `stream` (a client's socket, or the plain end of its TLS
 /// pump).
 fn transmit<S: Stream>(
-    stream: S,
+    mut stream: S,
     cfg: &ServerConfig,
     info: ExportInfo,
     n: Negotiated,
@@ -586,37 +609,20 @@ fn transmit<S: Stream>(
         .find(&info.name)
         .ok_or_else(|| Error::Protocol("export vanished".into()))?
         .clone();
-    let reader_stream = stream.try_clone_stream()?;
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let wake = Arc::new(Doorbell {
-        fd: EventFd::new()?,
-        posted: AtomicU64::new(0),
-        sleeping: AtomicBool::new(false),
-    });
-    let budget = Arc::new(Budget::new(
-        cfg.max_buffered.max(u64::from(MAX_PAYLOAD) + REQUEST_COST),
-    ));
     let pool = Arc::new(BufPool {
         bufs: Mutex::new(Vec::new()),
         align: export.image.storage().alignment().buffer_align(),
     });
-    let reader = {
-        let wake = wake.clone();
-        let budget = budget.clone();
-        let pool = pool.clone();
-        std::thread::Builder::new()
-            .name("xdisk-nbd-read".into())
-            .spawn(move || {
-                // Headers are small: one read(2) per many of them.
-                let r = io::BufReader::with_capacity(256 << 10, reader_stream);
-                read_requests(r, n, tx, &wake, &budget, &pool)
-            })?
-    };
-    // Replies are gathered and sent once per loop (flushed before the loop sleeps).
-    let mut writer = io::BufWriter::with_capacity(256 << 10, stream.try_clone_stream()?);
     let context = |name: &str| contexts.iter().find(|(_, n)| n == name).map(|(id, _)| *id);
-    let queue = ImageQueue::new(export.image.clone(), &cfg.queue);
-    let r = match queue {
+    let max = cfg.max_buffered.max(u64::from(MAX_PAYLOAD) + REQUEST_COST);
+    stream.set_nonblocking_stream(true)?;
+    let mut out = Out {
+        segs: VecDeque::new(),
+        front_off: 0,
+        bytes: 0,
+        pool: pool.clone(),
+    };
+    let r = match ImageQueue::new(export.image.clone(), &cfg.queue) {
         Ok(queue) => Connection {
             image: export.image.clone(),
             queue,
@@ -627,104 +633,18 @@ fn transmit<S: Stream>(
             detect_zeroes: cfg.detect_zeroes,
             pending: HashMap::new(),
             next: 0,
-            budget: budget.clone(),
+            budget: Budget {
+                used: Cell::new(0),
+                max,
+            },
+            out_max: max as usize,
             pool,
         }
-        .run(&mut writer, &rx, &wake),
+        .run(&mut stream, &mut out),
         Err(e) => Err(e.into()),
     };
-    let _ = writer.flush();
-    budget.close();
     stream.shutdown_both();
-    let _ = reader.join();
     r
-}
-
-/// Reads requests until the client disconnects or breaks the protocol.
-fn read_requests<S: Read>(
-    mut s: S,
-    n: Negotiated,
-    tx: mpsc::Sender<Msg>,
-    wake: &Doorbell,
-    budget: &Budget,
-    pool: &BufPool,
-) {
-    let send = |m: Msg| {
-        let ok = tx.send(m).is_ok();
-        wake.ring();
-        ok
-    };
-    loop {
-        let h = if n.extended {
-            let mut b = [0u8; EXTENDED_REQUEST_LEN];
-            if s.read_exact(&mut b).is_err() {
-                send(Msg::End(None));
-                return;
-            }
-            RequestHeader::parse_extended(&b)
-        } else {
-            let mut b = [0u8; REQUEST_LEN];
-            if s.read_exact(&mut b).is_err() {
-                send(Msg::End(None));
-                return;
-            }
-            RequestHeader::parse_compact(&b)
-        };
-        let h = match h {
-            Ok(h) => h,
-            Err(e) => {
-                send(Msg::End(Some(e.to_string())));
-                return;
-            }
-        };
-        let payload = h.payload_len();
-        let msg = match Command::from_header(&h, &n) {
-            Ok(Command::Disconnect) => {
-                send(Msg::End(None));
-                return;
-            }
-            Ok(c) => {
-                // Wait here (not reading the socket) while too much is unanswered.
-                if !budget.take(cost(&c)) {
-                    return;
-                }
-                let buf = match c {
-                    Command::Write { len, .. } => {
-                        let mut buf = pool.get(len as usize);
-                        if s.read_exact(&mut buf).is_err() {
-                            send(Msg::End(Some(
-                                "connection closed in a write payload".into(),
-                            )));
-                            return;
-                        }
-                        Some(buf)
-                    }
-                    _ => None,
-                };
-                Msg::Cmd(h, c, buf)
-            }
-            Err(RequestError::Reply { errno, message }) => {
-                // Skip the payload (bounded by from_header: at most the maximum).
-                if payload > 0
-                    && io::copy(&mut (&mut s).take(payload), &mut io::sink()).ok() != Some(payload)
-                {
-                    send(Msg::End(None));
-                    return;
-                }
-                if !budget.take(REQUEST_COST) {
-                    return;
-                }
-                Msg::Refused(h, errno, message)
-            }
-            Err(RequestError::Fatal(m)) => {
-                send(Msg::End(Some(m)));
-                return;
-            }
-        };
-        if !send(msg) {
-            return;
-        }
-    }
 }
 
 /// A request submitted to the queue.
@@ -745,7 +665,9 @@ struct Connection {
     detect_zeroes: DetectZeroes,
     pending: HashMap<u64, Pending>,
     next: u64,
-    budget: Arc<Budget>,
+    budget: Budget,
+    /// Reply bytes waiting for the client beyond which no more requests are read.
+    out_max: usize,
     pool: Arc<BufPool>,
 }
 
@@ -754,64 +676,206 @@ struct Connection {
 /// lookup would cost more than the bytes it saves.
 const SPARSE_READ_MIN: u32 = 64 << 10;
 
+/// Bytes read from the socket at a time (many request headers per read).
+const INPUT_BUF: usize = 256 << 10;
+
 impl Connection {
-    fn run<W: Write>(
-        &mut self,
-        w: &mut W,
-        rx: &mpsc::Receiver<Msg>,
-        wake: &Doorbell,
-    ) -> Result<(), Error> {
+    /// Serves requests on `s` (non-blocking) until the client leaves: one thread reads
+    /// requests, submits them, reaps completions and writes replies, sleeping in poll(2) on
+    /// the socket and the queue's eventfds when there is nothing to do.
+    fn run<S: Stream>(&mut self, s: &mut S, out: &mut Out) -> Result<(), Error> {
+        let mut inp = Input {
+            buf: vec![0u8; INPUT_BUF],
+            start: 0,
+            end: 0,
+            partial: None,
+            skip: 0,
+            eof: false,
+            blocked: false,
+        };
         let mut done: Vec<IoDone<AlignedBuf>> = Vec::new();
         let mut ending: Option<Option<String>> = None;
-        let mut received = 0u64;
+        let fd = s.as_raw_fd();
         loop {
-            while ending.is_none() {
-                let m = rx.try_recv();
-                if m.is_ok() {
-                    received += 1;
-                }
-                match m {
-                    Ok(Msg::Cmd(h, c, buf)) => self.start(w, h, c, buf)?,
-                    Ok(Msg::Refused(h, errno, msg)) => {
-                        self.error_reply(w, &h, errno, &msg)?;
-                        self.budget.give(REQUEST_COST);
-                    }
-                    Ok(Msg::End(why)) => ending = Some(why),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => ending = Some(None),
-                }
+            let mut progress = false;
+            if ending.is_none() && out.bytes < self.out_max {
+                progress |= self.take_input(s, &mut inp, out, &mut ending)?;
             }
             self.queue.commit()?;
             done.clear();
             self.queue.reap(&mut done, 0, Some(Duration::ZERO))?;
+            progress |= !done.is_empty();
             for d in done.drain(..) {
-                self.completed(w, d)?;
+                self.completed(out, d)?;
             }
-            w.flush()?;
+            let sent = out.send(s)?;
             if let Some(why) = &ending {
-                if self.pending.is_empty() {
+                if self.pending.is_empty() && sent {
                     return match why {
                         None => Ok(()),
                         Some(m) => Err(Error::Protocol(m.clone())),
                     };
                 }
             }
-            if !wake.may_sleep(received) {
+            if progress {
                 continue;
             }
+            let want_read =
+                ending.is_none() && !inp.blocked && !inp.eof && out.bytes < self.out_max;
             let [a, b] = self.queue.event_fds();
             // The queue's fds wake us for its completions; the timeout only bounds a missed
             // wake-up while requests are in flight.
             let timeout_ms = if self.pending.is_empty() { -1 } else { 100 };
-            let ready = poll_readable(&[wake.fd.fd(), a, b], timeout_ms);
-            wake.woke();
+            let ready = poll_rw(
+                &[(fd, want_read, !sent), (a, true, false), (b, true, false)],
+                timeout_ms,
+            )?;
             // The queue's eventfds are cleared before the next reap (a completion arriving
             // meanwhile wakes the next poll); left readable they would make every poll
             // return at once and the thread spin.
-            for (fd, r) in [a, b].into_iter().zip(ready?.into_iter().skip(1)) {
-                if r {
+            for (fd, r) in [a, b].into_iter().zip(ready.into_iter().skip(1)) {
+                if r.0 {
                     drain_eventfd(fd);
                 }
+            }
+        }
+    }
+
+    /// Reads what the socket has and starts the requests in it, as far as the budget
+    /// allows; sets `ending` when the client leaves or breaks the protocol. True if
+    /// anything was read or started.
+    fn take_input<S: Stream>(
+        &mut self,
+        s: &mut S,
+        inp: &mut Input,
+        out: &mut Out,
+        ending: &mut Option<Option<String>>,
+    ) -> Result<bool, Error> {
+        let mut progress = false;
+        inp.blocked = false;
+        let hlen = if self.n.extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        };
+        loop {
+            // A write's payload: from the buffer, then straight from the socket.
+            if let Some((_, _, buf, filled)) = &mut inp.partial {
+                let n = (inp.end - inp.start).min(buf.len() - *filled);
+                buf[*filled..*filled + n].copy_from_slice(&inp.buf[inp.start..inp.start + n]);
+                inp.start += n;
+                *filled += n;
+                if *filled < buf.len() {
+                    match s.read(&mut buf[*filled..]) {
+                        Ok(0) => {
+                            *ending = Some(Some("connection closed in a write payload".into()));
+                            inp.eof = true;
+                            return Ok(true);
+                        }
+                        Ok(n) => {
+                            *filled += n;
+                            progress = true;
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => {
+                            *ending = Some(Some("connection failed in a write payload".into()));
+                            inp.eof = true;
+                            return Ok(true);
+                        }
+                    }
+                }
+                if let Some((h, c, buf, _)) = inp.partial.take() {
+                    self.start(out, h, c, Some(buf))?;
+                }
+                progress = true;
+                continue;
+            }
+            // The payload of a refused write (bounded by the maximum payload).
+            if inp.skip > 0 {
+                let n = ((inp.end - inp.start) as u64).min(inp.skip);
+                inp.start += n as usize;
+                inp.skip -= n;
+            }
+            if inp.skip == 0 && inp.end - inp.start >= hlen {
+                let raw = &inp.buf[inp.start..inp.start + hlen];
+                let h = if self.n.extended {
+                    let mut b = [0u8; EXTENDED_REQUEST_LEN];
+                    b.copy_from_slice(raw);
+                    RequestHeader::parse_extended(&b)
+                } else {
+                    let mut b = [0u8; REQUEST_LEN];
+                    b.copy_from_slice(raw);
+                    RequestHeader::parse_compact(&b)
+                };
+                let h = match h {
+                    Ok(h) => h,
+                    Err(e) => {
+                        *ending = Some(Some(e.to_string()));
+                        return Ok(true);
+                    }
+                };
+                match Command::from_header(&h, &self.n) {
+                    Ok(Command::Disconnect) => {
+                        inp.start += hlen;
+                        *ending = Some(None);
+                        return Ok(true);
+                    }
+                    Ok(c) => {
+                        // Wait here (not reading the socket) while too much is unanswered.
+                        if !self.budget.fits(cost(&c)) {
+                            inp.blocked = true;
+                            return Ok(progress);
+                        }
+                        inp.start += hlen;
+                        self.budget.take(cost(&c));
+                        if let Command::Write { len, .. } = c {
+                            inp.partial = Some((h, c, self.pool.get(len as usize), 0));
+                        } else {
+                            self.start(out, h, c, None)?;
+                        }
+                    }
+                    Err(RequestError::Reply { errno, message }) => {
+                        inp.start += hlen;
+                        inp.skip = h.payload_len();
+                        self.error_reply(out, &h, errno, &message)?;
+                    }
+                    Err(RequestError::Fatal(m)) => {
+                        *ending = Some(Some(m));
+                        return Ok(true);
+                    }
+                }
+                progress = true;
+                continue;
+            }
+            // More bytes needed.
+            if inp.eof {
+                *ending = Some(if inp.start == inp.end && inp.skip == 0 {
+                    None
+                } else {
+                    Some("connection closed in a request".into())
+                });
+                return Ok(true);
+            }
+            if out.bytes >= self.out_max {
+                return Ok(progress);
+            }
+            if inp.start > 0 {
+                inp.buf.copy_within(inp.start..inp.end, 0);
+                inp.end -= inp.start;
+                inp.start = 0;
+            }
+            match s.read(&mut inp.buf[inp.end..]) {
+                Ok(0) => inp.eof = true,
+                Ok(n) => {
+                    inp.end += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Reset by the peer: as if it had left.
+                Err(_) => inp.eof = true,
             }
         }
     }
@@ -844,9 +908,9 @@ impl Connection {
         r
     }
 
-    fn start<W: Write>(
+    fn start(
         &mut self,
-        w: &mut W,
+        w: &mut Out,
         h: RequestHeader,
         cmd: Command,
         buf: Option<AlignedBuf>,
@@ -963,7 +1027,7 @@ impl Connection {
             Ok(st) if st.zero && st.len >= u64::from(len))
     }
 
-    fn completed<W: Write>(&mut self, w: &mut W, d: IoDone<AlignedBuf>) -> Result<(), Error> {
+    fn completed(&mut self, w: &mut Out, d: IoDone<AlignedBuf>) -> Result<(), Error> {
         let Some(mut p) = self.pending.remove(&d.user_data) else {
             return Ok(());
         };
@@ -1004,23 +1068,25 @@ impl Connection {
             self.submit(IoKind::Flush, 0, None, p);
             return Ok(());
         }
-        let r = match (p.cmd, &buf) {
+        let r = match (p.cmd, buf) {
             (Command::Read { offset, .. }, Some(b)) => self.read_reply(w, &p.h, offset, b),
-            _ => self.ok_reply(w, &p.h),
+            (_, b) => {
+                if let Some(b) = b {
+                    self.pool.put(b);
+                }
+                self.ok_reply(w, &p.h)
+            }
         };
-        if let Some(b) = buf {
-            self.pool.put(b);
-        }
         self.budget.give(cost(&p.cmd));
         r
     }
 
-    fn read_reply<W: Write>(
+    fn read_reply(
         &self,
-        w: &mut W,
+        w: &mut Out,
         h: &RequestHeader,
         offset: u64,
-        data: &[u8],
+        data: AlignedBuf,
     ) -> Result<(), Error> {
         if self.n.structured {
             let hdr = chunk_header(
@@ -1036,7 +1102,8 @@ impl Connection {
         } else {
             w.write_all(&simple_reply(h.cookie, 0))?;
         }
-        w.write_all(data)?;
+        // Sent from the read's own buffer (back to the pool once written).
+        w.push_buf(data);
         Ok(())
     }
 
