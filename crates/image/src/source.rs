@@ -168,11 +168,12 @@ mod tests {
             "nbd://host/export",
             "nbd:host:10809:exportname=e",
             "nbd:unix:/s",
+            "nbds://host/e",
         ] {
             let s = DiskSource::parse(uri, None).unwrap();
             assert!(matches!(s.location, Location::Nbd(_)), "{uri}");
         }
-        for uri in ["rbd:pool/img", "nbds://host/e"] {
+        for uri in ["rbd:pool/img"] {
             let e = DiskSource::parse(uri, None).unwrap_err();
             assert!(matches!(e, Error::Unsupported(_)), "{uri}: {e}");
         }
