@@ -80,8 +80,9 @@ pub struct NbdArgs {
     /// Refuse backing files outside these directories (comma separated).
     #[arg(long = "backing-dirs", value_delimiter = ',')]
     backing_dirs: Vec<PathBuf>,
-    /// Bytes of requests a client may have unanswered (payloads and 1 KiB per request);
-    /// the server stops reading its socket beyond. At least 33 MiB.
+    /// Bytes of requests a client may have unanswered (payloads and 1 KiB per request), and
+    /// of replies it has not taken; the server stops reading its socket beyond. At least
+    /// 33 MiB.
     #[arg(long = "max-buffered", default_value_t = 64 << 20)]
     max_buffered: u64,
     /// Serve TLS only, with the x509 credentials in this directory (as qemu-nbd's
