@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use xdisk_io::is_zero;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -665,14 +667,6 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
         eprintln!();
     }
     Ok(0)
-}
-
-/// Whether `b` holds only zeroes (16 bytes at a time: the compiler vectorises this, unlike a
-/// byte loop with an early exit).
-fn is_zero(b: &[u8]) -> bool {
-    let mut words = b.chunks_exact(16);
-    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
-        && words.remainder().iter().all(|&x| x == 0)
 }
 
 /// Chunks that the convert threads take in turn (a multiple of every qcow2 cluster size).

@@ -33,7 +33,7 @@ pub mod sys;
 #[cfg(feature = "fault-injection")]
 pub use engine::fault;
 
-pub use buf::{AlignedBuf, IoBuf, IoSlice};
+pub use buf::{is_zero, AlignedBuf, IoBuf, IoSlice};
 pub use cache::{AioKind, CacheMode};
 pub use engine::{open_engine, Completion, Engine, EngineConfig, Op, OpKind};
 pub use file::{Alignment, ImageFile};

@@ -931,8 +931,8 @@ impl Connection {
                 self.submit(IoKind::Read, offset, Some(b), p);
             }
             Command::Write { offset, len, .. } => {
-                let zero =
-                    self.detect_zeroes != DetectZeroes::Off && buf.as_deref().is_some_and(is_zero);
+                let zero = self.detect_zeroes != DetectZeroes::Off
+                    && buf.as_deref().is_some_and(xdisk_io::is_zero);
                 if zero {
                     if let Some(b) = buf {
                         self.pool.put(b);
@@ -1268,11 +1268,4 @@ impl Connection {
         }
         Ok(())
     }
-}
-
-/// Whether a buffer holds only zeroes.
-fn is_zero(b: &[u8]) -> bool {
-    // Eight bytes at a time, then the tail.
-    let mut words = b.chunks_exact(8);
-    words.all(|c| c == [0u8; 8]) && words.remainder().iter().all(|&x| x == 0)
 }

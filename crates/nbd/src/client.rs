@@ -11,8 +11,9 @@
 use std::collections::BTreeMap;
 
 use crate::wire::{
-    cmd_flags, info, reply, BlockSize, Extent, OptionHeader, WireError, EXTENDED_REPLY_MAGIC,
-    IHAVEOPT, MAX_STRING, NBD_MAGIC, OPT_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    cmd_flags, info, reply, BlockSize, Cursor, Extent, OptionHeader, WireError,
+    EXTENDED_REPLY_MAGIC, IHAVEOPT, MAX_STRING, NBD_MAGIC, OPT_REPLY_MAGIC, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
 };
 
 /// Length of the server's greeting (NBDMAGIC, IHAVEOPT, handshake flags).
@@ -35,50 +36,6 @@ pub const MAX_METADATA_CHUNK: u64 = 8 + 16 * (1 << 20);
 pub const MAX_EXTENTS: usize = 1 << 20;
 /// The most disjoint pieces a read reply may arrive in before the client gives up on it.
 pub const MAX_READ_PIECES: usize = 1 << 16;
-
-struct Cursor<'a> {
-    buf: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.buf.len() < n {
-            return Err(WireError::Truncated {
-                what: self.what,
-                need: n,
-                got: self.buf.len(),
-            });
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_be_bytes(a))
-    }
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.buf)
-    }
-    fn end(&self) -> Result<(), WireError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::Trailing(self.what))
-        }
-    }
-}
 
 /// Text a server sent for humans: lossy UTF-8, cut to [`MAX_STRING`] bytes.
 pub fn message_text(b: &[u8]) -> String {

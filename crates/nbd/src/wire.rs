@@ -284,14 +284,14 @@ pub enum WireError {
     Duplicate(u16),
 }
 
-/// A reader over a peer's bytes that checks every length.
-struct Cursor<'a> {
-    buf: &'a [u8],
-    what: &'static str,
+/// A reader over a peer's bytes that checks every length (server and client side).
+pub(crate) struct Cursor<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) what: &'static str,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.buf.len() < n {
             return Err(WireError::Truncated {
                 what: self.what,
@@ -303,15 +303,15 @@ impl<'a> Cursor<'a> {
         self.buf = b;
         Ok(a)
     }
-    fn u16(&mut self) -> Result<u16, WireError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, WireError> {
         let b = self.take(2)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self) -> Result<u32, WireError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, WireError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64, WireError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, WireError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
@@ -330,12 +330,16 @@ impl<'a> Cursor<'a> {
         let b = self.take(len as usize)?;
         string(b, what)
     }
-    fn end(&self) -> Result<(), WireError> {
+    pub(crate) fn end(&self) -> Result<(), WireError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
             Err(WireError::Trailing(self.what))
         }
+    }
+    /// Everything left.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
     }
 }
 
