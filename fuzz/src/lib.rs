@@ -131,7 +131,7 @@ impl Pages {
             let (page, in_page) = (a / PAGE, (a % PAGE) as usize);
             let n = (PAGE as usize - in_page).min(bytes.len() - pos);
             if !self.pages.contains_key(&page) {
-                if bytes[pos..pos + n].iter().all(|&b| b == 0) {
+                if xdisk_io::is_zero(&bytes[pos..pos + n]) {
                     pos += n;
                     continue;
                 }
