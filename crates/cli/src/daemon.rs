@@ -418,7 +418,10 @@ pub fn detach(a: DetachArgs) -> Result<i32> {
     let status = match daemon_status(&a.control) {
         Ok(s) => s,
         Err(e) if a.force => {
-            eprintln!("xdisk detach: {e:#}; removing the nodes anyway (--force)");
+            eprintln!(
+                "xdisk detach: {}; removing the nodes anyway (--force)",
+                crate::error_text(&e)
+            );
             DaemonStatus {
                 pid: 0,
                 version: String::new(),

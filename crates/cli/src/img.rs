@@ -401,8 +401,16 @@ fn info_json(path: &Path, img: &Image) -> Result<Value> {
     }
     if let Some(b) = &info.backing_file {
         v["backing-filename"] = json!(b);
-        v["full-backing-filename"] =
-            json!(xdisk_image::resolve_backing(path, b).display().to_string());
+        // As qemu-img: no full name when a relative name cannot be resolved (the image is
+        // not a host file); a URI is its own full name.
+        let here = img.storage().local_path().map(|_| path);
+        match xdisk_image::backing_target(here, b) {
+            Ok(xdisk_image::BackingTarget::File(p)) => {
+                v["full-backing-filename"] = json!(p.display().to_string())
+            }
+            Ok(xdisk_image::BackingTarget::Uri(_)) => v["full-backing-filename"] = json!(b),
+            Ok(xdisk_image::BackingTarget::Unresolvable) | Err(_) => {}
+        }
     }
     if let Some(f) = &info.backing_format {
         v["backing-filename-format"] = json!(f);
@@ -445,7 +453,8 @@ fn info_human(v: &Value) -> String {
     if let Some(b) = g("backing-filename").as_str() {
         match g("full-backing-filename").as_str() {
             Some(full) if full != b => s += &format!("backing file: {b} (actual path: {full})\n"),
-            _ => s += &format!("backing file: {b}\n"),
+            Some(_) => s += &format!("backing file: {b}\n"),
+            None => s += &format!("backing file: {b} (cannot determine actual path)\n"),
         }
     }
     if let Some(b) = g("backing-filename-format").as_str() {
@@ -980,7 +989,7 @@ fn cmd_compare(a: CompareArgs) -> Result<i32> {
     match r {
         Ok(c) => Ok(c),
         Err(e) => {
-            eprintln!("xdisk: {e:#}");
+            eprintln!("xdisk: {}", crate::error_text(&e));
             Ok(2)
         }
     }

@@ -126,7 +126,7 @@ fn main() {
             Ok(cli) => match boot::run(cli.args) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("pygrub: {e:#}");
+                    eprintln!("pygrub: {}", error_text(&e));
                     1
                 }
             },
@@ -149,7 +149,7 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("xdisk: {e:#}");
+            eprintln!("xdisk: {}", error_text(&e));
             1
         }
     };
@@ -169,5 +169,50 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Detach(a) => daemon::detach(a),
         Command::Stat(a) => daemon::stat(a),
         Command::QemuShim(a) => daemon::qemu_shim(a),
+    }
+}
+
+/// An error and its causes on one line, as `{:#}` prints them, without repeating a cause
+/// that an outer error's message already ends with (many error types print their source
+/// in their own message and also return it as `source()`: "No such file or directory (os
+/// error 2): No such file or directory (os error 2)").
+pub(crate) fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.ends_with(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open x: {source}")]
+    struct Outer {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_text_does_not_repeat_a_cause_already_in_the_message() {
+        let e = anyhow::Error::new(Outer {
+            source: std::io::Error::from_raw_os_error(2),
+        })
+        .context("could not open 'x'");
+        assert_eq!(
+            error_text(&e),
+            "could not open 'x': cannot open x: No such file or directory (os error 2)"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_text(&e), "outer: inner");
     }
 }

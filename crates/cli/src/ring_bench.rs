@@ -86,7 +86,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
             let pass = match r {
                 Ok(_) if bench.failure.is_none() => bench.verify_pass(),
                 Ok(_) => Ok(0),
-                Err(ref e) => Err(anyhow!("{e:#}")),
+                Err(ref e) => Err(anyhow!("{}", crate::error_text(e))),
             };
             drop(stop_tx);
             let mut samples = sampler.join().unwrap_or_default();

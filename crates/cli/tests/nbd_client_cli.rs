@@ -385,3 +385,110 @@ fn convert_into_an_existing_nbd_export_with_n() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("smaller"));
 }
+
+/// Backing files of images that live behind NBD, resolved as QEMU does: an absolute host
+/// path is opened, a relative name cannot be resolved (no directory: "cannot determine
+/// actual path") and is refused with the reason; and a backing file that is itself an NBD
+/// URI is opened read-only. Checked against qemu-img's view of the same chains.
+#[test]
+fn backing_files_of_images_behind_nbd_resolve_as_qemu_does() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let dir = tmp();
+    let base = dir.path().join("base.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M"));
+    ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x33 0 1M"])
+        .arg(&base));
+    let abs = dir.path().join("abs.qcow2");
+    let rel = dir.path().join("rel.qcow2");
+    for (img, name) in [(&abs, base.to_str().unwrap()), (&rel, "base.qcow2")] {
+        ok(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", name])
+            .arg(img));
+        ok(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x44 512k 64k"])
+            .arg(img));
+    }
+    // Absolute: the whole chain, and the data qemu-img reads from the same export.
+    let sock = dir.path().join("a.sock");
+    let srv = qemu_nbd(&sock, "raw", &abs);
+    let u = uri(&sock);
+    let info = ok(xdisk()
+        .args(["img", "info", "--backing-chain", "-f", "qcow2"])
+        .arg(&u));
+    assert!(
+        info.contains(&format!("image: {}", base.display())),
+        "{info}"
+    );
+    let (ours, theirs) = (dir.path().join("ours.raw"), dir.path().join("theirs.raw"));
+    ok(xdisk()
+        .args(["img", "convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&u)
+        .arg(&ours));
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&u)
+        .arg(&theirs));
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap()
+    );
+    drop(srv);
+    // Relative: shown as unresolvable, the open refused with the reason.
+    let sock = dir.path().join("r.sock");
+    let _srv = qemu_nbd(&sock, "raw", &rel);
+    let u = uri(&sock);
+    let info = ok(xdisk()
+        .args(["img", "info", "--backing-chain", "-f", "qcow2"])
+        .arg(&u));
+    assert!(
+        info.contains("backing file: base.qcow2 (cannot determine actual path)")
+            && info.contains("a relative name, but the image is not a host file"),
+        "{info}"
+    );
+    let o = xdisk()
+        .args(["img", "convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&u)
+        .arg(dir.path().join("never.raw"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot determine the backing file"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A backing file that is an NBD export: opened read-only through the client.
+    let bsock = dir.path().join("b.sock");
+    let _bsrv = qemu_nbd(&bsock, "qcow2", &base);
+    let top = dir.path().join("top.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+        .arg(uri(&bsock))
+        .arg(&top)
+        .arg("16M"));
+    ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x55 2M 64k"])
+        .arg(&top));
+    let info = ok(xdisk()
+        .args(["img", "info", "--backing-chain", "-f", "qcow2"])
+        .arg(&top));
+    assert!(info.contains(&format!("image: {}", uri(&bsock))), "{info}");
+    ok(xdisk()
+        .args(["img", "convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&top)
+        .arg(&ours));
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&top)
+        .arg(&theirs));
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap()
+    );
+}

@@ -455,6 +455,72 @@ impl Image {
         )
     }
 
+    /// Opens a backing file that lives on another storage (an `nbd://` URI written in the
+    /// image, as QEMU allows): read-only, counted in the chain's depth, never when backing
+    /// files are limited to host directories (`backing_dirs`).
+    fn open_uri_backing(
+        src: &DiskSource,
+        name: &str,
+        opts: &OpenOptions,
+        format: Option<Format>,
+        chain: &mut Vec<PathBuf>,
+        lenient: Option<&mut Option<BackingRefusal>>,
+    ) -> Result<Arc<Image>> {
+        if !opts.backing_dirs.is_empty() {
+            return Err(Error::Backing(format!(
+                "backing file '{name}' is not a host file, and backing files are limited to \
+                 the directories {}",
+                opts.backing_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let key = PathBuf::from(name);
+        if chain.contains(&key) {
+            return Err(Error::Backing(format!(
+                "backing chain loops: {name} appears twice"
+            )));
+        }
+        if chain.len() > opts.max_backing_depth {
+            return Err(Error::Backing(format!(
+                "backing chain deeper than {} images",
+                opts.max_backing_depth
+            )));
+        }
+        chain.push(key);
+        let storage = src.open_storage(true, opts.cache)?;
+        let opts = OpenOptions {
+            read_only: true,
+            ..opts.clone()
+        };
+        Self::open_layer(storage, None, &opts, format, chain, lenient)
+    }
+
+    /// [`Image::open_on`], opening as much of the backing chain as can be (see
+    /// [`Image::open_for_inspection`]).
+    pub fn open_on_for_inspection(
+        storage: StorageRef,
+        opts: &OpenOptions,
+    ) -> Result<(Arc<Image>, Option<BackingRefusal>)> {
+        let mut chain = Vec::new();
+        if let Some(p) = storage.local_path() {
+            chain.push(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+        }
+        let base = storage.local_path().map(Path::to_path_buf);
+        let mut refusal = None;
+        let img = Self::open_layer(
+            storage,
+            base.as_deref(),
+            opts,
+            opts.format,
+            &mut chain,
+            Some(&mut refusal),
+        )?;
+        Ok((img, refusal))
+    }
+
     /// Opens the format layer over an opened storage, then (for formats with one) its
     /// backing chain. `path` is where the storage was found (for relative backing names).
     fn open_layer(
@@ -477,53 +543,55 @@ impl Image {
                 let mut open_backing = |name: &str,
                                         fmt: Option<&str>|
                  -> Result<Option<Arc<Image>>> {
-                    let Some(path) = path else {
-                        return Err(Error::Backing(format!(
-                            "{} names the backing file '{name}', which cannot be found: \
-                                 the image is not a host file",
-                            file.name()
-                        )));
-                    };
-                    let bpath = resolve_backing(path, name);
+                    // The image that names it, for messages.
+                    let here =
+                        path.map_or_else(|| file.name().into_owned(), |p| p.display().to_string());
+                    let target = backing_target(path, name);
                     let r = if probed {
                         Err(Error::Backing(format!(
-                            "{} names the backing file '{name}', but its format was probed \
+                            "{here} names the backing file '{name}', but its format was probed \
                                  (not given): an image whose format is probed never opens its \
                                  backing file; give the format to open the chain (-f qcow2, \
-                                 params=qcow2:{}, OpenOptions.format, or a backing format in \
-                                 the image that names it)",
-                            path.display(),
-                            path.display()
-                        )))
-                    } else if let Err(e) = DiskSource::parse(name, None) {
-                        // A backing file on another storage (a URI) goes through the one
-                        // place that knows storages; those not served yet say so here.
-                        Err(Error::Backing(format!(
-                            "backing file '{name}' of {}: {e}",
-                            path.display()
-                        )))
-                    } else if DiskSource::parse(name, None).is_ok_and(|s| s.local_path().is_none())
-                    {
-                        // An NBD URI: never taken for a relative file name; opening a
-                        // backing file over the network is not done (yet).
-                        Err(Error::Backing(format!(
-                            "backing file '{name}' of {}: backing files on NBD servers \
-                                 are not supported yet",
-                            path.display()
+                                 params=qcow2:{here}, OpenOptions.format, or a backing format in \
+                                 the image that names it)"
                         )))
                     } else {
-                        fmt.map(str::parse::<Format>).transpose().and_then(|bfmt| {
-                            Self::open_chain(&bpath, opts, bfmt, chain, lenient.as_deref_mut())
-                        })
+                        let bfmt = fmt.map(str::parse::<Format>).transpose();
+                        match (&target, bfmt) {
+                            (_, Err(e)) => Err(e),
+                            (Err(e), _) => Err(Error::Backing(format!(
+                                "backing file '{name}' of {here}: {e}"
+                            ))),
+                            (Ok(BackingTarget::Unresolvable), _) => Err(Error::Backing(format!(
+                                "{here} names the backing file '{name}', a relative name, \
+                                     but the image is not a host file: cannot determine the \
+                                     backing file's absolute path (the image must name an \
+                                     absolute path or a URI)"
+                            ))),
+                            (Ok(BackingTarget::File(bpath)), Ok(bfmt)) => {
+                                Self::open_chain(bpath, opts, bfmt, chain, lenient.as_deref_mut())
+                            }
+                            (Ok(BackingTarget::Uri(src)), Ok(bfmt)) => Self::open_uri_backing(
+                                src,
+                                name,
+                                opts,
+                                bfmt,
+                                chain,
+                                lenient.as_deref_mut(),
+                            ),
+                        }
                     };
                     match (r, lenient.as_deref_mut()) {
                         (Ok(b), _) => Ok(Some(b)),
                         (Err(error), Some(slot)) => {
                             if slot.is_none() {
                                 *slot = Some(BackingRefusal {
-                                    image: path.to_path_buf(),
+                                    image: PathBuf::from(&here),
                                     name: name.to_owned(),
-                                    path: bpath,
+                                    path: match target {
+                                        Ok(BackingTarget::File(p)) => p,
+                                        _ => PathBuf::from(name),
+                                    },
                                     error,
                                 });
                             }
@@ -783,6 +851,33 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
         Some(dir) => dir.join(p),
         None => p.to_path_buf(),
     }
+}
+
+/// Where a backing file name written in an image leads.
+#[derive(Debug)]
+pub enum BackingTarget {
+    /// A host file: an absolute name, or a relative one resolved against the directory of
+    /// the image that names it.
+    File(PathBuf),
+    /// Another storage (an `nbd://` URI).
+    Uri(DiskSource),
+    /// A relative name in an image that is not a host file: no directory to resolve it
+    /// against (QEMU: "cannot determine actual path").
+    Unresolvable,
+}
+
+/// Where the backing file `name` of the image found at `image` (None: not a host file)
+/// leads; an error for a name naming a storage xdisk does not serve.
+pub fn backing_target(image: Option<&Path>, name: &str) -> Result<BackingTarget> {
+    let src = DiskSource::parse(name, None)?;
+    if src.local_path().is_none() {
+        return Ok(BackingTarget::Uri(src));
+    }
+    Ok(match image {
+        Some(image) => BackingTarget::File(resolve_backing(image, name)),
+        None if Path::new(name).is_absolute() => BackingTarget::File(PathBuf::from(name)),
+        None => BackingTarget::Unresolvable,
+    })
 }
 
 /// A backing file that [`Image::open_for_inspection`] did not open, and why.

@@ -105,8 +105,8 @@ impl DiskSource {
         let opts = self.options(opts);
         match &self.location {
             Location::Path(p) => Image::open(p, &opts),
-            // A storage without a host path: an image on it that names a backing file is
-            // refused (and a probed format never opens one, see Image::open).
+            // A storage without a host path: a backing file it names must be an absolute
+            // path or a URI (and a probed format never opens one, see Image::open).
             Location::Nbd(_) => {
                 Image::open_on(self.open_storage(opts.read_only, opts.cache)?, &opts)
             }
@@ -122,10 +122,9 @@ impl DiskSource {
         let opts = self.options(opts);
         match &self.location {
             Location::Path(p) => Image::open_for_inspection(p, &opts),
-            Location::Nbd(_) => Ok((
-                Image::open_on(self.open_storage(opts.read_only, opts.cache)?, &opts)?,
-                None,
-            )),
+            Location::Nbd(_) => {
+                Image::open_on_for_inspection(self.open_storage(opts.read_only, opts.cache)?, &opts)
+            }
         }
     }
 
