@@ -425,19 +425,7 @@ fn backing_files_of_images_behind_nbd_resolve_as_qemu_does() {
         info.contains(&format!("image: {}", base.display())),
         "{info}"
     );
-    let (ours, theirs) = (dir.path().join("ours.raw"), dir.path().join("theirs.raw"));
-    ok(xdisk()
-        .args(["img", "convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&u)
-        .arg(&ours));
-    ok(Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&u)
-        .arg(&theirs));
-    assert_eq!(
-        std::fs::read(&ours).unwrap(),
-        std::fs::read(&theirs).unwrap()
-    );
+    converts_as_qemu_img(&u, dir.path());
     drop(srv);
     // Relative: shown as unresolvable, the open refused with the reason.
     let sock = dir.path().join("r.sock");
@@ -479,13 +467,18 @@ fn backing_files_of_images_behind_nbd_resolve_as_qemu_does() {
         .args(["img", "info", "--backing-chain", "-f", "qcow2"])
         .arg(&top));
     assert!(info.contains(&format!("image: {}", uri(&bsock))), "{info}");
+    converts_as_qemu_img(top.to_str().unwrap(), dir.path());
+}
+
+/// `xdisk img convert` and `qemu-img convert` of the qcow2 image `src` (a path or URI, with
+/// its chain) to raw give the same bytes.
+fn converts_as_qemu_img(src: &str, dir: &Path) {
+    let (ours, theirs) = (dir.join("ours.raw"), dir.join("theirs.raw"));
     ok(xdisk()
-        .args(["img", "convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&top)
+        .args(["img", "convert", "-f", "qcow2", "-O", "raw", src])
         .arg(&ours));
     ok(Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&top)
+        .args(["convert", "-f", "qcow2", "-O", "raw", src])
         .arg(&theirs));
     assert_eq!(
         std::fs::read(&ours).unwrap(),

@@ -440,6 +440,16 @@ impl Image {
     /// files it names are host files, resolved against the directory of the storage's local
     /// path; an image on a storage without one cannot name a relative backing file.
     pub fn open_on(storage: StorageRef, opts: &OpenOptions) -> Result<Arc<Image>> {
+        Self::open_on_with(storage, opts, None)
+    }
+
+    /// [`Image::open_on`]; with `lenient`, a backing file that cannot be opened ends the
+    /// chain and is recorded there instead of failing the open.
+    fn open_on_with(
+        storage: StorageRef,
+        opts: &OpenOptions,
+        lenient: Option<&mut Option<BackingRefusal>>,
+    ) -> Result<Arc<Image>> {
         let mut chain = Vec::new();
         if let Some(p) = storage.local_path() {
             chain.push(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
@@ -451,7 +461,7 @@ impl Image {
             opts,
             opts.format,
             &mut chain,
-            None,
+            lenient,
         )
     }
 
@@ -504,20 +514,8 @@ impl Image {
         storage: StorageRef,
         opts: &OpenOptions,
     ) -> Result<(Arc<Image>, Option<BackingRefusal>)> {
-        let mut chain = Vec::new();
-        if let Some(p) = storage.local_path() {
-            chain.push(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
-        }
-        let base = storage.local_path().map(Path::to_path_buf);
         let mut refusal = None;
-        let img = Self::open_layer(
-            storage,
-            base.as_deref(),
-            opts,
-            opts.format,
-            &mut chain,
-            Some(&mut refusal),
-        )?;
+        let img = Self::open_on_with(storage, opts, Some(&mut refusal))?;
         Ok((img, refusal))
     }
 
