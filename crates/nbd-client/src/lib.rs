@@ -16,8 +16,9 @@
 //!   kills the connection and every request in flight fails with EIO.
 //! - When the server goes away, the next request reconnects, a bounded number of times
 //!   with backoff ([`ClientConfig`]); requests in flight then, and every request once the
-//!   attempts are used up, fail with EIO. A server that stops answering is given up after
-//!   [`ClientConfig::io_timeout`]: nothing waits forever.
+//!   attempts are used up, fail with EIO: on every connection of the storage (the engines'
+//!   own, with multi-conn, included), not only the one that tried. A server that stops
+//!   answering is given up after [`ClientConfig::io_timeout`]: nothing waits forever.
 //! - TLS (`nbds://`, `nbds+unix://`): `NBD_OPT_STARTTLS` first, the rest of the handshake
 //!   over TLS, then the reader thread and the writers on the plain end of a TLS pump thread
 //!   ([`xdisk_nbd_tls::pump`]). x509 only (no PSK).
@@ -147,6 +148,10 @@ pub struct NbdStorage {
     /// Serialises read-modify-write of writes not aligned to the minimum block size.
     rmw: Mutex<()>,
     broken: Arc<OnceLock<String>>,
+    /// Set when reconnection was given up on any connection (the storage's or an engine's
+    /// own): the server is gone for all of them, so every connection fails at once from then
+    /// on instead of each queue spending its own round of attempts.
+    gave_up: OnceLock<String>,
 }
 
 impl fmt::Debug for NbdStorage {
@@ -200,6 +205,7 @@ impl NbdStorage {
             tls,
             rmw: Mutex::new(()),
             broken: Arc::new(OnceLock::new()),
+            gave_up: OnceLock::new(),
         })
     }
 
@@ -244,7 +250,7 @@ impl NbdStorage {
                 return Ok(c.clone());
             }
         }
-        if slot.failed.is_some() {
+        if slot.failed.is_some() || self.gave_up.get().is_some() {
             return Err(eio());
         }
         slot.conn = None;
@@ -253,6 +259,11 @@ impl NbdStorage {
         for attempt in 1..=self.cfg.reconnect_attempts {
             std::thread::sleep(delay);
             delay = delay.saturating_mul(2);
+            if let Some(why) = self.gave_up.get() {
+                // Another connection of this storage gave up meanwhile.
+                last = why.clone();
+                break;
+            }
             match Conn::open(
                 &self.uri.transport,
                 &self.uri.export,
@@ -285,7 +296,10 @@ impl NbdStorage {
                 }
             }
         }
-        tracing::error!(server = %self.name, "giving up on the NBD server: {last}");
+        if self.gave_up.get().is_none() {
+            tracing::error!(server = %self.name, "giving up on the NBD server: {last}");
+        }
+        self.gave_up.get_or_init(|| last.clone());
         slot.failed = Some(last);
         Err(eio())
     }

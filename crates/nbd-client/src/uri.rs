@@ -273,7 +273,8 @@ impl fmt::Display for NbdUri {
             }
             Transport::Unix { path } => {
                 write!(f, "{s}+unix:///{export}")?;
-                query.push(format!("socket={}", path.display()));
+                // Escaped as the other values: a path with `&`, `%` or `#` must read back.
+                query.push(format!("socket={}", escape(&path.display().to_string())));
             }
         }
         if let Some(t) = &self.tls {
@@ -358,6 +359,20 @@ mod tests {
         assert_eq!(
             NbdUri::parse("nbd://h:5/a b").unwrap().to_string(),
             "nbd://h:5/a%20b"
+        );
+        // What Display writes parses back to the same URI (xdisk attach writes it into
+        // xenstore for the daemon), socket paths with URI syntax in them included.
+        for u in [
+            unix("/run/s.sock", "e"),
+            unix("/run/a&b c%d#e?f=g.sock", "x/y"),
+            unix("/run/nbd:raw+1.sock", ""),
+            tcp("::1", 99, "a b"),
+        ] {
+            assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u, "{u}");
+        }
+        assert_eq!(
+            unix("/run/s.sock", "e").to_string(),
+            "nbd+unix:///e?socket=/run/s.sock"
         );
         let tls = |u: NbdUri, t: UriTls| NbdUri { tls: Some(t), ..u };
         let certs = |d: &str| UriTls {

@@ -679,3 +679,87 @@ fn hostile_servers_get_clean_errors() {
         assert!(t.elapsed() < Duration::from_secs(3), "{what}");
     }
 }
+
+/// With multi-conn each engine (a Xen disk's queue) has a connection of its own. Once one of
+/// them gives up reconnecting to a server that is gone, the others fail at once too: a disk
+/// with N queues must not stall each queue through its own round of attempts.
+#[test]
+fn giving_up_on_one_connection_fails_every_connection_at_once() {
+    if !have("nbdkit") {
+        return;
+    }
+    let dir = tmp();
+    let mut srv = nbdkit(dir.path(), &["memory", "8M"]);
+    let cfg = ClientConfig {
+        reconnect_attempts: 3,
+        reconnect_delay: Duration::from_millis(500),
+        ..ClientConfig::default()
+    };
+    let s = Arc::new(NbdStorage::open_uri(&srv.uri(""), &cfg).unwrap());
+    assert!(s.negotiated().has(xdisk_nbd::wire::flags::CAN_MULTI_CONN));
+    let engine = || {
+        s.clone()
+            .open_engine(&EngineConfig::default(), Arc::new(EventFd::new().unwrap()))
+            .unwrap()
+            .unwrap()
+    };
+    let (mut e1, mut e2) = (engine(), engine());
+    let mut buf = AlignedBuf::new(4096, 4096);
+    // One read through an engine; its result and how long it took.
+    let mut read = |e: &mut Box<dyn xdisk_io::Engine<IoSlice>>| {
+        // SAFETY: the buffer outlives the operation (reaped before returning).
+        #[allow(unsafe_code)]
+        let slice = unsafe { IoSlice::new(&mut buf, 0, 4096) };
+        let op = Op {
+            kind: OpKind::Read,
+            fd: -1,
+            offset: 0,
+            buf: Some(slice),
+            user_data: 1,
+        };
+        let t0 = Instant::now();
+        assert!(e.submit(op).is_ok());
+        e.commit().unwrap();
+        let mut out = Vec::new();
+        e.reap(&mut out, 1, Some(Duration::from_secs(30))).unwrap();
+        assert_eq!(out.len(), 1, "no completion within 30 s");
+        let r = out.pop().map(|c| c.result.map(|_| ()));
+        (r.unwrap_or(Ok(())), t0.elapsed())
+    };
+    assert!(read(&mut e1).0.is_ok() && read(&mut e2).0.is_ok());
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    let _ = std::fs::remove_file(&srv.sock);
+    // The first engine to try reconnects (0.5 + 1 + 2 s), then gives up. (A request sent
+    // before its reader saw the connection die fails at once: then the next one tries.)
+    let mut tried = false;
+    for _ in 0..2 {
+        let (r, took) = read(&mut e1);
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+        if took >= Duration::from_millis(1500) {
+            tried = true;
+            break;
+        }
+    }
+    assert!(tried, "the first engine never tried to reconnect");
+    // The other engine's connection, and the storage's own, fail at once.
+    for _ in 0..2 {
+        let (r, took) = read(&mut e2);
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert!(
+            took < Duration::from_millis(400),
+            "the second queue retried: {took:?}"
+        );
+    }
+    let t0 = Instant::now();
+    let mut b = [0u8; 512];
+    assert_eq!(
+        s.read_at(&mut b, 0).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+}
