@@ -90,8 +90,10 @@ fn parse_metrics_addr(s: &str) -> std::result::Result<SocketAddr, String> {
 
 #[derive(Args)]
 pub struct AttachArgs {
-    /// The image (raw or qcow2).
-    image: PathBuf,
+    /// The image (raw or qcow2): a file or block device, or an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbd:unix:PATH), which the
+    /// daemon then connects to.
+    image: String,
     /// The image format (default: probed once, here, and written explicitly; a probed qcow2
     /// that names a backing file is refused: give --format qcow2).
     #[arg(long)]
@@ -377,7 +379,8 @@ pub fn attach(a: AttachArgs) -> Result<i32> {
         ),
     };
     let real = status.platform == "xen";
-    let mut opts = AttachOptions::new(&a.image, t);
+    let source = xdisk_image::DiskSource::parse(&a.image, None)?;
+    let mut opts = AttachOptions::of(source.location, t);
     opts.format = a.format;
     opts.read_only = a.read_only;
     opts.devid = devid;

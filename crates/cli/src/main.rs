@@ -65,7 +65,7 @@ enum Command {
     Serve(daemon::ServeArgs),
     /// Attaches an image to this domain (dom0) through the daemon; prints its /dev/xvdX.
     #[command(
-        after_long_help = "Examples:\n  xdisk attach /var/lib/images/tools.qcow2     # prints /dev/xvdX\n  xdisk attach --format raw --direct-io disk.raw"
+        after_long_help = "Examples:\n  xdisk attach /var/lib/images/tools.qcow2     # prints /dev/xvdX\n  xdisk attach --format raw --direct-io disk.raw\n  xdisk attach --format qcow2 'nbd+unix:///disk?socket=/run/disk.sock'   # an NBD export"
     )]
     Attach(daemon::AttachArgs),
     /// Detaches a disk attached with `xdisk attach`.

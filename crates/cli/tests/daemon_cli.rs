@@ -162,3 +162,135 @@ fn serve_speaks_sd_notify_for_the_systemd_unit() {
     let status = serve.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Kills a child process when dropped (a failed assertion must not leave servers behind).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_path(p: &Path, what: &str) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !p.exists() {
+        assert!(Instant::now() < until, "no {what} ({})", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `xdisk attach` of NBD exports served by `xdisk nbd`: the URI (any spelling, a relative
+/// socket made absolute) goes into params for the daemon, which serves the export to the
+/// simulation's guest through xdisk's NBD client; the format is probed over NBD or given
+/// (qcow2 over a raw export of a qcow2 file); an export nobody serves fails at once.
+#[test]
+fn attach_nbd_exports_on_the_simulation() {
+    let dir = tempfile::Builder::new()
+        .prefix("xdisk-cli-nbd-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let d = dir.path();
+    let raw = d.join("disk.raw");
+    std::fs::write(&raw, vec![0x5au8; 4 << 20]).unwrap();
+    let qcow = d.join("disk.qcow2");
+    let (ok, _, err) = run(&["img", "create", "-f", "qcow2", qcow.to_str().unwrap(), "8M"]);
+    assert!(ok, "{err}");
+    let nbd_sock = d.join("nbd.sock");
+    let _nbd = Reaped(
+        xdisk()
+            .current_dir(d)
+            .args(["nbd", "-t", "-e", "8", "-k", "nbd.sock"])
+            .args(["--export", "r=raw:disk.raw", "--export", "q=raw:disk.qcow2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&nbd_sock, "NBD socket");
+    let sock = d.join("control.sock");
+    let sock_s = sock.to_str().unwrap();
+    let serve = Reaped(
+        xdisk()
+            .args(["serve", "--platform=sim", "--control", sock_s])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&sock, "control socket");
+    let attach = |args: &[&str]| {
+        let out = xdisk()
+            .current_dir(d)
+            .arg("attach")
+            .args(args)
+            .args(["--control", sock_s, "--timeout", "20"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let stat = || {
+        let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+
+    let abs = nbd_sock.to_str().unwrap();
+    // The simulation's guest takes one disk at a time: attach, look, detach, in turn.
+    let cases: [(&[&str], &str, &str, u64); 2] = [
+        // A relative socket path, the format probed over NBD (raw).
+        (&["nbd+unix:///r?socket=nbd.sock"], "r", "raw", 4 << 20),
+        // QEMU's legacy spelling, the format given: qcow2 on a raw export of a qcow2 file.
+        (
+            &["--format", "qcow2", "nbd:unix:nbd.sock:exportname=q"],
+            "q",
+            "qcow2",
+            8 << 20,
+        ),
+    ];
+    for (args, export, format, size) in cases {
+        let (ok, out, err) = attach(args);
+        assert!(ok, "{args:?}: {err}");
+        assert!(out.contains("xvda") && out.contains("Connected"), "{out}");
+        let v = stat();
+        let a = &v[0];
+        assert_eq!(a["devid"], 51712, "{a}");
+        assert_eq!(
+            a["image"],
+            format!("nbd+unix:///{export}?socket={abs}"),
+            "{a}"
+        );
+        assert_eq!(a["format"], format, "{a}");
+        assert_eq!(a["size"], size, "{a}");
+        assert!(
+            a["counters"]["rd_req"].as_u64().unwrap() >= 1,
+            "the guest read through NBD: {a}"
+        );
+        let (ok, out, err) = run(&["detach", "xvda", "--control", sock_s]);
+        assert!(ok, "{err}");
+        assert!(out.contains("detached"), "{out}");
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, out, _) = run(&["stat", "--control", sock_s]);
+            if out.contains("0 device(s)") {
+                break;
+            }
+            assert!(Instant::now() < until, "devices left: {out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Nobody serves this socket: the probe fails at once and nothing is left.
+    let t0 = Instant::now();
+    let (ok, _, err) = attach(&["nbd+unix:///r?socket=none.sock"]);
+    assert!(!ok);
+    assert!(err.contains("none.sock"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let (_, out, _) = run(&["stat", "--control", sock_s]);
+    assert!(out.contains("0 device(s)"), "nothing was written: {out}");
+    drop(serve);
+}

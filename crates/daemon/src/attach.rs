@@ -5,7 +5,8 @@
 //! ```text
 //! B=/local/domain/0/backend/<type>/0/<devid>   F=/local/domain/0/device/vbd/<devid>
 //! B: frontend=F frontend-id=0 online=1 removable=0 bootable=1 state=1 dev=xvdX type=<type>
-//!    mode=w|r device-type=disk params=aio:/path|qcow2:/path discard-enable=1 [direct-io-safe=1]
+//!    mode=w|r device-type=disk params=aio:/path|qcow2:/path|aio:nbd+unix:///e?socket=/s|...
+//!    discard-enable=1 [direct-io-safe=1]
 //! F: backend=B backend-id=0 state=1 virtual-device=<devid> device-type=disk
 //! ```
 //!
@@ -24,7 +25,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use xdisk_blkif::XenbusState;
-use xdisk_image::Format;
+use xdisk_image::{DiskSource, Format, Location};
 use xdisk_xen::platform::DomId;
 use xdisk_xen::xenstore::{Access, Client, Errno, Perm, Transaction};
 
@@ -39,9 +40,11 @@ pub const MAX_AUTO_INDEX: u32 = 256;
 /// What to attach.
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
-    /// The image file; its canonical path goes into `params` after the format (`aio:` for
-    /// raw, `qcow2:`).
-    pub image: PathBuf,
+    /// The image: a host file or block device (its canonical path goes into `params` after
+    /// the format, `aio:` for raw, `qcow2:`), or an NBD export (its URI in the `nbd://` or
+    /// `nbd+unix:///EXPORT?socket=PATH` spelling, the socket's path made absolute, goes
+    /// there: `aio:nbd+unix:///...`).
+    pub image: Location,
     /// `None`: probed here, once, and written explicitly into `params`.
     pub format: Option<Format>,
     /// Serve it read-only: `mode` `r` (else `w`).
@@ -65,10 +68,16 @@ pub struct AttachOptions {
 }
 
 impl AttachOptions {
-    /// Defaults for dom0 attaching `image` to itself under `backend_type`.
+    /// Defaults for dom0 attaching the image file `image` to itself under `backend_type`.
     pub fn new(image: impl Into<PathBuf>, backend_type: impl Into<String>) -> AttachOptions {
+        AttachOptions::of(Location::Path(image.into()), backend_type)
+    }
+
+    /// Defaults for dom0 attaching `image` (a file or an NBD export, as
+    /// [`xdisk_image::DiskSource::parse`] names them) to itself under `backend_type`.
+    pub fn of(image: Location, backend_type: impl Into<String>) -> AttachOptions {
         AttachOptions {
-            image: image.into(),
+            image,
             format: None,
             read_only: false,
             devid: None,
@@ -151,46 +160,66 @@ pub(crate) fn rm_with_empty_parents(
 
 /// What the image's first bytes say (format, backing file named), read through the image
 /// engine's storage (a FIFO or socket put where the image should be is refused, not waited
-/// on).
-fn probe(path: &Path) -> Result<xdisk_image::Probed> {
-    let io = |e: xdisk_image::Error| Error::Invalid(format!("{}: {e}", path.display()));
-    let storage = xdisk_image::DiskSource::path(path, None)
+/// on; an NBD export is connected to, read, and let go).
+fn probe(source: &DiskSource) -> Result<xdisk_image::Probed> {
+    let io = |e: xdisk_image::Error| Error::Invalid(format!("{source}: {e}"));
+    let storage = source
         .open_storage(true, xdisk_image::CacheMode::WriteBack)
         .map_err(io)?;
     xdisk_image::probe(&*storage).map_err(io)
 }
 
+/// The image as `params` names it after the format, and the source to probe: a file's
+/// canonical path (it must exist and not be a directory), or an NBD URI in the spelling the
+/// daemon takes ([`crate::params::is_nbd_url`]), with an absolute socket path.
+fn image_name(image: &Location) -> Result<(String, DiskSource)> {
+    let source = match image {
+        Location::Path(p) => {
+            let image = std::fs::canonicalize(p)
+                .map_err(|e| Error::io(format!("cannot open {}", p.display()), e))?;
+            let meta = std::fs::metadata(&image)
+                .map_err(|e| Error::io(format!("cannot open {}", image.display()), e))?;
+            if meta.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{} is a directory",
+                    image.display()
+                )));
+            }
+            DiskSource::path(image, None)
+        }
+        Location::Nbd(_) => DiskSource {
+            location: image.clone(),
+            format: None,
+        }
+        .absolute()
+        .map_err(|e| Error::Invalid(e.to_string()))?,
+    };
+    let name = match &source.location {
+        Location::Path(p) => p.to_str().map(str::to_owned),
+        Location::Nbd(_) => Some(source.to_string()),
+    }
+    .filter(|s| !s.chars().any(|c| c.is_control()))
+    .ok_or_else(|| Error::Invalid(format!("unusable image name {source}")))?;
+    Ok((name, source))
+}
+
 /// Writes the backend and frontend nodes in one transaction; returns where.
 pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
-    let image = std::fs::canonicalize(&opts.image)
-        .map_err(|e| Error::io(format!("cannot open {}", opts.image.display()), e))?;
-    let meta = std::fs::metadata(&image)
-        .map_err(|e| Error::io(format!("cannot open {}", image.display()), e))?;
-    if meta.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} is a directory",
-            image.display()
-        )));
-    }
-    let image_str = image
-        .to_str()
-        .filter(|s| !s.chars().any(|c| c.is_control()))
-        .ok_or_else(|| Error::Invalid(format!("unusable path {}", image.display())))?
-        .to_owned();
+    let (image_str, source) = image_name(&opts.image)?;
     let format = match opts.format {
         Some(f) => f,
         // A probed image never opens a backing file (xdisk-image's rule): writing the probed
         // format into params would vouch for a header anybody (a guest of a raw disk) may
         // have written.
-        None => match probe(&image)? {
+        None => match probe(&source)? {
             xdisk_image::Probed {
                 names_backing_file: true,
                 ..
             } => {
                 return Err(Error::Invalid(format!(
-                    "{} is a qcow2 image naming a backing file: give --format qcow2 to attach \
-                     it with its backing chain (a probed format never opens backing files)",
-                    image.display()
+                    "{source} is a qcow2 image naming a backing file: give --format qcow2 to \
+                     attach it with its backing chain (a probed format never opens backing \
+                     files)"
                 )))
             }
             p => p.format,
@@ -200,6 +229,16 @@ pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
         Format::Raw => format!("aio:{image_str}"),
         Format::Qcow2 => format!("qcow2:{image_str}"),
     };
+    // What the daemon will read back: the same format and image, or nothing is written.
+    match crate::params::parse_params(&params) {
+        Ok((Some(f), _, p)) if f == format && p.as_os_str() == image_str.as_str() => {}
+        Ok(_) => {
+            return Err(Error::Invalid(format!(
+                "{source}: this name would not read back from params {params:?}"
+            )))
+        }
+        Err(e) => return Err(Error::Invalid(format!("{source}: {e}"))),
+    }
     if let Some(d) = opts.devid {
         if devid::name_of_devid(d).is_none() {
             return Err(Error::Invalid(format!(

@@ -208,3 +208,54 @@ fn attach_times_out_clearly_without_a_backend() {
     );
     assert!(!host.exists("/local/domain/0/backend/xdisk/7/51712"));
 }
+
+/// An NBD export (as `DiskSource::parse` names it) goes into `params` as a URI the daemon's
+/// parser reads back: QEMU's legacy spelling rewritten, a relative socket made absolute, the
+/// format after it. With the format given nothing connects to the server here.
+#[test]
+fn attach_writes_nbd_exports_into_params() {
+    let host = host();
+    let xs = host.xen.xenstore(0).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    for (name, format, want) in [
+        (
+            "nbd+unix:///disk?socket=/run/x.sock",
+            xdisk_image::Format::Raw,
+            "aio:nbd+unix:///disk?socket=/run/x.sock".to_string(),
+        ),
+        (
+            "nbd:unix:rel/x.sock:exportname=q",
+            xdisk_image::Format::Qcow2,
+            format!("qcow2:nbd+unix:///q?socket={}/rel/x.sock", cwd.display()),
+        ),
+        (
+            "nbd://127.0.0.1:10810/e",
+            xdisk_image::Format::Qcow2,
+            "qcow2:nbd://127.0.0.1:10810/e".to_string(),
+        ),
+    ] {
+        let src = xdisk_image::DiskSource::parse(name, None).unwrap();
+        let mut opts = AttachOptions::of(src.location, "xdisk");
+        opts.frontend_domid = FE;
+        opts.format = Some(format);
+        let a = attach::write_nodes(&xs, &opts).unwrap();
+        let params = host.read(&format!("{}/params", a.backend_path)).unwrap();
+        assert_eq!(params, want, "{name}");
+        let (f, _, p) = xdisk_daemon::params::parse_params(&params).unwrap();
+        assert_eq!(f, Some(format));
+        assert!(
+            xdisk_daemon::params::is_nbd_url(&p.to_string_lossy()),
+            "{p:?}"
+        );
+        attach::detach(&xs, &a, Duration::from_millis(100), true).unwrap();
+        assert!(!host.exists(&a.backend_path));
+    }
+    // Probing needs the server: nobody listens, so attach fails before writing anything.
+    let src =
+        xdisk_image::DiskSource::parse("nbd+unix:///d?socket=/nonexistent/x.sock", None).unwrap();
+    let mut opts = AttachOptions::of(src.location, "xdisk");
+    opts.frontend_domid = FE;
+    let e = attach::write_nodes(&xs, &opts).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/x.sock"), "{e}");
+    assert!(!host.exists("/local/domain/0/backend/xdisk/7/51712"));
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use xdisk_io::{CacheMode, ImageFile, StorageRef};
-use xdisk_nbd_client::{ClientConfig, NbdStorage, NbdUri};
+use xdisk_nbd_client::{ClientConfig, NbdStorage, NbdUri, Transport};
 
 use crate::{BackingRefusal, Error, Format, Image, OpenOptions, Result};
 
@@ -66,6 +66,31 @@ impl DiskSource {
             }
         }
         Ok(DiskSource::path(name, format))
+    }
+
+    /// The same source with its relative paths made absolute against the current directory:
+    /// a file's path, an NBD URI's unix socket. For a name handed to another process (`xdisk
+    /// attach` writes it into xenstore for the daemon, which runs elsewhere). Nothing is
+    /// resolved or opened: symbolic links stay, a missing file is not an error here.
+    pub fn absolute(&self) -> Result<DiskSource> {
+        let abs = |p: &Path| {
+            std::path::absolute(p)
+                .map_err(|e| Error::io(format!("cannot make {} absolute", p.display()), e))
+        };
+        let location = match &self.location {
+            Location::Path(p) => Location::Path(abs(p)?),
+            Location::Nbd(uri) => {
+                let mut uri = uri.clone();
+                if let Transport::Unix { path } = &mut uri.transport {
+                    *path = abs(path)?;
+                }
+                Location::Nbd(uri)
+            }
+        };
+        Ok(DiskSource {
+            location,
+            format: self.format,
+        })
     }
 
     /// The host path, for sources that are host files.
@@ -179,5 +204,37 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         assert!(DiskSource::parse("", None).is_err());
+    }
+
+    #[test]
+    fn absolute_makes_file_and_socket_paths_absolute_and_keeps_the_rest() {
+        let cwd = std::env::current_dir().unwrap();
+        let s = DiskSource::parse("images/d.qcow2", Some(Format::Qcow2))
+            .unwrap()
+            .absolute()
+            .unwrap();
+        assert_eq!(s.local_path(), Some(cwd.join("images/d.qcow2").as_path()));
+        assert_eq!(s.format, Some(Format::Qcow2));
+        let s = DiskSource::parse("/a/b.raw", None).unwrap();
+        assert_eq!(s.absolute().unwrap(), s);
+        // QEMU's legacy spelling with a relative socket: a URI with an absolute one.
+        let s = DiskSource::parse("nbd:unix:run/x.sock:exportname=e", None)
+            .unwrap()
+            .absolute()
+            .unwrap();
+        let Location::Nbd(uri) = &s.location else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            uri.transport,
+            Transport::Unix {
+                path: cwd.join("run/x.sock")
+            }
+        );
+        assert_eq!(uri.export, "e");
+        assert!(s.to_string().starts_with("nbd+unix:///e?socket=/"), "{s}");
+        assert_eq!(DiskSource::parse(&s.to_string(), None).unwrap(), s);
+        let tcp = DiskSource::parse("nbd://host:10810/e", None).unwrap();
+        assert_eq!(tcp.absolute().unwrap(), tcp);
     }
 }
