@@ -5,11 +5,14 @@
 #   blkback  the kernel's blkback, phy on a loop device with direct I/O (xl block-attach 0)
 #   qdisk    Debian's qemu-system-xen as dom0's disk backend, the disk a xen-disk device with
 #            O_DIRECT and aio=threads (see below why not direct-io-safe through xenstore)
-# Workload: fio 4k randread and randwrite, libaio, direct=1, iodepth 32, a few seconds each; the
-# backends take turns (xdisk blkback qdisk, then qdisk blkback xdisk, ...). Prints per-backend
-# IOPS and latency, then one line:
-#   compare: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R
-# (ratios of the mean IOPS). Passes when all three ran the workload without errors and a
+# Workload (issue #12's rows): fio libaio direct=1, a few seconds each, on every backend:
+#   4k randread and randwrite at QD1 and QD32, 64k randread QD16, 1M sequential read and write
+#   QD8. The backends take turns (xdisk blkback qdisk, then qdisk blkback xdisk, ...). Prints
+#   per-backend IOPS and latency for every row, then the ratios of the mean IOPS:
+#   compare: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R  (4k QD32)
+#   compare-seq: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R  (1M QD8)
+#   compare-row: ROW xdisk/blkback=R xdisk/qdisk=R  (one per row)
+# Passes when all three ran the workload without errors and a
 # write + read-back through each device (and from its image file) matched; the ratios are
 # reported, not asserted. Everything is detached, QEMU and the daemon stopped, at the end.
 # lab-needs: fio losetup qemu-xen
@@ -19,7 +22,6 @@
 ROUNDS=2        # each round runs every backend once; the order reverses every round
 RUNTIME=3       # seconds of fio per workload and backend (after RAMP)
 RAMP=1
-IODEPTH=32
 SIZE_MB=64      # each image
 VDEV_BB=xvdm    # blkback's and qdisk's device names (xdisk attach takes the first free one);
 VDEV_QD=xvdn    # below xvdq, whose numbers take Linux's extended format
@@ -141,21 +143,26 @@ echo "images: xdisk cache=none (O_DIRECT, io_uring), blkback $loopdev dio=$loop_
   "qdisk cache.direct=on,aio=threads; setup took $(secs_since "$t0")s"
 
 # --- the workload --------------------------------------------------------------------------
+# ROW:RW:BS:IODEPTH, in the order they run (the first two rows make the compare: line).
+ROWS="rr4k32:randread:4k:32 rw4k32:randwrite:4k:32 rr4k1:randread:4k:1 rw4k1:randwrite:4k:1 rr64k16:randread:64k:16 sr1m8:read:1M:8 sw1m8:write:1M:8"
 # run_round ROUND BACKEND...: one fio run (its start costs seconds under TCG) with a job per
-# backend and workload, one after the other (stonewall); appends "BACKEND RW ROUND IOPS LAT_US"
+# backend and row, one after the other (stonewall); appends "BACKEND ROW ROUND IOPS LAT_US"
 # to /tmp/cmp.res.
 : > /tmp/cmp.res
 run_round() {
-  local r=$1 b rw jobs='' n=0 bad
+  local r=$1 b row name rest rw bs qd jobs='' n=0 bad
   shift
   for b in "$@"; do
-    for rw in randread randwrite; do
-      jobs="$jobs --name=$b:$rw --filename=/dev/$(dev_of "$b") --rw=$rw --stonewall"
+    for row in $ROWS; do
+      name=${row%%:*} rest=${row#*:}
+      rw=${rest%%:*} rest=${rest#*:}
+      bs=${rest%%:*} qd=${rest#*:}
+      jobs="$jobs --name=$b:$name:$rw --filename=/dev/$(dev_of "$b") --rw=$rw --bs=$bs --iodepth=$qd --stonewall"
       n=$((n + 1))
     done
   done
   # shellcheck disable=SC2086 # $jobs is a list of options
-  timeout $((n * (RUNTIME + RAMP + 5) + 30)) fio --bs=4k --iodepth=$IODEPTH --ioengine=libaio --direct=1 \
+  timeout $((n * (RUNTIME + RAMP + 5) + 30)) fio --ioengine=libaio --direct=1 \
     --time_based --runtime=$RUNTIME --ramp_time=$RAMP --norandommap --randrepeat=0 --minimal $jobs \
     > /tmp/cmp-fio.out 2>/tmp/cmp-fio.err
   [ "$(grep -c '^3;' /tmp/cmp-fio.out)" = $n ] ||
@@ -165,7 +172,7 @@ run_round() {
   # Terse v3: 3 job name, 8 read IOPS, 40 read latency mean (us), 49 write IOPS, 81 write latency.
   awk -F';' -v r="$r" '/^3;/ {
       split($3, j, ":")
-      if (j[2] == "randread") { iops = $8; lat = $40 } else { iops = $49; lat = $81 }
+      if (j[3] ~ /read/) { iops = $8; lat = $40 } else { iops = $49; lat = $81 }
       print j[1], j[2], r, iops, lat }' /tmp/cmp-fio.out > /tmp/cmp-round.res
   awk '{ printf "round %s %s %s: %d IOPS, mean latency %d us\n", $3, $1, $2, $4, $5 }' /tmp/cmp-round.res
   bad=$(awk '$4 <= 0 { printf " %s:%s", $1, $2 }' /tmp/cmp-round.res)
@@ -197,24 +204,39 @@ check "blkfront saw no failed operation" sh -c "! dmesg | grep -q 'op failed'"
 xdisk stat --control "$sock" | head -5
 
 # --- figures (report: tests/xen/run --show prints them) ----------------------------------------
-report "4k random I/O, fio libaio iodepth $IODEPTH direct=1, ${RUNTIME}s each, mean of $ROUNDS rounds" \
-  "(order alternating), raw images with O_DIRECT on ext4; IOPS, mean latency:"
-awk '
-  { n[$1 " " $2]++; iops[$1 " " $2] += $4; lat[$1 " " $2] += $5; all[$1 " " $2] = all[$1 " " $2] " " $4 }
+report "fio libaio direct=1, ${RUNTIME}s each after ${RAMP}s, mean of $ROUNDS rounds (order alternating)," \
+  "raw images with O_DIRECT on ext4; IOPS (1M rows: MiB/s), mean latency:"
+awk -v rows="$ROWS" '
+  { k = $1 " " $2; n[k]++; iops[k] += $4; lat[k] += $5; all[k] = all[k] " " $4 }
   END {
-    for (i = 1; i <= 3; i++) {
-      b = i == 1 ? "xdisk" : i == 2 ? "blkback" : "qdisk"
-      printf "%-8s randread %7.0f IOPS %6.0f us (rounds:%s)  randwrite %7.0f IOPS %6.0f us (rounds:%s)\n", b,
-        iops[b " randread"] / n[b " randread"], lat[b " randread"] / n[b " randread"], all[b " randread"],
-        iops[b " randwrite"] / n[b " randwrite"], lat[b " randwrite"] / n[b " randwrite"], all[b " randwrite"]
+    nr = split(rows, rl, " ")
+    for (r = 1; r <= nr; r++) {
+      split(rl[r], f, ":"); row = f[1]
+      for (i = 1; i <= 3; i++) {
+        b = i == 1 ? "xdisk" : i == 2 ? "blkback" : "qdisk"; k = b " " row
+        if (n[k] == 0) continue
+        m[k] = iops[k] / n[k]
+        printf "%-8s %-8s %-13s QD%-3s %8.0f IOPS %7.0f us (rounds:%s)\n", b, row, f[2] " " f[3], f[4], m[k], lat[k] / n[k], all[k]
+      }
+    }
+    for (r = 1; r <= nr; r++) {
+      split(rl[r], f, ":"); row = f[1]
+      if (m["blkback " row] > 0 && m["qdisk " row] > 0)
+        printf "compare-row: %s xdisk/blkback=%.2f xdisk/qdisk=%.2f\n", row, m["xdisk " row] / m["blkback " row], m["xdisk " row] / m["qdisk " row]
     }
     printf "compare: read xdisk/blkback=%.2f xdisk/qdisk=%.2f write xdisk/blkback=%.2f xdisk/qdisk=%.2f\n",
-      iops["xdisk randread"] / iops["blkback randread"], iops["xdisk randread"] / iops["qdisk randread"],
-      iops["xdisk randwrite"] / iops["blkback randwrite"], iops["xdisk randwrite"] / iops["qdisk randwrite"]
+      m["xdisk rr4k32"] / m["blkback rr4k32"], m["xdisk rr4k32"] / m["qdisk rr4k32"],
+      m["xdisk rw4k32"] / m["blkback rw4k32"], m["xdisk rw4k32"] / m["qdisk rw4k32"]
+    printf "compare-seq: read xdisk/blkback=%.2f xdisk/qdisk=%.2f write xdisk/blkback=%.2f xdisk/qdisk=%.2f\n",
+      m["xdisk sr1m8"] / m["blkback sr1m8"], m["xdisk sr1m8"] / m["qdisk sr1m8"],
+      m["xdisk sw1m8"] / m["blkback sw1m8"], m["xdisk sw1m8"] / m["qdisk sw1m8"]
   }' /tmp/cmp.res > /tmp/cmp-figures
 while IFS= read -r l; do report "$l"; done < /tmp/cmp-figures
-grep -q '^compare: read xdisk/blkback=[0-9.]* xdisk/qdisk=[0-9.]* write xdisk/blkback=[0-9.]* xdisk/qdisk=[0-9.]*$' \
-  /tmp/cmp-figures || fail "no complete compare: line (a backend without figures?)"
+for l in compare compare-seq; do
+  grep -q "^$l: read xdisk/blkback=[0-9.]* xdisk/qdisk=[0-9.]* write xdisk/blkback=[0-9.]* xdisk/qdisk=[0-9.]*\$" \
+    /tmp/cmp-figures || fail "no complete $l: line (a backend without figures?)"
+done
+[ "$(grep -c '^compare-row: ' /tmp/cmp-figures)" = 7 ] || fail "not every row has a compare-row: line"
 
 # --- teardown --------------------------------------------------------------------------------
 xdisk detach "$xdev" --control "$sock" > /tmp/cmp-detach.log 2>&1 ||
