@@ -147,7 +147,7 @@ pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), P
             "params is empty: no medium (empty CD-ROM drives are not supported)".into(),
         ));
     }
-    let (tag, path) = if params.starts_with('/') || is_nbd_url(params) {
+    let (tag, path) = if params.starts_with('/') || is_nbd_url(params) || is_rbd_name(params) {
         ("", params)
     } else {
         match params.split_once(':') {
@@ -183,7 +183,7 @@ pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), P
             "params {params:?} names no image (empty CD-ROM drives are not supported)"
         )));
     }
-    if !path.starts_with('/') && !is_nbd_url(path) {
+    if !path.starts_with('/') && !is_nbd_url(path) && !is_rbd_name(path) {
         return Err(invalid(NODE, params, "the image path must be absolute"));
     }
     Ok((format, tag.to_owned(), PathBuf::from(path)))
@@ -203,6 +203,14 @@ pub fn is_nbd_url(s: &str) -> bool {
     ]
     .iter()
     .any(|p| s.starts_with(p))
+}
+
+/// A Ceph RBD image as QEMU names it (`rbd:POOL/IMAGE[@SNAP][:KEY=VALUE...]`): libxl writes
+/// `params=aio:rbd:pool/img` for `format=raw,target=rbd:pool/img` and `qcow2:rbd:...` for a
+/// qcow2 image stored in RBD; the image opens it through `DiskSource::parse`. A bare
+/// `rbd:...` (no format) is probed, like a bare path.
+pub fn is_rbd_name(s: &str) -> bool {
+    s.starts_with("rbd:")
 }
 
 /// Reads a disk's nodes through `read` (key relative to the backend directory; `None` when
@@ -285,6 +293,22 @@ mod tests {
             (s.path, s.format),
             (PathBuf::from("nbd://host:10810/x"), None)
         );
+        // What libxl writes for format=raw|qcow2,backendtype=qdisk,target=rbd:pool/img.
+        let s = spec(&[("params", "aio:rbd:pool/img:id=xen:conf=/etc/ceph/ceph.conf")]).unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (
+                PathBuf::from("rbd:pool/img:id=xen:conf=/etc/ceph/ceph.conf"),
+                Some(Format::Raw)
+            )
+        );
+        let s = spec(&[("params", "qcow2:rbd:pool/ns/img")]).unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (PathBuf::from("rbd:pool/ns/img"), Some(Format::Qcow2))
+        );
+        let s = spec(&[("params", "rbd:pool/img")]).unwrap();
+        assert_eq!((s.path, s.format), (PathBuf::from("rbd:pool/img"), None));
         let s = spec(&[("params", "aio:/tmp/disk2.raw")]).unwrap();
         assert_eq!(s.format, Some(Format::Raw));
         assert_eq!(s.format_tag, "aio");

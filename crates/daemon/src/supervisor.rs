@@ -791,9 +791,10 @@ impl Inner {
 /// falls back to `writeback`, with a warning.
 fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
     let open = |cache| {
-        // A path, or an NBD URI (params=aio:nbd+unix:///x?socket=...).
+        // A path, an NBD URI (params=aio:nbd+unix:///x?socket=...) or an RBD image
+        // (params=aio:rbd:pool/img).
         let name = spec.path.to_string_lossy();
-        let source = if crate::params::is_nbd_url(&name) {
+        let source = if crate::params::is_nbd_url(&name) || crate::params::is_rbd_name(&name) {
             xdisk_image::DiskSource::parse(&name, spec.format)?
         } else {
             xdisk_image::DiskSource::path(&spec.path, spec.format)

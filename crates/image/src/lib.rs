@@ -22,7 +22,7 @@ pub mod queue;
 pub mod raw;
 pub mod source;
 
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, create_on, CreateOptions, Preallocation};
 pub use driver::{FormatDriver, FormatInfo, SnapshotInfo};
 pub use qcow2::check::{CheckReport, Repair};
 pub use qcow2::format::CompressionType;
@@ -504,11 +504,11 @@ impl Image {
                         )))
                     } else if DiskSource::parse(name, None).is_ok_and(|s| s.local_path().is_none())
                     {
-                        // An NBD URI: never taken for a relative file name; opening a
-                        // backing file over the network is not done (yet).
+                        // An NBD URI or an RBD name: never taken for a relative file
+                        // name; opening a backing file over the network is not done (yet).
                         Err(Error::Backing(format!(
                             "backing file '{name}' of {}: backing files on NBD servers \
-                                 are not supported yet",
+                                 or RBD are not supported yet",
                             path.display()
                         )))
                     } else {
