@@ -161,6 +161,7 @@ fn io_ctx(name: &RbdName, cluster: Arc<ffi::Cluster>) -> Result<ffi::IoCtx, Erro
 /// An image opened once per process, shared by every storage (and queue) that names it.
 pub(crate) struct SharedImage {
     pub(crate) image: ffi::Image,
+    cluster: Arc<ffi::Cluster>,
     object_size: u64,
     /// librbd < 1.17 reports wrong diff offsets for clones and for non-default striping
     /// (Ceph tracker 53784): block status is not asked of those.
@@ -206,7 +207,7 @@ impl RbdStorage {
         };
         let shared = images().get_or_open(&key, || {
             let cluster = connect(&key.cluster, &shown)?;
-            let io = Arc::new(io_ctx(name, cluster)?);
+            let io = Arc::new(io_ctx(name, cluster.clone())?);
             let image = ffi::Image::open(io, &name.image, name.snapshot.as_deref(), read_only)
                 .map_err(|e| Error::Rados {
                     what: format!("cannot open {shown}"),
@@ -223,6 +224,7 @@ impl RbdStorage {
             tracing::debug!(image = %shown, size = stat.size, object_size = stat.object_size, "RBD image opened");
             Ok(SharedImage {
                 image,
+                cluster,
                 object_size: stat.object_size.max(512),
                 diff_trusted,
                 grow: Mutex::new(()),
@@ -276,6 +278,12 @@ impl RbdStorage {
     /// The name it was opened with.
     pub fn rbd_name(&self) -> &RbdName {
         &self.name
+    }
+
+    /// The value of a Ceph option on this image's cluster connection (what the ceph.conf,
+    /// the name and xdisk's defaults made it).
+    pub fn ceph_option(&self, key: &str) -> io::Result<String> {
+        self.shared.cluster.get(key)
     }
 
     /// Whether `other` drives the same librbd image handle (one open per process).

@@ -102,6 +102,24 @@ fn opens_are_shared_snapshots_are_read_only_and_errors_are_clear() {
     s.read_at(&mut b, 0).unwrap();
     assert_eq!(b, [2u8; 4096]);
 
+    // xdisk's timeouts unless the ceph.conf or the name sets them.
+    assert_eq!(s.ceph_option("rados_osd_op_timeout").unwrap(), "60");
+    assert_eq!(s.ceph_option("client_mount_timeout").unwrap(), "30");
+    assert_eq!(s.ceph_option("rbd_cache").unwrap(), "true");
+    let n7 = RbdName::parse(&t.name_with(":rados_osd_op_timeout=7")).unwrap();
+    let s7 = RbdStorage::open(&n7, false, CacheMode::None).unwrap();
+    assert_eq!(s7.ceph_option("rados_osd_op_timeout").unwrap(), "7");
+    assert_eq!(
+        s7.ceph_option("rbd_cache").unwrap(),
+        "false",
+        "cache=none: no librbd cache"
+    );
+    assert!(
+        !s7.shares_image_with(&s),
+        "other connection settings, other handle"
+    );
+    drop(s7);
+
     let missing =
         RbdName::parse(&format!("rbd:rbd/no-such-image:conf={}", conf.display())).unwrap();
     let e = RbdStorage::open(&missing, true, CacheMode::WriteBack).unwrap_err();
@@ -350,4 +368,162 @@ fn read_only_storages_refuse_writes_through_the_engine() {
     let c = reap_all(&mut *e, 1).remove(0);
     assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::EROFS));
     assert!(c.buf.is_some(), "the buffer comes back");
+}
+
+/// Sends `sig` to a daemon of the test cluster (`osd.0`, `mon.a`), found by its pid file;
+/// returns its pid.
+fn signal(conf: &Path, daemon: &str, sig: &str) -> String {
+    let pidfile = conf.parent().unwrap().join(format!("run/{daemon}.pid"));
+    let pid =
+        std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+    let pid = pid.trim().to_owned();
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {daemon}");
+    pid
+}
+
+/// Whether every thread of `pid` is stopped (state `T`). A SIGSTOP stops a multi-threaded
+/// process only once one of its threads has run to take it: until then the others may
+/// still answer (seen on a loaded machine: a write submitted right after `kill -STOP`
+/// was acknowledged by the OSD).
+fn all_threads_stopped(pid: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            st.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
+}
+
+/// Stops a daemon (SIGSTOP: it stops answering, as a host that went away) until dropped,
+/// also when the test fails, so that the cluster always comes back for the other tests.
+struct Stopped<'a> {
+    conf: &'a Path,
+    daemon: &'static str,
+}
+
+impl<'a> Stopped<'a> {
+    fn new(conf: &'a Path, daemon: &'static str) -> Stopped<'a> {
+        let pid = signal(conf, daemon, "-STOP");
+        let stopped = Stopped { conf, daemon };
+        let t0 = Instant::now();
+        while !all_threads_stopped(&pid) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{daemon} does not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stopped
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        let _ = signal(self.conf, self.daemon, "-CONT");
+    }
+}
+
+#[test]
+fn a_cluster_that_stops_answering_fails_requests_in_bounded_time_then_recovers() {
+    let Some(conf) = cluster() else { return };
+    let t = TestImage::new(conf, "gone");
+    create(&t, 16 * MIB);
+    // Short timeouts, set in the name as an operator would (xdisk's defaults are 60 s and 30 s).
+    let n = RbdName::parse(
+        &t.name_with(":rados_osd_op_timeout=3:rados_mon_op_timeout=3:client_mount_timeout=3"),
+    )
+    .unwrap();
+    let s = Arc::new(RbdStorage::open(&n, false, CacheMode::None).unwrap());
+    s.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    s.flush().unwrap();
+    let (mut e, _notify) = engine(&s, 32);
+    let mut buf = AlignedBuf::new(16 * 4096, 4096);
+    {
+        // The OSD stops answering with requests in flight.
+        let _osd = Stopped::new(conf, "osd.0");
+        let t0 = Instant::now();
+        for i in 0..16usize {
+            let op = Op {
+                kind: if i % 2 == 0 {
+                    OpKind::Write
+                } else {
+                    OpKind::Read
+                },
+                fd: -1,
+                offset: 2 * MIB + (i as u64) * 4096,
+                buf: Some(slice(&mut buf, i * 4096, 4096)),
+                user_data: i as u64,
+            };
+            assert!(e.submit(op).is_ok());
+        }
+        e.commit().unwrap();
+        let done = reap_all(&mut *e, 16);
+        let took = t0.elapsed();
+        for c in &done {
+            let Err(err) = &c.result else {
+                panic!(
+                    "op {} ({}) succeeded without an OSD, after {took:?}",
+                    c.user_data,
+                    if c.user_data % 2 == 0 {
+                        "write"
+                    } else {
+                        "read"
+                    }
+                );
+            };
+            assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
+        }
+        assert!(took < Duration::from_secs(20), "errors after {took:?}");
+        // The synchronous path too.
+        let t0 = Instant::now();
+        let mut b = vec![0u8; 4096];
+        assert!(s.read_at(&mut b, 0).is_err());
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+    // Back: the same storage and engine work again, the data written before is there.
+    let mut b = vec![0u8; 1 << 20];
+    let t0 = Instant::now();
+    loop {
+        match s.read_at(&mut b, 0) {
+            Ok(()) => break,
+            Err(err) => assert!(t0.elapsed() < Duration::from_secs(60), "no recovery: {err}"),
+        }
+    }
+    assert!(b == pattern(1, 0, 1 << 20));
+    let op = Op {
+        kind: OpKind::Write,
+        fd: -1,
+        offset: 4 * MIB,
+        buf: Some(slice(&mut buf, 0, 4096)),
+        user_data: 1,
+    };
+    assert!(e.submit(op).is_ok());
+    assert!(reap_all(&mut *e, 1)[0].result.is_ok());
+
+    // A monitor that stops answering: opening fails after client_mount_timeout; the image
+    // already open keeps working (its I/O goes to the OSD).
+    {
+        let _mon = Stopped::new(conf, "mon.a");
+        let other = TestImage::new(conf, "gone2");
+        let n2 = RbdName::parse(&other.name_with(":client_mount_timeout=3:rados_mon_op_timeout=3"))
+            .unwrap();
+        let t0 = Instant::now();
+        assert!(RbdStorage::open(&n2, true, CacheMode::WriteBack).is_err());
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "open failed after {:?}",
+            t0.elapsed()
+        );
+        s.write_at(&[9u8; 4096], 8 * MIB).unwrap();
+        std::mem::forget(other); // nothing was created
+    }
+    s.flush().unwrap();
 }
