@@ -90,7 +90,8 @@ fn parse_metrics_addr(s: &str) -> std::result::Result<SocketAddr, String> {
 
 #[derive(Args)]
 pub struct AttachArgs {
-    /// The image (raw or qcow2).
+    /// The image (raw or qcow2): a file, or an RBD image (rbd:POOL/IMAGE[:KEY=VALUE...]) or
+    /// NBD export, named as the daemon will open it.
     image: PathBuf,
     /// The image format (default: probed once, here, and written explicitly; a probed qcow2
     /// that names a backing file is refused: give --format qcow2).

@@ -390,3 +390,74 @@ fn xdisk_nbd_serves_an_rbd_image() {
     let _ = server.wait();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
+
+/// An RBD image as a Xen disk: `xdisk attach rbd:...` writes `params=aio:rbd:...` (what
+/// libxl writes for `format=raw,backendtype=qdisk,target=rbd:pool/img`), the daemon on the
+/// simulation serves it to the simulated frontend, which connects and reads it; `stat`
+/// shows the image with its key hidden.
+#[test]
+fn the_daemon_serves_an_rbd_disk_attached_by_name() {
+    let Some(conf) = cluster() else { return };
+    let d = tmp();
+    let t = TestImage::new(conf, "cliattach");
+    xdisk(&["img", "create", "-q", "-f", "raw", &t.name(), "16M"]);
+    let sock = d.path().join("control.sock");
+    let mut serve = Command::new(XDISK)
+        .args(["serve", "--platform=sim", "--control", s(&sock)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A key in the name (the cluster's own, so that it also works) must not be shown.
+    let keyring = std::fs::read_to_string(conf.parent().unwrap().join("keyring")).unwrap();
+    let key = keyring
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("key = "))
+        .unwrap()
+        .to_owned();
+    let name = t.name_with(&format!(":key={key}"));
+    let r = run(
+        XDISK,
+        &[
+            "attach",
+            "--format",
+            "raw",
+            &name,
+            "--control",
+            s(&sock),
+            "--timeout",
+            "30",
+        ],
+    );
+    let stat = run(XDISK, &["stat", "xvda", "--json", "--control", s(&sock)]);
+    let detach = run(XDISK, &["detach", "xvda", "--control", s(&sock)]);
+    let _ = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status();
+    let _ = serve.wait();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(out.contains("xvda") && out.contains("Connected"), "{out}");
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    let v: Value = serde_json::from_str(&stat).unwrap_or_else(|e| panic!("{e}: {stat}"));
+    assert_eq!(v[0]["format"], "raw");
+    assert_eq!(v[0]["size"].as_u64(), Some(16 * MIB), "{v}");
+    assert!(v[0]["counters"]["rd_req"].as_u64().unwrap() >= 1, "{v}");
+    let shown = v[0]["image"].as_str().unwrap();
+    assert!(
+        shown.starts_with("rbd:rbd/") && shown.contains("key=<hidden>"),
+        "{shown}"
+    );
+    assert!(!stat.contains(&key), "the key leaked: {stat}");
+    assert!(detach.status.success());
+}

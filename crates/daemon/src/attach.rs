@@ -39,8 +39,8 @@ pub const MAX_AUTO_INDEX: u32 = 256;
 /// What to attach.
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
-    /// The image file; its canonical path goes into `params` after the format (`aio:` for
-    /// raw, `qcow2:`).
+    /// The image: a file, whose canonical path goes into `params`, or an RBD name / NBD URI,
+    /// which goes in as given; after the format (`aio:` for raw, `qcow2:`).
     pub image: PathBuf,
     /// `None`: probed here, once, and written explicitly into `params`.
     pub format: Option<Format>,
@@ -152,9 +152,9 @@ pub(crate) fn rm_with_empty_parents(
 /// What the image's first bytes say (format, backing file named), read through the image
 /// engine's storage (a FIFO or socket put where the image should be is refused, not waited
 /// on).
-fn probe(path: &Path) -> Result<xdisk_image::Probed> {
-    let io = |e: xdisk_image::Error| Error::Invalid(format!("{}: {e}", path.display()));
-    let storage = xdisk_image::DiskSource::path(path, None)
+fn probe(source: &xdisk_image::DiskSource) -> Result<xdisk_image::Probed> {
+    let io = |e: xdisk_image::Error| Error::Invalid(format!("{source}: {e}"));
+    let storage = source
         .open_storage(true, xdisk_image::CacheMode::WriteBack)
         .map_err(io)?;
     xdisk_image::probe(&*storage).map_err(io)
@@ -162,35 +162,47 @@ fn probe(path: &Path) -> Result<xdisk_image::Probed> {
 
 /// Writes the backend and frontend nodes in one transaction; returns where.
 pub fn write_nodes(xs: &Client, opts: &AttachOptions) -> Result<Attached> {
-    let image = std::fs::canonicalize(&opts.image)
-        .map_err(|e| Error::io(format!("cannot open {}", opts.image.display()), e))?;
-    let meta = std::fs::metadata(&image)
-        .map_err(|e| Error::io(format!("cannot open {}", image.display()), e))?;
-    if meta.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} is a directory",
-            image.display()
-        )));
+    let name = opts.image.to_string_lossy();
+    // A storage name (an RBD image, an NBD export) goes into params as given; a file by
+    // its canonical path.
+    let (source, image_str) =
+        if crate::params::is_rbd_name(&name) || crate::params::is_nbd_url(&name) {
+            let source = xdisk_image::DiskSource::parse(&name, None)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            (source, name.into_owned())
+        } else {
+            let image = std::fs::canonicalize(&opts.image)
+                .map_err(|e| Error::io(format!("cannot open {}", opts.image.display()), e))?;
+            let meta = std::fs::metadata(&image)
+                .map_err(|e| Error::io(format!("cannot open {}", image.display()), e))?;
+            if meta.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{} is a directory",
+                    image.display()
+                )));
+            }
+            let s = image.to_str().map(str::to_owned);
+            (
+                xdisk_image::DiskSource::path(image.clone(), None),
+                s.unwrap_or_default(),
+            )
+        };
+    if image_str.is_empty() || image_str.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!("unusable image name {source}")));
     }
-    let image_str = image
-        .to_str()
-        .filter(|s| !s.chars().any(|c| c.is_control()))
-        .ok_or_else(|| Error::Invalid(format!("unusable path {}", image.display())))?
-        .to_owned();
     let format = match opts.format {
         Some(f) => f,
         // A probed image never opens a backing file (xdisk-image's rule): writing the probed
         // format into params would vouch for a header anybody (a guest of a raw disk) may
         // have written.
-        None => match probe(&image)? {
+        None => match probe(&source)? {
             xdisk_image::Probed {
                 names_backing_file: true,
                 ..
             } => {
                 return Err(Error::Invalid(format!(
-                    "{} is a qcow2 image naming a backing file: give --format qcow2 to attach \
-                     it with its backing chain (a probed format never opens backing files)",
-                    image.display()
+                    "{source} is a qcow2 image naming a backing file: give --format qcow2 to \
+                     attach it with its backing chain (a probed format never opens backing files)"
                 )))
             }
             p => p.format,

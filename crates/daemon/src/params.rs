@@ -66,7 +66,7 @@ impl DeviceType {
 /// How a disk is to be opened and served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
-    /// The image (absolute path).
+    /// The image (an absolute path, an NBD URI or an RBD name).
     pub path: PathBuf,
     /// The format; `None`: probe (a plain path in `params`).
     pub format: Option<Format>,
@@ -86,6 +86,20 @@ pub struct DiskSpec {
     /// Backing files must lie in one of these directories (empty: anywhere allowed by
     /// xdisk-image's rules); from the daemon's `--backing-dirs`.
     pub backing_dirs: Vec<PathBuf>,
+}
+
+impl DiskSpec {
+    /// The image as logs, status and metrics show it: a path as is, a storage name with its
+    /// secrets (an RBD `key=`) hidden.
+    pub fn shown(&self) -> String {
+        let name = self.path.to_string_lossy();
+        if is_rbd_name(&name) || is_nbd_url(&name) {
+            if let Ok(src) = xdisk_image::DiskSource::parse(&name, None) {
+                return src.to_string();
+            }
+        }
+        self.path.display().to_string()
+    }
 }
 
 /// Daemon-wide defaults that apply to every disk.

@@ -711,8 +711,8 @@ impl Inner {
         let (image, cache) = open_image(&spec)?;
         {
             let mut s = lock(&entry.status);
-            s.image = Some(spec.path.display().to_string());
-            tracing::Span::current().record("image", tracing::field::display(spec.path.display()));
+            s.image = Some(spec.shown());
+            tracing::Span::current().record("image", tracing::field::display(spec.shown()));
             s.format = Some(image.format().as_str().to_owned());
             s.read_only = image.read_only();
             s.cache = Some(cache.to_string());
@@ -751,7 +751,7 @@ impl Inner {
         }
         tracing::info!(
             device = %key.name(),
-            image = %spec.path.display(),
+            image = %spec.shown(),
             format = %image.format(),
             read_only = image.read_only(),
             %cache,
@@ -809,7 +809,7 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
     };
     if spec.format.is_none() {
         tracing::warn!(
-            image = %spec.path.display(),
+            image = %spec.shown(),
             "params names no format: probing it (a raw image whose guest writes a qcow2 \
              header would be misread, and a probed image never opens a backing file; prefer \
              aio: or qcow2:)"
@@ -820,18 +820,18 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
         Err(first) if spec.cache.direct() => match open(CacheMode::WriteBack) {
             Ok(i) => {
                 tracing::warn!(
-                    image = %spec.path.display(),
+                    image = %spec.shown(),
                     "cannot open with O_DIRECT ({first}); using cache=writeback"
                 );
                 Ok((i, CacheMode::WriteBack))
             }
             Err(_) => Err(Error::Image {
-                path: spec.path.clone(),
+                path: spec.shown().into(),
                 error: first,
             }),
         },
         Err(e) => Err(Error::Image {
-            path: spec.path.clone(),
+            path: spec.shown().into(),
             error: e,
         }),
     }
