@@ -394,7 +394,8 @@ fn xdisk_nbd_serves_an_rbd_image() {
 /// An RBD image as a Xen disk: `xdisk attach rbd:...` writes `params=aio:rbd:...` (what
 /// libxl writes for `format=raw,backendtype=qdisk,target=rbd:pool/img`), the daemon on the
 /// simulation serves it to the simulated frontend, which connects and reads it; `stat`
-/// shows the image with its key hidden.
+/// shows the image with its key hidden; `rbd resize` elsewhere reaches the device (online
+/// resize).
 #[test]
 fn the_daemon_serves_an_rbd_disk_attached_by_name() {
     let Some(conf) = cluster() else { return };
@@ -436,6 +437,23 @@ fn the_daemon_serves_an_rbd_disk_attached_by_name() {
         ],
     );
     let stat = run(XDISK, &["stat", "xvda", "--json", "--control", s(&sock)]);
+    // Resized elsewhere (librbd's header watch tells the open image): the daemon follows.
+    rbd_ok(
+        conf,
+        &["resize", "--no-progress", "--size", "32M", &t.spec()],
+    );
+    let t0 = Instant::now();
+    let resized = loop {
+        let o = run(XDISK, &["stat", "xvda", "--json", "--control", s(&sock)]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if v[0]["size"].as_u64() == Some(32 * MIB) {
+            break true;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let detach = run(XDISK, &["detach", "xvda", "--control", s(&sock)]);
     let _ = Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
@@ -459,5 +477,6 @@ fn the_daemon_serves_an_rbd_disk_attached_by_name() {
         "{shown}"
     );
     assert!(!stat.contains(&key), "the key leaked: {stat}");
+    assert!(resized, "the daemon did not follow rbd resize");
     assert!(detach.status.success());
 }

@@ -765,6 +765,7 @@ impl Inner {
                     if finished {
                         break false;
                     }
+                    self.follow_resize(entry, &image, &spec);
                 }
             }
         };
@@ -784,6 +785,31 @@ impl Inner {
             tracing::warn!(device = %key.name(), "closing the image: {e}");
         }
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Online resize from below: a raw image whose storage changed size elsewhere (an RBD
+    /// image resized with `rbd resize`, which librbd's header watch makes `rbd_get_size`
+    /// see; a file or block device grown by another program) gets the new size, and the
+    /// frontend is told as Linux blkback's `xen_vbd_resize` tells it (`sectors`, then the
+    /// state again). Checked at every poll of the host thread.
+    fn follow_resize(&self, entry: &Entry, image: &Image, spec: &DiskSpec) {
+        let new = match image.refresh_size() {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(device = %entry.key.name(), "cannot size the image: {e}");
+                return;
+            }
+        };
+        tracing::info!(device = %entry.key.name(), image = %spec.shown(), size = new, "the image was resized: telling the frontend");
+        lock(&entry.status).size = Some(new);
+        if let Some(d) = lock(&entry.device).as_ref() {
+            if let Err(e) = d.resize() {
+                tracing::warn!(device = %entry.key.name(), "online resize: {e}");
+            }
+        }
     }
 }
 

@@ -721,6 +721,14 @@ impl Image {
         }
     }
 
+    /// Takes up a change of the storage's size made elsewhere (an RBD image resized with
+    /// `rbd resize`, a raw file or block device grown by another program): for raw images
+    /// the virtual size follows the storage's; returns the new size if it changed. Formats
+    /// whose size is in their metadata (qcow2) keep theirs (`None`).
+    pub fn refresh_size(&self) -> Result<Option<u64>> {
+        self.driver.refresh_size()
+    }
+
     /// Changes the virtual size. Growing exposes zeroes; shrinking drops data past the end.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         if self.read_only() {

@@ -208,6 +208,14 @@ impl crate::FormatDriver for RawImage {
     fn resize(&self, new_size: u64) -> Result<()> {
         RawImage::resize(self, new_size)
     }
+    fn refresh_size(&self) -> Result<Option<u64>> {
+        let now = self
+            .storage
+            .size()
+            .map_err(|e| Error::io(self.ctx("cannot size"), e))?;
+        let was = self.size.swap(now, Ordering::AcqRel);
+        Ok((was != now).then_some(now))
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
