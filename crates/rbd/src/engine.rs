@@ -3,11 +3,13 @@
 //! `commit` starts each queued operation with librbd's `rbd_aio_*` calls (the buffers go to
 //! librbd as they are: the guest's pages, no copy); librbd completes them on its own threads,
 //! where the callback only pushes `(tag, result, buffer)` into this engine's queue and, if
-//! that queue was empty, signals the queue's eventfd; `reap` hands the completions out. No
-//! thread per request and nothing that blocks on the reactor, but for one case: a write past
-//! the end of the image grows it first (`rbd_resize`, as QEMU's driver does), which only a
-//! format growing its file does (qcow2 allocations run on the slow path, which grows the
-//! image before the fast path ever maps there).
+//! that queue was empty, signals the queue's eventfd; `reap` hands the completions out.
+//!
+//! No thread per request and nothing that blocks on the reactor (the image's size is the one
+//! last known, not asked of librbd, which may first refresh the header from the cluster), but
+//! for one case: a write past the end of the image grows it first (`rbd_resize`, as QEMU's
+//! driver does), which only a format growing its file does (qcow2 allocations run on the
+//! slow path, which grows the image before the fast path ever maps there).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -99,11 +101,9 @@ impl RbdEngine {
         let total = op.buf.as_ref().map_or(0, |b| b.total_len());
         let aio = match op.kind {
             OpKind::Read => {
-                // Like pread: a short count at the end of the image.
-                let size = match s.size() {
-                    Ok(n) => n,
-                    Err(e) => return self.finish_now(op, Err(e)),
-                };
+                // Like pread: a short count at the end of the image (librbd clips too, if
+                // the image shrank since).
+                let size = s.known_size();
                 let n = if op.offset >= size {
                     0
                 } else {
@@ -129,14 +129,10 @@ impl RbdEngine {
                     return self.finish_now(op, Err(io::Error::from_raw_os_error(libc::EINVAL)));
                 };
                 // Rare (see the module's notes): blocks this queue for one rbd_resize.
-                match s.size() {
-                    Ok(size) if end <= size => {}
-                    Ok(_) => {
-                        if let Err(e) = s.grow_to(end) {
-                            return self.finish_now(op, Err(e));
-                        }
+                if end > s.known_size() {
+                    if let Err(e) = s.grow_to(end) {
+                        return self.finish_now(op, Err(e));
                     }
-                    Err(e) => return self.finish_now(op, Err(e)),
                 }
                 if total == 0 {
                     return self.finish_now(op, Ok(0));
@@ -163,11 +159,7 @@ impl RbdEngine {
                 if let Err(e) = s.writable() {
                     return self.finish_now(op, Err(e));
                 }
-                let size = match s.size() {
-                    Ok(n) => n,
-                    Err(e) => return self.finish_now(op, Err(e)),
-                };
-                let end = op.offset.saturating_add(len).min(size);
+                let end = op.offset.saturating_add(len).min(s.known_size());
                 if op.offset >= end {
                     return self.finish_now(op, Ok(0));
                 }

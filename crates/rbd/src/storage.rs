@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use xdisk_io::sys::EventFd;
@@ -168,6 +169,11 @@ pub(crate) struct SharedImage {
     diff_trusted: bool,
     /// Serialises growing the image (writes past its end).
     grow: Mutex<()>,
+    /// The size last read from librbd or set here: what the engine clips reads and grows
+    /// writes by without asking librbd (`rbd_get_size` refreshes the header first when
+    /// librbd's watch says it changed: a round trip to the cluster that must not block a
+    /// queue's reactor).
+    size: AtomicU64,
 }
 
 /// An RBD image as a storage.
@@ -228,6 +234,7 @@ impl RbdStorage {
                 object_size: stat.object_size.max(512),
                 diff_trusted,
                 grow: Mutex::new(()),
+                size: AtomicU64::new(stat.size),
             })
         })?;
         Ok(RbdStorage {
@@ -307,12 +314,18 @@ impl RbdStorage {
     /// driver grows the image first too).
     pub(crate) fn grow_to(&self, end: u64) -> io::Result<()> {
         let _g = lock(&self.shared.grow);
-        let size = self.shared.image.size()?;
+        let size = self.size()?;
         if end > size {
             tracing::debug!(image = %self.shown, from = size, to = end, "growing the RBD image");
             self.shared.image.resize(end)?;
+            self.shared.size.store(end, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// The size last known (see `SharedImage::size`), without asking librbd.
+    pub(crate) fn known_size(&self) -> u64 {
+        self.shared.size.load(Ordering::Acquire)
     }
 
     pub(crate) fn flush_needed(&self) -> bool {
@@ -325,12 +338,16 @@ impl Storage for RbdStorage {
         Cow::Borrowed(&self.shown)
     }
     fn size(&self) -> io::Result<u64> {
-        self.shared.image.size()
+        let n = self.shared.image.size()?;
+        self.shared.size.store(n, Ordering::Release);
+        Ok(n)
     }
     fn set_size(&self, len: u64) -> io::Result<()> {
         self.writable()?;
         let _g = lock(&self.shared.grow);
-        self.shared.image.resize(len)
+        self.shared.image.resize(len)?;
+        self.shared.size.store(len, Ordering::Release);
+        Ok(())
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let size = self.size()?;
