@@ -90,9 +90,9 @@ fn parse_metrics_addr(s: &str) -> std::result::Result<SocketAddr, String> {
 
 #[derive(Args)]
 pub struct AttachArgs {
-    /// The image (raw or qcow2): a file or block device, or an NBD export
-    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbd:unix:PATH), which the
-    /// daemon then connects to.
+    /// The image (raw or qcow2): a file or block device, an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbd:unix:PATH) or an RBD image
+    /// (rbd:POOL/IMAGE[:KEY=VALUE...]), which the daemon then opens.
     image: String,
     /// The image format (default: probed once, here, and written explicitly; a probed qcow2
     /// that names a backing file is refused: give --format qcow2).

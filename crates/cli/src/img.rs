@@ -224,6 +224,15 @@ pub fn run(cmd: ImgCommand) -> Result<i32> {
     }
 }
 
+/// A disk name for messages: a path as given, a storage name with its secrets (an RBD
+/// `key=`) hidden.
+pub fn shown(p: &Path) -> String {
+    match xdisk_image::DiskSource::parse(&p.to_string_lossy(), None) {
+        Ok(src) if src.local_path().is_none() => src.to_string(),
+        _ => p.display().to_string(),
+    }
+}
+
 fn parse_format(s: Option<&str>) -> Result<Option<Format>> {
     s.map(|f| f.parse::<Format>().map_err(|e| anyhow!("{e}")))
         .transpose()
@@ -256,7 +265,7 @@ pub fn open_in(
     let name = path.to_string_lossy();
     xdisk_image::DiskSource::parse(&name, opts.format)
         .and_then(|src| src.open(&opts))
-        .with_context(|| format!("could not open '{}'", path.display()))
+        .with_context(|| format!("could not open '{}'", shown(path)))
 }
 
 fn parse_on_off(key: &str, v: &str) -> Result<bool> {
@@ -328,6 +337,10 @@ fn cmd_create(a: CreateArgs) -> Result<i32> {
     if a.backing_fmt.is_some() {
         opts.backing_format = a.backing_fmt.clone();
     }
+    let dst = xdisk_image::DiskSource::parse(&a.file.to_string_lossy(), Some(format))?;
+    if opts.backing_file.is_some() && dst.local_path().is_none() {
+        bail!("{dst}: backing files of images that are not host files are not supported yet");
+    }
     if let Some(b) = &opts.backing_file {
         // Like qemu-img: the backing file must open, and gives the size when none is given.
         let bpath = xdisk_image::resolve_backing(&a.file, b);
@@ -350,12 +363,7 @@ fn cmd_create(a: CreateArgs) -> Result<i32> {
     // qemu-img rounds the size up to a multiple of 512.
     opts.size = opts.size.div_ceil(512) * 512;
     if !a.quiet {
-        let mut line = format!(
-            "Formatting '{}', fmt={} size={}",
-            a.file.display(),
-            format,
-            opts.size
-        );
+        let mut line = format!("Formatting '{dst}', fmt={} size={}", format, opts.size);
         if format == Format::Qcow2 {
             if let Some(b) = &opts.backing_file {
                 line += &format!(" backing_file={b}");
@@ -373,7 +381,7 @@ fn cmd_create(a: CreateArgs) -> Result<i32> {
         }
         println!("{line}");
     }
-    xdisk_image::create(&a.file, format, &opts)?;
+    dst.create(format, &opts)?;
     Ok(0)
 }
 
@@ -513,8 +521,8 @@ fn cmd_info(a: InfoArgs) -> Result<i32> {
     // would open.
     let (img, refusal) = xdisk_image::DiskSource::parse(&a.file.to_string_lossy(), opts.format)
         .and_then(|src| src.open_for_inspection(&opts))
-        .with_context(|| format!("could not open '{}'", a.file.display()))?;
-    let mut infos = vec![info_json(&a.file, &img)?];
+        .with_context(|| format!("could not open '{}'", shown(&a.file)))?;
+    let mut infos = vec![info_json(Path::new(&shown(&a.file)), &img)?];
     if a.backing_chain {
         let mut layer = img.backing().cloned();
         while let Some(l) = layer {
@@ -552,7 +560,7 @@ fn cmd_check(a: CheckArgs) -> Result<i32> {
     };
     let file = xdisk_image::DiskSource::parse(&a.file.to_string_lossy(), None)
         .and_then(|src| src.open_storage(repair == Repair::None, CacheMode::WriteBack))
-        .with_context(|| format!("could not open '{}'", a.file.display()))?;
+        .with_context(|| format!("could not open '{}'", shown(&a.file)))?;
     let format = match parse_format(a.format.as_deref())? {
         Some(f) => f,
         None => xdisk_image::probe_format(&*file)?,
@@ -571,7 +579,7 @@ fn cmd_check(a: CheckArgs) -> Result<i32> {
     match a.output {
         OutputFormat::Json => {
             let mut v = report.json();
-            v["filename"] = json!(a.file.display().to_string());
+            v["filename"] = json!(shown(&a.file));
             v["format"] = json!("qcow2");
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
@@ -616,7 +624,8 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
         bail!("convert with a backing file for the output is not supported yet");
     }
     if !a.no_create {
-        xdisk_image::create(&a.dst, out_format, &copts)?;
+        xdisk_image::DiskSource::parse(&a.dst.to_string_lossy(), Some(out_format))?
+            .create(out_format, &copts)?;
     } else if a.compress {
         bail!("-c needs a new output: it cannot be used with -n");
     }

@@ -77,6 +77,24 @@ fn serve_attach_stat_detach_on_the_simulation() {
     let (ok, _, err) = run(&["stat", "xvdq", "--control", sock_s]);
     assert!(!ok && err.contains("no device"), "{err}");
 
+    // Grown by another program: the daemon follows (online resize, as blkback does).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if v[0]["size"].as_u64() == Some(24 << 20) {
+            break;
+        }
+        assert!(Instant::now() < until, "the size did not follow: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let (ok, out, err) = run(&["detach", "xvda", "--control", sock_s]);
     assert!(ok, "{err}");
     assert!(out.contains("detached xvda"), "{out}");

@@ -318,7 +318,11 @@ fn nbd_names_that_cannot_work_fail_clearly() {
     for (name, want) in [
         ("nbds://localhost:1/x", "cannot connect"),
         ("nbd+unix:///x", "socket"),
-        ("rbd:pool/img", "not supported yet"),
+        // RBD images are served now; one whose configuration is missing says so.
+        (
+            "rbd:pool/img:conf=/nonexistent/ceph.conf",
+            "cannot read the Ceph configuration /nonexistent/ceph.conf",
+        ),
     ] {
         let o = xdisk().args(["img", "info", name]).output().unwrap();
         assert!(!o.status.success(), "{name}");

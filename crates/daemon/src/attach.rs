@@ -41,9 +41,9 @@ pub const MAX_AUTO_INDEX: u32 = 256;
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
     /// The image: a host file or block device (its canonical path goes into `params` after
-    /// the format, `aio:` for raw, `qcow2:`), or an NBD export (its URI in the `nbd://` or
+    /// the format, `aio:` for raw, `qcow2:`), an NBD export (its URI in the `nbd://` or
     /// `nbd+unix:///EXPORT?socket=PATH` spelling, the socket's path made absolute, goes
-    /// there: `aio:nbd+unix:///...`).
+    /// there: `aio:nbd+unix:///...`), or an RBD image (its `rbd:` name, secrets included).
     pub image: Location,
     /// `None`: probed here, once, and written explicitly into `params`.
     pub format: Option<Format>,
@@ -171,7 +171,8 @@ fn probe(source: &DiskSource) -> Result<xdisk_image::Probed> {
 
 /// The image as `params` names it after the format, and the source to probe: a file's
 /// canonical path (it must exist and not be a directory), or an NBD URI in the spelling the
-/// daemon takes ([`crate::params::is_nbd_url`]), with an absolute socket path.
+/// daemon takes ([`crate::params::is_nbd_url`]), with an absolute socket path, or an RBD
+/// name as given.
 fn image_name(image: &Location) -> Result<(String, DiskSource)> {
     let source = match image {
         Location::Path(p) => {
@@ -187,7 +188,7 @@ fn image_name(image: &Location) -> Result<(String, DiskSource)> {
             }
             DiskSource::path(image, None)
         }
-        Location::Nbd(_) => DiskSource {
+        Location::Nbd(_) | Location::Rbd(_) => DiskSource {
             location: image.clone(),
             format: None,
         }
@@ -197,6 +198,8 @@ fn image_name(image: &Location) -> Result<(String, DiskSource)> {
     let name = match &source.location {
         Location::Path(p) => p.to_str().map(str::to_owned),
         Location::Nbd(_) => Some(source.to_string()),
+        // The whole name: its Display hides secrets (key=).
+        Location::Rbd(n) => Some(n.to_spec()),
     }
     .filter(|s| !s.chars().any(|c| c.is_control()))
     .ok_or_else(|| Error::Invalid(format!("unusable image name {source}")))?;

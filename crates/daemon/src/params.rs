@@ -66,7 +66,7 @@ impl DeviceType {
 /// How a disk is to be opened and served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
-    /// The image (absolute path).
+    /// The image (an absolute path, an NBD URI or an RBD name).
     pub path: PathBuf,
     /// The format; `None`: probe (a plain path in `params`).
     pub format: Option<Format>,
@@ -86,6 +86,20 @@ pub struct DiskSpec {
     /// Backing files must lie in one of these directories (empty: anywhere allowed by
     /// xdisk-image's rules); from the daemon's `--backing-dirs`.
     pub backing_dirs: Vec<PathBuf>,
+}
+
+impl DiskSpec {
+    /// The image as logs, status and metrics show it: a path as is, a storage name with its
+    /// secrets (an RBD `key=`) hidden.
+    pub fn shown(&self) -> String {
+        let name = self.path.to_string_lossy();
+        if is_rbd_name(&name) || is_nbd_url(&name) {
+            if let Ok(src) = xdisk_image::DiskSource::parse(&name, None) {
+                return src.to_string();
+            }
+        }
+        self.path.display().to_string()
+    }
 }
 
 /// Daemon-wide defaults that apply to every disk.
@@ -147,7 +161,7 @@ pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), P
             "params is empty: no medium (empty CD-ROM drives are not supported)".into(),
         ));
     }
-    let (tag, path) = if params.starts_with('/') || is_nbd_url(params) {
+    let (tag, path) = if params.starts_with('/') || is_nbd_url(params) || is_rbd_name(params) {
         ("", params)
     } else {
         match params.split_once(':') {
@@ -183,7 +197,7 @@ pub fn parse_params(params: &str) -> Result<(Option<Format>, String, PathBuf), P
             "params {params:?} names no image (empty CD-ROM drives are not supported)"
         )));
     }
-    if !path.starts_with('/') && !is_nbd_url(path) {
+    if !path.starts_with('/') && !is_nbd_url(path) && !is_rbd_name(path) {
         return Err(invalid(NODE, params, "the image path must be absolute"));
     }
     Ok((format, tag.to_owned(), PathBuf::from(path)))
@@ -203,6 +217,14 @@ pub fn is_nbd_url(s: &str) -> bool {
     ]
     .iter()
     .any(|p| s.starts_with(p))
+}
+
+/// A Ceph RBD image as QEMU names it (`rbd:POOL/IMAGE[@SNAP][:KEY=VALUE...]`): libxl writes
+/// `params=aio:rbd:pool/img` for `format=raw,target=rbd:pool/img` and `qcow2:rbd:...` for a
+/// qcow2 image stored in RBD; the image opens it through `DiskSource::parse`. A bare
+/// `rbd:...` (no format) is probed, like a bare path.
+pub fn is_rbd_name(s: &str) -> bool {
+    s.starts_with("rbd:")
 }
 
 /// Reads a disk's nodes through `read` (key relative to the backend directory; `None` when
@@ -285,6 +307,22 @@ mod tests {
             (s.path, s.format),
             (PathBuf::from("nbd://host:10810/x"), None)
         );
+        // What libxl writes for format=raw|qcow2,backendtype=qdisk,target=rbd:pool/img.
+        let s = spec(&[("params", "aio:rbd:pool/img:id=xen:conf=/etc/ceph/ceph.conf")]).unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (
+                PathBuf::from("rbd:pool/img:id=xen:conf=/etc/ceph/ceph.conf"),
+                Some(Format::Raw)
+            )
+        );
+        let s = spec(&[("params", "qcow2:rbd:pool/ns/img")]).unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (PathBuf::from("rbd:pool/ns/img"), Some(Format::Qcow2))
+        );
+        let s = spec(&[("params", "rbd:pool/img")]).unwrap();
+        assert_eq!((s.path, s.format), (PathBuf::from("rbd:pool/img"), None));
         let s = spec(&[("params", "aio:/tmp/disk2.raw")]).unwrap();
         assert_eq!(s.format, Some(Format::Raw));
         assert_eq!(s.format_tag, "aio");

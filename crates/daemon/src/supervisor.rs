@@ -711,8 +711,8 @@ impl Inner {
         let (image, cache) = open_image(&spec)?;
         {
             let mut s = lock(&entry.status);
-            s.image = Some(spec.path.display().to_string());
-            tracing::Span::current().record("image", tracing::field::display(spec.path.display()));
+            s.image = Some(spec.shown());
+            tracing::Span::current().record("image", tracing::field::display(spec.shown()));
             s.format = Some(image.format().as_str().to_owned());
             s.read_only = image.read_only();
             s.cache = Some(cache.to_string());
@@ -751,7 +751,7 @@ impl Inner {
         }
         tracing::info!(
             device = %key.name(),
-            image = %spec.path.display(),
+            image = %spec.shown(),
             format = %image.format(),
             read_only = image.read_only(),
             %cache,
@@ -765,6 +765,7 @@ impl Inner {
                     if finished {
                         break false;
                     }
+                    self.follow_resize(entry, &image, &spec);
                 }
             }
         };
@@ -787,13 +788,39 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Online resize from below: a raw image whose storage changed size elsewhere (an RBD
+    /// image resized with `rbd resize`, which librbd's header watch makes `rbd_get_size`
+    /// see; a file or block device grown by another program) gets the new size, and the
+    /// frontend is told as Linux blkback's `xen_vbd_resize` tells it (`sectors`, then the
+    /// state again). Checked at every poll of the host thread.
+    fn follow_resize(&self, entry: &Entry, image: &Image, spec: &DiskSpec) {
+        let new = match image.refresh_size() {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(device = %entry.key.name(), "cannot size the image: {e}");
+                return;
+            }
+        };
+        tracing::info!(device = %entry.key.name(), image = %spec.shown(), size = new, "the image was resized: telling the frontend");
+        lock(&entry.status).size = Some(new);
+        if let Some(d) = lock(&entry.device).as_ref() {
+            if let Err(e) = d.resize() {
+                tracing::warn!(device = %entry.key.name(), "online resize: {e}");
+            }
+        }
+    }
+}
+
 /// Opens a disk's image; a cache mode with O_DIRECT that the file system refuses (tmpfs)
 /// falls back to `writeback`, with a warning.
 fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
     let open = |cache| {
-        // A path, or an NBD URI (params=aio:nbd+unix:///x?socket=...).
+        // A path, an NBD URI (params=aio:nbd+unix:///x?socket=...) or an RBD image
+        // (params=aio:rbd:pool/img).
         let name = spec.path.to_string_lossy();
-        let source = if crate::params::is_nbd_url(&name) {
+        let source = if crate::params::is_nbd_url(&name) || crate::params::is_rbd_name(&name) {
             xdisk_image::DiskSource::parse(&name, spec.format)?
         } else {
             xdisk_image::DiskSource::path(&spec.path, spec.format)
@@ -808,7 +835,7 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
     };
     if spec.format.is_none() {
         tracing::warn!(
-            image = %spec.path.display(),
+            image = %spec.shown(),
             "params names no format: probing it (a raw image whose guest writes a qcow2 \
              header would be misread, and a probed image never opens a backing file; prefer \
              aio: or qcow2:)"
@@ -819,18 +846,18 @@ fn open_image(spec: &DiskSpec) -> Result<(Arc<Image>, CacheMode)> {
         Err(first) if spec.cache.direct() => match open(CacheMode::WriteBack) {
             Ok(i) => {
                 tracing::warn!(
-                    image = %spec.path.display(),
+                    image = %spec.shown(),
                     "cannot open with O_DIRECT ({first}); using cache=writeback"
                 );
                 Ok((i, CacheMode::WriteBack))
             }
             Err(_) => Err(Error::Image {
-                path: spec.path.clone(),
+                path: spec.shown().into(),
                 error: first,
             }),
         },
         Err(e) => Err(Error::Image {
-            path: spec.path.clone(),
+            path: spec.shown().into(),
             error: e,
         }),
     }

@@ -16,6 +16,22 @@ pub fn create(path: &Path, format: Format, opts: &CreateOptions) -> Result<()> {
     }
 }
 
+/// Writes a new image of `format` into `storage` (a fresh, empty or zeroed one: an RBD image
+/// just created), as [`create`] writes it into a file.
+pub fn create_on(
+    storage: &dyn xdisk_io::Storage,
+    format: Format,
+    opts: &CreateOptions,
+) -> Result<()> {
+    match format {
+        Format::Raw if opts.backing_file.is_some() => Err(Error::InvalidArgument(
+            "raw images cannot have a backing file".into(),
+        )),
+        Format::Raw => crate::raw::fill(storage, opts.size, opts.preallocation),
+        Format::Qcow2 => crate::qcow2::create::create_on(storage, opts),
+    }
+}
+
 /// Creates (or truncates) the host file `path` and lets `fill` write the image into it. On
 /// failure a file this call created is removed again (an existing one is left as it is: it
 /// may be a device node).

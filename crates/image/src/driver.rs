@@ -46,6 +46,12 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + Any {
     fn map(&self, offset: u64, len: u64, write: bool, out: &mut Vec<Extent>) -> Result<Mapping>;
     /// Changes the virtual size.
     fn resize(&self, new_size: u64) -> Result<()>;
+    /// Takes up a size change of the storage made elsewhere (see [`Image::refresh_size`]);
+    /// the new virtual size if it changed. Formats whose size is in their metadata answer
+    /// `None`.
+    fn refresh_size(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Writes back metadata kept in memory (see [`Image::write_back_metadata`]).
     fn write_back_metadata(&self) -> Result<()> {
         Ok(())

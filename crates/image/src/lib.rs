@@ -22,7 +22,7 @@ pub mod queue;
 pub mod raw;
 pub mod source;
 
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, create_on, CreateOptions, Preallocation};
 pub use driver::{FormatDriver, FormatInfo, SnapshotInfo};
 pub use qcow2::check::{CheckReport, Repair};
 pub use qcow2::format::CompressionType;
@@ -465,8 +465,8 @@ impl Image {
         )
     }
 
-    /// Opens a backing file that lives on another storage (an `nbd://` URI written in the
-    /// image, as QEMU allows): read-only, counted in the chain's depth, never when backing
+    /// Opens a backing file that lives on another storage (an `nbd://` URI or an `rbd:` name
+    /// written in the image, as QEMU allows): read-only, counted in the chain's depth, never when backing
     /// files are limited to host directories (`backing_dirs`).
     fn open_uri_backing(
         src: &DiskSource,
@@ -787,6 +787,14 @@ impl Image {
         }
     }
 
+    /// Takes up a change of the storage's size made elsewhere (an RBD image resized with
+    /// `rbd resize`, a raw file or block device grown by another program): for raw images
+    /// the virtual size follows the storage's; returns the new size if it changed. Formats
+    /// whose size is in their metadata (qcow2) keep theirs (`None`).
+    pub fn refresh_size(&self) -> Result<Option<u64>> {
+        self.driver.refresh_size()
+    }
+
     /// Changes the virtual size. Growing exposes zeroes; shrinking drops data past the end.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         if self.read_only() {
@@ -857,7 +865,7 @@ pub enum BackingTarget {
     /// A host file: an absolute name, or a relative one resolved against the directory of
     /// the image that names it.
     File(PathBuf),
-    /// Another storage (an `nbd://` URI).
+    /// Another storage (an `nbd://` URI, an `rbd:` name).
     Uri(DiskSource),
     /// A relative name in an image that is not a host file: no directory to resolve it
     /// against (QEMU: "cannot determine actual path").

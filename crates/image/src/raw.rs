@@ -138,31 +138,40 @@ impl RawImage {
 /// Creates (or truncates) `path` as a raw image of `size` bytes (rounded up to 512 like
 /// qemu-img). `Off` leaves it sparse; `Falloc` allocates it; `Full` writes zeroes.
 pub fn create(path: &Path, size: u64, preallocation: Preallocation) -> Result<()> {
+    // Refused before the file is created (or truncated).
+    validate(size, preallocation)?;
+    create_file(path, |file| fill(file, size, preallocation))
+}
+
+fn validate(size: u64, preallocation: Preallocation) -> Result<u64> {
     if preallocation == Preallocation::Metadata {
         return Err(Error::InvalidArgument(
             "Unsupported preallocation mode: metadata".into(),
         ));
     }
-    let size = crate::create::round_size(size)?;
-    create_file(path, |file| {
-        match preallocation {
-            Preallocation::Off | Preallocation::Metadata => {
-                file.set_size(size).map_err(io_ctx("setting the size"))?
-            }
-            Preallocation::Falloc => {
-                if size > 0 {
-                    file.preallocate(0, size)
-                        .map_err(io_ctx("allocating the file (fallocate)"))?;
-                }
-            }
-            Preallocation::Full => {
-                file.write_zeroes_by_writing(0, size)
-                    .map_err(io_ctx("writing zeroes"))?;
-                file.set_size(size).map_err(io_ctx("setting the size"))?;
+    crate::create::round_size(size)
+}
+
+/// Makes `file` a raw image of `size` bytes (rounded up to 512), as [`create`] does a file.
+pub(crate) fn fill(file: &dyn Storage, size: u64, preallocation: Preallocation) -> Result<()> {
+    let size = validate(size, preallocation)?;
+    match preallocation {
+        Preallocation::Off | Preallocation::Metadata => {
+            file.set_size(size).map_err(io_ctx("setting the size"))?
+        }
+        Preallocation::Falloc => {
+            if size > 0 {
+                file.preallocate(0, size)
+                    .map_err(io_ctx("allocating the file (fallocate)"))?;
             }
         }
-        file.flush().map_err(io_ctx("flushing"))
-    })
+        Preallocation::Full => {
+            file.write_zeroes_by_writing(0, size)
+                .map_err(io_ctx("writing zeroes"))?;
+            file.set_size(size).map_err(io_ctx("setting the size"))?;
+        }
+    }
+    file.flush().map_err(io_ctx("flushing"))
 }
 
 impl crate::FormatDriver for RawImage {
@@ -198,6 +207,14 @@ impl crate::FormatDriver for RawImage {
     }
     fn resize(&self, new_size: u64) -> Result<()> {
         RawImage::resize(self, new_size)
+    }
+    fn refresh_size(&self) -> Result<Option<u64>> {
+        let now = self
+            .storage
+            .size()
+            .map_err(|e| Error::io(self.ctx("cannot size"), e))?;
+        let was = self.size.swap(now, Ordering::AcqRel);
+        Ok((was != now).then_some(now))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

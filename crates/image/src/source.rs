@@ -1,6 +1,7 @@
 //! How a disk is named: one parsed [`DiskSource`] (where its bytes are, and its format if
-//! given) used by every command that opens an image (`img`, `bench`, `serve`, `attach`),
-//! so that a new kind of storage (an `nbd://` export, an `rbd:` image) plugs in here, once.
+//! given) used by every command that opens or creates an image (`img`, `bench`, `nbd`,
+//! `serve`, `attach`), so that a new kind of storage (an `nbd://` export, an `rbd:` image)
+//! plugs in here, once.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -8,8 +9,9 @@ use std::sync::Arc;
 
 use xdisk_io::{CacheMode, ImageFile, StorageRef};
 use xdisk_nbd_client::{ClientConfig, NbdStorage, NbdUri, Transport};
+use xdisk_rbd::{RbdName, RbdStorage};
 
-use crate::{BackingRefusal, Error, Format, Image, OpenOptions, Result};
+use crate::{BackingRefusal, CreateOptions, Error, Format, Image, OpenOptions, Result};
 
 /// Where a disk's bytes live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,10 +20,21 @@ pub enum Location {
     Path(PathBuf),
     /// An export of an NBD server (`nbd://`, `nbd+unix://`, QEMU's `nbd:HOST:PORT`).
     Nbd(NbdUri),
+    /// A Ceph RBD image (`rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:KEY=VALUE...]`).
+    Rbd(RbdName),
 }
 
-/// URI schemes of storages that xdisk recognises but does not serve yet, with what to say.
-const NOT_YET: [(&str, &str); 1] = [("rbd:", "Ceph RBD images")];
+/// An RBD error as the image crate's: missing images and pools stay ENOENT, etc.
+fn rbd_error(e: xdisk_rbd::Error) -> Error {
+    match e {
+        xdisk_rbd::Error::Name { .. } => Error::InvalidArgument(e.to_string()),
+        xdisk_rbd::Error::Rados { what, source } => Error::io(what, source),
+        e => {
+            let os = e.os_error().unwrap_or(libc::EIO);
+            Error::io(e.to_string(), std::io::Error::from_raw_os_error(os))
+        }
+    }
+}
 
 /// A disk as named by a user or a toolstack: its location and, if given, its format.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +54,7 @@ impl DiskSource {
         }
     }
 
-    /// Parses a disk name as commands take it: a path, or a storage URI (NBD). Names
-    /// with the scheme of a storage that is not served yet are refused with a clear error
-    /// rather than taken for relative paths.
+    /// Parses a disk name as commands take it: a path, or a storage name (NBD, RBD).
     pub fn parse(name: &str, format: Option<Format>) -> Result<DiskSource> {
         if name.is_empty() {
             return Err(Error::InvalidArgument("empty image name".into()));
@@ -58,12 +69,15 @@ impl DiskSource {
                 format,
             });
         }
-        for (scheme, what) in NOT_YET {
-            if name.starts_with(scheme) {
-                return Err(Error::Unsupported(format!(
-                    "{what} ({name}) are not supported yet; give a file or a block device"
-                )));
-            }
+        if xdisk_rbd::is_rbd_name(name) {
+            let n = RbdName::parse(name).map_err(|e| {
+                // Never echo a name that may hold a key: say where it went wrong only.
+                Error::InvalidArgument(format!("bad RBD name: {e}"))
+            })?;
+            return Ok(DiskSource {
+                location: Location::Rbd(n),
+                format,
+            });
         }
         Ok(DiskSource::path(name, format))
     }
@@ -86,6 +100,7 @@ impl DiskSource {
                 }
                 Location::Nbd(uri)
             }
+            Location::Rbd(n) => Location::Rbd(n.clone()),
         };
         Ok(DiskSource {
             location,
@@ -97,7 +112,7 @@ impl DiskSource {
     pub fn local_path(&self) -> Option<&Path> {
         match &self.location {
             Location::Path(p) => Some(p),
-            Location::Nbd(_) => None,
+            Location::Nbd(_) | Location::Rbd(_) => None,
         }
     }
 
@@ -121,6 +136,45 @@ impl DiskSource {
                 })?;
                 Ok(Arc::new(s))
             }
+            Location::Rbd(n) => Ok(Arc::new(
+                RbdStorage::open(n, read_only, cache).map_err(rbd_error)?,
+            )),
+        }
+    }
+
+    /// Creates the image (qemu-img create): a host file is created or truncated; an RBD
+    /// image is created (`rbd create`, its size the virtual size for raw, grown as the
+    /// qcow2 image grows for qcow2) and must not exist; NBD exports cannot be created.
+    pub fn create(&self, format: Format, opts: &CreateOptions) -> Result<()> {
+        match &self.location {
+            Location::Path(p) => crate::create(p, format, opts),
+            Location::Nbd(u) => Err(Error::Unsupported(format!(
+                "cannot create an image on the NBD export {u}: write into it (convert -n)"
+            ))),
+            Location::Rbd(n) => {
+                if opts.backing_file.is_some() {
+                    return Err(Error::Unsupported(
+                        "backing files of images on RBD are not supported yet".into(),
+                    ));
+                }
+                let size = match format {
+                    Format::Raw => crate::create::round_size(opts.size)?,
+                    Format::Qcow2 => 0,
+                };
+                RbdStorage::create(n, size).map_err(rbd_error)?;
+                let fill = || -> Result<()> {
+                    let s = RbdStorage::open(n, false, CacheMode::WriteBack).map_err(rbd_error)?;
+                    crate::create::create_on(&s, format, opts)
+                };
+                let r = fill();
+                if r.is_err() {
+                    // Leave nothing half made (as a file that create made is removed).
+                    if let Err(e) = RbdStorage::remove(n) {
+                        tracing::warn!("cannot remove {n} after a failed create: {e}");
+                    }
+                }
+                r
+            }
         }
     }
 
@@ -132,7 +186,7 @@ impl DiskSource {
             Location::Path(p) => Image::open(p, &opts),
             // A storage without a host path: a backing file it names must be an absolute
             // path or a URI (and a probed format never opens one, see Image::open).
-            Location::Nbd(_) => {
+            Location::Nbd(_) | Location::Rbd(_) => {
                 Image::open_on(self.open_storage(opts.read_only, opts.cache)?, &opts)
             }
         }
@@ -147,7 +201,7 @@ impl DiskSource {
         let opts = self.options(opts);
         match &self.location {
             Location::Path(p) => Image::open_for_inspection(p, &opts),
-            Location::Nbd(_) => {
+            Location::Nbd(_) | Location::Rbd(_) => {
                 Image::open_on_for_inspection(self.open_storage(opts.read_only, opts.cache)?, &opts)
             }
         }
@@ -167,6 +221,8 @@ impl fmt::Display for DiskSource {
         match &self.location {
             Location::Path(p) => write!(f, "{}", p.display()),
             Location::Nbd(u) => write!(f, "{u}"),
+            // Secrets (key=) hidden.
+            Location::Rbd(n) => write!(f, "{n}"),
         }
     }
 }
@@ -176,7 +232,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_and_nbd_uris_parse_and_other_storage_uris_are_refused_clearly() {
+    fn paths_nbd_uris_and_rbd_names_parse() {
         let s = DiskSource::parse("/var/lib/xen/disk.qcow2", Some(Format::Qcow2)).unwrap();
         assert_eq!(s.local_path(), Some(Path::new("/var/lib/xen/disk.qcow2")));
         assert_eq!(s.to_string(), "/var/lib/xen/disk.qcow2");
@@ -197,8 +253,17 @@ mod tests {
             let s = DiskSource::parse(uri, None).unwrap();
             assert!(matches!(s.location, Location::Nbd(_)), "{uri}");
         }
-        let e = DiskSource::parse("rbd:pool/img", None).unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)), "rbd: {e}");
+        let s =
+            DiskSource::parse("rbd:pool/ns/img@snap:id=u:key=SECRET", Some(Format::Raw)).unwrap();
+        let Location::Rbd(n) = &s.location else {
+            panic!("rbd: {s:?}")
+        };
+        assert_eq!((n.pool.as_str(), n.image.as_str()), ("pool", "img"));
+        assert_eq!(s.local_path(), None);
+        assert_eq!(s.to_string(), "rbd:pool/ns/img@snap:id=u:key=<hidden>");
+        let e = DiskSource::parse("rbd:pool:key=SECRET", None).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "rbd: {e}");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
         assert!(matches!(
             DiskSource::parse("nbd+unix:///e", None),
             Err(Error::InvalidArgument(_))

@@ -124,27 +124,29 @@ fn probed_backing_file_never_opens_its_own_backing_file() {
     assert!(e.to_string().contains("probed"), "{e}");
 }
 
-/// Backing names go through DiskSource, the one place that knows storages: a URI is never
-/// looked up as a relative file. A storage not served yet is refused by name; an NBD URI is
-/// a storage of its own (opened as QEMU does, see nbd_client_cli.rs), refused when backing
-/// files are limited to host directories.
+/// Backing names go through DiskSource, the one place that knows storages: a URI or an RBD
+/// name is never looked up as a relative file. It is a storage of its own (opened as QEMU
+/// does, see nbd_client_cli.rs), refused when backing files are limited to host directories.
 #[test]
 fn backing_file_uri_is_a_storage_not_a_relative_file() {
     let d = tmp();
-    let img = d.path().join("top.qcow2");
-    qcow2_naming(&img, "rbd:pool/base", "raw");
-    let e = Image::open(&img, &opts(Some(Format::Qcow2))).unwrap_err();
-    assert!(matches!(e, Error::Backing(_)), "{e:?}");
-    assert!(e.to_string().contains("not supported yet"), "{e}");
-    let img = d.path().join("top-nbd.qcow2");
-    qcow2_naming(&img, "nbd+unix:///base?socket=/nonexistent/x.sock", "raw");
-    let mut o = opts(Some(Format::Qcow2));
-    o.backing_dirs = vec![d.path().to_path_buf()];
-    let e = Image::open(&img, &o).unwrap_err();
-    assert!(
-        matches!(e, Error::Backing(_)) && e.to_string().contains("not a host file"),
-        "{e}"
-    );
+    for (i, name) in [
+        "nbd+unix:///base?socket=/nonexistent/x.sock",
+        "rbd:pool/base",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = d.path().join(format!("top{i}.qcow2"));
+        qcow2_naming(&img, name, "raw");
+        let mut o = opts(Some(Format::Qcow2));
+        o.backing_dirs = vec![d.path().to_path_buf()];
+        let e = Image::open(&img, &o).unwrap_err();
+        assert!(
+            matches!(e, Error::Backing(_)) && e.to_string().contains("not a host file"),
+            "{name}: {e}"
+        );
+    }
 }
 
 #[test]

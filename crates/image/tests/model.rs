@@ -1,11 +1,14 @@
 //! Property tests: random read/write/discard/write-zeroes/flush/reopen sequences on raw and
-//! qcow2 images (with and without a backing file) behave like an in-memory disk; qcow2
-//! images stay clean for `qemu-img check` and read the same through qemu-img.
+//! qcow2 images (with and without a backing file; on files and on Ceph RBD images) behave
+//! like an in-memory disk; qcow2 images stay clean for `qemu-img check` and read the same
+//! through qemu-img.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use proptest::prelude::*;
-use xdisk_image::CacheMode;
+use xdisk_image::{CacheMode, CreateOptions, DiskSource, Format, Image, OpenOptions};
+use xdisk_rbd::testing::{cluster, rbd_ok, TestImage};
 
 mod support;
 use support::{open, qemu_img, qemu_read_all};
@@ -47,16 +50,16 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Runs ops against the image at `path` (already created) and the model.
+/// Runs ops against the image that `open` opens (already created) and the model.
 fn run(
-    path: &Path,
+    open: &dyn Fn(CacheMode) -> Arc<Image>,
     model: &mut [u8],
     ops: &[Op],
     cache: CacheMode,
     discard_zeroes: bool,
     backing: Option<&[u8]>,
 ) {
-    let mut img = open(path, cache);
+    let mut img = open(cache);
     for op in ops {
         match *op {
             Op::Write { off, len, seed } => {
@@ -100,7 +103,7 @@ fn run(
             Op::Reopen => {
                 img.close().unwrap();
                 drop(img);
-                img = open(path, cache);
+                img = open(cache);
             }
         }
     }
@@ -108,7 +111,7 @@ fn run(
     img.close().unwrap();
     drop(img);
     // The whole image, read back fresh.
-    let img = open(path, CacheMode::WriteBack);
+    let img = open(CacheMode::WriteBack);
     let mut all = vec![0u8; SIZE as usize];
     img.read_at(&mut all, 0).unwrap();
     assert!(
@@ -145,7 +148,7 @@ proptest! {
         std::fs::File::create(&p).unwrap().set_len(SIZE).unwrap();
         let mut model = vec![0u8; SIZE as usize];
         let cache = if direct { CacheMode::None } else { CacheMode::WriteBack };
-        run(&p, &mut model, &ops, cache, true, None);
+        run(&|c| open(&p, c), &mut model, &ops, cache, true, None);
     }
 
     #[test]
@@ -162,7 +165,7 @@ proptest! {
         let o = format!("cluster_size={},compat={compat},refcount_bits={refcount_bits}", 1u64 << cluster_bits);
         assert!(qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, p.to_str().unwrap(), &SIZE.to_string()]).status.success());
         let mut model = vec![0u8; SIZE as usize];
-        run(&p, &mut model, &ops, CacheMode::None, true, None);
+        run(&|c| open(&p, c), &mut model, &ops, CacheMode::None, true, None);
         qemu_agrees(&p, &model, d.path());
     }
 
@@ -189,7 +192,69 @@ proptest! {
             "-b", base.to_str().unwrap(), "-F", bfmt, p.to_str().unwrap()]).status.success());
         // v2 images have no zero flag: a discard may leave the backing data visible.
         let backing = model.clone();
-        run(&p, &mut model, &ops, CacheMode::None, !v2, Some(&backing));
+        run(&|c| open(&p, c), &mut model, &ops, CacheMode::None, !v2, Some(&backing));
         qemu_agrees(&p, &model, d.path());
+    }
+}
+
+/// The same model on a Ceph RBD image (raw, or a qcow2 image stored in RBD) made by
+/// `DiskSource::create`, with `rbd export` and qemu-img reading `rbd:` as the oracles.
+fn model_on_rbd(ops: &[Op], qcow2: bool, cluster_size: u64, direct: bool) {
+    let Some(conf) = cluster() else { return };
+    let t = TestImage::new(conf, "model");
+    let name = t.name();
+    let format = if qcow2 { Format::Qcow2 } else { Format::Raw };
+    let src = DiskSource::parse(&name, Some(format)).unwrap();
+    let opts = CreateOptions {
+        size: SIZE,
+        cluster_size,
+        ..CreateOptions::default()
+    };
+    src.create(format, &opts).unwrap();
+    let open = |cache| {
+        src.open(&OpenOptions {
+            format: Some(format),
+            cache,
+            ..OpenOptions::default()
+        })
+        .unwrap()
+    };
+    let mut model = vec![0u8; SIZE as usize];
+    let cache = if direct {
+        CacheMode::None
+    } else {
+        CacheMode::WriteBack
+    };
+    // RBD discards may leave data (partial objects are skipped); qcow2 v3 zeroes clusters.
+    run(&open, &mut model, ops, cache, qcow2, None);
+    let d = tmp();
+    if qcow2 {
+        qemu_agrees(Path::new(&name), &model, d.path());
+    } else {
+        let exported = rbd_ok(conf, &["export", "--no-progress", &t.spec(), "-"]).stdout;
+        assert!(exported == model, "rbd export reads what the model says");
+        assert!(
+            qemu_read_all(Path::new(&name), d.path()) == model,
+            "qemu-img reads what the model says"
+        );
+    }
+}
+
+proptest! {
+    // Each case talks to the cluster: a few suffice next to the file cases above.
+    #![proptest_config(ProptestConfig { cases: 4, ..ProptestConfig::default() })]
+
+    #[test]
+    fn model_rbd_raw(ops in prop::collection::vec(op(), 1..40), direct in any::<bool>()) {
+        model_on_rbd(&ops, false, 65536, direct);
+    }
+
+    #[test]
+    fn model_rbd_qcow2(
+        ops in prop::collection::vec(op(), 1..40),
+        cluster_size in prop::sample::select(vec![4096u64, 65536]),
+        direct in any::<bool>(),
+    ) {
+        model_on_rbd(&ops, true, cluster_size, direct);
     }
 }

@@ -221,6 +221,14 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     create_file(path, |file| write_image(file, opts, &layout))
 }
 
+/// Writes a new qcow2 image into `file` (fresh, reading as zeroes: an RBD image just
+/// created), as [`create`] does into a file.
+pub fn create_on(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+    let size = validate(opts)?;
+    let layout = Layout::compute(opts, size)?;
+    write_image(file, opts, &layout)
+}
+
 fn write_image(file: &dyn Storage, opts: &CreateOptions, l: &Layout) -> Result<()> {
     let cs = l.cs();
     let total = l.total_clusters();

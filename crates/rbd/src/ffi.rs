@@ -1,0 +1,718 @@
+//! The only module that calls librados and librbd (C API, `rados/librados.h` and
+//! `rbd/librbd.h` from Debian's librbd-dev, Ceph 16): the few functions xdisk uses, declared
+//! by hand, behind safe types.
+//!
+//! Ownership rules that make the wrappers safe:
+//! - [`Cluster`], [`IoCtx`] and [`Image`] own their handles and release them on drop, in
+//!   order: an image holds its I/O context, which holds its cluster connection.
+//! - An asynchronous operation owns everything librbd may touch until its completion: the
+//!   data buffer (an [`IoSlice`], whose memory its creator keeps alive and unaliased until
+//!   it is handed back, see [`IoBuf`]'s contract) and the iovec array passed to librbd
+//!   (librbd keeps the array's pointer, not a copy, until the read completes). Both live in
+//!   a heap [`Pending`] whose pointer is the completion's callback argument; librbd calls
+//!   the callback exactly once, on one of its own threads, and the callback hands the buffer
+//!   back through a [`Sink`]. An operation refused at submission never gets a callback:
+//!   then the submitter takes the `Pending` back at once.
+//! - The callbacks (completions, `rbd_diff_iterate2`) never unwind into
+//!   C: they only lock (poison-tolerant), push and signal.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::io;
+use std::ptr;
+use std::sync::{Arc, Mutex};
+
+use xdisk_io::{IoBuf, IoSlice};
+
+#[allow(non_camel_case_types)]
+type rados_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rados_ioctx_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rbd_image_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rbd_completion_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rbd_callback_t = extern "C" fn(rbd_completion_t, *mut c_void);
+#[allow(non_camel_case_types)]
+type diff_callback_t = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+
+/// `rbd_image_info_t` (librbd.h).
+#[repr(C)]
+struct RbdImageInfo {
+    size: u64,
+    obj_size: u64,
+    num_objs: u64,
+    order: c_int,
+    block_name_prefix: [c_char; 24],
+    parent_pool: i64,
+    parent_name: [c_char; 96],
+}
+
+/// `rbd_linked_image_spec_t` (librbd.h).
+#[repr(C)]
+struct RbdLinkedImageSpec {
+    pool_id: i64,
+    pool_name: *mut c_char,
+    pool_namespace: *mut c_char,
+    image_id: *mut c_char,
+    image_name: *mut c_char,
+    trash: bool,
+}
+
+/// `rbd_snap_spec_t` (librbd.h).
+#[repr(C)]
+struct RbdSnapSpec {
+    id: u64,
+    namespace_type: c_int,
+    name: *mut c_char,
+}
+
+#[link(name = "rados")]
+extern "C" {
+    fn rados_create2(
+        pcluster: *mut rados_t,
+        clustername: *const c_char,
+        name: *const c_char,
+        flags: u64,
+    ) -> c_int;
+    fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
+    fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    fn rados_conf_get(
+        cluster: rados_t,
+        option: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn rados_connect(cluster: rados_t) -> c_int;
+    fn rados_shutdown(cluster: rados_t);
+    fn rados_ioctx_create(
+        cluster: rados_t,
+        pool_name: *const c_char,
+        ioctx: *mut rados_ioctx_t,
+    ) -> c_int;
+    fn rados_ioctx_destroy(io: rados_ioctx_t);
+    fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
+}
+
+#[link(name = "rbd")]
+extern "C" {
+    fn rbd_create(io: rados_ioctx_t, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
+    fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    fn rbd_open(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    fn rbd_close(image: rbd_image_t) -> c_int;
+    fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+    fn rbd_stat(image: rbd_image_t, info: *mut RbdImageInfo, infosize: usize) -> c_int;
+    fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    fn rbd_get_flags(image: rbd_image_t, flags: *mut u64) -> c_int;
+    fn rbd_get_parent(
+        image: rbd_image_t,
+        parent_image: *mut RbdLinkedImageSpec,
+        parent_snap: *mut RbdSnapSpec,
+    ) -> c_int;
+    fn rbd_linked_image_spec_cleanup(image: *mut RbdLinkedImageSpec);
+    fn rbd_snap_spec_cleanup(snap: *mut RbdSnapSpec);
+    fn rbd_version(major: *mut c_int, minor: *mut c_int, extra: *mut c_int);
+    fn rbd_read2(
+        image: rbd_image_t,
+        ofs: u64,
+        len: usize,
+        buf: *mut c_char,
+        op_flags: c_int,
+    ) -> isize;
+    fn rbd_write2(
+        image: rbd_image_t,
+        ofs: u64,
+        len: usize,
+        buf: *const c_char,
+        op_flags: c_int,
+    ) -> isize;
+    fn rbd_discard(image: rbd_image_t, ofs: u64, len: u64) -> c_int;
+    fn rbd_write_zeroes(
+        image: rbd_image_t,
+        ofs: u64,
+        len: usize,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> isize;
+    fn rbd_flush(image: rbd_image_t) -> c_int;
+    fn rbd_diff_iterate2(
+        image: rbd_image_t,
+        fromsnapname: *const c_char,
+        ofs: u64,
+        len: u64,
+        include_parent: u8,
+        whole_object: u8,
+        cb: diff_callback_t,
+        arg: *mut c_void,
+    ) -> c_int;
+    fn rbd_aio_create_completion(
+        cb_arg: *mut c_void,
+        complete_cb: rbd_callback_t,
+        c: *mut rbd_completion_t,
+    ) -> c_int;
+    fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
+    fn rbd_aio_release(c: rbd_completion_t);
+    fn rbd_aio_readv(
+        image: rbd_image_t,
+        iov: *const libc::iovec,
+        iovcnt: c_int,
+        off: u64,
+        c: rbd_completion_t,
+    ) -> c_int;
+    fn rbd_aio_writev(
+        image: rbd_image_t,
+        iov: *const libc::iovec,
+        iovcnt: c_int,
+        off: u64,
+        c: rbd_completion_t,
+    ) -> c_int;
+    fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
+    fn rbd_aio_discard(image: rbd_image_t, off: u64, len: u64, c: rbd_completion_t) -> c_int;
+    fn rbd_aio_write_zeroes(
+        image: rbd_image_t,
+        off: u64,
+        len: usize,
+        c: rbd_completion_t,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> c_int;
+}
+
+/// A negative errno from librados/librbd as an `io::Error`.
+fn errno(r: i64) -> io::Error {
+    io::Error::from_raw_os_error(i32::try_from(-r).unwrap_or(libc::EIO))
+}
+
+fn check(r: c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(errno(r.into()))
+    } else {
+        Ok(())
+    }
+}
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{s:?} contains a NUL byte"),
+        )
+    })
+}
+
+/// librbd's version (major, minor, extra): 1.16 is Ceph 16.
+pub(crate) fn librbd_version() -> (i32, i32, i32) {
+    let (mut a, mut b, mut c) = (0, 0, 0);
+    // SAFETY: rbd_version writes three ints through valid pointers to our locals.
+    unsafe { rbd_version(&mut a, &mut b, &mut c) };
+    (a, b, c)
+}
+
+/// A connection to a Ceph cluster (`rados_t`).
+pub(crate) struct Cluster {
+    handle: rados_t,
+    connected: bool,
+}
+
+// SAFETY: librados cluster handles are thread-safe once connected (QEMU and librbd itself
+// use one from many threads); before `connect` only the creating thread configures it
+// (`&mut self` methods).
+unsafe impl Send for Cluster {}
+// SAFETY: as above: every `&self` method is a call librados allows concurrently.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// A handle for Ceph user `client.USER`, not yet configured or connected.
+    pub(crate) fn create(user: &str) -> io::Result<Cluster> {
+        let cluster = cstring("ceph")?;
+        let name = cstring(&format!("client.{user}"))?;
+        let mut handle: rados_t = ptr::null_mut();
+        // SAFETY: valid NUL-terminated strings and an out pointer to our local.
+        check(unsafe { rados_create2(&mut handle, cluster.as_ptr(), name.as_ptr(), 0) })?;
+        Ok(Cluster {
+            handle,
+            connected: false,
+        })
+    }
+
+    /// Reads a ceph.conf (`None`: Ceph's default search path).
+    pub(crate) fn read_conf(&mut self, path: Option<&str>) -> io::Result<()> {
+        let path = path.map(cstring).transpose()?;
+        let p = path.as_ref().map_or(ptr::null(), |p| p.as_ptr());
+        // SAFETY: the handle is ours and not connected; p is NULL or a valid string.
+        check(unsafe { rados_conf_read_file(self.handle, p) })
+    }
+
+    /// Sets a Ceph option.
+    pub(crate) fn set(&mut self, key: &str, value: &str) -> io::Result<()> {
+        let (k, v) = (cstring(key)?, cstring(value)?);
+        // SAFETY: the handle is ours and not connected; both strings are valid.
+        check(unsafe { rados_conf_set(self.handle, k.as_ptr(), v.as_ptr()) })
+    }
+
+    /// A Ceph option's current value.
+    pub(crate) fn get(&self, key: &str) -> io::Result<String> {
+        let k = cstring(key)?;
+        let mut buf = vec![0u8; 256];
+        // SAFETY: buf is valid for buf.len() bytes; librados writes a NUL-terminated string
+        // of at most that many bytes (or fails with -ENAMETOOLONG).
+        check(unsafe {
+            rados_conf_get(self.handle, k.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        })?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
+    /// Connects (blocks up to `client_mount_timeout`).
+    pub(crate) fn connect(&mut self) -> io::Result<()> {
+        // SAFETY: the handle is ours, configured, not connected yet.
+        check(unsafe { rados_connect(self.handle) })?;
+        self.connected = true;
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: the handle is ours; every I/O context (which holds an Arc of the cluster)
+        // is gone. rados_shutdown also frees a handle that never connected.
+        unsafe { rados_shutdown(self.handle) };
+    }
+}
+
+/// An I/O context: one pool (and namespace) of a cluster.
+pub(crate) struct IoCtx {
+    handle: rados_ioctx_t,
+    _cluster: Arc<Cluster>,
+}
+
+// SAFETY: a librados I/O context may be used from several threads for I/O; its namespace
+// is set once, before it is shared.
+unsafe impl Send for IoCtx {}
+// SAFETY: as above.
+unsafe impl Sync for IoCtx {}
+
+impl IoCtx {
+    pub(crate) fn new(
+        cluster: Arc<Cluster>,
+        pool: &str,
+        namespace: Option<&str>,
+    ) -> io::Result<IoCtx> {
+        if !cluster.connected {
+            return Err(io::Error::other("the cluster is not connected"));
+        }
+        let p = cstring(pool)?;
+        let ns = namespace.map(cstring).transpose()?;
+        let mut handle: rados_ioctx_t = ptr::null_mut();
+        // SAFETY: a connected cluster handle, a valid string and an out pointer to a local.
+        check(unsafe { rados_ioctx_create(cluster.handle, p.as_ptr(), &mut handle) })?;
+        if let Some(ns) = &ns {
+            // SAFETY: the context was just created and is not shared yet; valid string.
+            unsafe { rados_ioctx_set_namespace(handle, ns.as_ptr()) };
+        }
+        Ok(IoCtx {
+            handle,
+            _cluster: cluster,
+        })
+    }
+
+    /// Creates an RBD image of `size` bytes with the cluster's default features and order.
+    pub(crate) fn create_image(&self, name: &str, size: u64) -> io::Result<()> {
+        let n = cstring(name)?;
+        let mut order: c_int = 0;
+        // SAFETY: valid context and string; order is an in/out pointer to a local (0: the
+        // default object size).
+        check(unsafe { rbd_create(self.handle, n.as_ptr(), size, &mut order) })
+    }
+
+    /// Removes an RBD image (it must have no snapshots and no watchers).
+    pub(crate) fn remove_image(&self, name: &str) -> io::Result<()> {
+        let n = cstring(name)?;
+        // SAFETY: valid context and string.
+        check(unsafe { rbd_remove(self.handle, n.as_ptr()) })
+    }
+}
+
+impl Drop for IoCtx {
+    fn drop(&mut self) {
+        // SAFETY: the handle is ours; every image opened on it (which holds an Arc of this
+        // context) is closed.
+        unsafe { rados_ioctx_destroy(self.handle) };
+    }
+}
+
+/// An open RBD image (`rbd_image_t`).
+pub(crate) struct Image {
+    handle: rbd_image_t,
+    _io: Arc<IoCtx>,
+}
+
+// SAFETY: librbd image handles are thread-safe: QEMU and rbd-nbd issue I/O on one handle
+// from several threads; librbd serialises internally.
+unsafe impl Send for Image {}
+// SAFETY: as above.
+unsafe impl Sync for Image {}
+
+/// What `rbd_stat` says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stat {
+    pub(crate) size: u64,
+    pub(crate) object_size: u64,
+}
+
+impl Image {
+    /// Opens `name` (at `snapshot`); read-only opens take no watch and no lock.
+    pub(crate) fn open(
+        io: Arc<IoCtx>,
+        name: &str,
+        snapshot: Option<&str>,
+        read_only: bool,
+    ) -> io::Result<Image> {
+        let n = cstring(name)?;
+        let s = snapshot.map(cstring).transpose()?;
+        let sp = s.as_ref().map_or(ptr::null(), |s| s.as_ptr());
+        let mut handle: rbd_image_t = ptr::null_mut();
+        // SAFETY: a valid context, valid strings (or NULL for no snapshot) and an out
+        // pointer to a local.
+        let r = unsafe {
+            if read_only {
+                rbd_open_read_only(io.handle, n.as_ptr(), &mut handle, sp)
+            } else {
+                rbd_open(io.handle, n.as_ptr(), &mut handle, sp)
+            }
+        };
+        check(r)?;
+        Ok(Image { handle, _io: io })
+    }
+
+    pub(crate) fn size(&self) -> io::Result<u64> {
+        let mut size = 0u64;
+        // SAFETY: an open image and an out pointer to a local.
+        check(unsafe { rbd_get_size(self.handle, &mut size) })?;
+        Ok(size)
+    }
+
+    pub(crate) fn stat(&self) -> io::Result<Stat> {
+        // SAFETY: all-zero bytes are a valid RbdImageInfo (integers and char arrays).
+        let mut info: RbdImageInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: an open image and a pointer to a struct of the size we pass.
+        check(unsafe { rbd_stat(self.handle, &mut info, std::mem::size_of::<RbdImageInfo>()) })?;
+        Ok(Stat {
+            size: info.size,
+            object_size: info.obj_size,
+        })
+    }
+
+    pub(crate) fn features(&self) -> io::Result<u64> {
+        let mut f = 0u64;
+        // SAFETY: an open image and an out pointer to a local.
+        check(unsafe { rbd_get_features(self.handle, &mut f) })?;
+        Ok(f)
+    }
+
+    pub(crate) fn flags(&self) -> io::Result<u64> {
+        let mut f = 0u64;
+        // SAFETY: an open image and an out pointer to a local.
+        check(unsafe { rbd_get_flags(self.handle, &mut f) })?;
+        Ok(f)
+    }
+
+    /// Whether the image is a clone (has a parent).
+    pub(crate) fn has_parent(&self) -> io::Result<bool> {
+        // SAFETY: all-zero bytes are valid for both structs (integers, NULL pointers, false).
+        let mut img: RbdLinkedImageSpec = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut snap: RbdSnapSpec = unsafe { std::mem::zeroed() };
+        // SAFETY: an open image and pointers to our locals; on success librbd fills them
+        // with strings it allocated, which the cleanup calls free.
+        let r = unsafe { rbd_get_parent(self.handle, &mut img, &mut snap) };
+        if r == -libc::ENOENT {
+            return Ok(false);
+        }
+        check(r)?;
+        // SAFETY: filled by the successful call above; freed once.
+        unsafe {
+            rbd_linked_image_spec_cleanup(&mut img);
+            rbd_snap_spec_cleanup(&mut snap);
+        }
+        Ok(true)
+    }
+
+    pub(crate) fn resize(&self, size: u64) -> io::Result<()> {
+        // SAFETY: an open image.
+        check(unsafe { rbd_resize(self.handle, size) })
+    }
+
+    /// Reads `buf.len()` bytes at `off` (blocking); returns the bytes read (short at the
+    /// end of the image).
+    pub(crate) fn read(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        // SAFETY: buf is valid for writes of buf.len() bytes for the whole (blocking) call.
+        let r = unsafe { rbd_read2(self.handle, off, buf.len(), buf.as_mut_ptr().cast(), 0) };
+        if r < 0 {
+            return Err(errno(r as i64));
+        }
+        Ok(r as usize)
+    }
+
+    /// Writes `buf` at `off` (blocking); returns the bytes written.
+    pub(crate) fn write(&self, buf: &[u8], off: u64) -> io::Result<usize> {
+        // SAFETY: buf is valid for reads of buf.len() bytes for the whole (blocking) call;
+        // librbd copies what it keeps.
+        let r = unsafe { rbd_write2(self.handle, off, buf.len(), buf.as_ptr().cast(), 0) };
+        if r < 0 {
+            return Err(errno(r as i64));
+        }
+        Ok(r as usize)
+    }
+
+    pub(crate) fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        // SAFETY: an open image.
+        check(unsafe { rbd_discard(self.handle, off, len) })
+    }
+
+    pub(crate) fn write_zeroes(&self, off: u64, len: usize) -> io::Result<()> {
+        // SAFETY: an open image; no buffer.
+        let r = unsafe { rbd_write_zeroes(self.handle, off, len, 0, 0) };
+        if r < 0 {
+            return Err(errno(r as i64));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        // SAFETY: an open image.
+        check(unsafe { rbd_flush(self.handle) })
+    }
+
+    /// The allocated extents (`rbd_diff_iterate2` from the beginning of time, including the
+    /// parent, whole objects) of `[off, off + len)`, in order; `visit` returns false to stop.
+    pub(crate) fn allocated(
+        &self,
+        off: u64,
+        len: u64,
+        visit: &mut (dyn FnMut(u64, u64) -> bool + Send),
+    ) -> io::Result<()> {
+        /// Returned by the callback to stop the iteration (any negative value does; QEMU
+        /// uses the same one).
+        const STOP: c_int = -9000;
+        struct State<'a> {
+            visit: &'a mut (dyn FnMut(u64, u64) -> bool + Send),
+        }
+        extern "C" fn cb(off: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            // SAFETY: arg is the Mutex<State> on the stack of `allocated`, which outlives
+            // the rbd_diff_iterate2 call that invokes us (librbd may call from its own
+            // threads, one at a time; the mutex makes that sound in any case).
+            let state = unsafe { &*(arg as *const Mutex<State<'_>>) };
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            if exists == 0 {
+                return 0;
+            }
+            if (st.visit)(off, len as u64) {
+                0
+            } else {
+                STOP
+            }
+        }
+        let state = Mutex::new(State { visit });
+        // SAFETY: an open image; the callback and its argument are valid for the call,
+        // which returns only after the last callback.
+        let r = unsafe {
+            rbd_diff_iterate2(
+                self.handle,
+                ptr::null(),
+                off,
+                len,
+                1,
+                1,
+                cb,
+                &state as *const Mutex<State<'_>> as *mut c_void,
+            )
+        };
+        if r < 0 && r != STOP {
+            return Err(errno(r.into()));
+        }
+        Ok(())
+    }
+
+    /// Starts an asynchronous operation; on success `sink` gets `(tag, result, buffer)`
+    /// exactly once, from one of librbd's threads (`result`: librbd's return value, a
+    /// negative errno on failure). On failure the buffer comes back at once.
+    pub(crate) fn aio(
+        &self,
+        op: AioOp,
+        sink: Arc<dyn Sink>,
+        tag: u64,
+    ) -> Result<(), (Option<IoSlice>, io::Error)> {
+        let mut pending = Box::new(Pending {
+            sink,
+            tag,
+            buf: None,
+            iov: Vec::new(),
+        });
+        let (kind, off, len) = match op {
+            AioOp::Read { buf, len, off } => {
+                pending.hold(buf, len);
+                (Kind::Read, off, len as u64)
+            }
+            AioOp::Write { buf, len, off } => {
+                pending.hold(buf, len);
+                (Kind::Write, off, len as u64)
+            }
+            AioOp::Flush => (Kind::Flush, 0, 0),
+            AioOp::Discard { off, len } => (Kind::Discard, off, len),
+            AioOp::WriteZeroes { off, len } => (Kind::WriteZeroes, off, len),
+        };
+        let Ok(iovcnt) = c_int::try_from(pending.iov.len()) else {
+            return Err((
+                pending.buf.take(),
+                io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        };
+        let Ok(zero_len) = usize::try_from(len) else {
+            return Err((
+                pending.buf.take(),
+                io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        };
+        // The heap array stays where it is when the box becomes a raw pointer.
+        let iov = pending.iov.as_ptr();
+        let arg = Box::into_raw(pending);
+        let mut c: rbd_completion_t = ptr::null_mut();
+        // SAFETY: `arg` is a valid pointer that the completion's callback takes back; the
+        // callback cannot run before an operation is started on the completion.
+        let r = unsafe { rbd_aio_create_completion(arg.cast(), complete, &mut c) };
+        if r < 0 {
+            // SAFETY: no completion exists: we still own `arg`.
+            let p = unsafe { Box::from_raw(arg) };
+            return Err((p.buf, errno(r.into())));
+        }
+        // SAFETY: an open image and a fresh completion. The iovecs (and the memory they
+        // describe: the IoSlice's, valid and unaliased until handed back by its contract)
+        // live in the Pending that only the callback frees, after librbd is done with them.
+        // After a successful call `arg` is not touched here again (the callback may
+        // already have freed it).
+        let r = unsafe {
+            match kind {
+                Kind::Read => rbd_aio_readv(self.handle, iov, iovcnt, off, c),
+                Kind::Write => rbd_aio_writev(self.handle, iov, iovcnt, off, c),
+                Kind::Flush => rbd_aio_flush(self.handle, c),
+                Kind::Discard => rbd_aio_discard(self.handle, off, len, c),
+                Kind::WriteZeroes => rbd_aio_write_zeroes(self.handle, off, zero_len, c, 0, 0),
+            }
+        };
+        if r < 0 {
+            // Refused before it started: librbd never calls back for this completion.
+            // SAFETY: the completion is ours to release, and `arg` ours to take back.
+            let p = unsafe {
+                rbd_aio_release(c);
+                Box::from_raw(arg)
+            };
+            return Err((p.buf, errno(r.into())));
+        }
+        Ok(())
+    }
+}
+
+/// An asynchronous operation for [`Image::aio`].
+pub(crate) enum AioOp {
+    /// `rbd_aio_readv` of the first `len` bytes of `buf`.
+    Read { buf: IoSlice, len: usize, off: u64 },
+    /// `rbd_aio_writev` of the first `len` bytes of `buf`.
+    Write { buf: IoSlice, len: usize, off: u64 },
+    /// `rbd_aio_flush`.
+    Flush,
+    /// `rbd_aio_discard`.
+    Discard { off: u64, len: u64 },
+    /// `rbd_aio_write_zeroes` (may unmap: no thick provisioning).
+    WriteZeroes { off: u64, len: u64 },
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// Where completions go. Called on librbd's threads: must not block for long or panic.
+pub(crate) trait Sink: Send + Sync {
+    /// The operation `tag` finished with librbd's return value `result`; `buf` is its
+    /// buffer, handed back.
+    fn done(&self, tag: u64, result: i64, buf: Option<IoSlice>);
+}
+
+/// What an operation in flight owns: its buffer and the iovecs librbd reads.
+struct Pending {
+    sink: Arc<dyn Sink>,
+    tag: u64,
+    buf: Option<IoSlice>,
+    iov: Vec<libc::iovec>,
+}
+
+impl Pending {
+    /// Takes `buf` and describes its first `len` bytes.
+    fn hold(&mut self, mut buf: IoSlice, len: usize) {
+        let mut left = len;
+        for v in buf.iovecs() {
+            if left == 0 {
+                break;
+            }
+            let n = v.iov_len.min(left);
+            self.iov.push(libc::iovec {
+                iov_base: v.iov_base,
+                iov_len: n,
+            });
+            left -= n;
+        }
+        self.buf = Some(buf);
+    }
+}
+
+/// The completion callback of every asynchronous operation.
+extern "C" fn complete(c: rbd_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the Box<Pending> leaked by `Image::aio` for this completion, and
+    // librbd calls this once per completion: we are its only owner now.
+    let p = unsafe { Box::from_raw(arg.cast::<Pending>()) };
+    // SAFETY: `c` is the completion librbd completes; it is released once, here (QEMU's
+    // rbd driver releases it in its callback too).
+    let r = unsafe {
+        let r = rbd_aio_get_return_value(c);
+        rbd_aio_release(c);
+        r
+    };
+    let Pending {
+        sink,
+        tag,
+        buf,
+        iov,
+    } = *p;
+    drop(iov);
+    sink.done(tag, r as i64, buf);
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: the handle is ours; no operation is in flight on it (engines wait theirs
+        // out before they drop their hold on the image, or leak it).
+        let r = unsafe { rbd_close(self.handle) };
+        if r < 0 {
+            tracing::warn!("closing an RBD image: {}", errno(r.into()));
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! [`RbdStorage`]: an RBD image as an xdisk [`Storage`], and the process-wide registry that
+//! opens each cluster connection and each image once.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use xdisk_io::sys::EventFd;
+use xdisk_io::{Alignment, Allocation, CacheMode, Engine, EngineConfig, IoSlice, Storage};
+
+use crate::engine::RbdEngine;
+use crate::ffi;
+use crate::name::RbdName;
+use crate::Error;
+
+/// `RBD_FEATURE_STRIPINGV2`, `RBD_FEATURE_FAST_DIFF` (rbd/features.h).
+const FEATURE_STRIPINGV2: u64 = 1 << 1;
+const FEATURE_FAST_DIFF: u64 = 1 << 4;
+/// `RBD_FLAG_FAST_DIFF_INVALID` (librbd.h).
+const FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
+
+/// The most one synchronous librbd call moves (librbd refuses discards over `INT_MAX`).
+pub(crate) const MAX_CHUNK: u64 = 1 << 30;
+
+/// Timeouts set on every connection unless the ceph.conf or the name sets them: a cluster
+/// that goes away makes requests fail with ETIMEDOUT after this long instead of hanging.
+/// Ceph's own defaults are 0 (wait forever) for the two op timeouts and 300 s for mounts.
+pub const DEFAULT_TIMEOUTS: [(&str, &str, &str); 3] = [
+    // (option, Ceph's default, xdisk's)
+    ("rados_osd_op_timeout", "0", "60"),
+    ("rados_mon_op_timeout", "0", "30"),
+    ("client_mount_timeout", "300", "30"),
+];
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What makes two connections interchangeable.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ClusterKey {
+    user: String,
+    conf: Option<String>,
+    options: Vec<(String, String)>,
+    /// librbd's cache (`rbd_cache`), from the cache mode: a connection-wide setting.
+    cache: bool,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ImageKey {
+    cluster: ClusterKey,
+    pool: String,
+    namespace: Option<String>,
+    image: String,
+    snapshot: Option<String>,
+    read_only: bool,
+}
+
+/// One registry: a weak handle per key, each behind its own lock, so that opening one
+/// key (which may wait for a cluster's timeouts) never holds up another.
+struct Registry<K, V> {
+    map: Mutex<HashMap<K, Arc<Mutex<Weak<V>>>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Registry<K, V> {
+    fn new() -> Self {
+        Registry {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The live value for `key`, or a new one from `make` (which runs without the map's
+    /// lock, under the key's own).
+    fn get_or_open(
+        &self,
+        key: &K,
+        make: impl FnOnce() -> Result<V, Error>,
+    ) -> Result<Arc<V>, Error> {
+        let slot = {
+            let mut map = lock(&self.map);
+            map.retain(|_, s| s.try_lock().map_or(true, |w| w.strong_count() > 0));
+            map.entry(key.clone())
+                .or_insert_with(|| Arc::new(Mutex::new(Weak::new())))
+                .clone()
+        };
+        let mut w = lock(&slot);
+        if let Some(v) = w.upgrade() {
+            return Ok(v);
+        }
+        let v = Arc::new(make()?);
+        *w = Arc::downgrade(&v);
+        Ok(v)
+    }
+}
+
+fn clusters() -> &'static Registry<ClusterKey, ffi::Cluster> {
+    static R: OnceLock<Registry<ClusterKey, ffi::Cluster>> = OnceLock::new();
+    R.get_or_init(Registry::new)
+}
+
+fn images() -> &'static Registry<ImageKey, SharedImage> {
+    static R: OnceLock<Registry<ImageKey, SharedImage>> = OnceLock::new();
+    R.get_or_init(Registry::new)
+}
+
+fn cluster_key(name: &RbdName, cache: CacheMode) -> ClusterKey {
+    ClusterKey {
+        user: name.user.clone().unwrap_or_else(|| "admin".into()),
+        conf: name.conf.clone(),
+        options: name.options.clone(),
+        // As QEMU: librbd's cache unless cache=none/directsync.
+        cache: !cache.direct(),
+    }
+}
+
+/// Connects (or finds the connection) as QEMU's rbd driver does: the user, the ceph.conf
+/// (the default search if none is named), the name's options, then `rbd_cache`.
+fn connect(key: &ClusterKey, shown: &str) -> Result<Arc<ffi::Cluster>, Error> {
+    clusters().get_or_open(key, || {
+        let ctx = |what: &str| {
+            let what = format!("{what} ({shown})");
+            move |e| Error::Rados { what, source: e }
+        };
+        let mut c = ffi::Cluster::create(&key.user).map_err(ctx("cannot create a RADOS handle"))?;
+        match &key.conf {
+            Some(p) => c
+                .read_conf(Some(p))
+                .map_err(ctx(&format!("cannot read the Ceph configuration {p}")))?,
+            // No ceph.conf is fine when the name gives mon_host and a key.
+            None => {
+                let _ = c.read_conf(None);
+            }
+        }
+        for (opt, ceph_default, ours) in DEFAULT_TIMEOUTS {
+            if c.get(opt).is_ok_and(|v| v == ceph_default) {
+                c.set(opt, ours)
+                    .map_err(ctx(&format!("cannot set {opt}")))?;
+            }
+        }
+        for (k, v) in &key.options {
+            c.set(k, v)
+                .map_err(ctx(&format!("invalid Ceph option {k}")))?;
+        }
+        c.set("rbd_cache", if key.cache { "true" } else { "false" })
+            .map_err(ctx("cannot set rbd_cache"))?;
+        c.connect()
+            .map_err(ctx("cannot connect to the Ceph cluster"))?;
+        Ok(c)
+    })
+}
+
+fn io_ctx(name: &RbdName, cluster: Arc<ffi::Cluster>) -> Result<ffi::IoCtx, Error> {
+    ffi::IoCtx::new(cluster, &name.pool, name.namespace.as_deref()).map_err(|e| Error::Rados {
+        what: format!("cannot open pool {} ({name})", name.pool),
+        source: e,
+    })
+}
+
+/// An image opened once per process, shared by every storage (and queue) that names it.
+pub(crate) struct SharedImage {
+    pub(crate) image: ffi::Image,
+    cluster: Arc<ffi::Cluster>,
+    object_size: u64,
+    /// librbd < 1.17 reports wrong diff offsets for clones and for non-default striping
+    /// (Ceph tracker 53784): block status is not asked of those.
+    diff_trusted: bool,
+    /// Serialises growing the image (writes past its end).
+    grow: Mutex<()>,
+    /// The size last read from librbd or set here: what the engine clips reads and grows
+    /// writes by without asking librbd (`rbd_get_size` refreshes the header first when
+    /// librbd's watch says it changed: a round trip to the cluster that must not block a
+    /// queue's reactor).
+    size: AtomicU64,
+}
+
+/// An RBD image as a storage.
+pub struct RbdStorage {
+    name: RbdName,
+    shown: String,
+    pub(crate) shared: Arc<SharedImage>,
+    read_only: bool,
+    cache: CacheMode,
+    broken: OnceLock<String>,
+}
+
+impl fmt::Debug for RbdStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RbdStorage")
+            .field("name", &self.shown)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl RbdStorage {
+    /// Opens the image `name` names (shared with every other open of it in this process
+    /// with the same connection settings and mode). A snapshot opens read-only only.
+    pub fn open(name: &RbdName, read_only: bool, cache: CacheMode) -> Result<RbdStorage, Error> {
+        let shown = name.to_string();
+        if name.snapshot.is_some() && !read_only {
+            return Err(Error::SnapshotReadOnly(shown));
+        }
+        let key = ImageKey {
+            cluster: cluster_key(name, cache),
+            pool: name.pool.clone(),
+            namespace: name.namespace.clone(),
+            image: name.image.clone(),
+            snapshot: name.snapshot.clone(),
+            read_only,
+        };
+        let shared = images().get_or_open(&key, || {
+            let cluster = connect(&key.cluster, &shown)?;
+            let io = Arc::new(io_ctx(name, cluster.clone())?);
+            let image = ffi::Image::open(io, &name.image, name.snapshot.as_deref(), read_only)
+                .map_err(|e| Error::Rados {
+                    what: format!("cannot open {shown}"),
+                    source: e,
+                })?;
+            let stat = image.stat().map_err(|e| Error::Rados {
+                what: format!("cannot stat {shown}"),
+                source: e,
+            })?;
+            let (maj, min, _) = ffi::librbd_version();
+            let diff_trusted = (maj, min) >= (1, 17)
+                || (image.features().is_ok_and(|f| f & FEATURE_STRIPINGV2 == 0)
+                    && image.has_parent().is_ok_and(|p| !p));
+            tracing::debug!(image = %shown, size = stat.size, object_size = stat.object_size, "RBD image opened");
+            Ok(SharedImage {
+                image,
+                cluster,
+                object_size: stat.object_size.max(512),
+                diff_trusted,
+                grow: Mutex::new(()),
+                size: AtomicU64::new(stat.size),
+            })
+        })?;
+        Ok(RbdStorage {
+            name: name.clone(),
+            shown,
+            shared,
+            read_only,
+            cache,
+            broken: OnceLock::new(),
+        })
+    }
+
+    /// Creates the image `name` names, `size` bytes, with the cluster's default features
+    /// and object size. An existing image is an error ([`Error::Exists`]).
+    pub fn create(name: &RbdName, size: u64) -> Result<(), Error> {
+        let shown = name.to_string();
+        if name.snapshot.is_some() {
+            return Err(Error::Name {
+                name: shown,
+                why: "cannot create a snapshot (drop @SNAP)".into(),
+            });
+        }
+        let cluster = connect(&cluster_key(name, CacheMode::WriteBack), &shown)?;
+        let io = io_ctx(name, cluster)?;
+        io.create_image(&name.image, size).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                Error::Exists(shown.clone())
+            } else {
+                Error::Rados {
+                    what: format!("cannot create {shown}"),
+                    source: e,
+                }
+            }
+        })
+    }
+
+    /// Removes the image `name` names (it must have no snapshots and not be open).
+    pub fn remove(name: &RbdName) -> Result<(), Error> {
+        let shown = name.to_string();
+        let cluster = connect(&cluster_key(name, CacheMode::WriteBack), &shown)?;
+        let io = io_ctx(name, cluster)?;
+        io.remove_image(&name.image).map_err(|e| Error::Rados {
+            what: format!("cannot remove {shown}"),
+            source: e,
+        })
+    }
+
+    /// The name it was opened with.
+    pub fn rbd_name(&self) -> &RbdName {
+        &self.name
+    }
+
+    /// The value of a Ceph option on this image's cluster connection (what the ceph.conf,
+    /// the name and xdisk's defaults made it).
+    pub fn ceph_option(&self, key: &str) -> io::Result<String> {
+        self.shared.cluster.get(key)
+    }
+
+    /// Whether `other` drives the same librbd image handle (one open per process).
+    pub fn shares_image_with(&self, other: &RbdStorage) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// The size of one RADOS object of the image (the granularity of block status).
+    pub fn object_size(&self) -> u64 {
+        self.shared.object_size
+    }
+
+    pub(crate) fn writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        self.check_usable()
+    }
+
+    /// Grows the image to at least `end` bytes (librbd refuses writes past the end: QEMU's
+    /// driver grows the image first too).
+    pub(crate) fn grow_to(&self, end: u64) -> io::Result<()> {
+        let _g = lock(&self.shared.grow);
+        let size = self.size()?;
+        if end > size {
+            tracing::debug!(image = %self.shown, from = size, to = end, "growing the RBD image");
+            self.shared.image.resize(end)?;
+            self.shared.size.store(end, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// The size last known (see `SharedImage::size`), without asking librbd.
+    pub(crate) fn known_size(&self) -> u64 {
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn flush_needed(&self) -> bool {
+        !self.read_only && self.cache.honours_flush()
+    }
+}
+
+impl Storage for RbdStorage {
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.shown)
+    }
+    fn size(&self) -> io::Result<u64> {
+        let n = self.shared.image.size()?;
+        self.shared.size.store(n, Ordering::Release);
+        Ok(n)
+    }
+    fn set_size(&self, len: u64) -> io::Result<()> {
+        self.writable()?;
+        let _g = lock(&self.shared.grow);
+        self.shared.image.resize(len)?;
+        self.shared.size.store(len, Ordering::Release);
+        Ok(())
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let size = self.size()?;
+        let n = if off >= size {
+            0
+        } else {
+            (size - off).min(buf.len() as u64) as usize
+        };
+        let mut pos = 0usize;
+        while pos < n {
+            let m = (n - pos).min(MAX_CHUNK as usize);
+            let got = self
+                .shared
+                .image
+                .read(&mut buf[pos..pos + m], off + pos as u64)?;
+            if got == 0 {
+                // Shrunk meanwhile: the rest reads as zeroes, as past the end.
+                break;
+            }
+            pos += got.min(m);
+        }
+        buf[pos..].fill(0);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.writable()?;
+        let end = off
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if end > self.size()? {
+            self.grow_to(end)?;
+        }
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let m = (buf.len() - pos).min(MAX_CHUNK as usize);
+            let n = self
+                .shared
+                .image
+                .write(&buf[pos..pos + m], off + pos as u64)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "short RBD write"));
+            }
+            pos += n.min(m);
+        }
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.check_usable()?;
+        if !self.flush_needed() {
+            return Ok(());
+        }
+        let r = self.shared.image.flush();
+        if let Err(e) = &r {
+            self.mark_broken(e);
+        }
+        r
+    }
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        self.writable()?;
+        let end = off.saturating_add(len).min(self.size()?);
+        let mut pos = off;
+        while pos < end {
+            let n = (end - pos).min(MAX_CHUNK);
+            self.shared.image.discard(pos, n)?;
+            pos += n;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        self.writable()?;
+        let end = off.saturating_add(len).min(self.size()?);
+        let mut pos = off;
+        while pos < end {
+            let n = (end - pos).min(MAX_CHUNK);
+            self.shared.image.write_zeroes(pos, n as usize)?;
+            pos += n;
+        }
+        Ok(())
+    }
+    fn preallocate(&self, off: u64, len: u64) -> io::Result<()> {
+        self.writable()?;
+        // Thin provisioned: nothing to reserve; the range must exist.
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if end > self.size()? {
+            self.grow_to(end)?;
+        }
+        Ok(())
+    }
+    fn allocation(&self, off: u64, len: u64) -> Allocation {
+        let data = Allocation::Data { len };
+        let img = &self.shared.image;
+        let Ok(size) = img.size() else {
+            return data;
+        };
+        if off >= size {
+            return Allocation::Hole { len };
+        }
+        // As QEMU's qemu_rbd_co_block_status: only with a valid fast-diff object map,
+        // whole objects, the parent included.
+        if !self.shared.diff_trusted
+            || !img.features().is_ok_and(|f| f & FEATURE_FAST_DIFF != 0)
+            || !img.flags().is_ok_and(|f| f & FLAG_FAST_DIFF_INVALID == 0)
+        {
+            return data;
+        }
+        let end = off.saturating_add(len).min(size);
+        let obj = self.shared.object_size;
+        let start = off / obj * obj;
+        // The first run from `off`: (is data, where it ends).
+        let mut run: Option<(bool, u64)> = None;
+        let mut visit = |e_off: u64, e_len: u64| -> bool {
+            let e_end = e_off.saturating_add(e_len);
+            if e_end <= off {
+                return true;
+            }
+            match run {
+                None if e_off > off => {
+                    run = Some((false, e_off));
+                    false
+                }
+                None => {
+                    run = Some((true, e_end));
+                    true
+                }
+                Some((true, at)) if e_off <= at => {
+                    run = Some((true, at.max(e_end)));
+                    true
+                }
+                Some(_) => false,
+            }
+        };
+        if let Err(e) = img.allocated(start, end - start, &mut visit) {
+            tracing::debug!(image = %self.shown, "rbd_diff_iterate2 failed: {e}");
+            return data;
+        }
+        match run {
+            Some((true, at)) => Allocation::Data {
+                len: (at - off).clamp(1, len),
+            },
+            Some((false, at)) => Allocation::Hole {
+                len: (at - off).clamp(1, len),
+            },
+            // Nothing allocated up to `end`, and past the end of the image is a hole too.
+            None => Allocation::Hole { len },
+        }
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn cache(&self) -> CacheMode {
+        self.cache
+    }
+    fn alignment(&self) -> Alignment {
+        Alignment::NONE
+    }
+    fn is_broken(&self) -> bool {
+        self.broken.get().is_some()
+    }
+    fn mark_broken(&self, err: &io::Error) {
+        self.broken.get_or_init(|| err.to_string());
+    }
+    fn open_engine(
+        self: Arc<Self>,
+        cfg: &EngineConfig,
+        notify: Arc<EventFd>,
+    ) -> Option<io::Result<Box<dyn Engine<IoSlice>>>> {
+        Some(Ok(Box::new(RbdEngine::new(self, cfg, notify))))
+    }
+}

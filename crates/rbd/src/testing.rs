@@ -1,0 +1,135 @@
+//! Test support (feature `test-cluster`): the throwaway Ceph cluster of `tests/ceph/start`,
+//! and images on it that remove themselves.
+//!
+//! How tests find the cluster: `XDISK_CEPH_CONF` (set by `scripts/test`, which starts the
+//! cluster before `cargo test` and stops it after) names its ceph.conf; without it the first
+//! test of a process runs `tests/ceph/start` itself (idempotent, under a host-wide lock, so
+//! concurrent test binaries share one cluster, which then stays up for the next run;
+//! `tests/ceph/stop` stops it). A cluster that cannot be started fails the test: a test
+//! never skips silently. `XDISK_SKIP_CEPH=1` skips the RBD tests, saying so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+/// The pool `tests/ceph/start` creates.
+pub const POOL: &str = "rbd";
+
+/// The cluster's ceph.conf, or `None` if the RBD tests are skipped (`XDISK_SKIP_CEPH=1`,
+/// which prints a line saying so). Panics if no cluster can be had.
+pub fn cluster() -> Option<&'static Path> {
+    static CONF: OnceLock<Option<PathBuf>> = OnceLock::new();
+    CONF.get_or_init(|| {
+        if std::env::var("XDISK_SKIP_CEPH").is_ok_and(|v| v == "1") {
+            eprintln!("RBD tests skipped: XDISK_SKIP_CEPH=1");
+            return None;
+        }
+        if let Some(c) = std::env::var_os("XDISK_CEPH_CONF").filter(|c| !c.is_empty()) {
+            return Some(PathBuf::from(c));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/ceph/start");
+        let out = Command::new(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let conf = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("XDISK_CEPH_CONF="))
+            .next_back()
+            .map(PathBuf::from);
+        match conf {
+            Some(c) if out.status.success() => Some(c),
+            _ => panic!(
+                "no Ceph cluster for the RBD tests: {} failed ({}):\n{}{}\n\
+                 (scripts/setup installs ceph-mon, ceph-osd and ceph-common; \
+                 XDISK_SKIP_CEPH=1 skips these tests)",
+                script.display(),
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    })
+    .as_deref()
+}
+
+/// A fresh image name: unique across processes and calls.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs the `rbd` command on the cluster (bounded by `timeout 120`).
+pub fn rbd(conf: &Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("120")
+        .arg("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .output()
+        .expect("run rbd")
+}
+
+/// Like [`rbd`], and panics unless it succeeds.
+pub fn rbd_ok(conf: &Path, args: &[&str]) -> Output {
+    let o = rbd(conf, args);
+    assert!(
+        o.status.success(),
+        "rbd {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// An image name on the test cluster that is removed (with its snapshots) when dropped.
+pub struct TestImage {
+    /// The ceph.conf of the cluster.
+    pub conf: PathBuf,
+    /// The image's name in the pool.
+    pub image: String,
+}
+
+impl TestImage {
+    /// A new, unique name (nothing is created).
+    pub fn new(conf: &Path, prefix: &str) -> TestImage {
+        TestImage {
+            conf: conf.to_path_buf(),
+            image: unique(prefix),
+        }
+    }
+
+    /// `rbd:POOL/IMAGE:conf=PATH`, with `extra` (`@snap`, `:key=value`...) inserted after
+    /// the image name.
+    pub fn name_with(&self, extra: &str) -> String {
+        format!(
+            "rbd:{POOL}/{}{extra}:conf={}",
+            self.image,
+            self.conf.display()
+        )
+    }
+
+    /// `rbd:POOL/IMAGE:conf=PATH`.
+    pub fn name(&self) -> String {
+        self.name_with("")
+    }
+
+    /// `POOL/IMAGE`, as the `rbd` command takes it.
+    pub fn spec(&self) -> String {
+        format!("{POOL}/{}", self.image)
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let spec = self.spec();
+        let _ = rbd(&self.conf, &["snap", "purge", &spec]);
+        let _ = rbd(&self.conf, &["rm", "--no-progress", &spec]);
+    }
+}
