@@ -480,3 +480,64 @@ fn the_daemon_serves_an_rbd_disk_attached_by_name() {
     assert!(resized, "the daemon did not follow rbd resize");
     assert!(detach.status.success());
 }
+
+/// A local qcow2 overlay whose backing file is an RBD image (as QEMU allows: `-b rbd:...`):
+/// opened read-only through librbd, the chain read as qemu-img reads it; refused under
+/// --backing-dirs (not a host file).
+#[test]
+fn a_local_overlay_of_an_rbd_image_reads_its_chain_like_qemu_img() {
+    let Some(conf) = cluster() else { return };
+    let d = tmp();
+    let src = source_file(d.path(), 8 * MIB);
+    let t = TestImage::new(conf, "clibacking");
+    let name = t.name();
+    xdisk(&["img", "convert", "-f", "raw", "-O", "raw", s(&src), &name]);
+    let top = d.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        &name,
+        s(&top),
+        "8M",
+    ]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x66 1M 64k", s(&top)],
+    );
+    let info = xdisk(&["img", "info", "--backing-chain", "-f", "qcow2", s(&top)]);
+    assert!(info.contains("image: rbd:"), "{info}");
+    let (ours, theirs) = (d.path().join("ours.raw"), d.path().join("theirs.raw"));
+    xdisk(&[
+        "img",
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        s(&top),
+        s(&ours),
+    ]);
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", s(&top), s(&theirs)]);
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    let o = run(
+        XDISK,
+        &[
+            "img",
+            "info",
+            "--backing-chain",
+            "-f",
+            "qcow2",
+            "--backing-dirs",
+            s(d.path()),
+            s(&top),
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("not a host file"), "{out}");
+}
