@@ -1027,3 +1027,46 @@ proptest! {
         }
     }
 }
+
+/// What tracking costs on the fast path, without I/O: `map` of in-place 4k writes (what an
+/// ImageQueue does for each guest write) with no bitmap, one at 64 KiB and one at 512 bytes.
+/// Run by hand: `cargo test --release -p xdisk-image --test bitmaps -- --ignored
+/// --nocapture map_write_cost`.
+#[test]
+#[ignore]
+fn map_write_cost_with_and_without_bitmaps() {
+    let d = tmpdir("xdisk-bitmaps-cost-");
+    let img = qemu_create(d.path(), "cost.qcow2", "256M", "preallocation=falloc");
+    let x = open_rw(&img);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let offs: Vec<u64> = (0..1 << 20)
+        .map(|_| rng.gen_range(0..(256u64 << 20) / 4096) * 4096)
+        .collect();
+    let mut out = Vec::new();
+    // Load the L2 table (the fast path only uses cached metadata).
+    x.read_at(&mut [0u8; 4096], 0).unwrap();
+    let mut run = |label: &str| {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            for &o in &offs {
+                out.clear();
+                let m = x.map(o, 4096, true, &mut out).unwrap();
+                assert!(matches!(m, xdisk_image::Mapping::Mapped(_)));
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "map(write) 4k, {label}: {:.1} ns per call",
+            best * 1e9 / offs.len() as f64
+        );
+    };
+    run("no bitmap");
+    q(&x).add_bitmap("b64k", Some(65536), true).unwrap();
+    run("one bitmap, 64 KiB granularity");
+    q(&x).remove_bitmap("b64k").unwrap();
+    q(&x).add_bitmap("b512", Some(512), true).unwrap();
+    run("one bitmap, 512-byte granularity");
+    q(&x).add_bitmap("b64k", Some(65536), true).unwrap();
+    run("two bitmaps (512 bytes and 64 KiB)");
+}

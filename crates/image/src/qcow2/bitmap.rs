@@ -400,12 +400,25 @@ impl DirtyBitmap {
     }
 
     /// Marks `[offset, offset + len)` dirty (clipped to the size).
+    #[inline]
     pub fn set_range(&mut self, offset: u64, len: u64) {
         if len == 0 || offset >= self.size {
             return;
         }
         let end = offset.saturating_add(len).min(self.size);
-        self.set_bits(offset >> self.gran_bits, ((end - 1) >> self.gran_bits) + 1);
+        let (first, last) = (offset >> self.gran_bits, (end - 1) >> self.gran_bits);
+        if first == last {
+            // The common case of a write within one granule: one bit.
+            let ci = (first >> self.chunk_bits) as usize;
+            let i = first & ((1 << self.chunk_bits) - 1);
+            let wpc = self.words_per_chunk();
+            if let Some(slot) = self.chunks.get_mut(ci) {
+                let words = slot.get_or_insert_with(|| vec![0u64; wpc].into_boxed_slice());
+                words[(i / 64) as usize] |= 1 << (i % 64);
+            }
+            return;
+        }
+        self.set_bits(first, last + 1);
     }
 
     /// Sets bits `[from, to)` (`to` at most nbits).
