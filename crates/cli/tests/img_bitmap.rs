@@ -443,3 +443,29 @@ fn writes_through_xdisk_img_commands_and_nbd_exports_land_in_bitmaps() {
     );
     assert_eq!(bm[1]["flags"], serde_json::json!([]), "{bm}");
 }
+
+#[test]
+fn img_check_repair_leaves_in_use_bitmaps_alone_as_qemu_img_does() {
+    let d = tmp();
+    let img = create(d.path(), "u.qcow2", "8M");
+    ok("qemu-img", &["bitmap", "--add", s(&img), "b"]);
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", s(&img), "off"],
+    );
+    let o = run("qemu-io", &["-c", "write 0 4k", "-c", "abort", s(&img)]);
+    assert!(!o.status.success());
+    let twin = d.path().join("twin.qcow2");
+    std::fs::copy(&img, &twin).unwrap();
+    for r in ["leaks", "all"] {
+        let mine = xdisk(&["check", "-r", r, s(&img)]);
+        let theirs = run("qemu-img", &["check", "-r", r, s(&twin)]);
+        assert_eq!(mine.status.code(), theirs.status.code(), "-r {r}");
+        assert_eq!(mine.status.code(), Some(0), "-r {r}: {}", message(&mine));
+    }
+    assert!(std::fs::read(&img).unwrap() == std::fs::read(&twin).unwrap());
+    assert_eq!(
+        qemu_bitmaps(&img)[0]["flags"],
+        serde_json::json!(["in-use", "auto"])
+    );
+}
