@@ -1,7 +1,8 @@
 //! Opens arbitrary bytes (plain or sparse, held in memory) as an image (qcow2 when the magic says so, raw otherwise) and reads
 //! it all, maps it and asks for its block status; then opens it writable (a dirty image gets
-//! repaired, within its memory limit) and writes and flushes a little: errors are fine,
-//! panics and hangs are not.
+//! repaired, within its memory limit; persistent bitmaps are loaded and marked in use) and
+//! writes a little, works its bitmaps (add, read, merge, clear, disable, remove) and
+//! flushes and closes (the bitmaps are stored): errors are fine, panics and hangs are not.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,6 +15,8 @@ fuzz_target!(|data: &[u8]| {
         read_only: true,
         cache: CacheMode::WriteBack,
         open_backing: false,
+        // Hostile bitmaps may claim up to QEMU's 512 MiB each: keep the loop fast.
+        bitmap_memory_limit: 16 << 20,
         ..OpenOptions::default()
     };
     let Ok(img) = Image::open_on(xdisk_fuzz::storage(data, true), &opts) else {
@@ -46,5 +49,22 @@ fuzz_target!(|data: &[u8]| {
     if size > 8192 {
         let _ = img.write_at(&buf[..512], (size - 512) & !511);
     }
+    if let Some(q) = img.as_qcow2() {
+        let names: Vec<String> = q.bitmaps().into_iter().map(|b| b.name).collect();
+        let _ = q.add_bitmap("fuzz", Some(65536), true);
+        for n in names.iter().take(4) {
+            if let Ok(bits) = q.bitmap(n) {
+                let _ = bits.dirty_ranges();
+                let _ = q.merge_bitmap("fuzz", &bits);
+            }
+            let _ = q.set_bitmap_enabled(n, false);
+        }
+        let _ = img.write_at(&buf[..512], 0);
+        if let Some(n) = names.first() {
+            let _ = q.clear_bitmap(n);
+            let _ = q.remove_bitmap(n);
+        }
+    }
     let _ = img.flush();
+    let _ = img.close();
 });

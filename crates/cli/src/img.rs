@@ -1,4 +1,4 @@
-//! `xdisk img`: create, info, check, convert, map, resize, compare, bench — in qemu-img's
+//! `xdisk img`: create, info, check, convert, map, resize, compare, bench, bitmap — in qemu-img's
 //! spelling, with qemu-img's output formats and exit codes where scripts depend on them.
 
 use std::io::Write;
@@ -35,6 +35,17 @@ pub enum ImgCommand {
     Compare(CompareArgs),
     /// Run a simple I/O benchmark, like `qemu-img bench`.
     Bench(crate::img_bench::BenchArgs),
+    /// Change the persistent dirty bitmaps of a qcow2 image, like `qemu-img bitmap`.
+    ///
+    /// `bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...
+    /// [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] FILENAME BITMAP`: the
+    /// actions apply to BITMAP in the order given; `xdisk img info` lists the bitmaps. An
+    /// image opened writable keeps its enabled bitmaps up to date (see README, "Persistent
+    /// dirty bitmaps").
+    #[command(
+        after_long_help = "Examples:\n  xdisk img bitmap --add -g 64k disk.qcow2 backup-0\n  xdisk img bitmap --add --disable disk.qcow2 frozen\n  xdisk img bitmap --merge backup-0 -b old.qcow2 -F qcow2 disk.qcow2 all\n  xdisk img bitmap --clear --enable disk.qcow2 backup-0\n  xdisk img bitmap --remove disk.qcow2 backup-0"
+    )]
+    Bitmap(crate::img_bitmap::BitmapArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -221,6 +232,7 @@ pub fn run(cmd: ImgCommand) -> Result<i32> {
         ImgCommand::Resize(a) => cmd_resize(a),
         ImgCommand::Compare(a) => cmd_compare(a),
         ImgCommand::Bench(a) => crate::img_bench::run(a),
+        ImgCommand::Bitmap(a) => crate::img_bitmap::run(a),
     }
 }
 
@@ -490,10 +502,27 @@ fn info_human(v: &Value) -> String {
             ("compat", "compat"),
             ("compression-type", "compression type"),
             ("lazy-refcounts", "lazy refcounts"),
+            ("bitmaps", "bitmaps"),
             ("refcount-bits", "refcount bits"),
             ("corrupt", "corrupt"),
             ("extended-l2", "extended l2"),
         ] {
+            if let (Some(list), "bitmaps") = (d.get(k).and_then(Value::as_array), k) {
+                // qemu-img's layout of a list of objects.
+                s += "    bitmaps:\n";
+                for (i, b) in list.iter().enumerate() {
+                    s += &format!("        [{i}]:\n            flags:\n");
+                    for (j, f) in b["flags"].as_array().into_iter().flatten().enumerate() {
+                        s += &format!("                [{j}]: {}\n", f.as_str().unwrap_or(""));
+                    }
+                    s += &format!(
+                        "            name: {}\n            granularity: {}\n",
+                        b["name"].as_str().unwrap_or(""),
+                        b["granularity"]
+                    );
+                }
+                continue;
+            }
             if let Some(x) = d.get(k) {
                 let t = match x {
                     Value::String(s) => s.clone(),

@@ -13,6 +13,7 @@ mod daemon;
 mod gen_docs;
 mod img;
 mod img_bench;
+mod img_bitmap;
 mod logging;
 mod nbd;
 mod privs;
@@ -49,9 +50,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Image tools in qemu-img's spelling (create, info, check, convert, map, resize,
-    /// compare, bench).
+    /// compare, bench, bitmap).
     #[command(
-        after_long_help = "Examples:\n  xdisk img create -f qcow2 -o cluster_size=64k -b base.raw -F raw disk.qcow2 10G\n  xdisk img info --output=json disk.qcow2\n  xdisk img check -r leaks disk.qcow2\n  xdisk img convert -p -O qcow2 disk.raw disk.qcow2\n  xdisk img convert -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2\n  xdisk img map --output=json disk.qcow2\n  xdisk img resize disk.qcow2 +1G\n  xdisk img compare a.qcow2 b.raw\n  xdisk img bench -t none -i io_uring -c 100000 -d 32 disk.qcow2"
+        after_long_help = "Examples:\n  xdisk img create -f qcow2 -o cluster_size=64k -b base.raw -F raw disk.qcow2 10G\n  xdisk img info --output=json disk.qcow2\n  xdisk img check -r leaks disk.qcow2\n  xdisk img convert -p -O qcow2 disk.raw disk.qcow2\n  xdisk img convert -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2\n  xdisk img map --output=json disk.qcow2\n  xdisk img resize disk.qcow2 +1G\n  xdisk img compare a.qcow2 b.raw\n  xdisk img bench -t none -i io_uring -c 100000 -d 32 disk.qcow2\n  xdisk img bitmap --add -g 64k disk.qcow2 backup-0"
     )]
     Img {
         #[command(subcommand)]

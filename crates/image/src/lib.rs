@@ -160,10 +160,16 @@ pub struct OpenOptions {
     /// of every cluster of the file, the list of L2 tables, the L1 entries it walks). A
     /// rebuild that would need more is refused before anything is written.
     pub repair_memory_limit: u64,
+    /// The most memory (bytes) the persistent dirty bitmaps of a qcow2 image may take
+    /// together (one bit per granule of the virtual disk each; QEMU bounds one bitmap at
+    /// 512 MiB). A writable open that would need more is refused.
+    pub bitmap_memory_limit: u64,
 }
 
 /// Default of [`OpenOptions::repair_memory_limit`].
 pub const DEFAULT_REPAIR_MEMORY_LIMIT: u64 = 256 << 20;
+/// Default of [`OpenOptions::bitmap_memory_limit`].
+pub const DEFAULT_BITMAP_MEMORY_LIMIT: u64 = 1 << 30;
 
 impl Default for OpenOptions {
     fn default() -> Self {
@@ -176,6 +182,7 @@ impl Default for OpenOptions {
             no_repair: false,
             backing_dirs: Vec::new(),
             repair_memory_limit: DEFAULT_REPAIR_MEMORY_LIMIT,
+            bitmap_memory_limit: DEFAULT_BITMAP_MEMORY_LIMIT,
         }
     }
 }

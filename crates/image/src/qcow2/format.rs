@@ -170,7 +170,8 @@ pub struct Header {
     pub unknown_extensions: Vec<(u32, Vec<u8>)>,
     /// External data file name, if the extension is present.
     pub data_file: Option<String>,
-    /// Whether a bitmaps extension is present (we refuse to write such images: see mod docs).
+    /// Whether a bitmaps extension is present (kept in `unknown_extensions`; see the
+    /// `bitmap` module for when it counts).
     pub has_bitmaps: bool,
 }
 
@@ -590,6 +591,28 @@ impl Header {
             has_bitmaps: false,
         }
     }
+}
+
+/// File offset of the data of header extension `ty` in the header cluster `head` (as
+/// [`Header::parse`] walks the extensions), if the header has it.
+pub fn extension_offset(head: &[u8], hdr: &Header, ty: u32) -> Option<usize> {
+    let mut off = hdr.fixed_len() as usize;
+    let mut limit = head.len().min(hdr.cluster_size() as usize);
+    if hdr.backing_file_offset != 0 {
+        limit = limit.min(usize::try_from(hdr.backing_file_offset).unwrap_or(usize::MAX));
+    }
+    while off + 8 <= limit {
+        let t = be32(head, off);
+        let len = be32(head, off + 4) as usize;
+        if t == ext::END {
+            return None;
+        }
+        if t == ty {
+            return (off + 8 + len <= limit).then_some(off + 8);
+        }
+        off = off.checked_add(8 + len.next_multiple_of(8))?;
+    }
+    None
 }
 
 /// The feature name table QEMU writes for v3 images (names as QEMU spells them).

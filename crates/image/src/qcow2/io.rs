@@ -230,11 +230,18 @@ impl Qcow2Image {
 
     /// Blocking write (any alignment).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset, true)
+    }
+
+    /// A write; `track`: record it in the dirty bitmaps (false for the pieces of requests
+    /// that recorded themselves: write-zeroes, discard).
+    fn write_inner(&self, buf: &[u8], offset: u64, track: bool) -> Result<()> {
         self.check_writable()?;
         let _guard = self.tracker.enter();
         let mut done = 0usize;
         while done < buf.len() {
-            let (segs, n) = self.plan_write(offset + done as u64, buf.len() - done)?;
+            let len = buf.len() - done;
+            let (segs, n) = self.plan_write(offset + done as u64, len, track && done == 0)?;
             let r = self.exec_write(&segs, &buf[done..]);
             self.finish_write(&segs, r)?;
             done += n;
@@ -243,10 +250,14 @@ impl Qcow2Image {
     }
 
     /// Resolves the next part of a write under the lock: in-place pieces, and fresh clusters
-    /// for the others (their guest clusters are marked in flight).
-    fn plan_write(&self, offset: u64, len: usize) -> Result<(Vec<WSeg>, usize)> {
+    /// for the others (their guest clusters are marked in flight). `track`: first record the
+    /// whole `[offset, offset + len)` in the dirty bitmaps.
+    fn plan_write(&self, offset: u64, len: usize, track: bool) -> Result<(Vec<WSeg>, usize)> {
         let end = offset + len as u64;
         let mut m = self.lock();
+        if track {
+            m.track_write(offset, len as u64)?;
+        }
         let mut segs: Vec<WSeg> = Vec::new();
         let mut pos = 0usize;
         let mut allocs = 0usize;
@@ -514,6 +525,7 @@ impl Qcow2Image {
         let len = stream.len() as u64;
         let _guard = self.tracker.enter();
         let mut m = self.lock();
+        m.track_write(start, data.len() as u64)?;
         while m.inflight.contains(&g) {
             m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
@@ -521,7 +533,7 @@ impl Qcow2Image {
             L2Entry::Unallocated | L2Entry::Zero { prealloc: None, .. } => {}
             _ => {
                 drop(m);
-                self.write_at(data, start)?;
+                self.write_inner(data, start, false)?;
                 return Ok(false);
             }
         }
@@ -581,6 +593,8 @@ impl Qcow2Image {
     /// get zeroes written (except in v2 images with a backing file, which leave them alone).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
+        // QEMU marks discarded ranges dirty.
+        self.lock().track_write(offset, len)?;
         let (head, full, tail) = self.split_range(offset, len);
         if full.1 > full.0 {
             self.zero_clusters(full.0, full.1, ZeroMode::Discard)?;
@@ -602,6 +616,13 @@ impl Qcow2Image {
     /// whole clusters are deallocated instead.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
+        self.lock().track_write(offset, len)?;
+        self.zero_range(offset, len, unmap)
+    }
+
+    /// [`Qcow2Image::write_zeroes`] without recording the range in the dirty bitmaps (a
+    /// resize's zeroes are not a guest write: QEMU leaves a grown range clean).
+    fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         if self.version < 3 && !(unmap && self.backing.is_none()) {
             return self.write_real_zeroes(offset, len);
         }
@@ -699,7 +720,7 @@ impl Qcow2Image {
             self.reads_zero(&mut m, off)?
         };
         if !skip {
-            self.write_at(&vec![0u8; len as usize], off)?;
+            self.write_inner(&vec![0u8; len as usize], off, false)?;
         }
         Ok(())
     }
@@ -743,7 +764,7 @@ impl Qcow2Image {
                 (s, p)
             };
             if e > s {
-                self.write_at(&zeroes[..(e - s) as usize], s)?;
+                self.write_inner(&zeroes[..(e - s) as usize], s, false)?;
             }
             pos = e;
         }
@@ -835,6 +856,11 @@ impl Qcow2Image {
             Err(std::sync::TryLockError::WouldBlock) => return Ok(Mapping::Slow),
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
         };
+        // A write is recorded in the dirty bitmaps now, before its I/O (if the bitmaps must
+        // be marked in use on disk first, the slow path does it).
+        if write && !m.try_track_write(offset, len) {
+            return Ok(Mapping::Slow);
+        }
         let end = offset + len;
         let mut pos = offset;
         let slow = |out: &mut Vec<Extent>| {
@@ -932,11 +958,13 @@ impl Qcow2Image {
         if new_size > old {
             {
                 let mut m = self.lock();
+                m.bitmaps_before_resize(new_size)?;
                 if need_l1 > m.l1.len() as u64 {
                     m.grow_l1(need_l1)?;
                 }
                 m.write_header_size(new_size)?;
                 m.flush()?;
+                m.bitmaps_resized(new_size)?;
                 self.size.store(new_size, Ordering::Release);
             }
             let mut zero_end = old.next_multiple_of(self.cs);
@@ -945,7 +973,7 @@ impl Qcow2Image {
             }
             let zero_end = zero_end.min(new_size);
             if zero_end > old {
-                self.write_zeroes(old, zero_end - old, false)?;
+                self.zero_range(old, zero_end - old, false)?;
             }
             return Ok(());
         }
@@ -958,7 +986,9 @@ impl Qcow2Image {
         while !m.inflight.is_empty() {
             m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
+        m.bitmaps_before_resize(new_size)?;
         m.write_header_size(new_size)?;
+        m.bitmaps_resized(new_size)?;
         self.size.store(new_size, Ordering::Release);
         let l2e = m.l2_entries();
         let first_g = new_size.div_ceil(self.cs);

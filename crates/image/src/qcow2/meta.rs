@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use xdisk_io::StorageRef;
 
+use super::bitmap::{Bitmaps, Store};
 use super::cache::Cache;
 use super::format::{self, Header, L2Entry};
 use super::InFlightTracker;
@@ -96,6 +97,8 @@ pub(crate) struct Meta {
     /// Something was written since the last sync (data of new clusters, new metadata).
     pub unsynced: bool,
     pub tracker: Arc<InFlightTracker>,
+    /// The persistent dirty bitmaps (see the `bitmap` module).
+    pub bitmaps: Bitmaps,
 }
 
 impl Meta {
@@ -249,9 +252,14 @@ impl Meta {
     }
 
     /// Flush plus a final sync of what the flush itself wrote last (the freed refcounts), so
-    /// that a closed image has no leaks.
+    /// that a closed image has no leaks. The dirty bitmaps are stored (their `in_use` flags
+    /// cleared) after everything else is durable, and their old clusters freed.
     pub fn close(&mut self) -> Result<()> {
         self.flush()?;
+        if self.bitmaps.writable && self.bitmaps_need_store() {
+            self.store_bitmaps(Store::Final)?;
+            self.flush()?;
+        }
         if self.unsynced {
             self.sync()?;
         }

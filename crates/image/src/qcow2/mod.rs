@@ -14,13 +14,15 @@
 //! under the lock afterwards. Two writers of the same unallocated guest cluster do not both
 //! allocate: the first marks the cluster in flight and the second waits for it.
 //!
+//! - `bitmap`: persistent dirty bitmaps (loaded, kept up to date by writes, stored at close).
+//!
 //! Not supported (refused at open): encryption, external data files, extended L2 entries,
-//! unknown incompatible features; writing to images that carry persistent bitmaps (they
-//! would go stale) or that are marked corrupt. Compressed clusters are read, and written only
+//! unknown incompatible features; writing to images that are marked corrupt. Compressed clusters are read, and written only
 //! by [`Qcow2Image::write_compressed_cluster`] (whole unallocated clusters, as `convert -c`
 //! does); a guest write to a compressed cluster allocates a normal cluster. Internal snapshots are listed and preserved
 //! (shared clusters are copied on write), not created or applied.
 
+pub mod bitmap;
 mod cache;
 pub mod check;
 mod cluster;
@@ -156,13 +158,16 @@ impl Qcow2Image {
                     .into(),
             ));
         }
-        if hdr.has_bitmaps && !read_only {
-            return Err(Error::Unsupported(
-                "writing to qcow2 images with persistent dirty bitmaps (they would go stale); \
-                 open it read-only or remove the bitmaps with qemu-img bitmap --remove"
-                    .into(),
-            ));
-        }
+        // The bitmaps of a consistent extension, checked before anything is written (a
+        // read-only open only lists them, and lists none if they are malformed).
+        let found = match bitmap::read_bitmaps(&*file, &hdr, &first, file_len, !read_only) {
+            Ok(f) => f,
+            Err(e) if read_only => {
+                tracing::warn!(path = %file.name(), "ignoring the persistent bitmaps: {e}");
+                bitmap::Found::default()
+            }
+            Err(e) => return Err(e),
+        };
         let snapshots = if hdr.nb_snapshots > 0 {
             let buf = read_snapshot_table(&*file, &hdr, file_len)?;
             format::parse_snapshots(&buf, hdr.nb_snapshots, hdr.cluster_bits, file_len)?
@@ -192,17 +197,47 @@ impl Qcow2Image {
                     "image is dirty; run xdisk img check -r all".into(),
                 ));
             }
-            refcount::rebuild_refcounts(&*file, &mut hdr, &snapshots, opts.repair_memory_limit)?;
+            refcount::rebuild_refcounts(
+                &*file,
+                &mut hdr,
+                &snapshots,
+                &found.ranges,
+                opts.repair_memory_limit,
+            )?;
         }
-        if !read_only && hdr.version >= 3 && hdr.autoclear_features != 0 {
+        if !read_only {
             // "An implementation may only write to an image with unknown auto-clear features
-            // if it clears the respective bits from this field first." (Bitmaps and raw data
-            // files are refused above, so every bit set is one we do not maintain.)
-            hdr.autoclear_features = 0;
-            file.write_at(&0u64.to_be_bytes(), 88)
-                .map_err(|e| Error::io(ctx("cannot write the header of"), e))?;
-            file.flush()
-                .map_err(|e| Error::io(ctx("cannot flush"), e))?;
+            // if it clears the respective bits from this field first." The bitmaps bit stays
+            // when the extension is consistent (we maintain it); raw data files are refused
+            // above. A stale bitmaps extension (the bit clear: a writer without bitmap
+            // support changed the image) is dropped, as QEMU does; its clusters leak.
+            let consistent = bitmap::ext_consistent(&hdr);
+            let keep = if consistent {
+                format::autoclear::BITMAPS
+            } else {
+                0
+            };
+            let autoclear = hdr.autoclear_features & keep;
+            if hdr.has_bitmaps && !consistent {
+                tracing::warn!(
+                    path = %file.name(),
+                    "dropping persistent bitmaps a program without bitmap support left \
+                     inconsistent (their clusters leak: xdisk img check -r leaks)"
+                );
+                hdr.autoclear_features = autoclear;
+                bitmap::set_ext(&mut hdr, None);
+                let head = hdr.serialize()?;
+                file.write_at(&head, 0)
+                    .map_err(|e| Error::io(ctx("cannot write the header of"), e))?;
+                file.flush()
+                    .map_err(|e| Error::io(ctx("cannot flush"), e))?;
+            } else if autoclear != hdr.autoclear_features {
+                hdr.autoclear_features = autoclear;
+                file.write_at(&autoclear.to_be_bytes(), 88)
+                    .map_err(|e| Error::io(ctx("cannot write the header of"), e))?;
+                file.flush()
+                    .map_err(|e| Error::io(ctx("cannot flush"), e))?;
+            }
         }
         let file_len = file.size().map_err(|e| Error::io(ctx("cannot size"), e))?;
         let read_table = |off: u64, bytes: u64, what: &str| -> Result<Vec<u64>> {
@@ -268,7 +303,7 @@ impl Qcow2Image {
         let l2_cap = ((L2_CACHE_BYTES / cs) as usize).max(MIN_CACHE_ENTRIES);
         let rb_cap = ((RB_CACHE_BYTES / cs) as usize).max(MIN_CACHE_ENTRIES);
         let size = hdr.size;
-        let meta = Meta {
+        let mut meta = Meta {
             file: file.clone(),
             cb,
             cs,
@@ -291,7 +326,9 @@ impl Qcow2Image {
             unsynced: false,
             tracker: tracker.clone(),
             hdr: hdr.clone(),
+            bitmaps: bitmap::Bitmaps::default(),
         };
+        meta.attach_bitmaps(found, !read_only, opts.bitmap_memory_limit)?;
         Ok(Qcow2Image {
             file,
             backing,
@@ -331,6 +368,45 @@ impl Qcow2Image {
     /// Cluster size in bytes (`1 << cluster_bits`).
     pub fn cluster_size(&self) -> u64 {
         self.cs
+    }
+
+    /// The persistent dirty bitmaps, in directory order.
+    pub fn bitmaps(&self) -> Vec<bitmap::BitmapInfo> {
+        self.lock().bitmaps.infos()
+    }
+
+    /// Adds a persistent dirty bitmap (`qemu-img bitmap --add`): `granularity` bytes per bit
+    /// (default: the cluster size, within 4 KiB to 64 KiB, as QEMU), enabled (recording
+    /// writes from now on) or not. It is on disk when this returns.
+    pub fn add_bitmap(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
+        self.lock().add_bitmap(name, granularity, enabled)
+    }
+
+    /// Removes a bitmap (`--remove`; inconsistent ones too) and frees its clusters.
+    pub fn remove_bitmap(&self, name: &str) -> Result<()> {
+        self.lock().remove_bitmap(name)
+    }
+
+    /// Clears a bitmap (`--clear`).
+    pub fn clear_bitmap(&self, name: &str) -> Result<()> {
+        self.lock().clear_bitmap(name)
+    }
+
+    /// Enables (`--enable`: it records writes from now on) or disables (`--disable`) a
+    /// bitmap.
+    pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        self.lock().set_bitmap_enabled(name, enabled)
+    }
+
+    /// Merges `src` (a bitmap of this image or another one of the same virtual size, any
+    /// granularity) into bitmap `name` (`--merge`).
+    pub fn merge_bitmap(&self, name: &str, src: &bitmap::DirtyBitmap) -> Result<()> {
+        self.lock().merge_bitmap(name, src)
+    }
+
+    /// A copy of bitmap `name`'s bits as they are now (inconsistent bitmaps refused).
+    pub fn bitmap(&self, name: &str) -> Result<bitmap::DirtyBitmap> {
+        self.lock().bitmap_bits(name)
     }
 
     /// Overrides the metadata cache sizes (entries of L2 tables / refcount blocks); for
@@ -496,6 +572,27 @@ impl crate::FormatDriver for Qcow2Image {
         ];
         if h.version >= 3 {
             specific.push(("lazy-refcounts", h.lazy_refcounts().to_string()));
+            let bitmaps = self.bitmaps();
+            if !bitmaps.is_empty() {
+                let list: Vec<serde_json::Value> = bitmaps
+                    .iter()
+                    .map(|b| {
+                        let mut flags = Vec::new();
+                        if b.in_use {
+                            flags.push("in-use");
+                        }
+                        if b.auto {
+                            flags.push("auto");
+                        }
+                        serde_json::json!({
+                            "flags": flags,
+                            "name": b.name,
+                            "granularity": b.granularity,
+                        })
+                    })
+                    .collect();
+                specific.push(("bitmaps", serde_json::Value::Array(list).to_string()));
+            }
             specific.push((
                 "corrupt",
                 (h.incompatible_features & format::incompat::CORRUPT != 0).to_string(),

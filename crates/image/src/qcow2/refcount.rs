@@ -574,7 +574,8 @@ fn mib(bytes: u64) -> u64 {
 /// References are counted per path, as `qemu-img check` does: the header, the active and
 /// snapshot L1 tables, the snapshot table, each L2 table once per L1 entry naming it, and
 /// each data cluster once per L2 entry naming it (compressed clusters: every host cluster
-/// their stream touches). The new refcount table and blocks are written past the end of the
+/// their stream touches); `extra` adds byte ranges referenced once each (the bitmap
+/// directory, bitmap tables and bitmap data of a consistent bitmaps extension). The new refcount table and blocks are written past the end of the
 /// file and cover themselves; the old ones become unreferenced free clusters. The image stays
 /// dirty until everything is written and synced, so a crash meanwhile just repeats this.
 ///
@@ -588,6 +589,7 @@ pub(crate) fn rebuild_refcounts(
     file: &dyn Storage,
     hdr: &mut Header,
     snapshots: &[Snapshot],
+    extra: &[(u64, u64)],
     memory_limit: u64,
 ) -> Result<()> {
     let io = |what: &str| {
@@ -674,6 +676,9 @@ pub(crate) fn rebuild_refcounts(
     }
     for (off, size) in tables {
         inc_range(&mut counts, off, u64::from(size) * 8)?;
+    }
+    for &(off, len) in extra {
+        inc_range(&mut counts, off, len)?;
     }
     let mut l2buf = vec![0u8; cs as usize];
     for &(c, m) in &l2s {

@@ -89,3 +89,67 @@ pub fn open(path: &Path, cache: CacheMode) -> Arc<Image> {
     )
     .expect("open")
 }
+
+/// The dirty ranges `(offset, len)` of persistent bitmap `name` of qcow2 image `path` as QEMU
+/// exports them (`qemu-nbd -B name`, `nbdinfo --map=qemu:dirty-bitmap:name`), merged. Waits
+/// for qemu-nbd to exit (it holds the image's lock until then).
+pub fn qemu_dirty(path: &Path, name: &str) -> Vec<(u64, u64)> {
+    let sock = path.with_extension(format!("{name}.sock"));
+    let pid = path.with_extension(format!("{name}.pid"));
+    let _ = std::fs::remove_file(&sock);
+    let o = Command::new("qemu-nbd")
+        .args(["--fork", "-r", "-f", "qcow2", "-B", name])
+        .arg("-k")
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(&pid)
+        .arg(path)
+        .output()
+        .expect("qemu-nbd runs");
+    assert!(
+        o.status.success(),
+        "qemu-nbd -B {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .output()
+        .expect("nbdinfo runs");
+    // qemu-nbd (not persistent) exits when nbdinfo disconnects (a zombie until whoever
+    // adopted it reaps it: exited all the same).
+    if let Some(n) = std::fs::read_to_string(&pid)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+    {
+        for _ in 0..500 {
+            let st = std::fs::read_to_string(format!("/proc/{n}/status")).unwrap_or_default();
+            if !st
+                .lines()
+                .any(|l| l.starts_with("State:") && !l.contains("Z (zombie)"))
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let _ = std::fs::remove_file(&pid);
+    assert!(
+        o.status.success(),
+        "nbdinfo --map: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 || f[2] != "1" {
+            continue;
+        }
+        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == off => *l += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
