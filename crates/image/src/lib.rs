@@ -421,19 +421,7 @@ impl Image {
             None => std::fs::canonicalize(path)
                 .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?,
         };
-        if chain.contains(&canon) {
-            return Err(Error::Backing(format!(
-                "backing chain loops: {} appears twice",
-                canon.display()
-            )));
-        }
-        if chain.len() > opts.max_backing_depth {
-            return Err(Error::Backing(format!(
-                "backing chain deeper than {} images",
-                opts.max_backing_depth
-            )));
-        }
-        chain.push(canon);
+        enter_chain(chain, canon, opts)?;
         // Backing files are always opened read-only.
         let read_only = opts.read_only || is_backing;
         let file = ImageFile::open(path, read_only, opts.cache).map_err(Error::Engine)?;
@@ -494,19 +482,7 @@ impl Image {
                     .join(", ")
             )));
         }
-        let key = PathBuf::from(name);
-        if chain.contains(&key) {
-            return Err(Error::Backing(format!(
-                "backing chain loops: {name} appears twice"
-            )));
-        }
-        if chain.len() > opts.max_backing_depth {
-            return Err(Error::Backing(format!(
-                "backing chain deeper than {} images",
-                opts.max_backing_depth
-            )));
-        }
-        chain.push(key);
+        enter_chain(chain, PathBuf::from(name), opts)?;
         let storage = src.open_storage(true, opts.cache)?;
         let opts = OpenOptions {
             read_only: true,
@@ -864,6 +840,25 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
         Some(dir) => dir.join(p),
         None => p.to_path_buf(),
     }
+}
+
+/// Adds `layer` (a canonical path, or a URI) to the chain being opened, refusing a loop and
+/// a chain deeper than `opts.max_backing_depth`.
+fn enter_chain(chain: &mut Vec<PathBuf>, layer: PathBuf, opts: &OpenOptions) -> Result<()> {
+    if chain.contains(&layer) {
+        return Err(Error::Backing(format!(
+            "backing chain loops: {} appears twice",
+            layer.display()
+        )));
+    }
+    if chain.len() > opts.max_backing_depth {
+        return Err(Error::Backing(format!(
+            "backing chain deeper than {} images",
+            opts.max_backing_depth
+        )));
+    }
+    chain.push(layer);
+    Ok(())
 }
 
 /// Where a backing file name written in an image leads.
