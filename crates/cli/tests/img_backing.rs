@@ -2,24 +2,14 @@
 //! the review did: a raw disk carrying a qcow2 header naming another tenant's image, a qcow2
 //! backed by /dev/zero, a FIFO backing file, and `--backing-dirs`.
 
+mod support;
+use support::{s, tmp, XDISK};
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-cli-backing-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Runs `xdisk img ARGS`, killing it after 20 s (a FIFO open blocks forever).
 fn img(args: &[&str]) -> Output {
@@ -73,7 +63,7 @@ fn qcow2_naming(p: &Path, backing: &str, fmt: &str) {
 
 #[test]
 fn convert_of_a_probed_image_never_reads_its_backing_file() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-backing-");
     let tenant = d.path().join("tenant.raw");
     std::fs::write(&tenant, vec![0x5au8; 1 << 20]).unwrap();
     let disk = d.path().join("disk.raw");
@@ -107,7 +97,7 @@ fn convert_of_a_probed_image_never_reads_its_backing_file() {
 
 #[test]
 fn convert_with_dev_zero_backing_fails() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-backing-");
     let z = d.path().join("z.qcow2");
     qcow2_naming(&z, "/dev/zero", "raw");
     let out = d.path().join("out.raw");
@@ -118,7 +108,7 @@ fn convert_with_dev_zero_backing_fails() {
 
 #[test]
 fn fifo_backing_file_fails_promptly_and_info_shows_it() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-backing-");
     let fifo = d.path().join("fifo");
     let o = Command::new("mkfifo").arg(&fifo).output().unwrap();
     assert!(o.status.success());
@@ -161,7 +151,7 @@ fn fifo_backing_file_fails_promptly_and_info_shows_it() {
 
 #[test]
 fn info_shows_the_backing_file_of_a_probed_image() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-backing-");
     let tenant = d.path().join("tenant.raw");
     std::fs::write(&tenant, vec![0x5au8; 1 << 20]).unwrap();
     let disk = d.path().join("disk.raw");
@@ -196,7 +186,7 @@ fn info_shows_the_backing_file_of_a_probed_image() {
 
 #[test]
 fn backing_dirs_confine_backing_files() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-backing-");
     let images = d.path().join("images");
     let others = d.path().join("others");
     std::fs::create_dir_all(&images).unwrap();

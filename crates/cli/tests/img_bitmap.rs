@@ -5,43 +5,14 @@
 //! img bench -w`, `xdisk img convert -n`, `xdisk img resize` and an `xdisk nbd` export land
 //! in the enabled bitmaps; a killed `xdisk nbd` leaves them in use, the image clean.
 
+mod support;
+use support::{ok, run, s, tmp, XDISK};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-cli-bitmap-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} runs: {e}"))
-}
-
-fn ok(prog: &str, args: &[&str]) -> String {
-    let o = run(prog, args);
-    assert!(
-        o.status.success(),
-        "{prog} {args:?} failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn xdisk(args: &[&str]) -> Output {
     let mut a = vec!["img"];
@@ -149,7 +120,7 @@ fn message(o: &Output) -> String {
 
 #[test]
 fn img_bitmap_actions_match_qemu_img_on_twin_images() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-bitmap-");
     let mine = create(d.path(), "mine.qcow2", "32M");
     let theirs = create(d.path(), "theirs.qcow2", "32M");
     let src_m = create(d.path(), "src-mine.qcow2", "32M");
@@ -247,7 +218,7 @@ fn img_bitmap_actions_match_qemu_img_on_twin_images() {
 
 #[test]
 fn img_info_shows_bitmaps_like_qemu_img_in_text_and_json() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-bitmap-");
     let img = create(d.path(), "i.qcow2", "16M");
     ok("qemu-img", &["bitmap", "--add", s(&img), "plain"]);
     ok(
@@ -309,7 +280,7 @@ fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
 
 #[test]
 fn writes_through_xdisk_img_commands_and_nbd_exports_land_in_bitmaps() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-bitmap-");
     // img bench -w: 100 requests of 4k from 1M, step 64k (through the ImageQueue).
     let img = create(d.path(), "bench.qcow2", "64M");
     ok("qemu-img", &["bitmap", "--add", "-g", "4k", s(&img), "b"]);
@@ -446,7 +417,7 @@ fn writes_through_xdisk_img_commands_and_nbd_exports_land_in_bitmaps() {
 
 #[test]
 fn img_check_repair_leaves_in_use_bitmaps_alone_as_qemu_img_does() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-bitmap-");
     let img = create(d.path(), "u.qcow2", "8M");
     ok("qemu-img", &["bitmap", "--add", s(&img), "b"]);
     ok(

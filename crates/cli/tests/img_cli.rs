@@ -1,37 +1,12 @@
 //! `xdisk img` against qemu-img as the oracle, both directions.
 
+mod support;
+use support::{json, ok, run, s, tmp, XDISK};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-cli-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
-
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} runs: {e}"))
-}
-
-fn ok(prog: &str, args: &[&str]) -> String {
-    let o = run(prog, args);
-    assert!(
-        o.status.success(),
-        "{prog} {args:?} failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn xdisk(args: &[&str]) -> String {
     let mut a = vec!["img"];
@@ -43,14 +18,6 @@ fn xdisk_out(args: &[&str]) -> Output {
     let mut a = vec!["img"];
     a.extend_from_slice(args);
     run(XDISK, &a)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))
 }
 
 /// The qemu-img info fields that describe the image (not the host file).
@@ -84,7 +51,7 @@ fn info_fields(v: &Value) -> Vec<(String, Value)> {
 
 #[test]
 fn create_matches_qemu_img_create_and_passes_check() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let base = d.path().join("base.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "32M"]);
     let cases: &[&[&str]] = &[
@@ -166,7 +133,7 @@ fn create_matches_qemu_img_create_and_passes_check() {
 /// Images written by qemu-io in many shapes; xdisk convert -O raw must equal qemu-img's.
 #[test]
 fn convert_reads_qemu_images_byte_identically() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let base = d.path().join("base.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "8M"]);
     ok(
@@ -281,7 +248,7 @@ fn blocks(map: &Value, size: u64) -> Vec<(bool, bool, bool, u64)> {
 
 #[test]
 fn map_agrees_with_qemu_img_map() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
     ok(
@@ -327,7 +294,7 @@ fn map_agrees_with_qemu_img_map() {
 
 #[test]
 fn check_resize_compare_exit_codes_like_qemu_img() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let a = d.path().join("a.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "16M"]);
     ok("qemu-io", &["-c", "write -P 7 1M 1M", s(&a)]);
@@ -380,7 +347,7 @@ fn check_resize_compare_exit_codes_like_qemu_img() {
 
 #[test]
 fn bench_runs_like_qemu_img_bench() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let raw = d.path().join("b.raw");
     let q = d.path().join("b.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "16M"]);
@@ -408,7 +375,7 @@ fn bench_runs_like_qemu_img_bench() {
 
 #[test]
 fn hostile_or_missing_images_give_clear_errors() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let junk = d.path().join("junk.qcow2");
     let mut bytes = b"QFI\xfb".to_vec();
     bytes.extend_from_slice(&[0xff; 508]);
@@ -455,7 +422,7 @@ fn file_len(p: &Path) -> u64 {
 
 #[test]
 fn convert_compressed_qemu_agrees() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let src = d.path().join("src.raw");
     mixed_raw(&src, (24 << 20) + 3 * 512);
     for cs in ["4k", "64k", "2M"] {
@@ -564,7 +531,7 @@ fn convert_compressed_qemu_agrees() {
 /// and with -c compressed clusters made on several threads.
 #[test]
 fn convert_with_several_threads_is_byte_identical_and_checks_clean() {
-    let d = tmp();
+    let d = tmp("xdisk-cli-");
     let src = d.path().join("src.qcow2");
     let srcs = s(&src);
     ok(

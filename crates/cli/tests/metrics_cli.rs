@@ -1,22 +1,13 @@
 //! `xdisk serve --platform=sim --metrics`: scraped with a real HTTP client (curl), validated
 //! with `promtool check metrics`, and `xdisk stat --watch`.
 
+mod support;
+use support::{have, xdisk};
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn xdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xdisk"))
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -2,23 +2,12 @@
 //! written by qemu-io; the server exits after its client leaves (as qemu-nbd), or keeps
 //! serving with -t; -r refuses writes.
 
+mod support;
+use support::{ok_cmd as ok, xdisk};
+
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn xdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xdisk"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn wait_for(p: &Path, child: &mut Child) {
     let start = Instant::now();

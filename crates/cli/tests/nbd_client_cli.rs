@@ -2,37 +2,12 @@
 //! nbdkit, `xdisk nbd` itself), checked against qemu-img. Tests skip with a printed reason
 //! only if a server program is not installed.
 
+mod support;
+use support::{have, ok_cmd as ok, tmp, xdisk};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn xdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xdisk"))
-}
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: {tool} is not installed");
-    }
-    ok
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 struct Server {
     child: Child,
@@ -58,13 +33,6 @@ fn start(cmd: &mut Command, sock: &Path) -> Server {
     Server { child }
 }
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-nbd-client-cli-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
-
 fn qemu_nbd(sock: &Path, fmt: &str, file: &Path) -> Server {
     start(
         Command::new("qemu-nbd")
@@ -86,7 +54,7 @@ fn img_commands_on_a_raw_export_of_qemu_nbd() {
     if !have("qemu-nbd") {
         return;
     }
-    let dir = tmp();
+    let dir = tmp("xdisk-nbd-client-cli-");
     let img = dir.path().join("sparse.raw");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw"])
@@ -170,7 +138,7 @@ fn qcow2_image_behind_an_nbd_export() {
     if !have("qemu-nbd") {
         return;
     }
-    let dir = tmp();
+    let dir = tmp("xdisk-nbd-client-cli-");
     let img = dir.path().join("d.qcow2");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -254,7 +222,7 @@ fn qcow2_image_behind_an_nbd_export() {
 /// nbdkit as a server: convert round trip.
 #[test]
 fn xdisk_client_against_xdisk_nbd_and_nbdkit() {
-    let dir = tmp();
+    let dir = tmp("xdisk-nbd-client-cli-");
     let img = dir.path().join("a.raw");
     let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i / 4096) as u8).collect();
     std::fs::write(&img, &data).unwrap();
@@ -329,7 +297,7 @@ fn nbd_names_that_cannot_work_fail_clearly() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{name}: {err}");
     }
-    let dir = tmp();
+    let dir = tmp("xdisk-nbd-client-cli-");
     let missing: PathBuf = dir.path().join("none.sock");
     let o = xdisk()
         .args(["img", "info"])
@@ -346,7 +314,7 @@ fn nbd_names_that_cannot_work_fail_clearly() {
 
 #[test]
 fn convert_into_an_existing_nbd_export_with_n() {
-    let d = tmp();
+    let d = tmp("xdisk-nbd-client-cli-");
     let src = d.path().join("src.qcow2");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -399,7 +367,7 @@ fn backing_files_of_images_behind_nbd_resolve_as_qemu_does() {
     if !have("qemu-nbd") {
         return;
     }
-    let dir = tmp();
+    let dir = tmp("xdisk-nbd-client-cli-");
     let base = dir.path().join("base.qcow2");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])

@@ -5,6 +5,9 @@
 //! closed; a flush on one connection covers another's writes (CAN_MULTI_CONN), proven with
 //! SIGKILL; sparse reads come back as holes; several exports; --fork and --pid-file.
 
+mod support;
+use support::{ok_cmd as ok, xdisk};
+
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,21 +18,6 @@ use xdisk_nbd::wire::{
     self, client, cmd, cmd_flags, errno, flags, opt, rep, reply, InfoRequest, OptionHeader,
     RequestHeader,
 };
-
-fn xdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xdisk"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()

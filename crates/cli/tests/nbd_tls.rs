@@ -4,6 +4,9 @@
 //! hostile clients (garbage instead of a ClientHello, a stalled TLS handshake). The
 //! certificates are made by the test with the openssl command.
 
+mod support;
+use support::{ok_cmd as ok, xdisk};
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -61,17 +64,6 @@ fn out(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
 }
 
-fn ok(cmd: &mut Command) -> String {
-    let o = out(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Fails, and says so on stderr; returns stdout + stderr.
 fn fails(cmd: &mut Command) -> String {
     let o = out(cmd);
@@ -82,10 +74,6 @@ fn fails(cmd: &mut Command) -> String {
     );
     assert!(!o.status.success(), "{cmd:?} succeeded: {text}");
     text
-}
-
-fn xdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xdisk"))
 }
 
 struct Setup {

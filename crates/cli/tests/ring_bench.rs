@@ -1,24 +1,15 @@
 //! `xdisk bench`: fio-like workloads through the frontend, the rings and the backend on the
 //! simulation. Short runs of every mode on raw and qcow2, fio's JSON shape, verification.
 
+mod support;
+use support::{s, tmp, XDISK};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
 const MIB: u64 = 1 << 20;
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-ringbench-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn bench_out(args: &[&str]) -> Output {
     let mut a = vec!["bench"];
@@ -104,7 +95,7 @@ fn check_side(side: &Value, ios: u64, bs: u64) {
 
 #[test]
 fn every_mode_on_raw_and_qcow2() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, qcow) = images(dir.path(), 16 * MIB);
     for (path, fmt) in [(&raw, "raw"), (&qcow, "qcow2")] {
         for rw in ["read", "write", "randread", "randwrite", "randrw", "rw"] {
@@ -147,7 +138,7 @@ fn every_mode_on_raw_and_qcow2() {
 
 #[test]
 fn large_blocks_go_indirect_with_persistent_grants() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, qcow) = images(dir.path(), 16 * MIB);
     for path in [&raw, &qcow] {
         let file = format!("--filename={}", s(path));
@@ -194,7 +185,7 @@ fn large_blocks_go_indirect_with_persistent_grants() {
 
 #[test]
 fn normal_output_and_runtime() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, _) = images(dir.path(), 8 * MIB);
     let file = format!("--filename={}", s(&raw));
     let out = bench(&[
@@ -224,7 +215,7 @@ fn normal_output_and_runtime() {
 
 #[test]
 fn verify_passes_on_good_data() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, qcow) = images(dir.path(), 8 * MIB);
     for path in [&raw, &qcow] {
         let file = format!("--filename={}", s(path));
@@ -280,7 +271,7 @@ fn verify_passes_on_good_data() {
 
 #[test]
 fn verify_catches_a_corrupted_write() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, qcow) = images(dir.path(), 8 * MIB);
     for path in [&raw, &qcow] {
         let file = format!("--filename={}", s(path));
@@ -312,7 +303,7 @@ fn verify_catches_a_corrupted_write() {
 
 #[test]
 fn verify_refuses_data_not_written_by_verify() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, _) = images(dir.path(), 4 * MIB);
     let file = format!("--filename={}", s(&raw));
     let o = bench_out(&[
@@ -329,7 +320,7 @@ fn verify_refuses_data_not_written_by_verify() {
 
 #[test]
 fn bad_options_are_refused() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, _) = images(dir.path(), MIB);
     let file = format!("--filename={}", s(&raw));
     for bad in [
@@ -362,7 +353,7 @@ fn bad_options_are_refused() {
 /// reads as zeroes until written), no grant leaked, memory sampled.
 #[test]
 fn reconnects_and_resize_under_verify() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, qcow) = images(dir.path(), 16 * MIB);
     for path in [&raw, &qcow] {
         let file = format!("--filename={}", s(path));
@@ -439,7 +430,7 @@ fn reconnects_and_resize_under_verify() {
 /// space reads as zeroes, the rest as the verify blocks of an earlier run.
 #[test]
 fn resize_under_a_read_workload() {
-    let dir = tmp();
+    let dir = tmp("xdisk-ringbench-");
     let (raw, _) = images(dir.path(), 4 * MIB);
     let file = format!("--filename={}", s(&raw));
     bench(&[
