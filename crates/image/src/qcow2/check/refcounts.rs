@@ -5,6 +5,10 @@ use super::refs::CHUNK_BITS;
 use super::{be64_at, Checker};
 use crate::qcow2::format::{refcount_get, refcount_max, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 
+/// Clusters [`Checker::compare`] skips at once where nothing is referenced or counted (a
+/// power of two dividing the chunk size of the references).
+const ZERO_RUN: u64 = 256;
+
 impl Checker<'_> {
     /// The refcount table.
     pub(super) fn read_reftable(&mut self) {
@@ -78,22 +82,45 @@ impl Checker<'_> {
         (self.cs * 8) >> self.h.refcount_order
     }
 
-    /// The refcount stored on disk for a cluster (0 where no usable block covers it).
-    pub(super) fn ondisk(&mut self, cluster: u64) -> u64 {
-        let per = self.per_block();
-        let bi = cluster / per;
-        let Some(off) = self.refblock(bi) else {
-            return 0;
-        };
+    /// Refcount block `bi` as read from the file, kept until another block is asked for;
+    /// `None` where no usable table entry covers it or it cannot be read (its clusters then
+    /// count as refcount 0).
+    fn load_block(&mut self, bi: u64) -> Option<&[u8]> {
+        let off = self.refblock(bi)?;
         if self.block_cache.as_ref().map(|(i, _)| *i) != Some(bi) {
             let mut b = vec![0u8; self.cs as usize];
             if !self.read(&mut b, off, "a refcount block") {
-                return 0;
+                return None;
             }
             self.block_cache = Some((bi, b));
         }
-        let (_, b) = self.block_cache.as_ref().expect("cached");
-        refcount_get(b, (cluster % per) as usize, self.h.refcount_order)
+        self.block_cache.as_ref().map(|(_, b)| b.as_slice())
+    }
+
+    /// The refcount stored on disk for a cluster (0 where no usable block covers it).
+    pub(super) fn ondisk(&mut self, cluster: u64) -> u64 {
+        let per = self.per_block();
+        let order = self.h.refcount_order;
+        match self.load_block(cluster / per) {
+            Some(b) => refcount_get(b, (cluster % per) as usize, order),
+            None => 0,
+        }
+    }
+
+    /// Whether every cluster of `from..to` (all in one refcount block) has refcount 0 on
+    /// disk. Looks at whole bytes, so with refcounts narrower than a byte a neighbour's bits
+    /// may answer "no": callers then look cluster by cluster.
+    fn ondisk_zero(&mut self, from: u64, to: u64) -> bool {
+        let per = self.per_block();
+        let bits = 1u64 << self.h.refcount_order;
+        let first_bit = (from % per) * bits;
+        let end_bit = first_bit + (to - from) * bits;
+        match self.load_block(from / per) {
+            Some(b) => b
+                .get((first_bit / 8) as usize..end_bit.div_ceil(8) as usize)
+                .is_some_and(xdisk_io::is_zero),
+            None => true,
+        }
     }
 
     /// Compares on-disk refcounts with the references; returns (corruptions, leaks) found.
@@ -104,14 +131,25 @@ impl Checker<'_> {
         let per = self.per_block();
         let n = self.refs.len();
         let mut next = 0;
+        // Clusters before this are looked at one by one (their window has counts).
+        let mut dense_until = 0;
         while next < n {
             let i = next;
-            if self.refs.chunk_empty(i) && self.refblock(i / per).is_none() {
-                // Nothing referenced and no refcount block: skip to the next boundary.
-                let next_chunk = ((i >> CHUNK_BITS) + 1) << CHUNK_BITS;
-                let next_block = (i / per + 1) * per;
-                next = next_chunk.min(next_block).min(n);
-                continue;
+            // Skip to the next boundary (of the chunk if nothing in it is referenced, else
+            // of a window of ZERO_RUN clusters) if neither the references nor the disk count
+            // anything there: a large image has mostly free clusters.
+            let boundary = if self.refs.chunk_empty(i) {
+                ((i >> CHUNK_BITS) + 1) << CHUNK_BITS
+            } else {
+                (i / ZERO_RUN + 1) * ZERO_RUN
+            };
+            if i >= dense_until {
+                let end = boundary.min((i / per + 1) * per).min(n);
+                if self.refs.all_zero(i, end) && self.ondisk_zero(i, end) {
+                    next = end;
+                    continue;
+                }
+                dense_until = end;
             }
             next += 1;
             let r = self.refs.get(i);

@@ -37,6 +37,16 @@ impl Refs {
     pub(super) fn chunk_empty(&self, i: u64) -> bool {
         self.chunks[(i >> CHUNK_BITS) as usize].is_none()
     }
+    /// Whether no cluster of `from..to` (within one chunk) has a reference.
+    pub(super) fn all_zero(&self, from: u64, to: u64) -> bool {
+        debug_assert!(from < to && (from >> CHUNK_BITS) == ((to - 1) >> CHUNK_BITS));
+        match &self.chunks[(from >> CHUNK_BITS) as usize] {
+            None => true,
+            Some(c) => c[(from & (CHUNK - 1)) as usize..=((to - 1) & (CHUNK - 1)) as usize]
+                .iter()
+                .all(|&x| x == 0),
+        }
+    }
     pub(super) fn get(&self, i: u64) -> u64 {
         debug_assert!(i < self.n);
         let Some(c) = &self.chunks[(i >> CHUNK_BITS) as usize] else {
