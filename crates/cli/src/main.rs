@@ -14,6 +14,7 @@ mod gen_docs;
 mod img;
 mod img_bench;
 mod img_bitmap;
+mod live;
 mod logging;
 mod nbd;
 mod privs;
@@ -78,6 +79,30 @@ enum Command {
     Stat(daemon::StatArgs),
     /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
     /// (device_model_override); serves that domain's disks and answers libxl's QMP.
+    /// Live external snapshot of a running device: its top image becomes the read-only
+    /// backing file of a new qcow2 overlay, which the device serves from then on. Requests
+    /// in flight complete against the old top first; it is consistent afterwards (every
+    /// write acknowledged before is in it, `qemu-img check` clean) while the guest goes on
+    /// writing to the overlay. The backend's `params` node is changed to the overlay.
+    #[command(
+        after_long_help = "Examples:
+  xdisk snapshot xvda /var/lib/images/vm-snap1.qcow2
+  qemu-img create -f qcow2 -b /var/lib/images/vm.qcow2 -F qcow2 /srv/o.qcow2 && xdisk snapshot --no-create qdisk/5/51712 /srv/o.qcow2
+  xdisk stat xvda     # shows the chain"
+    )]
+    Snapshot(live::SnapshotArgs),
+    /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk
+    /// img bitmap`). A bitmap added or enabled records every write acknowledged after the
+    /// command returns.
+    #[command(
+        after_long_help = "Examples:
+  xdisk bitmap add xvda backup-0 --granularity 64k
+  xdisk bitmap list xvda --json
+  xdisk bitmap merge xvda backup-all --source backup-0
+  xdisk bitmap disable xvda backup-0
+  xdisk bitmap remove xvda backup-0"
+    )]
+    Bitmap(live::BitmapArgs),
     QemuShim(daemon::QemuShimArgs),
     /// Writes the man pages and shell completions (for packaging).
     #[command(hide = true)]
@@ -168,6 +193,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Serve(a) => daemon::serve(a),
         Command::Attach(a) => daemon::attach(a),
         Command::Detach(a) => daemon::detach(a),
+        Command::Snapshot(a) => live::snapshot(a),
+        Command::Bitmap(a) => live::bitmap(a),
         Command::Stat(a) => daemon::stat(a),
         Command::QemuShim(a) => daemon::qemu_shim(a),
     }

@@ -30,7 +30,9 @@ use std::time::Duration;
 use xdisk_backend::{Device, DeviceConfig, DeviceStats};
 use xdisk_blkif::xenbus::Mode;
 use xdisk_blkif::XenbusState;
-use xdisk_image::{CacheMode, Image, OpenOptions};
+use std::path::Path;
+
+use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 use xdisk_xen::platform::DomId;
 use xdisk_xen::xenstore::wire::RELEASE_DOMAIN;
 use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
@@ -38,7 +40,7 @@ use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
 use crate::error::{Error, Result};
 use crate::params::{self, DeviceType, DiskSpec, ParamsDefaults};
 use crate::platform::Platform;
-use crate::status::{DaemonStatus, DeviceStatus, Phase};
+use crate::status::{ChainLayer, DaemonStatus, DeviceStatus, Phase};
 
 /// A hook that adjusts each device's configuration before it starts.
 pub type DeviceHook = Arc<dyn Fn(&mut DeviceConfig, &DiskSpec) + Send + Sync>;
@@ -111,6 +113,11 @@ struct Entry {
     device: Mutex<Option<Device>>,
     stop: Mutex<Option<Sender<()>>>,
     host: Mutex<Option<JoinHandle<()>>>,
+    /// The disk as served now (a live snapshot changes its image) and the cache mode its
+    /// image was opened with; set once the device started.
+    spec: Mutex<Option<(DiskSpec, CacheMode)>>,
+    /// Held by a live operation (one at a time per device).
+    live: Mutex<()>,
 }
 
 impl Entry {
@@ -576,6 +583,7 @@ impl Inner {
             frontend_path: Some(fe),
             image: None,
             format: None,
+            chain: Vec::new(),
             read_only: false,
             cache: None,
             phase: Phase::Starting,
@@ -591,6 +599,8 @@ impl Inner {
             device: Mutex::new(None),
             stop: Mutex::new(Some(stop_tx)),
             host: Mutex::new(None),
+            spec: Mutex::new(None),
+            live: Mutex::new(()),
         });
         lock(&self.entries).insert(key.clone(), entry.clone());
         tracing::info!(device = %key.name(), "serving");
@@ -717,6 +727,7 @@ impl Inner {
             s.read_only = image.read_only();
             s.cache = Some(cache.to_string());
             s.size = Some(image.size());
+            s.chain = ChainLayer::of(&image);
         }
         let mut cfg = DeviceConfig::new(be.clone());
         cfg.frontend_domid = Some(key.domid);
@@ -739,6 +750,7 @@ impl Inner {
             p.evt.clone(),
             image.clone(),
         )?;
+        *lock(&entry.spec) = Some((spec.clone(), cache));
         *lock(&entry.device) = Some(device);
         xs.write(&format!("{be}/hotplug-status"), "connected")
             .map_err(|e| Error::xs(be, e))?;
@@ -757,6 +769,8 @@ impl Inner {
             %cache,
             "device started"
         );
+        // The device owns the image from now on (a live snapshot replaces it there).
+        drop(image);
         let stopped = loop {
             match stop.recv_timeout(self.cfg.poll_interval) {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => break true,
@@ -765,13 +779,15 @@ impl Inner {
                     if finished {
                         break false;
                     }
-                    self.follow_resize(entry, &image, &spec);
+                    self.follow_resize(entry);
                 }
             }
         };
         entry.set_phase(Phase::Stopping);
         let device = lock(&entry.device).take();
+        let mut top = None;
         if let Some(d) = device {
+            top = Some(d.image());
             let last = d.stats();
             let r = if stopped { d.shutdown() } else { d.wait() };
             let mut s = lock(&entry.status);
@@ -781,8 +797,12 @@ impl Inner {
                 tracing::warn!(device = %key.name(), "device ended with: {e}");
             }
         }
-        if let Err(e) = image.close() {
-            tracing::warn!(device = %key.name(), "closing the image: {e}");
+        // The top image served last (a live snapshot's overlay); the layers under it were
+        // closed when they stopped taking writes.
+        if let Some(image) = top {
+            if let Err(e) = image.close() {
+                tracing::warn!(device = %key.name(), "closing the image: {e}");
+            }
         }
         Ok(())
     }
@@ -794,7 +814,14 @@ impl Inner {
     /// see; a file or block device grown by another program) gets the new size, and the
     /// frontend is told as Linux blkback's `xen_vbd_resize` tells it (`sectors`, then the
     /// state again). Checked at every poll of the host thread.
-    fn follow_resize(&self, entry: &Entry, image: &Image, spec: &DiskSpec) {
+    fn follow_resize(&self, entry: &Entry) {
+        let Some(image) = lock(&entry.device).as_ref().map(|d| d.image()) else {
+            return;
+        };
+        let shown = lock(&entry.spec)
+            .as_ref()
+            .map(|(s, _)| s.shown())
+            .unwrap_or_default();
         let new = match image.refresh_size() {
             Ok(Some(n)) => n,
             Ok(None) => return,
@@ -803,13 +830,361 @@ impl Inner {
                 return;
             }
         };
-        tracing::info!(device = %entry.key.name(), image = %spec.shown(), size = new, "the image was resized: telling the frontend");
+        tracing::info!(device = %entry.key.name(), image = %shown, size = new, "the image was resized: telling the frontend");
         lock(&entry.status).size = Some(new);
         if let Some(d) = lock(&entry.device).as_ref() {
             if let Err(e) = d.resize() {
                 tracing::warn!(device = %entry.key.name(), "online resize: {e}");
             }
         }
+    }
+}
+
+impl Supervisor {
+    /// The one device `query` names (as `xdisk stat` names devices: `qdisk/5/51712`,
+    /// `5/51712`, `xvda`, `/dev/xvda`, `51712`, the backend path).
+    fn find(&self, query: &str) -> Result<Arc<Entry>> {
+        let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
+        let found: Vec<Arc<Entry>> = entries
+            .into_iter()
+            .filter(|e| lock(&e.status).matches(query))
+            .collect();
+        match found.len() {
+            0 => Err(Error::Invalid(format!(
+                "no device {query:?} (xdisk stat lists them)"
+            ))),
+            1 => Ok(found.into_iter().next().ok_or_else(|| Error::Invalid("no device".into()))?),
+            _ => Err(Error::Invalid(format!(
+                "{query:?} names several devices ({}); name one as TYPE/DOMID/DEVID",
+                found
+                    .iter()
+                    .map(|e| e.key.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// The running device of `entry`: its handle and the disk as served.
+    fn running(entry: &Entry) -> Result<(xdisk_backend::DeviceHandle, DiskSpec, CacheMode)> {
+        let name = entry.key.name();
+        if entry.phase() != Phase::Running {
+            return Err(Error::Invalid(format!(
+                "{name} is {}, not running",
+                entry.phase().as_str()
+            )));
+        }
+        let handle = lock(&entry.device)
+            .as_ref()
+            .filter(|d| !d.is_finished())
+            .map(|d| d.handle())
+            .ok_or_else(|| Error::Invalid(format!("{name} is not running")))?;
+        let (spec, cache) = lock(&entry.spec)
+            .clone()
+            .ok_or_else(|| Error::Invalid(format!("{name} is not running")))?;
+        Ok((handle, spec, cache))
+    }
+
+    /// A live external snapshot of a running device (see [`crate::control::ControlRequest::Snapshot`]):
+    /// the device's queues pause (everything consumed completes against the current top),
+    /// the top's metadata is written back and synced, the qcow2 overlay `overlay` is created
+    /// over it (backing file: the top's path, with its format; size: the device's) or, with
+    /// `no_create`, an existing one is checked to name it, the overlay is opened with the
+    /// top as its backing layer, the backend's `params` node is changed to
+    /// `qcow2:<overlay>` (so that a restarted daemon opens the overlay), the old top becomes
+    /// read-only and the queues resume on the overlay. Any failure before the switch leaves
+    /// the device serving its old top, and a file this call created is removed.
+    pub fn snapshot(
+        &self,
+        query: &str,
+        overlay: &Path,
+        no_create: bool,
+    ) -> Result<crate::control::SnapshotReply> {
+        let entry = self.find(query)?;
+        let _one = lock(&entry.live);
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!(
+                "{name} is served read-only: its image cannot take a snapshot overlay"
+            )));
+        }
+        let old_path = spec.path.clone();
+        let old_name = old_path.to_string_lossy().into_owned();
+        if params::is_nbd_url(&old_name) || params::is_rbd_name(&old_name) {
+            return Err(Error::Unsupported(format!(
+                "{name}: live snapshots of {} are not supported (only of host files)",
+                spec.shown()
+            )));
+        }
+        let overlay_s = overlay.to_str().ok_or_else(|| {
+            Error::Invalid(format!("{}: the overlay path is not UTF-8", overlay.display()))
+        })?;
+        let new_params = format!("qcow2:{overlay_s}");
+        let (_, _, parsed) = params::parse_params(&new_params).map_err(|e| {
+            Error::Invalid(format!("overlay {overlay_s:?} cannot be named in params: {e}"))
+        })?;
+        if params::is_nbd_url(overlay_s) || params::is_rbd_name(overlay_s) || !overlay.is_absolute()
+        {
+            return Err(Error::Invalid(format!(
+                "overlay {overlay_s:?}: expected an absolute path of a host file"
+            )));
+        }
+        if parsed != overlay || overlay.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(Error::Invalid(format!(
+                "overlay {overlay_s:?}: expected a plain absolute path (no '..')"
+            )));
+        }
+        // A restarted daemon must be allowed to open the old top as the overlay's backing
+        // file.
+        let backing_opts = OpenOptions {
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        xdisk_image::check_backing_file(&old_path, &backing_opts).map_err(|e| {
+            Error::Invalid(format!(
+                "{} cannot become a backing file: {e}",
+                old_path.display()
+            ))
+        })?;
+        if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&old_path), std::fs::canonicalize(overlay)) {
+            if a == b {
+                return Err(Error::Invalid(format!(
+                    "{overlay_s} is the device's image itself"
+                )));
+            }
+        }
+        let open_opts = OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let xs = self.inner.platform.xs.clone();
+        let be = entry.be.clone();
+        let overlay_buf = overlay.to_path_buf();
+        let backing_format = std::sync::Arc::new(Mutex::new(String::new()));
+        let bf = backing_format.clone();
+        let started = std::time::Instant::now();
+        let op: xdisk_backend::QuiesceFn = Box::new(move |old: &Arc<Image>| {
+            // The old top as any reader will find it: every write acknowledged so far with
+            // its metadata (L2 tables, refcounts) written back and synced, the bitmaps
+            // stored (qcow2.txt "Bitmaps extension": `in_use` cleared).
+            old.close()?;
+            *lock(&bf) = old.format().as_str().to_owned();
+            let created = if no_create {
+                false
+            } else {
+                create_overlay(&overlay_buf, &old_name, old.format(), old.size())?;
+                true
+            };
+            let remove = {
+                let p = overlay_buf.clone();
+                move || {
+                    if created {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            };
+            let new = match Image::open_overlay(&overlay_buf, &open_opts, old.clone()) {
+                Ok(i) => i,
+                Err(e) => {
+                    remove();
+                    return Err(e.into());
+                }
+            };
+            let old = old.clone();
+            let commit = Box::new(move || -> xdisk_backend::Result<()> {
+                persist_params(&xs, &be, &new_params)?;
+                old.seal();
+                Ok(())
+            });
+            Ok(Some(xdisk_backend::Switch {
+                image: new,
+                commit,
+                rollback: Box::new(remove),
+            }))
+        });
+        handle
+            .quiesce(op)
+            .map_err(|e| Error::Device(format!("snapshot of {name}: {e}")))?;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // The device serves the overlay now.
+        let new_spec = DiskSpec {
+            path: overlay.to_path_buf(),
+            format: Some(Format::Qcow2),
+            format_tag: "qcow2".into(),
+            ..spec
+        };
+        let top = handle.image();
+        {
+            let mut st = lock(&entry.status);
+            st.image = Some(new_spec.shown());
+            st.format = Some(Format::Qcow2.as_str().to_owned());
+            st.chain = ChainLayer::of(&top);
+        }
+        *lock(&entry.spec) = Some((new_spec, cache));
+        tracing::info!(device = %name, overlay = %overlay.display(), backing = %old_path.display(), paused_us, "live snapshot");
+        let backing_format = lock(&backing_format).clone();
+        Ok(crate::control::SnapshotReply {
+            device: name,
+            image: overlay.display().to_string(),
+            backing: old_path.display().to_string(),
+            backing_format,
+            paused_us,
+        })
+    }
+
+    /// A change of the persistent dirty bitmaps of a running device's top image (see
+    /// [`crate::control::ControlRequest::Bitmap`]); returns the bitmaps afterwards. Every
+    /// change runs with the device's queues paused, so that a bitmap added (or enabled, or
+    /// cleared) records every write acknowledged after this returns and no write of before.
+    pub fn bitmap(
+        &self,
+        query: &str,
+        req: &crate::control::BitmapRequest,
+    ) -> Result<Vec<crate::control::BitmapEntry>> {
+        use crate::control::BitmapAction as A;
+        let entry = self.find(query)?;
+        let _one = lock(&entry.live);
+        let (handle, _, _) = Self::running(&entry)?;
+        let name = entry.key.name();
+        let list = |image: &Image| -> Result<Vec<crate::control::BitmapEntry>> {
+            let q = image.as_qcow2().ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: its image is {}: persistent bitmaps need qcow2",
+                    image.format()
+                ))
+            })?;
+            Ok(q.bitmaps()
+                .into_iter()
+                .map(|b| crate::control::BitmapEntry {
+                    name: b.name,
+                    granularity: b.granularity,
+                    enabled: b.auto,
+                    in_use: b.in_use,
+                    inconsistent: b.inconsistent,
+                })
+                .collect())
+        };
+        if req.action == A::List {
+            return list(&handle.image());
+        }
+        let bitmap = req
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::Invalid(format!("bitmap {}: no bitmap name", req.action.as_str())))?;
+        let req2 = req.clone();
+        let op: xdisk_backend::QuiesceFn = Box::new(move |image: &Arc<Image>| {
+            let q = image.as_qcow2().ok_or_else(|| {
+                xdisk_image::Error::Unsupported(format!(
+                    "the image is {}: persistent bitmaps need qcow2",
+                    image.format()
+                ))
+            })?;
+            if image.read_only() {
+                return Err(xdisk_image::Error::ReadOnly.into());
+            }
+            let r = match req2.action {
+                A::Add => q.add_bitmap(&bitmap, req2.granularity, !req2.disabled),
+                A::Remove => q.remove_bitmap(&bitmap),
+                A::Clear => q.clear_bitmap(&bitmap),
+                A::Enable => q.set_bitmap_enabled(&bitmap, true),
+                A::Disable => q.set_bitmap_enabled(&bitmap, false),
+                A::Merge => {
+                    let src = req2.source.as_deref().filter(|s| !s.is_empty()).ok_or_else(|| {
+                        xdisk_image::Error::InvalidArgument("merge needs a source bitmap".into())
+                    })?;
+                    q.bitmap(src).and_then(|bits| q.merge_bitmap(&bitmap, &bits))
+                }
+                A::List => Ok(()),
+            };
+            r.map_err(|e| {
+                xdisk_backend::Error::Live(format!(
+                    "Operation {} on bitmap {bitmap} failed: {e}",
+                    req2.action.as_str()
+                ))
+            })?;
+            Ok(None)
+        });
+        handle
+            .quiesce(op)
+            .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        tracing::info!(device = %name, action = req.action.as_str(), bitmap = ?req.name, "live bitmap change");
+        list(&handle.image())
+    }
+}
+
+impl crate::control::LiveOps for Supervisor {
+    fn snapshot(
+        &self,
+        device: &str,
+        overlay: &Path,
+        no_create: bool,
+    ) -> Result<crate::control::SnapshotReply> {
+        Supervisor::snapshot(self, device, overlay, no_create)
+    }
+
+    fn bitmap(
+        &self,
+        device: &str,
+        req: &crate::control::BitmapRequest,
+    ) -> Result<Vec<crate::control::BitmapEntry>> {
+        Supervisor::bitmap(self, device, req)
+    }
+}
+
+/// Creates the qcow2 overlay of a live snapshot: a new file (an existing one is never
+/// replaced), backing file `backing` (absolute) of `format`, `size` bytes (qcow2.txt
+/// "Header": `backing_file_offset`/`size`; the format goes into the "Backing file format
+/// name" extension).
+fn create_overlay(path: &Path, backing: &str, format: Format, size: u64) -> xdisk_backend::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                " (an existing overlay is used with --no-create)"
+            } else {
+                ""
+            };
+            xdisk_backend::Error::Live(format!("cannot create {}: {e}{hint}", path.display()))
+        })?;
+    let opts = xdisk_image::CreateOptions {
+        size,
+        backing_file: Some(backing.to_owned()),
+        backing_format: Some(format.as_str().to_owned()),
+        ..xdisk_image::CreateOptions::default()
+    };
+    xdisk_image::create(path, Format::Qcow2, &opts).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        xdisk_backend::Error::Image(e)
+    })
+}
+
+/// Writes a device's new `params` (dom0 owns the backend directory), unless the toolstack
+/// removed the directory meanwhile (then the device is going away: an error).
+fn persist_params(xs: &Client, be: &str, params: &str) -> xdisk_backend::Result<()> {
+    let r = xs.transaction(|tx| {
+        match tx.read(&format!("{be}/frontend")) {
+            Ok(_) => {}
+            Err(e) if e.errno() == Some(Errno::ENOENT) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        tx.write(&format!("{be}/params"), params)?;
+        Ok(true)
+    });
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(xdisk_backend::Error::Live(format!(
+            "{be} was removed: the device is going away"
+        ))),
+        Err(e) => Err(xdisk_backend::Error::Live(format!(
+            "cannot write {be}/params: {e}"
+        ))),
     }
 }
 
