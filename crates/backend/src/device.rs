@@ -1335,7 +1335,11 @@ impl Control {
         }
         let img = image.clone();
         self.tell_queues(op, || QueueCmd::Prepare(img.clone()));
-        let prepared = self.wait_acks(op, deadline.max(Instant::now() + Duration::from_secs(5)), "prepare");
+        let prepared = self.wait_acks(
+            op,
+            deadline.max(Instant::now() + Duration::from_secs(5)),
+            "prepare",
+        );
         let failed = match prepared {
             Ok(acks) => acks.into_iter().find_map(|a| match a {
                 QueueAck::Prepared(Err(e)) => Some(Error::Live(format!(

@@ -36,6 +36,6 @@ pub use config::{
     DataPath, DeviceConfig, DEFAULT_MAX_MAPPED_GRANTS, DEFAULT_MAX_PERSISTENT_GRANTS,
 };
 pub use device::{Device, DeviceHandle};
-pub use live::{QuiesceFn, Switch};
 pub use error::{Error, Result};
+pub use live::{QuiesceFn, Switch};
 pub use stats::{DeviceStats, Histogram, LATENCY_BOUNDS_US, LATENCY_BUCKETS};

@@ -32,7 +32,9 @@ pub struct Switch {
 
 impl std::fmt::Debug for Switch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Switch").field("image", &self.image).finish()
+        f.debug_struct("Switch")
+            .field("image", &self.image)
+            .finish()
     }
 }
 

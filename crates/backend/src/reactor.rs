@@ -331,7 +331,10 @@ impl<D: GuestData> Reactor<D> {
                 Ok((op, QueueCmd::Pause)) => self.pausing = Some(op),
                 Ok((op, QueueCmd::Prepare(_))) => {
                     // Only meaningful while paused.
-                    self.ack(op, QueueAck::Prepared(Err("the queue is not paused".into())));
+                    self.ack(
+                        op,
+                        QueueAck::Prepared(Err("the queue is not paused".into())),
+                    );
                 }
                 // A pause given up before this queue got there.
                 Ok((_, QueueCmd::Resume)) => self.pausing = None,

@@ -102,8 +102,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let dir = std::fs::canonicalize(&dir)
-        .with_context(|| format!("the directory of {}", p.display()))?;
+    let dir =
+        std::fs::canonicalize(&dir).with_context(|| format!("the directory of {}", p.display()))?;
     Ok(dir.join(name))
 }
 

@@ -84,24 +84,20 @@ enum Command {
     /// in flight complete against the old top first; it is consistent afterwards (every
     /// write acknowledged before is in it, `qemu-img check` clean) while the guest goes on
     /// writing to the overlay. The backend's `params` node is changed to the overlay.
-    #[command(
-        after_long_help = "Examples:
+    #[command(after_long_help = "Examples:
   xdisk snapshot xvda /var/lib/images/vm-snap1.qcow2
   qemu-img create -f qcow2 -b /var/lib/images/vm.qcow2 -F qcow2 /srv/o.qcow2 && xdisk snapshot --no-create qdisk/5/51712 /srv/o.qcow2
-  xdisk stat xvda     # shows the chain"
-    )]
+  xdisk stat xvda     # shows the chain")]
     Snapshot(live::SnapshotArgs),
     /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk
     /// img bitmap`). A bitmap added or enabled records every write acknowledged after the
     /// command returns.
-    #[command(
-        after_long_help = "Examples:
+    #[command(after_long_help = "Examples:
   xdisk bitmap add xvda backup-0 --granularity 64k
   xdisk bitmap list xvda --json
   xdisk bitmap merge xvda backup-all --source backup-0
   xdisk bitmap disable xvda backup-0
-  xdisk bitmap remove xvda backup-0"
-    )]
+  xdisk bitmap remove xvda backup-0")]
     Bitmap(live::BitmapArgs),
     QemuShim(daemon::QemuShimArgs),
     /// Writes the man pages and shell completions (for packaging).

@@ -482,9 +482,7 @@ pub fn request_with_timeout(
         error,
     })?;
     let ctl = |e: std::io::Error| Error::Control(e.to_string());
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(ctl)?;
+    stream.set_read_timeout(Some(timeout)).map_err(ctl)?;
     let mut w = stream.try_clone().map_err(ctl)?;
     let mut line = serde_json::to_string(req).map_err(|e| Error::Control(e.to_string()))?;
     line.push('\n');

@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::path::Path;
 use xdisk_backend::{Device, DeviceConfig, DeviceStats};
 use xdisk_blkif::xenbus::Mode;
 use xdisk_blkif::XenbusState;
-use std::path::Path;
 
 use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 use xdisk_xen::platform::DomId;
@@ -853,7 +853,10 @@ impl Supervisor {
             0 => Err(Error::Invalid(format!(
                 "no device {query:?} (xdisk stat lists them)"
             ))),
-            1 => Ok(found.into_iter().next().ok_or_else(|| Error::Invalid("no device".into()))?),
+            1 => Ok(found
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Invalid("no device".into()))?),
             _ => Err(Error::Invalid(format!(
                 "{query:?} names several devices ({}); name one as TYPE/DOMID/DEVID",
                 found
@@ -918,11 +921,16 @@ impl Supervisor {
             )));
         }
         let overlay_s = overlay.to_str().ok_or_else(|| {
-            Error::Invalid(format!("{}: the overlay path is not UTF-8", overlay.display()))
+            Error::Invalid(format!(
+                "{}: the overlay path is not UTF-8",
+                overlay.display()
+            ))
         })?;
         let new_params = format!("qcow2:{overlay_s}");
         let (_, _, parsed) = params::parse_params(&new_params).map_err(|e| {
-            Error::Invalid(format!("overlay {overlay_s:?} cannot be named in params: {e}"))
+            Error::Invalid(format!(
+                "overlay {overlay_s:?} cannot be named in params: {e}"
+            ))
         })?;
         if params::is_nbd_url(overlay_s) || params::is_rbd_name(overlay_s) || !overlay.is_absolute()
         {
@@ -930,7 +938,11 @@ impl Supervisor {
                 "overlay {overlay_s:?}: expected an absolute path of a host file"
             )));
         }
-        if parsed != overlay || overlay.components().any(|c| c == std::path::Component::ParentDir) {
+        if parsed != overlay
+            || overlay
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
             return Err(Error::Invalid(format!(
                 "overlay {overlay_s:?}: expected a plain absolute path (no '..')"
             )));
@@ -947,7 +959,10 @@ impl Supervisor {
                 old_path.display()
             ))
         })?;
-        if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&old_path), std::fs::canonicalize(overlay)) {
+        if let (Ok(a), Ok(b)) = (
+            std::fs::canonicalize(&old_path),
+            std::fs::canonicalize(overlay),
+        ) {
             if a == b {
                 return Err(Error::Invalid(format!(
                     "{overlay_s} is the device's image itself"
@@ -1071,11 +1086,9 @@ impl Supervisor {
         if req.action == A::List {
             return list(&handle.image());
         }
-        let bitmap = req
-            .name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| Error::Invalid(format!("bitmap {}: no bitmap name", req.action.as_str())))?;
+        let bitmap = req.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+            Error::Invalid(format!("bitmap {}: no bitmap name", req.action.as_str()))
+        })?;
         let req2 = req.clone();
         let op: xdisk_backend::QuiesceFn = Box::new(move |image: &Arc<Image>| {
             let q = image.as_qcow2().ok_or_else(|| {
@@ -1094,10 +1107,17 @@ impl Supervisor {
                 A::Enable => q.set_bitmap_enabled(&bitmap, true),
                 A::Disable => q.set_bitmap_enabled(&bitmap, false),
                 A::Merge => {
-                    let src = req2.source.as_deref().filter(|s| !s.is_empty()).ok_or_else(|| {
-                        xdisk_image::Error::InvalidArgument("merge needs a source bitmap".into())
-                    })?;
-                    q.bitmap(src).and_then(|bits| q.merge_bitmap(&bitmap, &bits))
+                    let src = req2
+                        .source
+                        .as_deref()
+                        .filter(|s| !s.is_empty())
+                        .ok_or_else(|| {
+                            xdisk_image::Error::InvalidArgument(
+                                "merge needs a source bitmap".into(),
+                            )
+                        })?;
+                    q.bitmap(src)
+                        .and_then(|bits| q.merge_bitmap(&bitmap, &bits))
                 }
                 A::List => Ok(()),
             };
@@ -1140,7 +1160,12 @@ impl crate::control::LiveOps for Supervisor {
 /// replaced), backing file `backing` (absolute) of `format`, `size` bytes (qcow2.txt
 /// "Header": `backing_file_offset`/`size`; the format goes into the "Backing file format
 /// name" extension).
-fn create_overlay(path: &Path, backing: &str, format: Format, size: u64) -> xdisk_backend::Result<()> {
+fn create_overlay(
+    path: &Path,
+    backing: &str,
+    format: Format,
+    size: u64,
+) -> xdisk_backend::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

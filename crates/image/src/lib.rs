@@ -614,14 +614,22 @@ impl Image {
     /// `backing_file_offset`; the name resolved against the overlay's directory must be the
     /// same file) and, if it records a backing format ("Backing file format name"
     /// extension), `backing`'s format; its virtual size must be `backing`'s.
-    pub fn open_overlay(path: &Path, opts: &OpenOptions, backing: Arc<Image>) -> Result<Arc<Image>> {
+    pub fn open_overlay(
+        path: &Path,
+        opts: &OpenOptions,
+        backing: Arc<Image>,
+    ) -> Result<Arc<Image>> {
         use std::os::unix::fs::MetadataExt;
-        let want = backing.storage().local_path().map(Path::to_path_buf).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{} is not a host file: it cannot be the backing file of a snapshot overlay",
-                backing.storage().name()
-            ))
-        })?;
+        let want = backing
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{} is not a host file: it cannot be the backing file of a snapshot overlay",
+                    backing.storage().name()
+                ))
+            })?;
         let want_meta = std::fs::metadata(&want)
             .map_err(|e| Error::io(format!("cannot stat {}", want.display()), e))?;
         let file = ImageFile::open(path, opts.read_only, opts.cache).map_err(Error::Engine)?;
@@ -656,7 +664,12 @@ impl Image {
             }
             Ok(Some(backing.clone()))
         };
-        let q = qcow2::Qcow2Image::open(Arc::new(file), opts, opts.read_only, Some(&mut open_backing))?;
+        let q = qcow2::Qcow2Image::open(
+            Arc::new(file),
+            opts,
+            opts.read_only,
+            Some(&mut open_backing),
+        )?;
         if !named {
             return Err(Error::Backing(format!(
                 "{} names no backing file (expected {})",
@@ -680,8 +693,7 @@ impl Image {
     /// nothing): what a live snapshot does to the old top once it is the overlay's backing
     /// file. Metadata should be written back first ([`Image::close`]).
     pub fn seal(&self) {
-        self.sealed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The format of this layer.
