@@ -602,3 +602,144 @@ fn bitmap_added_live_records_every_write_acked_after_it() {
         );
     }
 }
+
+const KILL_CHILD: &str = "XDISK_LIVE_KILL_CHILD";
+
+/// The child of [`sigkill_right_after_a_snapshot_restarts_on_the_overlay`] (does nothing
+/// unless run by it): a daemon with one disk, writes, a live snapshot, writes to the
+/// overlay, a flush; then it prints what the xenstore says of the disk (what a real
+/// xenstored, which outlives the daemon, would keep) and the writes, and waits for its kill.
+#[test]
+fn sigkill_child() {
+    let Ok(dir) = std::env::var(KILL_CHILD) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = daemon();
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let before = round_trip(&mut front, 5);
+    d.snapshot("xvda", &dir.join("overlay.qcow2"), false)
+        .expect("snapshot");
+    // Other sectors than round_trip's, so that both sets stay readable.
+    let after = [(1000u64, pattern(6, 65536)), (5000, pattern(7, 4096))];
+    for (s, data) in &after {
+        front.write(*s, data).unwrap();
+    }
+    front.flush().unwrap();
+    let params = d
+        .host
+        .read("/local/domain/0/backend/qdisk/1/51712/params")
+        .unwrap();
+    let enc = |w: &[(u64, Vec<u8>)]| -> Vec<(u64, String)> {
+        w.iter()
+            .map(|(s, d)| (*s, d.iter().map(|b| format!("{b:02x}")).collect()))
+            .collect()
+    };
+    let state = serde_json::json!({
+        "params": params,
+        "before": enc(&before),
+        "after": enc(&after),
+    });
+    println!("LIVE-KILL {state}");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A daemon killed (SIGKILL) right after a live snapshot: the backend's `params` names the
+/// overlay, so the restarted daemon serves the overlay over the old top; both images pass
+/// `qemu-img check` and hold every write flushed before the kill.
+#[test]
+fn sigkill_right_after_a_snapshot_restarts_on_the_overlay() {
+    use std::io::BufRead;
+    let dir = tmpdir();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sigkill_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(KILL_CHILD, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            // After the harness's "test sigkill_child ... ".
+            if let Some(i) = l.find("LIVE-KILL ") {
+                let _ = tx.send(l[i + "LIVE-KILL ".len()..].to_owned());
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&line.expect("the child got ready")).unwrap();
+    let dec = |v: &serde_json::Value| -> Vec<(u64, Vec<u8>)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let hex = w[1].as_str().unwrap();
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                (w[0].as_u64().unwrap(), bytes)
+            })
+            .collect()
+    };
+    let (before, after) = (dec(&state["before"]), dec(&state["after"]));
+    let params = state["params"].as_str().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let overlay = dir.path().join("overlay.qcow2");
+    assert_eq!(params, format!("qcow2:{}", overlay.display()));
+    check_clean(&base);
+    check_clean(&overlay);
+    check_image(&base, &before);
+    check_image(&overlay, &before);
+    check_image(&overlay, &after);
+
+    // The restart: the toolstack's nodes as the killed daemon left them.
+    let d = daemon();
+    let dom = d.host.guest(1);
+    d.host.add_qdisk(1, 51712, params, &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    for (s, data) in before.iter().chain(&after) {
+        assert!(
+            &front.read(*s, (data.len() / 512) as u64).unwrap() == data,
+            "sector {s} differs after the restart"
+        );
+    }
+    let st = control::status(&d.sock).unwrap();
+    let chain: Vec<&str> = st.devices[0]
+        .chain
+        .iter()
+        .map(|l| l.image.as_str())
+        .collect();
+    assert_eq!(chain, [overlay.to_str().unwrap(), base.to_str().unwrap()]);
+    let more = round_trip(&mut front, 8);
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&base);
+    check_clean(&overlay);
+    check_image(&base, &before);
+    check_image(&overlay, &more);
+}
