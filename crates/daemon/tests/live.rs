@@ -184,7 +184,7 @@ fn writer(
                     }
                     Err(e) => panic!("submit: {e}"),
                 }
-                if n % 16 == 0 {
+                if n.is_multiple_of(16) {
                     match front.submit(q, Op::Flush) {
                         Ok(_) => flushes += 1,
                         Err(xdisk_blkfront::Error::RingFull(_)) => {}
@@ -387,42 +387,58 @@ fn failed_snapshots_leave_the_device_on_its_old_top() {
     let disk = qcow2_disk(DISK);
     let ro = qcow2_disk(DISK);
     let dom = d.host.guest(1);
+    // Another guest: the simulation's blkfront takes the guest's memory as its own, so one
+    // guest runs one frontend at a time.
+    let dom2 = d.host.guest(2);
     let top = format!("qcow2:{}", disk.path.display());
     d.host.add_qdisk(1, 51712, &top, &[]);
     d.host.add_qdisk(
-        1,
-        51728,
+        2,
+        51712,
         &format!("qcow2:{}", ro.path.display()),
         &[("mode", "r")],
     );
     let mut front = connect_with(&dom, 51712, front_cfg());
-    let ro_front = connect(&dom, 51728);
+    let ro_front = connect(&dom2, 51712);
+    // Two guests' xvda: the name alone is ambiguous.
+    let e = d
+        .snapshot("xvda", &ro.dir.path().join("o.qcow2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names several devices"), "{e}");
     let params = "/local/domain/0/backend/qdisk/1/51712/params";
 
     // A read-only device.
     let o = ro.dir.path().join("o.qcow2");
-    let e = d.snapshot("xvdb", &o, false).unwrap_err().to_string();
+    let e = d
+        .snapshot("qdisk/2/51712", &o, false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("read-only"), "{e}");
     assert!(!o.exists());
     // An overlay in a directory that does not exist.
     let e = d
-        .snapshot("xvda", Path::new("/nonexistent-xdisk-dir/o.qcow2"), false)
+        .snapshot(
+            "1/51712",
+            Path::new("/nonexistent-xdisk-dir/o.qcow2"),
+            false,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot create"), "{e}");
     // A relative path, a path with '..'.
     let e = d
-        .snapshot("xvda", Path::new("o.qcow2"), false)
+        .snapshot("1/51712", Path::new("o.qcow2"), false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("absolute"), "{e}");
     let dotdot = disk.dir.path().join("../o.qcow2");
-    assert!(d.snapshot("xvda", &dotdot, false).is_err());
+    assert!(d.snapshot("1/51712", &dotdot, false).is_err());
     // An existing file without --no-create: left as it is.
     let existing = disk.dir.path().join("existing.qcow2");
     std::fs::write(&existing, b"precious").unwrap();
     let e = d
-        .snapshot("xvda", &existing, false)
+        .snapshot("1/51712", &existing, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("--no-create"), "{e}");
@@ -441,18 +457,18 @@ fn failed_snapshots_leave_the_device_on_its_old_top() {
         "qcow2",
         wrong.to_str().unwrap(),
     ]);
-    let e = d.snapshot("xvda", &wrong, true).unwrap_err().to_string();
+    let e = d.snapshot("1/51712", &wrong, true).unwrap_err().to_string();
     assert!(e.contains("names the backing file"), "{e}");
     assert!(
         wrong.exists(),
         "an overlay given with --no-create is never removed"
     );
-    assert!(d.snapshot("xvda", &existing, true).is_err());
+    assert!(d.snapshot("1/51712", &existing, true).is_err());
     // No such device.
     assert!(d.snapshot("xvdz", &o, false).is_err());
 
     // Nothing changed: the device serves its old top, params is as it was.
-    assert_eq!(d.image_of("xvda"), disk.path.display().to_string());
+    assert_eq!(d.image_of("1/51712"), disk.path.display().to_string());
     assert_eq!(d.host.read(params).as_deref(), Some(top.as_str()));
     let writes = round_trip(&mut front, 77);
     check_image(&disk.path, &writes);
@@ -470,9 +486,9 @@ fn failed_snapshots_leave_the_device_on_its_old_top() {
         "qcow2",
         good.to_str().unwrap(),
     ]);
-    d.snapshot("/dev/xvda", &good, true)
+    d.snapshot("/local/domain/0/backend/qdisk/1/51712", &good, true)
         .expect("snapshot with --no-create");
-    assert_eq!(d.image_of("xvda"), good.display().to_string());
+    assert_eq!(d.image_of("1/51712"), good.display().to_string());
     let later = round_trip(&mut front, 78);
     front.disconnect().unwrap();
     drop(ro_front);
@@ -483,6 +499,45 @@ fn failed_snapshots_leave_the_device_on_its_old_top() {
     // sectors).
     check_image(&disk.path, &writes);
     check_image(&good, &later);
+}
+
+#[test]
+fn live_snapshot_of_a_raw_disk_names_a_raw_backing_file() {
+    let d = daemon();
+    let disk = raw_disk(DISK);
+    let overlay = disk.dir.path().join("over.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("aio:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let before = round_trip(&mut front, 11);
+    d.snapshot("1/51712", &overlay, false).expect("snapshot");
+    // Other sectors than round_trip's.
+    let after = [(2000u64, pattern(12, 8192))];
+    for (s, data) in &after {
+        front.write(*s, data).unwrap();
+    }
+    front.flush().unwrap();
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", overlay.display()).as_str())
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&overlay);
+    let info = qemu_img(&["info", "--output=json", overlay.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename-format"], "raw", "{info}");
+    assert_eq!(info["virtual-size"], DISK, "{info}");
+    check_image(&disk.path, &before);
+    assert!(
+        std::fs::read(&disk.path).unwrap()[2000 * 512..2016 * 512] == [0u8; 8192],
+        "the raw old top took a write made after the snapshot"
+    );
+    check_image(&overlay, &before);
+    check_image(&overlay, &after);
 }
 
 /// The dirty ranges of bitmap `name` of `image`, as qemu-nbd exports them
@@ -531,10 +586,12 @@ fn bitmap_added_live_records_every_write_acked_after_it() {
     let dom = d.host.guest(1);
     d.host
         .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    // Another guest (one frontend per simulated guest).
+    let dom2 = d.host.guest(2);
     d.host
-        .add_qdisk(1, 51728, &format!("aio:{}", raw.path.display()), &[]);
+        .add_qdisk(2, 51728, &format!("aio:{}", raw.path.display()), &[]);
     let front = connect_with(&dom, 51712, front_cfg());
-    let _raw_front = connect(&dom, 51728);
+    let _raw_front = connect(&dom2, 51728);
     // Bitmaps need qcow2.
     let e = d
         .bitmap("xvdb", BitmapAction::Add, "b0", None)

@@ -632,16 +632,7 @@ impl Image {
             })?;
         let want_meta = std::fs::metadata(&want)
             .map_err(|e| Error::io(format!("cannot stat {}", want.display()), e))?;
-        let file = ImageFile::open(path, opts.read_only, opts.cache).map_err(Error::Engine)?;
-        if probe_format(&file)? != Format::Qcow2 {
-            return Err(Error::InvalidArgument(format!(
-                "{} is not a qcow2 image",
-                path.display()
-            )));
-        }
-        let mut named = false;
-        let mut open_backing = |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
-            named = true;
+        let verify = |name: &str, fmt: Option<&str>| -> Result<()> {
             let target = resolve_backing(path, name);
             let same = std::fs::metadata(&target)
                 .is_ok_and(|m| (m.dev(), m.ino()) == (want_meta.dev(), want_meta.ino()));
@@ -652,16 +643,63 @@ impl Image {
                     want.display()
                 )));
             }
-            if let Some(f) = fmt {
-                if f != backing.format().as_str() {
-                    return Err(Error::Backing(format!(
-                        "{} names the backing format '{f}', but {} is {}",
-                        path.display(),
-                        want.display(),
-                        backing.format()
-                    )));
-                }
+            match fmt {
+                Some(f) if f != backing.format().as_str() => Err(Error::Backing(format!(
+                    "{} names the backing format '{f}', but {} is {}",
+                    path.display(),
+                    want.display(),
+                    backing.format()
+                ))),
+                _ => Ok(()),
             }
+        };
+        let check_size = |q: &qcow2::Qcow2Image| -> Result<()> {
+            if q.size() != backing.size() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is {} bytes, but {} is {} bytes",
+                    path.display(),
+                    q.size(),
+                    want.display(),
+                    backing.size()
+                )));
+            }
+            Ok(())
+        };
+        // Read-only first: nothing is written to a file that turns out not to be an overlay
+        // of `backing`.
+        {
+            let file = ImageFile::open(path, true, opts.cache).map_err(Error::Engine)?;
+            if probe_format(&file)? != Format::Qcow2 {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a qcow2 image",
+                    path.display()
+                )));
+            }
+            let mut named = false;
+            let mut look = |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
+                named = true;
+                verify(name, fmt)?;
+                Ok(None)
+            };
+            let ro = OpenOptions {
+                read_only: true,
+                ..opts.clone()
+            };
+            let q = qcow2::Qcow2Image::open(Arc::new(file), &ro, true, Some(&mut look))?;
+            if !named {
+                return Err(Error::Backing(format!(
+                    "{} names no backing file (expected {})",
+                    path.display(),
+                    want.display()
+                )));
+            }
+            check_size(&q)?;
+        }
+        let file = ImageFile::open(path, opts.read_only, opts.cache).map_err(Error::Engine)?;
+        let mut named = false;
+        let mut open_backing = |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
+            named = true;
+            verify(name, fmt)?;
             Ok(Some(backing.clone()))
         };
         let q = qcow2::Qcow2Image::open(
@@ -672,20 +710,11 @@ impl Image {
         )?;
         if !named {
             return Err(Error::Backing(format!(
-                "{} names no backing file (expected {})",
-                path.display(),
-                want.display()
+                "{} changed while it was being opened",
+                path.display()
             )));
         }
-        if q.size() != backing.size() {
-            return Err(Error::InvalidArgument(format!(
-                "{} is {} bytes, but {} is {} bytes",
-                path.display(),
-                q.size(),
-                want.display(),
-                backing.size()
-            )));
-        }
+        check_size(&q)?;
         Ok(Arc::new(Image::of_driver(Box::new(q))))
     }
 
