@@ -77,28 +77,24 @@ enum Command {
         after_long_help = "Examples:\n  xdisk stat\n  xdisk stat xvda --json\n  xdisk stat xvda --watch        # every second, like iostat -x 1\n  xdisk stat --watch 5 --count 3"
     )]
     Stat(daemon::StatArgs),
-    /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
-    /// (device_model_override); serves that domain's disks and answers libxl's QMP.
     /// Live external snapshot of a running device: its top image becomes the read-only
     /// backing file of a new qcow2 overlay, which the device serves from then on. Requests
     /// in flight complete against the old top first; it is consistent afterwards (every
     /// write acknowledged before is in it, `qemu-img check` clean) while the guest goes on
     /// writing to the overlay. The backend's `params` node is changed to the overlay.
-    #[command(after_long_help = "Examples:
-  xdisk snapshot xvda /var/lib/images/vm-snap1.qcow2
-  qemu-img create -f qcow2 -b /var/lib/images/vm.qcow2 -F qcow2 /srv/o.qcow2 && xdisk snapshot --no-create qdisk/5/51712 /srv/o.qcow2
-  xdisk stat xvda     # shows the chain")]
+    #[command(
+        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/vm-snap1.qcow2\n  qemu-img create -f qcow2 -b /var/lib/images/vm.qcow2 -F qcow2 /srv/o.qcow2\n  xdisk snapshot --no-create qdisk/5/51712 /srv/o.qcow2 --json\n  xdisk stat xvda     # shows the chain"
+    )]
     Snapshot(live::SnapshotArgs),
     /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk
     /// img bitmap`). A bitmap added or enabled records every write acknowledged after the
     /// command returns.
-    #[command(after_long_help = "Examples:
-  xdisk bitmap add xvda backup-0 --granularity 64k
-  xdisk bitmap list xvda --json
-  xdisk bitmap merge xvda backup-all --source backup-0
-  xdisk bitmap disable xvda backup-0
-  xdisk bitmap remove xvda backup-0")]
+    #[command(
+        after_long_help = "Examples:\n  xdisk bitmap add xvda backup-0 --granularity 64k\n  xdisk bitmap list xvda --json\n  xdisk bitmap merge xvda backup-all --source backup-0\n  xdisk bitmap disable xvda backup-0\n  xdisk bitmap remove xvda backup-0"
+    )]
     Bitmap(live::BitmapArgs),
+    /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
+    /// (device_model_override); serves that domain's disks and answers libxl's QMP.
     QemuShim(daemon::QemuShimArgs),
     /// Writes the man pages and shell completions (for packaging).
     #[command(hide = true)]
