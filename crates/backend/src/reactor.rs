@@ -272,7 +272,10 @@ impl<D: GuestData> Reactor<D> {
             if self.stop.requested() {
                 return Exit::Stopped;
             }
-            if self.stop.command.swap(false, Ordering::SeqCst) {
+            // A load first: the hot loop does no atomic write while nothing is asked.
+            if self.stop.command.load(Ordering::Relaxed)
+                && self.stop.command.swap(false, Ordering::SeqCst)
+            {
                 drain_eventfd(self.stop.event.fd());
                 if let Some(exit) = self.take_commands() {
                     return exit;

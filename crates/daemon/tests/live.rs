@@ -800,3 +800,71 @@ fn sigkill_right_after_a_snapshot_restarts_on_the_overlay() {
     check_image(&base, &before);
     check_image(&overlay, &more);
 }
+
+/// Live requests with unusable values get a clear error and change nothing; the daemon goes
+/// on serving.
+#[test]
+fn control_socket_refuses_malformed_live_requests() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let dom = d.host.guest(1);
+    let top = format!("qcow2:{}", disk.path.display());
+    d.host.add_qdisk(1, 51712, &top, &[]);
+    let mut front = connect(&dom, 51712);
+    let long = "a".repeat(5000);
+    let dir = disk.dir.path().display().to_string();
+    let requests = [
+        r#"{"cmd":"snapshot","device":"xvda"}"#.to_string(),
+        r#"{"cmd":"snapshot","device":"xvda","overlay":"/tmp/a\u0001b"}"#.into(),
+        format!(r#"{{"cmd":"snapshot","device":"xvda","overlay":"/{long}"}}"#),
+        r#"{"cmd":"snapshot","device":"xvda","overlay":"nbd://host/x"}"#.into(),
+        r#"{"cmd":"snapshot","device":"xvda","overlay":"rbd:pool/x"}"#.into(),
+        r#"{"cmd":"snapshot","device":"xvda","overlay":"/"}"#.into(),
+        format!(r#"{{"cmd":"snapshot","device":"xvda","overlay":"{}"}}"#, disk.path.display()),
+        format!(r#"{{"cmd":"snapshot","device":"","overlay":"{dir}/x.qcow2"}}"#),
+        r#"{"cmd":"bitmap","device":"xvda","action":"frobnicate","name":"b"}"#.into(),
+        r#"{"cmd":"bitmap","device":"xvda","action":"add"}"#.into(),
+        r#"{"cmd":"bitmap","device":"xvda","action":"add","name":""}"#.into(),
+        format!(r#"{{"cmd":"bitmap","device":"xvda","action":"add","name":"{long}"}}"#),
+        r#"{"cmd":"bitmap","device":"xvda","action":"add","name":"b","granularity":3}"#.into(),
+        r#"{"cmd":"bitmap","device":"xvda","action":"add","name":"b","granularity":18446744073709551615}"#.into(),
+        r#"{"cmd":"bitmap","device":"xvda","action":"merge","name":"b"}"#.into(),
+        r#"{"cmd":"bitmap","device":"xvda","action":"remove","name":"nosuch"}"#.into(),
+    ];
+    for req in &requests {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], false, "{req} -> {line}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{line}");
+    }
+    assert_eq!(d.image_of("xvda"), disk.path.display().to_string());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(top.as_str())
+    );
+    let list = control::request(
+        &d.sock,
+        &ControlRequest::Bitmap {
+            device: "xvda".into(),
+            action: BitmapAction::List,
+            name: None,
+            granularity: None,
+            disabled: false,
+            source: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(list.bitmaps, Some(vec![]));
+    let writes = round_trip(&mut front, 3);
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&disk.path);
+    check_image(&disk.path, &writes);
+}
