@@ -135,8 +135,8 @@ impl Daemon {
 }
 
 /// A writer that keeps up to 8 writes of 4 KiB in flight on every queue of `front` (never
-/// two on one block at once) with a flush every 16 writes, until `stop`; returns the
-/// frontend and every write, in completion order.
+/// two on one block at once) with a flush every 16 writes and an empty barrier every 64,
+/// until `stop`; returns the frontend and every write, in completion order.
 fn writer(
     mut front: Frontend,
     stop: Arc<AtomicBool>,
@@ -185,7 +185,15 @@ fn writer(
                     Err(e) => panic!("submit: {e}"),
                 }
                 if n.is_multiple_of(16) {
-                    match front.submit(q, Op::Flush) {
+                    let op = if n.is_multiple_of(64) {
+                        Op::Barrier {
+                            sector: 0,
+                            data: Vec::new(),
+                        }
+                    } else {
+                        Op::Flush
+                    };
+                    match front.submit(q, op) {
                         Ok(_) => flushes += 1,
                         Err(xdisk_blkfront::Error::RingFull(_)) => {}
                         Err(e) => panic!("flush: {e}"),
@@ -538,6 +546,33 @@ fn live_snapshot_of_a_raw_disk_names_a_raw_backing_file() {
     );
     check_image(&overlay, &before);
     check_image(&overlay, &after);
+}
+
+#[test]
+fn snapshot_before_the_frontend_connects_serves_the_overlay() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("early.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    wait_until("the device runs", T, || {
+        d.sup
+            .device("qdisk/1/51712")
+            .is_some_and(|s| s.phase == xdisk_daemon::status::Phase::Running)
+    });
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let writes = round_trip(&mut front, 21);
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    check_image(&overlay, &writes);
+    assert!(
+        contents(&disk.path).iter().all(|&b| b == 0),
+        "the old top took writes"
+    );
 }
 
 /// The dirty ranges of bitmap `name` of `image`, as qemu-nbd exports them
