@@ -1,4 +1,4 @@
-//! `xdisk snapshot` and `xdisk bitmap`: live operations on a running device of `xdisk serve`,
+//! `xdisk snapshot`, `xdisk commit` and `xdisk bitmap`: live operations on a running device of `xdisk serve`,
 //! over its control socket (issue #14).
 
 use std::path::{Path, PathBuf};
@@ -23,6 +23,18 @@ pub struct SnapshotArgs {
     /// -b TOP -F FMT NEW.qcow2`).
     #[arg(long)]
     no_create: bool,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CommitArgs {
+    /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
+    device: String,
     /// JSON output.
     #[arg(long)]
     json: bool,
@@ -133,6 +145,32 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
             r.image,
             r.backing,
             r.backing_format,
+            r.paused_us as f64 / 1000.0
+        );
+    }
+    Ok(0)
+}
+
+pub fn commit(a: CommitArgs) -> Result<i32> {
+    let reply = control::request(
+        &a.control,
+        &ControlRequest::Commit {
+            device: a.device.clone(),
+        },
+    )?;
+    let r = reply
+        .commit
+        .ok_or_else(|| anyhow!("the daemon's reply has no commit"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{}: committed into {} ({}); now serving it; {} bytes copied in {} passes, the last one paused the queues {:.1} ms",
+            r.device,
+            r.image,
+            r.format,
+            r.copied_bytes,
+            r.passes,
             r.paused_us as f64 / 1000.0
         );
     }

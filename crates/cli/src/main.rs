@@ -86,6 +86,14 @@ enum Command {
         after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/vm-snap1.qcow2\n  qemu-img create -f qcow2 -b /var/lib/images/vm.qcow2 -F qcow2 /srv/o.qcow2\n  xdisk snapshot --no-create qdisk/5/51712 /srv/o.qcow2 --json\n  xdisk stat xvda     # shows the chain"
     )]
     Snapshot(live::SnapshotArgs),
+    /// Commits the active layer of a running device: its top qcow2 image is merged into its
+    /// backing file while the guest keeps writing (writes made meanwhile are tracked and
+    /// copied again), then the device switches to the backing file (the `params` node
+    /// with it). The former top is left as it is, no longer used.
+    #[command(
+        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda                                # merge it back, serve vm.qcow2 again"
+    )]
+    Commit(live::CommitArgs),
     /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk
     /// img bitmap`). A bitmap added or enabled records every write acknowledged after the
     /// command returns.
@@ -186,6 +194,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Attach(a) => daemon::attach(a),
         Command::Detach(a) => daemon::detach(a),
         Command::Snapshot(a) => live::snapshot(a),
+        Command::Commit(a) => live::commit(a),
         Command::Bitmap(a) => live::bitmap(a),
         Command::Stat(a) => daemon::stat(a),
         Command::QemuShim(a) => daemon::qemu_shim(a),

@@ -313,8 +313,8 @@ fn attach_nbd_exports_on_the_simulation() {
     drop(serve);
 }
 
-/// `xdisk snapshot` and `xdisk bitmap` against `xdisk serve --platform=sim`, as a user runs
-/// them: a relative overlay path (made absolute for the daemon), `--socket`, `--json`, the
+/// `xdisk snapshot`, `xdisk commit` and `xdisk bitmap` against `xdisk serve --platform=sim`,
+/// as a user runs them: a relative overlay path (made absolute for the daemon), `--socket`, `--json`, the
 /// chain in `xdisk stat`, the clear refusals; the images pass `qemu-img check` afterwards.
 #[test]
 fn snapshot_and_bitmap_commands_on_the_simulation() {
@@ -392,6 +392,17 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     // The bitmaps stay in the old top; the overlay starts without.
     let (ok, out, err) = run(&["bitmap", "list", "xvda", "--socket", sock_s]);
     assert!(ok && out.is_empty(), "{out}{err}");
+    // Merged back: the device serves the first image again.
+    let (ok, out, err) = run(&["commit", "xvda", "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["image"], img_s, "{out}");
+    let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["image"], img_s, "{out}");
+    let (ok, _, err) = run(&["commit", "xvda", "--socket", sock_s]);
+    assert!(!ok && err.contains("no backing file"), "{err}");
 
     let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
     assert!(ok, "{err}");

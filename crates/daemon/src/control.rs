@@ -4,7 +4,8 @@
 //! Requests: `{"cmd":"ping"}` → `{"ok":true}`; `{"cmd":"status"}` →
 //! `{"ok":true,"status":DaemonStatus}`; live operations on a running device (issue #14):
 //! `{"cmd":"snapshot","device":"xvda","overlay":"/abs/new.qcow2","no_create":false}` →
-//! `{"ok":true,"snapshot":SnapshotReply}` and
+//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda"}` →
+//! `{"ok":true,"commit":CommitReply}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
 //! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`. Errors:
 //! `{"ok":false,"error":"..."}`.
@@ -55,6 +56,13 @@ pub enum ControlRequest {
         /// file) instead of creating it.
         #[serde(default)]
         no_create: bool,
+    },
+    /// Commits the active layer of a running device (`xdisk commit`): the top image is
+    /// merged into its backing file while the guest writes, then the device serves the
+    /// backing file.
+    Commit {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
     },
     /// A change of the persistent dirty bitmaps of a running device's top qcow2 image
     /// (`xdisk bitmap`), or their list.
@@ -129,6 +137,23 @@ pub struct SnapshotReply {
     pub paused_us: u64,
 }
 
+/// The answer to [`ControlRequest::Commit`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The image the device serves now: the former top's backing file.
+    pub image: String,
+    /// Its format.
+    pub format: String,
+    /// Bytes copied from the top into it, all passes together.
+    pub copied_bytes: u64,
+    /// Copy passes (the last one with the queues paused).
+    pub passes: u32,
+    /// How long the last pass paused the queues, in microseconds.
+    pub paused_us: u64,
+}
+
 /// One persistent dirty bitmap, in the answer to [`ControlRequest::Bitmap`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BitmapEntry {
@@ -148,6 +173,8 @@ pub struct BitmapEntry {
 pub trait LiveOps: Send + Sync {
     /// Serves [`ControlRequest::Snapshot`].
     fn snapshot(&self, device: &str, overlay: &Path, no_create: bool) -> Result<SnapshotReply>;
+    /// Serves [`ControlRequest::Commit`].
+    fn commit(&self, device: &str) -> Result<CommitReply>;
     /// Serves [`ControlRequest::Bitmap`]; returns the bitmaps as they are afterwards.
     fn bitmap(&self, device: &str, req: &BitmapRequest) -> Result<Vec<BitmapEntry>>;
 }
@@ -183,6 +210,9 @@ pub struct ControlReply {
     /// The answer to [`ControlRequest::Snapshot`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReply>,
+    /// The answer to [`ControlRequest::Commit`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<CommitReply>,
     /// The answer to [`ControlRequest::Bitmap`]: the bitmaps afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<Vec<BitmapEntry>>,
@@ -195,6 +225,7 @@ impl ControlReply {
             error: None,
             status: None,
             snapshot: None,
+            commit: None,
             bitmaps: None,
         }
     }
@@ -427,6 +458,13 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
         } => match live.snapshot(&device, Path::new(&overlay), no_create) {
             Ok(r) => ControlReply {
                 snapshot: Some(r),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::Commit { device } => match live.commit(&device) {
+            Ok(r) => ControlReply {
+                commit: Some(r),
                 ..ControlReply::ok()
             },
             Err(e) => ControlReply::err(e),

@@ -1137,7 +1137,280 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Commits the active layer of a running device (see
+    /// [`crate::control::ControlRequest::Commit`]): the top image's data is merged down into
+    /// its backing file while the guest keeps writing, then the device pivots to the backing
+    /// file. Writes made during the copy are tracked in a temporary persistent bitmap of the
+    /// top (added with the queues paused, so it sees every write acknowledged after it) and
+    /// copied in further passes; each pass takes the bitmap's bits and clears it with the
+    /// queues paused (a write marked but still in flight would otherwise be lost); the last
+    /// pass copies what is left with the queues paused, flushes the backing file, changes
+    /// `params` to it and switches the device over. Until that switch the chain reads as
+    /// before (the backing file only changes where the top has data), so a failure or a
+    /// crash at any point leaves a valid chain: `params` names the top until the pivot.
+    pub fn commit(&self, query: &str) -> Result<crate::control::CommitReply> {
+        let entry = self.find(query)?;
+        let _one = lock(&entry.live);
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!("{name} is served read-only")));
+        }
+        let top = handle.image();
+        let base = top.backing().cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{name}: its image has no backing file: nothing to commit"
+            ))
+        })?;
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is not qcow2"
+            )));
+        }
+        let base_path = base
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: the backing file {} is not a host file",
+                    base.storage().name()
+                ))
+            })?;
+        if base.size() != top.size() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the backing file is {} bytes, the top {} bytes",
+                base.size(),
+                top.size()
+            )));
+        }
+        let base_fmt = base.format();
+        let base_s = base_path
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", base_path.display())))?;
+        let tag = match base_fmt {
+            Format::Raw => "aio",
+            Format::Qcow2 => "qcow2",
+        };
+        let new_params = format!("{tag}:{base_s}");
+        params::parse_params(&new_params)
+            .map_err(|e| Error::Invalid(format!("{base_s} cannot be named in params: {e}")))?;
+        // A second, writable instance of the backing file: the chain keeps reading through
+        // the current one, which never reads the ranges this one changes (the top has them).
+        let base_rw = Image::open(
+            &base_path,
+            &OpenOptions {
+                format: Some(base_fmt),
+                read_only: false,
+                cache,
+                backing_dirs: spec.backing_dirs.clone(),
+                ..OpenOptions::default()
+            },
+        )
+        .map_err(|e| Error::Image {
+            path: base_path.clone(),
+            error: e,
+        })?;
+        static JOB: AtomicU64 = AtomicU64::new(0);
+        let bitmap = format!(
+            "xdisk-commit-{}-{}",
+            std::process::id(),
+            JOB.fetch_add(1, Ordering::Relaxed)
+        );
+        let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
+        {
+            let b = bitmap.clone();
+            handle
+                .quiesce(Box::new(move |img: &Arc<Image>| {
+                    let q = img.as_qcow2().ok_or_else(|| {
+                        xdisk_backend::Error::Live("the top image changed".into())
+                    })?;
+                    q.add_bitmap(&b, Some(gran), true)?;
+                    Ok(None)
+                }))
+                .map_err(fail)?;
+        }
+        let started = std::time::Instant::now();
+        let r = self.commit_copy(&handle, &top, &base_rw, &bitmap, &entry.be, &new_params);
+        let (copied, passes, paused_us) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                // The device still serves the top: drop the tracking bitmap.
+                let b = bitmap.clone();
+                let _ = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                    if let Some(q) = img.as_qcow2() {
+                        let _ = q.remove_bitmap(&b);
+                    }
+                    Ok(None)
+                }));
+                return Err(fail(e));
+            }
+        };
+        let new_spec = DiskSpec {
+            path: base_path.clone(),
+            format: Some(base_fmt),
+            format_tag: tag.into(),
+            ..spec
+        };
+        let now = handle.image();
+        {
+            let mut st = lock(&entry.status);
+            st.image = Some(new_spec.shown());
+            st.format = Some(base_fmt.as_str().to_owned());
+            st.chain = ChainLayer::of(&now);
+        }
+        *lock(&entry.spec) = Some((new_spec, cache));
+        tracing::info!(device = %name, base = %base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
+        Ok(crate::control::CommitReply {
+            device: name,
+            image: base_path.display().to_string(),
+            format: base_fmt.as_str().to_owned(),
+            copied_bytes: copied,
+            passes,
+            paused_us,
+        })
+    }
+
+    /// The copy passes and the pivot of [`Supervisor::commit`]; returns the bytes copied,
+    /// the passes and the last pause (microseconds).
+    fn commit_copy(
+        &self,
+        handle: &xdisk_backend::DeviceHandle,
+        top: &Arc<Image>,
+        base_rw: &Arc<Image>,
+        bitmap: &str,
+        be: &str,
+        new_params: &str,
+    ) -> xdisk_backend::Result<(u64, u32, u64)> {
+        /// Passes before the last one copies what is left with the queues paused.
+        const MAX_PASSES: u32 = 16;
+        /// Dirty bytes small enough to copy with the queues paused.
+        const FINAL_BYTES: u64 = 4 << 20;
+        let mut copied = copy_allocated(top, base_rw)?;
+        let mut passes = 1u32;
+        loop {
+            // Take the bits written since the last take, with nothing in flight.
+            let taken = Arc::new(Mutex::new(Vec::new()));
+            let (t2, b2) = (taken.clone(), bitmap.to_owned());
+            handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                let q = img
+                    .as_qcow2()
+                    .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+                *lock(&t2) = q.bitmap(&b2)?.dirty_ranges();
+                q.clear_bitmap(&b2)?;
+                Ok(None)
+            }))?;
+            let ranges = std::mem::take(&mut *lock(&taken));
+            let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+            copied += copy_ranges(top, base_rw, &ranges)?;
+            passes += 1;
+            if bytes <= FINAL_BYTES || passes >= MAX_PASSES {
+                break;
+            }
+        }
+        // The pivot: the rest with the queues paused.
+        let started = std::time::Instant::now();
+        let last = Arc::new(Mutex::new(0u64));
+        let (l2, b2) = (last.clone(), bitmap.to_owned());
+        let (base2, top2) = (base_rw.clone(), top.clone());
+        let (xs, be, params) = (
+            self.inner.platform.xs.clone(),
+            be.to_owned(),
+            new_params.to_owned(),
+        );
+        handle.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top2) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let ranges = q.bitmap(&b2)?.dirty_ranges();
+            *lock(&l2) = copy_ranges(img, &base2, &ranges)?;
+            // Everything the guest wrote is in the backing file now, durably.
+            base2.flush()?;
+            q.remove_bitmap(&b2)?;
+            let base3 = base2.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: base3,
+                commit: Box::new(move || persist_params(&xs, &be, &params)),
+                rollback: Box::new(|| {}),
+            }))
+        }))?;
+        copied += *lock(&last);
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, passes + 1, paused_us))
+    }
+}
+
+/// Chunk of the commit's copies.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// Copies every range allocated in `top` (data or zeroes) into `base`; returns the bytes.
+fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
+    let size = top.size();
+    let mut off = 0;
+    let mut copied = 0;
+    let mut buf = Vec::new();
+    while off < size {
+        let want = (size - off).min(COPY_CHUNK);
+        let st = top.layer_status(off, want)?;
+        let len = st.len().clamp(1, want);
+        match st {
+            xdisk_image::LayerStatus::Unallocated { .. } => {}
+            xdisk_image::LayerStatus::Zero { .. } => {
+                base.write_zeroes(off, len, false)?;
+                copied += len;
+            }
+            xdisk_image::LayerStatus::Data { .. } => {
+                copy_one(top, base, off, len, &mut buf)?;
+                copied += len;
+            }
+        }
+        off += len;
+    }
+    Ok(copied)
+}
+
+/// Copies byte ranges (from a dirty bitmap) of `top` into `base`; returns the bytes.
+fn copy_ranges(top: &Image, base: &Image, ranges: &[(u64, u64)]) -> xdisk_backend::Result<u64> {
+    let mut buf = Vec::new();
+    let mut copied = 0;
+    for &(o, l) in ranges {
+        let end = (o + l).min(top.size());
+        let mut off = o;
+        while off < end {
+            let len = (end - off).min(COPY_CHUNK);
+            copy_one(top, base, off, len, &mut buf)?;
+            copied += len;
+            off += len;
+        }
+    }
+    Ok(copied)
+}
+
+fn copy_one(
+    top: &Image,
+    base: &Image,
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> xdisk_backend::Result<()> {
+    let n =
+        usize::try_from(len).map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+    buf.resize(n, 0);
+    top.read_at(&mut buf[..n], off)?;
+    base.write_at(&buf[..n], off)?;
+    Ok(())
+}
+
 impl crate::control::LiveOps for Supervisor {
+    fn commit(&self, device: &str) -> Result<crate::control::CommitReply> {
+        Supervisor::commit(self, device)
+    }
+
     fn snapshot(
         &self,
         device: &str,

@@ -549,6 +549,74 @@ fn live_snapshot_of_a_raw_disk_names_a_raw_backing_file() {
 }
 
 #[test]
+fn active_commit_under_writes_merges_the_overlay_and_pivots_to_the_base() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("tmp.qcow2");
+    let dom = d.host.guest(1);
+    let base_params = format!("qcow2:{}", disk.path.display());
+    d.host.add_qdisk(1, 51712, &base_params, &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let commit = |d: &Daemon| {
+        control::request(
+            &d.sock,
+            &ControlRequest::Commit {
+                device: "xvda".into(),
+            },
+        )
+        .map(|r| r.commit.unwrap())
+    };
+    // Nothing to commit without a backing file.
+    let e = commit(&d).unwrap_err().to_string();
+    assert!(e.contains("no backing file"), "{e}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(front, stop.clone(), 2_000_000);
+    std::thread::sleep(Duration::from_millis(300));
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    std::thread::sleep(Duration::from_millis(400));
+    let r = commit(&d).expect("commit");
+    eprintln!("commit: {r:?}");
+    assert_eq!(r.image, disk.path.display().to_string());
+    assert!(r.copied_bytes > 0 && r.passes >= 3, "{r:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let st = control::status(&d.sock).unwrap();
+    let dev = &st.devices[0];
+    assert_eq!(dev.image.as_deref(), Some(disk.path.to_str().unwrap()));
+    assert_eq!(dev.chain.len(), 1, "{:?}", dev.chain);
+    assert!(!dev.chain[0].read_only);
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(base_params.as_str())
+    );
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    // The base alone holds everything, and no bitmap is left behind.
+    assert!(
+        contents(&disk.path) == want,
+        "the base differs from the model"
+    );
+    for p in [&disk.path, &overlay] {
+        let info = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert!(
+            info["format-specific"]["data"]["bitmaps"].is_null(),
+            "{info}"
+        );
+    }
+}
+
+#[test]
 fn snapshot_before_the_frontend_connects_serves_the_overlay() {
     let d = daemon();
     let disk = qcow2_disk(DISK);
