@@ -1288,6 +1288,10 @@ impl Supervisor {
         const MAX_PASSES: u32 = 16;
         /// Dirty bytes small enough to copy with the queues paused.
         const FINAL_BYTES: u64 = 4 << 20;
+        /// After [`MAX_PASSES`], the most a pass may have found dirty for the last pass to
+        /// run anyway (its copy pauses the guest); more fails the commit (the guest writes
+        /// faster than the copy goes).
+        const MAX_FINAL_BYTES: u64 = 64 << 20;
         let mut copied = copy_allocated(top, base_rw)?;
         let mut passes = 1u32;
         loop {
@@ -1306,7 +1310,17 @@ impl Supervisor {
             let bytes: u64 = ranges.iter().map(|r| r.1).sum();
             copied += copy_ranges(top, base_rw, &ranges)?;
             passes += 1;
-            if bytes <= FINAL_BYTES || passes >= MAX_PASSES {
+            if bytes <= FINAL_BYTES {
+                break;
+            }
+            if passes >= MAX_PASSES {
+                if bytes > MAX_FINAL_BYTES {
+                    return Err(xdisk_backend::Error::Live(format!(
+                        "the commit does not converge: {bytes} bytes were written during \
+                         pass {passes}; the device still serves its top (try again when the \
+                         guest writes less)"
+                    )));
+                }
                 break;
             }
         }
