@@ -79,6 +79,9 @@ pub struct DeviceConfig {
     /// Grant mappings (pages: rings, persistent grants, data of requests in flight) the
     /// device may hold at once; a request that would exceed it is answered with an error.
     pub max_mapped_grants: u64,
+    /// How long [`crate::Device::quiesce`] waits for every queue to complete its requests
+    /// in flight and pause before it gives up (and the queues go on unchanged).
+    pub quiesce_timeout: Duration,
 }
 
 /// Default [`DeviceConfig::max_mapped_grants`]: room for 4 queues of order-4 rings with
@@ -118,6 +121,7 @@ impl DeviceConfig {
             connect_interval: Duration::from_secs(1),
             teardown_timeout: Duration::from_secs(2),
             max_mapped_grants: DEFAULT_MAX_MAPPED_GRANTS,
+            quiesce_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -37,7 +37,8 @@ use xdisk_xen::xenstore::{Client, Errno, WatchCallback, WatchEvent};
 use crate::config::{DataPath, DeviceConfig};
 use crate::datapath::{CopyPath, MapPath, PersistentCache};
 use crate::error::{Error, Result};
-use crate::reactor::{Exit, Features, QueueParts, Reactor, Stop};
+use crate::live::{QuiesceFn, Switch};
+use crate::reactor::{Exit, Features, QueueAck, QueueCmd, QueueControl, QueueParts, Reactor, Stop};
 use crate::region::map_counted;
 use crate::stats::{add, Counters, DeviceStats};
 
@@ -145,6 +146,7 @@ impl TokenBucket {
 /// Commands from the handle to the control thread.
 enum Command {
     Resize(Sender<Result<u64>>),
+    Quiesce(QuiesceFn, Sender<Result<()>>),
     Shutdown,
 }
 
@@ -157,6 +159,8 @@ struct Shared {
     commands: Mutex<VecDeque<Command>>,
     /// Wakes the control thread.
     events: Arc<Events>,
+    /// The image served (the top of the chain); replaced by a live snapshot.
+    image: Mutex<Arc<Image>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -185,7 +189,6 @@ impl Tokens {
 /// A running backend device. Dropping the handle shuts the device down.
 pub struct Device {
     shared: Arc<Shared>,
-    image: Arc<Image>,
     backend_dir: String,
     thread: Option<JoinHandle<Result<()>>>,
 }
@@ -228,6 +231,7 @@ impl Device {
                 cv: Condvar::new(),
                 counters,
             }),
+            image: Mutex::new(image.clone()),
         });
         let mut ctl = Control::new(
             cfg,
@@ -264,7 +268,6 @@ impl Device {
             .map_err(|e| Error::io("cannot start the device thread", e))?;
         Ok(Device {
             shared,
-            image,
             backend_dir: be,
             thread: Some(thread),
         })
@@ -278,8 +281,31 @@ impl Device {
     /// The device's counters.
     pub fn stats(&self) -> DeviceStats {
         let mut s = self.shared.counters.snapshot();
-        s.image_broken = u64::from(self.image.storage().is_broken());
+        s.image_broken = u64::from(self.image().storage().is_broken());
         s
+    }
+
+    /// The image served now (the top of its chain: a live snapshot replaces it).
+    pub fn image(&self) -> Arc<Image> {
+        lock(&self.shared.image).clone()
+    }
+
+    /// Pauses every queue of the device (each stops consuming its ring and completes and
+    /// answers everything it consumed), runs `f` on the current image with nothing in
+    /// flight, switches to the image `f` may return (see [`crate::live`]) and resumes the
+    /// queues. A device without a connected frontend just runs `f`. Runs on the device's
+    /// control thread, which meanwhile follows no xenstore change. Fails, with nothing
+    /// changed, if the queues do not pause within `quiesce_timeout` or if `f` fails.
+    pub fn quiesce(&self, f: QuiesceFn) -> Result<()> {
+        self.handle().quiesce(f)
+    }
+
+    /// A handle for live operations that does not own the device (it fails with
+    /// [`Error::Stopped`] once the device has finished).
+    pub fn handle(&self) -> DeviceHandle {
+        DeviceHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The backend's xenbus state, as last written.
@@ -335,6 +361,49 @@ impl Device {
     }
 }
 
+/// A handle on a running [`Device`] for live operations (see [`Device::handle`]).
+#[derive(Clone)]
+pub struct DeviceHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DeviceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHandle").finish_non_exhaustive()
+    }
+}
+
+impl DeviceHandle {
+    /// See [`Device::quiesce`].
+    pub fn quiesce(&self, f: QuiesceFn) -> Result<()> {
+        if self.shared.finished.load(Ordering::SeqCst) {
+            return Err(Error::Stopped);
+        }
+        let (tx, rx) = mpsc::channel();
+        lock(&self.shared.commands).push_back(Command::Quiesce(f, tx));
+        self.shared.events.raise(ev::COMMAND);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => return r,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Stopped),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.shared.finished.load(Ordering::SeqCst) {
+                        // The control thread answers what it took before it finished.
+                        return rx
+                            .recv_timeout(Duration::from_secs(1))
+                            .unwrap_or(Err(Error::Stopped));
+                    }
+                }
+            }
+        }
+    }
+
+    /// See [`Device::image`].
+    pub fn image(&self) -> Arc<Image> {
+        lock(&self.shared.image).clone()
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
         if self.thread.is_some() {
@@ -360,7 +429,10 @@ enum QueueEnd {
 
 /// A running queue.
 struct RunningQueue {
+    qid: u32,
     stop: Arc<Stop>,
+    /// Commands to the queue (see [`QueueCmd`]); answered on the control's `acks`.
+    commands: Sender<(u64, QueueCmd)>,
     /// Set by the thread when its reactor returns (before it wakes the control thread).
     exit: Arc<Mutex<Option<QueueEnd>>>,
     thread: JoinHandle<()>,
@@ -396,6 +468,11 @@ struct Control {
     /// introduced" means it died).
     fe_introduced: bool,
     watching: bool,
+    /// Acknowledgements of the queues' commands: (queue, operation, answer).
+    acks_tx: Sender<(u32, u64, QueueAck)>,
+    acks: mpsc::Receiver<(u32, u64, QueueAck)>,
+    /// The number of the last quiesce operation.
+    op: u64,
 }
 
 impl Control {
@@ -468,6 +545,7 @@ impl Control {
             max_queues: cfg.max_queues.max(1),
         };
         let tokens = Tokens::new(&be);
+        let (acks_tx, acks) = mpsc::channel();
         let connect_bucket = TokenBucket::new(
             f64::from(cfg.connect_burst),
             1.0 / cfg.connect_interval.as_secs_f64().max(0.001),
@@ -494,6 +572,9 @@ impl Control {
             state: XenbusState::Initialising,
             fe_introduced: false,
             watching: false,
+            acks_tx,
+            acks,
+            op: 0,
         })
     }
 
@@ -615,6 +696,9 @@ impl Control {
                         Command::Resize(reply) => {
                             let _ = reply.send(self.resize());
                         }
+                        Command::Quiesce(f, reply) => {
+                            let _ = reply.send(self.quiesce(f));
+                        }
                         Command::Shutdown => {
                             self.disconnect();
                             self.close();
@@ -651,8 +735,14 @@ impl Control {
         self.shared.finished.store(true, Ordering::SeqCst);
         // Refuse further commands whose replies would never come.
         for c in lock(&self.shared.commands).drain(..) {
-            if let Command::Resize(reply) = c {
-                let _ = reply.send(Err(Error::Stopped));
+            match c {
+                Command::Resize(reply) => {
+                    let _ = reply.send(Err(Error::Stopped));
+                }
+                Command::Quiesce(_, reply) => {
+                    let _ = reply.send(Err(Error::Stopped));
+                }
+                Command::Shutdown => {}
             }
         }
         // The device is Closed in xenstore; the queues that outlived the teardown bound
@@ -1059,6 +1149,7 @@ impl Control {
         let ring = BackRing::new(region, conn.protocol, conn.ring_page_order, limits)?;
         let evtchn = self.evt.bind_interdomain(self.fe_domid, q.event_channel)?;
         let stop = Arc::new(Stop::new().map_err(|e| Error::io("eventfd", e))?);
+        let (commands, commands_rx) = mpsc::channel();
         let parts = QueueParts {
             qid,
             domid: self.fe_domid,
@@ -1068,6 +1159,11 @@ impl Control {
             sectors: self.shared.sectors.clone(),
             features,
             stop: stop.clone(),
+            control: QueueControl {
+                commands: commands_rx,
+                acks: self.acks_tx.clone(),
+                queue_cfg: self.cfg.queue.clone(),
+            },
         };
         let events = self.shared.events.clone();
         let name = format!("xdisk-blkback-q{qid}");
@@ -1113,7 +1209,13 @@ impl Control {
                 spawn(Box::new(move || r.run()))?
             }
         };
-        Ok(RunningQueue { stop, exit, thread })
+        Ok(RunningQueue {
+            qid,
+            stop,
+            commands,
+            exit,
+            thread,
+        })
     }
 
     fn resize(&mut self) -> Result<u64> {
@@ -1130,6 +1232,140 @@ impl Control {
             })
             .map_err(|e| Error::xs(&be, e))?;
         Ok(sectors)
+    }
+}
+
+impl Control {
+    /// Sends `cmd` (made per queue) to every queue as operation `op`.
+    fn tell_queues(&self, op: u64, cmd: impl Fn() -> QueueCmd) {
+        for q in &self.queues {
+            if q.commands.send((op, cmd())).is_ok() {
+                q.stop.command();
+            }
+        }
+    }
+
+    /// Waits until every running queue answered operation `op` (a queue that ended counts
+    /// as answered: nothing of it is in flight); returns the answers. Err on timeout.
+    fn wait_acks(&mut self, op: u64, deadline: Instant, what: &str) -> Result<Vec<QueueAck>> {
+        let mut got: Vec<(u32, QueueAck)> = Vec::new();
+        loop {
+            let missing = self
+                .queues
+                .iter()
+                .filter(|q| !q.thread.is_finished() && !got.iter().any(|(id, _)| *id == q.qid))
+                .count();
+            if missing == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Live(format!(
+                    "{missing} of {} queues did not {what} within {:?}",
+                    self.queues.len(),
+                    self.cfg.quiesce_timeout
+                )));
+            }
+            match self
+                .acks
+                .recv_timeout((deadline - now).min(Duration::from_millis(50)))
+            {
+                Ok((qid, o, a)) if o == op => {
+                    if !got.iter().any(|(q, _)| *q == qid) {
+                        got.push((qid, a));
+                    }
+                }
+                // An answer to an earlier operation that was given up.
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Stopped),
+            }
+        }
+        Ok(got.into_iter().map(|(_, a)| a).collect())
+    }
+
+    /// See [`Device::quiesce`].
+    fn quiesce(&mut self, f: QuiesceFn) -> Result<()> {
+        self.reap_lingering();
+        if !self.lingering.is_empty() {
+            // Their I/O would still reach the image after the operation.
+            return Err(Error::Live(
+                "I/O of an earlier connection is still in flight; try again".into(),
+            ));
+        }
+        self.op += 1;
+        let op = self.op;
+        let started = Instant::now();
+        let deadline = started + self.cfg.quiesce_timeout;
+        self.tell_queues(op, || QueueCmd::Pause);
+        if let Err(e) = self.wait_acks(op, deadline, "pause") {
+            self.tell_queues(op, || QueueCmd::Resume);
+            return Err(e);
+        }
+        tracing::debug!(be = %self.be, queues = self.queues.len(), waited = ?started.elapsed(), "queues paused");
+        let image = self.image.clone();
+        let r = match catch_unwind(AssertUnwindSafe(|| f(&image))) {
+            Ok(r) => r,
+            Err(p) => Err(Error::Panicked(panic_message(&*p))),
+        };
+        let r = match r {
+            Ok(Some(sw)) => self.switch(op, sw, deadline),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.tell_queues(op, || QueueCmd::Resume);
+        tracing::debug!(be = %self.be, paused = ?started.elapsed(), ok = r.is_ok(), "queues resumed");
+        r
+    }
+
+    /// Phase two of a switch, all queues paused: prepare, commit, switch (or roll back).
+    fn switch(&mut self, op: u64, sw: Switch, deadline: Instant) -> Result<()> {
+        let Switch {
+            image,
+            commit,
+            rollback,
+        } = sw;
+        if image.size() != self.image.size() {
+            rollback();
+            return Err(Error::Live(format!(
+                "the new image is {} bytes, the device {} bytes",
+                image.size(),
+                self.image.size()
+            )));
+        }
+        let img = image.clone();
+        self.tell_queues(op, || QueueCmd::Prepare(img.clone()));
+        let prepared = self.wait_acks(
+            op,
+            deadline.max(Instant::now() + Duration::from_secs(5)),
+            "prepare",
+        );
+        let failed = match prepared {
+            Ok(acks) => acks.into_iter().find_map(|a| match a {
+                QueueAck::Prepared(Err(e)) => Some(Error::Live(format!(
+                    "a queue cannot serve the new image: {e}"
+                ))),
+                _ => None,
+            }),
+            Err(e) => Some(e),
+        };
+        let failed = match failed {
+            Some(e) => Some(e),
+            None => match catch_unwind(AssertUnwindSafe(commit)) {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(p) => Some(Error::Panicked(panic_message(&*p))),
+            },
+        };
+        if let Some(e) = failed {
+            self.tell_queues(op, || QueueCmd::Abort);
+            rollback();
+            return Err(e);
+        }
+        self.tell_queues(op, || QueueCmd::Commit);
+        self.image = image.clone();
+        *lock(&self.shared.image) = image;
+        Ok(())
     }
 }
 

@@ -45,6 +45,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A live operation ([`crate::Device::quiesce`]) could not be done; nothing changed.
+    #[error("{0}")]
+    Live(String),
     /// The device's control thread is gone.
     #[error("the device has stopped")]
     Stopped,

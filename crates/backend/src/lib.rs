@@ -15,6 +15,8 @@
 //! * `datapath`: guest data by mapping (zero copy, persistent grants with an LRU cache) or by
 //!   grant copy through a bounce buffer ([`DataPath`]).
 //! * [`stats`]: counters ([`Device::stats`]).
+//! * [`live`]: changing a running device's image under its queues ([`Device::quiesce`]):
+//!   live snapshots and bitmap changes.
 //!
 //! No `unsafe` here: guest memory is only reached through the platform traits.
 
@@ -25,6 +27,7 @@ pub mod config;
 mod datapath;
 pub mod device;
 pub mod error;
+pub mod live;
 mod reactor;
 mod region;
 pub mod stats;
@@ -32,6 +35,7 @@ pub mod stats;
 pub use config::{
     DataPath, DeviceConfig, DEFAULT_MAX_MAPPED_GRANTS, DEFAULT_MAX_PERSISTENT_GRANTS,
 };
-pub use device::Device;
+pub use device::{Device, DeviceHandle};
 pub use error::{Error, Result};
+pub use live::{QuiesceFn, Switch};
 pub use stats::{DeviceStats, Histogram, LATENCY_BOUNDS_US, LATENCY_BUCKETS};

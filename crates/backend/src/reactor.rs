@@ -18,7 +18,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use xdisk_blkif::ring::ParsedRequest;
@@ -27,7 +27,8 @@ use xdisk_blkif::wire::{
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE,
 };
 use xdisk_blkif::{BackRing, RingError};
-use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest};
+use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
+use xdisk_image::Image;
 use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
 use xdisk_io::Slab;
 use xdisk_xen::platform::{DomId, EventChannel, MappedRegion};
@@ -45,9 +46,11 @@ pub(crate) struct Features {
     pub read_only: bool,
 }
 
-/// A stop request for a reactor: a flag and an eventfd to wake its poll.
+/// A stop request for a reactor: a flag and an eventfd to wake its poll. The same eventfd
+/// announces commands of the control thread ([`QueueCmd`]).
 pub(crate) struct Stop {
     flag: AtomicBool,
+    command: AtomicBool,
     event: EventFd,
 }
 
@@ -55,6 +58,7 @@ impl Stop {
     pub fn new() -> std::io::Result<Stop> {
         Ok(Stop {
             flag: AtomicBool::new(false),
+            command: AtomicBool::new(false),
             event: EventFd::new()?,
         })
     }
@@ -65,6 +69,45 @@ impl Stop {
     fn requested(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
+    /// Wakes the reactor to read its command channel.
+    pub fn command(&self) {
+        self.command.store(true, Ordering::SeqCst);
+        self.event.signal();
+    }
+}
+
+/// What the control thread asks of a running queue to change its image under it (a live
+/// snapshot) or to work on the image with nothing in flight (live bitmap changes). Each
+/// carries the number of the operation, echoed in the [`QueueAck`].
+pub(crate) enum QueueCmd {
+    /// Stop consuming requests from the ring, complete everything consumed (flushes and
+    /// barriers included), answer it, then ack [`QueueAck::Paused`] and wait.
+    Pause,
+    /// While paused: build an image queue over this image (kept aside), ack
+    /// [`QueueAck::Prepared`].
+    Prepare(Arc<Image>),
+    /// While paused: serve the image prepared from now on (the old queue is dropped).
+    Commit,
+    /// While paused: drop the image queue prepared.
+    Abort,
+    /// Consume requests again.
+    Resume,
+}
+
+/// A queue's answer to a [`QueueCmd`].
+pub(crate) enum QueueAck {
+    /// Nothing is in flight and nothing is consumed until [`QueueCmd::Resume`].
+    Paused,
+    /// The outcome of [`QueueCmd::Prepare`].
+    Prepared(Result<(), String>),
+}
+
+/// The command channel of one queue: commands in, acknowledgements (queue, operation,
+/// answer) out.
+pub(crate) struct QueueControl {
+    pub commands: mpsc::Receiver<(u64, QueueCmd)>,
+    pub acks: mpsc::Sender<(u32, u64, QueueAck)>,
+    pub queue_cfg: QueueConfig,
 }
 
 /// How a reactor ended.
@@ -89,6 +132,7 @@ pub(crate) struct QueueParts {
     pub sectors: Arc<AtomicU64>,
     pub features: Features,
     pub stop: Arc<Stop>,
+    pub control: QueueControl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +203,10 @@ pub(crate) struct Reactor<D: GuestData> {
     /// The time of the current batch: read once per batch of requests consumed and once per
     /// batch of completions (the latency histograms cost no clock read per request).
     clock: Instant,
+    control: QueueControl,
+    /// A pause asked for (the operation's number): nothing more is consumed; once nothing
+    /// is in flight the queue acks and waits.
+    pausing: Option<u64>,
 }
 
 fn io_status(r: &xdisk_image::Result<()>) -> Status {
@@ -195,6 +243,8 @@ impl<D: GuestData> Reactor<D> {
             indirect_pages: Vec::new(),
             spare_segs: Vec::new(),
             clock: Instant::now(),
+            control: parts.control,
+            pausing: None,
         }
     }
 
@@ -222,6 +272,15 @@ impl<D: GuestData> Reactor<D> {
             if self.stop.requested() {
                 return Exit::Stopped;
             }
+            // A load first: the hot loop does no atomic write while nothing is asked.
+            if self.stop.command.load(Ordering::Relaxed)
+                && self.stop.command.swap(false, Ordering::SeqCst)
+            {
+                drain_eventfd(self.stop.event.fd());
+                if let Some(exit) = self.take_commands() {
+                    return exit;
+                }
+            }
             let mut work = false;
             // Completions first, answered before new I/O is submitted: the frontend refills
             // its ring while this thread is in the kernel submitting.
@@ -232,7 +291,7 @@ impl<D: GuestData> Reactor<D> {
             if let Err(e) = self.respond() {
                 return Exit::ProtocolError(e.to_string());
             }
-            if self.barrier.is_none() {
+            if self.barrier.is_none() && self.pausing.is_none() {
                 match self.consume() {
                     Ok(n) => work |= n > 0,
                     Err(e) => return Exit::ProtocolError(e.to_string()),
@@ -246,10 +305,18 @@ impl<D: GuestData> Reactor<D> {
             if let Err(e) = self.respond() {
                 return Exit::ProtocolError(e.to_string());
             }
+            if let Some(op) = self.pausing {
+                if self.slab.is_empty() && self.submitted == 0 {
+                    if let Some(exit) = self.paused(op) {
+                        return exit;
+                    }
+                    continue;
+                }
+            }
             if work {
                 continue;
             }
-            if self.barrier.is_none() {
+            if self.barrier.is_none() && self.pausing.is_none() {
                 match self.ring.final_check_for_requests() {
                     Ok(true) => continue,
                     Ok(false) => {}
@@ -257,6 +324,76 @@ impl<D: GuestData> Reactor<D> {
                 }
             }
             self.sleep();
+        }
+    }
+
+    /// Reads the commands of the control thread that arrived while running.
+    fn take_commands(&mut self) -> Option<Exit> {
+        loop {
+            match self.control.commands.try_recv() {
+                Ok((op, QueueCmd::Pause)) => self.pausing = Some(op),
+                Ok((op, QueueCmd::Prepare(_))) => {
+                    // Only meaningful while paused.
+                    self.ack(
+                        op,
+                        QueueAck::Prepared(Err("the queue is not paused".into())),
+                    );
+                }
+                // A pause given up before this queue got there.
+                Ok((_, QueueCmd::Resume)) => self.pausing = None,
+                Ok((_, QueueCmd::Commit | QueueCmd::Abort)) => {}
+                Err(mpsc::TryRecvError::Empty) => return None,
+                Err(mpsc::TryRecvError::Disconnected) => return Some(Exit::Stopped),
+            }
+        }
+    }
+
+    fn ack(&self, op: u64, a: QueueAck) {
+        let _ = self.control.acks.send((self.qid, op, a));
+    }
+
+    /// Paused with nothing in flight: acks, then serves the control thread's commands until
+    /// it says resume (or the queue is stopped).
+    fn paused(&mut self, op: u64) -> Option<Exit> {
+        self.pausing = None;
+        tracing::debug!(queue = self.qid, op, "queue paused");
+        self.ack(op, QueueAck::Paused);
+        let mut next: Option<ImageQueue<D::Buf>> = None;
+        loop {
+            if self.stop.requested() {
+                return Some(Exit::Stopped);
+            }
+            match self
+                .control
+                .commands
+                .recv_timeout(Duration::from_millis(50))
+            {
+                Ok((op, QueueCmd::Pause)) => self.ack(op, QueueAck::Paused),
+                Ok((op, QueueCmd::Prepare(image))) => {
+                    let r = match ImageQueue::new(image, &self.control.queue_cfg) {
+                        Ok(q) => {
+                            next = Some(q);
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    self.ack(op, QueueAck::Prepared(r));
+                }
+                Ok((_, QueueCmd::Commit)) => {
+                    if let Some(q) = next.take() {
+                        // Nothing is in flight on the old queue: dropping it waits for
+                        // nothing.
+                        self.iq = q;
+                    }
+                }
+                Ok((_, QueueCmd::Abort)) => next = None,
+                Ok((_, QueueCmd::Resume)) => {
+                    tracing::debug!(queue = self.qid, "queue resumed");
+                    return None;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Some(Exit::Stopped),
+            }
         }
     }
 

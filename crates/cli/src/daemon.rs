@@ -264,7 +264,8 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
         s.attach_frontend_domid = attach_domid;
         s
     });
-    let server = ControlServer::start(&a.control, status.clone())?;
+    let live: Arc<dyn control::LiveOps> = sup.clone();
+    let server = ControlServer::start_with(&a.control, status.clone(), Some(live))?;
     let metrics = match a.metrics {
         Some(addr) => {
             let m = MetricsServer::start(addr, status)?;
@@ -705,6 +706,7 @@ mod tests {
                 frontend_path: None,
                 image: None,
                 format: None,
+                chain: Vec::new(),
                 read_only: false,
                 cache: None,
                 phase: Phase::Running,

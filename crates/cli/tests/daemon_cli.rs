@@ -312,3 +312,119 @@ fn attach_nbd_exports_on_the_simulation() {
     assert!(out.contains("0 device(s)"), "nothing was written: {out}");
     drop(serve);
 }
+
+/// `xdisk snapshot`, `xdisk commit` and `xdisk bitmap` against `xdisk serve --platform=sim`,
+/// as a user runs them: a relative overlay path (made absolute for the daemon), `--socket`, `--json`, the
+/// chain in `xdisk stat`, the clear refusals; the images pass `qemu-img check` afterwards.
+#[test]
+fn snapshot_and_bitmap_commands_on_the_simulation() {
+    let dir = tempfile::Builder::new()
+        .prefix("xdisk-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let sock = dir.path().join("control.sock");
+    let sock_s = sock.to_str().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let img_s = img.to_str().unwrap();
+    let (ok, _, err) = run(&["img", "create", "-f", "qcow2", img_s, "16M"]);
+    assert!(ok, "{err}");
+    let serve = Reaped(
+        xdisk()
+            .args(["serve", "--platform=sim", "--control", sock_s])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&sock, "control socket");
+    let in_dir = |args: &[&str]| {
+        let out = xdisk().args(args).current_dir(dir.path()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run(&["attach", img_s, "--format", "qcow2", "--control", sock_s]);
+    assert!(ok, "{err}");
+
+    let (ok, _, err) = run(&[
+        "bitmap", "add", "xvda", "b0", "-g", "64k", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["bitmap", "list", "xvda", "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "b0", "{out}");
+    assert_eq!(v[0]["granularity"], 65536, "{out}");
+    assert_eq!(v[0]["enabled"], true, "{out}");
+    let (ok, _, err) = run(&["bitmap", "merge", "xvda", "b0", "--socket", sock_s]);
+    assert!(!ok && err.contains("--source"), "{err}");
+
+    // An existing file is not an overlay unless --no-create says so.
+    std::fs::write(dir.path().join("taken.qcow2"), b"x").unwrap();
+    let (ok, _, err) = in_dir(&["snapshot", "xvda", "taken.qcow2", "--socket", sock_s]);
+    assert!(!ok && err.contains("--no-create"), "{err}");
+
+    let (ok, out, err) = in_dir(&[
+        "snapshot",
+        "xvda",
+        "snap.qcow2",
+        "--json",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let overlay = dir.path().join("snap.qcow2");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["image"], overlay.to_str().unwrap(), "{out}");
+    assert_eq!(v["backing"], img_s, "{out}");
+    assert_eq!(v["backing_format"], "qcow2", "{out}");
+    let (ok, out, err) = run(&["stat", "xvda", "--control", sock_s]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "chain (top first): {} (qcow2), {img_s} (qcow2, ro)",
+            overlay.display()
+        )),
+        "{out}"
+    );
+    // The bitmaps stay in the old top; the overlay starts without.
+    let (ok, out, err) = run(&["bitmap", "list", "xvda", "--socket", sock_s]);
+    assert!(ok && out.is_empty(), "{out}{err}");
+    // Merged back: the device serves the first image again.
+    let (ok, out, err) = run(&["commit", "xvda", "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["image"], img_s, "{out}");
+    let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["image"], img_s, "{out}");
+    let (ok, _, err) = run(&["commit", "xvda", "--socket", sock_s]);
+    assert!(!ok && err.contains("no backing file"), "{err}");
+
+    let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
+    assert!(ok, "{err}");
+    drop(serve);
+    for p in [img_s, overlay.to_str().unwrap()] {
+        let out = Command::new("qemu-img")
+            .args(["check", p])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", img_s])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["format-specific"]["data"]["bitmaps"][0]["name"], "b0",
+        "{v}"
+    );
+}

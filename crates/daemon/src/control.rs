@@ -2,7 +2,13 @@
 //! speaking one JSON request per line and one JSON reply per line.
 //!
 //! Requests: `{"cmd":"ping"}` → `{"ok":true}`; `{"cmd":"status"}` →
-//! `{"ok":true,"status":DaemonStatus}`. Errors: `{"ok":false,"error":"..."}`.
+//! `{"ok":true,"status":DaemonStatus}`; live operations on a running device (issue #14):
+//! `{"cmd":"snapshot","device":"xvda","overlay":"/abs/new.qcow2","no_create":false}` →
+//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda"}` →
+//! `{"ok":true,"commit":CommitReply}` and
+//! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
+//! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`. Errors:
+//! `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -38,6 +44,154 @@ pub enum ControlRequest {
     Ping,
     /// `{"cmd":"status"}`: the daemon's [`DaemonStatus`] (what `xdisk stat` shows).
     Status,
+    /// A live external snapshot of a running device (`xdisk snapshot`): its top image
+    /// becomes the backing file of the qcow2 overlay `overlay`, which it serves from then on.
+    Snapshot {
+        /// The device, as `xdisk stat` names it (`qdisk/5/51712`, `5/51712`, `xvda`,
+        /// `/dev/xvda`, `51712`, the backend path).
+        device: String,
+        /// The new overlay: an absolute path.
+        overlay: String,
+        /// Use an existing overlay (it must name the device's top image as its backing
+        /// file) instead of creating it.
+        #[serde(default)]
+        no_create: bool,
+    },
+    /// Commits the active layer of a running device (`xdisk commit`): the top image is
+    /// merged into its backing file while the guest writes, then the device serves the
+    /// backing file.
+    Commit {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+    },
+    /// A change of the persistent dirty bitmaps of a running device's top qcow2 image
+    /// (`xdisk bitmap`), or their list.
+    Bitmap {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// What to do.
+        action: BitmapAction,
+        /// The bitmap (not needed by `list`).
+        #[serde(default)]
+        name: Option<String>,
+        /// `add`: bytes per bit (default: the cluster size, within 4 KiB to 64 KiB).
+        #[serde(default)]
+        granularity: Option<u64>,
+        /// `add`: create it disabled (not recording writes).
+        #[serde(default)]
+        disabled: bool,
+        /// `merge`: the bitmap of the same image merged into `name`.
+        #[serde(default)]
+        source: Option<String>,
+    },
+}
+
+/// What [`ControlRequest::Bitmap`] does, as `qemu-img bitmap` spells its options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BitmapAction {
+    /// Creates the bitmap (enabled unless `disabled`): it records every write acknowledged
+    /// after the request returns.
+    Add,
+    /// Removes it.
+    Remove,
+    /// Clears its bits.
+    Clear,
+    /// Makes it record writes from now on.
+    Enable,
+    /// Makes it stop recording writes.
+    Disable,
+    /// Merges `source` into it.
+    Merge,
+    /// Lists the bitmaps (nothing changes).
+    List,
+}
+
+impl BitmapAction {
+    /// The action's name, as in the JSON and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BitmapAction::Add => "add",
+            BitmapAction::Remove => "remove",
+            BitmapAction::Clear => "clear",
+            BitmapAction::Enable => "enable",
+            BitmapAction::Disable => "disable",
+            BitmapAction::Merge => "merge",
+            BitmapAction::List => "list",
+        }
+    }
+}
+
+/// The answer to [`ControlRequest::Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The overlay the device serves now.
+    pub image: String,
+    /// Its backing file: the device's former top, now read-only.
+    pub backing: String,
+    /// The former top's format.
+    pub backing_format: String,
+    /// How long the device's queues were paused, in microseconds.
+    pub paused_us: u64,
+}
+
+/// The answer to [`ControlRequest::Commit`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The image the device serves now: the former top's backing file.
+    pub image: String,
+    /// Its format.
+    pub format: String,
+    /// Bytes copied from the top into it, all passes together.
+    pub copied_bytes: u64,
+    /// Copy passes (the last one with the queues paused).
+    pub passes: u32,
+    /// How long the last pass paused the queues, in microseconds.
+    pub paused_us: u64,
+}
+
+/// One persistent dirty bitmap, in the answer to [`ControlRequest::Bitmap`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitmapEntry {
+    /// Its name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Whether it records writes (qcow2.txt "Bitmap directory": the `auto` flag).
+    pub enabled: bool,
+    /// Whether its `in_use` flag is set on disk now (a tracked bitmap of a running image).
+    pub in_use: bool,
+    /// Found `in_use` when the image was opened: not trustworthy, can only be removed.
+    pub inconsistent: bool,
+}
+
+/// What the server does for the live requests (the daemon's [`crate::Supervisor`]).
+pub trait LiveOps: Send + Sync {
+    /// Serves [`ControlRequest::Snapshot`].
+    fn snapshot(&self, device: &str, overlay: &Path, no_create: bool) -> Result<SnapshotReply>;
+    /// Serves [`ControlRequest::Commit`].
+    fn commit(&self, device: &str) -> Result<CommitReply>;
+    /// Serves [`ControlRequest::Bitmap`]; returns the bitmaps as they are afterwards.
+    fn bitmap(&self, device: &str, req: &BitmapRequest) -> Result<Vec<BitmapEntry>>;
+}
+
+/// The parameters of [`ControlRequest::Bitmap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapRequest {
+    /// What to do.
+    pub action: BitmapAction,
+    /// The bitmap.
+    pub name: Option<String>,
+    /// `add`: bytes per bit.
+    pub granularity: Option<u64>,
+    /// `add`: created disabled.
+    pub disabled: bool,
+    /// `merge`: the source bitmap.
+    pub source: Option<String>,
 }
 
 /// The reply to a [`ControlRequest`], one JSON object per line.
@@ -53,6 +207,36 @@ pub struct ControlReply {
     /// The answer to [`ControlRequest::Status`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<DaemonStatus>,
+    /// The answer to [`ControlRequest::Snapshot`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReply>,
+    /// The answer to [`ControlRequest::Commit`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<CommitReply>,
+    /// The answer to [`ControlRequest::Bitmap`]: the bitmaps afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapEntry>>,
+}
+
+impl ControlReply {
+    fn ok() -> ControlReply {
+        ControlReply {
+            ok: true,
+            error: None,
+            status: None,
+            snapshot: None,
+            commit: None,
+            bitmaps: None,
+        }
+    }
+
+    fn err(e: impl std::fmt::Display) -> ControlReply {
+        ControlReply {
+            ok: false,
+            error: Some(e.to_string()),
+            ..ControlReply::ok()
+        }
+    }
 }
 
 /// What the server asks its owner.
@@ -77,6 +261,16 @@ impl ControlServer {
     /// Listens on `path` (its directory is created with mode 0700 if missing). A stale
     /// socket file is replaced; a socket where another daemon answers is an error.
     pub fn start(path: &Path, status: StatusFn) -> Result<ControlServer> {
+        Self::start_with(path, status, None)
+    }
+
+    /// [`ControlServer::start`], also serving the live requests ([`ControlRequest::Snapshot`],
+    /// [`ControlRequest::Bitmap`]) with `live`.
+    pub fn start_with(
+        path: &Path,
+        status: StatusFn,
+        live: Option<Arc<dyn LiveOps>>,
+    ) -> Result<ControlServer> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
                 std::fs::DirBuilder::new()
@@ -105,7 +299,7 @@ impl ControlServer {
                         break;
                     }
                     match conn {
-                        Ok(s) => spawn_client(s, &status, &clients),
+                        Ok(s) => spawn_client(s, &status, &live, &clients),
                         Err(e) => tracing::warn!("control socket accept: {e}"),
                     }
                 }
@@ -187,7 +381,12 @@ pub(crate) fn bind_private(path: &Path) -> Result<UnixListener> {
 
 /// Serves one client on its own thread (at most [`MAX_CLIENTS`] at once), so that a client
 /// that trickles bytes or never sends its request holds up nobody else.
-fn spawn_client(s: UnixStream, status: &StatusFn, clients: &Arc<AtomicUsize>) {
+fn spawn_client(
+    s: UnixStream,
+    status: &StatusFn,
+    live: &Option<Arc<dyn LiveOps>>,
+    clients: &Arc<AtomicUsize>,
+) {
     if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
         clients.fetch_sub(1, Ordering::SeqCst);
         let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
@@ -195,11 +394,12 @@ fn spawn_client(s: UnixStream, status: &StatusFn, clients: &Arc<AtomicUsize>) {
         return;
     }
     let status = status.clone();
+    let live = live.clone();
     let count = clients.clone();
     let spawned = std::thread::Builder::new()
         .name("xdisk-control-client".into())
         .spawn(move || {
-            if let Err(e) = serve_one(s, &status) {
+            if let Err(e) = serve_one(s, &status, live.as_deref()) {
                 tracing::debug!("control connection: {e}");
             }
             count.fetch_sub(1, Ordering::SeqCst);
@@ -210,7 +410,11 @@ fn spawn_client(s: UnixStream, status: &StatusFn, clients: &Arc<AtomicUsize>) {
     }
 }
 
-fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
+fn serve_one(
+    stream: UnixStream,
+    status: &StatusFn,
+    live: Option<&dyn LiveOps>,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let deadline = Instant::now() + CLIENT_DEADLINE;
@@ -224,21 +428,13 @@ fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
             return Ok(());
         }
         let reply = match serde_json::from_str::<ControlRequest>(line.trim()) {
-            Ok(ControlRequest::Ping) => ControlReply {
-                ok: true,
-                error: None,
-                status: None,
-            },
+            Ok(ControlRequest::Ping) => ControlReply::ok(),
             Ok(ControlRequest::Status) => ControlReply {
-                ok: true,
-                error: None,
                 status: Some(status()),
+                ..ControlReply::ok()
             },
-            Err(e) => ControlReply {
-                ok: false,
-                error: Some(format!("bad request: {e}")),
-                status: None,
-            },
+            Ok(req) => serve_live(live, req),
+            Err(e) => ControlReply::err(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
         out.push(b'\n');
@@ -249,16 +445,82 @@ fn serve_one(stream: UnixStream, status: &StatusFn) -> std::io::Result<()> {
     }
 }
 
+/// Serves a live request (the others are answered by `serve_one`).
+fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
+    let Some(live) = live else {
+        return ControlReply::err("this server does not serve live operations");
+    };
+    match req {
+        ControlRequest::Snapshot {
+            device,
+            overlay,
+            no_create,
+        } => match live.snapshot(&device, Path::new(&overlay), no_create) {
+            Ok(r) => ControlReply {
+                snapshot: Some(r),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::Commit { device } => match live.commit(&device) {
+            Ok(r) => ControlReply {
+                commit: Some(r),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::Bitmap {
+            device,
+            action,
+            name,
+            granularity,
+            disabled,
+            source,
+        } => {
+            let req = BitmapRequest {
+                action,
+                name,
+                granularity,
+                disabled,
+                source,
+            };
+            match live.bitmap(&device, &req) {
+                Ok(b) => ControlReply {
+                    bitmaps: Some(b),
+                    ..ControlReply::ok()
+                },
+                Err(e) => ControlReply::err(e),
+            }
+        }
+        ControlRequest::Ping | ControlRequest::Status => ControlReply::ok(),
+    }
+}
+
+/// How long [`request`] waits for the answer of a live request (a snapshot waits for the
+/// device's requests in flight and writes the old top's metadata back).
+pub const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Sends one request to the daemon at `path`.
 pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply> {
+    let timeout = match req {
+        ControlRequest::Ping | ControlRequest::Status => Duration::from_secs(10),
+        _ => LIVE_TIMEOUT,
+    };
+    request_with_timeout(path, req, timeout)
+}
+
+/// [`request`], waiting at most `timeout` for the answer.
+pub fn request_with_timeout(
+    path: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply> {
     let stream = UnixStream::connect(path).map_err(|error| Error::NotRunning {
         path: path.to_owned(),
         error,
     })?;
     let ctl = |e: std::io::Error| Error::Control(e.to_string());
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(ctl)?;
+    stream.set_read_timeout(Some(timeout)).map_err(ctl)?;
     let mut w = stream.try_clone().map_err(ctl)?;
     let mut line = serde_json::to_string(req).map_err(|e| Error::Control(e.to_string()))?;
     line.push('\n');

@@ -580,6 +580,7 @@ mod tests {
             frontend_path: None,
             image: image.map(str::to_owned),
             format: Some("raw".to_owned()),
+            chain: Vec::new(),
             read_only: false,
             cache: None,
             phase: Phase::Running,

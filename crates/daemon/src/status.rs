@@ -29,6 +29,35 @@ impl Phase {
     }
 }
 
+/// One layer of a device's backing chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLayer {
+    /// The layer's storage (a path, an NBD URI or an RBD name).
+    pub image: String,
+    /// Its format.
+    pub format: String,
+    /// Whether it takes writes (only the top does).
+    pub read_only: bool,
+}
+
+impl ChainLayer {
+    /// The chain of `image`, top first (bounded by the chain depth the image engine
+    /// allows).
+    pub fn of(image: &xdisk_image::Image) -> Vec<ChainLayer> {
+        let mut out = Vec::new();
+        let mut layer = Some(image);
+        while let Some(l) = layer {
+            out.push(ChainLayer {
+                image: l.storage().name().into_owned(),
+                format: l.format().as_str().to_owned(),
+                read_only: l.read_only(),
+            });
+            layer = l.backing().map(|b| &**b);
+        }
+        out
+    }
+}
+
 /// One device of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStatus {
@@ -50,6 +79,10 @@ pub struct DeviceStatus {
     pub image: Option<String>,
     /// The image format (`raw`, `qcow2`), once the image is open.
     pub format: Option<String>,
+    /// The backing chain under the image, top first (after a live snapshot: the former
+    /// tops, read-only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<ChainLayer>,
     /// Served read-only (`mode` `r` or a CD-ROM); set once the image is open.
     pub read_only: bool,
     /// The host cache mode the image was opened with (`none`, or `writeback` when
@@ -109,6 +142,21 @@ impl DeviceStatus {
                 if self.read_only { "ro" } else { "rw" },
                 self.cache.as_deref().unwrap_or("?"),
             );
+        }
+        if self.chain.len() > 1 {
+            let layers: Vec<String> = self
+                .chain
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} ({}{})",
+                        l.image,
+                        l.format,
+                        if l.read_only { ", ro" } else { "" }
+                    )
+                })
+                .collect();
+            s += &format!("  chain (top first): {}\n", layers.join(", "));
         }
         s += &format!("  backend: {}\n", self.backend_path);
         if let Some(e) = &self.error {

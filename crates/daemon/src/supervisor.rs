@@ -27,10 +27,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::path::Path;
 use xdisk_backend::{Device, DeviceConfig, DeviceStats};
 use xdisk_blkif::xenbus::Mode;
 use xdisk_blkif::XenbusState;
-use xdisk_image::{CacheMode, Image, OpenOptions};
+
+use xdisk_image::{CacheMode, Format, Image, OpenOptions};
 use xdisk_xen::platform::DomId;
 use xdisk_xen::xenstore::wire::RELEASE_DOMAIN;
 use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
@@ -38,7 +40,7 @@ use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
 use crate::error::{Error, Result};
 use crate::params::{self, DeviceType, DiskSpec, ParamsDefaults};
 use crate::platform::Platform;
-use crate::status::{DaemonStatus, DeviceStatus, Phase};
+use crate::status::{ChainLayer, DaemonStatus, DeviceStatus, Phase};
 
 /// A hook that adjusts each device's configuration before it starts.
 pub type DeviceHook = Arc<dyn Fn(&mut DeviceConfig, &DiskSpec) + Send + Sync>;
@@ -111,6 +113,11 @@ struct Entry {
     device: Mutex<Option<Device>>,
     stop: Mutex<Option<Sender<()>>>,
     host: Mutex<Option<JoinHandle<()>>>,
+    /// The disk as served now (a live snapshot changes its image) and the cache mode its
+    /// image was opened with; set once the device started.
+    spec: Mutex<Option<(DiskSpec, CacheMode)>>,
+    /// Held by a live operation (one at a time per device).
+    live: Mutex<()>,
 }
 
 impl Entry {
@@ -576,6 +583,7 @@ impl Inner {
             frontend_path: Some(fe),
             image: None,
             format: None,
+            chain: Vec::new(),
             read_only: false,
             cache: None,
             phase: Phase::Starting,
@@ -591,6 +599,8 @@ impl Inner {
             device: Mutex::new(None),
             stop: Mutex::new(Some(stop_tx)),
             host: Mutex::new(None),
+            spec: Mutex::new(None),
+            live: Mutex::new(()),
         });
         lock(&self.entries).insert(key.clone(), entry.clone());
         tracing::info!(device = %key.name(), "serving");
@@ -717,6 +727,7 @@ impl Inner {
             s.read_only = image.read_only();
             s.cache = Some(cache.to_string());
             s.size = Some(image.size());
+            s.chain = ChainLayer::of(&image);
         }
         let mut cfg = DeviceConfig::new(be.clone());
         cfg.frontend_domid = Some(key.domid);
@@ -739,6 +750,7 @@ impl Inner {
             p.evt.clone(),
             image.clone(),
         )?;
+        *lock(&entry.spec) = Some((spec.clone(), cache));
         *lock(&entry.device) = Some(device);
         xs.write(&format!("{be}/hotplug-status"), "connected")
             .map_err(|e| Error::xs(be, e))?;
@@ -757,6 +769,8 @@ impl Inner {
             %cache,
             "device started"
         );
+        // The device owns the image from now on (a live snapshot replaces it there).
+        drop(image);
         let stopped = loop {
             match stop.recv_timeout(self.cfg.poll_interval) {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => break true,
@@ -765,13 +779,15 @@ impl Inner {
                     if finished {
                         break false;
                     }
-                    self.follow_resize(entry, &image, &spec);
+                    self.follow_resize(entry);
                 }
             }
         };
         entry.set_phase(Phase::Stopping);
         let device = lock(&entry.device).take();
+        let mut top = None;
         if let Some(d) = device {
+            top = Some(d.image());
             let last = d.stats();
             let r = if stopped { d.shutdown() } else { d.wait() };
             let mut s = lock(&entry.status);
@@ -781,8 +797,12 @@ impl Inner {
                 tracing::warn!(device = %key.name(), "device ended with: {e}");
             }
         }
-        if let Err(e) = image.close() {
-            tracing::warn!(device = %key.name(), "closing the image: {e}");
+        // The top image served last (a live snapshot's overlay); the layers under it were
+        // closed when they stopped taking writes.
+        if let Some(image) = top {
+            if let Err(e) = image.close() {
+                tracing::warn!(device = %key.name(), "closing the image: {e}");
+            }
         }
         Ok(())
     }
@@ -794,7 +814,14 @@ impl Inner {
     /// see; a file or block device grown by another program) gets the new size, and the
     /// frontend is told as Linux blkback's `xen_vbd_resize` tells it (`sectors`, then the
     /// state again). Checked at every poll of the host thread.
-    fn follow_resize(&self, entry: &Entry, image: &Image, spec: &DiskSpec) {
+    fn follow_resize(&self, entry: &Entry) {
+        let Some(image) = lock(&entry.device).as_ref().map(|d| d.image()) else {
+            return;
+        };
+        let shown = lock(&entry.spec)
+            .as_ref()
+            .map(|(s, _)| s.shown())
+            .unwrap_or_default();
         let new = match image.refresh_size() {
             Ok(Some(n)) => n,
             Ok(None) => return,
@@ -803,13 +830,673 @@ impl Inner {
                 return;
             }
         };
-        tracing::info!(device = %entry.key.name(), image = %spec.shown(), size = new, "the image was resized: telling the frontend");
+        tracing::info!(device = %entry.key.name(), image = %shown, size = new, "the image was resized: telling the frontend");
         lock(&entry.status).size = Some(new);
         if let Some(d) = lock(&entry.device).as_ref() {
             if let Err(e) = d.resize() {
                 tracing::warn!(device = %entry.key.name(), "online resize: {e}");
             }
         }
+    }
+}
+
+impl Supervisor {
+    /// The one device `query` names (as `xdisk stat` names devices: `qdisk/5/51712`,
+    /// `5/51712`, `xvda`, `/dev/xvda`, `51712`, the backend path).
+    fn find(&self, query: &str) -> Result<Arc<Entry>> {
+        let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
+        let found: Vec<Arc<Entry>> = entries
+            .into_iter()
+            .filter(|e| lock(&e.status).matches(query))
+            .collect();
+        match found.len() {
+            0 => Err(Error::Invalid(format!(
+                "no device {query:?} (xdisk stat lists them)"
+            ))),
+            1 => Ok(found
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Invalid("no device".into()))?),
+            _ => Err(Error::Invalid(format!(
+                "{query:?} names several devices ({}); name one as TYPE/DOMID/DEVID",
+                found
+                    .iter()
+                    .map(|e| e.key.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// The running device of `entry`: its handle and the disk as served.
+    fn running(entry: &Entry) -> Result<(xdisk_backend::DeviceHandle, DiskSpec, CacheMode)> {
+        let name = entry.key.name();
+        if entry.phase() != Phase::Running {
+            return Err(Error::Invalid(format!(
+                "{name} is {}, not running",
+                entry.phase().as_str()
+            )));
+        }
+        let handle = lock(&entry.device)
+            .as_ref()
+            .filter(|d| !d.is_finished())
+            .map(|d| d.handle())
+            .ok_or_else(|| Error::Invalid(format!("{name} is not running")))?;
+        let (spec, cache) = lock(&entry.spec)
+            .clone()
+            .ok_or_else(|| Error::Invalid(format!("{name} is not running")))?;
+        Ok((handle, spec, cache))
+    }
+
+    /// A live external snapshot of a running device (see [`crate::control::ControlRequest::Snapshot`]):
+    /// the device's queues pause (everything consumed completes against the current top),
+    /// the top's metadata is written back and synced, the qcow2 overlay `overlay` is created
+    /// over it (backing file: the top's path, with its format; size: the device's) or, with
+    /// `no_create`, an existing one is checked to name it, the overlay is opened with the
+    /// top as its backing layer, the backend's `params` node is changed to
+    /// `qcow2:<overlay>` (so that a restarted daemon opens the overlay), the old top becomes
+    /// read-only and the queues resume on the overlay. Any failure before the switch leaves
+    /// the device serving its old top, and a file this call created is removed.
+    pub fn snapshot(
+        &self,
+        query: &str,
+        overlay: &Path,
+        no_create: bool,
+    ) -> Result<crate::control::SnapshotReply> {
+        let entry = self.find(query)?;
+        let _one = lock(&entry.live);
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!(
+                "{name} is served read-only: its image cannot take a snapshot overlay"
+            )));
+        }
+        let old_path = spec.path.clone();
+        let old_name = old_path.to_string_lossy().into_owned();
+        if params::is_nbd_url(&old_name) || params::is_rbd_name(&old_name) {
+            return Err(Error::Unsupported(format!(
+                "{name}: live snapshots of {} are not supported (only of host files)",
+                spec.shown()
+            )));
+        }
+        let overlay_s = overlay.to_str().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: the overlay path is not UTF-8",
+                overlay.display()
+            ))
+        })?;
+        let new_params = format!("qcow2:{overlay_s}");
+        let (_, _, parsed) = params::parse_params(&new_params).map_err(|e| {
+            Error::Invalid(format!(
+                "overlay {overlay_s:?} cannot be named in params: {e}"
+            ))
+        })?;
+        if params::is_nbd_url(overlay_s) || params::is_rbd_name(overlay_s) || !overlay.is_absolute()
+        {
+            return Err(Error::Invalid(format!(
+                "overlay {overlay_s:?}: expected an absolute path of a host file"
+            )));
+        }
+        if parsed != overlay
+            || overlay
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(Error::Invalid(format!(
+                "overlay {overlay_s:?}: expected a plain absolute path (no '..')"
+            )));
+        }
+        // A restarted daemon must be allowed to open the old top as the overlay's backing
+        // file.
+        let backing_opts = OpenOptions {
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        xdisk_image::check_backing_file(&old_path, &backing_opts).map_err(|e| {
+            Error::Invalid(format!(
+                "{} cannot become a backing file: {e}",
+                old_path.display()
+            ))
+        })?;
+        if let (Ok(a), Ok(b)) = (
+            std::fs::canonicalize(&old_path),
+            std::fs::canonicalize(overlay),
+        ) {
+            if a == b {
+                return Err(Error::Invalid(format!(
+                    "{overlay_s} is the device's image itself"
+                )));
+            }
+        }
+        let open_opts = OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let xs = self.inner.platform.xs.clone();
+        let be = entry.be.clone();
+        let overlay_buf = overlay.to_path_buf();
+        let backing_format = std::sync::Arc::new(Mutex::new(String::new()));
+        let bf = backing_format.clone();
+        let started = std::time::Instant::now();
+        let op: xdisk_backend::QuiesceFn = Box::new(move |old: &Arc<Image>| {
+            // The old top as any reader will find it: every write acknowledged so far with
+            // its metadata (L2 tables, refcounts) written back and synced, the bitmaps
+            // stored (qcow2.txt "Bitmaps extension": `in_use` cleared).
+            old.close()?;
+            *lock(&bf) = old.format().as_str().to_owned();
+            let created = if no_create {
+                false
+            } else {
+                create_overlay(&overlay_buf, &old_name, old.format(), old.size())?;
+                true
+            };
+            let remove = {
+                let p = overlay_buf.clone();
+                move || {
+                    if created {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            };
+            let new = match Image::open_overlay(&overlay_buf, &open_opts, old.clone()) {
+                Ok(i) => i,
+                Err(e) => {
+                    remove();
+                    return Err(e.into());
+                }
+            };
+            let old = old.clone();
+            let commit = Box::new(move || -> xdisk_backend::Result<()> {
+                persist_params(&xs, &be, &new_params)?;
+                old.seal();
+                Ok(())
+            });
+            Ok(Some(xdisk_backend::Switch {
+                image: new,
+                commit,
+                rollback: Box::new(remove),
+            }))
+        });
+        handle
+            .quiesce(op)
+            .map_err(|e| Error::Device(format!("snapshot of {name}: {e}")))?;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // The device serves the overlay now.
+        let new_spec = DiskSpec {
+            path: overlay.to_path_buf(),
+            format: Some(Format::Qcow2),
+            format_tag: "qcow2".into(),
+            ..spec
+        };
+        let top = handle.image();
+        {
+            let mut st = lock(&entry.status);
+            st.image = Some(new_spec.shown());
+            st.format = Some(Format::Qcow2.as_str().to_owned());
+            st.chain = ChainLayer::of(&top);
+        }
+        *lock(&entry.spec) = Some((new_spec, cache));
+        tracing::info!(device = %name, overlay = %overlay.display(), backing = %old_path.display(), paused_us, "live snapshot");
+        let backing_format = lock(&backing_format).clone();
+        Ok(crate::control::SnapshotReply {
+            device: name,
+            image: overlay.display().to_string(),
+            backing: old_path.display().to_string(),
+            backing_format,
+            paused_us,
+        })
+    }
+
+    /// A change of the persistent dirty bitmaps of a running device's top image (see
+    /// [`crate::control::ControlRequest::Bitmap`]); returns the bitmaps afterwards. Every
+    /// change runs with the device's queues paused, so that a bitmap added (or enabled, or
+    /// cleared) records every write acknowledged after this returns and no write of before.
+    pub fn bitmap(
+        &self,
+        query: &str,
+        req: &crate::control::BitmapRequest,
+    ) -> Result<Vec<crate::control::BitmapEntry>> {
+        use crate::control::BitmapAction as A;
+        let entry = self.find(query)?;
+        let _one = lock(&entry.live);
+        let (handle, _, _) = Self::running(&entry)?;
+        let name = entry.key.name();
+        let list = |image: &Image| -> Result<Vec<crate::control::BitmapEntry>> {
+            let q = image.as_qcow2().ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: its image is {}: persistent bitmaps need qcow2",
+                    image.format()
+                ))
+            })?;
+            Ok(q.bitmaps()
+                .into_iter()
+                .map(|b| crate::control::BitmapEntry {
+                    name: b.name,
+                    granularity: b.granularity,
+                    enabled: b.auto,
+                    in_use: b.in_use,
+                    inconsistent: b.inconsistent,
+                })
+                .collect())
+        };
+        if req.action == A::List {
+            return list(&handle.image());
+        }
+        let bitmap = req.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+            Error::Invalid(format!("bitmap {}: no bitmap name", req.action.as_str()))
+        })?;
+        let req2 = req.clone();
+        let op: xdisk_backend::QuiesceFn = Box::new(move |image: &Arc<Image>| {
+            let q = image.as_qcow2().ok_or_else(|| {
+                xdisk_image::Error::Unsupported(format!(
+                    "the image is {}: persistent bitmaps need qcow2",
+                    image.format()
+                ))
+            })?;
+            if image.read_only() {
+                return Err(xdisk_image::Error::ReadOnly.into());
+            }
+            let r = match req2.action {
+                A::Add => q.add_bitmap(&bitmap, req2.granularity, !req2.disabled),
+                A::Remove => q.remove_bitmap(&bitmap),
+                A::Clear => q.clear_bitmap(&bitmap),
+                A::Enable => q.set_bitmap_enabled(&bitmap, true),
+                A::Disable => q.set_bitmap_enabled(&bitmap, false),
+                A::Merge => {
+                    let src = req2
+                        .source
+                        .as_deref()
+                        .filter(|s| !s.is_empty())
+                        .ok_or_else(|| {
+                            xdisk_image::Error::InvalidArgument(
+                                "merge needs a source bitmap".into(),
+                            )
+                        })?;
+                    q.bitmap(src)
+                        .and_then(|bits| q.merge_bitmap(&bitmap, &bits))
+                }
+                A::List => Ok(()),
+            };
+            r.map_err(|e| {
+                xdisk_backend::Error::Live(format!(
+                    "Operation {} on bitmap {bitmap} failed: {e}",
+                    req2.action.as_str()
+                ))
+            })?;
+            Ok(None)
+        });
+        handle
+            .quiesce(op)
+            .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        tracing::info!(device = %name, action = req.action.as_str(), bitmap = ?req.name, "live bitmap change");
+        list(&handle.image())
+    }
+}
+
+impl Supervisor {
+    /// Commits the active layer of a running device (see
+    /// [`crate::control::ControlRequest::Commit`]): the top image's data is merged down into
+    /// its backing file while the guest keeps writing, then the device pivots to the backing
+    /// file. Writes made during the copy are tracked in a temporary persistent bitmap of the
+    /// top (added with the queues paused, so it sees every write acknowledged after it) and
+    /// copied in further passes; each pass takes the bitmap's bits and clears it with the
+    /// queues paused (a write marked but still in flight would otherwise be lost); the last
+    /// pass copies what is left with the queues paused, flushes the backing file, changes
+    /// `params` to it and switches the device over. Until that switch the chain reads as
+    /// before (the backing file only changes where the top has data), so a failure or a
+    /// crash at any point leaves a valid chain: `params` names the top until the pivot.
+    pub fn commit(&self, query: &str) -> Result<crate::control::CommitReply> {
+        let entry = self.find(query)?;
+        let _one = lock(&entry.live);
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!("{name} is served read-only")));
+        }
+        let top = handle.image();
+        let base = top.backing().cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{name}: its image has no backing file: nothing to commit"
+            ))
+        })?;
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is not qcow2"
+            )));
+        }
+        let base_path = base
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: the backing file {} is not a host file",
+                    base.storage().name()
+                ))
+            })?;
+        if base.size() != top.size() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the backing file is {} bytes, the top {} bytes",
+                base.size(),
+                top.size()
+            )));
+        }
+        let base_fmt = base.format();
+        let base_s = base_path
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", base_path.display())))?;
+        let tag = match base_fmt {
+            Format::Raw => "aio",
+            Format::Qcow2 => "qcow2",
+        };
+        let new_params = format!("{tag}:{base_s}");
+        params::parse_params(&new_params)
+            .map_err(|e| Error::Invalid(format!("{base_s} cannot be named in params: {e}")))?;
+        // A second, writable instance of the backing file: the chain keeps reading through
+        // the current one, which never reads the ranges this one changes (the top has them).
+        let base_rw = Image::open(
+            &base_path,
+            &OpenOptions {
+                format: Some(base_fmt),
+                read_only: false,
+                cache,
+                backing_dirs: spec.backing_dirs.clone(),
+                ..OpenOptions::default()
+            },
+        )
+        .map_err(|e| Error::Image {
+            path: base_path.clone(),
+            error: e,
+        })?;
+        static JOB: AtomicU64 = AtomicU64::new(0);
+        let bitmap = format!(
+            "xdisk-commit-{}-{}",
+            std::process::id(),
+            JOB.fetch_add(1, Ordering::Relaxed)
+        );
+        let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
+        {
+            let b = bitmap.clone();
+            handle
+                .quiesce(Box::new(move |img: &Arc<Image>| {
+                    let q = img.as_qcow2().ok_or_else(|| {
+                        xdisk_backend::Error::Live("the top image changed".into())
+                    })?;
+                    q.add_bitmap(&b, Some(gran), true)?;
+                    Ok(None)
+                }))
+                .map_err(fail)?;
+        }
+        let started = std::time::Instant::now();
+        let r = self.commit_copy(&handle, &top, &base_rw, &bitmap, &entry.be, &new_params);
+        let (copied, passes, paused_us) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                // The device still serves the top: drop the tracking bitmap.
+                let b = bitmap.clone();
+                let _ = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                    if let Some(q) = img.as_qcow2() {
+                        let _ = q.remove_bitmap(&b);
+                    }
+                    Ok(None)
+                }));
+                return Err(fail(e));
+            }
+        };
+        let new_spec = DiskSpec {
+            path: base_path.clone(),
+            format: Some(base_fmt),
+            format_tag: tag.into(),
+            ..spec
+        };
+        let now = handle.image();
+        {
+            let mut st = lock(&entry.status);
+            st.image = Some(new_spec.shown());
+            st.format = Some(base_fmt.as_str().to_owned());
+            st.chain = ChainLayer::of(&now);
+        }
+        *lock(&entry.spec) = Some((new_spec, cache));
+        tracing::info!(device = %name, base = %base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
+        Ok(crate::control::CommitReply {
+            device: name,
+            image: base_path.display().to_string(),
+            format: base_fmt.as_str().to_owned(),
+            copied_bytes: copied,
+            passes,
+            paused_us,
+        })
+    }
+
+    /// The copy passes and the pivot of [`Supervisor::commit`]; returns the bytes copied,
+    /// the passes and the last pause (microseconds).
+    fn commit_copy(
+        &self,
+        handle: &xdisk_backend::DeviceHandle,
+        top: &Arc<Image>,
+        base_rw: &Arc<Image>,
+        bitmap: &str,
+        be: &str,
+        new_params: &str,
+    ) -> xdisk_backend::Result<(u64, u32, u64)> {
+        /// Passes before the last one copies what is left with the queues paused.
+        const MAX_PASSES: u32 = 16;
+        /// Dirty bytes small enough to copy with the queues paused.
+        const FINAL_BYTES: u64 = 4 << 20;
+        /// After [`MAX_PASSES`], the most a pass may have found dirty for the last pass to
+        /// run anyway (its copy pauses the guest); more fails the commit (the guest writes
+        /// faster than the copy goes).
+        const MAX_FINAL_BYTES: u64 = 64 << 20;
+        let mut copied = copy_allocated(top, base_rw)?;
+        let mut passes = 1u32;
+        loop {
+            // Take the bits written since the last take, with nothing in flight.
+            let taken = Arc::new(Mutex::new(Vec::new()));
+            let (t2, b2) = (taken.clone(), bitmap.to_owned());
+            handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                let q = img
+                    .as_qcow2()
+                    .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+                *lock(&t2) = q.bitmap(&b2)?.dirty_ranges();
+                q.clear_bitmap(&b2)?;
+                Ok(None)
+            }))?;
+            let ranges = std::mem::take(&mut *lock(&taken));
+            let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+            copied += copy_ranges(top, base_rw, &ranges)?;
+            passes += 1;
+            if bytes <= FINAL_BYTES {
+                break;
+            }
+            if passes >= MAX_PASSES {
+                if bytes > MAX_FINAL_BYTES {
+                    return Err(xdisk_backend::Error::Live(format!(
+                        "the commit does not converge: {bytes} bytes were written during \
+                         pass {passes}; the device still serves its top (try again when the \
+                         guest writes less)"
+                    )));
+                }
+                break;
+            }
+        }
+        // The pivot: the rest with the queues paused.
+        let started = std::time::Instant::now();
+        let last = Arc::new(Mutex::new(0u64));
+        let (l2, b2) = (last.clone(), bitmap.to_owned());
+        let (base2, top2) = (base_rw.clone(), top.clone());
+        let (xs, be, params) = (
+            self.inner.platform.xs.clone(),
+            be.to_owned(),
+            new_params.to_owned(),
+        );
+        handle.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top2) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let ranges = q.bitmap(&b2)?.dirty_ranges();
+            *lock(&l2) = copy_ranges(img, &base2, &ranges)?;
+            // Everything the guest wrote is in the backing file now, durably.
+            base2.flush()?;
+            q.remove_bitmap(&b2)?;
+            let base3 = base2.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: base3,
+                commit: Box::new(move || persist_params(&xs, &be, &params)),
+                rollback: Box::new(|| {}),
+            }))
+        }))?;
+        copied += *lock(&last);
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, passes + 1, paused_us))
+    }
+}
+
+/// Chunk of the commit's copies.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// Copies every range allocated in `top` (data or zeroes) into `base`; returns the bytes.
+fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
+    let size = top.size();
+    let mut off = 0;
+    let mut copied = 0;
+    let mut buf = Vec::new();
+    while off < size {
+        let want = (size - off).min(COPY_CHUNK);
+        let st = top.layer_status(off, want)?;
+        let len = st.len().clamp(1, want);
+        match st {
+            xdisk_image::LayerStatus::Unallocated { .. } => {}
+            xdisk_image::LayerStatus::Zero { .. } => {
+                base.write_zeroes(off, len, false)?;
+                copied += len;
+            }
+            xdisk_image::LayerStatus::Data { .. } => {
+                copy_one(top, base, off, len, &mut buf)?;
+                copied += len;
+            }
+        }
+        off += len;
+    }
+    Ok(copied)
+}
+
+/// Copies byte ranges (from a dirty bitmap) of `top` into `base`; returns the bytes.
+fn copy_ranges(top: &Image, base: &Image, ranges: &[(u64, u64)]) -> xdisk_backend::Result<u64> {
+    let mut buf = Vec::new();
+    let mut copied = 0;
+    for &(o, l) in ranges {
+        let end = (o + l).min(top.size());
+        let mut off = o;
+        while off < end {
+            let len = (end - off).min(COPY_CHUNK);
+            copy_one(top, base, off, len, &mut buf)?;
+            copied += len;
+            off += len;
+        }
+    }
+    Ok(copied)
+}
+
+fn copy_one(
+    top: &Image,
+    base: &Image,
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> xdisk_backend::Result<()> {
+    let n =
+        usize::try_from(len).map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+    buf.resize(n, 0);
+    top.read_at(&mut buf[..n], off)?;
+    base.write_at(&buf[..n], off)?;
+    Ok(())
+}
+
+impl crate::control::LiveOps for Supervisor {
+    fn commit(&self, device: &str) -> Result<crate::control::CommitReply> {
+        Supervisor::commit(self, device)
+    }
+
+    fn snapshot(
+        &self,
+        device: &str,
+        overlay: &Path,
+        no_create: bool,
+    ) -> Result<crate::control::SnapshotReply> {
+        Supervisor::snapshot(self, device, overlay, no_create)
+    }
+
+    fn bitmap(
+        &self,
+        device: &str,
+        req: &crate::control::BitmapRequest,
+    ) -> Result<Vec<crate::control::BitmapEntry>> {
+        Supervisor::bitmap(self, device, req)
+    }
+}
+
+/// Creates the qcow2 overlay of a live snapshot: a new file (an existing one is never
+/// replaced), backing file `backing` (absolute) of `format`, `size` bytes (qcow2.txt
+/// "Header": `backing_file_offset`/`size`; the format goes into the "Backing file format
+/// name" extension).
+fn create_overlay(
+    path: &Path,
+    backing: &str,
+    format: Format,
+    size: u64,
+) -> xdisk_backend::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                " (an existing overlay is used with --no-create)"
+            } else {
+                ""
+            };
+            xdisk_backend::Error::Live(format!("cannot create {}: {e}{hint}", path.display()))
+        })?;
+    let opts = xdisk_image::CreateOptions {
+        size,
+        backing_file: Some(backing.to_owned()),
+        backing_format: Some(format.as_str().to_owned()),
+        ..xdisk_image::CreateOptions::default()
+    };
+    xdisk_image::create(path, Format::Qcow2, &opts).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        xdisk_backend::Error::Image(e)
+    })
+}
+
+/// Writes a device's new `params` (dom0 owns the backend directory), unless the toolstack
+/// removed the directory meanwhile (then the device is going away: an error).
+fn persist_params(xs: &Client, be: &str, params: &str) -> xdisk_backend::Result<()> {
+    let r = xs.transaction(|tx| {
+        match tx.read(&format!("{be}/frontend")) {
+            Ok(_) => {}
+            Err(e) if e.errno() == Some(Errno::ENOENT) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        tx.write(&format!("{be}/params"), params)?;
+        Ok(true)
+    });
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(xdisk_backend::Error::Live(format!(
+            "{be} was removed: the device is going away"
+        ))),
+        Err(e) => Err(xdisk_backend::Error::Live(format!(
+            "cannot write {be}/params: {e}"
+        ))),
     }
 }
 

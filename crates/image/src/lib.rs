@@ -335,6 +335,9 @@ impl LayerStatus {
 #[derive(Debug)]
 pub struct Image {
     driver: Box<dyn FormatDriver>,
+    /// Set by [`Image::seal`]: the layer became the backing file of a live snapshot's
+    /// overlay and takes no more writes.
+    sealed: std::sync::atomic::AtomicBool,
 }
 
 /// Probes the format of a file from its first bytes.
@@ -594,7 +597,132 @@ impl Image {
                 )?)
             }
         };
-        Ok(Arc::new(Image { driver: image }))
+        Ok(Arc::new(Image::of_driver(image)))
+    }
+
+    fn of_driver(driver: Box<dyn FormatDriver>) -> Image {
+        Image {
+            driver,
+            sealed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Opens the qcow2 overlay at `path` over an image that is already open: `backing`
+    /// becomes its backing layer as it is (no second open of the backing chain), as a live
+    /// external snapshot needs it (the running disk's top becomes the overlay's backing
+    /// file). The overlay must name that image as its backing file (qcow2.txt "Header":
+    /// `backing_file_offset`; the name resolved against the overlay's directory must be the
+    /// same file) and, if it records a backing format ("Backing file format name"
+    /// extension), `backing`'s format; its virtual size must be `backing`'s.
+    pub fn open_overlay(
+        path: &Path,
+        opts: &OpenOptions,
+        backing: Arc<Image>,
+    ) -> Result<Arc<Image>> {
+        use std::os::unix::fs::MetadataExt;
+        let want = backing
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{} is not a host file: it cannot be the backing file of a snapshot overlay",
+                    backing.storage().name()
+                ))
+            })?;
+        let want_meta = std::fs::metadata(&want)
+            .map_err(|e| Error::io(format!("cannot stat {}", want.display()), e))?;
+        let verify = |name: &str, fmt: Option<&str>| -> Result<()> {
+            let target = resolve_backing(path, name);
+            let same = std::fs::metadata(&target)
+                .is_ok_and(|m| (m.dev(), m.ino()) == (want_meta.dev(), want_meta.ino()));
+            if !same {
+                return Err(Error::Backing(format!(
+                    "{} names the backing file '{name}', not {}",
+                    path.display(),
+                    want.display()
+                )));
+            }
+            match fmt {
+                Some(f) if f != backing.format().as_str() => Err(Error::Backing(format!(
+                    "{} names the backing format '{f}', but {} is {}",
+                    path.display(),
+                    want.display(),
+                    backing.format()
+                ))),
+                _ => Ok(()),
+            }
+        };
+        let check_size = |q: &qcow2::Qcow2Image| -> Result<()> {
+            if q.size() != backing.size() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is {} bytes, but {} is {} bytes",
+                    path.display(),
+                    q.size(),
+                    want.display(),
+                    backing.size()
+                )));
+            }
+            Ok(())
+        };
+        // Read-only first: nothing is written to a file that turns out not to be an overlay
+        // of `backing`.
+        {
+            let file = ImageFile::open(path, true, opts.cache).map_err(Error::Engine)?;
+            if probe_format(&file)? != Format::Qcow2 {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a qcow2 image",
+                    path.display()
+                )));
+            }
+            let mut named = false;
+            let mut look = |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
+                named = true;
+                verify(name, fmt)?;
+                Ok(None)
+            };
+            let ro = OpenOptions {
+                read_only: true,
+                ..opts.clone()
+            };
+            let q = qcow2::Qcow2Image::open(Arc::new(file), &ro, true, Some(&mut look))?;
+            if !named {
+                return Err(Error::Backing(format!(
+                    "{} names no backing file (expected {})",
+                    path.display(),
+                    want.display()
+                )));
+            }
+            check_size(&q)?;
+        }
+        let file = ImageFile::open(path, opts.read_only, opts.cache).map_err(Error::Engine)?;
+        let mut named = false;
+        let mut open_backing = |name: &str, fmt: Option<&str>| -> Result<Option<Arc<Image>>> {
+            named = true;
+            verify(name, fmt)?;
+            Ok(Some(backing.clone()))
+        };
+        let q = qcow2::Qcow2Image::open(
+            Arc::new(file),
+            opts,
+            opts.read_only,
+            Some(&mut open_backing),
+        )?;
+        if !named {
+            return Err(Error::Backing(format!(
+                "{} changed while it was being opened",
+                path.display()
+            )));
+        }
+        check_size(&q)?;
+        Ok(Arc::new(Image::of_driver(Box::new(q))))
+    }
+
+    /// Makes this layer read-only for good (writes fail with [`Error::ReadOnly`], flushes do
+    /// nothing): what a live snapshot does to the old top once it is the overlay's backing
+    /// file. Metadata should be written back first ([`Image::close`]).
+    pub fn seal(&self) {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The format of this layer.
@@ -630,7 +758,7 @@ impl Image {
     /// Whether this layer is read-only (its storage was opened read-only); writes then fail
     /// with [`Error::ReadOnly`].
     pub fn read_only(&self) -> bool {
-        self.storage().read_only()
+        self.sealed.load(std::sync::atomic::Ordering::SeqCst) || self.storage().read_only()
     }
 
     /// The backing image, if any.
