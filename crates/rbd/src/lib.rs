@@ -18,11 +18,17 @@
 //!   `rbd_diff_iterate2` over a valid fast-diff object map (else everything is data).
 //! - Bounded waits: unless the ceph.conf or the name sets them, connections get
 //!   [`DEFAULT_TIMEOUTS`] (OSD and monitor operations, mounting), so a cluster that goes
-//!   away makes requests fail with ETIMEDOUT rather than hang.
+//!   away makes requests fail with ETIMEDOUT rather than hang; and each request has a
+//!   deadline of its own (`xdisk_deadline`, [`DEFAULT_DEADLINE`]) past which it fails with
+//!   ETIMEDOUT whatever librbd does (a full pool makes librbd wait out one RADOS timeout per
+//!   operation inside a request, or forever without them), while librbd keeps a bounce
+//!   buffer of its own until it completes the request.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod create;
+mod deadline;
 mod engine;
 mod ffi;
 pub mod name;
@@ -32,8 +38,9 @@ pub mod testing;
 
 use std::io;
 
+pub use create::CreateOptions;
 pub use engine::RbdEngine;
-pub use name::{is_rbd_name, NameError, RbdName};
+pub use name::{is_rbd_name, NameError, RbdName, DEFAULT_DEADLINE};
 pub use storage::{RbdStorage, DEFAULT_TIMEOUTS};
 
 /// Errors of opening or creating an RBD image.
