@@ -105,6 +105,8 @@ extern "C" {
 
 #[allow(non_camel_case_types)]
 type rbd_image_options_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rbd_update_callback_t = extern "C" fn(*mut c_void);
 
 /// `rbd_image_option_t` values (librbd.h).
 const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
@@ -136,6 +138,13 @@ extern "C" {
         optname: c_int,
         optval: u64,
     ) -> c_int;
+    fn rbd_update_watch(
+        image: rbd_image_t,
+        handle: *mut u64,
+        watch_cb: rbd_update_callback_t,
+        arg: *mut c_void,
+    ) -> c_int;
+    fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
     fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
     fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
     fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
@@ -453,6 +462,18 @@ pub(crate) struct Image {
     io: Arc<IoCtx>,
     /// Asynchronous operations started and not yet called back.
     outstanding: Arc<AtomicUsize>,
+    /// The update watch, if registered: its handle and the callback's argument (a leaked
+    /// `Box<Arc<dyn Wake>>`, taken back after `rbd_update_unwatch`).
+    watch: Mutex<Option<(u64, usize)>>,
+}
+
+/// The update watch's callback: on one of librbd's threads, whenever the image's header
+/// changed (a resize elsewhere, a snapshot...). Only hands over: `Wake::wake` must not block.
+extern "C" fn updated(arg: *mut c_void) {
+    // SAFETY: `arg` is the Box<Arc<dyn Wake>> leaked by `Image::watch_updates`, which is
+    // freed only after rbd_update_unwatch has returned (no callback runs after that).
+    let target = unsafe { &*(arg as *const Arc<dyn crate::deadline::Wake>) };
+    target.wake();
 }
 
 // SAFETY: librbd image handles are thread-safe: QEMU and rbd-nbd issue I/O on one handle
@@ -494,7 +515,42 @@ impl Image {
             handle,
             io,
             outstanding: Arc::new(AtomicUsize::new(0)),
+            watch: Mutex::new(None),
         })
+    }
+
+    /// Registers `target` to be woken (on librbd's threads) whenever librbd learns that the
+    /// image's header changed (`rbd_update_watch`).
+    pub(crate) fn watch_updates(&self, target: Arc<dyn crate::deadline::Wake>) -> io::Result<()> {
+        let arg = Box::into_raw(Box::new(target));
+        let mut handle = 0u64;
+        // SAFETY: an open image, our callback, and an argument that lives until the watch
+        // is unregistered (see `unwatch`).
+        let r = unsafe { rbd_update_watch(self.handle, &mut handle, updated, arg.cast()) };
+        if r < 0 {
+            // SAFETY: not registered: ours to take back.
+            drop(unsafe { Box::from_raw(arg) });
+            return Err(errno(r.into()));
+        }
+        *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some((handle, arg as usize));
+        Ok(())
+    }
+
+    /// Unregisters the update watch, if any, then frees its callback's argument.
+    fn unwatch(&self) {
+        let w = self.watch.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((handle, arg)) = w {
+            // SAFETY: an open image and the handle librbd gave; when this returns no
+            // callback runs any more (librbd waits for one in progress).
+            let r = unsafe { rbd_update_unwatch(self.handle, handle) };
+            if r < 0 {
+                // Still registered: the argument must outlive the image. Leak it.
+                tracing::warn!("rbd_update_unwatch: {}", errno(r.into()));
+                return;
+            }
+            // SAFETY: the Box leaked by watch_updates, no longer reachable by librbd.
+            drop(unsafe { Box::from_raw(arg as *mut Arc<dyn crate::deadline::Wake>) });
+        }
     }
 
     /// Asynchronous operations started and not yet called back.
@@ -852,8 +908,11 @@ extern "C" fn complete(c: rbd_completion_t, arg: *mut c_void) {
         outstanding,
     } = *p;
     drop(iov);
-    sink.done(tag, r as i64, held);
+    // Counted out before the sink hears of it: whoever learns of the completion and then
+    // drops the image must find nothing in flight (else the close would wait for nothing on
+    // a thread, and meanwhile this handle would keep the exclusive lock from the next open).
     outstanding.fetch_sub(1, Ordering::AcqRel);
+    sink.done(tag, r as i64, held);
 }
 
 /// An image handle on its way to `rbd_close` on another thread.
@@ -878,6 +937,7 @@ fn close(handle: rbd_image_t) {
 
 impl Drop for Image {
     fn drop(&mut self) {
+        self.unwatch();
         if self.outstanding.load(Ordering::Acquire) == 0 {
             return close(self.handle);
         }

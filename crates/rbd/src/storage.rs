@@ -180,6 +180,25 @@ pub(crate) struct SharedImage {
     /// librbd's watch says it changed: a round trip to the cluster that must not block a
     /// queue's reactor).
     size: AtomicU64,
+    /// librbd's update watch: set when it says the header changed (a resize elsewhere).
+    updates: Arc<Updates>,
+    /// Whether the watch is registered and writable opens see updates through it (a
+    /// read-only open has no header watch: its size is asked of librbd every time).
+    watched: bool,
+}
+
+/// Handed to librbd's update watch (called on librbd's threads: only atomics).
+#[derive(Default)]
+pub(crate) struct Updates {
+    changed: std::sync::atomic::AtomicBool,
+    count: AtomicU64,
+}
+
+impl crate::deadline::Wake for Updates {
+    fn wake(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.changed.store(true, Ordering::Release);
+    }
 }
 
 /// An RBD image as a storage.
@@ -271,6 +290,15 @@ impl RbdStorage {
             let diff_trusted = (maj, min) >= (1, 17)
                 || (image.features().is_ok_and(|f| f & FEATURE_STRIPINGV2 == 0)
                     && image.has_parent().is_ok_and(|p| !p));
+            let updates = Arc::new(Updates::default());
+            let target: Arc<dyn crate::deadline::Wake> = updates.clone();
+            let watched = match image.watch_updates(target) {
+                Ok(()) => !read_only,
+                Err(e) => {
+                    tracing::warn!(image = %shown, "rbd_update_watch: {e}; asking librbd for the size at every look");
+                    false
+                }
+            };
             tracing::debug!(image = %shown, size = stat.size, object_size = stat.object_size, "RBD image opened");
             Ok(SharedImage {
                 image,
@@ -279,6 +307,8 @@ impl RbdStorage {
                 diff_trusted,
                 grow: Mutex::new(()),
                 size: AtomicU64::new(stat.size),
+                updates,
+                watched,
             })
         })?;
         Ok(RbdStorage {
@@ -370,6 +400,12 @@ impl RbdStorage {
         self.shared.image.is_lock_owner()
     }
 
+    /// How many times librbd's update watch said the image's header changed (a resize or a
+    /// snapshot elsewhere, a lock moving...).
+    pub fn header_updates(&self) -> u64 {
+        self.shared.updates.count.load(Ordering::Acquire)
+    }
+
     /// Whether `other` drives the same librbd image handle (one open per process).
     pub fn shares_image_with(&self, other: &RbdStorage) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -424,7 +460,13 @@ impl RbdStorage {
         std::thread::Builder::new()
             .name("xdisk-rbd-resize".into())
             .spawn(move || {
-                let _ = tx.send(job());
+                let r = job();
+                // Let go of the image before the caller hears back: a caller that closes it
+                // next must really close it (a handle kept open here would keep the
+                // exclusive lock, and another handle's resize would be done by this one,
+                // leaving that one's size stale).
+                drop(job);
+                let _ = tx.send(r);
             })?;
         match rx.recv_timeout(d) {
             Ok(r) => r,
@@ -518,9 +560,24 @@ impl Storage for RbdStorage {
     fn name(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.shown)
     }
+    /// The size: the one last known unless librbd's update watch said the header changed
+    /// since (then `rbd_get_size`, which refreshes it); always asked of librbd without a
+    /// watch. So the daemon's look at every disk's size (every 200 ms) costs an RBD disk
+    /// nothing until it is resized elsewhere, and then sees the new size at once.
     fn size(&self) -> io::Result<u64> {
-        let n = self.shared.image.size()?;
-        self.shared.size.store(n, Ordering::Release);
+        let sh = &self.shared;
+        if sh.watched && !sh.updates.changed.swap(false, Ordering::AcqRel) {
+            return Ok(sh.size.load(Ordering::Acquire));
+        }
+        let n = match sh.image.size() {
+            Ok(n) => n,
+            Err(e) => {
+                // Look again next time.
+                sh.updates.changed.store(true, Ordering::Release);
+                return Err(e);
+            }
+        };
+        sh.size.store(n, Ordering::Release);
         Ok(n)
     }
     fn set_size(&self, len: u64) -> io::Result<()> {

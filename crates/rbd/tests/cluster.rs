@@ -603,3 +603,67 @@ fn two_writers_share_the_lock_by_default_and_an_exclusive_one_keeps_it() {
     let e = RbdStorage::open(&n, false, CacheMode::None).unwrap_err();
     assert!(e.to_string().contains("exclusive-lock feature"), "{e}");
 }
+
+#[test]
+fn a_resize_elsewhere_reaches_the_open_image_through_librbds_update_watch() {
+    let Some(conf) = cluster() else { return };
+    let t = TestImage::new(conf, "watch");
+    let n = create(&t, 8 * MIB);
+    let s = RbdStorage::open(&n, false, CacheMode::None).unwrap();
+    s.write_at(&[1u8; 4096], 0).unwrap();
+    assert_eq!(s.size().unwrap(), 8 * MIB);
+    let before = s.header_updates();
+    rbd_ok(
+        conf,
+        &["resize", "--no-progress", "--size", "24M", &t.spec()],
+    );
+    // librbd calls back (no poll: nothing here asks for the size meanwhile).
+    let t0 = Instant::now();
+    while s.header_updates() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no update notification"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "update notification {:?} after rbd resize returned",
+        t0.elapsed()
+    );
+    assert_eq!(s.size().unwrap(), 24 * MIB);
+    // Shrunk elsewhere too; and our own resize is seen at once.
+    let before = s.header_updates();
+    rbd_ok(
+        conf,
+        &[
+            "resize",
+            "--no-progress",
+            "--allow-shrink",
+            "--size",
+            "4M",
+            &t.spec(),
+        ],
+    );
+    let t0 = Instant::now();
+    while s.header_updates() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no update notification"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(s.size().unwrap(), 4 * MIB);
+    s.set_size(6 * MIB).unwrap();
+    assert_eq!(s.size().unwrap(), 6 * MIB);
+    // A read-only open has no header watch (librbd takes none): it keeps the size it
+    // opened with; a new open sees the new one.
+    let ro = RbdStorage::open(&n, true, CacheMode::None).unwrap();
+    rbd_ok(
+        conf,
+        &["resize", "--no-progress", "--size", "10M", &t.spec()],
+    );
+    assert_eq!(ro.size().unwrap(), 6 * MIB);
+    drop(ro);
+    let ro = RbdStorage::open(&n, true, CacheMode::None).unwrap();
+    assert_eq!(ro.size().unwrap(), 10 * MIB);
+}
