@@ -147,9 +147,16 @@ impl RbdEngine {
         self.done.notify.signal();
     }
 
-    /// A bounce buffer of `len` bytes (contents unspecified).
+    /// A bounce buffer of `len` bytes (contents unspecified: a reused one keeps its old
+    /// bytes, which a write overwrites and a read never hands out past what librbd read).
     fn bounce(&mut self, len: usize) -> Vec<u8> {
-        if let Some(i) = self.pool.iter().position(|b| b.capacity() >= len) {
+        // A buffer already long enough (no fill), else one with room (filled up to `len`).
+        let pick = self
+            .pool
+            .iter()
+            .position(|b| b.len() >= len)
+            .or_else(|| self.pool.iter().position(|b| b.capacity() >= len));
+        if let Some(i) = pick {
             let mut b = self.pool.swap_remove(i);
             self.pool_bytes -= b.capacity();
             b.resize(len, 0);
@@ -159,9 +166,8 @@ impl RbdEngine {
     }
 
     fn recycle(&mut self, held: Held) {
-        if let Held::Bounce(mut b) = held {
+        if let Held::Bounce(b) = held {
             if self.pool_bytes + b.capacity() <= POOL_BYTES {
-                b.clear();
                 self.pool_bytes += b.capacity();
                 self.pool.push(b);
             }
