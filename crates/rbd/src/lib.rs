@@ -10,7 +10,8 @@
 //!   queue that names it (a registry of weak handles): several queues of a Xen disk, or
 //!   several NBD exports, drive one librbd image.
 //! - The synchronous [`Storage`](xdisk_io::Storage) methods (metadata, slow path, tools)
-//!   call librbd's blocking functions; an image queue's data path is an [`RbdEngine`]
+//!   start librbd's asynchronous calls and wait for them up to the deadline (librbd's
+//!   blocking functions without one); an image queue's data path is an [`RbdEngine`]
 //!   (`rbd_aio_readv/writev/flush/discard/write_zeroes`, completions handed to the queue's
 //!   reactor through its eventfd, no thread per request).
 //! - Semantics as QEMU's rbd driver: writes past the end grow the image; snapshots are
