@@ -10,9 +10,9 @@
 //! read (default: Ceph's own search, `/etc/ceph/ceph.conf`...); every other pair is a Ceph
 //! option set on the connection (`mon_host=`, `keyring=`, `key=`, `rados_osd_op_timeout=`...).
 //! A `\` makes the next character literal (`mon_host=10.0.0.1\:6789`, as QEMU reads it).
-//! Two keys are xdisk's own, not Ceph's: `xdisk_deadline=SECONDS`, the per-request deadline
-//! ([`RbdName::deadline`]), and `xdisk_lock=exclusive|auto` ([`RbdName::exclusive`]);
-//! [`RbdName::to_spec`] leaves them out (QEMU would refuse them).
+//! Two keys are xdisk's own, not Ceph's (never passed to Ceph; QEMU would refuse them):
+//! `xdisk_deadline=SECONDS`, the per-request deadline ([`RbdName::deadline`]), and
+//! `xdisk_lock=exclusive|auto` ([`RbdName::exclusive`]).
 //!
 //! The parse follows QEMU's tokenizer step by step (the pool ends at the first unescaped
 //! `/`; if an unescaped `@` appears anywhere after it, the image ends there and the snapshot
@@ -242,9 +242,9 @@ impl RbdName {
     }
 
     /// The name in the form [`RbdName::parse`] reads back (escaped), secrets included: for
-    /// handing the image to another program (qemu-img), never for messages. xdisk's own
-    /// `xdisk_deadline` and `xdisk_lock` are left out (QEMU passes unknown keys to Ceph,
-    /// which refuses them).
+    /// handing the image to another program (the daemon, through xenstore), never for
+    /// messages. xdisk's own `xdisk_deadline` and `xdisk_lock` are kept (so that it parses
+    /// back to the same name); QEMU would refuse them (it passes unknown keys to Ceph).
     pub fn to_spec(&self) -> String {
         self.write(false)
     }
@@ -303,13 +303,11 @@ impl RbdName {
                 escape(v, VALUE, &mut s);
             }
         }
-        if redact {
-            if let Some(d) = self.deadline {
-                s.push_str(&format!(":{DEADLINE_KEY}={}", d.as_secs()));
-            }
-            if self.exclusive {
-                s.push_str(&format!(":{LOCK_KEY}=exclusive"));
-            }
+        if let Some(d) = self.deadline {
+            s.push_str(&format!(":{DEADLINE_KEY}={}", d.as_secs()));
+        }
+        if self.exclusive {
+            s.push_str(&format!(":{LOCK_KEY}=exclusive"));
         }
         s
     }
@@ -451,24 +449,33 @@ mod tests {
 
     fn name() -> impl Strategy<Value = RbdName> {
         (
-            component(),
-            proptest::option::of(component()),
-            component(),
-            proptest::option::of(component()),
-            proptest::option::of(component()),
-            proptest::option::of(component()),
-            proptest::collection::vec(
-                (
-                    component().prop_filter("special keys", |k| {
-                        k != "id" && k != "conf" && k != DEADLINE_KEY && k != LOCK_KEY
-                    }),
-                    component(),
+            (
+                component(),
+                proptest::option::of(component()),
+                component(),
+                proptest::option::of(component()),
+                proptest::option::of(component()),
+                proptest::option::of(component()),
+                proptest::collection::vec(
+                    (
+                        component().prop_filter("special keys", |k| {
+                            k != "id" && k != "conf" && k != DEADLINE_KEY && k != LOCK_KEY
+                        }),
+                        component(),
+                    ),
+                    0..3,
                 ),
-                0..3,
+            ),
+            (
+                proptest::option::of(0u64..=MAX_DEADLINE_SECS),
+                any::<bool>(),
             ),
         )
             .prop_map(
-                |(pool, namespace, image, snapshot, user, conf, options)| RbdName {
+                |(
+                    (pool, namespace, image, snapshot, user, conf, options),
+                    (deadline, exclusive),
+                )| RbdName {
                     pool,
                     namespace,
                     image,
@@ -476,8 +483,8 @@ mod tests {
                     user,
                     conf,
                     options,
-                    deadline: None,
-                    exclusive: false,
+                    deadline: deadline.map(Duration::from_secs),
+                    exclusive,
                 },
             )
     }
@@ -490,14 +497,15 @@ mod tests {
         assert_eq!(n.options, vec![("rados_osd_op_timeout".into(), "5".into())]);
         assert_eq!(
             n.to_spec(),
-            "rbd:pool/img:rados_osd_op_timeout=5",
-            "not for QEMU"
+            "rbd:pool/img:rados_osd_op_timeout=5:xdisk_deadline=7"
         );
+        assert_eq!(RbdName::parse(&n.to_spec()).unwrap(), n);
         assert!(n.to_string().contains("xdisk_deadline=7"), "{n}");
         assert_eq!(p("rbd:pool/img").request_deadline(), Some(DEFAULT_DEADLINE));
         assert_eq!(p("rbd:pool/img:xdisk_deadline=0").request_deadline(), None);
         let n = p("rbd:pool/img:xdisk_lock=exclusive");
         assert!(n.exclusive && n.options.is_empty());
+        assert_eq!(RbdName::parse(&n.to_spec()).unwrap(), n);
         assert!(!p("rbd:pool/img:xdisk_lock=auto").exclusive);
         assert!(RbdName::parse("rbd:pool/img:xdisk_lock=mine").is_err());
         for bad in ["-1", "1.5", "", "x", "86401", "99999999999999999999999"] {
