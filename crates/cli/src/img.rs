@@ -61,7 +61,10 @@ pub struct CreateArgs {
     format: String,
     /// Format options, comma separated: cluster_size, backing_file, backing_fmt,
     /// preallocation (off|metadata|falloc|full), compression_type (zlib|zstd),
-    /// lazy_refcounts (on|off), compat (0.10|1.1|v2|v3), refcount_bits.
+    /// lazy_refcounts (on|off), compat (0.10|1.1|v2|v3), refcount_bits; for an image on
+    /// RBD also object_size (4K-32M; a raw image's cluster_size too, as QEMU),
+    /// features (layering+exclusive-lock+object-map+fast-diff+deep-flatten+journaling+
+    /// striping, or none), data_pool, stripe_unit, stripe_count.
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Backing file.
@@ -329,11 +332,27 @@ fn apply_options(opts: &mut CreateOptions, list: &[String]) -> Result<()> {
                         .parse()
                         .map_err(|_| anyhow!("invalid refcount_bits '{v}'"))?
                 }
-                _ => bail!("unsupported option '{k}'"),
+                _ => match opts.rbd.set(k, v) {
+                    Ok(true) => {}
+                    Ok(false) => bail!("unsupported option '{k}'"),
+                    Err(why) => bail!("{why}"),
+                },
             }
         }
     }
     Ok(())
+}
+
+/// QEMU's rbd driver takes a raw image's `cluster_size` as the RBD object size.
+fn rbd_cluster_size(opts: &mut CreateOptions, format: Format, file: &str, list: &[String]) {
+    let given = list
+        .iter()
+        .flat_map(|g| g.split(','))
+        .any(|kv| kv.starts_with("cluster_size="));
+    if given && format == Format::Raw && file.starts_with("rbd:") && opts.rbd.object_size.is_none()
+    {
+        opts.rbd.object_size = Some(opts.cluster_size);
+    }
 }
 
 fn cmd_create(a: CreateArgs) -> Result<i32> {
@@ -343,6 +362,7 @@ fn cmd_create(a: CreateArgs) -> Result<i32> {
         opts.size = parse_size(s)?;
     }
     apply_options(&mut opts, &a.options)?;
+    rbd_cluster_size(&mut opts, format, &a.file.to_string_lossy(), &a.options);
     if a.backing.is_some() {
         opts.backing_file = a.backing.clone();
     }
@@ -648,6 +668,7 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
         ..CreateOptions::default()
     };
     apply_options(&mut copts, &a.options)?;
+    rbd_cluster_size(&mut copts, out_format, &a.dst.to_string_lossy(), &a.options);
     copts.size = size;
     if copts.backing_file.is_some() {
         bail!("convert with a backing file for the output is not supported yet");

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xdisk_rbd::testing::{cluster, rbd_ok, TestImage};
+use xdisk_rbd::testing::{ceph_ok, cluster, rbd, rbd_ok, TestImage};
 
 const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
 const MIB: u64 = 1 << 20;
@@ -540,4 +540,113 @@ fn a_local_overlay_of_an_rbd_image_reads_its_chain_like_qemu_img() {
     );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("not a host file"), "{out}");
+}
+
+#[test]
+fn img_create_takes_rbd_options_and_refuses_bad_ones_clearly() {
+    let Some(conf) = cluster() else { return };
+    let info = |t: &TestImage| {
+        let o = rbd_ok(conf, &["info", "--format", "json", &t.spec()]);
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    // Object size, features, data pool (a second replicated pool here; a real setup names
+    // an erasure-coded one), as `rbd info` reports them.
+    ceph_ok(conf, &["osd", "pool", "create", "xdisk-data", "8", "8"]);
+    ceph_ok(
+        conf,
+        &["osd", "pool", "application", "enable", "xdisk-data", "rbd"],
+    );
+    let t = TestImage::new(conf, "opts");
+    xdisk(&[
+        "img",
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "object_size=1M,features=layering+exclusive-lock,data_pool=xdisk-data",
+        &t.name(),
+        "8M",
+    ]);
+    let i = info(&t);
+    assert_eq!(i["order"], 20, "{i}");
+    assert_eq!(i["object_size"], MIB, "{i}");
+    let features: Vec<&str> = i["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(features, ["layering", "exclusive-lock", "data-pool"], "{i}");
+    assert_eq!(i["data_pool"], "xdisk-data", "{i}");
+    // QEMU's spelling: a raw image's cluster_size is its object size.
+    let q = TestImage::new(conf, "opts-qemu");
+    xdisk(&[
+        "img",
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "cluster_size=64k",
+        &q.name(),
+        "1M",
+    ]);
+    assert_eq!(info(&q)["object_size"], 65536);
+    // qcow2 in RBD: cluster_size is qcow2's; the RBD options still apply to the RBD image.
+    let c = TestImage::new(conf, "opts-qcow2");
+    xdisk(&[
+        "img",
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k,object_size=8M,features=none",
+        &c.name(),
+        "16M",
+    ]);
+    let ci = info(&c);
+    assert_eq!(ci["object_size"], 8 * MIB, "{ci}");
+    assert_eq!(ci["features"].as_array().map(|a| a.len()), Some(0), "{ci}");
+    let qi: Value =
+        serde_json::from_str(&xdisk(&["img", "info", "--output=json", &c.name()])).unwrap();
+    assert_eq!(qi["cluster-size"], 65536);
+
+    // Refused, saying why, and nothing left behind.
+    let bad = TestImage::new(conf, "opts-bad");
+    for (o, why) in [
+        ("object_size=3M", "power of two"),
+        ("features=layering+turbo", "unknown RBD feature 'turbo'"),
+        ("stripe_unit=64k", "together"),
+        // librbd's own check: an object map needs the exclusive lock.
+        ("features=layering+object-map", "Invalid argument"),
+        ("data_pool=no-such-pool", "No such file or directory"),
+    ] {
+        let out = run(
+            XDISK,
+            &["img", "create", "-f", "raw", "-o", o, &bad.name(), "1M"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{o}: created");
+        assert!(err.contains(why), "{o}: {err}");
+        assert!(
+            !rbd(conf, &["info", &bad.spec()]).status.success(),
+            "{o}: left an image"
+        );
+    }
+    let d = tmp();
+    let f = d.path().join("f.raw");
+    let out = run(
+        XDISK,
+        &[
+            "img",
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "object_size=1M",
+            s(&f),
+            "1M",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only images on RBD"));
 }

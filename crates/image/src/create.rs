@@ -132,6 +132,9 @@ pub struct CreateOptions {
     /// `lazy_refcounts`: set the qcow2 compatible feature bit, so refcount updates may be
     /// deferred while the image is marked dirty; needs version 3.
     pub lazy_refcounts: bool,
+    /// Options of the RBD image made for an image on RBD (object size, features, data
+    /// pool, striping); refused for other destinations.
+    pub rbd: xdisk_rbd::CreateOptions,
 }
 
 impl Default for CreateOptions {
@@ -146,6 +149,7 @@ impl Default for CreateOptions {
             preallocation: Preallocation::Off,
             compression_type: crate::CompressionType::Zlib,
             lazy_refcounts: false,
+            rbd: xdisk_rbd::CreateOptions::default(),
         }
     }
 }

@@ -146,6 +146,13 @@ impl DiskSource {
     /// image is created (`rbd create`, its size the virtual size for raw, grown as the
     /// qcow2 image grows for qcow2) and must not exist; NBD exports cannot be created.
     pub fn create(&self, format: Format, opts: &CreateOptions) -> Result<()> {
+        if !opts.rbd.is_empty() && !matches!(self.location, Location::Rbd(_)) {
+            return Err(Error::Unsupported(format!(
+                "{}: only images on RBD take RBD options ({})",
+                self,
+                opts.rbd.describe()
+            )));
+        }
         match &self.location {
             Location::Path(p) => crate::create(p, format, opts),
             Location::Nbd(u) => Err(Error::Unsupported(format!(
@@ -161,7 +168,7 @@ impl DiskSource {
                     Format::Raw => crate::create::round_size(opts.size)?,
                     Format::Qcow2 => 0,
                 };
-                RbdStorage::create(n, size).map_err(rbd_error)?;
+                RbdStorage::create_with(n, size, &opts.rbd).map_err(rbd_error)?;
                 let fill = || -> Result<()> {
                     let s = RbdStorage::open(n, false, CacheMode::WriteBack).map_err(rbd_error)?;
                     crate::create::create_on(&s, format, opts)

@@ -1,40 +1,56 @@
 //! [`RbdEngine`]: the asynchronous path of an [`RbdStorage`] for one queue.
 //!
-//! `commit` starts each queued operation with librbd's `rbd_aio_*` calls (the buffers go to
-//! librbd as they are: the guest's pages, no copy); librbd completes them on its own threads,
-//! where the callback only pushes `(tag, result, buffer)` into this engine's queue and, if
-//! that queue was empty, signals the queue's eventfd; `reap` hands the completions out.
+//! `commit` starts each queued operation with librbd's `rbd_aio_*` calls; librbd completes
+//! them on its own threads, where the callback only pushes `(tag, result, buffer)` into this
+//! engine's queue and, if that queue was empty, signals the queue's eventfd; `reap` hands the
+//! completions out.
+//!
+//! Deadlines: each request has one (`xdisk_deadline`, default 30 s). librbd can hold a
+//! request far longer than any one RADOS timeout (a full pool: each of the request's RADOS
+//! operations, the object-map update, the write, a lock re-acquisition, waits out its own
+//! `rados_osd_op_timeout`; with timeouts of 0, forever), so past its deadline the request
+//! completes here with ETIMEDOUT, on time, while librbd keeps what it may still touch: with a
+//! deadline, data goes through a bounce buffer of the engine's (copied in for writes, out for
+//! reads, on the reactor), which librbd's late completion frees; the caller's memory is never
+//! in librbd's hands. The process-wide deadline thread (`deadline`) signals the eventfd
+//! when the oldest request's deadline passes. Without a deadline (`xdisk_deadline=0`) the
+//! caller's memory goes to librbd as it is (no copy) and requests wait as long as librbd.
 //!
 //! No thread per request and nothing that blocks on the reactor (the image's size is the one
 //! last known, not asked of librbd, which may first refresh the header from the cluster), but
 //! for one case: a write past the end of the image grows it first (`rbd_resize`, as QEMU's
-//! driver does), which only a format growing its file does (qcow2 allocations run on the
-//! slow path, which grows the image before the fast path ever maps there).
+//! driver does, bounded by the deadline), which only a format growing its file does (qcow2
+//! allocations run on the slow path, which grows the image before the fast path ever maps
+//! there).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use xdisk_io::sys::EventFd;
 use xdisk_io::{AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op, OpKind, Storage};
 
-use crate::ffi::{AioOp, Sink};
+use crate::deadline::{self, Wake};
+use crate::ffi::{AioOp, Held, Sink};
 use crate::storage::{lock, RbdStorage, MAX_CHUNK};
 
 /// Completions pushed by librbd's threads.
 struct Done {
-    list: Mutex<Vec<(u64, i64, Option<IoSlice>)>>,
+    list: Mutex<Vec<(u64, i64, Held)>>,
     cond: Condvar,
     notify: Arc<EventFd>,
+    /// Set by the deadline thread: a deadline may have passed.
+    alarm: AtomicBool,
 }
 
 impl Sink for Done {
-    fn done(&self, tag: u64, result: i64, buf: Option<IoSlice>) {
+    fn done(&self, tag: u64, result: i64, held: Held) {
         let was_empty = {
             let mut l = lock(&self.list);
             let was_empty = l.is_empty();
-            l.push((tag, result, buf));
+            l.push((tag, result, held));
             was_empty
         };
         self.cond.notify_all();
@@ -46,44 +62,80 @@ impl Sink for Done {
     }
 }
 
+impl Wake for Done {
+    fn wake(&self) {
+        self.alarm.store(true, Ordering::Release);
+        self.cond.notify_all();
+        self.notify.signal();
+    }
+}
+
 /// What the engine remembers of an operation in flight.
 struct Flight {
     user_data: u64,
     kind: OpKind,
     /// Bytes asked of librbd (reads clipped at the end of the image).
     len: usize,
+    /// When it fails if librbd has not completed it.
+    deadline: Option<Instant>,
+    /// The caller's buffer while librbd works on a bounce buffer (never handed to librbd).
+    buf: Option<IoSlice>,
 }
+
+/// Bounce buffers kept for reuse, at most this many bytes per engine.
+const POOL_BYTES: usize = 8 << 20;
 
 /// The asynchronous path of an [`RbdStorage`] for one queue.
 pub struct RbdEngine {
     storage: Arc<RbdStorage>,
     done: Arc<Done>,
     queued: Vec<Op<IoSlice>>,
-    flights: HashMap<u64, Flight>,
-    /// Completed without librbd (refused, or nothing to do), waiting for `reap`.
+    /// By tag, i.e. in the order started: the first has the earliest deadline.
+    flights: BTreeMap<u64, Flight>,
+    /// Completed without librbd (refused, nothing to do, past the deadline), for `reap`.
     now: VecDeque<Completion<IoSlice>>,
     capacity: usize,
     next_tag: u64,
-    scratch: Vec<(u64, i64, Option<IoSlice>)>,
+    scratch: Vec<(u64, i64, Held)>,
+    deadline: Option<Duration>,
+    /// The wake-up asked of the deadline thread, if one is pending.
+    armed: Option<Instant>,
+    /// Bounce buffers to reuse, and their bytes.
+    pool: Vec<Vec<u8>>,
+    pool_bytes: usize,
+    /// Requests failed at their deadline (librbd may still complete them).
+    timed_out: u64,
 }
 
 impl RbdEngine {
     /// An engine over `storage` whose completions signal `notify`.
     pub fn new(storage: Arc<RbdStorage>, cfg: &EngineConfig, notify: Arc<EventFd>) -> RbdEngine {
+        let deadline = storage.deadline();
         RbdEngine {
             storage,
             done: Arc::new(Done {
                 list: Mutex::new(Vec::new()),
                 cond: Condvar::new(),
                 notify,
+                alarm: AtomicBool::new(false),
             }),
             queued: Vec::new(),
-            flights: HashMap::new(),
+            flights: BTreeMap::new(),
             now: VecDeque::new(),
             capacity: cfg.queue_depth.max(1) as usize,
             next_tag: 0,
             scratch: Vec::new(),
+            deadline,
+            armed: None,
+            pool: Vec::new(),
+            pool_bytes: 0,
+            timed_out: 0,
         }
+    }
+
+    /// Requests this engine failed at their deadline so far.
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out
     }
 
     fn finish_now(&mut self, op: Op<IoSlice>, result: io::Result<usize>) {
@@ -95,11 +147,52 @@ impl RbdEngine {
         self.done.notify.signal();
     }
 
+    /// A bounce buffer of `len` bytes (contents unspecified: a reused one keeps its old
+    /// bytes, which a write overwrites and a read never hands out past what librbd read).
+    fn bounce(&mut self, len: usize) -> Vec<u8> {
+        // A buffer already long enough (no fill), else one with room (filled up to `len`).
+        let pick = self
+            .pool
+            .iter()
+            .position(|b| b.len() >= len)
+            .or_else(|| self.pool.iter().position(|b| b.capacity() >= len));
+        if let Some(i) = pick {
+            let mut b = self.pool.swap_remove(i);
+            self.pool_bytes -= b.capacity();
+            b.resize(len, 0);
+            return b;
+        }
+        vec![0u8; len]
+    }
+
+    fn recycle(&mut self, held: Held) {
+        if let Held::Bounce(b) = held {
+            if self.pool_bytes + b.capacity() <= POOL_BYTES {
+                self.pool_bytes += b.capacity();
+                self.pool.push(b);
+            }
+        }
+    }
+
+    /// What librbd gets for `buf`'s first `len` bytes: the caller's memory without a
+    /// deadline, else a bounce buffer (with the data, for a write) and the caller's buffer
+    /// stays with the flight.
+    fn data(&mut self, mut buf: IoSlice, len: usize, write: bool) -> (Held, Option<IoSlice>) {
+        if self.deadline.is_none() {
+            return (Held::Slice(buf), None);
+        }
+        let mut b = self.bounce(len);
+        if write {
+            buf.copy_out(0, &mut b);
+        }
+        (Held::Bounce(b), Some(buf))
+    }
+
     /// Starts one operation on librbd, or completes it at once.
     fn start(&mut self, mut op: Op<IoSlice>) {
-        let s = &self.storage;
+        let s = self.storage.clone();
         let total = op.buf.as_ref().map_or(0, |b| b.total_len());
-        let aio = match op.kind {
+        let (aio, kept) = match op.kind {
             OpKind::Read => {
                 // Like pread: a short count at the end of the image (librbd clips too, if
                 // the image shrank since).
@@ -115,11 +208,15 @@ impl RbdEngine {
                 let Some(buf) = op.buf.take() else {
                     return self.finish_now(op, Ok(0));
                 };
-                AioOp::Read {
-                    buf,
-                    len: n,
-                    off: op.offset,
-                }
+                let (held, kept) = self.data(buf, n, false);
+                (
+                    AioOp::Read {
+                        buf: held,
+                        len: n,
+                        off: op.offset,
+                    },
+                    kept,
+                )
             }
             OpKind::Write => {
                 if let Err(e) = s.writable() {
@@ -140,11 +237,15 @@ impl RbdEngine {
                 let Some(buf) = op.buf.take() else {
                     return self.finish_now(op, Ok(0));
                 };
-                AioOp::Write {
-                    buf,
-                    len: total,
-                    off: op.offset,
-                }
+                let (held, kept) = self.data(buf, total, true);
+                (
+                    AioOp::Write {
+                        buf: held,
+                        len: total,
+                        off: op.offset,
+                    },
+                    kept,
+                )
             }
             OpKind::Flush => {
                 if let Err(e) = s.check_usable() {
@@ -153,7 +254,7 @@ impl RbdEngine {
                 if !s.flush_needed() {
                     return self.finish_now(op, Ok(0));
                 }
-                AioOp::Flush
+                (AioOp::Flush, None)
             }
             OpKind::Fallocate { mode, len } => {
                 if let Err(e) = s.writable() {
@@ -168,15 +269,21 @@ impl RbdEngine {
                     return self.finish_now(op, Err(io::Error::from_raw_os_error(libc::EINVAL)));
                 }
                 if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-                    AioOp::Discard {
-                        off: op.offset,
-                        len,
-                    }
+                    (
+                        AioOp::Discard {
+                            off: op.offset,
+                            len,
+                        },
+                        None,
+                    )
                 } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
-                    AioOp::WriteZeroes {
-                        off: op.offset,
-                        len,
-                    }
+                    (
+                        AioOp::WriteZeroes {
+                            off: op.offset,
+                            len,
+                        },
+                        None,
+                    )
                 } else {
                     // Allocation: nothing to reserve on a thin image.
                     return self.finish_now(op, Ok(0));
@@ -190,6 +297,7 @@ impl RbdEngine {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
         let sink: Arc<dyn Sink> = self.done.clone();
+        let deadline = self.deadline.map(|d| Instant::now() + d);
         match s.shared.image.aio(aio, sink, tag) {
             Ok(()) => {
                 self.flights.insert(
@@ -198,14 +306,76 @@ impl RbdEngine {
                         user_data: op.user_data,
                         kind: op.kind,
                         len,
+                        deadline,
+                        buf: kept,
                     },
                 );
+                if let Some(at) = deadline {
+                    if self.armed.is_none() {
+                        self.arm(at);
+                    }
+                }
             }
-            Err((buf, e)) => {
-                op.buf = buf;
+            Err((held, e)) => {
+                op.buf = match held {
+                    Held::Slice(b) => Some(b),
+                    other => {
+                        self.recycle(other);
+                        kept
+                    }
+                };
                 self.finish_now(op, Err(e));
             }
         }
+    }
+
+    /// Asks the deadline thread to signal us at `at`.
+    fn arm(&mut self, at: Instant) {
+        self.armed = Some(at);
+        let done: Arc<dyn Wake> = self.done.clone();
+        let weak: Weak<dyn Wake> = Arc::downgrade(&done);
+        deadline::wake_at(at, weak);
+    }
+
+    /// Fails the requests past their deadline (librbd keeps their bounce buffers until it
+    /// completes them), and asks to be woken for the next deadline.
+    fn expire(&mut self, out: &mut Vec<Completion<IoSlice>>) -> usize {
+        if self.deadline.is_none() {
+            return 0;
+        }
+        self.done.alarm.store(false, Ordering::Release);
+        let now = Instant::now();
+        let mut n = 0;
+        while let Some(entry) = self.flights.first_entry() {
+            if entry.get().deadline.is_none_or(|d| d > now) {
+                break;
+            }
+            let f = entry.remove();
+            n += 1;
+            out.push(Completion {
+                user_data: f.user_data,
+                result: Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                buf: f.buf,
+            });
+        }
+        if n > 0 {
+            self.timed_out += n as u64;
+            tracing::warn!(
+                image = %self.storage.name(),
+                requests = n,
+                deadline_s = self.deadline.map_or(0, |d| d.as_secs()),
+                "RBD requests past their deadline fail with ETIMEDOUT (pool full? cluster unreachable?); librbd keeps their buffers until it completes them"
+            );
+        }
+        if self.armed.is_some_and(|a| a <= now) {
+            self.armed = None;
+        }
+        if self.armed.is_none() {
+            if let Some(at) = self.flights.first_key_value().and_then(|(_, f)| f.deadline) {
+                self.arm(at);
+            }
+        }
+        n
     }
 
     /// Turns librbd's completions into the engine's.
@@ -213,9 +383,12 @@ impl RbdEngine {
         let mut got = self.now.len();
         out.extend(self.now.drain(..));
         std::mem::swap(&mut *lock(&self.done.list), &mut self.scratch);
-        for (tag, r, buf) in self.scratch.drain(..) {
-            let Some(f) = self.flights.remove(&tag) else {
-                tracing::error!(tag, "an RBD completion for no operation");
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for (tag, r, held) in scratch.drain(..) {
+            let Some(mut f) = self.flights.remove(&tag) else {
+                // Failed at its deadline already: librbd is done with its buffer now.
+                tracing::debug!(tag, r, "a late RBD completion");
+                self.recycle(held);
                 continue;
             };
             let result = if r < 0 {
@@ -230,12 +403,32 @@ impl RbdEngine {
                     _ => Ok(0),
                 }
             };
+            let buf = match held {
+                Held::Slice(b) => Some(b),
+                Held::Bounce(b) => {
+                    if let (OpKind::Read, Ok(n), Some(dst)) = (f.kind, &result, f.buf.as_mut()) {
+                        dst.copy_in(0, &b[..(*n).min(b.len())]);
+                    }
+                    self.recycle(Held::Bounce(b));
+                    f.buf.take()
+                }
+                Held::Nothing => f.buf.take(),
+            };
             out.push(Completion {
                 user_data: f.user_data,
                 result,
                 buf,
             });
             got += 1;
+        }
+        self.scratch = scratch;
+        if self.done.alarm.load(Ordering::Acquire)
+            || self
+                .flights
+                .first_key_value()
+                .is_some_and(|(_, f)| f.deadline.is_some_and(|d| d <= Instant::now()))
+        {
+            got += self.expire(out);
         }
         got
     }
@@ -275,7 +468,7 @@ impl Engine<IoSlice> for RbdEngine {
         while got < min {
             {
                 let l = lock(&self.done.list);
-                if l.is_empty() {
+                if l.is_empty() && !self.done.alarm.load(Ordering::Acquire) {
                     match deadline {
                         None => drop(self.done.cond.wait(l).unwrap_or_else(|e| e.into_inner())),
                         Some(d) => {
@@ -313,22 +506,24 @@ impl Engine<IoSlice> for RbdEngine {
 }
 
 impl Drop for RbdEngine {
-    /// Waits out the operations in flight (librbd's timeouts bound them); if some never
-    /// complete, the image is never closed (its handle leaked), as their callbacks may
-    /// still come.
+    /// Waits out the operations in flight: up to their deadline (after which librbd keeps
+    /// only bounce buffers of its own, and the image is closed once it is done with them),
+    /// or, without a deadline, up to 300 s (librbd's timeouts bound them); if some never
+    /// complete then, the image is never closed (its handle leaked), as their callbacks may
+    /// still come and write into the caller's memory.
     fn drop(&mut self) {
         if self.flights.is_empty() {
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let limit = Instant::now() + self.deadline.unwrap_or(Duration::from_secs(300));
         let mut sink = Vec::new();
-        while !self.flights.is_empty() && Instant::now() < deadline {
+        while !self.flights.is_empty() && Instant::now() < limit {
             let _ = self.reap(&mut sink, 1, Some(Duration::from_secs(1)));
             // The buffers are the queue's to free, not ours: hand them nowhere (an IoSlice
             // frees no memory when dropped).
             sink.clear();
         }
-        if !self.flights.is_empty() {
+        if !self.flights.is_empty() && self.deadline.is_none() {
             tracing::error!(
                 image = %self.storage.name(),
                 in_flight = self.flights.len(),

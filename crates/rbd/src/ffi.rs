@@ -6,13 +6,18 @@
 //! - [`Cluster`], [`IoCtx`] and [`Image`] own their handles and release them on drop, in
 //!   order: an image holds its I/O context, which holds its cluster connection.
 //! - An asynchronous operation owns everything librbd may touch until its completion: the
-//!   data buffer (an [`IoSlice`], whose memory its creator keeps alive and unaliased until
-//!   it is handed back, see [`IoBuf`]'s contract) and the iovec array passed to librbd
-//!   (librbd keeps the array's pointer, not a copy, until the read completes). Both live in
-//!   a heap [`Pending`] whose pointer is the completion's callback argument; librbd calls
-//!   the callback exactly once, on one of its own threads, and the callback hands the buffer
-//!   back through a [`Sink`]. An operation refused at submission never gets a callback:
-//!   then the submitter takes the `Pending` back at once.
+//!   data buffer ([`Held`]: an [`IoSlice`], whose memory its creator keeps alive and
+//!   unaliased until it is handed back, see [`IoBuf`]'s contract, or a bounce buffer of our
+//!   own) and the iovec array passed to librbd (librbd keeps the array's pointer, not a
+//!   copy, until the read completes). Both live in a heap [`Pending`] whose pointer is the
+//!   completion's callback argument; librbd calls the callback exactly once, on one of its
+//!   own threads, and the callback hands the buffer back through a [`Sink`]. An operation
+//!   refused at submission never gets a callback: then the submitter takes the `Pending`
+//!   back at once. A caller that gives up waiting (a request past its deadline) keeps its
+//!   own memory out of librbd's reach by handing it a bounce buffer, which only the
+//!   callback frees: whenever librbd is done with it, however late.
+//! - An [`Image`] counts its operations in flight; dropped while some are (given up on),
+//!   it is closed by a thread of its own once the last one completes, never under librbd.
 //! - The callbacks (completions, `rbd_diff_iterate2`) never unwind into
 //!   C: they only lock (poison-tolerant), push and signal.
 
@@ -21,7 +26,9 @@
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io;
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use xdisk_io::{IoBuf, IoSlice};
 
@@ -96,9 +103,50 @@ extern "C" {
     fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
 }
 
+#[allow(non_camel_case_types)]
+type rbd_image_options_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rbd_update_callback_t = extern "C" fn(*mut c_void);
+
+/// `rbd_image_option_t` values (librbd.h).
+const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
+const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+const RBD_IMAGE_OPTION_STRIPE_UNIT: c_int = 3;
+const RBD_IMAGE_OPTION_STRIPE_COUNT: c_int = 4;
+const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
+/// `RBD_LOCK_MODE_EXCLUSIVE` (librbd.h).
+const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+
 #[link(name = "rbd")]
 extern "C" {
     fn rbd_create(io: rados_ioctx_t, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
+    fn rbd_create4(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        size: u64,
+        opts: rbd_image_options_t,
+    ) -> c_int;
+    fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+    fn rbd_image_options_destroy(opts: rbd_image_options_t);
+    fn rbd_image_options_set_string(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: *const c_char,
+    ) -> c_int;
+    fn rbd_image_options_set_uint64(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: u64,
+    ) -> c_int;
+    fn rbd_update_watch(
+        image: rbd_image_t,
+        handle: *mut u64,
+        watch_cb: rbd_update_callback_t,
+        arg: *mut c_void,
+    ) -> c_int;
+    fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
+    fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
+    fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
     fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     fn rbd_open(
         io: rados_ioctx_t,
@@ -339,6 +387,47 @@ impl IoCtx {
         check(unsafe { rbd_create(self.handle, n.as_ptr(), size, &mut order) })
     }
 
+    /// Creates an RBD image of `size` bytes with the options given (the cluster's defaults
+    /// for the others): `rbd_create4`.
+    pub(crate) fn create_image_with(
+        &self,
+        name: &str,
+        size: u64,
+        opts: &CreateImageOptions,
+    ) -> io::Result<()> {
+        let n = cstring(name)?;
+        let data_pool = opts.data_pool.as_deref().map(cstring).transpose()?;
+        let mut o: rbd_image_options_t = ptr::null_mut();
+        // SAFETY: an out pointer to a local; the options are destroyed below, once.
+        unsafe { rbd_image_options_create(&mut o) };
+        let set = || -> io::Result<()> {
+            let u64s = [
+                (RBD_IMAGE_OPTION_ORDER, opts.order.map(u64::from)),
+                (RBD_IMAGE_OPTION_FEATURES, opts.features),
+                (RBD_IMAGE_OPTION_STRIPE_UNIT, opts.stripe_unit),
+                (RBD_IMAGE_OPTION_STRIPE_COUNT, opts.stripe_count),
+            ];
+            for (k, v) in u64s {
+                if let Some(v) = v {
+                    // SAFETY: options created above; a known option of type uint64.
+                    check(unsafe { rbd_image_options_set_uint64(o, k, v) })?;
+                }
+            }
+            if let Some(p) = &data_pool {
+                // SAFETY: options created above; a valid string (librbd copies it).
+                check(unsafe {
+                    rbd_image_options_set_string(o, RBD_IMAGE_OPTION_DATA_POOL, p.as_ptr())
+                })?;
+            }
+            // SAFETY: a valid context, string and options.
+            check(unsafe { rbd_create4(self.handle, n.as_ptr(), size, o) })
+        };
+        let r = set();
+        // SAFETY: created above and not used after.
+        unsafe { rbd_image_options_destroy(o) };
+        r
+    }
+
     /// Removes an RBD image (it must have no snapshots and no watchers).
     pub(crate) fn remove_image(&self, name: &str) -> io::Result<()> {
         let n = cstring(name)?;
@@ -355,10 +444,36 @@ impl Drop for IoCtx {
     }
 }
 
+/// What `rbd_create4` is told (`None`: the cluster's default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct CreateImageOptions {
+    /// log2 of the object size.
+    pub(crate) order: Option<u8>,
+    /// `RBD_FEATURE_*` bits.
+    pub(crate) features: Option<u64>,
+    pub(crate) stripe_unit: Option<u64>,
+    pub(crate) stripe_count: Option<u64>,
+    pub(crate) data_pool: Option<String>,
+}
+
 /// An open RBD image (`rbd_image_t`).
 pub(crate) struct Image {
     handle: rbd_image_t,
-    _io: Arc<IoCtx>,
+    io: Arc<IoCtx>,
+    /// Asynchronous operations started and not yet called back.
+    outstanding: Arc<AtomicUsize>,
+    /// The update watch, if registered: its handle and the callback's argument (a leaked
+    /// `Box<Arc<dyn Wake>>`, taken back after `rbd_update_unwatch`).
+    watch: Mutex<Option<(u64, usize)>>,
+}
+
+/// The update watch's callback: on one of librbd's threads, whenever the image's header
+/// changed (a resize elsewhere, a snapshot...). Only hands over: `Wake::wake` must not block.
+extern "C" fn updated(arg: *mut c_void) {
+    // SAFETY: `arg` is the Box<Arc<dyn Wake>> leaked by `Image::watch_updates`, which is
+    // freed only after rbd_update_unwatch has returned (no callback runs after that).
+    let target = unsafe { &*(arg as *const Arc<dyn crate::deadline::Wake>) };
+    target.wake();
 }
 
 // SAFETY: librbd image handles are thread-safe: QEMU and rbd-nbd issue I/O on one handle
@@ -396,7 +511,51 @@ impl Image {
             }
         };
         check(r)?;
-        Ok(Image { handle, _io: io })
+        Ok(Image {
+            handle,
+            io,
+            outstanding: Arc::new(AtomicUsize::new(0)),
+            watch: Mutex::new(None),
+        })
+    }
+
+    /// Registers `target` to be woken (on librbd's threads) whenever librbd learns that the
+    /// image's header changed (`rbd_update_watch`).
+    pub(crate) fn watch_updates(&self, target: Arc<dyn crate::deadline::Wake>) -> io::Result<()> {
+        let arg = Box::into_raw(Box::new(target));
+        let mut handle = 0u64;
+        // SAFETY: an open image, our callback, and an argument that lives until the watch
+        // is unregistered (see `unwatch`).
+        let r = unsafe { rbd_update_watch(self.handle, &mut handle, updated, arg.cast()) };
+        if r < 0 {
+            // SAFETY: not registered: ours to take back.
+            drop(unsafe { Box::from_raw(arg) });
+            return Err(errno(r.into()));
+        }
+        *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some((handle, arg as usize));
+        Ok(())
+    }
+
+    /// Unregisters the update watch, if any, then frees its callback's argument.
+    fn unwatch(&self) {
+        let w = self.watch.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((handle, arg)) = w {
+            // SAFETY: an open image and the handle librbd gave; when this returns no
+            // callback runs any more (librbd waits for one in progress).
+            let r = unsafe { rbd_update_unwatch(self.handle, handle) };
+            if r < 0 {
+                // Still registered: the argument must outlive the image. Leak it.
+                tracing::warn!("rbd_update_unwatch: {}", errno(r.into()));
+                return;
+            }
+            // SAFETY: the Box leaked by watch_updates, no longer reachable by librbd.
+            drop(unsafe { Box::from_raw(arg as *mut Arc<dyn crate::deadline::Wake>) });
+        }
+    }
+
+    /// Asynchronous operations started and not yet called back.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
     }
 
     pub(crate) fn size(&self) -> io::Result<u64> {
@@ -450,6 +609,21 @@ impl Image {
             rbd_snap_spec_cleanup(&mut snap);
         }
         Ok(true)
+    }
+
+    /// Takes the exclusive lock and keeps it: librbd no longer hands it over to other
+    /// clients that ask (their writes fail) until the image is closed.
+    pub(crate) fn lock_exclusive(&self) -> io::Result<()> {
+        // SAFETY: an open image.
+        check(unsafe { rbd_lock_acquire(self.handle, RBD_LOCK_MODE_EXCLUSIVE) })
+    }
+
+    /// Whether this handle holds the exclusive lock now.
+    pub(crate) fn is_lock_owner(&self) -> io::Result<bool> {
+        let mut owner: c_int = 0;
+        // SAFETY: an open image and an out pointer to a local.
+        check(unsafe { rbd_is_exclusive_lock_owner(self.handle, &mut owner) })?;
+        Ok(owner != 0)
     }
 
     pub(crate) fn resize(&self, size: u64) -> io::Result<()> {
@@ -556,12 +730,13 @@ impl Image {
         op: AioOp,
         sink: Arc<dyn Sink>,
         tag: u64,
-    ) -> Result<(), (Option<IoSlice>, io::Error)> {
+    ) -> Result<(), (Held, io::Error)> {
         let mut pending = Box::new(Pending {
             sink,
             tag,
-            buf: None,
+            held: Held::Nothing,
             iov: Vec::new(),
+            outstanding: self.outstanding.clone(),
         });
         let (kind, off, len) = match op {
             AioOp::Read { buf, len, off } => {
@@ -578,18 +753,19 @@ impl Image {
         };
         let Ok(iovcnt) = c_int::try_from(pending.iov.len()) else {
             return Err((
-                pending.buf.take(),
+                std::mem::replace(&mut pending.held, Held::Nothing),
                 io::Error::from_raw_os_error(libc::EINVAL),
             ));
         };
         let Ok(zero_len) = usize::try_from(len) else {
             return Err((
-                pending.buf.take(),
+                std::mem::replace(&mut pending.held, Held::Nothing),
                 io::Error::from_raw_os_error(libc::EINVAL),
             ));
         };
         // The heap array stays where it is when the box becomes a raw pointer.
         let iov = pending.iov.as_ptr();
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
         let arg = Box::into_raw(pending);
         let mut c: rbd_completion_t = ptr::null_mut();
         // SAFETY: `arg` is a valid pointer that the completion's callback takes back; the
@@ -598,11 +774,13 @@ impl Image {
         if r < 0 {
             // SAFETY: no completion exists: we still own `arg`.
             let p = unsafe { Box::from_raw(arg) };
-            return Err((p.buf, errno(r.into())));
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err((p.held, errno(r.into())));
         }
         // SAFETY: an open image and a fresh completion. The iovecs (and the memory they
-        // describe: the IoSlice's, valid and unaliased until handed back by its contract)
-        // live in the Pending that only the callback frees, after librbd is done with them.
+        // describe: the IoSlice's, valid and unaliased until handed back by its contract,
+        // or the bounce buffer's, which the Pending owns) live in the Pending that only the
+        // callback frees, after librbd is done with them.
         // After a successful call `arg` is not touched here again (the callback may
         // already have freed it).
         let r = unsafe {
@@ -621,18 +799,31 @@ impl Image {
                 rbd_aio_release(c);
                 Box::from_raw(arg)
             };
-            return Err((p.buf, errno(r.into())));
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err((p.held, errno(r.into())));
         }
         Ok(())
     }
 }
 
+/// The memory of an operation while librbd has it.
+pub(crate) enum Held {
+    /// No data (flush, discard, write zeroes), or nothing handed back.
+    Nothing,
+    /// The caller's memory as is (zero copy): for callers that wait for the completion,
+    /// however long it takes.
+    Slice(IoSlice),
+    /// A buffer of our own (the data to write, copied; or room for the data read): the
+    /// caller may give up on the operation, the buffer stays with librbd until it is done.
+    Bounce(Vec<u8>),
+}
+
 /// An asynchronous operation for [`Image::aio`].
 pub(crate) enum AioOp {
     /// `rbd_aio_readv` of the first `len` bytes of `buf`.
-    Read { buf: IoSlice, len: usize, off: u64 },
+    Read { buf: Held, len: usize, off: u64 },
     /// `rbd_aio_writev` of the first `len` bytes of `buf`.
-    Write { buf: IoSlice, len: usize, off: u64 },
+    Write { buf: Held, len: usize, off: u64 },
     /// `rbd_aio_flush`.
     Flush,
     /// `rbd_aio_discard`.
@@ -652,35 +843,48 @@ enum Kind {
 
 /// Where completions go. Called on librbd's threads: must not block for long or panic.
 pub(crate) trait Sink: Send + Sync {
-    /// The operation `tag` finished with librbd's return value `result`; `buf` is its
+    /// The operation `tag` finished with librbd's return value `result`; `held` is its
     /// buffer, handed back.
-    fn done(&self, tag: u64, result: i64, buf: Option<IoSlice>);
+    fn done(&self, tag: u64, result: i64, held: Held);
 }
 
 /// What an operation in flight owns: its buffer and the iovecs librbd reads.
 struct Pending {
     sink: Arc<dyn Sink>,
     tag: u64,
-    buf: Option<IoSlice>,
+    held: Held,
     iov: Vec<libc::iovec>,
+    outstanding: Arc<AtomicUsize>,
 }
 
 impl Pending {
-    /// Takes `buf` and describes its first `len` bytes.
-    fn hold(&mut self, mut buf: IoSlice, len: usize) {
-        let mut left = len;
-        for v in buf.iovecs() {
-            if left == 0 {
-                break;
+    /// Takes `held` and describes its first `len` bytes.
+    fn hold(&mut self, mut held: Held, len: usize) {
+        match &mut held {
+            Held::Nothing => {}
+            Held::Slice(buf) => {
+                let mut left = len;
+                for v in buf.iovecs() {
+                    if left == 0 {
+                        break;
+                    }
+                    let n = v.iov_len.min(left);
+                    self.iov.push(libc::iovec {
+                        iov_base: v.iov_base,
+                        iov_len: n,
+                    });
+                    left -= n;
+                }
             }
-            let n = v.iov_len.min(left);
-            self.iov.push(libc::iovec {
-                iov_base: v.iov_base,
-                iov_len: n,
-            });
-            left -= n;
+            Held::Bounce(v) => {
+                // The Vec's heap memory does not move when the Vec is moved into `held`.
+                self.iov.push(libc::iovec {
+                    iov_base: v.as_mut_ptr().cast(),
+                    iov_len: len.min(v.len()),
+                });
+            }
         }
-        self.buf = Some(buf);
+        self.held = held;
     }
 }
 
@@ -699,20 +903,69 @@ extern "C" fn complete(c: rbd_completion_t, arg: *mut c_void) {
     let Pending {
         sink,
         tag,
-        buf,
+        held,
         iov,
+        outstanding,
     } = *p;
     drop(iov);
-    sink.done(tag, r as i64, buf);
+    // Counted out before the sink hears of it: whoever learns of the completion and then
+    // drops the image must find nothing in flight (else the close would wait for nothing on
+    // a thread, and meanwhile this handle would keep the exclusive lock from the next open).
+    outstanding.fetch_sub(1, Ordering::AcqRel);
+    sink.done(tag, r as i64, held);
+}
+
+/// An image handle on its way to `rbd_close` on another thread.
+struct Closing {
+    handle: rbd_image_t,
+    _io: Arc<IoCtx>,
+    outstanding: Arc<AtomicUsize>,
+}
+
+// SAFETY: an image handle may be used from any thread (see `Image`); this one is used by the
+// closing thread only.
+unsafe impl Send for Closing {}
+
+fn close(handle: rbd_image_t) {
+    // SAFETY: the handle is ours, open, and no operation is in flight on it (every callback
+    // has run); it is not used again.
+    let r = unsafe { rbd_close(handle) };
+    if r < 0 {
+        tracing::warn!("closing an RBD image: {}", errno(r.into()));
+    }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // SAFETY: the handle is ours; no operation is in flight on it (engines wait theirs
-        // out before they drop their hold on the image, or leak it).
-        let r = unsafe { rbd_close(self.handle) };
-        if r < 0 {
-            tracing::warn!("closing an RBD image: {}", errno(r.into()));
+        self.unwatch();
+        if self.outstanding.load(Ordering::Acquire) == 0 {
+            return close(self.handle);
+        }
+        // Operations given up on (past their deadline) are still in librbd, which may yet
+        // write into their buffers and call back: rbd_close would wait for them (forever, if
+        // the cluster never answers). Close once they are done, on a thread of our own.
+        let c = Closing {
+            handle: self.handle,
+            _io: self.io.clone(),
+            outstanding: self.outstanding.clone(),
+        };
+        tracing::warn!(
+            in_flight = c.outstanding.load(Ordering::Acquire),
+            "an RBD image is closed while librbd still has requests of it: closing it when they complete"
+        );
+        let spawned = std::thread::Builder::new()
+            .name("xdisk-rbd-close".into())
+            .spawn(move || {
+                let c = c;
+                while c.outstanding.load(Ordering::Acquire) != 0 {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                close(c.handle);
+            });
+        if let Err(e) = spawned {
+            // The handle (and its I/O context) is leaked: never closed under librbd.
+            tracing::error!("cannot start a thread to close an RBD image ({e}): leaking it");
+            std::mem::forget(self.io.clone());
         }
     }
 }

@@ -10,7 +10,8 @@
 //!   queue that names it (a registry of weak handles): several queues of a Xen disk, or
 //!   several NBD exports, drive one librbd image.
 //! - The synchronous [`Storage`](xdisk_io::Storage) methods (metadata, slow path, tools)
-//!   call librbd's blocking functions; an image queue's data path is an [`RbdEngine`]
+//!   start librbd's asynchronous calls and wait for them up to the deadline (librbd's
+//!   blocking functions without one); an image queue's data path is an [`RbdEngine`]
 //!   (`rbd_aio_readv/writev/flush/discard/write_zeroes`, completions handed to the queue's
 //!   reactor through its eventfd, no thread per request).
 //! - Semantics as QEMU's rbd driver: writes past the end grow the image; snapshots are
@@ -18,11 +19,17 @@
 //!   `rbd_diff_iterate2` over a valid fast-diff object map (else everything is data).
 //! - Bounded waits: unless the ceph.conf or the name sets them, connections get
 //!   [`DEFAULT_TIMEOUTS`] (OSD and monitor operations, mounting), so a cluster that goes
-//!   away makes requests fail with ETIMEDOUT rather than hang.
+//!   away makes requests fail with ETIMEDOUT rather than hang; and each request has a
+//!   deadline of its own (`xdisk_deadline`, [`DEFAULT_DEADLINE`]) past which it fails with
+//!   ETIMEDOUT whatever librbd does (a full pool makes librbd wait out one RADOS timeout per
+//!   operation inside a request, or forever without them), while librbd keeps a bounce
+//!   buffer of its own until it completes the request.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod create;
+mod deadline;
 mod engine;
 mod ffi;
 pub mod name;
@@ -32,8 +39,9 @@ pub mod testing;
 
 use std::io;
 
+pub use create::CreateOptions;
 pub use engine::RbdEngine;
-pub use name::{is_rbd_name, NameError, RbdName};
+pub use name::{is_rbd_name, NameError, RbdName, DEFAULT_DEADLINE};
 pub use storage::{RbdStorage, DEFAULT_TIMEOUTS};
 
 /// Errors of opening or creating an RBD image.

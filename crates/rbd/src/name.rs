@@ -10,6 +10,9 @@
 //! read (default: Ceph's own search, `/etc/ceph/ceph.conf`...); every other pair is a Ceph
 //! option set on the connection (`mon_host=`, `keyring=`, `key=`, `rados_osd_op_timeout=`...).
 //! A `\` makes the next character literal (`mon_host=10.0.0.1\:6789`, as QEMU reads it).
+//! Two keys are xdisk's own, not Ceph's (never passed to Ceph; QEMU would refuse them):
+//! `xdisk_deadline=SECONDS`, the per-request deadline ([`RbdName::deadline`]), and
+//! `xdisk_lock=exclusive|auto` ([`RbdName::exclusive`]).
 //!
 //! The parse follows QEMU's tokenizer step by step (the pool ends at the first unescaped
 //! `/`; if an unescaped `@` appears anywhere after it, the image ends there and the snapshot
@@ -19,6 +22,7 @@
 //! a message.
 
 use std::fmt;
+use std::time::Duration;
 
 /// The longest name accepted, as given and as [`RbdName::to_spec`] writes it back (QEMU's
 /// own limits are about as large; librbd's image names are far shorter).
@@ -41,7 +45,26 @@ pub struct RbdName {
     pub conf: Option<String>,
     /// Every other `KEY=VALUE`, in order: Ceph options set on the connection.
     pub options: Vec<(String, String)>,
+    /// `xdisk_deadline=SECONDS`: how long one request may take before it fails with
+    /// ETIMEDOUT (`0`: no deadline); `None`: the default ([`DEFAULT_DEADLINE`]).
+    pub deadline: Option<Duration>,
+    /// `xdisk_lock=exclusive`: a writable open takes the image's exclusive lock and keeps
+    /// it (other writers fail); `xdisk_lock=auto` (the default, as QEMU): librbd hands the
+    /// lock over to whichever client writes.
+    pub exclusive: bool,
 }
+
+/// The per-request deadline unless a name sets `xdisk_deadline`.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The longest `xdisk_deadline` accepted (a day).
+pub const MAX_DEADLINE_SECS: u64 = 86_400;
+
+/// The key of xdisk's own per-request deadline option.
+pub const DEADLINE_KEY: &str = "xdisk_deadline";
+
+/// The key of xdisk's own exclusive-lock option.
+pub const LOCK_KEY: &str = "xdisk_lock";
 
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -164,6 +187,8 @@ impl RbdName {
             user: None,
             conf: None,
             options: Vec::new(),
+            deadline: None,
+            exclusive: false,
         };
         let mut p = opts;
         while let Some(s) = p {
@@ -181,6 +206,27 @@ impl RbdName {
             match key.as_str() {
                 "conf" => n.conf = Some(value),
                 "id" => n.user = Some(value),
+                DEADLINE_KEY => {
+                    let secs = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|&s| s <= MAX_DEADLINE_SECS)
+                        .ok_or_else(|| {
+                            err(format!(
+                                "{DEADLINE_KEY}={value}: want whole seconds, 0 to {MAX_DEADLINE_SECS} (0: no deadline)"
+                            ))
+                        })?;
+                    n.deadline = Some(Duration::from_secs(secs));
+                }
+                LOCK_KEY => {
+                    n.exclusive = match value.as_str() {
+                        "exclusive" => true,
+                        "auto" => false,
+                        _ => {
+                            return Err(err(format!("{LOCK_KEY}={value}: want exclusive or auto")))
+                        }
+                    }
+                }
                 _ => n.options.push((key, value)),
             }
         }
@@ -196,9 +242,21 @@ impl RbdName {
     }
 
     /// The name in the form [`RbdName::parse`] reads back (escaped), secrets included: for
-    /// handing the image to another program (qemu-img), never for messages.
+    /// handing the image to another program (the daemon, through xenstore), never for
+    /// messages. xdisk's own `xdisk_deadline` and `xdisk_lock` are kept (so that it parses
+    /// back to the same name); QEMU would refuse them (it passes unknown keys to Ceph).
     pub fn to_spec(&self) -> String {
         self.write(false)
+    }
+
+    /// The per-request deadline: `xdisk_deadline` if given (`None` for 0), else
+    /// [`DEFAULT_DEADLINE`].
+    pub fn request_deadline(&self) -> Option<Duration> {
+        match self.deadline {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(DEFAULT_DEADLINE),
+        }
     }
 
     /// `pool/[namespace/]image[@snap]`, as the `rbd` command names images.
@@ -244,6 +302,12 @@ impl RbdName {
             } else {
                 escape(v, VALUE, &mut s);
             }
+        }
+        if let Some(d) = self.deadline {
+            s.push_str(&format!(":{DEADLINE_KEY}={}", d.as_secs()));
+        }
+        if self.exclusive {
+            s.push_str(&format!(":{LOCK_KEY}=exclusive"));
         }
         s
     }
@@ -385,22 +449,33 @@ mod tests {
 
     fn name() -> impl Strategy<Value = RbdName> {
         (
-            component(),
-            proptest::option::of(component()),
-            component(),
-            proptest::option::of(component()),
-            proptest::option::of(component()),
-            proptest::option::of(component()),
-            proptest::collection::vec(
-                (
-                    component().prop_filter("special keys", |k| k != "id" && k != "conf"),
-                    component(),
+            (
+                component(),
+                proptest::option::of(component()),
+                component(),
+                proptest::option::of(component()),
+                proptest::option::of(component()),
+                proptest::option::of(component()),
+                proptest::collection::vec(
+                    (
+                        component().prop_filter("special keys", |k| {
+                            k != "id" && k != "conf" && k != DEADLINE_KEY && k != LOCK_KEY
+                        }),
+                        component(),
+                    ),
+                    0..3,
                 ),
-                0..3,
+            ),
+            (
+                proptest::option::of(0u64..=MAX_DEADLINE_SECS),
+                any::<bool>(),
             ),
         )
             .prop_map(
-                |(pool, namespace, image, snapshot, user, conf, options)| RbdName {
+                |(
+                    (pool, namespace, image, snapshot, user, conf, options),
+                    (deadline, exclusive),
+                )| RbdName {
                     pool,
                     namespace,
                     image,
@@ -408,8 +483,35 @@ mod tests {
                     user,
                     conf,
                     options,
+                    deadline: deadline.map(Duration::from_secs),
+                    exclusive,
                 },
             )
+    }
+
+    #[test]
+    fn the_deadline_is_xdisks_own_option() {
+        let n = p("rbd:pool/img:xdisk_deadline=7:rados_osd_op_timeout=5");
+        assert_eq!(n.deadline, Some(Duration::from_secs(7)));
+        assert_eq!(n.request_deadline(), Some(Duration::from_secs(7)));
+        assert_eq!(n.options, vec![("rados_osd_op_timeout".into(), "5".into())]);
+        assert_eq!(
+            n.to_spec(),
+            "rbd:pool/img:rados_osd_op_timeout=5:xdisk_deadline=7"
+        );
+        assert_eq!(RbdName::parse(&n.to_spec()).unwrap(), n);
+        assert!(n.to_string().contains("xdisk_deadline=7"), "{n}");
+        assert_eq!(p("rbd:pool/img").request_deadline(), Some(DEFAULT_DEADLINE));
+        assert_eq!(p("rbd:pool/img:xdisk_deadline=0").request_deadline(), None);
+        let n = p("rbd:pool/img:xdisk_lock=exclusive");
+        assert!(n.exclusive && n.options.is_empty());
+        assert_eq!(RbdName::parse(&n.to_spec()).unwrap(), n);
+        assert!(!p("rbd:pool/img:xdisk_lock=auto").exclusive);
+        assert!(RbdName::parse("rbd:pool/img:xdisk_lock=mine").is_err());
+        for bad in ["-1", "1.5", "", "x", "86401", "99999999999999999999999"] {
+            let e = RbdName::parse(&format!("rbd:pool/img:xdisk_deadline={bad}")).unwrap_err();
+            assert!(e.0.contains("xdisk_deadline"), "{bad}: {e}");
+        }
     }
 
     proptest! {

@@ -6,24 +6,29 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use xdisk_io::sys::EventFd;
 use xdisk_io::{Alignment, Allocation, CacheMode, Engine, EngineConfig, IoSlice, Storage};
 
 use crate::engine::RbdEngine;
-use crate::ffi;
+use crate::ffi::{self, AioOp, Held, Sink};
 use crate::name::RbdName;
-use crate::Error;
+use crate::{CreateOptions, Error};
 
 /// `RBD_FEATURE_STRIPINGV2`, `RBD_FEATURE_FAST_DIFF` (rbd/features.h).
 const FEATURE_STRIPINGV2: u64 = 1 << 1;
+const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
 const FEATURE_FAST_DIFF: u64 = 1 << 4;
 /// `RBD_FLAG_FAST_DIFF_INVALID` (librbd.h).
 const FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
 
 /// The most one synchronous librbd call moves (librbd refuses discards over `INT_MAX`).
 pub(crate) const MAX_CHUNK: u64 = 1 << 30;
+
+/// The most one synchronous read or write moves through a bounce buffer (with a deadline).
+const BOUNCE_CHUNK: usize = 4 << 20;
 
 /// Timeouts set on every connection unless the ceph.conf or the name sets them: a cluster
 /// that goes away makes requests fail with ETIMEDOUT after this long instead of hanging.
@@ -57,6 +62,7 @@ struct ImageKey {
     image: String,
     snapshot: Option<String>,
     read_only: bool,
+    exclusive: bool,
 }
 
 /// One registry: a weak handle per key, each behind its own lock, so that opening one
@@ -174,6 +180,25 @@ pub(crate) struct SharedImage {
     /// librbd's watch says it changed: a round trip to the cluster that must not block a
     /// queue's reactor).
     size: AtomicU64,
+    /// librbd's update watch: set when it says the header changed (a resize elsewhere).
+    updates: Arc<Updates>,
+    /// Whether the watch is registered and writable opens see updates through it (a
+    /// read-only open has no header watch: its size is asked of librbd every time).
+    watched: bool,
+}
+
+/// Handed to librbd's update watch (called on librbd's threads: only atomics).
+#[derive(Default)]
+pub(crate) struct Updates {
+    changed: std::sync::atomic::AtomicBool,
+    count: AtomicU64,
+}
+
+impl crate::deadline::Wake for Updates {
+    fn wake(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.changed.store(true, Ordering::Release);
+    }
 }
 
 /// An RBD image as a storage.
@@ -184,6 +209,27 @@ pub struct RbdStorage {
     read_only: bool,
     cache: CacheMode,
     broken: OnceLock<String>,
+    /// Per request (`xdisk_deadline`; `None`: wait as long as librbd does).
+    deadline: Option<Duration>,
+}
+
+/// Where a synchronous call waits for its one asynchronous operation.
+#[derive(Default)]
+struct Waiter {
+    slot: Mutex<Option<(i64, Held)>>,
+    cond: Condvar,
+}
+
+impl Sink for Waiter {
+    fn done(&self, _tag: u64, result: i64, held: Held) {
+        *lock(&self.slot) = Some((result, held));
+        self.cond.notify_all();
+    }
+}
+
+fn timed_out(what: &str, shown: &str, d: Duration) -> io::Error {
+    tracing::warn!(image = %shown, deadline_s = d.as_secs(), "RBD {what} past its deadline fails with ETIMEDOUT (pool full? cluster unreachable?)");
+    io::Error::from_raw_os_error(libc::ETIMEDOUT)
 }
 
 impl fmt::Debug for RbdStorage {
@@ -210,6 +256,7 @@ impl RbdStorage {
             image: name.image.clone(),
             snapshot: name.snapshot.clone(),
             read_only,
+            exclusive: name.exclusive && !read_only,
         };
         let shared = images().get_or_open(&key, || {
             let cluster = connect(&key.cluster, &shown)?;
@@ -219,6 +266,22 @@ impl RbdStorage {
                     what: format!("cannot open {shown}"),
                     source: e,
                 })?;
+            if key.exclusive {
+                if image.features().is_ok_and(|f| f & FEATURE_EXCLUSIVE_LOCK == 0) {
+                    return Err(Error::Rados {
+                        what: format!(
+                            "cannot lock {shown}: xdisk_lock=exclusive needs the image's exclusive-lock feature (rbd feature enable IMAGE exclusive-lock)"
+                        ),
+                        source: io::Error::from_raw_os_error(libc::EINVAL),
+                    });
+                }
+                image.lock_exclusive().map_err(|e| Error::Rados {
+                    what: format!(
+                        "cannot take the exclusive lock of {shown} (xdisk_lock=exclusive): another client holds it and keeps it (rbd lock ls / rbd status name it)"
+                    ),
+                    source: e,
+                })?;
+            }
             let stat = image.stat().map_err(|e| Error::Rados {
                 what: format!("cannot stat {shown}"),
                 source: e,
@@ -227,6 +290,15 @@ impl RbdStorage {
             let diff_trusted = (maj, min) >= (1, 17)
                 || (image.features().is_ok_and(|f| f & FEATURE_STRIPINGV2 == 0)
                     && image.has_parent().is_ok_and(|p| !p));
+            let updates = Arc::new(Updates::default());
+            let target: Arc<dyn crate::deadline::Wake> = updates.clone();
+            let watched = match image.watch_updates(target) {
+                Ok(()) => !read_only,
+                Err(e) => {
+                    tracing::warn!(image = %shown, "rbd_update_watch: {e}; asking librbd for the size at every look");
+                    false
+                }
+            };
             tracing::debug!(image = %shown, size = stat.size, object_size = stat.object_size, "RBD image opened");
             Ok(SharedImage {
                 image,
@@ -235,6 +307,8 @@ impl RbdStorage {
                 diff_trusted,
                 grow: Mutex::new(()),
                 size: AtomicU64::new(stat.size),
+                updates,
+                watched,
             })
         })?;
         Ok(RbdStorage {
@@ -244,12 +318,23 @@ impl RbdStorage {
             read_only,
             cache,
             broken: OnceLock::new(),
+            deadline: name.request_deadline(),
         })
     }
 
     /// Creates the image `name` names, `size` bytes, with the cluster's default features
     /// and object size. An existing image is an error ([`Error::Exists`]).
     pub fn create(name: &RbdName, size: u64) -> Result<(), Error> {
+        Self::create_with(name, size, &CreateOptions::default())
+    }
+
+    /// Like [`RbdStorage::create`], with the object size, features, data pool and striping
+    /// of `opts` (the cluster's defaults for what it leaves out).
+    pub fn create_with(name: &RbdName, size: u64, opts: &CreateOptions) -> Result<(), Error> {
+        let options = opts.to_ffi().map_err(|why| Error::Name {
+            name: name.to_string(),
+            why,
+        })?;
         let shown = name.to_string();
         if name.snapshot.is_some() {
             return Err(Error::Name {
@@ -259,12 +344,22 @@ impl RbdStorage {
         }
         let cluster = connect(&cluster_key(name, CacheMode::WriteBack), &shown)?;
         let io = io_ctx(name, cluster)?;
-        io.create_image(&name.image, size).map_err(|e| {
+        let r = if opts.is_empty() {
+            io.create_image(&name.image, size)
+        } else {
+            io.create_image_with(&name.image, size, &options)
+        };
+        r.map_err(|e| {
             if e.raw_os_error() == Some(libc::EEXIST) {
                 Error::Exists(shown.clone())
             } else {
+                let with = if opts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with {}", opts.describe())
+                };
                 Error::Rados {
-                    what: format!("cannot create {shown}"),
+                    what: format!("cannot create {shown}{with}"),
                     source: e,
                 }
             }
@@ -293,6 +388,24 @@ impl RbdStorage {
         self.shared.cluster.get(key)
     }
 
+    /// Requests librbd has of this image's handle and has not completed: including those
+    /// failed at their deadline, whose bounce buffers librbd keeps until then.
+    pub fn librbd_in_flight(&self) -> usize {
+        self.shared.image.outstanding()
+    }
+
+    /// Whether this process holds the image's exclusive lock now (librbd takes it at the
+    /// first write and hands it over when another client asks, unless `xdisk_lock=exclusive`).
+    pub fn holds_lock(&self) -> io::Result<bool> {
+        self.shared.image.is_lock_owner()
+    }
+
+    /// How many times librbd's update watch said the image's header changed (a resize or a
+    /// snapshot elsewhere, a lock moving...).
+    pub fn header_updates(&self) -> u64 {
+        self.shared.updates.count.load(Ordering::Acquire)
+    }
+
     /// Whether `other` drives the same librbd image handle (one open per process).
     pub fn shares_image_with(&self, other: &RbdStorage) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -313,14 +426,124 @@ impl RbdStorage {
     /// Grows the image to at least `end` bytes (librbd refuses writes past the end: QEMU's
     /// driver grows the image first too).
     pub(crate) fn grow_to(&self, end: u64) -> io::Result<()> {
-        let _g = lock(&self.shared.grow);
-        let size = self.size()?;
-        if end > size {
-            tracing::debug!(image = %self.shown, from = size, to = end, "growing the RBD image");
-            self.shared.image.resize(end)?;
-            self.shared.size.store(end, Ordering::Release);
+        self.resize_bounded(end, true)
+    }
+
+    /// The per-request deadline (`None`: none).
+    pub(crate) fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// `rbd_resize` (to `size`, or to at least `size` if `grow_only`) within the deadline:
+    /// librbd has no asynchronous resize, so a thread does it, which librbd may keep as
+    /// long as it likes (it then holds the image open and the grow lock: later resizes
+    /// fail at their deadline too, nothing waits for longer).
+    fn resize_bounded(&self, size: u64, grow_only: bool) -> io::Result<()> {
+        let shared = self.shared.clone();
+        let shown = self.shown.clone();
+        let job = move || -> io::Result<()> {
+            let _g = lock(&shared.grow);
+            let now = shared.image.size()?;
+            shared.size.store(now, Ordering::Release);
+            if grow_only && size <= now {
+                return Ok(());
+            }
+            tracing::debug!(image = %shown, from = now, to = size, "resizing the RBD image");
+            shared.image.resize(size)?;
+            shared.size.store(size, Ordering::Release);
+            Ok(())
+        };
+        let Some(d) = self.deadline else {
+            return job();
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("xdisk-rbd-resize".into())
+            .spawn(move || {
+                let r = job();
+                // Let go of the image before the caller hears back: a caller that closes it
+                // next must really close it (a handle kept open here would keep the
+                // exclusive lock, and another handle's resize would be done by this one,
+                // leaving that one's size stale).
+                drop(job);
+                let _ = tx.send(r);
+            })?;
+        match rx.recv_timeout(d) {
+            Ok(r) => r,
+            Err(_) => Err(timed_out("resize", &self.shown, d)),
         }
-        Ok(())
+    }
+
+    /// Runs one asynchronous operation and waits for it, up to the deadline (then librbd
+    /// keeps the operation's bounce buffer, if any, until it completes it).
+    fn wait_aio(&self, op: AioOp) -> io::Result<(i64, Held)> {
+        let w = Arc::new(Waiter::default());
+        let sink: Arc<dyn Sink> = w.clone();
+        self.shared.image.aio(op, sink, 0).map_err(|(_, e)| e)?;
+        let until = self.deadline.map(|d| Instant::now() + d);
+        let mut slot = lock(&w.slot);
+        loop {
+            if let Some(done) = slot.take() {
+                return Ok(done);
+            }
+            slot = match until {
+                None => w.cond.wait(slot).unwrap_or_else(|e| e.into_inner()),
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        let d = self.deadline.unwrap_or_default();
+                        return Err(timed_out("request", &self.shown, d));
+                    }
+                    w.cond
+                        .wait_timeout(slot, t - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// A negative librbd result as an error.
+    fn result(r: i64) -> io::Result<u64> {
+        if r < 0 {
+            Err(io::Error::from_raw_os_error(
+                i32::try_from(-r).unwrap_or(libc::EIO),
+            ))
+        } else {
+            Ok(r as u64)
+        }
+    }
+
+    /// Reads into `buf` at `off`: librbd's blocking call without a deadline, else through
+    /// a bounce buffer; returns the bytes read (short at the end of the image).
+    fn read_chunk(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        if self.deadline.is_none() {
+            return self.shared.image.read(buf, off);
+        }
+        let op = AioOp::Read {
+            buf: Held::Bounce(vec![0u8; buf.len()]),
+            len: buf.len(),
+            off,
+        };
+        let (r, held) = self.wait_aio(op)?;
+        let n = (Self::result(r)? as usize).min(buf.len());
+        if let Held::Bounce(b) = held {
+            buf[..n].copy_from_slice(&b[..n]);
+        }
+        Ok(n)
+    }
+
+    fn write_chunk(&self, buf: &[u8], off: u64) -> io::Result<usize> {
+        if self.deadline.is_none() {
+            return self.shared.image.write(buf, off);
+        }
+        let op = AioOp::Write {
+            buf: Held::Bounce(buf.to_vec()),
+            len: buf.len(),
+            off,
+        };
+        Self::result(self.wait_aio(op)?.0)?;
+        Ok(buf.len())
     }
 
     /// The size last known (see `SharedImage::size`), without asking librbd.
@@ -337,17 +560,29 @@ impl Storage for RbdStorage {
     fn name(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.shown)
     }
+    /// The size: the one last known unless librbd's update watch said the header changed
+    /// since (then `rbd_get_size`, which refreshes it); always asked of librbd without a
+    /// watch. So the daemon's look at every disk's size (every 200 ms) costs an RBD disk
+    /// nothing until it is resized elsewhere, and then sees the new size at once.
     fn size(&self) -> io::Result<u64> {
-        let n = self.shared.image.size()?;
-        self.shared.size.store(n, Ordering::Release);
+        let sh = &self.shared;
+        if sh.watched && !sh.updates.changed.swap(false, Ordering::AcqRel) {
+            return Ok(sh.size.load(Ordering::Acquire));
+        }
+        let n = match sh.image.size() {
+            Ok(n) => n,
+            Err(e) => {
+                // Look again next time.
+                sh.updates.changed.store(true, Ordering::Release);
+                return Err(e);
+            }
+        };
+        sh.size.store(n, Ordering::Release);
         Ok(n)
     }
     fn set_size(&self, len: u64) -> io::Result<()> {
         self.writable()?;
-        let _g = lock(&self.shared.grow);
-        self.shared.image.resize(len)?;
-        self.shared.size.store(len, Ordering::Release);
-        Ok(())
+        self.resize_bounded(len, false)
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let size = self.size()?;
@@ -356,13 +591,15 @@ impl Storage for RbdStorage {
         } else {
             (size - off).min(buf.len() as u64) as usize
         };
+        let chunk = if self.deadline.is_some() {
+            BOUNCE_CHUNK
+        } else {
+            MAX_CHUNK as usize
+        };
         let mut pos = 0usize;
         while pos < n {
-            let m = (n - pos).min(MAX_CHUNK as usize);
-            let got = self
-                .shared
-                .image
-                .read(&mut buf[pos..pos + m], off + pos as u64)?;
+            let m = (n - pos).min(chunk);
+            let got = self.read_chunk(&mut buf[pos..pos + m], off + pos as u64)?;
             if got == 0 {
                 // Shrunk meanwhile: the rest reads as zeroes, as past the end.
                 break;
@@ -383,13 +620,15 @@ impl Storage for RbdStorage {
         if end > self.size()? {
             self.grow_to(end)?;
         }
+        let chunk = if self.deadline.is_some() {
+            BOUNCE_CHUNK
+        } else {
+            MAX_CHUNK as usize
+        };
         let mut pos = 0usize;
         while pos < buf.len() {
-            let m = (buf.len() - pos).min(MAX_CHUNK as usize);
-            let n = self
-                .shared
-                .image
-                .write(&buf[pos..pos + m], off + pos as u64)?;
+            let m = (buf.len() - pos).min(chunk);
+            let n = self.write_chunk(&buf[pos..pos + m], off + pos as u64)?;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "short RBD write"));
             }
@@ -402,9 +641,18 @@ impl Storage for RbdStorage {
         if !self.flush_needed() {
             return Ok(());
         }
-        let r = self.shared.image.flush();
+        let r = if self.deadline.is_some() {
+            self.wait_aio(AioOp::Flush)
+                .and_then(|(r, _)| Self::result(r))
+                .map(|_| ())
+        } else {
+            self.shared.image.flush()
+        };
         if let Err(e) = &r {
-            self.mark_broken(e);
+            // A flush past its deadline proves nothing lost: only a failed one is fatal.
+            if e.raw_os_error() != Some(libc::ETIMEDOUT) || self.deadline.is_none() {
+                self.mark_broken(e);
+            }
         }
         r
     }
@@ -414,7 +662,12 @@ impl Storage for RbdStorage {
         let mut pos = off;
         while pos < end {
             let n = (end - pos).min(MAX_CHUNK);
-            self.shared.image.discard(pos, n)?;
+            if self.deadline.is_some() {
+                let op = AioOp::Discard { off: pos, len: n };
+                Self::result(self.wait_aio(op)?.0)?;
+            } else {
+                self.shared.image.discard(pos, n)?;
+            }
             pos += n;
         }
         Ok(())
@@ -425,7 +678,12 @@ impl Storage for RbdStorage {
         let mut pos = off;
         while pos < end {
             let n = (end - pos).min(MAX_CHUNK);
-            self.shared.image.write_zeroes(pos, n as usize)?;
+            if self.deadline.is_some() {
+                let op = AioOp::WriteZeroes { off: pos, len: n };
+                Self::result(self.wait_aio(op)?.0)?;
+            } else {
+                self.shared.image.write_zeroes(pos, n as usize)?;
+            }
             pos += n;
         }
         Ok(())

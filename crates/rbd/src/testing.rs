@@ -88,6 +88,61 @@ pub fn rbd_ok(conf: &Path, args: &[&str]) -> Output {
     o
 }
 
+/// Runs the `ceph` command on the cluster (bounded by `timeout 60`).
+pub fn ceph(conf: &Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("60")
+        .arg("ceph")
+        .arg("-c")
+        .arg(conf)
+        .arg("--connect-timeout")
+        .arg("30")
+        .args(args)
+        .output()
+        .expect("run ceph")
+}
+
+/// Like [`ceph`], and panics unless it succeeds; returns stdout.
+pub fn ceph_ok(conf: &Path, args: &[&str]) -> String {
+    let o = ceph(conf, args);
+    assert!(
+        o.status.success(),
+        "ceph {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The pid of a daemon of the test cluster (`mon.a`, `osd.0`), from its pid file.
+pub fn daemon_pid(conf: &Path, daemon: &str) -> String {
+    let dir = conf.parent().unwrap_or(Path::new("."));
+    let f = dir.join(format!("run/{daemon}.pid"));
+    std::fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        .trim()
+        .to_owned()
+}
+
+/// Starts the test cluster's monitor again after a test killed it (`tests/ceph/start
+/// --restart mon.a`); panics if it does not answer.
+pub fn restart_monitor(conf: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/ceph/start");
+    let dir = conf.parent().unwrap_or(Path::new("."));
+    let out = Command::new(&script)
+        .args(["--restart", "mon.a"])
+        .env("XDISK_CEPH_DIR", dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} --restart mon.a: {}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An image name on the test cluster that is removed (with its snapshots) when dropped.
 pub struct TestImage {
     /// The ceph.conf of the cluster.

@@ -527,3 +527,143 @@ fn a_cluster_that_stops_answering_fails_requests_in_bounded_time_then_recovers()
     }
     s.flush().unwrap();
 }
+
+#[test]
+fn two_writers_share_the_lock_by_default_and_an_exclusive_one_keeps_it() {
+    let Some(conf) = cluster() else { return };
+    let t = TestImage::new(conf, "lock");
+    create(&t, 4 * MIB);
+    // Two librbd clients in one process: other Ceph settings, other connections.
+    let open = |extra: &str| {
+        let n = RbdName::parse(&t.name_with(extra)).unwrap();
+        RbdStorage::open(&n, false, CacheMode::None).unwrap()
+    };
+    let a = open(":rados_osd_op_timeout=61");
+    let b = open(":rados_osd_op_timeout=62");
+    assert!(!a.shares_image_with(&b));
+    // Cooperative (librbd's default, QEMU's too): the lock moves to whichever writes.
+    for i in 0..3u8 {
+        a.write_at(&[i; 4096], 0).unwrap();
+        assert!(a.holds_lock().unwrap());
+        b.write_at(&[i + 10; 4096], 4096).unwrap();
+        assert!(b.holds_lock().unwrap() && !a.holds_lock().unwrap());
+    }
+    a.flush().unwrap();
+    b.flush().unwrap();
+    let mut buf = vec![0u8; 8192];
+    a.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&x| x == 2) && buf[4096..].iter().all(|&x| x == 12));
+    drop((a, b));
+
+    // xdisk_lock=exclusive: taken at open and kept; another writer fails, clearly and in
+    // bounded time, and reads on.
+    let x = open(":xdisk_lock=exclusive:rados_osd_op_timeout=63");
+    assert!(x.holds_lock().unwrap());
+    let y = open(":xdisk_deadline=4:rados_osd_op_timeout=64");
+    let t0 = Instant::now();
+    let err = y.write_at(&[9u8; 4096], 0).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    eprintln!("the second writer: {err} ({:?})", err.raw_os_error());
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    y.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&x| x == 2));
+    // Another program too (rbd bench writing).
+    let o = xdisk_rbd::testing::rbd(
+        conf,
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4K",
+            "--io-total",
+            "4K",
+            &t.spec(),
+        ],
+    );
+    assert!(!o.status.success(), "rbd bench wrote past the lock");
+    x.write_at(&[3u8; 4096], 0).unwrap();
+    assert!(x.holds_lock().unwrap());
+    // Another xdisk asking for it exclusively is refused at open, saying why.
+    let n = RbdName::parse(&t.name_with(":xdisk_lock=exclusive:rados_osd_op_timeout=65")).unwrap();
+    let e = RbdStorage::open(&n, false, CacheMode::None).unwrap_err();
+    assert!(e.to_string().contains("exclusive lock"), "{e}");
+    // Closed: the lock is free, the other writer writes.
+    drop(x);
+    y.write_at(&[9u8; 4096], 0).unwrap();
+    assert!(y.holds_lock().unwrap());
+    drop(y);
+
+    // An image without the feature cannot be locked so: refused at open.
+    let plain = TestImage::new(conf, "lock-plain");
+    let mut o = xdisk_rbd::CreateOptions::default();
+    o.set("features", "layering").unwrap();
+    RbdStorage::create_with(&RbdName::parse(&plain.name()).unwrap(), MIB, &o).unwrap();
+    let n = RbdName::parse(&plain.name_with(":xdisk_lock=exclusive")).unwrap();
+    let e = RbdStorage::open(&n, false, CacheMode::None).unwrap_err();
+    assert!(e.to_string().contains("exclusive-lock feature"), "{e}");
+}
+
+#[test]
+fn a_resize_elsewhere_reaches_the_open_image_through_librbds_update_watch() {
+    let Some(conf) = cluster() else { return };
+    let t = TestImage::new(conf, "watch");
+    let n = create(&t, 8 * MIB);
+    let s = RbdStorage::open(&n, false, CacheMode::None).unwrap();
+    s.write_at(&[1u8; 4096], 0).unwrap();
+    assert_eq!(s.size().unwrap(), 8 * MIB);
+    let before = s.header_updates();
+    rbd_ok(
+        conf,
+        &["resize", "--no-progress", "--size", "24M", &t.spec()],
+    );
+    // librbd calls back (no poll: nothing here asks for the size meanwhile).
+    let t0 = Instant::now();
+    while s.header_updates() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no update notification"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "update notification {:?} after rbd resize returned",
+        t0.elapsed()
+    );
+    assert_eq!(s.size().unwrap(), 24 * MIB);
+    // Shrunk elsewhere too; and our own resize is seen at once.
+    let before = s.header_updates();
+    rbd_ok(
+        conf,
+        &[
+            "resize",
+            "--no-progress",
+            "--allow-shrink",
+            "--size",
+            "4M",
+            &t.spec(),
+        ],
+    );
+    let t0 = Instant::now();
+    while s.header_updates() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no update notification"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(s.size().unwrap(), 4 * MIB);
+    s.set_size(6 * MIB).unwrap();
+    assert_eq!(s.size().unwrap(), 6 * MIB);
+    // A read-only open has no header watch (librbd takes none): it keeps the size it
+    // opened with; a new open sees the new one.
+    let ro = RbdStorage::open(&n, true, CacheMode::None).unwrap();
+    rbd_ok(
+        conf,
+        &["resize", "--no-progress", "--size", "10M", &t.spec()],
+    );
+    assert_eq!(ro.size().unwrap(), 6 * MIB);
+    drop(ro);
+    let ro = RbdStorage::open(&n, true, CacheMode::None).unwrap();
+    assert_eq!(ro.size().unwrap(), 10 * MIB);
+}
