@@ -13,7 +13,7 @@ use xdisk_xen::platform::{
     CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, PlatformError,
 };
 
-use crate::region::map_counted;
+use crate::region::{map_counted, PageOf};
 use crate::stats::{add, sub, Counters};
 
 /// Why a request's data could not be reached.
@@ -167,9 +167,21 @@ impl Hasher for GrefHasher {
 /// blkback's per-ring `persistent_gnts` tree with `max_pgrants` and LRU purging).
 pub(crate) struct PersistentCache {
     max: usize,
-    entries: HashMap<GrantRef, (Arc<dyn MappedRegion>, u64), BuildHasherDefault<GrefHasher>>,
+    entries: HashMap<GrantRef, Entry, BuildHasherDefault<GrefHasher>>,
     tick: u64,
     counters: Arc<Counters>,
+    /// The grants of the request being prepared that are not cached (reused).
+    missing: Vec<GrantRef>,
+}
+
+/// A cached mapping.
+struct Entry {
+    region: Arc<dyn MappedRegion>,
+    /// When it was last used (LRU).
+    tick: u64,
+    /// Mapped by [`PersistentCache::map_missing`] for the request being prepared, which
+    /// counted it as a miss: its first lookup is not a hit.
+    fresh: bool,
 }
 
 impl PersistentCache {
@@ -179,6 +191,7 @@ impl PersistentCache {
             entries: HashMap::default(),
             tick: 0,
             counters,
+            missing: Vec::new(),
         }
     }
 
@@ -188,8 +201,8 @@ impl PersistentCache {
         let mut idle: Vec<(u64, GrantRef)> = self
             .entries
             .iter()
-            .filter(|(_, (r, _))| Arc::strong_count(r) == 1)
-            .map(|(g, (_, t))| (*t, *g))
+            .filter(|(_, e)| Arc::strong_count(&e.region) == 1)
+            .map(|(g, e)| (e.tick, *g))
             .collect();
         idle.sort_unstable();
         let n = need.max(self.max / 16).max(1);
@@ -210,10 +223,12 @@ impl PersistentCache {
         need_write: bool,
     ) -> Result<Arc<dyn MappedRegion>, PlatformError> {
         self.tick += 1;
-        if let Some((r, t)) = self.entries.get_mut(&gref) {
-            *t = self.tick;
-            add(&self.counters.pgrant_hits, 1);
-            return Ok(r.clone());
+        if let Some(e) = self.entries.get_mut(&gref) {
+            e.tick = self.tick;
+            if !std::mem::take(&mut e.fresh) {
+                add(&self.counters.pgrant_hits, 1);
+            }
+            return Ok(e.region.clone());
         }
         add(&self.counters.pgrant_misses, 1);
         let region = match map_counted(gnt, &self.counters, domid, &[gref], true) {
@@ -225,10 +240,64 @@ impl PersistentCache {
             self.evict(1);
         }
         if self.entries.len() < self.max {
-            self.entries.insert(gref, (region.clone(), self.tick));
+            self.entries.insert(
+                gref,
+                Entry {
+                    region: region.clone(),
+                    tick: self.tick,
+                    fresh: false,
+                },
+            );
             add(&self.counters.persistent_grants, 1);
         }
         Ok(region)
+    }
+
+    /// Maps the grants of `segs` that are not cached yet all at once (one `gntdev` map and
+    /// `mmap` instead of one per grant: what a frontend's first large requests cost) and
+    /// caches them page by page, as far as there is room. Linux blkback also maps a request's
+    /// new persistent grants with one hypercall. Anything this does not map (a single new
+    /// grant, a batch that failed: a read-only or bad grant among them, no room) is left to
+    /// [`PersistentCache::get`], one by one, with its fallbacks and errors.
+    fn map_missing(&mut self, gnt: &dyn GrantMapper, domid: DomId, segs: &[Segment]) {
+        let mut missing = std::mem::take(&mut self.missing);
+        missing.clear();
+        missing.extend(
+            segs.iter()
+                .map(|s| s.gref)
+                .filter(|g| !self.entries.contains_key(g)),
+        );
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.len() >= 2 {
+            let room = self.max.saturating_sub(self.entries.len());
+            if room < missing.len() {
+                self.evict(missing.len() - room);
+            }
+            let room = self.max.saturating_sub(self.entries.len());
+            missing.truncate(room);
+        }
+        if missing.len() >= 2 {
+            if let Ok(region) = map_counted(gnt, &self.counters, domid, &missing, true) {
+                for (i, &g) in missing.iter().enumerate() {
+                    let Some(page) = PageOf::new(region.clone(), i) else {
+                        break;
+                    };
+                    self.tick += 1;
+                    self.entries.insert(
+                        g,
+                        Entry {
+                            region: Arc::new(page),
+                            tick: self.tick,
+                            fresh: true,
+                        },
+                    );
+                    add(&self.counters.persistent_grants, 1);
+                    add(&self.counters.pgrant_misses, 1);
+                }
+            }
+        }
+        self.missing = missing;
     }
 }
 
@@ -257,6 +326,7 @@ impl GuestData for MapPath {
         parts.reserve(segs.len());
         match self.cache.as_mut() {
             Some(cache) => {
+                cache.map_missing(&*self.gnt, self.domid, segs);
                 for s in segs {
                     let r = cache.get(&*self.gnt, self.domid, s.gref, disk_read)?;
                     parts.push(GrantSegment::new(r, s.offset_bytes(), s.len_bytes()));
@@ -318,5 +388,181 @@ impl GuestData for MapPath {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use xdisk_blkif::mem::{MemError, SharedMem, VecMem};
+
+    use super::*;
+
+    /// Pages of `VecMem`, each page filled with its grant reference's low byte.
+    struct Region {
+        mem: VecMem,
+    }
+
+    impl SharedMem for Region {
+        fn size(&self) -> usize {
+            self.mem.size()
+        }
+        fn read_u32_volatile(&self, o: usize) -> Result<u32, MemError> {
+            self.mem.read_u32_volatile(o)
+        }
+        fn write_u32_volatile(&self, o: usize, v: u32) -> Result<(), MemError> {
+            self.mem.write_u32_volatile(o, v)
+        }
+        fn copy_from(&self, o: usize, dst: &mut [u8]) -> Result<(), MemError> {
+            self.mem.copy_from(o, dst)
+        }
+        fn copy_to(&self, o: usize, src: &[u8]) -> Result<(), MemError> {
+            self.mem.copy_to(o, src)
+        }
+    }
+
+    impl MappedRegion for Region {
+        fn writable(&self) -> bool {
+            true
+        }
+        fn io_base(&self) -> *mut u8 {
+            std::ptr::null_mut()
+        }
+    }
+
+    /// Counts map calls (and the grants of each); `bad` grants fail any map that has them.
+    #[derive(Default)]
+    struct Mapper {
+        calls: Mutex<Vec<usize>>,
+        bad: Vec<GrantRef>,
+        live: Arc<AtomicUsize>,
+    }
+
+    impl GrantMapper for Mapper {
+        fn map(
+            &self,
+            _: DomId,
+            refs: &[GrantRef],
+            _: bool,
+        ) -> Result<Arc<dyn MappedRegion>, PlatformError> {
+            self.calls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(refs.len());
+            if let Some(&g) = refs.iter().find(|g| self.bad.contains(g)) {
+                return Err(PlatformError::Grant {
+                    domid: 3,
+                    gref: g,
+                    status: GrantStatus::BadGntref,
+                });
+            }
+            let mem = VecMem::pages(refs.len());
+            for (i, g) in refs.iter().enumerate() {
+                mem.copy_to(i * PAGE_SIZE, &[g.to_le_bytes()[0]; PAGE_SIZE])
+                    .map_err(PlatformError::from)?;
+            }
+            self.live.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::new(Region { mem }))
+        }
+        fn copy(&self, _: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError> {
+            Ok(())
+        }
+    }
+
+    fn seg(gref: GrantRef) -> Segment {
+        Segment {
+            gref,
+            first_sect: 0,
+            last_sect: 7,
+        }
+    }
+
+    fn map_path(gnt: Arc<Mapper>, max: usize) -> (MapPath, Arc<Counters>) {
+        let counters = Arc::new(Counters::default());
+        let path = MapPath {
+            gnt,
+            domid: 3,
+            counters: counters.clone(),
+            cache: Some(PersistentCache::new(max, counters.clone())),
+            spare: Vec::new(),
+        };
+        (path, counters)
+    }
+
+    /// Each segment's page, as the buffer sees it: the first byte of each.
+    fn first_bytes(buf: &GrantIoBuf) -> Vec<u8> {
+        buf.segments()
+            .iter()
+            .map(|s| {
+                let mut b = [0u8; 1];
+                s.region.copy_from(s.offset, &mut b).unwrap();
+                b[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_persistent_grants_of_a_request_are_mapped_in_one_call() {
+        let gnt = Arc::new(Mapper::default());
+        let (mut path, c) = map_path(gnt.clone(), 64);
+        // 8 new grants (one twice) and then again with two more: one map call each time.
+        let segs: Vec<Segment> = [10, 11, 12, 13, 14, 15, 16, 10, 17].map(seg).to_vec();
+        let buf = path.prepare(&segs, true).unwrap();
+        assert_eq!(first_bytes(&buf), [10, 11, 12, 13, 14, 15, 16, 10, 17]);
+        path.finish(buf, &segs, true, true).unwrap();
+        assert_eq!(*gnt.calls.lock().unwrap(), [8]);
+        let g = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        assert_eq!((g(&c.pgrant_misses), g(&c.pgrant_hits)), (8, 1));
+        assert_eq!((g(&c.persistent_grants), g(&c.mappings)), (8, 8));
+        let segs2: Vec<Segment> = [12, 20, 21, 13].map(seg).to_vec();
+        let buf = path.prepare(&segs2, false).unwrap();
+        assert_eq!(first_bytes(&buf), [12, 20, 21, 13]);
+        path.finish(buf, &segs2, false, true).unwrap();
+        assert_eq!(*gnt.calls.lock().unwrap(), [8, 2]);
+        assert_eq!((g(&c.pgrant_misses), g(&c.pgrant_hits)), (10, 3));
+        // A single new grant is mapped alone, as before.
+        let buf = path.prepare(&[seg(30)], false).unwrap();
+        path.finish(buf, &[seg(30)], false, true).unwrap();
+        assert_eq!(*gnt.calls.lock().unwrap(), [8, 2, 1]);
+        assert_eq!(g(&c.persistent_grants), 11);
+    }
+
+    #[test]
+    fn a_bad_grant_among_new_ones_fails_only_its_request_and_the_rest_stay_usable() {
+        let gnt = Arc::new(Mapper {
+            bad: vec![7],
+            ..Mapper::default()
+        });
+        let (mut path, c) = map_path(gnt.clone(), 64);
+        let segs: Vec<Segment> = [5, 6, 7, 8].map(seg).to_vec();
+        assert!(path.prepare(&segs, true).is_err());
+        // The batch failed; one by one up to the bad grant, which fails the request.
+        assert_eq!(*gnt.calls.lock().unwrap(), [4, 1, 1, 1]);
+        let ok: Vec<Segment> = [5, 6, 8].map(seg).to_vec();
+        let buf = path.prepare(&ok, true).unwrap();
+        assert_eq!(first_bytes(&buf), [5, 6, 8]);
+        path.finish(buf, &ok, true, true).unwrap();
+        assert_eq!(c.persistent_grants.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn pages_of_a_batch_mapping_are_evicted_one_by_one_and_unmapped_with_the_last() {
+        let gnt = Arc::new(Mapper::default());
+        let (mut path, c) = map_path(gnt.clone(), 4);
+        let segs: Vec<Segment> = [1, 2, 3, 4].map(seg).to_vec();
+        let buf = path.prepare(&segs, true).unwrap();
+        path.finish(buf, &segs, true, true).unwrap();
+        assert_eq!(c.mappings.load(Ordering::SeqCst), 4);
+        // Four new grants: the cache makes room by evicting the idle ones (LRU).
+        let segs2: Vec<Segment> = [5, 6, 7, 8].map(seg).to_vec();
+        let buf = path.prepare(&segs2, true).unwrap();
+        assert_eq!(first_bytes(&buf), [5, 6, 7, 8]);
+        path.finish(buf, &segs2, true, true).unwrap();
+        assert_eq!(c.persistent_grants.load(Ordering::SeqCst), 4);
+        // The first mapping went with its last page.
+        assert_eq!(c.mappings.load(Ordering::SeqCst), 4);
+        assert_eq!(*gnt.calls.lock().unwrap(), [4, 4]);
     }
 }

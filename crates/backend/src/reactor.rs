@@ -170,6 +170,32 @@ struct Pending {
     has_data: bool,
     /// When it was consumed (the reactor's clock then), for the latency histograms.
     start: Instant,
+    /// The requests served by this one's image operation besides itself (a merged run of
+    /// contiguous reads or writes, see [`Run`]): answered with it.
+    followers: Vec<usize>,
+}
+
+/// Contiguous reads, or writes, of one batch go to the image as one operation of at most this
+/// many bytes: dom0's blkfront splits a 1 MiB read into eight 128 KiB blkif requests (its
+/// default of 32 indirect segments), and Linux's loop device under blkback merges them again
+/// (up to its `max_sectors_kb`, 1280).
+const MAX_RUN_BYTES: u64 = 1 << 20;
+
+/// And of at most this many segments (one iovec each; `IOV_MAX` is 1024).
+const MAX_RUN_SEGS: usize = 1024;
+
+/// Reads or writes consumed in this batch and not submitted yet, each starting where the one
+/// before ended: submitted together as one image operation by [`Reactor::submit_run`] when
+/// the next request does not continue them, or at the end of the batch (nothing waits for a
+/// later batch).
+struct Run {
+    kind: Kind,
+    /// The sector after the last request.
+    end: u64,
+    bytes: u64,
+    segs: usize,
+    /// Slab indices, in order.
+    members: Vec<usize>,
 }
 
 pub(crate) struct Reactor<D: GuestData> {
@@ -207,6 +233,8 @@ pub(crate) struct Reactor<D: GuestData> {
     /// A pause asked for (the operation's number): nothing more is consumed; once nothing
     /// is in flight the queue acks and waits.
     pausing: Option<u64>,
+    /// Contiguous reads or writes of the current batch waiting to be submitted together.
+    run: Option<Run>,
 }
 
 fn io_status(r: &xdisk_image::Result<()>) -> Status {
@@ -245,6 +273,7 @@ impl<D: GuestData> Reactor<D> {
             clock: Instant::now(),
             control: parts.control,
             pausing: None,
+            run: None,
         }
     }
 
@@ -426,6 +455,13 @@ impl<D: GuestData> Reactor<D> {
 
     /// Consumes one batch of requests; returns how many.
     fn consume(&mut self) -> Result<u32, RingError> {
+        let r = self.consume_batch();
+        // Whatever ended the batch (even a protocol error), what was consumed is submitted.
+        self.submit_run();
+        r
+    }
+
+    fn consume_batch(&mut self) -> Result<u32, RingError> {
         self.ring.begin_batch()?;
         let mut got = 0;
         while let Some(parsed) = self.ring.next_request()? {
@@ -509,13 +545,24 @@ impl<D: GuestData> Reactor<D> {
                     }
                 }
             }
-            RequestKind::Flush(io) => self.start_flush(&req, Kind::Flush, io),
-            RequestKind::WriteBarrier(io) => self.start_flush(&req, Kind::Barrier, io),
+            // Ordering: the writes consumed before a flush, barrier or discard are submitted
+            // (and numbered) before it.
+            RequestKind::Flush(io) => {
+                self.submit_run();
+                self.start_flush(&req, Kind::Flush, io)
+            }
+            RequestKind::WriteBarrier(io) => {
+                self.submit_run();
+                self.start_flush(&req, Kind::Barrier, io)
+            }
             RequestKind::Discard {
                 sector,
                 nr_sectors,
                 secure,
-            } => self.start_discard(&req, sector, nr_sectors, secure),
+            } => {
+                self.submit_run();
+                self.start_discard(&req, sector, nr_sectors, secure)
+            }
         }
     }
 
@@ -634,10 +681,116 @@ impl<D: GuestData> Reactor<D> {
             segs,
             has_data: true,
             start: self.clock,
+            followers: Vec::new(),
         });
-        if !self.submit_data(idx) {
-            self.finish_entry(idx, Status::Error);
+        self.add_to_run(idx, kind, sector, nsect);
+    }
+
+    /// Adds read or write `idx` (sectors `sector .. sector + nsect`) to the run, after
+    /// submitting the run if `idx` does not continue it.
+    fn add_to_run(&mut self, idx: usize, kind: Kind, sector: u64, nsect: u64) {
+        let bytes = nsect * 512;
+        let segs = self.entry(idx).map_or(0, |p| p.segs.len());
+        let continues = self.run.as_ref().is_some_and(|r| {
+            r.kind == kind
+                && r.end == sector
+                && r.bytes + bytes <= MAX_RUN_BYTES
+                && r.segs + segs <= MAX_RUN_SEGS
+        });
+        if !continues {
+            self.submit_run();
         }
+        match self.run.as_mut() {
+            Some(r) => {
+                r.end = sector + nsect;
+                r.bytes += bytes;
+                r.segs += segs;
+                r.members.push(idx);
+            }
+            None => {
+                self.run = Some(Run {
+                    kind,
+                    end: sector + nsect,
+                    bytes,
+                    segs,
+                    members: vec![idx],
+                })
+            }
+        }
+    }
+
+    /// Submits the run: one image operation for all its requests (their segments in order),
+    /// answered together. If their data cannot be reached as a whole (a bad grant in one of
+    /// them), each is submitted on its own, so that only the bad one fails.
+    fn submit_run(&mut self) {
+        let Some(run) = self.run.take() else { return };
+        let [first, ..] = run.members[..] else { return };
+        if run.members.len() == 1 {
+            if !self.submit_data(first) {
+                self.finish_entry(first, Status::Error);
+            }
+            return;
+        }
+        let mut segs = self.spare_segs.pop().unwrap_or_default();
+        segs.clear();
+        segs.reserve(run.segs);
+        for &m in &run.members {
+            if let Some(p) = self.slab.get(m) {
+                segs.extend_from_slice(&p.segs);
+            }
+        }
+        let (disk_read, sector) = match self.entry(first) {
+            Some(p) => (p.kind == Kind::Read, p.sector),
+            None => return,
+        };
+        let buf = match self.data.prepare(&segs, disk_read) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(queue = self.qid, "merged request data: {e}; one by one");
+                self.spare_segs.push(segs);
+                for m in run.members {
+                    if !self.submit_data(m) {
+                        self.finish_entry(m, Status::Error);
+                    }
+                }
+                return;
+            }
+        };
+        let wseq = self.next_seq();
+        if !disk_read {
+            self.writes.insert(wseq);
+        }
+        add(&self.counters.merged_req, run.members.len() as u64 - 1);
+        for &m in &run.members[1..] {
+            if let Some(p) = self.slab.get_mut(m) {
+                let s = std::mem::take(&mut p.segs);
+                if self.spare_segs.len() < self.slab.key_space() {
+                    self.spare_segs.push(s);
+                }
+            }
+        }
+        if let Some(p) = self.slab.get_mut(first) {
+            if !disk_read {
+                p.wseq = wseq;
+            }
+            // The leader holds the run's segments (for `finish`) and answers the others.
+            let own = std::mem::replace(&mut p.segs, segs);
+            p.followers = run.members[1..].to_vec();
+            if self.spare_segs.len() < self.slab.key_space() {
+                self.spare_segs.push(own);
+            }
+        }
+        self.submitted += 1;
+        self.iq.submit(IoRequest {
+            kind: if disk_read {
+                IoKind::Read
+            } else {
+                IoKind::Write
+            },
+            offset: sector * 512,
+            buf: Some(buf),
+            user_data: first as u64,
+        });
     }
 
     /// Prepares the buffer of entry `idx` and submits its read or write. False if the data
@@ -719,6 +872,7 @@ impl<D: GuestData> Reactor<D> {
             segs: io.segments.as_slice().to_vec(),
             has_data,
             start: self.clock,
+            followers: Vec::new(),
         });
         if kind == Kind::Barrier {
             // Consumption stops until the barrier is answered; run_deferred starts it once
@@ -767,6 +921,7 @@ impl<D: GuestData> Reactor<D> {
             segs: Vec::new(),
             has_data: false,
             start: self.clock,
+            followers: Vec::new(),
         });
         self.writes.insert(wseq);
         self.submitted += 1;
@@ -864,6 +1019,14 @@ impl<D: GuestData> Reactor<D> {
         }
         if stage == Stage::Data && wseq != 0 {
             self.writes.remove(&wseq);
+        }
+        // The other requests of a merged run share its outcome.
+        let followers = self
+            .entry_mut(idx)
+            .map(|p| std::mem::take(&mut p.followers))
+            .unwrap_or_default();
+        for f in followers {
+            self.finish_entry(f, status);
         }
         let next_flush = stage == Stage::Data
             && matches!(kind, Kind::Flush | Kind::Barrier)

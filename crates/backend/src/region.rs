@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use xdisk_blkif::mem::{MemError, SharedMem};
+use xdisk_blkif::mem::{check_bounds, MemError, SharedMem};
 use xdisk_blkif::wire::PAGE_SIZE;
 use xdisk_xen::platform::{DomId, GrantMapper, GrantRef, MappedRegion, PlatformError};
 
@@ -91,6 +91,58 @@ pub(crate) fn map_counted(
             pages,
         },
     }))
+}
+
+/// One page of a mapping of several (a view: the mapping stays until the last view of it
+/// goes). Persistent grants first seen together are mapped together, one `gntdev` map and
+/// `mmap` for all, and cached page by page ([`crate::datapath::PersistentCache`]).
+pub(crate) struct PageOf {
+    region: Arc<dyn MappedRegion>,
+    /// Byte offset of the page in `region`.
+    base: usize,
+}
+
+impl PageOf {
+    /// Page `page` of `region`; `None` if the region has no such page.
+    pub fn new(region: Arc<dyn MappedRegion>, page: usize) -> Option<PageOf> {
+        let base = page.checked_mul(PAGE_SIZE)?;
+        if base.checked_add(PAGE_SIZE)? > region.size() {
+            return None;
+        }
+        Some(PageOf { region, base })
+    }
+}
+
+impl SharedMem for PageOf {
+    fn size(&self) -> usize {
+        PAGE_SIZE
+    }
+    fn read_u32_volatile(&self, offset: usize) -> Result<u32, MemError> {
+        check_bounds(offset, 4, PAGE_SIZE)?;
+        self.region.read_u32_volatile(self.base + offset)
+    }
+    fn write_u32_volatile(&self, offset: usize, value: u32) -> Result<(), MemError> {
+        check_bounds(offset, 4, PAGE_SIZE)?;
+        self.region.write_u32_volatile(self.base + offset, value)
+    }
+    fn copy_from(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
+        check_bounds(offset, dst.len(), PAGE_SIZE)?;
+        self.region.copy_from(self.base + offset, dst)
+    }
+    fn copy_to(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
+        check_bounds(offset, src.len(), PAGE_SIZE)?;
+        self.region.copy_to(self.base + offset, src)
+    }
+}
+
+impl MappedRegion for PageOf {
+    fn writable(&self) -> bool {
+        self.region.writable()
+    }
+    fn io_base(&self) -> *mut u8 {
+        // In bounds of the region (checked by `new`); only handed to the kernel.
+        self.region.io_base().wrapping_add(self.base)
+    }
 }
 
 #[cfg(test)]

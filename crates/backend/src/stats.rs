@@ -92,6 +92,11 @@ pub struct DeviceStats {
     /// Connections or state evaluations held back by the rate limits.
     #[serde(default)]
     pub throttled: u64,
+    /// Reads and writes served by the image operation of the request before them: contiguous
+    /// requests of one batch (a sequential stream the frontend split) go to the image as one
+    /// operation of up to 1 MiB. `rd_req + wr_req - merged_req` operations were submitted.
+    #[serde(default)]
+    pub merged_req: u64,
 }
 
 /// Upper bounds (inclusive, microseconds) of the latency buckets: 1-2-5 per decade, from
@@ -184,6 +189,7 @@ pub(crate) struct Counters {
     pub busy_mark_ns: AtomicU64,
     pub pgrant_hits: AtomicU64,
     pub pgrant_misses: AtomicU64,
+    pub merged_req: AtomicU64,
     /// The cap on `mappings` (0: none); not a counter.
     pub max_mappings: AtomicU64,
     pub rd_lat: AtomicHistogram,
@@ -269,6 +275,7 @@ impl Counters {
             rd_lat: self.rd_lat.snapshot(),
             wr_lat: self.wr_lat.snapshot(),
             f_lat: self.f_lat.snapshot(),
+            merged_req: g(&self.merged_req),
         }
     }
 }

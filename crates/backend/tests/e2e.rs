@@ -686,3 +686,82 @@ fn image_file_holds_what_the_guest_saw_once_closed() {
         image.close().unwrap();
     }
 }
+
+/// Contiguous reads or writes published in one batch go to the image as one operation each
+/// way (`merged_req` counts the requests that rode on the one before), a flush between them
+/// keeps them apart (the writes before it are submitted, and numbered, first), and the data
+/// is right on every data path.
+#[test]
+fn contiguous_requests_of_a_batch_share_one_image_operation() {
+    for path in [DataPath::Map, DataPath::Copy] {
+        for persistent in [false, true] {
+            let host = host();
+            let disk = raw_disk(4 * MIB);
+            let image = open_image(&disk.path, false);
+            let fe = FrontConfig {
+                persistent,
+                max_queues: 1,
+                ..FrontConfig::default()
+            };
+            let mut p = pair(&host, 1, 768, image, |c| c.data_path = path, fe);
+            const REQ: u64 = 64 * 1024;
+            let base = 64u64; // sectors
+            let data: Vec<Vec<u8>> = (0..8).map(|i| pattern(40 + i, REQ as usize)).collect();
+            // w0..w3, a flush, w4..w7: two runs of four.
+            p.front.plug();
+            let mut tags = Vec::new();
+            for (i, d) in data.iter().enumerate() {
+                if i == 4 {
+                    tags.push(p.front.submit(0, Op::Flush).unwrap());
+                }
+                let op = Op::Write {
+                    sector: base + i as u64 * REQ / 512,
+                    data: d.clone(),
+                };
+                tags.push(p.front.submit(0, op).unwrap());
+            }
+            p.front.unplug().unwrap();
+            for t in tags {
+                assert_eq!(p.front.wait(t).unwrap().status, Status::Okay);
+            }
+            assert_eq!(p.device.stats().merged_req, 6, "{path:?} {persistent}");
+            // Eight contiguous reads: one run.
+            p.front.plug();
+            let tags: Vec<u64> = (0..8u64)
+                .map(|i| {
+                    let op = Op::Read {
+                        sector: base + i * REQ / 512,
+                        sectors: (REQ / 512) as u32,
+                    };
+                    p.front.submit(0, op).unwrap()
+                })
+                .collect();
+            p.front.unplug().unwrap();
+            for (t, d) in tags.into_iter().zip(&data) {
+                let c = p.front.wait(t).unwrap();
+                assert_eq!(c.status, Status::Okay);
+                assert!(c.data.as_deref() == Some(&d[..]), "{path:?} {persistent}");
+            }
+            let s = p.device.stats();
+            assert_eq!(s.merged_req, 6 + 7, "{path:?} {persistent}");
+            assert_eq!((s.rd_req, s.wr_req, s.f_req), (8, 8, 1));
+            // Not contiguous (a gap of one sector): nothing more is merged.
+            p.front.plug();
+            let tags: Vec<u64> = (0..4u64)
+                .map(|i| {
+                    let op = Op::Read {
+                        sector: base + i * (REQ / 512 + 1),
+                        sectors: (REQ / 512) as u32,
+                    };
+                    p.front.submit(0, op).unwrap()
+                })
+                .collect();
+            p.front.unplug().unwrap();
+            for t in tags {
+                assert_eq!(p.front.wait(t).unwrap().status, Status::Okay);
+            }
+            assert_eq!(p.device.stats().merged_req, 6 + 7);
+            close(p, &host);
+        }
+    }
+}

@@ -255,14 +255,19 @@ mod tests {
         assert_eq!(c.wr_lat.sum_us, 2007);
         assert_eq!(c.f_lat.count, 6190);
         // Fields the old JSON did not have read as 0.
-        assert_eq!((c.events_pending_max, c.events, c.throttled), (0, 0, 0));
+        assert_eq!(
+            (c.events_pending_max, c.events, c.throttled, c.merged_req),
+            (0, 0, 0, 0)
+        );
         // Written back: the same keys, in the same order, with the same values; then the
         // backend-only counters, as additions at the end.
         let back = serde_json::to_string(&c).unwrap();
         let old = COUNTERS_JSON.strip_suffix('}').unwrap();
         assert_eq!(
             back,
-            format!("{old},\"events_pending_max\":0,\"events\":0,\"throttled\":0}}")
+            format!(
+                "{old},\"events_pending_max\":0,\"events\":0,\"throttled\":0,\"merged_req\":0}}"
+            )
         );
     }
 
