@@ -1,5 +1,5 @@
-//! `xdisk snapshot`, `xdisk commit` and `xdisk bitmap`: live operations on a running device of `xdisk serve`,
-//! over its control socket (issue #14).
+//! `xdisk snapshot`, `xdisk commit`, `xdisk jobs`, `xdisk job` and `xdisk bitmap`: live
+//! operations on a running device of `xdisk serve`, over its control socket (issue #14).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 use xdisk_daemon::control::{self, BitmapAction, BitmapEntry, ControlRequest, DEFAULT_SOCKET};
+use xdisk_daemon::jobs::{JobAction, JobInfo, JobState};
 
 use crate::size::parse_size;
 
@@ -35,7 +36,50 @@ pub struct SnapshotArgs {
 pub struct CommitArgs {
     /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
     device: String,
+    /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
+    #[arg(long, value_name = "BYTES/S")]
+    speed: Option<String>,
+    /// Wait until the job ends, printing its progress (to stderr); the exit status is
+    /// non-zero if it failed or was cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// JSON output (the job as it started, or with --wait as it ended).
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct JobsArgs {
     /// JSON output.
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+/// `xdisk job` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JobVerb {
+    /// Stop the job; what it did is left consistent (a commit leaves the device on its top).
+    Cancel,
+    /// Stop copying (at the next chunk) until resumed.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+}
+
+#[derive(Args)]
+pub struct JobArgs {
+    /// What to do.
+    #[arg(value_enum)]
+    action: JobVerb,
+    /// The job's ID (`xdisk jobs`).
+    id: u64,
+    /// JSON output (the job afterwards).
     #[arg(long)]
     json: bool,
     /// The daemon's control socket.
@@ -152,18 +196,45 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
 }
 
 pub fn commit(a: CommitArgs) -> Result<i32> {
+    let speed = match &a.speed {
+        Some(v) => parse_size(v).map_err(|e| anyhow!("--speed {v}: {e}"))?,
+        None => 0,
+    };
     let reply = control::request(
         &a.control,
         &ControlRequest::Commit {
             device: a.device.clone(),
+            speed,
         },
     )?;
-    let r = reply
-        .commit
-        .ok_or_else(|| anyhow!("the daemon's reply has no commit"))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
+    let j = reply
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    if !a.wait {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            println!(
+                "{}: commit started as job {} (xdisk jobs; xdisk commit --wait waits)",
+                j.device, j.id
+            );
+        }
+        return Ok(0);
+    }
+    let json = a.json;
+    let end = control::wait_job(
+        &a.control,
+        j.id,
+        std::time::Duration::from_millis(250),
+        |j| {
+            if !json {
+                eprintln!("job {}: {}", j.id, progress(j));
+            }
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&end)?);
+    } else if let Some(r) = &end.commit {
         println!(
             "{}: committed into {} ({}); now serving it; {} bytes copied in {} passes, the last one paused the queues {:.1} ms",
             r.device,
@@ -172,6 +243,92 @@ pub fn commit(a: CommitArgs) -> Result<i32> {
             r.copied_bytes,
             r.passes,
             r.paused_us as f64 / 1000.0
+        );
+    }
+    match end.state {
+        JobState::Completed => Ok(0),
+        JobState::Cancelled => {
+            eprintln!("job {} was cancelled", end.id);
+            Ok(1)
+        }
+        _ => {
+            eprintln!(
+                "job {} {}: {}",
+                end.id,
+                end.state.as_str(),
+                end.error.as_deref().unwrap_or("no reason given")
+            );
+            Ok(1)
+        }
+    }
+}
+
+/// `running 12.0/32.0 MiB (37%), 4.0 MiB/s limit, 3.1 s`.
+fn progress(j: &JobInfo) -> String {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let pct = if j.total_bytes == 0 {
+        100.0
+    } else {
+        j.done_bytes as f64 * 100.0 / j.total_bytes as f64
+    };
+    let speed = if j.speed == 0 {
+        "no speed limit".to_owned()
+    } else {
+        format!("{:.1} MiB/s limit", mib(j.speed))
+    };
+    format!(
+        "{} {:.1}/{:.1} MiB ({pct:.0}%), {speed}, {:.1} s",
+        j.state.as_str(),
+        mib(j.done_bytes),
+        mib(j.total_bytes),
+        j.elapsed_ms as f64 / 1000.0
+    )
+}
+
+pub fn jobs(a: JobsArgs) -> Result<i32> {
+    let list = control::request(&a.control, &ControlRequest::Jobs)?
+        .jobs
+        .unwrap_or_default();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    if list.is_empty() {
+        println!("no jobs");
+    }
+    for j in &list {
+        print!(
+            "{:>4}  {:<7} {:<16} {}",
+            j.id,
+            j.kind.as_str(),
+            j.device,
+            progress(j)
+        );
+        match &j.error {
+            Some(e) => println!("  ({e})"),
+            None => println!(),
+        }
+    }
+    Ok(0)
+}
+
+pub fn job(a: JobArgs) -> Result<i32> {
+    let action = match a.action {
+        JobVerb::Cancel => JobAction::Cancel,
+        JobVerb::Pause => JobAction::Pause,
+        JobVerb::Resume => JobAction::Resume,
+    };
+    let j = control::request(&a.control, &ControlRequest::Job { id: a.id, action })?
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "job {}: {} requested; {}",
+            j.id,
+            action.as_str(),
+            progress(&j)
         );
     }
     Ok(0)

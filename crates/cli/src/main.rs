@@ -89,11 +89,23 @@ enum Command {
     /// Commits the active layer of a running device: its top qcow2 image is merged into its
     /// backing file while the guest keeps writing (writes made meanwhile are tracked and
     /// copied again), then the device switches to the backing file (the `params` node
-    /// with it). The former top is left as it is, no longer used.
+    /// with it). The former top is left as it is, no longer used. Runs as a background job:
+    /// prints its ID at once (see `xdisk jobs`, `xdisk job`), or with --wait its progress
+    /// until it ends.
     #[command(
-        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda                                # merge it back, serve vm.qcow2 again"
+        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda --wait                         # merge it back, serve vm.qcow2 again\n  xdisk commit xvda --speed 50M                    # in the background, at most 50 MiB/s\n  xdisk jobs\n  xdisk job pause 1; xdisk job resume 1; xdisk job cancel 1"
     )]
     Commit(live::CommitArgs),
+    /// Lists the daemon's background jobs (running, paused, and the last finished ones):
+    /// ID, type, device, state, bytes done/total, speed limit.
+    #[command(after_long_help = "Examples:\n  xdisk jobs\n  xdisk jobs --json")]
+    Jobs(live::JobsArgs),
+    /// Cancels, pauses or resumes a background job. A cancelled commit leaves the device on
+    /// its top image (the chain as before) and removes its temporary bitmap.
+    #[command(
+        after_long_help = "Examples:\n  xdisk job pause 3\n  xdisk job resume 3\n  xdisk job cancel 3 --json"
+    )]
+    Job(live::JobArgs),
     /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk
     /// img bitmap`). A bitmap added or enabled records every write acknowledged after the
     /// command returns.
@@ -195,6 +207,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Detach(a) => daemon::detach(a),
         Command::Snapshot(a) => live::snapshot(a),
         Command::Commit(a) => live::commit(a),
+        Command::Jobs(a) => live::jobs(a),
+        Command::Job(a) => live::job(a),
         Command::Bitmap(a) => live::bitmap(a),
         Command::Stat(a) => daemon::stat(a),
         Command::QemuShim(a) => daemon::qemu_shim(a),

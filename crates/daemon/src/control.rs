@@ -4,8 +4,10 @@
 //! Requests: `{"cmd":"ping"}` → `{"ok":true}`; `{"cmd":"status"}` →
 //! `{"ok":true,"status":DaemonStatus}`; live operations on a running device (issue #14):
 //! `{"cmd":"snapshot","device":"xvda","overlay":"/abs/new.qcow2","no_create":false}` →
-//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda"}` →
-//! `{"ok":true,"commit":CommitReply}` and
+//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda","speed":0}` →
+//! `{"ok":true,"job":JobInfo}` (a background job, see [`crate::jobs`]), `{"cmd":"jobs"}` →
+//! `{"ok":true,"jobs":[JobInfo...]}`, `{"cmd":"job","id":1,"action":"cancel"}` (or
+//! `pause`, `resume`) → `{"ok":true,"job":JobInfo}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
 //! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`. Errors:
 //! `{"ok":false,"error":"..."}`.
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::jobs::{JobAction, JobInfo};
 use crate::status::DaemonStatus;
 
 /// Where `xdisk serve` listens by default.
@@ -59,10 +62,22 @@ pub enum ControlRequest {
     },
     /// Commits the active layer of a running device (`xdisk commit`): the top image is
     /// merged into its backing file while the guest writes, then the device serves the
-    /// backing file.
+    /// backing file. A background job: the reply is the job as it started.
     Commit {
         /// The device, as for [`ControlRequest::Snapshot`].
         device: String,
+        /// Rate limit of the copy in bytes per second (0 or absent: none).
+        #[serde(default)]
+        speed: u64,
+    },
+    /// The daemon's jobs, running and finished (`xdisk jobs`).
+    Jobs,
+    /// Cancels, pauses or resumes a job (`xdisk job cancel|pause|resume ID`).
+    Job {
+        /// The job's ID.
+        id: u64,
+        /// What to do.
+        action: crate::jobs::JobAction,
     },
     /// A change of the persistent dirty bitmaps of a running device's top qcow2 image
     /// (`xdisk bitmap`), or their list.
@@ -137,7 +152,7 @@ pub struct SnapshotReply {
     pub paused_us: u64,
 }
 
-/// The answer to [`ControlRequest::Commit`].
+/// What a completed commit job did ([`crate::jobs::JobInfo::commit`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitReply {
     /// The device (`qdisk/5/51712`).
@@ -173,8 +188,12 @@ pub struct BitmapEntry {
 pub trait LiveOps: Send + Sync {
     /// Serves [`ControlRequest::Snapshot`].
     fn snapshot(&self, device: &str, overlay: &Path, no_create: bool) -> Result<SnapshotReply>;
-    /// Serves [`ControlRequest::Commit`].
-    fn commit(&self, device: &str) -> Result<CommitReply>;
+    /// Serves [`ControlRequest::Commit`]: starts the job.
+    fn commit(&self, device: &str, speed: u64) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::Jobs`].
+    fn jobs(&self) -> Vec<JobInfo>;
+    /// Serves [`ControlRequest::Job`].
+    fn job(&self, id: u64, action: JobAction) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Bitmap`]; returns the bitmaps as they are afterwards.
     fn bitmap(&self, device: &str, req: &BitmapRequest) -> Result<Vec<BitmapEntry>>;
 }
@@ -210,12 +229,15 @@ pub struct ControlReply {
     /// The answer to [`ControlRequest::Snapshot`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReply>,
-    /// The answer to [`ControlRequest::Commit`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit: Option<CommitReply>,
     /// The answer to [`ControlRequest::Bitmap`]: the bitmaps afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<Vec<BitmapEntry>>,
+    /// The answer to [`ControlRequest::Commit`] and [`ControlRequest::Job`]: the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobInfo>,
+    /// The answer to [`ControlRequest::Jobs`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Vec<JobInfo>>,
 }
 
 impl ControlReply {
@@ -225,8 +247,9 @@ impl ControlReply {
             error: None,
             status: None,
             snapshot: None,
-            commit: None,
             bitmaps: None,
+            job: None,
+            jobs: None,
         }
     }
 
@@ -462,9 +485,20 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             },
             Err(e) => ControlReply::err(e),
         },
-        ControlRequest::Commit { device } => match live.commit(&device) {
-            Ok(r) => ControlReply {
-                commit: Some(r),
+        ControlRequest::Commit { device, speed } => match live.commit(&device, speed) {
+            Ok(j) => ControlReply {
+                job: Some(j),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::Jobs => ControlReply {
+            jobs: Some(live.jobs()),
+            ..ControlReply::ok()
+        },
+        ControlRequest::Job { id, action } => match live.job(id, action) {
+            Ok(j) => ControlReply {
+                job: Some(j),
                 ..ControlReply::ok()
             },
             Err(e) => ControlReply::err(e),
@@ -503,7 +537,9 @@ pub const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Sends one request to the daemon at `path`.
 pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply> {
     let timeout = match req {
-        ControlRequest::Ping | ControlRequest::Status => Duration::from_secs(10),
+        ControlRequest::Ping | ControlRequest::Status | ControlRequest::Jobs => {
+            Duration::from_secs(10)
+        }
         _ => LIVE_TIMEOUT,
     };
     request_with_timeout(path, req, timeout)
@@ -533,6 +569,34 @@ pub fn request_with_timeout(
         return Err(Error::Control(r.error.unwrap_or_else(|| "error".into())));
     }
     Ok(r)
+}
+
+/// The job `id` as the daemon at `path` reports it now.
+pub fn job(path: &Path, id: u64) -> Result<JobInfo> {
+    request(path, &ControlRequest::Jobs)?
+        .jobs
+        .unwrap_or_default()
+        .into_iter()
+        .find(|j| j.id == id)
+        .ok_or_else(|| Error::Control(format!("the daemon knows no job {id}")))
+}
+
+/// Polls the job `id` every `every` until it has finished, calling `progress` with each
+/// report; returns the last one (completed, failed or cancelled).
+pub fn wait_job(
+    path: &Path,
+    id: u64,
+    every: Duration,
+    mut progress: impl FnMut(&JobInfo),
+) -> Result<JobInfo> {
+    loop {
+        let j = job(path, id)?;
+        progress(&j);
+        if j.state.finished() {
+            return Ok(j);
+        }
+        std::thread::sleep(every);
+    }
 }
 
 /// The daemon's status (fails clearly when it is not running).

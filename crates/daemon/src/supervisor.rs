@@ -116,8 +116,11 @@ struct Entry {
     /// The disk as served now (a live snapshot changes its image) and the cache mode its
     /// image was opened with; set once the device started.
     spec: Mutex<Option<(DiskSpec, CacheMode)>>,
-    /// Held by a live operation (one at a time per device).
+    /// Held by a live operation (one at a time per device), and by a job around each of its
+    /// pauses of the queues.
     live: Mutex<()>,
+    /// The job running on the device (one at a time), if any.
+    job: Mutex<Option<u64>>,
 }
 
 impl Entry {
@@ -171,6 +174,7 @@ struct Inner {
     wake: Sender<WatchEvent>,
     pending: Mutex<Vec<Wake>>,
     tokens: Tokens,
+    jobs: crate::jobs::Jobs,
 }
 
 #[derive(Clone)]
@@ -229,6 +233,7 @@ impl Supervisor {
             wake: wake.clone(),
             pending: Mutex::new(Vec::new()),
             tokens: tokens.clone(),
+            jobs: crate::jobs::Jobs::default(),
         });
         let xs = inner.platform.xs.clone();
         let mut set = Vec::new();
@@ -330,6 +335,9 @@ impl Supervisor {
     }
 
     fn stop(&mut self) {
+        // Jobs end first (cancelled: each leaves its device and images consistent and
+        // removes its temporary bitmap while the device still runs).
+        self.inner.jobs.cancel_all();
         if let Some(t) = self.thread.take() {
             self.inner.send_wake(Wake::Shutdown);
             let _ = t.join();
@@ -601,6 +609,7 @@ impl Inner {
             host: Mutex::new(None),
             spec: Mutex::new(None),
             live: Mutex::new(()),
+            job: Mutex::new(None),
         });
         lock(&self.entries).insert(key.clone(), entry.clone());
         tracing::info!(device = %key.name(), "serving");
@@ -719,6 +728,7 @@ impl Inner {
             return Ok(());
         }
         let (image, cache) = open_image(&spec)?;
+        drop_job_bitmaps(&image);
         {
             let mut s = lock(&entry.status);
             s.image = Some(spec.shown());
@@ -905,6 +915,7 @@ impl Supervisor {
     ) -> Result<crate::control::SnapshotReply> {
         let entry = self.find(query)?;
         let _one = lock(&entry.live);
+        Self::no_job(&entry)?;
         let (handle, spec, cache) = Self::running(&entry)?;
         let name = entry.key.name();
         if spec.read_only {
@@ -1061,6 +1072,14 @@ impl Supervisor {
         req: &crate::control::BitmapRequest,
     ) -> Result<Vec<crate::control::BitmapEntry>> {
         use crate::control::BitmapAction as A;
+        for n in [&req.name, &req.source].into_iter().flatten() {
+            if req.action != A::List && n.starts_with(JOB_BITMAP_PREFIX) {
+                return Err(Error::Invalid(format!(
+                    "bitmap {n:?}: names beginning with {JOB_BITMAP_PREFIX} are reserved for \
+                     the commit jobs' temporary bitmaps"
+                )));
+            }
+        }
         let entry = self.find(query)?;
         let _one = lock(&entry.live);
         let (handle, _, _) = Self::running(&entry)?;
@@ -1149,9 +1168,16 @@ impl Supervisor {
     /// `params` to it and switches the device over. Until that switch the chain reads as
     /// before (the backing file only changes where the top has data), so a failure or a
     /// crash at any point leaves a valid chain: `params` names the top until the pivot.
-    pub fn commit(&self, query: &str) -> Result<crate::control::CommitReply> {
+    ///
+    /// The checks and the bitmap's creation happen before this returns; the copy runs as a
+    /// background job (see [`crate::jobs`]) limited to `speed` bytes per second (0: no
+    /// limit), in chunks between which the guest's requests go first. Cancelling it before
+    /// the pivot leaves the device on its top and removes the bitmap; while it runs, the
+    /// device takes no other live snapshot or commit.
+    pub fn commit(&self, query: &str, speed: u64) -> Result<crate::jobs::JobInfo> {
         let entry = self.find(query)?;
-        let _one = lock(&entry.live);
+        let one = lock(&entry.live);
+        Self::no_job(&entry)?;
         let (handle, spec, cache) = Self::running(&entry)?;
         let name = entry.key.name();
         if spec.read_only {
@@ -1214,12 +1240,13 @@ impl Supervisor {
         })?;
         static JOB: AtomicU64 = AtomicU64::new(0);
         let bitmap = format!(
-            "xdisk-commit-{}-{}",
+            "{JOB_BITMAP_PREFIX}{}-{}",
             std::process::id(),
             JOB.fetch_add(1, Ordering::Relaxed)
         );
         let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
         let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
+        let total = allocated_bytes(&top).map_err(fail)?;
         {
             let b = bitmap.clone();
             handle
@@ -1232,58 +1259,155 @@ impl Supervisor {
                 }))
                 .map_err(fail)?;
         }
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Commit, &name, speed, total);
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = CommitRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            base_rw,
+            bitmap,
+            xs: self.inner.platform.xs.clone(),
+            new_params,
+            base_path,
+            base_fmt,
+            tag,
+            cache,
+            spec,
+        };
+        let spawned = self.inner.jobs.spawn(&job, move || run.run());
+        if let Err(e) = spawned {
+            // The closure (and its bitmap cleanup) never ran.
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), speed, "commit job started");
+        Ok(job.info())
+    }
+
+    /// Fails if a job runs on the device.
+    fn no_job(entry: &Entry) -> Result<()> {
+        match *lock(&entry.job) {
+            Some(id) => Err(Error::Invalid(format!(
+                "{}: job {id} runs on it (xdisk jobs; xdisk job cancel {id})",
+                entry.key.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The daemon's jobs, running and finished (see [`crate::jobs`]).
+    pub fn jobs(&self) -> Vec<crate::jobs::JobInfo> {
+        self.inner.jobs.list()
+    }
+
+    /// Cancels, pauses or resumes a job.
+    pub fn job_control(
+        &self,
+        id: u64,
+        action: crate::jobs::JobAction,
+    ) -> Result<crate::jobs::JobInfo> {
+        self.inner.jobs.control(id, action)
+    }
+}
+
+/// Names of the temporary bitmaps of commit jobs (`xdisk-commit-<pid>-<n>`): reserved (the
+/// bitmap commands refuse them), and removed from a device's top image when a daemon opens
+/// it (one left by a daemon killed mid-commit; it is `in_use` and useless).
+pub const JOB_BITMAP_PREFIX: &str = "xdisk-commit-";
+
+/// A commit job's thread (see [`Supervisor::commit`]).
+struct CommitRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    base_rw: Arc<Image>,
+    bitmap: String,
+    xs: Arc<Client>,
+    new_params: String,
+    base_path: std::path::PathBuf,
+    base_fmt: Format,
+    tag: &'static str,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl CommitRun {
+    fn run(self) {
+        let name = self.entry.key.name();
         let started = std::time::Instant::now();
-        let r = self.commit_copy(&handle, &top, &base_rw, &bitmap, &entry.be, &new_params);
-        let (copied, passes, paused_us) = match r {
-            Ok(v) => v,
+        let r = self.copy();
+        let result = match r {
+            Ok((copied, passes, paused_us)) => {
+                let new_spec = DiskSpec {
+                    path: self.base_path.clone(),
+                    format: Some(self.base_fmt),
+                    format_tag: self.tag.into(),
+                    ..self.spec.clone()
+                };
+                let now = self.handle.image();
+                {
+                    let mut st = lock(&self.entry.status);
+                    st.image = Some(new_spec.shown());
+                    st.format = Some(self.base_fmt.as_str().to_owned());
+                    st.chain = ChainLayer::of(&now);
+                }
+                *lock(&self.entry.spec) = Some((new_spec, self.cache));
+                tracing::info!(device = %name, job = self.job.id(), base = %self.base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
+                Ok(Some(crate::control::CommitReply {
+                    device: name.clone(),
+                    image: self.base_path.display().to_string(),
+                    format: self.base_fmt.as_str().to_owned(),
+                    copied_bytes: copied,
+                    passes,
+                    paused_us,
+                }))
+            }
             Err(e) => {
                 // The device still serves the top: drop the tracking bitmap.
-                let b = bitmap.clone();
-                let _ = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                let b = self.bitmap.clone();
+                let _one = lock(&self.entry.live);
+                let removed = self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
                     if let Some(q) = img.as_qcow2() {
-                        let _ = q.remove_bitmap(&b);
+                        q.remove_bitmap(&b)?;
                     }
                     Ok(None)
                 }));
-                return Err(fail(e));
+                if let Err(r) = removed {
+                    tracing::warn!(device = %name, bitmap = %self.bitmap, "cannot remove the commit's bitmap: {r} (a daemon opening the image removes it)");
+                }
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "commit cancelled; the device still serves its top");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "commit failed: {e}");
+                }
+                Err(format!("commit of {name}: {e}"))
             }
         };
-        let new_spec = DiskSpec {
-            path: base_path.clone(),
-            format: Some(base_fmt),
-            format_tag: tag.into(),
-            ..spec
-        };
-        let now = handle.image();
-        {
-            let mut st = lock(&entry.status);
-            st.image = Some(new_spec.shown());
-            st.format = Some(base_fmt.as_str().to_owned());
-            st.chain = ChainLayer::of(&now);
-        }
-        *lock(&entry.spec) = Some((new_spec, cache));
-        tracing::info!(device = %name, base = %base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
-        Ok(crate::control::CommitReply {
-            device: name,
-            image: base_path.display().to_string(),
-            format: base_fmt.as_str().to_owned(),
-            copied_bytes: copied,
-            passes,
-            paused_us,
-        })
+        // The images this job held go first (an old top's last reference closes it), so
+        // that whoever sees the job finished finds them closed.
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
     }
 
-    /// The copy passes and the pivot of [`Supervisor::commit`]; returns the bytes copied,
-    /// the passes and the last pause (microseconds).
-    fn commit_copy(
-        &self,
-        handle: &xdisk_backend::DeviceHandle,
-        top: &Arc<Image>,
-        base_rw: &Arc<Image>,
-        bitmap: &str,
-        be: &str,
-        new_params: &str,
-    ) -> xdisk_backend::Result<(u64, u32, u64)> {
+    /// [`Device::quiesce`] with the device's live lock held (one pause at a time).
+    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(f)
+    }
+
+    /// The copy passes and the pivot; returns the bytes copied, the passes and the last
+    /// pause (microseconds).
+    fn copy(&self) -> xdisk_backend::Result<(u64, u32, u64)> {
         /// Passes before the last one copies what is left with the queues paused.
         const MAX_PASSES: u32 = 16;
         /// Dirty bytes small enough to copy with the queues paused.
@@ -1292,13 +1416,14 @@ impl Supervisor {
         /// run anyway (its copy pauses the guest); more fails the commit (the guest writes
         /// faster than the copy goes).
         const MAX_FINAL_BYTES: u64 = 64 << 20;
-        let mut copied = copy_allocated(top, base_rw)?;
+        let (top, base_rw, bitmap, job) = (&self.top, &self.base_rw, &self.bitmap, &*self.job);
+        let mut copied = copy_allocated(top, base_rw, job)?;
         let mut passes = 1u32;
         loop {
             // Take the bits written since the last take, with nothing in flight.
             let taken = Arc::new(Mutex::new(Vec::new()));
             let (t2, b2) = (taken.clone(), bitmap.to_owned());
-            handle.quiesce(Box::new(move |img: &Arc<Image>| {
+            self.quiesce(Box::new(move |img: &Arc<Image>| {
                 let q = img
                     .as_qcow2()
                     .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
@@ -1308,7 +1433,8 @@ impl Supervisor {
             }))?;
             let ranges = std::mem::take(&mut *lock(&taken));
             let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-            copied += copy_ranges(top, base_rw, &ranges)?;
+            job.add_total(bytes);
+            copied += copy_ranges(top, base_rw, &ranges, Some(job))?;
             passes += 1;
             if bytes <= FINAL_BYTES {
                 break;
@@ -1324,17 +1450,18 @@ impl Supervisor {
                 break;
             }
         }
-        // The pivot: the rest with the queues paused.
+        // Last chance to cancel: the pivot is not interrupted.
+        job.checkpoint(0).map_err(job_stopped)?;
         let started = std::time::Instant::now();
         let last = Arc::new(Mutex::new(0u64));
         let (l2, b2) = (last.clone(), bitmap.to_owned());
         let (base2, top2) = (base_rw.clone(), top.clone());
         let (xs, be, params) = (
-            self.inner.platform.xs.clone(),
-            be.to_owned(),
-            new_params.to_owned(),
+            self.xs.clone(),
+            self.entry.be.clone(),
+            self.new_params.clone(),
         );
-        handle.quiesce(Box::new(move |img: &Arc<Image>| {
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
             if !Arc::ptr_eq(img, &top2) {
                 return Err(xdisk_backend::Error::Live("the top image changed".into()));
             }
@@ -1342,7 +1469,7 @@ impl Supervisor {
                 .as_qcow2()
                 .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
             let ranges = q.bitmap(&b2)?.dirty_ranges();
-            *lock(&l2) = copy_ranges(img, &base2, &ranges)?;
+            *lock(&l2) = copy_ranges(img, &base2, &ranges, None)?;
             // Everything the guest wrote is in the backing file now, durably.
             base2.flush()?;
             q.remove_bitmap(&b2)?;
@@ -1353,17 +1480,41 @@ impl Supervisor {
                 rollback: Box::new(|| {}),
             }))
         }))?;
-        copied += *lock(&last);
+        let last = *lock(&last);
+        job.checkpoint(last).map_err(job_stopped).ok();
+        copied += last;
         let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         Ok((copied, passes + 1, paused_us))
     }
 }
 
-/// Chunk of the commit's copies.
-const COPY_CHUNK: u64 = 1 << 20;
+fn job_stopped(e: crate::jobs::Cancelled) -> xdisk_backend::Error {
+    xdisk_backend::Error::Live(e.to_string())
+}
 
-/// Copies every range allocated in `top` (data or zeroes) into `base`; returns the bytes.
-fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
+/// Chunk of the jobs' copies: between two, the guest's requests go first (see
+/// [`crate::jobs::Job::checkpoint`]).
+const COPY_CHUNK: u64 = 256 << 10;
+
+/// Bytes allocated in `top` (data or zeroes): what a commit copies in its first pass.
+fn allocated_bytes(top: &Image) -> xdisk_backend::Result<u64> {
+    let size = top.size();
+    let (mut off, mut n) = (0, 0);
+    while off < size {
+        let want = (size - off).min(1 << 30);
+        let st = top.layer_status(off, want)?;
+        let len = st.len().clamp(1, want);
+        if !matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
+            n += len;
+        }
+        off += len;
+    }
+    Ok(n)
+}
+
+/// Copies every range allocated in `top` (data or zeroes) into `base`, chunk by chunk with
+/// a [`crate::jobs::Job::checkpoint`] between two; returns the bytes.
+fn copy_allocated(top: &Image, base: &Image, job: &crate::jobs::Job) -> xdisk_backend::Result<u64> {
     let size = top.size();
     let mut off = 0;
     let mut copied = 0;
@@ -1377,10 +1528,12 @@ fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
             xdisk_image::LayerStatus::Zero { .. } => {
                 base.write_zeroes(off, len, false)?;
                 copied += len;
+                job.checkpoint(len).map_err(job_stopped)?;
             }
             xdisk_image::LayerStatus::Data { .. } => {
                 copy_one(top, base, off, len, &mut buf)?;
                 copied += len;
+                job.checkpoint(len).map_err(job_stopped)?;
             }
         }
         off += len;
@@ -1388,8 +1541,15 @@ fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
     Ok(copied)
 }
 
-/// Copies byte ranges (from a dirty bitmap) of `top` into `base`; returns the bytes.
-fn copy_ranges(top: &Image, base: &Image, ranges: &[(u64, u64)]) -> xdisk_backend::Result<u64> {
+/// Copies byte ranges (from a dirty bitmap) of `top` into `base`, with a
+/// [`crate::jobs::Job::checkpoint`] between two chunks if `job` is given (not with the queues
+/// paused); returns the bytes.
+fn copy_ranges(
+    top: &Image,
+    base: &Image,
+    ranges: &[(u64, u64)],
+    job: Option<&crate::jobs::Job>,
+) -> xdisk_backend::Result<u64> {
     let mut buf = Vec::new();
     let mut copied = 0;
     for &(o, l) in ranges {
@@ -1400,6 +1560,9 @@ fn copy_ranges(top: &Image, base: &Image, ranges: &[(u64, u64)]) -> xdisk_backen
             copy_one(top, base, off, len, &mut buf)?;
             copied += len;
             off += len;
+            if let Some(j) = job {
+                j.checkpoint(len).map_err(job_stopped)?;
+            }
         }
     }
     Ok(copied)
@@ -1421,8 +1584,16 @@ fn copy_one(
 }
 
 impl crate::control::LiveOps for Supervisor {
-    fn commit(&self, device: &str) -> Result<crate::control::CommitReply> {
-        Supervisor::commit(self, device)
+    fn commit(&self, device: &str, speed: u64) -> Result<crate::jobs::JobInfo> {
+        Supervisor::commit(self, device, speed)
+    }
+
+    fn jobs(&self) -> Vec<crate::jobs::JobInfo> {
+        Supervisor::jobs(self)
+    }
+
+    fn job(&self, id: u64, action: crate::jobs::JobAction) -> Result<crate::jobs::JobInfo> {
+        Supervisor::job_control(self, id, action)
     }
 
     fn snapshot(
@@ -1440,6 +1611,26 @@ impl crate::control::LiveOps for Supervisor {
         req: &crate::control::BitmapRequest,
     ) -> Result<Vec<crate::control::BitmapEntry>> {
         Supervisor::bitmap(self, device, req)
+    }
+}
+
+/// Removes the temporary bitmaps of commit jobs ([`JOB_BITMAP_PREFIX`]) that a daemon
+/// stopped mid-commit (killed, or unable to remove them) left in a writable qcow2 image.
+fn drop_job_bitmaps(image: &Image) {
+    let Some(q) = image.as_qcow2().filter(|_| !image.read_only()) else {
+        return;
+    };
+    for b in q.bitmaps() {
+        if b.name.starts_with(JOB_BITMAP_PREFIX) {
+            match q.remove_bitmap(&b.name) {
+                Ok(()) => {
+                    tracing::info!(bitmap = %b.name, "removed the temporary bitmap of an interrupted commit")
+                }
+                Err(e) => {
+                    tracing::warn!(bitmap = %b.name, "cannot remove the temporary bitmap of an interrupted commit: {e}")
+                }
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use common::*;
 use xdisk_blkfront::{FrontConfig, Frontend, Op};
 use xdisk_blkif::wire::Status;
 use xdisk_daemon::control::{self, BitmapAction, ControlRequest, ControlServer};
+use xdisk_daemon::jobs::{JobAction, JobInfo, JobKind, JobState};
 use xdisk_daemon::{Supervisor, SupervisorConfig};
 
 const BLOCK: usize = 4096;
@@ -127,6 +128,37 @@ impl Daemon {
         }
     }
 
+    /// Starts a commit job.
+    fn commit_job(&self, dev: &str, speed: u64) -> xdisk_daemon::Result<JobInfo> {
+        control::request(
+            &self.sock,
+            &ControlRequest::Commit {
+                device: dev.into(),
+                speed,
+            },
+        )
+        .map(|r| r.job.unwrap())
+    }
+
+    /// Waits for a job's end.
+    fn wait(&self, id: u64) -> JobInfo {
+        control::wait_job(&self.sock, id, Duration::from_millis(20), |_| {}).unwrap()
+    }
+
+    /// A commit job, waited for: its result, or why it failed.
+    fn commit(&self, dev: &str) -> Result<control::CommitReply, String> {
+        let j = self.commit_job(dev, 0).map_err(|e| e.to_string())?;
+        let end = self.wait(j.id);
+        match end.state {
+            JobState::Completed => Ok(end.commit.unwrap()),
+            _ => Err(format!("{end:?}")),
+        }
+    }
+
+    fn job(&self, id: u64, action: JobAction) -> xdisk_daemon::Result<JobInfo> {
+        control::request(&self.sock, &ControlRequest::Job { id, action }).map(|r| r.job.unwrap())
+    }
+
     fn image_of(&self, dev: &str) -> String {
         let st = control::status(&self.sock).unwrap();
         let d = st.devices.iter().find(|d| d.matches(dev)).unwrap();
@@ -138,9 +170,20 @@ impl Daemon {
 /// two on one block at once) with a flush every 16 writes and an empty barrier every 64,
 /// until `stop`; returns the frontend and every write, in completion order.
 fn writer(
+    front: Frontend,
+    stop: Arc<AtomicBool>,
+    first_version: u64,
+) -> std::thread::JoinHandle<(Frontend, Vec<WriteRec>)> {
+    paced_writer(front, stop, first_version, Arc::new(AtomicU64::new(0)))
+}
+
+/// [`writer`], submitting one write at a time with a pause of `pace` microseconds between
+/// two while `pace` is not 0 (a guest that writes less).
+fn paced_writer(
     mut front: Frontend,
     stop: Arc<AtomicBool>,
     first_version: u64,
+    pace: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<(Frontend, Vec<WriteRec>)> {
     std::thread::spawn(move || {
         let nq = front.info().queues.max(1);
@@ -159,7 +202,13 @@ fn writer(
         let mut n = 0u64;
         loop {
             let stopping = stop.load(Ordering::SeqCst);
-            while !stopping && inflight.len() < 8 * nq {
+            let pace_us = pace.load(Ordering::SeqCst);
+            let mut room = if pace_us > 0 { 1 } else { usize::MAX };
+            if pace_us > 0 {
+                std::thread::sleep(Duration::from_micros(pace_us));
+            }
+            while !stopping && inflight.len() < 8 * nq && room > 0 {
+                room -= 1;
                 let block = next() % BLOCKS;
                 if !busy_blocks.insert(block) {
                     continue;
@@ -557,17 +606,9 @@ fn active_commit_under_writes_merges_the_overlay_and_pivots_to_the_base() {
     let base_params = format!("qcow2:{}", disk.path.display());
     d.host.add_qdisk(1, 51712, &base_params, &[]);
     let front = connect_with(&dom, 51712, front_cfg());
-    let commit = |d: &Daemon| {
-        control::request(
-            &d.sock,
-            &ControlRequest::Commit {
-                device: "xvda".into(),
-            },
-        )
-        .map(|r| r.commit.unwrap())
-    };
+    let commit = |d: &Daemon| d.commit("xvda");
     // Nothing to commit without a backing file.
-    let e = commit(&d).unwrap_err().to_string();
+    let e = commit(&d).unwrap_err();
     assert!(e.contains("no backing file"), "{e}");
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(front, stop.clone(), 2_000_000);
@@ -934,6 +975,15 @@ fn control_socket_refuses_malformed_live_requests() {
         r#"{"cmd":"bitmap","device":"xvda","action":"add","name":"b","granularity":18446744073709551615}"#.into(),
         r#"{"cmd":"bitmap","device":"xvda","action":"merge","name":"b"}"#.into(),
         r#"{"cmd":"bitmap","device":"xvda","action":"remove","name":"nosuch"}"#.into(),
+        r#"{"cmd":"bitmap","device":"xvda","action":"add","name":"xdisk-commit-1-1"}"#.into(),
+        r#"{"cmd":"commit","device":"xvda"}"#.into(),
+        r#"{"cmd":"commit","device":"xvda","speed":-1}"#.into(),
+        r#"{"cmd":"commit","device":"xvda","speed":"fast"}"#.into(),
+        r#"{"cmd":"job","id":1,"action":"cancel"}"#.into(),
+        r#"{"cmd":"job","id":-1,"action":"cancel"}"#.into(),
+        r#"{"cmd":"job","id":1}"#.into(),
+        r#"{"cmd":"job","id":1,"action":"explode"}"#.into(),
+        r#"{"cmd":"job","id":18446744073709551615,"action":"pause"}"#.into(),
     ];
     for req in &requests {
         let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
@@ -972,6 +1022,199 @@ fn control_socket_refuses_malformed_live_requests() {
     check_image(&disk.path, &writes);
 }
 
+/// The names of an image's persistent bitmaps, as `qemu-img info` reads them.
+fn bitmap_names(image: &Path) -> Vec<String> {
+    let info = qemu_img(&["info", "-U", "--output=json", image.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| b["name"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A commit runs as a background job while the guest writes: paused (it copies nothing
+/// more, and the device takes no other live operation meanwhile), resumed, cancelled (the
+/// device stays on its top, the temporary bitmap is gone, the chain reads as before), then
+/// a second one limited by `--speed` takes at least about as long as its first pass needs
+/// at that speed and pivots; the frontend reads its model, qemu-img checks both images
+/// clean and reads the model from the base.
+#[test]
+fn commit_job_pause_resume_cancel_and_speed_under_writes() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("tmp.qcow2");
+    let dom = d.host.guest(1);
+    let base_params = format!("qcow2:{}", disk.path.display());
+    d.host.add_qdisk(1, 51712, &base_params, &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 3_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    std::thread::sleep(Duration::from_millis(600));
+
+    // Slow enough to be caught running: 512 KiB/s.
+    let j = d.commit_job("xvda", 512 << 10).expect("commit job");
+    assert_eq!(j.kind, JobKind::Commit);
+    assert_eq!(j.device, "qdisk/1/51712");
+    assert_eq!(j.speed, 512 << 10);
+    assert!(j.total_bytes > 0, "{j:?}");
+    // One job per device.
+    let e = d.commit_job("xvda", 0).unwrap_err().to_string();
+    assert!(e.contains("runs on it"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    let p = d.job(j.id, JobAction::Pause).expect("pause");
+    assert_eq!(p.state, JobState::Paused);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.job(j.id, JobAction::Pause).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let after = d.job(j.id, JobAction::Pause).unwrap();
+    assert_eq!(after.state, JobState::Paused);
+    assert_eq!(before.done_bytes, after.done_bytes, "a paused job copied");
+    let e = d
+        .snapshot("xvda", &disk.dir.path().join("no.qcow2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("runs on it"), "{e}");
+    let jobs = control::request(&d.sock, &ControlRequest::Jobs)
+        .unwrap()
+        .jobs
+        .unwrap();
+    assert!(jobs
+        .iter()
+        .any(|x| x.id == j.id && x.state == JobState::Paused));
+    assert_eq!(
+        d.job(j.id, JobAction::Resume).unwrap().state,
+        JobState::Running
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Cancelled, "{end:?}");
+    assert!(end.done_bytes > after.done_bytes, "{end:?}");
+    let e = d.job(j.id, JobAction::Resume).unwrap_err().to_string();
+    assert!(e.contains("cancelled"), "{e}");
+    // Still on the overlay, over the base, without the temporary bitmap.
+    assert_eq!(d.image_of("xvda"), overlay.display().to_string());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", overlay.display()).as_str())
+    );
+    let list = control::request(
+        &d.sock,
+        &ControlRequest::Bitmap {
+            device: "xvda".into(),
+            action: BitmapAction::List,
+            name: None,
+            granularity: None,
+            disabled: false,
+            source: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(list.bitmaps, Some(vec![]));
+
+    // Limited to 4 MiB/s: the first pass alone needs total/speed. The guest writes less
+    // (every 4 KiB write dirties a 64 KiB granule): a copy slower than the guest's writes
+    // would not converge.
+    pace.store(30_000, Ordering::SeqCst);
+    let speed = 4u64 << 20;
+    let t0 = Instant::now();
+    let j2 = d.commit_job("xvda", speed).expect("second commit job");
+    let end = d.wait(j2.id);
+    let took = t0.elapsed();
+    eprintln!("cancelled: {j:?}\nsecond: {end:?} in {took:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let want_min = Duration::from_secs_f64(j2.total_bytes as f64 / speed as f64 / 2.0);
+    assert!(
+        took >= want_min,
+        "{took:?} < {want_min:?} for {} bytes",
+        j2.total_bytes
+    );
+    let r = end.commit.clone().unwrap();
+    assert_eq!(r.image, disk.path.display().to_string());
+    assert!(end.done_bytes >= j2.total_bytes, "{end:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    assert_eq!(d.image_of("xvda"), disk.path.display().to_string());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(base_params.as_str())
+    );
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    let jobs = control::request(&d.sock, &ControlRequest::Jobs)
+        .unwrap()
+        .jobs
+        .unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    d.stop();
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    assert!(
+        contents(&disk.path) == want,
+        "the base differs from the model"
+    );
+    assert!(bitmap_names(&disk.path).is_empty());
+    assert!(bitmap_names(&overlay).is_empty());
+}
+
+/// A daemon shut down while a commit job runs cancels it: the device's top keeps the chain
+/// valid, no temporary bitmap is left, every image is clean.
+#[test]
+fn shutdown_mid_commit_job_cancels_it_cleanly() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("tmp.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let before = round_trip(&mut front, 41);
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    for i in 0..32u64 {
+        front.write(i * 512, &pattern(500 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    let j = d.commit_job("xvda", 256 << 10).expect("commit job");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut want = vec![0u8; DISK as usize];
+    for (s, data) in &before {
+        let o = *s as usize * 512;
+        want[o..o + data.len()].copy_from_slice(data);
+    }
+    for i in 0..32u64 {
+        let o = (i * 512 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(500 + i, 65536));
+    }
+    let host = d.stop();
+    drop(front);
+    drop(host);
+    eprintln!("job at shutdown: {j:?}");
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    assert!(contents(&overlay) == want, "the chain lost data");
+    assert!(
+        bitmap_names(&overlay).is_empty(),
+        "{:?}",
+        bitmap_names(&overlay)
+    );
+}
+
 const COMMIT_KILL_CHILD: &str = "XDISK_LIVE_COMMIT_KILL_CHILD";
 
 /// The child of [`sigkill_mid_commit_leaves_a_valid_chain`] (does nothing unless run by
@@ -1005,12 +1248,7 @@ fn commit_kill_child() {
     }
     front.flush().unwrap();
     println!("COMMIT-READY");
-    let r = control::request(
-        &d.sock,
-        &ControlRequest::Commit {
-            device: "xvda".into(),
-        },
-    );
+    let r = d.commit("xvda");
     println!("COMMIT-DONE {}", r.is_ok());
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -1098,15 +1336,15 @@ fn sigkill_mid_commit_leaves_a_valid_chain() {
                 .device("qdisk/1/51712")
                 .is_some_and(|s| s.phase == xdisk_daemon::status::Phase::Running)
         });
-        control::request(
-            &d.sock,
-            &ControlRequest::Commit {
-                device: "qdisk/1/51712".into(),
-            },
-        )
-        .expect("commit after the restart");
+        d.commit("qdisk/1/51712").expect("commit after the restart");
         d.stop();
         check_no_corruption(&base);
+        // The temporary bitmap a kill left in the top was removed when it was opened again.
+        assert!(
+            bitmap_names(&top).is_empty(),
+            "round {round}: {:?}",
+            bitmap_names(&top)
+        );
         assert!(contents(&base) == want, "round {round}: the base differs");
     }
 }
