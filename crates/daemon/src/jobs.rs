@@ -376,6 +376,37 @@ impl Jobs {
         Ok(job.info())
     }
 
+    /// Cancels the jobs of `device` (a device that stops) and waits, at most `timeout`, for
+    /// each to end (the job's images are then closed before the device's image is opened
+    /// again).
+    pub fn cancel_device(&self, device: &str, timeout: Duration) {
+        let jobs: Vec<Arc<Job>> = lock(&self.jobs)
+            .values()
+            .filter(|j| j.device == device)
+            .cloned()
+            .collect();
+        for j in &jobs {
+            if j.control(JobAction::Cancel).is_ok() {
+                tracing::info!(device, job = j.id, "the device stops: its job is cancelled");
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        for j in &jobs {
+            let mut s = lock(&j.st);
+            while !s.state.finished() {
+                let now = Instant::now();
+                if now >= deadline {
+                    tracing::warn!(device, job = j.id, "the job does not end");
+                    break;
+                }
+                s =
+                    j.cv.wait_timeout(s, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+            }
+        }
+    }
+
     /// Cancels every running job and waits for their threads (each leaves its images
     /// consistent).
     pub fn cancel_all(&self) {

@@ -641,6 +641,10 @@ impl Inner {
         );
         let _guard = span.enter();
         let r = catch_unwind(AssertUnwindSafe(|| self.serve(&entry, &stop)));
+        // Its job ends first (cancelled; its cleanup runs while the device may still
+        // answer), so that no job holds the image when the device is started again.
+        self.jobs
+            .cancel_device(&entry.key.name(), Duration::from_secs(60));
         // The device is gone whatever happened (a panic unwinding through `serve` dropped
         // it, which shut it down). Taken out first: the lock must not be held across the
         // shutdown, or `xdisk stat` (Entry::snapshot) would wait for it.

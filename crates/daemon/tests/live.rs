@@ -1215,6 +1215,50 @@ fn shutdown_mid_commit_job_cancels_it_cleanly() {
     );
 }
 
+/// A device removed by the toolstack while its commit job is paused: the job is cancelled
+/// (it would otherwise hold the old image), the chain stays valid and clean.
+#[test]
+fn removing_the_device_cancels_its_paused_job() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("tmp.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    for i in 0..16u64 {
+        front.write(i * 512, &pattern(700 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    let j = d.commit_job("xvda", 256 << 10).expect("commit job");
+    d.job(j.id, JobAction::Pause).expect("pause");
+    std::thread::sleep(Duration::from_millis(100));
+    d.host.remove_disk("qdisk", 1, 51712);
+    wait_until("the job ends", T, || {
+        control::request(&d.sock, &ControlRequest::Jobs)
+            .unwrap()
+            .jobs
+            .unwrap()
+            .iter()
+            .any(|x| x.id == j.id && x.state == JobState::Cancelled)
+    });
+    drop(front);
+    d.stop();
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    let got = contents(&overlay);
+    for i in 0..16u64 {
+        let o = (i * 512 * 512) as usize;
+        assert!(got[o..o + 65536] == pattern(700 + i, 65536), "block {i}");
+    }
+    // The temporary bitmap is gone, or (if the device had stopped before the job could
+    // remove it) left under its reserved name for the next open to remove.
+    for b in bitmap_names(&overlay) {
+        assert!(b.starts_with("xdisk-commit-"), "{b}");
+    }
+}
+
 const COMMIT_KILL_CHILD: &str = "XDISK_LIVE_COMMIT_KILL_CHILD";
 
 /// The child of [`sigkill_mid_commit_leaves_a_valid_chain`] (does nothing unless run by
