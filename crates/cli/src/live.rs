@@ -1,4 +1,4 @@
-//! `xdisk snapshot`, `xdisk commit`, `xdisk jobs`, `xdisk job` and `xdisk bitmap`: live
+//! `xdisk snapshot`, `xdisk commit`, `xdisk stream`, `xdisk jobs`, `xdisk job` and `xdisk bitmap`: live
 //! operations on a running device of `xdisk serve`, over its control socket (issue #14).
 
 use std::path::{Path, PathBuf};
@@ -36,6 +36,30 @@ pub struct SnapshotArgs {
 pub struct CommitArgs {
     /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
     device: String,
+    /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
+    #[arg(long, value_name = "BYTES/S")]
+    speed: Option<String>,
+    /// Wait until the job ends, printing its progress (to stderr); the exit status is
+    /// non-zero if it failed or was cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// JSON output (the job as it started, or with --wait as it ended).
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StreamArgs {
+    /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
+    device: String,
+    /// The layer of the chain that stays the top's backing file (its path; `xdisk stat`
+    /// shows the chain); only the layers above it are copied. Default: all, and the top
+    /// keeps no backing file.
+    #[arg(long, value_name = "IMG")]
+    base: Option<PathBuf>,
     /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
     #[arg(long, value_name = "BYTES/S")]
     speed: Option<String>,
@@ -195,11 +219,15 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
     Ok(0)
 }
 
+fn parse_speed(v: &Option<String>) -> Result<u64> {
+    match v {
+        Some(v) => parse_size(v).map_err(|e| anyhow!("--speed {v}: {e}")),
+        None => Ok(0),
+    }
+}
+
 pub fn commit(a: CommitArgs) -> Result<i32> {
-    let speed = match &a.speed {
-        Some(v) => parse_size(v).map_err(|e| anyhow!("--speed {v}: {e}"))?,
-        None => 0,
-    };
+    let speed = parse_speed(&a.speed)?;
     let reply = control::request(
         &a.control,
         &ControlRequest::Commit {
@@ -210,28 +238,54 @@ pub fn commit(a: CommitArgs) -> Result<i32> {
     let j = reply
         .job
         .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
-    if !a.wait {
-        if a.json {
+    follow(&a.control, j, a.wait, a.json)
+}
+
+pub fn stream(a: StreamArgs) -> Result<i32> {
+    let speed = parse_speed(&a.speed)?;
+    let base = match &a.base {
+        Some(b) => Some(
+            absolute(b)?
+                .to_str()
+                .ok_or_else(|| anyhow!("{}: the path is not UTF-8", b.display()))?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let reply = control::request(
+        &a.control,
+        &ControlRequest::Stream {
+            device: a.device.clone(),
+            base,
+            speed,
+        },
+    )?;
+    let j = reply
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    follow(&a.control, j, a.wait, a.json)
+}
+
+/// Prints a job just started, or waits for its end (`--wait`) and prints that.
+fn follow(sock: &Path, j: JobInfo, wait: bool, json: bool) -> Result<i32> {
+    if !wait {
+        if json {
             println!("{}", serde_json::to_string_pretty(&j)?);
         } else {
             println!(
-                "{}: commit started as job {} (xdisk jobs; xdisk commit --wait waits)",
-                j.device, j.id
+                "{}: {} started as job {} (xdisk jobs; --wait waits)",
+                j.device,
+                j.kind.as_str(),
+                j.id
             );
         }
         return Ok(0);
     }
-    let json = a.json;
-    let end = control::wait_job(
-        &a.control,
-        j.id,
-        std::time::Duration::from_millis(250),
-        |j| {
-            if !json {
-                eprintln!("job {}: {}", j.id, progress(j));
-            }
-        },
-    )?;
+    let end = control::wait_job(sock, j.id, std::time::Duration::from_millis(250), |j| {
+        if !json {
+            eprintln!("job {}: {}", j.id, progress(j));
+        }
+    })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&end)?);
     } else if let Some(r) = &end.commit {
@@ -242,6 +296,15 @@ pub fn commit(a: CommitArgs) -> Result<i32> {
             r.format,
             r.copied_bytes,
             r.passes,
+            r.paused_us as f64 / 1000.0
+        );
+    } else if let Some(r) = &end.stream {
+        println!(
+            "{}: streamed into {} ({} bytes copied); its backing file is now {}; the switch paused the queues {:.1} ms",
+            r.device,
+            r.image,
+            r.copied_bytes,
+            r.backing.as_deref().unwrap_or("none"),
             r.paused_us as f64 / 1000.0
         );
     }

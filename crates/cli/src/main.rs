@@ -96,6 +96,14 @@ enum Command {
         after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda --wait                         # merge it back, serve vm.qcow2 again\n  xdisk commit xvda --speed 50M                    # in the background, at most 50 MiB/s\n  xdisk jobs\n  xdisk job pause 1; xdisk job resume 1; xdisk job cancel 1"
     )]
     Commit(live::CommitArgs),
+    /// Streams a running device's backing data into its top qcow2 image (what the top does
+    /// not hold, from the layers above --base, or from all of them), while the guest keeps
+    /// writing (its writes win: each chunk is copied with the queues paused), then makes
+    /// --base the top's backing file, or leaves it none. A background job, like commit.
+    #[command(
+        after_long_help = "Examples:\n  xdisk stream xvda --wait                        # the top alone holds the disk\n  xdisk stream xvda --base /var/lib/images/vm.qcow2 --speed 20M\n  xdisk jobs"
+    )]
+    Stream(live::StreamArgs),
     /// Lists the daemon's background jobs (running, paused, and the last finished ones):
     /// ID, type, device, state, bytes done/total, speed limit.
     #[command(after_long_help = "Examples:\n  xdisk jobs\n  xdisk jobs --json")]
@@ -207,6 +215,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Detach(a) => daemon::detach(a),
         Command::Snapshot(a) => live::snapshot(a),
         Command::Commit(a) => live::commit(a),
+        Command::Stream(a) => live::stream(a),
         Command::Jobs(a) => live::jobs(a),
         Command::Job(a) => live::job(a),
         Command::Bitmap(a) => live::bitmap(a),

@@ -444,6 +444,47 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     assert!(!ok && err.contains("no job 99"), "{err}");
     let (ok, _, err) = run(&["job", "stop", "2", "--socket", sock_s]);
     assert!(!ok && err.contains("invalid value"), "{err}");
+    // xdisk stream: --base named relative to the working directory.
+    let (ok, _, err) = in_dir(&["snapshot", "xvda", "snap3.qcow2", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = in_dir(&[
+        "stream",
+        "xvda",
+        "--base",
+        "nosuch.qcow2",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(!ok && err.contains("not a layer under the top"), "{err}");
+    let (ok, out, err) = in_dir(&[
+        "stream",
+        "xvda",
+        "--base",
+        "disk.qcow2",
+        "--wait",
+        "--json",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "stream", "{out}");
+    assert_eq!(v["state"], "completed", "{out}");
+    assert_eq!(v["stream"]["backing"], img_s, "{out}");
+    let (ok, out, err) = run(&[
+        "stream", "xvda", "--speed", "1M", "--wait", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("its backing file is now none"), "{out}");
+    assert!(err.contains("completed"), "{err}");
+    let snap3 = dir.path().join("snap3.qcow2");
+    let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["chain"].as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(v[0]["image"], snap3.to_str().unwrap(), "{out}");
+    let (ok, _, err) = run(&["stream", "xvda", "--socket", sock_s]);
+    assert!(!ok && err.contains("no backing file"), "{err}");
 
     let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
     assert!(ok, "{err}");
@@ -466,7 +507,13 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     }
     drop(serve);
     let snap2 = dir.path().join("snap2.qcow2");
-    for p in [img_s, overlay.to_str().unwrap(), snap2.to_str().unwrap()] {
+    let snap3 = dir.path().join("snap3.qcow2");
+    for p in [
+        img_s,
+        overlay.to_str().unwrap(),
+        snap2.to_str().unwrap(),
+        snap3.to_str().unwrap(),
+    ] {
         let out = Command::new("qemu-img")
             .args(["check", p])
             .output()

@@ -5,7 +5,9 @@
 //! `{"ok":true,"status":DaemonStatus}`; live operations on a running device (issue #14):
 //! `{"cmd":"snapshot","device":"xvda","overlay":"/abs/new.qcow2","no_create":false}` →
 //! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda","speed":0}` →
-//! `{"ok":true,"job":JobInfo}` (a background job, see [`crate::jobs`]), `{"cmd":"jobs"}` →
+//! `{"ok":true,"job":JobInfo}` (a background job, see [`crate::jobs`]),
+//! `{"cmd":"stream","device":"xvda","base":null,"speed":0}` → `{"ok":true,"job":JobInfo}`,
+//! `{"cmd":"jobs"}` →
 //! `{"ok":true,"jobs":[JobInfo...]}`, `{"cmd":"job","id":1,"action":"cancel"}` (or
 //! `pause`, `resume`) → `{"ok":true,"job":JobInfo}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
@@ -67,6 +69,21 @@ pub enum ControlRequest {
         /// The device, as for [`ControlRequest::Snapshot`].
         device: String,
         /// Rate limit of the copy in bytes per second (0 or absent: none).
+        #[serde(default)]
+        speed: u64,
+    },
+    /// Copies the data of a running device's backing chain (down to `base`, exclusive)
+    /// into its top qcow2 image, then makes `base` (or nothing) its backing file
+    /// (`xdisk stream`). A background job: the reply is the job as it started.
+    Stream {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// A layer of the chain under the top (its path, as `xdisk stat` shows it), which
+        /// becomes the top's backing file; absent: all of it is copied, no backing file is
+        /// left.
+        #[serde(default)]
+        base: Option<String>,
+        /// Rate limit in bytes per second (0 or absent: none).
         #[serde(default)]
         speed: u64,
     },
@@ -169,6 +186,21 @@ pub struct CommitReply {
     pub paused_us: u64,
 }
 
+/// What a completed stream job did ([`crate::jobs::JobInfo::stream`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The top image, which the device still serves.
+    pub image: String,
+    /// Its backing file now (the `--base`), or none.
+    pub backing: Option<String>,
+    /// Bytes copied up into it.
+    pub copied_bytes: u64,
+    /// How long the switch of the backing link paused the queues, in microseconds.
+    pub paused_us: u64,
+}
+
 /// One persistent dirty bitmap, in the answer to [`ControlRequest::Bitmap`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BitmapEntry {
@@ -190,6 +222,8 @@ pub trait LiveOps: Send + Sync {
     fn snapshot(&self, device: &str, overlay: &Path, no_create: bool) -> Result<SnapshotReply>;
     /// Serves [`ControlRequest::Commit`]: starts the job.
     fn commit(&self, device: &str, speed: u64) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::Stream`]: starts the job.
+    fn stream(&self, device: &str, base: Option<&str>, speed: u64) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Jobs`].
     fn jobs(&self) -> Vec<JobInfo>;
     /// Serves [`ControlRequest::Job`].
@@ -486,6 +520,17 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             Err(e) => ControlReply::err(e),
         },
         ControlRequest::Commit { device, speed } => match live.commit(&device, speed) {
+            Ok(j) => ControlReply {
+                job: Some(j),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::Stream {
+            device,
+            base,
+            speed,
+        } => match live.stream(&device, base.as_deref(), speed) {
             Ok(j) => ControlReply {
                 job: Some(j),
                 ..ControlReply::ok()

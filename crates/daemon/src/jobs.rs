@@ -1,4 +1,4 @@
-//! Background block jobs of the daemon (issue #14): a live commit runs on its own thread
+//! Background block jobs of the daemon (issue #14): a live commit or stream runs on its own thread
 //! while the control socket answers at once with the job's ID; `xdisk jobs` lists the jobs,
 //! `xdisk job cancel|pause|resume ID` steers them.
 //!
@@ -15,7 +15,16 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::CommitReply;
+use crate::control::{CommitReply, StreamReply};
+
+/// What a completed job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A commit's result.
+    Commit(CommitReply),
+    /// A stream's result.
+    Stream(StreamReply),
+}
 
 /// Finished jobs remembered by the registry.
 pub const HISTORY: usize = 64;
@@ -26,6 +35,8 @@ pub const HISTORY: usize = 64;
 pub enum JobKind {
     /// A live commit of the active layer (`xdisk commit`).
     Commit,
+    /// A live stream of backing data into the top (`xdisk stream`).
+    Stream,
 }
 
 impl JobKind {
@@ -33,6 +44,7 @@ impl JobKind {
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Commit => "commit",
+            JobKind::Stream => "stream",
         }
     }
 }
@@ -103,6 +115,9 @@ pub struct JobInfo {
     /// A completed commit's result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<CommitReply>,
+    /// A completed stream's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamReply>,
 }
 
 /// Why a job stopped at a [`Job::checkpoint`].
@@ -116,7 +131,7 @@ struct State {
     done: u64,
     total: u64,
     error: Option<String>,
-    commit: Option<CommitReply>,
+    outcome: Option<Outcome>,
     finished: Option<Instant>,
     /// The rate limit's window: bytes copied since `window_start`.
     window_bytes: u64,
@@ -169,7 +184,14 @@ impl Job {
             elapsed_ms: u64::try_from(end.duration_since(self.started).as_millis())
                 .unwrap_or(u64::MAX),
             error: s.error.clone(),
-            commit: s.commit.clone(),
+            commit: match &s.outcome {
+                Some(Outcome::Commit(c)) => Some(c.clone()),
+                _ => None,
+            },
+            stream: match &s.outcome {
+                Some(Outcome::Stream(r)) => Some(r.clone()),
+                _ => None,
+            },
         }
     }
 
@@ -220,14 +242,14 @@ impl Job {
         }
     }
 
-    /// Ends the job: completed (with a commit's result), failed or, if it was cancelled,
+    /// Ends the job: completed (with its result), failed or, if it was cancelled,
     /// cancelled.
-    pub fn finish(&self, r: std::result::Result<Option<CommitReply>, String>) {
+    pub fn finish(&self, r: std::result::Result<Outcome, String>) {
         let mut s = lock(&self.st);
         match r {
             Ok(c) => {
                 s.state = JobState::Completed;
-                s.commit = c;
+                s.outcome = Some(c);
                 s.total = s.total.max(s.done);
             }
             Err(_) if s.cancel => s.state = JobState::Cancelled,
@@ -322,7 +344,7 @@ impl Jobs {
                 done: 0,
                 total,
                 error: None,
-                commit: None,
+                outcome: None,
                 finished: None,
                 window_bytes: 0,
                 window_start: now,

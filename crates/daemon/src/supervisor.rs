@@ -1295,6 +1295,117 @@ impl Supervisor {
         Ok(job.info())
     }
 
+    /// Streams a running device's backing data into its top (see
+    /// [`crate::control::ControlRequest::Stream`]) as a background job: every range the top
+    /// does not have and a layer above `base` (every layer without `base`) does is copied
+    /// into the top, then, with the queues paused, the top's header names `base` (or no
+    /// backing file) and the device serves the top opened again over it.
+    ///
+    /// Guest writes win: each chunk is copied with the device's queues paused, and its
+    /// allocation in the top is looked up in that same pause, so a range the guest wrote
+    /// (acknowledged, or in flight before the pause: completed by it) is never overwritten
+    /// with older backing data. Pauses are one chunk ([`COPY_CHUNK`]) long; between them
+    /// the guest runs and the job sleeps for its rate limit. Until the link changes, the
+    /// chain reads the same (the top only gains what its backing layers hold), so a cancel,
+    /// a failure or a crash at any point leaves a valid chain; `params` never changes (the
+    /// top stays the top).
+    pub fn stream(
+        &self,
+        query: &str,
+        base: Option<&str>,
+        speed: u64,
+    ) -> Result<crate::jobs::JobInfo> {
+        let entry = self.find(query)?;
+        let one = lock(&entry.live);
+        Self::no_job(&entry)?;
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!("{name} is served read-only")));
+        }
+        let top = handle.image();
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is not qcow2"
+            )));
+        }
+        let top_path = top
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))?;
+        if top.backing().is_none() {
+            return Err(Error::Invalid(format!(
+                "{name}: its image has no backing file: nothing to stream"
+            )));
+        }
+        // The layers under the top, down to the base (exclusive).
+        let mut layers = Vec::new();
+        let mut base_img = None;
+        let mut cur = top.backing().cloned();
+        while let Some(l) = cur {
+            if let Some(b) = base {
+                if layer_matches(&l, b) {
+                    base_img = Some(l);
+                    break;
+                }
+            }
+            cur = l.backing().cloned();
+            layers.push(l);
+        }
+        let base_link = match (base, &base_img) {
+            (None, _) => None,
+            (Some(b), None) => {
+                return Err(Error::Invalid(format!(
+                    "{name}: --base {b:?} is not a layer under the top (xdisk stat shows the chain)"
+                )))
+            }
+            (Some(_), Some(l)) => {
+                let p = l.storage().local_path().ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "{name}: the base {} is not a host file",
+                        l.storage().name()
+                    ))
+                })?;
+                let p = p
+                    .to_str()
+                    .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", p.display())))?;
+                Some((p.to_owned(), l.format().as_str().to_owned()))
+            }
+        };
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("stream of {name}: {e}"));
+        let total = stream_ranges(&top, &layers, 0, top.size())
+            .map_err(fail)?
+            .iter()
+            .map(|r| r.1)
+            .sum();
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Stream, &name, speed, total);
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = StreamRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            top_path,
+            layers,
+            base_img,
+            base_link,
+            cache,
+            spec,
+        };
+        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), speed, base, "stream job started");
+        Ok(job.info())
+    }
+
     /// Fails if a job runs on the device.
     fn no_job(entry: &Entry) -> Result<()> {
         match *lock(&entry.job) {
@@ -1365,7 +1476,7 @@ impl CommitRun {
                 }
                 *lock(&self.entry.spec) = Some((new_spec, self.cache));
                 tracing::info!(device = %name, job = self.job.id(), base = %self.base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
-                Ok(Some(crate::control::CommitReply {
+                Ok(crate::jobs::Outcome::Commit(crate::control::CommitReply {
                     device: name.clone(),
                     image: self.base_path.display().to_string(),
                     format: self.base_fmt.as_str().to_owned(),
@@ -1492,6 +1603,232 @@ impl CommitRun {
     }
 }
 
+/// Whether the chain layer `l` is the image `name` names (its path as given or as the
+/// chain shows it, or the same file).
+fn layer_matches(l: &Image, name: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if l.storage().name() == name {
+        return true;
+    }
+    let Some(p) = l.storage().local_path() else {
+        return false;
+    };
+    if p == Path::new(name) {
+        return true;
+    }
+    match (std::fs::metadata(p), std::fs::metadata(name)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// The ranges within `[off, off + len)` that `top` does not hold and one of `layers` does
+/// (what a stream copies up), sorted, merged.
+fn stream_ranges(
+    top: &Image,
+    layers: &[Arc<Image>],
+    off: u64,
+    len: u64,
+) -> xdisk_backend::Result<Vec<(u64, u64)>> {
+    let end = off.saturating_add(len).min(top.size());
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut push = |o: u64, l: u64| match out.last_mut() {
+        Some(last) if last.0 + last.1 >= o => last.1 = (o + l).max(last.0 + last.1) - last.0,
+        _ => out.push((o, l)),
+    };
+    let mut o = off;
+    while o < end {
+        let st = top.layer_status(o, end - o)?;
+        let n = st.len().clamp(1, end - o);
+        if matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
+            // Unallocated in the top: the parts some layer above the base holds.
+            let mut sub: Vec<(u64, u64)> = Vec::new();
+            for l in layers {
+                let mut p = o;
+                while p < o + n {
+                    let ls = l.layer_status(p, o + n - p)?;
+                    let m = ls.len().clamp(1, o + n - p);
+                    if !matches!(ls, xdisk_image::LayerStatus::Unallocated { .. }) {
+                        sub.push((p, m));
+                    }
+                    p += m;
+                }
+            }
+            sub.sort_unstable();
+            for (a, b) in sub {
+                push(a, b);
+            }
+        }
+        o += n;
+    }
+    Ok(out)
+}
+
+/// A stream job's thread (see [`Supervisor::stream`]).
+struct StreamRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    top_path: std::path::PathBuf,
+    layers: Vec<Arc<Image>>,
+    base_img: Option<Arc<Image>>,
+    base_link: Option<(String, String)>,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl StreamRun {
+    fn run(self) {
+        let name = self.entry.key.name();
+        let result = match self.copy() {
+            Ok((copied, paused_us)) => {
+                let now = self.handle.image();
+                lock(&self.entry.status).chain = ChainLayer::of(&now);
+                tracing::info!(device = %name, job = self.job.id(), copied, paused_us, backing = ?self.base_link, "stream");
+                Ok(crate::jobs::Outcome::Stream(crate::control::StreamReply {
+                    device: name.clone(),
+                    image: self.top_path.display().to_string(),
+                    backing: self.base_link.as_ref().map(|b| b.0.clone()),
+                    copied_bytes: copied,
+                    paused_us,
+                }))
+            }
+            Err(e) => {
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "stream cancelled; the chain is unchanged");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "stream failed: {e}");
+                }
+                Err(format!("stream of {name}: {e}"))
+            }
+        };
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
+    }
+
+    /// The copy, chunk by chunk each in a pause of the queues, then the switch of the
+    /// backing link; returns the bytes copied and the last pause (microseconds).
+    fn copy(&self) -> xdisk_backend::Result<(u64, u64)> {
+        let size = self.top.size();
+        let mut copied = 0u64;
+        let mut off = 0u64;
+        while off < size {
+            let len = (size - off).min(COPY_CHUNK);
+            let n = Arc::new(Mutex::new(0u64));
+            let (n2, top, layers) = (n.clone(), self.top.clone(), self.layers.clone());
+            self.quiesce(Box::new(move |img: &Arc<Image>| {
+                if !Arc::ptr_eq(img, &top) {
+                    return Err(xdisk_backend::Error::Live("the top image changed".into()));
+                }
+                // Looked up with nothing in flight: what the guest wrote is allocated.
+                let ranges = stream_ranges(img, &layers, off, len)?;
+                let mut buf = Vec::new();
+                let mut done = 0;
+                for (o, l) in ranges {
+                    let k = usize::try_from(l)
+                        .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+                    buf.resize(k, 0);
+                    img.read_at(&mut buf[..k], o)?;
+                    if buf[..k].iter().all(|&b| b == 0) {
+                        img.write_zeroes(o, l, false)?;
+                    } else {
+                        img.write_at(&buf[..k], o)?;
+                    }
+                    done += l;
+                }
+                *lock(&n2) = done;
+                Ok(None)
+            }))?;
+            let done = *lock(&n);
+            copied += done;
+            off += len;
+            self.job.checkpoint(done).map_err(job_stopped)?;
+        }
+        // Last chance to cancel: the switch is not interrupted.
+        self.job.checkpoint(0).map_err(job_stopped)?;
+        let started = std::time::Instant::now();
+        let (top, path, link, base) = (
+            self.top.clone(),
+            self.top_path.clone(),
+            self.base_link.clone(),
+            self.base_img.clone(),
+        );
+        let (opts, layers) = (
+            OpenOptions {
+                format: Some(Format::Qcow2),
+                read_only: false,
+                cache: self.cache,
+                backing_dirs: self.spec.backing_dirs.clone(),
+                ..OpenOptions::default()
+            },
+            self.layers.clone(),
+        );
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            // What the guest wrote since the last chunk cannot have made a range need
+            // copying (writes only allocate in the top): the data is all up. Checked anyway.
+            if !stream_ranges(img, &layers, 0, img.size())?.is_empty() {
+                return Err(xdisk_backend::Error::Live(
+                    "backing data is still missing from the top".into(),
+                ));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let old_link = q.header().backing_file.clone();
+            let old_fmt = q.header().backing_format.clone();
+            img.close()?;
+            q.set_backing(
+                link.as_ref().map(|l| l.0.as_str()),
+                link.as_ref().map(|l| l.1.as_str()),
+            )?;
+            let restore = {
+                let img = img.clone();
+                move || {
+                    if let Some(q) = img.as_qcow2() {
+                        if let Err(e) = q.set_backing(old_link.as_deref(), old_fmt.as_deref()) {
+                            tracing::error!("cannot restore the backing link: {e}");
+                        }
+                    }
+                }
+            };
+            let opened = match base {
+                Some(b) => Image::open_overlay(&path, &opts, b),
+                None => Image::open(&path, &opts),
+            };
+            let new = match opened {
+                Ok(i) => i,
+                Err(e) => {
+                    restore();
+                    return Err(e.into());
+                }
+            };
+            let old = img.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: new,
+                commit: Box::new(move || {
+                    old.seal();
+                    Ok(())
+                }),
+                rollback: Box::new(restore),
+            }))
+        }))?;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, paused_us))
+    }
+
+    /// [`Device::quiesce`] with the device's live lock held (one pause at a time).
+    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(f)
+    }
+}
+
 fn job_stopped(e: crate::jobs::Cancelled) -> xdisk_backend::Error {
     xdisk_backend::Error::Live(e.to_string())
 }
@@ -1590,6 +1927,10 @@ fn copy_one(
 impl crate::control::LiveOps for Supervisor {
     fn commit(&self, device: &str, speed: u64) -> Result<crate::jobs::JobInfo> {
         Supervisor::commit(self, device, speed)
+    }
+
+    fn stream(&self, device: &str, base: Option<&str>, speed: u64) -> Result<crate::jobs::JobInfo> {
+        Supervisor::stream(self, device, base, speed)
     }
 
     fn jobs(&self) -> Vec<crate::jobs::JobInfo> {

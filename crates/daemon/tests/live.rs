@@ -155,6 +155,30 @@ impl Daemon {
         }
     }
 
+    /// Starts a stream job.
+    fn stream_job(
+        &self,
+        dev: &str,
+        base: Option<&Path>,
+        speed: u64,
+    ) -> xdisk_daemon::Result<JobInfo> {
+        control::request(
+            &self.sock,
+            &ControlRequest::Stream {
+                device: dev.into(),
+                base: base.map(|b| b.to_str().unwrap().to_owned()),
+                speed,
+            },
+        )
+        .map(|r| r.job.unwrap())
+    }
+
+    fn chain_of(&self, dev: &str) -> Vec<String> {
+        let st = control::status(&self.sock).unwrap();
+        let d = st.devices.iter().find(|d| d.matches(dev)).unwrap();
+        d.chain.iter().map(|l| l.image.clone()).collect()
+    }
+
     fn job(&self, id: u64, action: JobAction) -> xdisk_daemon::Result<JobInfo> {
         control::request(&self.sock, &ControlRequest::Job { id, action }).map(|r| r.job.unwrap())
     }
@@ -1256,6 +1280,245 @@ fn removing_the_device_cancels_its_paused_job() {
     // remove it) left under its reserved name for the next open to remove.
     for b in bitmap_names(&overlay) {
         assert!(b.starts_with("xdisk-commit-"), "{b}");
+    }
+}
+
+/// The backing file `qemu-img info` reads in an image's header, if any.
+fn backing_of(image: &Path) -> Option<String> {
+    let info = qemu_img(&["info", "-U", "--output=json", image.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    info["backing-filename"].as_str().map(str::to_owned)
+}
+
+/// `xdisk stream` under writes through the ring, over a chain base <- mid <- top: a stream
+/// limited to 512 KiB/s is paused (it copies nothing more), resumed and cancelled (the
+/// chain as before); one with `--base base` copies mid's data up and makes base the top's
+/// backing file; one without a base, limited to 4 MiB/s, takes at least about the time
+/// its bytes need at that speed and leaves the top alone. The frontend reads its model
+/// all along, qemu-img checks every image clean and reads the model from the top alone.
+#[test]
+fn stream_under_writes_pause_cancel_base_and_speed() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let mid = disk.dir.path().join("mid.qcow2");
+    let top = disk.dir.path().join("top.qcow2");
+    let dom = d.host.guest(1);
+    let base_params = format!("qcow2:{}", disk.path.display());
+    d.host.add_qdisk(1, 51712, &base_params, &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    // Nothing to stream without a backing file.
+    let e = d.stream_job("xvda", None, 0).unwrap_err().to_string();
+    assert!(e.contains("no backing file"), "{e}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 4_000_000, pace.clone());
+    // The base gets data everywhere; mid and top (64 KiB clusters, each 4 KiB write
+    // allocates one) only some: a guest that writes less.
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(5_000, Ordering::SeqCst);
+    d.snapshot("xvda", &mid, false).expect("snapshot mid");
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(50_000, Ordering::SeqCst);
+    d.snapshot("xvda", &top, false).expect("snapshot top");
+    std::thread::sleep(Duration::from_millis(100));
+    let e = d.stream_job("xvda", Some(&top), 0).unwrap_err().to_string();
+    assert!(e.contains("not a layer under the top"), "{e}");
+
+    let j = d.stream_job("xvda", None, 512 << 10).expect("stream job");
+    eprintln!("first stream: {j:?}");
+    assert_eq!(j.kind, JobKind::Stream);
+    assert!(j.total_bytes > 0, "{j:?}");
+    let e = d.commit_job("xvda", 0).unwrap_err().to_string();
+    assert!(e.contains("runs on it"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Pause)
+        .unwrap_or_else(|e| panic!("pause: {e}: {:?}", d.wait(j.id)));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.job(j.id, JobAction::Pause).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let after = d.job(j.id, JobAction::Pause).unwrap();
+    assert_eq!(after.state, JobState::Paused);
+    assert_eq!(before.done_bytes, after.done_bytes, "a paused job copied");
+    assert!(after.done_bytes > 0, "{after:?}");
+    d.job(j.id, JobAction::Resume).expect("resume");
+    std::thread::sleep(Duration::from_millis(100));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Cancelled, "{end:?}");
+    let chain3 = vec![
+        top.display().to_string(),
+        mid.display().to_string(),
+        disk.path.display().to_string(),
+    ];
+    assert_eq!(d.chain_of("xvda"), chain3);
+    assert_eq!(backing_of(&top).as_deref(), mid.to_str());
+
+    // --base: mid's data comes up, the top's backing file becomes base.
+    let j = d
+        .stream_job("xvda", Some(&disk.path), 0)
+        .expect("stream --base");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let r = end.stream.clone().unwrap();
+    assert_eq!(r.backing.as_deref(), disk.path.to_str());
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![top.display().to_string(), disk.path.display().to_string()]
+    );
+    assert_eq!(backing_of(&top).as_deref(), disk.path.to_str());
+
+    // All of it, at 4 MiB/s.
+    let speed = 4u64 << 20;
+    let t0 = Instant::now();
+    let j = d.stream_job("xvda", None, speed).expect("stream");
+    let end = d.wait(j.id);
+    let took = t0.elapsed();
+    eprintln!("stream: {end:?} in {took:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let want_min = Duration::from_secs_f64(end.done_bytes as f64 / speed as f64 / 2.0);
+    assert!(took >= want_min, "{took:?} < {want_min:?}");
+    assert!(end.done_bytes >= 1 << 20, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![top.display().to_string()]);
+    assert_eq!(backing_of(&top), None);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", top.display()).as_str())
+    );
+    d.stop();
+    for p in [&disk.path, &mid, &top] {
+        check_clean(p);
+    }
+    assert_eq!(backing_of(&top), None);
+    assert!(
+        contents(&top) == want,
+        "the top alone differs from the model"
+    );
+}
+
+const STREAM_KILL_CHILD: &str = "XDISK_LIVE_STREAM_KILL_CHILD";
+
+/// The child of [`sigkill_mid_stream_leaves_a_valid_chain`] (does nothing unless run by
+/// it): 64 blocks of 64 KiB written to the base, a snapshot, 16 written to the top, then a
+/// stream at 2 MiB/s, looped until the kill.
+#[test]
+fn stream_kill_child() {
+    let Ok(dir) = std::env::var(STREAM_KILL_CHILD) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = daemon();
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    d.snapshot("xvda", &dir.join("top.qcow2"), false)
+        .expect("snapshot");
+    for i in 0..16u64 {
+        front
+            .write(i * 1024 + 64, &pattern(300 + i, 65536))
+            .unwrap();
+    }
+    front.flush().unwrap();
+    println!("STREAM-READY");
+    let j = d.stream_job("xvda", None, 2 << 20).unwrap();
+    let end = d.wait(j.id);
+    println!("STREAM-DONE {:?}", end.state);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A daemon killed (SIGKILL) at a random moment of a stream leaves a valid chain: the top
+/// (over the base, or alone once its link was dropped) reads what the guest wrote, no image
+/// is corrupt, and a restarted daemon serving the top streams it to the end.
+#[test]
+fn sigkill_mid_stream_leaves_a_valid_chain() {
+    use std::io::BufRead;
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
+    }
+    for i in 0..16u64 {
+        let o = ((i * 1024 + 64) * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
+    }
+    for (round, delay_ms) in [5u64, 300, 1200, 3000].into_iter().enumerate() {
+        let dir = tmpdir();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "stream_kill_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(STREAM_KILL_CHILD, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if l.contains("STREAM-READY") || l.contains("STREAM-DONE") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(ready.is_ok(), "the child never got ready");
+        let done = rx.try_recv().ok();
+        eprintln!("round {round}: killed {delay_ms} ms after the stream started ({done:?})");
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        check_no_corruption(&base);
+        check_no_corruption(&top);
+        assert!(contents(&top) == want, "round {round}: the chain lost data");
+        let d = daemon();
+        let _dom = d.host.guest(1);
+        d.host
+            .add_qdisk(1, 51712, &format!("qcow2:{}", top.display()), &[]);
+        wait_until("the device runs", T, || {
+            d.sup
+                .device("qdisk/1/51712")
+                .is_some_and(|s| s.phase == xdisk_daemon::status::Phase::Running)
+        });
+        if backing_of(&top).is_some() {
+            let j = d.stream_job("qdisk/1/51712", None, 0).unwrap();
+            assert_eq!(d.wait(j.id).state, JobState::Completed);
+        }
+        d.stop();
+        check_no_corruption(&top);
+        assert_eq!(backing_of(&top), None, "round {round}");
+        assert!(contents(&top) == want, "round {round}: the top differs");
     }
 }
 
