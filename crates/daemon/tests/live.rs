@@ -1367,7 +1367,9 @@ fn stream_under_writes_pause_cancel_base_and_speed() {
     );
     assert_eq!(backing_of(&top).as_deref(), disk.path.to_str());
 
-    // All of it, at 4 MiB/s.
+    // All of it, at 4 MiB/s; a bitmap of the top survives the change of its header.
+    d.bitmap("xvda", BitmapAction::Add, "s0", None)
+        .expect("bitmap add");
     let speed = 4u64 << 20;
     let t0 = Instant::now();
     let j = d.stream_job("xvda", None, speed).expect("stream");
@@ -1380,6 +1382,11 @@ fn stream_under_writes_pause_cancel_base_and_speed() {
     assert!(end.done_bytes >= 1 << 20, "{end:?}");
     assert_eq!(d.chain_of("xvda"), vec![top.display().to_string()]);
     assert_eq!(backing_of(&top), None);
+    // The header moved the bitmaps extension: adding another updates it where it is now.
+    let list = d
+        .bitmap("xvda", BitmapAction::Add, "s1", None)
+        .expect("bitmap add after the stream");
+    assert_eq!(list.len(), 2, "{list:?}");
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::SeqCst);
     let (mut front, recs) = w.join().unwrap();
@@ -1400,6 +1407,7 @@ fn stream_under_writes_pause_cancel_base_and_speed() {
         check_clean(p);
     }
     assert_eq!(backing_of(&top), None);
+    assert_eq!(bitmap_names(&top), vec!["s0", "s1"]);
     assert!(
         contents(&top) == want,
         "the top alone differs from the model"
