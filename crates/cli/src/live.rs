@@ -1,4 +1,4 @@
-//! `xdisk snapshot`, `xdisk commit`, `xdisk stream`, `xdisk jobs`, `xdisk job` and `xdisk bitmap`: live
+//! `xdisk snapshot`, `xdisk commit`, `xdisk stream`, `xdisk mirror`, `xdisk jobs`, `xdisk job` and `xdisk bitmap`: live
 //! operations on a running device of `xdisk serve`, over its control socket (issue #14).
 
 use std::path::{Path, PathBuf};
@@ -75,6 +75,57 @@ pub struct StreamArgs {
     control: PathBuf,
 }
 
+/// `xdisk mirror --sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncMode {
+    /// The whole disk (every layer); the target has no backing file.
+    Full,
+    /// The top layer only; the target gets the top's backing file.
+    Top,
+}
+
+/// `xdisk mirror --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetFormat {
+    /// qcow2 (default).
+    Qcow2,
+    /// raw (only with --sync full).
+    Raw,
+}
+
+#[derive(Args)]
+pub struct MirrorArgs {
+    /// The running device (as for `xdisk stat`); its top image must be qcow2 (the guest's
+    /// writes are tracked in a bitmap of it).
+    device: String,
+    /// The target image (created if missing, with the device's size; an existing one is
+    /// overwritten where the disk has data, everywhere with --sync full).
+    target: PathBuf,
+    /// The target's format.
+    #[arg(long = "format", short = 'f', value_enum, default_value = "qcow2")]
+    format: TargetFormat,
+    /// What to copy.
+    #[arg(long, value_enum, default_value = "full")]
+    sync: SyncMode,
+    /// Switch the device to the target as soon as the copy has converged (otherwise the
+    /// job stays ready until `xdisk job complete ID`).
+    #[arg(long)]
+    pivot: bool,
+    /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
+    #[arg(long, value_name = "BYTES/S")]
+    speed: Option<String>,
+    /// Wait until the job ends (with --pivot) or is ready, printing its progress (to
+    /// stderr); the exit status is non-zero if it failed or was cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// JSON output (the job as it started, or with --wait as it ended or became ready).
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
 #[derive(Args)]
 pub struct JobsArgs {
     /// JSON output.
@@ -94,6 +145,8 @@ pub enum JobVerb {
     Pause,
     /// Go on after a pause.
     Resume,
+    /// Switch the device of a ready mirror over to its target.
+    Complete,
 }
 
 #[derive(Args)]
@@ -266,7 +319,43 @@ pub fn stream(a: StreamArgs) -> Result<i32> {
     follow(&a.control, j, a.wait, a.json)
 }
 
-/// Prints a job just started, or waits for its end (`--wait`) and prints that.
+pub fn mirror(a: MirrorArgs) -> Result<i32> {
+    let speed = parse_speed(&a.speed)?;
+    let target = absolute(&a.target)?
+        .to_str()
+        .ok_or_else(|| anyhow!("{}: the path is not UTF-8", a.target.display()))?
+        .to_owned();
+    let reply = control::request(
+        &a.control,
+        &ControlRequest::Mirror {
+            device: a.device.clone(),
+            target,
+            format: Some(
+                match a.format {
+                    TargetFormat::Qcow2 => "qcow2",
+                    TargetFormat::Raw => "raw",
+                }
+                .to_owned(),
+            ),
+            sync: Some(
+                match a.sync {
+                    SyncMode::Full => "full",
+                    SyncMode::Top => "top",
+                }
+                .to_owned(),
+            ),
+            pivot: a.pivot,
+            speed,
+        },
+    )?;
+    let j = reply
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    follow(&a.control, j, a.wait, a.json)
+}
+
+/// Prints a job just started, or waits for its end (`--wait`; a mirror without --pivot:
+/// until it is ready) and prints that.
 fn follow(sock: &Path, j: JobInfo, wait: bool, json: bool) -> Result<i32> {
     if !wait {
         if json {
@@ -286,11 +375,32 @@ fn follow(sock: &Path, j: JobInfo, wait: bool, json: bool) -> Result<i32> {
             eprintln!("job {}: {}", j.id, progress(j));
         }
     })?;
+    if end.state == JobState::Ready {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&end)?);
+        } else {
+            println!(
+                "{}: job {} is ready (the target follows the guest's writes); xdisk job complete {} switches over",
+                end.device, end.id, end.id
+            );
+        }
+        return Ok(0);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&end)?);
     } else if let Some(r) = &end.commit {
         println!(
             "{}: committed into {} ({}); now serving it; {} bytes copied in {} passes, the last one paused the queues {:.1} ms",
+            r.device,
+            r.image,
+            r.format,
+            r.copied_bytes,
+            r.passes,
+            r.paused_us as f64 / 1000.0
+        );
+    } else if let Some(r) = &end.mirror {
+        println!(
+            "{}: mirrored to {} ({}); now serving it; {} bytes copied in {} passes, the last one paused the queues {:.1} ms",
             r.device,
             r.image,
             r.format,
@@ -380,6 +490,7 @@ pub fn job(a: JobArgs) -> Result<i32> {
         JobVerb::Cancel => JobAction::Cancel,
         JobVerb::Pause => JobAction::Pause,
         JobVerb::Resume => JobAction::Resume,
+        JobVerb::Complete => JobAction::Complete,
     };
     let j = control::request(&a.control, &ControlRequest::Job { id: a.id, action })?
         .job

@@ -104,14 +104,24 @@ enum Command {
         after_long_help = "Examples:\n  xdisk stream xvda --wait                        # the top alone holds the disk\n  xdisk stream xvda --base /var/lib/images/vm.qcow2 --speed 20M\n  xdisk jobs"
     )]
     Stream(live::StreamArgs),
+    /// Mirrors a running device's disk to another image (created if missing) while the
+    /// guest keeps writing (its writes are tracked and copied again); once the copy has
+    /// converged the job is ready, and with --pivot (or `xdisk job complete ID`) the device
+    /// switches to the target (the `params` node with it). A background job, like commit;
+    /// cancelled before the switch, the device stays on its image.
+    #[command(
+        after_long_help = "Examples:\n  xdisk mirror xvda /srv/new/vm.qcow2 --pivot --wait     # storage migration\n  xdisk mirror xvda /srv/copy.raw --format raw --speed 100M\n  xdisk mirror xvda /srv/top.qcow2 --sync top            # the top only, same backing file\n  xdisk jobs; xdisk job complete 4"
+    )]
+    Mirror(live::MirrorArgs),
     /// Lists the daemon's background jobs (running, paused, and the last finished ones):
     /// ID, type, device, state, bytes done/total, speed limit.
     #[command(after_long_help = "Examples:\n  xdisk jobs\n  xdisk jobs --json")]
     Jobs(live::JobsArgs),
-    /// Cancels, pauses or resumes a background job. A cancelled commit leaves the device on
-    /// its top image (the chain as before) and removes its temporary bitmap.
+    /// Cancels, pauses, resumes or completes a background job. A cancelled commit or mirror
+    /// leaves the device on its image and removes its temporary bitmap; `complete` switches
+    /// the device of a ready mirror over to its target.
     #[command(
-        after_long_help = "Examples:\n  xdisk job pause 3\n  xdisk job resume 3\n  xdisk job cancel 3 --json"
+        after_long_help = "Examples:\n  xdisk job pause 3\n  xdisk job resume 3\n  xdisk job cancel 3 --json\n  xdisk job complete 4   # a ready mirror: switch over"
     )]
     Job(live::JobArgs),
     /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk
@@ -216,6 +226,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Snapshot(a) => live::snapshot(a),
         Command::Commit(a) => live::commit(a),
         Command::Stream(a) => live::stream(a),
+        Command::Mirror(a) => live::mirror(a),
         Command::Jobs(a) => live::jobs(a),
         Command::Job(a) => live::job(a),
         Command::Bitmap(a) => live::bitmap(a),

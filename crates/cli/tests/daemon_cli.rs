@@ -485,6 +485,43 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     assert_eq!(v[0]["image"], snap3.to_str().unwrap(), "{out}");
     let (ok, _, err) = run(&["stream", "xvda", "--socket", sock_s]);
     assert!(!ok && err.contains("no backing file"), "{err}");
+    // xdisk mirror: ready without --pivot, then `xdisk job complete`; with --pivot to raw.
+    let (ok, _, err) = in_dir(&[
+        "mirror", "xvda", "m.raw", "--sync", "top", "--format", "raw", "--socket", sock_s,
+    ]);
+    assert!(!ok && err.contains("qcow2 target"), "{err}");
+    let (ok, out, err) = in_dir(&[
+        "mirror", "xvda", "m.qcow2", "--wait", "--json", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "mirror", "{out}");
+    assert_eq!(v["state"], "ready", "{out}");
+    let id = v["id"].as_u64().unwrap().to_string();
+    let (ok, out, err) = run(&["job", "complete", &id, "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pivot"], true, "{out}");
+    let m = dir.path().join("m.qcow2");
+    let t0 = Instant::now();
+    loop {
+        let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v[0]["image"] == m.to_str().unwrap() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out, err) = in_dir(&[
+        "mirror", "xvda", "m2.raw", "-f", "raw", "--pivot", "--wait", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("mirrored to") && out.contains("(raw)"),
+        "{out}"
+    );
 
     let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
     assert!(ok, "{err}");
@@ -508,11 +545,13 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     drop(serve);
     let snap2 = dir.path().join("snap2.qcow2");
     let snap3 = dir.path().join("snap3.qcow2");
+    let m = dir.path().join("m.qcow2");
     for p in [
         img_s,
         overlay.to_str().unwrap(),
         snap2.to_str().unwrap(),
         snap3.to_str().unwrap(),
+        m.to_str().unwrap(),
     ] {
         let out = Command::new("qemu-img")
             .args(["check", p])

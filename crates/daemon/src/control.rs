@@ -7,9 +7,10 @@
 //! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda","speed":0}` →
 //! `{"ok":true,"job":JobInfo}` (a background job, see [`crate::jobs`]),
 //! `{"cmd":"stream","device":"xvda","base":null,"speed":0}` → `{"ok":true,"job":JobInfo}`,
-//! `{"cmd":"jobs"}` →
+//! `{"cmd":"mirror","device":"xvda","target":"/abs/t.qcow2","format":"qcow2","sync":"full",
+//! "pivot":false,"speed":0}` → `{"ok":true,"job":JobInfo}`, `{"cmd":"jobs"}` →
 //! `{"ok":true,"jobs":[JobInfo...]}`, `{"cmd":"job","id":1,"action":"cancel"}` (or
-//! `pause`, `resume`) → `{"ok":true,"job":JobInfo}` and
+//! `pause`, `resume`, `complete`) → `{"ok":true,"job":JobInfo}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
 //! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`. Errors:
 //! `{"ok":false,"error":"..."}`.
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::jobs::{JobAction, JobInfo};
+use crate::jobs::{JobAction, JobInfo, JobState};
 use crate::status::DaemonStatus;
 
 /// Where `xdisk serve` listens by default.
@@ -83,6 +84,29 @@ pub enum ControlRequest {
         /// left.
         #[serde(default)]
         base: Option<String>,
+        /// Rate limit in bytes per second (0 or absent: none).
+        #[serde(default)]
+        speed: u64,
+    },
+    /// Copies a running device's disk to another image while the guest writes, tracking
+    /// its writes, until the copy converges (the job is then `ready`); on `pivot` (or
+    /// [`crate::jobs::JobAction::Complete`]) the device switches to the target
+    /// (`xdisk mirror`). A background job: the reply is the job as it started.
+    Mirror {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// The target: an absolute path, created if missing.
+        target: String,
+        /// The target's format (`raw`, `qcow2`; default: qcow2).
+        #[serde(default)]
+        format: Option<String>,
+        /// `full` (the whole disk, default) or `top` (the top layer only; the target gets
+        /// the top's backing file).
+        #[serde(default)]
+        sync: Option<String>,
+        /// Switch over by itself once ready.
+        #[serde(default)]
+        pivot: bool,
         /// Rate limit in bytes per second (0 or absent: none).
         #[serde(default)]
         speed: u64,
@@ -201,6 +225,23 @@ pub struct StreamReply {
     pub paused_us: u64,
 }
 
+/// What a completed mirror job did ([`crate::jobs::JobInfo::mirror`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The image the device serves now: the target.
+    pub image: String,
+    /// Its format.
+    pub format: String,
+    /// Bytes copied, all passes together.
+    pub copied_bytes: u64,
+    /// Copy passes (the last one with the queues paused).
+    pub passes: u32,
+    /// How long the last pass and the switch paused the queues, in microseconds.
+    pub paused_us: u64,
+}
+
 /// One persistent dirty bitmap, in the answer to [`ControlRequest::Bitmap`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BitmapEntry {
@@ -224,12 +265,29 @@ pub trait LiveOps: Send + Sync {
     fn commit(&self, device: &str, speed: u64) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Stream`]: starts the job.
     fn stream(&self, device: &str, base: Option<&str>, speed: u64) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::Mirror`]: starts the job.
+    fn mirror(&self, device: &str, req: &MirrorRequest) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Jobs`].
     fn jobs(&self) -> Vec<JobInfo>;
     /// Serves [`ControlRequest::Job`].
     fn job(&self, id: u64, action: JobAction) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Bitmap`]; returns the bitmaps as they are afterwards.
     fn bitmap(&self, device: &str, req: &BitmapRequest) -> Result<Vec<BitmapEntry>>;
+}
+
+/// The parameters of [`ControlRequest::Mirror`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorRequest {
+    /// The target (absolute path).
+    pub target: String,
+    /// Its format.
+    pub format: Option<String>,
+    /// `full` or `top`.
+    pub sync: Option<String>,
+    /// Switch over once ready.
+    pub pivot: bool,
+    /// Rate limit, bytes per second.
+    pub speed: u64,
 }
 
 /// The parameters of [`ControlRequest::Bitmap`].
@@ -537,6 +595,29 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             },
             Err(e) => ControlReply::err(e),
         },
+        ControlRequest::Mirror {
+            device,
+            target,
+            format,
+            sync,
+            pivot,
+            speed,
+        } => {
+            let req = MirrorRequest {
+                target,
+                format,
+                sync,
+                pivot,
+                speed,
+            };
+            match live.mirror(&device, &req) {
+                Ok(j) => ControlReply {
+                    job: Some(j),
+                    ..ControlReply::ok()
+                },
+                Err(e) => ControlReply::err(e),
+            }
+        }
         ControlRequest::Jobs => ControlReply {
             jobs: Some(live.jobs()),
             ..ControlReply::ok()
@@ -626,8 +707,9 @@ pub fn job(path: &Path, id: u64) -> Result<JobInfo> {
         .ok_or_else(|| Error::Control(format!("the daemon knows no job {id}")))
 }
 
-/// Polls the job `id` every `every` until it has finished, calling `progress` with each
-/// report; returns the last one (completed, failed or cancelled).
+/// Polls the job `id` every `every` until it has finished (or is a mirror waiting to be
+/// completed: ready and not asked to pivot), calling `progress` with each report; returns
+/// the last one.
 pub fn wait_job(
     path: &Path,
     id: u64,
@@ -637,7 +719,7 @@ pub fn wait_job(
     loop {
         let j = job(path, id)?;
         progress(&j);
-        if j.state.finished() {
+        if j.state.finished() || (j.state == JobState::Ready && !j.pivot) {
             return Ok(j);
         }
         std::thread::sleep(every);

@@ -1,6 +1,6 @@
-//! Background block jobs of the daemon (issue #14): a live commit or stream runs on its own thread
-//! while the control socket answers at once with the job's ID; `xdisk jobs` lists the jobs,
-//! `xdisk job cancel|pause|resume ID` steers them.
+//! Background block jobs of the daemon (issue #14): a live commit, stream or mirror runs on
+//! its own thread while the control socket answers at once with the job's ID; `xdisk jobs`
+//! lists the jobs, `xdisk job cancel|pause|resume|complete ID` steers them.
 //!
 //! A job copies in bounded chunks and calls [`Job::checkpoint`] between two chunks (never
 //! with the device's queues paused): there it yields to the guest's requests, sleeps to
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{CommitReply, StreamReply};
+use crate::control::{CommitReply, MirrorReply, StreamReply};
 
 /// What a completed job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub enum Outcome {
     Commit(CommitReply),
     /// A stream's result.
     Stream(StreamReply),
+    /// A mirror's result.
+    Mirror(MirrorReply),
 }
 
 /// Finished jobs remembered by the registry.
@@ -37,6 +39,8 @@ pub enum JobKind {
     Commit,
     /// A live stream of backing data into the top (`xdisk stream`).
     Stream,
+    /// A live mirror of the disk to another image (`xdisk mirror`).
+    Mirror,
 }
 
 impl JobKind {
@@ -45,6 +49,7 @@ impl JobKind {
         match self {
             JobKind::Commit => "commit",
             JobKind::Stream => "stream",
+            JobKind::Mirror => "mirror",
         }
     }
 }
@@ -57,8 +62,8 @@ pub enum JobState {
     Running,
     /// Paused by `xdisk job pause` (it stops at its next chunk boundary).
     Paused,
-    /// Converged, waiting for `xdisk job complete` (not used by a commit, which pivots by
-    /// itself).
+    /// A mirror that converged: it keeps copying the guest's writes and waits for
+    /// `xdisk job complete` to switch the device over.
     Ready,
     /// Done.
     Completed,
@@ -107,6 +112,9 @@ pub struct JobInfo {
     pub total_bytes: u64,
     /// The rate limit in bytes per second (0: none).
     pub speed: u64,
+    /// A mirror that switches over by itself once ready (`--pivot`, or completed).
+    #[serde(default)]
+    pub pivot: bool,
     /// Milliseconds since it started (until it finished).
     pub elapsed_ms: u64,
     /// Why it failed.
@@ -118,6 +126,9 @@ pub struct JobInfo {
     /// A completed stream's result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamReply>,
+    /// A completed mirror's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorReply>,
 }
 
 /// Why a job stopped at a [`Job::checkpoint`].
@@ -128,6 +139,10 @@ pub struct Cancelled;
 struct State {
     state: JobState,
     cancel: bool,
+    /// `xdisk job complete` (or `--pivot`): a ready mirror switches the device over.
+    complete: bool,
+    /// Paused while ready: back to ready on resume.
+    was_ready: bool,
     done: u64,
     total: u64,
     error: Option<String>,
@@ -181,6 +196,7 @@ impl Job {
             done_bytes: s.done,
             total_bytes: s.total.max(s.done),
             speed: self.speed,
+            pivot: s.complete,
             elapsed_ms: u64::try_from(end.duration_since(self.started).as_millis())
                 .unwrap_or(u64::MAX),
             error: s.error.clone(),
@@ -190,6 +206,10 @@ impl Job {
             },
             stream: match &s.outcome {
                 Some(Outcome::Stream(r)) => Some(r.clone()),
+                _ => None,
+            },
+            mirror: match &s.outcome {
+                Some(Outcome::Mirror(r)) => Some(r.clone()),
                 _ => None,
             },
         }
@@ -242,6 +262,49 @@ impl Job {
         }
     }
 
+    /// Marks the job ready (a converged mirror), unless paused.
+    pub fn set_ready(&self) {
+        let mut s = lock(&self.st);
+        if s.state == JobState::Running {
+            s.state = JobState::Ready;
+        }
+        s.was_ready = true;
+    }
+
+    /// Asks a job to complete as soon as it is ready (`--pivot`).
+    pub fn request_complete(&self) {
+        lock(&self.st).complete = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits at most `timeout` for a completion request (true), a cancel (an error) or
+    /// the timeout (false); a pause holds it until resumed.
+    pub fn wait_complete(&self, timeout: Duration) -> Result<bool, Cancelled> {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.st);
+        loop {
+            if s.cancel {
+                return Err(Cancelled);
+            }
+            if s.state == JobState::Paused {
+                s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            if s.complete {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            s = self
+                .cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Ends the job: completed (with its result), failed or, if it was cancelled,
     /// cancelled.
     pub fn finish(&self, r: std::result::Result<Outcome, String>) {
@@ -274,14 +337,35 @@ impl Job {
         match action {
             JobAction::Cancel => s.cancel = true,
             JobAction::Pause => {
-                if s.state == JobState::Running {
+                if matches!(s.state, JobState::Running | JobState::Ready) {
                     s.state = JobState::Paused;
                 }
             }
             JobAction::Resume => {
                 if s.state == JobState::Paused {
-                    s.state = JobState::Running;
+                    s.state = if s.was_ready {
+                        JobState::Ready
+                    } else {
+                        JobState::Running
+                    };
                 }
+            }
+            JobAction::Complete => {
+                if self.kind != JobKind::Mirror {
+                    return Err(crate::Error::Invalid(format!(
+                        "job {} is a {}: only a mirror waits to be completed",
+                        self.id,
+                        self.kind.as_str()
+                    )));
+                }
+                if s.state != JobState::Ready {
+                    return Err(crate::Error::Invalid(format!(
+                        "job {} is {}, not ready: it completes once its copy has converged",
+                        self.id,
+                        s.state.as_str()
+                    )));
+                }
+                s.complete = true;
             }
         }
         self.cv.notify_all();
@@ -300,6 +384,8 @@ pub enum JobAction {
     Pause,
     /// Goes on after a pause.
     Resume,
+    /// Switches the device of a ready mirror over to its target.
+    Complete,
 }
 
 impl JobAction {
@@ -309,6 +395,7 @@ impl JobAction {
             JobAction::Cancel => "cancel",
             JobAction::Pause => "pause",
             JobAction::Resume => "resume",
+            JobAction::Complete => "complete",
         }
     }
 }
@@ -341,6 +428,8 @@ impl Jobs {
             st: Mutex::new(State {
                 state: JobState::Running,
                 cancel: false,
+                complete: false,
+                was_ready: false,
                 done: 0,
                 total,
                 error: None,

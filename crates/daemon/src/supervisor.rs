@@ -1077,10 +1077,10 @@ impl Supervisor {
     ) -> Result<Vec<crate::control::BitmapEntry>> {
         use crate::control::BitmapAction as A;
         for n in [&req.name, &req.source].into_iter().flatten() {
-            if req.action != A::List && n.starts_with(JOB_BITMAP_PREFIX) {
+            if req.action != A::List && is_job_bitmap(n) {
                 return Err(Error::Invalid(format!(
-                    "bitmap {n:?}: names beginning with {JOB_BITMAP_PREFIX} are reserved for \
-                     the commit jobs' temporary bitmaps"
+                    "bitmap {n:?}: names beginning with {JOB_BITMAP_PREFIX} or \
+                     {MIRROR_BITMAP_PREFIX} are reserved for the jobs' temporary bitmaps"
                 )));
             }
         }
@@ -1406,6 +1406,254 @@ impl Supervisor {
         Ok(job.info())
     }
 
+    /// Mirrors a running device's disk to `req.target` (see
+    /// [`crate::control::ControlRequest::Mirror`]) as a background job. The target is
+    /// created if missing (raw or qcow2 of the device's size; with `sync` `top` a qcow2
+    /// whose backing file is the top's) and opened; a temporary persistent bitmap of the
+    /// top (added with the queues paused) tracks the guest's writes; the first pass copies
+    /// what the chain holds (`full`) or the top holds (`top`), later passes what the
+    /// bitmap collected (taken and cleared with the queues paused). Once a pass finds at
+    /// most 4 MiB dirty, the job is `ready` and keeps copying the writes; on completion
+    /// (`pivot`, or [`crate::jobs::JobAction::Complete`]) the last pass runs with the queues
+    /// paused, the target is flushed, `params` names it and the device switches to it. A
+    /// cancel (or failure) before that leaves the device on its source, the bitmap removed,
+    /// and the target as far as it got.
+    pub fn mirror(
+        &self,
+        query: &str,
+        req: &crate::control::MirrorRequest,
+    ) -> Result<crate::jobs::JobInfo> {
+        let entry = self.find(query)?;
+        let one = lock(&entry.live);
+        Self::no_job(&entry)?;
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!("{name} is served read-only")));
+        }
+        let top = handle.image();
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is {}: a mirror tracks writes in a qcow2 bitmap",
+                top.format()
+            )));
+        }
+        let sync_top = match req.sync.as_deref() {
+            None | Some("full") => false,
+            Some("top") => true,
+            Some(o) => {
+                return Err(Error::Invalid(format!(
+                    "--sync {o:?}: expected full or top"
+                )))
+            }
+        };
+        let fmt = match req.format.as_deref() {
+            None | Some("qcow2") => Format::Qcow2,
+            Some("raw") if !sync_top => Format::Raw,
+            Some("raw") => {
+                return Err(Error::Invalid(
+                    "--sync top needs a qcow2 target (it gets the top's backing file)".into(),
+                ))
+            }
+            Some(o) => {
+                return Err(Error::Invalid(format!(
+                    "--format {o:?}: expected raw or qcow2"
+                )))
+            }
+        };
+        let target = Path::new(&req.target);
+        let target_s = req.target.as_str();
+        if !target.is_absolute()
+            || params::is_nbd_url(target_s)
+            || params::is_rbd_name(target_s)
+            || target
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(Error::Invalid(format!(
+                "target {target_s:?}: expected a plain absolute path of a host file"
+            )));
+        }
+        let tag = match fmt {
+            Format::Raw => "aio",
+            Format::Qcow2 => "qcow2",
+        };
+        let new_params = format!("{tag}:{target_s}");
+        let (_, _, parsed) = params::parse_params(&new_params)
+            .map_err(|e| Error::Invalid(format!("{target_s} cannot be named in params: {e}")))?;
+        if parsed != target {
+            return Err(Error::Invalid(format!(
+                "target {target_s:?} cannot be named in params"
+            )));
+        }
+        let mut layer = Some(top.clone());
+        while let Some(l) = layer {
+            if layer_matches(&l, target_s) {
+                return Err(Error::Invalid(format!(
+                    "{target_s} is an image of the device's chain"
+                )));
+            }
+            layer = l.backing().cloned();
+        }
+        let backing = if sync_top {
+            top.backing().cloned()
+        } else {
+            None
+        };
+        let created = !target.exists();
+        if created {
+            let (bf, bfmt) = match &backing {
+                Some(b) => {
+                    let p = b.storage().local_path().ok_or_else(|| {
+                        Error::Unsupported(format!(
+                            "{name}: the top's backing file {} is not a host file",
+                            b.storage().name()
+                        ))
+                    })?;
+                    let p = p
+                        .to_str()
+                        .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", p.display())))?;
+                    (Some(p.to_owned()), Some(b.format().as_str().to_owned()))
+                }
+                None => (None, None),
+            };
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)
+                .map_err(|e| Error::io(format!("cannot create {target_s}"), e))?;
+            let opts = xdisk_image::CreateOptions {
+                size: top.size(),
+                backing_file: bf,
+                backing_format: bfmt,
+                ..xdisk_image::CreateOptions::default()
+            };
+            if let Err(e) = xdisk_image::create(target, fmt, &opts) {
+                let _ = std::fs::remove_file(target);
+                return Err(Error::Image {
+                    path: target.to_path_buf(),
+                    error: e,
+                });
+            }
+        }
+        let remove_created = || {
+            if created {
+                let _ = std::fs::remove_file(target);
+            }
+        };
+        let open_opts = OpenOptions {
+            format: Some(fmt),
+            read_only: false,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let opened = match &backing {
+            Some(b) => Image::open_overlay(target, &open_opts, b.clone()),
+            None => Image::open(target, &open_opts),
+        };
+        let dest = match opened {
+            Ok(i) => i,
+            Err(e) => {
+                remove_created();
+                return Err(Error::Image {
+                    path: target.to_path_buf(),
+                    error: e,
+                });
+            }
+        };
+        if dest.size() != top.size() || (!sync_top && dest.backing().is_some()) {
+            drop(dest);
+            remove_created();
+            return Err(Error::Invalid(format!(
+                "{target_s}: expected {} bytes{}",
+                top.size(),
+                if sync_top { "" } else { " and no backing file" }
+            )));
+        }
+        static JOB: AtomicU64 = AtomicU64::new(0);
+        let bitmap = format!(
+            "{MIRROR_BITMAP_PREFIX}{}-{}",
+            std::process::id(),
+            JOB.fetch_add(1, Ordering::Relaxed)
+        );
+        let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("mirror of {name}: {e}"));
+        // What the first pass copies: the top's ranges, or every layer's; an existing
+        // target gets everything (it may hold anything).
+        let layers: Vec<Arc<Image>> = if sync_top {
+            vec![top.clone()]
+        } else {
+            let mut v = Vec::new();
+            let mut l = Some(top.clone());
+            while let Some(x) = l {
+                l = x.backing().cloned();
+                v.push(x);
+            }
+            v
+        };
+        let first: Vec<(u64, u64)> = if created || sync_top {
+            match chain_ranges(&layers, top.size()) {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(dest);
+                    remove_created();
+                    return Err(fail(e));
+                }
+            }
+        } else {
+            vec![(0, top.size())]
+        };
+        let total = first.iter().map(|r| r.1).sum();
+        {
+            let b = bitmap.clone();
+            let r = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                let q = img
+                    .as_qcow2()
+                    .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+                q.add_bitmap(&b, Some(gran), true)?;
+                Ok(None)
+            }));
+            if let Err(e) = r {
+                drop(dest);
+                remove_created();
+                return Err(fail(e));
+            }
+        }
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Mirror, &name, req.speed, total);
+        if req.pivot {
+            job.request_complete();
+        }
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = MirrorRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            dest,
+            first,
+            bitmap,
+            xs: self.inner.platform.xs.clone(),
+            new_params,
+            target: target.to_path_buf(),
+            fmt,
+            tag,
+            cache,
+            spec,
+        };
+        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), target = %target_s, sync_top, "mirror job started");
+        Ok(job.info())
+    }
+
     /// Fails if a job runs on the device.
     fn no_job(entry: &Entry) -> Result<()> {
         match *lock(&entry.job) {
@@ -1436,6 +1684,15 @@ impl Supervisor {
 /// bitmap commands refuse them), and removed from a device's top image when a daemon opens
 /// it (one left by a daemon killed mid-commit; it is `in_use` and useless).
 pub const JOB_BITMAP_PREFIX: &str = "xdisk-commit-";
+
+/// Names of the temporary bitmaps of mirror jobs (`xdisk-mirror-<pid>-<n>`), reserved and
+/// cleaned up as [`JOB_BITMAP_PREFIX`]'s.
+pub const MIRROR_BITMAP_PREFIX: &str = "xdisk-mirror-";
+
+/// Whether a bitmap name is a job's temporary bitmap.
+fn is_job_bitmap(name: &str) -> bool {
+    name.starts_with(JOB_BITMAP_PREFIX) || name.starts_with(MIRROR_BITMAP_PREFIX)
+}
 
 /// A commit job's thread (see [`Supervisor::commit`]).
 struct CommitRun {
@@ -1662,6 +1919,228 @@ fn stream_ranges(
         o += n;
     }
     Ok(out)
+}
+
+/// The ranges any of `layers` holds (data or zeroes), sorted, merged.
+fn chain_ranges(layers: &[Arc<Image>], size: u64) -> xdisk_backend::Result<Vec<(u64, u64)>> {
+    let mut all: Vec<(u64, u64)> = Vec::new();
+    for l in layers {
+        let mut p = 0;
+        while p < size {
+            let st = l.layer_status(p, size - p)?;
+            let m = st.len().clamp(1, size - p);
+            if !matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
+                all.push((p, m));
+            }
+            p += m;
+        }
+    }
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (o, l) in all {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 >= o => {
+                last.1 = (o + l).max(last.0 + last.1) - last.0;
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    Ok(out)
+}
+
+/// A mirror job's thread (see [`Supervisor::mirror`]).
+struct MirrorRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    dest: Arc<Image>,
+    first: Vec<(u64, u64)>,
+    bitmap: String,
+    xs: Arc<Client>,
+    new_params: String,
+    target: std::path::PathBuf,
+    fmt: Format,
+    tag: &'static str,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl MirrorRun {
+    fn run(self) {
+        let name = self.entry.key.name();
+        let result = match self.copy() {
+            Ok((copied, passes, paused_us)) => {
+                let new_spec = DiskSpec {
+                    path: self.target.clone(),
+                    format: Some(self.fmt),
+                    format_tag: self.tag.into(),
+                    ..self.spec.clone()
+                };
+                let now = self.handle.image();
+                {
+                    let mut st = lock(&self.entry.status);
+                    st.image = Some(new_spec.shown());
+                    st.format = Some(self.fmt.as_str().to_owned());
+                    st.chain = ChainLayer::of(&now);
+                }
+                *lock(&self.entry.spec) = Some((new_spec, self.cache));
+                tracing::info!(device = %name, job = self.job.id(), target = %self.target.display(), copied, passes, paused_us, "mirror pivot");
+                Ok(crate::jobs::Outcome::Mirror(crate::control::MirrorReply {
+                    device: name.clone(),
+                    image: self.target.display().to_string(),
+                    format: self.fmt.as_str().to_owned(),
+                    copied_bytes: copied,
+                    passes,
+                    paused_us,
+                }))
+            }
+            Err(e) => {
+                let b = self.bitmap.clone();
+                let _one = lock(&self.entry.live);
+                let removed = self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                    if let Some(q) = img.as_qcow2() {
+                        q.remove_bitmap(&b)?;
+                    }
+                    Ok(None)
+                }));
+                if let Err(r) = removed {
+                    tracing::warn!(device = %name, bitmap = %self.bitmap, "cannot remove the mirror's bitmap: {r} (a daemon opening the image removes it)");
+                }
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "mirror cancelled; the device still serves its source");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "mirror failed: {e}");
+                }
+                Err(format!("mirror of {name}: {e}"))
+            }
+        };
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
+    }
+
+    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(f)
+    }
+
+    /// Takes (and clears) the bits the guest's writes set since the last take.
+    fn take_dirty(&self) -> xdisk_backend::Result<Vec<(u64, u64)>> {
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let (t2, b2, top) = (taken.clone(), self.bitmap.clone(), self.top.clone());
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            *lock(&t2) = q.bitmap(&b2)?.dirty_ranges();
+            q.clear_bitmap(&b2)?;
+            Ok(None)
+        }))?;
+        let r = std::mem::take(&mut *lock(&taken));
+        Ok(r)
+    }
+
+    /// Copies `ranges` (zeroes as zeroes) with checkpoints; returns the bytes.
+    fn copy_ranges(&self, ranges: &[(u64, u64)]) -> xdisk_backend::Result<u64> {
+        let mut buf = Vec::new();
+        let mut copied = 0;
+        for &(o, l) in ranges {
+            let end = (o + l).min(self.top.size());
+            let mut off = o;
+            while off < end {
+                let len = (end - off).min(COPY_CHUNK);
+                let n = usize::try_from(len)
+                    .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+                buf.resize(n, 0);
+                self.top.read_at(&mut buf[..n], off)?;
+                if buf[..n].iter().all(|&b| b == 0) {
+                    self.dest.write_zeroes(off, len, false)?;
+                } else {
+                    self.dest.write_at(&buf[..n], off)?;
+                }
+                copied += len;
+                off += len;
+                self.job.checkpoint(len).map_err(job_stopped)?;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// The passes, the wait while ready, and the pivot; returns the bytes copied, the
+    /// passes and the last pause (microseconds).
+    fn copy(&self) -> xdisk_backend::Result<(u64, u32, u64)> {
+        /// Dirty bytes small enough to copy with the queues paused: a pass that found no
+        /// more makes the job ready, and the switch waits for such a pass. A guest that
+        /// writes faster than the copy goes keeps the job running (not ready), as QEMU's.
+        const FINAL_BYTES: u64 = 4 << 20;
+        let mut copied = self.copy_ranges(&self.first)?;
+        let mut passes = 1u32;
+        let mut ready = false;
+        loop {
+            let ranges = self.take_dirty()?;
+            let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+            self.job.add_total(bytes);
+            copied += self.copy_ranges(&ranges)?;
+            passes = passes.saturating_add(1);
+            if bytes <= FINAL_BYTES && !ready {
+                ready = true;
+                self.job.set_ready();
+            }
+            if ready {
+                // Ready: the target follows the guest's writes until completed.
+                let complete = self
+                    .job
+                    .wait_complete(Duration::from_millis(200))
+                    .map_err(job_stopped)?;
+                if complete && bytes <= FINAL_BYTES {
+                    break;
+                }
+            } else {
+                self.job.checkpoint(0).map_err(job_stopped)?;
+            }
+        }
+        let started = std::time::Instant::now();
+        let last = Arc::new(Mutex::new(0u64));
+        let (l2, b2) = (last.clone(), self.bitmap.clone());
+        let (dest, top) = (self.dest.clone(), self.top.clone());
+        let (xs, be, params) = (
+            self.xs.clone(),
+            self.entry.be.clone(),
+            self.new_params.clone(),
+        );
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let ranges = q.bitmap(&b2)?.dirty_ranges();
+            *lock(&l2) = copy_ranges(img, &dest, &ranges, None)?;
+            // Everything the guest wrote is in the target now, durably.
+            dest.flush()?;
+            q.remove_bitmap(&b2)?;
+            let old = img.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: dest.clone(),
+                commit: Box::new(move || {
+                    persist_params(&xs, &be, &params)?;
+                    old.seal();
+                    Ok(())
+                }),
+                rollback: Box::new(|| {}),
+            }))
+        }))?;
+        let last = *lock(&last);
+        copied += last;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, passes + 1, paused_us))
+    }
 }
 
 /// A stream job's thread (see [`Supervisor::stream`]).
@@ -1933,6 +2412,14 @@ impl crate::control::LiveOps for Supervisor {
         Supervisor::stream(self, device, base, speed)
     }
 
+    fn mirror(
+        &self,
+        device: &str,
+        req: &crate::control::MirrorRequest,
+    ) -> Result<crate::jobs::JobInfo> {
+        Supervisor::mirror(self, device, req)
+    }
+
     fn jobs(&self) -> Vec<crate::jobs::JobInfo> {
         Supervisor::jobs(self)
     }
@@ -1966,7 +2453,7 @@ fn drop_job_bitmaps(image: &Image) {
         return;
     };
     for b in q.bitmaps() {
-        if b.name.starts_with(JOB_BITMAP_PREFIX) {
+        if is_job_bitmap(&b.name) {
             match q.remove_bitmap(&b.name) {
                 Ok(()) => {
                     tracing::info!(bitmap = %b.name, "removed the temporary bitmap of an interrupted commit")

@@ -173,6 +173,30 @@ impl Daemon {
         .map(|r| r.job.unwrap())
     }
 
+    /// Starts a mirror job.
+    fn mirror_job(
+        &self,
+        dev: &str,
+        target: &Path,
+        format: &str,
+        sync: &str,
+        pivot: bool,
+        speed: u64,
+    ) -> xdisk_daemon::Result<JobInfo> {
+        control::request(
+            &self.sock,
+            &ControlRequest::Mirror {
+                device: dev.into(),
+                target: target.to_str().unwrap().into(),
+                format: Some(format.into()),
+                sync: Some(sync.into()),
+                pivot,
+                speed,
+            },
+        )
+        .map(|r| r.job.unwrap())
+    }
+
     fn chain_of(&self, dev: &str) -> Vec<String> {
         let st = control::status(&self.sock).unwrap();
         let d = st.devices.iter().find(|d| d.matches(dev)).unwrap();
@@ -1008,6 +1032,15 @@ fn control_socket_refuses_malformed_live_requests() {
         r#"{"cmd":"job","id":1}"#.into(),
         r#"{"cmd":"job","id":1,"action":"explode"}"#.into(),
         r#"{"cmd":"job","id":18446744073709551615,"action":"pause"}"#.into(),
+        r#"{"cmd":"job","id":1,"action":"complete"}"#.into(),
+        r#"{"cmd":"mirror","device":"xvda","target":"rel.qcow2"}"#.into(),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{dir}/m.x","format":"vmdk"}}"#),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{dir}/m.x","sync":"none"}}"#),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{dir}/../m.x"}}"#),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{}"}}"#, disk.path.display()),
+        r#"{"cmd":"mirror","device":"xvda","target":"nbd://h/x"}"#.into(),
+        r#"{"cmd":"stream","device":"xvda"}"#.into(),
+        r#"{"cmd":"stream","device":"xvda","base":"/nonexistent"}"#.into(),
     ];
     for req in &requests {
         let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
@@ -1527,6 +1560,276 @@ fn sigkill_mid_stream_leaves_a_valid_chain() {
         check_no_corruption(&top);
         assert_eq!(backing_of(&top), None, "round {round}");
         assert!(contents(&top) == want, "round {round}: the top differs");
+    }
+}
+
+/// `xdisk mirror` under writes through the ring, from a chain base <- top: a full mirror
+/// limited to 512 KiB/s is paused (it copies nothing more), resumed and cancelled (the
+/// device stays on its top, no bitmap left); a `--sync top` mirror with `--pivot` at
+/// 8 MiB/s takes at least about the time its bytes need and switches the device to a
+/// qcow2 target over the same base; a full mirror to a raw target without `--pivot` becomes
+/// ready, keeps following the writes, and switches over on `job complete`. The frontend
+/// reads its model, the raw target holds it, every qcow2 image checks clean.
+#[test]
+fn mirror_under_writes_cancel_sync_top_pivot_and_complete() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let top = disk.dir.path().join("top.qcow2");
+    let t1 = disk.dir.path().join("t1.qcow2");
+    let t2 = disk.dir.path().join("t2.raw");
+    let t3 = disk.dir.path().join("t3.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 5_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(5_000, Ordering::SeqCst);
+    d.snapshot("xvda", &top, false).expect("snapshot");
+    std::thread::sleep(Duration::from_millis(300));
+    let e = d
+        .mirror_job("xvda", &disk.path, "qcow2", "full", false, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("chain"), "{e}");
+    let e = d
+        .mirror_job("xvda", &t2, "raw", "top", false, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("qcow2 target"), "{e}");
+
+    let j = d
+        .mirror_job("xvda", &t1, "qcow2", "full", false, 512 << 10)
+        .expect("mirror");
+    assert_eq!(j.kind, JobKind::Mirror);
+    assert!(j.total_bytes > 0, "{j:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Pause).expect("pause");
+    let e = d.job(j.id, JobAction::Complete).unwrap_err().to_string();
+    assert!(e.contains("not ready"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.job(j.id, JobAction::Pause).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let after = d.job(j.id, JobAction::Pause).unwrap();
+    assert_eq!(before.done_bytes, after.done_bytes, "a paused job copied");
+    d.job(j.id, JobAction::Resume).expect("resume");
+    std::thread::sleep(Duration::from_millis(100));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    assert_eq!(d.wait(j.id).state, JobState::Cancelled);
+    assert_eq!(d.image_of("xvda"), top.display().to_string());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", top.display()).as_str())
+    );
+    let list = control::request(
+        &d.sock,
+        &ControlRequest::Bitmap {
+            device: "xvda".into(),
+            action: BitmapAction::List,
+            name: None,
+            granularity: None,
+            disabled: false,
+            source: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(list.bitmaps, Some(vec![]));
+
+    // The top only, over the same base, switched over by itself; the guest writes less
+    // (a copy slower than its writes would never be ready).
+    pace.store(50_000, Ordering::SeqCst);
+    let speed = 8u64 << 20;
+    let t0 = Instant::now();
+    let j = d
+        .mirror_job("xvda", &t3, "qcow2", "top", true, speed)
+        .expect("mirror --sync top");
+    let end = d.wait(j.id);
+    let took = t0.elapsed();
+    eprintln!("mirror --sync top: {end:?} in {took:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let want_min = Duration::from_secs_f64(j.total_bytes as f64 / speed as f64 / 2.0);
+    assert!(took >= want_min, "{took:?} < {want_min:?}");
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![t3.display().to_string(), disk.path.display().to_string()]
+    );
+    assert_eq!(backing_of(&t3).as_deref(), disk.path.to_str());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", t3.display()).as_str())
+    );
+
+    // Full, to raw: ready, then completed.
+    let j = d
+        .mirror_job("xvda", &t2, "raw", "full", false, 0)
+        .expect("mirror to raw");
+    let ready = d.wait(j.id);
+    assert_eq!(ready.state, JobState::Ready, "{ready:?}");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(d.image_of("xvda"), t3.display().to_string());
+    d.job(j.id, JobAction::Complete).expect("complete");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(end.mirror.as_ref().unwrap().format, "raw");
+    assert_eq!(d.chain_of("xvda"), vec![t2.display().to_string()]);
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("aio:{}", t2.display()).as_str())
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    for p in [&disk.path, &top, &t1, &t3] {
+        check_clean(p);
+    }
+    for p in [&top, &t3] {
+        assert!(bitmap_names(p).is_empty(), "{}", p.display());
+    }
+    assert!(
+        std::fs::read(&t2).unwrap() == want,
+        "the raw target differs"
+    );
+}
+
+const MIRROR_KILL_CHILD: &str = "XDISK_LIVE_MIRROR_KILL_CHILD";
+
+/// The child of [`sigkill_mid_mirror_leaves_every_image_clean`] (does nothing unless run
+/// by it): 64 blocks of 64 KiB written to the base, a snapshot, 16 to the top, then a full
+/// mirror with --pivot at 2 MiB/s, looped until the kill.
+#[test]
+fn mirror_kill_child() {
+    let Ok(dir) = std::env::var(MIRROR_KILL_CHILD) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = daemon();
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    d.snapshot("xvda", &dir.join("top.qcow2"), false)
+        .expect("snapshot");
+    for i in 0..16u64 {
+        front
+            .write(i * 1024 + 64, &pattern(300 + i, 65536))
+            .unwrap();
+    }
+    front.flush().unwrap();
+    println!("MIRROR-READY");
+    let j = d
+        .mirror_job(
+            "xvda",
+            &dir.join("target.qcow2"),
+            "qcow2",
+            "full",
+            true,
+            2 << 20,
+        )
+        .unwrap();
+    let end = d.wait(j.id);
+    println!("MIRROR-DONE {:?}", end.state);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A daemon killed (SIGKILL) at moments of a mirror: the source chain is untouched (it
+/// reads what the guest wrote), no image is corrupt, and a target the device had switched
+/// to reads it too.
+#[test]
+fn sigkill_mid_mirror_leaves_every_image_clean() {
+    use std::io::BufRead;
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
+    }
+    for i in 0..16u64 {
+        let o = ((i * 1024 + 64) * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
+    }
+    for (round, delay_ms) in [5u64, 400, 1500, 4000].into_iter().enumerate() {
+        let dir = tmpdir();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "mirror_kill_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(MIRROR_KILL_CHILD, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if l.contains("MIRROR-READY") || l.contains("MIRROR-DONE") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(ready.is_ok(), "the child never got ready");
+        let done = rx.try_recv().ok();
+        eprintln!("round {round}: killed {delay_ms} ms after the mirror started ({done:?})");
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        let target = dir.path().join("target.qcow2");
+        check_no_corruption(&base);
+        check_no_corruption(&top);
+        assert!(
+            contents(&top) == want,
+            "round {round}: the source lost data"
+        );
+        // A target killed while it was being created may not be an image yet; one that
+        // was opened is never corrupt.
+        let opened = Command::new("qemu-img")
+            .args(["info", "-U", target.to_str().unwrap()])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if opened {
+            check_no_corruption(&target);
+        }
+        if done.is_some_and(|l| l.contains("Completed")) {
+            assert!(
+                contents(&target) == want,
+                "round {round}: the target differs"
+            );
+        }
     }
 }
 
