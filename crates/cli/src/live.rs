@@ -36,6 +36,15 @@ pub struct SnapshotArgs {
 pub struct CommitArgs {
     /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
     device: String,
+    /// The layer to commit (its path, as `xdisk stat` shows the chain): the top (default;
+    /// the device then switches to the base) or the layer right under it (the top then
+    /// names the base as its backing file).
+    #[arg(long, value_name = "IMG")]
+    top: Option<PathBuf>,
+    /// The layer to commit into (its path; default: the committed layer's backing file;
+    /// deeper only for an intermediate commit).
+    #[arg(long, value_name = "IMG")]
+    base: Option<PathBuf>,
     /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
     #[arg(long, value_name = "BYTES/S")]
     speed: Option<String>,
@@ -272,6 +281,19 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// An optional path made absolute for the daemon.
+fn opt_path(p: &Option<PathBuf>) -> Result<Option<String>> {
+    match p {
+        Some(b) => Ok(Some(
+            absolute(b)?
+                .to_str()
+                .ok_or_else(|| anyhow!("{}: the path is not UTF-8", b.display()))?
+                .to_owned(),
+        )),
+        None => Ok(None),
+    }
+}
+
 fn parse_speed(v: &Option<String>) -> Result<u64> {
     match v {
         Some(v) => parse_size(v).map_err(|e| anyhow!("--speed {v}: {e}")),
@@ -286,6 +308,8 @@ pub fn commit(a: CommitArgs) -> Result<i32> {
         &ControlRequest::Commit {
             device: a.device.clone(),
             speed,
+            top: opt_path(&a.top)?,
+            base: opt_path(&a.base)?,
         },
     )?;
     let j = reply
@@ -296,15 +320,7 @@ pub fn commit(a: CommitArgs) -> Result<i32> {
 
 pub fn stream(a: StreamArgs) -> Result<i32> {
     let speed = parse_speed(&a.speed)?;
-    let base = match &a.base {
-        Some(b) => Some(
-            absolute(b)?
-                .to_str()
-                .ok_or_else(|| anyhow!("{}: the path is not UTF-8", b.display()))?
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let base = opt_path(&a.base)?;
     let reply = control::request(
         &a.control,
         &ControlRequest::Stream {

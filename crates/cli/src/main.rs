@@ -89,11 +89,13 @@ enum Command {
     /// Commits the active layer of a running device: its top qcow2 image is merged into its
     /// backing file while the guest keeps writing (writes made meanwhile are tracked and
     /// copied again), then the device switches to the backing file (the `params` node
-    /// with it). The former top is left as it is, no longer used. Runs as a background job:
+    /// with it). The former top is left as it is, no longer used. With --top naming the
+    /// layer right under the top, that layer is merged into its backing file (or --base)
+    /// and the top's backing link changes instead. Runs as a background job:
     /// prints its ID at once (see `xdisk jobs`, `xdisk job`), or with --wait its progress
     /// until it ends.
     #[command(
-        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda --wait                         # merge it back, serve vm.qcow2 again\n  xdisk commit xvda --speed 50M                    # in the background, at most 50 MiB/s\n  xdisk jobs\n  xdisk job pause 1; xdisk job resume 1; xdisk job cancel 1"
+        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda --wait                         # merge it back, serve vm.qcow2 again\n  xdisk commit xvda --speed 50M                    # in the background, at most 50 MiB/s\n  xdisk commit xvda --top /srv/mid.qcow2 --wait    # the layer under the top, into its backing file\n  xdisk jobs\n  xdisk job pause 1; xdisk job resume 1; xdisk job cancel 1"
     )]
     Commit(live::CommitArgs),
     /// Streams a running device's backing data into its top qcow2 image (what the top does

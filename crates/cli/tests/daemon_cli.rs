@@ -444,9 +444,33 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     assert!(!ok && err.contains("no job 99"), "{err}");
     let (ok, _, err) = run(&["job", "stop", "2", "--socket", sock_s]);
     assert!(!ok && err.contains("invalid value"), "{err}");
-    // xdisk stream: --base named relative to the working directory.
+    // xdisk commit --top: snap3 over img, snap4 over snap3; snap3 goes into img.
     let (ok, _, err) = in_dir(&["snapshot", "xvda", "snap3.qcow2", "--socket", sock_s]);
     assert!(ok, "{err}");
+    let (ok, _, err) = in_dir(&["snapshot", "xvda", "snap4.qcow2", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = in_dir(&["commit", "xvda", "--top", "disk.qcow2", "--socket", sock_s]);
+    assert!(!ok && err.contains("not supported yet"), "{err}");
+    let (ok, out, err) = in_dir(&[
+        "commit",
+        "xvda",
+        "--top",
+        "snap3.qcow2",
+        "--wait",
+        "--json",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "completed", "{out}");
+    assert_eq!(v["commit"]["image"], img_s, "{out}");
+    let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["chain"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(v[0]["chain"][1]["image"], img_s, "{out}");
+    // xdisk stream: --base named relative to the working directory.
     let (ok, _, err) = in_dir(&[
         "stream",
         "xvda",
@@ -477,12 +501,12 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     assert!(ok, "{err}");
     assert!(out.contains("its backing file is now none"), "{out}");
     assert!(err.contains("completed"), "{err}");
-    let snap3 = dir.path().join("snap3.qcow2");
+    let snap4 = dir.path().join("snap4.qcow2");
     let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["chain"].as_array().unwrap().len(), 1, "{out}");
-    assert_eq!(v[0]["image"], snap3.to_str().unwrap(), "{out}");
+    assert_eq!(v[0]["image"], snap4.to_str().unwrap(), "{out}");
     let (ok, _, err) = run(&["stream", "xvda", "--socket", sock_s]);
     assert!(!ok && err.contains("no backing file"), "{err}");
     // xdisk mirror: ready without --pivot, then `xdisk job complete`; with --pivot to raw.
@@ -551,6 +575,7 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
         overlay.to_str().unwrap(),
         snap2.to_str().unwrap(),
         snap3.to_str().unwrap(),
+        dir.path().join("snap4.qcow2").to_str().unwrap(),
         m.to_str().unwrap(),
     ] {
         let out = Command::new("qemu-img")

@@ -4,7 +4,7 @@
 //! Requests: `{"cmd":"ping"}` → `{"ok":true}`; `{"cmd":"status"}` →
 //! `{"ok":true,"status":DaemonStatus}`; live operations on a running device (issue #14):
 //! `{"cmd":"snapshot","device":"xvda","overlay":"/abs/new.qcow2","no_create":false}` →
-//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda","speed":0}` →
+//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda","speed":0,"top":null,"base":null}` →
 //! `{"ok":true,"job":JobInfo}` (a background job, see [`crate::jobs`]),
 //! `{"cmd":"stream","device":"xvda","base":null,"speed":0}` → `{"ok":true,"job":JobInfo}`,
 //! `{"cmd":"mirror","device":"xvda","target":"/abs/t.qcow2","format":"qcow2","sync":"full",
@@ -72,6 +72,14 @@ pub enum ControlRequest {
         /// Rate limit of the copy in bytes per second (0 or absent: none).
         #[serde(default)]
         speed: u64,
+        /// The layer to commit (its path): the top (default: an active commit) or the
+        /// layer right under it (an intermediate commit).
+        #[serde(default)]
+        top: Option<String>,
+        /// The layer committed into (its path; default: the committed layer's backing
+        /// file).
+        #[serde(default)]
+        base: Option<String>,
     },
     /// Copies the data of a running device's backing chain (down to `base`, exclusive)
     /// into its top qcow2 image, then makes `base` (or nothing) its backing file
@@ -262,7 +270,13 @@ pub trait LiveOps: Send + Sync {
     /// Serves [`ControlRequest::Snapshot`].
     fn snapshot(&self, device: &str, overlay: &Path, no_create: bool) -> Result<SnapshotReply>;
     /// Serves [`ControlRequest::Commit`]: starts the job.
-    fn commit(&self, device: &str, speed: u64) -> Result<JobInfo>;
+    fn commit(
+        &self,
+        device: &str,
+        speed: u64,
+        top: Option<&str>,
+        base: Option<&str>,
+    ) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Stream`]: starts the job.
     fn stream(&self, device: &str, base: Option<&str>, speed: u64) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Mirror`]: starts the job.
@@ -577,7 +591,12 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             },
             Err(e) => ControlReply::err(e),
         },
-        ControlRequest::Commit { device, speed } => match live.commit(&device, speed) {
+        ControlRequest::Commit {
+            device,
+            speed,
+            top,
+            base,
+        } => match live.commit(&device, speed, top.as_deref(), base.as_deref()) {
             Ok(j) => ControlReply {
                 job: Some(j),
                 ..ControlReply::ok()

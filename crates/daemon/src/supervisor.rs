@@ -1178,7 +1178,16 @@ impl Supervisor {
     /// limit), in chunks between which the guest's requests go first. Cancelling it before
     /// the pivot leaves the device on its top and removes the bitmap; while it runs, the
     /// device takes no other live snapshot or commit.
-    pub fn commit(&self, query: &str, speed: u64) -> Result<crate::jobs::JobInfo> {
+    ///
+    /// With `top_layer` naming the layer right under the active top (an intermediate
+    /// commit), see [`Supervisor::commit_intermediate`].
+    pub fn commit(
+        &self,
+        query: &str,
+        speed: u64,
+        top_layer: Option<&str>,
+        base_layer: Option<&str>,
+    ) -> Result<crate::jobs::JobInfo> {
         let entry = self.find(query)?;
         let one = lock(&entry.live);
         Self::no_job(&entry)?;
@@ -1188,11 +1197,33 @@ impl Supervisor {
             return Err(Error::Invalid(format!("{name} is served read-only")));
         }
         let top = handle.image();
+        if let Some(t) = top_layer {
+            if !layer_matches(&top, t) {
+                let mid = top.backing().cloned().filter(|m| layer_matches(m, t));
+                return match mid {
+                    Some(mid) => self.commit_intermediate(
+                        one, &entry, handle, spec, cache, top, mid, base_layer, speed,
+                    ),
+                    None => Err(Error::Unsupported(format!(
+                        "{name}: --top {t:?} is neither the top nor the layer right under it \
+                         (committing deeper layers is not supported yet)"
+                    ))),
+                };
+            }
+        }
         let base = top.backing().cloned().ok_or_else(|| {
             Error::Invalid(format!(
                 "{name}: its image has no backing file: nothing to commit"
             ))
         })?;
+        if let Some(b) = base_layer {
+            if !layer_matches(&base, b) {
+                return Err(Error::Unsupported(format!(
+                    "{name}: --base {b:?}: an active commit goes into the top's backing file \
+                     only (commit the layer under the top first)"
+                )));
+            }
+        }
         if top.as_qcow2().is_none() {
             return Err(Error::Unsupported(format!(
                 "{name}: the top image is not qcow2"
@@ -1651,6 +1682,123 @@ impl Supervisor {
             return Err(e);
         }
         tracing::info!(device = %name, job = job.id(), target = %target_s, sync_top, "mirror job started");
+        Ok(job.info())
+    }
+
+    /// Commits `mid`, the layer right under the active top `top`, and the layers under it
+    /// above `base_layer` (default: `mid`'s backing file), into the base, as a background
+    /// job: the data those layers hold is copied into a writable instance of the base (the
+    /// guest never writes to them, so no tracking is needed; the chain reads the same, as
+    /// the base only changes where `mid` or a layer under it has data), the base is flushed,
+    /// then with the queues paused the top's header names the base as its backing file and
+    /// the device serves the top reopened over a fresh instance of the base. The layers
+    /// dropped from the chain are left in place. A cancel, failure or crash before the link
+    /// changes leaves the chain as it was; `params` never changes.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_intermediate(
+        &self,
+        one: MutexGuard<'_, ()>,
+        entry: &Arc<Entry>,
+        handle: xdisk_backend::DeviceHandle,
+        spec: DiskSpec,
+        cache: CacheMode,
+        top: Arc<Image>,
+        mid: Arc<Image>,
+        base_layer: Option<&str>,
+        speed: u64,
+    ) -> Result<crate::jobs::JobInfo> {
+        let name = entry.key.name();
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is not qcow2"
+            )));
+        }
+        let top_path = top
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))?;
+        let mut layers = Vec::new();
+        let mut base = None;
+        let mut cur = Some(mid.clone());
+        while let Some(l) = cur {
+            // Strictly under the committed layer.
+            let is_base = !layers.is_empty() && base_layer.is_none_or(|b| layer_matches(&l, b));
+            if is_base {
+                base = Some(l);
+                break;
+            }
+            cur = l.backing().cloned();
+            layers.push(l);
+        }
+        let base = base.ok_or_else(|| {
+            Error::Invalid(match base_layer {
+                Some(b) => format!("{name}: --base {b:?} is not a layer under --top"),
+                None => format!("{name}: --top has no backing file: nothing to commit into"),
+            })
+        })?;
+        let base_path = base
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: the base {} is not a host file",
+                    base.storage().name()
+                ))
+            })?;
+        let base_s = base_path
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", base_path.display())))?
+            .to_owned();
+        if base.size() != top.size() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the base is {} bytes, the top {} bytes",
+                base.size(),
+                top.size()
+            )));
+        }
+        let base_opts = OpenOptions {
+            format: Some(base.format()),
+            read_only: false,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let base_rw = Image::open(&base_path, &base_opts).map_err(|e| Error::Image {
+            path: base_path.clone(),
+            error: e,
+        })?;
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
+        let ranges = chain_ranges(&layers, top.size()).map_err(fail)?;
+        let total = ranges.iter().map(|r| r.1).sum();
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Commit, &name, speed, total);
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = CommitMidRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            top_path,
+            mid,
+            ranges,
+            base_rw,
+            base_path,
+            base_s,
+            base_opts,
+            cache,
+            spec,
+        };
+        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), speed, "intermediate commit job started");
         Ok(job.info())
     }
 
@@ -2143,6 +2291,147 @@ impl MirrorRun {
     }
 }
 
+/// An intermediate commit's thread (see [`Supervisor::commit_intermediate`]).
+struct CommitMidRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    top_path: std::path::PathBuf,
+    mid: Arc<Image>,
+    ranges: Vec<(u64, u64)>,
+    base_rw: Arc<Image>,
+    base_path: std::path::PathBuf,
+    base_s: String,
+    base_opts: OpenOptions,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl CommitMidRun {
+    fn run(self) {
+        let name = self.entry.key.name();
+        let result = match self.copy() {
+            Ok((copied, paused_us)) => {
+                let now = self.handle.image();
+                lock(&self.entry.status).chain = ChainLayer::of(&now);
+                tracing::info!(device = %name, job = self.job.id(), base = %self.base_s, copied, paused_us, "intermediate commit");
+                Ok(crate::jobs::Outcome::Commit(crate::control::CommitReply {
+                    device: name.clone(),
+                    image: self.base_s.clone(),
+                    format: self.base_rw.format().as_str().to_owned(),
+                    copied_bytes: copied,
+                    passes: 1,
+                    paused_us,
+                }))
+            }
+            Err(e) => {
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "intermediate commit cancelled; the chain is unchanged");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "intermediate commit failed: {e}");
+                }
+                Err(format!("commit of {name}: {e}"))
+            }
+        };
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
+    }
+
+    fn copy(&self) -> xdisk_backend::Result<(u64, u64)> {
+        let mut buf = Vec::new();
+        let mut copied = 0;
+        for &(o, l) in &self.ranges {
+            let end = (o + l).min(self.mid.size());
+            let mut off = o;
+            while off < end {
+                let len = (end - off).min(COPY_CHUNK);
+                let n = usize::try_from(len)
+                    .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+                buf.resize(n, 0);
+                // Read through the layers to commit: what the top's backing reads there.
+                self.mid.read_at(&mut buf[..n], off)?;
+                if buf[..n].iter().all(|&b| b == 0) {
+                    self.base_rw.write_zeroes(off, len, false)?;
+                } else {
+                    self.base_rw.write_at(&buf[..n], off)?;
+                }
+                copied += len;
+                off += len;
+                self.job.checkpoint(len).map_err(job_stopped)?;
+            }
+        }
+        self.base_rw.flush()?;
+        self.base_rw.close()?;
+        self.job.checkpoint(0).map_err(job_stopped)?;
+        // The chain after the switch reads the base afresh (the chain's own instance of it
+        // has cached what it read before the copy).
+        let base_ro = Image::open(
+            &self.base_path,
+            &OpenOptions {
+                read_only: true,
+                ..self.base_opts.clone()
+            },
+        )?;
+        let started = std::time::Instant::now();
+        let (top, path) = (self.top.clone(), self.top_path.clone());
+        let link = (
+            self.base_s.clone(),
+            self.base_rw.format().as_str().to_owned(),
+        );
+        let opts = OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            cache: self.cache,
+            backing_dirs: self.spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let old_link = q.header().backing_file.clone();
+            let old_fmt = q.header().backing_format.clone();
+            img.close()?;
+            q.set_backing(Some(&link.0), Some(&link.1))?;
+            let restore = {
+                let img = img.clone();
+                move || {
+                    if let Some(q) = img.as_qcow2() {
+                        if let Err(e) = q.set_backing(old_link.as_deref(), old_fmt.as_deref()) {
+                            tracing::error!("cannot restore the backing link: {e}");
+                        }
+                    }
+                }
+            };
+            let new = match Image::open_overlay(&path, &opts, base_ro) {
+                Ok(i) => i,
+                Err(e) => {
+                    restore();
+                    return Err(e.into());
+                }
+            };
+            let old = img.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: new,
+                commit: Box::new(move || {
+                    old.seal();
+                    Ok(())
+                }),
+                rollback: Box::new(restore),
+            }))
+        }))?;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, paused_us))
+    }
+}
+
 /// A stream job's thread (see [`Supervisor::stream`]).
 struct StreamRun {
     job: Arc<crate::jobs::Job>,
@@ -2404,8 +2693,14 @@ fn copy_one(
 }
 
 impl crate::control::LiveOps for Supervisor {
-    fn commit(&self, device: &str, speed: u64) -> Result<crate::jobs::JobInfo> {
-        Supervisor::commit(self, device, speed)
+    fn commit(
+        &self,
+        device: &str,
+        speed: u64,
+        top: Option<&str>,
+        base: Option<&str>,
+    ) -> Result<crate::jobs::JobInfo> {
+        Supervisor::commit(self, device, speed, top, base)
     }
 
     fn stream(&self, device: &str, base: Option<&str>, speed: u64) -> Result<crate::jobs::JobInfo> {

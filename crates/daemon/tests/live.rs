@@ -135,6 +135,8 @@ impl Daemon {
             &ControlRequest::Commit {
                 device: dev.into(),
                 speed,
+                top: None,
+                base: None,
             },
         )
         .map(|r| r.job.unwrap())
@@ -1445,6 +1447,91 @@ fn stream_under_writes_pause_cancel_base_and_speed() {
         contents(&top) == want,
         "the top alone differs from the model"
     );
+}
+
+/// `xdisk commit --top MID` under writes through the ring, over base <- mid <- top: a
+/// cancelled one leaves the chain as it was; then mid is merged into base (base then holds
+/// the disk as of the second snapshot) and the top's backing file becomes base. The
+/// frontend reads its model, every image checks clean, the top over base reads the model.
+#[test]
+fn intermediate_commit_under_writes() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let mid = disk.dir.path().join("mid.qcow2");
+    let top = disk.dir.path().join("top.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 6_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    d.snapshot("xvda", &mid, false).expect("snapshot mid");
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    d.snapshot("xvda", &top, false).expect("snapshot top");
+    let answered = Instant::now();
+    pace.store(5_000, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    let commit = |top_l: &Path, base_l: Option<&Path>, speed: u64| {
+        control::request(
+            &d.sock,
+            &ControlRequest::Commit {
+                device: "xvda".into(),
+                speed,
+                top: Some(top_l.to_str().unwrap().into()),
+                base: base_l.map(|b| b.to_str().unwrap().into()),
+            },
+        )
+        .map(|r| r.job.unwrap())
+    };
+    let e = commit(&mid, Some(&mid), 0).unwrap_err().to_string();
+    assert!(e.contains("not a layer under --top"), "{e}");
+    let e = commit(&disk.path, None, 0).unwrap_err().to_string();
+    assert!(e.contains("not supported yet"), "{e}");
+    let j = commit(&mid, None, 256 << 10).expect("commit --top mid");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    assert_eq!(d.wait(j.id).state, JobState::Cancelled);
+    let chain3 = vec![
+        top.display().to_string(),
+        mid.display().to_string(),
+        disk.path.display().to_string(),
+    ];
+    assert_eq!(d.chain_of("xvda"), chain3);
+    assert_eq!(backing_of(&top).as_deref(), mid.to_str());
+
+    let j = commit(&mid, Some(&disk.path), 0).expect("commit --top mid --base base");
+    let end = d.wait(j.id);
+    eprintln!("intermediate commit: {end:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![top.display().to_string(), disk.path.display().to_string()]
+    );
+    assert_eq!(backing_of(&top).as_deref(), disk.path.to_str());
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", top.display()).as_str())
+    );
+    d.stop();
+    for p in [&disk.path, &mid, &top] {
+        check_clean(p);
+    }
+    assert!(contents(&top) == want, "the chain top <- base differs");
+    check_old_top(&contents(&disk.path), &recs, sent, answered);
 }
 
 const STREAM_KILL_CHILD: &str = "XDISK_LIVE_STREAM_KILL_CHILD";
