@@ -1,5 +1,5 @@
-//! `xdisk snapshot`, `xdisk commit` and `xdisk bitmap`: live operations on a running device of `xdisk serve`,
-//! over its control socket (issue #14).
+//! `xdisk snapshot`, `xdisk commit`, `xdisk stream`, `xdisk mirror`, `xdisk jobs`, `xdisk job` and `xdisk bitmap`: live
+//! operations on a running device of `xdisk serve`, over its control socket (issue #14).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 use xdisk_daemon::control::{self, BitmapAction, BitmapEntry, ControlRequest, DEFAULT_SOCKET};
+use xdisk_daemon::jobs::{JobAction, JobInfo, JobState};
 
 use crate::size::parse_size;
 
@@ -35,7 +36,136 @@ pub struct SnapshotArgs {
 pub struct CommitArgs {
     /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
     device: String,
+    /// The layer to commit (its path, as `xdisk stat` shows the chain): the top (default;
+    /// the device then switches to the base) or the layer right under it (the top then
+    /// names the base as its backing file).
+    #[arg(long, value_name = "IMG")]
+    top: Option<PathBuf>,
+    /// The layer to commit into (its path; default: the committed layer's backing file;
+    /// deeper only for an intermediate commit).
+    #[arg(long, value_name = "IMG")]
+    base: Option<PathBuf>,
+    /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
+    #[arg(long, value_name = "BYTES/S")]
+    speed: Option<String>,
+    /// Wait until the job ends, printing its progress (to stderr); the exit status is
+    /// non-zero if it failed or was cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// JSON output (the job as it started, or with --wait as it ended).
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StreamArgs {
+    /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
+    device: String,
+    /// The layer of the chain that stays the top's backing file (its path; `xdisk stat`
+    /// shows the chain); only the layers above it are copied. Default: all, and the top
+    /// keeps no backing file.
+    #[arg(long, value_name = "IMG")]
+    base: Option<PathBuf>,
+    /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
+    #[arg(long, value_name = "BYTES/S")]
+    speed: Option<String>,
+    /// Wait until the job ends, printing its progress (to stderr); the exit status is
+    /// non-zero if it failed or was cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// JSON output (the job as it started, or with --wait as it ended).
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+/// `xdisk mirror --sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncMode {
+    /// The whole disk (every layer); the target has no backing file.
+    Full,
+    /// The top layer only; the target gets the top's backing file.
+    Top,
+}
+
+/// `xdisk mirror --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetFormat {
+    /// qcow2 (default).
+    Qcow2,
+    /// raw (only with --sync full).
+    Raw,
+}
+
+#[derive(Args)]
+pub struct MirrorArgs {
+    /// The running device (as for `xdisk stat`); its top image must be qcow2 (the guest's
+    /// writes are tracked in a bitmap of it).
+    device: String,
+    /// The target image (created if missing, with the device's size; an existing one is
+    /// overwritten where the disk has data, everywhere with --sync full).
+    target: PathBuf,
+    /// The target's format.
+    #[arg(long = "format", short = 'f', value_enum, default_value = "qcow2")]
+    format: TargetFormat,
+    /// What to copy.
+    #[arg(long, value_enum, default_value = "full")]
+    sync: SyncMode,
+    /// Switch the device to the target as soon as the copy has converged (otherwise the
+    /// job stays ready until `xdisk job complete ID`).
+    #[arg(long)]
+    pivot: bool,
+    /// Rate limit of the copy, bytes per second (suffixes k, M, G: 10M); default none.
+    #[arg(long, value_name = "BYTES/S")]
+    speed: Option<String>,
+    /// Wait until the job ends (with --pivot) or is ready, printing its progress (to
+    /// stderr); the exit status is non-zero if it failed or was cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// JSON output (the job as it started, or with --wait as it ended or became ready).
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct JobsArgs {
     /// JSON output.
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+/// `xdisk job` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JobVerb {
+    /// Stop the job; what it did is left consistent (a commit leaves the device on its top).
+    Cancel,
+    /// Stop copying (at the next chunk) until resumed.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Switch the device of a ready mirror over to its target.
+    Complete,
+}
+
+#[derive(Args)]
+pub struct JobArgs {
+    /// What to do.
+    #[arg(value_enum)]
+    action: JobVerb,
+    /// The job's ID (`xdisk jobs`).
+    id: u64,
+    /// JSON output (the job afterwards).
     #[arg(long)]
     json: bool,
     /// The daemon's control socket.
@@ -151,19 +281,130 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// An optional path made absolute for the daemon.
+fn opt_path(p: &Option<PathBuf>) -> Result<Option<String>> {
+    match p {
+        Some(b) => Ok(Some(
+            absolute(b)?
+                .to_str()
+                .ok_or_else(|| anyhow!("{}: the path is not UTF-8", b.display()))?
+                .to_owned(),
+        )),
+        None => Ok(None),
+    }
+}
+
+fn parse_speed(v: &Option<String>) -> Result<u64> {
+    match v {
+        Some(v) => parse_size(v).map_err(|e| anyhow!("--speed {v}: {e}")),
+        None => Ok(0),
+    }
+}
+
 pub fn commit(a: CommitArgs) -> Result<i32> {
+    let speed = parse_speed(&a.speed)?;
     let reply = control::request(
         &a.control,
         &ControlRequest::Commit {
             device: a.device.clone(),
+            speed,
+            top: opt_path(&a.top)?,
+            base: opt_path(&a.base)?,
         },
     )?;
-    let r = reply
-        .commit
-        .ok_or_else(|| anyhow!("the daemon's reply has no commit"))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
+    let j = reply
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    follow(&a.control, j, a.wait, a.json)
+}
+
+pub fn stream(a: StreamArgs) -> Result<i32> {
+    let speed = parse_speed(&a.speed)?;
+    let base = opt_path(&a.base)?;
+    let reply = control::request(
+        &a.control,
+        &ControlRequest::Stream {
+            device: a.device.clone(),
+            base,
+            speed,
+        },
+    )?;
+    let j = reply
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    follow(&a.control, j, a.wait, a.json)
+}
+
+pub fn mirror(a: MirrorArgs) -> Result<i32> {
+    let speed = parse_speed(&a.speed)?;
+    let target = absolute(&a.target)?
+        .to_str()
+        .ok_or_else(|| anyhow!("{}: the path is not UTF-8", a.target.display()))?
+        .to_owned();
+    let reply = control::request(
+        &a.control,
+        &ControlRequest::Mirror {
+            device: a.device.clone(),
+            target,
+            format: Some(
+                match a.format {
+                    TargetFormat::Qcow2 => "qcow2",
+                    TargetFormat::Raw => "raw",
+                }
+                .to_owned(),
+            ),
+            sync: Some(
+                match a.sync {
+                    SyncMode::Full => "full",
+                    SyncMode::Top => "top",
+                }
+                .to_owned(),
+            ),
+            pivot: a.pivot,
+            speed,
+        },
+    )?;
+    let j = reply
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    follow(&a.control, j, a.wait, a.json)
+}
+
+/// Prints a job just started, or waits for its end (`--wait`; a mirror without --pivot:
+/// until it is ready) and prints that.
+fn follow(sock: &Path, j: JobInfo, wait: bool, json: bool) -> Result<i32> {
+    if !wait {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            println!(
+                "{}: {} started as job {} (xdisk jobs; --wait waits)",
+                j.device,
+                j.kind.as_str(),
+                j.id
+            );
+        }
+        return Ok(0);
+    }
+    let end = control::wait_job(sock, j.id, std::time::Duration::from_millis(250), |j| {
+        if !json {
+            eprintln!("job {}: {}", j.id, progress(j));
+        }
+    })?;
+    if end.state == JobState::Ready {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&end)?);
+        } else {
+            println!(
+                "{}: job {} is ready (the target follows the guest's writes); xdisk job complete {} switches over",
+                end.device, end.id, end.id
+            );
+        }
+        return Ok(0);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&end)?);
+    } else if let Some(r) = &end.commit {
         println!(
             "{}: committed into {} ({}); now serving it; {} bytes copied in {} passes, the last one paused the queues {:.1} ms",
             r.device,
@@ -172,6 +413,112 @@ pub fn commit(a: CommitArgs) -> Result<i32> {
             r.copied_bytes,
             r.passes,
             r.paused_us as f64 / 1000.0
+        );
+    } else if let Some(r) = &end.mirror {
+        println!(
+            "{}: mirrored to {} ({}); now serving it; {} bytes copied in {} passes, the last one paused the queues {:.1} ms",
+            r.device,
+            r.image,
+            r.format,
+            r.copied_bytes,
+            r.passes,
+            r.paused_us as f64 / 1000.0
+        );
+    } else if let Some(r) = &end.stream {
+        println!(
+            "{}: streamed into {} ({} bytes copied); its backing file is now {}; the switch paused the queues {:.1} ms",
+            r.device,
+            r.image,
+            r.copied_bytes,
+            r.backing.as_deref().unwrap_or("none"),
+            r.paused_us as f64 / 1000.0
+        );
+    }
+    match end.state {
+        JobState::Completed => Ok(0),
+        JobState::Cancelled => {
+            eprintln!("job {} was cancelled", end.id);
+            Ok(1)
+        }
+        _ => {
+            eprintln!(
+                "job {} {}: {}",
+                end.id,
+                end.state.as_str(),
+                end.error.as_deref().unwrap_or("no reason given")
+            );
+            Ok(1)
+        }
+    }
+}
+
+/// `running 12.0/32.0 MiB (37%), 4.0 MiB/s limit, 3.1 s`.
+fn progress(j: &JobInfo) -> String {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let pct = if j.total_bytes == 0 {
+        100.0
+    } else {
+        j.done_bytes as f64 * 100.0 / j.total_bytes as f64
+    };
+    let speed = if j.speed == 0 {
+        "no speed limit".to_owned()
+    } else {
+        format!("{:.1} MiB/s limit", mib(j.speed))
+    };
+    format!(
+        "{} {:.1}/{:.1} MiB ({pct:.0}%), {speed}, {:.1} s",
+        j.state.as_str(),
+        mib(j.done_bytes),
+        mib(j.total_bytes),
+        j.elapsed_ms as f64 / 1000.0
+    )
+}
+
+pub fn jobs(a: JobsArgs) -> Result<i32> {
+    let list = control::request(&a.control, &ControlRequest::Jobs)?
+        .jobs
+        .unwrap_or_default();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    if list.is_empty() {
+        println!("no jobs");
+    }
+    for j in &list {
+        print!(
+            "{:>4}  {:<7} {:<16} {}",
+            j.id,
+            j.kind.as_str(),
+            j.device,
+            progress(j)
+        );
+        match &j.error {
+            Some(e) => println!("  ({e})"),
+            None => println!(),
+        }
+    }
+    Ok(0)
+}
+
+pub fn job(a: JobArgs) -> Result<i32> {
+    let action = match a.action {
+        JobVerb::Cancel => JobAction::Cancel,
+        JobVerb::Pause => JobAction::Pause,
+        JobVerb::Resume => JobAction::Resume,
+        JobVerb::Complete => JobAction::Complete,
+    };
+    let j = control::request(&a.control, &ControlRequest::Job { id: a.id, action })?
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "job {}: {} requested; {}",
+            j.id,
+            action.as_str(),
+            progress(&j)
         );
     }
     Ok(0)

@@ -89,11 +89,43 @@ enum Command {
     /// Commits the active layer of a running device: its top qcow2 image is merged into its
     /// backing file while the guest keeps writing (writes made meanwhile are tracked and
     /// copied again), then the device switches to the backing file (the `params` node
-    /// with it). The former top is left as it is, no longer used.
+    /// with it). The former top is left as it is, no longer used. With --top naming the
+    /// layer right under the top, that layer is merged into its backing file (or --base)
+    /// and the top's backing link changes instead. Runs as a background job:
+    /// prints its ID at once (see `xdisk jobs`, `xdisk job`), or with --wait its progress
+    /// until it ends.
     #[command(
-        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda                                # merge it back, serve vm.qcow2 again"
+        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/tmp.qcow2   # before a risky change\n  xdisk commit xvda --wait                         # merge it back, serve vm.qcow2 again\n  xdisk commit xvda --speed 50M                    # in the background, at most 50 MiB/s\n  xdisk commit xvda --top /srv/mid.qcow2 --wait    # the layer under the top, into its backing file\n  xdisk jobs\n  xdisk job pause 1; xdisk job resume 1; xdisk job cancel 1"
     )]
     Commit(live::CommitArgs),
+    /// Streams a running device's backing data into its top qcow2 image (what the top does
+    /// not hold, from the layers above --base, or from all of them), while the guest keeps
+    /// writing (its writes win: each chunk is copied with the queues paused), then makes
+    /// --base the top's backing file, or leaves it none. A background job, like commit.
+    #[command(
+        after_long_help = "Examples:\n  xdisk stream xvda --wait                        # the top alone holds the disk\n  xdisk stream xvda --base /var/lib/images/vm.qcow2 --speed 20M\n  xdisk jobs"
+    )]
+    Stream(live::StreamArgs),
+    /// Mirrors a running device's disk to another image (created if missing) while the
+    /// guest keeps writing (its writes are tracked and copied again); once the copy has
+    /// converged the job is ready, and with --pivot (or `xdisk job complete ID`) the device
+    /// switches to the target (the `params` node with it). A background job, like commit;
+    /// cancelled before the switch, the device stays on its image.
+    #[command(
+        after_long_help = "Examples:\n  xdisk mirror xvda /srv/new/vm.qcow2 --pivot --wait     # storage migration\n  xdisk mirror xvda /srv/copy.raw --format raw --speed 100M\n  xdisk mirror xvda /srv/top.qcow2 --sync top            # the top only, same backing file\n  xdisk jobs; xdisk job complete 4"
+    )]
+    Mirror(live::MirrorArgs),
+    /// Lists the daemon's background jobs (running, paused, and the last finished ones):
+    /// ID, type, device, state, bytes done/total, speed limit.
+    #[command(after_long_help = "Examples:\n  xdisk jobs\n  xdisk jobs --json")]
+    Jobs(live::JobsArgs),
+    /// Cancels, pauses, resumes or completes a background job. A cancelled commit or mirror
+    /// leaves the device on its image and removes its temporary bitmap; `complete` switches
+    /// the device of a ready mirror over to its target.
+    #[command(
+        after_long_help = "Examples:\n  xdisk job pause 3\n  xdisk job resume 3\n  xdisk job cancel 3 --json\n  xdisk job complete 4   # a ready mirror: switch over"
+    )]
+    Job(live::JobArgs),
     /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk
     /// img bitmap`). A bitmap added or enabled records every write acknowledged after the
     /// command returns.
@@ -195,6 +227,10 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Detach(a) => daemon::detach(a),
         Command::Snapshot(a) => live::snapshot(a),
         Command::Commit(a) => live::commit(a),
+        Command::Stream(a) => live::stream(a),
+        Command::Mirror(a) => live::mirror(a),
+        Command::Jobs(a) => live::jobs(a),
+        Command::Job(a) => live::job(a),
         Command::Bitmap(a) => live::bitmap(a),
         Command::Stat(a) => daemon::stat(a),
         Command::QemuShim(a) => daemon::qemu_shim(a),

@@ -393,28 +393,198 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     let (ok, out, err) = run(&["bitmap", "list", "xvda", "--socket", sock_s]);
     assert!(ok && out.is_empty(), "{out}{err}");
     // Merged back: the device serves the first image again.
-    let (ok, out, err) = run(&["commit", "xvda", "--json", "--socket", sock_s]);
+    let (ok, out, err) = run(&["commit", "xvda", "--wait", "--json", "--socket", sock_s]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["image"], img_s, "{out}");
+    assert_eq!(v["state"], "completed", "{out}");
+    assert_eq!(v["kind"], "commit", "{out}");
+    assert_eq!(v["commit"]["image"], img_s, "{out}");
     let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["image"], img_s, "{out}");
     let (ok, _, err) = run(&["commit", "xvda", "--socket", sock_s]);
     assert!(!ok && err.contains("no backing file"), "{err}");
+    // In the background: the job's ID at once, then `xdisk jobs` and `xdisk job`.
+    let (ok, _, err) = in_dir(&["snapshot", "xvda", "snap2.qcow2", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["commit", "xvda", "--speed", "10X", "--socket", sock_s]);
+    assert!(!ok && err.contains("--speed"), "{err}");
+    let (ok, out, err) = run(&[
+        "commit", "xvda", "--speed", "10M", "--json", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["id"], 2, "{out}");
+    assert_eq!(v["speed"], 10 << 20, "{out}");
+    assert_eq!(v["device"], "qdisk/1/51712", "{out}");
+    let t0 = Instant::now();
+    loop {
+        let (ok, out, err) = run(&["jobs", "--json", "--socket", sock_s]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 2, "{out}");
+        assert_eq!(v[0]["state"], "completed", "{out}");
+        if v[1]["state"] == "completed" {
+            assert_eq!(v[1]["commit"]["image"], img_s, "{out}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, out, err) = run(&["jobs", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("   2  commit  qdisk/1/51712") && out.contains("completed"),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["job", "cancel", "2", "--socket", sock_s]);
+    assert!(!ok && err.contains("job 2 is completed"), "{err}");
+    let (ok, _, err) = run(&["job", "pause", "99", "--json", "--socket", sock_s]);
+    assert!(!ok && err.contains("no job 99"), "{err}");
+    let (ok, _, err) = run(&["job", "stop", "2", "--socket", sock_s]);
+    assert!(!ok && err.contains("invalid value"), "{err}");
+    // xdisk commit --top: snap3 over img, snap4 over snap3; snap3 goes into img.
+    let (ok, _, err) = in_dir(&["snapshot", "xvda", "snap3.qcow2", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = in_dir(&["snapshot", "xvda", "snap4.qcow2", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = in_dir(&["commit", "xvda", "--top", "disk.qcow2", "--socket", sock_s]);
+    assert!(!ok && err.contains("not supported yet"), "{err}");
+    let (ok, out, err) = in_dir(&[
+        "commit",
+        "xvda",
+        "--top",
+        "snap3.qcow2",
+        "--wait",
+        "--json",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "completed", "{out}");
+    assert_eq!(v["commit"]["image"], img_s, "{out}");
+    let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["chain"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(v[0]["chain"][1]["image"], img_s, "{out}");
+    // xdisk stream: --base named relative to the working directory.
+    let (ok, _, err) = in_dir(&[
+        "stream",
+        "xvda",
+        "--base",
+        "nosuch.qcow2",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(!ok && err.contains("not a layer under the top"), "{err}");
+    let (ok, out, err) = in_dir(&[
+        "stream",
+        "xvda",
+        "--base",
+        "disk.qcow2",
+        "--wait",
+        "--json",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "stream", "{out}");
+    assert_eq!(v["state"], "completed", "{out}");
+    assert_eq!(v["stream"]["backing"], img_s, "{out}");
+    let (ok, out, err) = run(&[
+        "stream", "xvda", "--speed", "1M", "--wait", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("its backing file is now none"), "{out}");
+    assert!(err.contains("completed"), "{err}");
+    let snap4 = dir.path().join("snap4.qcow2");
+    let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["chain"].as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(v[0]["image"], snap4.to_str().unwrap(), "{out}");
+    let (ok, _, err) = run(&["stream", "xvda", "--socket", sock_s]);
+    assert!(!ok && err.contains("no backing file"), "{err}");
+    // xdisk mirror: ready without --pivot, then `xdisk job complete`; with --pivot to raw.
+    let (ok, _, err) = in_dir(&[
+        "mirror", "xvda", "m.raw", "--sync", "top", "--format", "raw", "--socket", sock_s,
+    ]);
+    assert!(!ok && err.contains("qcow2 target"), "{err}");
+    let (ok, out, err) = in_dir(&[
+        "mirror", "xvda", "m.qcow2", "--wait", "--json", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "mirror", "{out}");
+    assert_eq!(v["state"], "ready", "{out}");
+    let id = v["id"].as_u64().unwrap().to_string();
+    let (ok, out, err) = run(&["job", "complete", &id, "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pivot"], true, "{out}");
+    let m = dir.path().join("m.qcow2");
+    let t0 = Instant::now();
+    loop {
+        let (ok, out, err) = run(&["stat", "xvda", "--json", "--control", sock_s]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v[0]["image"] == m.to_str().unwrap() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out, err) = in_dir(&[
+        "mirror", "xvda", "m2.raw", "-f", "raw", "--pivot", "--wait", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("mirrored to") && out.contains("(raw)"),
+        "{out}"
+    );
 
     let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
     assert!(ok, "{err}");
+    // Stopped as systemd stops it (SIGTERM: every image closed), not killed: a SIGKILL
+    // right after the detach may catch the device closing its image, and leak a cluster.
+    let mut serve = serve;
+    let pid = serve.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    while serve.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "xdisk serve does not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(serve);
-    for p in [img_s, overlay.to_str().unwrap()] {
+    let snap2 = dir.path().join("snap2.qcow2");
+    let snap3 = dir.path().join("snap3.qcow2");
+    let m = dir.path().join("m.qcow2");
+    for p in [
+        img_s,
+        overlay.to_str().unwrap(),
+        snap2.to_str().unwrap(),
+        snap3.to_str().unwrap(),
+        dir.path().join("snap4.qcow2").to_str().unwrap(),
+        m.to_str().unwrap(),
+    ] {
         let out = Command::new("qemu-img")
             .args(["check", p])
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "{}",
+            "{p}: {}",
             String::from_utf8_lossy(&out.stdout)
         );
     }

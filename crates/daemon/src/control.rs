@@ -4,8 +4,13 @@
 //! Requests: `{"cmd":"ping"}` → `{"ok":true}`; `{"cmd":"status"}` →
 //! `{"ok":true,"status":DaemonStatus}`; live operations on a running device (issue #14):
 //! `{"cmd":"snapshot","device":"xvda","overlay":"/abs/new.qcow2","no_create":false}` →
-//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda"}` →
-//! `{"ok":true,"commit":CommitReply}` and
+//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda","speed":0,"top":null,"base":null}` →
+//! `{"ok":true,"job":JobInfo}` (a background job, see [`crate::jobs`]),
+//! `{"cmd":"stream","device":"xvda","base":null,"speed":0}` → `{"ok":true,"job":JobInfo}`,
+//! `{"cmd":"mirror","device":"xvda","target":"/abs/t.qcow2","format":"qcow2","sync":"full",
+//! "pivot":false,"speed":0}` → `{"ok":true,"job":JobInfo}`, `{"cmd":"jobs"}` →
+//! `{"ok":true,"jobs":[JobInfo...]}`, `{"cmd":"job","id":1,"action":"cancel"}` (or
+//! `pause`, `resume`, `complete`) → `{"ok":true,"job":JobInfo}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
 //! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`. Errors:
 //! `{"ok":false,"error":"..."}`.
@@ -22,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::jobs::{JobAction, JobInfo, JobState};
 use crate::status::DaemonStatus;
 
 /// Where `xdisk serve` listens by default.
@@ -59,10 +65,68 @@ pub enum ControlRequest {
     },
     /// Commits the active layer of a running device (`xdisk commit`): the top image is
     /// merged into its backing file while the guest writes, then the device serves the
-    /// backing file.
+    /// backing file. A background job: the reply is the job as it started.
     Commit {
         /// The device, as for [`ControlRequest::Snapshot`].
         device: String,
+        /// Rate limit of the copy in bytes per second (0 or absent: none).
+        #[serde(default)]
+        speed: u64,
+        /// The layer to commit (its path): the top (default: an active commit) or the
+        /// layer right under it (an intermediate commit).
+        #[serde(default)]
+        top: Option<String>,
+        /// The layer committed into (its path; default: the committed layer's backing
+        /// file).
+        #[serde(default)]
+        base: Option<String>,
+    },
+    /// Copies the data of a running device's backing chain (down to `base`, exclusive)
+    /// into its top qcow2 image, then makes `base` (or nothing) its backing file
+    /// (`xdisk stream`). A background job: the reply is the job as it started.
+    Stream {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// A layer of the chain under the top (its path, as `xdisk stat` shows it), which
+        /// becomes the top's backing file; absent: all of it is copied, no backing file is
+        /// left.
+        #[serde(default)]
+        base: Option<String>,
+        /// Rate limit in bytes per second (0 or absent: none).
+        #[serde(default)]
+        speed: u64,
+    },
+    /// Copies a running device's disk to another image while the guest writes, tracking
+    /// its writes, until the copy converges (the job is then `ready`); on `pivot` (or
+    /// [`crate::jobs::JobAction::Complete`]) the device switches to the target
+    /// (`xdisk mirror`). A background job: the reply is the job as it started.
+    Mirror {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// The target: an absolute path, created if missing.
+        target: String,
+        /// The target's format (`raw`, `qcow2`; default: qcow2).
+        #[serde(default)]
+        format: Option<String>,
+        /// `full` (the whole disk, default) or `top` (the top layer only; the target gets
+        /// the top's backing file).
+        #[serde(default)]
+        sync: Option<String>,
+        /// Switch over by itself once ready.
+        #[serde(default)]
+        pivot: bool,
+        /// Rate limit in bytes per second (0 or absent: none).
+        #[serde(default)]
+        speed: u64,
+    },
+    /// The daemon's jobs, running and finished (`xdisk jobs`).
+    Jobs,
+    /// Cancels, pauses or resumes a job (`xdisk job cancel|pause|resume ID`).
+    Job {
+        /// The job's ID.
+        id: u64,
+        /// What to do.
+        action: crate::jobs::JobAction,
     },
     /// A change of the persistent dirty bitmaps of a running device's top qcow2 image
     /// (`xdisk bitmap`), or their list.
@@ -137,7 +201,7 @@ pub struct SnapshotReply {
     pub paused_us: u64,
 }
 
-/// The answer to [`ControlRequest::Commit`].
+/// What a completed commit job did ([`crate::jobs::JobInfo::commit`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitReply {
     /// The device (`qdisk/5/51712`).
@@ -151,6 +215,38 @@ pub struct CommitReply {
     /// Copy passes (the last one with the queues paused).
     pub passes: u32,
     /// How long the last pass paused the queues, in microseconds.
+    pub paused_us: u64,
+}
+
+/// What a completed stream job did ([`crate::jobs::JobInfo::stream`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The top image, which the device still serves.
+    pub image: String,
+    /// Its backing file now (the `--base`), or none.
+    pub backing: Option<String>,
+    /// Bytes copied up into it.
+    pub copied_bytes: u64,
+    /// How long the switch of the backing link paused the queues, in microseconds.
+    pub paused_us: u64,
+}
+
+/// What a completed mirror job did ([`crate::jobs::JobInfo::mirror`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The image the device serves now: the target.
+    pub image: String,
+    /// Its format.
+    pub format: String,
+    /// Bytes copied, all passes together.
+    pub copied_bytes: u64,
+    /// Copy passes (the last one with the queues paused).
+    pub passes: u32,
+    /// How long the last pass and the switch paused the queues, in microseconds.
     pub paused_us: u64,
 }
 
@@ -173,10 +269,39 @@ pub struct BitmapEntry {
 pub trait LiveOps: Send + Sync {
     /// Serves [`ControlRequest::Snapshot`].
     fn snapshot(&self, device: &str, overlay: &Path, no_create: bool) -> Result<SnapshotReply>;
-    /// Serves [`ControlRequest::Commit`].
-    fn commit(&self, device: &str) -> Result<CommitReply>;
+    /// Serves [`ControlRequest::Commit`]: starts the job.
+    fn commit(
+        &self,
+        device: &str,
+        speed: u64,
+        top: Option<&str>,
+        base: Option<&str>,
+    ) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::Stream`]: starts the job.
+    fn stream(&self, device: &str, base: Option<&str>, speed: u64) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::Mirror`]: starts the job.
+    fn mirror(&self, device: &str, req: &MirrorRequest) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::Jobs`].
+    fn jobs(&self) -> Vec<JobInfo>;
+    /// Serves [`ControlRequest::Job`].
+    fn job(&self, id: u64, action: JobAction) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Bitmap`]; returns the bitmaps as they are afterwards.
     fn bitmap(&self, device: &str, req: &BitmapRequest) -> Result<Vec<BitmapEntry>>;
+}
+
+/// The parameters of [`ControlRequest::Mirror`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorRequest {
+    /// The target (absolute path).
+    pub target: String,
+    /// Its format.
+    pub format: Option<String>,
+    /// `full` or `top`.
+    pub sync: Option<String>,
+    /// Switch over once ready.
+    pub pivot: bool,
+    /// Rate limit, bytes per second.
+    pub speed: u64,
 }
 
 /// The parameters of [`ControlRequest::Bitmap`].
@@ -210,12 +335,15 @@ pub struct ControlReply {
     /// The answer to [`ControlRequest::Snapshot`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReply>,
-    /// The answer to [`ControlRequest::Commit`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit: Option<CommitReply>,
     /// The answer to [`ControlRequest::Bitmap`]: the bitmaps afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<Vec<BitmapEntry>>,
+    /// The answer to [`ControlRequest::Commit`] and [`ControlRequest::Job`]: the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobInfo>,
+    /// The answer to [`ControlRequest::Jobs`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Vec<JobInfo>>,
 }
 
 impl ControlReply {
@@ -225,8 +353,9 @@ impl ControlReply {
             error: None,
             status: None,
             snapshot: None,
-            commit: None,
             bitmaps: None,
+            job: None,
+            jobs: None,
         }
     }
 
@@ -462,9 +591,59 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             },
             Err(e) => ControlReply::err(e),
         },
-        ControlRequest::Commit { device } => match live.commit(&device) {
-            Ok(r) => ControlReply {
-                commit: Some(r),
+        ControlRequest::Commit {
+            device,
+            speed,
+            top,
+            base,
+        } => match live.commit(&device, speed, top.as_deref(), base.as_deref()) {
+            Ok(j) => ControlReply {
+                job: Some(j),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::Stream {
+            device,
+            base,
+            speed,
+        } => match live.stream(&device, base.as_deref(), speed) {
+            Ok(j) => ControlReply {
+                job: Some(j),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::Mirror {
+            device,
+            target,
+            format,
+            sync,
+            pivot,
+            speed,
+        } => {
+            let req = MirrorRequest {
+                target,
+                format,
+                sync,
+                pivot,
+                speed,
+            };
+            match live.mirror(&device, &req) {
+                Ok(j) => ControlReply {
+                    job: Some(j),
+                    ..ControlReply::ok()
+                },
+                Err(e) => ControlReply::err(e),
+            }
+        }
+        ControlRequest::Jobs => ControlReply {
+            jobs: Some(live.jobs()),
+            ..ControlReply::ok()
+        },
+        ControlRequest::Job { id, action } => match live.job(id, action) {
+            Ok(j) => ControlReply {
+                job: Some(j),
                 ..ControlReply::ok()
             },
             Err(e) => ControlReply::err(e),
@@ -503,7 +682,9 @@ pub const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Sends one request to the daemon at `path`.
 pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply> {
     let timeout = match req {
-        ControlRequest::Ping | ControlRequest::Status => Duration::from_secs(10),
+        ControlRequest::Ping | ControlRequest::Status | ControlRequest::Jobs => {
+            Duration::from_secs(10)
+        }
         _ => LIVE_TIMEOUT,
     };
     request_with_timeout(path, req, timeout)
@@ -533,6 +714,35 @@ pub fn request_with_timeout(
         return Err(Error::Control(r.error.unwrap_or_else(|| "error".into())));
     }
     Ok(r)
+}
+
+/// The job `id` as the daemon at `path` reports it now.
+pub fn job(path: &Path, id: u64) -> Result<JobInfo> {
+    request(path, &ControlRequest::Jobs)?
+        .jobs
+        .unwrap_or_default()
+        .into_iter()
+        .find(|j| j.id == id)
+        .ok_or_else(|| Error::Control(format!("the daemon knows no job {id}")))
+}
+
+/// Polls the job `id` every `every` until it has finished (or is a mirror waiting to be
+/// completed: ready and not asked to pivot), calling `progress` with each report; returns
+/// the last one.
+pub fn wait_job(
+    path: &Path,
+    id: u64,
+    every: Duration,
+    mut progress: impl FnMut(&JobInfo),
+) -> Result<JobInfo> {
+    loop {
+        let j = job(path, id)?;
+        progress(&j);
+        if j.state.finished() || (j.state == JobState::Ready && !j.pivot) {
+            return Ok(j);
+        }
+        std::thread::sleep(every);
+    }
 }
 
 /// The daemon's status (fails clearly when it is not running).

@@ -32,6 +32,7 @@ pub mod control;
 pub mod devid;
 pub mod dm;
 pub mod error;
+pub mod jobs;
 pub mod metrics;
 pub mod params;
 pub mod platform;

@@ -116,8 +116,11 @@ struct Entry {
     /// The disk as served now (a live snapshot changes its image) and the cache mode its
     /// image was opened with; set once the device started.
     spec: Mutex<Option<(DiskSpec, CacheMode)>>,
-    /// Held by a live operation (one at a time per device).
+    /// Held by a live operation (one at a time per device), and by a job around each of its
+    /// pauses of the queues.
     live: Mutex<()>,
+    /// The job running on the device (one at a time), if any.
+    job: Mutex<Option<u64>>,
 }
 
 impl Entry {
@@ -171,6 +174,7 @@ struct Inner {
     wake: Sender<WatchEvent>,
     pending: Mutex<Vec<Wake>>,
     tokens: Tokens,
+    jobs: crate::jobs::Jobs,
 }
 
 #[derive(Clone)]
@@ -229,6 +233,7 @@ impl Supervisor {
             wake: wake.clone(),
             pending: Mutex::new(Vec::new()),
             tokens: tokens.clone(),
+            jobs: crate::jobs::Jobs::default(),
         });
         let xs = inner.platform.xs.clone();
         let mut set = Vec::new();
@@ -330,6 +335,9 @@ impl Supervisor {
     }
 
     fn stop(&mut self) {
+        // Jobs end first (cancelled: each leaves its device and images consistent and
+        // removes its temporary bitmap while the device still runs).
+        self.inner.jobs.cancel_all();
         if let Some(t) = self.thread.take() {
             self.inner.send_wake(Wake::Shutdown);
             let _ = t.join();
@@ -601,6 +609,7 @@ impl Inner {
             host: Mutex::new(None),
             spec: Mutex::new(None),
             live: Mutex::new(()),
+            job: Mutex::new(None),
         });
         lock(&self.entries).insert(key.clone(), entry.clone());
         tracing::info!(device = %key.name(), "serving");
@@ -632,6 +641,10 @@ impl Inner {
         );
         let _guard = span.enter();
         let r = catch_unwind(AssertUnwindSafe(|| self.serve(&entry, &stop)));
+        // Its job ends first (cancelled; its cleanup runs while the device may still
+        // answer), so that no job holds the image when the device is started again.
+        self.jobs
+            .cancel_device(&entry.key.name(), Duration::from_secs(60));
         // The device is gone whatever happened (a panic unwinding through `serve` dropped
         // it, which shut it down). Taken out first: the lock must not be held across the
         // shutdown, or `xdisk stat` (Entry::snapshot) would wait for it.
@@ -719,6 +732,7 @@ impl Inner {
             return Ok(());
         }
         let (image, cache) = open_image(&spec)?;
+        drop_job_bitmaps(&image);
         {
             let mut s = lock(&entry.status);
             s.image = Some(spec.shown());
@@ -905,6 +919,7 @@ impl Supervisor {
     ) -> Result<crate::control::SnapshotReply> {
         let entry = self.find(query)?;
         let _one = lock(&entry.live);
+        Self::no_job(&entry)?;
         let (handle, spec, cache) = Self::running(&entry)?;
         let name = entry.key.name();
         if spec.read_only {
@@ -1061,6 +1076,14 @@ impl Supervisor {
         req: &crate::control::BitmapRequest,
     ) -> Result<Vec<crate::control::BitmapEntry>> {
         use crate::control::BitmapAction as A;
+        for n in [&req.name, &req.source].into_iter().flatten() {
+            if req.action != A::List && is_job_bitmap(n) {
+                return Err(Error::Invalid(format!(
+                    "bitmap {n:?}: names beginning with {JOB_BITMAP_PREFIX} or \
+                     {MIRROR_BITMAP_PREFIX} are reserved for the jobs' temporary bitmaps"
+                )));
+            }
+        }
         let entry = self.find(query)?;
         let _one = lock(&entry.live);
         let (handle, _, _) = Self::running(&entry)?;
@@ -1149,20 +1172,58 @@ impl Supervisor {
     /// `params` to it and switches the device over. Until that switch the chain reads as
     /// before (the backing file only changes where the top has data), so a failure or a
     /// crash at any point leaves a valid chain: `params` names the top until the pivot.
-    pub fn commit(&self, query: &str) -> Result<crate::control::CommitReply> {
+    ///
+    /// The checks and the bitmap's creation happen before this returns; the copy runs as a
+    /// background job (see [`crate::jobs`]) limited to `speed` bytes per second (0: no
+    /// limit), in chunks between which the guest's requests go first. Cancelling it before
+    /// the pivot leaves the device on its top and removes the bitmap; while it runs, the
+    /// device takes no other live snapshot or commit.
+    ///
+    /// With `top_layer` naming the layer right under the active top (an intermediate
+    /// commit), see [`Supervisor::commit_intermediate`].
+    pub fn commit(
+        &self,
+        query: &str,
+        speed: u64,
+        top_layer: Option<&str>,
+        base_layer: Option<&str>,
+    ) -> Result<crate::jobs::JobInfo> {
         let entry = self.find(query)?;
-        let _one = lock(&entry.live);
+        let one = lock(&entry.live);
+        Self::no_job(&entry)?;
         let (handle, spec, cache) = Self::running(&entry)?;
         let name = entry.key.name();
         if spec.read_only {
             return Err(Error::Invalid(format!("{name} is served read-only")));
         }
         let top = handle.image();
+        if let Some(t) = top_layer {
+            if !layer_matches(&top, t) {
+                let mid = top.backing().cloned().filter(|m| layer_matches(m, t));
+                return match mid {
+                    Some(mid) => self.commit_intermediate(
+                        one, &entry, handle, spec, cache, top, mid, base_layer, speed,
+                    ),
+                    None => Err(Error::Unsupported(format!(
+                        "{name}: --top {t:?} is neither the top nor the layer right under it \
+                         (committing deeper layers is not supported yet)"
+                    ))),
+                };
+            }
+        }
         let base = top.backing().cloned().ok_or_else(|| {
             Error::Invalid(format!(
                 "{name}: its image has no backing file: nothing to commit"
             ))
         })?;
+        if let Some(b) = base_layer {
+            if !layer_matches(&base, b) {
+                return Err(Error::Unsupported(format!(
+                    "{name}: --base {b:?}: an active commit goes into the top's backing file \
+                     only (commit the layer under the top first)"
+                )));
+            }
+        }
         if top.as_qcow2().is_none() {
             return Err(Error::Unsupported(format!(
                 "{name}: the top image is not qcow2"
@@ -1214,12 +1275,13 @@ impl Supervisor {
         })?;
         static JOB: AtomicU64 = AtomicU64::new(0);
         let bitmap = format!(
-            "xdisk-commit-{}-{}",
+            "{JOB_BITMAP_PREFIX}{}-{}",
             std::process::id(),
             JOB.fetch_add(1, Ordering::Relaxed)
         );
         let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
         let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
+        let total = allocated_bytes(&top).map_err(fail)?;
         {
             let b = bitmap.clone();
             handle
@@ -1232,58 +1294,640 @@ impl Supervisor {
                 }))
                 .map_err(fail)?;
         }
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Commit, &name, speed, total);
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = CommitRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            base_rw,
+            bitmap,
+            xs: self.inner.platform.xs.clone(),
+            new_params,
+            base_path,
+            base_fmt,
+            tag,
+            cache,
+            spec,
+        };
+        let spawned = self.inner.jobs.spawn(&job, move || run.run());
+        if let Err(e) = spawned {
+            // The closure (and its bitmap cleanup) never ran.
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), speed, "commit job started");
+        Ok(job.info())
+    }
+
+    /// Streams a running device's backing data into its top (see
+    /// [`crate::control::ControlRequest::Stream`]) as a background job: every range the top
+    /// does not have and a layer above `base` (every layer without `base`) does is copied
+    /// into the top, then, with the queues paused, the top's header names `base` (or no
+    /// backing file) and the device serves the top opened again over it.
+    ///
+    /// Guest writes win: each chunk is copied with the device's queues paused, and its
+    /// allocation in the top is looked up in that same pause, so a range the guest wrote
+    /// (acknowledged, or in flight before the pause: completed by it) is never overwritten
+    /// with older backing data. Pauses are one chunk ([`COPY_CHUNK`]) long; between them
+    /// the guest runs and the job sleeps for its rate limit. Until the link changes, the
+    /// chain reads the same (the top only gains what its backing layers hold), so a cancel,
+    /// a failure or a crash at any point leaves a valid chain; `params` never changes (the
+    /// top stays the top).
+    pub fn stream(
+        &self,
+        query: &str,
+        base: Option<&str>,
+        speed: u64,
+    ) -> Result<crate::jobs::JobInfo> {
+        let entry = self.find(query)?;
+        let one = lock(&entry.live);
+        Self::no_job(&entry)?;
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!("{name} is served read-only")));
+        }
+        let top = handle.image();
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is not qcow2"
+            )));
+        }
+        let top_path = top
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))?;
+        if top.backing().is_none() {
+            return Err(Error::Invalid(format!(
+                "{name}: its image has no backing file: nothing to stream"
+            )));
+        }
+        // The layers under the top, down to the base (exclusive).
+        let mut layers = Vec::new();
+        let mut base_img = None;
+        let mut cur = top.backing().cloned();
+        while let Some(l) = cur {
+            if let Some(b) = base {
+                if layer_matches(&l, b) {
+                    base_img = Some(l);
+                    break;
+                }
+            }
+            cur = l.backing().cloned();
+            layers.push(l);
+        }
+        let base_link = match (base, &base_img) {
+            (None, _) => None,
+            (Some(b), None) => {
+                return Err(Error::Invalid(format!(
+                    "{name}: --base {b:?} is not a layer under the top (xdisk stat shows the chain)"
+                )))
+            }
+            (Some(_), Some(l)) => {
+                let p = l.storage().local_path().ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "{name}: the base {} is not a host file",
+                        l.storage().name()
+                    ))
+                })?;
+                let p = p
+                    .to_str()
+                    .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", p.display())))?;
+                Some((p.to_owned(), l.format().as_str().to_owned()))
+            }
+        };
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("stream of {name}: {e}"));
+        let total = stream_ranges(&top, &layers, 0, top.size())
+            .map_err(fail)?
+            .iter()
+            .map(|r| r.1)
+            .sum();
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Stream, &name, speed, total);
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = StreamRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            top_path,
+            layers,
+            base_img,
+            base_link,
+            cache,
+            spec,
+        };
+        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), speed, base, "stream job started");
+        Ok(job.info())
+    }
+
+    /// Mirrors a running device's disk to `req.target` (see
+    /// [`crate::control::ControlRequest::Mirror`]) as a background job. The target is
+    /// created if missing (raw or qcow2 of the device's size; with `sync` `top` a qcow2
+    /// whose backing file is the top's) and opened; a temporary persistent bitmap of the
+    /// top (added with the queues paused) tracks the guest's writes; the first pass copies
+    /// what the chain holds (`full`) or the top holds (`top`), later passes what the
+    /// bitmap collected (taken and cleared with the queues paused). Once a pass finds at
+    /// most 4 MiB dirty, the job is `ready` and keeps copying the writes; on completion
+    /// (`pivot`, or [`crate::jobs::JobAction::Complete`]) the last pass runs with the queues
+    /// paused, the target is flushed, `params` names it and the device switches to it. A
+    /// cancel (or failure) before that leaves the device on its source, the bitmap removed,
+    /// and the target as far as it got.
+    pub fn mirror(
+        &self,
+        query: &str,
+        req: &crate::control::MirrorRequest,
+    ) -> Result<crate::jobs::JobInfo> {
+        let entry = self.find(query)?;
+        let one = lock(&entry.live);
+        Self::no_job(&entry)?;
+        let (handle, spec, cache) = Self::running(&entry)?;
+        let name = entry.key.name();
+        if spec.read_only {
+            return Err(Error::Invalid(format!("{name} is served read-only")));
+        }
+        let top = handle.image();
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is {}: a mirror tracks writes in a qcow2 bitmap",
+                top.format()
+            )));
+        }
+        let sync_top = match req.sync.as_deref() {
+            None | Some("full") => false,
+            Some("top") => true,
+            Some(o) => {
+                return Err(Error::Invalid(format!(
+                    "--sync {o:?}: expected full or top"
+                )))
+            }
+        };
+        let fmt = match req.format.as_deref() {
+            None | Some("qcow2") => Format::Qcow2,
+            Some("raw") if !sync_top => Format::Raw,
+            Some("raw") => {
+                return Err(Error::Invalid(
+                    "--sync top needs a qcow2 target (it gets the top's backing file)".into(),
+                ))
+            }
+            Some(o) => {
+                return Err(Error::Invalid(format!(
+                    "--format {o:?}: expected raw or qcow2"
+                )))
+            }
+        };
+        let target = Path::new(&req.target);
+        let target_s = req.target.as_str();
+        if !target.is_absolute()
+            || params::is_nbd_url(target_s)
+            || params::is_rbd_name(target_s)
+            || target
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(Error::Invalid(format!(
+                "target {target_s:?}: expected a plain absolute path of a host file"
+            )));
+        }
+        let tag = match fmt {
+            Format::Raw => "aio",
+            Format::Qcow2 => "qcow2",
+        };
+        let new_params = format!("{tag}:{target_s}");
+        let (_, _, parsed) = params::parse_params(&new_params)
+            .map_err(|e| Error::Invalid(format!("{target_s} cannot be named in params: {e}")))?;
+        if parsed != target {
+            return Err(Error::Invalid(format!(
+                "target {target_s:?} cannot be named in params"
+            )));
+        }
+        let mut layer = Some(top.clone());
+        while let Some(l) = layer {
+            if layer_matches(&l, target_s) {
+                return Err(Error::Invalid(format!(
+                    "{target_s} is an image of the device's chain"
+                )));
+            }
+            layer = l.backing().cloned();
+        }
+        let backing = if sync_top {
+            top.backing().cloned()
+        } else {
+            None
+        };
+        let created = !target.exists();
+        if created {
+            let (bf, bfmt) = match &backing {
+                Some(b) => {
+                    let p = b.storage().local_path().ok_or_else(|| {
+                        Error::Unsupported(format!(
+                            "{name}: the top's backing file {} is not a host file",
+                            b.storage().name()
+                        ))
+                    })?;
+                    let p = p
+                        .to_str()
+                        .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", p.display())))?;
+                    (Some(p.to_owned()), Some(b.format().as_str().to_owned()))
+                }
+                None => (None, None),
+            };
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)
+                .map_err(|e| Error::io(format!("cannot create {target_s}"), e))?;
+            let opts = xdisk_image::CreateOptions {
+                size: top.size(),
+                backing_file: bf,
+                backing_format: bfmt,
+                ..xdisk_image::CreateOptions::default()
+            };
+            if let Err(e) = xdisk_image::create(target, fmt, &opts) {
+                let _ = std::fs::remove_file(target);
+                return Err(Error::Image {
+                    path: target.to_path_buf(),
+                    error: e,
+                });
+            }
+        }
+        let remove_created = || {
+            if created {
+                let _ = std::fs::remove_file(target);
+            }
+        };
+        let open_opts = OpenOptions {
+            format: Some(fmt),
+            read_only: false,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let opened = match &backing {
+            Some(b) => Image::open_overlay(target, &open_opts, b.clone()),
+            None => Image::open(target, &open_opts),
+        };
+        let dest = match opened {
+            Ok(i) => i,
+            Err(e) => {
+                remove_created();
+                return Err(Error::Image {
+                    path: target.to_path_buf(),
+                    error: e,
+                });
+            }
+        };
+        if dest.size() != top.size() || (!sync_top && dest.backing().is_some()) {
+            drop(dest);
+            remove_created();
+            return Err(Error::Invalid(format!(
+                "{target_s}: expected {} bytes{}",
+                top.size(),
+                if sync_top { "" } else { " and no backing file" }
+            )));
+        }
+        static JOB: AtomicU64 = AtomicU64::new(0);
+        let bitmap = format!(
+            "{MIRROR_BITMAP_PREFIX}{}-{}",
+            std::process::id(),
+            JOB.fetch_add(1, Ordering::Relaxed)
+        );
+        let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("mirror of {name}: {e}"));
+        // What the first pass copies: the top's ranges, or every layer's; an existing
+        // target gets everything (it may hold anything).
+        let layers: Vec<Arc<Image>> = if sync_top {
+            vec![top.clone()]
+        } else {
+            let mut v = Vec::new();
+            let mut l = Some(top.clone());
+            while let Some(x) = l {
+                l = x.backing().cloned();
+                v.push(x);
+            }
+            v
+        };
+        let first: Vec<(u64, u64)> = if created || sync_top {
+            match chain_ranges(&layers, top.size()) {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(dest);
+                    remove_created();
+                    return Err(fail(e));
+                }
+            }
+        } else {
+            vec![(0, top.size())]
+        };
+        let total = first.iter().map(|r| r.1).sum();
+        {
+            let b = bitmap.clone();
+            let r = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                let q = img
+                    .as_qcow2()
+                    .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+                q.add_bitmap(&b, Some(gran), true)?;
+                Ok(None)
+            }));
+            if let Err(e) = r {
+                drop(dest);
+                remove_created();
+                return Err(fail(e));
+            }
+        }
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Mirror, &name, req.speed, total);
+        if req.pivot {
+            job.request_complete();
+        }
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = MirrorRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            dest,
+            first,
+            bitmap,
+            xs: self.inner.platform.xs.clone(),
+            new_params,
+            target: target.to_path_buf(),
+            fmt,
+            tag,
+            cache,
+            spec,
+        };
+        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), target = %target_s, sync_top, "mirror job started");
+        Ok(job.info())
+    }
+
+    /// Commits `mid`, the layer right under the active top `top`, and the layers under it
+    /// above `base_layer` (default: `mid`'s backing file), into the base, as a background
+    /// job: the data those layers hold is copied into a writable instance of the base (the
+    /// guest never writes to them, so no tracking is needed; the chain reads the same, as
+    /// the base only changes where `mid` or a layer under it has data), the base is flushed,
+    /// then with the queues paused the top's header names the base as its backing file and
+    /// the device serves the top reopened over a fresh instance of the base. The layers
+    /// dropped from the chain are left in place. A cancel, failure or crash before the link
+    /// changes leaves the chain as it was; `params` never changes.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_intermediate(
+        &self,
+        one: MutexGuard<'_, ()>,
+        entry: &Arc<Entry>,
+        handle: xdisk_backend::DeviceHandle,
+        spec: DiskSpec,
+        cache: CacheMode,
+        top: Arc<Image>,
+        mid: Arc<Image>,
+        base_layer: Option<&str>,
+        speed: u64,
+    ) -> Result<crate::jobs::JobInfo> {
+        let name = entry.key.name();
+        if top.as_qcow2().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the top image is not qcow2"
+            )));
+        }
+        let top_path = top
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))?;
+        let mut layers = Vec::new();
+        let mut base = None;
+        let mut cur = Some(mid.clone());
+        while let Some(l) = cur {
+            // Strictly under the committed layer.
+            let is_base = !layers.is_empty() && base_layer.is_none_or(|b| layer_matches(&l, b));
+            if is_base {
+                base = Some(l);
+                break;
+            }
+            cur = l.backing().cloned();
+            layers.push(l);
+        }
+        let base = base.ok_or_else(|| {
+            Error::Invalid(match base_layer {
+                Some(b) => format!("{name}: --base {b:?} is not a layer under --top"),
+                None => format!("{name}: --top has no backing file: nothing to commit into"),
+            })
+        })?;
+        let base_path = base
+            .storage()
+            .local_path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: the base {} is not a host file",
+                    base.storage().name()
+                ))
+            })?;
+        let base_s = base_path
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not UTF-8", base_path.display())))?
+            .to_owned();
+        if base.size() != top.size() {
+            return Err(Error::Unsupported(format!(
+                "{name}: the base is {} bytes, the top {} bytes",
+                base.size(),
+                top.size()
+            )));
+        }
+        let base_opts = OpenOptions {
+            format: Some(base.format()),
+            read_only: false,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let base_rw = Image::open(&base_path, &base_opts).map_err(|e| Error::Image {
+            path: base_path.clone(),
+            error: e,
+        })?;
+        let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
+        let ranges = chain_ranges(&layers, top.size()).map_err(fail)?;
+        let total = ranges.iter().map(|r| r.1).sum();
+        let job = self
+            .inner
+            .jobs
+            .create(crate::jobs::JobKind::Commit, &name, speed, total);
+        *lock(&entry.job) = Some(job.id());
+        drop(one);
+        let run = CommitMidRun {
+            job: job.clone(),
+            entry: entry.clone(),
+            handle,
+            top,
+            top_path,
+            mid,
+            ranges,
+            base_rw,
+            base_path,
+            base_s,
+            base_opts,
+            cache,
+            spec,
+        };
+        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
+            *lock(&entry.job) = None;
+            job.finish(Err(e.to_string()));
+            return Err(e);
+        }
+        tracing::info!(device = %name, job = job.id(), speed, "intermediate commit job started");
+        Ok(job.info())
+    }
+
+    /// Fails if a job runs on the device.
+    fn no_job(entry: &Entry) -> Result<()> {
+        match *lock(&entry.job) {
+            Some(id) => Err(Error::Invalid(format!(
+                "{}: job {id} runs on it (xdisk jobs; xdisk job cancel {id})",
+                entry.key.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The daemon's jobs, running and finished (see [`crate::jobs`]).
+    pub fn jobs(&self) -> Vec<crate::jobs::JobInfo> {
+        self.inner.jobs.list()
+    }
+
+    /// Cancels, pauses or resumes a job.
+    pub fn job_control(
+        &self,
+        id: u64,
+        action: crate::jobs::JobAction,
+    ) -> Result<crate::jobs::JobInfo> {
+        self.inner.jobs.control(id, action)
+    }
+}
+
+/// Names of the temporary bitmaps of commit jobs (`xdisk-commit-<pid>-<n>`): reserved (the
+/// bitmap commands refuse them), and removed from a device's top image when a daemon opens
+/// it (one left by a daemon killed mid-commit; it is `in_use` and useless).
+pub const JOB_BITMAP_PREFIX: &str = "xdisk-commit-";
+
+/// Names of the temporary bitmaps of mirror jobs (`xdisk-mirror-<pid>-<n>`), reserved and
+/// cleaned up as [`JOB_BITMAP_PREFIX`]'s.
+pub const MIRROR_BITMAP_PREFIX: &str = "xdisk-mirror-";
+
+/// Whether a bitmap name is a job's temporary bitmap.
+fn is_job_bitmap(name: &str) -> bool {
+    name.starts_with(JOB_BITMAP_PREFIX) || name.starts_with(MIRROR_BITMAP_PREFIX)
+}
+
+/// A commit job's thread (see [`Supervisor::commit`]).
+struct CommitRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    base_rw: Arc<Image>,
+    bitmap: String,
+    xs: Arc<Client>,
+    new_params: String,
+    base_path: std::path::PathBuf,
+    base_fmt: Format,
+    tag: &'static str,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl CommitRun {
+    fn run(self) {
+        let name = self.entry.key.name();
         let started = std::time::Instant::now();
-        let r = self.commit_copy(&handle, &top, &base_rw, &bitmap, &entry.be, &new_params);
-        let (copied, passes, paused_us) = match r {
-            Ok(v) => v,
+        let r = self.copy();
+        let result = match r {
+            Ok((copied, passes, paused_us)) => {
+                let new_spec = DiskSpec {
+                    path: self.base_path.clone(),
+                    format: Some(self.base_fmt),
+                    format_tag: self.tag.into(),
+                    ..self.spec.clone()
+                };
+                let now = self.handle.image();
+                {
+                    let mut st = lock(&self.entry.status);
+                    st.image = Some(new_spec.shown());
+                    st.format = Some(self.base_fmt.as_str().to_owned());
+                    st.chain = ChainLayer::of(&now);
+                }
+                *lock(&self.entry.spec) = Some((new_spec, self.cache));
+                tracing::info!(device = %name, job = self.job.id(), base = %self.base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
+                Ok(crate::jobs::Outcome::Commit(crate::control::CommitReply {
+                    device: name.clone(),
+                    image: self.base_path.display().to_string(),
+                    format: self.base_fmt.as_str().to_owned(),
+                    copied_bytes: copied,
+                    passes,
+                    paused_us,
+                }))
+            }
             Err(e) => {
                 // The device still serves the top: drop the tracking bitmap.
-                let b = bitmap.clone();
-                let _ = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                let b = self.bitmap.clone();
+                let _one = lock(&self.entry.live);
+                let removed = self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
                     if let Some(q) = img.as_qcow2() {
-                        let _ = q.remove_bitmap(&b);
+                        q.remove_bitmap(&b)?;
                     }
                     Ok(None)
                 }));
-                return Err(fail(e));
+                if let Err(r) = removed {
+                    tracing::warn!(device = %name, bitmap = %self.bitmap, "cannot remove the commit's bitmap: {r} (a daemon opening the image removes it)");
+                }
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "commit cancelled; the device still serves its top");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "commit failed: {e}");
+                }
+                Err(format!("commit of {name}: {e}"))
             }
         };
-        let new_spec = DiskSpec {
-            path: base_path.clone(),
-            format: Some(base_fmt),
-            format_tag: tag.into(),
-            ..spec
-        };
-        let now = handle.image();
-        {
-            let mut st = lock(&entry.status);
-            st.image = Some(new_spec.shown());
-            st.format = Some(base_fmt.as_str().to_owned());
-            st.chain = ChainLayer::of(&now);
-        }
-        *lock(&entry.spec) = Some((new_spec, cache));
-        tracing::info!(device = %name, base = %base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
-        Ok(crate::control::CommitReply {
-            device: name,
-            image: base_path.display().to_string(),
-            format: base_fmt.as_str().to_owned(),
-            copied_bytes: copied,
-            passes,
-            paused_us,
-        })
+        // The images this job held go first (an old top's last reference closes it), so
+        // that whoever sees the job finished finds them closed.
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
     }
 
-    /// The copy passes and the pivot of [`Supervisor::commit`]; returns the bytes copied,
-    /// the passes and the last pause (microseconds).
-    fn commit_copy(
-        &self,
-        handle: &xdisk_backend::DeviceHandle,
-        top: &Arc<Image>,
-        base_rw: &Arc<Image>,
-        bitmap: &str,
-        be: &str,
-        new_params: &str,
-    ) -> xdisk_backend::Result<(u64, u32, u64)> {
+    /// [`Device::quiesce`] with the device's live lock held (one pause at a time).
+    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(f)
+    }
+
+    /// The copy passes and the pivot; returns the bytes copied, the passes and the last
+    /// pause (microseconds).
+    fn copy(&self) -> xdisk_backend::Result<(u64, u32, u64)> {
         /// Passes before the last one copies what is left with the queues paused.
         const MAX_PASSES: u32 = 16;
         /// Dirty bytes small enough to copy with the queues paused.
@@ -1292,13 +1936,14 @@ impl Supervisor {
         /// run anyway (its copy pauses the guest); more fails the commit (the guest writes
         /// faster than the copy goes).
         const MAX_FINAL_BYTES: u64 = 64 << 20;
-        let mut copied = copy_allocated(top, base_rw)?;
+        let (top, base_rw, bitmap, job) = (&self.top, &self.base_rw, &self.bitmap, &*self.job);
+        let mut copied = copy_allocated(top, base_rw, job)?;
         let mut passes = 1u32;
         loop {
             // Take the bits written since the last take, with nothing in flight.
             let taken = Arc::new(Mutex::new(Vec::new()));
             let (t2, b2) = (taken.clone(), bitmap.to_owned());
-            handle.quiesce(Box::new(move |img: &Arc<Image>| {
+            self.quiesce(Box::new(move |img: &Arc<Image>| {
                 let q = img
                     .as_qcow2()
                     .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
@@ -1308,7 +1953,8 @@ impl Supervisor {
             }))?;
             let ranges = std::mem::take(&mut *lock(&taken));
             let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-            copied += copy_ranges(top, base_rw, &ranges)?;
+            job.add_total(bytes);
+            copied += copy_ranges(top, base_rw, &ranges, Some(job))?;
             passes += 1;
             if bytes <= FINAL_BYTES {
                 break;
@@ -1324,17 +1970,18 @@ impl Supervisor {
                 break;
             }
         }
-        // The pivot: the rest with the queues paused.
+        // Last chance to cancel: the pivot is not interrupted.
+        job.checkpoint(0).map_err(job_stopped)?;
         let started = std::time::Instant::now();
         let last = Arc::new(Mutex::new(0u64));
         let (l2, b2) = (last.clone(), bitmap.to_owned());
         let (base2, top2) = (base_rw.clone(), top.clone());
         let (xs, be, params) = (
-            self.inner.platform.xs.clone(),
-            be.to_owned(),
-            new_params.to_owned(),
+            self.xs.clone(),
+            self.entry.be.clone(),
+            self.new_params.clone(),
         );
-        handle.quiesce(Box::new(move |img: &Arc<Image>| {
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
             if !Arc::ptr_eq(img, &top2) {
                 return Err(xdisk_backend::Error::Live("the top image changed".into()));
             }
@@ -1342,7 +1989,7 @@ impl Supervisor {
                 .as_qcow2()
                 .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
             let ranges = q.bitmap(&b2)?.dirty_ranges();
-            *lock(&l2) = copy_ranges(img, &base2, &ranges)?;
+            *lock(&l2) = copy_ranges(img, &base2, &ranges, None)?;
             // Everything the guest wrote is in the backing file now, durably.
             base2.flush()?;
             q.remove_bitmap(&b2)?;
@@ -1353,17 +2000,630 @@ impl Supervisor {
                 rollback: Box::new(|| {}),
             }))
         }))?;
-        copied += *lock(&last);
+        let last = *lock(&last);
+        job.checkpoint(last).map_err(job_stopped).ok();
+        copied += last;
         let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         Ok((copied, passes + 1, paused_us))
     }
 }
 
-/// Chunk of the commit's copies.
-const COPY_CHUNK: u64 = 1 << 20;
+/// Whether the chain layer `l` is the image `name` names (its path as given or as the
+/// chain shows it, or the same file).
+fn layer_matches(l: &Image, name: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if l.storage().name() == name {
+        return true;
+    }
+    let Some(p) = l.storage().local_path() else {
+        return false;
+    };
+    if p == Path::new(name) {
+        return true;
+    }
+    match (std::fs::metadata(p), std::fs::metadata(name)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
 
-/// Copies every range allocated in `top` (data or zeroes) into `base`; returns the bytes.
-fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
+/// The ranges within `[off, off + len)` that `top` does not hold and one of `layers` does
+/// (what a stream copies up), sorted, merged.
+fn stream_ranges(
+    top: &Image,
+    layers: &[Arc<Image>],
+    off: u64,
+    len: u64,
+) -> xdisk_backend::Result<Vec<(u64, u64)>> {
+    let end = off.saturating_add(len).min(top.size());
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut push = |o: u64, l: u64| match out.last_mut() {
+        Some(last) if last.0 + last.1 >= o => last.1 = (o + l).max(last.0 + last.1) - last.0,
+        _ => out.push((o, l)),
+    };
+    let mut o = off;
+    while o < end {
+        let st = top.layer_status(o, end - o)?;
+        let n = st.len().clamp(1, end - o);
+        if matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
+            // Unallocated in the top: the parts some layer above the base holds.
+            let mut sub: Vec<(u64, u64)> = Vec::new();
+            for l in layers {
+                let mut p = o;
+                while p < o + n {
+                    let ls = l.layer_status(p, o + n - p)?;
+                    let m = ls.len().clamp(1, o + n - p);
+                    if !matches!(ls, xdisk_image::LayerStatus::Unallocated { .. }) {
+                        sub.push((p, m));
+                    }
+                    p += m;
+                }
+            }
+            sub.sort_unstable();
+            for (a, b) in sub {
+                push(a, b);
+            }
+        }
+        o += n;
+    }
+    Ok(out)
+}
+
+/// The ranges any of `layers` holds (data or zeroes), sorted, merged.
+fn chain_ranges(layers: &[Arc<Image>], size: u64) -> xdisk_backend::Result<Vec<(u64, u64)>> {
+    let mut all: Vec<(u64, u64)> = Vec::new();
+    for l in layers {
+        let mut p = 0;
+        while p < size {
+            let st = l.layer_status(p, size - p)?;
+            let m = st.len().clamp(1, size - p);
+            if !matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
+                all.push((p, m));
+            }
+            p += m;
+        }
+    }
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (o, l) in all {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 >= o => {
+                last.1 = (o + l).max(last.0 + last.1) - last.0;
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    Ok(out)
+}
+
+/// A mirror job's thread (see [`Supervisor::mirror`]).
+struct MirrorRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    dest: Arc<Image>,
+    first: Vec<(u64, u64)>,
+    bitmap: String,
+    xs: Arc<Client>,
+    new_params: String,
+    target: std::path::PathBuf,
+    fmt: Format,
+    tag: &'static str,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl MirrorRun {
+    fn run(self) {
+        let name = self.entry.key.name();
+        let result = match self.copy() {
+            Ok((copied, passes, paused_us)) => {
+                let new_spec = DiskSpec {
+                    path: self.target.clone(),
+                    format: Some(self.fmt),
+                    format_tag: self.tag.into(),
+                    ..self.spec.clone()
+                };
+                let now = self.handle.image();
+                {
+                    let mut st = lock(&self.entry.status);
+                    st.image = Some(new_spec.shown());
+                    st.format = Some(self.fmt.as_str().to_owned());
+                    st.chain = ChainLayer::of(&now);
+                }
+                *lock(&self.entry.spec) = Some((new_spec, self.cache));
+                tracing::info!(device = %name, job = self.job.id(), target = %self.target.display(), copied, passes, paused_us, "mirror pivot");
+                Ok(crate::jobs::Outcome::Mirror(crate::control::MirrorReply {
+                    device: name.clone(),
+                    image: self.target.display().to_string(),
+                    format: self.fmt.as_str().to_owned(),
+                    copied_bytes: copied,
+                    passes,
+                    paused_us,
+                }))
+            }
+            Err(e) => {
+                let b = self.bitmap.clone();
+                let _one = lock(&self.entry.live);
+                let removed = self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                    if let Some(q) = img.as_qcow2() {
+                        q.remove_bitmap(&b)?;
+                    }
+                    Ok(None)
+                }));
+                if let Err(r) = removed {
+                    tracing::warn!(device = %name, bitmap = %self.bitmap, "cannot remove the mirror's bitmap: {r} (a daemon opening the image removes it)");
+                }
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "mirror cancelled; the device still serves its source");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "mirror failed: {e}");
+                }
+                Err(format!("mirror of {name}: {e}"))
+            }
+        };
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
+    }
+
+    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(f)
+    }
+
+    /// Takes (and clears) the bits the guest's writes set since the last take.
+    fn take_dirty(&self) -> xdisk_backend::Result<Vec<(u64, u64)>> {
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let (t2, b2, top) = (taken.clone(), self.bitmap.clone(), self.top.clone());
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            *lock(&t2) = q.bitmap(&b2)?.dirty_ranges();
+            q.clear_bitmap(&b2)?;
+            Ok(None)
+        }))?;
+        let r = std::mem::take(&mut *lock(&taken));
+        Ok(r)
+    }
+
+    /// Copies `ranges` (zeroes as zeroes) with checkpoints; returns the bytes.
+    fn copy_ranges(&self, ranges: &[(u64, u64)]) -> xdisk_backend::Result<u64> {
+        let mut buf = Vec::new();
+        let mut copied = 0;
+        for &(o, l) in ranges {
+            let end = (o + l).min(self.top.size());
+            let mut off = o;
+            while off < end {
+                let len = (end - off).min(COPY_CHUNK);
+                let n = usize::try_from(len)
+                    .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+                buf.resize(n, 0);
+                self.top.read_at(&mut buf[..n], off)?;
+                if buf[..n].iter().all(|&b| b == 0) {
+                    self.dest.write_zeroes(off, len, false)?;
+                } else {
+                    self.dest.write_at(&buf[..n], off)?;
+                }
+                copied += len;
+                off += len;
+                self.job.checkpoint(len).map_err(job_stopped)?;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// The passes, the wait while ready, and the pivot; returns the bytes copied, the
+    /// passes and the last pause (microseconds).
+    fn copy(&self) -> xdisk_backend::Result<(u64, u32, u64)> {
+        /// Dirty bytes small enough to copy with the queues paused: a pass that found no
+        /// more makes the job ready, and the switch waits for such a pass. A guest that
+        /// writes faster than the copy goes keeps the job running (not ready), as QEMU's.
+        const FINAL_BYTES: u64 = 4 << 20;
+        let mut copied = self.copy_ranges(&self.first)?;
+        let mut passes = 1u32;
+        let mut ready = false;
+        loop {
+            let ranges = self.take_dirty()?;
+            let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+            self.job.add_total(bytes);
+            copied += self.copy_ranges(&ranges)?;
+            passes = passes.saturating_add(1);
+            if bytes <= FINAL_BYTES && !ready {
+                ready = true;
+                self.job.set_ready();
+            }
+            if ready {
+                // Ready: the target follows the guest's writes until completed.
+                let complete = self
+                    .job
+                    .wait_complete(Duration::from_millis(200))
+                    .map_err(job_stopped)?;
+                if complete && bytes <= FINAL_BYTES {
+                    break;
+                }
+            } else {
+                self.job.checkpoint(0).map_err(job_stopped)?;
+            }
+        }
+        let started = std::time::Instant::now();
+        let last = Arc::new(Mutex::new(0u64));
+        let (l2, b2) = (last.clone(), self.bitmap.clone());
+        let (dest, top) = (self.dest.clone(), self.top.clone());
+        let (xs, be, params) = (
+            self.xs.clone(),
+            self.entry.be.clone(),
+            self.new_params.clone(),
+        );
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let ranges = q.bitmap(&b2)?.dirty_ranges();
+            *lock(&l2) = copy_ranges(img, &dest, &ranges, None)?;
+            // Everything the guest wrote is in the target now, durably.
+            dest.flush()?;
+            q.remove_bitmap(&b2)?;
+            let old = img.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: dest.clone(),
+                commit: Box::new(move || {
+                    persist_params(&xs, &be, &params)?;
+                    old.seal();
+                    Ok(())
+                }),
+                rollback: Box::new(|| {}),
+            }))
+        }))?;
+        let last = *lock(&last);
+        copied += last;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, passes + 1, paused_us))
+    }
+}
+
+/// An intermediate commit's thread (see [`Supervisor::commit_intermediate`]).
+struct CommitMidRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    top_path: std::path::PathBuf,
+    mid: Arc<Image>,
+    ranges: Vec<(u64, u64)>,
+    base_rw: Arc<Image>,
+    base_path: std::path::PathBuf,
+    base_s: String,
+    base_opts: OpenOptions,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl CommitMidRun {
+    fn run(self) {
+        let name = self.entry.key.name();
+        let result = match self.copy() {
+            Ok((copied, paused_us)) => {
+                let now = self.handle.image();
+                lock(&self.entry.status).chain = ChainLayer::of(&now);
+                tracing::info!(device = %name, job = self.job.id(), base = %self.base_s, copied, paused_us, "intermediate commit");
+                Ok(crate::jobs::Outcome::Commit(crate::control::CommitReply {
+                    device: name.clone(),
+                    image: self.base_s.clone(),
+                    format: self.base_rw.format().as_str().to_owned(),
+                    copied_bytes: copied,
+                    passes: 1,
+                    paused_us,
+                }))
+            }
+            Err(e) => {
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "intermediate commit cancelled; the chain is unchanged");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "intermediate commit failed: {e}");
+                }
+                Err(format!("commit of {name}: {e}"))
+            }
+        };
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
+    }
+
+    fn copy(&self) -> xdisk_backend::Result<(u64, u64)> {
+        let mut buf = Vec::new();
+        let mut copied = 0;
+        for &(o, l) in &self.ranges {
+            let end = (o + l).min(self.mid.size());
+            let mut off = o;
+            while off < end {
+                let len = (end - off).min(COPY_CHUNK);
+                let n = usize::try_from(len)
+                    .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+                buf.resize(n, 0);
+                // Read through the layers to commit: what the top's backing reads there.
+                self.mid.read_at(&mut buf[..n], off)?;
+                if buf[..n].iter().all(|&b| b == 0) {
+                    self.base_rw.write_zeroes(off, len, false)?;
+                } else {
+                    self.base_rw.write_at(&buf[..n], off)?;
+                }
+                copied += len;
+                off += len;
+                self.job.checkpoint(len).map_err(job_stopped)?;
+            }
+        }
+        self.base_rw.flush()?;
+        self.base_rw.close()?;
+        self.job.checkpoint(0).map_err(job_stopped)?;
+        // The chain after the switch reads the base afresh (the chain's own instance of it
+        // has cached what it read before the copy).
+        let base_ro = Image::open(
+            &self.base_path,
+            &OpenOptions {
+                read_only: true,
+                ..self.base_opts.clone()
+            },
+        )?;
+        let started = std::time::Instant::now();
+        let (top, path) = (self.top.clone(), self.top_path.clone());
+        let link = (
+            self.base_s.clone(),
+            self.base_rw.format().as_str().to_owned(),
+        );
+        let opts = OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            cache: self.cache,
+            backing_dirs: self.spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        };
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let old_link = q.header().backing_file.clone();
+            let old_fmt = q.header().backing_format.clone();
+            img.close()?;
+            q.set_backing(Some(&link.0), Some(&link.1))?;
+            let restore = {
+                let img = img.clone();
+                move || {
+                    if let Some(q) = img.as_qcow2() {
+                        if let Err(e) = q.set_backing(old_link.as_deref(), old_fmt.as_deref()) {
+                            tracing::error!("cannot restore the backing link: {e}");
+                        }
+                    }
+                }
+            };
+            let new = match Image::open_overlay(&path, &opts, base_ro) {
+                Ok(i) => i,
+                Err(e) => {
+                    restore();
+                    return Err(e.into());
+                }
+            };
+            let old = img.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: new,
+                commit: Box::new(move || {
+                    old.seal();
+                    Ok(())
+                }),
+                rollback: Box::new(restore),
+            }))
+        }))?;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, paused_us))
+    }
+}
+
+/// A stream job's thread (see [`Supervisor::stream`]).
+struct StreamRun {
+    job: Arc<crate::jobs::Job>,
+    entry: Arc<Entry>,
+    handle: xdisk_backend::DeviceHandle,
+    top: Arc<Image>,
+    top_path: std::path::PathBuf,
+    layers: Vec<Arc<Image>>,
+    base_img: Option<Arc<Image>>,
+    base_link: Option<(String, String)>,
+    cache: CacheMode,
+    spec: DiskSpec,
+}
+
+impl StreamRun {
+    fn run(self) {
+        let name = self.entry.key.name();
+        let result = match self.copy() {
+            Ok((copied, paused_us)) => {
+                let now = self.handle.image();
+                lock(&self.entry.status).chain = ChainLayer::of(&now);
+                tracing::info!(device = %name, job = self.job.id(), copied, paused_us, backing = ?self.base_link, "stream");
+                Ok(crate::jobs::Outcome::Stream(crate::control::StreamReply {
+                    device: name.clone(),
+                    image: self.top_path.display().to_string(),
+                    backing: self.base_link.as_ref().map(|b| b.0.clone()),
+                    copied_bytes: copied,
+                    paused_us,
+                }))
+            }
+            Err(e) => {
+                if self.job.cancelled() {
+                    tracing::info!(device = %name, job = self.job.id(), "stream cancelled; the chain is unchanged");
+                } else {
+                    tracing::warn!(device = %name, job = self.job.id(), "stream failed: {e}");
+                }
+                Err(format!("stream of {name}: {e}"))
+            }
+        };
+        let (job, entry) = (self.job.clone(), self.entry.clone());
+        drop(self);
+        *lock(&entry.job) = None;
+        job.finish(result);
+    }
+
+    /// The copy, chunk by chunk each in a pause of the queues, then the switch of the
+    /// backing link; returns the bytes copied and the last pause (microseconds).
+    fn copy(&self) -> xdisk_backend::Result<(u64, u64)> {
+        let size = self.top.size();
+        let mut copied = 0u64;
+        let mut off = 0u64;
+        while off < size {
+            let len = (size - off).min(COPY_CHUNK);
+            let n = Arc::new(Mutex::new(0u64));
+            let (n2, top, layers) = (n.clone(), self.top.clone(), self.layers.clone());
+            self.quiesce(Box::new(move |img: &Arc<Image>| {
+                if !Arc::ptr_eq(img, &top) {
+                    return Err(xdisk_backend::Error::Live("the top image changed".into()));
+                }
+                // Looked up with nothing in flight: what the guest wrote is allocated.
+                let ranges = stream_ranges(img, &layers, off, len)?;
+                let mut buf = Vec::new();
+                let mut done = 0;
+                for (o, l) in ranges {
+                    let k = usize::try_from(l)
+                        .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
+                    buf.resize(k, 0);
+                    img.read_at(&mut buf[..k], o)?;
+                    if buf[..k].iter().all(|&b| b == 0) {
+                        img.write_zeroes(o, l, false)?;
+                    } else {
+                        img.write_at(&buf[..k], o)?;
+                    }
+                    done += l;
+                }
+                *lock(&n2) = done;
+                Ok(None)
+            }))?;
+            let done = *lock(&n);
+            copied += done;
+            off += len;
+            self.job.checkpoint(done).map_err(job_stopped)?;
+        }
+        // Last chance to cancel: the switch is not interrupted.
+        self.job.checkpoint(0).map_err(job_stopped)?;
+        let started = std::time::Instant::now();
+        let (top, path, link, base) = (
+            self.top.clone(),
+            self.top_path.clone(),
+            self.base_link.clone(),
+            self.base_img.clone(),
+        );
+        let (opts, layers) = (
+            OpenOptions {
+                format: Some(Format::Qcow2),
+                read_only: false,
+                cache: self.cache,
+                backing_dirs: self.spec.backing_dirs.clone(),
+                ..OpenOptions::default()
+            },
+            self.layers.clone(),
+        );
+        self.quiesce(Box::new(move |img: &Arc<Image>| {
+            if !Arc::ptr_eq(img, &top) {
+                return Err(xdisk_backend::Error::Live("the top image changed".into()));
+            }
+            // What the guest wrote since the last chunk cannot have made a range need
+            // copying (writes only allocate in the top): the data is all up. Checked anyway.
+            if !stream_ranges(img, &layers, 0, img.size())?.is_empty() {
+                return Err(xdisk_backend::Error::Live(
+                    "backing data is still missing from the top".into(),
+                ));
+            }
+            let q = img
+                .as_qcow2()
+                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
+            let old_link = q.header().backing_file.clone();
+            let old_fmt = q.header().backing_format.clone();
+            img.close()?;
+            q.set_backing(
+                link.as_ref().map(|l| l.0.as_str()),
+                link.as_ref().map(|l| l.1.as_str()),
+            )?;
+            let restore = {
+                let img = img.clone();
+                move || {
+                    if let Some(q) = img.as_qcow2() {
+                        if let Err(e) = q.set_backing(old_link.as_deref(), old_fmt.as_deref()) {
+                            tracing::error!("cannot restore the backing link: {e}");
+                        }
+                    }
+                }
+            };
+            let opened = match base {
+                Some(b) => Image::open_overlay(&path, &opts, b),
+                None => Image::open(&path, &opts),
+            };
+            let new = match opened {
+                Ok(i) => i,
+                Err(e) => {
+                    restore();
+                    return Err(e.into());
+                }
+            };
+            let old = img.clone();
+            Ok(Some(xdisk_backend::Switch {
+                image: new,
+                commit: Box::new(move || {
+                    old.seal();
+                    Ok(())
+                }),
+                rollback: Box::new(restore),
+            }))
+        }))?;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((copied, paused_us))
+    }
+
+    /// [`Device::quiesce`] with the device's live lock held (one pause at a time).
+    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
+        let _one = lock(&self.entry.live);
+        self.handle.quiesce(f)
+    }
+}
+
+fn job_stopped(e: crate::jobs::Cancelled) -> xdisk_backend::Error {
+    xdisk_backend::Error::Live(e.to_string())
+}
+
+/// Chunk of the jobs' copies: between two, the guest's requests go first (see
+/// [`crate::jobs::Job::checkpoint`]).
+const COPY_CHUNK: u64 = 256 << 10;
+
+/// Bytes allocated in `top` (data or zeroes): what a commit copies in its first pass.
+fn allocated_bytes(top: &Image) -> xdisk_backend::Result<u64> {
+    let size = top.size();
+    let (mut off, mut n) = (0, 0);
+    while off < size {
+        let want = (size - off).min(1 << 30);
+        let st = top.layer_status(off, want)?;
+        let len = st.len().clamp(1, want);
+        if !matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
+            n += len;
+        }
+        off += len;
+    }
+    Ok(n)
+}
+
+/// Copies every range allocated in `top` (data or zeroes) into `base`, chunk by chunk with
+/// a [`crate::jobs::Job::checkpoint`] between two; returns the bytes.
+fn copy_allocated(top: &Image, base: &Image, job: &crate::jobs::Job) -> xdisk_backend::Result<u64> {
     let size = top.size();
     let mut off = 0;
     let mut copied = 0;
@@ -1377,10 +2637,12 @@ fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
             xdisk_image::LayerStatus::Zero { .. } => {
                 base.write_zeroes(off, len, false)?;
                 copied += len;
+                job.checkpoint(len).map_err(job_stopped)?;
             }
             xdisk_image::LayerStatus::Data { .. } => {
                 copy_one(top, base, off, len, &mut buf)?;
                 copied += len;
+                job.checkpoint(len).map_err(job_stopped)?;
             }
         }
         off += len;
@@ -1388,8 +2650,15 @@ fn copy_allocated(top: &Image, base: &Image) -> xdisk_backend::Result<u64> {
     Ok(copied)
 }
 
-/// Copies byte ranges (from a dirty bitmap) of `top` into `base`; returns the bytes.
-fn copy_ranges(top: &Image, base: &Image, ranges: &[(u64, u64)]) -> xdisk_backend::Result<u64> {
+/// Copies byte ranges (from a dirty bitmap) of `top` into `base`, with a
+/// [`crate::jobs::Job::checkpoint`] between two chunks if `job` is given (not with the queues
+/// paused); returns the bytes.
+fn copy_ranges(
+    top: &Image,
+    base: &Image,
+    ranges: &[(u64, u64)],
+    job: Option<&crate::jobs::Job>,
+) -> xdisk_backend::Result<u64> {
     let mut buf = Vec::new();
     let mut copied = 0;
     for &(o, l) in ranges {
@@ -1400,6 +2669,9 @@ fn copy_ranges(top: &Image, base: &Image, ranges: &[(u64, u64)]) -> xdisk_backen
             copy_one(top, base, off, len, &mut buf)?;
             copied += len;
             off += len;
+            if let Some(j) = job {
+                j.checkpoint(len).map_err(job_stopped)?;
+            }
         }
     }
     Ok(copied)
@@ -1421,8 +2693,34 @@ fn copy_one(
 }
 
 impl crate::control::LiveOps for Supervisor {
-    fn commit(&self, device: &str) -> Result<crate::control::CommitReply> {
-        Supervisor::commit(self, device)
+    fn commit(
+        &self,
+        device: &str,
+        speed: u64,
+        top: Option<&str>,
+        base: Option<&str>,
+    ) -> Result<crate::jobs::JobInfo> {
+        Supervisor::commit(self, device, speed, top, base)
+    }
+
+    fn stream(&self, device: &str, base: Option<&str>, speed: u64) -> Result<crate::jobs::JobInfo> {
+        Supervisor::stream(self, device, base, speed)
+    }
+
+    fn mirror(
+        &self,
+        device: &str,
+        req: &crate::control::MirrorRequest,
+    ) -> Result<crate::jobs::JobInfo> {
+        Supervisor::mirror(self, device, req)
+    }
+
+    fn jobs(&self) -> Vec<crate::jobs::JobInfo> {
+        Supervisor::jobs(self)
+    }
+
+    fn job(&self, id: u64, action: crate::jobs::JobAction) -> Result<crate::jobs::JobInfo> {
+        Supervisor::job_control(self, id, action)
     }
 
     fn snapshot(
@@ -1440,6 +2738,26 @@ impl crate::control::LiveOps for Supervisor {
         req: &crate::control::BitmapRequest,
     ) -> Result<Vec<crate::control::BitmapEntry>> {
         Supervisor::bitmap(self, device, req)
+    }
+}
+
+/// Removes the temporary bitmaps of commit jobs ([`JOB_BITMAP_PREFIX`]) that a daemon
+/// stopped mid-commit (killed, or unable to remove them) left in a writable qcow2 image.
+fn drop_job_bitmaps(image: &Image) {
+    let Some(q) = image.as_qcow2().filter(|_| !image.read_only()) else {
+        return;
+    };
+    for b in q.bitmaps() {
+        if is_job_bitmap(&b.name) {
+            match q.remove_bitmap(&b.name) {
+                Ok(()) => {
+                    tracing::info!(bitmap = %b.name, "removed the temporary bitmap of an interrupted commit")
+                }
+                Err(e) => {
+                    tracing::warn!(bitmap = %b.name, "cannot remove the temporary bitmap of an interrupted commit: {e}")
+                }
+            }
+        }
     }
 }
 

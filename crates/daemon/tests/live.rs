@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use common::*;
 use xdisk_blkfront::{FrontConfig, Frontend, Op};
 use xdisk_blkif::wire::Status;
 use xdisk_daemon::control::{self, BitmapAction, ControlRequest, ControlServer};
+use xdisk_daemon::jobs::{JobAction, JobInfo, JobKind, JobState};
 use xdisk_daemon::{Supervisor, SupervisorConfig};
 
 const BLOCK: usize = 4096;
@@ -127,6 +128,87 @@ impl Daemon {
         }
     }
 
+    /// Starts a commit job.
+    fn commit_job(&self, dev: &str, speed: u64) -> xdisk_daemon::Result<JobInfo> {
+        control::request(
+            &self.sock,
+            &ControlRequest::Commit {
+                device: dev.into(),
+                speed,
+                top: None,
+                base: None,
+            },
+        )
+        .map(|r| r.job.unwrap())
+    }
+
+    /// Waits for a job's end.
+    fn wait(&self, id: u64) -> JobInfo {
+        control::wait_job(&self.sock, id, Duration::from_millis(20), |_| {}).unwrap()
+    }
+
+    /// A commit job, waited for: its result, or why it failed.
+    fn commit(&self, dev: &str) -> Result<control::CommitReply, String> {
+        let j = self.commit_job(dev, 0).map_err(|e| e.to_string())?;
+        let end = self.wait(j.id);
+        match end.state {
+            JobState::Completed => Ok(end.commit.unwrap()),
+            _ => Err(format!("{end:?}")),
+        }
+    }
+
+    /// Starts a stream job.
+    fn stream_job(
+        &self,
+        dev: &str,
+        base: Option<&Path>,
+        speed: u64,
+    ) -> xdisk_daemon::Result<JobInfo> {
+        control::request(
+            &self.sock,
+            &ControlRequest::Stream {
+                device: dev.into(),
+                base: base.map(|b| b.to_str().unwrap().to_owned()),
+                speed,
+            },
+        )
+        .map(|r| r.job.unwrap())
+    }
+
+    /// Starts a mirror job.
+    fn mirror_job(
+        &self,
+        dev: &str,
+        target: &Path,
+        format: &str,
+        sync: &str,
+        pivot: bool,
+        speed: u64,
+    ) -> xdisk_daemon::Result<JobInfo> {
+        control::request(
+            &self.sock,
+            &ControlRequest::Mirror {
+                device: dev.into(),
+                target: target.to_str().unwrap().into(),
+                format: Some(format.into()),
+                sync: Some(sync.into()),
+                pivot,
+                speed,
+            },
+        )
+        .map(|r| r.job.unwrap())
+    }
+
+    fn chain_of(&self, dev: &str) -> Vec<String> {
+        let st = control::status(&self.sock).unwrap();
+        let d = st.devices.iter().find(|d| d.matches(dev)).unwrap();
+        d.chain.iter().map(|l| l.image.clone()).collect()
+    }
+
+    fn job(&self, id: u64, action: JobAction) -> xdisk_daemon::Result<JobInfo> {
+        control::request(&self.sock, &ControlRequest::Job { id, action }).map(|r| r.job.unwrap())
+    }
+
     fn image_of(&self, dev: &str) -> String {
         let st = control::status(&self.sock).unwrap();
         let d = st.devices.iter().find(|d| d.matches(dev)).unwrap();
@@ -138,9 +220,20 @@ impl Daemon {
 /// two on one block at once) with a flush every 16 writes and an empty barrier every 64,
 /// until `stop`; returns the frontend and every write, in completion order.
 fn writer(
+    front: Frontend,
+    stop: Arc<AtomicBool>,
+    first_version: u64,
+) -> std::thread::JoinHandle<(Frontend, Vec<WriteRec>)> {
+    paced_writer(front, stop, first_version, Arc::new(AtomicU64::new(0)))
+}
+
+/// [`writer`], submitting one write at a time with a pause of `pace` microseconds between
+/// two while `pace` is not 0 (a guest that writes less).
+fn paced_writer(
     mut front: Frontend,
     stop: Arc<AtomicBool>,
     first_version: u64,
+    pace: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<(Frontend, Vec<WriteRec>)> {
     std::thread::spawn(move || {
         let nq = front.info().queues.max(1);
@@ -159,7 +252,13 @@ fn writer(
         let mut n = 0u64;
         loop {
             let stopping = stop.load(Ordering::SeqCst);
-            while !stopping && inflight.len() < 8 * nq {
+            let pace_us = pace.load(Ordering::SeqCst);
+            let mut room = if pace_us > 0 { 1 } else { usize::MAX };
+            if pace_us > 0 {
+                std::thread::sleep(Duration::from_micros(pace_us));
+            }
+            while !stopping && inflight.len() < 8 * nq && room > 0 {
+                room -= 1;
                 let block = next() % BLOCKS;
                 if !busy_blocks.insert(block) {
                     continue;
@@ -557,17 +656,9 @@ fn active_commit_under_writes_merges_the_overlay_and_pivots_to_the_base() {
     let base_params = format!("qcow2:{}", disk.path.display());
     d.host.add_qdisk(1, 51712, &base_params, &[]);
     let front = connect_with(&dom, 51712, front_cfg());
-    let commit = |d: &Daemon| {
-        control::request(
-            &d.sock,
-            &ControlRequest::Commit {
-                device: "xvda".into(),
-            },
-        )
-        .map(|r| r.commit.unwrap())
-    };
+    let commit = |d: &Daemon| d.commit("xvda");
     // Nothing to commit without a backing file.
-    let e = commit(&d).unwrap_err().to_string();
+    let e = commit(&d).unwrap_err();
     assert!(e.contains("no backing file"), "{e}");
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(front, stop.clone(), 2_000_000);
@@ -934,6 +1025,24 @@ fn control_socket_refuses_malformed_live_requests() {
         r#"{"cmd":"bitmap","device":"xvda","action":"add","name":"b","granularity":18446744073709551615}"#.into(),
         r#"{"cmd":"bitmap","device":"xvda","action":"merge","name":"b"}"#.into(),
         r#"{"cmd":"bitmap","device":"xvda","action":"remove","name":"nosuch"}"#.into(),
+        r#"{"cmd":"bitmap","device":"xvda","action":"add","name":"xdisk-commit-1-1"}"#.into(),
+        r#"{"cmd":"commit","device":"xvda"}"#.into(),
+        r#"{"cmd":"commit","device":"xvda","speed":-1}"#.into(),
+        r#"{"cmd":"commit","device":"xvda","speed":"fast"}"#.into(),
+        r#"{"cmd":"job","id":1,"action":"cancel"}"#.into(),
+        r#"{"cmd":"job","id":-1,"action":"cancel"}"#.into(),
+        r#"{"cmd":"job","id":1}"#.into(),
+        r#"{"cmd":"job","id":1,"action":"explode"}"#.into(),
+        r#"{"cmd":"job","id":18446744073709551615,"action":"pause"}"#.into(),
+        r#"{"cmd":"job","id":1,"action":"complete"}"#.into(),
+        r#"{"cmd":"mirror","device":"xvda","target":"rel.qcow2"}"#.into(),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{dir}/m.x","format":"vmdk"}}"#),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{dir}/m.x","sync":"none"}}"#),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{dir}/../m.x"}}"#),
+        format!(r#"{{"cmd":"mirror","device":"xvda","target":"{}"}}"#, disk.path.display()),
+        r#"{"cmd":"mirror","device":"xvda","target":"nbd://h/x"}"#.into(),
+        r#"{"cmd":"stream","device":"xvda"}"#.into(),
+        r#"{"cmd":"stream","device":"xvda","base":"/nonexistent"}"#.into(),
     ];
     for req in &requests {
         let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
@@ -972,6 +1081,845 @@ fn control_socket_refuses_malformed_live_requests() {
     check_image(&disk.path, &writes);
 }
 
+/// The names of an image's persistent bitmaps, as `qemu-img info` reads them.
+fn bitmap_names(image: &Path) -> Vec<String> {
+    let info = qemu_img(&["info", "-U", "--output=json", image.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| b["name"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A commit runs as a background job while the guest writes: paused (it copies nothing
+/// more, and the device takes no other live operation meanwhile), resumed, cancelled (the
+/// device stays on its top, the temporary bitmap is gone, the chain reads as before), then
+/// a second one limited by `--speed` takes at least about as long as its first pass needs
+/// at that speed and pivots; the frontend reads its model, qemu-img checks both images
+/// clean and reads the model from the base.
+#[test]
+fn commit_job_pause_resume_cancel_and_speed_under_writes() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("tmp.qcow2");
+    let dom = d.host.guest(1);
+    let base_params = format!("qcow2:{}", disk.path.display());
+    d.host.add_qdisk(1, 51712, &base_params, &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 3_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    std::thread::sleep(Duration::from_millis(600));
+
+    // Slow enough to be caught running: 512 KiB/s.
+    let j = d.commit_job("xvda", 512 << 10).expect("commit job");
+    assert_eq!(j.kind, JobKind::Commit);
+    assert_eq!(j.device, "qdisk/1/51712");
+    assert_eq!(j.speed, 512 << 10);
+    assert!(j.total_bytes > 0, "{j:?}");
+    // One job per device.
+    let e = d.commit_job("xvda", 0).unwrap_err().to_string();
+    assert!(e.contains("runs on it"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    let p = d.job(j.id, JobAction::Pause).expect("pause");
+    assert_eq!(p.state, JobState::Paused);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.job(j.id, JobAction::Pause).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let after = d.job(j.id, JobAction::Pause).unwrap();
+    assert_eq!(after.state, JobState::Paused);
+    assert_eq!(before.done_bytes, after.done_bytes, "a paused job copied");
+    let e = d
+        .snapshot("xvda", &disk.dir.path().join("no.qcow2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("runs on it"), "{e}");
+    let jobs = control::request(&d.sock, &ControlRequest::Jobs)
+        .unwrap()
+        .jobs
+        .unwrap();
+    assert!(jobs
+        .iter()
+        .any(|x| x.id == j.id && x.state == JobState::Paused));
+    assert_eq!(
+        d.job(j.id, JobAction::Resume).unwrap().state,
+        JobState::Running
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Cancelled, "{end:?}");
+    assert!(end.done_bytes > after.done_bytes, "{end:?}");
+    let e = d.job(j.id, JobAction::Resume).unwrap_err().to_string();
+    assert!(e.contains("cancelled"), "{e}");
+    // Still on the overlay, over the base, without the temporary bitmap.
+    assert_eq!(d.image_of("xvda"), overlay.display().to_string());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", overlay.display()).as_str())
+    );
+    let list = control::request(
+        &d.sock,
+        &ControlRequest::Bitmap {
+            device: "xvda".into(),
+            action: BitmapAction::List,
+            name: None,
+            granularity: None,
+            disabled: false,
+            source: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(list.bitmaps, Some(vec![]));
+
+    // Limited to 4 MiB/s: the first pass alone needs total/speed. The guest writes less
+    // (every 4 KiB write dirties a 64 KiB granule): a copy slower than the guest's writes
+    // would not converge.
+    pace.store(30_000, Ordering::SeqCst);
+    let speed = 4u64 << 20;
+    let t0 = Instant::now();
+    let j2 = d.commit_job("xvda", speed).expect("second commit job");
+    let end = d.wait(j2.id);
+    let took = t0.elapsed();
+    eprintln!("cancelled: {j:?}\nsecond: {end:?} in {took:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let want_min = Duration::from_secs_f64(j2.total_bytes as f64 / speed as f64 / 2.0);
+    assert!(
+        took >= want_min,
+        "{took:?} < {want_min:?} for {} bytes",
+        j2.total_bytes
+    );
+    let r = end.commit.clone().unwrap();
+    assert_eq!(r.image, disk.path.display().to_string());
+    assert!(end.done_bytes >= j2.total_bytes, "{end:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    assert_eq!(d.image_of("xvda"), disk.path.display().to_string());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(base_params.as_str())
+    );
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    let jobs = control::request(&d.sock, &ControlRequest::Jobs)
+        .unwrap()
+        .jobs
+        .unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    d.stop();
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    assert!(
+        contents(&disk.path) == want,
+        "the base differs from the model"
+    );
+    assert!(bitmap_names(&disk.path).is_empty());
+    assert!(bitmap_names(&overlay).is_empty());
+}
+
+/// A daemon shut down while a commit job runs cancels it: the device's top keeps the chain
+/// valid, no temporary bitmap is left, every image is clean.
+#[test]
+fn shutdown_mid_commit_job_cancels_it_cleanly() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("tmp.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let before = round_trip(&mut front, 41);
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    for i in 0..32u64 {
+        front.write(i * 512, &pattern(500 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    let j = d.commit_job("xvda", 256 << 10).expect("commit job");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut want = vec![0u8; DISK as usize];
+    for (s, data) in &before {
+        let o = *s as usize * 512;
+        want[o..o + data.len()].copy_from_slice(data);
+    }
+    for i in 0..32u64 {
+        let o = (i * 512 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(500 + i, 65536));
+    }
+    let host = d.stop();
+    drop(front);
+    drop(host);
+    eprintln!("job at shutdown: {j:?}");
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    assert!(contents(&overlay) == want, "the chain lost data");
+    assert!(
+        bitmap_names(&overlay).is_empty(),
+        "{:?}",
+        bitmap_names(&overlay)
+    );
+}
+
+/// A device removed by the toolstack while its commit job is paused: the job is cancelled
+/// (it would otherwise hold the old image), the chain stays valid and clean.
+#[test]
+fn removing_the_device_cancels_its_paused_job() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let overlay = disk.dir.path().join("tmp.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    d.snapshot("xvda", &overlay, false).expect("snapshot");
+    for i in 0..16u64 {
+        front.write(i * 512, &pattern(700 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    let j = d.commit_job("xvda", 256 << 10).expect("commit job");
+    d.job(j.id, JobAction::Pause).expect("pause");
+    std::thread::sleep(Duration::from_millis(100));
+    d.host.remove_disk("qdisk", 1, 51712);
+    wait_until("the job ends", T, || {
+        control::request(&d.sock, &ControlRequest::Jobs)
+            .unwrap()
+            .jobs
+            .unwrap()
+            .iter()
+            .any(|x| x.id == j.id && x.state == JobState::Cancelled)
+    });
+    drop(front);
+    d.stop();
+    check_clean(&disk.path);
+    check_clean(&overlay);
+    let got = contents(&overlay);
+    for i in 0..16u64 {
+        let o = (i * 512 * 512) as usize;
+        assert!(got[o..o + 65536] == pattern(700 + i, 65536), "block {i}");
+    }
+    // The temporary bitmap is gone, or (if the device had stopped before the job could
+    // remove it) left under its reserved name for the next open to remove.
+    for b in bitmap_names(&overlay) {
+        assert!(b.starts_with("xdisk-commit-"), "{b}");
+    }
+}
+
+/// The backing file `qemu-img info` reads in an image's header, if any.
+fn backing_of(image: &Path) -> Option<String> {
+    let info = qemu_img(&["info", "-U", "--output=json", image.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    info["backing-filename"].as_str().map(str::to_owned)
+}
+
+/// `xdisk stream` under writes through the ring, over a chain base <- mid <- top: a stream
+/// limited to 512 KiB/s is paused (it copies nothing more), resumed and cancelled (the
+/// chain as before); one with `--base base` copies mid's data up and makes base the top's
+/// backing file; one without a base, limited to 4 MiB/s, takes at least about the time
+/// its bytes need at that speed and leaves the top alone. The frontend reads its model
+/// all along, qemu-img checks every image clean and reads the model from the top alone.
+#[test]
+fn stream_under_writes_pause_cancel_base_and_speed() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let mid = disk.dir.path().join("mid.qcow2");
+    let top = disk.dir.path().join("top.qcow2");
+    let dom = d.host.guest(1);
+    let base_params = format!("qcow2:{}", disk.path.display());
+    d.host.add_qdisk(1, 51712, &base_params, &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    // Nothing to stream without a backing file.
+    let e = d.stream_job("xvda", None, 0).unwrap_err().to_string();
+    assert!(e.contains("no backing file"), "{e}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 4_000_000, pace.clone());
+    // The base gets data everywhere; mid and top (64 KiB clusters, each 4 KiB write
+    // allocates one) only some: a guest that writes less.
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(5_000, Ordering::SeqCst);
+    d.snapshot("xvda", &mid, false).expect("snapshot mid");
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(50_000, Ordering::SeqCst);
+    d.snapshot("xvda", &top, false).expect("snapshot top");
+    std::thread::sleep(Duration::from_millis(100));
+    let e = d.stream_job("xvda", Some(&top), 0).unwrap_err().to_string();
+    assert!(e.contains("not a layer under the top"), "{e}");
+
+    let j = d.stream_job("xvda", None, 512 << 10).expect("stream job");
+    eprintln!("first stream: {j:?}");
+    assert_eq!(j.kind, JobKind::Stream);
+    assert!(j.total_bytes > 0, "{j:?}");
+    let e = d.commit_job("xvda", 0).unwrap_err().to_string();
+    assert!(e.contains("runs on it"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Pause)
+        .unwrap_or_else(|e| panic!("pause: {e}: {:?}", d.wait(j.id)));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.job(j.id, JobAction::Pause).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let after = d.job(j.id, JobAction::Pause).unwrap();
+    assert_eq!(after.state, JobState::Paused);
+    assert_eq!(before.done_bytes, after.done_bytes, "a paused job copied");
+    assert!(after.done_bytes > 0, "{after:?}");
+    d.job(j.id, JobAction::Resume).expect("resume");
+    std::thread::sleep(Duration::from_millis(100));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Cancelled, "{end:?}");
+    let chain3 = vec![
+        top.display().to_string(),
+        mid.display().to_string(),
+        disk.path.display().to_string(),
+    ];
+    assert_eq!(d.chain_of("xvda"), chain3);
+    assert_eq!(backing_of(&top).as_deref(), mid.to_str());
+
+    // --base: mid's data comes up, the top's backing file becomes base.
+    let j = d
+        .stream_job("xvda", Some(&disk.path), 0)
+        .expect("stream --base");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let r = end.stream.clone().unwrap();
+    assert_eq!(r.backing.as_deref(), disk.path.to_str());
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![top.display().to_string(), disk.path.display().to_string()]
+    );
+    assert_eq!(backing_of(&top).as_deref(), disk.path.to_str());
+
+    // All of it, at 4 MiB/s; a bitmap of the top survives the change of its header.
+    d.bitmap("xvda", BitmapAction::Add, "s0", None)
+        .expect("bitmap add");
+    let speed = 4u64 << 20;
+    let t0 = Instant::now();
+    let j = d.stream_job("xvda", None, speed).expect("stream");
+    let end = d.wait(j.id);
+    let took = t0.elapsed();
+    eprintln!("stream: {end:?} in {took:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let want_min = Duration::from_secs_f64(end.done_bytes as f64 / speed as f64 / 2.0);
+    assert!(took >= want_min, "{took:?} < {want_min:?}");
+    assert!(end.done_bytes >= 1 << 20, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![top.display().to_string()]);
+    assert_eq!(backing_of(&top), None);
+    // The header moved the bitmaps extension: adding another updates it where it is now.
+    let list = d
+        .bitmap("xvda", BitmapAction::Add, "s1", None)
+        .expect("bitmap add after the stream");
+    assert_eq!(list.len(), 2, "{list:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", top.display()).as_str())
+    );
+    d.stop();
+    for p in [&disk.path, &mid, &top] {
+        check_clean(p);
+    }
+    assert_eq!(backing_of(&top), None);
+    assert_eq!(bitmap_names(&top), vec!["s0", "s1"]);
+    assert!(
+        contents(&top) == want,
+        "the top alone differs from the model"
+    );
+}
+
+/// `xdisk commit --top MID` under writes through the ring, over base <- mid <- top: a
+/// cancelled one leaves the chain as it was; then mid is merged into base (base then holds
+/// the disk as of the second snapshot) and the top's backing file becomes base. The
+/// frontend reads its model, every image checks clean, the top over base reads the model.
+#[test]
+fn intermediate_commit_under_writes() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let mid = disk.dir.path().join("mid.qcow2");
+    let top = disk.dir.path().join("top.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 6_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    d.snapshot("xvda", &mid, false).expect("snapshot mid");
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    d.snapshot("xvda", &top, false).expect("snapshot top");
+    let answered = Instant::now();
+    pace.store(5_000, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    let commit = |top_l: &Path, base_l: Option<&Path>, speed: u64| {
+        control::request(
+            &d.sock,
+            &ControlRequest::Commit {
+                device: "xvda".into(),
+                speed,
+                top: Some(top_l.to_str().unwrap().into()),
+                base: base_l.map(|b| b.to_str().unwrap().into()),
+            },
+        )
+        .map(|r| r.job.unwrap())
+    };
+    let e = commit(&mid, Some(&mid), 0).unwrap_err().to_string();
+    assert!(e.contains("not a layer under --top"), "{e}");
+    let e = commit(&disk.path, None, 0).unwrap_err().to_string();
+    assert!(e.contains("not supported yet"), "{e}");
+    let j = commit(&mid, None, 256 << 10).expect("commit --top mid");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    assert_eq!(d.wait(j.id).state, JobState::Cancelled);
+    let chain3 = vec![
+        top.display().to_string(),
+        mid.display().to_string(),
+        disk.path.display().to_string(),
+    ];
+    assert_eq!(d.chain_of("xvda"), chain3);
+    assert_eq!(backing_of(&top).as_deref(), mid.to_str());
+
+    let j = commit(&mid, Some(&disk.path), 0).expect("commit --top mid --base base");
+    let end = d.wait(j.id);
+    eprintln!("intermediate commit: {end:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![top.display().to_string(), disk.path.display().to_string()]
+    );
+    assert_eq!(backing_of(&top).as_deref(), disk.path.to_str());
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", top.display()).as_str())
+    );
+    d.stop();
+    for p in [&disk.path, &mid, &top] {
+        check_clean(p);
+    }
+    assert!(contents(&top) == want, "the chain top <- base differs");
+    check_old_top(&contents(&disk.path), &recs, sent, answered);
+}
+
+const STREAM_KILL_CHILD: &str = "XDISK_LIVE_STREAM_KILL_CHILD";
+
+/// The child of [`sigkill_mid_stream_leaves_a_valid_chain`] (does nothing unless run by
+/// it): 64 blocks of 64 KiB written to the base, a snapshot, 16 written to the top, then a
+/// stream at 2 MiB/s, looped until the kill.
+#[test]
+fn stream_kill_child() {
+    let Ok(dir) = std::env::var(STREAM_KILL_CHILD) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = daemon();
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    d.snapshot("xvda", &dir.join("top.qcow2"), false)
+        .expect("snapshot");
+    for i in 0..16u64 {
+        front
+            .write(i * 1024 + 64, &pattern(300 + i, 65536))
+            .unwrap();
+    }
+    front.flush().unwrap();
+    println!("STREAM-READY");
+    let j = d.stream_job("xvda", None, 2 << 20).unwrap();
+    let end = d.wait(j.id);
+    println!("STREAM-DONE {:?}", end.state);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A daemon killed (SIGKILL) at a random moment of a stream leaves a valid chain: the top
+/// (over the base, or alone once its link was dropped) reads what the guest wrote, no image
+/// is corrupt, and a restarted daemon serving the top streams it to the end.
+#[test]
+fn sigkill_mid_stream_leaves_a_valid_chain() {
+    use std::io::BufRead;
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
+    }
+    for i in 0..16u64 {
+        let o = ((i * 1024 + 64) * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
+    }
+    for (round, delay_ms) in [5u64, 300, 1200, 3000].into_iter().enumerate() {
+        let dir = tmpdir();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "stream_kill_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(STREAM_KILL_CHILD, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if l.contains("STREAM-READY") || l.contains("STREAM-DONE") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(ready.is_ok(), "the child never got ready");
+        let done = rx.try_recv().ok();
+        eprintln!("round {round}: killed {delay_ms} ms after the stream started ({done:?})");
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        check_no_corruption(&base);
+        check_no_corruption(&top);
+        assert!(contents(&top) == want, "round {round}: the chain lost data");
+        let d = daemon();
+        let _dom = d.host.guest(1);
+        d.host
+            .add_qdisk(1, 51712, &format!("qcow2:{}", top.display()), &[]);
+        wait_until("the device runs", T, || {
+            d.sup
+                .device("qdisk/1/51712")
+                .is_some_and(|s| s.phase == xdisk_daemon::status::Phase::Running)
+        });
+        if backing_of(&top).is_some() {
+            let j = d.stream_job("qdisk/1/51712", None, 0).unwrap();
+            assert_eq!(d.wait(j.id).state, JobState::Completed);
+        }
+        d.stop();
+        check_no_corruption(&top);
+        assert_eq!(backing_of(&top), None, "round {round}");
+        assert!(contents(&top) == want, "round {round}: the top differs");
+    }
+}
+
+/// `xdisk mirror` under writes through the ring, from a chain base <- top: a full mirror
+/// limited to 512 KiB/s is paused (it copies nothing more), resumed and cancelled (the
+/// device stays on its top, no bitmap left); a `--sync top` mirror with `--pivot` at
+/// 8 MiB/s takes at least about the time its bytes need and switches the device to a
+/// qcow2 target over the same base; a full mirror to a raw target without `--pivot` becomes
+/// ready, keeps following the writes, and switches over on `job complete`. The frontend
+/// reads its model, the raw target holds it, every qcow2 image checks clean.
+#[test]
+fn mirror_under_writes_cancel_sync_top_pivot_and_complete() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let top = disk.dir.path().join("top.qcow2");
+    let t1 = disk.dir.path().join("t1.qcow2");
+    let t2 = disk.dir.path().join("t2.raw");
+    let t3 = disk.dir.path().join("t3.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 5_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(5_000, Ordering::SeqCst);
+    d.snapshot("xvda", &top, false).expect("snapshot");
+    std::thread::sleep(Duration::from_millis(300));
+    let e = d
+        .mirror_job("xvda", &disk.path, "qcow2", "full", false, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("chain"), "{e}");
+    let e = d
+        .mirror_job("xvda", &t2, "raw", "top", false, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("qcow2 target"), "{e}");
+
+    let j = d
+        .mirror_job("xvda", &t1, "qcow2", "full", false, 512 << 10)
+        .expect("mirror");
+    assert_eq!(j.kind, JobKind::Mirror);
+    assert!(j.total_bytes > 0, "{j:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Pause).expect("pause");
+    let e = d.job(j.id, JobAction::Complete).unwrap_err().to_string();
+    assert!(e.contains("not ready"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.job(j.id, JobAction::Pause).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let after = d.job(j.id, JobAction::Pause).unwrap();
+    assert_eq!(before.done_bytes, after.done_bytes, "a paused job copied");
+    d.job(j.id, JobAction::Resume).expect("resume");
+    std::thread::sleep(Duration::from_millis(100));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    assert_eq!(d.wait(j.id).state, JobState::Cancelled);
+    assert_eq!(d.image_of("xvda"), top.display().to_string());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", top.display()).as_str())
+    );
+    let list = control::request(
+        &d.sock,
+        &ControlRequest::Bitmap {
+            device: "xvda".into(),
+            action: BitmapAction::List,
+            name: None,
+            granularity: None,
+            disabled: false,
+            source: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(list.bitmaps, Some(vec![]));
+
+    // The top only, over the same base, switched over by itself; the guest writes less
+    // (a copy slower than its writes would never be ready).
+    pace.store(50_000, Ordering::SeqCst);
+    let speed = 8u64 << 20;
+    let t0 = Instant::now();
+    let j = d
+        .mirror_job("xvda", &t3, "qcow2", "top", true, speed)
+        .expect("mirror --sync top");
+    let end = d.wait(j.id);
+    let took = t0.elapsed();
+    eprintln!("mirror --sync top: {end:?} in {took:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let want_min = Duration::from_secs_f64(j.total_bytes as f64 / speed as f64 / 2.0);
+    assert!(took >= want_min, "{took:?} < {want_min:?}");
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![t3.display().to_string(), disk.path.display().to_string()]
+    );
+    assert_eq!(backing_of(&t3).as_deref(), disk.path.to_str());
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", t3.display()).as_str())
+    );
+
+    // Full, to raw: ready, then completed.
+    let j = d
+        .mirror_job("xvda", &t2, "raw", "full", false, 0)
+        .expect("mirror to raw");
+    let ready = d.wait(j.id);
+    assert_eq!(ready.state, JobState::Ready, "{ready:?}");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(d.image_of("xvda"), t3.display().to_string());
+    d.job(j.id, JobAction::Complete).expect("complete");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(end.mirror.as_ref().unwrap().format, "raw");
+    assert_eq!(d.chain_of("xvda"), vec![t2.display().to_string()]);
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("aio:{}", t2.display()).as_str())
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    for p in [&disk.path, &top, &t1, &t3] {
+        check_clean(p);
+    }
+    for p in [&top, &t3] {
+        assert!(bitmap_names(p).is_empty(), "{}", p.display());
+    }
+    assert!(
+        std::fs::read(&t2).unwrap() == want,
+        "the raw target differs"
+    );
+}
+
+const MIRROR_KILL_CHILD: &str = "XDISK_LIVE_MIRROR_KILL_CHILD";
+
+/// The child of [`sigkill_mid_mirror_leaves_every_image_clean`] (does nothing unless run
+/// by it): 64 blocks of 64 KiB written to the base, a snapshot, 16 to the top, then a full
+/// mirror with --pivot at 2 MiB/s, looped until the kill.
+#[test]
+fn mirror_kill_child() {
+    let Ok(dir) = std::env::var(MIRROR_KILL_CHILD) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = daemon();
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    d.snapshot("xvda", &dir.join("top.qcow2"), false)
+        .expect("snapshot");
+    for i in 0..16u64 {
+        front
+            .write(i * 1024 + 64, &pattern(300 + i, 65536))
+            .unwrap();
+    }
+    front.flush().unwrap();
+    println!("MIRROR-READY");
+    let j = d
+        .mirror_job(
+            "xvda",
+            &dir.join("target.qcow2"),
+            "qcow2",
+            "full",
+            true,
+            2 << 20,
+        )
+        .unwrap();
+    let end = d.wait(j.id);
+    println!("MIRROR-DONE {:?}", end.state);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A daemon killed (SIGKILL) at moments of a mirror: the source chain is untouched (it
+/// reads what the guest wrote), no image is corrupt, and a target the device had switched
+/// to reads it too.
+#[test]
+fn sigkill_mid_mirror_leaves_every_image_clean() {
+    use std::io::BufRead;
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
+    }
+    for i in 0..16u64 {
+        let o = ((i * 1024 + 64) * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
+    }
+    for (round, delay_ms) in [5u64, 400, 1500, 4000].into_iter().enumerate() {
+        let dir = tmpdir();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "mirror_kill_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(MIRROR_KILL_CHILD, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if l.contains("MIRROR-READY") || l.contains("MIRROR-DONE") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(ready.is_ok(), "the child never got ready");
+        let done = rx.try_recv().ok();
+        eprintln!("round {round}: killed {delay_ms} ms after the mirror started ({done:?})");
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        let target = dir.path().join("target.qcow2");
+        check_no_corruption(&base);
+        check_no_corruption(&top);
+        assert!(
+            contents(&top) == want,
+            "round {round}: the source lost data"
+        );
+        // A target killed while it was being created may not be an image yet; one that
+        // was opened is never corrupt.
+        let opened = Command::new("qemu-img")
+            .args(["info", "-U", target.to_str().unwrap()])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if opened {
+            check_no_corruption(&target);
+        }
+        if done.is_some_and(|l| l.contains("Completed")) {
+            assert!(
+                contents(&target) == want,
+                "round {round}: the target differs"
+            );
+        }
+    }
+}
+
 const COMMIT_KILL_CHILD: &str = "XDISK_LIVE_COMMIT_KILL_CHILD";
 
 /// The child of [`sigkill_mid_commit_leaves_a_valid_chain`] (does nothing unless run by
@@ -1005,12 +1953,7 @@ fn commit_kill_child() {
     }
     front.flush().unwrap();
     println!("COMMIT-READY");
-    let r = control::request(
-        &d.sock,
-        &ControlRequest::Commit {
-            device: "xvda".into(),
-        },
-    );
+    let r = d.commit("xvda");
     println!("COMMIT-DONE {}", r.is_ok());
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -1098,15 +2041,15 @@ fn sigkill_mid_commit_leaves_a_valid_chain() {
                 .device("qdisk/1/51712")
                 .is_some_and(|s| s.phase == xdisk_daemon::status::Phase::Running)
         });
-        control::request(
-            &d.sock,
-            &ControlRequest::Commit {
-                device: "qdisk/1/51712".into(),
-            },
-        )
-        .expect("commit after the restart");
+        d.commit("qdisk/1/51712").expect("commit after the restart");
         d.stop();
         check_no_corruption(&base);
+        // The temporary bitmap a kill left in the top was removed when it was opened again.
+        assert!(
+            bitmap_names(&top).is_empty(),
+            "round {round}: {:?}",
+            bitmap_names(&top)
+        );
         assert!(contents(&base) == want, "round {round}: the base differs");
     }
 }

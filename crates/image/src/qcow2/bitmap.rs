@@ -1302,6 +1302,36 @@ impl Meta {
         Ok(())
     }
 
+    /// Changes the backing file link (`qemu-img rebase -u`): the header's backing file name
+    /// and its "Backing file format name" extension, or neither. Everything written before
+    /// is made durable first (a live stream copies the backing data up before the link
+    /// goes), then the header cluster is rewritten in one write, as QEMU rewrites it
+    /// (qcow2_update_header), and synced. On failure the header in memory is as before.
+    pub(crate) fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.flush()?;
+        self.sync()?;
+        let old = (
+            self.hdr.backing_file.clone(),
+            self.hdr.backing_format.clone(),
+        );
+        self.hdr.backing_file = name.map(str::to_owned);
+        self.hdr.backing_format = format.map(str::to_owned);
+        let head = match self.rewrite_header() {
+            Ok(h) => h,
+            Err(e) => {
+                (self.hdr.backing_file, self.hdr.backing_format) = old;
+                return Err(e);
+            }
+        };
+        // The extensions after the backing format's moved with it.
+        self.bitmaps.ext_pos = if self.bitmaps.ext_pos.is_some() {
+            format::extension_offset(&head, &self.hdr, ext::BITMAPS).map(|p| p as u64)
+        } else {
+            None
+        };
+        self.sync()
+    }
+
     /// Writes the whole header cluster from `hdr` (QEMU rewrites it the same way); returns
     /// the bytes written.
     fn rewrite_header(&mut self) -> Result<Vec<u8>> {

@@ -441,6 +441,17 @@ impl Qcow2Image {
         self.lock().flush()
     }
 
+    /// Changes the backing file link in the header (`qemu-img rebase -u`): `name` with its
+    /// `format`, or no backing file. Only the header changes: the caller sees to it that
+    /// the image reads the same afterwards (a stream copies the data up first) and opens
+    /// the image again to read through the new chain.
+    pub fn set_backing(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        if self.read_only {
+            return Err(crate::Error::ReadOnly);
+        }
+        self.lock().set_backing(name, format)
+    }
+
     /// Writes all metadata back and syncs. The image stays usable.
     pub fn close(&self) -> Result<()> {
         if self.read_only {
