@@ -126,7 +126,7 @@ pub struct AttachArgs {
 pub struct DetachArgs {
     /// The device: xvdb, /dev/xvdb or its number (51728).
     device: String,
-    /// Seconds to wait for the backend to close.
+    /// Seconds to wait for the backend to close and the daemon to close the image.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
     /// Remove the nodes even if the backend does not close in time.
@@ -443,12 +443,45 @@ pub fn detach(a: DetachArgs) -> Result<i32> {
     let fe = a.frontend_domid.unwrap_or(status.attach_frontend_domid);
     let xs = xenstore_for(&status)?;
     let att = attach::find(&xs, fe, &a.device)?;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
     attach::detach(&xs, &att, Duration::from_secs(a.timeout), a.force)?;
+    if status.pid != 0 {
+        match wait_image_closed(&a.control, &att.backend_path, deadline) {
+            Err(e) if a.force => eprintln!("xdisk detach: {}", crate::error_text(&e)),
+            r => r?,
+        }
+    }
     println!(
         "detached {}",
         att.vdev.clone().unwrap_or_else(|| att.devid.to_string())
     );
     Ok(0)
+}
+
+/// After the backend reached Closed the daemon still writes the image's metadata back and
+/// closes it: waits until it has (the device is no longer listed, or listed as failed), so
+/// that whatever comes after `xdisk detach` (stopping the daemon, even with SIGKILL, copying
+/// or checking the image) finds the image closed. A daemon that stops answering has nothing
+/// open any more.
+fn wait_image_closed(control: &Path, backend_path: &str, deadline: Instant) -> Result<()> {
+    loop {
+        let Ok(status) = daemon_status(control) else {
+            return Ok(());
+        };
+        let open = status.devices.iter().any(|d| {
+            d.backend_path == backend_path && d.phase != xdisk_daemon::status::Phase::Failed
+        });
+        if !open {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the frontend and backend closed, but the daemon has not closed the image of \
+                 {backend_path} yet (see xdisk stat)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn stat(a: StatArgs) -> Result<i32> {
