@@ -18,19 +18,22 @@ ov=$LAB_DATA/live-overlay.qcow2
 mir=$LAB_DATA/live-mirror.qcow2
 MiB=1048576
 PAT_MB=16
+# Work files on the data disk: dom0's /tmp is a small tmpfs that earlier scenarios fill.
+W=$LAB_DATA/live-work
 command -v qemu-img >/dev/null || fail "no qemu-img in dom0 (the oracle)"
 
-rm -f "$top" "$ov" "$mir" /tmp/live-stop /tmp/live-werr /tmp/live-wdone
+rm -rf "$top" "$ov" "$mir" "$W"
+mkdir -p "$W" || fail "mkdir $W"
 qemu-img create -q -f qcow2 "$top" 32M || fail "qemu-img create"
 # Two patterns the writer alternates between.
 for p in a b; do
-  dd if=/dev/urandom of=/tmp/live-pat-$p bs=1M count=$PAT_MB 2>/dev/null || fail "pattern $p"
+  dd if=/dev/urandom of=$W/pat-$p bs=1M count=$PAT_MB 2>/dev/null || fail "pattern $p"
 done
 
 XDISK_LOG=info xdisk serve --platform=xen --backend-type xdisk --domain 0 --control "$sock" \
   > /tmp/serve.log 2>&1 &
 pid=$!
-trap 'touch /tmp/live-stop; kill "$pid" 2>/dev/null' EXIT
+trap 'touch $W/stop; kill "$pid" 2>/dev/null; sleep 1; rm -rf "$W"' EXIT
 wait_for 15 test -S "$sock" || fail "no control socket: $(tail -3 /tmp/serve.log)"
 dev=$(xdisk attach "$top" --format qcow2 --direct-io --control "$sock" --timeout 60 2>/tmp/attach.err) ||
   fail "attach: $(cat /tmp/attach.err) / $(tail -3 /tmp/serve.log)"
@@ -40,18 +43,18 @@ echo "attached $top as $dev"
 # (the jobs converge: a writer faster than the copy keeps a mirror running, as in QEMU).
 writer() {
   local n=0 p i
-  while [ ! -e /tmp/live-stop ]; do
+  while [ ! -e $W/stop ]; do
     if [ $((n % 2)) = 0 ]; then p=a; else p=b; fi
     i=0
-    while [ $i -lt $PAT_MB ] && [ ! -e /tmp/live-stop ]; do
-      dd if=/tmp/live-pat-$p of="$dev" bs=1M skip=$i seek=$i count=1 oflag=direct \
-        conv=notrunc 2>/dev/null || echo "write $n/$i failed" >> /tmp/live-werr
+    while [ $i -lt $PAT_MB ] && [ ! -e $W/stop ]; do
+      dd if=$W/pat-$p of="$dev" bs=1M skip=$i seek=$i count=1 oflag=direct \
+        conv=notrunc 2>/dev/null || echo "write $n/$i failed" >> $W/werr
       i=$((i + 1))
       usleep 20000
     done
     n=$((n + 1))
   done
-  echo "$n" > /tmp/live-wdone
+  echo "$n" > $W/wdone
 }
 writer &
 wpid=$!
@@ -84,29 +87,29 @@ check "after the pivot the device serves the mirror" grep -q "live-mirror.qcow2"
 xdisk jobs --control "$sock" > /tmp/jobs.out 2>&1
 cat /tmp/jobs.out
 
-touch /tmp/live-stop
+touch $W/stop
 wait "$wpid"
-check "the writer ran through all three jobs" test -s /tmp/live-wdone
-report "writer passes of $PAT_MB MiB: $(cat /tmp/live-wdone)"
-[ -s /tmp/live-werr ] && fail "guest writes failed: $(head -3 /tmp/live-werr)"
+check "the writer ran through all three jobs" test -s $W/wdone
+report "writer passes of $PAT_MB MiB: $(cat $W/wdone)"
+[ -s $W/werr ] && fail "guest writes failed: $(head -3 $W/werr)"
 echo "ok: no guest write failed"
 
 # What the guest reads now: each MiB is the last pattern the writer put there (a or b).
 echo 3 > /proc/sys/vm/drop_caches
-dd if="$dev" of=/tmp/live-back bs=1M iflag=direct 2>/dev/null || fail "reading $dev"
+dd if="$dev" of=$W/back bs=1M iflag=direct 2>/dev/null || fail "reading $dev"
 i=0
 while [ $i -lt $PAT_MB ]; do
-  dd if=/tmp/live-back of=/tmp/live-got bs=1M skip=$i count=1 2>/dev/null
-  dd if=/tmp/live-pat-a of=/tmp/live-want-a bs=1M skip=$i count=1 2>/dev/null
-  dd if=/tmp/live-pat-b of=/tmp/live-want-b bs=1M skip=$i count=1 2>/dev/null
-  cmp -s /tmp/live-got /tmp/live-want-a || cmp -s /tmp/live-got /tmp/live-want-b ||
+  dd if=$W/back of=$W/got bs=1M skip=$i count=1 2>/dev/null
+  dd if=$W/pat-a of=$W/want-a bs=1M skip=$i count=1 2>/dev/null
+  dd if=$W/pat-b of=$W/want-b bs=1M skip=$i count=1 2>/dev/null
+  cmp -s $W/got $W/want-a || cmp -s $W/got $W/want-b ||
     fail "MiB $i of $dev holds neither pattern the writer wrote there"
   i=$((i + 1))
 done
 echo "ok: every MiB written reads back as the writer's last pattern there"
-dd if=/dev/zero of=/tmp/live-zero bs=1M count=$((32 - PAT_MB)) 2>/dev/null
-dd if=/tmp/live-back of=/tmp/live-tail bs=1M skip=$PAT_MB 2>/dev/null
-check "the rest of the disk reads zero" cmp /tmp/live-zero /tmp/live-tail
+dd if=/dev/zero of=$W/zero bs=1M count=$((32 - PAT_MB)) 2>/dev/null
+dd if=$W/back of=$W/tail bs=1M skip=$PAT_MB 2>/dev/null
+check "the rest of the disk reads zero" cmp $W/zero $W/tail
 
 xdisk detach "$dev" --control "$sock" --timeout 30 > /tmp/detach.out 2>&1 ||
   fail "detach: $(cat /tmp/detach.out)"
@@ -116,6 +119,6 @@ for f in "$top" "$ov" "$mir"; do
   [ -f "$f" ] || continue
   check "$(basename "$f") is qemu-img check clean" qemu-img check -q "$f"
 done
-qemu-img convert -O raw "$mir" /tmp/live-mir.raw || fail "qemu-img convert of the mirror"
-check "the mirror (what the device served last) holds what the guest read" cmp /tmp/live-back /tmp/live-mir.raw
-rm -f /tmp/live-* "$top" "$ov" "$mir"
+qemu-img convert -O raw "$mir" $W/mir.raw || fail "qemu-img convert of the mirror"
+check "the mirror (what the device served last) holds what the guest read" cmp $W/back $W/mir.raw
+rm -rf "$W" "$top" "$ov" "$mir"
