@@ -86,6 +86,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Removes a failed or cancelled job's temporary tracking bitmap from the device's top (under
+/// a pause, with the device's live lock held); a failure is only logged: a daemon opening the
+/// image later removes a leftover `xdisk-commit-*`/`xdisk-mirror-*` bitmap.
+fn drop_tracking_bitmap(
+    entry: &Entry,
+    handle: &xdisk_backend::DeviceHandle,
+    bitmap: &str,
+    device: &str,
+    job: &str,
+) {
+    let b = bitmap.to_owned();
+    let _one = lock(&entry.live);
+    let removed = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+        if let Some(q) = img.as_qcow2() {
+            q.remove_bitmap(&b)?;
+        }
+        Ok(None)
+    }));
+    if let Err(r) = removed {
+        tracing::warn!(device = %device, bitmap = %bitmap, "cannot remove the {job}'s bitmap: {r} (a daemon opening the image removes it)");
+    }
+}
+
 /// A device's identity: `<type>/<frontend domid>/<devid>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
@@ -1892,17 +1915,7 @@ impl CommitRun {
             }
             Err(e) => {
                 // The device still serves the top: drop the tracking bitmap.
-                let b = self.bitmap.clone();
-                let _one = lock(&self.entry.live);
-                let removed = self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
-                    if let Some(q) = img.as_qcow2() {
-                        q.remove_bitmap(&b)?;
-                    }
-                    Ok(None)
-                }));
-                if let Err(r) = removed {
-                    tracing::warn!(device = %name, bitmap = %self.bitmap, "cannot remove the commit's bitmap: {r} (a daemon opening the image removes it)");
-                }
+                drop_tracking_bitmap(&self.entry, &self.handle, &self.bitmap, &name, "commit");
                 if self.job.cancelled() {
                     tracing::info!(device = %name, job = self.job.id(), "commit cancelled; the device still serves its top");
                 } else {
@@ -2144,17 +2157,8 @@ impl MirrorRun {
                 }))
             }
             Err(e) => {
-                let b = self.bitmap.clone();
-                let _one = lock(&self.entry.live);
-                let removed = self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
-                    if let Some(q) = img.as_qcow2() {
-                        q.remove_bitmap(&b)?;
-                    }
-                    Ok(None)
-                }));
-                if let Err(r) = removed {
-                    tracing::warn!(device = %name, bitmap = %self.bitmap, "cannot remove the mirror's bitmap: {r} (a daemon opening the image removes it)");
-                }
+                // The device still serves the source: drop the tracking bitmap.
+                drop_tracking_bitmap(&self.entry, &self.handle, &self.bitmap, &name, "mirror");
                 if self.job.cancelled() {
                     tracing::info!(device = %name, job = self.job.id(), "mirror cancelled; the device still serves its source");
                 } else {
