@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cbw;
 pub mod create;
 pub mod driver;
 pub mod qcow2;
@@ -338,6 +339,34 @@ pub struct Image {
     /// Set by [`Image::seal`]: the layer became the backing file of a live snapshot's
     /// overlay and takes no more writes.
     sealed: std::sync::atomic::AtomicBool,
+    /// Whether `observer` holds one: the only thing a write looks at when none is installed
+    /// (one relaxed atomic load, no lock).
+    observed: std::sync::atomic::AtomicBool,
+    /// Told of every change of the layer's contents before it happens (see
+    /// [`WriteObserver`]).
+    observer: std::sync::RwLock<Option<Arc<dyn WriteObserver>>>,
+}
+
+/// Told of every change of an image layer's guest-visible contents before it happens: each
+/// write, write of zeroes and discard that reaches the layer, through every path (the
+/// blocking methods [`Image::write_at`], [`Image::write_zeroes`], [`Image::discard`],
+/// [`Image::write_compressed_cluster`], and the fast path's [`Image::map`] for writes,
+/// which every [`queue::ImageQueue`] uses). A backup's copy-before-write ([`cbw`]) is one:
+/// it saves the old data of the range before the write may change it.
+///
+/// Installed and removed with [`Image::set_write_observer`], normally while every queue of
+/// the image is paused (a write already mapped before the install would not be seen).
+pub trait WriteObserver: Send + Sync + std::fmt::Debug {
+    /// Whether a write of `[offset, offset + len)` must be told first. Cheap: it runs in
+    /// the fast path's mapping of every write. `true` makes [`Image::map`] send the write
+    /// to the slow path, whose blocking write calls [`WriteObserver::before_write`] on a
+    /// worker thread (the queue's reactor thread never waits for the observer).
+    fn wants(&self, offset: u64, len: u64) -> bool;
+
+    /// Called before `[offset, offset + len)` of `image` changes; the change waits until it
+    /// returns. It cannot fail the write: an observer that cannot do its work records that
+    /// itself (the guest's write matters more than the observer's copy).
+    fn before_write(&self, image: &Image, offset: u64, len: u64);
 }
 
 /// Probes the format of a file from its first bytes.
@@ -604,6 +633,8 @@ impl Image {
         Image {
             driver,
             sealed: std::sync::atomic::AtomicBool::new(false),
+            observed: std::sync::atomic::AtomicBool::new(false),
+            observer: std::sync::RwLock::new(None),
         }
     }
 
@@ -725,6 +756,37 @@ impl Image {
         self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Installs (`Some`) or removes (`None`) the layer's [`WriteObserver`]; returns the one
+    /// it replaces. Pause the image's queues around it: a write mapped before the install
+    /// goes on unobserved.
+    pub fn set_write_observer(
+        &self,
+        observer: Option<Arc<dyn WriteObserver>>,
+    ) -> Option<Arc<dyn WriteObserver>> {
+        use std::sync::atomic::Ordering;
+        let mut slot = self.observer.write().unwrap_or_else(|e| e.into_inner());
+        self.observed.store(observer.is_some(), Ordering::SeqCst);
+        std::mem::replace(&mut *slot, observer)
+    }
+
+    /// The installed observer, if any (one atomic load when there is none).
+    fn observer(&self) -> Option<Arc<dyn WriteObserver>> {
+        if !self.observed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Tells the observer (if any) that `[offset, offset + len)` is about to change.
+    fn before_write(&self, offset: u64, len: u64) {
+        if let Some(o) = self.observer() {
+            o.before_write(self, offset, len);
+        }
+    }
+
     /// The format of this layer.
     pub fn format(&self) -> Format {
         self.driver.format()
@@ -798,6 +860,7 @@ impl Image {
     /// Blocking write (the slow path; thread-safe).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
+        self.before_write(offset, buf.len() as u64);
         self.driver.write_at(buf, offset)
     }
 
@@ -806,6 +869,9 @@ impl Image {
     /// compressed (it is written uncompressed when that is not smaller or the cluster is
     /// already allocated).
     pub fn write_compressed_cluster(&self, cluster: u64, data: &[u8]) -> Result<bool> {
+        if let Some(cs) = self.cluster_size() {
+            self.before_write(cluster.saturating_mul(cs), cs);
+        }
         self.driver.write_compressed_cluster(cluster, data)
     }
 
@@ -842,12 +908,14 @@ impl Image {
     /// Host space is released where the format allows.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
+        self.before_write(offset, len);
         self.driver.discard(offset, len)
     }
 
     /// Makes a range read as zeroes; `unmap` allows releasing host space.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_write(offset, len)?;
+        self.before_write(offset, len);
         self.driver.write_zeroes(offset, len, unmap)
     }
 
@@ -926,6 +994,11 @@ impl Image {
     ) -> Result<Mapping> {
         if write {
             self.check_write(offset, len)?;
+            // A write the observer must see first goes to the slow path, whose blocking
+            // write tells it on a worker thread (never on the queue's reactor thread).
+            if self.observer().is_some_and(|o| o.wants(offset, len)) {
+                return Ok(Mapping::Slow);
+            }
         } else {
             self.check_range(offset, len)?;
         }
