@@ -225,6 +225,7 @@ pub fn run(a: NbdArgs) -> Result<i32> {
             description: a.description.clone(),
             image,
             read_only: a.read_only,
+            bitmaps: Vec::new(),
         });
     }
     let images: Vec<Arc<Image>> = exports.iter().map(|e| e.image.clone()).collect();

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
+use xdisk_image::qcow2::bitmap::DirtyBitmap;
 use xdisk_image::Image;
 use xdisk_io::sys::{drain_eventfd, poll_rw};
 use xdisk_io::AlignedBuf;
@@ -72,6 +73,11 @@ pub struct Export {
     pub image: Arc<Image>,
     /// Export it read-only.
     pub read_only: bool,
+    /// Dirty bitmaps offered as QEMU's `qemu:dirty-bitmap:NAME` metadata contexts (QEMU's
+    /// docs/interop/nbd.rst: bit 0 of an extent's flags, `NBD_STATE_DIRTY`, set where the
+    /// bitmap is dirty), by name: frozen copies (`xdisk backup` exports the bits as of its
+    /// instant next to the point-in-time view).
+    pub bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
 }
 
 /// What the server does with `NBD_CMD_TRIM` (qemu-nbd's `--discard`).
@@ -183,8 +189,12 @@ impl Exports for ServerConfig {
             },
         })
     }
-    fn contexts(&self) -> Vec<String> {
-        vec![CTX_ALLOCATION.to_owned(), CTX_DEPTH.to_owned()]
+    fn contexts(&self, export: &str) -> Vec<String> {
+        let mut v = vec![CTX_ALLOCATION.to_owned(), CTX_DEPTH.to_owned()];
+        if let Some(e) = self.find(export) {
+            v.extend(e.bitmaps.iter().map(|(n, _)| format!("{CTX_BITMAP}{n}")));
+        }
+        v
     }
 }
 
@@ -193,6 +203,8 @@ const CTX_ALLOCATION: &str = "base:allocation";
 /// QEMU's `qemu:allocation-depth` context: 0 where no layer of the chain allocates a range,
 /// 1 where the image itself does, 2 where its backing file does, and so on.
 const CTX_DEPTH: &str = "qemu:allocation-depth";
+/// The prefix of QEMU's dirty bitmap contexts (`qemu:dirty-bitmap:NAME`).
+const CTX_BITMAP: &str = "qemu:dirty-bitmap:";
 
 impl ServerConfig {
     fn find(&self, name: &str) -> Option<&Export> {
@@ -637,6 +649,13 @@ fn transmit<S: Stream>(
             n,
             base_allocation: context(CTX_ALLOCATION),
             allocation_depth: context(CTX_DEPTH),
+            bitmaps: export
+                .bitmaps
+                .iter()
+                .filter_map(|(name, b)| {
+                    Some((context(&format!("{CTX_BITMAP}{name}"))?, b.clone()))
+                })
+                .collect(),
             discard: cfg.discard,
             detect_zeroes: cfg.detect_zeroes,
             pending: HashMap::new(),
@@ -669,6 +688,8 @@ struct Connection {
     n: Negotiated,
     base_allocation: Option<u32>,
     allocation_depth: Option<u32>,
+    /// Selected `qemu:dirty-bitmap:` contexts: (ID, the bitmap).
+    bitmaps: Vec<(u32, Arc<DirtyBitmap>)>,
     discard: DiscardMode,
     detect_zeroes: DetectZeroes,
     pending: HashMap<u64, Pending>,
@@ -1198,9 +1219,10 @@ impl Connection {
         Ok(())
     }
 
-    /// Block status of `[offset, offset + len)` from the image's block status, one chunk per
-    /// selected context (`base:allocation`, `qemu:allocation-depth`), at most 2^20 extents
-    /// each, as the spec asks.
+    /// Block status of `[offset, offset + len)`, one chunk per selected context
+    /// (`base:allocation` and `qemu:allocation-depth` from the image's block status,
+    /// `qemu:dirty-bitmap:NAME` from the bitmap), at most 2^20 extents each, as the spec
+    /// asks.
     fn block_status<W: Write>(
         &self,
         w: &mut W,
@@ -1209,55 +1231,80 @@ impl Connection {
         len: u64,
         req_one: bool,
     ) -> Result<(), Error> {
-        let wanted: Vec<(u32, bool)> = [
-            self.base_allocation.map(|id| (id, false)),
-            self.allocation_depth.map(|id| (id, true)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if wanted.is_empty() {
+        if self.base_allocation.is_none()
+            && self.allocation_depth.is_none()
+            && self.bitmaps.is_empty()
+        {
             return self.error_reply(w, h, errno::EINVAL, "no context selected");
         }
         const MAX_EXTENTS: usize = 1 << 20;
+        let end = offset.saturating_add(len);
+        let push = |v: &mut Vec<Extent>, step: u64, flags: u32| {
+            // Runs with the same value merge (the contexts change at other places).
+            match v.last_mut() {
+                Some(e) if e.flags == flags && !req_one => e.len += step,
+                _ => v.push(Extent { len: step, flags }),
+            }
+        };
         let mut alloc: Vec<Extent> = Vec::new();
         let mut depth: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        let end = offset.saturating_add(len);
-        while pos < end && alloc.len() < MAX_EXTENTS && depth.len() < MAX_EXTENTS {
-            let st = match self.image.block_status(pos, end - pos) {
-                Ok(s) => s,
-                Err(e) => return self.error_reply(w, h, errno::EIO, &e.to_string()),
-            };
-            let step = st.len.clamp(1, end - pos);
-            let mut f = 0;
-            if st.zero {
-                f |= wire::allocation::ZERO;
-            }
-            // As QEMU's server: a hole wherever no host data answers.
-            if !st.data {
-                f |= wire::allocation::HOLE;
-            }
-            let d = if st.present { st.depth + 1 } else { 0 };
-            for (v, flags) in [(&mut alloc, f), (&mut depth, d)] {
-                // Runs with the same value merge (the two contexts change at other places).
-                match v.last_mut() {
-                    Some(e) if e.flags == flags && !req_one => e.len += step,
-                    _ => v.push(Extent { len: step, flags }),
+        if self.base_allocation.is_some() || self.allocation_depth.is_some() {
+            let mut pos = offset;
+            while pos < end && alloc.len() < MAX_EXTENTS && depth.len() < MAX_EXTENTS {
+                let st = match self.image.block_status(pos, end - pos) {
+                    Ok(s) => s,
+                    Err(e) => return self.error_reply(w, h, errno::EIO, &e.to_string()),
+                };
+                let step = st.len.clamp(1, end - pos);
+                let mut f = 0;
+                if st.zero {
+                    f |= wire::allocation::ZERO;
+                }
+                // As QEMU's server: a hole wherever no host data answers.
+                if !st.data {
+                    f |= wire::allocation::HOLE;
+                }
+                let d = if st.present { st.depth + 1 } else { 0 };
+                push(&mut alloc, step, f);
+                push(&mut depth, step, d);
+                pos += step;
+                if req_one {
+                    break;
                 }
             }
-            pos += step;
-            if req_one {
-                break;
+        }
+        let mut dirty: Vec<Vec<Extent>> = Vec::with_capacity(self.bitmaps.len());
+        for (_, b) in &self.bitmaps {
+            let mut v = Vec::new();
+            let mut pos = offset;
+            while pos < end && v.len() < MAX_EXTENTS {
+                let (is_dirty, n) = b.run_at(pos, end - pos);
+                // Past the bitmap's size (it has the export's): clean.
+                let step = if n == 0 { end - pos } else { n };
+                push(&mut v, step, u32::from(is_dirty));
+                pos += step;
+                if req_one {
+                    break;
+                }
             }
+            dirty.push(v);
+        }
+        let mut wanted: Vec<(u32, &[Extent])> = Vec::new();
+        if let Some(id) = self.base_allocation {
+            wanted.push((id, &alloc));
+        }
+        if let Some(id) = self.allocation_depth {
+            wanted.push((id, &depth));
+        }
+        for ((id, _), v) in self.bitmaps.iter().zip(&dirty) {
+            wanted.push((*id, v));
         }
         let kind = if self.n.extended {
             reply::BLOCK_STATUS_EXT
         } else {
             reply::BLOCK_STATUS
         };
-        for (i, (id, is_depth)) in wanted.iter().enumerate() {
-            let extents = if *is_depth { &depth } else { &alloc };
+        for (i, (id, extents)) in wanted.iter().enumerate() {
             let payload = block_status_payload(self.n.extended, *id, extents);
             let flags = if i + 1 == wanted.len() {
                 reply::FLAG_DONE

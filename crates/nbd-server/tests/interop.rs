@@ -37,6 +37,7 @@ fn serve(dir: &Path, image: Arc<Image>) -> PathBuf {
         description: "test disk".into(),
         image,
         read_only: false,
+        bitmaps: Vec::new(),
     }]);
     cfg.discard = DiscardMode::Unmap;
     let cfg = Arc::new(cfg);

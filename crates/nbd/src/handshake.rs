@@ -36,9 +36,11 @@ pub trait Exports {
     fn names(&self) -> Vec<String>;
     /// The export called `name` (empty: the default export), if there is one.
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
-    /// Metadata contexts the server can report for block status (e.g. `base:allocation`),
-    /// in the order their IDs are given (ID = index + 1).
-    fn contexts(&self) -> Vec<String> {
+    /// Metadata contexts the server can report for block status on the export `export`
+    /// (as the client named it; empty: the default export), e.g. `base:allocation`, in the
+    /// order their IDs are given (ID = index + 1).
+    fn contexts(&self, export: &str) -> Vec<String> {
+        let _ = export;
         vec!["base:allocation".to_owned()]
     }
 }
@@ -482,7 +484,7 @@ fn meta_context<S: Write>(
     if req.queries.iter().any(|q| !q.contains(':')) {
         return error(s, opt_, rep::ERR_INVALID, "a query lacks its namespace");
     }
-    let available = exports.contexts();
+    let available = exports.contexts(&req.name);
     let mut chosen = Vec::new();
     for (i, name) in available.iter().enumerate() {
         let id = i as u32 + 1;

@@ -452,6 +452,47 @@ impl DirtyBitmap {
             .is_some_and(|w| w[(i / 64) as usize] & (1 << (i % 64)) != 0)
     }
 
+    /// Whether the byte at `offset` is dirty, and how many bytes from `offset` on (at most
+    /// `max`, clipped to the size) are in that same state: the first run of a block status
+    /// query (an NBD `qemu:dirty-bitmap:` context). `(false, 0)` past the end. Clean
+    /// chunks and words of all-equal bits are skipped whole.
+    pub fn run_at(&self, offset: u64, max: u64) -> (bool, u64) {
+        if offset >= self.size || max == 0 {
+            return (false, 0);
+        }
+        let end = offset.saturating_add(max).min(self.size);
+        let dirty = self.is_dirty(offset);
+        let last = (end - 1) >> self.gran_bits;
+        let mut bit = offset >> self.gran_bits;
+        loop {
+            bit += 1;
+            if bit > last {
+                return (dirty, end - offset);
+            }
+            let ci = (bit >> self.chunk_bits) as usize;
+            let i = bit - ((ci as u64) << self.chunk_bits);
+            match self.chunks.get(ci) {
+                None => return (dirty, end - offset),
+                Some(None) if dirty => break,
+                Some(None) => {
+                    // A clean chunk: on to the next one.
+                    bit = (((ci as u64) + 1) << self.chunk_bits) - 1;
+                }
+                Some(Some(words)) => {
+                    let w = words[(i / 64) as usize];
+                    if i % 64 == 0 && ((w == 0 && !dirty) || (w == u64::MAX && dirty)) {
+                        bit += 63;
+                        continue;
+                    }
+                    if ((w >> (i % 64)) & 1 != 0) != dirty {
+                        break;
+                    }
+                }
+            }
+        }
+        (dirty, ((bit << self.gran_bits).min(end)) - offset)
+    }
+
     /// The dirty byte ranges `(offset, len)`, merged, in order, clipped to the size.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
@@ -1632,6 +1673,37 @@ fn check_bitmap_size(size: u64, gran_bits: u32, cluster_bits: u32) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_at_walks_runs_as_dirty_ranges_says() {
+        // 512-byte clusters: chunks of 4096 bits; granules of 4 KiB.
+        let size = 3 * 4096 * 4096 + 12345;
+        let mut b = DirtyBitmap::new(size, 12, 9).unwrap();
+        for (o, l) in [
+            (0u64, 4096u64),
+            (5 * 4096, 70 * 4096),
+            (4096 * 4096 - 4096, 3 * 4096),
+            (2 * 4096 * 4096 + 64 * 4096, 64 * 4096),
+            (size - 100, 100),
+        ] {
+            b.set_range(o, l);
+        }
+        let mut runs = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let (d, n) = b.run_at(pos, size - pos);
+            assert!(n > 0);
+            if d {
+                runs.push((pos, n));
+            }
+            pos += n;
+        }
+        assert_eq!(runs, b.dirty_ranges());
+        // Bounded by max, unaligned starts.
+        assert_eq!(b.run_at(100, 50), (true, 50));
+        assert_eq!(b.run_at(4096 + 10, 4096), (false, 4096));
+        assert_eq!(b.run_at(size, 10), (false, 0));
+    }
 
     #[test]
     fn directory_roundtrip_with_extra_data_and_padding() {
