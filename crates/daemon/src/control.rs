@@ -12,8 +12,12 @@
 //! `{"ok":true,"jobs":[JobInfo...]}`, `{"cmd":"job","id":1,"action":"cancel"}` (or
 //! `pause`, `resume`, `complete`) → `{"ok":true,"job":JobInfo}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
-//! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`. Errors:
-//! `{"ok":false,"error":"..."}`.
+//! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`,
+//! `{"cmd":"backup","device":"xvda","export":"nbd+unix:///backup?socket=/run/b.sock",
+//! "bitmap":"b0","new_bitmap":null,"scratch":null}` → `{"ok":true,"job":JobInfo}` (a
+//! backup job: the export serves until finished) and
+//! `{"cmd":"backup-finish","device":"xvda","clear_bitmap":false}` → `{"ok":true,"job":JobInfo}`
+//! (the job as it ended). Errors: `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -118,6 +122,40 @@ pub enum ControlRequest {
         /// Rate limit in bytes per second (0 or absent: none).
         #[serde(default)]
         speed: u64,
+    },
+    /// Starts a backup of a running device (`xdisk backup`): a point-in-time view of its
+    /// disk as of now, exported read-only over NBD at `export` while the guest goes on
+    /// writing (copy-before-write), with the named bitmap's bits as of now as the
+    /// `qemu:dirty-bitmap:NAME` metadata context. A job (kind `backup`) until
+    /// [`ControlRequest::BackupFinish`].
+    Backup {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// Where to serve: `nbd+unix:///NAME?socket=/abs/path` or `nbd://HOST:PORT/NAME`
+        /// (export name default `backup`).
+        export: String,
+        /// A persistent dirty bitmap of the top qcow2 image, exported as of the instant.
+        #[serde(default)]
+        bitmap: Option<String>,
+        /// A bitmap added (enabled) at the instant, recording every write after it (the next
+        /// incremental backup's).
+        #[serde(default)]
+        new_bitmap: Option<String>,
+        /// The directory of the scratch file holding the old data the guest overwrites
+        /// (default: the socket's directory, or the daemon's temporary directory).
+        #[serde(default)]
+        scratch: Option<String>,
+    },
+    /// Ends the backup of a device (`xdisk backup --finish`): the export closes, the view
+    /// and its scratch go; with `clear_bitmap` the backup's bitmap is left holding exactly
+    /// the writes made since the backup's instant (otherwise it is left as it is: its old
+    /// bits and every write since).
+    BackupFinish {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// Leave the bitmap with the writes since the instant only.
+        #[serde(default)]
+        clear_bitmap: bool,
     },
     /// The daemon's jobs, running and finished (`xdisk jobs`).
     Jobs,
@@ -250,6 +288,50 @@ pub struct MirrorReply {
     pub paused_us: u64,
 }
 
+/// What a backup exports ([`crate::jobs::JobInfo::backup`]): while it runs, and as it
+/// ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The NBD URI it serves on.
+    pub export: String,
+    /// The bitmap exported as `qemu:dirty-bitmap:NAME`, if any.
+    #[serde(default)]
+    pub bitmap: Option<String>,
+    /// Bytes the exported bitmap marks dirty (what an incremental backup copies).
+    #[serde(default)]
+    pub dirty_bytes: Option<u64>,
+    /// The bitmap added at the instant, if any.
+    #[serde(default)]
+    pub new_bitmap: Option<String>,
+    /// The copy-before-write granule, in bytes.
+    pub granularity: u64,
+    /// Bytes of old data saved so far (granules the guest overwrote).
+    pub saved_bytes: u64,
+    /// How long the start paused the queues, in microseconds.
+    pub paused_us: u64,
+    /// Why the view broke (a failed copy; reads of the export then fail), if it did.
+    #[serde(default)]
+    pub broken: Option<String>,
+    /// Finished with `clear_bitmap`: the bitmap holds the writes since the instant only.
+    #[serde(default)]
+    pub cleared: bool,
+}
+
+/// The parameters of [`ControlRequest::Backup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupRequest {
+    /// The NBD URI to serve on.
+    pub export: String,
+    /// The bitmap to export.
+    pub bitmap: Option<String>,
+    /// A bitmap to add at the instant.
+    pub new_bitmap: Option<String>,
+    /// The scratch file's directory.
+    pub scratch: Option<String>,
+}
+
 /// One persistent dirty bitmap, in the answer to [`ControlRequest::Bitmap`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BitmapEntry {
@@ -287,6 +369,10 @@ pub trait LiveOps: Send + Sync {
     fn job(&self, id: u64, action: JobAction) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Bitmap`]; returns the bitmaps as they are afterwards.
     fn bitmap(&self, device: &str, req: &BitmapRequest) -> Result<Vec<BitmapEntry>>;
+    /// Serves [`ControlRequest::Backup`]: starts the backup job.
+    fn backup(&self, device: &str, req: &BackupRequest) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::BackupFinish`]: ends it; returns the job as it ended.
+    fn backup_finish(&self, device: &str, clear_bitmap: bool) -> Result<JobInfo>;
 }
 
 /// The parameters of [`ControlRequest::Mirror`].
@@ -637,6 +723,37 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
                 Err(e) => ControlReply::err(e),
             }
         }
+        ControlRequest::Backup {
+            device,
+            export,
+            bitmap,
+            new_bitmap,
+            scratch,
+        } => {
+            let req = BackupRequest {
+                export,
+                bitmap,
+                new_bitmap,
+                scratch,
+            };
+            match live.backup(&device, &req) {
+                Ok(j) => ControlReply {
+                    job: Some(j),
+                    ..ControlReply::ok()
+                },
+                Err(e) => ControlReply::err(e),
+            }
+        }
+        ControlRequest::BackupFinish {
+            device,
+            clear_bitmap,
+        } => match live.backup_finish(&device, clear_bitmap) {
+            Ok(j) => ControlReply {
+                job: Some(j),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
         ControlRequest::Jobs => ControlReply {
             jobs: Some(live.jobs()),
             ..ControlReply::ok()

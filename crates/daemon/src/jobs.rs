@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{CommitReply, MirrorReply, StreamReply};
+use crate::control::{BackupReply, CommitReply, MirrorReply, StreamReply};
 
 /// What a completed job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub enum Outcome {
     Stream(StreamReply),
     /// A mirror's result.
     Mirror(MirrorReply),
+    /// A backup's result (it ended with `xdisk backup --finish`).
+    Backup(BackupReply),
 }
 
 /// Finished jobs remembered by the registry.
@@ -41,6 +43,9 @@ pub enum JobKind {
     Stream,
     /// A live mirror of the disk to another image (`xdisk mirror`).
     Mirror,
+    /// A point-in-time view of the disk exported over NBD (`xdisk backup`), until
+    /// `xdisk backup --finish`.
+    Backup,
 }
 
 impl JobKind {
@@ -50,6 +55,7 @@ impl JobKind {
             JobKind::Commit => "commit",
             JobKind::Stream => "stream",
             JobKind::Mirror => "mirror",
+            JobKind::Backup => "backup",
         }
     }
 }
@@ -129,6 +135,10 @@ pub struct JobInfo {
     /// A completed mirror's result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorReply>,
+    /// A backup: what it exports and how far its copy-before-write got (while it runs),
+    /// its result (once finished).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupReply>,
 }
 
 /// Why a job stopped at a [`Job::checkpoint`].
@@ -147,6 +157,8 @@ struct State {
     total: u64,
     error: Option<String>,
     outcome: Option<Outcome>,
+    /// A running backup's report.
+    backup: Option<BackupReply>,
     finished: Option<Instant>,
     /// The rate limit's window: bytes copied since `window_start`.
     window_bytes: u64,
@@ -212,6 +224,24 @@ impl Job {
                 Some(Outcome::Mirror(r)) => Some(r.clone()),
                 _ => None,
             },
+            backup: match &s.outcome {
+                Some(Outcome::Backup(r)) => Some(r.clone()),
+                _ => s.backup.clone(),
+            },
+        }
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> JobKind {
+        self.kind
+    }
+
+    /// Sets the bytes done (a backup: old data saved so far) and a running backup's report.
+    pub fn set_progress(&self, done: u64, backup: Option<BackupReply>) {
+        let mut s = lock(&self.st);
+        s.done = done;
+        if backup.is_some() {
+            s.backup = backup;
         }
     }
 
@@ -336,6 +366,14 @@ impl Job {
         }
         match action {
             JobAction::Cancel => s.cancel = true,
+            JobAction::Pause | JobAction::Resume if self.kind == JobKind::Backup => {
+                return Err(crate::Error::Invalid(format!(
+                    "job {} is a backup: it copies nothing by itself, there is nothing to {} \
+                     (xdisk backup DEV --finish ends it)",
+                    self.id,
+                    action.as_str()
+                )));
+            }
             JobAction::Pause => {
                 if matches!(s.state, JobState::Running | JobState::Ready) {
                     s.state = JobState::Paused;
@@ -350,10 +388,11 @@ impl Job {
                     };
                 }
             }
+            JobAction::Complete if self.kind == JobKind::Backup => s.complete = true,
             JobAction::Complete => {
                 if self.kind != JobKind::Mirror {
                     return Err(crate::Error::Invalid(format!(
-                        "job {} is a {}: only a mirror waits to be completed",
+                        "job {} is a {}: only a mirror (or a backup) is completed",
                         self.id,
                         self.kind.as_str()
                     )));
@@ -434,6 +473,7 @@ impl Jobs {
                 total,
                 error: None,
                 outcome: None,
+                backup: None,
                 finished: None,
                 window_bytes: 0,
                 window_start: now,

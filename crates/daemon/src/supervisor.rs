@@ -42,6 +42,9 @@ use crate::params::{self, DeviceType, DiskSpec, ParamsDefaults};
 use crate::platform::Platform;
 use crate::status::{ChainLayer, DaemonStatus, DeviceStatus, Phase};
 
+mod backup;
+pub use backup::BACKUP_BITMAP_PREFIX;
+
 /// A hook that adjusts each device's configuration before it starts.
 pub type DeviceHook = Arc<dyn Fn(&mut DeviceConfig, &DiskSpec) + Send + Sync>;
 
@@ -144,6 +147,8 @@ struct Entry {
     live: Mutex<()>,
     /// The job running on the device (one at a time), if any.
     job: Mutex<Option<u64>>,
+    /// The backup running on the device (its job is `job`), for `xdisk backup --finish`.
+    backup: Mutex<Option<Arc<backup::BackupCtl>>>,
 }
 
 impl Entry {
@@ -633,6 +638,7 @@ impl Inner {
             spec: Mutex::new(None),
             live: Mutex::new(()),
             job: Mutex::new(None),
+            backup: Mutex::new(None),
         });
         lock(&self.entries).insert(key.clone(), entry.clone());
         tracing::info!(device = %key.name(), "serving");
@@ -1102,8 +1108,9 @@ impl Supervisor {
         for n in [&req.name, &req.source].into_iter().flatten() {
             if req.action != A::List && is_job_bitmap(n) {
                 return Err(Error::Invalid(format!(
-                    "bitmap {n:?}: names beginning with {JOB_BITMAP_PREFIX} or \
-                     {MIRROR_BITMAP_PREFIX} are reserved for the jobs' temporary bitmaps"
+                    "bitmap {n:?}: names beginning with {JOB_BITMAP_PREFIX}, \
+                     {MIRROR_BITMAP_PREFIX} or {BACKUP_BITMAP_PREFIX} are reserved for the \
+                     jobs' temporary bitmaps"
                 )));
             }
         }
@@ -1862,7 +1869,9 @@ pub const MIRROR_BITMAP_PREFIX: &str = "xdisk-mirror-";
 
 /// Whether a bitmap name is a job's temporary bitmap.
 fn is_job_bitmap(name: &str) -> bool {
-    name.starts_with(JOB_BITMAP_PREFIX) || name.starts_with(MIRROR_BITMAP_PREFIX)
+    name.starts_with(JOB_BITMAP_PREFIX)
+        || name.starts_with(MIRROR_BITMAP_PREFIX)
+        || name.starts_with(BACKUP_BITMAP_PREFIX)
 }
 
 /// A commit job's thread (see [`Supervisor::commit`]).
@@ -2743,6 +2752,18 @@ impl crate::control::LiveOps for Supervisor {
     ) -> Result<Vec<crate::control::BitmapEntry>> {
         Supervisor::bitmap(self, device, req)
     }
+
+    fn backup(
+        &self,
+        device: &str,
+        req: &crate::control::BackupRequest,
+    ) -> Result<crate::jobs::JobInfo> {
+        Supervisor::backup(self, device, req)
+    }
+
+    fn backup_finish(&self, device: &str, clear_bitmap: bool) -> Result<crate::jobs::JobInfo> {
+        Supervisor::backup_finish(self, device, clear_bitmap)
+    }
 }
 
 /// Removes the temporary bitmaps of commit jobs ([`JOB_BITMAP_PREFIX`]) that a daemon
@@ -2755,10 +2776,10 @@ fn drop_job_bitmaps(image: &Image) {
         if is_job_bitmap(&b.name) {
             match q.remove_bitmap(&b.name) {
                 Ok(()) => {
-                    tracing::info!(bitmap = %b.name, "removed the temporary bitmap of an interrupted commit")
+                    tracing::info!(bitmap = %b.name, "removed the temporary bitmap of an interrupted job")
                 }
                 Err(e) => {
-                    tracing::warn!(bitmap = %b.name, "cannot remove the temporary bitmap of an interrupted commit: {e}")
+                    tracing::warn!(bitmap = %b.name, "cannot remove the temporary bitmap of an interrupted job: {e}")
                 }
             }
         }
