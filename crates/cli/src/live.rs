@@ -1,4 +1,4 @@
-//! `xdisk snapshot`, `xdisk commit`, `xdisk stream`, `xdisk mirror`, `xdisk jobs`, `xdisk job` and `xdisk bitmap`: live
+//! `xdisk snapshot`, `xdisk commit`, `xdisk stream`, `xdisk mirror`, `xdisk jobs`, `xdisk job`, `xdisk bitmap` and `xdisk backup`: live
 //! operations on a running device of `xdisk serve`, over its control socket (issue #14).
 
 use std::path::{Path, PathBuf};
@@ -227,6 +227,43 @@ pub struct BitmapArgs {
     #[arg(long, value_name = "SOURCE")]
     source: Option<String>,
     /// JSON output (the bitmaps afterwards).
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long = "control", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BackupArgs {
+    /// The running device (as for `xdisk stat`).
+    device: String,
+    /// Where to export the point-in-time view: `nbd+unix:///NAME?socket=PATH` or
+    /// `nbd://HOST:PORT/NAME` (export name default `backup`; a relative socket path is
+    /// taken from here).
+    #[arg(long, value_name = "URI", required_unless_present = "finish")]
+    export: Option<String>,
+    /// A persistent dirty bitmap of the top qcow2 image, exported as of now as the
+    /// `qemu:dirty-bitmap:NAME` context (what changed since it was added or last cleared).
+    /// Without it the backup is a full one (raw tops too).
+    #[arg(long, value_name = "NAME")]
+    bitmap: Option<String>,
+    /// Add this bitmap at the backup's instant (it records every write after it: the next
+    /// incremental backup's bitmap).
+    #[arg(long, value_name = "NEW")]
+    new_bitmap: Option<String>,
+    /// Where the scratch file (the old data the guest overwrites while the backup runs,
+    /// unlinked at once) goes (default: the socket's directory, else the daemon's $TMPDIR).
+    #[arg(long, value_name = "DIR")]
+    scratch: Option<PathBuf>,
+    /// End the device's backup: the export closes.
+    #[arg(long, conflicts_with_all = ["export", "bitmap", "new_bitmap", "scratch"])]
+    finish: bool,
+    /// With --finish: leave the bitmap holding only the writes made since the backup's
+    /// instant (the backup was taken; otherwise it keeps its old bits too).
+    #[arg(long, requires = "finish")]
+    clear_bitmap: bool,
+    /// JSON output (the job as it started, or as it ended).
     #[arg(long)]
     json: bool,
     /// The daemon's control socket.
@@ -521,6 +558,118 @@ pub fn job(a: JobArgs) -> Result<i32> {
             progress(&j)
         );
     }
+    Ok(0)
+}
+
+/// `nbd+unix:///X?socket=rel/path` with the socket path made absolute (the daemon's
+/// working directory is not ours); other URIs unchanged.
+fn absolute_export(uri: &str) -> Result<String> {
+    let Some((before, query)) = uri.split_once('?') else {
+        return Ok(uri.to_owned());
+    };
+    if !before.starts_with("nbd+unix://") {
+        return Ok(uri.to_owned());
+    }
+    let mut params = Vec::new();
+    for p in query.split('&') {
+        match p.strip_prefix("socket=") {
+            Some(s) if !s.starts_with('/') && !s.is_empty() => {
+                let abs = absolute(Path::new(s))?;
+                let abs = abs
+                    .to_str()
+                    .ok_or_else(|| anyhow!("{}: the path is not UTF-8", abs.display()))?;
+                params.push(format!("socket={abs}"));
+            }
+            _ => params.push(p.to_owned()),
+        }
+    }
+    Ok(format!("{before}?{}", params.join("&")))
+}
+
+pub fn backup(a: BackupArgs) -> Result<i32> {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    if a.finish {
+        let reply = control::request(
+            &a.control,
+            &ControlRequest::BackupFinish {
+                device: a.device.clone(),
+                clear_bitmap: a.clear_bitmap,
+            },
+        )?;
+        let j = reply
+            .job
+            .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else if let Some(b) = &j.backup {
+            let bitmap = match (&b.bitmap, b.cleared) {
+                (Some(n), true) => format!("; bitmap {n} now holds the writes since the backup"),
+                (Some(n), false) => format!("; bitmap {n} kept (its old bits and the writes since)"),
+                (None, _) => String::new(),
+            };
+            println!(
+                "{}: backup job {} {}; the export is closed; {:.1} MiB of old data were saved{bitmap}",
+                b.device,
+                j.id,
+                j.state.as_str(),
+                mib(b.saved_bytes)
+            );
+        }
+        return match j.state {
+            JobState::Completed => Ok(0),
+            _ => {
+                eprintln!(
+                    "job {} {}: {}",
+                    j.id,
+                    j.state.as_str(),
+                    j.error.as_deref().unwrap_or("no reason given")
+                );
+                Ok(1)
+            }
+        };
+    }
+    let export = a
+        .export
+        .as_deref()
+        .ok_or_else(|| anyhow!("--export URI is missing"))?;
+    let export = absolute_export(export)?;
+    let reply = control::request(
+        &a.control,
+        &ControlRequest::Backup {
+            device: a.device.clone(),
+            export,
+            bitmap: a.bitmap.clone(),
+            new_bitmap: a.new_bitmap.clone(),
+            scratch: opt_path(&a.scratch)?,
+        },
+    )?;
+    let j = reply
+        .job
+        .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(0);
+    }
+    let b = j
+        .backup
+        .as_ref()
+        .ok_or_else(|| anyhow!("the daemon's reply has no backup"))?;
+    let bitmap = match (&b.bitmap, b.dirty_bytes) {
+        (Some(n), Some(d)) => format!(
+            " with qemu:dirty-bitmap:{n} ({:.1} MiB dirty)",
+            mib(d)
+        ),
+        _ => String::new(),
+    };
+    println!(
+        "{}: backup job {} exports the disk as of now on {}{bitmap} (queues paused {:.1} ms); \
+         xdisk backup {} --finish ends it",
+        b.device,
+        j.id,
+        b.export,
+        b.paused_us as f64 / 1000.0,
+        a.device
+    );
     Ok(0)
 }
 

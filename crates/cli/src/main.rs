@@ -133,6 +133,25 @@ enum Command {
         after_long_help = "Examples:\n  xdisk bitmap add xvda backup-0 --granularity 64k\n  xdisk bitmap list xvda --json\n  xdisk bitmap merge xvda backup-all --source backup-0\n  xdisk bitmap disable xvda backup-0\n  xdisk bitmap remove xvda backup-0"
     )]
     Bitmap(live::BitmapArgs),
+    /// Live backup of a running device over NBD: exports a point-in-time view of its disk
+    /// (as of the command) read-only at --export while the guest keeps writing (the old data
+    /// of what it overwrites is saved first: copy-before-write), with --bitmap's bits as of
+    /// that instant as the `qemu:dirty-bitmap:NAME` metadata context, so that a backup tool
+    /// copies only what changed (`nbdinfo --map=qemu:dirty-bitmap:NAME`, `nbdcopy`,
+    /// `qemu-img convert`). `--finish` ends it: the export closes; the bitmap is left as it
+    /// is (its old bits and every write since), or with --clear-bitmap holding only the
+    /// writes since the backup's instant. Runs as a job (`xdisk jobs`).
+    #[command(
+        after_long_help = "Examples:
+  xdisk bitmap add xvda b0                                  # start tracking
+  xdisk backup xvda --bitmap b0 --export 'nbd+unix:///backup?socket=/run/b.sock'
+  qemu-img convert -f raw -O qcow2 'nbd+unix:///backup?socket=/run/b.sock' full.qcow2
+  xdisk backup xvda --finish --clear-bitmap                # b0: the writes since the backup
+  xdisk backup xvda --bitmap b0 --export 'nbd+unix:///backup?socket=/run/b.sock'
+  nbdinfo --map=qemu:dirty-bitmap:b0 'nbd+unix:///backup?socket=/run/b.sock'   # what changed
+  xdisk backup xvda --finish --clear-bitmap"
+    )]
+    Backup(live::BackupArgs),
     /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
     /// (device_model_override); serves that domain's disks and answers libxl's QMP.
     QemuShim(daemon::QemuShimArgs),
@@ -232,6 +251,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Jobs(a) => live::jobs(a),
         Command::Job(a) => live::job(a),
         Command::Bitmap(a) => live::bitmap(a),
+        Command::Backup(a) => live::backup(a),
         Command::Stat(a) => daemon::stat(a),
         Command::QemuShim(a) => daemon::qemu_shim(a),
     }

@@ -595,3 +595,134 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
         "{v}"
     );
 }
+
+/// `xdisk backup` against `xdisk serve --platform=sim` as a user runs it: a relative socket
+/// path in the URI (made absolute for the daemon), `--json`, the export read by nbdinfo
+/// with its `qemu:dirty-bitmap:` context, `xdisk jobs` listing it, `--finish
+/// --clear-bitmap`, and the refusals (a second backup, a finish without a backup, options
+/// that do not go together).
+#[test]
+fn backup_command_on_the_simulation() {
+    let dir = tempfile::Builder::new()
+        .prefix("xdisk-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let sock = dir.path().join("control.sock");
+    let sock_s = sock.to_str().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let img_s = img.to_str().unwrap();
+    let (ok, _, err) = run(&["img", "create", "-f", "qcow2", img_s, "16M"]);
+    assert!(ok, "{err}");
+    let serve = Reaped(
+        xdisk()
+            .args(["serve", "--platform=sim", "--control", sock_s])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&sock, "control socket");
+    let in_dir = |args: &[&str]| {
+        let out = xdisk().args(args).current_dir(dir.path()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run(&["attach", img_s, "--format", "qcow2", "--control", sock_s]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["bitmap", "add", "xvda", "b0", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["backup", "xvda", "--socket", sock_s]);
+    assert!(!ok && err.contains("--export"), "{err}");
+    let (ok, _, err) = run(&[
+        "backup", "xvda", "--finish", "--bitmap", "b0", "--socket", sock_s,
+    ]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let (ok, _, err) = run(&["backup", "xvda", "--finish", "--socket", sock_s]);
+    assert!(!ok && err.contains("no backup runs"), "{err}");
+    let (ok, _, err) = run(&[
+        "backup", "xvda", "--bitmap", "nosuch", "--export", "nbd+unix:///b?socket=b.sock",
+        "--socket", sock_s,
+    ]);
+    assert!(!ok && err.contains("no bitmap"), "{err}");
+
+    let (ok, out, err) = in_dir(&[
+        "backup", "xvda", "--bitmap", "b0", "--new-bitmap", "b1", "--export",
+        "nbd+unix:///full?socket=b.sock", "--json", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "backup", "{out}");
+    assert_eq!(v["state"], "running", "{out}");
+    let b = dir.path().join("b.sock");
+    assert_eq!(
+        v["backup"]["export"],
+        format!("nbd+unix:///full?socket={}", b.display()),
+        "{out}"
+    );
+    assert_eq!(v["backup"]["bitmap"], "b0", "{out}");
+    let uri = format!("nbd+unix:///full?socket={}", b.display());
+    let out = Command::new("nbdinfo")
+        .args(["--list", "--content"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("qemu:dirty-bitmap:b0"), "{text}");
+    assert!(text.contains("is_read_only: true"), "{text}");
+    let out = Command::new("nbdinfo")
+        .args(["--map=qemu:dirty-bitmap:b0"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (ok, out, err) = run(&["jobs", "--socket", sock_s]);
+    assert!(ok && out.contains("backup"), "{out}{err}");
+    let (ok, _, err) = run(&[
+        "backup", "xvda", "--export", "nbd+unix:///x?socket=/tmp/x.sock", "--socket", sock_s,
+    ]);
+    assert!(!ok && err.contains("runs on it"), "{err}");
+    let (ok, out, err) = run(&[
+        "backup", "xvda", "--finish", "--clear-bitmap", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("now holds the writes since the backup"),
+        "{out}"
+    );
+    assert!(!b.exists());
+    let (ok, out, err) = run(&["bitmap", "list", "xvda", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("b0") && out.contains("b1") && !out.contains("xdisk-backup-"),
+        "{out}"
+    );
+    // A second (plain-text) backup, finished by `xdisk job complete`.
+    let (ok, out, err) = in_dir(&[
+        "backup", "xvda", "--export", "nbd+unix:///?socket=b.sock", "--socket", sock_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("exports the disk as of now"), "{out}");
+    let (ok, out, err) = run(&["jobs", "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v.as_array().unwrap().last().unwrap()["id"].to_string();
+    let (ok, _, err) = run(&["job", "complete", &id, "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let t0 = Instant::now();
+    while b.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the export stays");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
+    assert!(ok, "{err}");
+    drop(serve);
+    let out = Command::new("qemu-img")
+        .args(["check", img_s])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
