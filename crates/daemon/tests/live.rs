@@ -2288,3 +2288,290 @@ fn backup_full_then_incremental_under_writes_restores_each_instant() {
     }
     assert!(contents(&disk.path) == bytes_of(&fin));
 }
+
+const BACKUP_KILL_CHILD: &str = "XDISK_LIVE_BACKUP_KILL_CHILD";
+
+/// The child of [`sigkill_mid_backup_leaves_the_image_clean_and_the_bitmap_removed`] (does
+/// nothing unless run by it): a daemon with a qcow2 disk and a bitmap, writes, a backup
+/// started with the bitmap, more writes (copied before they land), a flush; prints the
+/// writes and waits for its kill with the backup running.
+#[test]
+fn backup_kill_child() {
+    let Ok(dir) = std::env::var(BACKUP_KILL_CHILD) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = daemon();
+    let disk = dir.join("disk.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        disk.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    d.bitmap("xvda", BitmapAction::Add, "b0", None).unwrap();
+    let before = round_trip(&mut front, 5);
+    d.backup("xvda", &dir.join("b.sock"), Some("b0"), None)
+        .expect("backup");
+    let after = [(1000u64, pattern(6, 65536)), (5000, pattern(7, 4096))];
+    for (s, data) in &after {
+        front.write(*s, data).unwrap();
+    }
+    front.flush().unwrap();
+    let enc = |w: &[(u64, Vec<u8>)]| -> Vec<(u64, String)> {
+        w.iter()
+            .map(|(s, d)| (*s, d.iter().map(|b| format!("{b:02x}")).collect()))
+            .collect()
+    };
+    let state = serde_json::json!({ "before": enc(&before), "after": enc(&after) });
+    println!("BACKUP-KILL {state}");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A daemon killed (SIGKILL) with a backup running: the image is `qemu-img check` clean
+/// and holds every flushed write; the backup's temporary bitmap is left (`in_use`) and
+/// removed by the next daemon that opens the image, which then takes a new backup on the
+/// same socket path (the stale socket is replaced) and finishes it.
+#[test]
+fn sigkill_mid_backup_leaves_the_image_clean_and_the_bitmap_removed() {
+    use std::io::BufRead;
+    let dir = tmpdir();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "backup_kill_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(BACKUP_KILL_CHILD, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(i) = l.find("BACKUP-KILL ") {
+                let _ = tx.send(l[i + "BACKUP-KILL ".len()..].to_owned());
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&line.expect("the child got ready")).unwrap();
+    let dec = |v: &serde_json::Value| -> Vec<(u64, Vec<u8>)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let hex = w[1].as_str().unwrap();
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                (w[0].as_u64().unwrap(), bytes)
+            })
+            .collect()
+    };
+    let (before, after) = (dec(&state["before"]), dec(&state["after"]));
+    let disk = dir.path().join("disk.qcow2");
+    let sock = dir.path().join("b.sock");
+    check_clean(&disk);
+    check_image(&disk, &before);
+    check_image(&disk, &after);
+    let names = bitmap_names(&disk);
+    assert!(
+        names.iter().any(|n| n.starts_with("xdisk-backup-")),
+        "{names:?}"
+    );
+    // No scratch file is left (it was unlinked when created).
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("scratch"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The restart removes the temporary bitmap.
+    let d = daemon();
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let list = control::request(
+        &d.sock,
+        &ControlRequest::Bitmap {
+            device: "xvda".into(),
+            action: BitmapAction::List,
+            name: None,
+            granularity: None,
+            disabled: false,
+            source: None,
+        },
+    )
+    .unwrap()
+    .bitmaps
+    .unwrap();
+    let names: Vec<&str> = list.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["b0"], "{list:?}");
+    // b0 was in use when the daemon died: inconsistent, refused for an incremental backup.
+    assert!(list[0].inconsistent);
+    let e = d
+        .backup("xvda", &sock, Some("b0"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inconsistent"), "{e}");
+    // A full backup on the stale socket's path.
+    d.backup("xvda", &sock, None, None).expect("full backup");
+    let got = read_export(&sock, &dir.path().join("full.raw"));
+    for (s, data) in before.iter().chain(&after) {
+        let o = (*s * 512) as usize;
+        assert!(got[o..o + data.len()] == data[..], "sector {s}");
+    }
+    let more = round_trip(&mut front, 9);
+    d.backup_finish("xvda", false).unwrap();
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&disk);
+    check_image(&disk, &more);
+    assert_eq!(bitmap_names(&disk), ["b0"]);
+}
+
+/// A backup ends with its device: removing the device cancels it (the export closes), and
+/// a daemon stop ends a running backup with its temporary bitmap removed.
+#[test]
+fn device_removal_and_daemon_stop_end_a_backup() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let disk2 = qcow2_disk(DISK);
+    let sock = disk.dir.path().join("b.sock");
+    let sock2 = disk2.dir.path().join("b.sock");
+    let dom = d.host.guest(1);
+    let dom2 = d.host.guest(2);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    d.host
+        .add_qdisk(2, 51728, &format!("qcow2:{}", disk2.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let mut front2 = connect_with(&dom2, 51728, front_cfg());
+    d.bitmap("xvda", BitmapAction::Add, "b0", None).unwrap();
+    d.bitmap("xvdb", BitmapAction::Add, "b0", None).unwrap();
+    round_trip(&mut front, 11);
+    round_trip(&mut front2, 12);
+    let j = d.backup("xvda", &sock, Some("b0"), None).unwrap();
+    d.backup("xvdb", &sock2, Some("b0"), None).unwrap();
+    let w1 = round_trip(&mut front, 13);
+    d.host.remove_disk("qdisk", 1, 51712);
+    wait_until("the backup ends", T, || {
+        d.sup
+            .jobs()
+            .iter()
+            .any(|x| x.id == j.id && x.state == JobState::Cancelled)
+    });
+    wait_until("the export closes", T, || !sock.exists());
+    drop(front);
+    // The second one runs until the daemon stops.
+    let w3 = round_trip(&mut front2, 14);
+    front2.disconnect().unwrap();
+    d.stop();
+    assert!(!sock2.exists());
+    check_clean(&disk.path);
+    check_clean(&disk2.path);
+    check_image(&disk.path, &w1);
+    check_image(&disk2.path, &w3);
+    assert_eq!(bitmap_names(&disk2.path), ["b0"]);
+    for b in bitmap_names(&disk.path) {
+        assert!(b == "b0" || b.starts_with("xdisk-backup-"), "{b}");
+    }
+}
+
+/// Backups that cannot be: clear errors, nothing changed; a raw top takes a full backup
+/// (no bitmap), whose export is read-only for a hostile client.
+#[test]
+fn backup_refusals_and_a_raw_full_backup() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let raw = raw_disk(DISK);
+    let dir = disk.dir.path().display().to_string();
+    let dom = d.host.guest(1);
+    let dom2 = d.host.guest(2);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    d.host
+        .add_qdisk(2, 51728, &format!("aio:{}", raw.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let mut front2 = connect_with(&dom2, 51728, front_cfg());
+    let long = "a".repeat(5000);
+    let requests = [
+        r#"{"cmd":"backup","device":"xvda"}"#.to_string(),
+        r#"{"cmd":"backup","device":"xvda","export":""}"#.into(),
+        r#"{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket=rel.sock"}"#.into(),
+        r#"{"cmd":"backup","device":"xvda","export":"http://x/y"}"#.into(),
+        r#"{"cmd":"backup","device":"xvda","export":"nbds+unix:///b?socket=/tmp/x.sock"}"#
+            .into(),
+        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":"nosuch"}}"#),
+        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":""}}"#),
+        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","new_bitmap":"xdisk-backup-1-1"}}"#),
+        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","scratch":"rel"}}"#),
+        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","scratch":"/nonexistent/dir"}}"#),
+        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/{long}.sock"}}"#),
+        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={}"}}"#, disk.path.display()),
+        format!(r#"{{"cmd":"backup","device":"xvdb","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":"b0"}}"#),
+        format!(r#"{{"cmd":"backup","device":"nosuch","export":"nbd+unix:///b?socket={dir}/b.sock"}}"#),
+        r#"{"cmd":"backup","device":"xvda","export":"nbd://256.1.1.1:1/b"}"#.into(),
+        r#"{"cmd":"backup-finish","device":"xvda"}"#.into(),
+        r#"{"cmd":"backup-finish","device":"xvda","clear_bitmap":"yes"}"#.into(),
+        r#"{"cmd":"backup-finish"}"#.into(),
+    ];
+    for req in &requests {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], false, "{req} -> {line}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{line}");
+    }
+    assert!(d.sup.jobs().is_empty(), "{:?}", d.sup.jobs());
+    // The disk file named as the socket is untouched.
+    check_clean(&disk.path);
+    // The raw top: a full backup.
+    let data = pattern(21, 1 << 20);
+    front2.write(2048, &data).unwrap();
+    let sock = raw.dir.path().join("b.sock");
+    d.backup("xvdb", &sock, None, None).expect("raw full backup");
+    front2.write(2048, &pattern(22, 1 << 20)).unwrap();
+    let got = read_export(&sock, &raw.dir.path().join("full.raw"));
+    assert!(got[1 << 20..2 << 20] == data[..]);
+    // Read-only for clients: a writer is refused, the view unchanged.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x55 0 4096"])
+        .arg(export_uri(&sock))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // qemu-io cannot even open it for writing (the export says read-only); the server
+    // refusing writes on read-only exports is in the NBD hostile-client suite.
+    assert!(!out.status.success(), "{text}");
+    assert!(read_export(&sock, &raw.dir.path().join("again.raw")) == got);
+    let r = d.backup_finish("xvdb", true).unwrap();
+    assert_eq!(r.state, JobState::Completed);
+    round_trip(&mut front, 3);
+    front.disconnect().unwrap();
+    front2.disconnect().unwrap();
+    d.stop();
+    check_clean(&disk.path);
+}
