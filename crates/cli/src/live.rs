@@ -604,7 +604,9 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         } else if let Some(b) = &j.backup {
             let bitmap = match (&b.bitmap, b.cleared) {
                 (Some(n), true) => format!("; bitmap {n} now holds the writes since the backup"),
-                (Some(n), false) => format!("; bitmap {n} kept (its old bits and the writes since)"),
+                (Some(n), false) => {
+                    format!("; bitmap {n} kept (its old bits and the writes since)")
+                }
                 (None, _) => String::new(),
             };
             println!(
@@ -655,10 +657,7 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         .as_ref()
         .ok_or_else(|| anyhow!("the daemon's reply has no backup"))?;
     let bitmap = match (&b.bitmap, b.dirty_bytes) {
-        (Some(n), Some(d)) => format!(
-            " with qemu:dirty-bitmap:{n} ({:.1} MiB dirty)",
-            mib(d)
-        ),
+        (Some(n), Some(d)) => format!(" with qemu:dirty-bitmap:{n} ({:.1} MiB dirty)", mib(d)),
         _ => String::new(),
     };
     println!(

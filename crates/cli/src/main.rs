@@ -141,16 +141,14 @@ enum Command {
     /// `qemu-img convert`). `--finish` ends it: the export closes; the bitmap is left as it
     /// is (its old bits and every write since), or with --clear-bitmap holding only the
     /// writes since the backup's instant. Runs as a job (`xdisk jobs`).
-    #[command(
-        after_long_help = "Examples:
+    #[command(after_long_help = "Examples:
   xdisk bitmap add xvda b0                                  # start tracking
   xdisk backup xvda --bitmap b0 --export 'nbd+unix:///backup?socket=/run/b.sock'
   qemu-img convert -f raw -O qcow2 'nbd+unix:///backup?socket=/run/b.sock' full.qcow2
   xdisk backup xvda --finish --clear-bitmap                # b0: the writes since the backup
   xdisk backup xvda --bitmap b0 --export 'nbd+unix:///backup?socket=/run/b.sock'
   nbdinfo --map=qemu:dirty-bitmap:b0 'nbd+unix:///backup?socket=/run/b.sock'   # what changed
-  xdisk backup xvda --finish --clear-bitmap"
-    )]
+  xdisk backup xvda --finish --clear-bitmap")]
     Backup(live::BackupArgs),
     /// A stand-in for QEMU as libxl starts it for a PV guest's qdisk disks
     /// (device_model_override); serves that domain's disks and answers libxl's QMP.

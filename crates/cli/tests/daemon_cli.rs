@@ -643,14 +643,29 @@ fn backup_command_on_the_simulation() {
     let (ok, _, err) = run(&["backup", "xvda", "--finish", "--socket", sock_s]);
     assert!(!ok && err.contains("no backup runs"), "{err}");
     let (ok, _, err) = run(&[
-        "backup", "xvda", "--bitmap", "nosuch", "--export", "nbd+unix:///b?socket=b.sock",
-        "--socket", sock_s,
+        "backup",
+        "xvda",
+        "--bitmap",
+        "nosuch",
+        "--export",
+        "nbd+unix:///b?socket=b.sock",
+        "--socket",
+        sock_s,
     ]);
     assert!(!ok && err.contains("no bitmap"), "{err}");
 
     let (ok, out, err) = in_dir(&[
-        "backup", "xvda", "--bitmap", "b0", "--new-bitmap", "b1", "--export",
-        "nbd+unix:///full?socket=b.sock", "--json", "--socket", sock_s,
+        "backup",
+        "xvda",
+        "--bitmap",
+        "b0",
+        "--new-bitmap",
+        "b1",
+        "--export",
+        "nbd+unix:///full?socket=b.sock",
+        "--json",
+        "--socket",
+        sock_s,
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -682,11 +697,21 @@ fn backup_command_on_the_simulation() {
     let (ok, out, err) = run(&["jobs", "--socket", sock_s]);
     assert!(ok && out.contains("backup"), "{out}{err}");
     let (ok, _, err) = run(&[
-        "backup", "xvda", "--export", "nbd+unix:///x?socket=/tmp/x.sock", "--socket", sock_s,
+        "backup",
+        "xvda",
+        "--export",
+        "nbd+unix:///x?socket=/tmp/x.sock",
+        "--socket",
+        sock_s,
     ]);
     assert!(!ok && err.contains("runs on it"), "{err}");
     let (ok, out, err) = run(&[
-        "backup", "xvda", "--finish", "--clear-bitmap", "--socket", sock_s,
+        "backup",
+        "xvda",
+        "--finish",
+        "--clear-bitmap",
+        "--socket",
+        sock_s,
     ]);
     assert!(ok, "{err}");
     assert!(
@@ -702,7 +727,12 @@ fn backup_command_on_the_simulation() {
     );
     // A second (plain-text) backup, finished by `xdisk job complete`.
     let (ok, out, err) = in_dir(&[
-        "backup", "xvda", "--export", "nbd+unix:///?socket=b.sock", "--socket", sock_s,
+        "backup",
+        "xvda",
+        "--export",
+        "nbd+unix:///?socket=b.sock",
+        "--socket",
+        sock_s,
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("exports the disk as of now"), "{out}");

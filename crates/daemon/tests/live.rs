@@ -2183,12 +2183,7 @@ fn backup_full_then_incremental_under_writes_restores_each_instant() {
     let dirty1 = export_dirty(&export_uri(&sock), "b0");
     assert!(!dirty1.is_empty());
     std::thread::sleep(Duration::from_millis(200));
-    let info = d
-        .sup
-        .jobs()
-        .into_iter()
-        .find(|j| j.id == j1.id)
-        .unwrap();
+    let info = d.sup.jobs().into_iter().find(|j| j.id == j1.id).unwrap();
     eprintln!("full backup: {:?}", info.backup);
     let e1 = d.backup_finish("xvda", true).expect("finish");
     assert_eq!(e1.state, JobState::Completed, "{e1:?}");
@@ -2222,7 +2217,10 @@ fn backup_full_then_incremental_under_writes_restores_each_instant() {
         read1.1 - read1.0,
         b1.paused_us
     );
-    assert!(during > 10, "only {during} writes while the export was read");
+    assert!(
+        during > 10,
+        "only {during} writes while the export was read"
+    );
     // Each export is the disk as of its instant.
     check_old_top(&full, &recs, sent1, answered1);
     check_old_top(&inc, &recs, sent2, answered2);
@@ -2519,17 +2517,35 @@ fn backup_refusals_and_a_raw_full_backup() {
         r#"{"cmd":"backup","device":"xvda","export":""}"#.into(),
         r#"{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket=rel.sock"}"#.into(),
         r#"{"cmd":"backup","device":"xvda","export":"http://x/y"}"#.into(),
-        r#"{"cmd":"backup","device":"xvda","export":"nbds+unix:///b?socket=/tmp/x.sock"}"#
-            .into(),
-        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":"nosuch"}}"#),
-        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":""}}"#),
-        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","new_bitmap":"xdisk-backup-1-1"}}"#),
-        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","scratch":"rel"}}"#),
-        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","scratch":"/nonexistent/dir"}}"#),
-        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/{long}.sock"}}"#),
-        format!(r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={}"}}"#, disk.path.display()),
-        format!(r#"{{"cmd":"backup","device":"xvdb","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":"b0"}}"#),
-        format!(r#"{{"cmd":"backup","device":"nosuch","export":"nbd+unix:///b?socket={dir}/b.sock"}}"#),
+        r#"{"cmd":"backup","device":"xvda","export":"nbds+unix:///b?socket=/tmp/x.sock"}"#.into(),
+        format!(
+            r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":"nosuch"}}"#
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":""}}"#
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","new_bitmap":"xdisk-backup-1-1"}}"#
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","scratch":"rel"}}"#
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/b.sock","scratch":"/nonexistent/dir"}}"#
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={dir}/{long}.sock"}}"#
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"xvda","export":"nbd+unix:///b?socket={}"}}"#,
+            disk.path.display()
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"xvdb","export":"nbd+unix:///b?socket={dir}/b.sock","bitmap":"b0"}}"#
+        ),
+        format!(
+            r#"{{"cmd":"backup","device":"nosuch","export":"nbd+unix:///b?socket={dir}/b.sock"}}"#
+        ),
         r#"{"cmd":"backup","device":"xvda","export":"nbd://256.1.1.1:1/b"}"#.into(),
         r#"{"cmd":"backup-finish","device":"xvda"}"#.into(),
         r#"{"cmd":"backup-finish","device":"xvda","clear_bitmap":"yes"}"#.into(),
@@ -2552,7 +2568,8 @@ fn backup_refusals_and_a_raw_full_backup() {
     let data = pattern(21, 1 << 20);
     front2.write(2048, &data).unwrap();
     let sock = raw.dir.path().join("b.sock");
-    d.backup("xvdb", &sock, None, None).expect("raw full backup");
+    d.backup("xvdb", &sock, None, None)
+        .expect("raw full backup");
     front2.write(2048, &pattern(22, 1 << 20)).unwrap();
     let got = read_export(&sock, &raw.dir.path().join("full.raw"));
     assert!(got[1 << 20..2 << 20] == data[..]);
@@ -2562,7 +2579,8 @@ fn backup_refusals_and_a_raw_full_backup() {
         .arg(export_uri(&sock))
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     // qemu-io cannot even open it for writing (the export says read-only); the server
     // refusing writes on read-only exports is in the NBD hostile-client suite.
     assert!(!out.status.success(), "{text}");

@@ -615,7 +615,9 @@ mod tests {
             writers.push(std::thread::spawn(move || {
                 let mut x = t * 7919 + 1;
                 while !stop.load(Ordering::Relaxed) {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let off = (x >> 20) % (size as u64 - 8192);
                     img.write_at(&[0u8; 8192], off).unwrap();
                 }

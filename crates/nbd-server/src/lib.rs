@@ -32,8 +32,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::qcow2::bitmap::DirtyBitmap;
+use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::Image;
 use xdisk_io::sys::{drain_eventfd, poll_rw};
 use xdisk_io::AlignedBuf;
@@ -652,9 +652,7 @@ fn transmit<S: Stream>(
             bitmaps: export
                 .bitmaps
                 .iter()
-                .filter_map(|(name, b)| {
-                    Some((context(&format!("{CTX_BITMAP}{name}"))?, b.clone()))
-                })
+                .filter_map(|(name, b)| Some((context(&format!("{CTX_BITMAP}{name}"))?, b.clone())))
                 .collect(),
             discard: cfg.discard,
             detect_zeroes: cfg.detect_zeroes,

@@ -56,8 +56,7 @@ pub(super) struct BackupCtl {
 /// Where the export listens, from its URI.
 fn listener_of(uri: &str) -> Result<(Listener, String, Option<PathBuf>)> {
     use xdisk_nbd_client::{NbdUri, Transport};
-    let u = NbdUri::parse(uri)
-        .map_err(|e| Error::Invalid(format!("--export {uri:?}: {e}")))?;
+    let u = NbdUri::parse(uri).map_err(|e| Error::Invalid(format!("--export {uri:?}: {e}")))?;
     if u.tls.is_some() {
         return Err(Error::Unsupported(format!(
             "--export {uri:?}: TLS exports (nbds://) are not supported by xdisk backup yet"
@@ -104,12 +103,21 @@ fn scratch_in(dir: &Path, size: u64) -> Result<xdisk_image::StorageRef> {
         .create_new(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|e| Error::io(format!("cannot create the scratch file {}", path.display()), e))?;
+        .map_err(|e| {
+            Error::io(
+                format!("cannot create the scratch file {}", path.display()),
+                e,
+            )
+        })?;
     let f = xdisk_image::ImageFile::open(&path, false, CacheMode::WriteBack);
     let _ = std::fs::remove_file(&path);
     let f = f.map_err(|e| Error::Invalid(format!("scratch file {}: {e}", path.display())))?;
-    f.set_len(size)
-        .map_err(|e| Error::io(format!("cannot size the scratch file {}", path.display()), e))?;
+    f.set_len(size).map_err(|e| {
+        Error::io(
+            format!("cannot size the scratch file {}", path.display()),
+            e,
+        )
+    })?;
     Ok(Arc::new(f))
 }
 
@@ -352,9 +360,9 @@ impl Supervisor {
     /// returns the job as it ended.
     pub fn backup_finish(&self, query: &str, clear_bitmap: bool) -> Result<JobInfo> {
         let entry = self.find(query)?;
-        let ctl = lock(&entry.backup).clone().ok_or_else(|| {
-            Error::Invalid(format!("{}: no backup runs on it", entry.key.name()))
-        })?;
+        let ctl = lock(&entry.backup)
+            .clone()
+            .ok_or_else(|| Error::Invalid(format!("{}: no backup runs on it", entry.key.name())))?;
         ctl.clear.store(clear_bitmap, Ordering::SeqCst);
         ctl.job.request_complete();
         let deadline = std::time::Instant::now() + crate::control::LIVE_TIMEOUT;
@@ -450,7 +458,11 @@ impl BackupRun {
             let _ = t.join();
         }
         let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-        let (errs, temp, bitmap) = (errors.clone(), self.temp.clone(), self.report.bitmap.clone());
+        let (errs, temp, bitmap) = (
+            errors.clone(),
+            self.temp.clone(),
+            self.report.bitmap.clone(),
+        );
         let op: xdisk_backend::QuiesceFn = Box::new(move |img: &Arc<Image>| {
             img.set_write_observer(None);
             if let (Some(q), Some(temp)) = (img.as_qcow2(), &temp) {

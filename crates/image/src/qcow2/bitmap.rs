@@ -480,7 +480,7 @@ impl DirtyBitmap {
                 }
                 Some(Some(words)) => {
                     let w = words[(i / 64) as usize];
-                    if i % 64 == 0 && ((w == 0 && !dirty) || (w == u64::MAX && dirty)) {
+                    if i.is_multiple_of(64) && ((w == 0 && !dirty) || (w == u64::MAX && dirty)) {
                         bit += 63;
                         continue;
                     }
