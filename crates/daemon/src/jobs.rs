@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::{CommitReply, MirrorReply, StreamReply};
 
+pub(crate) mod run;
+
 /// What a completed job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
