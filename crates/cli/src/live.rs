@@ -37,7 +37,7 @@ pub struct CommitArgs {
     /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
     device: String,
     /// The layer to commit (its path, as `xdisk stat` shows the chain): the top (default;
-    /// the device then switches to the base) or the layer right under it (the top then
+    /// the device then switches to the base) or a layer under it (the layer above it then
     /// names the base as its backing file).
     #[arg(long, value_name = "IMG")]
     top: Option<PathBuf>,

@@ -89,9 +89,9 @@ enum Command {
     /// Commits the active layer of a running device: its top qcow2 image is merged into its
     /// backing file while the guest keeps writing (writes made meanwhile are tracked and
     /// copied again), then the device switches to the backing file (the `params` node
-    /// with it). The former top is left as it is, no longer used. With --top naming the
-    /// layer right under the top, that layer is merged into its backing file (or --base)
-    /// and the top's backing link changes instead. Runs as a background job:
+    /// with it). The former top is left as it is, no longer used. With --top naming a
+    /// layer under the top, that layer is merged into its backing file (or --base) and the
+    /// backing link of the layer above it changes instead. Runs as a background job:
     /// prints its ID at once (see `xdisk jobs`, `xdisk job`), or with --wait its progress
     /// until it ends.
     #[command(

@@ -72,8 +72,8 @@ pub enum ControlRequest {
         /// Rate limit of the copy in bytes per second (0 or absent: none).
         #[serde(default)]
         speed: u64,
-        /// The layer to commit (its path): the top (default: an active commit) or the
-        /// layer right under it (an intermediate commit).
+        /// The layer to commit (its path): the top (default: an active commit) or a
+        /// layer under it (an intermediate commit).
         #[serde(default)]
         top: Option<String>,
         /// The layer committed into (its path; default: the committed layer's backing

@@ -1180,7 +1180,7 @@ impl Supervisor {
     /// the pivot leaves the device on its top and removes the bitmap; while it runs, the
     /// device takes no other live snapshot or commit.
     ///
-    /// With `top_layer` naming the layer right under the active top (an intermediate
+    /// With `top_layer` naming a layer under the active top (an intermediate
     /// commit), see [`Supervisor::commit_intermediate`].
     pub fn commit(
         &self,
@@ -1196,16 +1196,21 @@ impl Supervisor {
         let top = handle.image();
         if let Some(t) = top_layer {
             if !layer_matches(&top, t) {
-                let mid = top.backing().cloned().filter(|m| layer_matches(m, t));
-                return match mid {
-                    Some(mid) => self.commit_intermediate(
-                        one, &entry, handle, spec, cache, top, mid, base_layer, speed,
-                    ),
-                    None => Err(Error::Unsupported(format!(
-                        "{name}: --top {t:?} is neither the top nor the layer right under it \
-                         (committing deeper layers is not supported yet)"
-                    ))),
-                };
+                // The layers above the committed one, top first.
+                let mut upper = vec![top.clone()];
+                let mut cur = top.backing().cloned();
+                while let Some(l) = cur {
+                    if layer_matches(&l, t) {
+                        return self.commit_intermediate(
+                            one, &entry, handle, spec, cache, upper, l, base_layer, speed,
+                        );
+                    }
+                    cur = l.backing().cloned();
+                    upper.push(l);
+                }
+                return Err(Error::Invalid(format!(
+                    "{name}: --top {t:?} is not a layer of the chain (xdisk stat shows it)"
+                )));
             }
         }
         let base = top.backing().cloned().ok_or_else(|| {
@@ -1614,15 +1619,18 @@ impl Supervisor {
         Ok(job)
     }
 
-    /// Commits `mid`, the layer right under the active top `top`, and the layers under it
-    /// above `base_layer` (default: `mid`'s backing file), into the base, as a background
-    /// job: the data those layers hold is copied into a writable instance of the base (the
+    /// Commits `mid`, a layer under the active top, and the layers under it above
+    /// `base_layer` (default: `mid`'s backing file), into the base, as a background job:
+    /// the data those layers hold is copied into a writable instance of the base (the
     /// guest never writes to them, so no tracking is needed; the chain reads the same, as
-    /// the base only changes where `mid` or a layer under it has data), the base is flushed,
-    /// then with the queues paused the top's header names the base as its backing file and
-    /// the device serves the top reopened over a fresh instance of the base. The layers
-    /// dropped from the chain are left in place. A cancel, failure or crash before the link
-    /// changes leaves the chain as it was; `params` never changes.
+    /// the base only changes where `mid` or a layer under it has data), the base is
+    /// flushed, then with the queues paused the layer right above `mid` (the last of
+    /// `upper`, the layers from the top down; the top itself or a read-only layer under it)
+    /// names the base as its backing file in its header, and the device serves the chain
+    /// opened again (the top and the layers down to that one) over a fresh instance of the
+    /// base. The layers dropped from the chain are left in place. A cancel, failure or
+    /// crash before the link changes leaves the chain as it was, and after it the chain
+    /// reads the same through the base; `params` never changes.
     #[allow(clippy::too_many_arguments)]
     fn commit_intermediate(
         &self,
@@ -1631,13 +1639,25 @@ impl Supervisor {
         handle: xdisk_backend::DeviceHandle,
         spec: DiskSpec,
         cache: CacheMode,
-        top: Arc<Image>,
+        upper: Vec<Arc<Image>>,
         mid: Arc<Image>,
         base_layer: Option<&str>,
         speed: u64,
     ) -> Result<crate::jobs::JobInfo> {
         let name = entry.key.name();
-        let top_path = qcow2_top_path(&name, &top)?;
+        let top = upper[0].clone();
+        let mut upper_paths = vec![qcow2_top_path(&name, &top)?];
+        for l in &upper[1..] {
+            // A layer with a backing file is qcow2; its header is rewritten in place.
+            let p = l.storage().local_path().filter(|_| l.as_qcow2().is_some());
+            let p = p.ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: the layer {} above --top is not a qcow2 host file",
+                    l.storage().name()
+                ))
+            })?;
+            upper_paths.push(p.to_path_buf());
+        }
         let mut layers = Vec::new();
         let mut base = None;
         let mut cur = Some(mid.clone());
@@ -1697,7 +1717,7 @@ impl Supervisor {
             src: mid,
             ranges,
             relink: run::Relink {
-                upper: vec![top_path],
+                upper: upper_paths,
                 link: Some((base_s, base_rw.format().as_str().to_owned())),
                 top_opts: Self::top_opts(&spec, cache),
             },

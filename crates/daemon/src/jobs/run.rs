@@ -571,13 +571,12 @@ impl Relink {
     /// cluster, synced) and opens the chain again over `base`; the switch's rollback
     /// restores the old link. The image must read the same with either link.
     fn switch(&self, img: &Arc<Image>, base: Option<Arc<Image>>) -> BResult<Switch> {
+        // The top is opened again from its file: its metadata written back first.
+        img.close()?;
         let holder = match self.upper.len() {
             0 => return Err(live("no layer to relink")),
-            // The top itself: its metadata written back first.
-            1 => {
-                img.close()?;
-                img.clone()
-            }
+            // The top itself.
+            1 => img.clone(),
             // A read-only layer of the chain: through a writable instance of its own.
             _ => Image::open(
                 self.upper
