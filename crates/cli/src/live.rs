@@ -104,8 +104,8 @@ pub enum TargetFormat {
 
 #[derive(Args)]
 pub struct MirrorArgs {
-    /// The running device (as for `xdisk stat`); its top image must be qcow2 (the guest's
-    /// writes are tracked in a bitmap of it).
+    /// The running device (as for `xdisk stat`); the guest's writes are tracked in a
+    /// temporary bitmap of a qcow2 top, in memory for a raw one.
     device: String,
     /// The target image (created if missing, with the device's size; an existing one is
     /// overwritten where the disk has data, everywhere with --sync full).

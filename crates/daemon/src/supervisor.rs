@@ -1399,8 +1399,9 @@ impl Supervisor {
     /// Mirrors a running device's disk to `req.target` (see
     /// [`crate::control::ControlRequest::Mirror`]) as a background job. The target is
     /// created if missing (raw or qcow2 of the device's size; with `sync` `top` a qcow2
-    /// whose backing file is the top's) and opened; a temporary persistent bitmap of the
-    /// top (added with the queues paused) tracks the guest's writes; the first pass copies
+    /// whose backing file is the top's) and opened; a temporary persistent bitmap of a
+    /// qcow2 top (added with the queues paused), or the image's record in memory for a raw
+    /// one, tracks the guest's writes; the first pass copies
     /// what the chain holds (`full`) or the top holds (`top`), later passes what the
     /// bitmap collected (taken and cleared with the queues paused). Once a pass finds at
     /// most 4 MiB dirty, the job is `ready` and keeps copying the writes; on completion
@@ -1418,12 +1419,6 @@ impl Supervisor {
         let (handle, spec, cache) = Self::for_job(&entry)?;
         let name = entry.key.name();
         let top = handle.image();
-        if top.as_qcow2().is_none() {
-            return Err(Error::Unsupported(format!(
-                "{name}: the top image is {}: a mirror tracks writes in a qcow2 bitmap",
-                top.format()
-            )));
-        }
         let sync_top = match req.sync.as_deref() {
             None | Some("full") => false,
             Some("top") => true,
@@ -1781,19 +1776,22 @@ impl Supervisor {
     }
 
     /// Starts tracking the guest's writes to `top` for a job, with the queues paused (the
-    /// caller holds the device's live lock): a temporary persistent bitmap named
-    /// `prefix<pid>-<n>`.
+    /// caller holds the device's live lock): in a temporary persistent bitmap named
+    /// `prefix<pid>-<n>` of a qcow2 top, in memory for another.
     fn track(
         handle: &xdisk_backend::DeviceHandle,
         top: &Image,
         prefix: &str,
     ) -> xdisk_backend::Result<run::Tracker> {
         static JOB: AtomicU64 = AtomicU64::new(0);
-        let tracker = run::Tracker::Bitmap(format!(
-            "{prefix}{}-{}",
-            std::process::id(),
-            JOB.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tracker = match top.as_qcow2() {
+            Some(_) => run::Tracker::Bitmap(format!(
+                "{prefix}{}-{}",
+                std::process::id(),
+                JOB.fetch_add(1, Ordering::Relaxed)
+            )),
+            None => run::Tracker::Memory,
+        };
         let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
         let t2 = tracker.clone();
         handle.quiesce(Box::new(move |img: &Arc<Image>| {

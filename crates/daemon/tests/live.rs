@@ -2075,6 +2075,69 @@ fn mirror_under_writes_cancel_sync_top_pivot_and_complete() {
     );
 }
 
+/// `xdisk mirror` of a device served from a raw image, under writes through the ring: the
+/// guest's writes are recorded in memory (no persistent bitmap to keep them in); a mirror
+/// at 4 MiB/s to a new qcow2 with --pivot copies the writes made during its first pass
+/// again, switches the device over, and the target holds what the frontend wrote
+/// (qemu-img check clean, qemu-img compare with the model); the raw source holds the
+/// disk as of the switch at the latest. A cancelled mirror leaves the device on the raw
+/// image.
+#[test]
+fn mirror_of_a_raw_top_under_writes_pivots() {
+    let d = daemon();
+    let disk = raw_disk(DISK);
+    let t0 = disk.dir.path().join("t0.qcow2");
+    let t1 = disk.dir.path().join("t1.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("aio:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 8_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    // A guest that writes less than the copy goes (a mirror only converges then).
+    pace.store(50_000, Ordering::SeqCst);
+    let j = d
+        .mirror_job("xvda", &t0, "qcow2", "full", false, 512 << 10)
+        .expect("mirror");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    assert_eq!(d.wait(j.id).state, JobState::Cancelled);
+    assert_eq!(d.image_of("xvda"), disk.path.display().to_string());
+
+    let speed = 4u64 << 20;
+    let j = d
+        .mirror_job("xvda", &t1, "qcow2", "full", true, speed)
+        .expect("mirror of the raw top");
+    let end = d.wait(j.id);
+    eprintln!("mirror of a raw top: {end:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let r = end.mirror.clone().unwrap();
+    assert!(r.passes >= 3, "{r:?}");
+    // The first pass took about 2 s, the guest wrote meanwhile: found and copied again.
+    assert!(end.total_bytes > DISK, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![t1.display().to_string()]);
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", t1.display()).as_str())
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&t1);
+    compare_with_model(&t1, &want);
+}
+
 const MIRROR_KILL_CHILD: &str = "XDISK_LIVE_MIRROR_KILL_CHILD";
 
 /// The child of [`sigkill_mid_mirror_leaves_every_image_clean`] (does nothing unless run

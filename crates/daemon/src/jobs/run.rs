@@ -227,6 +227,9 @@ pub(crate) enum Tracker {
     /// A temporary persistent bitmap of the top (qcow2), by name (see
     /// [`crate::supervisor::JOB_BITMAP_PREFIX`]).
     Bitmap(String),
+    /// The image's own record in memory ([`Image::start_write_tracking`]): for tops
+    /// without persistent bitmaps (raw). Lost with the daemon, as is the job.
+    Memory,
 }
 
 impl Tracker {
@@ -238,6 +241,7 @@ impl Tracker {
                 let q = img.as_qcow2().ok_or_else(top_changed)?;
                 q.add_bitmap(b, Some(gran), true)?;
             }
+            Tracker::Memory => img.start_write_tracking(gran)?,
         }
         Ok(())
     }
@@ -252,6 +256,7 @@ impl Tracker {
                 q.clear_bitmap(b)?;
                 Ok(r)
             }
+            Tracker::Memory => Ok(img.take_written()),
         }
     }
 
@@ -263,6 +268,7 @@ impl Tracker {
                     q.remove_bitmap(b)?;
                 }
             }
+            Tracker::Memory => img.stop_write_tracking(),
         }
         Ok(())
     }
