@@ -10,7 +10,8 @@
 //! `{"cmd":"mirror","device":"xvda","target":"/abs/t.qcow2","format":"qcow2","sync":"full",
 //! "pivot":false,"speed":0}` → `{"ok":true,"job":JobInfo}`, `{"cmd":"jobs"}` →
 //! `{"ok":true,"jobs":[JobInfo...]}`, `{"cmd":"job","id":1,"action":"cancel"}` (or
-//! `pause`, `resume`, `complete`) → `{"ok":true,"job":JobInfo}` and
+//! `pause`, `resume`, `complete`) → `{"ok":true,"job":JobInfo}`,
+//! `{"cmd":"job-set-speed","id":1,"speed":10485760}` → `{"ok":true,"job":JobInfo}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
 //! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`. Errors:
 //! `{"ok":false,"error":"..."}`.
@@ -127,6 +128,14 @@ pub enum ControlRequest {
         id: u64,
         /// What to do.
         action: crate::jobs::JobAction,
+    },
+    /// Changes a running job's rate limit (`xdisk job set-speed ID BYTES`, QEMU's
+    /// `block-job-set-speed`).
+    JobSetSpeed {
+        /// The job's ID.
+        id: u64,
+        /// The new limit in bytes per second (0: none).
+        speed: u64,
     },
     /// A change of the persistent dirty bitmaps of a running device's top qcow2 image
     /// (`xdisk bitmap`), or their list.
@@ -287,6 +296,13 @@ pub trait LiveOps: Send + Sync {
     fn job(&self, id: u64, action: JobAction) -> Result<JobInfo>;
     /// Serves [`ControlRequest::Bitmap`]; returns the bitmaps as they are afterwards.
     fn bitmap(&self, device: &str, req: &BitmapRequest) -> Result<Vec<BitmapEntry>>;
+    /// Serves [`ControlRequest::JobSetSpeed`]; returns the job afterwards.
+    fn job_set_speed(&self, id: u64, speed: u64) -> Result<JobInfo> {
+        let _ = (id, speed);
+        Err(Error::Invalid(
+            "this server does not change job speeds".into(),
+        ))
+    }
 }
 
 /// The parameters of [`ControlRequest::Mirror`].
@@ -642,6 +658,13 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             ..ControlReply::ok()
         },
         ControlRequest::Job { id, action } => match live.job(id, action) {
+            Ok(j) => ControlReply {
+                job: Some(j),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::JobSetSpeed { id, speed } => match live.job_set_speed(id, speed) {
             Ok(j) => ControlReply {
                 job: Some(j),
                 ..ControlReply::ok()

@@ -1982,6 +1982,10 @@ impl crate::control::LiveOps for Supervisor {
         Supervisor::job_control(self, id, action)
     }
 
+    fn job_set_speed(&self, id: u64, speed: u64) -> Result<crate::jobs::JobInfo> {
+        self.inner.jobs.set_speed(id, speed)
+    }
+
     fn snapshot(
         &self,
         device: &str,

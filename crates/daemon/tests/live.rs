@@ -2138,6 +2138,70 @@ fn mirror_of_a_raw_top_under_writes_pivots() {
     compare_with_model(&t1, &want);
 }
 
+/// `xdisk job set-speed` (QEMU's block-job-set-speed) on a running commit under writes: a
+/// commit limited to 64 KiB/s, which would take a minute, finishes within seconds once
+/// its limit is lifted; the job reports each limit; a finished job's speed cannot change.
+#[test]
+fn job_set_speed_changes_a_running_commit() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let top = disk.dir.path().join("top.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    d.snapshot("xvda", &top, false).expect("snapshot");
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(500 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(20_000));
+    let w = paced_writer(front, stop.clone(), 9_000_000, pace);
+    let set_speed = |id: u64, speed: u64| {
+        control::request(&d.sock, &ControlRequest::JobSetSpeed { id, speed })
+            .map(|r| r.job.unwrap())
+    };
+    let j = d.commit_job("xvda", 64 << 10).expect("commit");
+    std::thread::sleep(Duration::from_millis(300));
+    let now = set_speed(j.id, 32 << 10).expect("set-speed 32k");
+    assert_eq!(now.speed, 32 << 10);
+    assert_eq!(now.state, JobState::Running, "{now:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let slow = d.job(j.id, JobAction::Pause).unwrap();
+    assert!(slow.done_bytes < 1 << 20, "{slow:?}");
+    d.job(j.id, JobAction::Resume).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(set_speed(j.id, 0).expect("set-speed 0").speed, 0);
+    let end = d.wait(j.id);
+    eprintln!("commit after set-speed 0: {end:?} in {:?}", t0.elapsed());
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    let e = set_speed(j.id, 1).unwrap_err().to_string();
+    assert!(e.contains("is completed"), "{e}");
+    let e = set_speed(999, 1).unwrap_err().to_string();
+    assert!(e.contains("no job 999"), "{e}");
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(500 + i, 65536));
+    }
+    for r in &recs {
+        let o = (r.block as usize) * BLOCK;
+        want[o..o + BLOCK].copy_from_slice(&data_of(r.version));
+    }
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&disk.path);
+    compare_with_model(&disk.path, &want);
+}
+
 const MIRROR_KILL_CHILD: &str = "XDISK_LIVE_MIRROR_KILL_CHILD";
 
 /// The child of [`sigkill_mid_mirror_leaves_every_image_clean`] (does nothing unless run
