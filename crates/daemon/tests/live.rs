@@ -2202,6 +2202,106 @@ fn job_set_speed_changes_a_running_commit() {
     compare_with_model(&disk.path, &want);
 }
 
+/// Zeroes the guest wrote over backing data (64 KiB of zero bytes: a data cluster; a
+/// discard: a zero cluster) read as zeroes after each job that copies them onto an image
+/// that keeps a backing file under it: a stream with --base, an intermediate commit into a
+/// layer with a backing file, a mirror --sync top (each copies them with write_zeroes
+/// without unmap, which a layer over a backing file keeps as zero clusters).
+#[test]
+fn guest_zeroes_over_backing_data_survive_stream_commit_and_mirror() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let p = |n: &str| disk.dir.path().join(n);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let mut want = vec![0u8; DISK as usize];
+    let block = |i: u64| i * 128; // 64 KiB blocks, in sectors
+    let mut put =
+        |front: &mut xdisk_blkfront::Frontend, i: u64, seed: Option<u64>, discard: bool| {
+            let o = (i * 65536) as usize;
+            match seed {
+                Some(sd) => {
+                    let data = pattern(sd, 65536);
+                    front.write(block(i), &data).unwrap();
+                    want[o..o + 65536].copy_from_slice(&data);
+                }
+                None if discard => {
+                    front.discard(block(i), 128).unwrap();
+                    want[o..o + 65536].fill(0);
+                }
+                None => {
+                    front.write(block(i), &[0u8; 65536]).unwrap();
+                    want[o..o + 65536].fill(0);
+                }
+            }
+        };
+    for i in 0..24 {
+        put(&mut front, i, Some(700 + i), false);
+    }
+    front.flush().unwrap();
+    /// 64 KiB of zero bytes at block `from`, a discard of block `from + 1`, a flush.
+    type Put<'a> = dyn FnMut(&mut xdisk_blkfront::Frontend, u64, Option<u64>, bool) + 'a;
+    let zeroes = |front: &mut xdisk_blkfront::Frontend, put: &mut Put, from: u64| {
+        put(front, from, None, false);
+        put(front, from + 1, None, true);
+        front.flush().unwrap();
+    };
+    // Stream --base: mid's zeroes come up into the top, which then names the base.
+    d.snapshot("xvda", &p("mid.qcow2"), false).unwrap();
+    zeroes(&mut front, &mut put, 0);
+    d.snapshot("xvda", &p("top.qcow2"), false).unwrap();
+    put(&mut front, 20, Some(800), false);
+    front.flush().unwrap();
+    let j = d.stream_job("xvda", Some(&disk.path), 0).unwrap();
+    assert_eq!(d.wait(j.id).state, JobState::Completed);
+    // Intermediate commit of t2 into the top, which keeps the base under it.
+    d.snapshot("xvda", &p("t2.qcow2"), false).unwrap();
+    zeroes(&mut front, &mut put, 4);
+    d.snapshot("xvda", &p("t3.qcow2"), false).unwrap();
+    let r = control::request(
+        &d.sock,
+        &ControlRequest::Commit {
+            device: "xvda".into(),
+            speed: 0,
+            top: Some(p("t2.qcow2").to_str().unwrap().into()),
+            base: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(d.wait(r.job.unwrap().id).state, JobState::Completed);
+    assert_eq!(
+        backing_of(&p("t3.qcow2")).as_deref(),
+        p("top.qcow2").to_str()
+    );
+    // Mirror --sync top: t3's zeroes go into a target over the same backing file.
+    zeroes(&mut front, &mut put, 8);
+    let j = d
+        .mirror_job("xvda", &p("m.qcow2"), "qcow2", "top", true, 0)
+        .unwrap();
+    assert_eq!(d.wait(j.id).state, JobState::Completed);
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![
+            p("m.qcow2").display().to_string(),
+            p("top.qcow2").display().to_string(),
+            disk.path.display().to_string()
+        ]
+    );
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    for n in ["mid.qcow2", "top.qcow2", "t2.qcow2", "t3.qcow2", "m.qcow2"] {
+        check_clean(&p(n));
+    }
+    check_clean(&disk.path);
+    compare_with_model(&p("m.qcow2"), &want);
+}
+
 const MIRROR_KILL_CHILD: &str = "XDISK_LIVE_MIRROR_KILL_CHILD";
 
 /// The child of [`sigkill_mid_mirror_leaves_every_image_clean`] (does nothing unless run
