@@ -37,7 +37,7 @@ pub struct CommitArgs {
     /// The running device (as for `xdisk stat`); its top image must be a qcow2 overlay.
     device: String,
     /// The layer to commit (its path, as `xdisk stat` shows the chain): the top (default;
-    /// the device then switches to the base) or the layer right under it (the top then
+    /// the device then switches to the base) or a layer under it (the layer above it then
     /// names the base as its backing file).
     #[arg(long, value_name = "IMG")]
     top: Option<PathBuf>,
@@ -104,8 +104,8 @@ pub enum TargetFormat {
 
 #[derive(Args)]
 pub struct MirrorArgs {
-    /// The running device (as for `xdisk stat`); its top image must be qcow2 (the guest's
-    /// writes are tracked in a bitmap of it).
+    /// The running device (as for `xdisk stat`); the guest's writes are tracked in a
+    /// temporary bitmap of a qcow2 top, in memory for a raw one.
     device: String,
     /// The target image (created if missing, with the device's size; an existing one is
     /// overwritten where the disk has data, everywhere with --sync full).
@@ -156,6 +156,8 @@ pub enum JobVerb {
     Resume,
     /// Switch the device of a ready mirror over to its target.
     Complete,
+    /// Change the copy's rate limit to BYTES per second (0: none), from its next chunk on.
+    SetSpeed,
 }
 
 #[derive(Args)]
@@ -165,6 +167,9 @@ pub struct JobArgs {
     action: JobVerb,
     /// The job's ID (`xdisk jobs`).
     id: u64,
+    /// set-speed: the new rate limit, bytes per second (suffixes k, M, G: 10M; 0: none).
+    #[arg(value_name = "BYTES")]
+    speed: Option<String>,
     /// JSON output (the job afterwards).
     #[arg(long)]
     json: bool,
@@ -540,23 +545,29 @@ pub fn jobs(a: JobsArgs) -> Result<i32> {
 
 pub fn job(a: JobArgs) -> Result<i32> {
     let action = match a.action {
-        JobVerb::Cancel => JobAction::Cancel,
-        JobVerb::Pause => JobAction::Pause,
-        JobVerb::Resume => JobAction::Resume,
-        JobVerb::Complete => JobAction::Complete,
+        JobVerb::Cancel => Some(JobAction::Cancel),
+        JobVerb::Pause => Some(JobAction::Pause),
+        JobVerb::Resume => Some(JobAction::Resume),
+        JobVerb::Complete => Some(JobAction::Complete),
+        JobVerb::SetSpeed => None,
     };
-    let j = control::request(&a.control, &ControlRequest::Job { id: a.id, action })?
+    let req = match (action, &a.speed) {
+        (Some(action), None) => ControlRequest::Job { id: a.id, action },
+        (Some(action), Some(s)) => bail!("job {}: unexpected argument {s:?}", action.as_str()),
+        (None, None) => bail!("job set-speed: BYTES is missing (0: no limit)"),
+        (None, Some(s)) => ControlRequest::JobSetSpeed {
+            id: a.id,
+            speed: parse_size(s).map_err(|e| anyhow!("job set-speed {s}: {e}"))?,
+        },
+    };
+    let j = control::request(&a.control, &req)?
         .job
         .ok_or_else(|| anyhow!("the daemon's reply has no job"))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
-        println!(
-            "job {}: {} requested; {}",
-            j.id,
-            action.as_str(),
-            progress(&j)
-        );
+        let what = action.map_or("set-speed", JobAction::as_str);
+        println!("job {}: {what} requested; {}", j.id, progress(&j));
     }
     Ok(0)
 }

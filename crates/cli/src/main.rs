@@ -89,9 +89,9 @@ enum Command {
     /// Commits the active layer of a running device: its top qcow2 image is merged into its
     /// backing file while the guest keeps writing (writes made meanwhile are tracked and
     /// copied again), then the device switches to the backing file (the `params` node
-    /// with it). The former top is left as it is, no longer used. With --top naming the
-    /// layer right under the top, that layer is merged into its backing file (or --base)
-    /// and the top's backing link changes instead. Runs as a background job:
+    /// with it). The former top is left as it is, no longer used. With --top naming a
+    /// layer under the top, that layer is merged into its backing file (or --base) and the
+    /// backing link of the layer above it changes instead. Runs as a background job:
     /// prints its ID at once (see `xdisk jobs`, `xdisk job`), or with --wait its progress
     /// until it ends.
     #[command(
@@ -119,11 +119,12 @@ enum Command {
     /// ID, type, device, state, bytes done/total, speed limit.
     #[command(after_long_help = "Examples:\n  xdisk jobs\n  xdisk jobs --json")]
     Jobs(live::JobsArgs),
-    /// Cancels, pauses, resumes or completes a background job. A cancelled commit or mirror
-    /// leaves the device on its image and removes its temporary bitmap; `complete` switches
-    /// the device of a ready mirror over to its target.
+    /// Cancels, pauses, resumes or completes a background job, or changes its speed. A
+    /// cancelled commit or mirror leaves the device on its image and removes its temporary
+    /// bitmap; `complete` switches the device of a ready mirror over to its target;
+    /// `set-speed ID BYTES` changes the rate limit (0: none) from the next chunk on.
     #[command(
-        after_long_help = "Examples:\n  xdisk job pause 3\n  xdisk job resume 3\n  xdisk job cancel 3 --json\n  xdisk job complete 4   # a ready mirror: switch over"
+        after_long_help = "Examples:\n  xdisk job pause 3\n  xdisk job resume 3\n  xdisk job cancel 3 --json\n  xdisk job complete 4   # a ready mirror: switch over\n  xdisk job set-speed 3 100M"
     )]
     Job(live::JobArgs),
     /// Persistent dirty bitmaps of a running device's top qcow2 image (live; offline: `xdisk

@@ -447,7 +447,7 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     let (ok, _, err) = in_dir(&["snapshot", "xvda", "snap4.qcow2", "--socket", sock_s]);
     assert!(ok, "{err}");
     let (ok, _, err) = in_dir(&["commit", "xvda", "--top", "disk.qcow2", "--socket", sock_s]);
-    assert!(!ok && err.contains("not supported yet"), "{err}");
+    assert!(!ok && err.contains("nothing to commit into"), "{err}");
     let (ok, out, err) = in_dir(&[
         "commit",
         "xvda",
@@ -519,6 +519,24 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     assert_eq!(v["kind"], "mirror", "{out}");
     assert_eq!(v["state"], "ready", "{out}");
     let id = v["id"].as_u64().unwrap().to_string();
+    // xdisk job set-speed, on the ready mirror.
+    let (ok, out, err) = run(&["job", "set-speed", &id, "20M", "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["speed"], 20 << 20, "{out}");
+    let (ok, out, err) = run(&["job", "set-speed", &id, "0", "--socket", sock_s]);
+    assert!(
+        ok && out.contains("set-speed requested") && out.contains("no speed limit"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = run(&["job", "set-speed", &id, "--socket", sock_s]);
+    assert!(!ok && err.contains("BYTES is missing"), "{err}");
+    let (ok, _, err) = run(&["job", "set-speed", &id, "1X", "--socket", sock_s]);
+    assert!(!ok && err.contains("set-speed 1X"), "{err}");
+    let (ok, _, err) = run(&["job", "pause", &id, "1M", "--socket", sock_s]);
+    assert!(!ok && err.contains("unexpected argument"), "{err}");
+    let (ok, _, err) = run(&["job", "set-speed", "2", "1M", "--socket", sock_s]);
+    assert!(!ok && err.contains("job 2 is completed"), "{err}");
     let (ok, out, err) = run(&["job", "complete", &id, "--json", "--socket", sock_s]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -10,7 +10,8 @@
 //! `{"cmd":"mirror","device":"xvda","target":"/abs/t.qcow2","format":"qcow2","sync":"full",
 //! "pivot":false,"speed":0}` → `{"ok":true,"job":JobInfo}`, `{"cmd":"jobs"}` →
 //! `{"ok":true,"jobs":[JobInfo...]}`, `{"cmd":"job","id":1,"action":"cancel"}` (or
-//! `pause`, `resume`, `complete`) → `{"ok":true,"job":JobInfo}` and
+//! `pause`, `resume`, `complete`) → `{"ok":true,"job":JobInfo}`,
+//! `{"cmd":"job-set-speed","id":1,"speed":10485760}` → `{"ok":true,"job":JobInfo}` and
 //! `{"cmd":"bitmap","device":"xvda","action":"add","name":"b0","granularity":65536,
 //! "disabled":false,"source":null}` → `{"ok":true,"bitmaps":[BitmapEntry...]}`,
 //! `{"cmd":"backup","device":"xvda","export":"nbd+unix:///backup?socket=/run/b.sock",
@@ -76,8 +77,8 @@ pub enum ControlRequest {
         /// Rate limit of the copy in bytes per second (0 or absent: none).
         #[serde(default)]
         speed: u64,
-        /// The layer to commit (its path): the top (default: an active commit) or the
-        /// layer right under it (an intermediate commit).
+        /// The layer to commit (its path): the top (default: an active commit) or a
+        /// layer under it (an intermediate commit).
         #[serde(default)]
         top: Option<String>,
         /// The layer committed into (its path; default: the committed layer's backing
@@ -165,6 +166,14 @@ pub enum ControlRequest {
         id: u64,
         /// What to do.
         action: crate::jobs::JobAction,
+    },
+    /// Changes a running job's rate limit (`xdisk job set-speed ID BYTES`, QEMU's
+    /// `block-job-set-speed`).
+    JobSetSpeed {
+        /// The job's ID.
+        id: u64,
+        /// The new limit in bytes per second (0: none).
+        speed: u64,
     },
     /// A change of the persistent dirty bitmaps of a running device's top qcow2 image
     /// (`xdisk bitmap`), or their list.
@@ -373,6 +382,13 @@ pub trait LiveOps: Send + Sync {
     fn backup(&self, device: &str, req: &BackupRequest) -> Result<JobInfo>;
     /// Serves [`ControlRequest::BackupFinish`]: ends it; returns the job as it ended.
     fn backup_finish(&self, device: &str, clear_bitmap: bool) -> Result<JobInfo>;
+    /// Serves [`ControlRequest::JobSetSpeed`]; returns the job afterwards.
+    fn job_set_speed(&self, id: u64, speed: u64) -> Result<JobInfo> {
+        let _ = (id, speed);
+        Err(Error::Invalid(
+            "this server does not change job speeds".into(),
+        ))
+    }
 }
 
 /// The parameters of [`ControlRequest::Mirror`].
@@ -759,6 +775,13 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             ..ControlReply::ok()
         },
         ControlRequest::Job { id, action } => match live.job(id, action) {
+            Ok(j) => ControlReply {
+                job: Some(j),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
+        ControlRequest::JobSetSpeed { id, speed } => match live.job_set_speed(id, speed) {
             Ok(j) => ControlReply {
                 job: Some(j),
                 ..ControlReply::ok()

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::{BackupReply, CommitReply, MirrorReply, StreamReply};
 
+pub(crate) mod run;
+
 /// What a completed job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -160,6 +162,8 @@ struct State {
     /// A running backup's report.
     backup: Option<BackupReply>,
     finished: Option<Instant>,
+    /// The rate limit in bytes per second (0: none); `xdisk job set-speed` changes it.
+    speed: u64,
     /// The rate limit's window: bytes copied since `window_start`.
     window_bytes: u64,
     window_start: Instant,
@@ -170,7 +174,6 @@ pub struct Job {
     id: u64,
     kind: JobKind,
     device: String,
-    speed: u64,
     started: Instant,
     st: Mutex<State>,
     cv: Condvar,
@@ -207,7 +210,7 @@ impl Job {
             state: s.state,
             done_bytes: s.done,
             total_bytes: s.total.max(s.done),
-            speed: self.speed,
+            speed: s.speed,
             pivot: s.complete,
             elapsed_ms: u64::try_from(end.duration_since(self.started).as_millis())
                 .unwrap_or(u64::MAX),
@@ -275,11 +278,11 @@ impl Job {
                 s.window_start = Instant::now();
                 continue;
             }
-            if self.speed == 0 {
+            if s.speed == 0 {
                 return Ok(());
             }
             let due =
-                s.window_start + Duration::from_secs_f64(s.window_bytes as f64 / self.speed as f64);
+                s.window_start + Duration::from_secs_f64(s.window_bytes as f64 / s.speed as f64);
             let now = Instant::now();
             if now >= due {
                 return Ok(());
@@ -333,6 +336,25 @@ impl Job {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Changes the rate limit (bytes per second, 0: none) from now on, as QEMU's
+    /// `block-job-set-speed`: the copy goes at the new speed from its next chunk (a wait for
+    /// the old one ends early), with no burst to make up for the time at the old one.
+    pub fn set_speed(&self, speed: u64) -> crate::Result<()> {
+        let mut s = lock(&self.st);
+        if s.state.finished() {
+            return Err(crate::Error::Invalid(format!(
+                "job {} is {}",
+                self.id,
+                s.state.as_str()
+            )));
+        }
+        s.speed = speed;
+        s.window_bytes = 0;
+        s.window_start = Instant::now();
+        self.cv.notify_all();
+        Ok(())
     }
 
     /// Ends the job: completed (with its result), failed or, if it was cancelled,
@@ -462,7 +484,6 @@ impl Jobs {
             id,
             kind,
             device: device.to_owned(),
-            speed,
             started: now,
             st: Mutex::new(State {
                 state: JobState::Running,
@@ -475,6 +496,7 @@ impl Jobs {
                 outcome: None,
                 backup: None,
                 finished: None,
+                speed,
                 window_bytes: 0,
                 window_start: now,
             }),
@@ -524,6 +546,13 @@ impl Jobs {
     pub fn control(&self, id: u64, action: JobAction) -> crate::Result<JobInfo> {
         let job = self.get(id)?;
         job.control(action)?;
+        Ok(job.info())
+    }
+
+    /// Changes a job's rate limit (see [`Job::set_speed`]); returns it as it is then.
+    pub fn set_speed(&self, id: u64, speed: u64) -> crate::Result<JobInfo> {
+        let job = self.get(id)?;
+        job.set_speed(speed)?;
         Ok(job.info())
     }
 
@@ -577,6 +606,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn set_speed_changes_the_limit_of_a_running_job() {
+        let jobs = Jobs::default();
+        // 1 MiB at 1 MiB/s would take a second.
+        let j = jobs.create(JobKind::Mirror, "qdisk/1/2", 1 << 20, 1 << 20);
+        j.checkpoint(256 << 10).unwrap();
+        let j2 = j.clone();
+        let t = Instant::now();
+        let h = std::thread::spawn(move || {
+            for _ in 0..3 {
+                j2.checkpoint(256 << 10).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        // No limit: the waiting checkpoint ends now, the rest go at once.
+        assert_eq!(jobs.set_speed(j.id(), 0).unwrap().speed, 0);
+        h.join().unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // 4 MiB/s: 1 MiB more takes about 250 ms.
+        jobs.set_speed(j.id(), 4 << 20).unwrap();
+        let t = Instant::now();
+        for _ in 0..4 {
+            j.checkpoint(256 << 10).unwrap();
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(j.info().speed, 4 << 20);
+        assert!(jobs.set_speed(99, 0).is_err());
+    }
+
+    #[test]
     fn checkpoint_honours_speed_pause_and_cancel() {
         let jobs = Jobs::default();
         let j = jobs.create(JobKind::Commit, "qdisk/1/2", 4 << 20, 1 << 20);
@@ -604,6 +670,7 @@ mod tests {
         assert_eq!(i.done_bytes, 1 << 20);
         assert!(jobs.control(j.id(), JobAction::Resume).is_err());
         assert!(jobs.control(99, JobAction::Cancel).is_err());
+        assert!(jobs.set_speed(j.id(), 1).is_err(), "a finished job's speed");
         assert_eq!(jobs.list().len(), 1);
     }
 }

@@ -38,6 +38,7 @@ use xdisk_xen::xenstore::wire::RELEASE_DOMAIN;
 use xdisk_xen::xenstore::{Client, Errno, WatchEvent};
 
 use crate::error::{Error, Result};
+use crate::jobs::run;
 use crate::params::{self, DeviceType, DiskSpec, ParamsDefaults};
 use crate::platform::Platform;
 use crate::status::{ChainLayer, DaemonStatus, DeviceStatus, Phase};
@@ -87,29 +88,6 @@ impl std::fmt::Debug for SupervisorConfig {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Removes a failed or cancelled job's temporary tracking bitmap from the device's top (under
-/// a pause, with the device's live lock held); a failure is only logged: a daemon opening the
-/// image later removes a leftover `xdisk-commit-*`/`xdisk-mirror-*` bitmap.
-fn drop_tracking_bitmap(
-    entry: &Entry,
-    handle: &xdisk_backend::DeviceHandle,
-    bitmap: &str,
-    device: &str,
-    job: &str,
-) {
-    let b = bitmap.to_owned();
-    let _one = lock(&entry.live);
-    let removed = handle.quiesce(Box::new(move |img: &Arc<Image>| {
-        if let Some(q) = img.as_qcow2() {
-            q.remove_bitmap(&b)?;
-        }
-        Ok(None)
-    }));
-    if let Err(r) = removed {
-        tracing::warn!(device = %device, bitmap = %bitmap, "cannot remove the {job}'s bitmap: {r} (a daemon opening the image removes it)");
-    }
 }
 
 /// A device's identity: `<type>/<frontend domid>/<devid>`.
@@ -1209,7 +1187,7 @@ impl Supervisor {
     /// the pivot leaves the device on its top and removes the bitmap; while it runs, the
     /// device takes no other live snapshot or commit.
     ///
-    /// With `top_layer` naming the layer right under the active top (an intermediate
+    /// With `top_layer` naming a layer under the active top (an intermediate
     /// commit), see [`Supervisor::commit_intermediate`].
     pub fn commit(
         &self,
@@ -1220,25 +1198,26 @@ impl Supervisor {
     ) -> Result<crate::jobs::JobInfo> {
         let entry = self.find(query)?;
         let one = lock(&entry.live);
-        Self::no_job(&entry)?;
-        let (handle, spec, cache) = Self::running(&entry)?;
+        let (handle, spec, cache) = Self::for_job(&entry)?;
         let name = entry.key.name();
-        if spec.read_only {
-            return Err(Error::Invalid(format!("{name} is served read-only")));
-        }
         let top = handle.image();
         if let Some(t) = top_layer {
             if !layer_matches(&top, t) {
-                let mid = top.backing().cloned().filter(|m| layer_matches(m, t));
-                return match mid {
-                    Some(mid) => self.commit_intermediate(
-                        one, &entry, handle, spec, cache, top, mid, base_layer, speed,
-                    ),
-                    None => Err(Error::Unsupported(format!(
-                        "{name}: --top {t:?} is neither the top nor the layer right under it \
-                         (committing deeper layers is not supported yet)"
-                    ))),
-                };
+                // The layers above the committed one, top first.
+                let mut upper = vec![top.clone()];
+                let mut cur = top.backing().cloned();
+                while let Some(l) = cur {
+                    if layer_matches(&l, t) {
+                        return self.commit_intermediate(
+                            one, &entry, handle, spec, cache, upper, l, base_layer, speed,
+                        );
+                    }
+                    cur = l.backing().cloned();
+                    upper.push(l);
+                }
+                return Err(Error::Invalid(format!(
+                    "{name}: --top {t:?} is not a layer of the chain (xdisk stat shows it)"
+                )));
             }
         }
         let base = top.backing().cloned().ok_or_else(|| {
@@ -1303,57 +1282,33 @@ impl Supervisor {
             path: base_path.clone(),
             error: e,
         })?;
-        static JOB: AtomicU64 = AtomicU64::new(0);
-        let bitmap = format!(
-            "{JOB_BITMAP_PREFIX}{}-{}",
-            std::process::id(),
-            JOB.fetch_add(1, Ordering::Relaxed)
-        );
-        let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
         let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
-        let total = allocated_bytes(&top).map_err(fail)?;
-        {
-            let b = bitmap.clone();
-            handle
-                .quiesce(Box::new(move |img: &Arc<Image>| {
-                    let q = img.as_qcow2().ok_or_else(|| {
-                        xdisk_backend::Error::Live("the top image changed".into())
-                    })?;
-                    q.add_bitmap(&b, Some(gran), true)?;
-                    Ok(None)
-                }))
-                .map_err(fail)?;
-        }
-        let job = self
-            .inner
-            .jobs
-            .create(crate::jobs::JobKind::Commit, &name, speed, total);
-        *lock(&entry.job) = Some(job.id());
-        drop(one);
-        let run = CommitRun {
-            job: job.clone(),
-            entry: entry.clone(),
-            handle,
-            top,
-            base_rw,
-            bitmap,
-            xs: self.inner.platform.xs.clone(),
+        let total = run::allocated_bytes(&top).map_err(fail)?;
+        let tracker = Self::track(&handle, &top, JOB_BITMAP_PREFIX).map_err(fail)?;
+        let body = run::Commit {
+            copy: run::TrackedCopy {
+                src: top,
+                dest: base_rw,
+                tracker,
+                zeroes: false,
+            },
             new_params,
-            base_path,
-            base_fmt,
-            tag,
-            cache,
-            spec,
+            new_spec: DiskSpec {
+                path: base_path,
+                format: Some(base_fmt),
+                format_tag: tag.into(),
+                ..spec.clone()
+            },
         };
-        let spawned = self.inner.jobs.spawn(&job, move || run.run());
-        if let Err(e) = spawned {
-            // The closure (and its bitmap cleanup) never ran.
-            *lock(&entry.job) = None;
-            job.finish(Err(e.to_string()));
-            return Err(e);
-        }
-        tracing::info!(device = %name, job = job.id(), speed, "commit job started");
-        Ok(job.info())
+        let job = self.start_job(
+            one,
+            &entry,
+            (handle, cache),
+            (crate::jobs::JobKind::Commit, speed, total, false),
+            Box::new(body),
+        )?;
+        tracing::info!(device = %name, job = job.id, speed, "commit job started");
+        Ok(job)
     }
 
     /// Streams a running device's backing data into its top (see
@@ -1378,23 +1333,10 @@ impl Supervisor {
     ) -> Result<crate::jobs::JobInfo> {
         let entry = self.find(query)?;
         let one = lock(&entry.live);
-        Self::no_job(&entry)?;
-        let (handle, spec, cache) = Self::running(&entry)?;
+        let (handle, spec, cache) = Self::for_job(&entry)?;
         let name = entry.key.name();
-        if spec.read_only {
-            return Err(Error::Invalid(format!("{name} is served read-only")));
-        }
         let top = handle.image();
-        if top.as_qcow2().is_none() {
-            return Err(Error::Unsupported(format!(
-                "{name}: the top image is not qcow2"
-            )));
-        }
-        let top_path = top
-            .storage()
-            .local_path()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))?;
+        let top_path = qcow2_top_path(&name, &top)?;
         if top.backing().is_none() {
             return Err(Error::Invalid(format!(
                 "{name}: its image has no backing file: nothing to stream"
@@ -1435,43 +1377,38 @@ impl Supervisor {
             }
         };
         let fail = |e: xdisk_backend::Error| Error::Device(format!("stream of {name}: {e}"));
-        let total = stream_ranges(&top, &layers, 0, top.size())
+        let total = run::stream_ranges(&top, &layers, 0, top.size())
             .map_err(fail)?
             .iter()
             .map(|r| r.1)
             .sum();
-        let job = self
-            .inner
-            .jobs
-            .create(crate::jobs::JobKind::Stream, &name, speed, total);
-        *lock(&entry.job) = Some(job.id());
-        drop(one);
-        let run = StreamRun {
-            job: job.clone(),
-            entry: entry.clone(),
-            handle,
+        let body = run::Stream {
             top,
-            top_path,
             layers,
-            base_img,
-            base_link,
-            cache,
-            spec,
+            base: base_img,
+            relink: run::Relink {
+                upper: vec![top_path],
+                link: base_link,
+                top_opts: Self::top_opts(&spec, cache),
+            },
         };
-        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
-            *lock(&entry.job) = None;
-            job.finish(Err(e.to_string()));
-            return Err(e);
-        }
-        tracing::info!(device = %name, job = job.id(), speed, base, "stream job started");
-        Ok(job.info())
+        let job = self.start_job(
+            one,
+            &entry,
+            (handle, cache),
+            (crate::jobs::JobKind::Stream, speed, total, false),
+            Box::new(body),
+        )?;
+        tracing::info!(device = %name, job = job.id, speed, base, "stream job started");
+        Ok(job)
     }
 
     /// Mirrors a running device's disk to `req.target` (see
     /// [`crate::control::ControlRequest::Mirror`]) as a background job. The target is
     /// created if missing (raw or qcow2 of the device's size; with `sync` `top` a qcow2
-    /// whose backing file is the top's) and opened; a temporary persistent bitmap of the
-    /// top (added with the queues paused) tracks the guest's writes; the first pass copies
+    /// whose backing file is the top's) and opened; a temporary persistent bitmap of a
+    /// qcow2 top (added with the queues paused), or the image's record in memory for a raw
+    /// one, tracks the guest's writes; the first pass copies
     /// what the chain holds (`full`) or the top holds (`top`), later passes what the
     /// bitmap collected (taken and cleared with the queues paused). Once a pass finds at
     /// most 4 MiB dirty, the job is `ready` and keeps copying the writes; on completion
@@ -1486,19 +1423,9 @@ impl Supervisor {
     ) -> Result<crate::jobs::JobInfo> {
         let entry = self.find(query)?;
         let one = lock(&entry.live);
-        Self::no_job(&entry)?;
-        let (handle, spec, cache) = Self::running(&entry)?;
+        let (handle, spec, cache) = Self::for_job(&entry)?;
         let name = entry.key.name();
-        if spec.read_only {
-            return Err(Error::Invalid(format!("{name} is served read-only")));
-        }
         let top = handle.image();
-        if top.as_qcow2().is_none() {
-            return Err(Error::Unsupported(format!(
-                "{name}: the top image is {}: a mirror tracks writes in a qcow2 bitmap",
-                top.format()
-            )));
-        }
         let sync_top = match req.sync.as_deref() {
             None | Some("full") => false,
             Some("top") => true,
@@ -1632,13 +1559,6 @@ impl Supervisor {
                 if sync_top { "" } else { " and no backing file" }
             )));
         }
-        static JOB: AtomicU64 = AtomicU64::new(0);
-        let bitmap = format!(
-            "{MIRROR_BITMAP_PREFIX}{}-{}",
-            std::process::id(),
-            JOB.fetch_add(1, Ordering::Relaxed)
-        );
-        let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
         let fail = |e: xdisk_backend::Error| Error::Device(format!("mirror of {name}: {e}"));
         // What the first pass copies: the top's ranges, or every layer's; an existing
         // target gets everything (it may hold anything).
@@ -1654,7 +1574,7 @@ impl Supervisor {
             v
         };
         let first: Vec<(u64, u64)> = if created || sync_top {
-            match chain_ranges(&layers, top.size()) {
+            match run::chain_ranges(&layers, top.size()) {
                 Ok(r) => r,
                 Err(e) => {
                     drop(dest);
@@ -1666,64 +1586,53 @@ impl Supervisor {
             vec![(0, top.size())]
         };
         let total = first.iter().map(|r| r.1).sum();
-        {
-            let b = bitmap.clone();
-            let r = handle.quiesce(Box::new(move |img: &Arc<Image>| {
-                let q = img
-                    .as_qcow2()
-                    .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
-                q.add_bitmap(&b, Some(gran), true)?;
-                Ok(None)
-            }));
-            if let Err(e) = r {
+        let tracker = match Self::track(&handle, &top, MIRROR_BITMAP_PREFIX) {
+            Ok(t) => t,
+            Err(e) => {
                 drop(dest);
                 remove_created();
                 return Err(fail(e));
             }
-        }
-        let job = self
-            .inner
-            .jobs
-            .create(crate::jobs::JobKind::Mirror, &name, req.speed, total);
-        if req.pivot {
-            job.request_complete();
-        }
-        *lock(&entry.job) = Some(job.id());
-        drop(one);
-        let run = MirrorRun {
-            job: job.clone(),
-            entry: entry.clone(),
-            handle,
-            top,
-            dest,
-            first,
-            bitmap,
-            xs: self.inner.platform.xs.clone(),
-            new_params,
-            target: target.to_path_buf(),
-            fmt,
-            tag,
-            cache,
-            spec,
         };
-        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
-            *lock(&entry.job) = None;
-            job.finish(Err(e.to_string()));
-            return Err(e);
-        }
-        tracing::info!(device = %name, job = job.id(), target = %target_s, sync_top, "mirror job started");
-        Ok(job.info())
+        let body = run::Mirror {
+            first,
+            copy: run::TrackedCopy {
+                src: top,
+                dest,
+                tracker,
+                zeroes: true,
+            },
+            new_params,
+            new_spec: DiskSpec {
+                path: target.to_path_buf(),
+                format: Some(fmt),
+                format_tag: tag.into(),
+                ..spec.clone()
+            },
+        };
+        let job = self.start_job(
+            one,
+            &entry,
+            (handle, cache),
+            (crate::jobs::JobKind::Mirror, req.speed, total, req.pivot),
+            Box::new(body),
+        )?;
+        tracing::info!(device = %name, job = job.id, target = %target_s, sync_top, "mirror job started");
+        Ok(job)
     }
 
-    /// Commits `mid`, the layer right under the active top `top`, and the layers under it
-    /// above `base_layer` (default: `mid`'s backing file), into the base, as a background
-    /// job: the data those layers hold is copied into a writable instance of the base (the
+    /// Commits `mid`, a layer under the active top, and the layers under it above
+    /// `base_layer` (default: `mid`'s backing file), into the base, as a background job:
+    /// the data those layers hold is copied into a writable instance of the base (the
     /// guest never writes to them, so no tracking is needed; the chain reads the same, as
-    /// the base only changes where `mid` or a layer under it has data), the base is flushed,
-    /// then with the queues paused the top's header names the base as its backing file and
-    /// the device serves the top reopened over a fresh instance of the base. The layers
-    /// dropped from the chain are left in place. A cancel, failure or crash before the link
-    /// changes leaves the chain as it was; `params` never changes.
+    /// the base only changes where `mid` or a layer under it has data), the base is
+    /// flushed, then with the queues paused the layer right above `mid` (the last of
+    /// `upper`, the layers from the top down; the top itself or a read-only layer under it)
+    /// names the base as its backing file in its header, and the device serves the chain
+    /// opened again (the top and the layers down to that one) over a fresh instance of the
+    /// base. The layers dropped from the chain are left in place. A cancel, failure or
+    /// crash before the link changes leaves the chain as it was, and after it the chain
+    /// reads the same through the base; `params` never changes.
     #[allow(clippy::too_many_arguments)]
     fn commit_intermediate(
         &self,
@@ -1732,22 +1641,25 @@ impl Supervisor {
         handle: xdisk_backend::DeviceHandle,
         spec: DiskSpec,
         cache: CacheMode,
-        top: Arc<Image>,
+        upper: Vec<Arc<Image>>,
         mid: Arc<Image>,
         base_layer: Option<&str>,
         speed: u64,
     ) -> Result<crate::jobs::JobInfo> {
         let name = entry.key.name();
-        if top.as_qcow2().is_none() {
-            return Err(Error::Unsupported(format!(
-                "{name}: the top image is not qcow2"
-            )));
+        let top = upper[0].clone();
+        let mut upper_paths = vec![qcow2_top_path(&name, &top)?];
+        for l in &upper[1..] {
+            // A layer with a backing file is qcow2; its header is rewritten in place.
+            let p = l.storage().local_path().filter(|_| l.as_qcow2().is_some());
+            let p = p.ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{name}: the layer {} above --top is not a qcow2 host file",
+                    l.storage().name()
+                ))
+            })?;
+            upper_paths.push(p.to_path_buf());
         }
-        let top_path = top
-            .storage()
-            .local_path()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))?;
         let mut layers = Vec::new();
         let mut base = None;
         let mut cur = Some(mid.clone());
@@ -1800,36 +1712,125 @@ impl Supervisor {
             error: e,
         })?;
         let fail = |e: xdisk_backend::Error| Error::Device(format!("commit of {name}: {e}"));
-        let ranges = chain_ranges(&layers, top.size()).map_err(fail)?;
+        let ranges = run::chain_ranges(&layers, top.size()).map_err(fail)?;
         let total = ranges.iter().map(|r| r.1).sum();
+        let body = run::CommitBelow {
+            top,
+            src: mid,
+            ranges,
+            relink: run::Relink {
+                upper: upper_paths,
+                link: Some((base_s, base_rw.format().as_str().to_owned())),
+                top_opts: Self::top_opts(&spec, cache),
+            },
+            base_rw,
+            base_ro_opts: OpenOptions {
+                read_only: true,
+                ..base_opts
+            },
+            base_path,
+        };
+        let job = self.start_job(
+            one,
+            entry,
+            (handle, cache),
+            (crate::jobs::JobKind::Commit, speed, total, false),
+            Box::new(body),
+        )?;
+        tracing::info!(device = %name, job = job.id, speed, "intermediate commit job started");
+        Ok(job)
+    }
+
+    /// Registers a job on the device of `entry` (holding its live lock `one`, released once
+    /// the job is its device's) and starts its thread on `body`; `job` is its kind, speed
+    /// limit, bytes to copy as known and whether it completes by itself once ready.
+    fn start_job(
+        &self,
+        one: MutexGuard<'_, ()>,
+        entry: &Arc<Entry>,
+        (handle, cache): (xdisk_backend::DeviceHandle, CacheMode),
+        (kind, speed, total, pivot): (crate::jobs::JobKind, u64, u64, bool),
+        body: Box<dyn run::Body>,
+    ) -> Result<crate::jobs::JobInfo> {
         let job = self
             .inner
             .jobs
-            .create(crate::jobs::JobKind::Commit, &name, speed, total);
+            .create(kind, &entry.key.name(), speed, total);
+        if pivot {
+            job.request_complete();
+        }
         *lock(&entry.job) = Some(job.id());
         drop(one);
-        let run = CommitMidRun {
-            job: job.clone(),
+        let dev = JobDevice {
             entry: entry.clone(),
             handle,
-            top,
-            top_path,
-            mid,
-            ranges,
-            base_rw,
-            base_path,
-            base_s,
-            base_opts,
+            xs: self.inner.platform.xs.clone(),
             cache,
-            spec,
         };
-        if let Err(e) = self.inner.jobs.spawn(&job, move || run.run()) {
+        let j2 = job.clone();
+        if let Err(e) = self
+            .inner
+            .jobs
+            .spawn(&job, move || run::execute(dev, j2, body))
+        {
+            // The thread never ran (nor a cleanup: a tracking bitmap is left to the next
+            // open of the image).
             *lock(&entry.job) = None;
             job.finish(Err(e.to_string()));
             return Err(e);
         }
-        tracing::info!(device = %name, job = job.id(), speed, "intermediate commit job started");
         Ok(job.info())
+    }
+
+    /// Starts tracking the guest's writes to `top` for a job, with the queues paused (the
+    /// caller holds the device's live lock): in a temporary persistent bitmap named
+    /// `prefix<pid>-<n>` of a qcow2 top, in memory for another.
+    fn track(
+        handle: &xdisk_backend::DeviceHandle,
+        top: &Image,
+        prefix: &str,
+    ) -> xdisk_backend::Result<run::Tracker> {
+        static JOB: AtomicU64 = AtomicU64::new(0);
+        let tracker = match top.as_qcow2() {
+            Some(_) => run::Tracker::Bitmap(format!(
+                "{prefix}{}-{}",
+                std::process::id(),
+                JOB.fetch_add(1, Ordering::Relaxed)
+            )),
+            None => run::Tracker::Memory,
+        };
+        let gran = top.cluster_size().unwrap_or(65536).clamp(4096, 65536);
+        let t2 = tracker.clone();
+        handle.quiesce(Box::new(move |img: &Arc<Image>| {
+            t2.start(img, gran)?;
+            Ok(None)
+        }))?;
+        Ok(tracker)
+    }
+
+    /// How a job opens the device's top again (writable qcow2).
+    fn top_opts(spec: &DiskSpec, cache: CacheMode) -> OpenOptions {
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            cache,
+            backing_dirs: spec.backing_dirs.clone(),
+            ..OpenOptions::default()
+        }
+    }
+
+    /// The running device of `entry` for a new job: no job runs on it, and it is served
+    /// writable.
+    fn for_job(entry: &Entry) -> Result<(xdisk_backend::DeviceHandle, DiskSpec, CacheMode)> {
+        Self::no_job(entry)?;
+        let (handle, spec, cache) = Self::running(entry)?;
+        if spec.read_only {
+            return Err(Error::Invalid(format!(
+                "{} is served read-only",
+                entry.key.name()
+            )));
+        }
+        Ok((handle, spec, cache))
     }
 
     /// Fails if a job runs on the device.
@@ -1874,160 +1875,17 @@ fn is_job_bitmap(name: &str) -> bool {
         || name.starts_with(BACKUP_BITMAP_PREFIX)
 }
 
-/// A commit job's thread (see [`Supervisor::commit`]).
-struct CommitRun {
-    job: Arc<crate::jobs::Job>,
-    entry: Arc<Entry>,
-    handle: xdisk_backend::DeviceHandle,
-    top: Arc<Image>,
-    base_rw: Arc<Image>,
-    bitmap: String,
-    xs: Arc<Client>,
-    new_params: String,
-    base_path: std::path::PathBuf,
-    base_fmt: Format,
-    tag: &'static str,
-    cache: CacheMode,
-    spec: DiskSpec,
-}
-
-impl CommitRun {
-    fn run(self) {
-        let name = self.entry.key.name();
-        let started = std::time::Instant::now();
-        let r = self.copy();
-        let result = match r {
-            Ok((copied, passes, paused_us)) => {
-                let new_spec = DiskSpec {
-                    path: self.base_path.clone(),
-                    format: Some(self.base_fmt),
-                    format_tag: self.tag.into(),
-                    ..self.spec.clone()
-                };
-                let now = self.handle.image();
-                {
-                    let mut st = lock(&self.entry.status);
-                    st.image = Some(new_spec.shown());
-                    st.format = Some(self.base_fmt.as_str().to_owned());
-                    st.chain = ChainLayer::of(&now);
-                }
-                *lock(&self.entry.spec) = Some((new_spec, self.cache));
-                tracing::info!(device = %name, job = self.job.id(), base = %self.base_path.display(), copied, passes, elapsed = ?started.elapsed(), "active commit");
-                Ok(crate::jobs::Outcome::Commit(crate::control::CommitReply {
-                    device: name.clone(),
-                    image: self.base_path.display().to_string(),
-                    format: self.base_fmt.as_str().to_owned(),
-                    copied_bytes: copied,
-                    passes,
-                    paused_us,
-                }))
-            }
-            Err(e) => {
-                // The device still serves the top: drop the tracking bitmap.
-                drop_tracking_bitmap(&self.entry, &self.handle, &self.bitmap, &name, "commit");
-                if self.job.cancelled() {
-                    tracing::info!(device = %name, job = self.job.id(), "commit cancelled; the device still serves its top");
-                } else {
-                    tracing::warn!(device = %name, job = self.job.id(), "commit failed: {e}");
-                }
-                Err(format!("commit of {name}: {e}"))
-            }
-        };
-        // The images this job held go first (an old top's last reference closes it), so
-        // that whoever sees the job finished finds them closed.
-        let (job, entry) = (self.job.clone(), self.entry.clone());
-        drop(self);
-        *lock(&entry.job) = None;
-        job.finish(result);
+/// The path of the device's top, which a job rewrites: a qcow2 host file.
+fn qcow2_top_path(name: &str, top: &Image) -> Result<std::path::PathBuf> {
+    if top.as_qcow2().is_none() {
+        return Err(Error::Unsupported(format!(
+            "{name}: the top image is not qcow2"
+        )));
     }
-
-    /// [`Device::quiesce`] with the device's live lock held (one pause at a time).
-    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
-        let _one = lock(&self.entry.live);
-        self.handle.quiesce(f)
-    }
-
-    /// The copy passes and the pivot; returns the bytes copied, the passes and the last
-    /// pause (microseconds).
-    fn copy(&self) -> xdisk_backend::Result<(u64, u32, u64)> {
-        /// Passes before the last one copies what is left with the queues paused.
-        const MAX_PASSES: u32 = 16;
-        /// Dirty bytes small enough to copy with the queues paused.
-        const FINAL_BYTES: u64 = 4 << 20;
-        /// After [`MAX_PASSES`], the most a pass may have found dirty for the last pass to
-        /// run anyway (its copy pauses the guest); more fails the commit (the guest writes
-        /// faster than the copy goes).
-        const MAX_FINAL_BYTES: u64 = 64 << 20;
-        let (top, base_rw, bitmap, job) = (&self.top, &self.base_rw, &self.bitmap, &*self.job);
-        let mut copied = copy_allocated(top, base_rw, job)?;
-        let mut passes = 1u32;
-        loop {
-            // Take the bits written since the last take, with nothing in flight.
-            let taken = Arc::new(Mutex::new(Vec::new()));
-            let (t2, b2) = (taken.clone(), bitmap.to_owned());
-            self.quiesce(Box::new(move |img: &Arc<Image>| {
-                let q = img
-                    .as_qcow2()
-                    .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
-                *lock(&t2) = q.bitmap(&b2)?.dirty_ranges();
-                q.clear_bitmap(&b2)?;
-                Ok(None)
-            }))?;
-            let ranges = std::mem::take(&mut *lock(&taken));
-            let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-            job.add_total(bytes);
-            copied += copy_ranges(top, base_rw, &ranges, Some(job))?;
-            passes += 1;
-            if bytes <= FINAL_BYTES {
-                break;
-            }
-            if passes >= MAX_PASSES {
-                if bytes > MAX_FINAL_BYTES {
-                    return Err(xdisk_backend::Error::Live(format!(
-                        "the commit does not converge: {bytes} bytes were written during \
-                         pass {passes}; the device still serves its top (try again when the \
-                         guest writes less)"
-                    )));
-                }
-                break;
-            }
-        }
-        // Last chance to cancel: the pivot is not interrupted.
-        job.checkpoint(0).map_err(job_stopped)?;
-        let started = std::time::Instant::now();
-        let last = Arc::new(Mutex::new(0u64));
-        let (l2, b2) = (last.clone(), bitmap.to_owned());
-        let (base2, top2) = (base_rw.clone(), top.clone());
-        let (xs, be, params) = (
-            self.xs.clone(),
-            self.entry.be.clone(),
-            self.new_params.clone(),
-        );
-        self.quiesce(Box::new(move |img: &Arc<Image>| {
-            if !Arc::ptr_eq(img, &top2) {
-                return Err(xdisk_backend::Error::Live("the top image changed".into()));
-            }
-            let q = img
-                .as_qcow2()
-                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
-            let ranges = q.bitmap(&b2)?.dirty_ranges();
-            *lock(&l2) = copy_ranges(img, &base2, &ranges, None)?;
-            // Everything the guest wrote is in the backing file now, durably.
-            base2.flush()?;
-            q.remove_bitmap(&b2)?;
-            let base3 = base2.clone();
-            Ok(Some(xdisk_backend::Switch {
-                image: base3,
-                commit: Box::new(move || persist_params(&xs, &be, &params)),
-                rollback: Box::new(|| {}),
-            }))
-        }))?;
-        let last = *lock(&last);
-        job.checkpoint(last).map_err(job_stopped).ok();
-        copied += last;
-        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Ok((copied, passes + 1, paused_us))
-    }
+    top.storage()
+        .local_path()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))
 }
 
 /// Whether the chain layer `l` is the image `name` names (its path as given or as the
@@ -2049,660 +1907,57 @@ fn layer_matches(l: &Image, name: &str) -> bool {
     }
 }
 
-/// The ranges within `[off, off + len)` that `top` does not hold and one of `layers` does
-/// (what a stream copies up), sorted, merged.
-fn stream_ranges(
-    top: &Image,
-    layers: &[Arc<Image>],
-    off: u64,
-    len: u64,
-) -> xdisk_backend::Result<Vec<(u64, u64)>> {
-    let end = off.saturating_add(len).min(top.size());
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut push = |o: u64, l: u64| match out.last_mut() {
-        Some(last) if last.0 + last.1 >= o => last.1 = (o + l).max(last.0 + last.1) - last.0,
-        _ => out.push((o, l)),
-    };
-    let mut o = off;
-    while o < end {
-        let st = top.layer_status(o, end - o)?;
-        let n = st.len().clamp(1, end - o);
-        if matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
-            // Unallocated in the top: the parts some layer above the base holds.
-            let mut sub: Vec<(u64, u64)> = Vec::new();
-            for l in layers {
-                let mut p = o;
-                while p < o + n {
-                    let ls = l.layer_status(p, o + n - p)?;
-                    let m = ls.len().clamp(1, o + n - p);
-                    if !matches!(ls, xdisk_image::LayerStatus::Unallocated { .. }) {
-                        sub.push((p, m));
-                    }
-                    p += m;
-                }
-            }
-            sub.sort_unstable();
-            for (a, b) in sub {
-                push(a, b);
-            }
-        }
-        o += n;
-    }
-    Ok(out)
-}
-
-/// The ranges any of `layers` holds (data or zeroes), sorted, merged.
-fn chain_ranges(layers: &[Arc<Image>], size: u64) -> xdisk_backend::Result<Vec<(u64, u64)>> {
-    let mut all: Vec<(u64, u64)> = Vec::new();
-    for l in layers {
-        let mut p = 0;
-        while p < size {
-            let st = l.layer_status(p, size - p)?;
-            let m = st.len().clamp(1, size - p);
-            if !matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
-                all.push((p, m));
-            }
-            p += m;
-        }
-    }
-    all.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (o, l) in all {
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 >= o => {
-                last.1 = (o + l).max(last.0 + last.1) - last.0;
-            }
-            _ => out.push((o, l)),
-        }
-    }
-    Ok(out)
-}
-
-/// A mirror job's thread (see [`Supervisor::mirror`]).
-struct MirrorRun {
-    job: Arc<crate::jobs::Job>,
+/// What a job's thread may do to its device ([`crate::jobs::run`]): pause its queues, have
+/// `params` rewritten at a switch, record what the device serves afterwards.
+pub(crate) struct JobDevice {
     entry: Arc<Entry>,
     handle: xdisk_backend::DeviceHandle,
-    top: Arc<Image>,
-    dest: Arc<Image>,
-    first: Vec<(u64, u64)>,
-    bitmap: String,
     xs: Arc<Client>,
-    new_params: String,
-    target: std::path::PathBuf,
-    fmt: Format,
-    tag: &'static str,
     cache: CacheMode,
-    spec: DiskSpec,
 }
 
-impl MirrorRun {
-    fn run(self) {
-        let name = self.entry.key.name();
-        let result = match self.copy() {
-            Ok((copied, passes, paused_us)) => {
-                let new_spec = DiskSpec {
-                    path: self.target.clone(),
-                    format: Some(self.fmt),
-                    format_tag: self.tag.into(),
-                    ..self.spec.clone()
-                };
-                let now = self.handle.image();
-                {
-                    let mut st = lock(&self.entry.status);
-                    st.image = Some(new_spec.shown());
-                    st.format = Some(self.fmt.as_str().to_owned());
-                    st.chain = ChainLayer::of(&now);
-                }
-                *lock(&self.entry.spec) = Some((new_spec, self.cache));
-                tracing::info!(device = %name, job = self.job.id(), target = %self.target.display(), copied, passes, paused_us, "mirror pivot");
-                Ok(crate::jobs::Outcome::Mirror(crate::control::MirrorReply {
-                    device: name.clone(),
-                    image: self.target.display().to_string(),
-                    format: self.fmt.as_str().to_owned(),
-                    copied_bytes: copied,
-                    passes,
-                    paused_us,
-                }))
-            }
-            Err(e) => {
-                // The device still serves the source: drop the tracking bitmap.
-                drop_tracking_bitmap(&self.entry, &self.handle, &self.bitmap, &name, "mirror");
-                if self.job.cancelled() {
-                    tracing::info!(device = %name, job = self.job.id(), "mirror cancelled; the device still serves its source");
-                } else {
-                    tracing::warn!(device = %name, job = self.job.id(), "mirror failed: {e}");
-                }
-                Err(format!("mirror of {name}: {e}"))
-            }
-        };
-        let (job, entry) = (self.job.clone(), self.entry.clone());
-        drop(self);
-        *lock(&entry.job) = None;
-        job.finish(result);
-    }
-
-    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
-        let _one = lock(&self.entry.live);
-        self.handle.quiesce(f)
-    }
-
-    /// Takes (and clears) the bits the guest's writes set since the last take.
-    fn take_dirty(&self) -> xdisk_backend::Result<Vec<(u64, u64)>> {
-        let taken = Arc::new(Mutex::new(Vec::new()));
-        let (t2, b2, top) = (taken.clone(), self.bitmap.clone(), self.top.clone());
-        self.quiesce(Box::new(move |img: &Arc<Image>| {
-            if !Arc::ptr_eq(img, &top) {
-                return Err(xdisk_backend::Error::Live("the top image changed".into()));
-            }
-            let q = img
-                .as_qcow2()
-                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
-            *lock(&t2) = q.bitmap(&b2)?.dirty_ranges();
-            q.clear_bitmap(&b2)?;
-            Ok(None)
-        }))?;
-        let r = std::mem::take(&mut *lock(&taken));
-        Ok(r)
-    }
-
-    /// Copies `ranges` (zeroes as zeroes) with checkpoints; returns the bytes.
-    fn copy_ranges(&self, ranges: &[(u64, u64)]) -> xdisk_backend::Result<u64> {
-        let mut buf = Vec::new();
-        let mut copied = 0;
-        for &(o, l) in ranges {
-            let end = (o + l).min(self.top.size());
-            let mut off = o;
-            while off < end {
-                let len = (end - off).min(COPY_CHUNK);
-                let n = usize::try_from(len)
-                    .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
-                buf.resize(n, 0);
-                self.top.read_at(&mut buf[..n], off)?;
-                if buf[..n].iter().all(|&b| b == 0) {
-                    self.dest.write_zeroes(off, len, false)?;
-                } else {
-                    self.dest.write_at(&buf[..n], off)?;
-                }
-                copied += len;
-                off += len;
-                self.job.checkpoint(len).map_err(job_stopped)?;
-            }
-        }
-        Ok(copied)
-    }
-
-    /// The passes, the wait while ready, and the pivot; returns the bytes copied, the
-    /// passes and the last pause (microseconds).
-    fn copy(&self) -> xdisk_backend::Result<(u64, u32, u64)> {
-        /// Dirty bytes small enough to copy with the queues paused: a pass that found no
-        /// more makes the job ready, and the switch waits for such a pass. A guest that
-        /// writes faster than the copy goes keeps the job running (not ready), as QEMU's.
-        const FINAL_BYTES: u64 = 4 << 20;
-        let mut copied = self.copy_ranges(&self.first)?;
-        let mut passes = 1u32;
-        let mut ready = false;
-        loop {
-            let ranges = self.take_dirty()?;
-            let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-            self.job.add_total(bytes);
-            copied += self.copy_ranges(&ranges)?;
-            passes = passes.saturating_add(1);
-            if bytes <= FINAL_BYTES && !ready {
-                ready = true;
-                self.job.set_ready();
-            }
-            if ready {
-                // Ready: the target follows the guest's writes until completed.
-                let complete = self
-                    .job
-                    .wait_complete(Duration::from_millis(200))
-                    .map_err(job_stopped)?;
-                if complete && bytes <= FINAL_BYTES {
-                    break;
-                }
-            } else {
-                self.job.checkpoint(0).map_err(job_stopped)?;
-            }
-        }
-        let started = std::time::Instant::now();
-        let last = Arc::new(Mutex::new(0u64));
-        let (l2, b2) = (last.clone(), self.bitmap.clone());
-        let (dest, top) = (self.dest.clone(), self.top.clone());
-        let (xs, be, params) = (
-            self.xs.clone(),
-            self.entry.be.clone(),
-            self.new_params.clone(),
-        );
-        self.quiesce(Box::new(move |img: &Arc<Image>| {
-            if !Arc::ptr_eq(img, &top) {
-                return Err(xdisk_backend::Error::Live("the top image changed".into()));
-            }
-            let q = img
-                .as_qcow2()
-                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
-            let ranges = q.bitmap(&b2)?.dirty_ranges();
-            *lock(&l2) = copy_ranges(img, &dest, &ranges, None)?;
-            // Everything the guest wrote is in the target now, durably.
-            dest.flush()?;
-            q.remove_bitmap(&b2)?;
-            let old = img.clone();
-            Ok(Some(xdisk_backend::Switch {
-                image: dest.clone(),
-                commit: Box::new(move || {
-                    persist_params(&xs, &be, &params)?;
-                    old.seal();
-                    Ok(())
-                }),
-                rollback: Box::new(|| {}),
-            }))
-        }))?;
-        let last = *lock(&last);
-        copied += last;
-        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Ok((copied, passes + 1, paused_us))
-    }
-}
-
-/// An intermediate commit's thread (see [`Supervisor::commit_intermediate`]).
-struct CommitMidRun {
-    job: Arc<crate::jobs::Job>,
-    entry: Arc<Entry>,
-    handle: xdisk_backend::DeviceHandle,
-    top: Arc<Image>,
-    top_path: std::path::PathBuf,
-    mid: Arc<Image>,
-    ranges: Vec<(u64, u64)>,
-    base_rw: Arc<Image>,
-    base_path: std::path::PathBuf,
-    base_s: String,
-    base_opts: OpenOptions,
-    cache: CacheMode,
-    spec: DiskSpec,
-}
-
-impl CommitMidRun {
-    fn run(self) {
-        let name = self.entry.key.name();
-        let result = match self.copy() {
-            Ok((copied, paused_us)) => {
-                let now = self.handle.image();
-                lock(&self.entry.status).chain = ChainLayer::of(&now);
-                tracing::info!(device = %name, job = self.job.id(), base = %self.base_s, copied, paused_us, "intermediate commit");
-                Ok(crate::jobs::Outcome::Commit(crate::control::CommitReply {
-                    device: name.clone(),
-                    image: self.base_s.clone(),
-                    format: self.base_rw.format().as_str().to_owned(),
-                    copied_bytes: copied,
-                    passes: 1,
-                    paused_us,
-                }))
-            }
-            Err(e) => {
-                if self.job.cancelled() {
-                    tracing::info!(device = %name, job = self.job.id(), "intermediate commit cancelled; the chain is unchanged");
-                } else {
-                    tracing::warn!(device = %name, job = self.job.id(), "intermediate commit failed: {e}");
-                }
-                Err(format!("commit of {name}: {e}"))
-            }
-        };
-        let (job, entry) = (self.job.clone(), self.entry.clone());
-        drop(self);
-        *lock(&entry.job) = None;
-        job.finish(result);
-    }
-
-    fn copy(&self) -> xdisk_backend::Result<(u64, u64)> {
-        let mut buf = Vec::new();
-        let mut copied = 0;
-        for &(o, l) in &self.ranges {
-            let end = (o + l).min(self.mid.size());
-            let mut off = o;
-            while off < end {
-                let len = (end - off).min(COPY_CHUNK);
-                let n = usize::try_from(len)
-                    .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
-                buf.resize(n, 0);
-                // Read through the layers to commit: what the top's backing reads there.
-                self.mid.read_at(&mut buf[..n], off)?;
-                if buf[..n].iter().all(|&b| b == 0) {
-                    self.base_rw.write_zeroes(off, len, false)?;
-                } else {
-                    self.base_rw.write_at(&buf[..n], off)?;
-                }
-                copied += len;
-                off += len;
-                self.job.checkpoint(len).map_err(job_stopped)?;
-            }
-        }
-        self.base_rw.flush()?;
-        self.base_rw.close()?;
-        self.job.checkpoint(0).map_err(job_stopped)?;
-        // The chain after the switch reads the base afresh (the chain's own instance of it
-        // has cached what it read before the copy).
-        let base_ro = Image::open(
-            &self.base_path,
-            &OpenOptions {
-                read_only: true,
-                ..self.base_opts.clone()
-            },
-        )?;
-        let started = std::time::Instant::now();
-        let (top, path) = (self.top.clone(), self.top_path.clone());
-        let link = (
-            self.base_s.clone(),
-            self.base_rw.format().as_str().to_owned(),
-        );
-        let opts = OpenOptions {
-            format: Some(Format::Qcow2),
-            read_only: false,
-            cache: self.cache,
-            backing_dirs: self.spec.backing_dirs.clone(),
-            ..OpenOptions::default()
-        };
-        let _one = lock(&self.entry.live);
-        self.handle.quiesce(Box::new(move |img: &Arc<Image>| {
-            if !Arc::ptr_eq(img, &top) {
-                return Err(xdisk_backend::Error::Live("the top image changed".into()));
-            }
-            let q = img
-                .as_qcow2()
-                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
-            let old_link = q.header().backing_file.clone();
-            let old_fmt = q.header().backing_format.clone();
-            img.close()?;
-            q.set_backing(Some(&link.0), Some(&link.1))?;
-            let restore = {
-                let img = img.clone();
-                move || {
-                    if let Some(q) = img.as_qcow2() {
-                        if let Err(e) = q.set_backing(old_link.as_deref(), old_fmt.as_deref()) {
-                            tracing::error!("cannot restore the backing link: {e}");
-                        }
-                    }
-                }
-            };
-            let new = match Image::open_overlay(&path, &opts, base_ro) {
-                Ok(i) => i,
-                Err(e) => {
-                    restore();
-                    return Err(e.into());
-                }
-            };
-            let old = img.clone();
-            Ok(Some(xdisk_backend::Switch {
-                image: new,
-                commit: Box::new(move || {
-                    old.seal();
-                    Ok(())
-                }),
-                rollback: Box::new(restore),
-            }))
-        }))?;
-        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Ok((copied, paused_us))
-    }
-}
-
-/// A stream job's thread (see [`Supervisor::stream`]).
-struct StreamRun {
-    job: Arc<crate::jobs::Job>,
-    entry: Arc<Entry>,
-    handle: xdisk_backend::DeviceHandle,
-    top: Arc<Image>,
-    top_path: std::path::PathBuf,
-    layers: Vec<Arc<Image>>,
-    base_img: Option<Arc<Image>>,
-    base_link: Option<(String, String)>,
-    cache: CacheMode,
-    spec: DiskSpec,
-}
-
-impl StreamRun {
-    fn run(self) {
-        let name = self.entry.key.name();
-        let result = match self.copy() {
-            Ok((copied, paused_us)) => {
-                let now = self.handle.image();
-                lock(&self.entry.status).chain = ChainLayer::of(&now);
-                tracing::info!(device = %name, job = self.job.id(), copied, paused_us, backing = ?self.base_link, "stream");
-                Ok(crate::jobs::Outcome::Stream(crate::control::StreamReply {
-                    device: name.clone(),
-                    image: self.top_path.display().to_string(),
-                    backing: self.base_link.as_ref().map(|b| b.0.clone()),
-                    copied_bytes: copied,
-                    paused_us,
-                }))
-            }
-            Err(e) => {
-                if self.job.cancelled() {
-                    tracing::info!(device = %name, job = self.job.id(), "stream cancelled; the chain is unchanged");
-                } else {
-                    tracing::warn!(device = %name, job = self.job.id(), "stream failed: {e}");
-                }
-                Err(format!("stream of {name}: {e}"))
-            }
-        };
-        let (job, entry) = (self.job.clone(), self.entry.clone());
-        drop(self);
-        *lock(&entry.job) = None;
-        job.finish(result);
-    }
-
-    /// The copy, chunk by chunk each in a pause of the queues, then the switch of the
-    /// backing link; returns the bytes copied and the last pause (microseconds).
-    fn copy(&self) -> xdisk_backend::Result<(u64, u64)> {
-        let size = self.top.size();
-        let mut copied = 0u64;
-        let mut off = 0u64;
-        while off < size {
-            let len = (size - off).min(COPY_CHUNK);
-            let n = Arc::new(Mutex::new(0u64));
-            let (n2, top, layers) = (n.clone(), self.top.clone(), self.layers.clone());
-            self.quiesce(Box::new(move |img: &Arc<Image>| {
-                if !Arc::ptr_eq(img, &top) {
-                    return Err(xdisk_backend::Error::Live("the top image changed".into()));
-                }
-                // Looked up with nothing in flight: what the guest wrote is allocated.
-                let ranges = stream_ranges(img, &layers, off, len)?;
-                let mut buf = Vec::new();
-                let mut done = 0;
-                for (o, l) in ranges {
-                    let k = usize::try_from(l)
-                        .map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
-                    buf.resize(k, 0);
-                    img.read_at(&mut buf[..k], o)?;
-                    if buf[..k].iter().all(|&b| b == 0) {
-                        img.write_zeroes(o, l, false)?;
-                    } else {
-                        img.write_at(&buf[..k], o)?;
-                    }
-                    done += l;
-                }
-                *lock(&n2) = done;
-                Ok(None)
-            }))?;
-            let done = *lock(&n);
-            copied += done;
-            off += len;
-            self.job.checkpoint(done).map_err(job_stopped)?;
-        }
-        // Last chance to cancel: the switch is not interrupted.
-        self.job.checkpoint(0).map_err(job_stopped)?;
-        let started = std::time::Instant::now();
-        let (top, path, link, base) = (
-            self.top.clone(),
-            self.top_path.clone(),
-            self.base_link.clone(),
-            self.base_img.clone(),
-        );
-        let (opts, layers) = (
-            OpenOptions {
-                format: Some(Format::Qcow2),
-                read_only: false,
-                cache: self.cache,
-                backing_dirs: self.spec.backing_dirs.clone(),
-                ..OpenOptions::default()
-            },
-            self.layers.clone(),
-        );
-        self.quiesce(Box::new(move |img: &Arc<Image>| {
-            if !Arc::ptr_eq(img, &top) {
-                return Err(xdisk_backend::Error::Live("the top image changed".into()));
-            }
-            // What the guest wrote since the last chunk cannot have made a range need
-            // copying (writes only allocate in the top): the data is all up. Checked anyway.
-            if !stream_ranges(img, &layers, 0, img.size())?.is_empty() {
-                return Err(xdisk_backend::Error::Live(
-                    "backing data is still missing from the top".into(),
-                ));
-            }
-            let q = img
-                .as_qcow2()
-                .ok_or_else(|| xdisk_backend::Error::Live("the top image changed".into()))?;
-            let old_link = q.header().backing_file.clone();
-            let old_fmt = q.header().backing_format.clone();
-            img.close()?;
-            q.set_backing(
-                link.as_ref().map(|l| l.0.as_str()),
-                link.as_ref().map(|l| l.1.as_str()),
-            )?;
-            let restore = {
-                let img = img.clone();
-                move || {
-                    if let Some(q) = img.as_qcow2() {
-                        if let Err(e) = q.set_backing(old_link.as_deref(), old_fmt.as_deref()) {
-                            tracing::error!("cannot restore the backing link: {e}");
-                        }
-                    }
-                }
-            };
-            let opened = match base {
-                Some(b) => Image::open_overlay(&path, &opts, b),
-                None => Image::open(&path, &opts),
-            };
-            let new = match opened {
-                Ok(i) => i,
-                Err(e) => {
-                    restore();
-                    return Err(e.into());
-                }
-            };
-            let old = img.clone();
-            Ok(Some(xdisk_backend::Switch {
-                image: new,
-                commit: Box::new(move || {
-                    old.seal();
-                    Ok(())
-                }),
-                rollback: Box::new(restore),
-            }))
-        }))?;
-        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Ok((copied, paused_us))
+impl JobDevice {
+    /// The device's name (`qdisk/5/51712`).
+    pub(crate) fn name(&self) -> String {
+        self.entry.key.name()
     }
 
     /// [`Device::quiesce`] with the device's live lock held (one pause at a time).
-    fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
+    pub(crate) fn quiesce(&self, f: xdisk_backend::QuiesceFn) -> xdisk_backend::Result<()> {
         let _one = lock(&self.entry.live);
         self.handle.quiesce(f)
     }
-}
 
-fn job_stopped(e: crate::jobs::Cancelled) -> xdisk_backend::Error {
-    xdisk_backend::Error::Live(e.to_string())
-}
-
-/// Chunk of the jobs' copies: between two, the guest's requests go first (see
-/// [`crate::jobs::Job::checkpoint`]).
-const COPY_CHUNK: u64 = 256 << 10;
-
-/// Bytes allocated in `top` (data or zeroes): what a commit copies in its first pass.
-fn allocated_bytes(top: &Image) -> xdisk_backend::Result<u64> {
-    let size = top.size();
-    let (mut off, mut n) = (0, 0);
-    while off < size {
-        let want = (size - off).min(1 << 30);
-        let st = top.layer_status(off, want)?;
-        let len = st.len().clamp(1, want);
-        if !matches!(st, xdisk_image::LayerStatus::Unallocated { .. }) {
-            n += len;
-        }
-        off += len;
+    /// What writes the device's `params` (a switch's commit).
+    pub(crate) fn params_writer(
+        &self,
+        params: String,
+    ) -> impl FnOnce() -> xdisk_backend::Result<()> + Send + 'static {
+        let (xs, be) = (self.xs.clone(), self.entry.be.clone());
+        move || persist_params(&xs, &be, &params)
     }
-    Ok(n)
-}
 
-/// Copies every range allocated in `top` (data or zeroes) into `base`, chunk by chunk with
-/// a [`crate::jobs::Job::checkpoint`] between two; returns the bytes.
-fn copy_allocated(top: &Image, base: &Image, job: &crate::jobs::Job) -> xdisk_backend::Result<u64> {
-    let size = top.size();
-    let mut off = 0;
-    let mut copied = 0;
-    let mut buf = Vec::new();
-    while off < size {
-        let want = (size - off).min(COPY_CHUNK);
-        let st = top.layer_status(off, want)?;
-        let len = st.len().clamp(1, want);
-        match st {
-            xdisk_image::LayerStatus::Unallocated { .. } => {}
-            xdisk_image::LayerStatus::Zero { .. } => {
-                base.write_zeroes(off, len, false)?;
-                copied += len;
-                job.checkpoint(len).map_err(job_stopped)?;
+    /// After a switch: the device's chain as it is now, and with `spec` the disk it serves
+    /// (a commit's base, a mirror's target).
+    pub(crate) fn served(&self, spec: Option<DiskSpec>) {
+        let now = self.handle.image();
+        {
+            let mut st = lock(&self.entry.status);
+            if let Some(s) = &spec {
+                st.image = Some(s.shown());
+                st.format = s.format.map(|f| f.as_str().to_owned());
             }
-            xdisk_image::LayerStatus::Data { .. } => {
-                copy_one(top, base, off, len, &mut buf)?;
-                copied += len;
-                job.checkpoint(len).map_err(job_stopped)?;
-            }
+            st.chain = ChainLayer::of(&now);
         }
-        off += len;
-    }
-    Ok(copied)
-}
-
-/// Copies byte ranges (from a dirty bitmap) of `top` into `base`, with a
-/// [`crate::jobs::Job::checkpoint`] between two chunks if `job` is given (not with the queues
-/// paused); returns the bytes.
-fn copy_ranges(
-    top: &Image,
-    base: &Image,
-    ranges: &[(u64, u64)],
-    job: Option<&crate::jobs::Job>,
-) -> xdisk_backend::Result<u64> {
-    let mut buf = Vec::new();
-    let mut copied = 0;
-    for &(o, l) in ranges {
-        let end = (o + l).min(top.size());
-        let mut off = o;
-        while off < end {
-            let len = (end - off).min(COPY_CHUNK);
-            copy_one(top, base, off, len, &mut buf)?;
-            copied += len;
-            off += len;
-            if let Some(j) = job {
-                j.checkpoint(len).map_err(job_stopped)?;
-            }
+        if let Some(s) = spec {
+            *lock(&self.entry.spec) = Some((s, self.cache));
         }
     }
-    Ok(copied)
-}
 
-fn copy_one(
-    top: &Image,
-    base: &Image,
-    off: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> xdisk_backend::Result<()> {
-    let n =
-        usize::try_from(len).map_err(|_| xdisk_backend::Error::Live("range too large".into()))?;
-    buf.resize(n, 0);
-    top.read_at(&mut buf[..n], off)?;
-    base.write_at(&buf[..n], off)?;
-    Ok(())
+    /// The job has ended: the device takes another one.
+    pub(crate) fn release(&self) {
+        *lock(&self.entry.job) = None;
+    }
 }
 
 impl crate::control::LiveOps for Supervisor {
@@ -2734,6 +1989,10 @@ impl crate::control::LiveOps for Supervisor {
 
     fn job(&self, id: u64, action: crate::jobs::JobAction) -> Result<crate::jobs::JobInfo> {
         Supervisor::job_control(self, id, action)
+    }
+
+    fn job_set_speed(&self, id: u64, speed: u64) -> Result<crate::jobs::JobInfo> {
+        self.inner.jobs.set_speed(id, speed)
     }
 
     fn snapshot(

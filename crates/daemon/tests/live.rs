@@ -1489,7 +1489,7 @@ fn intermediate_commit_under_writes() {
     let e = commit(&mid, Some(&mid), 0).unwrap_err().to_string();
     assert!(e.contains("not a layer under --top"), "{e}");
     let e = commit(&disk.path, None, 0).unwrap_err().to_string();
-    assert!(e.contains("not supported yet"), "{e}");
+    assert!(e.contains("nothing to commit into"), "{e}");
     let j = commit(&mid, None, 256 << 10).expect("commit --top mid");
     std::thread::sleep(Duration::from_millis(300));
     d.job(j.id, JobAction::Cancel).expect("cancel");
@@ -1532,6 +1532,288 @@ fn intermediate_commit_under_writes() {
     }
     assert!(contents(&top) == want, "the chain top <- base differs");
     check_old_top(&contents(&disk.path), &recs, sent, answered);
+}
+
+/// `qemu-img compare` of an image (its chain) with the model's bytes.
+fn compare_with_model(image: &Path, want: &[u8]) {
+    let model = image.with_extension("model");
+    std::fs::write(&model, want).unwrap();
+    qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        image.to_str().unwrap(),
+        model.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&model);
+}
+
+/// `xdisk commit --top M1` of a layer two under the top, under writes through the ring,
+/// over base <- m1 <- m2 <- top: a cancelled one leaves the chain as it was; then m1 is
+/// merged into base (base then holds the disk as of the snapshot that made m2), m2's header
+/// names base and the device reads through top <- m2 <- base. The frontend reads its model,
+/// every image checks clean, qemu-img compare finds the chain equal to the model.
+#[test]
+fn deep_intermediate_commit_under_writes() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let m1 = disk.dir.path().join("m1.qcow2");
+    let m2 = disk.dir.path().join("m2.qcow2");
+    let top = disk.dir.path().join("top.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 7_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    d.snapshot("xvda", &m1, false).expect("snapshot m1");
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = Instant::now();
+    d.snapshot("xvda", &m2, false).expect("snapshot m2");
+    let answered = Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    d.snapshot("xvda", &top, false).expect("snapshot top");
+    pace.store(5_000, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    let commit = |top_l: &Path, base_l: Option<&Path>, speed: u64| {
+        control::request(
+            &d.sock,
+            &ControlRequest::Commit {
+                device: "xvda".into(),
+                speed,
+                top: Some(top_l.to_str().unwrap().into()),
+                base: base_l.map(|b| b.to_str().unwrap().into()),
+            },
+        )
+        .map(|r| r.job.unwrap())
+    };
+    let e = commit(&disk.dir.path().join("nope.qcow2"), None, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a layer of the chain"), "{e}");
+    let e = commit(&m1, Some(&m2), 0).unwrap_err().to_string();
+    assert!(e.contains("not a layer under --top"), "{e}");
+    let chain4 = vec![
+        top.display().to_string(),
+        m2.display().to_string(),
+        m1.display().to_string(),
+        disk.path.display().to_string(),
+    ];
+    let j = commit(&m1, None, 256 << 10).expect("commit --top m1");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    assert_eq!(d.wait(j.id).state, JobState::Cancelled);
+    assert_eq!(d.chain_of("xvda"), chain4);
+    assert_eq!(backing_of(&m2).as_deref(), m1.to_str());
+
+    let j = commit(&m1, None, 0).expect("commit --top m1");
+    let end = d.wait(j.id);
+    eprintln!("deep intermediate commit: {end:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(
+        end.commit.as_ref().unwrap().image,
+        disk.path.display().to_string()
+    );
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![
+            top.display().to_string(),
+            m2.display().to_string(),
+            disk.path.display().to_string()
+        ]
+    );
+    assert_eq!(backing_of(&m2).as_deref(), disk.path.to_str());
+    assert_eq!(backing_of(&top).as_deref(), m2.to_str());
+    // The device reads through the new chain: a snapshot and a commit of the top still work.
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", top.display()).as_str())
+    );
+    d.stop();
+    for p in [&disk.path, &m1, &m2, &top] {
+        check_clean(p);
+    }
+    compare_with_model(&top, &want);
+    check_old_top(&contents(&disk.path), &recs, sent, answered);
+}
+
+const DEEP_COMMIT_KILL_CHILD: &str = "XDISK_LIVE_DEEP_COMMIT_KILL_CHILD";
+
+/// The data the child of [`sigkill_mid_deep_commit_leaves_a_valid_chain`] writes: 48
+/// blocks of 64 KiB into base, 32 into m1, 16 into m2, 8 into top (overlapping).
+fn deep_commit_writes() -> Vec<(u64, u64)> {
+    let mut v = Vec::new();
+    for i in 0..48u64 {
+        v.push((i * 256, 100 + i));
+    }
+    for i in 0..32u64 {
+        v.push((i * 384 + 128, 200 + i));
+    }
+    for i in 0..16u64 {
+        v.push((i * 768 + 64, 300 + i));
+    }
+    for i in 0..8u64 {
+        v.push((i * 1024 + 512, 400 + i));
+    }
+    v
+}
+
+/// The child of [`sigkill_mid_deep_commit_leaves_a_valid_chain`] (does nothing unless run
+/// by it): base <- m1 <- m2 <- top written as [`deep_commit_writes`] says, then a commit of
+/// m1 into base at 2 MiB/s, looped until the kill.
+#[test]
+fn deep_commit_kill_child() {
+    let Ok(dir) = std::env::var(DEEP_COMMIT_KILL_CHILD) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let d = daemon();
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let writes = deep_commit_writes();
+    let layers = [
+        (0usize, 48usize, None),
+        (48, 80, Some("m1")),
+        (80, 96, Some("m2")),
+        (96, 104, Some("top")),
+    ];
+    for (from, to, snap) in layers {
+        if let Some(s) = snap {
+            d.snapshot("xvda", &dir.join(format!("{s}.qcow2")), false)
+                .expect("snapshot");
+        }
+        for &(sector, seed) in &writes[from..to] {
+            front.write(sector, &pattern(seed, 65536)).unwrap();
+        }
+        front.flush().unwrap();
+    }
+    println!("DEEP-READY");
+    let r = control::request(
+        &d.sock,
+        &ControlRequest::Commit {
+            device: "xvda".into(),
+            speed: 2 << 20,
+            top: Some(dir.join("m1.qcow2").to_str().unwrap().into()),
+            base: None,
+        },
+    )
+    .unwrap();
+    let end = d.wait(r.job.unwrap().id);
+    println!("DEEP-DONE {:?}", end.state);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A daemon killed (SIGKILL) at moments of a commit of a layer two under the top leaves a
+/// valid chain: no image corrupt, the top reads what the guest wrote (qemu-img compare with
+/// the model) through whichever link m2's header holds, and a restarted daemon commits m1
+/// again if m2 still names it.
+#[test]
+fn sigkill_mid_deep_commit_leaves_a_valid_chain() {
+    use std::io::BufRead;
+    let mut want = vec![0u8; DISK as usize];
+    for (sector, seed) in deep_commit_writes() {
+        let o = (sector * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(seed, 65536));
+    }
+    for (round, delay_ms) in [5u64, 300, 900, 2500].into_iter().enumerate() {
+        let dir = tmpdir();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "deep_commit_kill_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(DEEP_COMMIT_KILL_CHILD, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if l.contains("DEEP-READY") || l.contains("DEEP-DONE") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(ready.is_ok(), "the child never got ready");
+        let done = rx.try_recv().ok();
+        eprintln!("round {round}: killed {delay_ms} ms after the commit started ({done:?})");
+        let [base, m1, m2, top] =
+            ["base", "m1", "m2", "top"].map(|n| dir.path().join(format!("{n}.qcow2")));
+        for p in [&base, &m1, &m2, &top] {
+            check_no_corruption(p);
+        }
+        compare_with_model(&top, &want);
+        let relinked = backing_of(&m2).as_deref() == base.to_str();
+        if done.is_some_and(|l| l.contains("Completed")) {
+            assert!(relinked, "round {round}: completed, but m2 names m1");
+        }
+        if !relinked {
+            assert_eq!(backing_of(&m2).as_deref(), m1.to_str(), "round {round}");
+            let d = daemon();
+            let _dom = d.host.guest(1);
+            d.host
+                .add_qdisk(1, 51712, &format!("qcow2:{}", top.display()), &[]);
+            wait_until("the device runs", T, || {
+                d.sup
+                    .device("qdisk/1/51712")
+                    .is_some_and(|s| s.phase == xdisk_daemon::status::Phase::Running)
+            });
+            let r = control::request(
+                &d.sock,
+                &ControlRequest::Commit {
+                    device: "qdisk/1/51712".into(),
+                    speed: 0,
+                    top: Some(m1.to_str().unwrap().into()),
+                    base: None,
+                },
+            )
+            .unwrap();
+            assert_eq!(d.wait(r.job.unwrap().id).state, JobState::Completed);
+            d.stop();
+            for p in [&base, &m2, &top] {
+                check_no_corruption(p);
+            }
+            assert_eq!(backing_of(&m2).as_deref(), base.to_str(), "round {round}");
+            compare_with_model(&top, &want);
+        }
+    }
 }
 
 const STREAM_KILL_CHILD: &str = "XDISK_LIVE_STREAM_KILL_CHILD";
@@ -1791,6 +2073,233 @@ fn mirror_under_writes_cancel_sync_top_pivot_and_complete() {
         std::fs::read(&t2).unwrap() == want,
         "the raw target differs"
     );
+}
+
+/// `xdisk mirror` of a device served from a raw image, under writes through the ring: the
+/// guest's writes are recorded in memory (no persistent bitmap to keep them in); a mirror
+/// at 4 MiB/s to a new qcow2 with --pivot copies the writes made during its first pass
+/// again, switches the device over, and the target holds what the frontend wrote
+/// (qemu-img check clean, qemu-img compare with the model); the raw source holds the
+/// disk as of the switch at the latest. A cancelled mirror leaves the device on the raw
+/// image.
+#[test]
+fn mirror_of_a_raw_top_under_writes_pivots() {
+    let d = daemon();
+    let disk = raw_disk(DISK);
+    let t0 = disk.dir.path().join("t0.qcow2");
+    let t1 = disk.dir.path().join("t1.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("aio:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), 8_000_000, pace.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    // A guest that writes less than the copy goes (a mirror only converges then).
+    pace.store(50_000, Ordering::SeqCst);
+    let j = d
+        .mirror_job("xvda", &t0, "qcow2", "full", false, 512 << 10)
+        .expect("mirror");
+    std::thread::sleep(Duration::from_millis(300));
+    d.job(j.id, JobAction::Cancel).expect("cancel");
+    assert_eq!(d.wait(j.id).state, JobState::Cancelled);
+    assert_eq!(d.image_of("xvda"), disk.path.display().to_string());
+
+    let speed = 4u64 << 20;
+    let j = d
+        .mirror_job("xvda", &t1, "qcow2", "full", true, speed)
+        .expect("mirror of the raw top");
+    let end = d.wait(j.id);
+    eprintln!("mirror of a raw top: {end:?}");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let r = end.mirror.clone().unwrap();
+    assert!(r.passes >= 3, "{r:?}");
+    // The first pass took about 2 s, the guest wrote meanwhile: found and copied again.
+    assert!(end.total_bytes > DISK, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![t1.display().to_string()]);
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", t1.display()).as_str())
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&t1);
+    compare_with_model(&t1, &want);
+}
+
+/// `xdisk job set-speed` (QEMU's block-job-set-speed) on a running commit under writes: a
+/// commit limited to 64 KiB/s, which would take a minute, finishes within seconds once
+/// its limit is lifted; the job reports each limit; a finished job's speed cannot change.
+#[test]
+fn job_set_speed_changes_a_running_commit() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let top = disk.dir.path().join("top.qcow2");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    d.snapshot("xvda", &top, false).expect("snapshot");
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(500 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(20_000));
+    let w = paced_writer(front, stop.clone(), 9_000_000, pace);
+    let set_speed = |id: u64, speed: u64| {
+        control::request(&d.sock, &ControlRequest::JobSetSpeed { id, speed })
+            .map(|r| r.job.unwrap())
+    };
+    let j = d.commit_job("xvda", 64 << 10).expect("commit");
+    std::thread::sleep(Duration::from_millis(300));
+    let now = set_speed(j.id, 32 << 10).expect("set-speed 32k");
+    assert_eq!(now.speed, 32 << 10);
+    assert_eq!(now.state, JobState::Running, "{now:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let slow = d.job(j.id, JobAction::Pause).unwrap();
+    assert!(slow.done_bytes < 1 << 20, "{slow:?}");
+    d.job(j.id, JobAction::Resume).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(set_speed(j.id, 0).expect("set-speed 0").speed, 0);
+    let end = d.wait(j.id);
+    eprintln!("commit after set-speed 0: {end:?} in {:?}", t0.elapsed());
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    let e = set_speed(j.id, 1).unwrap_err().to_string();
+    assert!(e.contains("is completed"), "{e}");
+    let e = set_speed(999, 1).unwrap_err().to_string();
+    assert!(e.contains("no job 999"), "{e}");
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(500 + i, 65536));
+    }
+    for r in &recs {
+        let o = (r.block as usize) * BLOCK;
+        want[o..o + BLOCK].copy_from_slice(&data_of(r.version));
+    }
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    check_clean(&disk.path);
+    compare_with_model(&disk.path, &want);
+}
+
+/// Zeroes the guest wrote over backing data (64 KiB of zero bytes: a data cluster; a
+/// discard: a zero cluster) read as zeroes after each job that copies them onto an image
+/// that keeps a backing file under it: a stream with --base, an intermediate commit into a
+/// layer with a backing file, a mirror --sync top (each copies them with write_zeroes
+/// without unmap, which a layer over a backing file keeps as zero clusters).
+#[test]
+fn guest_zeroes_over_backing_data_survive_stream_commit_and_mirror() {
+    let d = daemon();
+    let disk = qcow2_disk(DISK);
+    let p = |n: &str| disk.dir.path().join(n);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let mut want = vec![0u8; DISK as usize];
+    let block = |i: u64| i * 128; // 64 KiB blocks, in sectors
+    let mut put =
+        |front: &mut xdisk_blkfront::Frontend, i: u64, seed: Option<u64>, discard: bool| {
+            let o = (i * 65536) as usize;
+            match seed {
+                Some(sd) => {
+                    let data = pattern(sd, 65536);
+                    front.write(block(i), &data).unwrap();
+                    want[o..o + 65536].copy_from_slice(&data);
+                }
+                None if discard => {
+                    front.discard(block(i), 128).unwrap();
+                    want[o..o + 65536].fill(0);
+                }
+                None => {
+                    front.write(block(i), &[0u8; 65536]).unwrap();
+                    want[o..o + 65536].fill(0);
+                }
+            }
+        };
+    for i in 0..24 {
+        put(&mut front, i, Some(700 + i), false);
+    }
+    front.flush().unwrap();
+    /// 64 KiB of zero bytes at block `from`, a discard of block `from + 1`, a flush.
+    type Put<'a> = dyn FnMut(&mut xdisk_blkfront::Frontend, u64, Option<u64>, bool) + 'a;
+    let zeroes = |front: &mut xdisk_blkfront::Frontend, put: &mut Put, from: u64| {
+        put(front, from, None, false);
+        put(front, from + 1, None, true);
+        front.flush().unwrap();
+    };
+    // Stream --base: mid's zeroes come up into the top, which then names the base.
+    d.snapshot("xvda", &p("mid.qcow2"), false).unwrap();
+    zeroes(&mut front, &mut put, 0);
+    d.snapshot("xvda", &p("top.qcow2"), false).unwrap();
+    put(&mut front, 20, Some(800), false);
+    front.flush().unwrap();
+    let j = d.stream_job("xvda", Some(&disk.path), 0).unwrap();
+    assert_eq!(d.wait(j.id).state, JobState::Completed);
+    // Intermediate commit of t2 into the top, which keeps the base under it.
+    d.snapshot("xvda", &p("t2.qcow2"), false).unwrap();
+    zeroes(&mut front, &mut put, 4);
+    d.snapshot("xvda", &p("t3.qcow2"), false).unwrap();
+    let r = control::request(
+        &d.sock,
+        &ControlRequest::Commit {
+            device: "xvda".into(),
+            speed: 0,
+            top: Some(p("t2.qcow2").to_str().unwrap().into()),
+            base: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(d.wait(r.job.unwrap().id).state, JobState::Completed);
+    assert_eq!(
+        backing_of(&p("t3.qcow2")).as_deref(),
+        p("top.qcow2").to_str()
+    );
+    // Mirror --sync top: t3's zeroes go into a target over the same backing file.
+    zeroes(&mut front, &mut put, 8);
+    let j = d
+        .mirror_job("xvda", &p("m.qcow2"), "qcow2", "top", true, 0)
+        .unwrap();
+    assert_eq!(d.wait(j.id).state, JobState::Completed);
+    assert_eq!(
+        d.chain_of("xvda"),
+        vec![
+            p("m.qcow2").display().to_string(),
+            p("top.qcow2").display().to_string(),
+            disk.path.display().to_string()
+        ]
+    );
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the frontend reads something else than it wrote"
+    );
+    front.disconnect().unwrap();
+    d.stop();
+    for n in ["mid.qcow2", "top.qcow2", "t2.qcow2", "t3.qcow2", "m.qcow2"] {
+        check_clean(&p(n));
+    }
+    check_clean(&disk.path);
+    compare_with_model(&p("m.qcow2"), &want);
 }
 
 const MIRROR_KILL_CHILD: &str = "XDISK_LIVE_MIRROR_KILL_CHILD";

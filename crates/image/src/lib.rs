@@ -345,6 +345,8 @@ pub struct Image {
     /// Told of every change of the layer's contents before it happens (see
     /// [`WriteObserver`]).
     observer: std::sync::RwLock<Option<Arc<dyn WriteObserver>>>,
+    /// Writes recorded in memory (see [`Image::start_write_tracking`]).
+    written: WriteTracking,
 }
 
 /// Told of every change of an image layer's guest-visible contents before it happens: each
@@ -367,6 +369,14 @@ pub trait WriteObserver: Send + Sync + std::fmt::Debug {
     /// returns. It cannot fail the write: an observer that cannot do its work records that
     /// itself (the guest's write matters more than the observer's copy).
     fn before_write(&self, image: &Image, offset: u64, len: u64);
+}
+
+/// The in-memory record of the writes that reach an [`Image`], while a job asks for it.
+#[derive(Debug, Default)]
+struct WriteTracking {
+    /// Whether `bits` records: the only thing the write paths look at otherwise.
+    on: std::sync::atomic::AtomicBool,
+    bits: std::sync::Mutex<Option<qcow2::bitmap::DirtyBitmap>>,
 }
 
 /// Probes the format of a file from its first bytes.
@@ -635,6 +645,7 @@ impl Image {
             sealed: std::sync::atomic::AtomicBool::new(false),
             observed: std::sync::atomic::AtomicBool::new(false),
             observer: std::sync::RwLock::new(None),
+            written: WriteTracking::default(),
         }
     }
 
@@ -749,6 +760,67 @@ impl Image {
         Ok(Arc::new(Image::of_driver(Box::new(q))))
     }
 
+    /// Starts recording in memory, `granularity` bytes per bit (a power of two, 512 B to
+    /// 1 GiB), the range of every write, write-zeroes and discard that reaches this layer
+    /// from then on (the fast path's writes as they are mapped, [`Image::map`], before their
+    /// data goes out; the slow path's as they start): what a mirror of a layer without
+    /// persistent bitmaps (raw) copies again. Call it with no write in flight (a device's
+    /// queues paused) so that none is missed; a recording in progress starts over.
+    pub fn start_write_tracking(&self, granularity: u64) -> Result<()> {
+        if !granularity.is_power_of_two() || !(512..=1 << 30).contains(&granularity) {
+            return Err(Error::InvalidArgument(format!(
+                "write tracking granularity {granularity}: expected a power of two from 512 \
+                 to 1 GiB"
+            )));
+        }
+        let bits = qcow2::bitmap::DirtyBitmap::new(self.size(), granularity.trailing_zeros(), 16)?;
+        let mut b = self.written.bits.lock().unwrap_or_else(|e| e.into_inner());
+        *b = Some(bits);
+        self.written
+            .on
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The ranges recorded since [`Image::start_write_tracking`] or the last take (whole
+    /// granules, merged, in order), and clears them; empty when nothing records. A write
+    /// in flight meanwhile may be recorded before or after: take with none in flight.
+    pub fn take_written(&self) -> Vec<(u64, u64)> {
+        let mut b = self.written.bits.lock().unwrap_or_else(|e| e.into_inner());
+        match b.as_mut() {
+            Some(bits) => {
+                let r = bits.dirty_ranges();
+                bits.clear();
+                r
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Stops the recording of [`Image::start_write_tracking`] (nothing if none runs).
+    pub fn stop_write_tracking(&self) {
+        self.written
+            .on
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        *self.written.bits.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Records a write of `[offset, offset + len)` if writes are being tracked.
+    #[inline]
+    fn note_write(&self, offset: u64, len: u64) {
+        if self.written.on.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(b) = self
+                .written
+                .bits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                b.set_range(offset, len);
+            }
+        }
+    }
+
     /// Makes this layer read-only for good (writes fail with [`Error::ReadOnly`], flushes do
     /// nothing): what a live snapshot does to the old top once it is the overlay's backing
     /// file. Metadata should be written back first ([`Image::close`]).
@@ -861,6 +933,7 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
         self.before_write(offset, buf.len() as u64);
+        self.note_write(offset, buf.len() as u64);
         self.driver.write_at(buf, offset)
     }
 
@@ -871,6 +944,7 @@ impl Image {
     pub fn write_compressed_cluster(&self, cluster: u64, data: &[u8]) -> Result<bool> {
         if let Some(cs) = self.cluster_size() {
             self.before_write(cluster.saturating_mul(cs), cs);
+            self.note_write(cluster.saturating_mul(cs), cs);
         }
         self.driver.write_compressed_cluster(cluster, data)
     }
@@ -909,6 +983,7 @@ impl Image {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
         self.before_write(offset, len);
+        self.note_write(offset, len);
         self.driver.discard(offset, len)
     }
 
@@ -916,6 +991,7 @@ impl Image {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_write(offset, len)?;
         self.before_write(offset, len);
+        self.note_write(offset, len);
         self.driver.write_zeroes(offset, len, unmap)
     }
 
@@ -999,6 +1075,7 @@ impl Image {
             if self.observer().is_some_and(|o| o.wants(offset, len)) {
                 return Ok(Mapping::Slow);
             }
+            self.note_write(offset, len);
         } else {
             self.check_range(offset, len)?;
         }

@@ -321,3 +321,70 @@ fn queue_reports_out_of_range_and_read_only_as_errors() {
         assert!(d.buf.is_some(), "buffer handed back even on error");
     }
 }
+
+/// `Image::start_write_tracking`: writes through a queue (the fast path, and the slow path
+/// of a qcow2 cluster's first write), write-zeroes and discards are recorded by whole
+/// granules; a take clears the record; nothing is recorded before the start or after the
+/// stop; reads are not recorded.
+#[test]
+fn write_tracking_records_what_reaches_the_image() {
+    const MIB: u64 = 1 << 20;
+    for fmt in ["raw", "qcow2"] {
+        let dir = tmpdir();
+        let p = dir.path().join(format!("disk.{fmt}"));
+        qemu_img(&["create", "-q", "-f", fmt, p.to_str().unwrap(), "4M"]);
+        let img = open(&p, CacheMode::WriteBack);
+        img.write_at(&[1; 512], 0).unwrap();
+        assert!(
+            img.take_written().is_empty(),
+            "{fmt}: recorded before the start"
+        );
+        assert!(img.start_write_tracking(3000).is_err());
+        img.start_write_tracking(65536).unwrap();
+        let mut q: ImageQueue<AlignedBuf> =
+            ImageQueue::new(img.clone(), &QueueConfig::default()).unwrap();
+        let mut done = Vec::new();
+        // The same block twice: a qcow2 cluster is allocated on the slow path, then mapped.
+        for (i, (kind, off)) in [
+            (IoKind::Write, 0x1_1000u64),
+            (IoKind::Write, 0x1_1000),
+            (IoKind::Read, 0x20_0000),
+            (IoKind::Write, MIB + 0xf000),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            q.submit(IoRequest {
+                kind,
+                offset: off,
+                buf: Some(AlignedBuf::new(8192, 4096)),
+                user_data: i as u64,
+            });
+            while done.len() <= i {
+                q.reap(&mut done, 4, Some(Duration::from_secs(10))).unwrap();
+            }
+        }
+        assert!(done.iter().all(|d| d.result.is_ok()), "{fmt}");
+        img.write_zeroes(0x3_0000, 0x2_0000, false).unwrap();
+        img.discard(3 * MIB, 0x1_0000).unwrap();
+        assert_eq!(
+            img.take_written(),
+            vec![
+                (0x1_0000, 0x1_0000),
+                (0x3_0000, 0x2_0000),
+                (MIB, 0x2_0000),
+                (3 * MIB, 0x1_0000)
+            ],
+            "{fmt}"
+        );
+        assert!(img.take_written().is_empty(), "{fmt}: a take clears");
+        img.write_at(&[2; 512], 4 * MIB - 512).unwrap();
+        assert_eq!(img.take_written(), vec![(4 * MIB - 0x1_0000, 0x1_0000)]);
+        img.stop_write_tracking();
+        img.write_at(&[3; 512], 0).unwrap();
+        assert!(
+            img.take_written().is_empty(),
+            "{fmt}: recorded after the stop"
+        );
+    }
+}
