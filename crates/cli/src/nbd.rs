@@ -93,8 +93,50 @@ pub struct NbdArgs {
     /// With --tls-creds: require a client certificate signed by DIR/ca-cert.pem.
     #[arg(long = "tls-verify-peer", requires = "tls_creds")]
     tls_verify_peer: bool,
+    /// Offer the persistent dirty bitmap NAME of the image (qcow2) as the
+    /// `qemu:dirty-bitmap:NAME` metadata context of the default export (as qemu-nbd's -B;
+    /// repeatable). The export serves the bitmap as it is when the server starts, so an
+    /// enabled bitmap needs --read-only (writes through the export would change it).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
     /// The image (the default export).
     image: Option<PathBuf>,
+}
+
+/// The bitmaps `names` of `image`, frozen as they are now, for its export's
+/// `qemu:dirty-bitmap:` contexts. An enabled bitmap of a writable export is refused: the
+/// export's writes would change it after the copy (QEMU serves the live bitmap).
+fn export_bitmaps(
+    image: &Arc<Image>,
+    names: &[String],
+    read_only: bool,
+) -> Result<Vec<(String, Arc<xdisk_image::qcow2::bitmap::DirtyBitmap>)>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = image
+        .as_qcow2()
+        .ok_or_else(|| anyhow!("--bitmap: only qcow2 images have persistent bitmaps"))?;
+    let infos = q.bitmaps();
+    let mut out = Vec::new();
+    for n in names {
+        if out.iter().any(|(o, _)| o == n) {
+            bail!("--bitmap {n} given twice");
+        }
+        let info = infos
+            .iter()
+            .find(|i| &i.name == n)
+            .ok_or_else(|| anyhow!("--bitmap {n}: no such bitmap (xdisk img bitmap lists them)"))?;
+        if info.inconsistent {
+            bail!("--bitmap {n}: the bitmap is inconsistent (its last writer did not save it); remove it and take a full copy");
+        }
+        if info.auto && !read_only {
+            bail!("--bitmap {n}: the bitmap is enabled and the export writable; use --read-only, or disable it first (xdisk img bitmap --disable)");
+        }
+        let b = q.bitmap(n).with_context(|| format!("--bitmap {n}"))?;
+        out.push((n.clone(), Arc::new(b)));
+    }
+    Ok(out)
 }
 
 /// One export to open: name, image, format.
@@ -220,13 +262,23 @@ pub fn run(a: NbdArgs) -> Result<i32> {
             cache,
             &a.backing_dirs,
         )?;
+        // -B belongs to the default export (the IMAGE argument), as in qemu-nbd.
+        let bitmaps = if exports.is_empty() && a.image.is_some() {
+            export_bitmaps(&image, &a.bitmaps, a.read_only)
+                .with_context(|| format!("{}", w.image.display()))?
+        } else {
+            Vec::new()
+        };
         exports.push(Export {
             name: w.name.clone(),
             description: a.description.clone(),
             image,
             read_only: a.read_only,
-            bitmaps: Vec::new(),
+            bitmaps,
         });
+    }
+    if !a.bitmaps.is_empty() && a.image.is_none() {
+        bail!("--bitmap needs the IMAGE argument (it applies to the default export)");
     }
     let images: Vec<Arc<Image>> = exports.iter().map(|e| e.image.clone()).collect();
     let mut cfg = ServerConfig::new(exports);

@@ -186,3 +186,114 @@ fn linux_kernel_nbd_client_reads_and_writes_the_export() {
     let data = std::fs::read(&img).unwrap();
     assert!(data[1 << 20..2 << 20].iter().all(|&b| b == 0));
 }
+
+/// `nbdinfo --map=qemu:dirty-bitmap:NAME` of an export, as text.
+fn bitmap_map(uri: &str, name: &str) -> String {
+    ok(Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .arg(uri))
+}
+
+/// `xdisk nbd -B NAME` offers a persistent bitmap as QEMU's `qemu:dirty-bitmap:NAME`
+/// context, as `qemu-nbd -B` does: the same map from both servers for a bitmap QEMU wrote;
+/// an enabled bitmap on a writable export, an unknown or a raw image's bitmap are refused.
+#[test]
+fn nbd_bitmap_option_serves_the_dirty_bitmap_as_qemu_nbd_does() {
+    let dir = tempfile::Builder::new()
+        .prefix("xdisk-nbd-bitmap-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let img = dir.path().join("disk.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M"));
+    ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x11 0 1M"])
+        .arg(&img));
+    // b0 records what is written from now on (QEMU tracks it in the image's bitmap).
+    ok(Command::new("qemu-img")
+        .args(["bitmap", "--add", "-g", "64k"])
+        .arg(&img)
+        .arg("b0"));
+    ok(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 2M 64k",
+            "-c",
+            "write -P 0x33 5M 300k",
+            "-c",
+            "write -z 9M 128k",
+        ])
+        .arg(&img));
+    let sock = dir.path().join("nbd.sock");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+
+    let mut child = xdisk()
+        .args(["nbd", "-f", "qcow2", "-r", "-t", "-B", "b0", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    wait_for(&sock, &mut child);
+    let ours = bitmap_map(&uri, "b0");
+    let list = ok(Command::new("nbdinfo")
+        .args(["--list", "--content"])
+        .arg(&uri));
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::fs::remove_file(&sock).unwrap();
+    assert!(list.contains("qemu:dirty-bitmap:b0"), "{list}");
+
+    let mut qemu = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-r", "-t", "-B", "b0", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    wait_for(&sock, &mut qemu);
+    let theirs = bitmap_map(&uri, "b0");
+    qemu.kill().unwrap();
+    let _ = qemu.wait();
+    assert_eq!(ours, theirs, "xdisk nbd vs qemu-nbd");
+    // Dirty where written after the add, clean elsewhere (the first write came before).
+    let rows: Vec<Vec<&str>> = ours
+        .lines()
+        .map(|l| l.split_whitespace().take(3).collect())
+        .collect();
+    assert_eq!(rows[0], ["0", "2097152", "0"], "{ours}");
+    assert!(rows.contains(&vec!["2097152", "65536", "1"]), "{ours}");
+    assert!(rows.contains(&vec!["5242880", "327680", "1"]), "{ours}");
+
+    // Refusals, each with a message saying why.
+    for (args, why) in [
+        (vec!["-B", "b0"], "enabled"),
+        (vec!["-r", "-B", "nope"], "no such bitmap"),
+        (vec!["-r", "-B", "b0", "-B", "b0"], "twice"),
+    ] {
+        let out = xdisk()
+            .args(["nbd", "-f", "qcow2", "-k"])
+            .arg(dir.path().join("x.sock"))
+            .args(&args)
+            .arg(&img)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let out = xdisk()
+        .args(["nbd", "-f", "raw", "-r", "-B", "b0", "-k"])
+        .arg(dir.path().join("y.sock"))
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("qcow2"), "{err}");
+}
