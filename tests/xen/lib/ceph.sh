@@ -3,7 +3,7 @@
 # (`# lab-needs: ceph`, e.g. xdisk-rbd). Only when such a scenario is planned:
 #   - tests/ceph/start (the throwaway single-node cluster on 127.0.0.1; reused if running),
 #     in the background from the lab's start (lab_ceph_start_early);
-#   - a Ceph user for dom0 (client.xdisk-lab, `profile rbd` on the pool) and the RBD images
+#   - a Ceph user for dom0 (client.xdisk-lab-TAG, `profile rbd` on the pool) and the RBD images
 #     the scenario serves, made with the host's xdisk (`xdisk img create ... rbd:...`);
 #   - dom0's network: QEMU user networking with `restrict=on` (the guest reaches neither the
 #     host nor anything beyond it) and one `guestfwd` per Ceph port: a guest connection to
@@ -22,7 +22,7 @@ LAB_QEMU_NET=(-nic none)
 LAB_CEPH_FWD=10.0.2.100
 LAB_CEPH_CONF=
 LAB_CEPH_STARTED=0
-LAB_CEPH_USER=xdisk-lab
+LAB_CEPH_USER=
 LAB_CEPH_IMAGES=()
 LAB_CEPH_PATTERN=
 LAB_CEPH_START_PID=
@@ -92,6 +92,10 @@ lab_ceph_prepare() {
   ports=$(lab_ceph_ports) || { lab_log "ceph: reading the cluster's ports failed: $ports"; return 1; }
   [ -n "$ports" ] || { lab_log "ceph: no monitor or OSD port in the maps"; return 1; }
 
+  # Names of this run's own (a cluster found running may serve another lab run, or tests).
+  local tag raw qcow
+  tag=$(date +%s)-$$
+  LAB_CEPH_USER=xdisk-lab-$tag
   mkdir -p "$dest/lab/ceph"
   lab_ceph_ auth get-or-create "client.$LAB_CEPH_USER" mon 'profile rbd' osd 'profile rbd pool=rbd' \
     -o "$dest/lab/ceph/keyring" >/dev/null || { lab_log "ceph: creating client.$LAB_CEPH_USER failed"; return 1; }
@@ -110,8 +114,6 @@ lab_ceph_prepare() {
   } > "$dest/lab/ceph/ceph.conf"
 
   # The images: raw and qcow2 stored in RBD, 64 MiB, made by the host's xdisk.
-  local tag raw qcow
-  tag=$(date +%s)-$$
   raw=xdisk-lab-$tag-raw
   qcow=xdisk-lab-$tag-qcow2
   "$XDISK" img create -f raw "rbd:rbd/$raw:conf=$LAB_CEPH_CONF" 64M >/dev/null ||
@@ -192,7 +194,7 @@ lab_ceph_cleanup() {
     timeout 60 rbd -c "$LAB_CEPH_CONF" rm --no-progress "rbd/$i" >/dev/null 2>&1 ||
       lab_log "ceph: could not remove rbd/$i"
   done
-  lab_ceph_ auth del "client.$LAB_CEPH_USER" >/dev/null 2>&1
+  [ -n "$LAB_CEPH_USER" ] && lab_ceph_ auth del "client.$LAB_CEPH_USER" >/dev/null 2>&1
   if [ "$LAB_CEPH_STARTED" = 1 ]; then
     "$REPO/tests/ceph/stop" >/dev/null 2>&1 || lab_log "ceph: tests/ceph/stop failed"
     lab_log "ceph: cluster stopped"

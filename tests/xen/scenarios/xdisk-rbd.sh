@@ -60,14 +60,14 @@ for p in $CEPH_PORTS; do
   fwd_pids="$fwd_pids $!"
 done
 # banner HOST PORT: the first bytes a server sends (a Ceph v2 endpoint: "ceph v2"); empty
-# if nothing answers within 2 s.
+# if no connection within 1 s (a dropped SYN: restrict=on drops, it does not refuse).
 banner() {
-  timeout 3 socat -T 1 -u "TCP:$1:$2,connect-timeout=2" STDOUT 2>/dev/null | head -c 7
+  timeout 3 socat -T 1 -u "TCP:$1:$2,connect-timeout=1" STDOUT 2>/dev/null | head -c 7
 }
 mon_answers() { [ "$(banner 127.0.0.1 3300)" = "ceph v2" ]; }
 wait_for 30 mon_answers ||
   fail "the monitor does not answer on 127.0.0.1:3300 (forwarded to $CEPH_FWD:3300): '$(banner 127.0.0.1 3300)'"
-echo "ok: the monitor answers through the forwarder: '$(banner 127.0.0.1 3300)'"
+echo "ok: the monitor answers through the forwarder ('ceph v2')"
 check "the host itself (10.0.2.2:3300) is not reachable (restrict=on)" \
   test -z "$(banner 10.0.2.2 3300)"
 check "a port not forwarded ($CEPH_FWD:22) is not reachable" test -z "$(banner "$CEPH_FWD" 22)"
