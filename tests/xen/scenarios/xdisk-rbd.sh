@@ -52,8 +52,9 @@ ifc=$(nic)
 ip addr add 10.0.2.15/24 dev "$ifc" || fail "ip addr add 10.0.2.15/24 dev $ifc"
 ip link set "$ifc" up || fail "ip link set $ifc up"
 echo "network: $ifc $(ip -4 addr show "$ifc" | awk '/inet / { print $2 }'); Ceph ports $CEPH_PORTS via $CEPH_FWD"
-# socat, not busybox nc: a relay without TCP_NODELAY holds back the second small write of a
-# message (Nagle) until the first is acknowledged.
+# socat, not busybox nc: socat sets TCP_NODELAY (nc cannot, and Nagle may hold a relay's
+# second small write until the first is acknowledged). With nc the same I/O took longer in one
+# comparison here, on a noisy host: not a clean measure of how much of it was Nagle.
 for p in $CEPH_PORTS; do
   socat "TCP-LISTEN:$p,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:$CEPH_FWD:$p,nodelay" \
     </dev/null >/dev/null 2>&1 &
