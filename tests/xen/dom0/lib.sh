@@ -74,6 +74,8 @@ lab_reset() {
   done
   # Then the backends (xdisk serve closes its disks on SIGTERM) and device models.
   lab_stop 15 xdisk qemu-system-i386
+  # Port forwarders (xdisk-rbd's way to the host's Ceph cluster).
+  lab_stop 5 socat nc
   xenstore-rm /local/domain/0/image/device-model-pid 2>/dev/null
   # Then any backend or frontend node left for dom0.
   for t in xdisk qdisk vbd vbd3; do

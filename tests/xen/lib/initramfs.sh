@@ -128,7 +128,8 @@ planned_needs() {
   done < "$1" | tr ' ' '\n' | awk 'NF && !seen[$0]++'
 }
 
-# add_need DEST WORD: `qemu-xen` is Debian's qemu-system-xen (downloaded, see fetch_qemu_xen),
+# add_need DEST WORD: `ceph` is the Ceph test cluster on the host and dom0's way to it
+# (lib/ceph.sh); `qemu-xen` is Debian's qemu-system-xen (downloaded, see fetch_qemu_xen),
 # at its Debian path /usr/libexec/xen-qemu-system-i386; any other word is a host command (e.g.
 # fio, losetup from util-linux, strace), installed with apt if missing (package of the same
 # name), copied to /usr/local/bin with its libraries. Busybox's sh runs its own applets before
@@ -138,6 +139,13 @@ add_need() {
   if [ "$need" = pvboot-image ]; then
     # Not a dom0 binary: the guest disk goes onto the data disk (see boot_once).
     build_pvboot_image "$OUT/data-seed"
+    return
+  fi
+  if [ "$need" = ceph ]; then
+    # The cluster on the host, dom0's Ceph files and network (lib/ceph.sh); librbd and its
+    # libraries are in already (xdisk links them); the NIC's driver.
+    add_modules "$dest" virtio_net >/dev/null || return 1
+    lab_ceph_prepare "$dest"
     return
   fi
   if [ "$need" = qemu-xen ]; then
