@@ -765,6 +765,14 @@ fn backup_command_on_the_simulation() {
         assert!(t0.elapsed() < Duration::from_secs(20), "the export stays");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A backup has no `pivot` (finishing it is no switch), even once finished by `job
+    // complete`.
+    let (ok, out, err) = run(&["jobs", "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let last = v.as_array().unwrap().last().unwrap();
+    assert_eq!(last["kind"], "backup", "{out}");
+    assert!(last.get("pivot").is_none(), "{out}");
     let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
     assert!(ok, "{err}");
     drop(serve);

@@ -878,7 +878,7 @@ pub fn wait_job(
     loop {
         let j = job(path, id)?;
         progress(&j);
-        if j.state.finished() || (j.state == JobState::Ready && !j.pivot) {
+        if j.state.finished() || (j.state == JobState::Ready && j.pivot != Some(true)) {
             return Ok(j);
         }
         std::thread::sleep(every);

@@ -2699,6 +2699,8 @@ fn backup_full_then_incremental_under_writes_restores_each_instant() {
     eprintln!("full backup: {:?}", info.backup);
     let e1 = d.backup_finish("xvda", true).expect("finish");
     assert_eq!(e1.state, JobState::Completed, "{e1:?}");
+    // Finished (asked to complete), a backup still shows no mirror's `pivot`.
+    assert_eq!(e1.pivot, None, "{e1:?}");
     let r1 = e1.backup.unwrap();
     assert!(r1.cleared && r1.saved_bytes > 0, "{r1:?}");
     assert!(!sock.exists(), "the export's socket is left");
