@@ -3149,3 +3149,503 @@ fn backup_refusals_and_a_raw_full_backup() {
     d.stop();
     check_clean(&disk.path);
 }
+
+// ---- devices that are not host files: RBD images, NBD exports ----------------------------
+
+use xdisk_rbd::testing::{cluster, rbd_ok, TestImage};
+
+/// A raw RBD image of [`DISK`] bytes on the test cluster (removed when dropped).
+fn rbd_disk(conf: &Path, prefix: &str) -> TestImage {
+    let t = TestImage::new(conf, prefix);
+    rbd_ok(conf, &["create", "--size", "8M", &t.spec()]);
+    t
+}
+
+/// The whole RBD image as `rbd export` reads it.
+fn rbd_export(t: &TestImage, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("{}.export", t.image));
+    rbd_ok(
+        &t.conf,
+        &["export", "--no-progress", &t.spec(), out.to_str().unwrap()],
+    );
+    let v = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    v
+}
+
+/// Runs a guest writing (paced, so that the copy converges) through `front` while
+/// a `--pivot` mirror to `target` runs; returns the job's end, the frontend (still
+/// connected) and the model of every write.
+fn mirror_under_writes(
+    d: &Daemon,
+    front: Frontend,
+    target: &str,
+    format: &str,
+    seed: u64,
+) -> (JobInfo, Frontend, Vec<u8>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), seed, pace.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(20_000, Ordering::SeqCst);
+    let t = Instant::now();
+    let j = d
+        .mirror_job("xvda", Path::new(target), format, "full", true, 0)
+        .expect("mirror");
+    let end = d.wait(j.id);
+    eprintln!("mirror to {target}: {:?}: {end:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let after = recs.iter().filter(|r| r.submitted > t).count();
+    assert!(
+        after > 10,
+        "only {after} writes during and after the mirror"
+    );
+    let m = model(&recs, |_| true);
+    let want = bytes_of(&m);
+    let got = front.read(0, DISK / 512).unwrap();
+    if got != want {
+        let mut bad = Vec::new();
+        for b in 0..BLOCKS as usize {
+            let g = &got[b * BLOCK..(b + 1) * BLOCK];
+            if g != &want[b * BLOCK..(b + 1) * BLOCK] {
+                let held = recs
+                    .iter()
+                    .filter(|r| r.block as usize == b)
+                    .find(|r| data_of(r.version) == g)
+                    .map(|r| (r.version, r.submitted > t, r.acked.duration_since(t)));
+                let zero = g.iter().all(|&x| x == 0);
+                bad.push((b, m[b], held, zero));
+            }
+        }
+        panic!(
+            "the frontend reads something else than it wrote: {} blocks differ: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(12)]
+        );
+    }
+    (end, front, want)
+}
+
+/// `xdisk mirror` of a device served from a raw RBD image to a local qcow2 file, under
+/// writes through the ring (the raw top's writes tracked in memory): the device switches to
+/// the file, which holds the model; the RBD image is left as it was, read-only, and a
+/// snapshot of an RBD top into a local overlay is refused with what to do instead.
+#[test]
+fn mirror_of_an_rbd_top_to_a_local_file_under_writes_pivots() {
+    let Some(conf) = cluster() else { return };
+    let src = rbd_disk(conf, "livemirsrc");
+    let d = daemon();
+    let dir = tmpdir();
+    let target = dir.path().join("t.qcow2");
+    let params = format!("aio:{}", src.name());
+    let dom = d.host.guest(1);
+    d.host.add_qdisk(1, 51712, &params, &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    // An overlay over an RBD image cannot be made live: the refusal says what to do.
+    let e = d
+        .snapshot("xvda", &dir.path().join("o.qcow2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--rbd-snap") && e.contains("mirror"), "{e}");
+    assert!(!dir.path().join("o.qcow2").exists());
+    let (end, mut front, want) =
+        mirror_under_writes(&d, front, target.to_str().unwrap(), "qcow2", 9_000_000);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert!(end.mirror.as_ref().unwrap().passes >= 2, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![target.display().to_string()]);
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", target.display()).as_str())
+    );
+    // Writes after the switch go to the file only.
+    let before = rbd_export(&src, dir.path());
+    front.write(0, &pattern(77, 65536)).unwrap();
+    front.flush().unwrap();
+    front.disconnect().unwrap();
+    d.stop();
+    assert!(
+        rbd_export(&src, dir.path()) == before,
+        "the source changed after the switch"
+    );
+    let mut want = want;
+    want[..65536].copy_from_slice(&pattern(77, 65536));
+    check_clean(&target);
+    compare_with_model(&target, &want);
+}
+
+/// Storage migration into Ceph: `xdisk mirror DEV rbd:POOL/NEW -f raw --pivot` of a
+/// device served from a local qcow2 file, under writes: the RBD image is created as `img
+/// create` makes one, the device switches to it (`params` = `aio:rbd:...`), `rbd export`
+/// and qemu-img's rbd driver read the model from it, and a restarted daemon serves it from
+/// `params`. A qcow2 mirror into an existing RBD image (used as it is) works the same way;
+/// `--sync top` to RBD and NBD targets are refused with the reason.
+#[test]
+fn mirror_of_a_local_disk_to_rbd_under_writes_pivots() {
+    let Some(conf) = cluster() else { return };
+    let disk = qcow2_disk(DISK);
+    let target = TestImage::new(conf, "livemirdst");
+    let name = target.name();
+    let d = daemon();
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let e = d
+        .mirror_job("xvda", Path::new(&name), "qcow2", "top", false, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--sync full"), "{e}");
+    let e = d
+        .mirror_job(
+            "xvda",
+            Path::new("nbd+unix:///e?socket=/tmp/nosuch.sock"),
+            "raw",
+            "full",
+            false,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NBD exports are not supported"), "{e}");
+    assert_eq!(
+        String::from_utf8_lossy(&xdisk_rbd::testing::rbd(conf, &["info", &target.spec()]).stdout),
+        "",
+        "a refused mirror created the target"
+    );
+    let (end, mut front, want) = mirror_under_writes(&d, front, &name, "raw", 10_000_000);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let params = format!("aio:{name}");
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(params.as_str())
+    );
+    assert_eq!(
+        d.image_of("xvda"),
+        format!("rbd:rbd/{}:conf={}", target.image, conf.display())
+    );
+    front.disconnect().unwrap();
+    let host = d.stop();
+    drop(host);
+    assert!(
+        rbd_export(&target, disk.dir.path()) == want,
+        "rbd export differs"
+    );
+    let model_file = disk.dir.path().join("model.raw");
+    std::fs::write(&model_file, &want).unwrap();
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &format!("rbd:{}:conf={}", target.spec(), conf.display()),
+        model_file.to_str().unwrap(),
+    ]);
+    // The source was left as it was, clean.
+    check_clean(&disk.path);
+    // A restarted daemon serves the RBD image from params.
+    let d = daemon();
+    let dom = d.host.guest(1);
+    d.host.add_qdisk(1, 51712, &params, &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "after the restart"
+    );
+
+    // Into an existing RBD image holding a qcow2 image: used as it is, every byte copied.
+    let t2 = TestImage::new(conf, "livemirdst2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &format!("rbd:{}:conf={}", t2.spec(), conf.display()),
+        &DISK.to_string(),
+    ]);
+    front.write(8, &pattern(88, 4096)).unwrap();
+    front.flush().unwrap();
+    let mut want = want;
+    want[4096..8192].copy_from_slice(&pattern(88, 4096));
+    let j = d
+        .mirror_job("xvda", Path::new(&t2.name()), "qcow2", "full", true, 0)
+        .expect("mirror into an existing image");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(end.total_bytes, DISK, "{end:?}");
+    assert!(front.read(0, DISK / 512).unwrap() == want);
+    front.disconnect().unwrap();
+    d.stop();
+    std::fs::write(&model_file, &want).unwrap();
+    let t2_name = format!("rbd:{}:conf={}", t2.spec(), conf.display());
+    qemu_img(&["check", "-f", "qcow2", &t2_name]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        &t2_name,
+        model_file.to_str().unwrap(),
+    ]);
+}
+
+/// `xdisk backup` of a device served from a raw RBD image, under writes: the export read
+/// with `qemu-img convert` while the guest writes is the disk as of the backup's instant
+/// (the scratch a local file); finishing it leaves the image as the guest wrote it.
+#[test]
+fn backup_of_an_rbd_disk_under_writes_is_the_disk_at_the_instant() {
+    let Some(conf) = cluster() else { return };
+    let src = rbd_disk(conf, "livebackup");
+    let d = daemon();
+    let dir = tmpdir();
+    let sock = dir.path().join("b.sock");
+    d.host
+        .add_qdisk(1, 51712, &format!("aio:{}", src.name()), &[]);
+    let dom = d.host.guest(1);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(1000));
+    let w = paced_writer(front, stop.clone(), 11_000_000, pace);
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    let j = d.backup("xvda", &sock, None, None).expect("backup");
+    let answered = Instant::now();
+    let t = Instant::now();
+    let full = read_export(&sock, &dir.path().join("full.raw"));
+    let read = t.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    let end = d.backup_finish("xvda", false).expect("finish");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(end.id, j.id);
+    assert_eq!(end.pivot, None, "{end:?}");
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let during = recs
+        .iter()
+        .filter(|r| r.acked > t && r.submitted < t + read)
+        .count();
+    eprintln!(
+        "backup of an RBD disk: paused {} us, read in {read:?} with {during} writes meanwhile, saved {} bytes",
+        j.backup.as_ref().unwrap().paused_us,
+        end.backup.as_ref().unwrap().saved_bytes
+    );
+    assert!(
+        during >= 5,
+        "only {during} writes while the export was read"
+    );
+    check_old_top(&full, &recs, sent, answered);
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(front.read(0, DISK / 512).unwrap() == want);
+    front.disconnect().unwrap();
+    d.stop();
+    assert!(
+        rbd_export(&src, dir.path()) == want,
+        "the RBD image differs"
+    );
+}
+
+/// An NBD export served by `qemu-nbd` (raw file `file`) on `sock`, killed when dropped.
+struct QemuNbd(std::process::Child);
+
+impl QemuNbd {
+    fn start(file: &Path, sock: &Path) -> QemuNbd {
+        let child = Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-x",
+                "e",
+                "-e",
+                "8",
+                "-t",
+                "--cache=writeback",
+                "-k",
+            ])
+            .arg(sock)
+            .arg(file)
+            .spawn()
+            .expect("qemu-nbd runs");
+        wait_until("qemu-nbd's socket", T, || sock.exists());
+        QemuNbd(child)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `xdisk mirror` of a device served from an NBD export (qemu-nbd over a raw file) to a
+/// local qcow2 file, under writes: the device switches to the file, which holds the model;
+/// the export is not written after the switch; a snapshot of an NBD top is refused with
+/// what to do instead.
+#[test]
+fn mirror_of_an_nbd_top_under_writes_pivots() {
+    let disk = raw_disk(DISK);
+    let sock = disk.dir.path().join("e.sock");
+    let _server = QemuNbd::start(&disk.path, &sock);
+    let d = daemon();
+    let target = disk.dir.path().join("t.qcow2");
+    let dom = d.host.guest(1);
+    d.host.add_qdisk(
+        1,
+        51712,
+        &format!("aio:nbd+unix:///e?socket={}", sock.display()),
+        &[],
+    );
+    let front = connect_with(&dom, 51712, front_cfg());
+    let e = d
+        .snapshot("xvda", &disk.dir.path().join("o.qcow2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NBD") && e.contains("mirror"), "{e}");
+    let (end, mut front, want) =
+        mirror_under_writes(&d, front, target.to_str().unwrap(), "qcow2", 12_000_000);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![target.display().to_string()]);
+    let before = std::fs::read(&disk.path).unwrap();
+    front.write(0, &pattern(78, 4096)).unwrap();
+    front.flush().unwrap();
+    front.disconnect().unwrap();
+    d.stop();
+    assert!(
+        std::fs::read(&disk.path).unwrap() == before,
+        "the export changed after the switch"
+    );
+    let mut want = want;
+    want[..4096].copy_from_slice(&pattern(78, 4096));
+    check_clean(&target);
+    compare_with_model(&target, &want);
+}
+
+impl Daemon {
+    fn rbd_snap(&self, dev: &str, name: &str) -> xdisk_daemon::Result<control::RbdSnapReply> {
+        control::request(
+            &self.sock,
+            &ControlRequest::RbdSnap {
+                device: dev.into(),
+                name: name.into(),
+            },
+        )
+        .map(|r| r.rbd_snap.unwrap())
+    }
+}
+
+/// `xdisk snapshot DEV --rbd-snap NAME` on a device served from a raw RBD image, under
+/// writes: `rbd export IMAGE@NAME` holds every write acknowledged before the request and
+/// none made after its answer (crash-consistent: the queues were paused and the image
+/// flushed), while the device goes on serving the image; on a qcow2 image stored in RBD the
+/// snapshot is a `qemu-img check` clean image of what was written before it. Host-file
+/// devices, bad names and an existing snapshot name are refused.
+#[test]
+fn rbd_snapshot_of_a_running_rbd_device_is_crash_consistent() {
+    let Some(conf) = cluster() else { return };
+    let src = rbd_disk(conf, "livesnap");
+    let q = TestImage::new(conf, "livesnapq");
+    let qname = format!("rbd:{}:conf={}", q.spec(), conf.display());
+    qemu_img(&["create", "-q", "-f", "qcow2", &qname, &DISK.to_string()]);
+    let local = raw_disk(DISK);
+    let d = daemon();
+    let dir = tmpdir();
+    d.host
+        .add_qdisk(1, 51712, &format!("aio:{}", src.name()), &[]);
+    d.host
+        .add_qdisk(2, 51728, &format!("qcow2:{}", q.name()), &[]);
+    d.host
+        .add_qdisk(3, 51744, &format!("aio:{}", local.path.display()), &[]);
+    let dom = d.host.guest(1);
+    let dom2 = d.host.guest(2);
+    let _dom3 = d.host.guest(3);
+    wait_until("the devices run", T, || {
+        d.sup
+            .devices()
+            .iter()
+            .filter(|s| s.phase == xdisk_daemon::status::Phase::Running)
+            .count()
+            == 3
+    });
+    let e = d.rbd_snap("3/51744", "s1").unwrap_err().to_string();
+    assert!(e.contains("not one"), "{e}");
+    for bad in ["", "a@b", "a/b", "a:b", &"x".repeat(200)] {
+        let e = d.rbd_snap("1/51712", bad).unwrap_err().to_string();
+        assert!(e.contains("--rbd-snap"), "{bad:?}: {e}");
+    }
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = paced_writer(front, stop.clone(), 13_000_000, Arc::new(AtomicU64::new(0)));
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    let r = d.rbd_snap("1/51712", "s1").expect("rbd snapshot");
+    let answered = Instant::now();
+    eprintln!("RBD snapshot: {r:?} ({:?})", answered - sent);
+    assert_eq!(r.snapshot, format!("rbd:{}@s1", src.spec()));
+    std::thread::sleep(Duration::from_millis(400));
+    // The name is taken now.
+    let e = d.rbd_snap("1/51712", "s1").unwrap_err().to_string();
+    assert!(e.contains("s1"), "{e}");
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let after = recs.iter().filter(|r| r.submitted > answered).count();
+    assert!(after > 10, "only {after} writes after the snapshot");
+    let snap = {
+        let out = dir.path().join("s1.raw");
+        rbd_ok(
+            conf,
+            &[
+                "export",
+                "--no-progress",
+                &format!("{}@s1", src.spec()),
+                out.to_str().unwrap(),
+            ],
+        );
+        std::fs::read(&out).unwrap()
+    };
+    check_old_top(&snap, &recs, sent, answered);
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(front.read(0, DISK / 512).unwrap() == want);
+    assert_eq!(
+        d.image_of("1/51712"),
+        format!("rbd:{}:conf={}", src.spec(), conf.display())
+    );
+    front.disconnect().unwrap();
+
+    // qcow2 in RBD: the snapshot is a clean image of what was written before it.
+    let mut front2 = connect_with(&dom2, 51728, front_cfg());
+    let before = round_trip(&mut front2, 41);
+    d.rbd_snap("2/51728", "q1")
+        .expect("snapshot of qcow2 in RBD");
+    front2.write(0, &pattern(99, 65536)).unwrap();
+    front2.flush().unwrap();
+    front2.disconnect().unwrap();
+    d.stop();
+    let snap_name = format!("rbd:{}@q1:conf={}", q.spec(), conf.display());
+    qemu_img(&["check", "-f", "qcow2", &snap_name]);
+    let out = dir.path().join("q1.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        &snap_name,
+        out.to_str().unwrap(),
+    ]);
+    let got = std::fs::read(&out).unwrap();
+    for (s, data) in &before {
+        let o = (*s * 512) as usize;
+        assert!(
+            got[o..o + data.len()] == data[..],
+            "sector {s} of the snapshot"
+        );
+    }
+    qemu_img(&["check", "-f", "qcow2", &qname]);
+}

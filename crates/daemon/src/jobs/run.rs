@@ -540,7 +540,7 @@ impl Body for Mirror {
     fn run(&mut self, dev: &JobDevice, job: &Job) -> BResult<Outcome> {
         let (copied, passes, paused_us) = self.converge(dev, job)?;
         dev.served(Some(self.new_spec.clone()));
-        let target = self.new_spec.path.display().to_string();
+        let target = self.new_spec.shown();
         tracing::info!(device = %dev.name(), job = job.id(), %target, copied, passes, paused_us, "mirror pivot");
         Ok(Outcome::Mirror(MirrorReply {
             device: dev.name(),
