@@ -854,6 +854,146 @@ fn bitmap_added_live_records_every_write_acked_after_it() {
     }
 }
 
+/// A child process of this test binary running only the test `test` (a `*_kill_child`
+/// test, which does nothing unless `env` is set: here to `dir`), to be killed with SIGKILL;
+/// every line of its stdout that holds `tag` is handed over from the tag on (the harness
+/// prints `test NAME ... ` before the child's own output on the same line).
+struct KillChild {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl KillChild {
+    fn spawn(test: &str, env: &str, dir: &Path, tag: &'static str) -> KillChild {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(env, dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(i) = l.find(tag) {
+                    let _ = tx.send(l[i..].to_owned());
+                }
+            }
+        });
+        KillChild { child, lines }
+    }
+
+    /// The next tagged line, waited for up to 60 s.
+    fn line(&self) -> Option<String> {
+        self.lines.recv_timeout(Duration::from_secs(60)).ok()
+    }
+
+    /// Runs the child until its first tagged line (it is ready), lets it go on for
+    /// `delay_ms`, kills it; returns the next tagged line it printed before, if any.
+    fn kill_after(
+        test: &str,
+        env: &str,
+        dir: &Path,
+        tag: &'static str,
+        delay_ms: u64,
+    ) -> Option<String> {
+        let child = KillChild::spawn(test, env, dir, tag);
+        let ready = child.line();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let done = child.kill();
+        assert!(ready.is_some(), "the child never got ready");
+        done
+    }
+
+    /// Kills the child (SIGKILL) and reaps it; returns the next tagged line it printed
+    /// before, if any.
+    fn kill(mut self) -> Option<String> {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+        self.lines.try_recv().ok()
+    }
+}
+
+/// Writes `(sector, data)` as JSON (data in hex), for a child to print them.
+fn enc_writes(w: &[(u64, Vec<u8>)]) -> serde_json::Value {
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    w.iter()
+        .map(|(s, d)| serde_json::json!([s, hex(d)]))
+        .collect()
+}
+
+/// What [`enc_writes`] wrote.
+fn dec_writes(v: &serde_json::Value) -> Vec<(u64, Vec<u8>)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let hex = w[1].as_str().unwrap();
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            (w[0].as_u64().unwrap(), bytes)
+        })
+        .collect()
+}
+
+/// A child's daemon serving `dir/NAME`, a new empty qcow2 image of [`DISK`] bytes, to the
+/// connected frontend of guest 1 (xvda).
+fn kill_child_daemon(dir: &Path, name: &str) -> (Daemon, Frontend) {
+    let d = daemon();
+    let image = dir.join(name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        image.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", image.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    (d, front)
+}
+
+/// A child's guest with two layers: 64 blocks of 64 KiB written to `dir/base.qcow2`, a
+/// snapshot to `dir/top.qcow2`, 16 blocks written to the top (flushed); see
+/// [`two_layer_model`].
+fn two_layer_child(dir: &Path) -> (Daemon, Frontend) {
+    let (d, mut front) = kill_child_daemon(dir, "base.qcow2");
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    d.snapshot("xvda", &dir.join("top.qcow2"), false)
+        .expect("snapshot");
+    for i in 0..16u64 {
+        front
+            .write(i * 1024 + 64, &pattern(300 + i, 65536))
+            .unwrap();
+    }
+    front.flush().unwrap();
+    (d, front)
+}
+
+/// The disk [`two_layer_child`] wrote.
+fn two_layer_model() -> Vec<u8> {
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
+    }
+    for i in 0..16u64 {
+        let o = ((i * 1024 + 64) * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
+    }
+    want
+}
+
 const KILL_CHILD: &str = "XDISK_LIVE_KILL_CHILD";
 
 /// The child of [`sigkill_right_after_a_snapshot_restarts_on_the_overlay`] (does nothing
@@ -866,20 +1006,7 @@ fn sigkill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "base.qcow2");
     let before = round_trip(&mut front, 5);
     d.snapshot("xvda", &dir.join("overlay.qcow2"), false)
         .expect("snapshot");
@@ -893,15 +1020,10 @@ fn sigkill_child() {
         .host
         .read("/local/domain/0/backend/qdisk/1/51712/params")
         .unwrap();
-    let enc = |w: &[(u64, Vec<u8>)]| -> Vec<(u64, String)> {
-        w.iter()
-            .map(|(s, d)| (*s, d.iter().map(|b| format!("{b:02x}")).collect()))
-            .collect()
-    };
     let state = serde_json::json!({
         "params": params,
-        "before": enc(&before),
-        "after": enc(&after),
+        "before": enc_writes(&before),
+        "after": enc_writes(&after),
     });
     println!("LIVE-KILL {state}");
     loop {
@@ -914,50 +1036,14 @@ fn sigkill_child() {
 /// `qemu-img check` and hold every write flushed before the kill.
 #[test]
 fn sigkill_right_after_a_snapshot_restarts_on_the_overlay() {
-    use std::io::BufRead;
     let dir = tmpdir();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "sigkill_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(KILL_CHILD, dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            // After the harness's "test sigkill_child ... ".
-            if let Some(i) = l.find("LIVE-KILL ") {
-                let _ = tx.send(l[i + "LIVE-KILL ".len()..].to_owned());
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let child = KillChild::spawn("sigkill_child", KILL_CHILD, dir.path(), "LIVE-KILL ");
+    let line = child.line();
+    child.kill();
+    let line = line.expect("the child got ready");
     let state: serde_json::Value =
-        serde_json::from_str(&line.expect("the child got ready")).unwrap();
-    let dec = |v: &serde_json::Value| -> Vec<(u64, Vec<u8>)> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|w| {
-                let hex = w[1].as_str().unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect();
-                (w[0].as_u64().unwrap(), bytes)
-            })
-            .collect()
-    };
-    let (before, after) = (dec(&state["before"]), dec(&state["after"]));
+        serde_json::from_str(line.strip_prefix("LIVE-KILL ").unwrap()).unwrap();
+    let (before, after) = (dec_writes(&state["before"]), dec_writes(&state["after"]));
     let params = state["params"].as_str().unwrap();
     let base = dir.path().join("base.qcow2");
     let overlay = dir.path().join("overlay.qcow2");
@@ -1683,20 +1769,7 @@ fn deep_commit_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "base.qcow2");
     let writes = deep_commit_writes();
     let layers = [
         (0usize, 48usize, None),
@@ -1738,7 +1811,6 @@ fn deep_commit_kill_child() {
 /// again if m2 still names it.
 #[test]
 fn sigkill_mid_deep_commit_leaves_a_valid_chain() {
-    use std::io::BufRead;
     let mut want = vec![0u8; DISK as usize];
     for (sector, seed) in deep_commit_writes() {
         let o = (sector * 512) as usize;
@@ -1746,33 +1818,13 @@ fn sigkill_mid_deep_commit_leaves_a_valid_chain() {
     }
     for (round, delay_ms) in [5u64, 300, 900, 2500].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "deep_commit_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(DEEP_COMMIT_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("DEEP-READY") || l.contains("DEEP-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "deep_commit_kill_child",
+            DEEP_COMMIT_KILL_CHILD,
+            dir.path(),
+            "DEEP-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the commit started ({done:?})");
         let [base, m1, m2, top] =
             ["base", "m1", "m2", "top"].map(|n| dir.path().join(format!("{n}.qcow2")));
@@ -1827,32 +1879,7 @@ fn stream_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
-    for i in 0..64u64 {
-        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
-    }
-    front.flush().unwrap();
-    d.snapshot("xvda", &dir.join("top.qcow2"), false)
-        .expect("snapshot");
-    for i in 0..16u64 {
-        front
-            .write(i * 1024 + 64, &pattern(300 + i, 65536))
-            .unwrap();
-    }
-    front.flush().unwrap();
+    let (d, _front) = two_layer_child(&dir);
     println!("STREAM-READY");
     let j = d.stream_job("xvda", None, 2 << 20).unwrap();
     let end = d.wait(j.id);
@@ -1867,45 +1894,16 @@ fn stream_kill_child() {
 /// is corrupt, and a restarted daemon serving the top streams it to the end.
 #[test]
 fn sigkill_mid_stream_leaves_a_valid_chain() {
-    use std::io::BufRead;
-    let mut want = vec![0u8; DISK as usize];
-    for i in 0..64u64 {
-        let o = (i * 256 * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
-    }
-    for i in 0..16u64 {
-        let o = ((i * 1024 + 64) * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
-    }
+    let want = two_layer_model();
     for (round, delay_ms) in [5u64, 300, 1200, 3000].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "stream_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(STREAM_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("STREAM-READY") || l.contains("STREAM-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "stream_kill_child",
+            STREAM_KILL_CHILD,
+            dir.path(),
+            "STREAM-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the stream started ({done:?})");
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
@@ -2313,32 +2311,7 @@ fn mirror_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
-    for i in 0..64u64 {
-        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
-    }
-    front.flush().unwrap();
-    d.snapshot("xvda", &dir.join("top.qcow2"), false)
-        .expect("snapshot");
-    for i in 0..16u64 {
-        front
-            .write(i * 1024 + 64, &pattern(300 + i, 65536))
-            .unwrap();
-    }
-    front.flush().unwrap();
+    let (d, _front) = two_layer_child(&dir);
     println!("MIRROR-READY");
     let j = d
         .mirror_job(
@@ -2362,45 +2335,16 @@ fn mirror_kill_child() {
 /// to reads it too.
 #[test]
 fn sigkill_mid_mirror_leaves_every_image_clean() {
-    use std::io::BufRead;
-    let mut want = vec![0u8; DISK as usize];
-    for i in 0..64u64 {
-        let o = (i * 256 * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
-    }
-    for i in 0..16u64 {
-        let o = ((i * 1024 + 64) * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
-    }
+    let want = two_layer_model();
     for (round, delay_ms) in [5u64, 400, 1500, 4000].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "mirror_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(MIRROR_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("MIRROR-READY") || l.contains("MIRROR-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "mirror_kill_child",
+            MIRROR_KILL_CHILD,
+            dir.path(),
+            "MIRROR-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the mirror started ({done:?})");
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
@@ -2440,20 +2384,7 @@ fn commit_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "base.qcow2");
     round_trip(&mut front, 31);
     d.snapshot("xvda", &dir.join("top.qcow2"), false)
         .expect("snapshot");
@@ -2488,37 +2419,16 @@ fn check_no_corruption(path: &Path) {
 /// corrupt, and a restarted daemon serving the top commits it to the end.
 #[test]
 fn sigkill_mid_commit_leaves_a_valid_chain() {
-    use std::io::BufRead;
     for (round, delay_ms) in [5u64, 30, 90, 400].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "commit_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(COMMIT_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("COMMIT-READY") || l.contains("COMMIT-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
         // Into the copy passes, or past the pivot, or before the first pass.
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "commit_kill_child",
+            COMMIT_KILL_CHILD,
+            dir.path(),
+            "COMMIT-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the commit started ({done:?})");
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
@@ -2855,20 +2765,7 @@ fn backup_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let disk = dir.join("disk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        disk.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "disk.qcow2");
     d.bitmap("xvda", BitmapAction::Add, "b0", None).unwrap();
     let before = round_trip(&mut front, 5);
     d.backup("xvda", &dir.join("b.sock"), Some("b0"), None)
@@ -2878,12 +2775,7 @@ fn backup_kill_child() {
         front.write(*s, data).unwrap();
     }
     front.flush().unwrap();
-    let enc = |w: &[(u64, Vec<u8>)]| -> Vec<(u64, String)> {
-        w.iter()
-            .map(|(s, d)| (*s, d.iter().map(|b| format!("{b:02x}")).collect()))
-            .collect()
-    };
-    let state = serde_json::json!({ "before": enc(&before), "after": enc(&after) });
+    let state = serde_json::json!({ "before": enc_writes(&before), "after": enc_writes(&after) });
     println!("BACKUP-KILL {state}");
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -2896,49 +2788,19 @@ fn backup_kill_child() {
 /// same socket path (the stale socket is replaced) and finishes it.
 #[test]
 fn sigkill_mid_backup_leaves_the_image_clean_and_the_bitmap_removed() {
-    use std::io::BufRead;
     let dir = tmpdir();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "backup_kill_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(BACKUP_KILL_CHILD, dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(i) = l.find("BACKUP-KILL ") {
-                let _ = tx.send(l[i + "BACKUP-KILL ".len()..].to_owned());
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let child = KillChild::spawn(
+        "backup_kill_child",
+        BACKUP_KILL_CHILD,
+        dir.path(),
+        "BACKUP-KILL ",
+    );
+    let line = child.line();
+    child.kill();
+    let line = line.expect("the child got ready");
     let state: serde_json::Value =
-        serde_json::from_str(&line.expect("the child got ready")).unwrap();
-    let dec = |v: &serde_json::Value| -> Vec<(u64, Vec<u8>)> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|w| {
-                let hex = w[1].as_str().unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect();
-                (w[0].as_u64().unwrap(), bytes)
-            })
-            .collect()
-    };
-    let (before, after) = (dec(&state["before"]), dec(&state["after"]));
+        serde_json::from_str(line.strip_prefix("BACKUP-KILL ").unwrap()).unwrap();
+    let (before, after) = (dec_writes(&state["before"]), dec_writes(&state["after"]));
     let disk = dir.path().join("disk.qcow2");
     let sock = dir.path().join("b.sock");
     check_clean(&disk);
