@@ -362,6 +362,22 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     std::fs::write(dir.path().join("taken.qcow2"), b"x").unwrap();
     let (ok, _, err) = in_dir(&["snapshot", "xvda", "taken.qcow2", "--socket", sock_s]);
     assert!(!ok && err.contains("--no-create"), "{err}");
+    // --rbd-snap: for RBD disks only (this one is a host file), never with an overlay; one
+    // of the two is needed.
+    let (ok, _, err) = run(&["snapshot", "xvda", "--rbd-snap", "s1", "--socket", sock_s]);
+    assert!(!ok && err.contains("is not one"), "{err}");
+    let (ok, _, err) = in_dir(&[
+        "snapshot",
+        "xvda",
+        "o.qcow2",
+        "--rbd-snap",
+        "s1",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let (ok, _, err) = run(&["snapshot", "xvda", "--socket", sock_s]);
+    assert!(!ok && err.contains("OVERLAY"), "{err}");
 
     let (ok, out, err) = in_dir(&[
         "snapshot",
