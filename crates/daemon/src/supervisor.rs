@@ -1684,10 +1684,29 @@ impl Supervisor {
             }
             v
         };
+        // The guest's writes are tracked from here on, before the first pass's ranges are
+        // looked up: a write that allocates a range after the look-up is in the tracking,
+        // one before it is in the ranges (tracking started after them would miss a write
+        // made in between to a range that was unallocated when looked up).
+        let tracker = match Self::track(&handle, &top, MIRROR_BITMAP_PREFIX) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(dest);
+                remove_created();
+                return Err(fail(e));
+            }
+        };
         let first: Vec<(u64, u64)> = if created || sync_top {
             match run::chain_ranges(&layers, top.size()) {
                 Ok(r) => r,
                 Err(e) => {
+                    let t2 = tracker.clone();
+                    if let Err(e) = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                        t2.stop(img)?;
+                        Ok(None)
+                    })) {
+                        tracing::warn!(device = %name, "cannot remove the mirror's write tracking: {e} (a daemon opening the image removes a leftover bitmap)");
+                    }
                     drop(dest);
                     remove_created();
                     return Err(fail(e));
@@ -1697,14 +1716,6 @@ impl Supervisor {
             vec![(0, top.size())]
         };
         let total = first.iter().map(|r| r.1).sum();
-        let tracker = match Self::track(&handle, &top, MIRROR_BITMAP_PREFIX) {
-            Ok(t) => t,
-            Err(e) => {
-                drop(dest);
-                remove_created();
-                return Err(fail(e));
-            }
-        };
         let body = run::Mirror {
             first,
             copy: run::TrackedCopy {

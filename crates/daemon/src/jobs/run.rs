@@ -261,7 +261,7 @@ impl Tracker {
     }
 
     /// Stops recording on `img` (whatever the device serves: nothing to stop on another).
-    fn stop(&self, img: &Image) -> BResult<()> {
+    pub(crate) fn stop(&self, img: &Image) -> BResult<()> {
         match self {
             Tracker::Bitmap(b) => {
                 if let Some(q) = img.as_qcow2() {
