@@ -18,12 +18,18 @@ pub struct SnapshotArgs {
     device: String,
     /// The new qcow2 overlay (created; its backing file is the device's current top image,
     /// which is read-only from then on).
-    overlay: PathBuf,
+    #[arg(required_unless_present = "rbd_snap")]
+    overlay: Option<PathBuf>,
     /// Use an existing overlay instead of creating one: it must name the device's current
     /// top image as its backing file and have the device's size (`qemu-img create -f qcow2
     /// -b TOP -F FMT NEW.qcow2`).
     #[arg(long)]
     no_create: bool,
+    /// For a device served from an RBD image: take the RBD snapshot POOL/IMAGE@NAME
+    /// (`rbd snap create`) with the queues paused and the image flushed (crash-consistent),
+    /// instead of an overlay; the device goes on serving the image.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["overlay", "no_create"])]
+    rbd_snap: Option<String>,
     /// JSON output.
     #[arg(long)]
     json: bool,
@@ -292,7 +298,35 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
-    let overlay = absolute(&a.overlay)?;
+    if let Some(snap) = &a.rbd_snap {
+        let reply = control::request(
+            &a.control,
+            &ControlRequest::RbdSnap {
+                device: a.device.clone(),
+                name: snap.clone(),
+            },
+        )?;
+        let r = reply
+            .rbd_snap
+            .ok_or_else(|| anyhow!("the daemon's reply has no snapshot"))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!(
+                "{}: RBD snapshot {} taken (the device still serves {}); queues paused {:.1} ms",
+                r.device,
+                r.snapshot,
+                r.image,
+                r.paused_us as f64 / 1000.0
+            );
+        }
+        return Ok(0);
+    }
+    let overlay = a
+        .overlay
+        .as_ref()
+        .ok_or_else(|| anyhow!("OVERLAY is missing"))?;
+    let overlay = absolute(overlay)?;
     let overlay = overlay
         .to_str()
         .ok_or_else(|| anyhow!("{}: the path is not UTF-8", overlay.display()))?

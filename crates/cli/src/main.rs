@@ -81,9 +81,10 @@ enum Command {
     /// backing file of a new qcow2 overlay, which the device serves from then on. Requests
     /// in flight complete against the old top first; it is consistent afterwards (every
     /// write acknowledged before is in it, `qemu-img check` clean) while the guest goes on
-    /// writing to the overlay. The backend's `params` node is changed to the overlay.
+    /// writing to the overlay. The backend's `params` node is changed to the overlay. A
+    /// device served from an RBD image takes an RBD snapshot instead (--rbd-snap).
     #[command(
-        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/vm-snap1.qcow2\n  qemu-img create -f qcow2 -b /var/lib/images/vm.qcow2 -F qcow2 /srv/o.qcow2\n  xdisk snapshot --no-create qdisk/5/51712 /srv/o.qcow2 --json\n  xdisk stat xvda     # shows the chain"
+        after_long_help = "Examples:\n  xdisk snapshot xvda /var/lib/images/vm-snap1.qcow2\n  xdisk snapshot xvdb --rbd-snap before-upgrade   # an RBD disk: rbd snap create\n  qemu-img create -f qcow2 -b /var/lib/images/vm.qcow2 -F qcow2 /srv/o.qcow2\n  xdisk snapshot --no-create qdisk/5/51712 /srv/o.qcow2 --json\n  xdisk stat xvda     # shows the chain"
     )]
     Snapshot(live::SnapshotArgs),
     /// Commits the active layer of a running device: its top qcow2 image is merged into its

@@ -362,6 +362,22 @@ fn snapshot_and_bitmap_commands_on_the_simulation() {
     std::fs::write(dir.path().join("taken.qcow2"), b"x").unwrap();
     let (ok, _, err) = in_dir(&["snapshot", "xvda", "taken.qcow2", "--socket", sock_s]);
     assert!(!ok && err.contains("--no-create"), "{err}");
+    // --rbd-snap: for RBD disks only (this one is a host file), never with an overlay; one
+    // of the two is needed.
+    let (ok, _, err) = run(&["snapshot", "xvda", "--rbd-snap", "s1", "--socket", sock_s]);
+    assert!(!ok && err.contains("is not one"), "{err}");
+    let (ok, _, err) = in_dir(&[
+        "snapshot",
+        "xvda",
+        "o.qcow2",
+        "--rbd-snap",
+        "s1",
+        "--socket",
+        sock_s,
+    ]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let (ok, _, err) = run(&["snapshot", "xvda", "--socket", sock_s]);
+    assert!(!ok && err.contains("OVERLAY"), "{err}");
 
     let (ok, out, err) = in_dir(&[
         "snapshot",
@@ -765,6 +781,14 @@ fn backup_command_on_the_simulation() {
         assert!(t0.elapsed() < Duration::from_secs(20), "the export stays");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A backup has no `pivot` (finishing it is no switch), even once finished by `job
+    // complete`.
+    let (ok, out, err) = run(&["jobs", "--json", "--socket", sock_s]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let last = v.as_array().unwrap().last().unwrap();
+    assert_eq!(last["kind"], "backup", "{out}");
+    assert!(last.get("pivot").is_none(), "{out}");
     let (ok, _, err) = run(&["detach", "xvda", "--control", sock_s]);
     assert!(ok, "{err}");
     drop(serve);

@@ -4,7 +4,8 @@
 //! Requests: `{"cmd":"ping"}` → `{"ok":true}`; `{"cmd":"status"}` →
 //! `{"ok":true,"status":DaemonStatus}`; live operations on a running device (issue #14):
 //! `{"cmd":"snapshot","device":"xvda","overlay":"/abs/new.qcow2","no_create":false}` →
-//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"commit","device":"xvda","speed":0,"top":null,"base":null}` →
+//! `{"ok":true,"snapshot":SnapshotReply}`, `{"cmd":"rbd-snap","device":"xvda","name":"s1"}` →
+//! `{"ok":true,"rbd_snap":RbdSnapReply}`, `{"cmd":"commit","device":"xvda","speed":0,"top":null,"base":null}` →
 //! `{"ok":true,"job":JobInfo}` (a background job, see [`crate::jobs`]),
 //! `{"cmd":"stream","device":"xvda","base":null,"speed":0}` → `{"ok":true,"job":JobInfo}`,
 //! `{"cmd":"mirror","device":"xvda","target":"/abs/t.qcow2","format":"qcow2","sync":"full",
@@ -67,6 +68,16 @@ pub enum ControlRequest {
         /// file) instead of creating it.
         #[serde(default)]
         no_create: bool,
+    },
+    /// A crash-consistent snapshot of a running device served from an RBD image, taken in
+    /// Ceph (`xdisk snapshot DEV --rbd-snap NAME`): with the device's queues paused and
+    /// everything consumed completed and flushed, `rbd snap create POOL/IMAGE@NAME` on the
+    /// open image; the device goes on serving the image.
+    RbdSnap {
+        /// The device, as for [`ControlRequest::Snapshot`].
+        device: String,
+        /// The RBD snapshot's name.
+        name: String,
     },
     /// Commits the active layer of a running device (`xdisk commit`): the top image is
     /// merged into its backing file while the guest writes, then the device serves the
@@ -356,10 +367,25 @@ pub struct BitmapEntry {
     pub inconsistent: bool,
 }
 
+/// The answer to [`ControlRequest::RbdSnap`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdSnapReply {
+    /// The device (`qdisk/5/51712`).
+    pub device: String,
+    /// The RBD image it serves (secrets hidden).
+    pub image: String,
+    /// The snapshot, as an image name (`rbd:POOL/IMAGE@NAME`, read-only).
+    pub snapshot: String,
+    /// How long the device's queues were paused, in microseconds.
+    pub paused_us: u64,
+}
+
 /// What the server does for the live requests (the daemon's [`crate::Supervisor`]).
 pub trait LiveOps: Send + Sync {
     /// Serves [`ControlRequest::Snapshot`].
     fn snapshot(&self, device: &str, overlay: &Path, no_create: bool) -> Result<SnapshotReply>;
+    /// Serves [`ControlRequest::RbdSnap`].
+    fn rbd_snap(&self, device: &str, name: &str) -> Result<RbdSnapReply>;
     /// Serves [`ControlRequest::Commit`]: starts the job.
     fn commit(
         &self,
@@ -437,6 +463,9 @@ pub struct ControlReply {
     /// The answer to [`ControlRequest::Snapshot`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReply>,
+    /// The answer to [`ControlRequest::RbdSnap`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd_snap: Option<RbdSnapReply>,
     /// The answer to [`ControlRequest::Bitmap`]: the bitmaps afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<Vec<BitmapEntry>>,
@@ -455,6 +484,7 @@ impl ControlReply {
             error: None,
             status: None,
             snapshot: None,
+            rbd_snap: None,
             bitmaps: None,
             job: None,
             jobs: None,
@@ -693,6 +723,13 @@ fn serve_live(live: Option<&dyn LiveOps>, req: ControlRequest) -> ControlReply {
             },
             Err(e) => ControlReply::err(e),
         },
+        ControlRequest::RbdSnap { device, name } => match live.rbd_snap(&device, &name) {
+            Ok(r) => ControlReply {
+                rbd_snap: Some(r),
+                ..ControlReply::ok()
+            },
+            Err(e) => ControlReply::err(e),
+        },
         ControlRequest::Commit {
             device,
             speed,
@@ -878,7 +915,7 @@ pub fn wait_job(
     loop {
         let j = job(path, id)?;
         progress(&j);
-        if j.state.finished() || (j.state == JobState::Ready && !j.pivot) {
+        if j.state.finished() || (j.state == JobState::Ready && j.pivot != Some(true)) {
             return Ok(j);
         }
         std::thread::sleep(every);

@@ -120,9 +120,10 @@ pub struct JobInfo {
     pub total_bytes: u64,
     /// The rate limit in bytes per second (0: none).
     pub speed: u64,
-    /// A mirror that switches over by itself once ready (`--pivot`, or completed).
-    #[serde(default)]
-    pub pivot: bool,
+    /// Whether a mirror switches over by itself once ready (`--pivot`, or `xdisk job
+    /// complete`); absent for the other kinds (a backup's finish is not a switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pivot: Option<bool>,
     /// Milliseconds since it started (until it finished).
     pub elapsed_ms: u64,
     /// Why it failed.
@@ -211,7 +212,7 @@ impl Job {
             done_bytes: s.done,
             total_bytes: s.total.max(s.done),
             speed: s.speed,
-            pivot: s.complete,
+            pivot: (self.kind == JobKind::Mirror).then_some(s.complete),
             elapsed_ms: u64::try_from(end.duration_since(self.started).as_millis())
                 .unwrap_or(u64::MAX),
             error: s.error.clone(),

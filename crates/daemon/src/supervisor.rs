@@ -936,9 +936,18 @@ impl Supervisor {
         }
         let old_path = spec.path.clone();
         let old_name = old_path.to_string_lossy().into_owned();
-        if params::is_nbd_url(&old_name) || params::is_rbd_name(&old_name) {
+        // An overlay over a storage name would make the restarted daemon open that name as
+        // a backing file written in a local image (refused under --backing-dirs), and leave
+        // the guest's disk half on the host.
+        if params::is_rbd_name(&old_name) {
             return Err(Error::Unsupported(format!(
-                "{name}: live snapshots of {} are not supported (only of host files)",
+                "{name}: {} is an RBD image: a local overlay over it is not supported; take                  an RBD snapshot instead (xdisk snapshot {name} --rbd-snap NAME: crash-consistent,                  with the queues paused), or xdisk mirror the device to a host file first",
+                spec.shown()
+            )));
+        }
+        if params::is_nbd_url(&old_name) {
+            return Err(Error::Unsupported(format!(
+                "{name}: {} is an NBD export: live snapshots of it are not supported;                  snapshot the image where its server keeps it, or xdisk mirror the device                  to a host file first",
                 spec.shown()
             )));
         }
@@ -1069,6 +1078,71 @@ impl Supervisor {
             image: overlay.display().to_string(),
             backing: old_path.display().to_string(),
             backing_format,
+            paused_us,
+        })
+    }
+
+    /// A crash-consistent RBD snapshot of a running device served from an RBD image (see
+    /// [`crate::control::ControlRequest::RbdSnap`]): with the queues paused (everything
+    /// consumed completed), the image is flushed (a qcow2 image in RBD writes its metadata
+    /// back) and `rbd_snap_create` runs on the open image; the device goes on serving it.
+    pub fn rbd_snap(&self, query: &str, snap: &str) -> Result<crate::control::RbdSnapReply> {
+        let entry = self.find(query)?;
+        let _one = lock(&entry.live);
+        Self::no_job(&entry)?;
+        let (handle, spec, _) = Self::running(&entry)?;
+        let name = entry.key.name();
+        let image = spec.path.to_string_lossy().into_owned();
+        if !params::is_rbd_name(&image) {
+            return Err(Error::Unsupported(format!(
+                "{name}: --rbd-snap snapshots RBD images, and {} is not one (xdisk snapshot \
+                 {name} OVERLAY.qcow2 snapshots a host file)",
+                spec.shown()
+            )));
+        }
+        if spec.read_only {
+            return Err(Error::Invalid(format!(
+                "{name} is served read-only: its image cannot take an RBD snapshot here"
+            )));
+        }
+        if snap.is_empty()
+            || snap.len() > 128
+            || !snap
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
+        {
+            return Err(Error::Invalid(format!(
+                "--rbd-snap {snap:?}: 1 to 128 characters of A-Z a-z 0-9 . _ - +"
+            )));
+        }
+        let shown = spec.shown();
+        let snapshot = match xdisk_image::DiskSource::parse(&image, None) {
+            Ok(xdisk_image::DiskSource {
+                location: xdisk_image::Location::Rbd(n),
+                ..
+            }) => format!("rbd:{}@{snap}", n.image_spec()),
+            _ => format!("{shown}@{snap}"),
+        };
+        let started = std::time::Instant::now();
+        let s2 = snap.to_owned();
+        handle
+            .quiesce(Box::new(move |img: &Arc<Image>| {
+                img.flush()?;
+                img.storage().create_snapshot(&s2).map_err(|e| {
+                    xdisk_image::Error::io(
+                        format!("rbd snap create {}@{s2}", img.storage().name()),
+                        e,
+                    )
+                })?;
+                Ok(None)
+            }))
+            .map_err(|e| Error::Device(format!("RBD snapshot of {name}: {e}")))?;
+        let paused_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(device = %name, %snapshot, paused_us, "live RBD snapshot");
+        Ok(crate::control::RbdSnapReply {
+            device: name,
+            image: shown,
+            snapshot,
             paused_us,
         })
     }
@@ -1451,34 +1525,65 @@ impl Supervisor {
         };
         let target = Path::new(&req.target);
         let target_s = req.target.as_str();
-        if !target.is_absolute()
-            || params::is_nbd_url(target_s)
-            || params::is_rbd_name(target_s)
-            || target
-                .components()
-                .any(|c| c == std::path::Component::ParentDir)
-        {
-            return Err(Error::Invalid(format!(
-                "target {target_s:?}: expected a plain absolute path of a host file"
+        // A host file, or an RBD image (storage migration into Ceph). An NBD export cannot
+        // be created, and a device switched to one would depend on its server.
+        let on_rbd = params::is_rbd_name(target_s);
+        if params::is_nbd_url(target_s) {
+            return Err(Error::Unsupported(format!(
+                "target {target_s:?}: mirrors to NBD exports are not supported; mirror to a \
+                 host file or an RBD image (rbd:POOL/IMAGE)"
             )));
         }
+        if !on_rbd
+            && (!target.is_absolute()
+                || target
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir))
+        {
+            return Err(Error::Invalid(format!(
+                "target {target_s:?}: expected a plain absolute path of a host file or an \
+                 RBD image (rbd:POOL/IMAGE)"
+            )));
+        }
+        if on_rbd && sync_top {
+            return Err(Error::Unsupported(format!(
+                "target {target_s:?}: --sync top needs a qcow2 target with a backing file, \
+                 which images on RBD cannot have yet; use --sync full"
+            )));
+        }
+        let source = if on_rbd {
+            xdisk_image::DiskSource::parse(target_s, Some(fmt)).map_err(|e| Error::Image {
+                path: target.to_path_buf(),
+                error: e,
+            })?
+        } else {
+            xdisk_image::DiskSource::path(target, Some(fmt))
+        };
+        // As messages and the job's result show it (an RBD key hidden).
+        let shown = source.to_string();
         let tag = match fmt {
             Format::Raw => "aio",
             Format::Qcow2 => "qcow2",
         };
         let new_params = format!("{tag}:{target_s}");
         let (_, _, parsed) = params::parse_params(&new_params)
-            .map_err(|e| Error::Invalid(format!("{target_s} cannot be named in params: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("{shown} cannot be named in params: {e}")))?;
         if parsed != target {
             return Err(Error::Invalid(format!(
-                "target {target_s:?} cannot be named in params"
+                "target {shown:?} cannot be named in params"
             )));
         }
+        let target_spec = match &source.location {
+            xdisk_image::Location::Rbd(n) => Some(n.image_spec()),
+            _ => None,
+        };
         let mut layer = Some(top.clone());
         while let Some(l) = layer {
-            if layer_matches(&l, target_s) {
+            if layer_matches(&l, target_s)
+                || target_spec.as_deref().is_some_and(|t| same_rbd(&l, t))
+            {
                 return Err(Error::Invalid(format!(
-                    "{target_s} is an image of the device's chain"
+                    "{shown} is an image of the device's chain"
                 )));
             }
             layer = l.backing().cloned();
@@ -1488,7 +1593,11 @@ impl Supervisor {
         } else {
             None
         };
-        let created = !target.exists();
+        let image_err = |error| Error::Image {
+            path: shown.clone().into(),
+            error,
+        };
+        let created = !source.exists().map_err(image_err)?;
         if created {
             let (bf, bfmt) = match &backing {
                 Some(b) => {
@@ -1505,28 +1614,33 @@ impl Supervisor {
                 }
                 None => (None, None),
             };
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(target)
-                .map_err(|e| Error::io(format!("cannot create {target_s}"), e))?;
+            if !on_rbd {
+                // Not over a file made meanwhile (create truncates).
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(target)
+                    .map_err(|e| Error::io(format!("cannot create {target_s}"), e))?;
+            }
             let opts = xdisk_image::CreateOptions {
                 size: top.size(),
                 backing_file: bf,
                 backing_format: bfmt,
                 ..xdisk_image::CreateOptions::default()
             };
-            if let Err(e) = xdisk_image::create(target, fmt, &opts) {
-                let _ = std::fs::remove_file(target);
-                return Err(Error::Image {
-                    path: target.to_path_buf(),
-                    error: e,
-                });
+            // On RBD as `img create` makes it (refused if it exists by now).
+            if let Err(e) = source.create(fmt, &opts) {
+                if !on_rbd {
+                    let _ = std::fs::remove_file(target);
+                }
+                return Err(image_err(e));
             }
         }
         let remove_created = || {
             if created {
-                let _ = std::fs::remove_file(target);
+                if let Err(e) = source.remove() {
+                    tracing::warn!(target = %shown, "cannot remove the mirror target made: {e}");
+                }
             }
         };
         let open_opts = OpenOptions {
@@ -1538,16 +1652,13 @@ impl Supervisor {
         };
         let opened = match &backing {
             Some(b) => Image::open_overlay(target, &open_opts, b.clone()),
-            None => Image::open(target, &open_opts),
+            None => source.open(&open_opts),
         };
         let dest = match opened {
             Ok(i) => i,
             Err(e) => {
                 remove_created();
-                return Err(Error::Image {
-                    path: target.to_path_buf(),
-                    error: e,
-                });
+                return Err(image_err(e));
             }
         };
         if dest.size() != top.size() || (!sync_top && dest.backing().is_some()) {
@@ -1573,10 +1684,29 @@ impl Supervisor {
             }
             v
         };
+        // The guest's writes are tracked from here on, before the first pass's ranges are
+        // looked up: a write that allocates a range after the look-up is in the tracking,
+        // one before it is in the ranges (tracking started after them would miss a write
+        // made in between to a range that was unallocated when looked up).
+        let tracker = match Self::track(&handle, &top, MIRROR_BITMAP_PREFIX) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(dest);
+                remove_created();
+                return Err(fail(e));
+            }
+        };
         let first: Vec<(u64, u64)> = if created || sync_top {
             match run::chain_ranges(&layers, top.size()) {
                 Ok(r) => r,
                 Err(e) => {
+                    let t2 = tracker.clone();
+                    if let Err(e) = handle.quiesce(Box::new(move |img: &Arc<Image>| {
+                        t2.stop(img)?;
+                        Ok(None)
+                    })) {
+                        tracing::warn!(device = %name, "cannot remove the mirror's write tracking: {e} (a daemon opening the image removes a leftover bitmap)");
+                    }
                     drop(dest);
                     remove_created();
                     return Err(fail(e));
@@ -1586,14 +1716,6 @@ impl Supervisor {
             vec![(0, top.size())]
         };
         let total = first.iter().map(|r| r.1).sum();
-        let tracker = match Self::track(&handle, &top, MIRROR_BITMAP_PREFIX) {
-            Ok(t) => t,
-            Err(e) => {
-                drop(dest);
-                remove_created();
-                return Err(fail(e));
-            }
-        };
         let body = run::Mirror {
             first,
             copy: run::TrackedCopy {
@@ -1617,7 +1739,7 @@ impl Supervisor {
             (crate::jobs::JobKind::Mirror, req.speed, total, req.pivot),
             Box::new(body),
         )?;
-        tracing::info!(device = %name, job = job.id, target = %target_s, sync_top, "mirror job started");
+        tracing::info!(device = %name, job = job.id, target = %shown, sync_top, "mirror job started");
         Ok(job)
     }
 
@@ -1888,6 +2010,16 @@ fn qcow2_top_path(name: &str, top: &Image) -> Result<std::path::PathBuf> {
         .ok_or_else(|| Error::Unsupported(format!("{name}: the top is not a host file")))
 }
 
+/// Whether the chain layer `l` is the RBD image `spec` (`pool/[namespace/]image`) names,
+/// on whichever cluster.
+fn same_rbd(l: &Image, spec: &str) -> bool {
+    let name = l.storage().name();
+    params::is_rbd_name(&name)
+        && xdisk_image::DiskSource::parse(&name, None).is_ok_and(
+            |s| matches!(&s.location, xdisk_image::Location::Rbd(n) if n.image_spec() == spec),
+        )
+}
+
 /// Whether the chain layer `l` is the image `name` names (its path as given or as the
 /// chain shows it, or the same file).
 fn layer_matches(l: &Image, name: &str) -> bool {
@@ -1961,6 +2093,10 @@ impl JobDevice {
 }
 
 impl crate::control::LiveOps for Supervisor {
+    fn rbd_snap(&self, device: &str, name: &str) -> Result<crate::control::RbdSnapReply> {
+        Supervisor::rbd_snap(self, device, name)
+    }
+
     fn commit(
         &self,
         device: &str,

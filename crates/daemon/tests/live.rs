@@ -854,6 +854,146 @@ fn bitmap_added_live_records_every_write_acked_after_it() {
     }
 }
 
+/// A child process of this test binary running only the test `test` (a `*_kill_child`
+/// test, which does nothing unless `env` is set: here to `dir`), to be killed with SIGKILL;
+/// every line of its stdout that holds `tag` is handed over from the tag on (the harness
+/// prints `test NAME ... ` before the child's own output on the same line).
+struct KillChild {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl KillChild {
+    fn spawn(test: &str, env: &str, dir: &Path, tag: &'static str) -> KillChild {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(env, dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(i) = l.find(tag) {
+                    let _ = tx.send(l[i..].to_owned());
+                }
+            }
+        });
+        KillChild { child, lines }
+    }
+
+    /// The next tagged line, waited for up to 60 s.
+    fn line(&self) -> Option<String> {
+        self.lines.recv_timeout(Duration::from_secs(60)).ok()
+    }
+
+    /// Runs the child until its first tagged line (it is ready), lets it go on for
+    /// `delay_ms`, kills it; returns the next tagged line it printed before, if any.
+    fn kill_after(
+        test: &str,
+        env: &str,
+        dir: &Path,
+        tag: &'static str,
+        delay_ms: u64,
+    ) -> Option<String> {
+        let child = KillChild::spawn(test, env, dir, tag);
+        let ready = child.line();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let done = child.kill();
+        assert!(ready.is_some(), "the child never got ready");
+        done
+    }
+
+    /// Kills the child (SIGKILL) and reaps it; returns the next tagged line it printed
+    /// before, if any.
+    fn kill(mut self) -> Option<String> {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+        self.lines.try_recv().ok()
+    }
+}
+
+/// Writes `(sector, data)` as JSON (data in hex), for a child to print them.
+fn enc_writes(w: &[(u64, Vec<u8>)]) -> serde_json::Value {
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    w.iter()
+        .map(|(s, d)| serde_json::json!([s, hex(d)]))
+        .collect()
+}
+
+/// What [`enc_writes`] wrote.
+fn dec_writes(v: &serde_json::Value) -> Vec<(u64, Vec<u8>)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let hex = w[1].as_str().unwrap();
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            (w[0].as_u64().unwrap(), bytes)
+        })
+        .collect()
+}
+
+/// A child's daemon serving `dir/NAME`, a new empty qcow2 image of [`DISK`] bytes, to the
+/// connected frontend of guest 1 (xvda).
+fn kill_child_daemon(dir: &Path, name: &str) -> (Daemon, Frontend) {
+    let d = daemon();
+    let image = dir.join(name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        image.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", image.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    (d, front)
+}
+
+/// A child's guest with two layers: 64 blocks of 64 KiB written to `dir/base.qcow2`, a
+/// snapshot to `dir/top.qcow2`, 16 blocks written to the top (flushed); see
+/// [`two_layer_model`].
+fn two_layer_child(dir: &Path) -> (Daemon, Frontend) {
+    let (d, mut front) = kill_child_daemon(dir, "base.qcow2");
+    for i in 0..64u64 {
+        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
+    }
+    front.flush().unwrap();
+    d.snapshot("xvda", &dir.join("top.qcow2"), false)
+        .expect("snapshot");
+    for i in 0..16u64 {
+        front
+            .write(i * 1024 + 64, &pattern(300 + i, 65536))
+            .unwrap();
+    }
+    front.flush().unwrap();
+    (d, front)
+}
+
+/// The disk [`two_layer_child`] wrote.
+fn two_layer_model() -> Vec<u8> {
+    let mut want = vec![0u8; DISK as usize];
+    for i in 0..64u64 {
+        let o = (i * 256 * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
+    }
+    for i in 0..16u64 {
+        let o = ((i * 1024 + 64) * 512) as usize;
+        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
+    }
+    want
+}
+
 const KILL_CHILD: &str = "XDISK_LIVE_KILL_CHILD";
 
 /// The child of [`sigkill_right_after_a_snapshot_restarts_on_the_overlay`] (does nothing
@@ -866,20 +1006,7 @@ fn sigkill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "base.qcow2");
     let before = round_trip(&mut front, 5);
     d.snapshot("xvda", &dir.join("overlay.qcow2"), false)
         .expect("snapshot");
@@ -893,15 +1020,10 @@ fn sigkill_child() {
         .host
         .read("/local/domain/0/backend/qdisk/1/51712/params")
         .unwrap();
-    let enc = |w: &[(u64, Vec<u8>)]| -> Vec<(u64, String)> {
-        w.iter()
-            .map(|(s, d)| (*s, d.iter().map(|b| format!("{b:02x}")).collect()))
-            .collect()
-    };
     let state = serde_json::json!({
         "params": params,
-        "before": enc(&before),
-        "after": enc(&after),
+        "before": enc_writes(&before),
+        "after": enc_writes(&after),
     });
     println!("LIVE-KILL {state}");
     loop {
@@ -914,50 +1036,14 @@ fn sigkill_child() {
 /// `qemu-img check` and hold every write flushed before the kill.
 #[test]
 fn sigkill_right_after_a_snapshot_restarts_on_the_overlay() {
-    use std::io::BufRead;
     let dir = tmpdir();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "sigkill_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(KILL_CHILD, dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            // After the harness's "test sigkill_child ... ".
-            if let Some(i) = l.find("LIVE-KILL ") {
-                let _ = tx.send(l[i + "LIVE-KILL ".len()..].to_owned());
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let child = KillChild::spawn("sigkill_child", KILL_CHILD, dir.path(), "LIVE-KILL ");
+    let line = child.line();
+    child.kill();
+    let line = line.expect("the child got ready");
     let state: serde_json::Value =
-        serde_json::from_str(&line.expect("the child got ready")).unwrap();
-    let dec = |v: &serde_json::Value| -> Vec<(u64, Vec<u8>)> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|w| {
-                let hex = w[1].as_str().unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect();
-                (w[0].as_u64().unwrap(), bytes)
-            })
-            .collect()
-    };
-    let (before, after) = (dec(&state["before"]), dec(&state["after"]));
+        serde_json::from_str(line.strip_prefix("LIVE-KILL ").unwrap()).unwrap();
+    let (before, after) = (dec_writes(&state["before"]), dec_writes(&state["after"]));
     let params = state["params"].as_str().unwrap();
     let base = dir.path().join("base.qcow2");
     let overlay = dir.path().join("overlay.qcow2");
@@ -1683,20 +1769,7 @@ fn deep_commit_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "base.qcow2");
     let writes = deep_commit_writes();
     let layers = [
         (0usize, 48usize, None),
@@ -1738,7 +1811,6 @@ fn deep_commit_kill_child() {
 /// again if m2 still names it.
 #[test]
 fn sigkill_mid_deep_commit_leaves_a_valid_chain() {
-    use std::io::BufRead;
     let mut want = vec![0u8; DISK as usize];
     for (sector, seed) in deep_commit_writes() {
         let o = (sector * 512) as usize;
@@ -1746,33 +1818,13 @@ fn sigkill_mid_deep_commit_leaves_a_valid_chain() {
     }
     for (round, delay_ms) in [5u64, 300, 900, 2500].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "deep_commit_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(DEEP_COMMIT_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("DEEP-READY") || l.contains("DEEP-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "deep_commit_kill_child",
+            DEEP_COMMIT_KILL_CHILD,
+            dir.path(),
+            "DEEP-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the commit started ({done:?})");
         let [base, m1, m2, top] =
             ["base", "m1", "m2", "top"].map(|n| dir.path().join(format!("{n}.qcow2")));
@@ -1827,32 +1879,7 @@ fn stream_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
-    for i in 0..64u64 {
-        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
-    }
-    front.flush().unwrap();
-    d.snapshot("xvda", &dir.join("top.qcow2"), false)
-        .expect("snapshot");
-    for i in 0..16u64 {
-        front
-            .write(i * 1024 + 64, &pattern(300 + i, 65536))
-            .unwrap();
-    }
-    front.flush().unwrap();
+    let (d, _front) = two_layer_child(&dir);
     println!("STREAM-READY");
     let j = d.stream_job("xvda", None, 2 << 20).unwrap();
     let end = d.wait(j.id);
@@ -1867,45 +1894,16 @@ fn stream_kill_child() {
 /// is corrupt, and a restarted daemon serving the top streams it to the end.
 #[test]
 fn sigkill_mid_stream_leaves_a_valid_chain() {
-    use std::io::BufRead;
-    let mut want = vec![0u8; DISK as usize];
-    for i in 0..64u64 {
-        let o = (i * 256 * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
-    }
-    for i in 0..16u64 {
-        let o = ((i * 1024 + 64) * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
-    }
+    let want = two_layer_model();
     for (round, delay_ms) in [5u64, 300, 1200, 3000].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "stream_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(STREAM_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("STREAM-READY") || l.contains("STREAM-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "stream_kill_child",
+            STREAM_KILL_CHILD,
+            dir.path(),
+            "STREAM-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the stream started ({done:?})");
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
@@ -2313,32 +2311,7 @@ fn mirror_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
-    for i in 0..64u64 {
-        front.write(i * 256, &pattern(100 + i, 65536)).unwrap();
-    }
-    front.flush().unwrap();
-    d.snapshot("xvda", &dir.join("top.qcow2"), false)
-        .expect("snapshot");
-    for i in 0..16u64 {
-        front
-            .write(i * 1024 + 64, &pattern(300 + i, 65536))
-            .unwrap();
-    }
-    front.flush().unwrap();
+    let (d, _front) = two_layer_child(&dir);
     println!("MIRROR-READY");
     let j = d
         .mirror_job(
@@ -2362,45 +2335,16 @@ fn mirror_kill_child() {
 /// to reads it too.
 #[test]
 fn sigkill_mid_mirror_leaves_every_image_clean() {
-    use std::io::BufRead;
-    let mut want = vec![0u8; DISK as usize];
-    for i in 0..64u64 {
-        let o = (i * 256 * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(100 + i, 65536));
-    }
-    for i in 0..16u64 {
-        let o = ((i * 1024 + 64) * 512) as usize;
-        want[o..o + 65536].copy_from_slice(&pattern(300 + i, 65536));
-    }
+    let want = two_layer_model();
     for (round, delay_ms) in [5u64, 400, 1500, 4000].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "mirror_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(MIRROR_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("MIRROR-READY") || l.contains("MIRROR-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "mirror_kill_child",
+            MIRROR_KILL_CHILD,
+            dir.path(),
+            "MIRROR-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the mirror started ({done:?})");
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
@@ -2440,20 +2384,7 @@ fn commit_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", base.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "base.qcow2");
     round_trip(&mut front, 31);
     d.snapshot("xvda", &dir.join("top.qcow2"), false)
         .expect("snapshot");
@@ -2488,37 +2419,16 @@ fn check_no_corruption(path: &Path) {
 /// corrupt, and a restarted daemon serving the top commits it to the end.
 #[test]
 fn sigkill_mid_commit_leaves_a_valid_chain() {
-    use std::io::BufRead;
     for (round, delay_ms) in [5u64, 30, 90, 400].into_iter().enumerate() {
         let dir = tmpdir();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "commit_kill_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(COMMIT_KILL_CHILD, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains("COMMIT-READY") || l.contains("COMMIT-DONE") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60));
         // Into the copy passes, or past the pivot, or before the first pass.
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(ready.is_ok(), "the child never got ready");
-        let done = rx.try_recv().ok();
+        let done = KillChild::kill_after(
+            "commit_kill_child",
+            COMMIT_KILL_CHILD,
+            dir.path(),
+            "COMMIT-",
+            delay_ms,
+        );
         eprintln!("round {round}: killed {delay_ms} ms after the commit started ({done:?})");
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
@@ -2699,6 +2609,8 @@ fn backup_full_then_incremental_under_writes_restores_each_instant() {
     eprintln!("full backup: {:?}", info.backup);
     let e1 = d.backup_finish("xvda", true).expect("finish");
     assert_eq!(e1.state, JobState::Completed, "{e1:?}");
+    // Finished (asked to complete), a backup still shows no mirror's `pivot`.
+    assert_eq!(e1.pivot, None, "{e1:?}");
     let r1 = e1.backup.unwrap();
     assert!(r1.cleared && r1.saved_bytes > 0, "{r1:?}");
     assert!(!sock.exists(), "the export's socket is left");
@@ -2853,20 +2765,7 @@ fn backup_kill_child() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let d = daemon();
-    let disk = dir.join("disk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        disk.to_str().unwrap(),
-        &DISK.to_string(),
-    ]);
-    let dom = d.host.guest(1);
-    d.host
-        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.display()), &[]);
-    let mut front = connect_with(&dom, 51712, front_cfg());
+    let (d, mut front) = kill_child_daemon(&dir, "disk.qcow2");
     d.bitmap("xvda", BitmapAction::Add, "b0", None).unwrap();
     let before = round_trip(&mut front, 5);
     d.backup("xvda", &dir.join("b.sock"), Some("b0"), None)
@@ -2876,12 +2775,7 @@ fn backup_kill_child() {
         front.write(*s, data).unwrap();
     }
     front.flush().unwrap();
-    let enc = |w: &[(u64, Vec<u8>)]| -> Vec<(u64, String)> {
-        w.iter()
-            .map(|(s, d)| (*s, d.iter().map(|b| format!("{b:02x}")).collect()))
-            .collect()
-    };
-    let state = serde_json::json!({ "before": enc(&before), "after": enc(&after) });
+    let state = serde_json::json!({ "before": enc_writes(&before), "after": enc_writes(&after) });
     println!("BACKUP-KILL {state}");
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -2894,49 +2788,19 @@ fn backup_kill_child() {
 /// same socket path (the stale socket is replaced) and finishes it.
 #[test]
 fn sigkill_mid_backup_leaves_the_image_clean_and_the_bitmap_removed() {
-    use std::io::BufRead;
     let dir = tmpdir();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "backup_kill_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(BACKUP_KILL_CHILD, dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(i) = l.find("BACKUP-KILL ") {
-                let _ = tx.send(l[i + "BACKUP-KILL ".len()..].to_owned());
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let child = KillChild::spawn(
+        "backup_kill_child",
+        BACKUP_KILL_CHILD,
+        dir.path(),
+        "BACKUP-KILL ",
+    );
+    let line = child.line();
+    child.kill();
+    let line = line.expect("the child got ready");
     let state: serde_json::Value =
-        serde_json::from_str(&line.expect("the child got ready")).unwrap();
-    let dec = |v: &serde_json::Value| -> Vec<(u64, Vec<u8>)> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|w| {
-                let hex = w[1].as_str().unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect();
-                (w[0].as_u64().unwrap(), bytes)
-            })
-            .collect()
-    };
-    let (before, after) = (dec(&state["before"]), dec(&state["after"]));
+        serde_json::from_str(line.strip_prefix("BACKUP-KILL ").unwrap()).unwrap();
+    let (before, after) = (dec_writes(&state["before"]), dec_writes(&state["after"]));
     let disk = dir.path().join("disk.qcow2");
     let sock = dir.path().join("b.sock");
     check_clean(&disk);
@@ -3146,4 +3010,562 @@ fn backup_refusals_and_a_raw_full_backup() {
     front2.disconnect().unwrap();
     d.stop();
     check_clean(&disk.path);
+}
+
+// ---- devices that are not host files: RBD images, NBD exports ----------------------------
+
+use xdisk_rbd::testing::{cluster, rbd_ok, TestImage};
+
+/// A raw RBD image of [`DISK`] bytes on the test cluster (removed when dropped).
+fn rbd_disk(conf: &Path, prefix: &str) -> TestImage {
+    let t = TestImage::new(conf, prefix);
+    rbd_ok(conf, &["create", "--size", "8M", &t.spec()]);
+    t
+}
+
+/// The whole RBD image as `rbd export` reads it.
+fn rbd_export(t: &TestImage, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("{}.export", t.image));
+    rbd_ok(
+        &t.conf,
+        &["export", "--no-progress", &t.spec(), out.to_str().unwrap()],
+    );
+    let v = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    v
+}
+
+/// Runs a guest writing (paced, so that the copy converges) through `front` while
+/// a `--pivot` mirror to `target` runs; returns the job's end, the frontend (still
+/// connected) and the model of every write.
+fn mirror_under_writes(
+    d: &Daemon,
+    front: Frontend,
+    target: &str,
+    format: &str,
+    seed: u64,
+) -> (JobInfo, Frontend, Vec<u8>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(0));
+    let w = paced_writer(front, stop.clone(), seed, pace.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    pace.store(20_000, Ordering::SeqCst);
+    let t = Instant::now();
+    let j = d
+        .mirror_job("xvda", Path::new(target), format, "full", true, 0)
+        .expect("mirror");
+    let end = d.wait(j.id);
+    eprintln!("mirror to {target}: {:?}: {end:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let after = recs.iter().filter(|r| r.submitted > t).count();
+    assert!(
+        after > 10,
+        "only {after} writes during and after the mirror"
+    );
+    let m = model(&recs, |_| true);
+    let want = bytes_of(&m);
+    let got = front.read(0, DISK / 512).unwrap();
+    if got != want {
+        let mut bad = Vec::new();
+        for b in 0..BLOCKS as usize {
+            let g = &got[b * BLOCK..(b + 1) * BLOCK];
+            if g != &want[b * BLOCK..(b + 1) * BLOCK] {
+                let held = recs
+                    .iter()
+                    .filter(|r| r.block as usize == b)
+                    .find(|r| data_of(r.version) == g)
+                    .map(|r| (r.version, r.submitted > t, r.acked.duration_since(t)));
+                let zero = g.iter().all(|&x| x == 0);
+                bad.push((b, m[b], held, zero));
+            }
+        }
+        panic!(
+            "the frontend reads something else than it wrote: {} blocks differ: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(12)]
+        );
+    }
+    (end, front, want)
+}
+
+/// `xdisk mirror` of a device served from a raw RBD image to a local qcow2 file, under
+/// writes through the ring (the raw top's writes tracked in memory): the device switches to
+/// the file, which holds the model; the RBD image is left as it was, read-only, and a
+/// snapshot of an RBD top into a local overlay is refused with what to do instead.
+#[test]
+fn mirror_of_an_rbd_top_to_a_local_file_under_writes_pivots() {
+    let Some(conf) = cluster() else { return };
+    let src = rbd_disk(conf, "livemirsrc");
+    let d = daemon();
+    let dir = tmpdir();
+    let target = dir.path().join("t.qcow2");
+    let params = format!("aio:{}", src.name());
+    let dom = d.host.guest(1);
+    d.host.add_qdisk(1, 51712, &params, &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    // An overlay over an RBD image cannot be made live: the refusal says what to do.
+    let e = d
+        .snapshot("xvda", &dir.path().join("o.qcow2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--rbd-snap") && e.contains("mirror"), "{e}");
+    assert!(!dir.path().join("o.qcow2").exists());
+    let (end, mut front, want) =
+        mirror_under_writes(&d, front, target.to_str().unwrap(), "qcow2", 9_000_000);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert!(end.mirror.as_ref().unwrap().passes >= 2, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![target.display().to_string()]);
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(format!("qcow2:{}", target.display()).as_str())
+    );
+    // Writes after the switch go to the file only.
+    let before = rbd_export(&src, dir.path());
+    front.write(0, &pattern(77, 65536)).unwrap();
+    front.flush().unwrap();
+    front.disconnect().unwrap();
+    d.stop();
+    assert!(
+        rbd_export(&src, dir.path()) == before,
+        "the source changed after the switch"
+    );
+    let mut want = want;
+    want[..65536].copy_from_slice(&pattern(77, 65536));
+    check_clean(&target);
+    compare_with_model(&target, &want);
+}
+
+/// Storage migration into Ceph: `xdisk mirror DEV rbd:POOL/NEW -f raw --pivot` of a
+/// device served from a local qcow2 file, under writes: the RBD image is created as `img
+/// create` makes one, the device switches to it (`params` = `aio:rbd:...`), `rbd export`
+/// and qemu-img's rbd driver read the model from it, and a restarted daemon serves it from
+/// `params`. A qcow2 mirror into an existing RBD image (used as it is) works the same way;
+/// `--sync top` to RBD and NBD targets are refused with the reason.
+#[test]
+fn mirror_of_a_local_disk_to_rbd_under_writes_pivots() {
+    let Some(conf) = cluster() else { return };
+    let disk = qcow2_disk(DISK);
+    let target = TestImage::new(conf, "livemirdst");
+    let name = target.name();
+    let d = daemon();
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let e = d
+        .mirror_job("xvda", Path::new(&name), "qcow2", "top", false, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--sync full"), "{e}");
+    let e = d
+        .mirror_job(
+            "xvda",
+            Path::new("nbd+unix:///e?socket=/tmp/nosuch.sock"),
+            "raw",
+            "full",
+            false,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NBD exports are not supported"), "{e}");
+    assert_eq!(
+        String::from_utf8_lossy(&xdisk_rbd::testing::rbd(conf, &["info", &target.spec()]).stdout),
+        "",
+        "a refused mirror created the target"
+    );
+    let (end, mut front, want) = mirror_under_writes(&d, front, &name, "raw", 10_000_000);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let params = format!("aio:{name}");
+    assert_eq!(
+        d.host
+            .read("/local/domain/0/backend/qdisk/1/51712/params")
+            .as_deref(),
+        Some(params.as_str())
+    );
+    assert_eq!(
+        d.image_of("xvda"),
+        format!("rbd:rbd/{}:conf={}", target.image, conf.display())
+    );
+    front.disconnect().unwrap();
+    let host = d.stop();
+    drop(host);
+    assert!(
+        rbd_export(&target, disk.dir.path()) == want,
+        "rbd export differs"
+    );
+    let model_file = disk.dir.path().join("model.raw");
+    std::fs::write(&model_file, &want).unwrap();
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &format!("rbd:{}:conf={}", target.spec(), conf.display()),
+        model_file.to_str().unwrap(),
+    ]);
+    // The source was left as it was, clean.
+    check_clean(&disk.path);
+    // A restarted daemon serves the RBD image from params.
+    let d = daemon();
+    let dom = d.host.guest(1);
+    d.host.add_qdisk(1, 51712, &params, &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "after the restart"
+    );
+
+    // Into an existing RBD image holding a qcow2 image: used as it is, every byte copied.
+    let t2 = TestImage::new(conf, "livemirdst2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &format!("rbd:{}:conf={}", t2.spec(), conf.display()),
+        &DISK.to_string(),
+    ]);
+    front.write(8, &pattern(88, 4096)).unwrap();
+    front.flush().unwrap();
+    let mut want = want;
+    want[4096..8192].copy_from_slice(&pattern(88, 4096));
+    let j = d
+        .mirror_job("xvda", Path::new(&t2.name()), "qcow2", "full", true, 0)
+        .expect("mirror into an existing image");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(end.total_bytes, DISK, "{end:?}");
+    assert!(front.read(0, DISK / 512).unwrap() == want);
+    front.disconnect().unwrap();
+    d.stop();
+    std::fs::write(&model_file, &want).unwrap();
+    let t2_name = format!("rbd:{}:conf={}", t2.spec(), conf.display());
+    qemu_img(&["check", "-f", "qcow2", &t2_name]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        &t2_name,
+        model_file.to_str().unwrap(),
+    ]);
+}
+
+/// `xdisk backup` of a device served from a raw RBD image, under writes: the export read
+/// with `qemu-img convert` while the guest writes is the disk as of the backup's instant
+/// (the scratch a local file); finishing it leaves the image as the guest wrote it.
+#[test]
+fn backup_of_an_rbd_disk_under_writes_is_the_disk_at_the_instant() {
+    let Some(conf) = cluster() else { return };
+    let src = rbd_disk(conf, "livebackup");
+    let d = daemon();
+    let dir = tmpdir();
+    let sock = dir.path().join("b.sock");
+    d.host
+        .add_qdisk(1, 51712, &format!("aio:{}", src.name()), &[]);
+    let dom = d.host.guest(1);
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(AtomicU64::new(1000));
+    let w = paced_writer(front, stop.clone(), 11_000_000, pace);
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    let j = d.backup("xvda", &sock, None, None).expect("backup");
+    let answered = Instant::now();
+    let t = Instant::now();
+    let full = read_export(&sock, &dir.path().join("full.raw"));
+    let read = t.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    let end = d.backup_finish("xvda", false).expect("finish");
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(end.id, j.id);
+    assert_eq!(end.pivot, None, "{end:?}");
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let during = recs
+        .iter()
+        .filter(|r| r.acked > t && r.submitted < t + read)
+        .count();
+    eprintln!(
+        "backup of an RBD disk: paused {} us, read in {read:?} with {during} writes meanwhile, saved {} bytes",
+        j.backup.as_ref().unwrap().paused_us,
+        end.backup.as_ref().unwrap().saved_bytes
+    );
+    assert!(
+        during >= 5,
+        "only {during} writes while the export was read"
+    );
+    check_old_top(&full, &recs, sent, answered);
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(front.read(0, DISK / 512).unwrap() == want);
+    front.disconnect().unwrap();
+    d.stop();
+    assert!(
+        rbd_export(&src, dir.path()) == want,
+        "the RBD image differs"
+    );
+}
+
+/// An NBD export served by `qemu-nbd` (raw file `file`) on `sock`, killed when dropped.
+struct QemuNbd(std::process::Child);
+
+impl QemuNbd {
+    fn start(file: &Path, sock: &Path) -> QemuNbd {
+        let child = Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-x",
+                "e",
+                "-e",
+                "8",
+                "-t",
+                "--cache=writeback",
+                "-k",
+            ])
+            .arg(sock)
+            .arg(file)
+            .spawn()
+            .expect("qemu-nbd runs");
+        wait_until("qemu-nbd's socket", T, || sock.exists());
+        QemuNbd(child)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `xdisk mirror` of a device served from an NBD export (qemu-nbd over a raw file) to a
+/// local qcow2 file, under writes: the device switches to the file, which holds the model;
+/// the export is not written after the switch; a snapshot of an NBD top is refused with
+/// what to do instead.
+#[test]
+fn mirror_of_an_nbd_top_under_writes_pivots() {
+    let disk = raw_disk(DISK);
+    let sock = disk.dir.path().join("e.sock");
+    let _server = QemuNbd::start(&disk.path, &sock);
+    let d = daemon();
+    let target = disk.dir.path().join("t.qcow2");
+    let dom = d.host.guest(1);
+    d.host.add_qdisk(
+        1,
+        51712,
+        &format!("aio:nbd+unix:///e?socket={}", sock.display()),
+        &[],
+    );
+    let front = connect_with(&dom, 51712, front_cfg());
+    let e = d
+        .snapshot("xvda", &disk.dir.path().join("o.qcow2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NBD") && e.contains("mirror"), "{e}");
+    let (end, mut front, want) =
+        mirror_under_writes(&d, front, target.to_str().unwrap(), "qcow2", 12_000_000);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert_eq!(d.chain_of("xvda"), vec![target.display().to_string()]);
+    let before = std::fs::read(&disk.path).unwrap();
+    front.write(0, &pattern(78, 4096)).unwrap();
+    front.flush().unwrap();
+    front.disconnect().unwrap();
+    d.stop();
+    assert!(
+        std::fs::read(&disk.path).unwrap() == before,
+        "the export changed after the switch"
+    );
+    let mut want = want;
+    want[..4096].copy_from_slice(&pattern(78, 4096));
+    check_clean(&target);
+    compare_with_model(&target, &want);
+}
+
+impl Daemon {
+    fn rbd_snap(&self, dev: &str, name: &str) -> xdisk_daemon::Result<control::RbdSnapReply> {
+        control::request(
+            &self.sock,
+            &ControlRequest::RbdSnap {
+                device: dev.into(),
+                name: name.into(),
+            },
+        )
+        .map(|r| r.rbd_snap.unwrap())
+    }
+}
+
+/// `xdisk snapshot DEV --rbd-snap NAME` on a device served from a raw RBD image, under
+/// writes: `rbd export IMAGE@NAME` holds every write acknowledged before the request and
+/// none made after its answer (crash-consistent: the queues were paused and the image
+/// flushed), while the device goes on serving the image; on a qcow2 image stored in RBD the
+/// snapshot is a `qemu-img check` clean image of what was written before it. Host-file
+/// devices, bad names and an existing snapshot name are refused.
+#[test]
+fn rbd_snapshot_of_a_running_rbd_device_is_crash_consistent() {
+    let Some(conf) = cluster() else { return };
+    let src = rbd_disk(conf, "livesnap");
+    let q = TestImage::new(conf, "livesnapq");
+    let qname = format!("rbd:{}:conf={}", q.spec(), conf.display());
+    qemu_img(&["create", "-q", "-f", "qcow2", &qname, &DISK.to_string()]);
+    let local = raw_disk(DISK);
+    let d = daemon();
+    let dir = tmpdir();
+    d.host
+        .add_qdisk(1, 51712, &format!("aio:{}", src.name()), &[]);
+    d.host
+        .add_qdisk(2, 51728, &format!("qcow2:{}", q.name()), &[]);
+    d.host
+        .add_qdisk(3, 51744, &format!("aio:{}", local.path.display()), &[]);
+    let dom = d.host.guest(1);
+    let dom2 = d.host.guest(2);
+    let _dom3 = d.host.guest(3);
+    wait_until("the devices run", T, || {
+        d.sup
+            .devices()
+            .iter()
+            .filter(|s| s.phase == xdisk_daemon::status::Phase::Running)
+            .count()
+            == 3
+    });
+    let e = d.rbd_snap("3/51744", "s1").unwrap_err().to_string();
+    assert!(e.contains("not one"), "{e}");
+    for bad in ["", "a@b", "a/b", "a:b", &"x".repeat(200)] {
+        let e = d.rbd_snap("1/51712", bad).unwrap_err().to_string();
+        assert!(e.contains("--rbd-snap"), "{bad:?}: {e}");
+    }
+    let front = connect_with(&dom, 51712, front_cfg());
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = paced_writer(front, stop.clone(), 13_000_000, Arc::new(AtomicU64::new(0)));
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    let r = d.rbd_snap("1/51712", "s1").expect("rbd snapshot");
+    let answered = Instant::now();
+    eprintln!("RBD snapshot: {r:?} ({:?})", answered - sent);
+    assert_eq!(r.snapshot, format!("rbd:{}@s1", src.spec()));
+    std::thread::sleep(Duration::from_millis(400));
+    // The name is taken now.
+    let e = d.rbd_snap("1/51712", "s1").unwrap_err().to_string();
+    assert!(e.contains("s1"), "{e}");
+    stop.store(true, Ordering::SeqCst);
+    let (mut front, recs) = w.join().unwrap();
+    let after = recs.iter().filter(|r| r.submitted > answered).count();
+    assert!(after > 10, "only {after} writes after the snapshot");
+    let snap = {
+        let out = dir.path().join("s1.raw");
+        rbd_ok(
+            conf,
+            &[
+                "export",
+                "--no-progress",
+                &format!("{}@s1", src.spec()),
+                out.to_str().unwrap(),
+            ],
+        );
+        std::fs::read(&out).unwrap()
+    };
+    check_old_top(&snap, &recs, sent, answered);
+    let want = bytes_of(&model(&recs, |_| true));
+    assert!(front.read(0, DISK / 512).unwrap() == want);
+    assert_eq!(
+        d.image_of("1/51712"),
+        format!("rbd:{}:conf={}", src.spec(), conf.display())
+    );
+    front.disconnect().unwrap();
+
+    // qcow2 in RBD: the snapshot is a clean image of what was written before it.
+    let mut front2 = connect_with(&dom2, 51728, front_cfg());
+    let before = round_trip(&mut front2, 41);
+    d.rbd_snap("2/51728", "q1")
+        .expect("snapshot of qcow2 in RBD");
+    front2.write(0, &pattern(99, 65536)).unwrap();
+    front2.flush().unwrap();
+    front2.disconnect().unwrap();
+    d.stop();
+    let snap_name = format!("rbd:{}@q1:conf={}", q.spec(), conf.display());
+    qemu_img(&["check", "-f", "qcow2", &snap_name]);
+    let out = dir.path().join("q1.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        &snap_name,
+        out.to_str().unwrap(),
+    ]);
+    let got = std::fs::read(&out).unwrap();
+    for (s, data) in &before {
+        let o = (*s * 512) as usize;
+        assert!(
+            got[o..o + data.len()] == data[..],
+            "sector {s} of the snapshot"
+        );
+    }
+    qemu_img(&["check", "-f", "qcow2", &qname]);
+}
+
+/// A mirror started while the guest writes only to clusters it never wrote before (each
+/// write allocates one): the writes between the look-up of the first pass's ranges and the
+/// start of the write tracking must not be lost. The guest writes 4 KiB at the start of
+/// cluster after cluster of a 64 MiB qcow2 image, one write at a time, across the start of
+/// a `--pivot` mirror to a new raw file; the file switched to holds every write.
+#[test]
+fn mirror_started_among_first_writes_to_clusters_misses_none() {
+    const SIZE: u64 = 64 * MIB;
+    const CLUSTER: u64 = 65536;
+    let d = daemon();
+    let disk = qcow2_disk(SIZE);
+    let target = disk.dir.path().join("t.raw");
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    let started = Arc::new(AtomicBool::new(false));
+    let s2 = started.clone();
+    let w = std::thread::spawn(move || {
+        let mut n = 0u64;
+        for k in 0..SIZE / CLUSTER {
+            front
+                .write(k * CLUSTER / 512, &pattern(500 + k, 4096))
+                .unwrap();
+            n += 1;
+            // Slower once the mirror is started: a copy that keeps up converges.
+            if s2.load(Ordering::SeqCst) && n.is_multiple_of(8) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        front.flush().unwrap();
+        front
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let j = d
+        .mirror_job("xvda", &target, "raw", "full", true, 0)
+        .expect("mirror");
+    started.store(true, Ordering::SeqCst);
+    let mut front = w.join().unwrap();
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    let mut want = vec![0u8; SIZE as usize];
+    for k in 0..SIZE / CLUSTER {
+        let o = (k * CLUSTER) as usize;
+        want[o..o + 4096].copy_from_slice(&pattern(500 + k, 4096));
+    }
+    front.disconnect().unwrap();
+    d.stop();
+    let got = std::fs::read(&target).unwrap();
+    let lost: Vec<u64> = (0..SIZE / CLUSTER)
+        .filter(|&k| {
+            let o = (k * CLUSTER) as usize;
+            got[o..o + 4096] != want[o..o + 4096]
+        })
+        .collect();
+    assert!(lost.is_empty(), "clusters missing in the target: {lost:?}");
 }

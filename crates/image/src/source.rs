@@ -185,6 +185,35 @@ impl DiskSource {
         }
     }
 
+    /// Whether the image exists: a host path that exists, an RBD image that opens (read-only;
+    /// a missing image or pool is `false`, any other error is returned); an NBD export always
+    /// "exists" (it cannot be created, only written into).
+    pub fn exists(&self) -> Result<bool> {
+        match &self.location {
+            Location::Path(p) => Ok(p.exists()),
+            Location::Nbd(_) => Ok(true),
+            Location::Rbd(n) => match RbdStorage::open(n, true, CacheMode::WriteBack) {
+                Ok(_) => Ok(true),
+                Err(e) if e.os_error() == Some(libc::ENOENT) => Ok(false),
+                Err(e) => Err(rbd_error(e)),
+            },
+        }
+    }
+
+    /// Removes the image (a host file, an RBD image without snapshots), e.g. one that
+    /// [`DiskSource::create`] made for an operation that then failed; an NBD export cannot
+    /// be removed.
+    pub fn remove(&self) -> Result<()> {
+        match &self.location {
+            Location::Path(p) => std::fs::remove_file(p)
+                .map_err(|e| Error::io(format!("cannot remove {}", p.display()), e)),
+            Location::Nbd(u) => Err(Error::Unsupported(format!(
+                "cannot remove the NBD export {u}"
+            ))),
+            Location::Rbd(n) => RbdStorage::remove(n).map_err(rbd_error),
+        }
+    }
+
     /// Opens the image and its backing chain. The source's format, if given, wins over
     /// `opts.format`.
     pub fn open(&self, opts: &OpenOptions) -> Result<Arc<Image>> {

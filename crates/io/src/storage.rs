@@ -183,6 +183,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn as_file(&self) -> Option<&ImageFile> {
         None
     }
+
+    /// Takes a snapshot `name` of the storage itself, of what it holds now (an RBD image's
+    /// `rbd snap create`): for storages that have snapshots; others answer `Unsupported`.
+    /// The caller makes sure nothing is in flight and everything is flushed.
+    fn create_snapshot(&self, name: &str) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{}: this storage has no snapshots of its own ({name})",
+                self.name()
+            ),
+        ))
+    }
 }
 
 /// A shared storage handle, as formats and extents hold it.

@@ -162,6 +162,7 @@ extern "C" {
     ) -> c_int;
     fn rbd_close(image: rbd_image_t) -> c_int;
     fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+    fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
     fn rbd_stat(image: rbd_image_t, info: *mut RbdImageInfo, infosize: usize) -> c_int;
     fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
@@ -624,6 +625,14 @@ impl Image {
         // SAFETY: an open image and an out pointer to a local.
         check(unsafe { rbd_is_exclusive_lock_owner(self.handle, &mut owner) })?;
         Ok(owner != 0)
+    }
+
+    /// `rbd_snap_create`: a snapshot of the image as it is now.
+    pub(crate) fn snap_create(&self, name: &str) -> io::Result<()> {
+        let name = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a snapshot name"))?;
+        // SAFETY: an open image and a NUL-terminated string that outlives the call.
+        check(unsafe { rbd_snap_create(self.handle, name.as_ptr()) })
     }
 
     pub(crate) fn resize(&self, size: u64) -> io::Result<()> {

@@ -453,25 +453,44 @@ impl RbdStorage {
             shared.size.store(size, Ordering::Release);
             Ok(())
         };
+        self.bounded("resize", job)
+    }
+
+    /// Runs `job`, a blocking librbd call on the image, within the deadline: a thread does
+    /// it, which librbd may keep as long as it likes; past the deadline the caller gets
+    /// ETIMEDOUT (`what` says which call). Without a deadline `job` runs here.
+    fn bounded(
+        &self,
+        what: &'static str,
+        job: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) -> io::Result<()> {
         let Some(d) = self.deadline else {
             return job();
         };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
-            .name("xdisk-rbd-resize".into())
+            .name(format!("xdisk-rbd-{what}"))
             .spawn(move || {
+                // The job is consumed (with the image handle it holds) before the caller
+                // hears back: a caller that closes the image next must really close it (a
+                // handle kept open here would keep the exclusive lock, and another handle's
+                // resize would be done by this one, leaving that one's size stale).
                 let r = job();
-                // Let go of the image before the caller hears back: a caller that closes it
-                // next must really close it (a handle kept open here would keep the
-                // exclusive lock, and another handle's resize would be done by this one,
-                // leaving that one's size stale).
-                drop(job);
                 let _ = tx.send(r);
             })?;
         match rx.recv_timeout(d) {
             Ok(r) => r,
-            Err(_) => Err(timed_out("resize", &self.shown, d)),
+            Err(_) => Err(timed_out(what, &self.shown, d)),
         }
+    }
+
+    /// `rbd_snap_create` within the deadline (librbd has no asynchronous snapshot call): a
+    /// snapshot that took longer may still be created by librbd afterwards.
+    fn snap_create_bounded(&self, name: &str) -> io::Result<()> {
+        self.writable()?;
+        let shared = self.shared.clone();
+        let snap = name.to_owned();
+        self.bounded("snapshot", move || shared.image.snap_create(&snap))
     }
 
     /// Runs one asynchronous operation and waits for it, up to the deadline (then librbd
@@ -559,6 +578,11 @@ impl RbdStorage {
 impl Storage for RbdStorage {
     fn name(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.shown)
+    }
+    /// `rbd snap create` on the open image (bounded by the deadline).
+    fn create_snapshot(&self, name: &str) -> io::Result<()> {
+        self.check_usable()?;
+        self.snap_create_bounded(name)
     }
     /// The size: the one last known unless librbd's update watch said the header changed
     /// since (then `rbd_get_size`, which refreshes it); always asked of librbd without a

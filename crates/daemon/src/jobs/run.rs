@@ -261,7 +261,7 @@ impl Tracker {
     }
 
     /// Stops recording on `img` (whatever the device serves: nothing to stop on another).
-    fn stop(&self, img: &Image) -> BResult<()> {
+    pub(crate) fn stop(&self, img: &Image) -> BResult<()> {
         match self {
             Tracker::Bitmap(b) => {
                 if let Some(q) = img.as_qcow2() {
@@ -540,7 +540,7 @@ impl Body for Mirror {
     fn run(&mut self, dev: &JobDevice, job: &Job) -> BResult<Outcome> {
         let (copied, passes, paused_us) = self.converge(dev, job)?;
         dev.served(Some(self.new_spec.clone()));
-        let target = self.new_spec.path.display().to_string();
+        let target = self.new_spec.shown();
         tracing::info!(device = %dev.name(), job = job.id(), %target, copied, passes, paused_us, "mirror pivot");
         Ok(Outcome::Mirror(MirrorReply {
             device: dev.name(),
