@@ -29,7 +29,7 @@ use xdisk_blkif::wire::{
 use xdisk_blkif::{BackRing, RingError};
 use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::Image;
-use xdisk_io::sys::{drain_eventfd, poll_readable, EventFd};
+use xdisk_io::sys::{drain_eventfd, EventFd};
 use xdisk_io::Slab;
 use xdisk_xen::platform::{DomId, EventChannel, MappedRegion};
 
@@ -310,26 +310,20 @@ impl<D: GuestData> Reactor<D> {
                     return exit;
                 }
             }
-            let mut work = false;
             // Completions first, answered before new I/O is submitted: the frontend refills
             // its ring while this thread is in the kernel submitting.
-            match self.complete(false) {
-                Ok(n) => work |= n > 0,
-                Err(e) => tracing::error!(queue = self.qid, "cannot reap I/O: {e}"),
+            if let Err(e) = self.complete(false) {
+                tracing::error!(queue = self.qid, "cannot reap I/O: {e}");
             }
             if let Err(e) = self.respond() {
                 return Exit::ProtocolError(e.to_string());
             }
             if self.barrier.is_none() && self.pausing.is_none() {
-                match self.consume() {
-                    Ok(n) => work |= n > 0,
-                    Err(e) => return Exit::ProtocolError(e.to_string()),
+                if let Err(e) = self.consume() {
+                    return Exit::ProtocolError(e.to_string());
                 }
             }
             self.run_deferred();
-            if let Err(e) = self.iq.commit() {
-                tracing::error!(queue = self.qid, "cannot submit I/O: {e}");
-            }
             // Requests answered without I/O (invalid ones, say).
             if let Err(e) = self.respond() {
                 return Exit::ProtocolError(e.to_string());
@@ -342,12 +336,18 @@ impl<D: GuestData> Reactor<D> {
                     continue;
                 }
             }
-            if work {
-                continue;
-            }
+            // More requests already on the ring: push what this batch queued and go on.
+            // Otherwise the sleep pushes it (with io_uring in the system call that waits: at
+            // queue depth 1 one `io_uring_enter` per request instead of a submit, a poll and
+            // an eventfd read). Completions that arrived meanwhile end the sleep at once.
             if self.barrier.is_none() && self.pausing.is_none() {
                 match self.ring.final_check_for_requests() {
-                    Ok(true) => continue,
+                    Ok(true) => {
+                        if let Err(e) = self.iq.commit() {
+                            tracing::error!(queue = self.qid, "cannot submit I/O: {e}");
+                        }
+                        continue;
+                    }
                     Ok(false) => {}
                     Err(e) => return Exit::ProtocolError(e.to_string()),
                 }
@@ -426,28 +426,20 @@ impl<D: GuestData> Reactor<D> {
         }
     }
 
+    /// Sleeps until the frontend notifies, I/O completes or a stop or command arrives; also
+    /// pushes the I/O queued since the last push (with io_uring, the same system call).
     fn sleep(&mut self) {
-        let [a, b] = self.iq.event_fds();
-        let fds: [RawFd; 4] = [self.evtchn.fd(), a, b, self.stop.event.fd()];
-        match poll_readable(&fds, -1) {
+        let fds: [RawFd; 2] = [self.evtchn.fd(), self.stop.event.fd()];
+        match self.iq.sleep(&fds, None) {
             Ok(ready) => {
-                if ready.first().copied().unwrap_or(false) {
+                if ready & 1 != 0 {
                     if let Err(e) = self.evtchn.clear() {
                         tracing::warn!(queue = self.qid, "event channel: {e}");
                     }
                 }
-                // Cleared before the next reap, so that a completion arriving meanwhile
-                // wakes the next poll. Left set (not read every loop): at most one spurious
-                // wake-up instead of two reads per loop.
-                if ready.get(1).copied().unwrap_or(false) {
-                    drain_eventfd(a);
-                }
-                if ready.get(2).copied().unwrap_or(false) {
-                    drain_eventfd(b);
-                }
             }
             Err(e) => {
-                tracing::error!(queue = self.qid, "poll: {e}");
+                tracing::error!(queue = self.qid, "waiting for events: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

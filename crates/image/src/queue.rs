@@ -687,6 +687,71 @@ impl<B: IoBuf> ImageQueue<B> {
         Ok(())
     }
 
+    /// An event loop's sleep: pushes the held requests and waits until a completion may be
+    /// available (reap then) or one of the caller's `fds` is readable; returns a mask of
+    /// those (bit `i` for `fds[i]`, at most 30 fds). With io_uring this is one
+    /// `io_uring_enter(2)` that submits and sleeps, the fds polled inside the ring; other
+    /// engines commit and poll(2) the fds beside [`ImageQueue::event_fds`] (clearing those).
+    /// `timeout` `None`: no limit.
+    pub fn sleep(&mut self, fds: &[RawFd], timeout: Option<Duration>) -> Result<u32> {
+        let n = fds.len();
+        if n > 30 {
+            return Err(Error::InvalidArgument("too many fds to sleep on".into()));
+        }
+        self.unpushed = 0;
+        self.held_end = None;
+        self.drain_backlog();
+        let mut r = Ok(());
+        for e in &mut self.engines[1..] {
+            if let Err(err) = e.commit() {
+                r = Err(Error::io("cannot submit I/O", err));
+            }
+        }
+        r?;
+        // Requests finished without I/O (refused before any) are reaped, not waited for.
+        let timeout = if self.ready.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        // The slow path and the engines of storages without an fd signal `notify`.
+        let mut all = [0 as RawFd; 31];
+        all[..n].copy_from_slice(fds);
+        all[n] = self.notify.fd();
+        match self.engines[0].wait_readable(&all[..=n], timeout) {
+            Ok(Some(mask)) => {
+                if mask & (1 << n) != 0 {
+                    self.notify.drain();
+                }
+                return Ok(mask & ((1 << n) - 1));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Error::io("cannot wait for I/O", e)),
+        }
+        self.engines[0]
+            .commit()
+            .map_err(|e| Error::io("cannot submit I/O", e))?;
+        let mut all = [0 as RawFd; 32];
+        all[..n].copy_from_slice(fds);
+        all[n] = self.engines[0].event_fd();
+        all[n + 1] = self.notify.fd();
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        let ready = poll_readable(&all[..n + 2], ms).map_err(|e| Error::io("poll", e))?;
+        // Cleared before the next reap, so that a completion arriving meanwhile wakes the
+        // next sleep.
+        if ready.get(n).copied().unwrap_or(false) {
+            self.engines[0].clear_event_fd();
+        }
+        if ready.get(n + 1).copied().unwrap_or(false) {
+            self.notify.drain();
+        }
+        Ok(ready
+            .iter()
+            .take(n)
+            .enumerate()
+            .fold(0, |m, (i, &r)| if r { m | 1 << i } else { m }))
+    }
+
     /// Fds that become readable when completions may be available: the fd engine's, and
     /// the one the slow-path workers and the engines of storages without an fd signal.
     pub fn event_fds(&self) -> [RawFd; 2] {

@@ -52,6 +52,7 @@ fn random_workload(
     let mut done: Vec<IoDone<AlignedBuf>> = Vec::new();
     let mut next_id = 0u64;
     let mut issued = 0usize;
+    let mut waits = 0u64;
     while issued < ops || !inflight.is_empty() {
         while issued < ops && inflight.len() < 48 {
             let sectors = rng.gen_range(1..=256u64);
@@ -114,7 +115,21 @@ fn random_workload(
             }
         }
         done.clear();
-        q.reap(&mut done, 1, Some(Duration::from_secs(30))).unwrap();
+        waits += 1;
+        if waits % 2 == 0 {
+            q.reap(&mut done, 1, Some(Duration::from_secs(30))).unwrap();
+        } else {
+            // An event loop's way: sleep (which pushes what is held), then reap what is there.
+            let t0 = std::time::Instant::now();
+            while done.is_empty() {
+                assert_eq!(q.sleep(&[], Some(Duration::from_secs(30))).unwrap(), 0);
+                q.reap(&mut done, 0, None).unwrap();
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "sleep made no progress"
+                );
+            }
+        }
         assert!(!done.is_empty(), "reap made progress");
         for d in done.drain(..) {
             let pos = inflight.iter().position(|r| r.0 == d.user_data).unwrap();
@@ -320,6 +335,24 @@ fn queue_reports_out_of_range_and_read_only_as_errors() {
         assert!(d.result.is_err(), "request {} must fail", d.user_data);
         assert!(d.buf.is_some(), "buffer handed back even on error");
     }
+    // A request refused before any I/O wakes nothing: an event loop's sleep must not wait
+    // for it (the reactor once slept for ever on a write to a read-only disk).
+    q.submit(IoRequest {
+        kind: IoKind::Write,
+        offset: 0,
+        buf: Some(AlignedBuf::new(4096, 4096)),
+        user_data: 4,
+    });
+    let t0 = std::time::Instant::now();
+    q.sleep(&[], Some(Duration::from_secs(20))).unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "slept on a finished request"
+    );
+    done.clear();
+    q.reap(&mut done, 0, None).unwrap();
+    assert_eq!(done.len(), 1);
+    assert!(done[0].result.is_err());
 }
 
 /// `Image::start_write_tracking`: writes through a queue (the fast path, and the slow path

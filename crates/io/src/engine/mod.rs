@@ -120,6 +120,25 @@ pub trait Engine<B: IoBuf>: Send {
     fn clear_event_fd(&self) -> bool {
         crate::sys::drain_eventfd(self.event_fd())
     }
+    /// Pushes queued operations and sleeps, in the engine's own wait, until a completion is
+    /// available or one of `fds` is readable (or `timeout` passes; `None`: no limit): one
+    /// system call where an event loop would otherwise need a submit, a `poll(2)` of its fds
+    /// and the engine's eventfd, and a read to clear that eventfd. Returns a mask of the
+    /// `fds` found readable (bit `i` for `fds[i]`, at most 32 fds; 0 when a completion, a
+    /// signal or the timeout woke it: the next [`Engine::reap`] returns the completions).
+    /// Readiness is level-triggered as with poll: an fd left readable is reported again.
+    ///
+    /// `Ok(None)`: this engine cannot wait on foreign fds (the default), nothing was
+    /// submitted or waited for, and the caller commits and polls [`Engine::event_fd`] with
+    /// its fds instead.
+    fn wait_readable(
+        &mut self,
+        fds: &[RawFd],
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<u32>> {
+        let _ = (fds, timeout);
+        Ok(None)
+    }
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
     /// Maximum operations in flight.

@@ -35,6 +35,26 @@ use crate::sys::EventFd;
 /// `user_data` of the cancellation SQEs issued by `Drop` (never a slab key).
 const CANCEL_USER_DATA: u64 = u64::MAX;
 
+/// Foreign fds [`Engine::wait_readable`] polls, at most (its mask has 32 bits).
+const MAX_POLLS: usize = 32;
+
+/// `user_data` of the poll SQE on `polls[i]` is `POLL_USER_DATA + i` (above every slab key,
+/// which is below [`MAX_ENTRIES`], and below [`CANCEL_USER_DATA`]).
+const POLL_USER_DATA: u64 = u64::MAX - 1 - MAX_POLLS as u64;
+
+/// A foreign fd that [`Engine::wait_readable`] waits on through `IORING_OP_POLL_ADD`
+/// (one-shot: re-armed by the next wait after it fired, so an fd left readable fires again,
+/// as poll(2) would report it again).
+struct PollArm {
+    fd: RawFd,
+    /// A poll SQE is queued or in the kernel.
+    armed: bool,
+    /// It fired and the caller was not told yet.
+    ready: bool,
+    /// The kernel refused to poll it (the caller falls back to poll(2)).
+    failed: bool,
+}
+
 /// Largest ring the kernel accepts (IORING_MAX_ENTRIES).
 const MAX_ENTRIES: u32 = 32768;
 
@@ -81,6 +101,14 @@ pub struct UringEngine<B: IoBuf = AlignedBuf> {
     event: EventFd,
     /// IORING_FEAT_EXT_ARG: bounded waits inside io_uring_enter.
     ext_arg: bool,
+    /// IORING_OP_POLL_ADD is supported: [`Engine::wait_readable`] works.
+    can_poll: bool,
+    /// The fds [`Engine::wait_readable`] was asked to wait on (each keeps its index: the
+    /// `user_data` of its poll SQE).
+    polls: Vec<PollArm>,
+    /// Completions found by [`Engine::wait_readable`], handed out by the next reap (their
+    /// slots are already free: they count in `in_flight` until then).
+    stashed: Vec<Completion<B>>,
 }
 
 impl<B: IoBuf> UringEngine<B> {
@@ -148,6 +176,7 @@ impl<B: IoBuf> UringEngine<B> {
         let sq_entries = ring.params().sq_entries();
         let capacity = cfg.queue_depth.clamp(1, sq_entries) as usize;
         let ext_arg = ring.params().is_feature_ext_arg();
+        let can_poll = probe.is_supported(opcode::PollAdd::CODE);
         tracing::debug!(
             sq_entries,
             cq_entries = ring.params().cq_entries(),
@@ -162,6 +191,9 @@ impl<B: IoBuf> UringEngine<B> {
             fixed,
             event,
             ext_arg,
+            can_poll,
+            polls: Vec::new(),
+            stashed: Vec::new(),
         })
     }
 
@@ -259,14 +291,35 @@ impl<B: IoBuf> UringEngine<B> {
         Ok(())
     }
 
-    /// Moves every available CQE into `out`.
+    /// Moves the stashed completions and every available CQE into `out`.
     fn drain(&mut self, out: &mut Vec<Completion<B>>) -> usize {
+        let stashed = self.stashed.len();
+        out.append(&mut self.stashed);
+        stashed + self.drain_cq(out)
+    }
+
+    /// Moves every available CQE into `out` (a poll's CQE marks its fd ready instead).
+    fn drain_cq(&mut self, out: &mut Vec<Completion<B>>) -> usize {
         let mut n = 0;
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
             let key = cqe.user_data();
             if key == CANCEL_USER_DATA {
+                continue;
+            }
+            if key >= POLL_USER_DATA {
+                if let Some(p) = self.polls.get_mut((key - POLL_USER_DATA) as usize) {
+                    p.armed = false;
+                    match cqe.result() {
+                        r if r >= 0 => p.ready = true,
+                        r if r == -libc::ECANCELED || r == -libc::EINTR => {}
+                        r => {
+                            tracing::debug!(fd = p.fd, errno = -r, "io_uring cannot poll an fd");
+                            p.failed = true;
+                        }
+                    }
+                }
                 continue;
             }
             let Some(slot) = self.slab.remove(key as usize) else {
@@ -408,7 +461,77 @@ impl<B: IoBuf> Engine<B> for UringEngine<B> {
     }
 
     fn in_flight(&self) -> usize {
-        self.slab.len()
+        self.slab.len() + self.stashed.len()
+    }
+
+    fn wait_readable(
+        &mut self,
+        fds: &[RawFd],
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<u32>> {
+        if !self.can_poll || fds.len() > MAX_POLLS {
+            return Ok(None);
+        }
+        let mut index = [0usize; MAX_POLLS];
+        for (j, &fd) in fds.iter().enumerate() {
+            let i = match self.polls.iter().position(|p| p.fd == fd) {
+                Some(i) => i,
+                None if self.polls.len() < MAX_POLLS => {
+                    self.polls.push(PollArm {
+                        fd,
+                        armed: false,
+                        ready: false,
+                        failed: false,
+                    });
+                    self.polls.len() - 1
+                }
+                None => return Ok(None),
+            };
+            if self.polls[i].failed {
+                return Ok(None);
+            }
+            index[j] = i;
+            if !self.polls[i].armed && !self.polls[i].ready {
+                self.ensure_sq_space()?;
+                let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                    .build()
+                    .user_data(POLL_USER_DATA + i as u64);
+                // SAFETY: a poll SQE references no memory of ours; the fd is the caller's,
+                // which keeps it open (the kernel holds its own reference meanwhile).
+                unsafe { self.ring.submission().push(&sqe) }
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EAGAIN))?;
+                self.polls[i].armed = true;
+            }
+        }
+        let index = &index[..fds.len()];
+        let mut found = std::mem::take(&mut self.stashed);
+        self.drain_cq(&mut found);
+        self.stashed = found;
+        let anything = |e: &Self| {
+            !e.stashed.is_empty() || index.iter().any(|&i| e.polls[i].ready || e.polls[i].failed)
+        };
+        if anything(self) {
+            self.commit()?;
+        } else {
+            if timeout.is_some() && !self.ext_arg {
+                // `wait` then sleeps on the eventfd without submitting.
+                self.commit()?;
+            }
+            self.wait(1, timeout)?;
+            let mut found = std::mem::take(&mut self.stashed);
+            self.drain_cq(&mut found);
+            self.stashed = found;
+        }
+        if index.iter().any(|&i| self.polls[i].failed) {
+            return Ok(None);
+        }
+        let mut mask = 0u32;
+        for (j, &i) in index.iter().enumerate() {
+            if std::mem::take(&mut self.polls[i].ready) {
+                mask |= 1 << j;
+            }
+        }
+        Ok(Some(mask))
     }
 
     fn capacity(&self) -> usize {
@@ -438,6 +561,7 @@ impl<B: IoBuf> UringEngine<B> {
 
     /// [`Engine::settle`]: cancels what can be cancelled, then waits for every CQE.
     fn settle_all(&mut self, out: &mut Vec<Completion<B>>) -> io::Result<()> {
+        out.append(&mut self.stashed);
         if self.slab.is_empty() {
             return Ok(());
         }
@@ -541,6 +665,79 @@ mod tests {
         assert_eq!(*out[0].result.as_ref().unwrap(), 5);
         assert_eq!(&out[0].buf.as_ref().unwrap()[..5], b"hello");
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn wait_readable_wakes_on_a_foreign_fd_and_on_a_completion_and_loses_neither() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let Some(mut e) = engine(4) else { return };
+        let (wake_r, wake_w) = pipe();
+        let (data_r, data_w) = pipe();
+        let mut wake_w = std::fs::File::from(wake_w);
+        let mut wake_r = std::fs::File::from(wake_r);
+        let mut data_w = std::fs::File::from(data_w);
+        let fds = [wake_r.as_raw_fd()];
+
+        // Nothing ready: the bounded wait times out with an empty mask.
+        let t0 = std::time::Instant::now();
+        assert_eq!(
+            e.wait_readable(&fds, Some(Duration::from_millis(50)))
+                .unwrap(),
+            Some(0)
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(40));
+
+        // The foreign fd becoming readable wakes an unbounded wait; left readable it is
+        // reported again (level-triggered); cleared, it is not.
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            wake_w.write_all(b"x").unwrap();
+            wake_w
+        });
+        assert_eq!(e.wait_readable(&fds, None).unwrap(), Some(1));
+        let _wake_w = writer.join().unwrap();
+        assert_eq!(
+            e.wait_readable(&fds, Some(Duration::from_millis(10)))
+                .unwrap(),
+            Some(1)
+        );
+        let mut b = [0u8; 1];
+        wake_r.read_exact(&mut b).unwrap();
+        assert_eq!(
+            e.wait_readable(&fds, Some(Duration::from_millis(20)))
+                .unwrap(),
+            Some(0)
+        );
+
+        // An operation submitted without commit is pushed by the wait, its completion wakes
+        // it, and the next reap hands it out (counted in flight meanwhile).
+        e.submit(Op {
+            kind: OpKind::Read,
+            fd: data_r.as_raw_fd(),
+            offset: 0,
+            buf: Some(AlignedBuf::new(16, 8)),
+            user_data: 9,
+        })
+        .map_err(|(_, e)| e)
+        .unwrap();
+        data_w.write_all(b"data").unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(e.wait_readable(&fds, None).unwrap(), Some(0));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_eq!(e.in_flight(), 1);
+        let mut out = Vec::new();
+        assert_eq!(e.reap(&mut out, 0, None).unwrap(), 1);
+        assert_eq!(out[0].user_data, 9);
+        assert_eq!(*out[0].result.as_ref().unwrap(), 4);
+        assert_eq!(e.in_flight(), 0);
+    }
+
+    #[test]
+    fn wait_readable_refuses_more_fds_than_its_mask_holds() {
+        let Some(mut e) = engine(4) else { return };
+        let fds = [0 as RawFd; MAX_POLLS + 1];
+        assert_eq!(e.wait_readable(&fds, None).unwrap(), None);
     }
 
     #[test]
