@@ -312,9 +312,13 @@ impl<D: GuestData> Reactor<D> {
             }
             // Completions first, answered before new I/O is submitted: the frontend refills
             // its ring while this thread is in the kernel submitting.
-            if let Err(e) = self.complete(false) {
-                tracing::error!(queue = self.qid, "cannot reap I/O: {e}");
-            }
+            let answered = match self.complete(false) {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    tracing::error!(queue = self.qid, "cannot reap I/O: {e}");
+                    false
+                }
+            };
             if let Err(e) = self.respond() {
                 return Exit::ProtocolError(e.to_string());
             }
@@ -335,6 +339,15 @@ impl<D: GuestData> Reactor<D> {
                     }
                     continue;
                 }
+            }
+            // Completions were answered: the frontend refills its ring on seeing them, so
+            // look again before asking it for a notification (as before this sleep pushed
+            // I/O: at queue depth 32 going to sleep here cost a third of the IOPS).
+            if answered {
+                if let Err(e) = self.iq.commit() {
+                    tracing::error!(queue = self.qid, "cannot submit I/O: {e}");
+                }
+                continue;
             }
             // More requests already on the ring: push what this batch queued and go on.
             // Otherwise the sleep pushes it (with io_uring in the system call that waits: at
