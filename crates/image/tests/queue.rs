@@ -116,7 +116,7 @@ fn random_workload(
         }
         done.clear();
         waits += 1;
-        if waits % 2 == 0 {
+        if waits.is_multiple_of(2) {
             q.reap(&mut done, 1, Some(Duration::from_secs(30))).unwrap();
         } else {
             // An event loop's way: sleep (which pushes what is held), then reap what is there.
