@@ -49,6 +49,19 @@ impl Exports for One {
             },
         })
     }
+    /// As a backup export offers them: QEMU's contexts beside base:allocation, a dirty
+    /// bitmap among them (the `qemu:` and `qemu:dirty-bitmap:` list queries match prefixes).
+    fn contexts(&self, export: &str) -> Vec<String> {
+        if export.is_empty() || export == "disk" {
+            vec![
+                "base:allocation".into(),
+                "qemu:allocation-depth".into(),
+                "qemu:dirty-bitmap:b0".into(),
+            ]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -65,6 +78,12 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(negotiated.size, 1 << 30);
         assert!(!negotiated.extended || negotiated.structured);
         assert_eq!(negotiated.meta_contexts, !contexts.is_empty());
+        // Only contexts the export offers, each once, with its own ID.
+        let offered = One.contexts("disk");
+        for (i, (id, name)) in contexts.iter().enumerate() {
+            assert!(offered.contains(name), "{name:?} was not offered");
+            assert!(contexts[..i].iter().all(|(o, n)| o != id && n != name));
+        }
         if !negotiated.structured {
             assert_eq!(negotiated.flags & flags::SEND_DF, 0);
         }
