@@ -42,7 +42,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use xdisk_image::CacheMode;
 
-use cpu::{parse_cpus, set_affinity, usage, Usage};
+use cpu::{backend_cpu, parse_cpus, set_affinity, usage, Usage};
 pub use options::RingBenchArgs;
 use options::{params, Pattern};
 use report::{Report, Soak};
@@ -65,14 +65,15 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
     let format = image.format().to_string();
     let mut rig = setup(&p, image.clone())?;
     let mut soak = Soak::default();
-    let (result, runtime, before, after, verify_pass_blocks) = {
+    let (result, runtime, before, after, backend, verify_pass_blocks) = {
         let Rig { device, front, .. } = &mut rig;
         let device = device.as_ref().context("the backend is gone")?;
         let before = usage();
+        let backend_before = backend_cpu();
         let t0 = Instant::now();
         let mut bench = Bench::new(&p, front, t0);
         let resize_done = bench.resize_done.clone();
-        let (r, pass, samples, end) = std::thread::scope(|sc| {
+        let (r, pass, samples, end, backend) = std::thread::scope(|sc| {
             let (stop_tx, stop_rx) = mpsc::channel::<()>();
             let sampler = sc.spawn(move || soak::sampler(t0, Duration::from_secs(1), stop_rx));
             let (rstop_tx, rstop_rx) = mpsc::channel::<()>();
@@ -81,6 +82,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
                 sc.spawn(move || resize_thread(plan, t0, image, device, &rstop_rx, done));
             }
             let r = bench.run();
+            let backend = backend_cpu().saturating_sub(backend_before);
             let end = soak::sample(t0);
             drop(rstop_tx);
             let pass = match r {
@@ -91,7 +93,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
             drop(stop_tx);
             let mut samples = sampler.join().unwrap_or_default();
             samples.push(soak::sample(t0));
-            (r, pass, samples, end)
+            (r, pass, samples, end, backend)
         });
         let after = usage();
         let runtime = r.as_ref().copied().unwrap_or_default();
@@ -128,6 +130,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
             runtime,
             before,
             after,
+            backend,
             blocks,
         )
     };
@@ -154,6 +157,7 @@ pub fn run(a: RingBenchArgs) -> Result<i32> {
         usr_pct: cpu.user.as_secs_f64() / secs * 100.0,
         sys_pct: cpu.sys.as_secs_f64() / secs * 100.0,
         cpu,
+        backend_cpu: backend,
         stats,
         front_persistent,
         verified,

@@ -131,6 +131,14 @@ fn every_mode_on_raw_and_qcow2() {
             }
             assert_eq!(job["xdisk"]["backend_requests"].as_u64(), Some(300));
             assert_eq!(job["xdisk"]["backend_errors"].as_u64(), Some(0));
+            // The backend's threads did the 300 requests: some of the process's CPU is theirs.
+            let backend = job["xdisk"]["backend_cpu_us"].as_f64().unwrap();
+            let total = (job["usr_cpu"].as_f64().unwrap() + job["sys_cpu"].as_f64().unwrap())
+                / 100.0
+                * job["job_runtime"].as_f64().unwrap()
+                * 1e3;
+            assert!(backend > 0.0, "backend CPU {backend} us of {total} us");
+            assert!(job["xdisk"]["backend_cpu_us_per_request"].as_f64().unwrap() > 0.0);
         }
     }
     qemu_img(&["check", s(&qcow)]);

@@ -24,6 +24,8 @@ pub struct Report<'a> {
     pub usr_pct: f64,
     pub sys_pct: f64,
     pub cpu: Usage,
+    /// CPU time of the backend's threads over the run (the part of `cpu` dom0 would spend).
+    pub backend_cpu: Duration,
     pub stats: DeviceStats,
     pub front_persistent: usize,
     pub verified: u64,
@@ -164,6 +166,8 @@ impl Report<'_> {
                     "persistent_grants_frontend": self.front_persistent,
                     "persistent_grants_backend": st.persistent_grants,
                     "backend_requests": st.rd_req + st.wr_req,
+                    "backend_cpu_us": self.backend_cpu.as_secs_f64() * 1e6,
+                    "backend_cpu_us_per_request": self.backend_cpu_per_request(),
                     "backend_indirect_requests": st.indirect_req,
                     "backend_errors": st.errors,
                     "verify": p.verify,
@@ -179,6 +183,15 @@ impl Report<'_> {
                 },
             }],
         })
+    }
+
+    /// The backend threads' CPU time per request the frontend completed.
+    fn backend_cpu_per_request(&self) -> f64 {
+        let n = self.read.ios + self.write.ios;
+        if n == 0 {
+            return 0.0;
+        }
+        self.backend_cpu.as_secs_f64() * 1e6 / n as f64
     }
 
     pub fn normal(&self) -> String {
@@ -223,8 +236,9 @@ impl Report<'_> {
         );
         let st = &self.stats;
         o += &format!(
-            "  backend      : requests={}, indirect={}, errors={}, persistent grants={} (frontend {})\n",
+            "  backend      : requests={}, cpu={:.1}us/request, indirect={}, errors={}, persistent grants={} (frontend {})\n",
             st.rd_req + st.wr_req,
+            self.backend_cpu_per_request(),
             st.indirect_req,
             st.errors,
             st.persistent_grants,
