@@ -10,10 +10,13 @@ options on both sides (-t none -T none: O_DIRECT, the page cache out of the way)
 with `-m 16 -W` (its fastest: 16 coroutines, out-of-order writes) and xdisk with its
 defaults (-m 8 threads); the output is deleted between runs. Alternating order per round;
 prints medians of the wall time, CPU time (user+sys of the process) and the ratio
-xdisk/qemu-img of the wall time (lower is better for xdisk).
+xdisk/qemu-img of the wall time (lower is better for xdisk). The copy floor is fio reading
+and writing the data's bytes at once with O_DIRECT: no converter can beat the disk, so
+floor/tool near 1 means the tool is at the disk's speed. --markdown prints the README table.
 """
 
 import argparse
+import json
 import os
 import random
 import resource
@@ -81,6 +84,24 @@ def timed(cmd):
     return wall, cpu
 
 
+def copy_floor(src, out, nbytes):
+    """The disk's floor for a conversion here: fio reading `nbytes` of the source (the qcow2
+    copy, whose data are packed: no holes to skip) and writing as many bytes to a new file at
+    once (O_DIRECT, 1 MiB, 16 in flight each), as a convert of that much data must. Returns
+    the seconds of the longer job (fio's own start-up left out)."""
+    if os.path.exists(out):
+        os.unlink(out)
+    common = ["--direct=1", "--ioengine=io_uring", "--bs=1M", "--iodepth=16", f"--size={nbytes}"]
+    cmd = ["fio", "--output-format=json",
+           "--name=read", f"--filename={src}", "--rw=read"] + common + [
+           "--name=write", f"--filename={out}", "--rw=write"] + common
+    jobs = json.loads(sh(cmd))["jobs"]
+    wall = max(j["job_runtime"] for j in jobs) / 1e3
+    os.unlink(out)
+    os.sync()
+    return wall
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="2G")
@@ -88,8 +109,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--only", help="run only conversions whose name contains this")
+    ap.add_argument("--markdown", action="store_true", help="print the README's table at the end")
     a = ap.parse_args()
-    for t in ("qemu-img", "qemu-io"):
+    for t in ("qemu-img", "qemu-io", "fio"):
         if not shutil.which(t):
             sys.exit(f"{t} not found: run scripts/setup")
     xdisk = xdisk_bin()
@@ -99,6 +121,12 @@ def main():
         print(f"# preparing a {a.size} source with {a.data:.0%} data (raw, qcow2, and a 2-layer chain) in {work}")
         raw, qcow, top = make_sources(work, size, a.data)
         out = os.path.join(work, "out")
+        data_bytes = int(size * a.data) >> 20 << 20
+        floors = [copy_floor(qcow, out, data_bytes) for _ in range(a.rounds)]
+        floor = statistics.median(floors)
+        print(f"\ncopy floor: fio reads and writes the {data_bytes >> 20} MiB of data at once: "
+              f"{floor:.2f} s (median of {a.rounds}; {data_bytes / floor / 1e6:.0f} MB/s each way)")
+        table = []
         cases = [
             ("qcow2 -> raw", "qcow2", qcow, "raw", []),
             ("raw -> qcow2", "raw", raw, "qcow2", []),
@@ -130,10 +158,21 @@ def main():
             for k in wall:
                 print(f"  {k:9s} {wall[k]:7.2f} s wall  {cpu[k]:7.2f} s CPU")
             print(f"  ratio xdisk/qemu-img wall = {wall['xdisk'] / wall['qemu-img']:.2f}"
-                  f"  (CPU {cpu['xdisk'] / cpu['qemu-img']:.2f})")
+                  f"  (CPU {cpu['xdisk'] / cpu['qemu-img']:.2f});"
+                  f"  floor/xdisk = {floor / wall['xdisk']:.2f}, floor/qemu-img = {floor / wall['qemu-img']:.2f}")
+            table.append((name, wall, cpu))
             sys.stdout.flush()
             # The outputs agree with the source.
             sh(["qemu-img", "compare", "-f", f, "-F", of, src, out])
+        if a.markdown:
+            print(f"\n| conversion ({a.size}, {a.data:.0%} data) | qemu-img wall (CPU) | xdisk wall (CPU) "
+                  f"| xdisk / qemu-img wall (CPU) | copy floor {floor:.2f} s / xdisk |")
+            print("|---|---|---|---|---|")
+            for name, wall, cpu in table:
+                print(f"| {name} | {wall['qemu-img']:.2f} s ({cpu['qemu-img']:.2f} s) | "
+                      f"{wall['xdisk']:.2f} s ({cpu['xdisk']:.2f} s) | "
+                      f"{wall['xdisk'] / wall['qemu-img']:.2f} ({cpu['xdisk'] / cpu['qemu-img']:.2f}) | "
+                      f"{floor / wall['xdisk']:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--quick", action="store_true", help="small counts (smoke run)")
     ap.add_argument("--json", help="also write results to this file")
+    ap.add_argument("--markdown", action="store_true", help="print the README's table at the end")
     ap.add_argument("--only", help="run only workloads whose name contains this")
     ap.add_argument("--baseline", metavar="BIN",
                     help="another xdisk binary (e.g. built from the previous commit) run in the same rounds")
@@ -120,6 +121,16 @@ def main():
                 print(f"  ratio xdisk raw / base raw     = {med['xdisk raw'] / med['base raw']:.2f}")
                 print(f"  ratio xdisk qcow2 / base qcow2 = {med['xdisk qcow2'] / med['base qcow2']:.2f}")
             sys.stdout.flush()
+        if a.markdown:
+            print("\n| workload | fio raw | xdisk raw | xdisk / qemu-img raw | xdisk / qemu-img qcow2 | xdisk raw / fio | xdisk qcow2 / raw |")
+            print("|---|---|---|---|---|---|---|")
+            for name, r in results.items():
+                m = r["median_iops"]
+                big = "1M" in name
+                cell = (lambda x: f"{x * 1.048576:.0f} MB/s") if big else (lambda x: f"{x / 1e3:.1f}k IOPS")
+                print(f"| {name} | {cell(m['fio raw'])} | {cell(m['xdisk raw'])} | "
+                      f"{m['xdisk raw'] / m['qemu-img raw']:.2f} | {m['xdisk qcow2'] / m['qemu-img qcow2']:.2f} | "
+                      f"{m['xdisk raw'] / m['fio raw']:.2f} | {m['xdisk qcow2'] / m['xdisk raw']:.2f} |")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=2)
