@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts in bench/."""
 
 import os
+import resource
 import subprocess
 import time
 
@@ -9,6 +10,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def sh_cpu(cmd, **kw):
+    """Like sh(); returns (stdout, CPU seconds the child used: user + system, all threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = sh(cmd, **kw)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def xdisk_bin():

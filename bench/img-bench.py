@@ -26,25 +26,26 @@ import sys
 import tempfile
 import time
 
-from benchlib import alternating, prepare_images, sh, xdisk_bin
+from benchlib import alternating, prepare_images, sh, sh_cpu, xdisk_bin
 STRIDE_4K = 4096 * 7919  # a prime number of 4k blocks: scatters like random I/O
 
 
 
 
 def bench_tool(tool, path, fmt, wl, count, binary=None):
-    """Runs qemu-img bench or xdisk img bench (`binary`: another xdisk); returns IOPS."""
+    """Runs qemu-img bench or xdisk img bench (`binary`: another xdisk); returns (IOPS, CPU
+    microseconds per request: the whole process, start-up included)."""
     bs, depth, write, step = wl["bs"], wl["depth"], wl["write"], wl["step"]
     args = ["bench", "-f", fmt, "-t", "none", "-i", "io_uring", "-c", str(count),
             "-d", str(depth), "-s", str(bs), "-S", str(step)]
     if write:
         args += ["-w", "--pattern", "0x5a"]
     cmd = ["qemu-img"] + args + [path] if tool == "qemu-img" else [binary or XDISK, "img"] + args + [path]
-    out = sh(cmd)
+    out, cpu = sh_cpu(cmd)
     m = re.search(r"Run completed in ([0-9.]+) seconds", out)
     if not m:
         raise RuntimeError(f"no result from {cmd}: {out}")
-    return count / float(m.group(1))
+    return count / float(m.group(1)), cpu * 1e6 / count
 
 
 def fio(path, wl, count):
@@ -52,10 +53,11 @@ def fio(path, wl, count):
     cmd = ["fio", "--name=anchor", f"--filename={path}", "--direct=1", "--ioengine=io_uring",
            f"--rw={rw}", f"--bs={wl['bs']}", f"--iodepth={wl['depth']}", f"--number_ios={count}",
            "--norandommap", "--randrepeat=0", "--output-format=json", "--group_reporting"]
-    out = json.loads(sh(cmd))
-    job = out["jobs"][0]
+    job = json.loads(sh(cmd))["jobs"][0]
     side = job["write" if wl["write"] else "read"]
-    return side["iops"]
+    # fio's own account of the job (its start-up, which costs more than a short run, left out).
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1e3
+    return side["iops"], cpu * 1e6 / count
 
 
 WORKLOADS = [
@@ -107,12 +109,13 @@ def main():
                 continue
             count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
             per = alternating(runs, a.rounds, lambda fn: fn(wl, count))
-            med = {k: statistics.median(v) for k, v in per.items()}
-            results[wl["name"]] = {"median_iops": med, "samples": per}
+            med = {k: statistics.median(i for i, _ in v) for k, v in per.items()}
+            cpu = {k: statistics.median(c for _, c in v) for k, v in per.items()}
+            results[wl["name"]] = {"median_iops": med, "median_cpu_us": cpu, "samples": per}
             unit = (lambda x: f"{x:9.0f} IOPS") if wl["bs"] == 4096 else (lambda x: f"{x * wl['bs'] / 1e6:7.0f} MB/s")
             print(f"\n{wl['name']} (median of {a.rounds}, count {count})")
             for k, v in med.items():
-                print(f"  {k:15s} {unit(v)}")
+                print(f"  {k:15s} {unit(v)}   CPU {cpu[k]:6.1f} us/request")
             print(f"  ratio xdisk raw / fio          = {med['xdisk raw'] / med['fio raw']:.2f}")
             print(f"  ratio xdisk qcow2 / xdisk raw  = {med['xdisk qcow2'] / med['xdisk raw']:.2f}")
             print(f"  ratio xdisk raw / qemu-img raw = {med['xdisk raw'] / med['qemu-img raw']:.2f}")
@@ -122,15 +125,16 @@ def main():
                 print(f"  ratio xdisk qcow2 / base qcow2 = {med['xdisk qcow2'] / med['base qcow2']:.2f}")
             sys.stdout.flush()
         if a.markdown:
-            print("\n| workload | fio raw | xdisk raw | xdisk / qemu-img raw | xdisk / qemu-img qcow2 | xdisk raw / fio | xdisk qcow2 / raw |")
-            print("|---|---|---|---|---|---|---|")
+            print("\n| workload | fio raw | xdisk raw | xdisk / qemu-img raw | xdisk / qemu-img qcow2 | xdisk raw / fio | xdisk qcow2 / raw | CPU us/request: fio / qemu-img / xdisk (raw) |")
+            print("|---|---|---|---|---|---|---|---|")
             for name, r in results.items():
-                m = r["median_iops"]
+                m, c = r["median_iops"], r["median_cpu_us"]
                 big = "1M" in name
                 cell = (lambda x: f"{x * 1.048576:.0f} MB/s") if big else (lambda x: f"{x / 1e3:.1f}k IOPS")
                 print(f"| {name} | {cell(m['fio raw'])} | {cell(m['xdisk raw'])} | "
                       f"{m['xdisk raw'] / m['qemu-img raw']:.2f} | {m['xdisk qcow2'] / m['qemu-img qcow2']:.2f} | "
-                      f"{m['xdisk raw'] / m['fio raw']:.2f} | {m['xdisk qcow2'] / m['xdisk raw']:.2f} |")
+                      f"{m['xdisk raw'] / m['fio raw']:.2f} | {m['xdisk qcow2'] / m['xdisk raw']:.2f} | "
+                      f"{c['fio raw']:.1f} / {c['qemu-img raw']:.1f} / {c['xdisk raw']:.1f} |")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=2)
