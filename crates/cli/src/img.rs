@@ -406,10 +406,13 @@ fn split_qemu_opts(s: &str) -> Vec<String> {
     out
 }
 
+/// `encrypt.*` options of `-o`, as given (key, value).
+type EncryptOptions = Vec<(String, String)>;
+
 /// The `encrypt.*` options of `-o` (QEMU's rbd driver's create options), taken out of the
 /// lists; when given, the output's name says them (`:encrypt.format=...`), so that creating
 /// it formats it and every later open of it loads the encryption.
-fn take_encrypt(list: &[String]) -> Result<(Vec<String>, Vec<(String, String)>)> {
+fn take_encrypt(list: &[String]) -> Result<(Vec<String>, EncryptOptions)> {
     let mut rest = Vec::new();
     let mut enc = Vec::new();
     for group in list {
@@ -556,6 +559,10 @@ fn info_json(path: &Path, img: &Image) -> Result<Value> {
     if let Some(n) = img.actual_size()? {
         v["actual-size"] = json!(n);
     }
+    // librbd's encryption loaded (as qemu-img says of LUKS images).
+    if xdisk_rbd::RbdName::parse(&path.to_string_lossy()).is_ok_and(|n| n.encrypt.is_some()) {
+        v["encrypted"] = json!(true);
+    }
     let info = img.info();
     if let Some(cs) = info.cluster_size {
         v["cluster-size"] = json!(cs);
@@ -616,6 +623,9 @@ fn info_human(v: &Value) -> String {
             .as_u64()
             .map_or_else(|| "unavailable".to_owned(), human)
     );
+    if g("encrypted").as_bool() == Some(true) {
+        s += "encrypted: yes\n";
+    }
     if let Some(cs) = g("cluster-size").as_u64() {
         s += &format!("cluster_size: {cs}\n");
     }

@@ -247,6 +247,7 @@ fn an_image_qemu_encrypts_is_read_by_xdisk_and_its_snapshots_too() {
         let info: Value =
             serde_json::from_str(&xdisk(&["img", "info", "--output=json", &name])).unwrap();
         assert_eq!(info["virtual-size"].as_u64(), Some(20 * MIB), "{format}");
+        assert_eq!(info["encrypted"], Value::Bool(true), "{info}");
         let out = d.path().join(format!("{format}.raw"));
         xdisk(&["img", "convert", "-O", "raw", &name, s(&out)]);
         let got = std::fs::read(&out).unwrap();
@@ -499,7 +500,7 @@ fn xdisk_bench_nbd_and_the_daemon_serve_encrypted_rbd_disks() {
 
     // A Xen disk on the simulation.
     let ctl = d.path().join("control.sock");
-    let mut serve = Command::new(XDISK)
+    let serve = Command::new(XDISK)
         .args(["serve", "--platform=sim", "--control", s(&ctl)])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
