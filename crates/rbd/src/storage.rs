@@ -210,6 +210,10 @@ const LUKS_MAGIC: [(&[u8; 8], LuksFormat); 2] = [
 /// The LUKS header the image starts with (its first 8 bytes as stored), if any.
 fn luks_header(image: &ffi::Image) -> io::Result<Option<LuksFormat>> {
     let mut head = [0u8; 8];
+    // librbd refuses reads past the end (EINVAL): an empty image (a new qcow2 one) has none.
+    if image.size()? < head.len() as u64 {
+        return Ok(None);
+    }
     let n = image.read(&mut head, 0)?;
     Ok(LUKS_MAGIC
         .iter()
