@@ -2,7 +2,8 @@
 //! every command and Xen's `params` take them (`xdisk_rbd::RbdName::parse`, through
 //! `DiskSource::parse`). No panic; whatever parses prints back (escaped) to a name that parses
 //! to the same thing; the name shown in messages parses too (unless hiding secrets made it
-//! longer than a name may be), with every `key=` value hidden.
+//! longer than a name may be), with every `key=` value hidden; xdisk's own keys (`encrypt.*`,
+//! `xdisk_deadline`, `xdisk_lock`, `xdisk_luks`) never become Ceph options.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -16,6 +17,20 @@ fuzz_target!(|data: &[u8]| {
         let parsed = RbdName::parse(input);
         if let Ok(n) = &parsed {
             assert!(!n.pool.is_empty() && !n.image.is_empty());
+            for (k, _) in &n.options {
+                assert!(
+                    !k.starts_with("encrypt.")
+                        && ![
+                            xdisk_rbd::name::DEADLINE_KEY,
+                            xdisk_rbd::name::LOCK_KEY,
+                            xdisk_rbd::name::LUKS_KEY
+                        ]
+                        .contains(&k.as_str()),
+                    "{k} passed to Ceph"
+                );
+            }
+            // librbd's encryption is loaded or the LUKS header is read as stored, not both.
+            assert!(!(n.encrypt.is_some() && n.luks_raw));
             let again = RbdName::parse(&n.to_spec()).expect("the spec of a name parses");
             assert_eq!(&again, n);
             // The shown name parses too, unless hiding short secrets behind `<hidden>` made

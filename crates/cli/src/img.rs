@@ -64,7 +64,9 @@ pub struct CreateArgs {
     /// lazy_refcounts (on|off), compat (0.10|1.1|v2|v3), refcount_bits; for an image on
     /// RBD also object_size (4K-32M; a raw image's cluster_size too, as QEMU),
     /// features (layering+exclusive-lock+object-map+fast-diff+deep-flatten+journaling+
-    /// striping, or none), data_pool, stripe_unit, stripe_count.
+    /// striping, or none), data_pool, stripe_unit, stripe_count, and for a raw one
+    /// librbd's encryption: encrypt.format (luks|luks2), encrypt.key-secret (the id of an
+    /// --object secret), encrypt.cipher-alg (aes-128|aes-256).
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Backing file.
@@ -343,6 +345,134 @@ fn apply_options(opts: &mut CreateOptions, list: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Registers the secrets of `--object secret,id=ID,file=PATH|data=STRING[,format=raw]`
+/// (qemu-img's spelling; `,,` is a literal comma) for names and options that say
+/// `encrypt.key-secret=ID`. Messages never echo a secret's data.
+pub fn register_objects(objects: &[String]) -> Result<()> {
+    for o in objects {
+        let parts = split_qemu_opts(o);
+        let mut parts = parts.iter().map(String::as_str);
+        let kind = parts.next().unwrap_or("");
+        if !matches!(kind, "secret" | "qom-type=secret") {
+            let shown = if kind.contains('=') { "" } else { kind };
+            bail!("--object {shown}...: only --object secret,id=ID,file=PATH is supported");
+        }
+        let (mut id, mut data, mut file) = (None, None, None);
+        for kv in parts {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--object secret: expected key=value after secret"))?;
+            match k {
+                "id" => id = Some(v.to_owned()),
+                "data" => data = Some(v.as_bytes().to_vec()),
+                "file" => file = Some(v.to_owned()),
+                "format" if v == "raw" => {}
+                "format" => bail!("--object secret: format={v} is not supported (raw only)"),
+                _ => bail!("--object secret: '{k}' is not supported (id, file, data, format=raw)"),
+            }
+        }
+        let id = id
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| anyhow!("--object secret needs id=ID"))?;
+        let pass = match (data, file) {
+            (Some(d), None) => xdisk_rbd::Passphrase::new(d),
+            (None, Some(f)) => xdisk_rbd::Passphrase::from_file(&f),
+            _ => bail!("--object secret,id={id}: give file=PATH or data=STRING (one of them)"),
+        }
+        .map_err(|e| anyhow!("--object secret,id={id}: {e}"))?;
+        xdisk_rbd::register_secret(&id, pass);
+    }
+    Ok(())
+}
+
+/// Splits QEMU's option syntax at commas, `,,` standing for a comma.
+fn split_qemu_opts(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == ',' {
+            if it.peek() == Some(&',') {
+                it.next();
+                if let Some(l) = out.last_mut() {
+                    l.push(',');
+                }
+            } else {
+                out.push(String::new());
+            }
+        } else if let Some(l) = out.last_mut() {
+            l.push(c);
+        }
+    }
+    out
+}
+
+/// `encrypt.*` options of `-o`, as given (key, value).
+type EncryptOptions = Vec<(String, String)>;
+
+/// The `encrypt.*` options of `-o` (QEMU's rbd driver's create options), taken out of the
+/// lists; when given, the output's name says them (`:encrypt.format=...`), so that creating
+/// it formats it and every later open of it loads the encryption.
+fn take_encrypt(list: &[String]) -> Result<(Vec<String>, EncryptOptions)> {
+    let mut rest = Vec::new();
+    let mut enc = Vec::new();
+    for group in list {
+        let mut keep = Vec::new();
+        for kv in group.split(',').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some((k, v)) if k.starts_with("encrypt.") => {
+                    if !matches!(
+                        k,
+                        "encrypt.format" | "encrypt.key-secret" | "encrypt.cipher-alg"
+                    ) {
+                        bail!("unsupported option '{k}' (encrypt.format, encrypt.key-secret, encrypt.cipher-alg)");
+                    }
+                    enc.push((k.to_owned(), v.to_owned()))
+                }
+                _ => keep.push(kv),
+            }
+        }
+        rest.push(keep.join(","));
+    }
+    Ok((rest, enc))
+}
+
+/// The output's name with the `-o encrypt.*` options in it (see [`take_encrypt`]).
+fn encrypted_name(file: &str, format: Format, enc: &[(String, String)]) -> Result<String> {
+    if enc.is_empty() {
+        return Ok(file.to_owned());
+    }
+    if format == Format::Qcow2 {
+        bail!(
+            "-o encrypt.* with -f qcow2 asks for qcow2's own encryption (as qemu-img reads it), which xdisk does not implement; librbd's encryption of an RBD image holds raw images (-f raw)"
+        );
+    }
+    if !xdisk_rbd::is_rbd_name(file) {
+        bail!("-o encrypt.*: librbd's encryption, for images on RBD only (rbd:POOL/IMAGE)");
+    }
+    let mut n = xdisk_rbd::RbdName::parse(file).map_err(|e| anyhow!("bad RBD name: {e}"))?;
+    if n.encrypt.is_some() {
+        bail!("{n}: give the encryption once, in the name or with -o encrypt.*");
+    }
+    let get = |k: &str| enc.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v);
+    let format = get("encrypt.format")
+        .ok_or_else(|| anyhow!("-o encrypt.*: encrypt.format=luks|luks2 is required"))?;
+    let format = xdisk_rbd::LuksFormat::parse(format).map_err(|e| anyhow!("{e}"))?;
+    let id = get("encrypt.key-secret").ok_or_else(|| {
+        anyhow!(
+            "-o encrypt.format needs encrypt.key-secret=ID (with --object secret,id=ID,file=PATH)"
+        )
+    })?;
+    let cipher = get("encrypt.cipher-alg")
+        .map(|c| xdisk_rbd::CipherAlg::parse(c).map_err(|e| anyhow!("{e}")))
+        .transpose()?;
+    n.encrypt = Some(xdisk_rbd::Encryption {
+        format,
+        key: xdisk_rbd::KeySource::Secret(id.clone()),
+        cipher,
+    });
+    Ok(n.to_spec())
+}
+
 /// QEMU's rbd driver takes a raw image's `cluster_size` as the RBD object size.
 fn rbd_cluster_size(opts: &mut CreateOptions, format: Format, file: &str, list: &[String]) {
     let given = list
@@ -355,14 +485,16 @@ fn rbd_cluster_size(opts: &mut CreateOptions, format: Format, file: &str, list: 
     }
 }
 
-fn cmd_create(a: CreateArgs) -> Result<i32> {
+fn cmd_create(mut a: CreateArgs) -> Result<i32> {
     let format: Format = a.format.parse().map_err(|e| anyhow!("{e}"))?;
     let mut opts = CreateOptions::default();
     if let Some(s) = &a.size {
         opts.size = parse_size(s)?;
     }
-    apply_options(&mut opts, &a.options)?;
-    rbd_cluster_size(&mut opts, format, &a.file.to_string_lossy(), &a.options);
+    let (options, enc) = take_encrypt(&a.options)?;
+    a.file = encrypted_name(&a.file.to_string_lossy(), format, &enc)?.into();
+    apply_options(&mut opts, &options)?;
+    rbd_cluster_size(&mut opts, format, &a.file.to_string_lossy(), &options);
     if a.backing.is_some() {
         opts.backing_file = a.backing.clone();
     }
@@ -427,6 +559,10 @@ fn info_json(path: &Path, img: &Image) -> Result<Value> {
     if let Some(n) = img.actual_size()? {
         v["actual-size"] = json!(n);
     }
+    // librbd's encryption loaded (as qemu-img says of LUKS images).
+    if xdisk_rbd::RbdName::parse(&path.to_string_lossy()).is_ok_and(|n| n.encrypt.is_some()) {
+        v["encrypted"] = json!(true);
+    }
     let info = img.info();
     if let Some(cs) = info.cluster_size {
         v["cluster-size"] = json!(cs);
@@ -487,6 +623,9 @@ fn info_human(v: &Value) -> String {
             .as_u64()
             .map_or_else(|| "unavailable".to_owned(), human)
     );
+    if g("encrypted").as_bool() == Some(true) {
+        s += "encrypted: yes\n";
+    }
     if let Some(cs) = g("cluster-size").as_u64() {
         s += &format!("cluster_size: {cs}\n");
     }
@@ -645,7 +784,7 @@ fn parse_cache(s: &str) -> Result<CacheMode> {
     s.parse::<CacheMode>().map_err(|e| anyhow!("{e}"))
 }
 
-fn cmd_convert(a: ConvertArgs) -> Result<i32> {
+fn cmd_convert(mut a: ConvertArgs) -> Result<i32> {
     let _ = a.force_share;
     let src = open_in(
         &a.src,
@@ -667,8 +806,13 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
         size,
         ..CreateOptions::default()
     };
-    apply_options(&mut copts, &a.options)?;
-    rbd_cluster_size(&mut copts, out_format, &a.dst.to_string_lossy(), &a.options);
+    let (options, enc) = take_encrypt(&a.options)?;
+    if !enc.is_empty() && a.no_create {
+        bail!("-o encrypt.* formats a new output: not with -n (name the encryption of an existing one in its rbd: name)");
+    }
+    a.dst = encrypted_name(&a.dst.to_string_lossy(), out_format, &enc)?.into();
+    apply_options(&mut copts, &options)?;
+    rbd_cluster_size(&mut copts, out_format, &a.dst.to_string_lossy(), &options);
     copts.size = size;
     if copts.backing_file.is_some() {
         bail!("convert with a backing file for the output is not supported yet");
@@ -691,8 +835,12 @@ fn cmd_convert(a: ConvertArgs) -> Result<i32> {
             dst.size()
         );
     }
-    // A fresh output reads as zeroes; an existing one (-n) may not, unless told.
-    let fresh = !a.no_create || a.target_is_zero;
+    // A fresh output reads as zeroes (not an RBD image with librbd's encryption: see
+    // DiskSource::zero_initialized); an existing one (-n) may not, unless told.
+    let zero_init = xdisk_image::DiskSource::parse(&a.dst.to_string_lossy(), None)
+        .map(|d| d.zero_initialized())
+        .unwrap_or(true);
+    let fresh = (!a.no_create && zero_init) || a.target_is_zero;
     let sparse = if fresh { sparse } else { 0 };
     let _ = a.out_of_order;
     let job = ConvertJob {

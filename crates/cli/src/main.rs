@@ -56,6 +56,11 @@ enum Command {
         after_long_help = "Examples:\n  xdisk img create -f qcow2 -o cluster_size=64k -b base.raw -F raw disk.qcow2 10G\n  xdisk img info --output=json disk.qcow2\n  xdisk img check -r leaks disk.qcow2\n  xdisk img convert -p -O qcow2 disk.raw disk.qcow2\n  xdisk img convert -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2\n  xdisk img map --output=json disk.qcow2\n  xdisk img resize disk.qcow2 +1G\n  xdisk img compare a.qcow2 b.raw\n  xdisk img bench -t none -i io_uring -c 100000 -d 32 disk.qcow2\n  xdisk img bitmap --add -g 64k disk.qcow2 backup-0"
     )]
     Img {
+        /// qemu-img's `--object secret,id=ID,file=PATH` (or `data=STRING`, which other
+        /// users of the host can read in /proc): the passphrase of librbd's encryption for
+        /// `-o encrypt.key-secret=ID` (create, convert) and `rbd:...:encrypt.key-secret=ID`.
+        #[arg(long = "object", global = true, value_name = "secret,id=ID,file=PATH")]
+        objects: Vec<String>,
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
@@ -235,7 +240,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Command::Img { cmd } => img::run(cmd),
+        Command::Img { objects, cmd } => {
+            img::register_objects(&objects)?;
+            img::run(cmd)
+        }
         Command::XenSelftest(args) => xen_selftest::run(args),
         Command::Bench(a) => ring_bench::run(*a),
         Command::Nbd(a) => nbd::run(*a),

@@ -1696,7 +1696,10 @@ impl Supervisor {
                 return Err(fail(e));
             }
         };
-        let first: Vec<(u64, u64)> = if created || sync_top {
+        // A new target reads as zeroes where nothing is copied, unless it is an RBD image
+        // with librbd's encryption (unwritten parts of objects written in part read as
+        // noise there): then all of it is copied, zeroes written as such.
+        let first: Vec<(u64, u64)> = if (created && source.zero_initialized()) || sync_top {
             match run::chain_ranges(&layers, top.size()) {
                 Ok(r) => r,
                 Err(e) => {

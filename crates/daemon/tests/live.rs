@@ -3258,6 +3258,78 @@ fn mirror_of_a_local_disk_to_rbd_under_writes_pivots() {
     ]);
 }
 
+/// `xdisk mirror` of a local disk into a new RBD image with librbd's encryption (a key file
+/// in the target's name): the target is formatted, and every byte is copied (the unwritten
+/// parts of objects written in part read as noise in an encrypted image, so the source's
+/// holes cannot be skipped as for a plain new image); the frontend reads what it wrote after
+/// the switch, QEMU's rbd driver with `encrypt.*` reads the model, Ceph stores no plaintext.
+#[test]
+fn mirror_of_a_local_disk_to_an_encrypted_rbd_image_copies_every_byte() {
+    let Some(conf) = cluster() else { return };
+    let disk = qcow2_disk(DISK);
+    let key = disk.dir.path().join("key");
+    std::fs::write(&key, "mirror passphrase").unwrap();
+    let target = TestImage::new(conf, "livemirenc");
+    let name = target.name_with(&format!(
+        ":encrypt.format=luks:encrypt.key-file={}",
+        key.display()
+    ));
+    let d = daemon();
+    let dom = d.host.guest(1);
+    d.host
+        .add_qdisk(1, 51712, &format!("qcow2:{}", disk.path.display()), &[]);
+    let mut front = connect_with(&dom, 51712, front_cfg());
+    // A sparse disk: a few blocks written, holes around them in the same RBD objects.
+    let mut want = vec![0u8; DISK as usize];
+    for (i, block) in [1u64, 700, 1500].into_iter().enumerate() {
+        let data = pattern(40 + i as u64, BLOCK);
+        front.write(block * 8, &data).unwrap();
+        want[block as usize * BLOCK..][..BLOCK].copy_from_slice(&data);
+    }
+    front.flush().unwrap();
+    let j = d
+        .mirror_job("xvda", Path::new(&name), "raw", "full", true, 0)
+        .expect("mirror to an encrypted RBD image");
+    let end = d.wait(j.id);
+    assert_eq!(end.state, JobState::Completed, "{end:?}");
+    assert!(d.image_of("xvda").contains("encrypt.format=luks"));
+    assert!(
+        front.read(0, DISK / 512).unwrap() == want,
+        "the switched disk reads something else than was written (noise in holes?)"
+    );
+    assert_eq!(end.total_bytes, DISK, "not every byte was copied: {end:?}");
+    front.disconnect().unwrap();
+    d.stop();
+    let model_file = disk.dir.path().join("model.raw");
+    std::fs::write(&model_file, &want).unwrap();
+    qemu_img(&[
+        "compare",
+        "--object",
+        &format!("secret,id=sec0,file={}", key.display()),
+        "--image-opts",
+        &format!(
+            "driver=rbd,pool={},image={},conf={},encrypt.format=luks,encrypt.key-secret=sec0",
+            xdisk_rbd::testing::POOL,
+            target.image,
+            conf.display()
+        ),
+        &format!(
+            "driver=raw,file.driver=file,file.filename={}",
+            model_file.display()
+        ),
+    ]);
+    let stored = rbd_export(&target, disk.dir.path());
+    assert!(stored.starts_with(b"LUKS\xba\xbe"));
+    let block = want
+        .chunks(4096)
+        .find(|b| b.iter().any(|&x| x != 0))
+        .expect("the guest wrote something");
+    assert!(
+        !stored.windows(block.len()).any(|w| w == block),
+        "plaintext stored"
+    );
+}
+
 /// `xdisk backup` of a device served from a raw RBD image, under writes: the export read
 /// with `qemu-img convert` while the guest writes is the disk as of the backup's instant
 /// (the scratch a local file); finishing it leaves the image as the guest wrote it.

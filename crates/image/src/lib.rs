@@ -1145,8 +1145,8 @@ pub enum BackingTarget {
     /// A host file: an absolute name, or a relative one resolved against the directory of
     /// the image that names it.
     File(PathBuf),
-    /// Another storage (an `nbd://` URI, an `rbd:` name).
-    Uri(DiskSource),
+    /// Another storage (an `nbd://` URI, an `rbd:` name); boxed, as a name is large.
+    Uri(Box<DiskSource>),
     /// A relative name in an image that is not a host file: no directory to resolve it
     /// against (QEMU: "cannot determine actual path").
     Unresolvable,
@@ -1157,7 +1157,7 @@ pub enum BackingTarget {
 pub fn backing_target(image: Option<&Path>, name: &str) -> Result<BackingTarget> {
     let src = DiskSource::parse(name, None)?;
     if src.local_path().is_none() {
-        return Ok(BackingTarget::Uri(src));
+        return Ok(BackingTarget::Uri(Box::new(src)));
     }
     Ok(match image {
         Some(image) => BackingTarget::File(resolve_backing(image, name)),

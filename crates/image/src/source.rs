@@ -27,13 +27,25 @@ pub enum Location {
 /// An RBD error as the image crate's: missing images and pools stay ENOENT, etc.
 fn rbd_error(e: xdisk_rbd::Error) -> Error {
     match e {
-        xdisk_rbd::Error::Name { .. } => Error::InvalidArgument(e.to_string()),
+        xdisk_rbd::Error::Name { .. }
+        | xdisk_rbd::Error::Encryption { .. }
+        | xdisk_rbd::Error::Encrypted { .. } => Error::InvalidArgument(e.to_string()),
         xdisk_rbd::Error::Rados { what, source } => Error::io(what, source),
         e => {
             let os = e.os_error().unwrap_or(libc::EIO);
             Error::io(e.to_string(), std::io::Error::from_raw_os_error(os))
         }
     }
+}
+
+/// Why a qcow2 image is refused in an RBD image with librbd's encryption: qcow2 has an
+/// encryption of its own (QEMU's `encrypt.format` of qcow2, which xdisk does not implement,
+/// and which is what `qemu-img create -f qcow2 -o encrypt.*` asks for), and QEMU 7.2 cannot
+/// create one either; librbd's encryption holds raw images.
+fn encrypted_qcow2(n: &RbdName) -> Error {
+    Error::Unsupported(format!(
+        "{n}: librbd's encryption (encrypt.format) holds raw images only; a qcow2 image in an encrypted RBD image is not supported (qcow2 has an encryption of its own, which xdisk does not implement)"
+    ))
 }
 
 /// A disk as named by a user or a toolstack: its location and, if given, its format.
@@ -159,6 +171,9 @@ impl DiskSource {
                 "cannot create an image on the NBD export {u}: write into it (convert -n)"
             ))),
             Location::Rbd(n) => {
+                if n.encrypt.is_some() && format != Format::Raw {
+                    return Err(encrypted_qcow2(n));
+                }
                 if opts.backing_file.is_some() {
                     return Err(Error::Unsupported(
                         "backing files of images on RBD are not supported yet".into(),
@@ -223,8 +238,28 @@ impl DiskSource {
             // A storage without a host path: a backing file it names must be an absolute
             // path or a URI (and a probed format never opens one, see Image::open).
             Location::Nbd(_) | Location::Rbd(_) => {
-                Image::open_on(self.open_storage(opts.read_only, opts.cache)?, &opts)
+                let image = Image::open_on(self.open_storage(opts.read_only, opts.cache)?, &opts)?;
+                self.check_encrypted_format(image.format())?;
+                Ok(image)
             }
+        }
+    }
+
+    /// Whether a new image made by [`DiskSource::create`] reads as zeroes where nothing was
+    /// written, so that a copy into it may skip the source's zeroes. Not an RBD image with
+    /// librbd's encryption: there the unwritten parts of an object written in part read as
+    /// decrypted zeroes, i.e. noise (librbd 16), so every byte must be written.
+    pub fn zero_initialized(&self) -> bool {
+        !matches!(&self.location, Location::Rbd(n) if n.encrypt.is_some())
+    }
+
+    /// librbd's encryption holds raw images only (see [`encrypted_qcow2`]).
+    fn check_encrypted_format(&self, format: Format) -> Result<()> {
+        match &self.location {
+            Location::Rbd(n) if n.encrypt.is_some() && format != Format::Raw => {
+                Err(encrypted_qcow2(n))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -238,7 +273,12 @@ impl DiskSource {
         match &self.location {
             Location::Path(p) => Image::open_for_inspection(p, &opts),
             Location::Nbd(_) | Location::Rbd(_) => {
-                Image::open_on_for_inspection(self.open_storage(opts.read_only, opts.cache)?, &opts)
+                let (image, refusal) = Image::open_on_for_inspection(
+                    self.open_storage(opts.read_only, opts.cache)?,
+                    &opts,
+                )?;
+                self.check_encrypted_format(image.format())?;
+                Ok((image, refusal))
             }
         }
     }

@@ -117,6 +117,37 @@ const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
 /// `RBD_LOCK_MODE_EXCLUSIVE` (librbd.h).
 const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
 
+/// `rbd_encryption_format_t` (librbd.h): `RBD_ENCRYPTION_FORMAT_LUKS1`, `_LUKS2`.
+const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
+const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;
+/// `rbd_encryption_algorithm_t` (librbd.h): `RBD_ENCRYPTION_ALGORITHM_AES128`, `_AES256`.
+const RBD_ENCRYPTION_ALGORITHM_AES128: c_int = 0;
+const RBD_ENCRYPTION_ALGORITHM_AES256: c_int = 1;
+
+/// `rbd_encryption_luks1_format_options_t` and `rbd_encryption_luks2_format_options_t`
+/// (librbd.h: the same layout; librbd 16 reads `alg` when formatting only, the passphrase
+/// always).
+#[repr(C)]
+struct RbdEncryptionLuksOptions {
+    alg: c_int,
+    passphrase: *const c_char,
+    passphrase_size: usize,
+}
+
+/// librbd's LUKS versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Luks {
+    V1,
+    V2,
+}
+
+/// The ciphers librbd formats with (AES in XTS mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Aes {
+    Aes128,
+    Aes256,
+}
+
 #[link(name = "rbd")]
 extern "C" {
     fn rbd_create(io: rados_ioctx_t, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
@@ -146,6 +177,18 @@ extern "C" {
     ) -> c_int;
     fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
     fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
+    fn rbd_encryption_format(
+        image: rbd_image_t,
+        format: c_int,
+        opts: *mut c_void,
+        opts_size: usize,
+    ) -> c_int;
+    fn rbd_encryption_load(
+        image: rbd_image_t,
+        format: c_int,
+        opts: *mut c_void,
+        opts_size: usize,
+    ) -> c_int;
     fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
     fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     fn rbd_open(
@@ -633,6 +676,60 @@ impl Image {
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a snapshot name"))?;
         // SAFETY: an open image and a NUL-terminated string that outlives the call.
         check(unsafe { rbd_snap_create(self.handle, name.as_ptr()) })
+    }
+
+    /// `rbd_encryption_format`: writes a LUKS header with `passphrase` at the start of the
+    /// image (which must be larger than the header) and loads it: from then on this handle
+    /// reads and writes plaintext, and its size is the image's less the header.
+    pub(crate) fn encryption_format(
+        &self,
+        luks: Luks,
+        alg: Aes,
+        passphrase: &[u8],
+    ) -> io::Result<()> {
+        let alg = match alg {
+            Aes::Aes128 => RBD_ENCRYPTION_ALGORITHM_AES128,
+            Aes::Aes256 => RBD_ENCRYPTION_ALGORITHM_AES256,
+        };
+        self.encryption(luks, alg, passphrase, true)
+    }
+
+    /// `rbd_encryption_load`: opens the image's LUKS header with `passphrase` (EPERM: a
+    /// wrong passphrase; EINVAL: no header of that version); from then on this handle reads
+    /// and writes plaintext.
+    pub(crate) fn encryption_load(&self, luks: Luks, passphrase: &[u8]) -> io::Result<()> {
+        self.encryption(luks, RBD_ENCRYPTION_ALGORITHM_AES256, passphrase, false)
+    }
+
+    fn encryption(
+        &self,
+        luks: Luks,
+        alg: c_int,
+        passphrase: &[u8],
+        format: bool,
+    ) -> io::Result<()> {
+        let fmt = match luks {
+            Luks::V1 => RBD_ENCRYPTION_FORMAT_LUKS1,
+            Luks::V2 => RBD_ENCRYPTION_FORMAT_LUKS2,
+        };
+        let mut opts = RbdEncryptionLuksOptions {
+            alg,
+            passphrase: passphrase.as_ptr().cast(),
+            passphrase_size: passphrase.len(),
+        };
+        let p: *mut c_void = (&mut opts as *mut RbdEncryptionLuksOptions).cast();
+        let size = std::mem::size_of::<RbdEncryptionLuksOptions>();
+        // SAFETY: an open image; `opts` is a struct of the layout librbd.h gives for both
+        // LUKS versions, of the size passed, whose passphrase pointer is valid for
+        // `passphrase_size` bytes (not NUL-terminated: librbd takes the length) for the
+        // whole blocking call; librbd copies what it keeps.
+        check(unsafe {
+            if format {
+                rbd_encryption_format(self.handle, fmt, p, size)
+            } else {
+                rbd_encryption_load(self.handle, fmt, p, size)
+            }
+        })
     }
 
     pub(crate) fn resize(&self, size: u64) -> io::Result<()> {

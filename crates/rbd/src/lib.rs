@@ -33,6 +33,7 @@ mod deadline;
 mod engine;
 mod ffi;
 pub mod name;
+pub mod secret;
 mod storage;
 #[cfg(feature = "test-cluster")]
 pub mod testing;
@@ -41,7 +42,10 @@ use std::io;
 
 pub use create::CreateOptions;
 pub use engine::RbdEngine;
-pub use name::{is_rbd_name, NameError, RbdName, DEFAULT_DEADLINE};
+pub use name::{
+    is_rbd_name, CipherAlg, Encryption, KeySource, LuksFormat, NameError, RbdName, DEFAULT_DEADLINE,
+};
+pub use secret::{register_secret, Passphrase};
 pub use storage::{RbdStorage, DEFAULT_TIMEOUTS};
 
 /// Errors of opening or creating an RBD image.
@@ -70,6 +74,24 @@ pub enum Error {
     /// The image to create exists.
     #[error("{0} exists already")]
     Exists(String),
+    /// The passphrase of an encrypted image cannot be had (an unreadable key file, an
+    /// unknown secret), or the encryption asked for is refused.
+    #[error("{name}: {why}")]
+    Encryption {
+        /// The name (secrets hidden).
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// An image that starts with a LUKS header opened without `encrypt.*` (it would read
+    /// as ciphertext).
+    #[error("{name} is encrypted (it starts with a {} header): open it with :encrypt.format={}:encrypt.key-file=PATH (librbd's encryption, as QEMU's encrypt.* options), or add :xdisk_luks=raw to read the LUKS volume as stored (one that its guest encrypted itself)", if *format == LuksFormat::Luks1 { "LUKS1" } else { "LUKS2" }, format.as_str())]
+    Encrypted {
+        /// The name (secrets hidden).
+        name: String,
+        /// The LUKS version of the header.
+        format: LuksFormat,
+    },
 }
 
 impl Error {
@@ -79,7 +101,8 @@ impl Error {
             Error::Rados { source, .. } => source.raw_os_error(),
             Error::Exists(_) => Some(libc::EEXIST),
             Error::SnapshotReadOnly(_) => Some(libc::EROFS),
-            Error::Name { .. } => Some(libc::EINVAL),
+            Error::Name { .. } | Error::Encryption { .. } => Some(libc::EINVAL),
+            Error::Encrypted { .. } => Some(libc::EACCES),
         }
     }
 }

@@ -10,9 +10,13 @@
 //! read (default: Ceph's own search, `/etc/ceph/ceph.conf`...); every other pair is a Ceph
 //! option set on the connection (`mon_host=`, `keyring=`, `key=`, `rados_osd_op_timeout=`...).
 //! A `\` makes the next character literal (`mon_host=10.0.0.1\:6789`, as QEMU reads it).
-//! Two keys are xdisk's own, not Ceph's (never passed to Ceph; QEMU would refuse them):
-//! `xdisk_deadline=SECONDS`, the per-request deadline ([`RbdName::deadline`]), and
-//! `xdisk_lock=exclusive|auto` ([`RbdName::exclusive`]).
+//! Some keys are xdisk's own, not Ceph's (never passed to Ceph; QEMU would refuse them):
+//! `xdisk_deadline=SECONDS`, the per-request deadline ([`RbdName::deadline`]),
+//! `xdisk_lock=exclusive|auto` ([`RbdName::exclusive`]), librbd's LUKS encryption
+//! ([`RbdName::encrypt`]: `encrypt.format=luks|luks2` with `encrypt.key-file=PATH` or
+//! `encrypt.key-secret=ID`, and `encrypt.cipher-alg=aes-128|aes-256` for a new image: the
+//! names of QEMU's `encrypt.*` options of its rbd driver), and `xdisk_luks=raw`
+//! ([`RbdName::luks_raw`]: an image that starts with a LUKS header is served as stored).
 //!
 //! The parse follows QEMU's tokenizer step by step (the pool ends at the first unescaped
 //! `/`; if an unescaped `@` appears anywhere after it, the image ends there and the snapshot
@@ -52,7 +56,104 @@ pub struct RbdName {
     /// it (other writers fail); `xdisk_lock=auto` (the default, as QEMU): librbd hands the
     /// lock over to whichever client writes.
     pub exclusive: bool,
+    /// `encrypt.*`: librbd's LUKS encryption, loaded when the image is opened (and
+    /// formatted when it is created).
+    pub encrypt: Option<Encryption>,
+    /// `xdisk_luks=raw`: an image that starts with a LUKS header opens without
+    /// `encrypt.*` and reads as stored (the LUKS volume of a guest that encrypts its disk
+    /// itself); without it such an open is refused (it would read ciphertext).
+    pub luks_raw: bool,
 }
+
+/// librbd's LUKS versions (QEMU's `encrypt.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LuksFormat {
+    /// `luks`: LUKS1.
+    Luks1,
+    /// `luks2`: LUKS2.
+    Luks2,
+}
+
+impl LuksFormat {
+    /// QEMU's name: `luks` or `luks2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LuksFormat::Luks1 => "luks",
+            LuksFormat::Luks2 => "luks2",
+        }
+    }
+
+    /// From QEMU's name.
+    pub fn parse(s: &str) -> Result<LuksFormat, NameError> {
+        match s {
+            "luks" => Ok(LuksFormat::Luks1),
+            "luks2" => Ok(LuksFormat::Luks2),
+            "luks-any" => Err(err(
+                "encrypt.format=luks-any needs librbd 17 (Ceph Quincy; QEMU 8): librbd 16 takes luks or luks2",
+            )),
+            _ => Err(err(format!(
+                "encrypt.format={s}: want luks or luks2 (librbd's LUKS encryption)"
+            ))),
+        }
+    }
+}
+
+/// The cipher of a new encrypted image (QEMU's `encrypt.cipher-alg`; AES-XTS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CipherAlg {
+    /// `aes-128`.
+    Aes128,
+    /// `aes-256` (librbd's and QEMU's default).
+    Aes256,
+}
+
+impl CipherAlg {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CipherAlg::Aes128 => "aes-128",
+            CipherAlg::Aes256 => "aes-256",
+        }
+    }
+
+    /// From QEMU's name.
+    pub fn parse(s: &str) -> Result<CipherAlg, NameError> {
+        match s {
+            "aes-128" => Ok(CipherAlg::Aes128),
+            "aes-256" => Ok(CipherAlg::Aes256),
+            _ => Err(err(format!(
+                "encrypt.cipher-alg={s}: want aes-128 or aes-256 (librbd encrypts with AES-XTS)"
+            ))),
+        }
+    }
+}
+
+/// Where the passphrase of an encrypted image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeySource {
+    /// `encrypt.key-file=PATH`: the whole content of the file.
+    File(String),
+    /// `encrypt.key-secret=ID`: the secret `xdisk img --object secret,id=ID,...` gave
+    /// (QEMU's spelling; only `xdisk img` takes `--object`).
+    Secret(String),
+}
+
+/// librbd's LUKS encryption of an image (`rbd_encryption_load`, `rbd_encryption_format`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Encryption {
+    /// `encrypt.format`.
+    pub format: LuksFormat,
+    /// `encrypt.key-file` or `encrypt.key-secret`.
+    pub key: KeySource,
+    /// `encrypt.cipher-alg`: for a new image only (an existing one says its own).
+    pub cipher: Option<CipherAlg>,
+}
+
+/// The prefix of the encryption options (QEMU's names).
+pub const ENCRYPT_PREFIX: &str = "encrypt.";
+
+/// The key of xdisk's own option to serve LUKS volumes as stored.
+pub const LUKS_KEY: &str = "xdisk_luks";
 
 /// The per-request deadline unless a name sets `xdisk_deadline`.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
@@ -189,7 +290,10 @@ impl RbdName {
             options: Vec::new(),
             deadline: None,
             exclusive: false,
+            encrypt: None,
+            luks_raw: false,
         };
+        let (mut format, mut key_file, mut key_secret, mut cipher) = (None, None, None, None);
         let mut p = opts;
         while let Some(s) = p {
             let (key, rest) = next_tok(s, '=');
@@ -227,8 +331,60 @@ impl RbdName {
                         }
                     }
                 }
+                LUKS_KEY => {
+                    n.luks_raw = match value.as_str() {
+                        "raw" => true,
+                        "refuse" => false,
+                        _ => return Err(err(format!("{LUKS_KEY}={value}: want raw or refuse"))),
+                    }
+                }
+                "encrypt.format" => format = Some(LuksFormat::parse(&value)?),
+                "encrypt.cipher-alg" => cipher = Some(CipherAlg::parse(&value)?),
+                "encrypt.key-file" | "encrypt.key-secret" if value.is_empty() => {
+                    return Err(err(format!("{key} is empty")))
+                }
+                "encrypt.key-file" => key_file = Some(value),
+                "encrypt.key-secret" => key_secret = Some(value),
+                // Never passed to Ceph, never echoed (a passphrase given inline, say).
+                k if k.starts_with(ENCRYPT_PREFIX) => {
+                    return Err(err(format!(
+                        "unknown encryption option '{k}' (encrypt.format, encrypt.key-file, encrypt.key-secret, encrypt.cipher-alg; a passphrase is never given in the name)"
+                    )))
+                }
                 _ => n.options.push((key, value)),
             }
+        }
+        n.encrypt = match (format, key_file, key_secret) {
+            (None, None, None) if cipher.is_none() => None,
+            (None, ..) => {
+                return Err(err(
+                    "encrypt.key-file, encrypt.key-secret and encrypt.cipher-alg go with encrypt.format=luks|luks2",
+                ))
+            }
+            (Some(f), None, None) => {
+                return Err(err(format!(
+                    "encrypt.format={} needs the passphrase: encrypt.key-file=PATH (or, for xdisk img, encrypt.key-secret=ID with --object secret,id=ID,file=PATH)",
+                    f.as_str()
+                )))
+            }
+            (Some(_), Some(_), Some(_)) => {
+                return Err(err("give encrypt.key-file or encrypt.key-secret, not both"))
+            }
+            (Some(format), Some(f), None) => Some(Encryption {
+                format,
+                key: KeySource::File(f),
+                cipher,
+            }),
+            (Some(format), None, Some(id)) => Some(Encryption {
+                format,
+                key: KeySource::Secret(id),
+                cipher,
+            }),
+        };
+        if n.encrypt.is_some() && n.luks_raw {
+            return Err(err(format!(
+                "{LUKS_KEY}=raw reads a LUKS volume as stored: not with encrypt.format"
+            )));
         }
         // Escaping may lengthen a name: bound the form it prints back to (`to_spec`), so
         // that every name accepted here is one `to_spec` writes in a form accepted too.
@@ -309,13 +465,37 @@ impl RbdName {
         if self.exclusive {
             s.push_str(&format!(":{LOCK_KEY}=exclusive"));
         }
+        if let Some(e) = &self.encrypt {
+            s.push_str(":encrypt.format=");
+            s.push_str(e.format.as_str());
+            let (k, v) = match &e.key {
+                KeySource::File(p) => ("key-file", p),
+                KeySource::Secret(id) => ("key-secret", id),
+            };
+            s.push_str(&format!(":encrypt.{k}="));
+            escape(v, VALUE, &mut s);
+            if let Some(c) = e.cipher {
+                s.push_str(":encrypt.cipher-alg=");
+                s.push_str(c.as_str());
+            }
+        }
+        if self.luks_raw {
+            s.push_str(&format!(":{LUKS_KEY}=raw"));
+        }
         s
     }
 }
 
-/// Ceph options whose values are secrets (never shown in messages or logs).
+/// Ceph options whose values are secrets (never shown in messages or logs): `key=`, and to
+/// be safe whatever names a secret, password or passphrase. (The encryption's passphrase
+/// is never in a name: `encrypt.key-file` names the file holding it, `encrypt.key-secret`
+/// the `--object secret` holding it.)
 fn is_secret(key: &str) -> bool {
-    matches!(key, "key" | "keyfile_contents") || key.ends_with("_secret") || key == "secret"
+    let k = key.to_ascii_lowercase();
+    matches!(k.as_str(), "key" | "keyfile_contents" | "secret")
+        || k.ends_with("_secret")
+        || k.contains("password")
+        || k.contains("passphrase")
 }
 
 /// For messages and logs: the name with secrets (`key=`) hidden.
@@ -459,7 +639,12 @@ mod tests {
                 proptest::collection::vec(
                     (
                         component().prop_filter("special keys", |k| {
-                            k != "id" && k != "conf" && k != DEADLINE_KEY && k != LOCK_KEY
+                            k != "id"
+                                && k != "conf"
+                                && k != DEADLINE_KEY
+                                && k != LOCK_KEY
+                                && k != LUKS_KEY
+                                && !k.starts_with(ENCRYPT_PREFIX)
                         }),
                         component(),
                     ),
@@ -469,12 +654,14 @@ mod tests {
             (
                 proptest::option::of(0u64..=MAX_DEADLINE_SECS),
                 any::<bool>(),
+                proptest::option::of(encryption()),
+                any::<bool>(),
             ),
         )
             .prop_map(
                 |(
                     (pool, namespace, image, snapshot, user, conf, options),
-                    (deadline, exclusive),
+                    (deadline, exclusive, encrypt, luks_raw),
                 )| RbdName {
                     pool,
                     namespace,
@@ -485,8 +672,29 @@ mod tests {
                     options,
                     deadline: deadline.map(Duration::from_secs),
                     exclusive,
+                    luks_raw: luks_raw && encrypt.is_none(),
+                    encrypt,
                 },
             )
+    }
+
+    fn encryption() -> impl Strategy<Value = Encryption> {
+        (
+            prop_oneof![Just(LuksFormat::Luks1), Just(LuksFormat::Luks2)],
+            prop_oneof![
+                component().prop_map(KeySource::File),
+                component().prop_map(KeySource::Secret)
+            ],
+            proptest::option::of(prop_oneof![
+                Just(CipherAlg::Aes128),
+                Just(CipherAlg::Aes256)
+            ]),
+        )
+            .prop_map(|(format, key, cipher)| Encryption {
+                format,
+                key,
+                cipher,
+            })
     }
 
     #[test]
@@ -512,6 +720,76 @@ mod tests {
             let e = RbdName::parse(&format!("rbd:pool/img:xdisk_deadline={bad}")).unwrap_err();
             assert!(e.0.contains("xdisk_deadline"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn encryption_keys_are_xdisks_own_and_never_reach_ceph() {
+        let n = p("rbd:pool/img:encrypt.format=luks:encrypt.key-file=/etc/k\\:1:id=u");
+        assert!(n.options.is_empty(), "{:?}", n.options);
+        assert_eq!(
+            n.encrypt,
+            Some(Encryption {
+                format: LuksFormat::Luks1,
+                key: KeySource::File("/etc/k:1".into()),
+                cipher: None
+            })
+        );
+        assert_eq!(RbdName::parse(&n.to_spec()).unwrap(), n);
+        // The path is no secret: shown, so that a missing file can be told.
+        assert!(n.to_string().contains("encrypt.key-file=/etc/k\\:1"), "{n}");
+        let n = p(
+            "rbd:pool/img:encrypt.format=luks2:encrypt.key-secret=sec0:encrypt.cipher-alg=aes-128",
+        );
+        let e = n.encrypt.clone().unwrap();
+        assert_eq!(e.format, LuksFormat::Luks2);
+        assert_eq!(e.key, KeySource::Secret("sec0".into()));
+        assert_eq!(e.cipher, Some(CipherAlg::Aes128));
+        assert_eq!(RbdName::parse(&n.to_spec()).unwrap(), n);
+        let n = p("rbd:pool/img:xdisk_luks=raw");
+        assert!(n.luks_raw && n.options.is_empty());
+        assert_eq!(RbdName::parse(&n.to_spec()).unwrap(), n);
+        assert!(!p("rbd:pool/img:xdisk_luks=refuse").luks_raw);
+        for (s, why) in [
+            ("rbd:p/i:encrypt.format=luks", "needs the passphrase"),
+            ("rbd:p/i:encrypt.key-file=/k", "go with encrypt.format"),
+            (
+                "rbd:p/i:encrypt.cipher-alg=aes-256",
+                "go with encrypt.format",
+            ),
+            (
+                "rbd:p/i:encrypt.format=luks-any:encrypt.key-file=/k",
+                "librbd 17",
+            ),
+            (
+                "rbd:p/i:encrypt.format=aes:encrypt.key-file=/k",
+                "luks or luks2",
+            ),
+            ("rbd:p/i:encrypt.format=luks:encrypt.key-file=", "empty"),
+            (
+                "rbd:p/i:encrypt.format=luks:encrypt.key-file=/k:encrypt.key-secret=s",
+                "not both",
+            ),
+            (
+                "rbd:p/i:encrypt.format=luks:encrypt.key-file=/k:encrypt.cipher-alg=des",
+                "aes-128",
+            ),
+            (
+                "rbd:p/i:encrypt.format=luks:encrypt.key-file=/k:xdisk_luks=raw",
+                "not with",
+            ),
+            ("rbd:p/i:xdisk_luks=yes", "raw or refuse"),
+        ] {
+            let e = RbdName::parse(s).unwrap_err();
+            assert!(e.0.contains(why), "{s}: {e}");
+        }
+        // A passphrase put in the name by mistake is refused without being echoed.
+        let e = RbdName::parse("rbd:p/i:encrypt.format=luks:encrypt.key=SECRET").unwrap_err();
+        assert!(
+            e.0.contains("encrypt.key'") && !e.0.contains("SECRET"),
+            "{e}"
+        );
+        let n = p("rbd:p/i:password=SECRET:rbd_passphrase=SECRET2");
+        assert!(!n.to_string().contains("SECRET"), "{n}");
     }
 
     proptest! {

@@ -14,7 +14,8 @@ use xdisk_io::{Alignment, Allocation, CacheMode, Engine, EngineConfig, IoSlice, 
 
 use crate::engine::RbdEngine;
 use crate::ffi::{self, AioOp, Held, Sink};
-use crate::name::RbdName;
+use crate::name::{CipherAlg, Encryption, KeySource, LuksFormat, RbdName};
+use crate::secret::Passphrase;
 use crate::{CreateOptions, Error};
 
 /// `RBD_FEATURE_STRIPINGV2`, `RBD_FEATURE_FAST_DIFF` (rbd/features.h).
@@ -23,6 +24,11 @@ const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
 const FEATURE_FAST_DIFF: u64 = 1 << 4;
 /// `RBD_FLAG_FAST_DIFF_INVALID` (librbd.h).
 const FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
+
+/// How large an image to be encrypted is created before librbd writes its LUKS header:
+/// larger than any header (LUKS1: about 2 MiB, LUKS2: 16 MiB, each rounded up to the object
+/// size, at most 32 MiB), which librbd requires; then it is sized to what was asked.
+const ENCRYPT_FORMAT_SIZE: u64 = 64 << 20;
 
 /// The most one synchronous librbd call moves (librbd refuses discards over `INT_MAX`).
 pub(crate) const MAX_CHUNK: u64 = 1 << 30;
@@ -63,6 +69,8 @@ struct ImageKey {
     snapshot: Option<String>,
     read_only: bool,
     exclusive: bool,
+    /// The encryption loaded (a handle with it reads plaintext, one without ciphertext).
+    encrypt: Option<Encryption>,
 }
 
 /// One registry: a weak handle per key, each behind its own lock, so that opening one
@@ -185,6 +193,112 @@ pub(crate) struct SharedImage {
     /// Whether the watch is registered and writable opens see updates through it (a
     /// read-only open has no header watch: its size is asked of librbd every time).
     watched: bool,
+    /// With librbd's encryption loaded: the bytes of its LUKS header, which librbd's sizes
+    /// leave out but `rbd_resize` counts (librbd 16: the handle's size is the image's less
+    /// the header, a resize sets the image's whole size).
+    overhead: Option<u64>,
+    /// Without encryption loaded: the LUKS header the image starts with, if any.
+    luks: Option<LuksFormat>,
+}
+
+/// The magics of LUKS1 and LUKS2 headers (as QEMU's rbd driver probes them).
+const LUKS_MAGIC: [(&[u8; 8], LuksFormat); 2] = [
+    (b"LUKS\xba\xbe\x00\x01", LuksFormat::Luks1),
+    (b"LUKS\xba\xbe\x00\x02", LuksFormat::Luks2),
+];
+
+/// The LUKS header the image starts with (its first 8 bytes as stored), if any.
+fn luks_header(image: &ffi::Image) -> io::Result<Option<LuksFormat>> {
+    let mut head = [0u8; 8];
+    // librbd refuses reads past the end (EINVAL): an empty image (a new qcow2 one) has none.
+    if image.size()? < head.len() as u64 {
+        return Ok(None);
+    }
+    let n = image.read(&mut head, 0)?;
+    Ok(LUKS_MAGIC
+        .iter()
+        .find(|(m, _)| n == head.len() && head == **m)
+        .map(|(_, f)| *f))
+}
+
+fn luks_name(f: LuksFormat) -> &'static str {
+    match f {
+        LuksFormat::Luks1 => "LUKS1",
+        LuksFormat::Luks2 => "LUKS2",
+    }
+}
+
+fn ffi_luks(f: LuksFormat) -> ffi::Luks {
+    match f {
+        LuksFormat::Luks1 => ffi::Luks::V1,
+        LuksFormat::Luks2 => ffi::Luks::V2,
+    }
+}
+
+/// The passphrase of an encrypted image: the key file's content, or the secret registered
+/// under its id (`xdisk img --object secret`).
+fn passphrase(enc: &Encryption, shown: &str) -> Result<Arc<Passphrase>, Error> {
+    let why = |why: String| Error::Encryption {
+        name: shown.to_owned(),
+        why,
+    };
+    match &enc.key {
+        KeySource::File(p) => Passphrase::from_file(p).map(Arc::new).map_err(why),
+        KeySource::Secret(id) => crate::secret::secret(id).ok_or_else(|| {
+            why(format!(
+                "encrypt.key-secret={id}: no secret of that id (xdisk img takes --object secret,id={id},file=PATH; elsewhere give encrypt.key-file=PATH)"
+            ))
+        }),
+    }
+}
+
+/// Loads the encryption `enc` on `image` (after checking which LUKS header it has, to say
+/// why it fails); returns the header's size.
+fn load_encryption(image: &ffi::Image, enc: &Encryption, shown: &str) -> Result<u64, Error> {
+    let rados = |what: String| move |e| Error::Rados { what, source: e };
+    let pass = passphrase(enc, shown)?;
+    let found = luks_header(image).map_err(rados(format!("cannot read the start of {shown}")))?;
+    let want = luks_name(enc.format);
+    match found {
+        None => {
+            return Err(Error::Encryption {
+                name: shown.to_owned(),
+                why: format!(
+                    "encrypt.format={}: the image has no LUKS header (not encrypted)",
+                    enc.format.as_str()
+                ),
+            })
+        }
+        Some(f) if f != enc.format => {
+            return Err(Error::Encryption {
+                name: shown.to_owned(),
+                why: format!(
+                    "encrypt.format={}: the image has a {} header, not {want} (encrypt.format={})",
+                    enc.format.as_str(),
+                    luks_name(f),
+                    f.as_str()
+                ),
+            })
+        }
+        Some(_) => {}
+    }
+    let raw = image
+        .size()
+        .map_err(rados(format!("cannot stat {shown}")))?;
+    image
+        .encryption_load(ffi_luks(enc.format), pass.as_bytes())
+        .map_err(|e| {
+            let what = if e.raw_os_error() == Some(libc::EPERM) {
+                format!("cannot open {shown}: the passphrase does not open its {want} header (a wrong passphrase)")
+            } else {
+                format!("cannot load the {want} encryption of {shown}")
+            };
+            Error::Rados { what, source: e }
+        })?;
+    let effective = image
+        .size()
+        .map_err(rados(format!("cannot stat {shown}")))?;
+    Ok(raw.saturating_sub(effective))
 }
 
 /// Handed to librbd's update watch (called on librbd's threads: only atomics).
@@ -257,6 +371,7 @@ impl RbdStorage {
             snapshot: name.snapshot.clone(),
             read_only,
             exclusive: name.exclusive && !read_only,
+            encrypt: name.encrypt.clone(),
         };
         let shared = images().get_or_open(&key, || {
             let cluster = connect(&key.cluster, &shown)?;
@@ -282,6 +397,16 @@ impl RbdStorage {
                     source: e,
                 })?;
             }
+            let (overhead, luks) = match &name.encrypt {
+                Some(enc) => (Some(load_encryption(&image, enc, &shown)?), None),
+                None => (
+                    None,
+                    luks_header(&image).map_err(|e| Error::Rados {
+                        what: format!("cannot read the start of {shown}"),
+                        source: e,
+                    })?,
+                ),
+            };
             let stat = image.stat().map_err(|e| Error::Rados {
                 what: format!("cannot stat {shown}"),
                 source: e,
@@ -299,18 +424,37 @@ impl RbdStorage {
                     false
                 }
             };
-            tracing::debug!(image = %shown, size = stat.size, object_size = stat.object_size, "RBD image opened");
+            let size = if overhead.is_some() {
+                // The size with the header left out (rbd_stat counts it).
+                image.size().map_err(|e| Error::Rados {
+                    what: format!("cannot stat {shown}"),
+                    source: e,
+                })?
+            } else {
+                stat.size
+            };
+            tracing::debug!(image = %shown, size, object_size = stat.object_size, encrypted = overhead.is_some(), "RBD image opened");
             Ok(SharedImage {
                 image,
                 cluster,
                 object_size: stat.object_size.max(512),
                 diff_trusted,
                 grow: Mutex::new(()),
-                size: AtomicU64::new(stat.size),
+                size: AtomicU64::new(size),
                 updates,
                 watched,
+                overhead,
+                luks,
             })
         })?;
+        if let Some(format) = shared.luks {
+            if !name.luks_raw {
+                return Err(Error::Encrypted {
+                    name: shown,
+                    format,
+                });
+            }
+        }
         Ok(RbdStorage {
             name: name.clone(),
             shown,
@@ -342,12 +486,24 @@ impl RbdStorage {
                 why: "cannot create a snapshot (drop @SNAP)".into(),
             });
         }
+        let pass = name
+            .encrypt
+            .as_ref()
+            .map(|enc| passphrase(enc, &shown))
+            .transpose()?;
+        // Encrypted: created larger than any LUKS header first (librbd refuses to format an
+        // image no larger than its header), then sized so that the plaintext is `size` bytes
+        // (QEMU creates it `size` bytes and then grows it by the header).
+        let raw = match pass {
+            Some(_) => size.max(ENCRYPT_FORMAT_SIZE),
+            None => size,
+        };
         let cluster = connect(&cluster_key(name, CacheMode::WriteBack), &shown)?;
-        let io = io_ctx(name, cluster)?;
+        let io = Arc::new(io_ctx(name, cluster)?);
         let r = if opts.is_empty() {
-            io.create_image(&name.image, size)
+            io.create_image(&name.image, raw)
         } else {
-            io.create_image_with(&name.image, size, &options)
+            io.create_image_with(&name.image, raw, &options)
         };
         r.map_err(|e| {
             if e.raw_os_error() == Some(libc::EEXIST) {
@@ -363,7 +519,63 @@ impl RbdStorage {
                     source: e,
                 }
             }
-        })
+        })?;
+        let (Some(enc), Some(pass)) = (&name.encrypt, pass) else {
+            return Ok(());
+        };
+        let r = Self::format_encryption(&io, name, enc, &pass, raw, size);
+        if r.is_err() {
+            // As QEMU: an image whose format failed is removed.
+            if let Err(e) = io.remove_image(&name.image) {
+                tracing::warn!(image = %shown, "cannot remove the image after a failed LUKS format: {e}");
+            }
+        }
+        r
+    }
+
+    /// Writes the LUKS header of a new image `raw` bytes large, and sizes it so that its
+    /// plaintext is `size` bytes.
+    fn format_encryption(
+        io: &Arc<ffi::IoCtx>,
+        name: &RbdName,
+        enc: &Encryption,
+        pass: &Passphrase,
+        raw: u64,
+        size: u64,
+    ) -> Result<(), Error> {
+        let shown = name.to_string();
+        let want = luks_name(enc.format);
+        let what = |w: &str| {
+            let what = format!("cannot format {shown} with {want} ({w})");
+            move |e| Error::Rados { what, source: e }
+        };
+        let image =
+            ffi::Image::open(io.clone(), &name.image, None, false).map_err(what("opening it"))?;
+        let alg = match enc.cipher.unwrap_or(CipherAlg::Aes256) {
+            CipherAlg::Aes128 => ffi::Aes::Aes128,
+            CipherAlg::Aes256 => ffi::Aes::Aes256,
+        };
+        image
+            .encryption_format(ffi_luks(enc.format), alg, pass.as_bytes())
+            .map_err(what("rbd_encryption_format"))?;
+        let effective = image.size().map_err(what("its size"))?;
+        let header = raw.saturating_sub(effective);
+        let target = size
+            .checked_add(header)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))
+            .map_err(what("its size"))?;
+        image.resize(target).map_err(what("resizing it"))?;
+        let got = image.size().map_err(what("its size"))?;
+        if got != size {
+            return Err(Error::Rados {
+                what: format!(
+                    "cannot format {shown} with {want}: librbd made its plaintext {got} bytes, not {size}"
+                ),
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        tracing::debug!(image = %shown, size, header, "RBD image formatted with LUKS");
+        Ok(())
     }
 
     /// Removes the image `name` names (it must have no snapshots and not be open).
@@ -449,7 +661,23 @@ impl RbdStorage {
                 return Ok(());
             }
             tracing::debug!(image = %shown, from = now, to = size, "resizing the RBD image");
-            shared.image.resize(size)?;
+            match shared.overhead {
+                None => shared.image.resize(size)?,
+                Some(header) => {
+                    // librbd 16 resizes the whole image, its LUKS header included.
+                    let raw = size
+                        .checked_add(header)
+                        .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+                    shared.image.resize(raw)?;
+                    let got = shared.image.size()?;
+                    shared.size.store(got, Ordering::Release);
+                    if got != size {
+                        return Err(io::Error::other(format!(
+                            "librbd resized the encrypted image to {got} bytes, not {size}"
+                        )));
+                    }
+                }
+            }
             shared.size.store(size, Ordering::Release);
             Ok(())
         };
@@ -733,8 +961,11 @@ impl Storage for RbdStorage {
             return Allocation::Hole { len };
         }
         // As QEMU's qemu_rbd_co_block_status: only with a valid fast-diff object map,
-        // whole objects, the parent included.
-        if !self.shared.diff_trusted
+        // whole objects, the parent included. Not with librbd's encryption loaded: librbd 16
+        // reports the stored image's extents, its LUKS header included, not the plaintext's
+        // (QEMU 7.2 maps data written at 8M of a LUKS2 image at 24M).
+        if self.shared.overhead.is_some()
+            || !self.shared.diff_trusted
             || !img.features().is_ok_and(|f| f & FEATURE_FAST_DIFF != 0)
             || !img.flags().is_ok_and(|f| f & FLAG_FAST_DIFF_INVALID == 0)
         {
