@@ -5,45 +5,19 @@
 //! disk, verified) and `xdisk nbd` serving one.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use xdisk_rbd::testing::{ceph_ok, cluster, rbd, rbd_ok, TestImage};
 
-const XDISK: &str = env!("CARGO_BIN_EXE_xdisk");
+mod support;
+use support::{ok_bounded as ok, run_bounded as run, s, XDISK};
+
 const MIB: u64 = 1 << 20;
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xdisk-rbd-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg("300")
-        .arg(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"))
-}
-
-fn ok(prog: &str, args: &[&str]) -> String {
-    let o = run(prog, args);
-    assert!(
-        o.status.success(),
-        "{prog} {args:?} failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    support::tmp("xdisk-rbd-")
 }
 
 fn xdisk(args: &[&str]) -> String {

@@ -38,7 +38,27 @@ pub fn run(prog: &str, args: &[&str]) -> Output {
 
 /// Runs `prog ARGS`, which must succeed; its stdout.
 pub fn ok(prog: &str, args: &[&str]) -> String {
-    let o = run(prog, args);
+    succeeded(prog, args, run(prog, args))
+}
+
+/// Runs `prog ARGS` under `timeout 300`: a command waiting on a cluster or server that went
+/// away fails the test instead of hanging it.
+pub fn run_bounded(prog: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("300")
+        .arg(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"))
+}
+
+/// [`run_bounded`], which must succeed; its stdout.
+pub fn ok_bounded(prog: &str, args: &[&str]) -> String {
+    succeeded(prog, args, run_bounded(prog, args))
+}
+
+/// The stdout of `prog ARGS`, which must have succeeded.
+fn succeeded(prog: &str, args: &[&str], o: Output) -> String {
     assert!(
         o.status.success(),
         "{prog} {args:?} failed ({:?}): {}{}",
