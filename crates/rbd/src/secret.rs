@@ -31,8 +31,18 @@ impl Passphrase {
 
     /// The whole content of the file at `path`.
     pub fn from_file(path: &str) -> Result<Passphrase, String> {
+        use std::os::unix::fs::OpenOptionsExt;
         let why = |e: std::io::Error| format!("cannot read the passphrase file {path}: {e}");
-        let f = std::fs::File::open(path).map_err(why)?;
+        // Non-blocking, and a regular file only: a FIFO or a device named here must not hang
+        // the open of a disk (the rule backing files follow too).
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(why)?;
+        if !f.metadata().map_err(why)?.is_file() {
+            return Err(format!("the passphrase file {path} is not a regular file"));
+        }
         let mut bytes = Vec::new();
         f.take(MAX_PASSPHRASE as u64 + 1)
             .read_to_end(&mut bytes)
@@ -80,6 +90,28 @@ pub fn secret(id: &str) -> Option<Arc<Passphrase>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_or_a_device_as_passphrase_file_is_refused_without_hanging() {
+        let dir = std::env::temp_dir().join(format!("xdisk-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("key.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let e = Passphrase::from_file(fifo.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = Passphrase::from_file("/dev/zero").unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let key = dir.join("key");
+        std::fs::write(&key, b"pw\n").unwrap();
+        let p = Passphrase::from_file(key.to_str().unwrap()).unwrap();
+        assert_eq!(p.as_bytes(), b"pw\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn passphrases_are_never_shown_and_files_are_read_whole() {
