@@ -63,7 +63,11 @@ impl Refs {
         if chunk.is_none() && val == 0 {
             return;
         }
-        let c = chunk.get_or_insert_with(|| vec![0u16; CHUNK as usize].into_boxed_slice());
+        // The last chunk holds only the clusters left (a small image allocates and scans
+        // what it has, not 64 Ki counts).
+        let start = i & !(CHUNK - 1);
+        let len = (self.n - start).min(CHUNK) as usize;
+        let c = chunk.get_or_insert_with(|| vec![0u16; len].into_boxed_slice());
         let slot = &mut c[(i & (CHUNK - 1)) as usize];
         if *slot == u16::MAX {
             self.big.remove(&i);
@@ -110,5 +114,23 @@ mod tests {
         r.add(2, u64::MAX);
         r.add(2, 1);
         assert_eq!(r.get(2), u64::MAX);
+    }
+
+    #[test]
+    fn the_last_chunk_holds_only_the_clusters_left() {
+        let n = CHUNK + 10;
+        let mut r = Refs::new(n).unwrap();
+        r.add(n - 1, 2);
+        r.add(CHUNK, 1);
+        r.add(3, 1);
+        assert_eq!(r.chunks[1].as_ref().map(|c| c.len()), Some(10));
+        assert_eq!(r.chunks[0].as_ref().map(|c| c.len()), Some(CHUNK as usize));
+        assert_eq!(r.get(n - 1), 2);
+        assert!(!r.all_zero(CHUNK, n));
+        assert!(r.all_zero(CHUNK + 1, n - 1));
+        assert_eq!(r.nonzero().collect::<Vec<_>>(), vec![3, CHUNK, n - 1]);
+        let mut small = Refs::new(3).unwrap();
+        small.add(2, 1);
+        assert_eq!(small.chunks[0].as_ref().map(|c| c.len()), Some(3));
     }
 }
