@@ -1846,3 +1846,67 @@ fn kill_9_leaves_consistent_image() {
         eprintln!("crash round {round}: flushed {flushed} ops, consistent");
     }
 }
+
+/// Concurrent direct writes of new clusters land in room allocated ahead inside the file
+/// (an extending direct write holds ext4's inode lock across its I/O, so appends ran one at
+/// a time); the room nobody took is given back on close, so the file ends where QEMU's
+/// would, and a crash in between leaves only free room that `qemu-img check` accepts and
+/// the next allocations take.
+#[test]
+fn new_clusters_land_in_room_allocated_ahead_and_close_gives_the_rest_back() {
+    let dir = tmp();
+    let p = create(dir.path(), "ahead.qcow2", 256 << 20, "cluster_size=65536");
+    let len_at_create = std::fs::metadata(&p).unwrap().len();
+    let data = pattern(7, 1 << 20);
+    let img = open(&p, CacheMode::None, false);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (img, data) = (&img, &data);
+            s.spawn(move || {
+                for i in 0..8u64 {
+                    img.write_at(data, (i * 4 + t) << 20).unwrap();
+                }
+            });
+        }
+    });
+    img.flush().unwrap();
+    let during = std::fs::metadata(&p).unwrap().len();
+    // A crash here (the image was flushed) leaves the room in the file: consistent.
+    let copy = dir.path().join("crashed.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    check_clean(&copy);
+    let end_of = |p: &Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&qimg(&["check", "--output=json", p.to_str().unwrap()])).unwrap();
+        v["image-end-offset"].as_u64().unwrap()
+    };
+    // 32 MiB of data and its tables, and room past them.
+    let used = end_of(&copy);
+    assert!(
+        used > 32 << 20 && during > used,
+        "file length while open: {during}, image end {used}"
+    );
+    {
+        let again = open(&copy, CacheMode::None, false);
+        again.write_at(&data, 200 << 20).unwrap();
+        again.close().unwrap();
+    }
+    check_clean(&copy);
+    img.close().unwrap();
+    drop(img);
+    check_clean(&p);
+    let after = std::fs::metadata(&p).unwrap().len();
+    let image_end = end_of(&p);
+    assert!(
+        after < during && after == image_end.max(len_at_create),
+        "file length after close {after}, while open {during}, image end {image_end}"
+    );
+    let mut want = vec![0u8; 256 << 20];
+    for t in 0..4usize {
+        for i in 0..8usize {
+            let off = (i * 4 + t) << 20;
+            want[off..off + data.len()].copy_from_slice(&data);
+        }
+    }
+    compare_with(&p, &want);
+}

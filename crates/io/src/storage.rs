@@ -121,6 +121,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Reserves space for a range (fallocate mode 0), growing the storage if needed.
     fn preallocate(&self, off: u64, len: u64) -> io::Result<()>;
 
+    /// Allocates `[from, to)` of a growing file ahead of the writes that will fill it and
+    /// extends the file to `to` (the range reads as zeroes). A format that appends clusters
+    /// calls it so that its direct writes land inside the file: Linux file systems serialise
+    /// direct writes that extend a file (ext4 holds the inode lock, exclusively, across the
+    /// I/O), so concurrent appends would go one at a time, while writes into allocated
+    /// (unwritten) extents run side by side. Returns false when the storage does not do
+    /// this (block devices, files without O_DIRECT, storages that are not files): writes
+    /// past the end then extend it as before.
+    fn allocate_ahead(&self, from: u64, to: u64) -> io::Result<bool> {
+        let _ = (from, to);
+        Ok(false)
+    }
+
     /// The first run of `[off, off + len)` (`len` > 0): data or hole. Storages that cannot
     /// tell answer data.
     fn allocation(&self, off: u64, len: u64) -> Allocation {
@@ -243,6 +256,22 @@ impl Storage for ImageFile {
     }
     fn preallocate(&self, off: u64, len: u64) -> io::Result<()> {
         self.allocate(off, len)
+    }
+    fn allocate_ahead(&self, from: u64, to: u64) -> io::Result<bool> {
+        // Buffered writes that extend a file hold its lock only for the copy into the page
+        // cache: nothing to gain there.
+        if self.is_block_device() || ImageFile::read_only(self) || !ImageFile::cache(self).direct()
+        {
+            return Ok(false);
+        }
+        if to <= from {
+            return Ok(true);
+        }
+        match self.allocate(from, to - from) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
     fn allocation(&self, off: u64, len: u64) -> Allocation {
         match self.seek_data(off) {

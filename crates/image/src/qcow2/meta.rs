@@ -96,10 +96,34 @@ pub(crate) struct Meta {
     pub fixed_meta: Vec<(u64, u64)>,
     /// Something was written since the last sync (data of new clusters, new metadata).
     pub unsynced: bool,
+    /// Room allocated at the end of the file ahead of new clusters (see [`Meta::note_alloc`]).
+    pub ahead: Ahead,
     pub tracker: Arc<InFlightTracker>,
     /// The persistent dirty bitmaps (see the `bitmap` module).
     pub bitmaps: Bitmaps,
 }
+
+/// The room allocated at the end of the file ahead of new clusters
+/// ([`Storage::allocate_ahead`](xdisk_io::Storage::allocate_ahead)): an image that grows by
+/// direct writes gets its clusters from allocated room inside the file, so that they run side
+/// by side instead of one at a time (an ext4 file grows by one direct write at a time). The
+/// room left over is given back when the image is closed; after a crash the file keeps it
+/// (free clusters past the last one in use, which the next allocations take).
+#[derive(Debug, Default)]
+pub struct Ahead {
+    /// The file's length at open.
+    pub len_at_open: u64,
+    /// How far the file is allocated (its length) since this image allocated ahead; at most
+    /// `len_at_open` before.
+    pub end: u64,
+    /// The storage does not allocate ahead (or failed to): stop asking.
+    pub off: bool,
+}
+
+/// The least room allocated ahead at once.
+const AHEAD_MIN: u64 = 4 << 20;
+/// The most room allocated ahead at once.
+const AHEAD_MAX: u64 = 64 << 20;
 
 impl Meta {
     /// Whether host cluster `c` holds metadata we know of (`meta_set` or `fixed_meta`).
@@ -145,8 +169,60 @@ impl Meta {
         self.alloc_end.max(self.file_len.div_ceil(self.cs))
     }
 
+    /// Records clusters up to `end_cluster` as allocated, and makes sure the file is
+    /// allocated that far (see [`Ahead`]).
     pub fn note_alloc(&mut self, end_cluster: u64) {
         self.alloc_end = self.alloc_end.max(end_cluster);
+        self.allocate_ahead();
+    }
+
+    /// Grows the file's allocated room past the end of the clusters allocated so far, by an
+    /// eighth of it (4 MiB to 64 MiB at a time), when the storage allocates ahead. Best effort:
+    /// a failure only stops it (writes past the end then extend the file themselves, and
+    /// report any error of their own).
+    fn allocate_ahead(&mut self) {
+        if self.ahead.off {
+            return;
+        }
+        let need = self.alloc_end.saturating_mul(self.cs);
+        let have = self.ahead.end.max(self.file_len);
+        if need <= have {
+            return;
+        }
+        let step = (need / 8)
+            .clamp(AHEAD_MIN, AHEAD_MAX)
+            .next_multiple_of(self.cs);
+        let to = need.saturating_add(step);
+        match self.file.allocate_ahead(have, to) {
+            Ok(true) => self.ahead.end = to,
+            Ok(false) => self.ahead.off = true,
+            Err(e) => {
+                tracing::debug!("{}: no more room allocated ahead: {e}", self.file.name());
+                self.ahead.off = true;
+            }
+        }
+    }
+
+    /// Gives back the room allocated ahead that no cluster took: the file ends where its
+    /// last write ended (or where it ended at open, if that was further), as if nothing had
+    /// been allocated ahead.
+    fn trim_ahead(&mut self) -> Result<()> {
+        let keep = self.file_len.max(self.ahead.len_at_open);
+        if self.ahead.end <= keep {
+            return Ok(());
+        }
+        let size = self
+            .file
+            .size()
+            .map_err(|e| Error::io(self.ctx("cannot size"), e))?;
+        // Only the room this image allocated (a file resized meanwhile is left alone).
+        if size == self.ahead.end {
+            self.file
+                .set_size(keep)
+                .map_err(|e| Error::io(self.ctx("cannot trim the room allocated ahead in"), e))?;
+        }
+        self.ahead.end = keep;
+        Ok(())
     }
 
     /// Updates header bytes in place (one write, so the update is atomic for a crash).
@@ -263,7 +339,7 @@ impl Meta {
         if self.unsynced {
             self.sync()?;
         }
-        Ok(())
+        self.trim_ahead()
     }
 
     /// Bounds the queue of frees (a guest that never flushes must not grow the file forever).

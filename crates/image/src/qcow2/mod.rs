@@ -324,6 +324,11 @@ impl Qcow2Image {
             meta_set,
             fixed_meta,
             unsynced: false,
+            ahead: meta::Ahead {
+                len_at_open: file_len,
+                end: file_len,
+                off: read_only,
+            },
             tracker: tracker.clone(),
             hdr: hdr.clone(),
             bitmaps: bitmap::Bitmaps::default(),
