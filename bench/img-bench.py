@@ -9,7 +9,8 @@ Same workload, same file, alternating order per round; prints medians and ratios
 same alternating rounds and prints new/base ratios: how a refactoring shows it lost no speed.
 
 Workloads: 4k random read QD32, 4k random write QD32, 1M sequential read QD8 and 1M
-sequential write QD8. "Random" for the two bench tools (qemu-img bench has no random mode) is
+sequential write QD8; then writes that allocate (64k sequential and 4k scattered, QD32) into a
+fresh qcow2 created before every run, xdisk against qemu-img bench. "Random" for the two bench tools (qemu-img bench has no random mode) is
 a large prime stride modulo the image (qemu-img bench's own wrap rule), so both tools visit the
 same offsets; fio uses its random generator. Anchors: fio (io_uring, O_DIRECT) on the raw file,
 qemu-img bench (-t none -i io_uring) on the raw file and on a fully allocated qcow2 copy.
@@ -59,6 +60,13 @@ def fio(path, wl, count):
     cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1e3
     return side["iops"], cpu * 1e6 / count
 
+
+# Writes that allocate: every round starts from a fresh (empty) qcow2 of the same size, so
+# each request allocates clusters (and the file grows), as a new guest's disk does.
+ALLOC_WORKLOADS = [
+    {"name": "64k seq write QD32, fresh qcow2", "bs": 65536, "depth": 32, "write": True, "random": False, "step": 65536, "count": 16000},
+    {"name": "4k stride write QD32, fresh qcow2", "bs": 4096, "depth": 32, "write": True, "random": True, "step": STRIDE_4K, "count": 16000},
+]
 
 WORKLOADS = [
     {"name": "4k randread QD32", "bs": 4096, "depth": 32, "write": False, "random": True, "step": STRIDE_4K, "count": 150000},
@@ -124,10 +132,44 @@ def main():
                 print(f"  ratio xdisk raw / base raw     = {med['xdisk raw'] / med['base raw']:.2f}")
                 print(f"  ratio xdisk qcow2 / base qcow2 = {med['xdisk qcow2'] / med['base qcow2']:.2f}")
             sys.stdout.flush()
-        if a.markdown:
+        alloc = {}
+        fresh = os.path.join(work, "fresh.qcow2")
+
+        def on_fresh(tool, wl, c, binary=None):
+            if os.path.exists(fresh):
+                os.unlink(fresh)
+            sh(["qemu-img", "create", "-q", "-f", "qcow2", fresh, str(size)])
+            return bench_tool(tool, fresh, "qcow2", wl, c, binary)
+
+        alloc_runs = [
+            ("xdisk", lambda wl, c: on_fresh("xdisk", wl, c)),
+            ("qemu-img", lambda wl, c: on_fresh("qemu-img", wl, c)),
+        ]
+        if a.baseline:
+            alloc_runs.append(("base", lambda wl, c: on_fresh("xdisk", wl, c, a.baseline)))
+        for wl in ALLOC_WORKLOADS:
+            if a.only and a.only not in wl["name"]:
+                continue
+            count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
+            per = alternating(alloc_runs, a.rounds, lambda fn: fn(wl, count))
+            med = {k: statistics.median(i for i, _ in v) for k, v in per.items()}
+            alloc[wl["name"]] = {"median_iops": med, "samples": per}
+            print(f"\n{wl['name']} (median of {a.rounds}, count {count})")
+            for k, v in med.items():
+                print(f"  {k:15s} {v:9.0f} IOPS")
+            print(f"  ratio xdisk / qemu-img = {med['xdisk'] / med['qemu-img']:.2f}")
+            if a.baseline:
+                print(f"  ratio xdisk / base     = {med['xdisk'] / med['base']:.2f}")
+            chk = subprocess.run(["qemu-img", "check", fresh], capture_output=True, text=True)
+            print(f"  qemu-img check of the last one: exit {chk.returncode}")
+            sys.stdout.flush()
+        results["allocating"] = alloc
+        if a.markdown and len(results) > 1:
             print("\n| workload | fio raw | xdisk raw | xdisk / qemu-img raw | xdisk / qemu-img qcow2 | xdisk raw / fio | xdisk qcow2 / raw | CPU us/request: fio / qemu-img / xdisk (raw) |")
             print("|---|---|---|---|---|---|---|---|")
             for name, r in results.items():
+                if name == "allocating":
+                    continue
                 m, c = r["median_iops"], r["median_cpu_us"]
                 big = "1M" in name
                 cell = (lambda x: f"{x * 1.048576:.0f} MB/s") if big else (lambda x: f"{x / 1e3:.1f}k IOPS")
@@ -135,6 +177,13 @@ def main():
                       f"{m['xdisk raw'] / m['qemu-img raw']:.2f} | {m['xdisk qcow2'] / m['qemu-img qcow2']:.2f} | "
                       f"{m['xdisk raw'] / m['fio raw']:.2f} | {m['xdisk qcow2'] / m['xdisk raw']:.2f} | "
                       f"{c['fio raw']:.1f} / {c['qemu-img raw']:.1f} / {c['xdisk raw']:.1f} |")
+        if a.markdown and alloc:
+            print("\n| allocating writes | qemu-img | xdisk | xdisk / qemu-img |")
+            print("|---|---|---|---|")
+            for name, r in alloc.items():
+                m = r["median_iops"]
+                print(f"| {name} | {m['qemu-img'] / 1e3:.1f}k IOPS | {m['xdisk'] / 1e3:.1f}k IOPS | "
+                      f"{m['xdisk'] / m['qemu-img']:.2f} |")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=2)

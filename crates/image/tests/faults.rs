@@ -24,7 +24,11 @@ fn raw_image(dir: &Path) -> std::path::PathBuf {
 }
 
 fn qcow2_image(dir: &Path) -> std::path::PathBuf {
-    let p = dir.join("disk.qcow2");
+    qcow2_image_at(&dir.join("disk.qcow2"))
+}
+
+fn qcow2_image_at(p: &Path) -> std::path::PathBuf {
+    let p = p.to_path_buf();
     support::qemu_img_ok(&[
         "create",
         "-q",
@@ -493,6 +497,27 @@ fn random_read_write_faults_never_yield_wrong_data() {
             top.to_str().unwrap(),
         ]);
         random_faults_never_yield_wrong_data(open(&top, CacheMode::None), &base_data, aio, seed);
+        // A qcow2 without a backing file (64 KiB clusters: most writes cover part of a
+        // cluster): new clusters come from room allocated ahead and a partial write writes only
+        // its own bytes, so a cluster a failed write left half written must never pass for
+        // never written when it is allocated again.
+        let fresh = dir.path().join("fresh.qcow2");
+        let _ = std::fs::remove_file(&fresh);
+        let fresh = qcow2_image_at(&fresh);
+        // (Seeds of their own: with the default ones, 2000-2002, a missed half-written
+        // cluster shows within the first three.)
+        random_faults_never_yield_wrong_data(
+            open(&fresh, CacheMode::None),
+            &vec![0; SIZE as usize],
+            aio,
+            seed + 1000,
+        );
+        let out = support::qemu_img(&["check", fresh.to_str().unwrap()]);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)),
+            "seed {seed}: qemu-img check: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         let out = support::qemu_img(&["check", top.to_str().unwrap()]);
         assert!(
             matches!(out.status.code(), Some(0) | Some(3)),

@@ -69,6 +69,12 @@ enum WSeg {
         in_off: usize,
         at: usize,
         len: usize,
+        /// `new` was never written (it lies past everything written to the file, inside the
+        /// room allocated ahead, so it reads as zeroes and the file covers it) and the guest
+        /// cluster read as zeroes before: a partial write writes only its own bytes, not a
+        /// whole cluster padded with zeroes (QEMU zeroes such clusters with a cheap
+        /// write-zeroes first).
+        zero_rest: bool,
     },
 }
 
@@ -315,6 +321,14 @@ impl Qcow2Image {
                         L2Entry::Compressed { host, len } => len.min(m.file_len - host),
                         _ => 0,
                     };
+                    let zero_rest = !reuse
+                        && new >= m.file_len
+                        && new + self.cs <= m.ahead.end
+                        && match e {
+                            L2Entry::Zero { .. } => true,
+                            L2Entry::Unallocated => self.backing.is_none(),
+                            _ => false,
+                        };
                     m.inflight.insert(g);
                     allocs += 1;
                     segs.push(WSeg::Alloc {
@@ -326,6 +340,7 @@ impl Qcow2Image {
                         in_off,
                         at: pos,
                         len: n,
+                        zero_rest,
                     });
                 }
             }
@@ -389,6 +404,19 @@ impl Qcow2Image {
                     continue;
                 }
                 WSeg::Alloc {
+                    new,
+                    in_off,
+                    at,
+                    len,
+                    zero_rest: true,
+                    ..
+                } => {
+                    // The rest of the cluster reads as zeroes already.
+                    self.file
+                        .write_at(&buf[at..at + len], new + in_off as u64)
+                        .map_err(werr)?;
+                }
+                WSeg::Alloc {
                     g,
                     new,
                     old,
@@ -430,6 +458,13 @@ impl Qcow2Image {
     fn finish_write(&self, segs: &[WSeg], r: Result<()>) -> Result<()> {
         let mut m = self.lock();
         if let Err(e) = r {
+            // Some of the new clusters may have been written: they no longer count as never
+            // written (see `WSeg::Alloc::zero_rest`) when they are allocated again.
+            for s in segs {
+                if let WSeg::Alloc { new, .. } = *s {
+                    m.file_len = m.file_len.max(new + self.cs);
+                }
+            }
             self.abort_allocs(&mut m, segs);
             return Err(e);
         }

@@ -66,7 +66,9 @@ pub(crate) struct Meta {
     pub l2: Cache<Vec<u64>>,
     /// Refcount blocks by host offset (raw bytes).
     pub rb: Cache<Vec<u8>>,
-    /// Bytes of the file: its length at open, grown by everything written since.
+    /// Bytes of the file: its length at open, grown by everything written (or tried) since.
+    /// Clusters past it were never written and read as zeroes (room allocated ahead
+    /// included).
     pub file_len: u64,
     /// One past the highest host cluster ever allocated (clusters at or past
     /// max(this, file end) are free and not in flight).
@@ -141,10 +143,12 @@ impl Meta {
 
     /// Writes metadata (any alignment: ImageFile bounces for O_DIRECT).
     pub fn write_meta(&mut self, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        // Counted as written even if the write fails (part of it may have reached the file):
+        // new clusters past `file_len` are taken to read as zeroes.
+        self.file_len = self.file_len.max(off + buf.len() as u64);
         self.file
             .write_at(buf, off)
             .map_err(|e| Error::io(self.ctx(&format!("cannot write {what} to")), e))?;
-        self.file_len = self.file_len.max(off + buf.len() as u64);
         self.unsynced = true;
         Ok(())
     }
