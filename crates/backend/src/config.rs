@@ -114,7 +114,6 @@ impl DeviceConfig {
             physical_sector_size: 4096,
             queue: QueueConfig {
                 queue_depth: 128,
-                slow_threads: 1,
                 ..QueueConfig::default()
             },
             connect_burst: 8,

@@ -96,7 +96,6 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         &QueueConfig {
             aio,
             queue_depth: (a.depth as u32 * 2).next_power_of_two().max(8),
-            slow_threads: 2,
             ..QueueConfig::default()
         },
     )?;

@@ -38,7 +38,7 @@ fn random_workload(
         &QueueConfig {
             aio,
             queue_depth: 64,
-            slow_threads: 2,
+            slow_threads: 8,
             // Both ways of pushing to the kernel: each request at once, and in batches (the
             // rest of a batch goes at the next reap).
             submit_batch: if seed.is_multiple_of(2) { 1 } else { 8 },
@@ -206,7 +206,12 @@ fn queue_qcow2_every_engine_matches_model_and_qemu_img_check() {
                 qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
             }
             let img = open(&p, CacheMode::None);
-            random_workload(img.clone(), &mut model, aio, 11, 1500);
+            let stats = random_workload(img.clone(), &mut model, aio, 11, 1500);
+            // Allocating writes wait for slow-path workers: more start, up to the most asked.
+            assert!(
+                stats.slow > 0 && (2..=8).contains(&stats.slow_workers),
+                "slow-path workers started: {stats:?}"
+            );
             img.flush().unwrap();
             img.close().unwrap();
             drop(img);

@@ -86,8 +86,8 @@ pub fn setup(p: &Params, image: Arc<Image>) -> Result<Rig> {
     cfg.queue = QueueConfig {
         aio: p.aio,
         queue_depth: (p.iodepth as u32 * 2).next_power_of_two().max(64),
-        slow_threads: 2,
         submit_batch: p.submit_batch,
+        ..QueueConfig::default()
     };
     let device = Device::start(cfg, xs, xen.grant_mapper(0), xen.event_channels(0), image)
         .context("starting the backend")?;
