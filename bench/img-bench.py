@@ -76,6 +76,15 @@ WORKLOADS = [
 ]
 
 
+def measure(runs, wl, a):
+    """Runs workload `wl` with every run in alternating rounds: (count, samples per run,
+    median IOPS per run)."""
+    count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
+    per = alternating(runs, a.rounds, lambda fn: fn(wl, count))
+    med = {k: statistics.median(i for i, _ in v) for k, v in per.items()}
+    return count, per, med
+
+
 def main():
     global XDISK
     ap = argparse.ArgumentParser()
@@ -115,9 +124,7 @@ def main():
         for wl in WORKLOADS:
             if a.only and a.only not in wl["name"]:
                 continue
-            count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
-            per = alternating(runs, a.rounds, lambda fn: fn(wl, count))
-            med = {k: statistics.median(i for i, _ in v) for k, v in per.items()}
+            count, per, med = measure(runs, wl, a)
             cpu = {k: statistics.median(c for _, c in v) for k, v in per.items()}
             results[wl["name"]] = {"median_iops": med, "median_cpu_us": cpu, "samples": per}
             unit = (lambda x: f"{x:9.0f} IOPS") if wl["bs"] == 4096 else (lambda x: f"{x * wl['bs'] / 1e6:7.0f} MB/s")
@@ -150,9 +157,7 @@ def main():
         for wl in ALLOC_WORKLOADS:
             if a.only and a.only not in wl["name"]:
                 continue
-            count = max(wl["count"] // 20, 50) if a.quick else wl["count"]
-            per = alternating(alloc_runs, a.rounds, lambda fn: fn(wl, count))
-            med = {k: statistics.median(i for i, _ in v) for k, v in per.items()}
+            count, per, med = measure(alloc_runs, wl, a)
             alloc[wl["name"]] = {"median_iops": med, "samples": per}
             print(f"\n{wl['name']} (median of {a.rounds}, count {count})")
             for k, v in med.items():
