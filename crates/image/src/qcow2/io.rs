@@ -457,14 +457,15 @@ impl Qcow2Image {
     /// Installs the new mappings of a write whose data is on disk (or rolls back on error).
     fn finish_write(&self, segs: &[WSeg], r: Result<()>) -> Result<()> {
         let mut m = self.lock();
-        if let Err(e) = r {
-            // Some of the new clusters may have been written: they no longer count as never
-            // written (see `WSeg::Alloc::zero_rest`) when they are allocated again.
-            for s in segs {
-                if let WSeg::Alloc { new, .. } = *s {
-                    m.file_len = m.file_len.max(new + self.cs);
-                }
+        // The new clusters were written (or may have been, in part): whether they end up
+        // mapped or released, they no longer count as never written (see
+        // `WSeg::Alloc::zero_rest`).
+        for s in segs {
+            if let WSeg::Alloc { new, .. } = *s {
+                m.file_len = m.file_len.max(new + self.cs);
             }
+        }
+        if let Err(e) = r {
             self.abort_allocs(&mut m, segs);
             return Err(e);
         }
@@ -479,7 +480,6 @@ impl Qcow2Image {
             if first_err.is_none() {
                 // Rule 2: the data is written; it becomes durable with the sync that
                 // precedes the next mapping write.
-                m.file_len = m.file_len.max(new + self.cs);
                 m.unsynced = true;
                 let r = m.set_entry(
                     g,
