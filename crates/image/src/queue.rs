@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use xdisk_io::sys::{poll_readable, set_nonblocking, EventFd};
 use xdisk_io::{
     open_engine, same_storage, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op,
-    OpKind, Slab, StorageRef,
+    OpKind, Phase, Slab, StorageRef,
 };
 
 use crate::{Error, Extent, Image, InFlight, Mapping, Result};
@@ -121,6 +121,11 @@ struct Slot<B: IoBuf> {
     buf: Option<B>,
     /// Engine operations still outstanding.
     pending: u32,
+    /// Operations failed at their deadline whose memory the storage still has
+    /// ([`Phase::TimedOut`], not yet [`Phase::Released`]).
+    lent: u32,
+    /// The request was answered (without its buffer, which stays here while `lent > 0`).
+    answered: bool,
     error: Option<Error>,
     _guard: Option<InFlight>,
     kind: IoKind,
@@ -169,6 +174,8 @@ pub struct ImageQueue<B: IoBuf> {
     held_end: Option<(u64, bool)>,
     /// The engine could not wait out its operations: their buffers must be leaked.
     unsettled: bool,
+    /// Slots of answered requests kept for their lent memory (see [`Phase::TimedOut`]).
+    lent_slots: usize,
 }
 
 /// Bits of an engine op's user_data: slot index in the high half, sub-op index in the low.
@@ -227,6 +234,7 @@ impl<B: IoBuf> ImageQueue<B> {
             submit_batch: cfg.submit_batch.max(1),
             held_end: None,
             unsettled: false,
+            lent_slots: 0,
         })
     }
 
@@ -263,7 +271,7 @@ impl<B: IoBuf> ImageQueue<B> {
 
     /// Requests submitted and not yet returned by [`ImageQueue::reap`].
     pub fn in_flight(&self) -> usize {
-        self.slots.len() + self.slow_in_flight + self.ready.len()
+        self.slots.len() - self.lent_slots + self.slow_in_flight + self.ready.len()
     }
 
     /// Starts a request. Errors found before any I/O (out of range, read-only) complete the
@@ -423,6 +431,8 @@ impl<B: IoBuf> ImageQueue<B> {
             pending: ops.len() as u32,
             error: None,
             _guard: Some(guard),
+            lent: 0,
+            answered: false,
             kind: req.kind,
             starts,
         });
@@ -457,6 +467,8 @@ impl<B: IoBuf> ImageQueue<B> {
             pending: 1,
             error: None,
             _guard: None,
+            lent: 0,
+            answered: false,
             kind: req.kind,
             starts: Vec::new(),
         });
@@ -493,6 +505,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     user_data: op.user_data,
                     result: Err(e),
                     buf: op.buf,
+                    phase: xdisk_io::Phase::Done,
                 });
             }
         }
@@ -509,6 +522,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     user_data: op.user_data,
                     result: Err(e),
                     buf: op.buf,
+                    phase: xdisk_io::Phase::Done,
                 });
             }
         }
@@ -527,6 +541,20 @@ impl<B: IoBuf> ImageQueue<B> {
             tracing::error!(user_data = c.user_data, "completion for an unknown request");
             return;
         };
+        match c.phase {
+            Phase::Done => {}
+            // Counted as the sub-op's completion below (with its error); the memory stays.
+            Phase::TimedOut => slot.lent += 1,
+            Phase::Released => {
+                slot.lent = slot.lent.saturating_sub(1);
+                if slot.lent == 0 && slot.answered {
+                    // The storage is done with the last of the buffer: free it now.
+                    self.slots.remove(slot_idx);
+                    self.lent_slots -= 1;
+                }
+                return;
+            }
+        }
         match c.result {
             Ok(n) => {
                 if let Some(&(host, start, len, t)) = slot.starts.get(sub) {
@@ -578,7 +606,20 @@ impl<B: IoBuf> ImageQueue<B> {
             }
         }
         slot.pending -= 1;
-        if slot.pending == 0 {
+        if slot.pending == 0 && slot.lent > 0 {
+            // Answer on time; the buffer stays in the slot until the storage lets go of it
+            // (the caller gets no buffer back for this request).
+            slot.answered = true;
+            let user_data = slot.user_data;
+            let result = match slot.error.take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+            // The slot keeps its in-flight guard too: a late write must not land in a
+            // cluster freed and reused meanwhile.
+            self.lent_slots += 1;
+            self.finish(user_data, result, None);
+        } else if slot.pending == 0 {
             let Some(slot) = self.slots.remove(slot_idx) else {
                 return;
             };
@@ -789,6 +830,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     user_data: op.user_data,
                     result: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
                     buf: op.buf,
+                    phase: xdisk_io::Phase::Done,
                 });
             }
             let mut comps = std::mem::take(&mut self.completions);

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use xdisk_image::queue::{ImageQueue, IoDone, IoKind, IoRequest, QueueConfig};
 use xdisk_image::{AioKind, CacheMode, Image};
@@ -214,6 +214,130 @@ impl Drop for CountingBuf {
     }
 }
 
+/// A buffer its owner can lend ([`IoBuf::lendable`]) that records, when freed, whether the
+/// storage's late writes (the fault engine's garbage) had all landed before.
+struct LentBuf {
+    inner: AlignedBuf,
+    /// Frees so far, and of those, frees of memory that held the late writes.
+    drops: Arc<AtomicUsize>,
+    after_release: Arc<AtomicUsize>,
+}
+
+// SAFETY: delegates to AlignedBuf, whose heap memory does not move with the value.
+unsafe impl IoBuf for LentBuf {
+    fn iovecs(&mut self) -> &[libc::iovec] {
+        self.inner.iovecs()
+    }
+    fn total_len(&self) -> usize {
+        self.inner.total_len()
+    }
+    fn lendable(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for LentBuf {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, Ordering::SeqCst);
+        if self.inner.iter().all(|&b| b == 0xa5) {
+            self.after_release.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A request failed at its deadline while the storage still has its (lent) memory is
+/// answered at once, without its buffer, and the buffer is freed only after the storage
+/// lets go of it; buffers that cannot be lent come back with the error.
+#[test]
+fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
+    let dir = support::tmpdir("xdisk-faults-");
+    let p = raw_image(dir.path());
+    for aio in [AioKind::IoUring, AioKind::Native, AioKind::Threads] {
+        let image = open(&p, CacheMode::None);
+        let plan = FaultPlan::new();
+        image
+            .storage()
+            .as_file()
+            .expect("image on a host file")
+            .inject_faults(&plan);
+        plan.fail_always(FaultOn::ReadWrite, Fault::Late);
+        let drops = Arc::new(AtomicUsize::new(0));
+        let after = Arc::new(AtomicUsize::new(0));
+        let mut q: ImageQueue<LentBuf> = ImageQueue::new(
+            image.clone(),
+            &QueueConfig {
+                aio,
+                ..QueueConfig::default()
+            },
+        )
+        .unwrap();
+        for (i, kind) in [IoKind::Read, IoKind::Write, IoKind::Read]
+            .into_iter()
+            .enumerate()
+        {
+            q.submit(IoRequest {
+                kind,
+                offset: i as u64 * 65536,
+                buf: Some(LentBuf {
+                    inner: AlignedBuf::new(65536, 4096),
+                    drops: drops.clone(),
+                    after_release: after.clone(),
+                }),
+                user_data: i as u64,
+            });
+        }
+        let mut out = Vec::new();
+        while out.len() < 3 {
+            q.reap(&mut out, 1, Some(Duration::from_secs(10))).unwrap();
+        }
+        for d in &out {
+            let e = d.result.as_ref().unwrap_err();
+            assert!(e.to_string().contains("timed out"), "{aio:?}: {e}");
+            assert!(d.buf.is_none(), "{aio:?}: a lent buffer is not handed back");
+        }
+        assert_eq!(q.in_flight(), 0, "{aio:?}: every request is answered");
+        // The storage lets go later; reaping picks that up and frees the buffers then.
+        let t0 = Instant::now();
+        while drops.load(Ordering::SeqCst) < 2 && t0.elapsed() < Duration::from_secs(10) {
+            q.reap(&mut out, 0, Some(Duration::from_millis(10)))
+                .unwrap();
+        }
+        assert!(drops.load(Ordering::SeqCst) >= 2, "{aio:?}");
+        // Dropping the queue settles what is left (the last release) before freeing.
+        drop(q);
+        assert_eq!(drops.load(Ordering::SeqCst), 3, "{aio:?}");
+        assert_eq!(
+            after.load(Ordering::SeqCst),
+            3,
+            "{aio:?}: a buffer was freed before the storage let go of it"
+        );
+
+        // Memory that cannot be lent (guest pages) comes back with the error.
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut q: ImageQueue<CountingBuf> = ImageQueue::new(
+            image.clone(),
+            &QueueConfig {
+                aio,
+                ..QueueConfig::default()
+            },
+        )
+        .unwrap();
+        q.submit(IoRequest {
+            kind: IoKind::Read,
+            offset: 0,
+            buf: Some(CountingBuf {
+                inner: AlignedBuf::new(4096, 4096),
+                drops: drops.clone(),
+            }),
+            user_data: 7,
+        });
+        let mut out = Vec::new();
+        q.reap(&mut out, 1, Some(Duration::from_secs(10))).unwrap();
+        assert!(out[0].result.is_err() && out[0].buf.is_some(), "{aio:?}");
+        plan.clear();
+    }
+}
+
 /// Submits one read and one write whose completions the engine never hands back (as when the
 /// kernel cannot finish them) and returns the queue with them in flight.
 fn stuck_queue(
@@ -316,7 +440,7 @@ fn sector_hash(b: &[u8]) -> u64 {
 }
 
 /// Random reads and writes through a queue while reads and writes fail at random (EIO,
-/// ENOSPC, short transfers) on the engine and on the synchronous path, over every layer of
+/// ENOSPC, short transfers, ETIMEDOUT with the buffer released late) on the engine and on the synchronous path, over every layer of
 /// the chain. A read either fails or returns, for every sector, what some write left there:
 /// the last successful write, or a failed write since (which may have landed in part).
 fn random_faults_never_yield_wrong_data(
@@ -346,6 +470,8 @@ fn random_faults_never_yield_wrong_data(
             Fault::Errno(libc::EIO),
             Fault::Errno(libc::ENOSPC),
             Fault::Short,
+            // Failed at a deadline while the storage keeps the (lent) buffer a while.
+            Fault::Late,
         ],
     );
     let mut q = ImageQueue::<AlignedBuf>::new(

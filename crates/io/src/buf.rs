@@ -18,6 +18,17 @@ pub unsafe trait IoBuf: Send + 'static {
     /// Total length in bytes.
     fn total_len(&self) -> usize;
 
+    /// Whether the owner can *lend* this memory: keep it alive, unmoved and unused past the
+    /// operation's completion when an engine reports [`crate::Phase::TimedOut`] (the
+    /// storage failed the operation at its deadline but may still read or write the
+    /// memory), until the [`crate::Phase::Released`] completion that follows. Memory of this
+    /// process's own qualifies ([`AlignedBuf`]); a guest's granted pages do not (the guest
+    /// reuses them once answered), so engines with deadlines copy through buffers of their
+    /// own for those. Default: no.
+    fn lendable(&self) -> bool {
+        false
+    }
+
     /// Copies `src` into the buffer's memory starting `at` bytes in (across iovecs).
     /// Panics if the range exceeds [`IoBuf::total_len`] (a caller bug).
     fn copy_in(&mut self, at: usize, src: &[u8]) {
@@ -198,6 +209,10 @@ unsafe impl IoBuf for AlignedBuf {
     fn total_len(&self) -> usize {
         self.len
     }
+    fn lendable(&self) -> bool {
+        // Freed only when dropped: its owner can keep it as long as needed.
+        true
+    }
 }
 
 /// A view of part of another [`IoBuf`]'s memory, for splitting one request into several
@@ -205,6 +220,8 @@ unsafe impl IoBuf for AlignedBuf {
 pub struct IoSlice {
     iov: Vec<libc::iovec>,
     len: usize,
+    /// [`IoBuf::lendable`] of the buffer it views.
+    lendable: bool,
 }
 
 // SAFETY: an IoSlice is only raw pointers into memory that its creator keeps alive and
@@ -237,7 +254,18 @@ impl IoSlice {
             });
         }
         assert!(pos >= end, "slice past the end of the buffer");
-        IoSlice { iov, len }
+        IoSlice {
+            iov,
+            len,
+            lendable: buf.lendable(),
+        }
+    }
+
+    /// The same view, never lent ([`IoBuf::lendable`] false): engines with deadlines copy
+    /// through buffers of their own, as for guest memory.
+    pub fn not_lendable(mut self) -> IoSlice {
+        self.lendable = false;
+        self
     }
 }
 
@@ -248,6 +276,9 @@ unsafe impl IoBuf for IoSlice {
     }
     fn total_len(&self) -> usize {
         self.len
+    }
+    fn lendable(&self) -> bool {
+        self.lendable
     }
 }
 

@@ -35,7 +35,7 @@ pub use engine::fault;
 
 pub use buf::{is_zero, AlignedBuf, IoBuf, IoSlice};
 pub use cache::{AioKind, CacheMode};
-pub use engine::{open_engine, Completion, Engine, EngineConfig, Op, OpKind};
+pub use engine::{open_engine, Completion, Engine, EngineConfig, Op, OpKind, Phase};
 pub use file::{Alignment, ImageFile};
 pub use slab::Slab;
 pub use storage::{same_storage, Allocation, MemEngine, MemStorage, Storage, StorageRef};

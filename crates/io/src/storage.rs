@@ -558,6 +558,7 @@ impl Engine<IoSlice> for MemEngine {
                 user_data: op.user_data,
                 result,
                 buf: op.buf,
+                phase: crate::Phase::Done,
             });
         }
         self.notify.signal();

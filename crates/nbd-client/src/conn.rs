@@ -544,6 +544,7 @@ impl EngineShared {
                 None => Ok(op.result),
             },
             buf: op.buf,
+            phase: xdisk_io::Phase::Done,
         });
         drop(st);
         self.notify.signal();

@@ -656,6 +656,7 @@ impl NbdEngine {
             user_data: op.user_data,
             result,
             buf: op.buf,
+            phase: xdisk_io::Phase::Done,
         });
         self.shared.notify.signal();
     }

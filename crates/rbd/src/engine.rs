@@ -9,12 +9,17 @@
 //! request far longer than any one RADOS timeout (a full pool: each of the request's RADOS
 //! operations, the object-map update, the write, a lock re-acquisition, waits out its own
 //! `rados_osd_op_timeout`; with timeouts of 0, forever), so past its deadline the request
-//! completes here with ETIMEDOUT, on time, while librbd keeps what it may still touch: with a
-//! deadline, data goes through a bounce buffer of the engine's (copied in for writes, out for
-//! reads, on the reactor), which librbd's late completion frees; the caller's memory is never
-//! in librbd's hands. The process-wide deadline thread (`deadline`) signals the eventfd
-//! when the oldest request's deadline passes. Without a deadline (`xdisk_deadline=0`) the
-//! caller's memory goes to librbd as it is (no copy) and requests wait as long as librbd.
+//! completes here with ETIMEDOUT, on time, while librbd keeps what it may still touch. Memory
+//! the caller can lend ([`IoBuf::lendable`]: xdisk's own buffers, as in `img convert`,
+//! `img bench` and NBD exports) goes to librbd as it is (no copy); past the deadline the
+//! completion says [`Phase::TimedOut`] and the caller keeps the memory until a second
+//! completion says [`Phase::Released`] (librbd's late completion). Memory that cannot be
+//! lent (a guest's granted pages, which the guest reuses once answered) goes through a
+//! bounce buffer of the engine's (copied in for writes, out for reads, on the reactor),
+//! which librbd's late completion frees. The process-wide deadline thread (`deadline`)
+//! signals the eventfd when the oldest request's deadline passes. Without a deadline
+//! (`xdisk_deadline=0`) every caller's memory goes to librbd as it is and requests wait as
+//! long as librbd.
 //!
 //! No thread per request and nothing that blocks on the reactor (the image's size is the one
 //! last known, not asked of librbd, which may first refresh the header from the cluster), but
@@ -30,7 +35,9 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use xdisk_io::sys::EventFd;
-use xdisk_io::{AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op, OpKind, Storage};
+use xdisk_io::{
+    AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op, OpKind, Phase, Storage,
+};
 
 use crate::deadline::{self, Wake};
 use crate::ffi::{AioOp, Held, Sink};
@@ -80,6 +87,8 @@ struct Flight {
     deadline: Option<Instant>,
     /// The caller's buffer while librbd works on a bounce buffer (never handed to librbd).
     buf: Option<IoSlice>,
+    /// librbd has the caller's (lent) memory, and there is a deadline.
+    lent: bool,
 }
 
 /// Bounce buffers kept for reuse, at most this many bytes per engine.
@@ -105,6 +114,8 @@ pub struct RbdEngine {
     pool_bytes: usize,
     /// Requests failed at their deadline (librbd may still complete them).
     timed_out: u64,
+    /// Of those, the ones whose caller's memory librbd still has: tag -> user_data.
+    late: BTreeMap<u64, u64>,
 }
 
 impl RbdEngine {
@@ -130,6 +141,7 @@ impl RbdEngine {
             pool: Vec::new(),
             pool_bytes: 0,
             timed_out: 0,
+            late: BTreeMap::new(),
         }
     }
 
@@ -143,6 +155,7 @@ impl RbdEngine {
             user_data: op.user_data,
             result,
             buf: op.buf,
+            phase: xdisk_io::Phase::Done,
         });
         self.done.notify.signal();
     }
@@ -175,10 +188,10 @@ impl RbdEngine {
     }
 
     /// What librbd gets for `buf`'s first `len` bytes: the caller's memory without a
-    /// deadline, else a bounce buffer (with the data, for a write) and the caller's buffer
-    /// stays with the flight.
+    /// deadline or if it can be lent, else a bounce buffer (with the data, for a write) and
+    /// the caller's buffer stays with the flight.
     fn data(&mut self, mut buf: IoSlice, len: usize, write: bool) -> (Held, Option<IoSlice>) {
-        if self.deadline.is_none() {
+        if self.deadline.is_none() || buf.lendable() {
             return (Held::Slice(buf), None);
         }
         let mut b = self.bounce(len);
@@ -290,9 +303,12 @@ impl RbdEngine {
                 }
             }
         };
-        let len = match &aio {
-            AioOp::Read { len, .. } | AioOp::Write { len, .. } => *len,
-            _ => 0,
+        let (len, lent) = match &aio {
+            AioOp::Read { len, buf, .. } | AioOp::Write { len, buf, .. } => (
+                *len,
+                self.deadline.is_some() && matches!(buf, Held::Slice(_)),
+            ),
+            _ => (0, false),
         };
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
@@ -308,6 +324,7 @@ impl RbdEngine {
                         len,
                         deadline,
                         buf: kept,
+                        lent,
                     },
                 );
                 if let Some(at) = deadline {
@@ -350,12 +367,21 @@ impl RbdEngine {
             if entry.get().deadline.is_none_or(|d| d > now) {
                 break;
             }
-            let f = entry.remove();
+            let (tag, f) = entry.remove_entry();
             n += 1;
+            let phase = if f.lent {
+                // librbd still has the caller's memory: the caller keeps it until `collect`
+                // sees librbd's late completion and says so.
+                self.late.insert(tag, f.user_data);
+                Phase::TimedOut
+            } else {
+                Phase::Done
+            };
             out.push(Completion {
                 user_data: f.user_data,
                 result: Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
                 buf: f.buf,
+                phase,
             });
         }
         if n > 0 {
@@ -388,7 +414,19 @@ impl RbdEngine {
             let Some(mut f) = self.flights.remove(&tag) else {
                 // Failed at its deadline already: librbd is done with its buffer now.
                 tracing::debug!(tag, r, "a late RBD completion");
-                self.recycle(held);
+                match (self.late.remove(&tag), held) {
+                    (Some(user_data), Held::Slice(b)) => {
+                        // The caller's memory is its own again.
+                        out.push(Completion {
+                            user_data,
+                            result: Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                            buf: Some(b),
+                            phase: Phase::Released,
+                        });
+                        got += 1;
+                    }
+                    (_, held) => self.recycle(held),
+                }
                 continue;
             };
             let result = if r < 0 {
@@ -418,6 +456,7 @@ impl RbdEngine {
                 user_data: f.user_data,
                 result,
                 buf,
+                phase: xdisk_io::Phase::Done,
             });
             got += 1;
         }
@@ -498,10 +537,32 @@ impl Engine<IoSlice> for RbdEngine {
         false
     }
     fn in_flight(&self) -> usize {
-        self.queued.len() + self.flights.len() + self.now.len()
+        self.queued.len() + self.flights.len() + self.now.len() + self.late.len()
     }
     fn capacity(&self) -> usize {
         self.capacity
+    }
+    /// Waits out the operations in flight (each ends by its deadline, or without one by
+    /// librbd's own timeouts), then the memory lent past a deadline for as long again: if
+    /// librbd still has some then, fails (the caller must leak that memory, never free it).
+    fn settle(&mut self, out: &mut Vec<Completion<IoSlice>>) -> io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            while self.in_flight() > 0 {
+                self.reap(out, self.in_flight(), None)?;
+            }
+            return Ok(());
+        };
+        let limit = Instant::now() + 2 * deadline;
+        while self.in_flight() > 0 && Instant::now() < limit {
+            self.reap(out, 1, Some(Duration::from_millis(200)))?;
+        }
+        if self.in_flight() > 0 {
+            return Err(io::Error::other(format!(
+                "librbd still has the memory of {} requests past their deadline",
+                self.in_flight()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -13,9 +13,10 @@
 //!   completion's callback argument; librbd calls the callback exactly once, on one of its
 //!   own threads, and the callback hands the buffer back through a [`Sink`]. An operation
 //!   refused at submission never gets a callback: then the submitter takes the `Pending`
-//!   back at once. A caller that gives up waiting (a request past its deadline) keeps its
-//!   own memory out of librbd's reach by handing it a bounce buffer, which only the
-//!   callback frees: whenever librbd is done with it, however late.
+//!   back at once. A caller that gives up waiting (a request past its deadline) either keeps
+//!   its memory out of librbd's reach by handing it a bounce buffer, which only the callback
+//!   frees, whenever librbd is done with it, however late; or lends its memory (an
+//!   [`IoSlice`] that is [`IoBuf::lendable`]) and keeps it until the callback hands it back.
 //! - An [`Image`] counts its operations in flight; dropped while some are (given up on),
 //!   it is closed by a thread of its own once the last one completes, never under librbd.
 //! - The callbacks (completions, `rbd_diff_iterate2`) never unwind into
@@ -917,7 +918,8 @@ pub(crate) enum Held {
     /// No data (flush, discard, write zeroes), or nothing handed back.
     Nothing,
     /// The caller's memory as is (zero copy): for callers that wait for the completion,
-    /// however long it takes.
+    /// however long it takes, or that lend it (keep it until the completion, however late,
+    /// even if they stopped waiting).
     Slice(IoSlice),
     /// A buffer of our own (the data to write, copied; or room for the data read): the
     /// caller may give up on the operation, the buffer stays with librbd until it is done.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use xdisk_io::sys::EventFd;
 use xdisk_io::{
-    AlignedBuf, CacheMode, Completion, Engine, EngineConfig, IoSlice, Op, OpKind, Storage,
+    AlignedBuf, CacheMode, Completion, Engine, EngineConfig, IoSlice, Op, OpKind, Phase, Storage,
 };
 use xdisk_rbd::testing::{ceph, ceph_ok, cluster, daemon_pid, restart_monitor, TestImage};
 use xdisk_rbd::{RbdName, RbdStorage};
@@ -30,10 +30,19 @@ fn engine(s: &Arc<RbdStorage>) -> Box<dyn Engine<IoSlice>> {
     s.clone().open_engine(&cfg, notify).unwrap().unwrap()
 }
 
+/// A slice of memory that cannot be lent (as a guest's pages): the engine copies through a
+/// bounce buffer and hands it back at the deadline at the latest.
 fn slice(buf: &mut AlignedBuf, start: usize, len: usize) -> IoSlice {
+    lent_slice(buf, start, len).not_lendable()
+}
+
+/// A slice of memory the test lends: librbd works on it directly, and past the deadline the
+/// engine hands it back only when librbd lets go of it (`Phase::Released`).
+fn lent_slice(buf: &mut AlignedBuf, start: usize, len: usize) -> IoSlice {
     // SAFETY: each test keeps `buf` alive and untouched until every op carrying a slice of
-    // it has completed (the engine hands it back at the latest at the deadline), and the
-    // slices in flight at one time are disjoint.
+    // it has completed (for a slice that is not lendable the engine hands it back at the
+    // latest at the deadline; a lent one, until librbd releases it), and the slices in
+    // flight at one time are disjoint.
     #[allow(unsafe_code)]
     unsafe {
         IoSlice::new(buf, start, len)
@@ -149,18 +158,35 @@ fn a_full_pool_fails_writes_at_their_deadline_reads_go_on_and_writes_resume_afte
     let mut e = engine(&s);
     let mut buf = AlignedBuf::new(8 * 4096, 4096);
     buf[..4 * 4096].fill(7);
+    // Memory of our own, lent to librbd (no bounce buffer).
+    let mut lent = AlignedBuf::new(2 * 4096, 4096);
+    lent.fill(8);
     {
         let _full = Full::new(conf);
         let t0 = Instant::now();
-        // Four writes and four reads in flight at once.
+        // Four writes and four reads in flight at once, and two writes of lent memory.
         for i in 0..8u64 {
             let kind = if i < 4 { OpKind::Write } else { OpKind::Read };
             let b = slice(&mut buf, i as usize * 4096, 4096);
             assert!(e.submit(op(kind, (i % 4) * 4096, b, i)).is_ok());
         }
+        for i in 0..2u64 {
+            let b = lent_slice(&mut lent, i as usize * 4096, 4096);
+            assert!(e
+                .submit(op(OpKind::Write, (6 + i) * 4096, b, 8 + i))
+                .is_ok());
+        }
         e.commit().unwrap();
-        let done = reap(&mut *e, 8, 3 * DEADLINE);
+        let done = reap(&mut *e, 10, 3 * DEADLINE);
         for c in &done {
+            if c.user_data >= 8 {
+                let err = c.result.as_ref().unwrap_err();
+                assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "write: {err}");
+                assert_eq!(c.phase, Phase::TimedOut, "op {}", c.user_data);
+                assert!(c.buf.is_none(), "op {}: librbd still has it", c.user_data);
+                continue;
+            }
+            assert_eq!(c.phase, Phase::Done);
             assert!(
                 c.buf.is_some(),
                 "op {}: the caller's buffer comes back",
@@ -182,8 +208,9 @@ fn a_full_pool_fails_writes_at_their_deadline_reads_go_on_and_writes_resume_afte
             took >= DEADLINE,
             "writes failed before their deadline: {took:?}"
         );
-        // librbd still has the writes (with their bounce buffers, not ours).
-        assert!(s.librbd_in_flight() >= 4, "{}", s.librbd_in_flight());
+        // librbd still has the writes (with their bounce buffers, not ours, and the lent ones).
+        assert!(s.librbd_in_flight() >= 6, "{}", s.librbd_in_flight());
+        assert_eq!(e.in_flight(), 2, "the lent memory is still out");
         // The caller's buffer is its own again: scribbling over it is fine.
         buf.fill(0xee);
 
@@ -222,6 +249,19 @@ fn a_full_pool_fails_writes_at_their_deadline_reads_go_on_and_writes_resume_afte
     wait_for("librbd's late completions", Duration::from_secs(60), || {
         s.librbd_in_flight() == 0
     });
+    // The lent memory comes back.
+    let mut back: Vec<u64> = reap(&mut *e, 2, Duration::from_secs(30))
+        .into_iter()
+        .map(|c| {
+            assert_eq!(c.phase, Phase::Released);
+            assert!(c.buf.is_some());
+            c.user_data
+        })
+        .collect();
+    back.sort_unstable();
+    assert_eq!(back, [8, 9]);
+    assert_eq!(e.in_flight(), 0);
+    lent.fill(0xee);
     buf[..4096].fill(9);
     assert!(e
         .submit(op(OpKind::Write, 8192, slice(&mut buf, 0, 4096), 1))
@@ -239,6 +279,11 @@ fn a_full_pool_fails_writes_at_their_deadline_reads_go_on_and_writes_resume_afte
     // blocks undefined, as on any disk): their bounce buffers held the data written then.
     s.read_at(&mut b, 4096).unwrap();
     assert!(b == vec![7u8; 4096] || b == vec![1u8; 4096]);
+    // So did the lent ones (from librbd's hands straight out of our memory).
+    for i in 6..8u64 {
+        s.read_at(&mut b, i * 4096).unwrap();
+        assert!(b == vec![8u8; 4096] || b == vec![1u8; 4096]);
+    }
     drop(e);
 }
 

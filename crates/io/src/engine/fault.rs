@@ -18,6 +18,12 @@
 //! - [`Fault::Hold`]: the operation runs, but its completion is kept by the wrapper and never
 //!   returned: waiting for it fails, [`Engine::settle`] fails, and the buffer is leaked when
 //!   the engine is dropped (what a real engine must do when the kernel may still use it).
+//! - [`Fault::Late`]: what an engine with a deadline per request does when the storage keeps
+//!   an operation too long (librbd, [`super::Phase`]): the operation runs, but completes with
+//!   ETIMEDOUT. A [`IoBuf::lendable`] buffer is not handed back then ([`Phase::TimedOut`]):
+//!   the wrapper keeps it, and once a no-op sent through the inner engine has completed (a
+//!   later wake-up of its eventfd), overwrites it with garbage (the storage writing late) and
+//!   hands it back ([`Phase::Released`]). Other buffers come back with the error at once.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,7 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{Completion, Engine, Op, OpKind};
+use super::{Completion, Engine, Op, OpKind, Phase};
 use crate::buf::IoBuf;
 use crate::cache::AioKind;
 
@@ -67,6 +73,8 @@ pub enum Fault {
     Short,
     /// Runs, but the completion is never handed back.
     Hold,
+    /// Runs, but fails with ETIMEDOUT; a lendable buffer is handed back later, scribbled.
+    Late,
 }
 
 /// The kind of an operation, as far as faults are concerned.
@@ -316,6 +324,9 @@ pub struct FaultyEngine<B: IoBuf> {
     next_key: u64,
     /// Completions held back ([`Fault::Hold`]): never returned, leaked on drop.
     held: Vec<Completion<B>>,
+    /// Buffers of [`Fault::Late`] operations reported [`Phase::TimedOut`], by the key of the
+    /// no-op whose completion releases them: the caller's user_data, the buffer, the result.
+    lent: HashMap<u64, (u64, B, io::Result<usize>)>,
     scratch: Vec<Completion<B>>,
 }
 
@@ -337,6 +348,7 @@ impl<B: IoBuf> FaultyEngine<B> {
             pending: HashMap::new(),
             next_key: 0,
             held: Vec::new(),
+            lent: HashMap::new(),
             scratch: Vec::new(),
         }
     }
@@ -358,6 +370,19 @@ impl<B: IoBuf> FaultyEngine<B> {
         let mut got = 0;
         let mut comps = std::mem::take(&mut self.scratch);
         for mut c in comps.drain(..) {
+            if let Some((user_data, mut b, result)) = self.lent.remove(&c.user_data) {
+                // The storage lets go late, having written into the memory meanwhile.
+                let n = b.total_len();
+                scribble(&mut b, 0, n);
+                out.push(Completion {
+                    user_data,
+                    result,
+                    buf: Some(b),
+                    phase: Phase::Released,
+                });
+                got += 1;
+                continue;
+            }
             let Some(p) = self.pending.remove(&c.user_data) else {
                 tracing::error!(key = c.user_data, "fault injection: unknown completion");
                 continue;
@@ -377,6 +402,39 @@ impl<B: IoBuf> FaultyEngine<B> {
                         }
                     }
                     c.result = Err(io::Error::from_raw_os_error(e));
+                }
+                Some(Fault::Late) => {
+                    let timed_out = io::Error::from_raw_os_error(libc::ETIMEDOUT);
+                    let result = std::mem::replace(&mut c.result, Err(timed_out));
+                    if let Some(b) = c.buf.take_if(|b| b.lendable()) {
+                        let key = self.next_key;
+                        self.next_key = self.next_key.wrapping_add(1);
+                        let noop = Op {
+                            kind: OpKind::Fallocate { mode: 0, len: 0 },
+                            fd: p.fd,
+                            offset: 0,
+                            buf: None,
+                            user_data: key,
+                        };
+                        c.phase = Phase::TimedOut;
+                        if self.inner.submit(noop).is_ok() {
+                            self.lent.insert(key, (c.user_data, b, result));
+                        } else {
+                            // No room for the no-op: let go at once, after the timeout.
+                            let mut b = b;
+                            let n = b.total_len();
+                            scribble(&mut b, 0, n);
+                            out.push(c);
+                            out.push(Completion {
+                                user_data: p.user_data,
+                                result,
+                                buf: Some(b),
+                                phase: Phase::Released,
+                            });
+                            got += 2;
+                            continue;
+                        }
+                    }
                 }
                 Some(Fault::Short) => {
                     if let (Ok(n), Some(short)) = (&c.result, short_len(p.len)) {
@@ -481,6 +539,9 @@ impl<B: IoBuf> Engine<B> for FaultyEngine<B> {
             self.scratch = comps;
             r?;
             got += self.translate(out);
+            if !self.lent.is_empty() {
+                self.inner.commit()?;
+            }
             if got >= min || timeout.is_some() || self.in_flight() == 0 {
                 return Ok(got);
             }
@@ -504,11 +565,18 @@ impl<B: IoBuf> Engine<B> for FaultyEngine<B> {
     }
 
     fn settle(&mut self, out: &mut Vec<Completion<B>>) -> io::Result<()> {
-        let mut comps = std::mem::take(&mut self.scratch);
-        let r = self.inner.settle(&mut comps);
-        self.scratch = comps;
-        r?;
-        self.translate(out);
+        loop {
+            let mut comps = std::mem::take(&mut self.scratch);
+            let r = self.inner.settle(&mut comps);
+            self.scratch = comps;
+            r?;
+            self.translate(out);
+            // Late operations sent no-ops that release their buffers: settle those too.
+            if self.lent.is_empty() {
+                break;
+            }
+            self.inner.commit()?;
+        }
         if self.held.is_empty() {
             Ok(())
         } else {

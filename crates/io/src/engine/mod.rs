@@ -62,8 +62,43 @@ pub struct Completion<B: IoBuf> {
     pub user_data: u64,
     /// Bytes transferred, or the OS error.
     pub result: io::Result<usize>,
-    /// The operation's buffer, handed back.
+    /// The operation's buffer, handed back (`None` with [`Phase::TimedOut`]).
     pub buf: Option<B>,
+    /// Whether the operation is over ([`Phase::Done`], what every engine reports but for
+    /// one case), or failed at its deadline while the storage still has its memory.
+    pub phase: Phase,
+}
+
+impl<B: IoBuf> Completion<B> {
+    /// The operation is over: `result`, and its buffer back.
+    pub fn done(user_data: u64, result: io::Result<usize>, buf: Option<B>) -> Completion<B> {
+        Completion {
+            user_data,
+            result,
+            buf,
+            phase: Phase::Done,
+        }
+    }
+}
+
+/// What a [`Completion`] says of the operation's memory.
+///
+/// An engine whose storage may keep an operation past the time the caller can wait (librbd,
+/// with a deadline per request) fails it at its deadline. If the operation's buffer was
+/// [`IoBuf::lendable`] and the storage works on it directly (no copy), the storage may still
+/// read or write that memory: the completion says [`Phase::TimedOut`] (the result is the
+/// error; no buffer), and the owner keeps the memory alive and untouched until a second
+/// completion with the same `user_data` says [`Phase::Released`] (with the buffer). Engines
+/// never report these for buffers that are not lendable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The operation is over and its memory is the caller's again.
+    Done,
+    /// Failed at its deadline (`result` says why); the storage still has the memory.
+    TimedOut,
+    /// The storage let go of the memory of an operation reported [`Phase::TimedOut`]
+    /// before; `result` is what it finally did, for the record only.
+    Released,
 }
 
 /// How to build an engine.

@@ -167,6 +167,7 @@ impl<B: IoBuf> NativeEngine<B> {
             user_data,
             result,
             buf,
+            phase: crate::Phase::Done,
         });
         self.event.signal();
     }
@@ -231,6 +232,7 @@ impl<B: IoBuf> NativeEngine<B> {
                 user_data: slot.user_data,
                 result: common::kernel_result(ev.res),
                 buf: slot.buf,
+                phase: crate::Phase::Done,
             });
         }
         Ok(n)

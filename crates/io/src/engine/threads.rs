@@ -124,6 +124,7 @@ fn run<B: IoBuf>(mut op: Op<B>) -> Completion<B> {
         user_data: op.user_data,
         result,
         buf: op.buf,
+        phase: crate::Phase::Done,
     }
 }
 

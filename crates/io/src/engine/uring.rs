@@ -331,6 +331,7 @@ impl<B: IoBuf> UringEngine<B> {
                 user_data: slot.user_data,
                 result: common::kernel_result(i64::from(cqe.result())),
                 buf: slot.buf,
+                phase: crate::Phase::Done,
             });
             n += 1;
         }
