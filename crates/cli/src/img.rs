@@ -345,8 +345,9 @@ fn apply_options(opts: &mut CreateOptions, list: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Registers the secrets of `--object secret,id=ID,file=PATH|data=STRING[,format=raw]`
-/// (qemu-img's spelling; `,,` is a literal comma) for names and options that say
+/// Registers the secrets of `--object secret,id=ID,file=PATH|data=STRING[,format=raw|base64]`
+/// (qemu-img's spelling; `,,` is a literal comma; with `format=base64` the data or the
+/// file's content is base64, as QEMU decodes it) for names and options that say
 /// `encrypt.key-secret=ID`. Messages never echo a secret's data.
 pub fn register_objects(objects: &[String]) -> Result<()> {
     for o in objects {
@@ -357,7 +358,7 @@ pub fn register_objects(objects: &[String]) -> Result<()> {
             let shown = if kind.contains('=') { "" } else { kind };
             bail!("--object {shown}...: only --object secret,id=ID,file=PATH is supported");
         }
-        let (mut id, mut data, mut file) = (None, None, None);
+        let (mut id, mut data, mut file, mut base64) = (None, None, None, false);
         for kv in parts {
             let (k, v) = kv
                 .split_once('=')
@@ -366,17 +367,28 @@ pub fn register_objects(objects: &[String]) -> Result<()> {
                 "id" => id = Some(v.to_owned()),
                 "data" => data = Some(v.as_bytes().to_vec()),
                 "file" => file = Some(v.to_owned()),
-                "format" if v == "raw" => {}
-                "format" => bail!("--object secret: format={v} is not supported (raw only)"),
-                _ => bail!("--object secret: '{k}' is not supported (id, file, data, format=raw)"),
+                "format" if v == "raw" => base64 = false,
+                "format" if v == "base64" => base64 = true,
+                "format" => bail!("--object secret: format={v} is not supported (raw or base64)"),
+                _ => bail!(
+                    "--object secret: '{k}' is not supported (id, file, data, format=raw|base64)"
+                ),
             }
         }
         let id = id
             .filter(|i| !i.is_empty())
             .ok_or_else(|| anyhow!("--object secret needs id=ID"))?;
         let pass = match (data, file) {
+            (Some(d), None) if base64 => xdisk_rbd::Passphrase::from_base64(d),
             (Some(d), None) => xdisk_rbd::Passphrase::new(d),
-            (None, Some(f)) => xdisk_rbd::Passphrase::from_file(&f),
+            (None, Some(f)) => xdisk_rbd::Passphrase::from_file(&f).and_then(|p| {
+                if base64 {
+                    xdisk_rbd::Passphrase::from_base64(p.as_bytes().to_vec())
+                        .map_err(|e| format!("the file {f} holds {e}"))
+                } else {
+                    Ok(p)
+                }
+            }),
             _ => bail!("--object secret,id={id}: give file=PATH or data=STRING (one of them)"),
         }
         .map_err(|e| anyhow!("--object secret,id={id}: {e}"))?;

@@ -57,8 +57,9 @@ enum Command {
     )]
     Img {
         /// qemu-img's `--object secret,id=ID,file=PATH` (or `data=STRING`, which other
-        /// users of the host can read in /proc): the passphrase of librbd's encryption for
-        /// `-o encrypt.key-secret=ID` (create, convert) and `rbd:...:encrypt.key-secret=ID`.
+        /// users of the host can read in /proc; `,format=base64` for base64 content): the
+        /// passphrase of librbd's encryption for `-o encrypt.key-secret=ID` (create,
+        /// convert) and `rbd:...:encrypt.key-secret=ID`.
         #[arg(long = "object", global = true, value_name = "secret,id=ID,file=PATH")]
         objects: Vec<String>,
         #[command(subcommand)]

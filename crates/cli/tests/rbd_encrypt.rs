@@ -288,6 +288,45 @@ fn wrong_and_missing_keys_are_refused_clearly_and_never_show_the_secret() {
         e.contains("wrong passphrase") && !e.contains("SECRET"),
         "{e}"
     );
+    // format=base64, as QEMU spells it: the data or the file's content decoded; the same
+    // object opens the image in qemu-img too ("the right one" in base64).
+    let b64 = "dGhlIHJpZ2h0IG9uZQ==";
+    let b64_file = key_file(d.path(), "key.b64", &format!("{b64}\n"));
+    for obj in [
+        format!("secret,id=s7,data={b64},format=base64"),
+        format!("secret,id=s7,file={},format=base64", s(&b64_file)),
+    ] {
+        let info = xdisk(&[
+            "img",
+            "info",
+            "--object",
+            &obj,
+            &t.name_with(":encrypt.format=luks:encrypt.key-secret=s7"),
+        ]);
+        assert!(info.contains("virtual size: 8 MiB"), "{obj}: {info}");
+        let qemu_obj = obj.replace("id=s7", "id=sec0");
+        ok(
+            "qemu-img",
+            &[
+                "info",
+                "--object",
+                &qemu_obj,
+                "--image-opts",
+                &qemu_opts(&t, "luks"),
+            ],
+        );
+    }
+    let e = fails(&[
+        "img",
+        "info",
+        "--object",
+        "secret,id=s6,data=SECRET*DATA,format=base64",
+        &t.name_with(":encrypt.format=luks:encrypt.key-secret=s6"),
+    ]);
+    assert!(
+        e.contains("base64 data that is not valid") && !e.contains("SECRET"),
+        "{e}"
+    );
     let e = fails(&[
         "img",
         "info",

@@ -54,6 +54,60 @@ impl Passphrase {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The passphrase that `text` encodes in base64 (QEMU's `secret` objects with
+    /// `format=base64`): the standard alphabet, `=` padding at the end only, newlines
+    /// ignored (QEMU accepts those characters and no others). The text is consumed and
+    /// zeroed; messages never show it.
+    pub fn from_base64(mut text: Vec<u8>) -> Result<Passphrase, String> {
+        let r = decode_base64(&text);
+        text.fill(0);
+        std::hint::black_box(&text);
+        let bytes = r.map_err(|why| format!("base64 data that is not valid: {why}"))?;
+        Passphrase::new(bytes)
+    }
+}
+
+/// Standard base64 (RFC 4648 section 4) with `\n` ignored; the last group may be padded
+/// with `=` or left short (as glib's decoder, which QEMU uses, accepts).
+fn decode_base64(text: &[u8]) -> Result<Vec<u8>, &'static str> {
+    fn value(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let mut out = Vec::with_capacity(text.len() / 4 * 3 + 3);
+    let (mut acc, mut n, mut pad) = (0u32, 0u32, 0u32);
+    for &c in text {
+        match c {
+            b'\n' => continue,
+            b'=' => pad += 1,
+            _ if pad > 0 => return Err("characters after the '=' padding"),
+            _ => {
+                let v = value(c).ok_or("a character outside the base64 alphabet")?;
+                acc = (acc << 6) | v;
+                n += 1;
+                if n == 4 {
+                    out.extend_from_slice(&acc.to_be_bytes()[1..]);
+                    acc = 0;
+                    n = 0;
+                }
+            }
+        }
+    }
+    // What is left: 0, 2 or 3 characters (1 cannot encode a byte), padded to 4 or not.
+    match (n, pad) {
+        (0, 0) => {}
+        (2, 0 | 2) => out.push((acc >> 4) as u8),
+        (3, 0 | 1) => out.extend_from_slice(&((acc >> 2) as u16).to_be_bytes()),
+        _ => return Err("a length or padding that is not base64's"),
+    }
+    Ok(out)
 }
 
 impl Drop for Passphrase {
@@ -111,6 +165,59 @@ mod tests {
         let p = Passphrase::from_file(key.to_str().unwrap()).unwrap();
         assert_eq!(p.as_bytes(), b"pw\n");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn base64_secrets_decode_as_qemus_and_bad_ones_say_why_without_showing_them() {
+        let ok = |t: &str| Passphrase::from_base64(t.as_bytes().to_vec()).map(|p| p.0.clone());
+        assert_eq!(ok("aHVudGVyMg==").unwrap(), b"hunter2");
+        assert_eq!(
+            ok("aHVudGVyMg").unwrap(),
+            b"hunter2",
+            "padding may be left out"
+        );
+        assert_eq!(
+            ok("aHVu\ndGVy\nMg==\n").unwrap(),
+            b"hunter2",
+            "newlines are ignored"
+        );
+        assert_eq!(ok("aHVudA==").unwrap(), b"hunt");
+        assert_eq!(ok("aHVudGU=").unwrap(), b"hunte");
+        assert_eq!(ok("aHVudGVy").unwrap(), b"hunter");
+        assert_eq!(ok("/+/+").unwrap(), [0xff, 0xef, 0xfe]);
+        for bad in [
+            "aHVu dGVy",
+            "aHVudGVyMg=x",
+            "aHVudGVyM",
+            "a===",
+            "aHVu-A==",
+            "",
+        ] {
+            let e = ok(bad).unwrap_err();
+            assert!(e.contains("base64") || e.contains("empty"), "{bad:?}: {e}");
+            assert!(bad.is_empty() || !e.contains(bad), "{e}");
+        }
+        // Every byte string round-trips through an encoder written the obvious way.
+        let enc = |b: &[u8]| {
+            const A: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let mut s = String::new();
+            for c in b.chunks(3) {
+                let v = c
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |a, (i, &x)| a | u32::from(x) << (16 - 8 * i));
+                for i in 0..=c.len() {
+                    s.push(A[(v >> (18 - 6 * i) & 63) as usize] as char);
+                }
+                s.push_str(&"=="[..3 - c.len()]);
+            }
+            s
+        };
+        for len in 1..40usize {
+            let b: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+            assert_eq!(ok(&enc(&b)).unwrap(), b, "{len}");
+        }
     }
 
     #[test]
