@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         // And a dirty image's refcount rebuild to 1 MiB of counts (half a million clusters of
         // the file): the rebuild and its refusal are both reached, each in milliseconds
         // (the default 256 MiB let one input walk 10^8 clusters).
-        repair_memory_limit: 8 << 20,
+        repair_memory_limit: 1 << 20,
         ..OpenOptions::default()
     };
     let Ok(img) = Image::open_on(xdisk_fuzz::storage(data, true), &opts) else {
