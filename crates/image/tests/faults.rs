@@ -192,10 +192,30 @@ fn qcow2_after_a_failed_flush_writes_no_more_metadata() {
     );
 }
 
-/// Counts drops of its buffers (by test, so that tests running in parallel do not mix).
+/// Counts drops of its buffers (by test, so that tests running in parallel do not mix). A
+/// lent one ([`IoBuf::lendable`]) also counts the drops of memory that held the storage's
+/// late writes (the fault engine's garbage) by then.
 struct CountingBuf {
     inner: AlignedBuf,
     drops: Arc<AtomicUsize>,
+    /// Lendable, and where to count drops after the late writes.
+    lent: Option<Arc<AtomicUsize>>,
+}
+
+impl CountingBuf {
+    fn new(len: usize, drops: &Arc<AtomicUsize>) -> CountingBuf {
+        CountingBuf {
+            inner: AlignedBuf::new(len, 4096),
+            drops: drops.clone(),
+            lent: None,
+        }
+    }
+
+    fn lent(len: usize, drops: &Arc<AtomicUsize>, after: &Arc<AtomicUsize>) -> CountingBuf {
+        let mut b = CountingBuf::new(len, drops);
+        b.lent = Some(after.clone());
+        b
+    }
 }
 
 // SAFETY: delegates to AlignedBuf, whose heap memory does not move with the value.
@@ -206,43 +226,32 @@ unsafe impl IoBuf for CountingBuf {
     fn total_len(&self) -> usize {
         self.inner.total_len()
     }
+    fn lendable(&self) -> bool {
+        self.lent.is_some()
+    }
 }
 
 impl Drop for CountingBuf {
     fn drop(&mut self) {
         self.drops.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// A buffer its owner can lend ([`IoBuf::lendable`]) that records, when freed, whether the
-/// storage's late writes (the fault engine's garbage) had all landed before.
-struct LentBuf {
-    inner: AlignedBuf,
-    /// Frees so far, and of those, frees of memory that held the late writes.
-    drops: Arc<AtomicUsize>,
-    after_release: Arc<AtomicUsize>,
-}
-
-// SAFETY: delegates to AlignedBuf, whose heap memory does not move with the value.
-unsafe impl IoBuf for LentBuf {
-    fn iovecs(&mut self) -> &[libc::iovec] {
-        self.inner.iovecs()
-    }
-    fn total_len(&self) -> usize {
-        self.inner.total_len()
-    }
-    fn lendable(&self) -> bool {
-        true
-    }
-}
-
-impl Drop for LentBuf {
-    fn drop(&mut self) {
-        self.drops.fetch_add(1, Ordering::SeqCst);
-        if self.inner.iter().all(|&b| b == 0xa5) {
-            self.after_release.fetch_add(1, Ordering::SeqCst);
+        if let Some(after) = &self.lent {
+            if self.inner.iter().all(|&b| b == 0xa5) {
+                after.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
+}
+
+/// `p` opened with cache=none, with a fault plan (empty yet) on its file.
+fn open_faulty(p: &Path) -> (Arc<Image>, Arc<FaultPlan>) {
+    let image = open(p, CacheMode::None);
+    let plan = FaultPlan::new();
+    image
+        .storage()
+        .as_file()
+        .expect("image on a host file")
+        .inject_faults(&plan);
+    (image, plan)
 }
 
 /// A request failed at its deadline while the storage still has its (lent) memory is
@@ -253,24 +262,18 @@ fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
     let dir = support::tmpdir("xdisk-faults-");
     let p = raw_image(dir.path());
     for aio in [AioKind::IoUring, AioKind::Native, AioKind::Threads] {
-        let image = open(&p, CacheMode::None);
-        let plan = FaultPlan::new();
-        image
-            .storage()
-            .as_file()
-            .expect("image on a host file")
-            .inject_faults(&plan);
+        let (image, plan) = open_faulty(&p);
         plan.fail_always(FaultOn::ReadWrite, Fault::Late);
-        let drops = Arc::new(AtomicUsize::new(0));
-        let after = Arc::new(AtomicUsize::new(0));
-        let mut q: ImageQueue<LentBuf> = ImageQueue::new(
-            image.clone(),
-            &QueueConfig {
+        let new_queue = || -> ImageQueue<CountingBuf> {
+            let cfg = QueueConfig {
                 aio,
                 ..QueueConfig::default()
-            },
-        )
-        .unwrap();
+            };
+            ImageQueue::new(image.clone(), &cfg).unwrap()
+        };
+        let drops = Arc::new(AtomicUsize::new(0));
+        let after = Arc::new(AtomicUsize::new(0));
+        let mut q = new_queue();
         for (i, kind) in [IoKind::Read, IoKind::Write, IoKind::Read]
             .into_iter()
             .enumerate()
@@ -278,11 +281,7 @@ fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
             q.submit(IoRequest {
                 kind,
                 offset: i as u64 * 65536,
-                buf: Some(LentBuf {
-                    inner: AlignedBuf::new(65536, 4096),
-                    drops: drops.clone(),
-                    after_release: after.clone(),
-                }),
+                buf: Some(CountingBuf::lent(65536, &drops, &after)),
                 user_data: i as u64,
             });
         }
@@ -314,21 +313,11 @@ fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
 
         // Memory that cannot be lent (guest pages) comes back with the error.
         let drops = Arc::new(AtomicUsize::new(0));
-        let mut q: ImageQueue<CountingBuf> = ImageQueue::new(
-            image.clone(),
-            &QueueConfig {
-                aio,
-                ..QueueConfig::default()
-            },
-        )
-        .unwrap();
+        let mut q = new_queue();
         q.submit(IoRequest {
             kind: IoKind::Read,
             offset: 0,
-            buf: Some(CountingBuf {
-                inner: AlignedBuf::new(4096, 4096),
-                drops: drops.clone(),
-            }),
+            buf: Some(CountingBuf::new(4096, &drops)),
             user_data: 7,
         });
         let mut out = Vec::new();
@@ -359,10 +348,7 @@ fn stuck_queue(
         q.submit(IoRequest {
             kind,
             offset: i as u64 * 65536,
-            buf: Some(CountingBuf {
-                inner: AlignedBuf::new(65536, 4096),
-                drops: drops.clone(),
-            }),
+            buf: Some(CountingBuf::new(65536, &drops)),
             user_data: i as u64,
         });
     }
@@ -381,13 +367,7 @@ fn buffers_of_unreaped_operations_are_leaked_not_freed() {
     let dir = support::tmpdir("xdisk-faults-");
     let p = raw_image(dir.path());
     for aio in [AioKind::IoUring, AioKind::Native, AioKind::Threads] {
-        let image = open(&p, CacheMode::None);
-        let plan = FaultPlan::new();
-        image
-            .storage()
-            .as_file()
-            .expect("image on a host file")
-            .inject_faults(&plan);
+        let (image, plan) = open_faulty(&p);
         plan.fail_always(FaultOn::ReadWrite, Fault::Hold);
 
         // Dropped without settling first.
@@ -420,10 +400,7 @@ fn buffers_of_unreaped_operations_are_leaked_not_freed() {
         q.submit(IoRequest {
             kind: IoKind::Read,
             offset: 0,
-            buf: Some(CountingBuf {
-                inner: AlignedBuf::new(4096, 4096),
-                drops: drops.clone(),
-            }),
+            buf: Some(CountingBuf::new(4096, &drops)),
             user_data: 1,
         });
         q.settle().unwrap();
