@@ -348,7 +348,7 @@ fn stuck_queue(
         q.submit(IoRequest {
             kind,
             offset: i as u64 * 65536,
-            buf: Some(CountingBuf::new(65536, &drops)),
+            buf: Some(CountingBuf::new(65536, drops)),
             user_data: i as u64,
         });
     }
