@@ -22,6 +22,10 @@ const FORKED_ENV: &str = "XDISK_NBD_FORKED";
 /// Options of `xdisk nbd`.
 #[derive(Args)]
 pub struct NbdArgs {
+    /// qemu-nbd's `--object secret,id=ID,file=PATH|data=STRING[,format=raw|base64]`: the
+    /// passphrase of an encrypted RBD image named with `:encrypt.key-secret=ID`.
+    #[arg(long = "object", value_name = "secret,id=ID,file=PATH")]
+    objects: Vec<String>,
     /// Image format (raw or qcow2); probed if not given (a probed image never opens its
     /// backing file).
     #[arg(short = 'f', long = "format")]
@@ -227,6 +231,7 @@ pub fn run(a: NbdArgs) -> Result<i32> {
     if a.fork && !forked {
         return fork_to_background();
     }
+    crate::img::register_objects(&a.objects)?;
     let cache: CacheMode = a.cache.parse().map_err(|e| anyhow!("{e}"))?;
     let aio: AioKind = a.aio.parse().map_err(|e| anyhow!("{e}"))?;
     if a.shared == 0 {

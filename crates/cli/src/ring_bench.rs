@@ -51,6 +51,7 @@ use soak::Memory;
 use workload::{lock, resize_thread, Bench};
 
 pub fn run(a: RingBenchArgs) -> Result<i32> {
+    crate::img::register_objects(&a.objects)?;
     if let Some(c) = &a.cpus_allowed {
         set_affinity(&parse_cpus(c)?)?;
     }

@@ -453,9 +453,14 @@ fn xdisk_bench_nbd_and_the_daemon_serve_encrypted_rbd_disks() {
     let t = TestImage::new(conf, "encserve");
     let name = enc_name(&t, "luks", &key);
     xdisk(&["img", "create", "-q", "-f", "raw", &name, "32M"]);
+    // The ring with the passphrase as an --object (qemu-img's spelling), as `xdisk nbd` below.
+    let object = format!("secret,id=k0,file={}", s(&key));
+    let by_secret = t.name_with(":encrypt.format=luks:encrypt.key-secret=k0");
     let out = xdisk(&[
         "bench",
-        &format!("--filename={name}"),
+        "--object",
+        &object,
+        &format!("--filename={by_secret}"),
         "--format=raw",
         "--rw=randrw",
         "--bs=4k",
@@ -485,7 +490,18 @@ fn xdisk_bench_nbd_and_the_daemon_serve_encrypted_rbd_disks() {
     );
     let sock = d.path().join("nbd.sock");
     let mut server = Command::new(XDISK)
-        .args(["nbd", "-f", "raw", "-x", "disk", "-k", s(&sock), &name])
+        .args([
+            "nbd",
+            "--object",
+            &object,
+            "-f",
+            "raw",
+            "-x",
+            "disk",
+            "-k",
+            s(&sock),
+        ])
+        .arg(&by_secret)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -19,6 +19,10 @@ pub struct RingBenchArgs {
     /// The image file.
     #[arg(long)]
     pub filename: PathBuf,
+    /// qemu-img's `--object secret,id=ID,file=PATH|data=STRING[,format=raw|base64]`: the
+    /// passphrase of an encrypted RBD image named with `:encrypt.key-secret=ID`.
+    #[arg(long = "object", value_name = "secret,id=ID,file=PATH")]
+    pub objects: Vec<String>,
     /// Image format: raw or qcow2 (probed if absent).
     #[arg(long)]
     pub format: Option<String>,
