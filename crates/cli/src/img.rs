@@ -345,10 +345,12 @@ fn apply_options(opts: &mut CreateOptions, list: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Registers the secrets of `--object secret,id=ID,file=PATH|data=STRING[,format=raw|base64]`
-/// (qemu-img's spelling; `,,` is a literal comma; with `format=base64` the data or the
-/// file's content is base64, as QEMU decodes it) for names and options that say
-/// `encrypt.key-secret=ID`. Messages never echo a secret's data.
+/// Registers the secrets of `--object secret,id=ID,file=PATH|data=STRING[,format=raw|base64]
+/// [,keyid=ID,iv=BASE64]` (qemu-img's spelling; `,,` is a literal comma; with `format=base64`
+/// the data or the file's content is base64, as QEMU decodes it; with `keyid` it is
+/// encrypted with AES-256-CBC by the 32-byte secret `keyid` given before, as libvirt passes
+/// secrets to QEMU) for names and options that say `encrypt.key-secret=ID`. Messages never
+/// echo a secret's data.
 pub fn register_objects(objects: &[String]) -> Result<()> {
     for o in objects {
         let parts = split_qemu_opts(o);
@@ -359,6 +361,7 @@ pub fn register_objects(objects: &[String]) -> Result<()> {
             bail!("--object {shown}...: only --object secret,id=ID,file=PATH is supported");
         }
         let (mut id, mut data, mut file, mut base64) = (None, None, None, false);
+        let (mut keyid, mut iv) = (None, None);
         for kv in parts {
             let (k, v) = kv
                 .split_once('=')
@@ -367,29 +370,39 @@ pub fn register_objects(objects: &[String]) -> Result<()> {
                 "id" => id = Some(v.to_owned()),
                 "data" => data = Some(v.as_bytes().to_vec()),
                 "file" => file = Some(v.to_owned()),
+                "keyid" => keyid = Some(v.to_owned()),
+                "iv" => iv = Some(v.to_owned()),
                 "format" if v == "raw" => base64 = false,
                 "format" if v == "base64" => base64 = true,
                 "format" => bail!("--object secret: format={v} is not supported (raw or base64)"),
                 _ => bail!(
-                    "--object secret: '{k}' is not supported (id, file, data, format=raw|base64)"
+                    "--object secret: '{k}' is not supported (id, file, data, format=raw|base64, \
+                     keyid, iv)"
                 ),
             }
         }
         let id = id
             .filter(|i| !i.is_empty())
             .ok_or_else(|| anyhow!("--object secret needs id=ID"))?;
-        let pass = match (data, file) {
-            (Some(d), None) if base64 => xdisk_rbd::Passphrase::from_base64(d),
-            (Some(d), None) => xdisk_rbd::Passphrase::new(d),
-            (None, Some(f)) => xdisk_rbd::Passphrase::from_file(&f).and_then(|p| {
-                if base64 {
-                    xdisk_rbd::Passphrase::from_base64(p.as_bytes().to_vec())
-                        .map_err(|e| format!("the file {f} holds {e}"))
-                } else {
-                    Ok(p)
-                }
-            }),
+        let input = match (data, file) {
+            (Some(d), None) => d,
+            (None, Some(f)) => xdisk_rbd::Passphrase::from_file(&f)
+                .map_err(|e| anyhow!("--object secret,id={id}: {e}"))?
+                .as_bytes()
+                .to_vec(),
             _ => bail!("--object secret,id={id}: give file=PATH or data=STRING (one of them)"),
+        };
+        let pass = match (keyid, iv) {
+            (Some(k), Some(iv)) => {
+                let master = xdisk_rbd::registered_secret(&k).ok_or_else(|| {
+                    anyhow!("--object secret,id={id}: no secret '{k}' given before it (keyid)")
+                })?;
+                xdisk_rbd::Passphrase::decrypt(&master, &iv, input, base64)
+            }
+            (Some(_), None) => bail!("--object secret,id={id}: keyid needs iv=BASE64 too"),
+            (None, Some(_)) => bail!("--object secret,id={id}: iv without keyid"),
+            (None, None) if base64 => xdisk_rbd::Passphrase::from_base64(input),
+            (None, None) => xdisk_rbd::Passphrase::new(input),
         }
         .map_err(|e| anyhow!("--object secret,id={id}: {e}"))?;
         xdisk_rbd::register_secret(&id, pass);

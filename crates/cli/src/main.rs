@@ -57,7 +57,8 @@ enum Command {
     )]
     Img {
         /// qemu-img's `--object secret,id=ID,file=PATH` (or `data=STRING`, which other
-        /// users of the host can read in /proc; `,format=base64` for base64 content): the
+        /// users of the host can read in /proc; `,format=base64` for base64 content;
+        /// `,keyid=MASTER,iv=BASE64` for content encrypted by a 32-byte secret): the
         /// passphrase of librbd's encryption for `-o encrypt.key-secret=ID` (create,
         /// convert) and `rbd:...:encrypt.key-secret=ID`.
         #[arg(long = "object", global = true, value_name = "secret,id=ID,file=PATH")]

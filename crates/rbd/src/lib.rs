@@ -45,7 +45,7 @@ pub use engine::RbdEngine;
 pub use name::{
     is_rbd_name, CipherAlg, Encryption, KeySource, LuksFormat, NameError, RbdName, DEFAULT_DEADLINE,
 };
-pub use secret::{register_secret, Passphrase};
+pub use secret::{register_secret, secret as registered_secret, Passphrase};
 pub use storage::{RbdStorage, DEFAULT_TIMEOUTS};
 
 /// Errors of opening or creating an RBD image.

@@ -68,6 +68,67 @@ impl Passphrase {
     }
 }
 
+impl Passphrase {
+    /// The passphrase that `input` holds encrypted (QEMU's `secret` objects with
+    /// `keyid=MASTER,iv=IV`, as libvirt passes them): AES-256-CBC with `master`'s 32 bytes
+    /// as the key and the 16 bytes that `iv_base64` encodes as the IV, over `input` (itself
+    /// base64 with `base64`, else the ciphertext as is); the padding is taken off as QEMU
+    /// does (the last byte counts it, at most 16). Messages never show the data.
+    pub fn decrypt(
+        master: &Passphrase,
+        iv_base64: &str,
+        mut input: Vec<u8>,
+        base64: bool,
+    ) -> Result<Passphrase, String> {
+        use aes::cipher::{block_padding::NoPadding, BlockDecryptMut, KeyIvInit};
+        let key: &[u8; 32] = master.0.as_slice().try_into().map_err(|_| {
+            format!(
+                "a master key of {} bytes (AES-256 needs 32)",
+                master.0.len()
+            )
+        })?;
+        let iv = decode_base64(iv_base64.as_bytes())
+            .map_err(|why| format!("an iv that is not valid base64: {why}"))?;
+        let iv: [u8; 16] = iv
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("an iv of {} bytes (it must be 16)", iv.len()))?;
+        let mut data = if base64 {
+            let d = decode_base64(&input);
+            input.fill(0);
+            d.map_err(|why| format!("base64 data that is not valid: {why}"))?
+        } else {
+            std::mem::take(&mut input)
+        };
+        let r = cbc::Decryptor::<aes::Aes256>::new(key.into(), &iv.into())
+            .decrypt_padded_mut::<NoPadding>(&mut data)
+            .map(<[u8]>::len)
+            .map_err(|_| {
+                format!(
+                    "encrypted data of {} bytes (AES-CBC needs a multiple of 16)",
+                    data.len()
+                )
+            });
+        let plain = match r {
+            Ok(n) if n > 0 => {
+                let pad = usize::from(data[n - 1]);
+                if pad > 16 || pad > n {
+                    Err(format!(
+                        "{pad} padding bytes after decryption (a wrong key or iv?)"
+                    ))
+                } else {
+                    Ok(data[..n - pad].to_vec())
+                }
+            }
+            Ok(_) => Err("no encrypted data".to_owned()),
+            Err(e) => Err(e),
+        };
+        data.fill(0);
+        std::hint::black_box(&data);
+        Passphrase::new(plain?)
+    }
+}
+
 /// Standard base64 (RFC 4648 section 4) with `\n` ignored; the last group may be padded
 /// with `=` or left short (as glib's decoder, which QEMU uses, accepts).
 fn decode_base64(text: &[u8]) -> Result<Vec<u8>, &'static str> {
@@ -217,6 +278,30 @@ mod tests {
         for len in 1..40usize {
             let b: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
             assert_eq!(ok(&enc(&b)).unwrap(), b, "{len}");
+        }
+    }
+
+    /// Vectors made with `openssl enc -aes-256-cbc -K <hex key> -iv <hex iv> -base64`.
+    #[test]
+    fn secrets_encrypted_with_a_master_key_decrypt_as_qemus() {
+        let master = Passphrase::new(vec![0x42; 32]).unwrap();
+        let iv = "AAECAwQFBgcICQoLDA0ODw==";
+        // echo -n hunter2 | openssl enc -aes-256-cbc -K 4242..42 -iv 000102..0f -base64
+        const VECTOR_HUNTER2: &str = "vLILpoMIzE6EH6rTD4UYfQ==";
+        let dec = |ct: &str, b64: bool| {
+            Passphrase::decrypt(&master, iv, ct.as_bytes().to_vec(), b64).map(|p| p.0.clone())
+        };
+        assert_eq!(dec(VECTOR_HUNTER2, true).unwrap(), b"hunter2");
+        let e = dec(VECTOR_HUNTER2, false).unwrap_err();
+        assert!(e.contains("multiple of 16"), "{e}");
+        let short = Passphrase::new(vec![1; 16]).unwrap();
+        let e = Passphrase::decrypt(&short, iv, b"x".to_vec(), false).unwrap_err();
+        assert!(e.contains("32"), "{e}");
+        let e = Passphrase::decrypt(&master, "AAEC", b"x".to_vec(), false).unwrap_err();
+        assert!(e.contains("iv of 3 bytes"), "{e}");
+        let other = Passphrase::new(vec![0x43; 32]).unwrap();
+        if let Err(e) = Passphrase::decrypt(&other, iv, VECTOR_HUNTER2.as_bytes().to_vec(), true) {
+            assert!(e.contains("padding") && !e.contains("hunter2"), "{e}");
         }
     }
 
