@@ -208,7 +208,8 @@ struct Checker<'a> {
     l2_tables: BTreeMap<u64, u64>,
     /// L2 table offset -> references from the active L1 table.
     active_l2: HashMap<u64, u64>,
-    active_l1: Vec<u64>,
+    /// The active L1 table's entries that are not zero: (index, raw entry).
+    active_l1: Vec<(usize, u64)>,
     /// Cached refcount block (reftable index, contents).
     block_cache: Option<(u64, Vec<u8>)>,
     suppressed: u64,

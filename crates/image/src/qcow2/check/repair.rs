@@ -207,7 +207,7 @@ impl Checker<'_> {
             CopiedRepair::ClearOnly => rc != 1,
             CopiedRepair::Yes => true,
         };
-        for (i, &raw) in l1.iter().enumerate() {
+        for &(i, raw) in &l1 {
             let Some(l2) = self.l1_target(raw) else {
                 continue;
             };

@@ -35,14 +35,10 @@ impl Checker<'_> {
         // The active L1 table (the header parser checked that it lies inside the file).
         let l1_off = self.h.l1_table_offset;
         let l1_len = u64::from(self.h.l1_size) * 8;
-        let mut l1 = vec![0u8; l1_len as usize];
-        if !self.read(&mut l1, l1_off, "the L1 table") {
+        let Some(active) = self.read_l1(l1_off, l1_len) else {
             return;
-        }
-        self.active_l1 = (0..self.h.l1_size as usize)
-            .map(|i| be64_at(&l1, i))
-            .collect();
-        drop(l1);
+        };
+        self.active_l1 = active;
         let mut tables = vec![(l1_off, l1_len)];
         tables.extend(
             snapshots
@@ -77,7 +73,7 @@ impl Checker<'_> {
             return;
         }
         let active = std::mem::take(&mut self.active_l1);
-        for &raw in &active {
+        for &(_, raw) in &active {
             if let Some(l2) = self.l1_target(raw) {
                 *self.active_l2.entry(l2).or_insert(0) += 1;
             }
@@ -106,6 +102,40 @@ impl Checker<'_> {
             }
         }
         self.exclusive = exclusive;
+    }
+
+    /// The entries of the L1 table of `len` bytes at `off` that are not zero, as (index, raw
+    /// entry): read 1 MiB at a time, holes of a sparse file skipped (they read as zeroes), so
+    /// that a table of QEMU's largest size (32 MiB) costs memory for its entries in use only.
+    /// `None` (the error recorded) if it cannot be read.
+    fn read_l1(&mut self, off: u64, len: u64) -> Option<Vec<(usize, u64)>> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        let end = off.saturating_add(len);
+        let mut pos = off;
+        while pos < end {
+            if let Allocation::Hole { len } = self.file.allocation(pos, end - pos) {
+                // To the entry that holds the hole's end (it may hold data past it).
+                let d = pos.saturating_add(len).min(end);
+                pos = (off + (d - off) / 8 * 8).max(pos);
+                if pos >= end {
+                    break;
+                }
+            }
+            let n = (end - pos).min(1 << 20);
+            buf.resize(n as usize, 0);
+            if !self.read(&mut buf, pos, "the L1 table") {
+                return None;
+            }
+            let first = ((pos - off) / 8) as usize;
+            out.extend(
+                (0..(n / 8) as usize)
+                    .map(|i| (first + i, be64_at(&buf, i)))
+                    .filter(|&(_, raw)| raw != 0),
+            );
+            pos += n;
+        }
+        Some(out)
     }
 
     /// Reads the snapshot table ("Snapshots") and counts its clusters.
