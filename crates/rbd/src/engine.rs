@@ -10,8 +10,8 @@
 //! operations, the object-map update, the write, a lock re-acquisition, waits out its own
 //! `rados_osd_op_timeout`; with timeouts of 0, forever), so past its deadline the request
 //! completes here with ETIMEDOUT, on time, while librbd keeps what it may still touch. Memory
-//! the caller can lend ([`IoBuf::lendable`]: xdisk's own buffers, as in `img convert`,
-//! `img bench` and NBD exports) goes to librbd as it is (no copy); past the deadline the
+//! the caller can lend ([`IoBuf::lendable`]: xdisk's own buffers, as the image queues of
+//! `img bench` and NBD exports use) goes to librbd as it is (no copy); past the deadline the
 //! completion says [`Phase::TimedOut`] and the caller keeps the memory until a second
 //! completion says [`Phase::Released`] (librbd's late completion). Memory that cannot be
 //! lent (a guest's granted pages, which the guest reuses once answered) goes through a
@@ -155,7 +155,7 @@ impl RbdEngine {
             user_data: op.user_data,
             result,
             buf: op.buf,
-            phase: xdisk_io::Phase::Done,
+            phase: Phase::Done,
         });
         self.done.notify.signal();
     }
@@ -456,7 +456,7 @@ impl RbdEngine {
                 user_data: f.user_data,
                 result,
                 buf,
-                phase: xdisk_io::Phase::Done,
+                phase: Phase::Done,
             });
             got += 1;
         }
