@@ -505,7 +505,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     user_data: op.user_data,
                     result: Err(e),
                     buf: op.buf,
-                    phase: xdisk_io::Phase::Done,
+                    phase: Phase::Done,
                 });
             }
         }
@@ -522,7 +522,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     user_data: op.user_data,
                     result: Err(e),
                     buf: op.buf,
-                    phase: xdisk_io::Phase::Done,
+                    phase: Phase::Done,
                 });
             }
         }
@@ -830,7 +830,7 @@ impl<B: IoBuf> ImageQueue<B> {
                     user_data: op.user_data,
                     result: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
                     buf: op.buf,
-                    phase: xdisk_io::Phase::Done,
+                    phase: Phase::Done,
                 });
             }
             let mut comps = std::mem::take(&mut self.completions);
