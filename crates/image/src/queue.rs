@@ -124,8 +124,6 @@ struct Slot<B: IoBuf> {
     /// Operations failed at their deadline whose memory the storage still has
     /// ([`Phase::TimedOut`], not yet [`Phase::Released`]).
     lent: u32,
-    /// The request was answered (without its buffer, which stays here while `lent > 0`).
-    answered: bool,
     error: Option<Error>,
     _guard: Option<InFlight>,
     kind: IoKind,
@@ -432,7 +430,6 @@ impl<B: IoBuf> ImageQueue<B> {
             error: None,
             _guard: Some(guard),
             lent: 0,
-            answered: false,
             kind: req.kind,
             starts,
         });
@@ -468,7 +465,6 @@ impl<B: IoBuf> ImageQueue<B> {
             error: None,
             _guard: None,
             lent: 0,
-            answered: false,
             kind: req.kind,
             starts: Vec::new(),
         });
@@ -547,7 +543,8 @@ impl<B: IoBuf> ImageQueue<B> {
             Phase::TimedOut => slot.lent += 1,
             Phase::Released => {
                 slot.lent = slot.lent.saturating_sub(1);
-                if slot.lent == 0 && slot.answered {
+                // No operation pending: the request was answered, without its buffer.
+                if slot.lent == 0 && slot.pending == 0 {
                     // The storage is done with the last of the buffer: free it now.
                     self.slots.remove(slot_idx);
                     self.lent_slots -= 1;
@@ -609,7 +606,6 @@ impl<B: IoBuf> ImageQueue<B> {
         if slot.pending == 0 && slot.lent > 0 {
             // Answer on time; the buffer stays in the slot until the storage lets go of it
             // (the caller gets no buffer back for this request).
-            slot.answered = true;
             let user_data = slot.user_data;
             let result = match slot.error.take() {
                 Some(e) => Err(e),

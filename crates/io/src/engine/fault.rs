@@ -294,6 +294,19 @@ fn scribble<B: IoBuf>(buf: &mut B, from: usize, to: usize) {
     }
 }
 
+/// The late release of a [`Fault::Late`] operation's lent buffer, the storage having written
+/// into it meanwhile (garbage).
+fn released<B: IoBuf>(user_data: u64, mut b: B, result: io::Result<usize>) -> Completion<B> {
+    let n = b.total_len();
+    scribble(&mut b, 0, n);
+    Completion {
+        user_data,
+        result,
+        buf: Some(b),
+        phase: Phase::Released,
+    }
+}
+
 fn stuck() -> io::Error {
     io::Error::other("fault injection: completions are held back (the engine cannot reap)")
 }
@@ -370,16 +383,8 @@ impl<B: IoBuf> FaultyEngine<B> {
         let mut got = 0;
         let mut comps = std::mem::take(&mut self.scratch);
         for mut c in comps.drain(..) {
-            if let Some((user_data, mut b, result)) = self.lent.remove(&c.user_data) {
-                // The storage lets go late, having written into the memory meanwhile.
-                let n = b.total_len();
-                scribble(&mut b, 0, n);
-                out.push(Completion {
-                    user_data,
-                    result,
-                    buf: Some(b),
-                    phase: Phase::Released,
-                });
+            if let Some((user_data, b, result)) = self.lent.remove(&c.user_data) {
+                out.push(released(user_data, b, result));
                 got += 1;
                 continue;
             }
@@ -421,16 +426,8 @@ impl<B: IoBuf> FaultyEngine<B> {
                             self.lent.insert(key, (c.user_data, b, result));
                         } else {
                             // No room for the no-op: let go at once, after the timeout.
-                            let mut b = b;
-                            let n = b.total_len();
-                            scribble(&mut b, 0, n);
                             out.push(c);
-                            out.push(Completion {
-                                user_data: p.user_data,
-                                result,
-                                buf: Some(b),
-                                phase: Phase::Released,
-                            });
+                            out.push(released(p.user_data, b, result));
                             got += 2;
                             continue;
                         }
