@@ -212,6 +212,20 @@ impl PersistentCache {
         }
     }
 
+    /// Drops the cached mapping of `gref` if its page was detached (a request failed at its
+    /// deadline took it out while the storage still had it): the frontend still counts on the
+    /// grant being mapped, so its next use maps it again.
+    fn forget_detached(&mut self, gref: GrantRef) {
+        if self
+            .entries
+            .get(&gref)
+            .is_some_and(|e| e.region.is_detached(0, PAGE_SIZE))
+        {
+            self.entries.remove(&gref);
+            sub(&self.counters.persistent_grants, 1);
+        }
+    }
+
     /// The mapping of `gref`: cached, or mapped now (writable, as Linux blkback maps persistent
     /// grants) and cached if there is room. A grant the frontend only gave read-only is mapped
     /// read-only for this request alone when `need_write` is false.
@@ -223,6 +237,7 @@ impl PersistentCache {
         need_write: bool,
     ) -> Result<Arc<dyn MappedRegion>, PlatformError> {
         self.tick += 1;
+        self.forget_detached(gref);
         if let Some(e) = self.entries.get_mut(&gref) {
             e.tick = self.tick;
             if !std::mem::take(&mut e.fresh) {
@@ -260,6 +275,9 @@ impl PersistentCache {
     /// grant, a batch that failed: a read-only or bad grant among them, no room) is left to
     /// [`PersistentCache::get`], one by one, with its fallbacks and errors.
     fn map_missing(&mut self, gnt: &dyn GrantMapper, domid: DomId, segs: &[Segment]) {
+        for s in segs {
+            self.forget_detached(s.gref);
+        }
         let mut missing = std::mem::take(&mut self.missing);
         missing.clear();
         missing.extend(

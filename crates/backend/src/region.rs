@@ -1,11 +1,11 @@
 //! Grant mappings the backend holds, counted.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use xdisk_blkif::mem::{check_bounds, MemError, SharedMem};
 use xdisk_blkif::wire::PAGE_SIZE;
-use xdisk_xen::platform::{DomId, GrantMapper, GrantRef, MappedRegion, PlatformError};
+use xdisk_xen::platform::{page_span, DomId, GrantMapper, GrantRef, MappedRegion, PlatformError};
 
 use crate::stats::{add, sub, Counters};
 
@@ -16,18 +16,18 @@ pub(crate) struct Counted {
     // first let a reader see 0 mappings while a (slow) unmap was still under way, and a
     // frontend that trusted it found its grants still in use.
     inner: Arc<dyn MappedRegion>,
-    _count: PagesCounted,
+    count: PagesCounted,
 }
 
-/// The pages of one mapping in `Counters::mappings`, given back on drop.
+/// The pages of one mapping in `Counters::mappings`, given back when detached and on drop.
 struct PagesCounted {
     counters: Arc<Counters>,
-    pages: u64,
+    pages: AtomicU64,
 }
 
 impl Drop for PagesCounted {
     fn drop(&mut self) {
-        sub(&self.counters.mappings, self.pages);
+        sub(&self.counters.mappings, *self.pages.get_mut());
     }
 }
 
@@ -55,6 +55,26 @@ impl MappedRegion for Counted {
     }
     fn io_base(&self) -> *mut u8 {
         self.inner.io_base()
+    }
+    fn can_detach(&self, offset: usize, len: usize) -> bool {
+        self.inner.can_detach(offset, len)
+    }
+    /// Detaches, and gives the pages detached now back to the `mappings` counter (they hold
+    /// no grant any more).
+    fn detach(&self, offset: usize, len: usize) -> Result<(), PlatformError> {
+        let (first, end) = page_span(offset, len, self.size())?;
+        let mapped = |p: usize| !self.inner.is_detached(p * PAGE_SIZE, PAGE_SIZE);
+        let before: Vec<usize> = (first..end).filter(|&p| mapped(p)).collect();
+        let r = self.inner.detach(offset, len);
+        let gone = before.into_iter().filter(|&p| !mapped(p)).count() as u64;
+        if gone > 0 {
+            self.count.pages.fetch_sub(gone, Ordering::Relaxed);
+            sub(&self.count.counters.mappings, gone);
+        }
+        r
+    }
+    fn is_detached(&self, offset: usize, len: usize) -> bool {
+        self.inner.is_detached(offset, len)
     }
 }
 
@@ -86,9 +106,9 @@ pub(crate) fn map_counted(
     add(&counters.mappings, pages);
     Ok(Arc::new(Counted {
         inner,
-        _count: PagesCounted {
+        count: PagesCounted {
             counters: counters.clone(),
-            pages,
+            pages: AtomicU64::new(pages),
         },
     }))
 }
@@ -142,6 +162,17 @@ impl MappedRegion for PageOf {
     fn io_base(&self) -> *mut u8 {
         // In bounds of the region (checked by `new`); only handed to the kernel.
         self.region.io_base().wrapping_add(self.base)
+    }
+    fn can_detach(&self, offset: usize, len: usize) -> bool {
+        check_bounds(offset, len, PAGE_SIZE).is_ok() && self.region.can_detach(self.base, PAGE_SIZE)
+    }
+    /// Detaches this page of the mapping (the others stay).
+    fn detach(&self, offset: usize, len: usize) -> Result<(), PlatformError> {
+        check_bounds(offset, len, PAGE_SIZE)?;
+        self.region.detach(self.base, PAGE_SIZE)
+    }
+    fn is_detached(&self, _offset: usize, _len: usize) -> bool {
+        self.region.is_detached(self.base, PAGE_SIZE)
     }
 }
 

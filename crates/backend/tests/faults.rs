@@ -155,6 +155,104 @@ fn stuck_io_fails_the_device_and_keeps_guest_pages_mapped() {
     p.device.shutdown().expect("shutdown");
 }
 
+/// Whether any page of the guest holds 512 bytes of the fault engine's late scribble (0xa5).
+fn guest_has_scribble(dom: &xdisk_xensim::SimDomain) -> Option<usize> {
+    let mut page = vec![0u8; 4096];
+    (0..dom.pages()).find(|&i| {
+        dom.page(i)
+            .expect("guest page")
+            .copy_from(0, &mut page)
+            .expect("read the page");
+        page.chunks(512).any(|c| c.iter().all(|&b| b == 0xa5))
+    })
+}
+
+/// A request the storage failed at its deadline but still holds (librbd past xdisk's
+/// deadline; here `Fault::Late`: the storage writes into the memory afterwards): the guest's
+/// pages leave the backend before the guest is answered (its grants end cleanly, nothing is
+/// leaked), the late writes land in the backend's private memory, never in the guest, and
+/// persistent grants taken out that way are mapped again at their next use.
+#[test]
+fn pages_of_a_request_failed_at_its_deadline_leave_the_backend_before_the_answer() {
+    let host = host();
+    let mut domid = 1;
+    for persistent in [false, true] {
+        for disk in [raw_disk(4 * MIB), qcow2_disk(4 * MIB)] {
+            let image = open_with(&disk, CacheMode::None);
+            let plan = FaultPlan::new();
+            image
+                .storage()
+                .as_file()
+                .expect("image on a host file")
+                .inject_faults(&plan);
+            let fe = FrontConfig {
+                persistent,
+                ..FrontConfig::default()
+            };
+            let mut p = pair(&host, domid, 768, image, |_| {}, fe);
+            domid += 1;
+            let what = format!("{} persistent={persistent}", disk.format);
+            assert_eq!(
+                p.front.run(0, write(0, 1, 64)).unwrap().status,
+                Status::Okay
+            );
+            assert_eq!(p.front.run(0, Op::Flush).unwrap().status, Status::Okay);
+            let mut injected = 0;
+            for (name, op) in [
+                (
+                    "read",
+                    Op::Read {
+                        sector: 0,
+                        sectors: 64,
+                    },
+                ),
+                ("write", write(0, 1, 64)),
+                (
+                    "read",
+                    Op::Read {
+                        sector: 8,
+                        sectors: 8,
+                    },
+                ),
+            ] {
+                let misses = p.device.stats().pgrant_misses;
+                plan.fail_next(FaultOn::ReadWrite, Fault::Late);
+                let c = p.front.run(0, op).unwrap();
+                injected += 1;
+                assert_eq!(plan.injected(), injected, "{what} {name}");
+                assert_eq!(c.status, Status::Error, "{what}: the late {name}");
+                assert_eq!(
+                    p.front.leaked_grants(),
+                    0,
+                    "{what}: a grant of the late {name} was still mapped when answered"
+                );
+                // The storage's late writes come soon after (the fault engine's release).
+                std::thread::sleep(Duration::from_millis(100));
+                assert_eq!(
+                    guest_has_scribble(&p.dom),
+                    None,
+                    "{what}: the late {name} wrote into a guest page"
+                );
+                let r = p.front.read(0, 64).expect("reads work");
+                assert!(r.iter().all(|&b| b == 1), "{what}: read after the {name}");
+                if persistent {
+                    assert!(
+                        p.device.stats().pgrant_misses > misses,
+                        "{what}: the detached persistent grants are mapped again"
+                    );
+                }
+            }
+            assert_eq!(p.front.leaked_grants(), 0, "{what}");
+            p.front.disconnect().expect("disconnect");
+            wait_until("nothing left mapped", Duration::from_secs(10), || {
+                p.device.stats().mappings == 0
+            });
+            p.device.shutdown().expect("shutdown");
+            check_clean(&disk);
+        }
+    }
+}
+
 /// Hash of one 512-byte sector.
 fn sector_hash(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {

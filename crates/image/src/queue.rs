@@ -124,6 +124,9 @@ struct Slot<B: IoBuf> {
     /// Operations failed at their deadline whose memory the storage still has
     /// ([`Phase::TimedOut`], not yet [`Phase::Released`]).
     lent: u32,
+    /// The answer waits for the last [`Phase::Released`]: memory of the request that is not
+    /// ours to keep could not be detached ([`IoBuf::detach_foreign`]).
+    held: bool,
     error: Option<Error>,
     _guard: Option<InFlight>,
     kind: IoKind,
@@ -430,6 +433,7 @@ impl<B: IoBuf> ImageQueue<B> {
             error: None,
             _guard: Some(guard),
             lent: 0,
+            held: false,
             kind: req.kind,
             starts,
         });
@@ -465,6 +469,7 @@ impl<B: IoBuf> ImageQueue<B> {
             error: None,
             _guard: None,
             lent: 0,
+            held: false,
             kind: req.kind,
             starts: Vec::new(),
         });
@@ -543,11 +548,20 @@ impl<B: IoBuf> ImageQueue<B> {
             Phase::TimedOut => slot.lent += 1,
             Phase::Released => {
                 slot.lent = slot.lent.saturating_sub(1);
-                // No operation pending: the request was answered, without its buffer.
                 if slot.lent == 0 && slot.pending == 0 {
-                    // The storage is done with the last of the buffer: free it now.
-                    self.slots.remove(slot_idx);
-                    self.lent_slots -= 1;
+                    if slot.held {
+                        // Answered only now, with its buffer.
+                        let Some(slot) = self.slots.remove(slot_idx) else {
+                            return;
+                        };
+                        let result = slot.error.map_or(Ok(()), Err);
+                        self.finish(slot.user_data, result, slot.buf);
+                    } else {
+                        // Answered before, without its buffer: the storage is done with the
+                        // last of it, free it now.
+                        self.slots.remove(slot_idx);
+                        self.lent_slots -= 1;
+                    }
                 }
                 return;
             }
@@ -604,6 +618,17 @@ impl<B: IoBuf> ImageQueue<B> {
         }
         slot.pending -= 1;
         if slot.pending == 0 && slot.lent > 0 {
+            // A guest's pages leave the buffer before the guest is answered (it may reuse
+            // them then); if they cannot, the answer waits for the storage.
+            if let Some(Err(e)) = slot.buf.as_mut().map(|b| b.detach_foreign()) {
+                tracing::error!(
+                    error = %e,
+                    "the memory of a request failed at its deadline cannot be detached: \
+                     it is answered when the storage lets go of it"
+                );
+                slot.held = true;
+                return;
+            }
             // Answer on time; the buffer stays in the slot until the storage lets go of it
             // (the caller gets no buffer back for this request).
             let user_data = slot.user_data;

@@ -198,8 +198,12 @@ fn qcow2_after_a_failed_flush_writes_no_more_metadata() {
 struct CountingBuf {
     inner: AlignedBuf,
     drops: Arc<AtomicUsize>,
-    /// Lendable, and where to count drops after the late writes.
+    /// Lendable, and where to count drops after the late writes (into a read's memory).
     lent: Option<Arc<AtomicUsize>>,
+    /// Calls of `detach_foreign`, and whether they fail (memory that could not be taken
+    /// out of the buffer, as a grant mapping whose detach failed).
+    detaches: Arc<AtomicUsize>,
+    detach_fails: bool,
 }
 
 impl CountingBuf {
@@ -208,6 +212,8 @@ impl CountingBuf {
             inner: AlignedBuf::new(len, 4096),
             drops: drops.clone(),
             lent: None,
+            detaches: Arc::new(AtomicUsize::new(0)),
+            detach_fails: false,
         }
     }
 
@@ -228,6 +234,13 @@ unsafe impl IoBuf for CountingBuf {
     }
     fn lendable(&self) -> bool {
         self.lent.is_some()
+    }
+    fn detach_foreign(&mut self) -> std::io::Result<()> {
+        self.detaches.fetch_add(1, Ordering::SeqCst);
+        if self.detach_fails {
+            return Err(std::io::Error::other("cannot detach (test)"));
+        }
+        Ok(())
     }
 }
 
@@ -273,15 +286,18 @@ fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
         };
         let drops = Arc::new(AtomicUsize::new(0));
         let after = Arc::new(AtomicUsize::new(0));
+        let detaches = Arc::new(AtomicUsize::new(0));
         let mut q = new_queue();
         for (i, kind) in [IoKind::Read, IoKind::Write, IoKind::Read]
             .into_iter()
             .enumerate()
         {
+            let mut buf = CountingBuf::lent(65536, &drops, &after);
+            buf.detaches = detaches.clone();
             q.submit(IoRequest {
                 kind,
                 offset: i as u64 * 65536,
-                buf: Some(CountingBuf::lent(65536, &drops, &after)),
+                buf: Some(buf),
                 user_data: i as u64,
             });
         }
@@ -294,6 +310,11 @@ fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
             assert!(e.to_string().contains("timed out"), "{aio:?}: {e}");
             assert!(d.buf.is_none(), "{aio:?}: a lent buffer is not handed back");
         }
+        assert_eq!(
+            detaches.load(Ordering::SeqCst),
+            3,
+            "{aio:?}: foreign memory leaves each buffer before its answer"
+        );
         assert_eq!(q.in_flight(), 0, "{aio:?}: every request is answered");
         // The storage lets go later; reaping picks that up and frees the buffers then.
         let t0 = Instant::now();
@@ -305,9 +326,11 @@ fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
         // Dropping the queue settles what is left (the last release) before freeing.
         drop(q);
         assert_eq!(drops.load(Ordering::SeqCst), 3, "{aio:?}");
+        // The late storage writes into the reads' memory (a write's it only reads, so only
+        // the two reads are marked: the write's slot is the same code path).
         assert_eq!(
             after.load(Ordering::SeqCst),
-            3,
+            2,
             "{aio:?}: a buffer was freed before the storage let go of it"
         );
 
@@ -325,6 +348,47 @@ fn lent_buffers_are_freed_only_after_the_storage_lets_go() {
         assert!(out[0].result.is_err() && out[0].buf.is_some(), "{aio:?}");
         plan.clear();
     }
+}
+
+/// A lent buffer whose foreign memory cannot be taken out (`detach_foreign` fails: a guest's
+/// pages that would stay in the storage's hands) is not answered at its deadline: the answer
+/// waits for the storage to let go, and comes with the buffer.
+#[test]
+fn a_lent_buffer_that_cannot_be_detached_is_answered_only_when_the_storage_lets_go() {
+    let dir = support::tmpdir("xdisk-faults-");
+    let p = raw_image(dir.path());
+    let (image, plan) = open_faulty(&p);
+    plan.fail_always(FaultOn::ReadWrite, Fault::Late);
+    let mut q: ImageQueue<CountingBuf> = ImageQueue::new(image, &QueueConfig::default()).unwrap();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let after = Arc::new(AtomicUsize::new(0));
+    let mut buf = CountingBuf::lent(65536, &drops, &after);
+    buf.detach_fails = true;
+    let detaches = buf.detaches.clone();
+    q.submit(IoRequest {
+        kind: IoKind::Read,
+        offset: 0,
+        buf: Some(buf),
+        user_data: 1,
+    });
+    let mut out = Vec::new();
+    while out.is_empty() {
+        q.reap(&mut out, 1, Some(Duration::from_secs(10))).unwrap();
+    }
+    assert_eq!(detaches.load(Ordering::SeqCst), 1);
+    let d = out.pop().unwrap();
+    let e = d.result.unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+    let b = d
+        .buf
+        .expect("answered with its buffer, once the storage let go");
+    assert!(
+        b.inner.iter().all(|&x| x == 0xa5),
+        "answered before the storage's late write"
+    );
+    assert_eq!(q.in_flight(), 0);
+    drop(b);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
 }
 
 /// Submits one read and one write whose completions the engine never hands back (as when the

@@ -22,11 +22,22 @@ pub unsafe trait IoBuf: Send + 'static {
     /// operation's completion when an engine reports [`crate::Phase::TimedOut`] (the
     /// storage failed the operation at its deadline but may still read or write the
     /// memory), until the [`crate::Phase::Released`] completion that follows. Memory of this
-    /// process's own qualifies ([`AlignedBuf`]); a guest's granted pages do not (the guest
-    /// reuses them once answered), so engines with deadlines copy through buffers of their
-    /// own for those. Default: no.
+    /// process's own qualifies ([`AlignedBuf`]). A guest's granted pages qualify only where
+    /// they can be taken out of the buffer before the guest is answered
+    /// ([`IoBuf::detach_foreign`]): the guest reuses them once answered. Engines with
+    /// deadlines copy through buffers of their own for memory that does not. Default: no.
     fn lendable(&self) -> bool {
         false
+    }
+
+    /// Called by the owner of a lent buffer (one whose storage reported
+    /// [`crate::Phase::TimedOut`] and still has its memory) before it answers for it: memory
+    /// that is not the owner's to keep (a guest's granted pages) leaves the buffer at once,
+    /// private memory taking its place at the same addresses, so the storage's late reads
+    /// and writes reach only that. If this fails, the owner must not answer before the
+    /// [`crate::Phase::Released`] completion. Own memory: nothing to do (the default).
+    fn detach_foreign(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 
     /// Copies `src` into the buffer's memory starting `at` bytes in (across iovecs).

@@ -11,12 +11,12 @@
 //! `rados_osd_op_timeout`; with timeouts of 0, forever), so past its deadline the request
 //! completes here with ETIMEDOUT, on time, while librbd keeps what it may still touch. Memory
 //! the caller can lend ([`IoBuf::lendable`]: xdisk's own buffers, as the image queues of
-//! `img bench` and NBD exports use) goes to librbd as it is (no copy); past the deadline the
-//! completion says [`Phase::TimedOut`] and the caller keeps the memory until a second
-//! completion says [`Phase::Released`] (librbd's late completion). Memory that cannot be
-//! lent (a guest's granted pages, which the guest reuses once answered) goes through a
-//! bounce buffer of the engine's (copied in for writes, out for reads, on the reactor),
-//! which librbd's late completion frees. The process-wide deadline thread (`deadline`)
+//! `img bench` and NBD exports use, and a guest's granted pages where they can be detached
+//! before the guest is answered, [`IoBuf::detach_foreign`]) goes to librbd as it is (no
+//! copy); past the deadline the completion says [`Phase::TimedOut`] and the caller keeps the
+//! memory until a second completion says [`Phase::Released`] (librbd's late completion).
+//! Memory that cannot be lent goes through a bounce buffer of the engine's (copied in for
+//! writes, out for reads, on the reactor), which librbd's late completion frees. The process-wide deadline thread (`deadline`)
 //! signals the eventfd when the oldest request's deadline passes. Without a deadline
 //! (`xdisk_deadline=0`) every caller's memory goes to librbd as it is and requests wait as
 //! long as librbd.

@@ -188,3 +188,54 @@ impl Drop for TestImage {
         let _ = rbd(&self.conf, &["rm", "--no-progress", &spec]);
     }
 }
+
+/// Sends `sig` (`-STOP`, `-KILL`, ...) to `pid` with kill(1); panics if it fails.
+pub fn kill(sig: &str, pid: &str) {
+    let st = Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaps) / every thread of it is stopped.
+pub fn proc_state(pid: &str, want: char) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return want == 'Z';
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(want == 'Z', |st| {
+            st.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(want))
+        })
+    })
+}
+
+/// The test cluster's OSD stopped (SIGSTOP: it stops answering, as a host that went away)
+/// until dropped (SIGCONT). Tests that stop it must not run beside other tests of the
+/// cluster in the same process.
+pub struct OsdStopped(String);
+
+impl OsdStopped {
+    /// Stops the OSD; panics unless every thread of it stops within 30 s.
+    pub fn new(conf: &Path) -> OsdStopped {
+        let pid = daemon_pid(conf, "osd.0");
+        kill("-STOP", &pid);
+        let s = OsdStopped(pid);
+        let t0 = std::time::Instant::now();
+        while !proc_state(&s.0, 'T') {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "the OSD did not stop"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        s
+    }
+}
+
+impl Drop for OsdStopped {
+    fn drop(&mut self) {
+        kill("-CONT", &self.0);
+    }
+}

@@ -10,7 +10,9 @@ use xdisk_io::sys::EventFd;
 use xdisk_io::{
     AlignedBuf, CacheMode, Completion, Engine, EngineConfig, IoSlice, Op, OpKind, Phase, Storage,
 };
-use xdisk_rbd::testing::{ceph, ceph_ok, cluster, daemon_pid, restart_monitor, TestImage};
+use xdisk_rbd::testing::{
+    ceph, ceph_ok, cluster, daemon_pid, kill, proc_state, restart_monitor, OsdStopped, TestImage,
+};
 use xdisk_rbd::{RbdName, RbdStorage};
 
 const MIB: u64 = 1 << 20;
@@ -287,27 +289,6 @@ fn a_full_pool_fails_writes_at_their_deadline_reads_go_on_and_writes_resume_afte
     drop(e);
 }
 
-fn kill(sig: &str, pid: &str) {
-    let st = std::process::Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill {sig} {pid}");
-}
-
-/// Whether `pid` is gone (or a zombie nobody reaps) / every thread of it is stopped.
-fn proc_state(pid: &str, want: char) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return want == 'Z';
-    };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("stat")).map_or(want == 'Z', |st| {
-            st.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with(want))
-        })
-    })
-}
-
 /// The monitor killed (SIGKILL) until restarted or dropped (the drop restarts it, so that
 /// the cluster comes back for the other tests even when this one fails).
 struct MonKilled<'a>(&'a Path, bool);
@@ -332,27 +313,6 @@ impl Drop for MonKilled<'_> {
         if !self.1 {
             restart_monitor(self.0);
         }
-    }
-}
-
-/// The OSD stopped (SIGSTOP: it stops answering, as a host that went away) until dropped.
-struct OsdStopped(String);
-
-impl OsdStopped {
-    fn new(conf: &Path) -> OsdStopped {
-        let pid = daemon_pid(conf, "osd.0");
-        kill("-STOP", &pid);
-        let s = OsdStopped(pid);
-        wait_for("the OSD to stop", Duration::from_secs(30), || {
-            proc_state(&s.0, 'T')
-        });
-        s
-    }
-}
-
-impl Drop for OsdStopped {
-    fn drop(&mut self) {
-        kill("-CONT", &self.0);
     }
 }
 

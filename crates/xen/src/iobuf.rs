@@ -168,6 +168,24 @@ unsafe impl IoBuf for GrantIoBuf {
         &self.iov
     }
 
+    /// Lendable when every segment's pages can be detached ([`MappedRegion::can_detach`]).
+    fn lendable(&self) -> bool {
+        self.segments
+            .iter()
+            .all(|s| s.region.can_detach(s.offset, s.len))
+    }
+
+    /// Detaches every segment's pages ([`MappedRegion::detach`]): the guest's pages leave the
+    /// buffer (their grants released), private memory takes their place.
+    fn detach_foreign(&mut self) -> io::Result<()> {
+        for s in &self.segments {
+            s.region
+                .detach(s.offset, s.len)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     fn total_len(&self) -> usize {
         self.len
     }

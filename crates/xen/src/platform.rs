@@ -87,6 +87,44 @@ pub trait MappedRegion: SharedMem + Send + Sync {
     /// The region as one iovec for kernel I/O (`iov_base` valid for `size()` bytes while `self`
     /// lives). Only for handing to the kernel (preadv/pwritev/io_uring), never to dereference.
     fn io_base(&self) -> *mut u8;
+
+    /// Whether [`MappedRegion::detach`] can take the pages of `[offset, offset + len)` out of
+    /// this mapping. Default: no.
+    fn can_detach(&self, offset: usize, len: usize) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
+    /// Takes the granted pages that `[offset, offset + len)` touches out of the mapping at
+    /// once: private zero-filled memory of this process takes their place at the same
+    /// addresses, and their grants are released (the granting domain can end its access and
+    /// reuse the pages). For I/O that outlives its request: a storage that failed an
+    /// operation at its deadline may still read or write the memory it was given
+    /// (`xdisk_io::Phase::TimedOut`); detached, those late accesses reach neither the guest
+    /// nor whatever is mapped there next, and the guest can be answered. Idempotent; the
+    /// region's accessors then see the private memory. Fails (kind `Unsupported` where
+    /// [`MappedRegion::can_detach`] is false) with the mapping unchanged or detached in part.
+    fn detach(&self, offset: usize, len: usize) -> Result<(), PlatformError> {
+        let _ = (offset, len);
+        Err(PlatformError::Io {
+            context: "detaching the pages of a grant mapping".into(),
+            source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+        })
+    }
+
+    /// Whether a page that `[offset, offset + len)` touches was detached.
+    fn is_detached(&self, offset: usize, len: usize) -> bool {
+        let _ = (offset, len);
+        false
+    }
+}
+
+/// The pages (first, end) that `[offset, offset + len)` touches in a region of `size` bytes.
+pub fn page_span(offset: usize, len: usize, size: usize) -> Result<(usize, usize), MemError> {
+    xdisk_blkif::mem::check_bounds(offset, len, size)?;
+    let page = xdisk_blkif::wire::PAGE_SIZE;
+    // In bounds (checked above), so `offset + len` does not overflow.
+    Ok((offset / page, (offset + len).div_ceil(page)))
 }
 
 /// Direction of a grant copy.

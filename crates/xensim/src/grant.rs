@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use crate::mem::{Memfd, MmapRegion, PAGE_SIZE};
 use xdisk_xen::platform::{
-    CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, MemError,
-    PlatformError, SharedMem,
+    page_span, CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion,
+    MemError, PlatformError, SharedMem,
 };
 
 /// `GTF_invalid`: the entry grants nothing.
@@ -280,26 +280,30 @@ impl DomainMem {
     }
 }
 
-/// The pins of one mapping; released on drop.
+/// The pins of one mapping, a grant per page (`None` once detached); released on drop.
 struct PinGuard {
     dom: Arc<DomainMem>,
-    refs: Vec<GrantRef>,
+    refs: Vec<Option<GrantRef>>,
     write: bool,
 }
 
 impl Drop for PinGuard {
     fn drop(&mut self) {
-        for &r in &self.refs {
+        for &r in self.refs.iter().flatten() {
             self.dom.unpin(r, self.write);
         }
     }
 }
 
 /// A grant mapping made by [`SimGrantMapper::map`]: the pages are unmapped first, then the
-/// pins dropped (field order), as Xen clears `GTF_reading`/`GTF_writing` on unmap.
+/// pins dropped (field order), as Xen clears `GTF_reading`/`GTF_writing` on unmap. Any part
+/// can be detached ([`MappedRegion::detach`], as a PV domain's gntdev can): those pages are
+/// replaced by private memory and their pins dropped at once.
 struct SimMapping {
     region: MmapRegion,
-    _pins: PinGuard,
+    pins: Mutex<PinGuard>,
+    /// Whether any page was detached (spares the lock on the data path).
+    any_detached: AtomicBool,
 }
 
 impl SharedMem for SimMapping {
@@ -326,6 +330,43 @@ impl MappedRegion for SimMapping {
     }
     fn io_base(&self) -> *mut u8 {
         self.region.io_base()
+    }
+    fn can_detach(&self, offset: usize, len: usize) -> bool {
+        page_span(offset, len, self.size()).is_ok()
+    }
+    fn detach(&self, offset: usize, len: usize) -> Result<(), PlatformError> {
+        let (first, end) = page_span(offset, len, self.size())?;
+        let mut pins = lock(&self.pins);
+        if pins.refs[first..end].iter().all(Option::is_none) {
+            return Ok(());
+        }
+        self.region
+            .replace_with_private(first, end)
+            .map_err(|source| PlatformError::Io {
+                context: "mmap(MAP_FIXED) over a grant mapping".into(),
+                source,
+            })?;
+        // Unmapped: as Xen on unmap, the grants' pins go (GTF_reading/GTF_writing cleared
+        // with the last).
+        self.any_detached.store(true, Ordering::Release);
+        let (dom, write) = (pins.dom.clone(), pins.write);
+        for r in pins.refs[first..end].iter_mut() {
+            if let Some(g) = r.take() {
+                dom.unpin(g, write);
+            }
+        }
+        Ok(())
+    }
+    fn is_detached(&self, offset: usize, len: usize) -> bool {
+        if !self.any_detached.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok((first, end)) = page_span(offset, len, self.size()) else {
+            return false;
+        };
+        lock(&self.pins).refs[first..end]
+            .iter()
+            .any(Option::is_none)
     }
 }
 
@@ -427,7 +468,7 @@ impl GrantMapper for SimGrantMapper {
         for &r in refs {
             // On failure, `guard` drops the pins taken so far.
             let frame = dom.pin(self.domid, r, writable).map_err(|s| err(r, s))?;
-            guard.refs.push(r);
+            guard.refs.push(Some(r));
             frames.push(u64::from(frame));
         }
         let region = dom
@@ -439,7 +480,8 @@ impl GrantMapper for SimGrantMapper {
             })?;
         Ok(Arc::new(SimMapping {
             region,
-            _pins: guard,
+            pins: Mutex::new(guard),
+            any_detached: AtomicBool::new(false),
         }))
     }
 

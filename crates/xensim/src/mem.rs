@@ -217,6 +217,44 @@ impl MmapRegion {
         self.writable
     }
 
+    /// Puts private zero-filled pages (same protection) in place of pages `first..end`, at
+    /// the same addresses (`mmap(MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS)`): what was mapped
+    /// there is unmapped. On failure the pages are as they were.
+    pub fn replace_with_private(&self, first: usize, end: usize) -> io::Result<()> {
+        let invalid = || io::Error::from(io::ErrorKind::InvalidInput);
+        let at = first.checked_mul(PAGE_SIZE).ok_or_else(invalid)?;
+        let len = end
+            .checked_sub(first)
+            .and_then(|n| n.checked_mul(PAGE_SIZE))
+            .ok_or_else(invalid)?;
+        check_bounds(at, len, self.len).map_err(|_| invalid())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let prot = if self.writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: `at..at + len` lies inside the mapping this value owns (checked) and is
+        // page-aligned, so MAP_FIXED replaces only our own pages; no reference into them
+        // exists (accessors only copy), and I/O still using the addresses finds valid memory.
+        let r = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(at).cast(),
+                len,
+                prot,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     fn check_write(&self, offset: usize, len: usize) -> Result<(), MemError> {
         if self.writable {
             check_bounds(offset, len, self.len)

@@ -214,6 +214,105 @@ fn revoked_grant_cannot_be_mapped_or_copied() {
     assert_eq!(guest.grant(1, BACKEND, true).unwrap(), gref);
 }
 
+/// What a request failed at its deadline needs (the storage may still use its memory): the
+/// pages it covers leave the mapping at once (same addresses, private memory, grants given
+/// back so the guest can end its access), the other pages stay the guest's.
+#[test]
+fn detached_pages_leave_the_guest_at_once_and_keep_their_addresses() {
+    let (xen, guest) = host(8);
+    let data: Vec<Vec<u8>> = (0..3).map(|i| fill_page(&guest, i, 10 + i as u8)).collect();
+    let refs: Vec<GrantRef> = (0..3)
+        .map(|i| guest.grant(i, BACKEND, false).unwrap())
+        .collect();
+    let region = xen.grant_mapper(BACKEND).map(GUEST, &refs, true).unwrap();
+    let base = region.io_base();
+    assert!(region.can_detach(PAGE_SIZE + 100, 200));
+    assert!(
+        !region.can_detach(2 * PAGE_SIZE, PAGE_SIZE + 1),
+        "past the end"
+    );
+    assert!(!region.is_detached(0, 3 * PAGE_SIZE));
+    // Bytes 100..300 of page 1: the whole page goes.
+    region.detach(PAGE_SIZE + 100, 200).unwrap();
+    assert_eq!(region.io_base(), base, "same addresses");
+    assert!(region.is_detached(PAGE_SIZE, 1));
+    assert!(!region.is_detached(0, PAGE_SIZE));
+    assert!(!region.is_detached(2 * PAGE_SIZE, PAGE_SIZE));
+    assert!(region.is_detached(0, 3 * PAGE_SIZE));
+    // The guest may end its access to that page now, not to the others.
+    assert!(guest.end_grant(refs[1]).unwrap());
+    assert!(!guest.end_grant(refs[0]).unwrap());
+    assert!(!guest.end_grant(refs[2]).unwrap());
+    // Late accesses (a storage still writing) reach private zeroed memory, never the guest.
+    let mut page = vec![1u8; PAGE_SIZE];
+    region.copy_from(PAGE_SIZE, &mut page).unwrap();
+    assert_eq!(page, vec![0u8; PAGE_SIZE]);
+    region.copy_to(PAGE_SIZE, &vec![0xa5; PAGE_SIZE]).unwrap();
+    // ... also a read by the kernel into a buffer made before the detach (a late storage).
+    let f = tempfile::tempfile().unwrap();
+    (&f).write_all(&vec![0x5a; PAGE_SIZE]).unwrap();
+    let mut engine = open_engine::<GrantIoBuf>(AioKind::Threads, &EngineConfig::default()).unwrap();
+    let buf = GrantIoBuf::new(
+        vec![GrantSegment::new(region.clone(), PAGE_SIZE, PAGE_SIZE)],
+        true,
+    )
+    .unwrap();
+    assert!(buf.lendable());
+    engine
+        .submit(Op {
+            kind: OpKind::Read,
+            fd: f.as_raw_fd(),
+            offset: 0,
+            buf: Some(buf),
+            user_data: 1,
+        })
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let mut out: Vec<Completion<GrantIoBuf>> = Vec::new();
+    while out.is_empty() {
+        engine.reap(&mut out, 1, Some(T)).unwrap();
+    }
+    assert_eq!(*out[0].result.as_ref().unwrap(), PAGE_SIZE);
+    let mut g = vec![0u8; PAGE_SIZE];
+    region.copy_from(PAGE_SIZE, &mut g).unwrap();
+    assert_eq!(
+        g,
+        vec![0x5a; PAGE_SIZE],
+        "the read landed in the private page"
+    );
+    guest.page(1).unwrap().copy_from(0, &mut g).unwrap();
+    assert_eq!(g, data[1], "the guest's page is untouched");
+    // The pages that stay are still shared both ways.
+    region.copy_to(2 * PAGE_SIZE, b"still").unwrap();
+    guest.page(2).unwrap().copy_from(0, &mut g[..5]).unwrap();
+    assert_eq!(&g[..5], b"still");
+    assert_eq!(read_all(&*region)[..PAGE_SIZE], data[0][..]);
+    // Idempotent; then all of it.
+    region.detach(PAGE_SIZE, PAGE_SIZE).unwrap();
+    let mut all = GrantIoBuf::new(
+        vec![
+            GrantSegment::new(region.clone(), 512, 2 * PAGE_SIZE),
+            GrantSegment::new(region.clone(), 2 * PAGE_SIZE + 512, 512),
+        ],
+        true,
+    )
+    .unwrap();
+    all.detach_foreign().unwrap();
+    drop(all);
+    assert!(guest.end_grant(refs[0]).unwrap());
+    assert!(guest.end_grant(refs[2]).unwrap());
+    assert!(
+        region.detach(0, 3 * PAGE_SIZE + 1).is_err(),
+        "out of bounds"
+    );
+    drop(region);
+    for (i, d) in data.iter().enumerate().filter(|(i, _)| *i != 2) {
+        let mut g = vec![0u8; PAGE_SIZE];
+        guest.page(i).unwrap().copy_from(0, &mut g).unwrap();
+        assert_eq!(&g, d, "page {i}");
+    }
+}
+
 fn check_multi_page(n: usize) {
     let (xen, guest) = host(64);
     // Non-consecutive frames, in a scrambled order.

@@ -80,7 +80,10 @@ XDISK_LOG=info xdisk serve --platform=xen --backend-type xdisk --domain 0 --cont
 serve_pid=$!
 wait_for 15 test -S "$sock" || fail "no control socket: $(tail -3 /tmp/serve-rbd.log)"
 
-raw_name="rbd:rbd/$RBD_RAW:conf=/lab/ceph/ceph.conf:id=$CEPH_USER"
+# The raw disk's requests have a deadline of 8 s (the default is 30): the last step holds
+# one past it.
+DEADLINE=8
+raw_name="rbd:rbd/$RBD_RAW:conf=/lab/ceph/ceph.conf:id=$CEPH_USER:xdisk_deadline=$DEADLINE"
 qcow_name="rbd:rbd/$RBD_QCOW2:id=$CEPH_USER:mon_host=127.0.0.1\\:3300:key=$CEPH_KEY"
 # Both at once (librbd's start-up costs seconds of CPU under TCG; dom0 has two vCPUs), with
 # explicit device numbers (two `--devid auto` at once could pick the same one).
@@ -147,6 +150,43 @@ check "stat counts flushes" grep -q '"f_req": [1-9]' /tmp/stat-rbd.json
 check "no request failed" sh -c "! grep -q '\"errors\": [1-9]' /tmp/stat-rbd.json"
 check "the key is not shown by xdisk stat" sh -c "! grep -qF '$CEPH_KEY' /tmp/stat-rbd.json"
 check "blkfront saw no failed operation" sh -c "! dmesg | grep -q 'op failed'"
+
+# ---- a request the cluster holds past its deadline -----------------------------------------
+# librbd works on dom0's granted pages directly (no bounce buffer). With the forwarders
+# stopped (SIGSTOP: the cluster stops answering, as a storage network that went away) librbd
+# keeps a read; xdisk answers it at its deadline with an error, after taking the guest's pages
+# out of librbd's reach (an anonymous mmap over them, which makes gntdev unmap the grants).
+# blkfront checks that the backend unmapped a request's grants when it is answered (Linux
+# since XSA-396: "backed has not unmapped grant", and the disk is failed). When the forwarders
+# go on, librbd's late completion lands in xdisk's private pages and the disk works on.
+rm -f /tmp/held.rc /tmp/held.t /tmp/held.err
+# shellcheck disable=SC2086
+kill -STOP $fwd_pids
+t0=$(up)
+(dd if="$dev" of=/dev/null bs=64k count=1 skip=100 iflag=direct 2>/tmp/held.err
+ echo $? > /tmp/held.rc; secs_since "$t0" > /tmp/held.t) &
+p1=$!
+wait_for $((DEADLINE * 5)) test -f /tmp/held.t
+answered=$?
+# shellcheck disable=SC2086
+kill -CONT $fwd_pids
+[ "$answered" = 0 ] ||
+  fail "a read the cluster held was not answered within $((DEADLINE * 5)) s (deadline $DEADLINE s): $(tail -5 /tmp/serve-rbd.log)"
+wait $p1
+held=$(cat /tmp/held.t)
+echo "the held read: exit $(cat /tmp/held.rc) after $held s: $(tail -1 /tmp/held.err)"
+check "the held read failed (EIO)" test "$(cat /tmp/held.rc)" != 0
+check "it was answered at its deadline, not before ($held s, deadline $DEADLINE s)" \
+  awk -v h="$held" -v d="$DEADLINE" 'BEGIN { exit !(h >= d - 0.5) }'
+check "blkfront found the request's grants unmapped when answered" \
+  sh -c "! dmesg | grep -q 'not unmapped grant'"
+report "rbd: a read held by the cluster answered with EIO after $held s (deadline $DEADLINE s), its pages detached"
+rm -f "$W/back-4"
+dd if="$dev" of="$W/back-4" bs=1M skip=4 count=2 iflag=direct 2>/dev/null ||
+  fail "reading $dev after the held read: $(tail -3 /tmp/serve-rbd.log)"
+check "the disk reads the pattern again after the held read" cmp "$W/pattern" "$W/back-4"
+xdisk stat --json --control "$sock" > /tmp/stat-rbd.json || fail "xdisk stat --json"
+check "stat counts the held read as an error" grep -q '"errors": 1' /tmp/stat-rbd.json
 
 for d in $dev $dev2; do
   xdisk detach "$d" --control "$sock" || fail "detach $d: $(tail -3 /tmp/serve-rbd.log)"

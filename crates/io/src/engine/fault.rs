@@ -295,10 +295,18 @@ fn scribble<B: IoBuf>(buf: &mut B, from: usize, to: usize) {
 }
 
 /// The late release of a [`Fault::Late`] operation's lent buffer, the storage having written
-/// into it meanwhile (garbage).
-fn released<B: IoBuf>(user_data: u64, mut b: B, result: io::Result<usize>) -> Completion<B> {
-    let n = b.total_len();
-    scribble(&mut b, 0, n);
+/// into it meanwhile (garbage) if it was a read (a write's memory is only read: it may be a
+/// read-only mapping).
+fn released<B: IoBuf>(
+    user_data: u64,
+    kind: OpKind,
+    mut b: B,
+    result: io::Result<usize>,
+) -> Completion<B> {
+    if kind == OpKind::Read {
+        let n = b.total_len();
+        scribble(&mut b, 0, n);
+    }
     Completion {
         user_data,
         result,
@@ -338,8 +346,9 @@ pub struct FaultyEngine<B: IoBuf> {
     /// Completions held back ([`Fault::Hold`]): never returned, leaked on drop.
     held: Vec<Completion<B>>,
     /// Buffers of [`Fault::Late`] operations reported [`Phase::TimedOut`], by the key of the
-    /// no-op whose completion releases them: the caller's user_data, the buffer, the result.
-    lent: HashMap<u64, (u64, B, io::Result<usize>)>,
+    /// no-op whose completion releases them: the caller's user_data, the operation's kind,
+    /// the buffer, the result.
+    lent: HashMap<u64, (u64, OpKind, B, io::Result<usize>)>,
     scratch: Vec<Completion<B>>,
 }
 
@@ -383,8 +392,8 @@ impl<B: IoBuf> FaultyEngine<B> {
         let mut got = 0;
         let mut comps = std::mem::take(&mut self.scratch);
         for mut c in comps.drain(..) {
-            if let Some((user_data, b, result)) = self.lent.remove(&c.user_data) {
-                out.push(released(user_data, b, result));
+            if let Some((user_data, kind, b, result)) = self.lent.remove(&c.user_data) {
+                out.push(released(user_data, kind, b, result));
                 got += 1;
                 continue;
             }
@@ -423,11 +432,11 @@ impl<B: IoBuf> FaultyEngine<B> {
                         };
                         c.phase = Phase::TimedOut;
                         if self.inner.submit(noop).is_ok() {
-                            self.lent.insert(key, (c.user_data, b, result));
+                            self.lent.insert(key, (c.user_data, p.kind, b, result));
                         } else {
                             // No room for the no-op: let go at once, after the timeout.
                             out.push(c);
-                            out.push(released(p.user_data, b, result));
+                            out.push(released(p.user_data, p.kind, b, result));
                             got += 2;
                             continue;
                         }

@@ -15,14 +15,15 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use xdisk_blkif::wire::PAGE_SIZE;
 
 use super::sys::{self, Mapping};
 use crate::platform::{
-    CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, MemError,
-    PlatformError, Port, SharedMem,
+    page_span, CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion,
+    MemError, PlatformError, Port, SharedMem,
 };
 
 /// Where Linux puts the grant device.
@@ -103,6 +104,8 @@ impl GntDev {
                 fd: self.fd.clone(),
                 index,
                 count,
+                detached: Mutex::new(Detached::default()),
+                any_detached: AtomicBool::new(false),
             }),
             Err(e) => {
                 // The reservation stays in the driver's table until unmapped.
@@ -196,6 +199,29 @@ pub struct GntDevRegion {
     fd: Arc<OwnedFd>,
     index: u64,
     count: u32,
+    /// Pages taken out by [`MappedRegion::detach`] (empty until the first), and whether the
+    /// driver's reservation was released already (the whole region detached).
+    detached: Mutex<Detached>,
+    /// Whether any page was detached (spares the lock on the data path).
+    any_detached: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Detached {
+    pages: Vec<bool>,
+    released: bool,
+}
+
+/// Whether this domain is a PV one (`/sys/hypervisor/guest_type`), where gntdev maps grants
+/// by rewriting our page tables and its MMU notifier unmaps the grants of any part of a
+/// mapping that goes away (gntdev.c `gntdev_invalidate` -> `unmap_grant_pages` of that
+/// range). Elsewhere (PVH/HVM dom0) the grants of a mapping are only unmapped with the
+/// whole reservation, so only whole regions can be detached.
+fn pv_domain() -> bool {
+    static PV: OnceLock<bool> = OnceLock::new();
+    *PV.get_or_init(|| {
+        std::fs::read_to_string("/sys/hypervisor/guest_type").is_ok_and(|t| t.trim() == "PV")
+    })
 }
 
 impl GntDevRegion {
@@ -357,12 +383,71 @@ impl MappedRegion for GntDevRegion {
     fn io_base(&self) -> *mut u8 {
         self.map().as_ptr()
     }
+
+    fn can_detach(&self, offset: usize, len: usize) -> bool {
+        match page_span(offset, len, self.size()) {
+            Ok((first, end)) => pv_domain() || (first == 0 && end == self.pages()),
+            Err(_) => false,
+        }
+    }
+
+    fn detach(&self, offset: usize, len: usize) -> Result<(), PlatformError> {
+        let (first, end) = page_span(offset, len, self.size())?;
+        let whole = first == 0 && end == self.pages();
+        if !whole && !pv_domain() {
+            return Err(io_err(
+                "detaching part of a grant mapping (only a PV domain's gntdev unmaps part)",
+                std::io::Error::from(std::io::ErrorKind::Unsupported),
+            ));
+        }
+        let mut d = self.detached.lock().unwrap_or_else(PoisonError::into_inner);
+        if d.pages.is_empty() {
+            d.pages = vec![false; self.pages()];
+        }
+        if d.pages[first..end].iter().all(|&p| p) {
+            return Ok(());
+        }
+        self.map()
+            .replace_with_private(first, end)
+            .map_err(|e| io_err("mmap(MAP_FIXED) over a grant mapping", e))?;
+        d.pages[first..end].fill(true);
+        self.any_detached.store(true, Ordering::Release);
+        if d.pages.iter().all(|&p| p) && !d.released {
+            // Nothing of the mapping is left: release the reservation now (gntdev.h: after
+            // munmap), which unmaps the grants where the munmap did not (PVH/HVM).
+            sys::gntdev_unmap_grant_ref(self.fd.as_fd(), self.index, self.count)
+                .map_err(|e| io_err("IOCTL_GNTDEV_UNMAP_GRANT_REF of a detached mapping", e))?;
+            d.released = true;
+        }
+        Ok(())
+    }
+
+    fn is_detached(&self, offset: usize, len: usize) -> bool {
+        if !self.any_detached.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok((first, end)) = page_span(offset, len, self.size()) else {
+            return false;
+        };
+        let d = self.detached.lock().unwrap_or_else(PoisonError::into_inner);
+        d.pages
+            .get(first..end)
+            .is_some_and(|p| p.iter().any(|&x| x))
+    }
 }
 
 impl Drop for GntDevRegion {
     fn drop(&mut self) {
         // munmap first (gntdev.h), then release the reservation.
         drop(self.map.take());
+        let released = self
+            .detached
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .released;
+        if released {
+            return;
+        }
         if let Err(e) = sys::gntdev_unmap_grant_ref(self.fd.as_fd(), self.index, self.count) {
             tracing::warn!(error = %e, index = self.index, "IOCTL_GNTDEV_UNMAP_GRANT_REF failed");
         }

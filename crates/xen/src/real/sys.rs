@@ -371,6 +371,47 @@ impl Mapping {
         self.ptr.as_ptr()
     }
 
+    /// Puts private zero-filled pages (same protection) in place of pages `first..end` of
+    /// the mapping, at the same addresses: `mmap(MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS)`,
+    /// which unmaps what was there (for gntdev, its MMU notifier then unmaps those grants).
+    /// On failure the pages are as they were.
+    pub(crate) fn replace_with_private(&self, first: usize, end: usize) -> io::Result<()> {
+        let (Some(at), Some(len)) = (
+            first.checked_mul(PAGE_SIZE),
+            end.checked_sub(first)
+                .and_then(|n| n.checked_mul(PAGE_SIZE)),
+        ) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        self.check(at, len);
+        if len == 0 {
+            return Ok(());
+        }
+        let prot = if self.writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: `at..at + len` is inside this mapping (checked) and page-aligned, so
+        // MAP_FIXED replaces only memory this value owns; no reference into it exists (every
+        // access is a volatile copy through a raw pointer). I/O still under way with these
+        // addresses finds valid private memory there instead of the grants, which is the point.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(at).cast(),
+                len,
+                prot,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     fn check(&self, offset: usize, len: usize) {
         // Callers check first (returning MemError); these are the last line of defence.
         assert!(
