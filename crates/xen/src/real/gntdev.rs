@@ -212,16 +212,33 @@ struct Detached {
     released: bool,
 }
 
-/// Whether this domain is a PV one (`/sys/hypervisor/guest_type`), where gntdev maps grants
-/// by rewriting our page tables and its MMU notifier unmaps the grants of any part of a
-/// mapping that goes away (gntdev.c `gntdev_invalidate` -> `unmap_grant_pages` of that
-/// range). Elsewhere (PVH/HVM dom0) the grants of a mapping are only unmapped with the
-/// whole reservation, so only whole regions can be detached.
-fn pv_domain() -> bool {
-    static PV: OnceLock<bool> = OnceLock::new();
-    *PV.get_or_init(|| {
-        std::fs::read_to_string("/sys/hypervisor/guest_type").is_ok_and(|t| t.trim() == "PV")
+/// Whether part of a mapping can be detached: in a PV domain gntdev maps grants by rewriting
+/// our page tables, and its MMU notifier unmaps the grants of whatever part of a mapping goes
+/// away (gntdev.c `gntdev_invalidate` -> `unmap_grant_pages` of that range), correctly for a
+/// split mapping since Linux 6.1 ("xen/gntdev: Accommodate VMA splitting": before it, a
+/// partial munmap in a PV domain left grant PTEs behind, "Bad page map"). Elsewhere (PVH/HVM
+/// dom0) the grants of a mapping are only unmapped with the whole reservation, so only whole
+/// regions can be detached.
+fn partial_detach_works() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let pv =
+            std::fs::read_to_string("/sys/hypervisor/guest_type").is_ok_and(|t| t.trim() == "PV");
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        pv && kernel_at_least(&release, (6, 1))
     })
+}
+
+/// Whether a kernel release string (`6.1.0-28-amd64`) is at least `major.minor`.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
+    }
 }
 
 impl GntDevRegion {
@@ -386,7 +403,7 @@ impl MappedRegion for GntDevRegion {
 
     fn can_detach(&self, offset: usize, len: usize) -> bool {
         match page_span(offset, len, self.size()) {
-            Ok((first, end)) => pv_domain() || (first == 0 && end == self.pages()),
+            Ok((first, end)) => partial_detach_works() || (first == 0 && end == self.pages()),
             Err(_) => false,
         }
     }
@@ -394,9 +411,9 @@ impl MappedRegion for GntDevRegion {
     fn detach(&self, offset: usize, len: usize) -> Result<(), PlatformError> {
         let (first, end) = page_span(offset, len, self.size())?;
         let whole = first == 0 && end == self.pages();
-        if !whole && !pv_domain() {
+        if !whole && !partial_detach_works() {
             return Err(io_err(
-                "detaching part of a grant mapping (only a PV domain's gntdev unmaps part)",
+                "detaching part of a grant mapping (only a PV domain's gntdev, Linux 6.1 on)",
                 std::io::Error::from(std::io::ErrorKind::Unsupported),
             ));
         }
@@ -457,6 +474,17 @@ impl Drop for GntDevRegion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(kernel_at_least("6.1.0-28-amd64", (6, 1)));
+        assert!(kernel_at_least("6.12.9", (6, 1)));
+        assert!(kernel_at_least("7.0", (6, 1)));
+        assert!(!kernel_at_least("6.0.12", (6, 1)));
+        assert!(!kernel_at_least("5.15.76-1", (6, 1)));
+        assert!(!kernel_at_least("", (6, 1)));
+        assert!(!kernel_at_least("six", (6, 1)));
+    }
 
     #[test]
     fn open_fails_cleanly_without_the_device() {
