@@ -183,6 +183,11 @@ unsafe impl IoBuf for GrantIoBuf {
                 .detach(s.offset, s.len)
                 .map_err(|e| io::Error::other(e.to_string()))?;
         }
+        tracing::info!(
+            bytes = self.len,
+            segments = self.segments.len(),
+            "a request's guest pages detached (its storage still has them past its deadline)"
+        );
         Ok(())
     }
 

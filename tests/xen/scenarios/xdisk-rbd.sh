@@ -160,8 +160,10 @@ check "blkfront saw no failed operation" sh -c "! dmesg | grep -q 'op failed'"
 # since XSA-396: "backed has not unmapped grant", and the disk is failed). When the forwarders
 # go on, librbd's late completion lands in xdisk's private pages and the disk works on.
 rm -f /tmp/held.rc /tmp/held.t /tmp/held.err
+# Every socat: the listeners and the children they forked for librbd's open connections.
+socats=$(pidof socat) || fail "no socat running"
 # shellcheck disable=SC2086
-kill -STOP $fwd_pids
+kill -STOP $socats
 t0=$(up)
 (dd if="$dev" of=/dev/null bs=64k count=1 skip=100 iflag=direct 2>/tmp/held.err
  echo $? > /tmp/held.rc; secs_since "$t0" > /tmp/held.t) &
@@ -169,7 +171,7 @@ p1=$!
 wait_for $((DEADLINE * 5)) test -f /tmp/held.t
 answered=$?
 # shellcheck disable=SC2086
-kill -CONT $fwd_pids
+kill -CONT $socats
 [ "$answered" = 0 ] ||
   fail "a read the cluster held was not answered within $((DEADLINE * 5)) s (deadline $DEADLINE s): $(tail -5 /tmp/serve-rbd.log)"
 wait $p1
@@ -180,6 +182,8 @@ check "it was answered at its deadline, not before ($held s, deadline $DEADLINE 
   awk -v h="$held" -v d="$DEADLINE" 'BEGIN { exit !(h >= d - 0.5) }'
 check "blkfront found the request's grants unmapped when answered" \
   sh -c "! dmesg | grep -q 'not unmapped grant'"
+check "xdisk detached the request's pages (librbd had them, no bounce buffer)" \
+  grep -q "guest pages detached" /tmp/serve-rbd.log
 report "rbd: a read held by the cluster answered with EIO after $held s (deadline $DEADLINE s), its pages detached"
 rm -f "$W/back-4"
 dd if="$dev" of="$W/back-4" bs=1M skip=4 count=2 iflag=direct 2>/dev/null ||
