@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use xdisk_blkif::wire::{Segment, PAGE_SIZE};
@@ -172,6 +173,8 @@ pub(crate) struct PersistentCache {
     counters: Arc<Counters>,
     /// The grants of the request being prepared that are not cached (reused).
     missing: Vec<GrantRef>,
+    /// `Counters::detached_pages` when the cache last looked for detached mappings.
+    detached_seen: u64,
 }
 
 /// A cached mapping.
@@ -190,6 +193,7 @@ impl PersistentCache {
             max,
             entries: HashMap::default(),
             tick: 0,
+            detached_seen: counters.detached_pages.load(Ordering::Relaxed),
             counters,
             missing: Vec::new(),
         }
@@ -212,18 +216,23 @@ impl PersistentCache {
         }
     }
 
-    /// Drops the cached mapping of `gref` if its page was detached (a request failed at its
-    /// deadline took it out while the storage still had it): the frontend still counts on the
-    /// grant being mapped, so its next use maps it again.
-    fn forget_detached(&mut self, gref: GrantRef) {
-        if self
-            .entries
-            .get(&gref)
-            .is_some_and(|e| e.region.is_detached(0, PAGE_SIZE))
-        {
-            self.entries.remove(&gref);
-            sub(&self.counters.persistent_grants, 1);
+    /// Drops the cached mappings whose page was detached (a request failed at its deadline
+    /// took it out while the storage still had it): the frontend still counts on those grants
+    /// being mapped, so their next use maps them again. Looks only when the device's count of
+    /// detached pages moved (one atomic load per request otherwise).
+    fn forget_detached(&mut self) {
+        let now = self.counters.detached_pages.load(Ordering::Relaxed);
+        if now == self.detached_seen {
+            return;
         }
+        self.detached_seen = now;
+        let before = self.entries.len();
+        self.entries
+            .retain(|_, e| !e.region.is_detached(0, PAGE_SIZE));
+        sub(
+            &self.counters.persistent_grants,
+            (before - self.entries.len()) as u64,
+        );
     }
 
     /// The mapping of `gref`: cached, or mapped now (writable, as Linux blkback maps persistent
@@ -237,7 +246,7 @@ impl PersistentCache {
         need_write: bool,
     ) -> Result<Arc<dyn MappedRegion>, PlatformError> {
         self.tick += 1;
-        self.forget_detached(gref);
+        self.forget_detached();
         if let Some(e) = self.entries.get_mut(&gref) {
             e.tick = self.tick;
             if !std::mem::take(&mut e.fresh) {
@@ -275,9 +284,7 @@ impl PersistentCache {
     /// grant, a batch that failed: a read-only or bad grant among them, no room) is left to
     /// [`PersistentCache::get`], one by one, with its fallbacks and errors.
     fn map_missing(&mut self, gnt: &dyn GrantMapper, domid: DomId, segs: &[Segment]) {
-        for s in segs {
-            self.forget_detached(s.gref);
-        }
+        self.forget_detached();
         let mut missing = std::mem::take(&mut self.missing);
         missing.clear();
         missing.extend(

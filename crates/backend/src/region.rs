@@ -70,6 +70,7 @@ impl MappedRegion for Counted {
         if gone > 0 {
             self.count.pages.fetch_sub(gone, Ordering::Relaxed);
             sub(&self.count.counters.mappings, gone);
+            add(&self.count.counters.detached_pages, gone);
         }
         r
     }

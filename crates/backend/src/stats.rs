@@ -190,6 +190,10 @@ pub(crate) struct Counters {
     pub pgrant_hits: AtomicU64,
     pub pgrant_misses: AtomicU64,
     pub merged_req: AtomicU64,
+    /// Pages of grant mappings detached so far (requests past their deadline, see
+    /// `MappedRegion::detach`): the persistent-grant caches look for detached mappings only
+    /// when this moved.
+    pub detached_pages: AtomicU64,
     /// The cap on `mappings` (0: none); not a counter.
     pub max_mappings: AtomicU64,
     pub rd_lat: AtomicHistogram,

@@ -67,6 +67,8 @@ pub struct GrantIoBuf {
     segments: Vec<GrantSegment>,
     iov: Vec<libc::iovec>,
     len: usize,
+    /// [`IoBuf::lendable`], worked out once (every operation of a split request asks).
+    lendable: std::cell::OnceCell<bool>,
 }
 
 // SAFETY: the iovecs are raw pointers into mappings owned by the `Arc<dyn MappedRegion>`s held
@@ -115,7 +117,12 @@ impl GrantIoBuf {
                 iov_len: s.len,
             });
         }
-        Ok(GrantIoBuf { segments, iov, len })
+        Ok(GrantIoBuf {
+            segments,
+            iov,
+            len,
+            lendable: std::cell::OnceCell::new(),
+        })
     }
 
     /// The segments, in order.
@@ -170,9 +177,11 @@ unsafe impl IoBuf for GrantIoBuf {
 
     /// Lendable when every segment's pages can be detached ([`MappedRegion::can_detach`]).
     fn lendable(&self) -> bool {
-        self.segments
-            .iter()
-            .all(|s| s.region.can_detach(s.offset, s.len))
+        *self.lendable.get_or_init(|| {
+            self.segments
+                .iter()
+                .all(|s| s.region.can_detach(s.offset, s.len))
+        })
     }
 
     /// Detaches every segment's pages ([`MappedRegion::detach`]): the guest's pages leave the
