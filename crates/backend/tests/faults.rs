@@ -27,6 +27,18 @@ fn open_with(disk: &Disk, cache: CacheMode) -> Arc<Image> {
     .expect("image opens")
 }
 
+/// `disk` opened with `cache`, with a fault plan (empty yet) on its file.
+fn open_faulty(disk: &Disk, cache: CacheMode) -> (Arc<Image>, Arc<FaultPlan>) {
+    let image = open_with(disk, cache);
+    let plan = FaultPlan::new();
+    image
+        .storage()
+        .as_file()
+        .expect("image on a host file")
+        .inject_faults(&plan);
+    (image, plan)
+}
+
 fn write(sector: u64, byte: u8, sectors: usize) -> Op {
     Op::Write {
         sector,
@@ -42,13 +54,7 @@ fn guest_sees_errors_after_a_failed_flush_never_okay() {
     let mut domid = 1;
     for cache in [CacheMode::WriteBack, CacheMode::None] {
         for disk in [raw_disk(4 * MIB), qcow2_disk(4 * MIB)] {
-            let image = open_with(&disk, cache);
-            let plan = FaultPlan::new();
-            image
-                .storage()
-                .as_file()
-                .expect("image on a host file")
-                .inject_faults(&plan);
+            let (image, plan) = open_faulty(&disk, cache);
             let mut p = pair(&host, domid, 768, image, |_| {}, FrontConfig::default());
             domid += 1;
             let what = format!("{} cache={cache}", disk.format);
@@ -108,13 +114,7 @@ fn guest_sees_errors_after_a_failed_flush_never_okay() {
 fn stuck_io_fails_the_device_and_keeps_guest_pages_mapped() {
     let host = host();
     let disk = raw_disk(4 * MIB);
-    let image = open_with(&disk, CacheMode::None);
-    let plan = FaultPlan::new();
-    image
-        .storage()
-        .as_file()
-        .expect("image on a host file")
-        .inject_faults(&plan);
+    let (image, plan) = open_faulty(&disk, CacheMode::None);
     // Without persistent grants, so that the request's page is mapped for it alone.
     let fe = FrontConfig {
         persistent: false,
@@ -155,18 +155,6 @@ fn stuck_io_fails_the_device_and_keeps_guest_pages_mapped() {
     p.device.shutdown().expect("shutdown");
 }
 
-/// Whether any page of the guest holds 512 bytes of the fault engine's late scribble (0xa5).
-fn guest_has_scribble(dom: &xdisk_xensim::SimDomain) -> Option<usize> {
-    let mut page = vec![0u8; 4096];
-    (0..dom.pages()).find(|&i| {
-        dom.page(i)
-            .expect("guest page")
-            .copy_from(0, &mut page)
-            .expect("read the page");
-        page.chunks(512).any(|c| c.iter().all(|&b| b == 0xa5))
-    })
-}
-
 /// A request the storage failed at its deadline but still holds (librbd past xdisk's
 /// deadline; here `Fault::Late`: the storage writes into the memory afterwards): the guest's
 /// pages leave the backend before the guest is answered (its grants end cleanly, nothing is
@@ -178,13 +166,7 @@ fn pages_of_a_request_failed_at_its_deadline_leave_the_backend_before_the_answer
     let mut domid = 1;
     for persistent in [false, true] {
         for disk in [raw_disk(4 * MIB), qcow2_disk(4 * MIB)] {
-            let image = open_with(&disk, CacheMode::None);
-            let plan = FaultPlan::new();
-            image
-                .storage()
-                .as_file()
-                .expect("image on a host file")
-                .inject_faults(&plan);
+            let (image, plan) = open_faulty(&disk, CacheMode::None);
             let fe = FrontConfig {
                 persistent,
                 ..FrontConfig::default()
@@ -229,7 +211,7 @@ fn pages_of_a_request_failed_at_its_deadline_leave_the_backend_before_the_answer
                 // The storage's late writes come soon after (the fault engine's release).
                 std::thread::sleep(Duration::from_millis(100));
                 assert_eq!(
-                    guest_has_scribble(&p.dom),
+                    guest_page_with_run(&p.dom, 0xa5),
                     None,
                     "{what}: the late {name} wrote into a guest page"
                 );
@@ -281,13 +263,7 @@ fn random_io_faults_give_the_guest_errors_never_wrong_data() {
         } else {
             raw_disk(size)
         };
-        let image = open_with(&disk, CacheMode::None);
-        let plan = FaultPlan::new();
-        image
-            .storage()
-            .as_file()
-            .expect("image on a host file")
-            .inject_faults(&plan);
+        let (image, plan) = open_faulty(&disk, CacheMode::None);
         let fe = FrontConfig {
             max_queues: 2,
             ..FrontConfig::default()

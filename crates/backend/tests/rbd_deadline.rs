@@ -20,18 +20,6 @@ const MIB: u64 = 1 << 20;
 /// What the disk holds where the late read goes: bytes the guest never had in its memory.
 const MARK: u8 = 0x5c;
 
-/// The first guest page holding 512 bytes of `MARK`.
-fn guest_page_with_mark(dom: &xdisk_xensim::SimDomain) -> Option<usize> {
-    let mut page = vec![0u8; 4096];
-    (0..dom.pages()).find(|&i| {
-        dom.page(i)
-            .expect("guest page")
-            .copy_from(0, &mut page)
-            .expect("read the page");
-        page.chunks(512).any(|c| c.iter().all(|&b| b == MARK))
-    })
-}
-
 #[test]
 fn guest_requests_held_past_their_rbd_deadline_are_answered_after_their_pages_left() {
     let Some(conf) = cluster() else { return };
@@ -107,7 +95,7 @@ fn guest_requests_held_past_their_rbd_deadline_are_answered_after_their_pages_le
         assert!(r.iter().all(|&b| b == 1), "{what}");
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(
-            guest_page_with_mark(&p.dom),
+            guest_page_with_run(&p.dom, MARK),
             None,
             "{what}: the late read wrote into a guest page"
         );

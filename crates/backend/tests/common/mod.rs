@@ -270,3 +270,16 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
 }
+
+/// The first page of `dom` holding 512 aligned bytes of `byte` (where a late storage's writes
+/// would show if they reached the guest).
+pub fn guest_page_with_run(dom: &xdisk_xensim::SimDomain, byte: u8) -> Option<usize> {
+    let mut page = vec![0u8; 4096];
+    (0..dom.pages()).find(|&i| {
+        dom.page(i)
+            .expect("guest page")
+            .copy_from(0, &mut page)
+            .expect("read the page");
+        page.chunks(512).any(|c| c.iter().all(|&b| b == byte))
+    })
+}
