@@ -63,10 +63,14 @@ impl MappedRegion for Counted {
     /// no grant any more).
     fn detach(&self, offset: usize, len: usize) -> Result<(), PlatformError> {
         let (first, end) = page_span(offset, len, self.size())?;
-        let mapped = |p: usize| !self.inner.is_detached(p * PAGE_SIZE, PAGE_SIZE);
-        let before: Vec<usize> = (first..end).filter(|&p| mapped(p)).collect();
+        let mapped = || {
+            (first..end)
+                .filter(|&p| !self.inner.is_detached(p * PAGE_SIZE, PAGE_SIZE))
+                .count() as u64
+        };
+        let before = mapped();
         let r = self.inner.detach(offset, len);
-        let gone = before.into_iter().filter(|&p| !mapped(p)).count() as u64;
+        let gone = before - mapped();
         if gone > 0 {
             self.count.pages.fetch_sub(gone, Ordering::Relaxed);
             sub(&self.count.counters.mappings, gone);
