@@ -97,6 +97,12 @@ pub struct DeviceStats {
     /// operation of up to 1 MiB. `rd_req + wr_req - merged_req` operations were submitted.
     #[serde(default)]
     pub merged_req: u64,
+    /// Pages of guest memory taken out of the backend's grant mappings before their request
+    /// was answered (a request failed at its storage deadline while the storage, librbd, may
+    /// still write into its memory: the pages are replaced by private memory and their
+    /// grants released, see `MappedRegion::detach`). Nonzero: the storage missed deadlines.
+    #[serde(default)]
+    pub detached_pages: u64,
 }
 
 /// Upper bounds (inclusive, microseconds) of the latency buckets: 1-2-5 per decade, from
@@ -280,6 +286,7 @@ impl Counters {
             wr_lat: self.wr_lat.snapshot(),
             f_lat: self.f_lat.snapshot(),
             merged_req: g(&self.merged_req),
+            detached_pages: g(&self.detached_pages),
         }
     }
 }

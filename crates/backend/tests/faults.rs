@@ -198,6 +198,7 @@ fn pages_of_a_request_failed_at_its_deadline_leave_the_backend_before_the_answer
                 ),
             ] {
                 let misses = p.device.stats().pgrant_misses;
+                let detached = p.device.stats().detached_pages;
                 plan.fail_next(FaultOn::ReadWrite, Fault::Late);
                 let c = p.front.run(0, op).unwrap();
                 injected += 1;
@@ -207,6 +208,10 @@ fn pages_of_a_request_failed_at_its_deadline_leave_the_backend_before_the_answer
                     p.front.leaked_grants(),
                     0,
                     "{what}: a grant of the late {name} was still mapped when answered"
+                );
+                assert!(
+                    p.device.stats().detached_pages > detached,
+                    "{what}: the late {name}'s detached pages are counted (xdisk stat)"
                 );
                 // The storage's late writes come soon after (the fault engine's release).
                 std::thread::sleep(Duration::from_millis(100));

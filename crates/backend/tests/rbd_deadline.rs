@@ -86,6 +86,13 @@ fn guest_requests_held_past_their_rbd_deadline_are_answered_after_their_pages_le
                 0,
                 "{what}: a grant was still mapped when the guest was answered"
             );
+            // The read's 8 pages at least (a qcow2 write to new clusters goes through the
+            // image's own buffer, not the guest's pages).
+            let detached = p.device.stats().detached_pages;
+            assert!(
+                detached >= 8,
+                "{what}: the held requests' pages are counted as detached (xdisk stat): {detached}"
+            );
         }
         // The OSD answers again: librbd completes the held requests late, the read into the
         // backend's private pages, never into the guest's (which would now hold MARK: the

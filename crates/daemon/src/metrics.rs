@@ -290,6 +290,16 @@ pub fn render(status: &DaemonStatus, process: &ProcessInfo) -> String {
     family(
         &mut out,
         Family {
+            name: "xdisk_detached_pages_total",
+            kind: "counter",
+            help: "Guest pages unmapped before their request's error answer (storage deadline missed).",
+        },
+        &devs,
+        |d| vec![("", d.counters.detached_pages)],
+    );
+    family(
+        &mut out,
+        Family {
             name: "xdisk_stuck_queues_total",
             kind: "counter",
             help: "Queues whose I/O could never be reaped (the device was failed).",

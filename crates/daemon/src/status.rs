@@ -182,14 +182,24 @@ impl DeviceStatus {
             c.mappings,
             c.persistent_grants
         );
-        if c.image_broken != 0 || c.lingering_queues != 0 || c.stuck_queues != 0 {
+        if c.image_broken != 0
+            || c.lingering_queues != 0
+            || c.stuck_queues != 0
+            || c.detached_pages != 0
+        {
             s += &format!(
-                "  health: image_broken {} lingering_queues {} stuck_queues {}{}\n",
+                "  health: image_broken {} lingering_queues {} stuck_queues {} detached_pages {}{}{}\n",
                 c.image_broken,
                 c.lingering_queues,
                 c.stuck_queues,
+                c.detached_pages,
                 if c.image_broken != 0 {
                     " (a flush failed: writes fail until the disk is reattached)"
+                } else {
+                    ""
+                },
+                if c.detached_pages != 0 {
+                    " (requests outlived their storage deadline: their guest pages were unmapped before the error answer)"
                 } else {
                     ""
                 }
@@ -256,8 +266,14 @@ mod tests {
         assert_eq!(c.f_lat.count, 6190);
         // Fields the old JSON did not have read as 0.
         assert_eq!(
-            (c.events_pending_max, c.events, c.throttled, c.merged_req),
-            (0, 0, 0, 0)
+            (
+                c.events_pending_max,
+                c.events,
+                c.throttled,
+                c.merged_req,
+                c.detached_pages
+            ),
+            (0, 0, 0, 0, 0)
         );
         // Written back: the same keys, in the same order, with the same values; then the
         // backend-only counters, as additions at the end.
@@ -266,7 +282,7 @@ mod tests {
         assert_eq!(
             back,
             format!(
-                "{old},\"events_pending_max\":0,\"events\":0,\"throttled\":0,\"merged_req\":0}}"
+                "{old},\"events_pending_max\":0,\"events\":0,\"throttled\":0,\"merged_req\":0,\"detached_pages\":0}}"
             )
         );
     }
@@ -293,5 +309,52 @@ mod tests {
         let c: DeviceStats = serde_json::from_value(serde_json::Value::Object(m)).unwrap();
         assert_eq!(c.ds_sect, 9);
         assert_eq!((c.pgrant_hits, c.rd_lat), (0, Histogram::default()));
+    }
+
+    fn device(counters: DeviceStats) -> DeviceStatus {
+        DeviceStatus {
+            name: "qdisk/5/51712".into(),
+            backend_type: "qdisk".into(),
+            frontend_domid: 5,
+            devid: 51712,
+            vdev: Some("xvda".into()),
+            backend_path: "/local/domain/0/backend/qdisk/5/51712".into(),
+            frontend_path: None,
+            image: Some("rbd:pool/vm".into()),
+            format: Some("raw".into()),
+            chain: Vec::new(),
+            read_only: false,
+            cache: Some("none".into()),
+            phase: Phase::Running,
+            xenbus_state: Some("Connected".into()),
+            size: Some(1 << 30),
+            error: None,
+            counters,
+        }
+    }
+
+    #[test]
+    fn the_health_line_shows_only_when_something_went_wrong_and_says_what() {
+        let quiet = device(DeviceStats::default()).render();
+        assert!(!quiet.contains("health:"), "{quiet}");
+        let late = device(DeviceStats {
+            detached_pages: 16,
+            ..DeviceStats::default()
+        })
+        .render();
+        assert!(
+            late.contains(
+                "health: image_broken 0 lingering_queues 0 stuck_queues 0 detached_pages 16"
+            ),
+            "{late}"
+        );
+        assert!(late.contains("outlived their storage deadline"), "{late}");
+        let broken = device(DeviceStats {
+            image_broken: 1,
+            ..DeviceStats::default()
+        })
+        .render();
+        assert!(broken.contains("a flush failed"), "{broken}");
+        assert!(!broken.contains("deadline"), "{broken}");
     }
 }
