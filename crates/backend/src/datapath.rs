@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use xdisk_blkif::wire::{Segment, PAGE_SIZE};
 use xdisk_io::{AlignedBuf, IoBuf};
-use xdisk_xen::iobuf::{GrantIoBuf, GrantSegment};
+use xdisk_xen::iobuf::{GrantIoBuf, GrantSegment, IovRoom};
 use xdisk_xen::platform::{
     CopyDir, DomId, GrantCopyOp, GrantMapper, GrantRef, GrantStatus, MappedRegion, PlatformError,
 };
@@ -341,6 +341,8 @@ pub(crate) struct MapPath {
     pub cache: Option<PersistentCache>,
     /// Segment lists of finished buffers, for reuse.
     pub spare: Vec<Vec<GrantSegment>>,
+    /// Their iovec lists, for reuse (a request allocates neither).
+    pub spare_iov: Vec<IovRoom>,
 }
 
 impl GuestData for MapPath {
@@ -369,7 +371,8 @@ impl GuestData for MapPath {
                 }
             }
         }
-        Ok(GrantIoBuf::new(parts, disk_read)?)
+        let iov = self.spare_iov.pop().unwrap_or_default();
+        Ok(GrantIoBuf::with_iov(parts, iov, disk_read)?)
     }
 
     fn finish(
@@ -380,10 +383,11 @@ impl GuestData for MapPath {
         _ok: bool,
     ) -> Result<(), DataError> {
         // Unmaps what is not cached (the segments hold the mappings), keeps the list.
-        let mut parts = buf.into_segments();
+        let (mut parts, iov) = buf.into_parts();
         parts.clear();
         if self.spare.len() < 1024 {
             self.spare.push(parts);
+            self.spare_iov.push(iov);
         }
         Ok(())
     }
@@ -512,6 +516,7 @@ mod tests {
             counters: counters.clone(),
             cache: Some(PersistentCache::new(max, counters.clone())),
             spare: Vec::new(),
+            spare_iov: Vec::new(),
         };
         (path, counters)
     }

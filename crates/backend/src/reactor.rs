@@ -15,7 +15,7 @@
 //! writes its data, flushes, answers, and only then consumption resumes (blkif.h: "the
 //! barrier ... ensures that all previous writes are complete ... before any subsequent write").
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -198,6 +198,39 @@ struct Run {
     members: Vec<usize>,
 }
 
+/// Sequence numbers of the writes in flight, in order: numbers are taken in increasing order
+/// and inserted when taken, so an insert appends; a completion removes its own (binary
+/// search). Unlike a `BTreeSet` it allocates nothing once it has held a ring's worth (the
+/// ring bounds it).
+#[derive(Default)]
+struct SeqSet(VecDeque<u64>);
+
+impl SeqSet {
+    fn insert(&mut self, seq: u64) {
+        match self.0.back() {
+            Some(&last) if last >= seq => {
+                // Not taken in order (never on the reactor's paths): keep the order anyway.
+                let at = self.0.partition_point(|&s| s < seq);
+                if self.0.get(at) != Some(&seq) {
+                    self.0.insert(at, seq);
+                }
+            }
+            _ => self.0.push_back(seq),
+        }
+    }
+
+    fn remove(&mut self, seq: u64) {
+        if let Ok(at) = self.0.binary_search(&seq) {
+            self.0.remove(at);
+        }
+    }
+
+    /// Whether a number below `seq` is in the set.
+    fn any_below(&self, seq: u64) -> bool {
+        self.0.front().is_some_and(|&s| s < seq)
+    }
+}
+
 pub(crate) struct Reactor<D: GuestData> {
     qid: u32,
     domid: DomId,
@@ -214,7 +247,7 @@ pub(crate) struct Reactor<D: GuestData> {
     done: Vec<IoDone<D::Buf>>,
     next_seq: u64,
     /// Writes and discards submitted and not completed, by sequence number.
-    writes: BTreeSet<u64>,
+    writes: SeqSet,
     /// Flushes waiting for earlier writes (slab indices), in order.
     flushes: VecDeque<usize>,
     /// The barrier that holds up consumption.
@@ -235,6 +268,9 @@ pub(crate) struct Reactor<D: GuestData> {
     pausing: Option<u64>,
     /// Contiguous reads or writes of the current batch waiting to be submitted together.
     run: Option<Run>,
+    /// The member list of the last single-request run, for the next run (no allocation per
+    /// request).
+    spare_members: Vec<usize>,
 }
 
 fn io_status(r: &xdisk_image::Result<()>) -> Status {
@@ -263,7 +299,7 @@ impl<D: GuestData> Reactor<D> {
             responses: Vec::new(),
             done: Vec::new(),
             next_seq: 1,
-            writes: BTreeSet::new(),
+            writes: SeqSet::default(),
             flushes: VecDeque::new(),
             barrier: None,
             submitted: 0,
@@ -274,6 +310,7 @@ impl<D: GuestData> Reactor<D> {
             control: parts.control,
             pausing: None,
             run: None,
+            spare_members: Vec::new(),
         }
     }
 
@@ -713,12 +750,15 @@ impl<D: GuestData> Reactor<D> {
                 r.members.push(idx);
             }
             None => {
+                let mut members = std::mem::take(&mut self.spare_members);
+                members.clear();
+                members.push(idx);
                 self.run = Some(Run {
                     kind,
                     end: sector + nsect,
                     bytes,
                     segs,
-                    members: vec![idx],
+                    members,
                 })
             }
         }
@@ -731,6 +771,7 @@ impl<D: GuestData> Reactor<D> {
         let Some(run) = self.run.take() else { return };
         let [first, ..] = run.members[..] else { return };
         if run.members.len() == 1 {
+            self.spare_members = run.members;
             if !self.submit_data(first) {
                 self.finish_entry(first, Status::Error);
             }
@@ -951,7 +992,7 @@ impl<D: GuestData> Reactor<D> {
         while i < self.flushes.len() {
             let idx = self.flushes[i];
             let fseq = self.entry(idx).map_or(0, |p| p.fseq);
-            if self.writes.range(..fseq).next().is_none() {
+            if !self.writes.any_below(fseq) {
                 self.flushes.remove(i);
                 self.submit_flush(idx);
             } else {
@@ -1023,7 +1064,7 @@ impl<D: GuestData> Reactor<D> {
             }
         }
         if stage == Stage::Data && wseq != 0 {
-            self.writes.remove(&wseq);
+            self.writes.remove(wseq);
         }
         // The other requests of a merged run share its outcome.
         let followers = self
@@ -1110,5 +1151,51 @@ impl<D: GuestData> Reactor<D> {
 impl<D: GuestData> Drop for Reactor<D> {
     fn drop(&mut self) {
         sub(&self.counters.queues, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeqSet;
+    use std::collections::BTreeSet;
+
+    /// The set of writes in flight answers as a `BTreeSet` does, whatever the order of
+    /// completions (and of inserts, though the reactor only appends).
+    #[test]
+    fn seq_set_answers_like_an_ordered_set() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut ours = SeqSet::default();
+        let mut model = BTreeSet::new();
+        let mut seq = 1u64;
+        for _ in 0..4_000 {
+            match next() % 8 {
+                0..=3 => {
+                    ours.insert(seq);
+                    model.insert(seq);
+                    seq += 1 + next() % 3;
+                }
+                4 => {
+                    // Out of order (a number below the last one).
+                    let s = next() % seq;
+                    ours.insert(s);
+                    model.insert(s);
+                }
+                _ => {
+                    if let Some(&s) = model.iter().nth((next() % 40) as usize) {
+                        ours.remove(s);
+                        model.remove(&s);
+                    }
+                }
+            }
+            let probe = next() % (seq + 2);
+            assert_eq!(ours.any_below(probe), model.range(..probe).next().is_some());
+            assert!(ours.0.iter().eq(model.iter()));
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! (shadows), request building (direct and `BLKIF_OP_INDIRECT`), submission with plugging, and
 //! completion.
 
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -306,7 +307,8 @@ impl Frontend {
         shadow: &mut Shadow,
     ) -> Result<Request> {
         let handle = 0;
-        let mut segs: Vec<Segment> = Vec::new();
+        // Inline up to a direct request's segments: building one allocates nothing.
+        let mut segs: SmallVec<[Segment; BLKIF_MAX_SEGMENTS_PER_REQUEST]> = SmallVec::new();
         if has_data {
             let max = self.max_request_sectors();
             if sectors > max {
@@ -460,7 +462,7 @@ impl Frontend {
             if now >= deadline || self.queues.is_empty() {
                 return Ok(0);
             }
-            let fds: Vec<i32> = self.queues.iter().map(|q| q.evtchn.fd()).collect();
+            let fds: SmallVec<[i32; 8]> = self.queues.iter().map(|q| q.evtchn.fd()).collect();
             let ms = (deadline - now).as_millis().min(100) as i32;
             let r = poll_readable(&fds, ms.max(1)).unwrap_or_default();
             for (q, ready) in self.queues.iter().zip(r) {
@@ -486,7 +488,7 @@ impl Frontend {
             if now >= deadline {
                 return Err(Error::Timeout(format!("request {tag}")));
             }
-            let fds: Vec<i32> = self.queues.iter().map(|q| q.evtchn.fd()).collect();
+            let fds: SmallVec<[i32; 8]> = self.queues.iter().map(|q| q.evtchn.fd()).collect();
             let ms = (deadline - now).as_millis().min(100) as i32;
             let r = poll_readable(&fds, ms.max(1)).unwrap_or_default();
             for (q, ready) in self.queues.iter().zip(r) {

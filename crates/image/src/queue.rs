@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use xdisk_io::sys::{poll_readable, set_nonblocking, EventFd};
 use xdisk_io::{
     open_engine, same_storage, AioKind, Completion, Engine, EngineConfig, IoBuf, IoSlice, Op,
@@ -132,7 +133,8 @@ struct Slot<B: IoBuf> {
     kind: IoKind,
     /// Each sub-op's host offset, where its bytes start in the buffer and how many, and
     /// where it went (for reading the rest of a short read).
-    starts: Vec<(u64, usize, usize, Target)>,
+    /// Inline for the usual one or two extents (no allocation per request).
+    starts: SmallVec<[(u64, usize, usize, Target); 2]>,
 }
 
 /// Where an engine operation goes: an engine of the queue (index into `engines`) and the fd
@@ -160,6 +162,8 @@ pub struct ImageQueue<B: IoBuf> {
     /// Requests with engine operations in flight; they own the memory those operations use.
     slots: Slab<Slot<B>>,
     backlog: VecDeque<(usize, Op<IoSlice>)>,
+    /// The engine operations of the request being submitted on the fast path (reused).
+    fast_ops: Vec<(usize, Op<IoSlice>)>,
     extents: Vec<Extent>,
     /// Where each data extent of the request being mapped goes (reused, like `extents`).
     targets: Vec<Target>,
@@ -225,6 +229,7 @@ impl<B: IoBuf> ImageQueue<B> {
             notify,
             slots: Slab::new(),
             backlog: VecDeque::new(),
+            fast_ops: Vec::new(),
             extents: Vec::new(),
             targets: Vec::new(),
             completions: Vec::new(),
@@ -389,10 +394,12 @@ impl<B: IoBuf> ImageQueue<B> {
         if n_data >= 1 << SUB_BITS {
             return Err(req);
         }
-        let mut starts = Vec::with_capacity(n_data);
+        let mut starts = SmallVec::with_capacity(n_data);
         let mut pos = 0usize;
         let mut sub = 0u64;
-        let mut ops = Vec::with_capacity(n_data);
+        // The queue's own list, kept between requests (no allocation per request).
+        let mut ops = std::mem::take(&mut self.fast_ops);
+        ops.clear();
         for e in self.extents.drain(..) {
             let elen = e.len() as usize;
             match e {
@@ -422,6 +429,7 @@ impl<B: IoBuf> ImageQueue<B> {
         }
         self.stats.fast += 1;
         if ops.is_empty() {
+            self.fast_ops = ops;
             drop(guard);
             self.finish(req.user_data, Ok(()), req.buf);
             return Ok(());
@@ -437,10 +445,11 @@ impl<B: IoBuf> ImageQueue<B> {
             kind: req.kind,
             starts,
         });
-        for (engine, mut op) in ops {
+        for (engine, mut op) in ops.drain(..) {
             op.user_data |= key << SUB_BITS;
             self.push_op(engine, op);
         }
+        self.fast_ops = ops;
         Ok(())
     }
 
@@ -471,7 +480,7 @@ impl<B: IoBuf> ImageQueue<B> {
             lent: 0,
             held: false,
             kind: req.kind,
-            starts: Vec::new(),
+            starts: SmallVec::new(),
         });
         self.stats.fast += 1;
         self.push_op(

@@ -2,6 +2,7 @@
 
 #![allow(unsafe_code)]
 
+use smallvec::SmallVec;
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
@@ -229,7 +230,8 @@ unsafe impl IoBuf for AlignedBuf {
 /// A view of part of another [`IoBuf`]'s memory, for splitting one request into several
 /// operations (one per host extent).
 pub struct IoSlice {
-    iov: Vec<libc::iovec>,
+    /// Inline for the usual few pieces: a request's fast path allocates nothing here.
+    iov: SmallVec<[libc::iovec; 4]>,
     len: usize,
     /// [`IoBuf::lendable`] of the buffer it views.
     lendable: bool,
@@ -247,7 +249,7 @@ impl IoSlice {
     /// carries this slice has completed, and does not access those bytes meanwhile (slices of
     /// one buffer handed out at the same time must not overlap).
     pub unsafe fn new<B: IoBuf + ?Sized>(buf: &mut B, start: usize, len: usize) -> IoSlice {
-        let mut iov = Vec::with_capacity(1);
+        let mut iov = SmallVec::new();
         let mut pos = 0usize;
         let end = start + len;
         for v in buf.iovecs() {

@@ -2,6 +2,7 @@
 
 #![allow(unsafe_code)]
 
+use smallvec::SmallVec;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -107,8 +108,9 @@ pub fn lseek(fd: RawFd, offset: u64, whence: libc::c_int) -> Option<u64> {
 }
 
 /// poll(2) on a few fds for readability; returns which are readable. EINTR counts as none.
-pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> = fds
+/// Up to 8 fds it allocates nothing (the reactors and the frontend poll on every sleep).
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<SmallVec<[bool; 8]>> {
+    let mut p: SmallVec<[libc::pollfd; 8]> = fds
         .iter()
         .map(|&fd| libc::pollfd {
             fd,
@@ -121,7 +123,7 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
+            return Ok(smallvec::smallvec![false; fds.len()]);
         }
         return Err(e);
     }

@@ -4,7 +4,7 @@
 //! pages without a copy, as blkback does.
 //!
 //! The buffer hands raw iovecs to the kernel; everything else goes through [`SharedMem`]
-//! (atomic accesses). Its two `unsafe impl`s are this module's only `unsafe`.
+//! (atomic accesses). Its three `unsafe impl`s are this module's only `unsafe`.
 
 #![allow(unsafe_code)]
 
@@ -53,6 +53,15 @@ impl std::fmt::Debug for GrantSegment {
     }
 }
 
+/// Room for a [`GrantIoBuf`]'s iovecs, kept between buffers so that a request allocates
+/// nothing. Always empty: it holds no pointer into any mapping.
+#[derive(Default)]
+pub struct IovRoom(Vec<libc::iovec>);
+
+// SAFETY: an `IovRoom` is made empty (`into_parts` clears the list; `Default` is empty) and
+// nothing can add to it, so it carries no pointer to another thread: only spare capacity.
+unsafe impl Send for IovRoom {}
+
 /// An [`IoBuf`] over granted guest pages: the iovecs point straight into the mappings, so an
 /// engine's preadv/pwritev moves data between the disk and the guest's pages without a copy
 /// (what blkback does with its grant mappings).
@@ -92,7 +101,19 @@ impl GrantIoBuf {
         segments: Vec<GrantSegment>,
         for_device_read: bool,
     ) -> Result<GrantIoBuf, PlatformError> {
-        let mut iov = Vec::with_capacity(segments.len());
+        GrantIoBuf::with_iov(segments, IovRoom::default(), for_device_read)
+    }
+
+    /// [`GrantIoBuf::new`] with its iovec list in `room`, given back by
+    /// [`GrantIoBuf::into_parts`]: a request then allocates nothing.
+    pub fn with_iov(
+        segments: Vec<GrantSegment>,
+        room: IovRoom,
+        for_device_read: bool,
+    ) -> Result<GrantIoBuf, PlatformError> {
+        let mut iov = room.0;
+        iov.clear();
+        iov.reserve(segments.len());
         let mut len = 0usize;
         for (i, s) in segments.iter().enumerate() {
             check_bounds(s.offset, s.len, s.region.size())?;
@@ -133,6 +154,14 @@ impl GrantIoBuf {
     /// Gives the segments back (to unmap or reuse them).
     pub fn into_segments(self) -> Vec<GrantSegment> {
         self.segments
+    }
+
+    /// Gives the segments (to unmap or reuse them) and the iovec list's room (to reuse with
+    /// [`GrantIoBuf::with_iov`]) back.
+    pub fn into_parts(self) -> (Vec<GrantSegment>, IovRoom) {
+        let mut iov = self.iov;
+        iov.clear();
+        (self.segments, IovRoom(iov))
     }
 
     /// Calls `f(segment, start_in_segment, buf_range)` for each piece of `[at, at + len)`.
