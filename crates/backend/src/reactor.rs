@@ -644,8 +644,15 @@ impl<D: GuestData> Reactor<D> {
         for (p, page) in prefs.iter_mut().zip(pages.iter()) {
             *p = page;
         }
-        ind.parse_segments(&prefs[..refs.len()])
-            .map_err(|e| e.to_string())
+        // A spare list (no allocation per request).
+        let mut segs = self.spare_segs.pop().unwrap_or_default();
+        match ind.parse_segments_into(&prefs[..refs.len()], &mut segs) {
+            Ok(()) => Ok(segs),
+            Err(e) => {
+                self.spare_segs.push(segs);
+                Err(e.to_string())
+            }
+        }
     }
 
     /// Whether `sector .. sector + n` lies on the disk.

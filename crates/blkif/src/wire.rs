@@ -344,17 +344,30 @@ impl Indirect {
         &self,
         pages: &[&[u8; PAGE_SIZE]],
     ) -> Result<Vec<Segment>, InvalidRequest> {
+        let mut segs = Vec::new();
+        self.parse_segments_into(pages, &mut segs)?;
+        Ok(segs)
+    }
+
+    /// [`Indirect::parse_segments`] into `segs` (emptied first), so that a caller reusing
+    /// its list allocates nothing per request. On error `segs` holds no valid list.
+    pub fn parse_segments_into(
+        &self,
+        pages: &[&[u8; PAGE_SIZE]],
+        segs: &mut Vec<Segment>,
+    ) -> Result<(), InvalidRequest> {
+        segs.clear();
         if pages.len() != self.indirect_grefs.len() {
             return Err(InvalidRequest::IndirectPageCount {
                 expected: self.indirect_grefs.len(),
                 got: pages.len(),
             });
         }
-        let mut segs = Vec::with_capacity(usize::from(self.nr_segments));
+        segs.reserve(usize::from(self.nr_segments));
         for (i, page) in pages.iter().enumerate() {
             let base = i * SEGS_PER_INDIRECT_FRAME;
-            let page_segs =
-                parse_indirect_segments(page, self.segments_in_page(i)).map_err(|e| match e {
+            parse_indirect_segments_into(page, self.segments_in_page(i), segs).map_err(
+                |e| match e {
                     InvalidRequest::BadSegment { index, first, last } => {
                         InvalidRequest::BadSegment {
                             index: base + index,
@@ -363,12 +376,11 @@ impl Indirect {
                         }
                     }
                     other => other,
-                })?;
-            segs.extend(page_segs);
+                },
+            )?;
         }
         let total: u64 = segs.iter().map(|s| u64::from(s.nr_sectors())).sum();
-        check_range(self.sector, total)?;
-        Ok(segs)
+        check_range(self.sector, total)
     }
 }
 
@@ -837,13 +849,25 @@ pub fn parse_indirect_segments(
     page: &[u8; PAGE_SIZE],
     n: usize,
 ) -> Result<Vec<Segment>, InvalidRequest> {
+    let mut out = Vec::new();
+    parse_indirect_segments_into(page, n, &mut out)?;
+    Ok(out)
+}
+
+/// [`parse_indirect_segments`], appending to `out` (indices in errors count from this page's
+/// first segment).
+fn parse_indirect_segments_into(
+    page: &[u8; PAGE_SIZE],
+    n: usize,
+    out: &mut Vec<Segment>,
+) -> Result<(), InvalidRequest> {
     if n > SEGS_PER_INDIRECT_FRAME {
         return Err(InvalidRequest::TooManySegments {
             nr: u32::try_from(n).unwrap_or(u32::MAX),
             max: SEGS_PER_INDIRECT_FRAME as u32,
         });
     }
-    let mut out = Vec::with_capacity(n);
+    out.reserve(n);
     for index in 0..n {
         let seg = Segment::read(page, index * segment::SIZE);
         if !seg.is_valid() {
@@ -855,7 +879,7 @@ pub fn parse_indirect_segments(
         }
         out.push(seg);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes segments into an indirect page (frontend side, tests): every

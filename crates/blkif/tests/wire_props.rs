@@ -313,6 +313,39 @@ proptest! {
         }
     }
 
+    /// A list reused across requests parses to what a fresh one does, whatever it held.
+    #[test]
+    fn indirect_segments_parse_the_same_into_a_reused_list(
+        ind in indirect(),
+        valid in prop::collection::vec(segment(), 0..=1024),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+        flip in any::<Option<(usize, u8)>>(),
+        old in prop::collection::vec(segment(), 0..40),
+    ) {
+        let n = indirect_pages(ind.nr_segments);
+        let mut pages = vec![[0u8; PAGE_SIZE]; n];
+        for (i, page) in pages.iter_mut().enumerate() {
+            let from = (i * 512).min(valid.len());
+            write_indirect_segments(&valid[from..], page);
+            page[..noise.len()].iter_mut().zip(&noise).for_each(|(b, &x)| *b ^= x & 0x07);
+        }
+        if let Some((at, x)) = flip {
+            let (p, o) = ((at / PAGE_SIZE) % n, at % PAGE_SIZE);
+            pages[p][o] ^= x;
+        }
+        let refs: Vec<&[u8; PAGE_SIZE]> = pages.iter().collect();
+        let fresh = ind.parse_segments(&refs);
+        let mut reused = old.clone();
+        let into = ind.parse_segments_into(&refs, &mut reused);
+        match fresh {
+            Ok(v) => {
+                prop_assert_eq!(into, Ok(()));
+                prop_assert_eq!(reused, v);
+            }
+            Err(e) => prop_assert_eq!(into, Err(e)),
+        }
+    }
+
     #[test]
     fn responses_round_trip(abi in abi(), id in any::<u64>(), operation in any::<u8>(),
                             status in prop_oneof![Just(Status::Okay), Just(Status::Error), Just(Status::EOpNotSupp)],
