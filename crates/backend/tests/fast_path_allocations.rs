@@ -102,17 +102,7 @@ fn warm_4k_requests_allocate_nothing_per_request() {
     let host = host();
     // The qcow2 image has its clusters allocated (metadata preallocation): allocating
     // writes take the slow path, which is not what this guards.
-    let qcow2 = qcow2_disk(64 << 20);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        qcow2.path.to_str().unwrap(),
-        "64M",
-    ]);
+    let qcow2 = qcow2_disk_with(64 << 20, "preallocation=metadata");
     for (i, disk) in [raw_disk(64 << 20), qcow2].into_iter().enumerate() {
         let image = open_image(&disk.path, false);
         let domid = 7 + i as u16;

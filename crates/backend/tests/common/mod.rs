@@ -124,16 +124,20 @@ pub fn raw_disk(size: u64) -> Disk {
 }
 
 pub fn qcow2_disk(size: u64) -> Disk {
+    qcow2_disk_with(size, "")
+}
+
+/// A qcow2 image made by qemu-img with creation options `opts` (`-o`; none if empty).
+pub fn qcow2_disk_with(size: u64, opts: &str) -> Disk {
     let dir = tmpdir();
     let path = dir.path().join("disk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        path.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([path.to_str().unwrap(), size.as_str()]);
+    qemu_img(&args);
     Disk {
         dir,
         path,
