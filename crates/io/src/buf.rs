@@ -13,6 +13,11 @@ use std::ptr::NonNull;
 /// move and are not accessed by anyone else from the moment the buffer is moved into an
 /// [`crate::Op`] until the engine hands it back in a [`crate::Completion`]. Moving the owning
 /// value (e.g. `AlignedBuf`, a heap allocation) must not move the memory itself.
+///
+/// The iovec *array* is another matter: it may live inside the value (an [`IoSlice`] keeps up
+/// to four inline) and move with it, so an engine that hands the array to the kernel for
+/// longer than one call copies it first (`IovecArray`, io_uring and native AIO; librbd's
+/// engine keeps its own list).
 pub unsafe trait IoBuf: Send + 'static {
     /// The memory regions, in order (like `struct iovec` for preadv/pwritev).
     fn iovecs(&mut self) -> &[libc::iovec];
