@@ -339,17 +339,15 @@ pub(crate) struct MapPath {
     pub counters: Arc<Counters>,
     /// Persistent grants in use (both ends offered them).
     pub cache: Option<PersistentCache>,
-    /// Segment lists of finished buffers, for reuse.
-    pub spare: Vec<Vec<GrantSegment>>,
-    /// Their iovec lists, for reuse (a request allocates neither).
-    pub spare_iov: Vec<IovRoom>,
+    /// Segment and iovec lists of finished buffers, for reuse (a request allocates neither).
+    pub spare: Vec<(Vec<GrantSegment>, IovRoom)>,
 }
 
 impl GuestData for MapPath {
     type Buf = GrantIoBuf;
 
     fn prepare(&mut self, segs: &[Segment], disk_read: bool) -> Result<GrantIoBuf, DataError> {
-        let mut parts = self.spare.pop().unwrap_or_default();
+        let (mut parts, iov) = self.spare.pop().unwrap_or_default();
         parts.reserve(segs.len());
         match self.cache.as_mut() {
             Some(cache) => {
@@ -371,7 +369,6 @@ impl GuestData for MapPath {
                 }
             }
         }
-        let iov = self.spare_iov.pop().unwrap_or_default();
         Ok(GrantIoBuf::with_iov(parts, iov, disk_read)?)
     }
 
@@ -386,8 +383,7 @@ impl GuestData for MapPath {
         let (mut parts, iov) = buf.into_parts();
         parts.clear();
         if self.spare.len() < 1024 {
-            self.spare.push(parts);
-            self.spare_iov.push(iov);
+            self.spare.push((parts, iov));
         }
         Ok(())
     }
@@ -516,7 +512,6 @@ mod tests {
             counters: counters.clone(),
             cache: Some(PersistentCache::new(max, counters.clone())),
             spare: Vec::new(),
-            spare_iov: Vec::new(),
         };
         (path, counters)
     }

@@ -1194,7 +1194,6 @@ impl Control {
                         PersistentCache::new(self.cfg.max_persistent_grants, counters.clone())
                     }),
                     spare: Vec::new(),
-                    spare_iov: Vec::new(),
                 };
                 let iq = ImageQueue::new(self.image.clone(), &self.cfg.queue)?;
                 let r = Reactor::new(parts, data, iq);
