@@ -511,7 +511,7 @@ impl<D: GuestData> Reactor<D> {
                 self.clock = Instant::now();
             }
             got += 1;
-            self.counters.request_started();
+            self.counters.request_started_at(self.clock);
             self.handle(parsed);
             if self.barrier.is_some() {
                 break;
@@ -527,7 +527,7 @@ impl<D: GuestData> Reactor<D> {
             Status::Error => add(&self.counters.errors, 1),
             Status::EOpNotSupp => add(&self.counters.eopnotsupp, 1),
         }
-        self.counters.request_done();
+        self.counters.request_done_at(self.clock);
         self.responses.push(Response {
             id,
             operation: op,

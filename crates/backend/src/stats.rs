@@ -217,33 +217,42 @@ pub(crate) fn sub(c: &AtomicU64, n: u64) {
 
 /// Nanoseconds on a monotonic clock (since the first call in this process).
 fn mono_ns() -> u64 {
+    mono_ns_at(std::time::Instant::now())
+}
+
+/// `at` in [`mono_ns`]'s terms, without reading the clock (but the first time).
+fn mono_ns_at(at: std::time::Instant) -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let e = EPOCH.get_or_init(std::time::Instant::now);
-    u64::try_from(e.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(at.saturating_duration_since(*e).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Counters {
-    /// A request was consumed from a ring (in flight until [`Counters::request_done`]).
-    pub fn request_started(&self) {
+    /// A request was consumed from a ring at `now` (in flight until
+    /// [`Counters::request_done_at`]). The time is the caller's: a queue reads the clock
+    /// once per batch of requests or completions, not per request (where the clock is a
+    /// system call, as in a Xen PV dom0 without a vDSO clock, a read costs ~30 us under the
+    /// lab's TCG).
+    pub fn request_started_at(&self, now: std::time::Instant) {
         let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.busy_tick(before);
+        self.busy_tick(before, mono_ns_at(now));
     }
 
-    /// A request was answered.
-    pub fn request_done(&self) {
+    /// A request was answered at `now`.
+    pub fn request_done_at(&self, now: std::time::Instant) {
         let before = self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.busy_tick(before);
+        self.busy_tick(before, mono_ns_at(now));
     }
 
     /// Adds the time since the last tick to `busy_ns` if requests were in flight then, as
     /// Linux's `io_ticks` (updated at every start and completion; approximate when queues
     /// tick at once, never more than the time elapsed).
-    fn busy_tick(&self, in_flight_before: u64) {
-        let now = mono_ns();
-        let last = self.busy_mark_ns.swap(now, Ordering::Relaxed);
-        if in_flight_before > 0 {
-            self.busy_ns
-                .fetch_add(now.saturating_sub(last), Ordering::Relaxed);
+    /// The mark only moves forward: a queue ticking with a batch time older than another
+    /// queue's last tick adds nothing.
+    fn busy_tick(&self, in_flight_before: u64, now: u64) {
+        let last = self.busy_mark_ns.fetch_max(now, Ordering::Relaxed);
+        if in_flight_before > 0 && now > last {
+            self.busy_ns.fetch_add(now - last, Ordering::Relaxed);
         }
     }
 
@@ -320,13 +329,26 @@ mod tests {
     }
 
     #[test]
+    fn busy_time_ticked_with_an_older_batch_time_never_goes_back_or_double_counts() {
+        let c = Counters::default();
+        let t0 = std::time::Instant::now();
+        let later = |ms| t0 + std::time::Duration::from_millis(ms);
+        c.request_started_at(later(10)); // queue A
+        c.request_started_at(later(20)); // queue B: busy 10..20
+        c.request_done_at(later(15)); // A answers with its older batch time: adds nothing
+        c.request_done_at(later(30)); // B: 20..30
+        let busy = c.busy_ns.load(Ordering::Relaxed);
+        assert_eq!(busy, 20_000_000, "busy 10 ms to 30 ms, counted once");
+    }
+
+    #[test]
     fn busy_time_counts_only_while_requests_are_in_flight() {
         let c = Counters::default();
         let t = std::time::Instant::now();
-        c.request_started();
+        c.request_started_at(std::time::Instant::now());
         std::thread::sleep(std::time::Duration::from_millis(30));
         let during = c.snapshot().busy_us;
-        c.request_done();
+        c.request_done_at(std::time::Instant::now());
         let busy = c.snapshot().busy_us;
         let total = t.elapsed().as_micros() as u64;
         assert!(during >= 30_000, "busy so far: {during} µs");

@@ -704,7 +704,10 @@ impl<B: IoBuf> ImageQueue<B> {
         min: usize,
         timeout: Option<Duration>,
     ) -> Result<usize> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // The clock is read only once waiting turns out to be needed (a poll with a zero
+        // timeout, the event loops' every turn, reads none: a clock read is a system call
+        // where there is no vDSO clock, as in a Xen PV dom0).
+        let mut deadline: Option<Instant> = None;
         let start_len = out.len();
         loop {
             self.commit()?;
@@ -719,9 +722,11 @@ impl<B: IoBuf> ImageQueue<B> {
             if got >= min || self.in_flight() == 0 {
                 return Ok(got);
             }
-            let wait_ms = match deadline {
-                Some(d) => {
+            let wait_ms = match timeout {
+                Some(t) if t.is_zero() => return Ok(got),
+                Some(t) => {
                     let now = Instant::now();
+                    let d = *deadline.get_or_insert(now + t);
                     if now >= d {
                         return Ok(got);
                     }
