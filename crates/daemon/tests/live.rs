@@ -869,6 +869,7 @@ impl KillChild {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", test, "--nocapture", "--test-threads=1"])
             .env(env, dir)
+            .env(TMP_ROOT_ENV, dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()

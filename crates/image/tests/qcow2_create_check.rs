@@ -1081,9 +1081,10 @@ mod fuzz {
     use proptest::prelude::*;
     use std::sync::OnceLock;
 
-    /// A small image with 512-byte clusters, compressed clusters and a snapshot.
-    fn base_image() -> &'static (TempDir, Vec<u8>) {
-        static IMG: OnceLock<(TempDir, Vec<u8>)> = OnceLock::new();
+    /// A small image with 512-byte clusters, compressed clusters and a snapshot (its bytes:
+    /// a static TempDir would never be removed).
+    fn base_image() -> &'static Vec<u8> {
+        static IMG: OnceLock<Vec<u8>> = OnceLock::new();
         IMG.get_or_init(|| {
             let dir = TempDir::new().unwrap();
             let raw = dir.path().join("d.raw");
@@ -1105,8 +1106,7 @@ mod fuzz {
             qemu_io(&p, &["write -P 1 0 8k"]);
             qemu_img(&["snapshot", "-c", "s", s(&p)]);
             qemu_io(&p, &["write -P 2 4k 8k"]);
-            let bytes = std::fs::read(&p).unwrap();
-            (dir, bytes)
+            std::fs::read(&p).unwrap()
         })
     }
 
@@ -1117,14 +1117,13 @@ mod fuzz {
             muts in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..16),
             repair in 0u8..3,
         ) {
-            let (dir, bytes) = base_image();
-            let mut b = bytes.clone();
+            let dir = TempDir::new().unwrap();
+            let mut b = base_image().clone();
             for (i, v) in &muts {
                 let at = i.index(b.len());
                 b[at] = *v;
             }
-            let name = format!("m{}.qcow2", std::process::id() as u64 ^ muts.len() as u64);
-            let p = dir.path().join(name);
+            let p = dir.path().join("m.qcow2");
             std::fs::write(&p, &b).unwrap();
             let f = ImageFile::open(&p, false, CacheMode::WriteBack).unwrap();
             let t = Instant::now();

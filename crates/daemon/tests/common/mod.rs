@@ -134,10 +134,16 @@ pub struct Disk {
     pub path: PathBuf,
 }
 
+/// Where [`tmpdir`] makes its directories when set (else /var/tmp): a child test process
+/// killed with SIGKILL (the crash tests) cannot remove its own, so its parent points it into
+/// one of the parent's, which the parent removes.
+pub const TMP_ROOT_ENV: &str = "XDISK_TEST_TMP_ROOT";
+
 pub fn tmpdir() -> tempfile::TempDir {
+    let root = std::env::var_os(TMP_ROOT_ENV).unwrap_or_else(|| "/var/tmp".into());
     tempfile::Builder::new()
         .prefix("xdisk-daemon-")
-        .tempdir_in("/var/tmp")
+        .tempdir_in(root)
         .expect("temp dir")
 }
 
