@@ -188,7 +188,24 @@ enum Command {
     Nbd(Box<nbd::NbdArgs>),
 }
 
+/// `xdisk img map ... | head`: once the reader is gone, std's print macros panic ("failed
+/// printing to stdout: Broken pipe"), since Rust ignores SIGPIPE (which is right for the
+/// daemon's, NBD's and the control sockets: a peer that goes away is an error to report
+/// there). Output nobody reads any more is simply not wanted: end quietly with the status of
+/// a C tool killed by SIGPIPE (128 + 13), as qemu-img does.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload_as_str().unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(128 + libc::SIGPIPE);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
+    quiet_on_closed_stdout();
     // --log-format is read before clap parses the rest (logging must be up first).
     let args: Vec<String> = std::env::args().skip(1).take_while(|a| a != "--").collect();
     let asked = args.iter().enumerate().find_map(|(i, a)| {

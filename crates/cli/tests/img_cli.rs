@@ -582,3 +582,38 @@ fn convert_with_several_threads_is_byte_identical_and_checks_clean() {
         }
     }
 }
+
+/// `xdisk img map ... | head` closes the pipe early: the output is not wanted any more, so
+/// xdisk ends quietly with SIGPIPE's status (as qemu-img, killed by the signal), never with
+/// a panic's message and backtrace ("failed printing to stdout: Broken pipe").
+#[test]
+fn output_to_a_closed_pipe_ends_quietly_without_a_panic() {
+    let dir = tmp("xdisk-epipe-");
+    let img = dir.path().join("a.qcow2");
+    let raw = dir.path().join("a.raw");
+    xdisk(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    xdisk(&["create", "-q", "-f", "raw", s(&raw), "4M"]);
+    let file = format!("--filename={}", s(&raw));
+    for args in [
+        vec!["img", "info", s(&img)],
+        vec!["img", "map", "--output=json", s(&img)],
+        vec![
+            "bench",
+            &file,
+            "--bs=4k",
+            "--number_ios=8",
+            "--output-format=json",
+        ],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // every write to stdout fails with EPIPE
+        let out = Command::new(XDISK)
+            .args(&args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+    }
+}
