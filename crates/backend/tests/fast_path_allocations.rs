@@ -51,32 +51,29 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 const DEPTH: usize = 32;
-const SECTORS: u32 = 8;
 
-/// Runs `n` 4 KiB requests at queue depth 32, reads and writes mixed, at pseudo-random places
-/// of a 64 MiB disk; the frontend's buffers are given back to it.
-fn run(p: &mut Pair, n: usize, seed: &mut u64) {
+/// Runs `n` requests of `bs` bytes at queue depth 32, reads and writes mixed, at pseudo-random
+/// places of a 64 MiB disk; the frontend's buffers are given back to it.
+fn run(p: &mut Pair, bs: usize, n: usize, seed: &mut u64) {
+    let sectors = (bs / 512) as u32;
     let mut next = move || {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
         *seed
     };
-    let blocks = (64 << 20) / 4096;
+    let blocks = (64 << 20) / bs as u64;
     let mut done = Vec::with_capacity(DEPTH);
     let (mut submitted, mut finished, mut in_flight) = (0, 0, 0);
     while finished < n {
         while in_flight < DEPTH && submitted < n {
             let r = next();
-            let sector = (r % blocks) * u64::from(SECTORS);
+            let sector = (r % blocks) * u64::from(sectors);
             let op = if r & (1 << 40) == 0 {
-                Op::Read {
-                    sector,
-                    sectors: SECTORS,
-                }
+                Op::Read { sector, sectors }
             } else {
-                let mut data = p.front.buffer(4096);
-                data.resize(4096, (r >> 48) as u8);
+                let mut data = p.front.buffer(bs);
+                data.resize(bs, (r >> 48) as u8);
                 Op::Write { sector, data }
             };
             p.front.submit(0, op).expect("submit");
@@ -99,6 +96,16 @@ fn run(p: &mut Pair, n: usize, seed: &mut u64) {
 
 #[test]
 fn warm_4k_requests_allocate_nothing_per_request() {
+    warm_requests_allocate_nothing(4096);
+}
+
+/// 16 segments: an indirect request, a READV/WRITEV of 16 iovecs at the engine.
+#[test]
+fn warm_64k_requests_allocate_nothing_per_request() {
+    warm_requests_allocate_nothing(64 << 10);
+}
+
+fn warm_requests_allocate_nothing(bs: usize) {
     let host = host();
     // The qcow2 image has its clusters allocated (metadata preallocation): allocating
     // writes take the slow path, which is not what this guards.
@@ -110,16 +117,17 @@ fn warm_4k_requests_allocate_nothing_per_request() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         // Warm: the persistent grants, the slabs, the spare lists, qcow2's clusters and
         // every buffer pool reach their working size.
-        run(&mut p, 6_000, &mut seed);
-        run(&mut p, 2_000, &mut seed);
+        run(&mut p, bs, 6_000, &mut seed);
+        run(&mut p, bs, 2_000, &mut seed);
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         let n = 8_000;
-        run(&mut p, n, &mut seed);
+        run(&mut p, bs, n, &mut seed);
         let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / n as f64;
         assert!(
             per_request < 0.1,
-            "{}: {per_request:.2} allocations per warm 4 KiB request",
-            disk.format
+            "{}: {per_request:.2} allocations per warm {} KiB request",
+            disk.format,
+            bs >> 10
         );
         p.front.disconnect().expect("disconnect");
         p.device.shutdown().expect("shutdown");

@@ -308,7 +308,9 @@ impl Frontend {
     ) -> Result<Request> {
         let handle = 0;
         // Inline up to a direct request's segments: building one allocates nothing.
-        let mut segs: SmallVec<[Segment; BLKIF_MAX_SEGMENTS_PER_REQUEST]> = SmallVec::new();
+        // Inline up to 32 segments (Linux blkfront's default indirect limit): no allocation
+        // per request up to 128 KiB.
+        let mut segs: SmallVec<[Segment; 32]> = SmallVec::new();
         if has_data {
             let max = self.max_request_sectors();
             if sectors > max {

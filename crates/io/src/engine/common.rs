@@ -33,16 +33,37 @@ pub(crate) fn needs_buf<B: IoBuf>(op: &Op<B>) -> bool {
 
 /// A heap copy of a buffer's iovec array. The kernel gets a pointer to this copy (not to the
 /// array inside the buffer value, which moves with the value); the heap allocation does not
-/// move when the owning slot moves, and it is kept until the operation completes.
-pub(crate) struct IovecArray(Box<[libc::iovec]>);
+/// move when the owning slot moves, and it is kept until the operation completes. An engine
+/// keeps the arrays of completed operations ([`IovecArray::spare`]) and copies the next
+/// request's iovecs into one of them ([`IovecArray::copy_into`]): a warm engine allocates
+/// nothing for multi-segment requests.
+pub(crate) struct IovecArray(Vec<libc::iovec>);
 
 // SAFETY: the iovecs only describe memory owned by the buffer that travels with them (the
-// buffer is `Send`); the array itself is plain data owned exclusively by this value.
+// buffer is `Send`), or none at all (a spare array is empty); the array itself is plain data
+// owned exclusively by this value.
 unsafe impl Send for IovecArray {}
 
 impl IovecArray {
     pub(crate) fn copy_of(iov: &[libc::iovec]) -> IovecArray {
-        IovecArray(iov.into())
+        IovecArray(iov.to_vec())
+    }
+    /// A copy of `iov` in `room`'s allocation (a spare array, or a new one if `None`).
+    pub(crate) fn copy_into(room: Option<IovecArray>, iov: &[libc::iovec]) -> IovecArray {
+        match room {
+            Some(IovecArray(mut v)) => {
+                v.clear();
+                v.extend_from_slice(iov);
+                IovecArray(v)
+            }
+            None => IovecArray::copy_of(iov),
+        }
+    }
+    /// The array emptied, its allocation kept for [`IovecArray::copy_into`] (the operation
+    /// that used it has completed).
+    pub(crate) fn spare(mut self) -> IovecArray {
+        self.0.clear();
+        self
     }
     pub(crate) fn as_ptr(&self) -> *const libc::iovec {
         self.0.as_ptr()

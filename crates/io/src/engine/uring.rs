@@ -64,8 +64,8 @@ struct Slot<B> {
     buf: Option<B>,
     /// Heap copy of the iovec array of a READV/WRITEV (the kernel reads it at submission,
     /// and before Linux 5.5, without IORING_FEAT_SUBMIT_STABLE, possibly later): kept until
-    /// the completion.
-    _iovecs: Option<IovecArray>,
+    /// the completion, then kept empty in `spare_iovecs` for the next one.
+    iovecs: Option<IovecArray>,
 }
 
 /// How an SQE names its file.
@@ -109,6 +109,8 @@ pub struct UringEngine<B: IoBuf = AlignedBuf> {
     /// Completions found by [`Engine::wait_readable`], handed out by the next reap (their
     /// slots are already free: they count in `in_flight` until then).
     stashed: Vec<Completion<B>>,
+    /// Emptied iovec arrays of completed READV/WRITEVs, for the next ones.
+    spare_iovecs: Vec<IovecArray>,
 }
 
 impl<B: IoBuf> UringEngine<B> {
@@ -194,6 +196,7 @@ impl<B: IoBuf> UringEngine<B> {
             can_poll,
             polls: Vec::new(),
             stashed: Vec::new(),
+            spare_iovecs: Vec::new(),
         })
     }
 
@@ -205,7 +208,7 @@ impl<B: IoBuf> UringEngine<B> {
     }
 
     /// Builds the SQE of `op` (its `user_data` is set later), plus the iovec copy it uses.
-    fn build_entry(&self, op: &mut Op<B>) -> io::Result<(squeue::Entry, Option<IovecArray>)> {
+    fn build_entry(&mut self, op: &mut Op<B>) -> io::Result<(squeue::Entry, Option<IovecArray>)> {
         let target = self.target(op.fd);
         let offset = op.offset;
         Ok(match op.kind {
@@ -228,7 +231,7 @@ impl<B: IoBuf> UringEngine<B> {
                         (e, None)
                     }
                     _ => {
-                        let copy = IovecArray::copy_of(iov);
+                        let copy = IovecArray::copy_into(self.spare_iovecs.pop(), iov);
                         let n = u32::try_from(copy.len())
                             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
                         let ptr = copy.as_ptr();
@@ -327,6 +330,9 @@ impl<B: IoBuf> UringEngine<B> {
                 continue;
             };
             debug_assert!(!cqueue::more(cqe.flags()));
+            if let Some(a) = slot.iovecs {
+                self.spare_iovecs.push(a.spare());
+            }
             out.push(Completion {
                 user_data: slot.user_data,
                 result: common::kernel_result(i64::from(cqe.result())),
@@ -394,7 +400,7 @@ impl<B: IoBuf> Engine<B> for UringEngine<B> {
             .insert(Slot {
                 user_data: op.user_data,
                 buf: op.buf,
-                _iovecs: iovecs,
+                iovecs,
             })
             .expect("slab has room (checked above)");
         let entry = entry.user_data(key as u64);
