@@ -7,8 +7,14 @@
 #            O_DIRECT and aio=threads (see below why not direct-io-safe through xenstore)
 # Workload (issue #12's rows): fio libaio direct=1, a few seconds each, on every backend:
 #   4k randread and randwrite at QD1 and QD32, 64k randread QD16, 1M sequential read and write
-#   QD8. The backends take turns (xdisk blkback qdisk, then qdisk blkback xdisk, ...). Prints
-#   per-backend IOPS and latency for every row, then the ratios of the mean IOPS:
+#   QD8. The backends take turns row by row (xdisk blkback qdisk, then qdisk blkback xdisk for
+#   the next row, the other way round in the next round), so the runs a ratio compares are
+#   seconds apart: the lab's speed drifts by up to 1.7x within a minute under TCG (one
+#   backend's 4k QD32 rounds 2,530 and 1,475 IOPS in one run), and with every row of a backend
+#   run before the next backend's a ratio compared runs a minute apart (rr64k16 0.63 in one CI
+#   run, 1.01 in the next quiet one). Prints per-backend IOPS and latency for every row, then
+#   per row the median over the rounds of xdisk's IOPS divided by the other backend's in the
+#   same round:
 #   compare: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R  (4k QD32)
 #   compare-seq: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R  (1M QD8)
 #   compare-row: ROW xdisk/blkback=R xdisk/qdisk=R  (one per row)
@@ -19,9 +25,9 @@
 # shellcheck source=../dom0/lib.sh
 . /lab/lib.sh
 
-ROUNDS=2        # each round runs every backend once; the order reverses every round
-RUNTIME=3       # seconds of fio per workload and backend (after RAMP)
-RAMP=1
+ROUNDS=4        # each round runs every row on every backend once
+RUNTIME=2       # seconds of fio per workload and backend (after RAMP)
+RAMP=500ms
 SIZE_MB=64      # each image
 VDEV_BB=xvdm    # blkback's and qdisk's device names (xdisk attach takes the first free one);
 VDEV_QD=xvdn    # below xvdq, whose numbers take Linux's extended format
@@ -145,24 +151,26 @@ echo "images: xdisk cache=none (O_DIRECT, io_uring), blkback $loopdev dio=$loop_
 # --- the workload --------------------------------------------------------------------------
 # ROW:RW:BS:IODEPTH, in the order they run (the first two rows make the compare: line).
 ROWS="rr4k32:randread:4k:32 rw4k32:randwrite:4k:32 rr4k1:randread:4k:1 rw4k1:randwrite:4k:1 rr64k16:randread:64k:16 sr1m8:read:1M:8 sw1m8:write:1M:8"
-# run_round ROUND BACKEND...: one fio run (its start costs seconds under TCG) with a job per
-# backend and row, one after the other (stonewall); appends "BACKEND ROW ROUND IOPS LAT_US"
-# to /tmp/cmp.res.
+# run_round ROUND: one fio run (its start costs seconds under TCG) with a job per row and
+# backend, one after the other (stonewall): row by row, the three backends back to back, in
+# an order that reverses every row and every round (blkback, the main anchor, always in the
+# middle, next to xdisk); appends "BACKEND ROW ROUND IOPS LAT_US" to /tmp/cmp.res.
 : > /tmp/cmp.res
 run_round() {
-  local r=$1 b row name rest rw bs qd jobs='' n=0 bad
-  shift
-  for b in "$@"; do
-    for row in $ROWS; do
-      name=${row%%:*} rest=${row#*:}
-      rw=${rest%%:*} rest=${rest#*:}
-      bs=${rest%%:*} qd=${rest#*:}
+  local r=$1 b row name rest rw bs qd jobs='' n=0 i=0 bad order
+  for row in $ROWS; do
+    name=${row%%:*} rest=${row#*:}
+    rw=${rest%%:*} rest=${rest#*:}
+    bs=${rest%%:*} qd=${rest#*:}
+    if [ $(((i + r) % 2)) = 1 ]; then order="xdisk blkback qdisk"; else order="qdisk blkback xdisk"; fi
+    for b in $order; do
       jobs="$jobs --name=$b:$name:$rw --filename=/dev/$(dev_of "$b") --rw=$rw --bs=$bs --iodepth=$qd --stonewall"
       n=$((n + 1))
     done
+    i=$((i + 1))
   done
   # shellcheck disable=SC2086 # $jobs is a list of options
-  timeout $((n * (RUNTIME + RAMP + 5) + 30)) fio --ioengine=libaio --direct=1 \
+  timeout $((n * (RUNTIME + 6) + 30)) fio --ioengine=libaio --direct=1 \
     --time_based --runtime=$RUNTIME --ramp_time=$RAMP --norandommap --randrepeat=0 --minimal $jobs \
     > /tmp/cmp-fio.out 2>/tmp/cmp-fio.err
   [ "$(grep -c '^3;' /tmp/cmp-fio.out)" = $n ] ||
@@ -183,7 +191,7 @@ run_round() {
 t0=$(up)
 r=1
 while [ $r -le $ROUNDS ]; do
-  if [ $((r % 2)) = 1 ]; then run_round $r xdisk blkback qdisk; else run_round $r qdisk blkback xdisk; fi
+  run_round $r
   r=$((r + 1))
 done
 echo "workload: $ROUNDS rounds in $(secs_since "$t0")s"
@@ -204,10 +212,26 @@ check "blkfront saw no failed operation" sh -c "! dmesg | grep -q 'op failed'"
 xdisk stat --control "$sock" | head -5
 
 # --- figures (report: tests/xen/run --show prints them) ----------------------------------------
-report "fio libaio direct=1, ${RUNTIME}s each after ${RAMP}s, mean of $ROUNDS rounds (order alternating)," \
-  "raw images with O_DIRECT on ext4; IOPS (1M rows: MiB/s), mean latency:"
-awk -v rows="$ROWS" '
-  { k = $1 " " $2; n[k]++; iops[k] += $4; lat[k] += $5; all[k] = all[k] " " $4 }
+report "fio libaio direct=1, ${RUNTIME}s each after ${RAMP}, $ROUNDS rounds, backends back to back per row" \
+  "(order alternating), raw images with O_DIRECT on ext4; mean IOPS (1M rows: MiB/s), mean latency;" \
+  "ratios: the median over the rounds of xdisk's IOPS / the other's in the same round:"
+awk -v rows="$ROWS" -v rounds="$ROUNDS" '
+  # median of the n values v[1..n] (sorted here; n is small)
+  function median(v, n,   i, j, t) {
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+  }
+  # ratio(ROW, OTHER): the median of the per-round ratios; list[OTHER] gets them all
+  function ratio(row, other,   r, n, v, b) {
+    n = 0; list[other] = ""
+    for (r = 1; r <= rounds; r++)
+      if (((b = "xdisk " row " " r) in io) && io["" other " " row " " r] > 0) {
+        v[++n] = io[b] / io[other " " row " " r]
+        list[other] = list[other] sprintf(" %.2f", v[n])
+      }
+    return n ? median(v, n) : 0
+  }
+  { k = $1 " " $2; n[k]++; iops[k] += $4; lat[k] += $5; all[k] = all[k] " " $4; io[$1 " " $2 " " $3] = $4 }
   END {
     nr = split(rows, rl, " ")
     for (r = 1; r <= nr; r++) {
@@ -215,21 +239,19 @@ awk -v rows="$ROWS" '
       for (i = 1; i <= 3; i++) {
         b = i == 1 ? "xdisk" : i == 2 ? "blkback" : "qdisk"; k = b " " row
         if (n[k] == 0) continue
-        m[k] = iops[k] / n[k]
-        printf "%-8s %-8s %-13s QD%-3s %8.0f IOPS %7.0f us (rounds:%s)\n", b, row, f[2] " " f[3], f[4], m[k], lat[k] / n[k], all[k]
+        printf "%-8s %-8s %-13s QD%-3s %8.0f IOPS %7.0f us (rounds:%s)\n", b, row, f[2] " " f[3], f[4], iops[k] / n[k], lat[k] / n[k], all[k]
       }
     }
     for (r = 1; r <= nr; r++) {
       split(rl[r], f, ":"); row = f[1]
-      if (m["blkback " row] > 0 && m["qdisk " row] > 0)
-        printf "compare-row: %s xdisk/blkback=%.2f xdisk/qdisk=%.2f\n", row, m["xdisk " row] / m["blkback " row], m["xdisk " row] / m["qdisk " row]
+      xb[row] = ratio(row, "blkback"); xq[row] = ratio(row, "qdisk")
+      if (xb[row] > 0 && xq[row] > 0)
+        printf "compare-row: %s xdisk/blkback=%.2f xdisk/qdisk=%.2f (rounds: xdisk/blkback%s; xdisk/qdisk%s)\n", row, xb[row], xq[row], list["blkback"], list["qdisk"]
     }
     printf "compare: read xdisk/blkback=%.2f xdisk/qdisk=%.2f write xdisk/blkback=%.2f xdisk/qdisk=%.2f\n",
-      m["xdisk rr4k32"] / m["blkback rr4k32"], m["xdisk rr4k32"] / m["qdisk rr4k32"],
-      m["xdisk rw4k32"] / m["blkback rw4k32"], m["xdisk rw4k32"] / m["qdisk rw4k32"]
+      xb["rr4k32"], xq["rr4k32"], xb["rw4k32"], xq["rw4k32"]
     printf "compare-seq: read xdisk/blkback=%.2f xdisk/qdisk=%.2f write xdisk/blkback=%.2f xdisk/qdisk=%.2f\n",
-      m["xdisk sr1m8"] / m["blkback sr1m8"], m["xdisk sr1m8"] / m["qdisk sr1m8"],
-      m["xdisk sw1m8"] / m["blkback sw1m8"], m["xdisk sw1m8"] / m["qdisk sw1m8"]
+      xb["sr1m8"], xq["sr1m8"], xb["sw1m8"], xq["sw1m8"]
   }' /tmp/cmp.res > /tmp/cmp-figures
 while IFS= read -r l; do report "$l"; done < /tmp/cmp-figures
 for l in compare compare-seq; do
