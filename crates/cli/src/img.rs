@@ -932,8 +932,9 @@ struct ConvertJob<'a> {
 impl ConvertJob<'_> {
     /// Copies chunks until none is left or a thread failed; `progress`: this thread prints.
     fn work(&self, progress: bool) -> Result<()> {
-        // Aligned for O_DIRECT (-t none / -T none): no bounce buffer in the way.
-        let mut buf = xdisk_io::AlignedBuf::new(CONVERT_CHUNK as usize, 4096);
+        // Aligned for O_DIRECT (-t none / -T none): no bounce buffer in the way; in a huge
+        // page, so a chunk reaches the disk as one segment (see `AlignedBuf::large`).
+        let mut buf = xdisk_io::AlignedBuf::large(CONVERT_CHUNK as usize, 4096);
         let mut last_pct = u64::MAX;
         loop {
             if self.failed.load(Ordering::Relaxed) {

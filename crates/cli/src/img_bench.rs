@@ -116,7 +116,8 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     let align = image.storage().alignment().buffer_align();
     let mut free: Vec<AlignedBuf> = (0..a.depth)
         .map(|_| {
-            let mut b = AlignedBuf::new(bufsize, align);
+            // Huge pages from 1 MiB up (few segments per request: see `AlignedBuf::large`).
+            let mut b = AlignedBuf::large(bufsize, align);
             if a.write {
                 b.fill(a.pattern);
             }

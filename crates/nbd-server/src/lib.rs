@@ -534,7 +534,15 @@ impl BufPool {
                 .position(|b| b.capacity() == cap)
                 .map(|i| v.swap_remove(i))
         };
-        let mut b = found.unwrap_or_else(|| AlignedBuf::new(cap, self.align));
+        let mut b = found.unwrap_or_else(|| {
+            // From 2 MiB (powers of two: whole huge pages, nothing wasted) in huge pages:
+            // a request's data reaches the disk in few segments (`AlignedBuf::large`).
+            if cap >= xdisk_io::buf::HUGE_PAGE {
+                AlignedBuf::large(cap, self.align)
+            } else {
+                AlignedBuf::new(cap, self.align)
+            }
+        });
         b.set_len(len);
         b
     }
