@@ -11,8 +11,10 @@ with `-m 16 -W` (its fastest: 16 coroutines, out-of-order writes) and xdisk with
 defaults (-m 8 threads); the output is deleted between runs. Alternating order per round;
 prints medians of the wall time, CPU time (user+sys of the process) and the ratio
 xdisk/qemu-img of the wall time (lower is better for xdisk). The copy floor is fio reading
-and writing the data's bytes at once with O_DIRECT: no converter can beat the disk, so
-floor/tool near 1 means the tool is at the disk's speed. --markdown prints the README table.
+and writing the data's bytes at once with O_DIRECT, from buffers in 4 KiB pages: floor/tool
+near 1 means the tool is at the speed the disk gives a plain copy (xdisk's chunks are in huge
+pages, which the block layer sends in fewer, larger requests: it can pass the floor).
+--markdown prints the README table.
 """
 
 import argparse
