@@ -250,6 +250,14 @@ impl AlignedBuf {
     pub fn capacity(&self) -> usize {
         self.cap
     }
+    /// The bytes of memory behind the buffer: its capacity, or for a mapped one
+    /// ([`AlignedBuf::large`]) the mapping's size, whole huge pages.
+    pub fn footprint(&self) -> usize {
+        match self.backing {
+            Backing::Heap(layout) => layout.size(),
+            Backing::Mapped(size) => size,
+        }
+    }
     /// Whether the memory is an own mapping advised for huge pages ([`AlignedBuf::large`]).
     pub fn is_huge_mapped(&self) -> bool {
         matches!(self.backing, Backing::Mapped(_))
@@ -476,6 +484,8 @@ mod tests {
             let align = if b.is_huge_mapped() { HUGE_PAGE } else { 4096 };
             assert_eq!(b.as_ptr() as usize % align, 0, "len {len}");
             assert_eq!((b.len(), b.capacity()), (len, len));
+            let whole = len.next_multiple_of(HUGE_PAGE);
+            assert_eq!(b.footprint(), if b.is_huge_mapped() { whole } else { len });
             assert!(is_zero(&b), "len {len}");
             b[0] = 1;
             b[len - 1] = 2;

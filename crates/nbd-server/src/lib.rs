@@ -516,7 +516,8 @@ fn cost(c: &Command) -> u64 {
 
 /// Request buffers of one connection, reused: a fresh buffer of a MiB costs a mapping and
 /// hundreds of page faults. Sizes are powers of two (at least 4 KiB); at most
-/// [`POOL_BYTES`] stay pooled.
+/// [`POOL_BYTES`] of memory stay pooled (counted as [`AlignedBuf::footprint`]: a 1 MiB
+/// buffer in a huge page counts 2 MiB).
 struct BufPool {
     bufs: Mutex<Vec<AlignedBuf>>,
     align: usize,
@@ -534,23 +535,17 @@ impl BufPool {
                 .position(|b| b.capacity() == cap)
                 .map(|i| v.swap_remove(i))
         };
-        let mut b = found.unwrap_or_else(|| {
-            // From 2 MiB (powers of two: whole huge pages, nothing wasted) in huge pages:
-            // a request's data reaches the disk in few segments (`AlignedBuf::large`).
-            if cap >= xdisk_io::buf::HUGE_PAGE {
-                AlignedBuf::large(cap, self.align)
-            } else {
-                AlignedBuf::new(cap, self.align)
-            }
-        });
+        // From 1 MiB in huge pages: a request's data reaches the disk in few segments
+        // (`AlignedBuf::large`; a 1 MiB buffer takes a whole 2 MiB page, counted in `put`).
+        let mut b = found.unwrap_or_else(|| AlignedBuf::large(cap, self.align));
         b.set_len(len);
         b
     }
 
     fn put(&self, b: AlignedBuf) {
         let mut v = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-        let held: usize = v.iter().map(AlignedBuf::capacity).sum();
-        if held + b.capacity() <= POOL_BYTES {
+        let held: usize = v.iter().map(AlignedBuf::footprint).sum();
+        if held + b.footprint() <= POOL_BYTES {
             v.push(b);
         }
     }
