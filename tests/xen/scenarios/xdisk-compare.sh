@@ -5,10 +5,12 @@
 #   blkback  the kernel's blkback, phy on a loop device with direct I/O (xl block-attach 0)
 #   qdisk    Debian's qemu-system-xen as dom0's disk backend, the disk a xen-disk device with
 #            O_DIRECT and aio=threads (see below why not direct-io-safe through xenstore)
+#   file     no Xen device: fio in dom0 on an image file of its own (O_DIRECT), the anchor:
+#            what the storage under the backends gives, the ceiling of any backend's row
 # Workload (issue #12's rows): fio libaio direct=1, a few seconds each, on every backend:
 #   4k randread and randwrite at QD1 and QD32, 64k randread QD16, 1M sequential read and write
-#   QD8. The backends take turns row by row (xdisk blkback qdisk, then qdisk blkback xdisk for
-#   the next row, the other way round in the next round), so the runs a ratio compares are
+#   QD8. The backends take turns row by row (file xdisk blkback qdisk, then qdisk blkback xdisk
+#   file for the next row, the other way round in the next round), so the runs a ratio compares are
 #   seconds apart: the lab's speed drifts by up to 1.7x within a minute under TCG (one
 #   backend's 4k QD32 rounds 2,530 and 1,475 IOPS in one run), and with every row of a backend
 #   run before the next backend's a ratio compared runs a minute apart (rr64k16 0.63 in one CI
@@ -17,7 +19,8 @@
 #   same round:
 #   compare: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R  (4k QD32)
 #   compare-seq: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R  (1M QD8)
-#   compare-row: ROW xdisk/blkback=R xdisk/qdisk=R  (one per row)
+#   compare-row: ROW xdisk/blkback=R xdisk/qdisk=R xdisk/file=R blkback/file=R qdisk/file=R
+#   (one per row; X/file is the share of the storage's own speed that the device delivers)
 # Passes when all three ran the workload without errors and a
 # write + read-back through each device (and from its image file) matched; the ratios are
 # reported, not asserted. Everything is detached, QEMU and the daemon stopped, at the end.
@@ -38,6 +41,7 @@ sock=/run/xdisk/cmp.sock
 img_x=$LAB_DATA/cmp-xdisk.raw
 img_b=$LAB_DATA/cmp-blkback.raw
 img_q=$LAB_DATA/cmp-qdisk.raw
+img_f=$LAB_DATA/cmp-file.raw
 serve_pid='' xdev='' loopdev='' qemu_pid='' dm_registered=''
 
 command -v fio >/dev/null || fail "no fio in dom0 (tests/xen/lib/initramfs.sh adds it for '# lab-needs: fio')"
@@ -65,11 +69,11 @@ devid() {
 
 # --- images: the same size, fully written (no holes, no unwritten extents) --------------------
 t0=$(up)
-rm -f "$img_x" "$img_b" "$img_q"
-for f in "$img_x" "$img_b" "$img_q"; do
+rm -f "$img_x" "$img_b" "$img_q" "$img_f"
+for f in "$img_x" "$img_b" "$img_q" "$img_f"; do
   dd if=/dev/zero of="$f" bs=4M count=$((SIZE_MB / 4)) oflag=direct 2>/dev/null || fail "creating $f"
 done
-echo "images: 3 x $SIZE_MB MiB raw on $LAB_DATA in $(secs_since "$t0")s"
+echo "images: 4 x $SIZE_MB MiB raw on $LAB_DATA in $(secs_since "$t0")s"
 
 # --- (a) xdisk -------------------------------------------------------------------------------
 t1=$(up)
@@ -138,6 +142,8 @@ wait_for 30 test -b /dev/$VDEV_BB || fail "blkback: no /dev/$VDEV_BB 30 s after 
 echo "blkback: /dev/$VDEV_BB attached in $(secs_since "$t1")s"
 
 dev_of() { case $1 in xdisk) echo "$xdev" ;; blkback) echo $VDEV_BB ;; qdisk) echo $VDEV_QD ;; esac; }
+# path_of BACKEND: what fio opens for it.
+path_of() { case $1 in file) echo "$img_f" ;; *) echo "/dev/$(dev_of "$1")" ;; esac; }
 img_of() { case $1 in xdisk) echo "$img_x" ;; blkback) echo "$img_b" ;; qdisk) echo "$img_q" ;; esac; }
 for b in xdisk blkback qdisk; do
   d=$(dev_of $b)
@@ -152,9 +158,9 @@ echo "images: xdisk cache=none (O_DIRECT, io_uring), blkback $loopdev dio=$loop_
 # ROW:RW:BS:IODEPTH, in the order they run (the first two rows make the compare: line).
 ROWS="rr4k32:randread:4k:32 rw4k32:randwrite:4k:32 rr4k1:randread:4k:1 rw4k1:randwrite:4k:1 rr64k16:randread:64k:16 sr1m8:read:1M:8 sw1m8:write:1M:8"
 # run_round ROUND: one fio run (its start costs seconds under TCG) with a job per row and
-# backend, one after the other (stonewall): row by row, the three backends back to back, in
-# an order that reverses every row and every round (blkback, the main anchor, always in the
-# middle, next to xdisk); appends "BACKEND ROW ROUND IOPS LAT_US" to /tmp/cmp.res.
+# backend, one after the other (stonewall): row by row, the four back to back, in an order
+# that reverses every row and every round (xdisk always between the file and blkback, its two
+# anchors); appends "BACKEND ROW ROUND IOPS LAT_US" to /tmp/cmp.res.
 : > /tmp/cmp.res
 run_round() {
   local r=$1 b row name rest rw bs qd jobs='' n=0 i=0 bad order
@@ -162,9 +168,9 @@ run_round() {
     name=${row%%:*} rest=${row#*:}
     rw=${rest%%:*} rest=${rest#*:}
     bs=${rest%%:*} qd=${rest#*:}
-    if [ $(((i + r) % 2)) = 1 ]; then order="xdisk blkback qdisk"; else order="qdisk blkback xdisk"; fi
+    if [ $(((i + r) % 2)) = 1 ]; then order="file xdisk blkback qdisk"; else order="qdisk blkback xdisk file"; fi
     for b in $order; do
-      jobs="$jobs --name=$b:$name:$rw --filename=/dev/$(dev_of "$b") --rw=$rw --bs=$bs --iodepth=$qd --stonewall"
+      jobs="$jobs --name=$b:$name:$rw --filename=$(path_of "$b") --rw=$rw --bs=$bs --iodepth=$qd --stonewall"
       n=$((n + 1))
     done
     i=$((i + 1))
@@ -214,20 +220,22 @@ xdisk stat --control "$sock" | head -5
 # --- figures (report: tests/xen/run --show prints them) ----------------------------------------
 report "fio libaio direct=1, ${RUNTIME}s each after ${RAMP}, $ROUNDS rounds, backends back to back per row" \
   "(order alternating), raw images with O_DIRECT on ext4; mean IOPS (1M rows: MiB/s), mean latency;" \
-  "ratios: the median over the rounds of xdisk's IOPS / the other's in the same round:"
+  "ratios: the median over the rounds of one's IOPS / the other's in the same round" \
+  "(file: fio on an image file in dom0, no Xen device: the storage's own speed):"
 awk -v rows="$ROWS" -v rounds="$ROUNDS" '
   # median of the n values v[1..n] (sorted here; n is small)
   function median(v, n,   i, j, t) {
     for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
     return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
   }
-  # ratio(ROW, OTHER): the median of the per-round ratios; list[OTHER] gets them all
-  function ratio(row, other,   r, n, v, b) {
-    n = 0; list[other] = ""
+  # ratio(ONE, ROW, OTHER): the median of the per-round ratios ONE/OTHER; list[ONE "/" OTHER]
+  # gets them all
+  function ratio(one, row, other,   r, n, v, b, k) {
+    n = 0; k = one "/" other; list[k] = ""
     for (r = 1; r <= rounds; r++)
-      if (((b = "xdisk " row " " r) in io) && io["" other " " row " " r] > 0) {
+      if (((b = one " " row " " r) in io) && io["" other " " row " " r] > 0) {
         v[++n] = io[b] / io[other " " row " " r]
-        list[other] = list[other] sprintf(" %.2f", v[n])
+        list[k] = list[k] sprintf(" %.2f", v[n])
       }
     return n ? median(v, n) : 0
   }
@@ -236,17 +244,19 @@ awk -v rows="$ROWS" -v rounds="$ROUNDS" '
     nr = split(rows, rl, " ")
     for (r = 1; r <= nr; r++) {
       split(rl[r], f, ":"); row = f[1]
-      for (i = 1; i <= 3; i++) {
-        b = i == 1 ? "xdisk" : i == 2 ? "blkback" : "qdisk"; k = b " " row
+      for (i = 1; i <= 4; i++) {
+        b = i == 1 ? "xdisk" : i == 2 ? "blkback" : i == 3 ? "qdisk" : "file"; k = b " " row
         if (n[k] == 0) continue
         printf "%-8s %-8s %-13s QD%-3s %8.0f IOPS %7.0f us (rounds:%s)\n", b, row, f[2] " " f[3], f[4], iops[k] / n[k], lat[k] / n[k], all[k]
       }
     }
     for (r = 1; r <= nr; r++) {
       split(rl[r], f, ":"); row = f[1]
-      xb[row] = ratio(row, "blkback"); xq[row] = ratio(row, "qdisk")
+      xb[row] = ratio("xdisk", row, "blkback"); xq[row] = ratio("xdisk", row, "qdisk")
+      xf = ratio("xdisk", row, "file"); bf = ratio("blkback", row, "file"); qf = ratio("qdisk", row, "file")
       if (xb[row] > 0 && xq[row] > 0)
-        printf "compare-row: %s xdisk/blkback=%.2f xdisk/qdisk=%.2f (rounds: xdisk/blkback%s; xdisk/qdisk%s)\n", row, xb[row], xq[row], list["blkback"], list["qdisk"]
+        printf "compare-row: %s xdisk/blkback=%.2f xdisk/qdisk=%.2f xdisk/file=%.2f blkback/file=%.2f qdisk/file=%.2f (rounds: xdisk/blkback%s; xdisk/qdisk%s; xdisk/file%s)\n",
+          row, xb[row], xq[row], xf, bf, qf, list["xdisk/blkback"], list["xdisk/qdisk"], list["xdisk/file"]
     }
     printf "compare: read xdisk/blkback=%.2f xdisk/qdisk=%.2f write xdisk/blkback=%.2f xdisk/qdisk=%.2f\n",
       xb["rr4k32"], xq["rr4k32"], xb["rw4k32"], xq["rw4k32"]
@@ -286,6 +296,6 @@ for t in xdisk vbd qdisk; do
   check "no backend/$t nodes left for dom0" sh -c "! xenstore-ls /local/domain/0/backend/$t/0 2>/dev/null | grep -q ."
 done
 check "no frontend nodes left" sh -c "! xenstore-ls /local/domain/0/device/vbd 2>/dev/null | grep -q ."
-rm -f "$img_x" "$img_b" "$img_q"
+rm -f "$img_x" "$img_b" "$img_q" "$img_f"
 trap - EXIT
 exit 0
