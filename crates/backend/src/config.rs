@@ -82,7 +82,17 @@ pub struct DeviceConfig {
     /// How long [`crate::Device::quiesce`] waits for every queue to complete its requests
     /// in flight and pause before it gives up (and the queues go on unchanged).
     pub quiesce_timeout: Duration,
+    /// Microseconds each queue busy-polls its completions and its ring before it sleeps
+    /// (0: never; at most [`MAX_POLL_US`]), as QEMU's iothreads do (`poll-max-ns`). Work
+    /// that arrives within the window costs no wake-up: in the Xen lab (PV dom0 under TCG)
+    /// 2,000 us took 4k reads at queue depth 1 from 0.61 to 0.91 of blkback's IOPS, writes
+    /// from 0.76 to 0.93. The price is a CPU that spins while a disk is busy and for the
+    /// window after its last request.
+    pub poll_us: u32,
 }
+
+/// The longest [`DeviceConfig::poll_us`] honoured (10 ms).
+pub const MAX_POLL_US: u32 = 10_000;
 
 /// Default [`DeviceConfig::max_mapped_grants`]: room for 4 queues of order-4 rings with
 /// their persistent grants and 128 in-flight requests of 11 segments each, several times
@@ -121,6 +131,7 @@ impl DeviceConfig {
             teardown_timeout: Duration::from_secs(2),
             max_mapped_grants: DEFAULT_MAX_MAPPED_GRANTS,
             quiesce_timeout: Duration::from_secs(30),
+            poll_us: 0,
         }
     }
 }

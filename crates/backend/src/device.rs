@@ -34,7 +34,7 @@ use xdisk_xen::platform::{DomId, EventChannels, GrantMapper};
 use xdisk_xen::xenstore::wire::RELEASE_DOMAIN;
 use xdisk_xen::xenstore::{Client, Errno, WatchCallback, WatchEvent};
 
-use crate::config::{DataPath, DeviceConfig};
+use crate::config::{DataPath, DeviceConfig, MAX_POLL_US};
 use crate::datapath::{CopyPath, MapPath, PersistentCache};
 use crate::error::{Error, Result};
 use crate::live::{QuiesceFn, Switch};
@@ -1164,6 +1164,7 @@ impl Control {
                 acks: self.acks_tx.clone(),
                 queue_cfg: self.cfg.queue.clone(),
             },
+            poll: Duration::from_micros(u64::from(self.cfg.poll_us.min(MAX_POLL_US))),
         };
         let events = self.shared.events.clone();
         let name = format!("xdisk-blkback-q{qid}");

@@ -33,7 +33,7 @@ mod region;
 pub mod stats;
 
 pub use config::{
-    DataPath, DeviceConfig, DEFAULT_MAX_MAPPED_GRANTS, DEFAULT_MAX_PERSISTENT_GRANTS,
+    DataPath, DeviceConfig, DEFAULT_MAX_MAPPED_GRANTS, DEFAULT_MAX_PERSISTENT_GRANTS, MAX_POLL_US,
 };
 pub use device::{Device, DeviceHandle};
 pub use error::{Error, Result};

@@ -103,6 +103,13 @@ pub struct DeviceStats {
     /// grants released, see `MappedRegion::detach`). Nonzero: the storage missed deadlines.
     #[serde(default)]
     pub detached_pages: u64,
+    /// Busy-polling windows (`DeviceConfig::poll_us`) that found work, so the queue did not
+    /// sleep: `poll_hits / (poll_hits + poll_misses)` is how often polling paid.
+    #[serde(default)]
+    pub poll_hits: u64,
+    /// Busy-polling windows that ended without work (the queue then slept).
+    #[serde(default)]
+    pub poll_misses: u64,
 }
 
 /// Upper bounds (inclusive, microseconds) of the latency buckets: 1-2-5 per decade, from
@@ -200,6 +207,8 @@ pub(crate) struct Counters {
     /// `MappedRegion::detach`): the persistent-grant caches look for detached mappings only
     /// when this moved.
     pub detached_pages: AtomicU64,
+    pub poll_hits: AtomicU64,
+    pub poll_misses: AtomicU64,
     /// The cap on `mappings` (0: none); not a counter.
     pub max_mappings: AtomicU64,
     pub rd_lat: AtomicHistogram,
@@ -296,6 +305,8 @@ impl Counters {
             f_lat: self.f_lat.snapshot(),
             merged_req: g(&self.merged_req),
             detached_pages: g(&self.detached_pages),
+            poll_hits: g(&self.poll_hits),
+            poll_misses: g(&self.poll_misses),
         }
     }
 }

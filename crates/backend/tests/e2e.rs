@@ -687,6 +687,58 @@ fn image_file_holds_what_the_guest_saw_once_closed() {
     }
 }
 
+/// With `poll_us` the queue busy-polls before it sleeps: requests at queue depth 1 are all
+/// served with the right data, the windows are counted (`poll_hits`, `poll_misses`), and
+/// the device still closes; without it the queue never polls.
+#[test]
+fn polling_queue_serves_requests_and_counts_its_windows() {
+    for poll_us in [2000u32, 0] {
+        let host = host();
+        let disk = raw_disk(MIB);
+        let image = open_image(&disk.path, false);
+        let fe = FrontConfig {
+            max_queues: 1,
+            ..FrontConfig::default()
+        };
+        let mut p = pair(&host, 1, 769, image, |c| c.poll_us = poll_us, fe);
+        for i in 0..40u64 {
+            let data = pattern(i, 4096);
+            let t = p
+                .front
+                .submit(
+                    0,
+                    Op::Write {
+                        sector: i * 8,
+                        data: data.clone(),
+                    },
+                )
+                .unwrap();
+            assert_eq!(p.front.wait(t).unwrap().status, Status::Okay);
+            let t = p
+                .front
+                .submit(
+                    0,
+                    Op::Read {
+                        sector: i * 8,
+                        sectors: 8,
+                    },
+                )
+                .unwrap();
+            let c = p.front.wait(t).unwrap();
+            assert_eq!(c.status, Status::Okay);
+            assert!(c.data.as_deref() == Some(&data[..]), "request {i}");
+        }
+        let s = p.device.stats();
+        assert_eq!((s.rd_req, s.wr_req), (40, 40));
+        if poll_us > 0 {
+            assert!(s.poll_hits > 0, "{s:?}");
+        } else {
+            assert_eq!((s.poll_hits, s.poll_misses), (0, 0));
+        }
+        close(p, &host);
+    }
+}
+
 /// Contiguous reads or writes published in one batch go to the image as one operation each
 /// way (`merged_req` counts the requests that rode on the one before), a flush between them
 /// keeps them apart (the writes before it are submitted, and numbered, first), and the data

@@ -270,6 +270,22 @@ pub fn render(status: &DaemonStatus, process: &ProcessInfo) -> String {
     family(
         &mut out,
         Family {
+            name: "xdisk_poll_windows_total",
+            kind: "counter",
+            help: "Busy-polling windows of the queues (serve --poll-us), by result (hit: work \
+                   arrived within the window, the queue did not sleep).",
+        },
+        &devs,
+        |d| {
+            vec![
+                ("result=\"hit\"", d.counters.poll_hits),
+                ("result=\"miss\"", d.counters.poll_misses),
+            ]
+        },
+    );
+    family(
+        &mut out,
+        Family {
             name: "xdisk_image_broken",
             kind: "gauge",
             help: "1 when a flush of the image failed: writes and flushes fail until reattached.",

@@ -282,7 +282,7 @@ mod tests {
         assert_eq!(
             back,
             format!(
-                "{old},\"events_pending_max\":0,\"events\":0,\"throttled\":0,\"merged_req\":0,\"detached_pages\":0}}"
+                "{old},\"events_pending_max\":0,\"events\":0,\"throttled\":0,\"merged_req\":0,\"detached_pages\":0,\"poll_hits\":0,\"poll_misses\":0}}"
             )
         );
     }

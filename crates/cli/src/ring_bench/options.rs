@@ -80,6 +80,11 @@ pub struct RingBenchArgs {
     /// Persistent grants (1) or a grant per page and request (0).
     #[arg(long, default_value_t = 1)]
     persistent: u8,
+    /// The backend's busy-polling window before it sleeps, microseconds (`xdisk serve
+    /// --poll-us`; 0: none).
+    #[arg(long = "poll_us", alias = "poll-us", value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(xdisk_backend::MAX_POLL_US)))]
+    poll_us: u32,
     /// CPUs the whole process (frontend, backend, I/O threads) may run on, as fio's
     /// `--cpus_allowed`: a list of CPUs and ranges, e.g. `1` or `0-1,3`.
     #[arg(long = "cpus_allowed")]
@@ -213,6 +218,8 @@ pub struct Params {
     pub cache: CacheMode,
     pub data_path: DataPath,
     pub persistent: bool,
+    /// The backend's busy-polling window (us).
+    pub poll_us: u32,
     /// Region: first byte and number of blocks.
     pub base: u64,
     pub blocks: u64,
@@ -335,6 +342,7 @@ pub fn params(a: &RingBenchArgs, image_size: u64) -> Result<Params> {
         cache,
         data_path,
         persistent: a.persistent != 0,
+        poll_us: a.poll_us,
         base,
         blocks,
         seed: a.randseed,

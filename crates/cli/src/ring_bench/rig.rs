@@ -82,6 +82,7 @@ pub fn setup(p: &Params, image: Arc<Image>) -> Result<Rig> {
     cfg.max_queues = p.jobs as u32;
     cfg.data_path = p.data_path;
     cfg.persistent = p.persistent;
+    cfg.poll_us = p.poll_us;
     cfg.max_persistent_grants = per_queue.max(xdisk_backend::DEFAULT_MAX_PERSISTENT_GRANTS);
     cfg.queue = QueueConfig {
         aio: p.aio,
