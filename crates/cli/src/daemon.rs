@@ -558,6 +558,11 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
         if !backing_dirs.is_empty() {
             tracing::info!(domid = qa.domid, ?backing_dirs, "backing files confined");
         }
+        // XDISK_POLL_US: as `xdisk serve --poll-us` (unset, 0 or not a number: no polling).
+        let poll_us = std::env::var("XDISK_POLL_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .map_or(0, |us| us.min(xdisk_backend::MAX_POLL_US));
         let cfg = SupervisorConfig {
             backend_types: vec!["qdisk".into()],
             domains: Some(vec![qa.domid]),
@@ -565,6 +570,10 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
                 backing_dirs,
                 ..ParamsDefaults::default()
             },
+            device_hook: (poll_us > 0).then(|| {
+                Arc::new(move |c: &mut xdisk_backend::DeviceConfig, _: &_| c.poll_us = poll_us)
+                    as xdisk_daemon::supervisor::DeviceHook
+            }),
             ..SupervisorConfig::default()
         };
         Some(Supervisor::start(cfg, platform)?)
