@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use xdisk_io::{open_engine, AioKind, Completion, EngineConfig, IoBuf, Op, OpKind};
+use xdisk_io::{open_engine, AioKind, Completion, Engine, EngineConfig, IoBuf, Op, OpKind};
 use xdisk_xen::iobuf::{GrantIoBuf, GrantSegment};
 use xdisk_xen::platform::{
     CopyDir, GrantCopyOp, GrantRef, GrantStatus, MappedRegion, PlatformError, SharedMem,
@@ -24,6 +24,31 @@ use xdisk_xensim::{
 const BACKEND: u16 = 0;
 const GUEST: u16 = 5;
 const T: Duration = Duration::from_secs(10);
+
+/// Reads (or writes) `buf` at `offset` of `fd` through `engine`; waits for the completion.
+fn io_and_wait(
+    engine: &mut dyn Engine<GrantIoBuf>,
+    kind: OpKind,
+    fd: std::os::fd::RawFd,
+    offset: u64,
+    buf: GrantIoBuf,
+) -> Completion<GrantIoBuf> {
+    engine
+        .submit(Op {
+            kind,
+            fd,
+            offset,
+            buf: Some(buf),
+            user_data: 1,
+        })
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let mut out: Vec<Completion<GrantIoBuf>> = Vec::new();
+    while out.is_empty() {
+        engine.reap(&mut out, 1, Some(T)).unwrap();
+    }
+    out.remove(0)
+}
 
 fn host(pages: usize) -> (Arc<SimXen>, Arc<SimDomain>) {
     let xen = SimXen::new().unwrap();
@@ -258,21 +283,8 @@ fn detached_pages_leave_the_guest_at_once_and_keep_their_addresses() {
     )
     .unwrap();
     assert!(buf.lendable());
-    engine
-        .submit(Op {
-            kind: OpKind::Read,
-            fd: f.as_raw_fd(),
-            offset: 0,
-            buf: Some(buf),
-            user_data: 1,
-        })
-        .map_err(|(_, e)| e)
-        .unwrap();
-    let mut out: Vec<Completion<GrantIoBuf>> = Vec::new();
-    while out.is_empty() {
-        engine.reap(&mut out, 1, Some(T)).unwrap();
-    }
-    assert_eq!(*out[0].result.as_ref().unwrap(), PAGE_SIZE);
+    let done = io_and_wait(&mut *engine, OpKind::Read, f.as_raw_fd(), 0, buf);
+    assert_eq!(*done.result.as_ref().unwrap(), PAGE_SIZE);
     let mut g = vec![0u8; PAGE_SIZE];
     region.copy_from(PAGE_SIZE, &mut g).unwrap();
     assert_eq!(
@@ -733,21 +745,7 @@ fn engine_round_trip(kind: AioKind) {
 
     let mut engine = open_engine::<GrantIoBuf>(kind, &EngineConfig::default()).unwrap();
     eprintln!("engine asked {kind:?}, got {:?}", engine.kind());
-    engine
-        .submit(Op {
-            kind: OpKind::Read,
-            fd,
-            offset: PAGE_SIZE as u64,
-            buf: Some(buf),
-            user_data: 1,
-        })
-        .map_err(|(_, e)| e)
-        .unwrap();
-    let mut out: Vec<Completion<GrantIoBuf>> = Vec::new();
-    while out.is_empty() {
-        engine.reap(&mut out, 1, Some(T)).unwrap();
-    }
-    let c = out.pop().unwrap();
+    let c = io_and_wait(&mut *engine, OpKind::Read, fd, PAGE_SIZE as u64, buf);
     assert_eq!(c.user_data, 1);
     assert_eq!(c.result.unwrap(), total);
     let mut buf = c.buf.unwrap();
@@ -785,27 +783,14 @@ fn engine_round_trip(kind: AioKind) {
     assert!(GrantIoBuf::new(vec![GrantSegment::new(ro.clone(), 0, PAGE_SIZE)], true).is_err());
     let wbuf =
         GrantIoBuf::new(vec![GrantSegment::new(ro.clone(), 0, 2 * PAGE_SIZE)], false).unwrap();
-    engine
-        .submit(Op {
-            kind: OpKind::Write,
-            fd,
-            offset: 0,
-            buf: Some(wbuf),
-            user_data: 2,
-        })
-        .map_err(|(_, e)| e)
-        .unwrap();
-    out.clear();
-    while out.is_empty() {
-        engine.reap(&mut out, 1, Some(T)).unwrap();
-    }
-    assert_eq!(out[0].result.as_ref().unwrap(), &(2 * PAGE_SIZE));
+    let c = io_and_wait(&mut *engine, OpKind::Write, fd, 0, wbuf);
+    assert_eq!(c.result.as_ref().unwrap(), &(2 * PAGE_SIZE));
     let mut back = vec![0u8; 2 * PAGE_SIZE];
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 0).unwrap();
     assert_eq!(back, expected);
     // The mappings stay pinned while the buffer (or its regions) live.
     assert!(!guest.end_grant(wrefs[0]).unwrap());
-    out.clear();
+    drop(c);
     drop(ro);
     assert!(guest.end_grant(wrefs[0]).unwrap());
     drop(region);
@@ -860,21 +845,8 @@ fn grant_io_buf_joins_only_segments_contiguous_in_memory() {
     let disk: Vec<u8> = (0..total).map(|i| (i * 13 % 253) as u8).collect();
     file.write_all(&disk).unwrap();
     let mut engine = open_engine::<GrantIoBuf>(AioKind::IoUring, &EngineConfig::default()).unwrap();
-    engine
-        .submit(Op {
-            kind: OpKind::Read,
-            fd: file.as_raw_fd(),
-            offset: 0,
-            buf: Some(buf),
-            user_data: 1,
-        })
-        .map_err(|(_, e)| e)
-        .unwrap();
-    let mut out: Vec<Completion<GrantIoBuf>> = Vec::new();
-    while out.is_empty() {
-        engine.reap(&mut out, 1, Some(T)).unwrap();
-    }
-    assert_eq!(*out[0].result.as_ref().unwrap(), total);
+    let done = io_and_wait(&mut *engine, OpKind::Read, file.as_raw_fd(), 0, buf);
+    assert_eq!(*done.result.as_ref().unwrap(), total);
     let page = |f: usize| {
         let mut g = vec![0u8; PAGE_SIZE];
         guest.page(f).unwrap().copy_from(0, &mut g).unwrap();
