@@ -61,8 +61,7 @@ pub struct ServeArgs {
     /// it sleeps (0: never; at most 10000), as QEMU's iothread poll-max-ns: lower latency at
     /// low queue depth for a CPU that spins while a disk is busy. `xdisk stat --json` counts
     /// the windows that paid (poll_hits) and those that did not (poll_misses).
-    #[arg(long, value_name = "US", default_value_t = 0,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(xdisk_backend::MAX_POLL_US)))]
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = poll_us_parser())]
     poll_us: u32,
     /// On the simulation: guest domains to create, each with a blkfront that connects to
     /// the disks given to it (the first one is where `xdisk attach` attaches).
@@ -173,6 +172,26 @@ pub struct QemuShimArgs {
     args: Vec<String>,
 }
 
+/// `--poll-us`'s values: 0 to [`xdisk_backend::MAX_POLL_US`].
+pub(crate) fn poll_us_parser() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(0..=i64::from(xdisk_backend::MAX_POLL_US))
+}
+
+/// What the daemon's options change in each device's configuration (none: the defaults).
+fn device_hook(
+    max_queues: Option<u32>,
+    poll_us: u32,
+) -> Option<xdisk_daemon::supervisor::DeviceHook> {
+    (max_queues.is_some() || poll_us > 0).then(|| {
+        Arc::new(move |c: &mut xdisk_backend::DeviceConfig, _: &_| {
+            if let Some(q) = max_queues {
+                c.max_queues = q;
+            }
+            c.poll_us = poll_us;
+        }) as xdisk_daemon::supervisor::DeviceHook
+    })
+}
+
 /// Tells systemd (Type=notify) something, if it listens.
 pub(crate) fn sd_notify(msg: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -248,14 +267,7 @@ pub fn serve(a: ServeArgs) -> Result<i32> {
             cache_override: a.cache,
             backing_dirs: a.backing_dirs.clone(),
         },
-        device_hook: (max_queues.is_some() || poll_us > 0).then(|| {
-            Arc::new(move |c: &mut xdisk_backend::DeviceConfig, _: &_| {
-                if let Some(q) = max_queues {
-                    c.max_queues = q;
-                }
-                c.poll_us = poll_us;
-            }) as xdisk_daemon::supervisor::DeviceHook
-        }),
+        device_hook: device_hook(max_queues, poll_us),
         ..SupervisorConfig::default()
     };
     let sup = Arc::new(Supervisor::start(cfg, platform).context("starting the supervisor")?);
@@ -558,11 +570,17 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
         if !backing_dirs.is_empty() {
             tracing::info!(domid = qa.domid, ?backing_dirs, "backing files confined");
         }
-        // XDISK_POLL_US: as `xdisk serve --poll-us` (unset, 0 or not a number: no polling).
-        let poll_us = std::env::var("XDISK_POLL_US")
-            .ok()
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .map_or(0, |us| us.min(xdisk_backend::MAX_POLL_US));
+        // XDISK_POLL_US: as `xdisk serve --poll-us` (unset or 0: no polling).
+        let poll_us = match std::env::var("XDISK_POLL_US") {
+            Ok(v) => v.trim().parse::<u32>().map_or_else(
+                |_| {
+                    tracing::warn!(value = %v, "XDISK_POLL_US is not a number of microseconds: no polling");
+                    0
+                },
+                |us| us.min(xdisk_backend::MAX_POLL_US),
+            ),
+            Err(_) => 0,
+        };
         let cfg = SupervisorConfig {
             backend_types: vec!["qdisk".into()],
             domains: Some(vec![qa.domid]),
@@ -570,10 +588,7 @@ pub fn qemu_shim(a: QemuShimArgs) -> Result<i32> {
                 backing_dirs,
                 ..ParamsDefaults::default()
             },
-            device_hook: (poll_us > 0).then(|| {
-                Arc::new(move |c: &mut xdisk_backend::DeviceConfig, _: &_| c.poll_us = poll_us)
-                    as xdisk_daemon::supervisor::DeviceHook
-            }),
+            device_hook: device_hook(None, poll_us),
             ..SupervisorConfig::default()
         };
         Some(Supervisor::start(cfg, platform)?)

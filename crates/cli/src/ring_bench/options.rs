@@ -83,7 +83,7 @@ pub struct RingBenchArgs {
     /// The backend's busy-polling window before it sleeps, microseconds (`xdisk serve
     /// --poll-us`; 0: none).
     #[arg(long = "poll_us", alias = "poll-us", value_name = "US", default_value_t = 0,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(xdisk_backend::MAX_POLL_US)))]
+          value_parser = crate::daemon::poll_us_parser())]
     poll_us: u32,
     /// CPUs the whole process (frontend, backend, I/O threads) may run on, as fio's
     /// `--cpus_allowed`: a list of CPUs and ranges, e.g. `1` or `0-1,3`.
