@@ -6,7 +6,8 @@
 #   qdisk    Debian's qemu-system-xen as dom0's disk backend, the disk a xen-disk device with
 #            O_DIRECT and aio=threads (see below why not direct-io-safe through xenstore)
 #   file     no Xen device: fio in dom0 on an image file of its own (O_DIRECT), the anchor:
-#            what the storage under the backends gives, the ceiling of any backend's row
+#            what the storage gives one fio process in dom0 (not a ceiling at 4k QD32, where
+#            a device splits the work between fio's vCPU and the backend's)
 # Workload (issue #12's rows): fio libaio direct=1, a few seconds each, on every backend:
 #   4k randread and randwrite at QD1 and QD32, 64k randread QD16, 1M sequential read and write
 #   QD8. The backends take turns row by row (file xdisk blkback qdisk, then qdisk blkback xdisk
@@ -21,7 +22,7 @@
 #   compare-seq: read xdisk/blkback=R xdisk/qdisk=R write xdisk/blkback=R xdisk/qdisk=R  (1M QD8)
 #   compare-row: ROW xdisk/blkback=R xdisk/qdisk=R xdisk/file=R blkback/file=R qdisk/file=R
 #   (one per row; X/file is the share of the storage's own speed that the device delivers)
-# Passes when all three ran the workload without errors and a
+# Passes when all four ran the workload without errors and a
 # write + read-back through each device (and from its image file) matched; the ratios are
 # reported, not asserted. Everything is detached, QEMU and the daemon stopped, at the end.
 # lab-needs: fio losetup qemu-xen
